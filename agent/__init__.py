@@ -1,0 +1,1 @@
+"""straggler.agent"""

@@ -1,0 +1,152 @@
+"""The canonical result table: one row per sample, shared by every component.
+
+A row is a plain dict with the columns below; a table is a pandas DataFrame (pandas is imported
+only inside the functions that need it, so importing this module stays light).
+
+Columns (see README "Result table"):
+
+- identity: ``ts`` (sample end, Unix seconds), ``scan_id``, ``host``, ``gpu`` (the device UUID, or
+  ``cpu<N>`` for a CPU core), ``index`` (device index on its host), ``model``, ``driver``
+- measurement: ``probe``, ``settings`` (probe parameters, e.g. ``n=8192,dtype=bf16``; peers are only
+  compared within one probe+settings), ``sample`` (0, 1, ... within the probe), ``duration_s``
+  (length of the sample's window), ``value`` (higher is better), ``unit``
+- telemetry over the sample's window (missing is empty/NaN, never 0): ``sm_clock_mhz`` (SM clock on a
+  GPU, core clock on a CPU), ``sm_clock_max_mhz``, ``mem_clock_mhz``, ``power_w``, ``power_limit_w``,
+  ``temp_c`` (max), ``throttle_reasons`` (``name=share;...``, share of the window each reason was
+  active), ``pcie_gen``, ``pcie_gen_max``, ``pcie_width``, ``pcie_width_max``, ``ecc_corrected_total``,
+  ``ecc_uncorrected_total``, ``retired_pages``, ``remapped_rows``, ``util_pct``, ``processes``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from .errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+REQUIRED_COLUMNS = ("host", "gpu", "model", "probe", "value")
+
+IDENTITY_COLUMNS = ("ts", "scan_id", "host", "gpu", "index", "model", "driver")
+MEASUREMENT_COLUMNS = ("probe", "settings", "sample", "duration_s", "value", "unit")
+TELEMETRY_COLUMNS = (
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "power_limit_w",
+    "temp_c",
+    "throttle_reasons",
+    "pcie_gen",
+    "pcie_gen_max",
+    "pcie_width",
+    "pcie_width_max",
+    "ecc_corrected_total",
+    "ecc_uncorrected_total",
+    "retired_pages",
+    "remapped_rows",
+    "util_pct",
+    "processes",
+)
+COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS + TELEMETRY_COLUMNS
+
+STRING_COLUMNS = frozenset(
+    {"scan_id", "host", "gpu", "model", "driver", "probe", "settings", "unit", "throttle_reasons"}
+)
+
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def file_format(path: str | Path) -> str:
+    """The table format of ``path`` from its suffix, or an InputError naming the file."""
+    suffix = Path(path).suffix.lower()
+    try:
+        return SUFFIXES[suffix]
+    except KeyError:
+        raise InputError(
+            f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .jsonl or .parquet"
+        ) from None
+
+
+def result_id(row: Mapping) -> str:
+    """A stable id for one sample, so uploads and replays are idempotent."""
+    key = "\x1f".join(
+        str(row.get(c, "")) for c in ("scan_id", "host", "gpu", "probe", "settings", "sample", "ts")
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def format_throttle(shares: Mapping[str, float]) -> str:
+    """``{"sw_power_cap": 0.8}`` -> ``"sw_power_cap=0.800"`` (reasons never active are left out)."""
+    return ";".join(f"{k}={v:.3f}" for k, v in sorted(shares.items()) if v > 0)
+
+
+def parse_throttle(text: object) -> dict[str, float]:
+    """Inverse of :func:`format_throttle`; empty, None or NaN give ``{}``."""
+    if text is None or (isinstance(text, float) and math.isnan(text)) or text == "":
+        return {}
+    out: dict[str, float] = {}
+    for part in str(text).split(";"):
+        name, _, share = part.partition("=")
+        if name:
+            out[name.strip()] = float(share) if share else 1.0
+    return out
+
+
+def to_frame(rows: Iterable[Mapping]) -> "pd.DataFrame":
+    """Rows to a DataFrame with the canonical columns first (extra columns kept after them)."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(rows))
+    ordered = [c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]
+    return df[ordered]
+
+
+def write_table(rows: "Iterable[Mapping] | pd.DataFrame", path: str | Path) -> int:
+    """Write samples to ``path`` as CSV, JSON Lines or Parquet (by suffix). Returns rows written."""
+    import pandas as pd
+
+    fmt = file_format(path)
+    df = rows if isinstance(rows, pd.DataFrame) else to_frame(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt == "csv":
+        df.to_csv(tmp, index=False)
+    elif fmt == "jsonl":
+        df.to_json(tmp, orient="records", lines=True)
+    else:
+        df.to_parquet(tmp, index=False)
+    tmp.replace(path)  # never leave a half-written table behind
+    return len(df)
+
+
+def read_table(paths: "str | Path | Iterable[str | Path]") -> "pd.DataFrame":
+    """Read and concatenate result tables. Unknown types and unreadable files raise InputError."""
+    import pandas as pd
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    frames = []
+    for p in paths:
+        fmt = file_format(p)
+        if not Path(p).is_file():
+            raise InputError(f"{p}: no such file")
+        try:
+            if fmt == "csv":
+                df = pd.read_csv(p, dtype={c: "string" for c in STRING_COLUMNS})
+            elif fmt == "jsonl":
+                df = pd.read_json(p, lines=True, dtype={c: "string" for c in STRING_COLUMNS})
+            else:
+                df = pd.read_parquet(p)
+        except (ValueError, OSError, pd.errors.ParserError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{p}: cannot read as {fmt}: {first}") from None
+        frames.append(df)
+    if not frames:
+        raise InputError("no result files given")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

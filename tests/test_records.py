@@ -1,0 +1,58 @@
+import math
+
+import pandas as pd
+import pytest
+
+from straggler import records
+from straggler.errors import InputError
+
+
+def _rows():
+    return [
+        {"ts": 1.0, "scan_id": "s1", "host": "n1", "gpu": "cpu0", "index": 0, "model": "x",
+         "probe": "matmul", "sample": i, "value": 10.0 + i, "unit": "GFLOP/s",
+         "throttle_reasons": records.format_throttle({"sw_power_cap": 0.5, "gpu_idle": 0.0})}
+        for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_round_trip(tmp_path, suffix):
+    path = tmp_path / f"r{suffix}"
+    assert records.write_table(_rows(), path) == 3
+    df = records.read_table(path)
+    assert list(df["value"]) == [10.0, 11.0, 12.0]
+    assert list(df.columns[:3]) == ["ts", "scan_id", "host"]
+    assert records.parse_throttle(df["throttle_reasons"].iloc[0]) == {"sw_power_cap": 0.5}
+
+
+def test_concat_and_unknown_type(tmp_path):
+    records.write_table(_rows(), tmp_path / "a.csv")
+    records.write_table(_rows(), tmp_path / "b.jsonl")
+    assert len(records.read_table([tmp_path / "a.csv", tmp_path / "b.jsonl"])) == 6
+    with pytest.raises(InputError, match=r"unknown file type '\.xlsx'"):
+        records.read_table(tmp_path / "a.xlsx")
+    with pytest.raises(InputError, match="no such file"):
+        records.read_table(tmp_path / "missing.csv")
+
+
+def test_throttle_parse_edge_cases():
+    assert records.parse_throttle(None) == {}
+    assert records.parse_throttle(math.nan) == {}
+    assert records.parse_throttle("hw_slowdown=0.250;sw_thermal_slowdown=1") == {
+        "hw_slowdown": 0.25, "sw_thermal_slowdown": 1.0}
+
+
+def test_result_id_is_stable_and_distinct():
+    a, b = _rows()[0], _rows()[1]
+    assert records.result_id(a) == records.result_id(dict(a))
+    assert records.result_id(a) != records.result_id(b)
+
+
+def test_missing_stays_missing(tmp_path):
+    rows = _rows()
+    rows[0]["power_w"] = None
+    rows[1]["power_w"] = 300.0
+    records.write_table(rows, tmp_path / "r.csv")
+    df = records.read_table(tmp_path / "r.csv")
+    assert pd.isna(df["power_w"].iloc[0]) and df["power_w"].iloc[1] == 300.0
