@@ -9,8 +9,8 @@ exception; a value that cannot be read is ``None``, never 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, Protocol, runtime_checkable
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 # NVML clock-event (throttle) reasons, by our names. SW power cap at full load is normal; the others
 # during a probe are evidence of a cause.
@@ -87,6 +87,7 @@ class TelemetryBackend(Protocol):
     """A hardware source. Implementations initialise lazily (on first use, never at import)."""
 
     name: str
+    notice: str  # one line: which backend this is and, after a fallback, why
 
     def device_count(self) -> int: ...
 
@@ -99,3 +100,50 @@ class TelemetryBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+READING_FIELDS = tuple(f.name for f in fields(DeviceReading))
+# Fields that describe the device rather than its state: kept on a reading of a lost device.
+IDENTITY_FIELDS = ("index", "uuid", "model", "serial", "pci_bus_id", "driver")
+
+
+def reading_to_dict(reading: DeviceReading) -> dict[str, Any]:
+    """A JSON-ready dict (throttle reasons as a sorted list, errors as a plain dict)."""
+    out: dict[str, Any] = {}
+    for name in READING_FIELDS:
+        value = getattr(reading, name)
+        if name == "throttle_reasons" and value is not None:
+            value = sorted(value)
+        elif name == "errors":
+            value = dict(value)
+        out[name] = value
+    return out
+
+
+def reading_from_dict(data: Mapping[str, Any], **overrides: Any) -> DeviceReading:
+    """Inverse of :func:`reading_to_dict`; unknown keys raise ValueError naming them."""
+    merged = {**data, **overrides}
+    unknown = sorted(set(merged) - set(READING_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown reading field(s): {', '.join(unknown)}")
+    reasons = merged.get("throttle_reasons")
+    if reasons is not None:
+        bad = sorted(set(reasons) - set(THROTTLE_REASONS))
+        if bad:
+            raise ValueError(f"unknown throttle reason(s): {', '.join(bad)}")
+        merged["throttle_reasons"] = frozenset(reasons)
+    merged["errors"] = dict(merged.get("errors") or {})
+    return DeviceReading(**merged)
+
+
+def identity_only(reading: DeviceReading, status: str, errors: Mapping[str, str]) -> DeviceReading:
+    """The identity of ``reading`` with every state field unknown (a lost or unreadable device)."""
+    keep = {name: getattr(reading, name) for name in IDENTITY_FIELDS}
+    return DeviceReading(ts=reading.ts, status=status, errors=dict(errors), **keep)
+
+
+__all__ = [
+    "THROTTLE_REASONS", "STATUS_OK", "STATUS_LOST", "STATUS_ERROR", "DeviceReading", "NodeSnapshot",
+    "TelemetryBackend", "READING_FIELDS", "IDENTITY_FIELDS", "reading_to_dict", "reading_from_dict",
+    "identity_only",
+]

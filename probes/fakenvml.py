@@ -1,0 +1,146 @@
+"""A telemetry backend that replays a fixture: the same protocol and the same reading builder as NVML.
+
+A fixture (``tests/data/nvml/<scenario>.json``, or one written by :func:`probes.record.record_fixture`)::
+
+    {"source": "...", "scenario": "h100_healthy", "backend": "nvml", "interval_s": 0.1,
+     "devices": [{"base": {<reading fields>}, "frames": [{<reading fields>}, ...]}, ...],
+     "faults": [{"device": 7, "from_read": 5, "until_read": null, "nvml_error": "gpu_is_lost",
+                 "fields": null}]}
+
+Each ``read(i)`` of device ``i`` replays its next frame (``base`` merged with the frame; frames
+loop). A frame's ``errors`` (``{"retired_pages": "not_supported"}``) and ``status`` replay as NVML
+failures. Faults are scenario data: from the ``from_read``-th read of a device until ``until_read``
+(exclusive; null = for ever) the listed ``fields`` fail with ``nvml_error``, or the whole device
+does when ``fields`` is null. Everything goes through :func:`probes.nvml.build_reading`, so a
+replayed error becomes exactly the status the NVML backend gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from straggler.errors import InputError
+
+from .nvml import GPU_IS_LOST, NvmlFailure, build_reading
+from .telemetry import (
+    IDENTITY_FIELDS,
+    READING_FIELDS,
+    STATUS_LOST,
+    STATUS_OK,
+    DeviceReading,
+    NodeSnapshot,
+    reading_from_dict,
+)
+
+FIXTURE_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "nvml"
+_NOT_REPLAYED = ("ts", "index", "status", "errors")
+
+
+def fixture_path(ref: str) -> Path:
+    """A scenario name -> its file ($STRAGGLER_FIXTURES, else tests/data/nvml); a path stays a path."""
+    if ref.endswith(".json") or os.sep in ref:
+        return Path(ref)
+    base = Path(os.environ["STRAGGLER_FIXTURES"]) if os.environ.get("STRAGGLER_FIXTURES") else FIXTURE_DIR
+    return base / f"{ref}.json"
+
+
+def _check(path: Path, data: Any) -> None:
+    """Raise InputError naming the first thing wrong in a fixture."""
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
+        raise InputError(f"{path}: not a telemetry fixture (no 'devices' list)")
+    for i, dev in enumerate(data["devices"]):
+        frames = dev.get("frames") if isinstance(dev, dict) else None
+        if not isinstance(frames, list) or not frames:
+            raise InputError(f"{path}: device {i} has no 'frames'")
+        for j, frame in enumerate(frames):
+            try:
+                reading_from_dict({**dev.get("base", {}), **frame}, ts=0.0, index=i)
+            except (ValueError, TypeError) as e:
+                raise InputError(f"{path}: device {i} frame {j}: {e}") from None
+    for k, fault in enumerate(data.get("faults", [])):
+        if not isinstance(fault.get("device"), int) or not isinstance(fault.get("nvml_error"), str):
+            raise InputError(f"{path}: fault {k} needs an integer 'device' and an 'nvml_error' name")
+        bad = sorted(set(fault.get("fields") or ()) - set(READING_FIELDS))
+        if bad:
+            raise InputError(f"{path}: fault {k}: unknown field(s) {', '.join(bad)}")
+
+
+def load_fixture(ref: str) -> tuple[Path, dict]:
+    path = fixture_path(ref)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such telemetry fixture (scenario {ref!r})") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read fixture: {e}") from None
+    _check(path, data)
+    return path, data
+
+
+class FakeBackend:
+    """Replays a fixture (see the module doc). Thread-safe; each device counts its own reads."""
+
+    def __init__(self, ref: str) -> None:
+        self.path, self._data = load_fixture(ref)
+        self.scenario = self._data.get("scenario") or self.path.stem
+        self.name = f"fake:{self.scenario}"
+        self.notice = f"{self.name}: replaying {self.path.name} ({self._data.get('source', 'unknown source')})"
+        self._devices: list[dict] = self._data["devices"]
+        self._faults: list[dict] = list(self._data.get("faults", []))
+        self._reads = [0] * len(self._devices)
+        self._lock = threading.Lock()
+
+    def device_count(self) -> int:
+        return len(self._devices)
+
+    def _fault(self, index: int, n: int) -> Mapping[str, Any] | None:
+        for f in self._faults:
+            until = f.get("until_read")
+            if f["device"] == index and n >= f.get("from_read", 0) and (until is None or n < until):
+                return f
+        return None
+
+    def read(self, index: int) -> DeviceReading:
+        ts = time.time()
+        if not 0 <= index < len(self._devices):
+            return build_reading(index, ts, {}, {}, device_error="invalid_argument")
+        with self._lock:
+            n = self._reads[index]
+            self._reads[index] += 1
+        dev = self._devices[index]
+        frame = {**dev.get("base", {}), **dev["frames"][n % len(dev["frames"])]}
+        identity = {k: frame[k] for k in IDENTITY_FIELDS if k in frame and k != "index"}
+        values: dict[str, Any] = {
+            k: v for k, v in frame.items() if k not in identity and k not in _NOT_REPLAYED
+        }
+        if values.get("throttle_reasons") is not None:
+            values["throttle_reasons"] = frozenset(values["throttle_reasons"])
+        errors = dict(frame.get("errors") or {})
+        device_error = None
+        status = frame.get("status", STATUS_OK)
+        if status != STATUS_OK:
+            device_error = GPU_IS_LOST if status == STATUS_LOST else errors.get("device", "unknown")
+        for name, code in errors.items():
+            if name != "device":
+                values[name] = NvmlFailure(code)
+        fault = self._fault(index, n)
+        if fault is not None:
+            if fault.get("fields") is None:
+                device_error = fault["nvml_error"]
+            else:
+                values.update({name: NvmlFailure(fault["nvml_error"]) for name in fault["fields"]})
+        return build_reading(index, ts, identity, values, device_error=device_error)
+
+    def snapshot(self, host: str) -> NodeSnapshot:
+        return NodeSnapshot(
+            ts=time.time(), host=host, backend=self.name,
+            devices=tuple(self.read(i) for i in range(len(self._devices))),
+        )
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,253 @@
+"""The NVML backend: the only module that imports ``pynvml`` (package nvidia-ml-py).
+
+Nothing happens at import. NVML is initialised on first use; every NVML call goes through
+:func:`_query`, which turns an ``NVMLError`` into an :class:`NvmlFailure` carrying the error's name
+(``"not_supported"``, ``"gpu_is_lost"``, ...). :func:`build_reading` turns those into a reading:
+a field that failed is ``None`` with ``errors[field] = code``; a lost GPU is a reading with status
+``"lost"`` that keeps the device's identity. The fake backend (``fakenvml.py``) replays fixtures
+through the same :func:`build_reading`, so tests exercise this code path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+from .telemetry import (
+    IDENTITY_FIELDS,
+    STATUS_ERROR,
+    STATUS_LOST,
+    DeviceReading,
+    NodeSnapshot,
+)
+
+GPU_IS_LOST = "gpu_is_lost"
+# Init failures a user can act on -> what to do.
+INIT_HINTS = {
+    "library_not_found": "NVML library not found (libnvidia-ml.so.1): no NVIDIA driver on this host; "
+    "install the driver or use the cpu backend",
+    "driver_not_loaded": "NVIDIA driver not loaded: check `nvidia-smi` and the nvidia kernel module",
+    "no_permission": "no permission to open /dev/nvidia*: run as a user allowed to use the GPUs",
+    "lib_rm_version_mismatch": "NVML library and kernel driver versions differ: reboot or reload "
+    "the nvidia kernel module",
+}
+# Our throttle-reason names -> pynvml constant (the clock-event name first, the older throttle name second).
+REASON_CONSTANTS = (
+    ("gpu_idle", "GpuIdle"),
+    ("applications_clocks_setting", "ApplicationsClocksSetting"),
+    ("sw_power_cap", "SwPowerCap"),
+    ("hw_slowdown", "HwSlowdown"),
+    ("sync_boost", "SyncBoost"),
+    ("sw_thermal_slowdown", "SwThermalSlowdown"),
+    ("hw_thermal_slowdown", "HwThermalSlowdown"),
+    ("hw_power_brake_slowdown", "HwPowerBrakeSlowdown"),
+    ("display_clocks_setting", "DisplayClockSetting"),
+)
+
+
+class NvmlFailure(NamedTuple):
+    """An NVML call that failed; ``code`` is the NVML error name in lower case."""
+
+    code: str
+
+
+def _nv():
+    import pynvml  # the one import of pynvml in straggler
+
+    return pynvml
+
+
+def error_code(exc: BaseException) -> str:
+    """``NVMLError(NVML_ERROR_NOT_SUPPORTED)`` -> ``"not_supported"``."""
+    nv = _nv()
+    value = getattr(exc, "value", None)
+    for name in dir(nv):
+        if name.startswith("NVML_ERROR_") and getattr(nv, name) == value:
+            return name[len("NVML_ERROR_"):].lower()
+    return f"nvml_error_{value}"
+
+
+def decode_clock_events(mask: int) -> frozenset[str]:
+    """An NVML clock-event (throttle) reason bit mask -> our reason names."""
+    nv = _nv()
+    active = set()
+    for ours, suffix in REASON_CONSTANTS:
+        bit = getattr(nv, f"nvmlClocksEventReason{suffix}", None)
+        if bit is None:
+            bit = getattr(nv, f"nvmlClocksThrottleReason{suffix}")
+        if mask & bit:
+            active.add(ours)
+    return frozenset(active)
+
+
+def init_hint(code: str) -> str:
+    return INIT_HINTS.get(code, f"NVML failed to initialise ({code})")
+
+
+def build_reading(
+    index: int,
+    ts: float,
+    identity: Mapping[str, Any],
+    values: Mapping[str, Any],
+    device_error: str | None = None,
+) -> DeviceReading:
+    """One reading from NVML results; failures become None plus ``errors[field]``, never raise."""
+    ident = {k: v for k, v in identity.items() if k in IDENTITY_FIELDS and not isinstance(v, NvmlFailure)}
+    ident["index"] = index
+    lost = device_error == GPU_IS_LOST or any(
+        isinstance(v, NvmlFailure) and v.code == GPU_IS_LOST for v in (*identity.values(), *values.values())
+    )
+    if lost:
+        return DeviceReading(ts=ts, status=STATUS_LOST, errors={"device": GPU_IS_LOST}, **ident)
+    if device_error is not None:
+        return DeviceReading(ts=ts, status=STATUS_ERROR, errors={"device": device_error}, **ident)
+    fields: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, value in {**identity, **values}.items():
+        if name == "index":
+            continue
+        if isinstance(value, NvmlFailure):
+            errors[name] = value.code
+            value = None
+        fields[name] = value
+    fields["index"] = index
+    return DeviceReading(ts=ts, errors=errors, **fields)
+
+
+def _query(fn: Callable[[], Any]) -> Any:
+    """The funnel: run one NVML call; an NVMLError becomes an NvmlFailure."""
+    nv = _nv()
+    try:
+        return fn()
+    except nv.NVMLError as e:
+        return NvmlFailure(error_code(e))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _clock_events(nv, h) -> frozenset[str]:
+    getter = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+    return decode_clock_events(getter(h))
+
+
+def _retired_pages(nv, h) -> int:
+    causes = (nv.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS, nv.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)
+    return sum(len(nv.nvmlDeviceGetRetiredPages(h, c)) for c in causes)
+
+
+def _remapped_rows(nv, h) -> int:
+    corrected, uncorrected, _pending, _failed = nv.nvmlDeviceGetRemappedRows(h)
+    return int(corrected) + int(uncorrected)
+
+
+def _ecc(nv, h, kind) -> int:
+    return int(nv.nvmlDeviceGetTotalEccErrors(h, kind, nv.NVML_AGGREGATE_ECC))
+
+
+# field -> how to read it from (pynvml, handle). Static fields are read once per device.
+STATIC_FIELDS: dict[str, Callable[[Any, Any], Any]] = {
+    "uuid": lambda nv, h: _text(nv.nvmlDeviceGetUUID(h)),
+    "model": lambda nv, h: _text(nv.nvmlDeviceGetName(h)),
+    "serial": lambda nv, h: _text(nv.nvmlDeviceGetSerial(h)),
+    "pci_bus_id": lambda nv, h: _text(nv.nvmlDeviceGetPciInfo(h).busId),
+    "sm_clock_max_mhz": lambda nv, h: float(nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)),
+    "mem_clock_max_mhz": lambda nv, h: float(nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM)),
+    "pcie_gen_max": lambda nv, h: int(nv.nvmlDeviceGetMaxPcieLinkGeneration(h)),
+    "pcie_width_max": lambda nv, h: int(nv.nvmlDeviceGetMaxPcieLinkWidth(h)),
+    "mem_total_bytes": lambda nv, h: int(nv.nvmlDeviceGetMemoryInfo(h).total),
+}
+DYNAMIC_FIELDS: dict[str, Callable[[Any, Any], Any]] = {
+    "sm_clock_mhz": lambda nv, h: float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+    "mem_clock_mhz": lambda nv, h: float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
+    "power_w": lambda nv, h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+    "power_limit_w": lambda nv, h: nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0,
+    "temp_c": lambda nv, h: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+    "throttle_reasons": _clock_events,
+    "pcie_gen": lambda nv, h: int(nv.nvmlDeviceGetCurrPcieLinkGeneration(h)),
+    "pcie_width": lambda nv, h: int(nv.nvmlDeviceGetCurrPcieLinkWidth(h)),
+    "ecc_corrected_total": lambda nv, h: _ecc(nv, h, nv.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+    "ecc_uncorrected_total": lambda nv, h: _ecc(nv, h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+    "retired_pages": _retired_pages,
+    "remapped_rows": _remapped_rows,
+    "util_pct": lambda nv, h: float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+    "mem_util_pct": lambda nv, h: float(nv.nvmlDeviceGetUtilizationRates(h).memory),
+    "mem_used_bytes": lambda nv, h: int(nv.nvmlDeviceGetMemoryInfo(h).used),
+    "processes": lambda nv, h: len(nv.nvmlDeviceGetComputeRunningProcesses(h)),
+}
+
+
+class NvmlBackend:
+    """Telemetry from NVIDIA GPUs. Initialises NVML on first use; never raises for a device problem."""
+
+    name = "nvml"
+
+    def __init__(self) -> None:
+        self.notice = "nvml: NVIDIA GPUs through NVML"
+        self._lock = threading.Lock()
+        self._ready = False
+        self.init_error: str | None = None  # a hint, when NVML failed to initialise
+        self._count = 0
+        self._driver: str | None = None
+        self._static: dict[int, dict[str, Any]] = {}
+
+    def _ensure(self) -> bool:
+        with self._lock:
+            if self._ready or self.init_error is not None:
+                return self._ready
+            nv = _nv()
+            started = _query(nv.nvmlInit)
+            if isinstance(started, NvmlFailure):
+                self.init_error = init_hint(started.code)
+                return False
+            count = _query(nv.nvmlDeviceGetCount)
+            if isinstance(count, NvmlFailure):
+                self.init_error = init_hint(count.code)
+                _query(nv.nvmlShutdown)
+                return False
+            driver = _query(nv.nvmlSystemGetDriverVersion)
+            self._driver = None if isinstance(driver, NvmlFailure) else _text(driver)
+            self._count = int(count)
+            self._ready = True
+            return True
+
+    def device_count(self) -> int:
+        return self._count if self._ensure() else 0
+
+    def read(self, index: int) -> DeviceReading:
+        ts = time.time()
+        if not self._ensure():
+            return DeviceReading(ts=ts, index=index, status=STATUS_ERROR, errors={"device": "nvml_unavailable"})
+        nv = _nv()
+        handle = _query(lambda: nv.nvmlDeviceGetHandleByIndex(index))
+        if isinstance(handle, NvmlFailure):
+            return build_reading(index, ts, self._static.get(index, {}), {}, device_error=handle.code)
+        identity = self._static.get(index)
+        if identity is None:
+            identity = {name: _query(lambda fn=fn: fn(nv, handle)) for name, fn in STATIC_FIELDS.items()}
+            identity["driver"] = self._driver
+            if not any(isinstance(v, NvmlFailure) and v.code == GPU_IS_LOST for v in identity.values()):
+                self._static[index] = identity
+        values: dict[str, Any] = {}
+        for name, fn in DYNAMIC_FIELDS.items():
+            values[name] = _query(lambda fn=fn: fn(nv, handle))
+            if isinstance(values[name], NvmlFailure) and values[name].code == GPU_IS_LOST:
+                break  # every further call would fail the same way
+        return build_reading(index, ts, identity, values)
+
+    def snapshot(self, host: str) -> NodeSnapshot:
+        ts = time.time()
+        if not self._ensure():
+            return NodeSnapshot(ts=ts, host=host, backend=self.name, devices=(), error=self.init_error)
+        return NodeSnapshot(
+            ts=ts, host=host, backend=self.name, devices=tuple(self.read(i) for i in range(self._count))
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ready:
+                _query(_nv().nvmlShutdown)
+            self._ready = False
+            self._static.clear()
