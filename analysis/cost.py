@@ -1,0 +1,48 @@
+"""What a straggler costs. A synchronous step waits for its slowest device, so a device at rate r
+among peers at rate R slows every job it joins by R / r - 1. For the fleet: the expected step time
+of a job of N devices drawn at random from a peer group is the expected maximum of N relative step
+times (order statistics of the group's empirical distribution); leaving the flagged devices out
+shortens it by the ratio reported here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def device_cost(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """reference / value - 1, at least 0; NaN where unknown."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip(reference / value - 1, 0, None)
+
+
+def expected_max(step: np.ndarray, n: int) -> float:
+    """E[max of n draws] from the empirical distribution of ``step`` (with replacement)."""
+    t = np.sort(step[np.isfinite(step)])
+    m = len(t)
+    if m == 0:
+        return float("nan")
+    k = np.arange(1, m + 1) / m
+    w = k ** n - (k - 1 / m) ** n
+    return float(np.dot(t, np.clip(w, 0, None)))
+
+
+def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: int,
+             labels: list[dict], sizes: tuple[int, ...]) -> list[dict]:
+    """Per peer group with at least one straggler, per job size N no larger than the group: the
+    expected step time (relative to the group's healthy centre) with every device and without the
+    flagged ones, and the speed-up from leaving them out."""
+    out = []
+    hit = np.bincount(group, weights=flagged, minlength=n_group) > 0
+    size = np.bincount(group, minlength=n_group)
+    for g in np.flatnonzero(hit):
+        sel = group == g
+        s_all, s_ok = step[sel], step[sel & ~flagged]
+        for n in sizes:
+            if n > size[g]:
+                continue
+            with_all, without = expected_max(s_all, n), expected_max(s_ok, n)
+            out.append({**labels[g], "job_devices": int(n), "step_time_all": round(with_all, 5),
+                        "step_time_without_stragglers": round(without, 5),
+                        "speedup": round(with_all / without - 1, 5) if without > 0 else None})
+    return out
+

@@ -1,0 +1,188 @@
+"""analyze(): the pipeline from a result table to verdicts. Each step lives in its own module;
+this one only wires them together on integer codes (one row per sample -> one row per device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from straggler.errors import ConfigError, InputError
+
+from . import causes as causes_mod
+from . import cost, groups, peers, validate
+from . import history as own
+from .detect import REFERENCE, Test, decide
+from .estimate import estimate
+from .report import DEVICE_COLUMNS, AnalysisResult
+from .settings import AnalysisConfig
+
+DEVICE_KEY = ("host", "gpu", "probe", "settings")
+
+
+def _strings(col: pd.Series) -> np.ndarray:
+    return col.astype(object).where(col.notna(), None).to_numpy()
+
+
+def _device_column(frame: pd.DataFrame, first: np.ndarray, col: str) -> np.ndarray:
+    if col not in frame.columns:
+        return np.full(len(first), None, dtype=object)
+    return frame[col].to_numpy()[first]
+
+
+def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
+            config: AnalysisConfig | None = None) -> AnalysisResult:
+    """Find stragglers among the devices in ``samples`` (the canonical result table).
+
+    ``history``: earlier samples of the same devices (the collector's store); earlier scans in
+    ``samples`` itself (several ``scan_id``) are history too. Raises InputError / ConfigError with
+    a one-line message for input that cannot be analysed."""
+    config = config or AnalysisConfig()
+    problems = config.problems()
+    if problems:
+        raise ConfigError(problems, "analysis config")
+    frame, dropped = validate.clean(samples, "input")
+    rank = own.scan_rank(frame)
+    n_scans = int(len(np.unique(rank)))
+    keys = {c: frame[c] for c in DEVICE_KEY}
+    value_all = frame["value"].to_numpy(dtype=float)
+    if history is not None and len(history):
+        past, hdrop = validate.clean(history, "history")
+        dropped.update({f"history: {k}": v for k, v in hdrop.items()})
+        prank = own.scan_rank(past)
+        rank = np.concatenate([prank - (prank.max() + 1), rank])  # the given history comes first
+        keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}
+        value_all = np.concatenate([past["value"].to_numpy(dtype=float), value_all])
+        offset = len(past)
+    else:
+        offset = 0
+    dev_all, n_all = groups.factorize(*(keys[c] for c in DEVICE_KEY))
+    cur_all = own.current_rows(dev_all, n_all, rank)
+    cur_all[:offset] = False
+    in_frame = cur_all[offset:]
+    cur = frame if in_frame.all() else frame[in_frame].reset_index(drop=True)
+
+    dev, n_dev = groups.factorize(dev_all[cur_all])
+    to_cur = np.full(n_all, -1, dtype=np.int64)
+    to_cur[dev_all[cur_all]] = dev
+    past_dev = to_cur[dev_all[~cur_all]]
+    has = past_dev >= 0
+    past_dev, past_rank, past_value = past_dev[has], rank[~cur_all][has], value_all[~cur_all][has]
+
+    first = groups.first_index(dev, n_dev)
+    d = {c: _device_column(cur, first, c) for c in ("host", "gpu", "index", "model", "probe", "settings")}
+    peer_cols = [d["model"], d["probe"], d["settings"]]
+    for c in config.peer_columns:
+        if c in cur.columns:
+            col = cur[c].to_numpy()[first]
+            peer_cols.append(np.round(pd.to_numeric(col, errors="coerce")) if c.endswith("_w") else col)
+    group, n_group = groups.factorize(*peer_cols)
+    host_code, _ = groups.factorize(d["host"])
+    unit_code, n_units = groups.factorize(d["host"], d["gpu"])
+    if n_units == 1 and len(past_dev) == 0 and not config.references:
+        raise InputError(f"input: only one device (host {d['host'][0]}, gpu {d['gpu'][0]}): nothing to "
+                         "compare it with; give more devices or --history")
+
+    est = estimate(dev, n_dev, cur["value"].to_numpy(dtype=float), group, n_group,
+                   config.dip_sigmas, config.prior_df)
+    pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
+                       config.min_effect_few)
+    hv = own.compare(est.value, est.se_rel, group, n_group, past_dev, past_rank, past_value)
+    ref_value, ref_test = _reference(config, d, est, pv.basis == "")
+    verdict = decide([
+        Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),
+        Test(np.where(hv.n_scans > 0, own.HISTORY, ""), hv.deficit, hv.p_value,
+             np.full(n_dev, config.min_effect)),
+        ref_test,
+    ], config.fdr)
+
+    basis_value = np.where(np.isfinite(pv.peer_value), pv.peer_value,
+                           np.where(np.isfinite(hv.baseline), hv.baseline, ref_value))
+    cost_dev = cost.device_cost(est.value, basis_value)
+    membw = pd.Series(d["probe"], dtype="string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
+    if verdict.straggler.any():
+        tel = causes_mod.device_telemetry(cur, dev, n_dev)
+        cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code, membw)
+        for i in np.flatnonzero(verdict.straggler):
+            evidence[i] = _verdict_text(i, pv, hv, verdict) + ("; " + evidence[i] if evidence[i] else "")
+    else:
+        cause, evidence = [[] for _ in range(n_dev)], [""] * n_dev
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = est.value / pv.peer_value
+    table = pd.DataFrame({
+        "host": d["host"], "gpu": d["gpu"], "index": pd.to_numeric(d["index"], errors="coerce"),
+        "model": d["model"], "probe": d["probe"], "settings": d["settings"],
+        "straggler": verdict.straggler, "basis": verdict.basis, "deficit": verdict.deficit,
+        "cost": cost_dev, "causes": cause, "evidence": evidence, "n_samples": est.n_samples,
+        "n_kept": est.n_kept, "value": est.value, "median": est.median, "peer_median": pv.peer_value,
+        "ratio": ratio, "peer_group_size": pv.group_size, "p_value": verdict.p_value,
+        "q_value": verdict.q_value, "history_scans": hv.n_scans, "history_baseline": hv.baseline,
+        "history_deficit": hv.deficit,
+    }, columns=list(DEVICE_COLUMNS))
+    order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
+    table = table.iloc[order].reset_index(drop=True)
+
+    labels = [{"model": m, "probe": p, "settings": s} for m, p, s in
+              zip(*(np.asarray(c)[groups.first_index(group, n_group)] for c in peer_cols[:3]))]
+    step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
+    summary = _summary(table, config, dropped, n_scans, len(past_dev), len(cur), n_units,
+                       cost.job_gain(step, verdict.straggler, group, n_group, labels, config.job_sizes))
+    return AnalysisResult(devices=table, summary=summary, dropped=dropped)
+
+
+def _reference(config: AnalysisConfig, d: dict, est, alone: np.ndarray) -> tuple[np.ndarray, Test]:
+    """Reference values for devices without peers, looked up by model|probe|settings, then model|probe."""
+    n = len(alone)
+    ref = np.full(n, np.nan)
+    refs = config.reference_map()
+    if refs and alone.any():
+        model = pd.Series(d["model"], dtype="string")
+        short = model + "|" + pd.Series(d["probe"], dtype="string")
+        long = short + "|" + pd.Series(d["settings"], dtype="string")
+        ref = long.map(refs).astype(float).fillna(short.map(refs).astype(float)).to_numpy(dtype=float)
+        ref = np.where(alone, ref, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        deficit = 1 - est.value / ref
+        p = stats.t.sf(deficit / est.se_rel, est.df)
+    basis = np.where(np.isfinite(ref), REFERENCE, "").astype(object)
+    return ref, Test(basis, deficit, p, np.full(n, config.min_effect))
+
+
+def _verdict_text(i: int, pv, hv, verdict) -> str:
+    parts = []
+    if np.isfinite(pv.peer_value[i]):
+        loo = " leave-one-out" if str(pv.basis[i]).endswith(peers.LOO) else ""
+        parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {pv.group_size[i] - 1} peers{loo}")
+    if hv.n_scans[i] > 0:
+        parts.append(f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans")
+    parts.append(f"q={verdict.q_value[i]:.2g}")
+    return ", ".join(parts)
+
+
+def _counts(values) -> dict:
+    return {str(k): int(v) for k, v in pd.Series(values, dtype=object).value_counts().items()}
+
+
+def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans: int,
+             history_rows: int, samples: int, n_units: int, jobs: list[dict]) -> dict:
+    flagged = table[table["straggler"]]
+    per_probe = {str(p): {"devices": int(len(t)), "stragglers": int(t["straggler"].sum())}
+                 for p, t in table.groupby("probe", sort=True)}
+    return {
+        "devices": int(n_units),
+        "entries": int(len(table)),
+        "stragglers": int(len(flagged)),
+        "straggler_devices": int(flagged[["host", "gpu"]].drop_duplicates().shape[0]),
+        "samples": int(samples),
+        "scans": int(n_scans),
+        "history_rows": int(history_rows),
+        "probes": per_probe,
+        "bases": _counts(flagged["basis"]),
+        "causes": _counts([c for cs in flagged["causes"] for c in cs]),
+        "dropped": {str(k): int(v) for k, v in dropped.items()},
+        "fdr": config.fdr,
+        "min_effect": config.min_effect,
+        "min_effect_few": config.min_effect_few,
+        "job_cost": jobs,
+    }

@@ -1,0 +1,99 @@
+"""Compare each device with its peers: same model, probe and settings (and power limit and driver
+where known), across every host in the input.
+
+Groups of at least ``min_group`` devices: the healthy centre is the median of the device values,
+re-estimated without the devices whose deficit reaches the minimum effect (three passes), so up
+to 20% slow devices do not drag it down and mask each other. Smaller groups (2-3 devices) are
+decided leave-one-out: each device's samples against the other devices' samples (Welch-style),
+with the larger ``min_effect_few``. A device alone in its group has no peer verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from . import groups
+from .estimate import Estimates
+
+NODE, FLEET = "node_peers", "fleet_peers"
+LOO = "_loo"  # suffix of the basis when the group was decided leave-one-out
+
+
+@dataclass(frozen=True)
+class PeerVerdict:
+    group_size: np.ndarray  # devices in the peer group
+    peer_value: np.ndarray  # healthy centre of the peers (leave-one-out: the others' mean)
+    deficit: np.ndarray  # 1 - value / peer_value
+    p_value: np.ndarray  # one-sided: the device is not slower than its peers
+    min_effect: np.ndarray  # the minimum effect that applies to the device
+    basis: np.ndarray  # node_peers / fleet_peers (+ _loo), "" without peers
+    spread: np.ndarray  # robust std of the healthy devices' ratios in the group
+
+
+def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev: np.ndarray,
+            min_group: int, min_effect: float, min_effect_few: float) -> PeerVerdict:
+    n_dev = len(group_of_dev)
+    size = np.bincount(group_of_dev, minlength=n_group)[group_of_dev]
+    pair, n_pair = groups.factorize(group_of_dev, host_of_dev)
+    hosts = np.bincount(group_of_dev[groups.first_index(pair, n_pair)], minlength=n_group)
+    basis = np.where(hosts[group_of_dev] > 1, FLEET, NODE).astype(object)
+
+    peer = np.full(n_dev, np.nan)
+    p = np.full(n_dev, np.nan)
+    spread = np.full(n_dev, np.nan)
+    big = size >= min_group
+    if big.any():
+        peer[big], p[big], spread[big] = _population(est, group_of_dev, n_group, big, min_effect)
+    few = (size >= 2) & ~big
+    if few.any():
+        peer[few], p[few] = _leave_one_out(est, group_of_dev, n_group, few)
+        basis[few] = basis[few] + LOO
+    basis[size < 2] = ""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        deficit = 1 - est.value / peer
+    return PeerVerdict(size, peer, deficit, p, np.where(big, min_effect, min_effect_few), basis, spread)
+
+
+def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray, min_effect: float):
+    g = g_all[sel]
+    value = est.value[sel]
+    healthy = np.isfinite(value)
+    for _ in range(3):
+        centre = groups.median(g, np.where(healthy, value, np.nan), n_group)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = 1 - value / centre[g]
+        healthy = np.abs(d) < max(min_effect, 1e-12)
+    centre = groups.median(g, np.where(healthy, value, np.nan), n_group)
+    ratio = value / centre[g]
+    dev = np.abs(ratio - groups.median(g, np.where(healthy, ratio, np.nan), n_group)[g])
+    spread = 1.4826 * groups.median(g, np.where(healthy, dev, np.nan), n_group)
+    n_h = groups.count(g, n_group, healthy)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se_centre = 1.2533 * spread / np.sqrt(n_h)  # standard error of a median
+        se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + se_centre[g] ** 2)
+        t = (1 - ratio) / se
+    return centre[g], stats.t.sf(t, est.df[sel]), spread[g]
+
+
+def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray):
+    g = g_all[sel]
+    n = est.n_kept[sel].astype(float)
+    s, ss = est.sum_kept[sel], est.sumsq_kept[sel]
+    n_o = np.bincount(g, weights=n, minlength=n_group)[g] - n
+    s_o = np.bincount(g, weights=s, minlength=n_group)[g] - s
+    ss_o = np.bincount(g, weights=ss, minlength=n_group)[g] - ss
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_o = s_o / n_o
+        var_o = np.clip(ss_o - n_o * mean_o ** 2, 0, None) / (n_o - 1) / mean_o ** 2
+        noise2 = est.noise_rel[sel] ** 2
+        prior = est.df[sel] - np.maximum(n - 1, 0)  # the prior degrees of freedom
+        var_o = np.where(n_o > 1, (prior * noise2 + (n_o - 1) * np.nan_to_num(var_o)) / (prior + n_o - 1),
+                         noise2)
+        ratio = est.value[sel] / mean_o
+        se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + var_o / n_o * ratio ** 2)
+        t = (1 - ratio) / se
+        df = prior + n + n_o - 2
+    return mean_o, stats.t.sf(t, np.where(df > 0, df, np.nan))

@@ -1,0 +1,62 @@
+"""AnalysisConfig: every threshold of the analysis engine, as data (frozen, validated once).
+
+Defaults were chosen with ``benchmarks/detection.py`` (see docs/analysis.md): at these values the
+detector finds >= 99% of devices 5% slow and >= 90% of devices 3% slow with 5 samples of 1% noise,
+while flagging <= 0.1% of healthy devices within 1.5 points of the median.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    # Flag a device only when the false-discovery rate (Benjamini-Hochberg over every device and
+    # probe analysed together) is at most ``fdr`` ...
+    fdr: float = 0.01
+    # ... and its estimated deficit (1 - value / peer median) is at least ``min_effect``.
+    min_effect: float = 0.02
+    # Peer groups smaller than ``min_group`` devices (2-3 by default) are decided leave-one-out from
+    # the samples, against the larger ``min_effect_few``: with one or two peers the healthy spread
+    # between devices cannot be estimated, so only a deficit beyond it counts.
+    min_group: int = 4
+    min_effect_few: float = 0.05
+    # A sample further than ``dip_sigmas`` pooled noise scales from its device's median is a
+    # transient (a dip or a spike) and left out of that device's estimate.
+    dip_sigmas: float = 4.0
+    # Prior degrees of freedom given to the pooled per-sample noise when a device's own noise is
+    # estimated from few samples (moderated variance, as in limma).
+    prior_df: float = 8.0
+    # Peers must also share these columns where they are present (missing values match each other).
+    peer_columns: tuple[str, ...] = ("power_limit_w", "driver")
+    # Job sizes N for the fleet cost: expected step-time gain of an N-device synchronous job when
+    # the flagged devices are left out.
+    job_sizes: tuple[int, ...] = (8, 64, 512, 4096)
+    # Reference values by "model|probe" (or "model|probe|settings"), used for a device without
+    # peers or history. Empty by default: straggler ships no per-SKU floors.
+    references: tuple[tuple[str, float], ...] = field(default=())
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 < self.fdr < 1:
+            out.append(f"fdr: must be between 0 and 1, got {self.fdr}")
+        for name in ("min_effect", "min_effect_few"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                out.append(f"{name}: must be in [0, 1), got {v}")
+        if self.min_group < 2:
+            out.append(f"min_group: must be at least 2, got {self.min_group}")
+        if self.dip_sigmas <= 0:
+            out.append(f"dip_sigmas: must be positive, got {self.dip_sigmas}")
+        if self.prior_df < 0:
+            out.append(f"prior_df: must be >= 0, got {self.prior_df}")
+        if any(n < 2 for n in self.job_sizes):
+            out.append(f"job_sizes: every size must be at least 2, got {list(self.job_sizes)}")
+        for key, value in self.references:
+            if not (isinstance(value, (int, float)) and value > 0):
+                out.append(f"references: {key!r} must be a positive number, got {value!r}")
+        return out
+
+    def reference_map(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.references}

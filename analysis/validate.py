@@ -1,0 +1,126 @@
+"""Check a result table before anything is computed from it.
+
+Fatal problems (a missing required column, a value that is not a number, inf or negative, mixed
+units within one probe, one sample recorded twice with different values) raise an InputError whose
+one-line message names the column or row. Rows that cannot be used but harm nothing else (no value,
+no host, an exact duplicate) are dropped and counted by reason, never silently.
+Row numbers in messages count data rows from 1, in the order the table was given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from straggler.errors import InputError
+from straggler.records import REQUIRED_COLUMNS
+
+IDENTITY = ("host", "gpu", "model", "probe")
+# Columns that identify one sample: rows equal in all of them present are the same sample.
+SAMPLE_KEY = ("scan_id", "host", "gpu", "probe", "settings", "sample", "ts")
+
+
+def _text(col: pd.Series) -> pd.Series:
+    """A string column with empty strings as missing."""
+    s = col.astype("string")
+    return s.mask(s.str.strip() == "")
+
+
+def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str, int]]:
+    """Return (a cleaned copy with canonical dtypes, {reason: rows dropped})."""
+    if not isinstance(df, pd.DataFrame):
+        raise InputError(f"{what}: expected a table (DataFrame), got {type(df).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"{what}: missing required column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (need {', '.join(REQUIRED_COLUMNS)})"
+        )
+    out = df.reset_index(drop=True).copy(deep=False)
+    out["_row"] = np.arange(1, len(out) + 1)  # the row number messages name
+    dropped: dict[str, int] = {}
+
+    raw = out["value"]
+    value = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    absent = raw.isna().to_numpy()
+    bad = np.isnan(value) & ~absent
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{what}: row {pos + 1}: column 'value' is not a number: {raw.iloc[pos]!r} "
+            f"({int(bad.sum())} such rows)"
+        )
+    for test, word in ((np.isinf(value), "infinite"), (value < 0, "negative")):
+        if test.any():
+            pos = int(np.flatnonzero(test)[0])
+            raise InputError(
+                f"{what}: row {pos + 1}: column 'value' is {word} ({value[pos]}); values are rates, "
+                f"higher is better ({int(test.sum())} such rows)"
+            )
+    out["value"] = value
+    keep = ~absent
+    if absent.any():
+        dropped["value missing"] = int(absent.sum())
+
+    for col in IDENTITY:
+        out[col] = _text(out[col])
+        gone = out[col].isna().to_numpy() & keep
+        if gone.any():
+            dropped[f"{col} missing"] = int(gone.sum())
+            keep &= ~gone
+    out["settings"] = _text(out["settings"]).fillna("") if "settings" in out else ""
+    if not keep.all():
+        out = out[keep].reset_index(drop=True)
+
+    if "unit" in out.columns:
+        _check_units(out, what)
+    out, dups = _drop_duplicates(out, what)
+    if dups:
+        dropped["duplicate row"] = dups
+    if out.empty:
+        raise InputError(f"{what}: no usable rows" + (f" (dropped: {_fmt(dropped)})" if dropped else ""))
+    return out, dropped
+
+
+def _fmt(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+
+
+def _check_units(df: pd.DataFrame, what: str) -> None:
+    units = _text(df["unit"])
+    if units.isna().all():
+        return
+    per = pd.DataFrame({"probe": df["probe"], "settings": df["settings"], "unit": units}).dropna()
+    n = per.groupby(["probe", "settings"], sort=False)["unit"].nunique()
+    mixed = n[n > 1]
+    if len(mixed):
+        probe, settings = mixed.index[0]
+        seen = sorted(per.loc[(per["probe"] == probe) & (per["settings"] == settings), "unit"].unique())
+        label = f"{probe}" + (f" ({settings})" if settings else "")
+        raise InputError(f"{what}: probe {label} mixes units {', '.join(seen)} in column 'unit'")
+
+
+def _drop_duplicates(df: pd.DataFrame, what: str) -> tuple[pd.DataFrame, int]:
+    """Rows with the same sample key: identical -> dropped and counted; conflicting -> InputError.
+    Without a ``sample`` or ``ts`` column rows cannot be told apart from repeated samples."""
+    if "sample" not in df.columns and "ts" not in df.columns:
+        return df, 0
+    key = [c for c in SAMPLE_KEY if c in df.columns]
+    same_key = df.duplicated(key, keep=False).to_numpy()
+    if not same_key.any():
+        return df, 0
+    sub = df[same_key]
+    exact = sub.duplicated(key + ["value"], keep="first")
+    conflict = sub.drop_duplicates(key + ["value"]).duplicated(key, keep=False)
+    if conflict.any():
+        first = sub.drop_duplicates(key + ["value"])[conflict.to_numpy()]
+        mates = first.groupby(key, dropna=False, sort=False).ngroup().to_numpy()
+        rows = first["_row"].to_numpy()[mates == mates[0]][:2]
+        ident = ", ".join(f"{c}={first.iloc[0][c]}" for c in key)
+        raise InputError(
+            f"{what}: rows {rows[0]} and {rows[1]} record the same sample ({ident}) "
+            "with different values"
+        )
+    drop = np.zeros(len(df), dtype=bool)
+    drop[np.flatnonzero(same_key)[exact.to_numpy()]] = True
+    return df[~drop].reset_index(drop=True), int(drop.sum())
