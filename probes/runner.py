@@ -1,0 +1,246 @@
+"""``run_scan(settings) -> ScanResult``: start one worker per device, watch them, keep every sample.
+
+Locally the runner is a small launcher: it hosts the rendezvous store on loopback, starts one
+``python -m straggler.probes.worker`` per device, reads their JSON-line messages as they come, and
+kills a worker that makes no progress past its phase deadline (or the scan's ``deadline_s``).
+Samples are kept the moment a probe ends, so a worker that hangs or dies later loses nothing
+already measured. Under torchrun/srun the same call is one rank of the launcher's group and rank
+0 gathers every rank's messages (:mod:`.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from straggler.errors import InputError
+
+from .devices import PROBES, host_name, launcher, plan_probes, resolve_devices
+from .worker import EXIT_ABORTED, WorkerPlan, plan_json
+
+DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
+SETUP_S = 120.0  # torch import, process group, allocation and warm-up of every probe
+GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    probes: tuple[str, ...] = PROBES
+    duration_s: float | None = None  # per probe; None: 4 s on CPU cores, 15 s on GPUs
+    device: str = "auto"
+    scan_id: str | None = None
+    start_at: float | None = None  # Unix time of the first probe barrier
+    deadline_s: float | None = None  # whole scan; None: derived from the plan
+    samples: int = 5  # windows (samples) per device and probe
+    telemetry: str = "auto"
+    grace_s: float = GRACE_S  # a probe phase may last 2 x duration + grace before its worker is killed
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.duration_s is not None and not self.duration_s > 0:
+            out.append(f"--duration must be > 0 seconds, got {self.duration_s}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            out.append(f"--deadline must be > 0 seconds, got {self.deadline_s}")
+        if self.samples < 1:
+            out.append(f"samples must be >= 1, got {self.samples}")
+        return out
+
+
+@dataclass
+class ScanResult:
+    scan_id: str
+    host: str
+    backend: str  # "cpu" or "cuda"
+    notice: str  # which backend ran and why, one line
+    samples: list[dict] = field(default_factory=list)  # canonical rows
+    failures: list[dict] = field(default_factory=list)  # {"host", "device", "rank", "probe", "error"}
+    devices: list[dict] = field(default_factory=list)  # {"host", "gpu", "index", "model", "rank"}
+    root: bool = True  # False on the non-zero ranks of a torchrun/srun scan (they report nothing)
+
+
+def new_scan_id(host: str) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{host}-{uuid.uuid4().hex[:6]}"
+
+
+def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = None) -> ScanResult:
+    problems = settings.problems()
+    if problems:
+        raise InputError("; ".join(problems))
+    launch = launcher()
+    if launch is not None:
+        from .distributed import run_rank
+
+        return run_rank(settings, launch, on_event)
+    from . import torchdev
+
+    host = host_name()
+    dplan = resolve_devices(settings.device, torchdev.cuda_device_count(), os.sched_getaffinity(0),
+                            torchdev.torch_version())
+    probes, notes = plan_probes(settings.probes, dplan.kind, len(dplan.indices))
+    duration = settings.duration_s or DEFAULT_DURATION_S[dplan.kind]
+    plan = WorkerPlan(scan_id=settings.scan_id or new_scan_id(host), host=host, kind=dplan.kind,
+                      probes=probes, duration_s=duration, n_windows=settings.samples,
+                      telemetry=settings.telemetry, start_at=settings.start_at,
+                      group_timeout_s=2 * duration + 3 * settings.grace_s)
+    watch = Watch(plan, dplan.indices, settings, on_event)
+    watch.run()
+    return watch.result(f"device {dplan.kind}: {dplan.reason}", notes)
+
+
+def deadlines(plan: WorkerPlan, grace_s: float) -> dict[str, float]:
+    """Seconds a worker may spend in each phase before it counts as hung."""
+    probe_s = 2 * plan.duration_s + grace_s
+    return {"init": SETUP_S, "warmup": SETUP_S, "start": probe_s, "done": probe_s + 2 * grace_s,
+            "wait": max(0.0, (plan.start_at or 0) - time.time()) + SETUP_S}
+
+
+def total_deadline(plan: WorkerPlan, grace_s: float) -> float:
+    d = deadlines(plan, grace_s)
+    return SETUP_S + d["wait"] + len(plan.probes) * (d["done"] + grace_s)
+
+
+@dataclass
+class _WorkerState:
+    rank: int
+    device_index: int
+    proc: subprocess.Popen
+    stderr: deque
+    phase: str = "init"
+    probe: str = "setup"
+    since: float = field(default_factory=time.monotonic)
+    hello: dict | None = None
+    reported: bool = False  # the worker itself reported a failure
+    finished: bool = False
+    eof: bool = False
+    killed: str | None = None
+
+
+class Watch:
+    """Starts the local workers, collects their messages and enforces the deadlines."""
+
+    def __init__(self, plan: WorkerPlan, indices: tuple[int, ...], settings: ScanSettings,
+                 on_event: Callable[[dict], None] | None):
+        self.plan, self.indices, self.on_event = plan, indices, on_event
+        self.limits = deadlines(plan, settings.grace_s)
+        self.deadline_s = settings.deadline_s or total_deadline(plan, settings.grace_s)
+        self.samples: list[dict] = []
+        self.failures: list[dict] = []
+        self.telemetry_names: set[str] = set()
+        self.notes: set[str] = set()
+        self.msgs: queue.Queue = queue.Queue()
+
+    def run(self) -> None:
+        from .torchdev import rendezvous_store
+
+        store = rendezvous_store(self.plan.group_timeout_s)
+        self.workers = [self._start(r, i, store.port) for r, i in enumerate(self.indices)]
+        try:
+            self._loop(time.monotonic() + self.deadline_s)
+        finally:
+            for w in self.workers:
+                if w.proc.poll() is None:
+                    w.proc.kill()
+                    w.proc.wait(timeout=10)
+            del store
+
+    def _start(self, rank: int, device_index: int, port: int) -> _WorkerState:
+        env = dict(os.environ)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the local group never leaves loopback
+        env["STRAGGLER_WORKER"] = json.dumps({"plan": plan_json(self.plan), "rank": rank,
+                                              "world_size": len(self.indices),
+                                              "device_index": device_index, "store_port": port})
+        proc = subprocess.Popen([sys.executable, "-m", "straggler.probes.worker"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        w = _WorkerState(rank, device_index, proc, deque(maxlen=20))
+        threading.Thread(target=self._read, args=(w,), daemon=True).start()
+        threading.Thread(target=lambda: w.stderr.extend(proc.stderr), daemon=True).start()
+        return w
+
+    def _read(self, w: _WorkerState) -> None:
+        for line in w.proc.stdout:
+            try:
+                self.msgs.put((w, json.loads(line)))
+            except json.JSONDecodeError:
+                w.stderr.append(line)
+        self.msgs.put((w, None))
+
+    def _loop(self, stop_at: float) -> None:
+        while not all(w.eof for w in self.workers):
+            try:
+                w, msg = self.msgs.get(timeout=0.2)
+            except queue.Empty:
+                w = msg = None
+            if w is not None:
+                self._handle(w, msg)
+            now = time.monotonic()
+            for x in self.workers:
+                if x.proc.poll() is not None or x.killed:
+                    continue
+                if now >= stop_at:
+                    self._kill(x, f"scan deadline of {self.deadline_s:.0f} s reached, killed")
+                elif now - x.since > self.limits[x.phase]:
+                    self._kill(x, f"hung: no progress for {now - x.since:.0f} s, killed")
+        for w in self.workers:
+            code = w.proc.wait(timeout=30)
+            if w.killed or w.reported:
+                continue
+            if code != 0 or not w.finished:
+                last = next((s.strip() for s in reversed(w.stderr) if s.strip()), "no output")
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                self._fail(w, w.probe, f"worker died ({how}) during {w.probe}: {last}")
+
+    def _handle(self, w: _WorkerState, msg: dict | None) -> None:
+        if msg is None:
+            w.eof = True
+            return
+        kind = msg["t"]
+        w.since = time.monotonic()
+        if kind == "hello":
+            w.hello = msg
+            w.phase = "warmup"
+            if msg.get("telemetry"):
+                self.telemetry_names.add(msg["telemetry"])
+            if msg.get("note"):
+                self.notes.add(msg["note"])
+        elif kind == "phase":
+            w.phase, w.probe = msg["state"], msg["probe"]
+        elif kind == "samples":
+            self.samples.extend(msg["rows"])
+        elif kind == "failure":
+            w.reported = True
+            self._fail(w, msg["probe"], msg["error"])
+        elif kind == "done":
+            w.finished = True
+        if self.on_event is not None:
+            self.on_event({**msg, "world_size": len(self.workers), "probes": self.plan.probes})
+
+    def _kill(self, w: _WorkerState, why: str) -> None:
+        w.killed = why
+        w.proc.kill()
+        self._fail(w, w.probe, why)
+
+    def _fail(self, w: _WorkerState, probe: str, error: str) -> None:
+        dev = w.hello["gpu"] if w.hello else f"{self.plan.kind}{w.device_index}"
+        self.failures.append({"host": self.plan.host, "device": dev, "rank": w.rank, "probe": probe,
+                              "error": error})
+
+    def result(self, device_notice: str, notes: list[str]) -> ScanResult:
+        tel = ", ".join(sorted(self.telemetry_names)) or "none"
+        notice = "; ".join([device_notice, f"telemetry {tel}", *notes, *sorted(self.notes)])
+        devices = [{k: w.hello[k] for k in ("host", "gpu", "index", "model")} | {"rank": w.rank}
+                   for w in self.workers if w.hello]
+        return ScanResult(scan_id=self.plan.scan_id, host=self.plan.host, backend=self.plan.kind,
+                          notice=notice, samples=self.samples, failures=self.failures,
+                          devices=devices)
+
+

@@ -1,0 +1,195 @@
+"""One probe worker: owns one device, joins the process group, runs every probe after a barrier.
+
+A worker sends messages through ``emit(dict)``: ``hello`` (its device), ``phase`` (a probe starts or
+ends, for progress and the runner's watchdog), ``samples`` (canonical rows, sent as soon as a probe
+ends so nothing measured is lost if a later probe hangs or dies), ``failure`` and ``done``.
+Under the local runner the messages are JSON lines on the worker's stdout
+(``python -m straggler.probes.worker``); under torchrun/srun they are gathered to rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from . import allreduce, faults, matmul, membw, pcie, windows
+from .devices import COLLECTIVE
+
+MODULES = {"matmul": matmul, "membw": membw, "pcie": pcie, "allreduce": allreduce}
+EXIT_ABORTED = 3  # the worker stopped after reporting a failure
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    scan_id: str
+    host: str
+    kind: str  # "cpu" | "cuda"
+    probes: tuple[str, ...]
+    duration_s: float  # per probe
+    n_windows: int  # samples per device per probe
+    telemetry: str = "auto"  # open_backend spec
+    interval_s: float = 0.1
+    start_at: float | None = None  # wall-clock instant of the first probe barrier
+    group_timeout_s: float = 120.0
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class Telemetry:
+    """Per-window telemetry through the telemetry engineer's Sampler, or none (with a note)."""
+
+    def __init__(self, spec: str, index_for: Callable[[object], int], interval_s: float):
+        self.backend = self.sampler = None
+        self.note = None
+        self.first = None
+        try:
+            from .backends import open_backend
+            from .sampler import Sampler
+        except ImportError as e:
+            self.note = f"telemetry unavailable ({one_line(e)})"
+            return
+        self.backend = open_backend(spec)
+        index = index_for(self.backend)
+        self.first = self.backend.read(index)
+        self.sampler = Sampler(self.backend, index, interval_s)
+
+    def window(self):
+        return self.sampler.window() if self.sampler else windows.no_telemetry()
+
+    def close(self):
+        if self.backend is not None:
+            self.backend.close()
+
+
+def _nvml_index(dev_uuid: str | None, local: int) -> Callable[[object], int]:
+    """CUDA and NVML may number GPUs differently: match by UUID, else use the CUDA index."""
+
+    def find(backend) -> int:
+        if dev_uuid:
+            for i in range(backend.device_count()):
+                if backend.read(i).uuid == dev_uuid:
+                    return i
+        return local
+
+    return find
+
+
+def run_worker(plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[dict], None],
+               group_factory: Callable, on_finish: Callable | None = None) -> int:
+    """Run the whole probe plan on one device; returns the worker's exit code. ``on_finish(group)``
+    runs before the group is torn down (torchrun/srun: rank 0 gathers there)."""
+    from .torchdev import Device
+
+    dev = Device(plan.kind, device_index)
+    info = dev.describe()
+    tel = Telemetry(plan.telemetry, (lambda b: device_index) if plan.kind == "cpu"
+                    else _nvml_index(info["uuid"], device_index), plan.interval_s)
+    first = tel.first
+    gpu = info["gpu"] if plan.kind == "cpu" or not (first and first.uuid) else first.uuid
+    model = info["model"] if plan.kind == "cpu" or not (first and first.model) else first.model
+    ident = {"scan_id": plan.scan_id, "host": plan.host, "gpu": gpu, "index": device_index,
+             "model": model, "driver": first.driver if first else None}
+    emit({"t": "hello", "rank": rank, **ident, "telemetry": tel.backend.name if tel.backend else None,
+          "note": tel.note or getattr(tel.backend, "notice", None)})
+
+    def fail(probe: str, error: str) -> None:
+        emit({"t": "failure", "rank": rank, "probe": probe, "error": error})
+
+    try:
+        group = group_factory(dev)
+    except Exception as e:  # noqa: BLE001 - reported as this worker's failure, then exit
+        fail("setup", f"cannot join the process group: {one_line(e)}")
+        return EXIT_ABORTED
+    try:
+        code = _probe_loop(plan, rank, dev, group, tel, ident, emit, fail)
+        if on_finish is not None:
+            on_finish(group)
+        return code
+    finally:
+        tel.close()
+        group.close()
+
+
+def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
+    runs = {}
+    for name in plan.probes:  # allocate and warm up everything before the start instant
+        emit({"t": "phase", "rank": rank, "probe": name, "state": "warmup"})
+        try:
+            runs[name] = MODULES[name].prepare(dev, group)
+        except Exception as e:  # noqa: BLE001
+            fail(name, f"warm-up failed: {one_line(e)}")
+            if name in COLLECTIVE:
+                return EXIT_ABORTED  # peers are inside the collective: stop so they see it
+    if plan.start_at is not None:
+        emit({"t": "phase", "rank": rank, "probe": "wait", "state": "start"})
+        while (left := plan.start_at - time.time()) > 0:
+            time.sleep(min(left, 0.5))
+    for name in plan.probes:
+        try:
+            group.barrier()
+        except Exception as e:  # noqa: BLE001 - a peer died or hung; what we measured is kept
+            for rest in plan.probes[plan.probes.index(name):]:
+                fail(rest, f"not run: the process group broke ({one_line(e)})")
+            return EXIT_ABORTED
+        if name not in runs:
+            continue
+        emit({"t": "phase", "rank": rank, "probe": name, "state": "start"})
+        try:
+            faults.inject(rank, name)
+            raws = runs[name](plan.duration_s, plan.n_windows, tel.window)
+        except Exception as e:  # noqa: BLE001
+            fail(name, one_line(e))
+            if name in COLLECTIVE:
+                return EXIT_ABORTED
+            continue
+        rows, bad = [], []
+        for raw in raws:
+            rows += [{**r, **ident} for r in MODULES[name].parse(raw)]
+            bad += [b for w in raw["windows"] for b in w.get("readings", ())]
+        emit({"t": "samples", "rank": rank, "probe": name, "rows": rows})
+        if bad:
+            fail(name, f"telemetry: device reading {bad[0]['status']} during the probe "
+                       f"({', '.join(f'{k}={v}' for k, v in sorted(bad[0]['errors'].items())) or 'no detail'})")
+        emit({"t": "phase", "rank": rank, "probe": name, "state": "done"})
+    emit({"t": "done", "rank": rank})
+    return 0
+
+
+def main() -> int:
+    """Entry point under the local runner: plan and placement in ``$STRAGGLER_WORKER``."""
+    spec = json.loads(os.environ["STRAGGLER_WORKER"])
+    plan = WorkerPlan(**{**spec["plan"], "probes": tuple(spec["plan"]["probes"])})
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints go to stderr; stdout carries only messages
+
+    def emit(msg: dict) -> None:
+        out.write(json.dumps(msg) + "\n")
+
+    def group_factory(dev):
+        from .torchdev import Group
+
+        return Group(dev, plan.group_timeout_s, store_port=spec["store_port"], rank=spec["rank"],
+                     world_size=spec["world_size"])
+
+    try:
+        return run_worker(plan, spec["rank"], spec["device_index"], emit, group_factory)
+    except Exception as e:  # noqa: BLE001 - last resort: one line to the runner, traceback to stderr
+        traceback.print_exc()
+        emit({"t": "failure", "rank": spec["rank"], "probe": "setup", "error": one_line(e)})
+        return EXIT_ABORTED
+
+
+def plan_json(plan: WorkerPlan) -> dict:
+    return asdict(plan)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""`straggler scan`: measure every device of this node (or, through a collector, a cluster) at once.
+
+Thin: parse the options, call ``straggler.probes.runner.run_scan`` (or the collector client), build
+the per-device report, render it (rich table, or ``--json``), write ``--output``. Heavy imports
+(torch, pandas) happen inside, never at import.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from straggler.errors import EXIT_FAILED, InputError, ProbeError
+
+
+@click.command("scan")
+@click.option("--probes", default="all", show_default=True,
+              help="Comma-separated probes: matmul, membw, pcie (GPU only), allreduce; or 'all'.")
+@click.option("--duration", "duration_s", type=float, default=None,
+              help="Seconds per probe [default: 4 on CPU cores, 15 on GPUs].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--samples", type=int, default=5, show_default=True, help="Samples (windows) per device and probe.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Write every raw sample (canonical result table): .csv, .jsonl or .parquet.")
+@click.option("--scan-id", default=None, help="Id stamped on every sample [default: time-host-random].")
+@click.option("--start-at", type=float, default=None, help="Unix time of the first probe (after warm-up).")
+@click.option("--deadline", "deadline_s", type=float, default=None,
+              help="Kill the scan after this many seconds (samples measured so far are kept).")
+@click.option("--collector", default=None, help="Run a cluster scan through this collector URL.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the collector's bearer token (with --collector).")
+def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at, deadline_s,
+         collector, token_file):
+    """Measure every device of this node at the same moment and flag the slow ones.
+
+    Exit codes: 0 healthy, 1 stragglers found, 2 could not run.
+    """
+    from straggler.probes.devices import parse_probes
+
+    probe_list = parse_probes(probes)
+    if output is not None:
+        from straggler.records import file_format
+
+        file_format(output)  # a bad suffix fails now, not after the probes ran
+    if collector is None and token_file is not None:
+        raise InputError("--token-file needs --collector")
+    from rich.console import Console
+
+    from straggler.probes.render import progress_display
+
+    err = Console(stderr=True)
+    with progress_display(err, enabled=err.is_terminal and not as_json) as on_event:
+        if collector is not None:
+            res = _cluster(collector, token_file, probe_list, duration_s, deadline_s, on_event)
+        else:
+            from straggler.probes.runner import ScanSettings, run_scan
+
+            res = run_scan(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
+                                        scan_id=scan_id, start_at=start_at, deadline_s=deadline_s,
+                                        samples=samples), on_event)
+    if not res.root:
+        return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
+    return _report(res, as_json, output)
+
+
+def _report(res, as_json: bool, output: str | None) -> int:
+    from straggler.probes.report import device_report
+
+    report = device_report(res.samples, res.failures, res.devices)
+    if output is not None:
+        from straggler.records import write_table
+
+        write_table(res.samples, output)
+    if as_json:
+        doc = {"scan_id": res.scan_id, "host": res.host, "backend": res.backend, "notice": res.notice,
+               "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
+               "engine": report["engine"], "samples": res.samples}
+        sys.stdout.write(json.dumps(doc, default=_json_default, allow_nan=False) + "\n")
+    else:
+        from rich.console import Console
+
+        from straggler.probes.render import render_scan
+
+        render_scan(Console(), report, res.notice, res.scan_id, res.failures)
+    if report["exit_code"] == EXIT_FAILED:
+        raise ProbeError(_failure_line(res.failures, output))
+    return report["exit_code"]
+
+
+def _json_default(v):
+    if hasattr(v, "item"):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def _failure_line(failures: list[dict], output: str | None) -> str:
+    kept = f"; samples measured so far kept in {output}" if output else ""
+    if not failures:
+        return "no samples were measured" + kept
+    f = failures[0]
+    more = f" (+{len(failures) - 1} more failure(s))" if len(failures) > 1 else ""
+    return f"{f['host']}/{f['device']} {f['probe']}: {f['error']}{more}{kept}"
+
+
+def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
+    """A cluster scan through the collector, returned in the shape of a local ScanResult."""
+    if token_file is None:
+        raise InputError("--collector needs --token-file (the collector's bearer token)")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as e:
+        raise InputError(f"--token-file {token_file}: {e.strerror}") from None
+    from straggler.collector.client import cluster_scan
+    from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
+
+    def on_progress(status: dict) -> None:
+        if on_event is not None:
+            nodes = status.get("nodes") or {}
+            on_event({"t": "progress", "description": f"scan {status.get('scan_id', '')}: nodes reported",
+                      "completed": sum(s in ("done", "failed") for s in nodes.values()), "total": len(nodes) or None})
+
+    duration = duration_s or DEFAULT_DURATION_S["cpu"]
+    doc = cluster_scan(url, token, list(probes), duration, deadline_s or 600.0, on_progress=on_progress)
+    nodes = doc.get("nodes") or {}
+    failures = [{"host": h, "device": "-", "rank": None, "probe": "scan", "error": f"node state {s}"}
+                for h, s in sorted(nodes.items()) if s != "done"]
+    return ScanResult(scan_id=doc["scan_id"], host=url, backend="collector",
+                      notice=f"cluster scan through {url}: {len(nodes)} node(s)",
+                      samples=list(doc.get("samples") or []), failures=failures)
