@@ -1,0 +1,196 @@
+"""The collector's HTTP API (FastAPI). See docs/interfaces.md "Collector HTTP API" and docs/collector.md.
+
+:func:`create_app` wires storage, the fleet view, cluster scans and metrics into one application;
+nothing starts until the application's lifespan does (the fleet analysis thread).
+"""
+
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Callable
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from straggler import __version__
+
+from .fleet import FleetView, json_safe
+from .metrics import FleetCollector, SelfMetrics
+from .middleware import LimitAndTime
+from .models import IngestResponse, Name, ResultBatch, ScanCreated, ScanRequest, ScanStatus, ScanView
+from .scans import NoHosts, ScanBoard
+from .settings import CollectorSettings
+from .store import RESULT_COLUMNS, Store
+
+
+@dataclass
+class Collector:
+    """Everything one running collector holds."""
+
+    settings: CollectorSettings
+    store: Store
+    fleet: FleetView
+    board: ScanBoard
+    metrics: SelfMetrics
+    fleet_metrics: FleetCollector
+
+
+def _loc(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in exc.errors()]
+    first = f"{_loc(tuple(errors[0]['loc']))}: {errors[0]['msg']}" if errors else "invalid request"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return JSONResponse(status_code=422, content={"detail": first + more, "errors": errors[:100]})
+
+
+def create_app(
+    settings: CollectorSettings,
+    token: str,
+    *,
+    analyze: Callable | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The application. ``analyze`` replaces ``straggler.analysis.analyze`` (tests isolate it)."""
+    store = Store(settings.db_path)
+    metrics = SelfMetrics()
+    fleet_metrics = FleetCollector(clock)
+
+    def published(snap):
+        fleet_metrics.update(snap)
+        metrics.analysis_done(snap)
+
+    fleet = FleetView(store, analyze, debounce_s=settings.analysis_debounce_s,
+                      max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
+                      on_refresh=published)
+    board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s, clock=clock)
+    col = Collector(settings, store, fleet, board, metrics, fleet_metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        fleet.start()
+        try:
+            yield
+        finally:
+            fleet.stop()
+            store.close()
+
+    app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan,
+                  description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
+    app.state.collector = col
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(LimitAndTime, max_bytes=settings.max_request_bytes, metrics=metrics)
+
+    bearer = HTTPBearer(auto_error=False)
+    expected = token.encode()
+
+    def authorized(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if cred is None or not hmac.compare_digest(cred.credentials.encode(), expected):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(authorized)]
+
+    @app.post("/api/v1/results", response_model=IngestResponse, dependencies=auth, tags=["ingest"])
+    def ingest(batch: ResultBatch) -> IngestResponse:
+        """Store a batch of results; idempotent by id (a replayed row counts as a duplicate)."""
+        if len(batch.results) > settings.max_batch_rows:
+            raise HTTPException(413, f"results: {len(batch.results)} rows, more than max_batch_rows={settings.max_batch_rows}")
+        rows = [tuple(getattr(r, c) for c in RESULT_COLUMNS) for r in batch.results]
+        accepted, duplicates = store.ingest(rows, clock(), agent=batch.host)
+        metrics.results.labels("accepted").inc(accepted)
+        metrics.results.labels("duplicate").inc(duplicates)
+        if accepted:
+            fleet.notify()
+        return IngestResponse(accepted=accepted, duplicates=duplicates)
+
+    @app.post("/api/v1/scans", status_code=201, response_model=ScanCreated, dependencies=auth, tags=["scans"])
+    async def create_scan(req: ScanRequest) -> dict:
+        """Schedule a synchronized scan; every node starts its probes at ``start_at``."""
+        try:
+            return board.create(req.probes, req.duration_s, req.hosts, req.start_delay_s)
+        except NoHosts as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.get("/api/v1/scans/next", response_model=None, dependencies=auth, tags=["scans"],
+             responses={200: {"model": ScanCreated}, 204: {"description": "no scan within wait_s"}})
+    async def next_scan(host: Annotated[Name, Query()], wait_s: Annotated[float, Query(ge=0, le=3600)] = 30.0):
+        """Long poll: the oldest scan for ``host`` it has not reported on (wait_s is capped at max_wait_s)."""
+        scan = await board.next_for(host, min(wait_s, settings.max_wait_s))
+        return scan if scan is not None else Response(status_code=204)
+
+    def _view(scan_id: str) -> dict:
+        view = board.view(scan_id)
+        if view is None:
+            raise HTTPException(404, f"no scan {scan_id!r}")
+        return view
+
+    @app.post("/api/v1/scans/{scan_id}/status", response_model=ScanView, dependencies=auth, tags=["scans"])
+    def scan_status(scan_id: str, status: ScanStatus) -> dict:
+        """A node reports its state for a scan."""
+        _view(scan_id)
+        if not board.report(scan_id, status.host, status.state, status.error):
+            raise HTTPException(409, f"host {status.host!r} is not part of scan {scan_id!r}")
+        return _view(scan_id)
+
+    @app.get("/api/v1/scans/{scan_id}", response_model=ScanView, dependencies=auth, tags=["scans"])
+    def get_scan(scan_id: str) -> dict:
+        return _view(scan_id)
+
+    @app.get("/api/v1/scans/{scan_id}/results", dependencies=auth, tags=["scans"])
+    def scan_results(scan_id: str) -> dict:
+        """Every result row of a scan (canonical columns plus id)."""
+        _view(scan_id)
+        return {"scan_id": scan_id, "samples": json_safe(store.scan_results(scan_id))}
+
+    def _fleet(gpus) -> dict:
+        snap = fleet.snapshot
+        return {"computed_ts": snap.computed_ts, "error": snap.error, "summary": json_safe(dict(snap.summary)),
+                "gpus": [_with_age(g) for g in gpus]}
+
+    def _with_age(g) -> dict:
+        return {**g, "last_probe_age_s": None if g["last_ts"] is None else clock() - g["last_ts"]}
+
+    @app.get("/api/v1/gpus", tags=["fleet"])
+    def gpus() -> dict:
+        """Every device with its latest verdict per probe."""
+        return _fleet(fleet.snapshot.gpus)
+
+    @app.get("/api/v1/stragglers", tags=["fleet"])
+    def stragglers() -> dict:
+        """Flagged devices, costliest first."""
+        return _fleet(fleet.snapshot.stragglers())
+
+    @app.get("/api/v1/gpus/{uuid}/history", tags=["fleet"])
+    def history(uuid: str, host: Annotated[Name | None, Query()] = None,
+                limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None) -> dict:
+        """A device's results, newest first (``host`` tells apart CPU devices such as cpu0)."""
+        rows = store.history(uuid, host, limit or settings.history_limit)
+        if not rows:
+            raise HTTPException(404, f"no results for device {uuid!r}" + (f" on host {host!r}" if host else ""))
+        return {"gpu": uuid, "results": json_safe(rows)}
+
+    @app.get("/metrics", tags=["service"])
+    def prometheus_metrics() -> Response:
+        text = generate_latest(metrics.registry).decode() + fleet_metrics.render()
+        return Response(text, media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        return {"status": "ok", "version": __version__, "analysis_ts": fleet.snapshot.computed_ts,
+                "analysis_error": fleet.snapshot.error}
+
+    return app
+

@@ -1,0 +1,165 @@
+"""The fleet view: the analysis engine over each device's latest scan plus its history.
+
+:class:`FleetView` recomputes off the request path, in its own thread, a short while after results
+arrive (debounced, and at most ``max_delay_s`` after the first unprocessed arrival), and publishes
+an immutable :class:`FleetSnapshot` that the API and ``/metrics`` read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from straggler.errors import StragglerError
+
+from .store import Store
+
+log = logging.getLogger("straggler.collector")
+
+# Analysis output columns the fleet view keeps per device and probe.
+VERDICT_FIELDS = (
+    "probe", "settings", "n_samples", "value", "peer_median", "ratio", "deficit",
+    "p_value", "q_value", "straggler", "basis", "causes", "evidence", "cost",
+)
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """One analysis of the fleet. ``gpus``: one entry per device with its per-probe verdicts."""
+
+    computed_ts: float | None = None
+    gpus: tuple[Mapping[str, Any], ...] = ()
+    summary: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    duration_s: float | None = None
+
+    def stragglers(self) -> list[Mapping[str, Any]]:
+        flagged = [g for g in self.gpus if g["straggler"]]
+        return sorted(flagged, key=lambda g: -max((p["cost"] or 0.0) for p in g["probes"]))
+
+
+def json_safe(v: Any) -> Any:
+    """JSON-safe values: NaN and infinities are None; numpy scalars and arrays become Python ones."""
+    if hasattr(v, "tolist") and not isinstance(v, (list, tuple, dict, str)):
+        v = v.tolist()
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN or infinity: missing is null
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
+    """Join the device table (host, gpu, index, model, last_ts, last_scan_id) with the analysis rows
+    (one per host, gpu, probe)."""
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for v in verdicts:
+        entry = {f: json_safe(v.get(f)) for f in VERDICT_FIELDS}
+        entry["straggler"] = bool(entry["straggler"])
+        entry["causes"] = list(entry["causes"] or [])
+        by_key.setdefault((v["host"], v["gpu"]), []).append(entry)
+    out = []
+    for d in devices:
+        probes = sorted(by_key.get((d["host"], d["gpu"]), []), key=lambda p: (p["probe"], p["settings"] or ""))
+        out.append({**d, "straggler": any(p["straggler"] for p in probes), "probes": probes})
+    return tuple(out)
+
+
+def default_analyze() -> Callable:
+    from straggler.analysis import analyze
+
+    return analyze
+
+
+class FleetView:
+    """Holds the latest :class:`FleetSnapshot`; ``notify()`` after every ingest."""
+
+    def __init__(
+        self,
+        store: Store,
+        analyze: Callable | None = None,
+        *,
+        debounce_s: float = 2.0,
+        max_delay_s: float = 30.0,
+        history_scans: int = 20,
+        on_refresh: Callable[[FleetSnapshot], None] | None = None,
+    ):
+        self.store = store
+        self._analyze = analyze
+        self.debounce_s = debounce_s
+        self.max_delay_s = max_delay_s
+        self.history_scans = history_scans
+        self.on_refresh = on_refresh
+        self.snapshot = FleetSnapshot()
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refresh_lock = threading.Lock()
+
+    def notify(self) -> None:
+        self._dirty.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fleet-analysis", daemon=True)
+        self._thread.start()
+        self.notify()  # analyse what the database already holds
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._dirty.wait()
+            first = time.monotonic()
+            while not self._stop.is_set():
+                self._dirty.clear()
+                remaining = self.max_delay_s - (time.monotonic() - first)
+                if remaining <= 0 or not self._dirty.wait(min(self.debounce_s, remaining)):
+                    break  # quiet for debounce_s, or waited long enough
+            if not self._stop.is_set():
+                self.refresh()
+
+    def refresh(self) -> FleetSnapshot:
+        """Recompute now (in the caller's thread) and publish the result."""
+        with self._refresh_lock:
+            t0 = time.perf_counter()
+            devices = self.store.devices()
+            verdicts, summary, error = [], {}, None
+            if devices:
+                try:
+                    verdicts, summary = self._run_analysis()
+                except StragglerError as e:  # e.g. too few devices: shown, not fatal
+                    error = str(e)
+                except Exception as e:  # a bug in the analysis must not take the service down
+                    log.exception("fleet analysis failed")
+                    error = f"analysis failed: {type(e).__name__}: {e}"
+            snap = FleetSnapshot(
+                computed_ts=time.time(),
+                gpus=build_gpus(devices, verdicts),
+                summary=summary,
+                error=error,
+                duration_s=time.perf_counter() - t0,
+            )
+            self.snapshot = snap
+        if self.on_refresh is not None:
+            self.on_refresh(snap)
+        return snap
+
+    def _run_analysis(self) -> tuple[list[dict], dict]:
+        from straggler.records import to_frame
+
+        analyze = self._analyze or default_analyze()
+        samples = to_frame(self.store.latest_samples())
+        earlier = self.store.earlier_samples(self.history_scans)
+        history = to_frame(earlier) if earlier else None
+        res = analyze(samples, history)
+        return res.devices.to_dict("records"), dict(res.summary)

@@ -1,0 +1,178 @@
+"""``/metrics``: the fleet view as a prometheus-client custom collector, plus the collector's own
+metrics.
+
+A fleet of 100,000 GPUs is several hundred thousand samples, more than prometheus-client's generic
+text writer renders in a second. So each :class:`FleetSnapshot` is turned into exposition text once,
+when the analysis publishes it (off the request path); a scrape only appends the probe ages, which
+change with the clock. :meth:`FleetCollector.collect` yields the same families for
+``registry.get_sample_value`` and the usual client API; a test checks both give identical text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from .fleet import FleetSnapshot
+
+# The straggler flag's `cause` label takes one of these values (never free text): the analysis'
+# first cause when it is one of them, "other" when it names something else, "none" when healthy.
+# (The analysis' cause names, analysis/causes.py.)
+CAUSES = (
+    "power_capped", "thermal", "hw_slowdown", "pcie_link", "memory", "contention", "whole_node",
+    "low_clock", "unexplained", "other", "none",
+)
+
+PROBE_LABELS = ("host", "uuid", "gpu", "model", "probe", "settings")
+DEVICE_LABELS = ("host", "uuid", "gpu", "model")
+
+FAMILIES = {
+    "straggler_gpu_performance_ratio": "Device's median over the median of its peers (1 = like its peers; higher is faster).",
+    "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names the first cause.",
+    "straggler_gpu_cost_ratio": "Slowdown the device imposes on a synchronous job it joins (peer median / its rate - 1).",
+    "straggler_gpu_last_probe_age_seconds": "Seconds since the device's latest result.",
+    "straggler_fleet_devices": "Devices in the fleet view.",
+    "straggler_fleet_stragglers": "Devices flagged as stragglers for at least one probe.",
+    "straggler_fleet_analysis_timestamp_seconds": "Unix time of the latest fleet analysis.",
+}
+
+
+def cause_label(causes: list[str]) -> str:
+    if not causes:
+        return "unexplained"
+    first = str(causes[0]).split(":")[0].strip().lower()
+    return first if first in CAUSES else "other"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _labelstr(labels: dict[str, str]) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+
+
+@dataclass(frozen=True)
+class PreparedFleet:
+    """A snapshot's families: (name, [(labels, value)]) with values fixed, and the age family's
+    labels with each device's last result time."""
+
+    snapshot: FleetSnapshot
+    fixed: tuple[tuple[str, tuple[tuple[dict, float], ...]], ...]
+    ages: tuple[tuple[dict, float], ...]
+    fixed_text: str
+    age_prefixes: tuple[str, ...]
+
+
+def _header(name: str) -> str:
+    return f"# HELP {name} {FAMILIES[name]}\n# TYPE {name} gauge\n"
+
+
+def prepare(snap: FleetSnapshot) -> PreparedFleet:
+    ratio, flag, cost, ages = [], [], [], []
+    for g in snap.gpus:
+        dev = {"host": g["host"], "uuid": g["gpu"], "gpu": "" if g["index"] is None else str(g["index"]),
+               "model": g["model"] or ""}
+        if g["last_ts"] is not None:
+            ages.append((dev, float(g["last_ts"])))
+        for p in g["probes"]:
+            labels = {**dev, "probe": p["probe"], "settings": p["settings"] or ""}
+            if p["ratio"] is not None:
+                ratio.append((labels, float(p["ratio"])))
+            cause = cause_label(p["causes"]) if p["straggler"] else "none"
+            flag.append(({**labels, "cause": cause}, 1.0 if p["straggler"] else 0.0))
+            if p["cost"] is not None:
+                cost.append((labels, float(p["cost"])))
+    fixed = [
+        ("straggler_gpu_performance_ratio", tuple(ratio)),
+        ("straggler_gpu_straggler", tuple(flag)),
+        ("straggler_gpu_cost_ratio", tuple(cost)),
+        ("straggler_fleet_devices", (({}, float(len(snap.gpus))),)),
+        ("straggler_fleet_stragglers", (({}, float(sum(g["straggler"] for g in snap.gpus))),)),
+    ]
+    if snap.computed_ts is not None:
+        fixed.append(("straggler_fleet_analysis_timestamp_seconds", (({}, snap.computed_ts),)))
+    parts = []
+    for name, samples in fixed:
+        parts.append(_header(name))
+        parts.extend(f"{name}{{{_labelstr(lab)}}} {floatToGoString(v)}\n" if lab else f"{name} {floatToGoString(v)}\n"
+                     for lab, v in samples)
+    age_name = "straggler_gpu_last_probe_age_seconds"
+    return PreparedFleet(
+        snapshot=snap,
+        fixed=tuple(fixed),
+        ages=tuple(ages),
+        fixed_text="".join(parts),
+        age_prefixes=tuple(f"{age_name}{{{_labelstr(lab)}}} " for lab, _ in ages),
+    )
+
+
+class FleetCollector:
+    """Custom collector over the latest prepared fleet snapshot."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.prepared = prepare(FleetSnapshot())
+
+    def update(self, snap: FleetSnapshot) -> None:
+        self.prepared = prepare(snap)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        prep, now = self.prepared, self.clock()
+        for name, samples in prep.fixed:
+            fam = GaugeMetricFamily(name, FAMILIES[name], labels=sorted(samples[0][0]) if samples else None)
+            for labels, v in samples:
+                fam.add_metric([labels[k] for k in sorted(labels)], v)
+            yield fam
+        fam = GaugeMetricFamily("straggler_gpu_last_probe_age_seconds", FAMILIES["straggler_gpu_last_probe_age_seconds"],
+                                labels=sorted(DEVICE_LABELS))
+        for labels, last in prep.ages:
+            fam.add_metric([labels[k] for k in sorted(labels)], now - last)
+        yield fam
+
+    def render(self) -> str:
+        """The same text ``generate_latest`` writes for this collector, fast."""
+        prep, now = self.prepared, self.clock()
+        age = "straggler_gpu_last_probe_age_seconds"
+        lines = [f"{p}{floatToGoString(now - last)}\n" for p, (_, last) in zip(prep.age_prefixes, prep.ages)]
+        return prep.fixed_text + _header(age) + "".join(lines)
+
+
+class SelfMetrics:
+    """The collector's own metrics, in their own registry, every series initialised at start."""
+
+    INGEST_CODES = ("200", "401", "413", "422")
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.results = Counter("straggler_collector_results", "Result rows received, by outcome.", ["outcome"], registry=r)
+        self.ingest_requests = Counter(
+            "straggler_collector_ingest_requests", "POST /api/v1/results requests, by status code.", ["code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "straggler_collector_request_duration_seconds", "HTTP request duration, by route.", ["handler"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+        )
+        self.analysis_runs = Counter(
+            "straggler_collector_analysis_runs", "Fleet analysis runs, by outcome.", ["outcome"], registry=r
+        )
+        self.analysis_seconds = Gauge(
+            "straggler_collector_analysis_duration_seconds", "Duration of the latest fleet analysis.", registry=r
+        )
+        for outcome in ("accepted", "duplicate"):
+            self.results.labels(outcome)
+        for code in self.INGEST_CODES:
+            self.ingest_requests.labels(code)
+        for outcome in ("ok", "error"):
+            self.analysis_runs.labels(outcome)
+
+    def analysis_done(self, snap: FleetSnapshot) -> None:
+        self.analysis_runs.labels("error" if snap.error else "ok").inc()
+        if snap.duration_s is not None:
+            self.analysis_seconds.set(snap.duration_s)

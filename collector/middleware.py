@@ -1,0 +1,86 @@
+"""A pure ASGI middleware: request size limit (413) and request timing by route template.
+
+The body is read (at most ``max_bytes``) before the application sees it, so an oversized request
+is refused whole, whether it announces its length or streams chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .metrics import SelfMetrics
+
+INGEST_PATH = "/api/v1/results"
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class LimitAndTime:
+    def __init__(self, app, *, max_bytes: int, metrics: SelfMetrics):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                status["code"] = 413
+                await _send_json(send, 413, {"detail": f"request body larger than {self.max_bytes} bytes"})
+                return
+            delivered = False
+
+            async def replay():
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: wait for the disconnect
+
+            await self.app(scope, replay, send_wrapper)
+        finally:
+            route = scope.get("route")
+            handler = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_seconds.labels(handler).observe(time.perf_counter() - t0)
+            if scope.get("path") == INGEST_PATH and scope.get("method") == "POST":
+                self.metrics.ingest_requests.labels(str(status["code"])).inc()
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        """The whole body, or None when it is over the limit."""
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_bytes:
+                        return None
+                except ValueError:
+                    pass  # the server rejects a malformed length itself
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)

@@ -1,0 +1,101 @@
+"""Request and response bodies of the collector API (pydantic; they make the OpenAPI spec).
+
+Validation is strict: unknown fields are refused, required columns must be present, numbers must
+be finite. A NaN (what pandas writes for a missing cell) in an optional column means "missing"
+and becomes null; in ``value`` it is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+
+from straggler.records import COLUMNS, REQUIRED_COLUMNS, STRING_COLUMNS
+
+from .schema import INT_COLUMNS
+
+
+def _nan_is_missing(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+Missing = BeforeValidator(_nan_is_missing)
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ResultId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{8,64}$", description="records.result_id(row)")]
+
+
+def _column_type(name: str) -> Any:
+    if name in REQUIRED_COLUMNS:
+        if name == "value":
+            return Annotated[float, Field(ge=0, allow_inf_nan=False, description="higher is better")]
+        return Name
+    if name in STRING_COLUMNS:
+        inner: Any = Annotated[str, Field(max_length=1024)]
+    elif name in INT_COLUMNS:
+        inner = Annotated[int, Field(ge=0)]
+    elif name in ("ts", "duration_s"):
+        inner = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    else:
+        inner = Annotated[float, Field(allow_inf_nan=False)]
+    return Annotated[Optional[inner], Missing]
+
+
+_fields: dict[str, Any] = {"id": (ResultId, ...)}
+for _c in COLUMNS:
+    _fields[_c] = (_column_type(_c), ... if _c in REQUIRED_COLUMNS else None)
+
+ResultRow = create_model(
+    "ResultRow",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="One sample: the canonical result columns (straggler/records.py) plus its id.",
+    **_fields,
+)
+
+
+class ResultBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: Name = Field(description="the uploading agent's host")
+    results: list[ResultRow]  # type: ignore[valid-type]
+
+
+class IngestResponse(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+ProbeName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+
+
+class ScanRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    probes: list[ProbeName] = Field(min_length=1, max_length=16)
+    duration_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
+    hosts: Optional[list[Name]] = Field(default=None, max_length=100_000, description="null: every agent seen recently")
+    start_delay_s: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False)
+
+
+class ScanCreated(BaseModel):
+    scan_id: str
+    start_at: float
+    probes: list[str]
+    duration_s: float
+    hosts: list[str]
+
+
+NodeState = Literal["pending", "running", "done", "failed"]
+
+
+class ScanView(ScanCreated):
+    state: Literal["pending", "running", "done", "failed"]
+    nodes: dict[str, NodeState]
+    errors: dict[str, str]
+    results: int
+
+
+class ScanStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: Name
+    state: Literal["running", "done", "failed"]
+    error: Optional[str] = Field(default=None, max_length=4000)

@@ -1,0 +1,94 @@
+"""Cluster scans: scheduled by a client, learnt by agents through a long poll, tracked per node.
+
+A scan names its hosts when it is created (a request without hosts takes every agent seen within
+``agent_seen_s``) and a wall-clock ``start_at`` a few seconds ahead, so that every node starts its
+probes at the same instant. Each node moves pending -> running -> done | failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Callable
+
+from .store import Store
+
+FINAL = ("done", "failed")
+
+
+class NoHosts(Exception):
+    """A scan without hosts when no agent has been seen recently."""
+
+
+def new_scan_id(now: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
+
+
+def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
+    states = set(nodes.values())
+    if nodes and states <= set(FINAL):
+        return "failed" if "failed" in states else "done"
+    if "running" in states or now >= start_at or states & set(FINAL):
+        return "running"
+    return "pending"
+
+
+class ScanBoard:
+    def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.agent_seen_s = agent_seen_s
+        self.offer_grace_s = offer_grace_s
+        self.clock = clock
+        self._changed: asyncio.Event | None = None  # replaced (after being set) on every new scan
+
+    def _event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def create(self, probes: list[str], duration_s: float, hosts: list[str] | None, start_delay_s: float) -> dict:
+        """Schedule a scan (call from the event loop). Raises NoHosts."""
+        now = self.clock()
+        if hosts is None:
+            hosts = self.store.agents_seen_since(now - self.agent_seen_s)
+            if not hosts:
+                raise NoHosts(f"no agent polled for scans in the last {self.agent_seen_s:g} s; name the hosts")
+        hosts = sorted(set(hosts))
+        scan = {"scan_id": new_scan_id(now), "created_ts": now, "start_at": now + start_delay_s,
+                "probes": list(probes), "duration_s": duration_s, "hosts": hosts}
+        self.store.create_scan(scan)
+        event, self._changed = self._event(), asyncio.Event()
+        event.set()  # wake every long poll
+        return {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
+
+    async def next_for(self, host: str, wait_s: float) -> dict | None:
+        """The oldest scan ``host`` has not reported on, waiting up to ``wait_s`` for one."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            event = self._event()  # taken before the look-up: a scan created after it sets this event
+            now = self.clock()
+            self.store.touch_agent(host, now)
+            scan = self.store.next_scan(host, now - self.offer_grace_s)
+            remaining = deadline - time.monotonic()
+            if scan is not None or remaining <= 0:
+                return scan and {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def view(self, scan_id: str) -> dict | None:
+        scan = self.store.get_scan(scan_id)
+        if scan is None:
+            return None
+        return {
+            "scan_id": scan_id, "start_at": scan["start_at"], "probes": scan["probes"],
+            "duration_s": scan["duration_s"], "hosts": scan["hosts"],
+            "state": overall_state(scan["nodes"], scan["start_at"], self.clock()),
+            "nodes": scan["nodes"], "errors": scan["errors"], "results": self.store.count_results(scan_id),
+        }
+
+    def report(self, scan_id: str, host: str, state: str, error: str | None) -> bool:
+        return self.store.set_node_state(scan_id, host, state, error, self.clock())

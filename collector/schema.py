@@ -1,0 +1,80 @@
+"""The collector's SQLite schema and its migrations (``PRAGMA user_version``).
+
+Each migration takes the database from version ``i`` to ``i + 1``; :func:`migrate` applies the
+missing ones in one transaction each. Never edit a released migration: append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from straggler.records import COLUMNS, STRING_COLUMNS
+
+# Integer columns (counts, indices, PCIe generation and width); the rest are text or real.
+INT_COLUMNS = frozenset({"index", "sample", "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max",
+                         "ecc_corrected_total", "ecc_uncorrected_total", "retired_pages", "remapped_rows", "processes"})
+
+
+def sql_type(column: str) -> str:
+    if column in STRING_COLUMNS:
+        return "TEXT"
+    return "INTEGER" if column in INT_COLUMNS else "REAL"
+
+
+def q(name: str) -> str:
+    """Quote an identifier (``index`` is an SQL keyword)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+# Version 1: the result table, keyed by result id.
+_V1 = [
+    "CREATE TABLE results (id TEXT PRIMARY KEY, "
+    + ", ".join(f"{q(c)} {sql_type(c)}" for c in COLUMNS)
+    + ", received_ts REAL NOT NULL)",
+    "CREATE INDEX results_device ON results (host, gpu, ts)",
+    "CREATE INDEX results_scan ON results (scan_id)",
+]
+
+# Version 2: one row per device (its latest scan, for the fleet view), cluster scans, agents.
+_V2 = [
+    """CREATE TABLE devices (
+        host TEXT NOT NULL, gpu TEXT NOT NULL, "index" INTEGER, model TEXT,
+        last_ts REAL, last_scan_id TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (host, gpu))""",
+    # backfill from version-1 results: each device's latest row names its latest scan
+    """INSERT INTO devices (host, gpu, "index", model, last_ts, last_scan_id)
+       SELECT host, gpu, "index", model, ts, COALESCE(scan_id, '') FROM (
+         SELECT host, gpu, "index", model, ts, scan_id,
+                ROW_NUMBER() OVER (PARTITION BY host, gpu ORDER BY ts DESC, received_ts DESC) AS rn
+         FROM results) WHERE rn = 1""",
+    """CREATE TABLE scans (
+        scan_id TEXT PRIMARY KEY, created_ts REAL NOT NULL, start_at REAL NOT NULL,
+        probes TEXT NOT NULL, duration_s REAL NOT NULL, hosts TEXT NOT NULL)""",
+    """CREATE TABLE scan_nodes (
+        scan_id TEXT NOT NULL REFERENCES scans (scan_id), host TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending', error TEXT, updated_ts REAL,
+        PRIMARY KEY (scan_id, host))""",
+    "CREATE TABLE agents (host TEXT PRIMARY KEY, last_seen_ts REAL NOT NULL)",
+]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2))
+LATEST = len(MIGRATIONS)
+
+
+def version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection, target: int = LATEST) -> int:
+    """Bring the database up to ``target``. Returns the version it started from. A database newer
+    than this code is refused (RuntimeError) rather than written to."""
+    start = version(conn)
+    if start > LATEST:
+        raise RuntimeError(f"database schema version {start} is newer than this collector ({LATEST})")
+    for v in range(start, target):
+        with conn:  # one transaction per migration (sqlite3 in Python >= 3.6 keeps DDL in it)
+            conn.execute("BEGIN")
+            for stmt in MIGRATIONS[v]:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {v + 1}")
+    return start

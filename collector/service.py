@@ -1,0 +1,121 @@
+"""Run the collector: bind, serve with uvicorn, talk to systemd (READY, STATUS, WATCHDOG, STOPPING).
+
+The watchdog ping is sent from the server's event loop, so a loop that hangs stops the pings and
+systemd restarts the service. SIGTERM and SIGINT stop it gracefully (uvicorn's handlers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sqlite3
+import threading
+import time
+from typing import Callable
+
+from straggler.errors import StragglerError
+
+from .sdnotify import notify, watchdog_interval_s
+from .settings import CollectorSettings
+
+log = logging.getLogger("straggler.collector")
+
+
+def bind(address: str, port: int) -> socket.socket:
+    """A listening TCP socket, or a one-line StragglerError."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise StragglerError(f"cannot listen on {address}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None = None) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app, sock = _app_and_socket(settings, token, analyze)
+    host, port = sock.getsockname()[:2]
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.should_exit:
+                return
+            log.info("collector listening on http://%s:%d (database %s)", host, port, settings.db_path)
+            notify(f"READY=1\nSTATUS=listening on {host}:{port}")
+            interval = watchdog_interval_s()
+            if interval:
+                self._watchdog = asyncio.get_running_loop().create_task(_watchdog(interval))
+
+        async def shutdown(self, sockets=None):
+            notify("STOPPING=1")
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, server_header=False,
+                            proxy_headers=False, timeout_graceful_shutdown=5, log_config=None)
+    Server(config).run(sockets=[sock])
+
+
+def _app_and_socket(settings: CollectorSettings, token: str, analyze: Callable | None):
+    from .app import create_app
+
+    try:
+        app = create_app(settings, token, analyze=analyze)
+    except (sqlite3.Error, OSError, RuntimeError) as e:
+        raise StragglerError(f"cannot open database {settings.db_path}: {e}") from None
+    return app, bind(settings.address, settings.port)
+
+
+class BackgroundCollector:
+    """A collector served from a thread of this process (tests, benchmarks, end-to-end checks).
+
+    ``with BackgroundCollector(settings, token) as c: httpx.get(c.url + "/healthz")``
+    """
+
+    def __init__(self, settings: CollectorSettings, token: str, *, analyze: Callable | None = None,
+                 start_timeout_s: float = 15.0):
+        import uvicorn
+
+        self.app, sock = _app_and_socket(settings, token, analyze)
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, log_config=None,
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                        name="collector", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise StragglerError(f"the collector did not start within {start_timeout_s:g} s")
+            time.sleep(0.01)
+
+    @property
+    def collector(self):
+        return self.app.state.collector
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout_s)
+
+    def __enter__(self) -> "BackgroundCollector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def _watchdog(interval_s: float) -> None:
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval_s)

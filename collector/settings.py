@@ -1,0 +1,97 @@
+"""The collector's configuration: defaults < TOML file < ``STRAGGLER_COLLECTOR_*`` < flags.
+
+The bearer token is never a config-file key: it comes from ``token_file`` (under systemd, a
+``LoadCredential=`` file) or from the ``STRAGGLER_COLLECTOR_TOKEN`` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from straggler import config
+from straggler.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/straggler/collector.toml")
+ENV_PREFIX = "STRAGGLER_COLLECTOR_"
+TOKEN_ENV = "STRAGGLER_COLLECTOR_TOKEN"
+DEFAULT_PORT = 9402  # the agent exports on 9401
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    address: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    db_path: Path = Path("/var/lib/straggler/collector.db")
+    token_file: Path | None = None
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_batch_rows: int = 100_000
+    # fleet analysis: recomputed this long after the last ingest (debounce), at most this late
+    analysis_debounce_s: float = 2.0
+    analysis_max_delay_s: float = 30.0
+    history_scans: int = 20  # earlier scans per device fed to the analysis as history
+    history_limit: int = 1000  # rows returned by /api/v1/gpus/{uuid}/history by default
+    # cluster scans
+    agent_seen_s: float = 120.0  # "every agent seen recently" for a scan without a host list
+    max_wait_s: float = 60.0  # longest long poll on /api/v1/scans/next
+    scan_offer_grace_s: float = 30.0  # a scan is still offered this long after its start_at
+    log_level: str = "info"
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 <= self.port <= 65535:
+            out.append(f"port: {self.port} is not a TCP port (0-65535)")
+        if self.max_request_bytes < 1024:
+            out.append("max_request_bytes: must be >= 1024")
+        if self.max_batch_rows < 1:
+            out.append("max_batch_rows: must be >= 1")
+        for name in ("analysis_debounce_s", "agent_seen_s", "scan_offer_grace_s"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0")
+        for name in ("analysis_max_delay_s", "max_wait_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name}: must be > 0")
+        if self.history_scans < 0 or self.history_limit < 1:
+            out.append("history_scans must be >= 0 and history_limit >= 1")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            out.append(f"log_level: {self.log_level!r} is not one of debug, info, warning, error")
+        return out
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> CollectorSettings:
+    """Settings from ``path`` (default /etc/straggler/collector.toml when it exists; a path given
+    explicitly must exist), the environment and flags. Raises ConfigError listing every problem."""
+    explicit = path is not None
+    return config.load(
+        CollectorSettings,
+        path if explicit else DEFAULT_CONFIG,
+        env_prefix=ENV_PREFIX,
+        env=env,
+        overrides=overrides,
+        required_file=explicit,
+    )
+
+
+def load_token(settings: CollectorSettings, env: Mapping[str, str] | None = None) -> str:
+    """The bearer token agents and clients must send. ConfigError when there is none."""
+    env = os.environ if env is None else env
+    if settings.token_file is not None:
+        try:
+            token = settings.token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError([f"token_file: cannot read {settings.token_file}: {e.strerror}"]) from None
+        source = f"token_file {settings.token_file}"
+    elif env.get(TOKEN_ENV):
+        token, source = env[TOKEN_ENV].strip(), TOKEN_ENV
+    else:
+        raise ConfigError([f"no token: set token_file (--token-file) or {TOKEN_ENV}"])
+    if len(token) < 16:
+        raise ConfigError([f"{source}: the token is shorter than 16 characters"])
+    return token

@@ -1,0 +1,40 @@
+"""`straggler collector`: run the fleet collector service (see docs/collector.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("collector")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML config file [default: /etc/straggler/collector.toml when it exists].")
+@click.option("--address", default=None, help="Address to bind [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="TCP port [default: 9402].")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="SQLite database [default: /var/lib/straggler/collector.db].")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File holding the bearer token (or set STRAGGLER_COLLECTOR_TOKEN).")
+@click.option("--check", is_flag=True, help="Validate the configuration and the token, print the settings, exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --check: print the settings as JSON.")
+def collector(config_path, address, port, db_path, token_file, check, as_json):
+    """Run the fleet collector: result ingest, fleet view, /metrics, cluster scans."""
+    from straggler.collector.settings import load_settings, load_token
+
+    settings = load_settings(config_path, overrides={
+        "address": address, "port": port, "db_path": db_path, "token_file": token_file})
+    load_token(settings)  # fail early, with every other problem already reported
+    if check:
+        shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()}
+        if as_json:
+            click.echo(json.dumps(shown, indent=2))
+        else:
+            for k, v in shown.items():
+                click.echo(f"{k} = {v}")
+        return 0
+    from straggler.collector.service import serve
+
+    serve(settings, load_token(settings))
+    return 0

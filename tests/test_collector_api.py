@@ -1,0 +1,240 @@
+"""The collector's HTTP API over real HTTP on 127.0.0.1, with a real SQLite file.
+
+The fleet analysis is isolated here (``peer_ratio_analyze``: a device's median over its peers');
+tests/test_collector_fleet.py runs the real engine.
+"""
+
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from conftest import require_tool
+from straggler.collector.fleet import FleetSnapshot, build_gpus
+from straggler.collector.metrics import FleetCollector
+from straggler.collector.service import BackgroundCollector
+from straggler.collector.settings import CollectorSettings
+from straggler.records import result_id
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def peer_ratio_analyze(samples: pd.DataFrame, history=None):
+    """Stand-in for the analysis engine: median ratio to the peer median, flag below 0.9."""
+    med = samples.groupby(["host", "gpu", "index", "model", "probe", "settings"], dropna=False)["value"].median()
+    df = med.rename("value").reset_index()
+    df["peer_median"] = df.groupby(["model", "probe"])["value"].transform("median")
+    df["ratio"] = df["value"] / df["peer_median"]
+    df["straggler"] = df["ratio"] < 0.9
+    df["causes"] = [["thermal"] if s else [] for s in df["straggler"]]
+    df["cost"] = [1 / r - 1 if s else 0.0 for r, s in zip(df["ratio"], df["straggler"])]
+    df["basis"] = "fleet"
+    return SimpleNamespace(devices=df, summary={"devices": len(df), "stragglers": int(df["straggler"].sum())})
+
+
+def make_rows(host, n_gpus=4, scan_id="s1", ts=1_700_000_000.0, slow=(), probe="matmul", samples=3, **extra):
+    rows = []
+    for i in range(n_gpus):
+        for k in range(samples):
+            row = {"ts": ts + k, "scan_id": scan_id, "host": host, "gpu": f"GPU-{host}-{i}", "index": i,
+                   "model": "NVIDIA H100 80GB HBM3", "probe": probe, "settings": "n=8192,dtype=bf16",
+                   "sample": k, "value": (700.0 if i in slow else 790.0) + k, "unit": "TFLOP/s",
+                   "sm_clock_mhz": 1980.0, "throttle_reasons": "sw_power_cap=0.800", **extra}
+            row["id"] = result_id(row)
+            rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    db = tmp_path_factory.mktemp("collector") / "collector.db"
+    settings = CollectorSettings(port=0, db_path=db, max_request_bytes=256 * 1024, max_batch_rows=500,
+                                 analysis_debounce_s=0.05, analysis_max_delay_s=1.0)
+    with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            srv.client = client
+            yield srv
+
+
+def count(server, host=None):
+    conn = server.collector.store._reader
+    if host is None:
+        return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    return conn.execute("SELECT COUNT(*) FROM results WHERE host = ?", (host,)).fetchone()[0]
+
+
+def post(server, body, headers=AUTH, **kw):
+    return server.client.post("/api/v1/results", json=body, headers=headers, **kw)
+
+
+def test_ingest_is_idempotent_by_id(server):
+    rows = make_rows("idem")
+    r = post(server, {"host": "idem", "results": rows})
+    assert r.status_code == 200 and r.json() == {"accepted": 12, "duplicates": 0}
+    r = post(server, {"host": "idem", "results": rows[:5] + make_rows("idem", scan_id="s2")[:2]})
+    assert r.json() == {"accepted": 2, "duplicates": 5}
+    assert count(server, "idem") == 14
+    stored = server.client.get("/api/v1/gpus/GPU-idem-0/history").json()["results"]
+    assert [s["ts"] for s in stored] == sorted((s["ts"] for s in stored), reverse=True)
+    assert stored[-1]["value"] == 790.0 and stored[-1]["throttle_reasons"] == "sw_power_cap=0.800"
+    assert stored[-1]["power_w"] is None  # missing stays missing
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789"},
+                                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}])
+def test_missing_or_wrong_token_is_401_and_stores_nothing(server, headers):
+    before = count(server)
+    r = post(server, {"host": "auth", "results": make_rows("auth")}, headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert count(server) == before
+    assert server.client.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["a"]},
+                              headers=headers).status_code == 401
+
+
+def test_oversized_body_is_413_whether_announced_or_streamed(server):
+    before = count(server)
+    rows = make_rows("big", n_gpus=250, samples=2, driver="x" * 300)  # 500 rows, 315 KiB > 256 KiB
+    r = post(server, {"host": "big", "results": rows})
+    assert r.status_code == 413 and "larger than 262144 bytes" in r.json()["detail"]
+    import json
+
+    data = json.dumps({"host": "big", "results": rows}).encode()
+    chunks = (data[i:i + 8192] for i in range(0, len(data), 8192))  # no Content-Length: chunked
+    r = server.client.post("/api/v1/results", content=chunks, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413
+    assert count(server) == before
+
+
+def test_too_many_rows_is_413(server):
+    rows = [dict(r, id=f"{i:032x}") for i, r in enumerate(make_rows("many", n_gpus=1, samples=1) * 501)]
+    small = [{k: r[k] for k in ("id", "host", "gpu", "model", "probe", "value")} for r in rows]
+    r = post(server, {"host": "many", "results": small})
+    assert r.status_code == 413 and "max_batch_rows=500" in r.json()["detail"]
+    assert count(server, "many") == 0
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda r: r.pop("value"), "results[1].value: Field required"),
+    (lambda r: r.update(value="fast"), "results[1].value"),
+    (lambda r: r.update(value=-1.0), "results[1].value"),
+    (lambda r: r.update(bogus=1), "results[1].bogus: Extra inputs are not permitted"),
+    (lambda r: r.update(host=""), "results[1].host"),
+    (lambda r: r.update(id="../../etc"), "results[1].id"),
+    (lambda r: r.update(index=-3), "results[1].index"),
+    (lambda r: r.update(pcie_gen=4.5), "results[1].pcie_gen"),
+])
+def test_bad_row_is_422_naming_the_field_and_stores_nothing(server, mutate, field):
+    rows = make_rows("bad")
+    mutate(rows[1])
+    r = post(server, {"host": "bad", "results": rows})
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith(field)
+    assert count(server, "bad") == 0
+
+
+def test_nan_value_is_refused_but_nan_telemetry_is_missing(server):
+    rows = make_rows("nan", n_gpus=1, samples=2)
+    body = '{"host": "nan", "results": [%s]}'
+    import json
+
+    bad = [json.dumps(rows[0]), json.dumps(dict(rows[1], value=float("nan")))]
+    r = server.client.post("/api/v1/results", content=body % ",".join(bad), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("results[1].value")
+    ok = [json.dumps(dict(rows[0], power_w=float("nan"), driver=float("nan")))]
+    r = server.client.post("/api/v1/results", content=body % ",".join(ok), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    stored = server.client.get("/api/v1/gpus/GPU-nan-0/history").json()["results"][0]
+    assert stored["power_w"] is None and stored["driver"] is None
+
+
+def test_malformed_json_and_wrong_shapes_are_4xx(server):
+    for content in (b"{", b"\xff\xfe", b"[]", b'{"host": "x"}', b'{"host": "x", "results": {}}', b"null"):
+        r = server.client.post("/api/v1/results", content=content, headers={**AUTH, "content-type": "application/json"})
+        assert 400 <= r.status_code < 500, content
+
+
+def test_openapi_describes_the_api(server):
+    spec = server.client.get("/openapi.json").json()
+    for path in ("/api/v1/results", "/api/v1/scans", "/api/v1/scans/next", "/api/v1/scans/{scan_id}",
+                 "/api/v1/scans/{scan_id}/status", "/api/v1/gpus", "/api/v1/stragglers",
+                 "/api/v1/gpus/{uuid}/history", "/metrics", "/healthz"):
+        assert path in spec["paths"], path
+    row = spec["components"]["schemas"]["ResultRow"]
+    assert set(row["required"]) == {"id", "host", "gpu", "model", "probe", "value"}
+    assert row["additionalProperties"] is False
+
+
+def wait_for_analysis(server, host, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = server.client.get("/api/v1/gpus").json()
+        mine = [g for g in body["gpus"] if g["host"] == host]
+        if mine and all(g["probes"] for g in mine):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"no analysis of {host} within {timeout_s} s")
+
+
+def test_fleet_view_is_recomputed_after_ingest(server):
+    assert post(server, {"host": "fleet", "results": make_rows("fleet", n_gpus=5, slow=(3,))}).status_code == 200
+    body = wait_for_analysis(server, "fleet")  # debounced refresh in the background, no explicit call
+    gpu3 = next(g for g in body["gpus"] if g["gpu"] == "GPU-fleet-3")
+    assert gpu3["straggler"] is True and gpu3["probes"][0]["causes"] == ["thermal"]
+    assert gpu3["last_scan_id"] == "s1" and gpu3["last_probe_age_s"] > 0
+    flagged = server.client.get("/api/v1/stragglers").json()["gpus"]
+    assert "GPU-fleet-3" in [g["gpu"] for g in flagged]
+    assert all(g["straggler"] for g in flagged)
+    assert server.client.get("/api/v1/gpus/GPU-none/history").status_code == 404
+
+
+def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_path):
+    post(server, {"host": "prom", "results": make_rows("prom", n_gpus=4, slow=(0,))})
+    gpus = {g["gpu"]: g["probes"][0] for g in wait_for_analysis(server, "prom")["gpus"]}
+    text = server.client.get("/metrics").text
+    assert 'straggler_gpu_straggler{cause="thermal",gpu="0",host="prom",model="NVIDIA H100 80GB HBM3"' in text
+    assert 'straggler_collector_ingest_requests_total{code="200"}' in text
+    assert 'straggler_collector_request_duration_seconds_count{handler="/api/v1/results"}' in text
+    fc = server.collector.fleet_metrics
+    reg = CollectorRegistry()
+    reg.register(fc)
+    labels = {"host": "prom", "uuid": "GPU-prom-1", "gpu": "1", "model": "NVIDIA H100 80GB HBM3",
+              "probe": "matmul", "settings": "n=8192,dtype=bf16"}
+    assert reg.get_sample_value("straggler_gpu_performance_ratio", labels) == gpus["GPU-prom-1"]["ratio"]
+    assert 0.99 < gpus["GPU-prom-1"]["ratio"] < 1.01
+    assert reg.get_sample_value("straggler_gpu_straggler", {**labels, "cause": "none"}) == 0.0
+    slow = {**labels, "uuid": "GPU-prom-0", "gpu": "0"}
+    assert reg.get_sample_value("straggler_gpu_cost_ratio", slow) == gpus["GPU-prom-0"]["cost"] > 0.1
+    promtool = require_tool("promtool")
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+
+
+def test_fast_render_equals_prometheus_client_text():
+    devices = [{"host": h, "gpu": f"GPU-{h}-{i}", "index": i, "model": 'we"ird\\model\n', "last_ts": 100.0 + i,
+                "last_scan_id": "s"} for h in ("a", "b") for i in range(3)] + [
+        {"host": "c", "gpu": "cpu0", "index": None, "model": None, "last_ts": None, "last_scan_id": ""}]
+    verdicts = [{"host": d["host"], "gpu": d["gpu"], "probe": p, "settings": "n=1", "ratio": 0.5 + d["index"] / 7,
+                 "straggler": d["index"] == 0, "causes": ["thermal", "pcie_link"] if d["host"] == "a" else ["new_cause"],
+                 "cost": float("nan") if p == "membw" else 1.25e7}
+                for d in devices[:-1] for p in ("matmul", "membw")]
+    snap = FleetSnapshot(computed_ts=123.5, gpus=build_gpus(devices, verdicts))
+    fc = FleetCollector(clock=lambda: 1000.0)
+    fc.update(snap)
+    reg = CollectorRegistry()
+    reg.register(fc)
+    assert fc.render() == generate_latest(reg).decode()
+    assert 'cause="other"' in fc.render() and 'cause="thermal"' in fc.render()
+    assert reg.get_sample_value("straggler_gpu_last_probe_age_seconds",
+                                {"host": "b", "uuid": "GPU-b-2", "gpu": "2", "model": 'we"ird\\model\n'}) == 898.0
+
+
+def test_healthz(server):
+    body = server.client.get("/healthz").json()
+    assert body["status"] == "ok"
