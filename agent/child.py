@@ -1,0 +1,133 @@
+"""The probe child process: `python -m straggler scan --json --output F --scan-id ID [--start-at T]
+--deadline S`, run in its own session, killed (the whole process group) when it overruns.
+
+The daemon never imports torch: all measuring happens in the child. Its rows are read back from the
+JSON Lines output file without pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+KILL_GRACE_S = 10.0  # beyond the child's own --deadline before the agent kills it
+
+
+def scan_command(settings, scan_id: str, output: Path, deadline_s: float, start_at: float | None = None,
+                 probes=None, duration_s: float | None = None) -> list[str]:
+    base = list(settings.probe_command) or [sys.executable, "-m", "straggler", "scan"]
+    cmd = base + ["--json", "--output", str(output), "--scan-id", scan_id, "--deadline", f"{deadline_s:g}",
+                  "--device", settings.probe_device, "--probes", ",".join(probes or settings.probes),
+                  "--duration", f"{duration_s or settings.probe_duration_s:g}"]
+    if start_at is not None:
+        cmd += ["--start-at", f"{start_at:.3f}"]
+    return cmd
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSON Lines result file; a torn last line (child killed mid-write) is skipped."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+@dataclass
+class ProbeRun:
+    scan_id: str
+    cluster: bool  # a cluster scan (state reported to the collector) or a local one
+    command: list[str]
+    output: Path
+    deadline_s: float
+    proc: subprocess.Popen | None = None
+    started_mono: float = 0.0
+    ended_mono: float | None = None
+    returncode: int | None = None
+    error: str | None = None
+    stderr_path: Path | None = None
+    stdout_path: Path | None = None
+    kill_grace_s: float = KILL_GRACE_S
+
+    def start(self, workdir: Path, env: dict | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.stderr_path = workdir / f"{self.scan_id}.stderr"
+        self.stdout_path = stdout_path = workdir / f"{self.scan_id}.stdout"
+        child_env = dict(os.environ if env is None else env)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.started_mono = time.monotonic()
+        with open(stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env=child_env, close_fds=True)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.returncode is None
+
+    def poll(self, now_mono: float | None = None) -> bool:
+        """True once the child has ended (by itself or killed at its deadline)."""
+        if self.proc is None or self.returncode is not None:
+            return True
+        now = time.monotonic() if now_mono is None else now_mono
+        rc = self.proc.poll()
+        if rc is None and now - self.started_mono > self.deadline_s + self.kill_grace_s:
+            self.kill(f"probe overran its {self.deadline_s:g} s deadline and was killed")
+            return True
+        if rc is None:
+            return False
+        self._ended(rc)
+        return True
+
+    def _ended(self, rc: int) -> None:
+        self.returncode = rc
+        self.ended_mono = time.monotonic()
+        if rc not in (0, 1) and self.error is None:
+            self.error = f"probe exited with {rc}: {self.last_stderr_line() or 'no message'}"
+
+    def kill(self, reason: str) -> None:
+        if self.proc is None or self.returncode is not None:
+            return
+        self.error = reason
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=3.0)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self._ended(self.proc.wait(timeout=10.0))
+
+    def last_stderr_line(self) -> str | None:
+        try:
+            lines = [ln for ln in self.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except (OSError, AttributeError):
+            return None
+        return lines[-1].strip()[:300] if lines else None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def rows(self) -> list[dict]:
+        return read_rows(self.output)
+
+    def cleanup(self) -> None:
+        for p in (self.output, self.stderr_path, self.stdout_path):
+            if p is not None:
+                p.unlink(missing_ok=True)

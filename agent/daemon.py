@@ -1,0 +1,284 @@
+"""The node agent: telemetry ticks, Prometheus export, idle probes in a child process, spool, uploads.
+
+One main thread runs a monotonic, drift-corrected loop: read a snapshot every ``interval_s``, hand it
+to the exporter and the idle tracker, start / watch / reap the probe child, ping the systemd
+watchdog. Two helper threads talk HTTP (uploads, the cluster-scan long poll); the Prometheus server
+has its own. Signals only set flags: SIGTERM/SIGINT stop (probe child killed, its rows spooled, the
+spool flushed), SIGHUP reloads the config, SIGUSR1 asks for a probe run now (when idle).
+The daemon never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from prometheus_client import start_http_server
+from prometheus_client.process_collector import ProcessCollector
+
+from straggler.errors import ConfigError
+from straggler.probes.backends import open_backend
+
+from .child import ProbeRun, scan_command
+from .exporter import build_registry
+from .idle import IdleTracker, busy_reason
+from .notify import Notifier
+from .poller import ScanPoller
+from .settings import AgentSettings, load_settings
+from .spool import Spool
+from .uploader import Uploader
+
+log = logging.getLogger("straggler.agent")
+FINAL_FLUSH_S = 5.0
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, config_path: str | Path | None = None,
+                 overrides: dict | None = None, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.notifier = notifier or Notifier()
+        self.host = settings.node
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._reload = threading.Event()
+        self._probe_now = threading.Event()
+        self.scans: queue.Queue[dict] = queue.Queue()
+        self.run_: ProbeRun | None = None
+        self.snapshot = None
+        self.threads: list[threading.Thread] = []
+        self.server = None
+
+    # --- signals (flags only; the loop acts) ---
+    def request_stop(self, *_):
+        self.stop_event.set()
+        self._wake.set()
+
+    def request_reload(self, *_):
+        self._reload.set()
+        self._wake.set()
+
+    def request_probe(self, *_):
+        self._probe_now.set()
+        self._wake.set()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+        signal.signal(signal.SIGUSR1, self.request_probe)
+
+    # --- start / stop ---
+    def start(self) -> None:
+        s = self.settings
+        self.spool = Spool(s.spool_path)
+        self.workdir = s.spool_path.parent / "agent-scans"
+        self.backend = open_backend(s.telemetry)
+        self.idle = IdleTracker(s.idle_grace_s, s.idle_util_pct)
+        self.registry, self.exporter, self.metrics = build_registry()
+        ProcessCollector(registry=self.registry)
+        self.server, _ = start_http_server(s.listen_port, addr=s.listen_address, registry=self.registry)
+        self.port = self.server.server_port
+        for scan_id in self.spool.scans_in_state("running"):
+            self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
+        self.uploader = None
+        if s.collector_url:
+            self.uploader = Uploader(s, self.spool, self.host, self.metrics)
+            poller = ScanPoller(s, self.host, self.scans, self.metrics)
+            for name, target in (("upload", self.uploader.run), ("poll", poller.run)):
+                t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
+                t.start()
+                self.threads.append(t)
+        self.metrics.spooled.set(self.spool.count())
+        log.info("%s; /metrics on http://%s:%d; spool %s; collector %s", self.backend.notice,
+                 s.listen_address, self.port, s.spool_path, s.collector_url or "none (spool only)")
+
+    def shutdown(self) -> None:
+        self.notifier.stopping("stopping: aborting probes, flushing the spool")
+        if self.run_ is not None and self.run_.running:
+            self.run_.kill("agent stopped during the probe run")
+            self._reap(self.run_)
+        for t in self.threads:
+            t.join(timeout=self.settings.http_timeout_s + 1 if t.name == "upload" else 0.5)
+        if self.uploader is not None:
+            flushed = self.uploader.flush(FINAL_FLUSH_S)
+            log.info("spool %s; %d results left", "flushed" if flushed else "not flushed", self.spool.count())
+            self.uploader.close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.backend.close()
+        self.spool.close()
+
+    # --- the loop ---
+    def run(self) -> int:
+        self.start()
+        try:
+            self.notifier.ready(f"serving /metrics on {self.settings.listen_address}:{self.port}")
+            interval = self.settings.interval_s
+            next_tick = time.monotonic()
+            next_probe = time.monotonic()  # the first scheduled probe as soon as the node is idle
+            next_ping = time.monotonic()
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                    interval = self.settings.interval_s
+                if now >= next_tick:
+                    self.tick(now)
+                    next_tick += interval * max(1, int((now - next_tick) // interval) + 1)
+                next_probe = self._probes(time.monotonic(), next_probe)
+                if self.notifier.watchdog_s and now >= next_ping:
+                    self.notifier.watchdog()
+                    next_ping = now + self.notifier.watchdog_s / 2
+                waits = [next_tick - time.monotonic()]
+                if self.run_ is not None or not self.scans.empty():
+                    waits.append(0.5)
+                if self.notifier.watchdog_s:
+                    waits.append(next_ping - time.monotonic())
+                self._wake.wait(max(0.0, min(waits)))
+                self._wake.clear()
+        finally:
+            self.shutdown()
+        return 0
+
+    def tick(self, now_mono: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            snap = self.backend.snapshot(self.host)
+        except Exception:  # a broken backend must not kill the daemon; it is counted and logged
+            log.exception("telemetry read failed")
+            self.metrics.errors.labels("telemetry").inc()
+            return
+        if snap.error:
+            self.metrics.errors.labels("telemetry").inc()
+        self.snapshot = snap
+        self.exporter.update(snap)
+        if self.run_ is None:  # our own probes are not a job
+            self.metrics.idle.set(1.0 if self.idle.update(snap, now_mono) else 0.0)
+        self.metrics.ticks.inc()
+        self.metrics.tick_seconds.set(time.perf_counter() - t0)
+
+    def reload(self) -> None:
+        try:
+            new = load_settings(self.config_path, self.overrides)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            self.notifier.status(f"reload refused: {e}")
+            return
+        old = self.settings
+        for name in ("listen_address", "listen_port", "spool_path", "collector_url", "host"):
+            if getattr(new, name) != getattr(old, name):
+                log.warning("%s changed; it takes effect at the next restart", name)
+                new = replace(new, **{name: getattr(old, name)})
+        if new.telemetry != old.telemetry:
+            self.backend.close()
+            self.backend = open_backend(new.telemetry)
+        self.idle.grace_s, self.idle.util_pct = new.idle_grace_s, new.idle_util_pct
+        if self.uploader is not None:
+            self.uploader.settings = new
+        self.settings = new
+        logging.getLogger("straggler").setLevel(new.log_level.upper())
+        log.info("config reloaded")
+        self.notifier.status(f"config reloaded; serving /metrics on {new.listen_address}:{self.port}")
+
+    # --- probes ---
+    def _probes(self, now: float, next_probe: float) -> float:
+        run = self.run_
+        if run is not None:
+            if run.poll():
+                self._reap(run)
+                self.run_ = None
+            return next_probe
+        while not self.scans.empty():
+            scan = self.scans.get_nowait()
+            self._start_cluster_scan(scan)
+            if self.run_ is not None:
+                return next_probe
+        if self._probe_now.is_set():
+            self._probe_now.clear()
+            reason = self._busy()
+            if reason:
+                log.warning("probe requested but the node is busy: %s", reason)
+            else:
+                self._start(self._local_scan_id(), cluster=False)
+                return next_probe
+        s = self.settings
+        if s.probe_every_s > 0 and now >= next_probe and self.idle.idle(now):
+            self._start(self._local_scan_id(), cluster=False)
+            return now + s.probe_every_s
+        return next_probe
+
+    def _busy(self) -> str | None:
+        if self.snapshot is None:
+            return "no telemetry yet"
+        return busy_reason(self.snapshot, self.settings.idle_util_pct)
+
+    def _local_scan_id(self) -> str:
+        return f"{self.host}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+    def _start_cluster_scan(self, scan: dict) -> None:
+        scan_id = scan["scan_id"]
+        reason = self._busy()
+        if reason:
+            log.warning("cluster scan %s refused: node busy (%s)", scan_id, reason)
+            self.spool.add_status(scan_id, self.host, "failed", f"node busy: {reason}")
+            self._wake_uploader()
+            return
+        self._start(scan_id, cluster=True, start_at=scan.get("start_at"), probes=scan.get("probes"),
+                    duration_s=scan.get("duration_s"))
+
+    def _start(self, scan_id: str, cluster: bool, start_at: float | None = None, probes=None,
+               duration_s: float | None = None) -> None:
+        s = self.settings
+        wait = max(0.0, (start_at or 0.0) - time.time())
+        deadline = s.probe_deadline_s + wait
+        output = self.workdir / f"{scan_id}.jsonl"
+        cmd = scan_command(s, scan_id, output, deadline, start_at, probes, duration_s)
+        run = ProbeRun(scan_id=scan_id, cluster=cluster, command=cmd, output=output, deadline_s=deadline,
+                       kill_grace_s=s.probe_kill_grace_s)
+        if cluster:
+            self.spool.add_status(scan_id, self.host, "running")
+            self._wake_uploader()
+        try:
+            run.start(self.workdir)
+        except OSError as e:
+            run.error = f"cannot start the probe command: {e}"
+            self._reap(run)
+            return
+        self.run_ = run
+        self.metrics.probe_runs.inc()
+        log.info("probe run %s started (killed after %.0f s): %s", scan_id, deadline + run.kill_grace_s,
+                 " ".join(cmd))
+        self.notifier.status(f"probing ({scan_id}); serving /metrics on {s.listen_address}:{self.port}")
+
+    def _reap(self, run: ProbeRun) -> None:
+        rows = run.rows()
+        new = self.spool.add_results(rows, host=self.host) if rows else 0
+        if run.failed:
+            self.metrics.probe_failures.inc()
+            self.metrics.errors.labels("probe").inc()
+            log.error("probe run %s failed: %s (%d results kept)", run.scan_id, run.error, new)
+        else:
+            log.info("probe run %s done: %d results spooled", run.scan_id, new)
+        if run.cluster:
+            self.spool.add_status(run.scan_id, self.host, "failed" if run.failed else "done", run.error)
+        if run.ended_mono is not None:
+            self.metrics.probe_seconds.set(run.ended_mono - run.started_mono)
+        self.metrics.spooled.set(self.spool.count())
+        run.cleanup()
+        self.idle.reset()
+        self._wake_uploader()
+        self.notifier.status(f"idle; serving /metrics on {self.settings.listen_address}:{self.port}")
+
+    def _wake_uploader(self) -> None:
+        if self.uploader is not None:
+            self.uploader.wake.set()
+

@@ -1,0 +1,56 @@
+"""Learns of cluster scans: long-polls ``GET /api/v1/scans/next`` and queues each new scan once."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+
+import httpx
+
+from .uploader import auth_headers
+
+log = logging.getLogger("straggler.agent.poll")
+
+
+class ScanPoller:
+    def __init__(self, settings, host: str, scans: "queue.Queue[dict]", metrics=None) -> None:
+        self.settings = settings
+        self.host = host
+        self.scans = scans
+        self.metrics = metrics
+        self.seen: set[str] = set()
+
+    def poll_once(self, client: httpx.Client) -> dict | None:
+        wait = self.settings.poll_wait_s
+        resp = client.get("/api/v1/scans/next", params={"host": self.host, "wait_s": wait},
+                          timeout=wait + self.settings.http_timeout_s)
+        if resp.status_code == 204:
+            return None
+        resp.raise_for_status()
+        scan = resp.json()
+        if scan["scan_id"] in self.seen:
+            return None
+        self.seen.add(scan["scan_id"])
+        self.scans.put(scan)
+        return scan
+
+    def run(self, stop: threading.Event) -> None:
+        delay = self.settings.backoff_initial_s
+        with httpx.Client(base_url=self.settings.collector_url,
+                          headers=auth_headers(self.settings.token_file)) as client:
+            while not stop.is_set():
+                try:
+                    scan = self.poll_once(client)
+                    delay = self.settings.backoff_initial_s
+                    if scan:
+                        log.info("cluster scan %s starts at %s", scan["scan_id"], scan.get("start_at"))
+                    elif self.settings.poll_wait_s == 0:
+                        stop.wait(1.0)
+                except (httpx.HTTPError, ValueError, KeyError) as e:
+                    if self.metrics:
+                        self.metrics.errors.labels("poll").inc()
+                    log.warning("scan poll failed (%s); retrying in %.1f s", e, delay)
+                    stop.wait(delay * random.uniform(0.8, 1.2))
+                    delay = min(self.settings.backoff_max_s, delay * 2)

@@ -1,0 +1,79 @@
+"""The agent's configuration: defaults < /etc/straggler/agent.toml < STRAGGLER_AGENT_* < flags."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from straggler.config import load
+
+DEFAULT_CONFIG = Path("/etc/straggler/agent.toml")
+ENV_PREFIX = "STRAGGLER_AGENT_"
+DEFAULT_PORT = 9401  # beside dcgm-exporter (9400) and the collector (9402)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    host: str = ""  # the name this node reports as; "" = the machine's hostname
+    listen_address: str = "127.0.0.1"  # /metrics bind address (loopback unless told otherwise)
+    listen_port: int = DEFAULT_PORT
+    telemetry: str = "auto"  # auto | nvml | cpu | fake:<scenario>
+    interval_s: float = 15.0  # telemetry tick
+    collector_url: str | None = None  # e.g. http://collector:8080; None = spool only
+    token_file: Path | None = None  # bearer token for the collector
+    spool_path: Path = Path("/var/lib/straggler/agent-spool.sqlite")
+    upload_batch: int = 500
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    http_timeout_s: float = 10.0
+    poll_wait_s: float = 30.0  # long poll of GET /api/v1/scans/next
+    probes: tuple[str, ...] = ("matmul", "membw")
+    probe_duration_s: float = 30.0
+    probe_device: str = "auto"  # auto | cpu | cuda
+    probe_every_s: float = 6 * 3600.0  # scheduled probes when idle; 0 = only on demand / cluster scans
+    probe_deadline_s: float = 600.0  # the scan's own --deadline (plus any wait for start_at)
+    probe_kill_grace_s: float = 10.0  # the agent kills the child this long after its deadline
+    probe_command: tuple[str, ...] = ()  # the scan command; () = this Python's `-m straggler scan`
+    idle_grace_s: float = 300.0  # devices must be idle this long before a scheduled probe
+    idle_util_pct: float = 5.0  # at or below this utilization a device counts as idle
+    log_level: str = "info"
+
+    def problems(self) -> list[str]:
+        out = []
+        positive = ("interval_s", "upload_batch", "backoff_initial_s", "backoff_max_s", "http_timeout_s",
+                    "probe_duration_s", "probe_deadline_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                out.append(f"{name}: must be > 0")
+        for name in ("poll_wait_s", "probe_every_s", "idle_grace_s", "probe_kill_grace_s"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0")
+        if not 0 <= self.listen_port <= 65535:
+            out.append("listen_port: must be 0..65535")
+        if not 0 <= self.idle_util_pct <= 100:
+            out.append("idle_util_pct: must be 0..100")
+        if self.probe_device not in ("auto", "cpu", "cuda"):
+            out.append(f"probe_device: {self.probe_device!r} is not auto, cpu or cuda")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            out.append(f"log_level: {self.log_level!r} is not debug, info, warning or error")
+        if self.collector_url and not self.collector_url.startswith(("http://", "https://")):
+            out.append(f"collector_url: {self.collector_url!r} is not an http(s) URL")
+        if not self.probes:
+            out.append("probes: give at least one probe")
+        return out
+
+    @property
+    def node(self) -> str:
+        return self.host or socket.gethostname()
+
+
+def load_settings(path: str | Path | None = None, overrides: dict | None = None, env=None) -> AgentSettings:
+    """Validated settings; an explicitly given file must exist, the default one may not."""
+    explicit = path is not None
+    if not explicit and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load(
+        AgentSettings, path, env_prefix=ENV_PREFIX, env=env,
+        overrides=overrides, required_file=explicit,
+    )

@@ -1,0 +1,129 @@
+"""The local spool: every result lands in SQLite (WAL) before any upload, keyed by its result id.
+
+Two queues: ``results`` (canonical rows with their ``id``; inserting an id twice is a no-op) and
+``statuses`` (scan state reports for the collector, in order). Rows leave the spool only once the
+collector has accepted them; a row the collector rejects as invalid moves to ``rejected``.
+One connection per thread (SQLite connections are not shared across threads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from straggler.records import result_id
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, scan_id TEXT, row TEXT NOT NULL, spooled_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS statuses (seq INTEGER PRIMARY KEY AUTOINCREMENT, scan_id TEXT NOT NULL,
+                                     body TEXT NOT NULL, spooled_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rejected (id TEXT PRIMARY KEY, row TEXT NOT NULL, reason TEXT, rejected_at REAL);
+CREATE TABLE IF NOT EXISTS scans (scan_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at REAL NOT NULL);
+"""
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf (missing values from pandas) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Spool:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as db:
+            db.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    def add_results(self, rows: Iterable[Mapping], host: str | None = None) -> int:
+        """Spool rows (each gets its ``id``); returns how many were new."""
+        db = self._conn()
+        now = time.time()
+        new = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for row in rows:
+                row = {k: _clean(v) for k, v in row.items()}
+                if host:
+                    row["host"] = host
+                row.pop("id", None)
+                row["id"] = result_id(row)
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO results (id, scan_id, row, spooled_at) VALUES (?, ?, ?, ?)",
+                    (row["id"], row.get("scan_id"), json.dumps(row), now),
+                )
+                new += cur.rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new
+
+    def add_status(self, scan_id: str, host: str, state: str, error: str | None = None) -> None:
+        body = json.dumps({"host": host, "state": state, "error": error})
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO statuses (scan_id, body, spooled_at) VALUES (?, ?, ?)", (scan_id, body, time.time()))
+        db.execute(
+            "INSERT INTO scans (scan_id, state, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(scan_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+            (scan_id, state, time.time()),
+        )
+        db.execute("COMMIT")
+
+    def scans_in_state(self, state: str) -> list[str]:
+        return [r[0] for r in self._conn().execute("SELECT scan_id FROM scans WHERE state = ?", (state,))]
+
+    def pending_results(self, limit: int) -> list[dict]:
+        rows = self._conn().execute("SELECT row FROM results ORDER BY spooled_at, id LIMIT ?", (limit,))
+        return [json.loads(r[0]) for r in rows]
+
+    def pending_statuses(self, limit: int = 100) -> list[tuple[int, str, dict]]:
+        rows = self._conn().execute("SELECT seq, scan_id, body FROM statuses ORDER BY seq LIMIT ?", (limit,))
+        return [(seq, scan_id, json.loads(body)) for seq, scan_id, body in rows]
+
+    def mark_uploaded(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("DELETE FROM results WHERE id = ?", [(i,) for i in ids])
+        db.execute("COMMIT")
+
+    def mark_status_sent(self, seq: int) -> None:
+        self._conn().execute("DELETE FROM statuses WHERE seq = ?", (seq,))
+
+    def reject(self, rows: Iterable[Mapping], reason: str) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        for row in rows:
+            db.execute("INSERT OR REPLACE INTO rejected (id, row, reason, rejected_at) VALUES (?, ?, ?, ?)",
+                       (row["id"], json.dumps(row), reason, time.time()))
+            db.execute("DELETE FROM results WHERE id = ?", (row["id"],))
+        db.execute("COMMIT")
+
+    def count(self, table: str = "results") -> int:
+        if table not in ("results", "statuses", "rejected"):
+            raise ValueError(table)
+        return self._conn().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

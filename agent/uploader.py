@@ -1,0 +1,138 @@
+"""Uploads spooled results and scan states to the collector: batches, retries, exponential backoff.
+
+``POST /api/v1/results`` is idempotent by result id, so a batch that may or may not have arrived
+(a timeout, a collector killed mid-request) is simply sent again. A row leaves the spool only after
+a 200. 413 halves the batch; 422 halves it until the bad row is alone, then moves that row to the
+spool's ``rejected`` table (kept, counted, never retried forever).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+
+import httpx
+
+from .spool import Spool
+
+log = logging.getLogger("straggler.agent.upload")
+
+
+class UploadError(Exception):
+    """The collector could not take the upload now (retry later)."""
+
+
+def auth_headers(token_file) -> dict[str, str]:
+    if token_file is None:
+        return {}
+    token = token_file.read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Uploader:
+    def __init__(self, settings, spool: Spool, host: str, metrics=None) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.host = host
+        self.metrics = metrics
+        self.wake = threading.Event()
+        self.batch = settings.upload_batch
+        self._client: httpx.Client | None = None
+
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(
+                base_url=self.settings.collector_url, timeout=self.settings.http_timeout_s,
+                headers=auth_headers(self.settings.token_file),
+            )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _post(self, path: str, body: dict) -> httpx.Response:
+        try:
+            resp = self.client().post(path, json=body)
+        except httpx.HTTPError as e:
+            raise UploadError(f"{path}: {type(e).__name__}: {e}") from None
+        if resp.status_code in (401, 403):
+            raise UploadError(f"{path}: collector refused the token ({resp.status_code})")
+        if resp.status_code >= 500:
+            raise UploadError(f"{path}: collector error {resp.status_code}")
+        return resp
+
+    def _send_results(self) -> bool:
+        rows = self.spool.pending_results(self.batch)
+        if not rows:
+            return False
+        resp = self._post("/api/v1/results", {"host": self.host, "results": rows})
+        if resp.status_code == 200:
+            self.spool.mark_uploaded(r["id"] for r in rows)
+            if self.metrics:
+                self.metrics.uploaded.inc(resp.json().get("accepted", 0))
+            self.batch = min(self.settings.upload_batch, self.batch * 2)
+        elif resp.status_code in (413, 422) and len(rows) > 1:
+            self.batch = max(1, len(rows) // 2)
+        elif resp.status_code == 422:
+            reason = resp.text[:500]
+            log.error("collector rejected result %s: %s", rows[0]["id"], reason)
+            self.spool.reject(rows, reason)
+            self._count_error()
+        else:
+            raise UploadError(f"/api/v1/results: unexpected status {resp.status_code}")
+        return True
+
+    def _send_statuses(self) -> bool:
+        pending = self.spool.pending_statuses()
+        for seq, scan_id, body in pending:
+            resp = self._post(f"/api/v1/scans/{scan_id}/status", body)
+            if resp.status_code >= 400:
+                log.error("collector refused state %s of scan %s: %s", body["state"], scan_id, resp.text[:200])
+                self._count_error()
+            self.spool.mark_status_sent(seq)
+        return bool(pending)
+
+    def flush_once(self) -> bool:
+        """Send one batch of results, or (when none are left) the pending scan states."""
+        if self._send_results():
+            return True
+        return self._send_statuses()
+
+    def flush(self, stop_after_s: float) -> bool:
+        """Send until the spool is empty or an error; True when it emptied. Used at shutdown."""
+        import time
+
+        end = time.monotonic() + stop_after_s
+        try:
+            while time.monotonic() < end:
+                if not self.flush_once():
+                    return True
+        except UploadError as e:
+            log.warning("final upload stopped: %s", e)
+        return False
+
+    def _count_error(self) -> None:
+        if self.metrics:
+            self.metrics.errors.labels("upload").inc()
+
+    def run(self, stop: threading.Event) -> None:
+        """The upload thread: send while there is work; back off exponentially on failure."""
+        delay = self.settings.backoff_initial_s
+        while not stop.is_set():
+            try:
+                busy = self.flush_once()
+            except UploadError as e:
+                self._count_error()
+                log.warning("upload failed (%s); retrying in %.1f s", e, delay)
+                stop.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(self.settings.backoff_max_s, delay * 2)
+                continue
+            delay = self.settings.backoff_initial_s
+            if self.metrics:
+                self.metrics.spooled.set(self.spool.count())
+            if not busy:
+                self.wake.wait(timeout=5.0)
+                self.wake.clear()

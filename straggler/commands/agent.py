@@ -1,0 +1,46 @@
+"""`straggler agent`: the per-node daemon (telemetry export, idle probes, spool, uploads)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("agent")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config file [default: /etc/straggler/agent.toml if it exists].")
+@click.option("--host", help="Name this node reports as [default: the hostname].")
+@click.option("--listen-address", help="/metrics bind address [default: 127.0.0.1].")
+@click.option("--listen-port", type=int, help="/metrics port [default: 9401].")
+@click.option("--telemetry", help="auto, nvml, cpu or fake:<scenario>.")
+@click.option("--interval", "interval_s", type=float, help="Telemetry interval in seconds [default: 15].")
+@click.option("--collector-url", help="Collector base URL, e.g. http://collector:8080.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the collector's bearer token.")
+@click.option("--spool", "spool_path", type=click.Path(dir_okay=False), help="SQLite spool file.")
+@click.option("--check", is_flag=True, help="Validate the configuration, print it, and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --check: print the configuration as JSON.")
+def agent(config_path, check, as_json, **flags):
+    """Run the node agent until SIGTERM. SIGHUP reloads the config; SIGUSR1 probes now (if idle)."""
+    import logging
+    import sys
+
+    from straggler.agent.daemon import Agent
+    from straggler.agent.settings import load_settings
+
+    settings = load_settings(config_path, flags)
+    if check:
+        import dataclasses
+        import json
+
+        data = {k: (str(v) if v is not None and not isinstance(v, (int, float, str, tuple)) else v)
+                for k, v in dataclasses.asdict(settings).items()}
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+        else:
+            for k, v in data.items():
+                click.echo(f"{k} = {v!r}")
+        return 0
+    logging.basicConfig(stream=sys.stderr, level=settings.log_level.upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    daemon = Agent(settings, config_path=config_path, overrides=flags)
+    daemon.install_signals()
+    return daemon.run()
