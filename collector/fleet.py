@@ -20,11 +20,10 @@ from .store import Store
 
 log = logging.getLogger("straggler.collector")
 
-# Analysis output columns the fleet view keeps per device and probe.
-VERDICT_FIELDS = (
-    "probe", "settings", "n_samples", "value", "peer_median", "ratio", "deficit",
-    "p_value", "q_value", "straggler", "basis", "causes", "evidence", "cost",
-)
+# Columns of the analysis' device table that identify the device (kept once per device); every
+# other column is part of the per-probe verdict. These verdict fields are always present:
+DEVICE_FIELDS = ("host", "gpu", "index", "model")
+REQUIRED_VERDICT = ("probe", "settings", "ratio", "straggler", "causes", "cost")
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
     (one per host, gpu, probe)."""
     by_key: dict[tuple[str, str], list[dict]] = {}
     for v in verdicts:
-        entry = {f: json_safe(v.get(f)) for f in VERDICT_FIELDS}
+        entry = {f: json_safe(v.get(f)) for f in REQUIRED_VERDICT}
+        entry.update({k: json_safe(x) for k, x in v.items() if k not in DEVICE_FIELDS})
         entry["straggler"] = bool(entry["straggler"])
         entry["causes"] = list(entry["causes"] or [])
         by_key.setdefault((v["host"], v["gpu"]), []).append(entry)

@@ -1,0 +1,164 @@
+"""Cluster scans over real HTTP: scheduling, long polls, node states, and the cluster_scan client.
+
+The two "agents" here are small loops speaking the agent side of the API (the real agent's
+end-to-end test lives with the agent); their probe results are made-up rows, not measurements.
+"""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from straggler.collector.client import CollectorError, cluster_scan
+from straggler.collector.service import BackgroundCollector
+from straggler.collector.settings import CollectorSettings
+from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
+
+
+@pytest.fixture
+def server(tmp_path):
+    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=0.05, max_wait_s=5.0,
+                                 agent_seen_s=60.0)
+    with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as client:
+            srv.client = client
+            yield srv
+
+
+def test_scan_lifecycle(server):
+    c = server.client
+    r = c.post("/api/v1/scans", json={"probes": ["matmul", "membw"], "duration_s": 2.5,
+                                      "hosts": ["n2", "n1", "n1"], "start_delay_s": 5})
+    assert r.status_code == 201
+    scan = r.json()
+    assert scan["hosts"] == ["n1", "n2"] and scan["probes"] == ["matmul", "membw"]
+    assert time.time() + 3 < scan["start_at"] <= time.time() + 5
+    view = c.get(f"/api/v1/scans/{scan['scan_id']}").json()
+    assert view["state"] == "pending" and view["nodes"] == {"n1": "pending", "n2": "pending"} and view["results"] == 0
+
+    got = c.get("/api/v1/scans/next", params={"host": "n1", "wait_s": 0})
+    assert got.status_code == 200 and got.json()["scan_id"] == scan["scan_id"]
+    assert c.get("/api/v1/scans/next", params={"host": "other", "wait_s": 0}).status_code == 204
+
+    sid = scan["scan_id"]
+    assert c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "running"}).json()["state"] == "running"
+    # once a node reported, the scan is no longer offered to it
+    assert c.get("/api/v1/scans/next", params={"host": "n1", "wait_s": 0}).status_code == 204
+    rows = make_rows("n1", n_gpus=2, scan_id=sid)
+    assert c.post("/api/v1/results", json={"host": "n1", "results": rows}).json()["accepted"] == 6
+    c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "done"})
+    view = c.post(f"/api/v1/scans/{sid}/status", json={"host": "n2", "state": "failed", "error": "probe hung"}).json()
+    assert view["state"] == "failed" and view["nodes"] == {"n1": "done", "n2": "failed"}
+    assert view["errors"] == {"n2": "probe hung"} and view["results"] == 6
+    samples = c.get(f"/api/v1/scans/{sid}/results").json()["samples"]
+    assert sorted(s["id"] for s in samples) == sorted(r["id"] for r in rows)
+
+
+def test_scan_errors(server):
+    c = server.client
+    sid = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["n1"]}).json()["scan_id"]
+    r = c.post(f"/api/v1/scans/{sid}/status", json={"host": "n9", "state": "done"})
+    assert r.status_code == 409 and "n9" in r.json()["detail"]
+    assert c.post("/api/v1/scans/nope/status", json={"host": "n1", "state": "done"}).status_code == 404
+    assert c.get("/api/v1/scans/nope").status_code == 404
+    r = c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "finished"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("state:")
+    for bad in ({"probes": [], "duration_s": 1}, {"probes": ["matmul"], "duration_s": 0},
+                {"probes": ["Mat Mul"], "duration_s": 1}, {"probes": ["matmul"], "duration_s": 1, "start_delay_s": -1},
+                {"probes": ["matmul"], "duration_s": 1, "extra": 1}):
+        assert c.post("/api/v1/scans", json=bad).status_code == 422, bad
+    assert c.get("/api/v1/scans/next", params={"wait_s": 0}).status_code == 422  # host is required
+
+
+def test_scan_without_hosts_goes_to_agents_seen_recently(server):
+    c = server.client
+    r = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1})
+    assert r.status_code == 409 and "no agent" in r.json()["detail"]
+    for host in ("a1", "a2"):
+        assert c.get("/api/v1/scans/next", params={"host": host, "wait_s": 0}).status_code == 204
+    r = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1})
+    assert r.status_code == 201 and r.json()["hosts"] == ["a1", "a2"]
+
+
+def test_long_poll_wakes_when_a_scan_is_created(server):
+    got = {}
+
+    def poll():
+        t0 = time.monotonic()
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+            r = c.get("/api/v1/scans/next", params={"host": "lp", "wait_s": 4})
+        got.update(status=r.status_code, body=r.json() if r.status_code == 200 else None, waited=time.monotonic() - t0)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    sid = server.client.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["lp"]}).json()["scan_id"]
+    t.join(10)
+    assert got["status"] == 200 and got["body"]["scan_id"] == sid
+    assert got["waited"] < 3.5  # answered when the scan arrived, not at the end of the wait
+    t0 = time.monotonic()
+    assert server.client.get("/api/v1/scans/next", params={"host": "nobody", "wait_s": 0.3}).status_code == 204
+    assert 0.25 < time.monotonic() - t0 < 3
+
+
+def fake_agent(url, host, stop, slow=()):
+    """The agent's side of a cluster scan: long poll, report running, upload rows, report done."""
+    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        while not stop.is_set():
+            r = c.get("/api/v1/scans/next", params={"host": host, "wait_s": 1})
+            if r.status_code != 200:
+                continue
+            scan = r.json()
+            c.post(f"/api/v1/scans/{scan['scan_id']}/status", json={"host": host, "state": "running"})
+            rows = make_rows(host, n_gpus=2, scan_id=scan["scan_id"], ts=scan["start_at"], slow=slow)
+            c.post("/api/v1/results", json={"host": host, "results": rows})
+            c.post(f"/api/v1/scans/{scan['scan_id']}/status", json={"host": host, "state": "done"})
+
+
+def test_cluster_scan_client_follows_a_scan_to_the_end(server):
+    stop = threading.Event()
+    agents = [threading.Thread(target=fake_agent, args=(server.url, h, stop, s), daemon=True)
+              for h, s in (("node-a", ()), ("node-b", (1,)))]
+    for a in agents:
+        a.start()
+    time.sleep(0.3)  # both agents have polled once: "every agent seen recently"
+    progress = []
+    try:
+        out = cluster_scan(server.url, TOKEN, ["matmul"], 1.0, timeout_s=30, on_progress=progress.append,
+                           start_delay_s=0.2, poll_s=0.1)
+    finally:
+        stop.set()
+        for a in agents:
+            a.join(10)
+    assert out["state"] == "done" and not out["timed_out"]
+    assert out["nodes"] == {"node-a": "done", "node-b": "done"}
+    assert len(out["samples"]) == 12 and {s["scan_id"] for s in out["samples"]} == {out["scan_id"]}
+    assert progress and progress[-1]["state"] == "done"
+    flagged = [(g["host"], g["gpu"]) for g in out["analysis"]["gpus"] if g["straggler"]]  # the real engine
+    assert flagged == [("node-b", "GPU-node-b-1")]
+
+
+def test_cluster_scan_times_out_with_what_arrived(server):
+    server.client.get("/api/v1/scans/next", params={"host": "silent", "wait_s": 0})
+    t0 = time.monotonic()
+    out = cluster_scan(server.url, TOKEN, ["matmul"], 1.0, timeout_s=0.5, start_delay_s=0, poll_s=0.1)
+    assert time.monotonic() - t0 < 5
+    assert out["timed_out"] and out["nodes"] == {"silent": "pending"} and out["samples"] == []
+    assert out["analysis"] is None
+
+
+def test_cluster_scan_errors_are_one_line(server, tmp_path):
+    with pytest.raises(CollectorError, match="refused the token"):
+        cluster_scan(server.url, "wrong-token-0123456789", ["matmul"], 1.0, timeout_s=5)
+    with pytest.raises(CollectorError, match="409 no agent polled"):
+        cluster_scan(server.url, TOKEN, ["matmul"], 1.0, timeout_s=5)
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(CollectorError, match="cannot reach the collector") as e:
+        cluster_scan(f"http://127.0.0.1:{port}", TOKEN, ["matmul"], 1.0, timeout_s=5)
+    assert "\n" not in str(e.value)
