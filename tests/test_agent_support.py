@@ -83,13 +83,15 @@ class NotifySocket:
         self.sock.bind(self.path)
         self.messages: list[dict[str, str]] = []
 
-    def wait_for(self, key: str, value: str | None = None, timeout_s: float = 30.0) -> dict[str, str]:
-        """The first message (already received or arriving) with ``key`` (= ``value`` if given)."""
+    def wait_for(self, key: str, value: str | None = None, timeout_s: float = 30.0,
+                 prefix: str | None = None) -> dict[str, str]:
+        """The first message (already received or arriving) with ``key`` (= ``value``, or starting
+        with ``prefix``, if given)."""
         end = time.monotonic() + timeout_s
         seen = 0
         while True:
             for msg in self.messages[seen:]:
-                if key in msg and (value is None or msg[key] == value):
+                if key in msg and (value is None or msg[key] == value) and msg[key].startswith(prefix or ""):
                     return msg
             seen = len(self.messages)
             left = end - time.monotonic()
