@@ -22,7 +22,7 @@ class AgentSettings:
     interval_s: float = 15.0  # telemetry tick
     collector_url: str | None = None  # e.g. http://collector:8080; None = spool only
     token_file: Path | None = None  # bearer token for the collector
-    spool_path: Path = Path("/var/lib/straggler/agent-spool.sqlite")
+    spool_path: Path = Path("/var/lib/straggler-agent/spool.sqlite")
     upload_batch: int = 500
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -59,6 +59,8 @@ class AgentSettings:
             out.append(f"log_level: {self.log_level!r} is not debug, info, warning or error")
         if self.collector_url and not self.collector_url.startswith(("http://", "https://")):
             out.append(f"collector_url: {self.collector_url!r} is not an http(s) URL")
+        if self.token_file is not None and self.collector_url and not self.token_file.is_file():
+            out.append(f"token_file: {self.token_file} is not a readable file")
         if not self.probes:
             out.append("probes: give at least one probe")
         return out
