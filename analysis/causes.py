@@ -52,9 +52,9 @@ def _get(tel: dict, name: str, n: int) -> np.ndarray:
 
 
 def explain(tel: dict[str, np.ndarray], flagged: np.ndarray, group_of_dev: np.ndarray, n_group: int,
-            host_of_dev: np.ndarray, membw: np.ndarray) -> tuple[list[list[str]], list[str]]:
-    """(causes, evidence) per device; empty for devices not flagged. ``membw``: the device's probe
-    measures memory bandwidth."""
+            host_of_dev: np.ndarray, host_names, membw: np.ndarray) -> tuple[list[list[str]], list[str]]:
+    """(causes, evidence) per device; empty for devices not flagged. ``host_of_dev``: host codes,
+    ``host_names``: their names (a Series); ``membw``: the device's probe measures memory bandwidth."""
     n = len(flagged)
     peer = {k: groups.median(group_of_dev, v, n_group)[group_of_dev] for k, v in tel.items()}
     share = {r: np.nan_to_num(_get(tel, r, n)) for r in REASONS}
@@ -77,13 +77,13 @@ def explain(tel: dict[str, np.ndarray], flagged: np.ndarray, group_of_dev: np.nd
     whole = flagged & (per_pair[pair] >= 2) & (np.bincount(pair, weights=flagged, minlength=n_pair)[pair]
                                                  == per_pair[pair])
 
-    causes: list[list[str]] = [[] for _ in range(n)]
+    causes: list = [()] * n  # immutable: tuples, empty for devices not flagged
     evidence = [""] * n
     for i in np.flatnonzero(flagged):
         c, e = [], []
         if whole[i]:
             c.append("whole_node")
-            e.append(f"all {per_pair[pair[i]]} devices of host {host_of_dev[i]} are slow")
+            e.append(f"all {per_pair[pair[i]]} devices of host {host_names.iloc[i]} are slow")
         if thermal[i] >= SHARE_MIN:
             c.append("thermal")
             e.append(f"thermal slowdown {thermal[i]:.0%} of the window" + _vs(tel, peer, "temp_c", i, "C"))
@@ -111,7 +111,7 @@ def explain(tel: dict[str, np.ndarray], flagged: np.ndarray, group_of_dev: np.nd
             e.append("clock lower than its peers without a throttle reason" + _vs(tel, peer, "sm_clock_mhz", i, "MHz"))
         if not c:
             c.append("unexplained")
-        causes[i], evidence[i] = c, "; ".join(e)
+        causes[i], evidence[i] = tuple(c), "; ".join(e)
     return causes, evidence
 
 

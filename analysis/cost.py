@@ -15,15 +15,16 @@ def device_cost(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
         return np.clip(reference / value - 1, 0, None)
 
 
-def expected_max(step: np.ndarray, n: int) -> float:
-    """E[max of n draws] from the empirical distribution of ``step`` (with replacement)."""
+def expected_max(step: np.ndarray, sizes) -> list[float]:
+    """E[max of n draws] for each n in ``sizes``, from the empirical distribution of ``step``
+    (draws with replacement)."""
     t = np.sort(step[np.isfinite(step)])
     m = len(t)
     if m == 0:
-        return float("nan")
-    k = np.arange(1, m + 1) / m
-    w = k ** n - (k - 1 / m) ** n
-    return float(np.dot(t, np.clip(w, 0, None)))
+        return [float("nan")] * len(sizes)
+    with np.errstate(divide="ignore"):
+        log_f = np.log(np.arange(0, m + 1) / m)  # log of the empirical CDF at each sorted value
+    return [float(np.dot(t, np.diff(np.exp(n * log_f)))) for n in sizes]  # P(max = t_i) = F_i^n - F_(i-1)^n
 
 
 def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: int,
@@ -36,13 +37,9 @@ def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: 
     size = np.bincount(group, minlength=n_group)
     for g in np.flatnonzero(hit):
         sel = group == g
-        s_all, s_ok = step[sel], step[sel & ~flagged]
-        for n in sizes:
-            if n > size[g]:
-                continue
-            with_all, without = expected_max(s_all, n), expected_max(s_ok, n)
+        fit = [n for n in sizes if n <= size[g]]
+        for n, with_all, without in zip(fit, expected_max(step[sel], fit), expected_max(step[sel & ~flagged], fit)):
             out.append({**labels[g], "job_devices": int(n), "step_time_all": round(with_all, 5),
                         "step_time_without_stragglers": round(without, 5),
                         "speedup": round(with_all / without - 1, 5) if without > 0 else None})
     return out
-

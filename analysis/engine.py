@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from straggler.errors import ConfigError, InputError
 
@@ -20,14 +20,11 @@ from .settings import AnalysisConfig
 DEVICE_KEY = ("host", "gpu", "probe", "settings")
 
 
-def _strings(col: pd.Series) -> np.ndarray:
-    return col.astype(object).where(col.notna(), None).to_numpy()
-
-
-def _device_column(frame: pd.DataFrame, first: np.ndarray, col: str) -> np.ndarray:
+def _device_column(frame: pd.DataFrame, first: np.ndarray, col: str) -> pd.Series:
+    """The column's value on each device's first row (a Series with a 0..n-1 index)."""
     if col not in frame.columns:
-        return np.full(len(first), None, dtype=object)
-    return frame[col].to_numpy()[first]
+        return pd.Series(np.full(len(first), np.nan))
+    return frame[col].iloc[first].reset_index(drop=True)
 
 
 def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
@@ -57,37 +54,45 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     else:
         offset = 0
     dev_all, n_all = groups.factorize(*(keys[c] for c in DEVICE_KEY))
+    repeat = validate.duplicates(frame, dev_all[offset:], rank[offset:], "input")
+    if repeat.any():
+        dropped["duplicate row"] = int(repeat.sum())
     cur_all = own.current_rows(dev_all, n_all, rank)
     cur_all[:offset] = False
+    usable = np.ones(len(dev_all), dtype=bool)
+    usable[offset:] = ~repeat
+    cur_all &= usable
     in_frame = cur_all[offset:]
     cur = frame if in_frame.all() else frame[in_frame].reset_index(drop=True)
 
     dev, n_dev = groups.factorize(dev_all[cur_all])
     to_cur = np.full(n_all, -1, dtype=np.int64)
     to_cur[dev_all[cur_all]] = dev
-    past_dev = to_cur[dev_all[~cur_all]]
+    was = ~cur_all & usable
+    past_dev = to_cur[dev_all[was]]
     has = past_dev >= 0
-    past_dev, past_rank, past_value = past_dev[has], rank[~cur_all][has], value_all[~cur_all][has]
+    past_dev, past_rank, past_value = past_dev[has], rank[was][has], value_all[was][has]
 
     first = groups.first_index(dev, n_dev)
     d = {c: _device_column(cur, first, c) for c in ("host", "gpu", "index", "model", "probe", "settings")}
     peer_cols = [d["model"], d["probe"], d["settings"]]
     for c in config.peer_columns:
         if c in cur.columns:
-            col = cur[c].to_numpy()[first]
-            peer_cols.append(np.round(pd.to_numeric(col, errors="coerce")) if c.endswith("_w") else col)
+            col = _device_column(cur, first, c)
+            peer_cols.append(pd.to_numeric(col, errors="coerce").round() if c.endswith("_w") else col)
     group, n_group = groups.factorize(*peer_cols)
     host_code, _ = groups.factorize(d["host"])
     unit_code, n_units = groups.factorize(d["host"], d["gpu"])
     if n_units == 1 and len(past_dev) == 0 and not config.references:
-        raise InputError(f"input: only one device (host {d['host'][0]}, gpu {d['gpu'][0]}): nothing to "
+        raise InputError(f"input: only one device (host {d['host'].iloc[0]}, gpu {d['gpu'].iloc[0]}): nothing to "
                          "compare it with; give more devices or --history")
 
     est = estimate(dev, n_dev, cur["value"].to_numpy(dtype=float), group, n_group,
                    config.dip_sigmas, config.prior_df)
     pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
                        config.min_effect_few)
-    hv = own.compare(est.value, est.se_rel, group, n_group, past_dev, past_rank, past_value)
+    hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(past_dev, past_rank, past_value,
+                                                                         group, n_group, config))
     ref_value, ref_test = _reference(config, d, est, pv.basis == "")
     verdict = decide([
         Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),
@@ -99,14 +104,15 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     basis_value = np.where(np.isfinite(pv.peer_value), pv.peer_value,
                            np.where(np.isfinite(hv.baseline), hv.baseline, ref_value))
     cost_dev = cost.device_cost(est.value, basis_value)
-    membw = pd.Series(d["probe"], dtype="string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
+    membw = d["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
     if verdict.straggler.any():
         tel = causes_mod.device_telemetry(cur, dev, n_dev)
-        cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code, membw)
+        cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code,
+                                            d["host"], membw)
         for i in np.flatnonzero(verdict.straggler):
             evidence[i] = _verdict_text(i, pv, hv, verdict) + ("; " + evidence[i] if evidence[i] else "")
     else:
-        cause, evidence = [[] for _ in range(n_dev)], [""] * n_dev
+        cause, evidence = [()] * n_dev, [""] * n_dev
 
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = est.value / pv.peer_value
@@ -124,11 +130,21 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     table = table.iloc[order].reset_index(drop=True)
 
     labels = [{"model": m, "probe": p, "settings": s} for m, p, s in
-              zip(*(np.asarray(c)[groups.first_index(group, n_group)] for c in peer_cols[:3]))]
+              zip(*(c.iloc[groups.first_index(group, n_group)].tolist() for c in peer_cols[:3]))]
     step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
     summary = _summary(table, config, dropped, n_scans, len(past_dev), len(cur), n_units,
                        cost.job_gain(step, verdict.straggler, group, n_group, labels, config.job_sizes))
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
+
+
+def _past_scans(dev, rank, value, group, n_group, config):
+    """One value per (device, past scan), estimated like the current scan's (transients removed)."""
+    if len(dev) == 0:
+        return dev, rank, value
+    ds, n_ds = groups.factorize(dev, rank)
+    first = groups.first_index(ds, n_ds)
+    est = estimate(ds, n_ds, value, group[dev[first]], n_group, config.dip_sigmas, config.prior_df)
+    return dev[first], rank[first], est.value
 
 
 def _reference(config: AnalysisConfig, d: dict, est, alone: np.ndarray) -> tuple[np.ndarray, Test]:
@@ -137,14 +153,13 @@ def _reference(config: AnalysisConfig, d: dict, est, alone: np.ndarray) -> tuple
     ref = np.full(n, np.nan)
     refs = config.reference_map()
     if refs and alone.any():
-        model = pd.Series(d["model"], dtype="string")
-        short = model + "|" + pd.Series(d["probe"], dtype="string")
-        long = short + "|" + pd.Series(d["settings"], dtype="string")
+        short = d["model"].astype("string") + "|" + d["probe"].astype("string")
+        long = short + "|" + d["settings"].astype("string")
         ref = long.map(refs).astype(float).fillna(short.map(refs).astype(float)).to_numpy(dtype=float)
         ref = np.where(alone, ref, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         deficit = 1 - est.value / ref
-        p = stats.t.sf(deficit / est.se_rel, est.df)
+        p = special.stdtr(est.df, -deficit / est.se_rel)
     basis = np.where(np.isfinite(ref), REFERENCE, "").astype(object)
     return ref, Test(basis, deficit, p, np.full(n, config.min_effect))
 

@@ -1,8 +1,10 @@
 """Combine each device's repeated samples into one robust estimate with its standard error.
 
 A sample further than ``dip_sigmas`` pooled noise scales (1.4826 x the median absolute deviation
-of every sample of the peer group from its device's median) from its own device's median is a
+of every sample of the peer group from its device's median) from its device's anchor is a
 transient - a dip or a spike - and is left out; the device's value is the mean of the samples kept.
+Transients slow a device down, never speed it up, so the anchor is the device's upper quartile
+(the 2nd best of 5 samples): up to half of a device's samples may dip without moving it.
 Its noise is a moderated variance (the device's own variance shrunk towards the pooled variance of
 its peer group with ``prior_df`` degrees of freedom), so 3-5 samples give a usable t statistic.
 """
@@ -31,11 +33,12 @@ class Estimates:
 
 def estimate(dev: np.ndarray, n_dev: int, value: np.ndarray, group_of_dev: np.ndarray,
              n_group: int, dip_sigmas: float, prior_df: float) -> Estimates:
-    med = groups.median(dev, value, n_dev)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x = np.where(med[dev] > 0, value / med[dev], 1.0)  # relative to the device's median
+    med, anchor = groups.quantiles(dev, value, n_dev, (0.5, 0.75))
     g = group_of_dev[dev]
-    scale = np.maximum(groups.median(g, np.abs(x - 1), n_group) * 1.4826, 1e-9)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(med[dev] > 0, value / med[dev] - 1, 0.0)  # relative to the device's median
+        x = np.where(anchor[dev] > 0, value / anchor[dev], 1.0)  # relative to its anchor
+    scale = np.maximum(groups.median(g, np.abs(r), n_group) * 1.4826, 1e-9)
     kept = np.abs(x - 1) <= dip_sigmas * scale[g]
     n = groups.count(dev, n_dev)
     nk = groups.count(dev, n_dev, kept)
@@ -54,7 +57,7 @@ def estimate(dev: np.ndarray, n_dev: int, value: np.ndarray, group_of_dev: np.nd
         s2 = np.where(df > 0, (prior_df * s0 + ss) / df, np.nan)
         se_rel = np.sqrt(s2 / nk)
     return Estimates(
-        n_samples=n, n_kept=nk, median=med, value=med * mx, se_rel=se_rel,
+        n_samples=n, n_kept=nk, median=med, value=anchor * mx, se_rel=se_rel,
         df=np.where(df > 0, df, np.nan), noise_rel=np.sqrt(s0),
-        sum_kept=med * sx, sumsq_kept=med * med * sxx,
+        sum_kept=anchor * sx, sumsq_kept=anchor * anchor * sxx,
     )

@@ -14,12 +14,36 @@ import pandas as pd
 def factorize(*columns) -> tuple[np.ndarray, int]:
     """Dense codes for the combinations of ``columns`` (missing values are a value of their own)."""
     code = np.zeros(len(columns[0]), dtype=np.int64)
+    size = 1
     for col in columns:
-        c, uniques = pd.factorize(col, use_na_sentinel=False)
-        code = code * max(len(uniques), 1) + c
-        code, uniq = pd.factorize(code)
-    n = int(code.max()) + 1 if len(code) else 0
-    return code.astype(np.int64, copy=False), n
+        c, k = _codes(col)
+        if size * k >= 2**62:  # keep the mixed-radix code inside int64
+            code, size = _dense(code, size)
+        code = code * k + c
+        size *= k
+    code, size = _dense(code, size)
+    return code, size
+
+
+def _codes(col) -> tuple[np.ndarray, int]:
+    """Codes of one column: small non-negative integer arrays are their own codes (no hashing)."""
+    if isinstance(col, np.ndarray) and col.dtype.kind in "iu" and len(col):
+        lo, hi = int(col.min()), int(col.max())
+        if lo >= 0 and hi < 4 * len(col) + 1024:
+            return col.astype(np.int64, copy=False), hi + 1
+    c, uniques = pd.factorize(col, use_na_sentinel=False)
+    return c, max(len(uniques), 1)
+
+
+def _dense(code: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    if len(code) == 0:
+        return code.astype(np.int64), 0
+    if size <= 4 * len(code) + 1024:  # relabel through a presence table: no hashing
+        present = np.bincount(code, minlength=size) > 0
+        relabel = np.cumsum(present) - 1
+        return relabel[code].astype(np.int64), int(present.sum())
+    c, uniq = pd.factorize(code)
+    return c.astype(np.int64), len(uniq)
 
 
 def first_index(codes: np.ndarray, n: int) -> np.ndarray:
@@ -50,18 +74,40 @@ def mean(codes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
 
 def median(codes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     """Median per code, ignoring NaN; NaN where a code has no finite value."""
+    if n <= 8:  # few groups (fleet-wide noise scales): selection per group, no sort
+        ok = np.isfinite(values)
+        out = np.full(n, np.nan)
+        for g in range(n):
+            v = values[(codes == g) & ok]
+            if len(v):
+                out[g] = np.median(v)
+        return out
+    return quantiles(codes, values, n, (0.5,))[0]
+
+
+def quantiles(codes: np.ndarray, values: np.ndarray, n: int, qs) -> list[np.ndarray]:
+    """Quantiles per code from one sort, ignoring NaN: for q = 0.5 the median, otherwise the sorted
+    value at position ceil(q * (count - 1)). NaN where a code has no finite value."""
     ok = np.isfinite(values)
+    outs = [np.full(n, np.nan) for _ in qs]
     c, v = (codes, values) if ok.all() else (codes[ok], values[ok])
-    order = np.lexsort((v, c))
-    v = v[order]
+    if len(v) == 0:
+        return outs
+    # One sort on code + (value scaled monotonically into [0, 0.5]): orders by code, then value.
+    a = np.arcsinh(v)
+    lo, span = a.min(), a.max() - a.min()
+    key = c + (0.5 * (a - lo) / span if span > 0 else 0.0)
+    v = v[np.argsort(key)]
     cnt = np.bincount(c, minlength=n)
     start = np.cumsum(cnt) - cnt
-    out = np.full(n, np.nan)
     has = cnt > 0
-    lo = start[has] + (cnt[has] - 1) // 2
-    hi = start[has] + cnt[has] // 2
-    out[has] = (v[lo] + v[hi]) / 2
-    return out
+    st, ct = start[has], cnt[has]
+    for q, out in zip(qs, outs):
+        if q == 0.5:
+            out[has] = (v[st + (ct - 1) // 2] + v[st + ct // 2]) / 2
+        else:
+            out[has] = v[st + np.ceil(q * (ct - 1)).astype(np.int64)]
+    return outs
 
 
 def extreme(codes: np.ndarray, values: np.ndarray, n: int, how: str) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from . import groups
 
@@ -56,16 +56,13 @@ class HistoryVerdict:
 
 
 def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_group: int,
-            past_dev: np.ndarray, past_rank: np.ndarray, past_value: np.ndarray) -> HistoryVerdict:
-    """``past_*`` are the history rows: current-device index (0..n-1), scan rank, value."""
+            s_dev: np.ndarray, s_rank: np.ndarray, s_val: np.ndarray) -> HistoryVerdict:
+    """``s_*``: one entry per (current device, past scan): device index (0..n-1), scan rank and
+    the device's value in that scan (estimated like the current one, transients removed)."""
     n_dev = len(value)
     nan = np.full(n_dev, np.nan)
-    if len(past_dev) == 0:
+    if len(s_dev) == 0:
         return HistoryVerdict(np.zeros(n_dev, dtype=np.int64), nan, nan.copy(), nan.copy())
-    ds, n_ds = groups.factorize(past_dev, past_rank)  # one code per (device, past scan)
-    first = groups.first_index(ds, n_ds)
-    s_dev, s_rank = past_dev[first], past_rank[first]
-    s_val = groups.median(ds, past_value, n_ds)
     order = np.lexsort((s_rank, s_dev))
     s_dev, s_val = s_dev[order], s_val[order]
     k = np.bincount(s_dev, minlength=n_dev)
@@ -82,9 +79,12 @@ def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_g
         dof = np.bincount(group_of_dev, weights=np.maximum(k - 1, 0), minlength=n_group)
         var = np.bincount(g, weights=np.nan_to_num(r * r), minlength=n_group) / dof
         var = np.where(dof > 0, var, np.nan)[group_of_dev]
-        # Without repeated past scans the only known noise is the sampling error, on both sides.
-        var = np.where(np.isfinite(var), var, se_rel ** 2)
+        # A scan's value varies by `var` (sampling error and scan-to-scan change together): the
+        # current value by that much, the baseline (a median of ceil(k/2) scans) by 1.57 var / n.
+        n_base = np.maximum((k + 1) // 2, 1)
+        var_diff = np.where(np.isfinite(var), var * (1 + np.where(n_base > 1, 1.57, 1.0) / n_base),
+                            2 * se_rel ** 2)  # no repeated past scans: the sampling error only
         deficit = 1 - value / baseline
-        z = deficit / np.sqrt(var + se_rel ** 2)
-    p = np.where(k > 0, stats.norm.sf(z), np.nan)
+        z = deficit / np.sqrt(var_diff)
+    p = np.where(k > 0, special.ndtr(-z), np.nan)
     return HistoryVerdict(k, np.where(k > 0, baseline, np.nan), np.where(k > 0, deficit, np.nan), p)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from . import groups
 from .estimate import Estimates
@@ -75,7 +75,7 @@ def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray
         se_centre = 1.2533 * spread / np.sqrt(n_h)  # standard error of a median
         se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + se_centre[g] ** 2)
         t = (1 - ratio) / se
-    return centre[g], stats.t.sf(t, est.df[sel]), spread[g]
+    return centre[g], special.stdtr(est.df[sel], -t), spread[g]
 
 
 def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray):
@@ -96,4 +96,4 @@ def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndar
         se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + var_o / n_o * ratio ** 2)
         t = (1 - ratio) / se
         df = prior + n + n_o - 2
-    return mean_o, stats.t.sf(t, np.where(df > 0, df, np.nan))
+    return mean_o, special.stdtr(np.where(df > 0, df, np.nan), -t)

@@ -7,7 +7,7 @@ while flagging <= 0.1% of healthy devices within 1.5 points of the median.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class AnalysisConfig:
     # probe analysed together) is at most ``fdr`` ...
     fdr: float = 0.01
     # ... and its estimated deficit (1 - value / peer median) is at least ``min_effect``.
-    min_effect: float = 0.02
+    min_effect: float = 0.0225
     # Peer groups smaller than ``min_group`` devices (2-3 by default) are decided leave-one-out from
     # the samples, against the larger ``min_effect_few``: with one or two peers the healthy spread
     # between devices cannot be estimated, so only a deficit beyond it counts.
@@ -33,9 +33,9 @@ class AnalysisConfig:
     # Job sizes N for the fleet cost: expected step-time gain of an N-device synchronous job when
     # the flagged devices are left out.
     job_sizes: tuple[int, ...] = (8, 64, 512, 4096)
-    # Reference values by "model|probe" (or "model|probe|settings"), used for a device without
-    # peers or history. Empty by default: straggler ships no per-SKU floors.
-    references: tuple[tuple[str, float], ...] = field(default=())
+    # Reference values "MODEL|PROBE=VALUE" (or "MODEL|PROBE|SETTINGS=VALUE"), used for a device
+    # without peers. Empty by default: straggler ships no per-SKU floors.
+    references: tuple[str, ...] = ()
 
     def problems(self) -> list[str]:
         out = []
@@ -53,10 +53,16 @@ class AnalysisConfig:
             out.append(f"prior_df: must be >= 0, got {self.prior_df}")
         if any(n < 2 for n in self.job_sizes):
             out.append(f"job_sizes: every size must be at least 2, got {list(self.job_sizes)}")
-        for key, value in self.references:
-            if not (isinstance(value, (int, float)) and value > 0):
-                out.append(f"references: {key!r} must be a positive number, got {value!r}")
+        for item in self.references:
+            key, _, value = item.rpartition("=")
+            try:
+                ok = key.count("|") in (1, 2) and float(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                out.append(f"references: {item!r} is not MODEL|PROBE[|SETTINGS]=POSITIVE_NUMBER")
         return out
 
     def reference_map(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.references}
+        """{"model|probe[|settings]": value}"""
+        return {k.strip(): float(v) for k, _, v in (r.rpartition("=") for r in self.references)}

@@ -16,14 +16,13 @@ from straggler.errors import InputError
 from straggler.records import REQUIRED_COLUMNS
 
 IDENTITY = ("host", "gpu", "model", "probe")
-# Columns that identify one sample: rows equal in all of them present are the same sample.
-SAMPLE_KEY = ("scan_id", "host", "gpu", "probe", "settings", "sample", "ts")
 
 
 def _text(col: pd.Series) -> pd.Series:
     """A string column with empty strings as missing."""
     s = col.astype("string")
-    return s.mask(s.str.strip() == "")
+    empty = (s == "").fillna(False).to_numpy(dtype=bool)
+    return s.mask(empty) if empty.any() else s
 
 
 def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str, int]]:
@@ -74,9 +73,6 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
 
     if "unit" in out.columns:
         _check_units(out, what)
-    out, dups = _drop_duplicates(out, what)
-    if dups:
-        dropped["duplicate row"] = dups
     if out.empty:
         raise InputError(f"{what}: no usable rows" + (f" (dropped: {_fmt(dropped)})" if dropped else ""))
     return out, dropped
@@ -88,7 +84,8 @@ def _fmt(dropped: dict[str, int]) -> str:
 
 def _check_units(df: pd.DataFrame, what: str) -> None:
     units = _text(df["unit"])
-    if units.isna().all():
+    code, uniques = pd.factorize(units)
+    if len(uniques) <= 1:  # one unit (or none) in the whole table
         return
     per = pd.DataFrame({"probe": df["probe"], "settings": df["settings"], "unit": units}).dropna()
     n = per.groupby(["probe", "settings"], sort=False)["unit"].nunique()
@@ -100,27 +97,30 @@ def _check_units(df: pd.DataFrame, what: str) -> None:
         raise InputError(f"{what}: probe {label} mixes units {', '.join(seen)} in column 'unit'")
 
 
-def _drop_duplicates(df: pd.DataFrame, what: str) -> tuple[pd.DataFrame, int]:
-    """Rows with the same sample key: identical -> dropped and counted; conflicting -> InputError.
-    Without a ``sample`` or ``ts`` column rows cannot be told apart from repeated samples."""
-    if "sample" not in df.columns and "ts" not in df.columns:
-        return df, 0
-    key = [c for c in SAMPLE_KEY if c in df.columns]
-    same_key = df.duplicated(key, keep=False).to_numpy()
-    if not same_key.any():
-        return df, 0
-    sub = df[same_key]
-    exact = sub.duplicated(key + ["value"], keep="first")
-    conflict = sub.drop_duplicates(key + ["value"]).duplicated(key, keep=False)
-    if conflict.any():
-        first = sub.drop_duplicates(key + ["value"])[conflict.to_numpy()]
-        mates = first.groupby(key, dropna=False, sort=False).ngroup().to_numpy()
-        rows = first["_row"].to_numpy()[mates == mates[0]][:2]
-        ident = ", ".join(f"{c}={first.iloc[0][c]}" for c in key)
-        raise InputError(
-            f"{what}: rows {rows[0]} and {rows[1]} record the same sample ({ident}) "
-            "with different values"
-        )
-    drop = np.zeros(len(df), dtype=bool)
-    drop[np.flatnonzero(same_key)[exact.to_numpy()]] = True
-    return df[~drop].reset_index(drop=True), int(drop.sum())
+def duplicates(df: pd.DataFrame, dev: np.ndarray, rank: np.ndarray, what: str) -> np.ndarray:
+    """Rows recording a sample already seen (same device, probe, settings, scan, ``sample`` and
+    ``ts``): True for the repeats, which are dropped and counted; the same sample with different
+    values raises InputError. Without a ``sample`` or ``ts`` column rows cannot be told apart from
+    repeated samples, and nothing is a duplicate."""
+    from . import groups
+
+    cols = [c for c in ("sample", "ts") if c in df.columns]
+    if not cols:
+        return np.zeros(len(df), dtype=bool)
+    parts = [pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan) for c in cols]
+    key, n = groups.factorize(dev, rank, *parts)
+    if n == len(df):
+        return np.zeros(len(df), dtype=bool)
+    first = groups.first_index(key, n)
+    repeat = np.ones(len(df), dtype=bool)
+    repeat[first] = False
+    value = df["value"].to_numpy(dtype=float)
+    clash = repeat & (value != value[first[key]])
+    if clash.any():
+        i = int(np.flatnonzero(clash)[0])
+        j = int(first[key[i]])
+        rows = df["_row"].to_numpy()
+        ident = ", ".join(f"{c}={df[c].iloc[i]}" for c in ("host", "gpu", "probe", *cols))
+        raise InputError(f"{what}: rows {rows[j]} and {rows[i]} record the same sample ({ident}) "
+                         "with different values")
+    return repeat

@@ -1,0 +1,87 @@
+"""`straggler analyze FILE...`: find stragglers in result tables (see docs/analysis.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from straggler.errors import EXIT_OK, EXIT_STRAGGLERS
+
+CAUSE_TEXT = {
+    "power_capped": "power-capped, lower clock", "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown",
+    "pcie_link": "PCIe link degraded", "memory": "memory", "contention": "contention",
+    "whole_node": "whole node slow", "low_clock": "low clock", "unexplained": "unexplained",
+}
+
+
+def _pct(x) -> str:
+    return "" if x is None or x != x else f"{x:+.1%}" if x < 0 else f"{x:.1%}"
+
+
+def render(result, console, show_all: bool = False, top: int = 20) -> None:
+    """Print the result as a rich table ranked by cost (stragglers first), then the summary."""
+    from rich.table import Table
+
+    d = result.devices
+    shown = d if show_all else d[d["straggler"] | (d.index < d["straggler"].sum() + top)]
+    s = result.summary
+    table = Table(title=f"straggler analyze: {s['stragglers']} straggler(s) among {s['entries']} "
+                        f"device x probe entries ({s['devices']} devices)", title_justify="left")
+    for col, kw in (("host", {}), ("gpu", {"overflow": "fold"}), ("probe", {}), ("verdict", {}),
+                    ("deficit", {"justify": "right"}), ("cost", {"justify": "right"}),
+                    ("basis", {}), ("cause", {}), ("evidence", {"overflow": "fold"})):
+        table.add_column(col, **kw)
+    for r in shown.itertuples(index=False):
+        verdict = "[bold red]STRAGGLER[/]" if r.straggler else "ok"
+        table.add_row(str(r.host), str(r.gpu), str(r.probe), verdict, _pct(r.deficit), _pct(r.cost),
+                      str(r.basis), ", ".join(CAUSE_TEXT.get(c, c) for c in r.causes), str(r.evidence))
+    console.print(table)
+    if len(shown) < len(d):
+        console.print(f"({len(d) - len(shown)} more healthy entries not shown; --all shows them)")
+    for job in s["job_cost"]:
+        console.print(f"{job['probe']} on {job['model']}: a {job['job_devices']}-device synchronous job runs "
+                      f"{job['speedup']:.2%} faster without the flagged devices")
+    if result.dropped:
+        console.print("dropped rows: " + ", ".join(f"{n} {why}" for why, n in result.dropped.items()))
+
+
+@click.command("analyze")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help='Print {"gpus": [...], "summary": {...}} as JSON.')
+@click.option("--history", "history_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Earlier results of the same devices (repeatable).")
+@click.option("--fdr", type=float, default=None, help="False-discovery rate [default: 0.01].")
+@click.option("--min-effect", type=float, default=None,
+              help="Smallest deficit flagged, as a fraction [default: 0.0225].")
+@click.option("--min-effect-few", type=float, default=None,
+              help="Smallest deficit flagged in peer groups of 2-3 devices [default: 0.05].")
+@click.option("--job-sizes", default=None, help="Job sizes for the fleet cost, e.g. 8,64,512.")
+@click.option("--reference", "references", multiple=True,
+              help="Reference value MODEL|PROBE=VALUE for devices without peers (repeatable).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML file with analysis settings (keys as in docs/analysis.md).")
+@click.option("--all", "show_all", is_flag=True, help="Show every entry, not only stragglers and the top 20.")
+def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_sizes, references,
+            config_path, show_all):
+    """Find stragglers in result files (CSV, JSON Lines, Parquet).
+
+    Exit code 0: no stragglers; 1: stragglers found; 2: bad input."""
+    from straggler.analysis import AnalysisConfig
+    from straggler.analysis import analyze as run
+    from straggler.config import load
+    from straggler.records import read_table
+
+    config = load(AnalysisConfig, config_path, env_prefix="STRAGGLER_ANALYSIS_", required_file=bool(config_path),
+                  overrides={"fdr": fdr, "min_effect": min_effect, "min_effect_few": min_effect_few,
+                             "job_sizes": job_sizes, "references": list(references) or None})
+    samples = read_table(files)
+    history = read_table(history_files) if history_files else None
+    result = run(samples, history, config)
+    if as_json:
+        click.echo(result.to_json_text())
+    else:
+        from rich.console import Console
+
+        render(result, Console(), show_all=show_all)
+    return EXIT_STRAGGLERS if result.summary["stragglers"] else EXIT_OK
