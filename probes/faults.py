@@ -4,7 +4,7 @@
 ``<probe>`` (after the probe's barrier, so its peers run that probe normally):
 
 - ``hang``: sleep forever (the runner must kill it at its deadline),
-- ``die``: exit at once with code 3, as a crashed process would,
+- ``die``: exit at once with code 70, as a crashed process would,
 - ``raise``: raise a RuntimeError inside the probe (a probe bug or a device error).
 
 Unset (the normal case) it does nothing. Parsing is pure so tests can check it.
@@ -43,6 +43,6 @@ def inject(rank: int, probe: str, env: dict | None = None) -> None:
         while True:  # killed by the runner at its deadline
             time.sleep(3600)
     elif action == "die":
-        os._exit(3)
+        os._exit(70)
     elif action == "raise":
         raise RuntimeError(f"injected fault in {probe} on rank {rank}")

@@ -24,7 +24,7 @@ from typing import Callable
 
 from straggler.errors import InputError
 
-from .devices import PROBES, host_name, launcher, plan_probes, resolve_devices
+from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices
 from .worker import EXIT_ABORTED, WorkerPlan, plan_json
 
 DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
@@ -50,6 +50,8 @@ class ScanSettings:
             out.append(f"--duration must be > 0 seconds, got {self.duration_s}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             out.append(f"--deadline must be > 0 seconds, got {self.deadline_s}")
+        if self.device not in DEVICE_CHOICES:
+            out.append(f"unknown device {self.device!r}; choose from {', '.join(DEVICE_CHOICES)}")
         if self.samples < 1:
             out.append(f"samples must be >= 1, got {self.samples}")
         return out
@@ -133,7 +135,7 @@ class Watch:
         self.limits = deadlines(plan, settings.grace_s)
         self.deadline_s = settings.deadline_s or total_deadline(plan, settings.grace_s)
         self.samples: list[dict] = []
-        self.failures: list[dict] = []
+        self._failures: list[tuple[int, int, dict]] = []
         self.telemetry_names: set[str] = set()
         self.notes: set[str] = set()
         self.msgs: queue.Queue = queue.Queue()
@@ -218,7 +220,7 @@ class Watch:
             self.samples.extend(msg["rows"])
         elif kind == "failure":
             w.reported = True
-            self._fail(w, msg["probe"], msg["error"])
+            self._fail(w, msg["probe"], msg["error"], rank=2 if msg.get("consequence") else 1)
         elif kind == "done":
             w.finished = True
         if self.on_event is not None:
@@ -229,10 +231,12 @@ class Watch:
         w.proc.kill()
         self._fail(w, w.probe, why)
 
-    def _fail(self, w: _WorkerState, probe: str, error: str) -> None:
+    def _fail(self, w: _WorkerState, probe: str, error: str, rank: int = 0) -> None:
+        """Record a failure; ``rank`` orders root causes first: 0 seen by the runner (a hang, a
+        death, the deadline), 1 a worker's own error, 2 one that may follow from a peer's."""
         dev = w.hello["gpu"] if w.hello else f"{self.plan.kind}{w.device_index}"
-        self.failures.append({"host": self.plan.host, "device": dev, "rank": w.rank, "probe": probe,
-                              "error": error})
+        self._failures.append((rank, len(self._failures), {"host": self.plan.host, "device": dev,
+                                                           "rank": w.rank, "probe": probe, "error": error}))
 
     def result(self, device_notice: str, notes: list[str]) -> ScanResult:
         tel = ", ".join(sorted(self.telemetry_names)) or "none"
@@ -240,7 +244,8 @@ class Watch:
         devices = [{k: w.hello[k] for k in ("host", "gpu", "index", "model")} | {"rank": w.rank}
                    for w in self.workers if w.hello]
         return ScanResult(scan_id=self.plan.scan_id, host=self.plan.host, backend=self.plan.kind,
-                          notice=notice, samples=self.samples, failures=self.failures,
+                          notice=notice, samples=self.samples,
+                          failures=[f for _, _, f in sorted(self._failures, key=lambda x: x[:2])],
                           devices=devices)
 
 

@@ -38,9 +38,10 @@ class WorkerPlan:
     group_timeout_s: float = 120.0
 
 
-def one_line(e: BaseException) -> str:
+def one_line(e: BaseException, limit: int = 200) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class Telemetry:
@@ -100,8 +101,9 @@ def run_worker(plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[d
     emit({"t": "hello", "rank": rank, **ident, "telemetry": tel.backend.name if tel.backend else None,
           "note": tel.note or getattr(tel.backend, "notice", None)})
 
-    def fail(probe: str, error: str) -> None:
-        emit({"t": "failure", "rank": rank, "probe": probe, "error": error})
+    def fail(probe: str, error: str, consequence: bool = False) -> None:
+        # consequence: the failure may follow from a peer's (a collective or a broken group)
+        emit({"t": "failure", "rank": rank, "probe": probe, "error": error, "consequence": consequence})
 
     try:
         group = group_factory(dev)
@@ -125,7 +127,7 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
         try:
             runs[name] = MODULES[name].prepare(dev, group)
         except Exception as e:  # noqa: BLE001
-            fail(name, f"warm-up failed: {one_line(e)}")
+            fail(name, f"warm-up failed: {one_line(e)}", consequence=name in COLLECTIVE)
             if name in COLLECTIVE:
                 return EXIT_ABORTED  # peers are inside the collective: stop so they see it
     if plan.start_at is not None:
@@ -136,8 +138,9 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
         try:
             group.barrier()
         except Exception as e:  # noqa: BLE001 - a peer died or hung; what we measured is kept
+            why = one_line(e).split(". ")[0][:160]  # gloo's messages run on for lines
             for rest in plan.probes[plan.probes.index(name):]:
-                fail(rest, f"not run: the process group broke ({one_line(e)})")
+                fail(rest, f"not run: the process group broke after a peer failed ({why})", True)
             return EXIT_ABORTED
         if name not in runs:
             continue
@@ -146,21 +149,39 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
             faults.inject(rank, name)
             raws = runs[name](plan.duration_s, plan.n_windows, tel.window)
         except Exception as e:  # noqa: BLE001
-            fail(name, one_line(e))
+            fail(name, one_line(e), consequence=name in COLLECTIVE)
             if name in COLLECTIVE:
                 return EXIT_ABORTED
             continue
+        _keep_raw(raws, ident)
         rows, bad = [], []
         for raw in raws:
             rows += [{**r, **ident} for r in MODULES[name].parse(raw)]
             bad += [b for w in raw["windows"] for b in w.get("readings", ())]
         emit({"t": "samples", "rank": rank, "probe": name, "rows": rows})
         if bad:
-            fail(name, f"telemetry: device reading {bad[0]['status']} during the probe "
-                       f"({', '.join(f'{k}={v}' for k, v in sorted(bad[0]['errors'].items())) or 'no detail'})")
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(bad[0]["errors"].items())) or "no detail"
+            fail(name, f"telemetry: {len(bad)} reading(s) failed during the probe "
+                       f"(status {bad[0]['status']}: {detail}); its samples are kept")
         emit({"t": "phase", "rank": rank, "probe": name, "state": "done"})
     emit({"t": "done", "rank": rank})
     return 0
+
+
+RAW_DIR_ENV = "STRAGGLER_RAW_DIR"
+
+
+def _keep_raw(raws: list[dict], ident: dict) -> None:
+    """With ``$STRAGGLER_RAW_DIR`` set, keep each probe's raw timings as JSON (the parser tests
+    replay such files; benchmarks/gpu_check.py keeps a GPU's)."""
+    where = os.environ.get(RAW_DIR_ENV)
+    if not where:
+        return
+    os.makedirs(where, exist_ok=True)
+    for raw in raws:
+        path = os.path.join(where, f"{ident['host']}-{ident['gpu']}-{raw['probe']}.json")
+        with open(path, "w") as f:
+            json.dump({**raw, "model": ident["model"]}, f, indent=1)
 
 
 def main() -> int:
