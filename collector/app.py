@@ -92,7 +92,9 @@ def create_app(
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(LimitAndTime, max_bytes=settings.max_request_bytes, metrics=metrics)
+    # The token is checked by the middleware (before the body is read); the dependency below checks
+    # it again and documents the scheme in the OpenAPI spec.
+    app.add_middleware(LimitAndTime, token=token, max_bytes=settings.max_request_bytes, metrics=metrics)
 
     bearer = HTTPBearer(auto_error=False)
     expected = token.encode()

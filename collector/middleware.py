@@ -1,29 +1,44 @@
-"""A pure ASGI middleware: request size limit (413) and request timing by route template.
+"""A pure ASGI middleware: bearer token (401), request size limit (413), timing by route template.
 
-The body is read (at most ``max_bytes``) before the application sees it, so an oversized request
-is refused whole, whether it announces its length or streams chunks.
+The token is checked first, before any of the body is read: an unauthenticated client learns
+nothing about validation and cannot make the service buffer a large body. Then the body is read
+(at most ``max_bytes``) before the application sees it, so an oversized request is refused whole,
+whether it announces its length or streams chunks.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 
 from .metrics import SelfMetrics
 
 INGEST_PATH = "/api/v1/results"
+PROTECTED_PREFIXES = (INGEST_PATH, "/api/v1/scans")
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+def bearer_ok(scope, expected: bytes) -> bool:
+    """Constant-time check of ``Authorization: Bearer <token>``."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, cred = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(cred.strip(), expected)
+    return False
+
+
+async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": data})
 
 
 class LimitAndTime:
-    def __init__(self, app, *, max_bytes: int, metrics: SelfMetrics):
+    def __init__(self, app, *, token: str, max_bytes: int, metrics: SelfMetrics):
         self.app = app
+        self.token = token.encode()
         self.max_bytes = max_bytes
         self.metrics = metrics
 
@@ -40,6 +55,11 @@ class LimitAndTime:
             await send(message)
 
         try:
+            if scope["path"].startswith(PROTECTED_PREFIXES) and not bearer_ok(scope, self.token):
+                status["code"] = 401
+                await _send_json(send, 401, {"detail": "missing or wrong bearer token"},
+                                 [(b"www-authenticate", b"Bearer")])
+                return
             body = await self._read_body(scope, receive)
             if body is None:
                 status["code"] = 413

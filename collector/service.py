@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sqlite3
 import threading
@@ -61,6 +62,9 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
 
     config = uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, server_header=False,
                             proxy_headers=False, timeout_graceful_shutdown=5, log_config=None)
+    # uvicorn handles SIGTERM itself, then re-raises it with the handler that was there before: make
+    # that one a no-op so that a clean stop exits 0 rather than dying of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     Server(config).run(sockets=[sock])
 
 

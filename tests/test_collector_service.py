@@ -1,0 +1,149 @@
+"""`straggler collector` as a real process: systemd notify protocol, SIGTERM, restart, bad config."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from test_collector_api import AUTH, TOKEN, make_rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[str] = []
+
+    def wait_for(self, text: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in m for m in self.messages):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {text!r} on NOTIFY_SOCKET; got {self.messages}")
+            self.sock.settimeout(left)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+
+
+def start(tmp_path, port, notify=None, extra_env=None, args=()):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {**os.environ, "STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": "0.05", **(extra_env or {})}
+    if notify is not None:
+        env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="200000")
+    cmd = [sys.executable, "-m", "straggler", "collector", "--port", str(port), "--db", str(tmp_path / "c.db"),
+           "--token-file", str(token_file), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc, timeout_s=20):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_ready_watchdog_sigterm_and_data_survive_a_restart(tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(tmp_path, port, notify)
+    try:
+        notify.wait_for("READY=1")
+        assert any(f"STATUS=listening on 127.0.0.1:{port}" in m for m in notify.messages)
+        notify.wait_for("WATCHDOG=1")
+        rows = make_rows("restart", n_gpus=3)
+        r = httpx.post(f"{url}/api/v1/results", json={"host": "restart", "results": rows}, headers=AUTH, timeout=30)
+        assert r.json() == {"accepted": 9, "duplicates": 0}
+    finally:
+        rc = stop(proc)
+    assert rc == 0, proc.stderr.read()
+    notify.wait_for("STOPPING=1")
+
+    proc = start(tmp_path, port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        r = httpx.post(f"{url}/api/v1/results", json={"host": "restart", "results": rows}, headers=AUTH, timeout=30)
+        assert r.json() == {"accepted": 0, "duplicates": 9}  # stored before the restart, exactly once
+        history = httpx.get(f"{url}/api/v1/gpus/GPU-restart-2/history", timeout=5).json()["results"]
+        assert sorted(h["id"] for h in history) == sorted(r["id"] for r in rows if r["gpu"] == "GPU-restart-2")
+    finally:
+        assert stop(proc) == 0
+
+
+def run_cli(args, env=None, timeout_s=60):
+    return subprocess.run([sys.executable, "-m", "straggler", "collector", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env={**os.environ, **(env or {})})
+
+
+def test_check_prints_the_effective_settings(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('port = 9555\nhistory_scans = 3\n')
+    out = run_cli(["--config", str(cfg), "--check", "--json", "--address", "127.0.0.2"],
+                  env={"STRAGGLER_COLLECTOR_TOKEN": TOKEN, "STRAGGLER_COLLECTOR_HISTORY_SCANS": "7"})
+    assert out.returncode == 0, out.stderr
+    import json
+
+    shown = json.loads(out.stdout)
+    assert shown["port"] == 9555 and shown["history_scans"] == 7 and shown["address"] == "127.0.0.2"
+    assert TOKEN not in out.stdout
+
+
+@pytest.mark.parametrize("toml, args, env, message", [
+    ('port = "x"\nbogus = 1\n', [], {"STRAGGLER_COLLECTOR_TOKEN": TOKEN},
+     "port: expected an integer"),
+    ("", [], {"STRAGGLER_COLLECTOR_TOKEN": ""}, "no token: set token_file"),
+    ("", ["--token-file", "/nonexistent/token"], {}, "token_file: cannot read /nonexistent/token"),
+    ("", [], {"STRAGGLER_COLLECTOR_TOKEN": "short"}, "shorter than 16 characters"),
+    ("max_wait_s = 0\n", [], {"STRAGGLER_COLLECTOR_TOKEN": TOKEN}, "max_wait_s: must be > 0"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, toml, args, env, message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    out = run_cli(["--config", str(cfg), "--db", str(tmp_path / "c.db"), "--port", "0", *args], env=env)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    if "bogus" in toml:
+        assert "unknown key 'bogus'" in out.stderr  # every problem at once
+
+
+def test_port_in_use_and_unusable_database_exit_2(tmp_path):
+    env = {"STRAGGLER_COLLECTOR_TOKEN": TOKEN}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        out = run_cli(["--port", str(port), "--db", str(tmp_path / "c.db")], env=env)
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    (tmp_path / "notadir").write_text("")
+    out = run_cli(["--port", "0", "--db", str(tmp_path / "notadir" / "c.db")], env=env)
+    assert out.returncode == 2 and "cannot open database" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
