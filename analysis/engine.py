@@ -167,8 +167,13 @@ def _reference(config: AnalysisConfig, d: dict, est, alone: np.ndarray) -> tuple
 def _verdict_text(i: int, pv, hv, verdict) -> str:
     parts = []
     if np.isfinite(pv.peer_value[i]):
-        loo = " leave-one-out" if str(pv.basis[i]).endswith(peers.LOO) else ""
-        parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {pv.group_size[i] - 1} peers{loo}")
+        others = pv.group_size[i] - 1
+        where = "node" if str(pv.basis[i]).startswith(peers.NODE) else "fleet"
+        if str(pv.basis[i]).endswith(peers.LOO):
+            parts.append(f"{1 - pv.deficit[i]:.3f}x the mean of the {others} other {where} "
+                         f"device{'s' if others > 1 else ''} (leave-one-out)")
+        else:
+            parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {others} {where} peers")
     if hv.n_scans[i] > 0:
         parts.append(f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans")
     parts.append(f"q={verdict.q_value[i]:.2g}")

@@ -28,15 +28,18 @@ def render(result, console, show_all: bool = False, top: int = 20) -> None:
     s = result.summary
     table = Table(title=f"straggler analyze: {s['stragglers']} straggler(s) among {s['entries']} "
                         f"device x probe entries ({s['devices']} devices)", title_justify="left")
-    for col, kw in (("host", {}), ("gpu", {"overflow": "fold"}), ("probe", {}), ("verdict", {}),
-                    ("deficit", {"justify": "right"}), ("cost", {"justify": "right"}),
-                    ("basis", {}), ("cause", {}), ("evidence", {"overflow": "fold"})):
+    for col, kw in (("host", {}), ("gpu", {"overflow": "fold"}), ("probe", {}), ("verdict", {"no_wrap": True}),
+                    ("deficit", {"justify": "right", "no_wrap": True}),
+                    ("cost", {"justify": "right", "no_wrap": True}), ("basis", {"overflow": "fold"}),
+                    ("cause", {"overflow": "fold"})):
         table.add_column(col, **kw)
     for r in shown.itertuples(index=False):
         verdict = "[bold red]STRAGGLER[/]" if r.straggler else "ok"
         table.add_row(str(r.host), str(r.gpu), str(r.probe), verdict, _pct(r.deficit), _pct(r.cost),
-                      str(r.basis), ", ".join(CAUSE_TEXT.get(c, c) for c in r.causes), str(r.evidence))
+                      str(r.basis), ", ".join(CAUSE_TEXT.get(c, c) for c in r.causes))
     console.print(table)
+    for r in d[d["straggler"]].itertuples(index=False):
+        console.print(f"[bold]{r.host} {r.gpu} {r.probe}[/]: {r.evidence}", highlight=False)
     if len(shown) < len(d):
         console.print(f"({len(d) - len(shown)} more healthy entries not shown; --all shows them)")
     for job in s["job_cost"]:

@@ -1,0 +1,301 @@
+"""The analysis engine on constructed fleets: detection, transients, small groups, history, causes, cost."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from straggler.analysis import AnalysisConfig, analyze
+from straggler.errors import ConfigError, InputError
+
+MODEL = "NVIDIA H100 80GB HBM3"
+
+
+def fleet(n_hosts=16, per_host=4, samples=5, noise=0.01, spread=0.005, slow=None, seed=0,
+          probe="matmul", scan_id=None, base=None, **columns) -> pd.DataFrame:
+    """A result table: ``slow`` maps device number -> true ratio to nominal (1000)."""
+    rng = np.random.default_rng(seed)
+    n = n_hosts * per_host
+    rate = 1 + rng.normal(0, spread, n) if base is None else np.asarray(base, dtype=float).copy()
+    for i, r in (slow or {}).items():
+        rate[i] = r
+    rows = []
+    for i in range(n):
+        for s in range(samples):
+            row = {"host": f"node{i // per_host:03d}", "gpu": f"GPU-{i:04d}", "index": i % per_host,
+                   "model": MODEL, "probe": probe, "settings": "n=8192,dtype=bf16", "sample": s,
+                   "value": 1000 * rate[i] * (1 + rng.normal(0, noise)), "unit": "GFLOP/s"}
+            if scan_id is not None:
+                row["scan_id"] = scan_id
+            for col, values in columns.items():
+                row[col] = values[i] if isinstance(values, (list, tuple, dict)) and i in range(len(values)) \
+                    else values
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def flagged(res) -> set[str]:
+    return set(res.devices.loc[res.devices["straggler"], "gpu"])
+
+
+def row(res, gpu: str) -> pd.Series:
+    return res.devices.set_index("gpu").loc[gpu]
+
+
+# --- detection ---------------------------------------------------------------------------------
+
+def test_flags_exactly_the_slow_device_with_its_deficit_and_cost():
+    res = analyze(fleet(slow={7: 0.95}))
+    assert flagged(res) == {"GPU-0007"}
+    r = row(res, "GPU-0007")
+    assert r["basis"] == "fleet_peers"
+    assert r["deficit"] == pytest.approx(0.05, abs=0.01)
+    assert r["cost"] == pytest.approx(1 / 0.95 - 1, abs=0.012)
+    assert r["q_value"] <= 0.01 and r["n_samples"] == 5
+    assert res.devices.iloc[0]["gpu"] == "GPU-0007"  # stragglers first, ranked by cost
+    assert res.summary["stragglers"] == 1 and res.summary["devices"] == 64
+
+
+def test_healthy_fleets_flag_nothing():
+    for seed in range(5):
+        res = analyze(fleet(n_hosts=50, seed=seed))
+        assert flagged(res) == set(), seed
+
+
+def test_three_percent_slow_is_found_and_one_percent_is_not():
+    res = analyze(fleet(n_hosts=50, slow={3: 0.97, 50: 0.97, 90: 0.99, 120: 0.99}, samples=10))
+    assert flagged(res) == {"GPU-0003", "GPU-0050"}
+
+
+def test_transient_dips_in_single_samples_do_not_flag():
+    df = fleet()
+    dev = df["gpu"] == "GPU-0005"
+    idx = df.index[dev][:2]
+    df.loc[idx, "value"] *= 0.5  # two of five samples dip to half speed
+    res = analyze(df)
+    assert flagged(res) == set()
+    r = row(res, "GPU-0005")
+    assert r["n_kept"] == 3 and abs(r["deficit"]) < 0.02
+
+
+def test_twenty_percent_slow_devices_do_not_mask_each_other():
+    slow = {i: 0.94 for i in range(0, 100, 5)}  # 20 of 100
+    res = analyze(fleet(n_hosts=25, slow=slow))
+    assert flagged(res) == {f"GPU-{i:04d}" for i in slow}
+    healthy = res.devices[~res.devices["straggler"]]
+    assert healthy["peer_median"].iloc[0] == pytest.approx(1000, rel=0.004)
+
+
+def test_two_cpu_cores_decided_leave_one_out():
+    slow = fleet(n_hosts=1, per_host=2, samples=8, noise=0.03, base=[1.0, 0.62])
+    res = analyze(slow)
+    assert flagged(res) == {"GPU-0001"}
+    assert row(res, "GPU-0001")["basis"] == "node_peers_loo"
+    assert "leave-one-out" in row(res, "GPU-0001")["evidence"]
+    # Two idle cores a percent or two apart, with noisy samples: nothing.
+    for seed in range(5):
+        idle = fleet(n_hosts=1, per_host=2, samples=5, noise=0.03, base=[1.0, 0.985], seed=seed)
+        assert flagged(analyze(idle)) == set(), seed
+
+
+def test_three_devices_and_a_single_peer_group_per_settings():
+    df = pd.concat([fleet(n_hosts=1, per_host=3, base=[1, 1, 0.8]),
+                    fleet(n_hosts=1, per_host=3, base=[1, 1, 1]).assign(settings="n=4096")])
+    res = analyze(df)
+    assert set(res.devices["peer_group_size"]) == {3}
+    assert len(res.devices) == 6
+    assert flagged(res) == {"GPU-0002"}
+    bad = res.devices[res.devices["straggler"]]
+    assert list(bad["settings"]) == ["n=8192,dtype=bf16"]
+
+
+def test_minimal_columns_are_enough():
+    df = fleet(slow={2: 0.9})[["host", "gpu", "model", "probe", "value"]]
+    res = analyze(df)
+    assert flagged(res) == {"GPU-0002"}
+    assert res.devices["index"].isna().all()
+
+
+def test_power_limit_separates_peers():
+    limit = [700.0] * 60 + [500.0] * 4  # four devices run capped: they are their own peer group
+    base = [1.0] * 60 + [0.9] * 4
+    res = analyze(fleet(base=base, power_limit_w=limit, spread=0))
+    assert flagged(res) == set()
+    assert set(res.devices["peer_group_size"]) == {60, 4}
+
+
+# --- causes ------------------------------------------------------------------------------------
+
+def test_whole_node_slow_is_named():
+    res = analyze(fleet(slow={12: 0.92, 13: 0.92, 14: 0.92, 15: 0.92, 40: 0.9}))
+    assert flagged(res) == {"GPU-0012", "GPU-0013", "GPU-0014", "GPU-0015", "GPU-0040"}
+    assert "whole_node" in row(res, "GPU-0013")["causes"]
+    assert "node003" in row(res, "GPU-0013")["evidence"]
+    assert list(row(res, "GPU-0040")["causes"]) == ["unexplained"]
+
+
+def test_causes_come_from_telemetry():
+    n = 64
+    clock = [1980.0] * n
+    throttle = ["sw_power_cap=0.900"] * n
+    gen = [5] * n
+    ecc = [0] * n
+    procs = [1] * n
+    throttle[1] = "sw_thermal_slowdown=0.600;sw_power_cap=0.300"
+    clock[2], throttle[2] = 1850.0, "sw_power_cap=1.000"  # power-capped at a lower clock
+    gen[3] = 3  # PCIe link trained down
+    ecc[4] = 2  # uncorrected ECC errors
+    procs[5] = 3  # other processes on the GPU
+    base = [1.0] * n
+    for i in range(1, 7):
+        base[i] = 0.93
+    res = analyze(fleet(base=base, spread=0, sm_clock_mhz=clock, throttle_reasons=throttle, pcie_gen=gen,
+                        pcie_gen_max=5, pcie_width=16, pcie_width_max=16, ecc_uncorrected_total=ecc,
+                        processes=procs, temp_c=70.0))
+    assert flagged(res) == {f"GPU-{i:04d}" for i in range(1, 7)}
+    assert list(row(res, "GPU-0001")["causes"]) == ["thermal"]
+    assert "thermal slowdown 60%" in row(res, "GPU-0001")["evidence"]
+    assert list(row(res, "GPU-0002")["causes"]) == ["power_capped"]
+    assert "1850 MHz (peers 1980)" in row(res, "GPU-0002")["evidence"]
+    assert list(row(res, "GPU-0003")["causes"]) == ["pcie_link"]
+    assert "gen3 x16" in row(res, "GPU-0003")["evidence"]
+    assert list(row(res, "GPU-0004")["causes"]) == ["memory"]
+    assert list(row(res, "GPU-0005")["causes"]) == ["contention"]
+    assert list(row(res, "GPU-0006")["causes"]) == ["unexplained"]
+    assert res.summary["causes"]["thermal"] == 1
+
+
+def test_slow_membw_probe_is_a_memory_cause():
+    res = analyze(fleet(slow={9: 0.9}, probe="membw"))
+    assert list(row(res, "GPU-0009")["causes"]) == ["memory"]
+
+
+# --- history -----------------------------------------------------------------------------------
+
+def drifting(scans=6, start=1.02, end=0.99):
+    """A fleet scanned ``scans`` + 1 times; GPU-0009 drifts from ``start`` to ``end``."""
+    frames = []
+    for k in range(scans + 1):
+        base = 1 + np.random.default_rng(42).normal(0, 0.005, 64)
+        base[9] = start + (end - start) * k / scans
+        frames.append(fleet(base=base, seed=k, scan_id=f"s{k}", ts=1.7e9 + 3600 * k))
+    return frames
+
+
+def test_degrading_device_is_flagged_on_its_own_history_inside_the_fleet_spread():
+    frames = drifting()
+    alone = analyze(frames[-1])
+    assert flagged(alone) == set()  # 1% below the median: inside the fleet's spread
+    res = analyze(frames[-1], history=pd.concat(frames[:-1]))
+    assert flagged(res) == {"GPU-0009"}
+    r = row(res, "GPU-0009")
+    assert r["basis"] == "history" and r["history_scans"] == 6
+    assert r["history_deficit"] == pytest.approx(0.03 - 0.005, abs=0.01)
+    assert "own baseline over 6 past scans" in r["evidence"]
+
+
+def test_earlier_scans_in_the_same_table_are_history():
+    res = analyze(pd.concat(drifting()))
+    assert flagged(res) == {"GPU-0009"}
+    assert res.summary["scans"] == 7 and res.summary["samples"] == 64 * 5
+    assert (res.devices["history_scans"] == 6).all()
+
+
+def test_stable_history_flags_nothing():
+    assert flagged(analyze(pd.concat(drifting(start=1.0, end=1.0)))) == set()
+
+
+def test_single_device_uses_history_or_reference_or_fails():
+    one = fleet(n_hosts=1, per_host=1, base=[0.85])
+    with pytest.raises(InputError, match="only one device.*GPU-0000"):
+        analyze(one)
+    res = analyze(one, config=AnalysisConfig(references=(f"{MODEL}|matmul=1000",)))
+    assert flagged(res) == {"GPU-0000"}
+    assert row(res, "GPU-0000")["basis"] == "reference"
+    past = fleet(n_hosts=1, per_host=1, base=[1.0], scan_id="old", ts=1.0)
+    res = analyze(one.assign(scan_id="new", ts=2.0), history=past)
+    assert row(res, "GPU-0000")["basis"] == "history" and flagged(res) == {"GPU-0000"}
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_missing_required_column_is_named():
+    with pytest.raises(InputError, match="missing required column value"):
+        analyze(fleet().drop(columns="value"))
+    with pytest.raises(InputError, match="host, model"):
+        analyze(fleet().drop(columns=["host", "model"]))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (float("inf"), r"row 8: column 'value' is infinite"),
+    (-3.0, r"row 8: column 'value' is negative"),
+    ("fast", r"row 8: column 'value' is not a number: 'fast'"),
+])
+def test_impossible_values_name_the_row(bad, message):
+    df = fleet().astype({"value": object})
+    df.loc[7, "value"] = bad
+    with pytest.raises(InputError, match=message):
+        analyze(df)
+
+
+def test_unusable_rows_are_dropped_and_counted():
+    df = fleet(slow={3: 0.9})
+    df.loc[[1, 2], "value"] = np.nan
+    df.loc[4, "host"] = None
+    df = pd.concat([df, df.iloc[[10, 11, 12]]], ignore_index=True)  # the same samples again
+    res = analyze(df)
+    assert res.dropped == {"value missing": 2, "host missing": 1, "duplicate row": 3}
+    assert res.summary["dropped"] == res.dropped
+    assert res.summary["samples"] == 64 * 5 - 3
+    assert flagged(res) == {"GPU-0003"}
+
+
+def test_the_same_sample_with_two_values_is_an_error():
+    df = fleet()
+    dup = df.iloc[[20]].assign(value=1.0)
+    with pytest.raises(InputError, match=r"rows 21 and 321 record the same sample .*GPU-0004"):
+        analyze(pd.concat([df, dup], ignore_index=True))
+
+
+def test_mixed_units_within_a_probe_are_an_error():
+    df = fleet()
+    df.loc[df["gpu"] == "GPU-0001", "unit"] = "TFLOP/s"
+    with pytest.raises(InputError, match="probe matmul .* mixes units GFLOP/s, TFLOP/s"):
+        analyze(df)
+
+
+def test_nothing_usable_and_bad_config_are_errors():
+    with pytest.raises(InputError, match="no usable rows .*value missing"):
+        analyze(fleet().assign(value=np.nan))
+    with pytest.raises(ConfigError) as e:
+        analyze(fleet(), config=AnalysisConfig(fdr=2, min_effect=-1, references=("nonsense",)))
+    assert "fdr" in str(e.value) and "min_effect" in str(e.value) and "references" in str(e.value)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def test_json_document():
+    res = analyze(fleet(slow={5: 0.9}))
+    doc = res.to_json()
+    json.dumps(doc, allow_nan=False)
+    assert set(doc) == {"gpus", "summary"}
+    assert len(doc["gpus"]) == 64
+    top = doc["gpus"][0]
+    for key in ("host", "gpu", "straggler", "probe", "deficit", "basis", "causes", "cost"):
+        assert key in top
+    assert top["gpu"] == "GPU-0005" and top["straggler"] is True and top["causes"] == ["unexplained"]
+    assert doc["gpus"][1]["causes"] == [] and doc["gpus"][1]["history_baseline"] is None
+    jobs = doc["summary"]["job_cost"]
+    assert [j["job_devices"] for j in jobs] == [8, 64]  # 512 and 4096 exceed the group: left out
+    assert jobs[0]["speedup"] > 0
+
+
+def test_probes_are_analysed_separately():
+    df = pd.concat([fleet(slow={1: 0.9}), fleet(probe="membw", seed=3)])
+    res = analyze(df)
+    assert res.summary["probes"] == {"matmul": {"devices": 64, "stragglers": 1},
+                                     "membw": {"devices": 64, "stragglers": 0}}
+    assert res.summary["entries"] == 128 and res.summary["devices"] == 64

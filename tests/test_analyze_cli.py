@@ -1,0 +1,136 @@
+"""`straggler analyze FILE...`: files in every format, the rich table, --json, exit codes, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from straggler.analysis import analyze as run_analysis
+from straggler.cli import main
+from straggler.commands.analyze import render
+from straggler.records import write_table
+
+
+def table(slow=None, n=16, samples=5, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        rate = (slow or {}).get(i, 1.0)
+        for s in range(samples):
+            rows.append({"host": f"node{i // 4}", "gpu": f"GPU-{i:02d}", "model": "H100", "probe": "matmul",
+                         "sample": s, "value": 700 * rate * (1 + rng.normal(0, 0.01))})
+    return pd.DataFrame(rows)
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_json_output_and_exit_code_for_every_format(tmp_path, capsys, suffix):
+    path = tmp_path / f"scan{suffix}"
+    write_table(table(slow={6: 0.9}), path)
+    code, out, err = cli(["analyze", str(path), "--json"], capsys)
+    assert code == 1, err
+    doc = json.loads(out)
+    assert len(doc["gpus"]) == 16
+    first = doc["gpus"][0]
+    assert (first["gpu"], first["straggler"], first["basis"]) == ("GPU-06", True, "fleet_peers")
+    assert first["deficit"] == pytest.approx(0.1, abs=0.015)
+    assert first["cost"] == pytest.approx(1 / 0.9 - 1, abs=0.02)
+    assert doc["summary"]["stragglers"] == 1
+
+
+def test_minimal_csv_healthy_exits_zero(tmp_path, capsys):
+    path = tmp_path / "min.csv"
+    table()[["host", "gpu", "model", "probe", "value"]].to_csv(path, index=False)
+    code, out, err = cli(["analyze", str(path)], capsys)
+    assert code == 0, err
+    assert "0 straggler(s) among 16" in out
+
+
+def test_rich_table_ranked_by_cost():
+    res = run_analysis(table(slow={3: 0.93, 9: 0.8}))
+    buf = io.StringIO()
+    render(res, Console(file=buf, width=200, color_system=None), top=2)
+    text = buf.getvalue()
+    lines = text.splitlines()
+    row9 = next(i for i, line in enumerate(lines) if "GPU-09" in line)
+    row3 = next(i for i, line in enumerate(lines) if "GPU-03" in line)
+    assert row9 < row3  # 20% slow costs more than 7% slow
+    cost9 = res.devices.set_index("gpu").loc["GPU-09", "cost"]
+    assert 0.2 < cost9 < 0.3  # 1 / 0.8 - 1 = 25%, measured through 1% noise
+    assert "STRAGGLER" in lines[row9] and f"{cost9:.1%}" in lines[row9] and "unexplained" in lines[row9]
+    assert "12 more healthy entries not shown" in text
+    assert sum("ok " in line for line in lines) == 2
+    assert "8-device synchronous job runs" in text
+
+
+def test_dropped_rows_are_reported(tmp_path, capsys):
+    df = table()
+    df.loc[[0, 1, 2], "value"] = np.nan
+    path = tmp_path / "holes.csv"
+    df.to_csv(path, index=False)
+    code, out, _ = cli(["analyze", str(path)], capsys)
+    assert code == 0 and "dropped rows: 3 value missing" in out
+    code, out, _ = cli(["analyze", str(path), "--json"], capsys)
+    assert json.loads(out)["summary"]["dropped"] == {"value missing": 3}
+
+
+def test_history_files_and_options(tmp_path, capsys):
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    base = table(seed=1).assign(scan_id="a", ts=1.0)
+    base.loc[base["gpu"] == "GPU-05", "value"] *= 1.03  # GPU-05 was 3% faster before
+    write_table(base, old)
+    write_table(table(seed=2).assign(scan_id="b", ts=2.0), new)
+    code, out, err = cli(["analyze", str(new), "--json"], capsys)
+    assert code == 0, err
+    code, out, err = cli(["analyze", str(new), "--history", str(old), "--json", "--job-sizes", "4,8"], capsys)
+    assert code == 1, err
+    doc = json.loads(out)
+    assert doc["gpus"][0]["gpu"] == "GPU-05" and doc["gpus"][0]["basis"] == "history"
+    code, out, err = cli(["analyze", str(new), "--history", str(old), "--json", "--min-effect", "0.05"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["summary"]["min_effect"] == 0.05
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: table().drop(columns="probe").to_csv(p / "t.csv", index=False) or p / "t.csv",
+     "missing required column probe"),
+    (lambda p: (p / "t.txt").write_text("x") and p / "t.txt", "unknown file type '.txt'"),
+    (lambda p: p / "absent.csv", "absent.csv: no such file"),
+    (lambda p: table().assign(value=lambda d: d["value"].where(d.index != 4, -1.0)).to_csv(
+        p / "t.csv", index=False) or p / "t.csv", "row 5: column 'value' is negative"),
+    (lambda p: table(n=1).to_csv(p / "t.csv", index=False) or p / "t.csv", "only one device"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, message):
+    code, out, err = cli(["analyze", str(make(tmp_path))], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("straggler: error: ") and message in err
+
+
+def test_bad_option_lists_every_problem(tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    table().to_csv(path, index=False)
+    code, _, err = cli(["analyze", str(path), "--fdr", "1.5", "--min-effect", "-0.1"], capsys)
+    assert code == 2 and "fdr" in err and "min_effect" in err
+
+
+def test_subprocess_exit_codes(tmp_path):
+    """The installed entry point, as a user runs it."""
+    path = tmp_path / "scan.csv"
+    write_table(table(slow={2: 0.85}), path)
+    out = subprocess.run([sys.executable, "-m", "straggler", "analyze", str(path), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert json.loads(out.stdout)["gpus"][0]["gpu"] == "GPU-02"
