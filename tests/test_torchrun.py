@@ -1,0 +1,61 @@
+"""Two torchrun "nodes" on 127.0.0.1 over gloo: the same `straggler scan` joins the launcher's group
+and rank 0 reports the devices of both nodes.
+
+Each node is one `python -m torch.distributed.run --nnodes 2 --nproc-per-node 1` with a c10d
+rendezvous on a free loopback port; the nodes get different host names (STRAGGLER_HOST) and
+different cores (their CPU affinity), as two real nodes would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from straggler.records import read_table
+
+CORES = sorted(os.sched_getaffinity(0))
+pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one node each)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
+    port, out = free_port(), tmp_path / "cluster.csv"
+    procs = []
+    for node, core in zip(("nodeA", "nodeB"), CORES[:2]):
+        env = {**os.environ, "STRAGGLER_HOST": node, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "straggler-test",
+               "-m", "straggler", "scan", "--json", "--duration", "1", "--samples", "3", "--scan-id", "tr-1",
+               "--output", str(out)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    results = []
+    try:
+        for p in procs:
+            results.append(p.communicate(timeout=120))
+    finally:
+        for p in procs:
+            p.kill()
+    reports = [json.loads(o) for o, _ in results if o.strip()]
+    assert len(reports) == 1, [e[-2000:] for _, e in results]  # only rank 0 reports
+    doc = reports[0]
+    assert "under torchrun (rank 0 of 2)" in doc["notice"]
+    assert {(d["host"], d["gpu"]) for d in doc["devices"]} == {("nodeA", f"cpu{CORES[0]}"),
+                                                                ("nodeB", f"cpu{CORES[1]}")}
+    df = read_table(out)
+    assert set(df["host"]) == {"nodeA", "nodeB"} and (df["scan_id"] == "tr-1").all()
+    assert df.groupby(["host", "probe"]).size().to_dict() == {
+        (h, p): 3 for h in ("nodeA", "nodeB") for p in ("matmul", "membw", "allreduce")}
+    ar = df[df["probe"] == "allreduce"]
+    assert (ar["settings"].str.endswith("ranks=2")).all() and (ar["arrival_skew_s"] >= 0).all()
+    assert doc["failures"] == []
