@@ -48,14 +48,15 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
         rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"],
                      "median": rec.get("value"), "unit": units.get(key),
                      **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("median", "unit")}})
-    return rows, _clean_doc(res.to_json()), "straggler.analysis"
+    return rows, json_safe(res.to_json()), "straggler.analysis"
 
 
-def _clean_doc(doc):
+def json_safe(doc):
+    """A JSON document with NaN/inf as None and numpy scalars as Python numbers."""
     if isinstance(doc, dict):
-        return {k: _clean_doc(v) for k, v in doc.items()}
+        return {k: json_safe(v) for k, v in doc.items()}
     if isinstance(doc, list):
-        return [_clean_doc(v) for v in doc]
+        return [json_safe(v) for v in doc]
     return _clean(doc)
 
 

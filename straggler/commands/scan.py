@@ -68,7 +68,7 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
 
 
 def _report(res, as_json: bool, output: str | None) -> int:
-    from straggler.probes.report import device_report
+    from straggler.probes.report import device_report, json_safe
 
     report = device_report(res.samples, res.failures, res.devices)
     if output is not None:
@@ -79,7 +79,7 @@ def _report(res, as_json: bool, output: str | None) -> int:
         doc = {"scan_id": res.scan_id, "host": res.host, "backend": res.backend, "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
                "engine": report["engine"], "samples": res.samples}
-        sys.stdout.write(json.dumps(doc, default=_json_default, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, allow_nan=False) + "\n")
     else:
         from rich.console import Console
 
@@ -125,8 +125,9 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
 
     duration = duration_s or DEFAULT_DURATION_S["cpu"]
     doc = cluster_scan(url, token, list(probes), duration, deadline_s or 600.0, on_progress=on_progress)
-    nodes = doc.get("nodes") or {}
-    failures = [{"host": h, "device": "-", "rank": None, "probe": "scan", "error": f"node state {s}"}
+    nodes, errors = doc.get("nodes") or {}, doc.get("errors") or {}
+    failures = [{"host": h, "device": "-", "rank": None, "probe": "scan",
+                 "error": errors.get(h) or (f"node {s}" + (" when the scan timed out" if doc.get("timed_out") else ""))}
                 for h, s in sorted(nodes.items()) if s != "done"]
     return ScanResult(scan_id=doc["scan_id"], host=url, backend="collector",
                       notice=f"cluster scan through {url}: {len(nodes)} node(s)",
