@@ -35,6 +35,7 @@ from .uploader import Uploader
 
 log = logging.getLogger("straggler.agent")
 FINAL_FLUSH_S = 5.0
+MISSED_START_S = 30.0  # a cluster scan picked up later than this after its start_at is refused
 
 
 class Agent:
@@ -226,10 +227,12 @@ class Agent:
 
     def _start_cluster_scan(self, scan: dict) -> None:
         scan_id = scan["scan_id"]
-        reason = self._busy()
+        late_s = time.time() - (scan.get("start_at") or time.time())
+        busy = self._busy()
+        reason = f"missed the start by {late_s:.0f} s" if late_s > MISSED_START_S else busy and f"node busy: {busy}"
         if reason:
-            log.warning("cluster scan %s refused: node busy (%s)", scan_id, reason)
-            self.spool.add_status(scan_id, self.host, "failed", f"node busy: {reason}")
+            log.warning("cluster scan %s refused: %s", scan_id, reason)
+            self.spool.add_status(scan_id, self.host, "failed", reason)
             self._wake_uploader()
             return
         self._start(scan_id, cluster=True, start_at=scan.get("start_at"), probes=scan.get("probes"),

@@ -59,7 +59,9 @@ class AgentSettings:
             out.append(f"log_level: {self.log_level!r} is not debug, info, warning or error")
         if self.collector_url and not self.collector_url.startswith(("http://", "https://")):
             out.append(f"collector_url: {self.collector_url!r} is not an http(s) URL")
-        if self.token_file is not None and self.collector_url and not self.token_file.is_file():
+        if self.collector_url and self.token_file is None:
+            out.append("token_file: required with collector_url (the collector needs a bearer token)")
+        elif self.token_file is not None and self.collector_url and not self.token_file.is_file():
             out.append(f"token_file: {self.token_file} is not a readable file")
         if not self.probes:
             out.append("probes: give at least one probe")

@@ -5,18 +5,20 @@ and a real `straggler scan` child with the daemon staying free of torch and unde
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, require_tool
-from test_agent_support import AgentProcess, toml, wait_until, write_fake_scan
+from test_agent_support import AgentProcess, IngestServer, toml, wait_until, write_fake_scan
 
 
 def scrape(agent: AgentProcess) -> dict[tuple, float]:
@@ -177,3 +179,39 @@ def test_real_scan_child_and_the_daemon_stays_light(tmp_path):
     parsed = [__import__("json").loads(r[0]) for r in rows]
     assert len(parsed) >= os.cpu_count() and {r["probe"] for r in parsed} == {"matmul"}
     assert {r["host"] for r in parsed} == {"light"} and all(r["value"] > 0 for r in parsed)
+
+
+def _scan(scan_id: str, start_in_s: float) -> dict:
+    return {"scan_id": scan_id, "start_at": time.time() + start_in_s, "probes": ["matmul"], "duration_s": 1.0,
+            "hosts": None}
+
+
+def test_cluster_scans_by_long_poll_run_refuse_when_busy_or_late(agents, tmp_path):
+    server = IngestServer(token="tok")
+    (tmp_path / "token").write_text("tok")
+    fake = [sys.executable, str(write_fake_scan(tmp_path))]
+    try:
+        server.scans = [_scan("s-late", -100), _scan("s-ok", 1.0)]
+        idle = agents(name="idle-node", collector_url=server.url, token_file=tmp_path / "token",
+                      probe_command=fake).start()
+        busy = agents(name="busy-node", collector_url=server.url, token_file=tmp_path / "token",
+                      telemetry="fake:h100_healthy", probe_command=fake).start()
+
+        def states(host):
+            return [(sid, b["state"], b["error"]) for sid, b in server.statuses if b["host"] == host]
+
+        wait_until(lambda: len(states("idle-node")) == 3 and len(states("busy-node")) == 2, timeout_s=60,
+                   what=f"scan states (got {server.statuses})")
+        late = re.compile(r"missed the start by 10\d s")
+        (sid, state, error), *rest = states("idle-node")
+        assert (sid, state) == ("s-late", "failed") and late.fullmatch(error)
+        assert rest == [("s-ok", "running", None), ("s-ok", "done", None)]
+        (sid, state, error), *rest = states("busy-node")
+        assert (sid, state) == ("s-late", "failed") and late.fullmatch(error)
+        assert rest == [("s-ok", "failed", "node busy: device 0 runs 1 compute process(es)")]
+        rows = list(server.rows.values())
+        assert len(rows) == 3 and {r["host"] for r in rows} == {"idle-node"} and {r["scan_id"] for r in rows} == {"s-ok"}
+        assert min(r["ts"] for r in rows) >= server.scans[1]["start_at"] - 0.01  # the child waited for start_at
+        assert idle.stop() == 0 and busy.stop() == 0
+    finally:
+        server.close()

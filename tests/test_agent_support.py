@@ -208,7 +208,10 @@ class IngestServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a stopped agent's long poll)
 
             def _authorized(self) -> bool:
                 if self.headers.get("Authorization") != f"Bearer {outer.token}":

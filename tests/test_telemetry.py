@@ -314,3 +314,36 @@ def test_record_fixture_keeps_faults_as_data(tmp_path):
     assert statuses == [STATUS_OK] * 4 + [STATUS_LOST] * 4
     assert replay.read(0).errors["retired_pages"] == "not_supported"
     assert set(json.loads(path.read_text())["devices"][0]["frames"][0]) <= set(READING_FIELDS)
+
+
+# --- real GPUs (run by benchmarks/gpu_check.py on a GPU node) ------------------------------------
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: the NVML backend is checked on hardware by benchmarks/gpu_check.py")
+
+
+@pytest.mark.gpu
+def test_nvml_backend_reads_every_real_gpu(tmp_path):
+    _require_cuda()
+    b = open_backend("nvml")
+    try:
+        n = b.device_count()
+        assert n >= 1 and b.init_error is None
+        snap = b.snapshot("gpu-node")
+        assert snap.error is None and len(snap.devices) == n
+        for d in snap.devices:
+            assert d.status == STATUS_OK, d.errors
+            assert d.uuid.startswith("GPU-") and d.model and d.pci_bus_id and d.driver
+            assert 0 < d.sm_clock_mhz <= d.sm_clock_max_mhz and d.power_limit_w > 0 and 0 < d.temp_c < 110
+            assert d.throttle_reasons is not None and d.throttle_reasons <= set(THROTTLE_REASONS)
+            assert 1 <= d.pcie_gen <= d.pcie_gen_max and 1 <= d.pcie_width <= d.pcie_width_max
+            assert d.mem_total_bytes > 0 and d.processes is not None
+        path = record_fixture(b, tmp_path / "here.json", duration_s=0.5, interval_s=0.1)
+        assert json.loads(path.read_text())["source"].startswith(f"recorded on {snap.devices[0].model}")
+        replay = FakeBackend(str(path)).snapshot("gpu-node")
+        assert [d.uuid for d in replay.devices] == [d.uuid for d in snap.devices]
+    finally:
+        b.close()
