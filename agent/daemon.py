@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import replace
@@ -24,7 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 from straggler.errors import ConfigError
 from straggler.probes.backends import open_backend
 
-from .child import ProbeRun, scan_command
+from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
 from .idle import IdleTracker, busy_reason
 from .notify import Notifier
@@ -88,6 +89,7 @@ class Agent:
         self.port = self.server.server_port
         for scan_id in self.spool.scans_in_state("running"):
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
+        self._recover()
         self.uploader = None
         if s.collector_url:
             self.uploader = Uploader(s, self.spool, self.host, self.metrics)
@@ -262,17 +264,31 @@ class Agent:
                  " ".join(cmd))
         self.notifier.status(f"probing ({scan_id}); serving /metrics on {s.listen_address}:{self.port}")
 
+    def _recover(self) -> None:
+        """Spool what probe runs interrupted by a crash or a kill of the agent had written."""
+        for path in sorted(self.workdir.glob("*.jsonl")):
+            new = self.spool.add_results(read_rows(path), host=self.host)
+            log.warning("recovered %d results of the interrupted probe run %s", new, path.stem)
+            for leftover in (path, path.with_suffix(".stderr"), path.with_suffix(".stdout")):
+                leftover.unlink(missing_ok=True)
+
     def _reap(self, run: ProbeRun) -> None:
-        rows = run.rows()
-        new = self.spool.add_results(rows, host=self.host) if rows else 0
+        try:
+            new = self.spool.add_results(run.rows(), host=self.host)
+            if run.cluster:
+                self.spool.add_status(run.scan_id, self.host, "failed" if run.failed else "done", run.error)
+        except sqlite3.Error as e:  # e.g. a full disk: keep the output file, spooled at the next start
+            self.metrics.errors.labels("spool").inc()
+            log.error("cannot spool the results of %s (%s); %s is kept for the next start", run.scan_id, e,
+                      run.output)
+            self.idle.reset()
+            return
         if run.failed:
             self.metrics.probe_failures.inc()
             self.metrics.errors.labels("probe").inc()
             log.error("probe run %s failed: %s (%d results kept)", run.scan_id, run.error, new)
         else:
             log.info("probe run %s done: %d results spooled", run.scan_id, new)
-        if run.cluster:
-            self.spool.add_status(run.scan_id, self.host, "failed" if run.failed else "done", run.error)
         if run.ended_mono is not None:
             self.metrics.probe_seconds.set(run.ended_mono - run.started_mono)
         self.metrics.spooled.set(self.spool.count())

@@ -36,11 +36,8 @@ H3 = {"host": "n1", "gpu": "3", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-00000000000
 def test_settings_list_every_problem_at_once(tmp_path):
     cfg = tmp_path / "agent.toml"
     cfg.write_text('interval_s = 0\nlisten_port = 70000\nprobe_device = "tpu"\nbogus = 1\n')
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
         load_settings(cfg, env={})
-    msg = str(e.value)
-    for part in ("unknown key 'bogus'",):
-        assert part in msg
     cfg.write_text('interval_s = 0\nlisten_port = 70000\nprobe_device = "tpu"\n')
     with pytest.raises(ConfigError) as e:
         load_settings(cfg, env={})

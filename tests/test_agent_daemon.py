@@ -215,3 +215,20 @@ def test_cluster_scans_by_long_poll_run_refuse_when_busy_or_late(agents, tmp_pat
         assert idle.stop() == 0 and busy.stop() == 0
     finally:
         server.close()
+
+
+def test_results_of_a_probe_interrupted_by_an_agent_crash_are_recovered(agents, tmp_path):
+    a = agents(probe_command=[sys.executable, str(write_fake_scan(tmp_path))], env={"FAKE_SCAN_MODE": "hang"}).start()
+    wait_until(lambda: value(scrape(a), "straggler_agent_ticks_total"), what="a tick")
+    a.signal(signal.SIGUSR1)
+    work = a.dir / "agent-scans"
+    wait_until(lambda: list(work.glob("*.jsonl.args")), what="child running")
+    child_pid = int(subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()[0])
+    a.kill()  # SIGKILL: no clean stop, the two rows are only in the child's output file
+    os.kill(child_pid, signal.SIGKILL)  # what systemd's KillMode=control-group does to the orphan
+    assert spooled(a) == 0
+    a.start()
+    wait_until(lambda: spooled(a) == 2, what="recovered rows", timeout_s=30)
+    assert "recovered 2 results of the interrupted probe run" in a.log()
+    assert not list(work.glob("*.jsonl"))
+    assert a.stop() == 0
