@@ -23,6 +23,7 @@ from .telemetry import (
 )
 
 GPU_IS_LOST = "gpu_is_lost"
+INIT_RETRY_S = 60.0  # a failed NVML init is retried this long after (a driver loaded after the agent)
 # Init failures a user can act on -> what to do.
 INIT_HINTS = {
     "library_not_found": "NVML library not found (libnvidia-ml.so.1): no NVIDIA driver on this host; "
@@ -189,24 +190,27 @@ class NvmlBackend:
         self._lock = threading.Lock()
         self._ready = False
         self.init_error: str | None = None  # a hint, when NVML failed to initialise
+        self._failed_at = 0.0
         self._count = 0
         self._driver: str | None = None
         self._static: dict[int, dict[str, Any]] = {}
 
     def _ensure(self) -> bool:
         with self._lock:
-            if self._ready or self.init_error is not None:
-                return self._ready
+            if self._ready:
+                return True
+            if self.init_error is not None and time.monotonic() - self._failed_at < INIT_RETRY_S:
+                return False
             nv = _nv()
             started = _query(nv.nvmlInit)
-            if isinstance(started, NvmlFailure):
-                self.init_error = init_hint(started.code)
-                return False
-            count = _query(nv.nvmlDeviceGetCount)
+            count = started if isinstance(started, NvmlFailure) else _query(nv.nvmlDeviceGetCount)
             if isinstance(count, NvmlFailure):
+                if not isinstance(started, NvmlFailure):
+                    _query(nv.nvmlShutdown)
                 self.init_error = init_hint(count.code)
-                _query(nv.nvmlShutdown)
+                self._failed_at = time.monotonic()
                 return False
+            self.init_error = None
             driver = _query(nv.nvmlSystemGetDriverVersion)
             self._driver = None if isinstance(driver, NvmlFailure) else _text(driver)
             self._count = int(count)
