@@ -27,6 +27,8 @@ def scan_rank(frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(len(frame), dtype=np.int64)
     sid = frame["scan_id"].astype("string").fillna("")
     code, n = groups.factorize(sid)
+    if n == 1:
+        return np.zeros(len(frame), dtype=np.int64)
     if "ts" in frame.columns:
         ts = pd.to_numeric(frame["ts"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
         when = groups.extreme(code, ts, n, "max")

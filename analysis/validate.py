@@ -15,6 +15,8 @@ import pandas as pd
 from straggler.errors import InputError
 from straggler.records import REQUIRED_COLUMNS
 
+from . import groups
+
 IDENTITY = ("host", "gpu", "model", "probe")
 
 
@@ -98,13 +100,11 @@ def _check_units(df: pd.DataFrame, what: str) -> None:
 
 
 def duplicates(df: pd.DataFrame, dev: np.ndarray, rank: np.ndarray, what: str) -> np.ndarray:
-    """Rows recording a sample already seen (same device, probe, settings, scan, ``sample`` and
-    ``ts``): True for the repeats, which are dropped and counted; the same sample with different
-    values raises InputError. Without a ``sample`` or ``ts`` column rows cannot be told apart from
-    repeated samples, and nothing is a duplicate."""
-    from . import groups
-
-    cols = [c for c in ("sample", "ts") if c in df.columns]
+    """Rows recording a sample already seen (same device, probe, settings, scan and ``sample``, or
+    ``ts`` when there is no ``sample`` column): True for the repeats, which are dropped and counted;
+    the same sample with different values raises InputError. Without a ``sample`` or ``ts`` column
+    rows cannot be told apart from repeated samples, and nothing is a duplicate."""
+    cols = ["sample"] if "sample" in df.columns else ["ts"] if "ts" in df.columns else []
     if not cols:
         return np.zeros(len(df), dtype=bool)
     parts = [pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan) for c in cols]

@@ -1,0 +1,82 @@
+"""The numeric building blocks against plain references: group statistics, BH q-values, job cost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from straggler.analysis import cost, groups
+from straggler.analysis.detect import bh_qvalues
+
+finite = st.floats(min_value=1e-3, max_value=1e6, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), finite), min_size=1, max_size=80))
+def test_group_median_and_quantile_match_pandas(pairs):
+    codes = np.array([c for c, _ in pairs], dtype=np.int64)
+    values = np.array([v for _, v in pairs])
+    n = 13
+    med, q75 = groups.quantiles(codes, values, n, (0.5, 0.75))
+    s = pd.Series(values).groupby(codes)
+    ref = s.median().reindex(range(n)).to_numpy()
+    np.testing.assert_allclose(med, ref, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(groups.median(codes, values, n), ref, rtol=1e-12, equal_nan=True)
+    upper = s.apply(lambda v: np.sort(v.to_numpy())[int(np.ceil(0.75 * (len(v) - 1)))])
+    np.testing.assert_allclose(q75, upper.reindex(range(n)).to_numpy(), rtol=1e-12, equal_nan=True)
+
+
+def test_group_helpers_ignore_nan_and_factorize_combinations():
+    codes = np.array([0, 0, 1, 1, 1, 3])
+    values = np.array([1.0, np.nan, 2.0, 4.0, np.nan, 5.0])
+    np.testing.assert_allclose(groups.mean(codes, values, 4), [1.0, 3.0, np.nan, 5.0])
+    np.testing.assert_allclose(groups.extreme(codes, values, 4, "max"), [1.0, 4.0, np.nan, 5.0])
+    code, n = groups.factorize(pd.Series(["a", "a", "b", None]), np.array([1, 2, 1, 1]))
+    assert n == 4 and len(set(code)) == 4
+    code, n = groups.factorize(pd.Series(["x", "y", "x"]), pd.Series([None, None, None]))
+    assert n == 2 and code[0] == code[2] != code[1]  # missing values match each other
+    assert list(groups.first_index(np.array([2, 0, 2, 1, 0]), 3)) == [1, 3, 0]
+
+
+def test_bh_qvalues_match_the_textbook_example():
+    p = np.array([0.01, 0.04, 0.03, 0.005, np.nan])
+    q = bh_qvalues(p)
+    # sorted p: .005 .01 .03 .04 (m = 4) -> .02 .02 .04 .04
+    np.testing.assert_allclose(q[:4], [0.02, 0.04, 0.04, 0.02])
+    assert np.isnan(q[4])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=50))
+def test_bh_qvalues_are_monotone_and_bounded(ps):
+    p = np.array(ps)
+    q = bh_qvalues(p)
+    assert np.all(q >= p - 1e-15) and np.all(q <= 1)
+    order = np.argsort(p, kind="stable")
+    assert np.all(np.diff(q[order]) >= -1e-15)
+
+
+def test_expected_max_matches_brute_force():
+    rng = np.random.default_rng(3)
+    t = rng.random(6)
+    # every ordered draw of 3 from 6 values, with replacement
+    grid = np.array(np.meshgrid(t, t, t)).reshape(3, -1).max(axis=0).mean()
+    assert cost.expected_max(t, [3])[0] == pytest.approx(grid, rel=1e-9)
+    assert cost.expected_max(t, [1])[0] == pytest.approx(t.mean(), rel=1e-9)
+
+
+def test_job_gain_without_stragglers():
+    step = np.array([1.0] * 98 + [1.25, 1.1])
+    flagged = np.array([False] * 98 + [True, True])
+    group = np.zeros(100, dtype=np.int64)
+    [j8, j64] = cost.job_gain(step, flagged, group, 1, [{"probe": "matmul"}], (8, 64, 512))
+    # P(a job of 8 includes the 1.25 device) = 1 - 0.99^8; expected max follows from the two slow ones
+    p_any = 1 - 0.98 ** 8
+    assert j8["step_time_without_stragglers"] == 1.0
+    assert 1 + 0.1 * p_any < j8["step_time_all"] < 1 + 0.25 * p_any
+    assert j64["speedup"] > j8["speedup"] > 0
+    assert cost.device_cost(np.array([0.8, 1.2]), np.array([1.0, 1.0])).tolist() == [0.25, 0.0]
+
