@@ -83,10 +83,6 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     group, n_group = groups.factorize(*peer_cols)
     host_code, _ = groups.factorize(d["host"])
     unit_code, n_units = groups.factorize(d["host"], d["gpu"])
-    if n_units == 1 and len(past_dev) == 0 and not config.references:
-        raise InputError(f"input: only one device (host {d['host'].iloc[0]}, gpu {d['gpu'].iloc[0]}): nothing to "
-                         "compare it with; give more devices or --history")
-
     est = estimate(dev, n_dev, cur["value"].to_numpy(dtype=float), group, n_group,
                    config.dip_sigmas, config.prior_df)
     pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,

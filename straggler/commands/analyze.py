@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from straggler.errors import EXIT_OK, EXIT_STRAGGLERS
+from straggler.errors import EXIT_OK, EXIT_STRAGGLERS, InputError
 
 CAUSE_TEXT = {
     "power_capped": "power-capped, lower clock", "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown",
@@ -81,6 +81,10 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
     samples = read_table(files)
     history = read_table(history_files) if history_files else None
     result = run(samples, history, config)
+    if result.summary["devices"] == 1 and (result.devices["basis"] == "none").all():
+        d = result.devices.iloc[0]
+        raise InputError(f"only one device (host {d['host']}, gpu {d['gpu']}) and no history or reference: "
+                         "nothing to compare it with; give more devices, --history or --reference")
     if as_json:
         click.echo(result.to_json_text())
     else:
