@@ -12,18 +12,21 @@ from dataclasses import dataclass
 from typing import Annotated, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from pydantic import ValidationError
 
 from straggler import __version__
 
 from .fleet import FleetView, json_safe
 from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime
-from .models import IngestResponse, Name, ResultBatch, ScanCreated, ScanRequest, ScanStatus, ScanView
+from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanRequest, ScanStatus, ScanView
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings
 from .store import RESULT_COLUMNS, Store
@@ -105,18 +108,29 @@ def create_app(
 
     auth = [Depends(authorized)]
 
-    @app.post("/api/v1/results", response_model=IngestResponse, dependencies=auth, tags=["ingest"])
-    def ingest(batch: ResultBatch) -> IngestResponse:
-        """Store a batch of results; idempotent by id (a replayed row counts as a duplicate)."""
-        if len(batch.results) > settings.max_batch_rows:
-            raise HTTPException(413, f"results: {len(batch.results)} rows, more than max_batch_rows={settings.max_batch_rows}")
-        rows = [tuple(getattr(r, c) for c in RESULT_COLUMNS) for r in batch.results]
-        accepted, duplicates = store.ingest(rows, clock(), agent=batch.host)
+    def store_batch(body: bytes) -> IngestResponse:
+        try:
+            batch = BATCH_ADAPTER.validate_json(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        if len(batch["results"]) > settings.max_batch_rows:
+            raise HTTPException(413, f"results: {len(batch['results'])} rows, more than max_batch_rows={settings.max_batch_rows}")
+        rows = [tuple(map(r.get, RESULT_COLUMNS)) for r in batch["results"]]
+        accepted, duplicates = store.ingest(rows, clock(), agent=batch["host"])
         metrics.results.labels("accepted").inc(accepted)
         metrics.results.labels("duplicate").inc(duplicates)
         if accepted:
             fleet.notify()
         return IngestResponse(accepted=accepted, duplicates=duplicates)
+
+    @app.post("/api/v1/results", response_model=IngestResponse, dependencies=auth, tags=["ingest"],
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/ResultBatch"}}}}})
+    async def ingest(request: Request) -> IngestResponse:
+        """Store a batch of results (body: ResultBatch); idempotent by id (a replayed row counts as a
+        duplicate). The whole batch is stored, or nothing (422 names the first bad field)."""
+        body = await request.body()
+        return await run_in_threadpool(store_batch, body)
 
     @app.post("/api/v1/scans", status_code=201, response_model=ScanCreated, dependencies=auth, tags=["scans"])
     async def create_scan(req: ScanRequest) -> dict:
@@ -194,5 +208,16 @@ def create_app(
         return {"status": "ok", "version": __version__, "analysis_ts": fleet.snapshot.computed_ts,
                 "analysis_error": fleet.snapshot.error}
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            batch = ResultBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(batch.pop("$defs", {}))
+            schemas["ResultBatch"] = batch
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
+from typing_extensions import NotRequired, Required, TypedDict
 
 from straggler.records import COLUMNS, REQUIRED_COLUMNS, STRING_COLUMNS
 
@@ -58,6 +59,31 @@ class ResultBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: Name = Field(description="the uploading agent's host")
     results: list[ResultRow]  # type: ignore[valid-type]
+
+
+def _as_typeddict(model: type[BaseModel], name: str) -> Any:
+    """The same fields and rules as ``model``, validated into plain dicts (no model instances)."""
+    ann = {}
+    for field, info in model.model_fields.items():
+        tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        ann[field] = Required[tp] if info.is_required() else NotRequired[tp]
+    td = TypedDict(name, ann)  # type: ignore[misc]
+    td.__pydantic_config__ = model.model_config  # extra="forbid"
+    return td
+
+
+_RowDict = _as_typeddict(ResultRow, "ResultRowDict")
+
+
+class _BatchDict(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    host: Name
+    results: list[_RowDict]  # type: ignore[valid-type]
+
+
+# Ingest validates raw JSON bytes straight into dicts: about twice as fast as json.loads followed
+# by ResultBatch (which documents the same body in the OpenAPI spec).
+BATCH_ADAPTER: TypeAdapter = TypeAdapter(_BatchDict)
 
 
 class IngestResponse(BaseModel):

@@ -147,3 +147,30 @@ def test_port_in_use_and_unusable_database_exit_2(tmp_path):
     out = run_cli(["--port", "0", "--db", str(tmp_path / "notadir" / "c.db")], env=env)
     assert out.returncode == 2 and "cannot open database" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_accepted_connections_have_tcp_nodelay():
+    # A listening socket made with proto 0 makes asyncio skip TCP_NODELAY, and every small answer
+    # then waits for the client's delayed ACK (~40 ms per request).
+    import asyncio
+
+    from straggler.collector.service import bind
+
+    async def main():
+        sock = bind("127.0.0.1", 0)
+        got = asyncio.get_running_loop().create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                s = transport.get_extra_info("socket")
+                got.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Proto, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        value = await asyncio.wait_for(got, 10)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(main()) != 0

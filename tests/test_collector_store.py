@@ -93,8 +93,10 @@ def test_fleet_view_runs_the_real_analysis_with_history(tmp_path):
 
 def test_fleet_view_reports_an_analysis_error_without_failing(tmp_path):
     store = Store(tmp_path / "c.db")
-    store.ingest(row_tuples(make_rows("solo", n_gpus=1)), 1.0)
+    # two agents disagree on the unit of one probe: the engine refuses the fleet's table
+    store.ingest(row_tuples(make_rows("a", n_gpus=2) + make_rows("b", n_gpus=2, unit="GB/s")), 1.0)
     snap = FleetView(store).refresh()
-    assert snap.error and "\n" not in snap.error  # one device: nothing to compare with
-    assert [g["gpu"] for g in snap.gpus] == ["GPU-solo-0"] and snap.gpus[0]["probes"] == []
+    assert "mixes units" in snap.error and "\n" not in snap.error
+    assert [g["gpu"] for g in snap.gpus] == ["GPU-a-0", "GPU-a-1", "GPU-b-0", "GPU-b-1"]
+    assert all(g["probes"] == [] and not g["straggler"] for g in snap.gpus)
     store.close()
