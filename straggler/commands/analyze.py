@@ -58,7 +58,7 @@ def render(result, console, show_all: bool = False, top: int = 20) -> None:
 @click.option("--min-effect", type=float, default=None,
               help="Smallest deficit flagged, as a fraction [default: 0.0225].")
 @click.option("--min-effect-few", type=float, default=None,
-              help="Smallest deficit flagged in peer groups of 2-3 devices [default: 0.05].")
+              help="Smallest deficit flagged in peer groups of 2-3 devices [default: 0.10].")
 @click.option("--job-sizes", default=None, help="Job sizes for the fleet cost, e.g. 8,64,512.")
 @click.option("--reference", "references", multiple=True,
               help="Reference value MODEL|PROBE=VALUE for devices without peers (repeatable).")
