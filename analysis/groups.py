@@ -55,12 +55,14 @@ def first_index(codes: np.ndarray, n: int) -> np.ndarray:
 
 
 def count(codes: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
-    return np.bincount(codes if mask is None else codes[mask], minlength=n).astype(np.int64)
+    if mask is None:
+        return np.bincount(codes, minlength=n).astype(np.int64)
+    return np.bincount(codes, weights=mask, minlength=n).astype(np.int64)  # no masked copies
 
 
 def total(codes: np.ndarray, values: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
     if mask is not None:
-        codes, values = codes[mask], values[mask]
+        values = np.where(mask, values, 0.0)
     return np.bincount(codes, weights=values, minlength=n)
 
 
