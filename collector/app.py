@@ -25,7 +25,7 @@ from straggler import __version__
 
 from .fleet import FleetView, json_safe
 from .metrics import FleetCollector, SelfMetrics
-from .middleware import LimitAndTime
+from .middleware import LimitAndTime, Secret
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanRequest, ScanStatus, ScanView
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings
@@ -42,6 +42,7 @@ class Collector:
     board: ScanBoard
     metrics: SelfMetrics
     fleet_metrics: FleetCollector
+    secret: Secret
 
 
 def _loc(loc: tuple) -> str:
@@ -80,7 +81,8 @@ def create_app(
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
                       on_refresh=published)
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s, clock=clock)
-    col = Collector(settings, store, fleet, board, metrics, fleet_metrics)
+    secret = Secret(token)
+    col = Collector(settings, store, fleet, board, metrics, fleet_metrics, secret)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -97,13 +99,12 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.
-    app.add_middleware(LimitAndTime, token=token, max_bytes=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics)
 
     bearer = HTTPBearer(auto_error=False)
-    expected = token.encode()
 
     def authorized(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if cred is None or not hmac.compare_digest(cred.credentials.encode(), expected):
+        if cred is None or not hmac.compare_digest(cred.credentials.encode(), secret.value):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(authorized)]
@@ -166,37 +167,37 @@ def create_app(
         return _view(scan_id)
 
     @app.get("/api/v1/scans/{scan_id}/results", dependencies=auth, tags=["scans"])
-    def scan_results(scan_id: str) -> dict:
+    def scan_results(scan_id: str) -> JSONResponse:
         """Every result row of a scan (canonical columns plus id)."""
         _view(scan_id)
-        return {"scan_id": scan_id, "samples": json_safe(store.scan_results(scan_id))}
+        return JSONResponse({"scan_id": scan_id, "samples": json_safe(store.scan_results(scan_id))})
 
-    def _fleet(gpus) -> dict:
+    def _fleet(gpus) -> JSONResponse:  # a Response: FastAPI's generic encoder is slow on 100,000 devices
         snap = fleet.snapshot
-        return {"computed_ts": snap.computed_ts, "error": snap.error, "summary": json_safe(dict(snap.summary)),
-                "gpus": [_with_age(g) for g in gpus]}
+        return JSONResponse({"computed_ts": snap.computed_ts, "error": snap.error,
+                             "summary": json_safe(dict(snap.summary)), "gpus": [_with_age(g) for g in gpus]})
 
     def _with_age(g) -> dict:
         return {**g, "last_probe_age_s": None if g["last_ts"] is None else clock() - g["last_ts"]}
 
     @app.get("/api/v1/gpus", tags=["fleet"])
-    def gpus() -> dict:
+    def gpus() -> JSONResponse:
         """Every device with its latest verdict per probe."""
         return _fleet(fleet.snapshot.gpus)
 
     @app.get("/api/v1/stragglers", tags=["fleet"])
-    def stragglers() -> dict:
+    def stragglers() -> JSONResponse:
         """Flagged devices, costliest first."""
         return _fleet(fleet.snapshot.stragglers())
 
     @app.get("/api/v1/gpus/{uuid}/history", tags=["fleet"])
     def history(uuid: str, host: Annotated[Name | None, Query()] = None,
-                limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None) -> dict:
+                limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None) -> JSONResponse:
         """A device's results, newest first (``host`` tells apart CPU devices such as cpu0)."""
         rows = store.history(uuid, host, limit or settings.history_limit)
         if not rows:
             raise HTTPException(404, f"no results for device {uuid!r}" + (f" on host {host!r}" if host else ""))
-        return {"gpu": uuid, "results": json_safe(rows)}
+        return JSONResponse({"gpu": uuid, "results": json_safe(rows)})
 
     @app.get("/metrics", tags=["service"])
     def prometheus_metrics() -> Response:

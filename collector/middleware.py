@@ -18,6 +18,16 @@ INGEST_PATH = "/api/v1/results"
 PROTECTED_PREFIXES = (INGEST_PATH, "/api/v1/scans")
 
 
+class Secret:
+    """The current bearer token; ``set()`` replaces it (SIGHUP re-reads the token file)."""
+
+    def __init__(self, token: str):
+        self.set(token)
+
+    def set(self, token: str) -> None:
+        self.value = token.encode()
+
+
 def bearer_ok(scope, expected: bytes) -> bool:
     """Constant-time check of ``Authorization: Bearer <token>``."""
     for name, value in scope.get("headers", ()):
@@ -36,9 +46,9 @@ async def _send_json(send, status: int, body: dict, headers: list | None = None)
 
 
 class LimitAndTime:
-    def __init__(self, app, *, token: str, max_bytes: int, metrics: SelfMetrics):
+    def __init__(self, app, *, secret: Secret, max_bytes: int, metrics: SelfMetrics):
         self.app = app
-        self.token = token.encode()
+        self.secret = secret
         self.max_bytes = max_bytes
         self.metrics = metrics
 
@@ -55,7 +65,7 @@ class LimitAndTime:
             await send(message)
 
         try:
-            if scope["path"].startswith(PROTECTED_PREFIXES) and not bearer_ok(scope, self.token):
+            if scope["path"].startswith(PROTECTED_PREFIXES) and not bearer_ok(scope, self.secret.value):
                 status["code"] = 401
                 await _send_json(send, 401, {"detail": "missing or wrong bearer token"},
                                  [(b"www-authenticate", b"Bearer")])

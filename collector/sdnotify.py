@@ -19,11 +19,12 @@ def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
     if addr.startswith("@"):  # abstract namespace
         addr = "\0" + addr[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.setblocking(False)  # never stall the event loop on a receiver that does not read
         try:
             s.connect(addr)
             s.sendall(message.encode())
         except OSError:
-            return False  # systemd went away: nothing to tell
+            return False  # systemd went away or its queue is full: nothing to tell now
     return True
 
 

@@ -1,7 +1,9 @@
 """Run the collector: bind, serve with uvicorn, talk to systemd (READY, STATUS, WATCHDOG, STOPPING).
 
 The watchdog ping is sent from the server's event loop, so a loop that hangs stops the pings and
-systemd restarts the service. SIGTERM and SIGINT stop it gracefully (uvicorn's handlers).
+systemd restarts the service. SIGTERM and SIGINT stop it gracefully (uvicorn's handlers); SIGHUP
+re-reads the token (token_file or STRAGGLER_COLLECTOR_TOKEN) so it can be rotated without a restart;
+other settings need a restart.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import threading
 import time
 from typing import Callable
 
-from straggler.errors import StragglerError
+from straggler.errors import ConfigError, StragglerError
 
 from .sdnotify import notify, watchdog_interval_s
-from .settings import CollectorSettings
+from .settings import CollectorSettings, load_token
 
 log = logging.getLogger("straggler.collector")
 
@@ -47,11 +49,20 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
     app, sock = _app_and_socket(settings, token, analyze)
     host, port = sock.getsockname()[:2]
 
+    def reload_token() -> None:
+        try:
+            app.state.collector.secret.set(load_token(settings))
+        except ConfigError as e:
+            log.error("SIGHUP: token not reloaded, keeping the current one: %s", e)
+            return
+        log.info("SIGHUP: token reloaded")
+
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.should_exit:
                 return
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_token)
             log.info("collector listening on http://%s:%d (database %s)", host, port, settings.db_path)
             notify(f"READY=1\nSTATUS=listening on {host}:{port}")
             interval = watchdog_interval_s()

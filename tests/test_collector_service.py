@@ -174,3 +174,42 @@ def test_accepted_connections_have_tcp_nodelay():
         return value
 
     assert asyncio.run(main()) != 0
+
+
+def test_sighup_rereads_the_token_and_keeps_running(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api/v1/results"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start(tmp_path, port, notify)
+    new = "rotated-token-abcdefghijklmnop"
+    rows = make_rows("hup", n_gpus=1, samples=1)
+    try:
+        notify.wait_for("READY=1")
+        assert httpx.post(url, json={"host": "hup", "results": rows}, headers=AUTH, timeout=30).status_code == 200
+        (tmp_path / "token").write_text("short\n")  # unusable: logged, the current token is kept
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert httpx.post(url, json={"host": "hup", "results": rows}, headers=AUTH, timeout=30).status_code == 200
+        (tmp_path / "token").write_text(new + "\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while httpx.post(url, json={"host": "hup", "results": rows}, headers=AUTH, timeout=30).status_code != 401:
+            assert time.monotonic() < deadline, "the old token still works"
+            time.sleep(0.1)
+        r = httpx.post(url, json={"host": "hup", "results": rows}, headers={"Authorization": f"Bearer {new}"}, timeout=30)
+        assert r.json() == {"accepted": 0, "duplicates": 1}
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
+    assert "token not reloaded" in proc.stderr.read()
+
+
+def test_notify_never_blocks_on_a_receiver_that_does_not_read(tmp_path):
+    from straggler.collector.sdnotify import notify
+
+    receiver = NotifySocket(tmp_path / "full.sock")  # bound, never read
+    env = {"NOTIFY_SOCKET": receiver.path}
+    results = [notify("WATCHDOG=1", env) for _ in range(5000)]  # a blocking send would hang here
+    assert results[0] is True and results[-1] is False  # the queue filled up; later pings are dropped
+    assert notify("READY=1", {}) is False  # outside systemd: nothing sent
+    assert notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent.sock")}) is False
