@@ -127,7 +127,8 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
 
     labels = [{"model": m, "probe": p, "settings": s} for m, p, s in
               zip(*(c.iloc[groups.first_index(group, n_group)].tolist() for c in peer_cols[:3]))]
-    step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
     summary = _summary(table, config, dropped, n_scans, len(past_dev), len(cur), n_units,
                        cost.job_gain(step, verdict.straggler, group, n_group, labels, config.job_sizes))
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)

@@ -27,6 +27,7 @@ class Estimates:
     se_rel: np.ndarray  # standard error of value, relative to value
     df: np.ndarray  # degrees of freedom of se_rel
     noise_rel: np.ndarray  # the peer group's pooled per-sample noise, relative
+    noise_known: np.ndarray  # False where no device of the group has 2 samples kept (noise unknown)
     sum_kept: np.ndarray  # sum and sum of squares of the kept samples (absolute units)
     sumsq_kept: np.ndarray
 
@@ -58,6 +59,6 @@ def estimate(dev: np.ndarray, n_dev: int, value: np.ndarray, group_of_dev: np.nd
         se_rel = np.sqrt(s2 / nk)
     return Estimates(
         n_samples=n, n_kept=nk, median=med, value=anchor * mx, se_rel=se_rel,
-        df=np.where(df > 0, df, np.nan), noise_rel=np.sqrt(s0),
+        df=np.where(df > 0, df, np.nan), noise_rel=np.sqrt(s0), noise_known=(pooled_df > 0)[group_of_dev],
         sum_kept=anchor * sx, sumsq_kept=anchor * anchor * sxx,
     )

@@ -71,11 +71,16 @@ def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray
     dev = np.abs(ratio - groups.median(g, np.where(healthy, ratio, np.nan), n_group)[g])
     spread = 1.4826 * groups.median(g, np.where(healthy, dev, np.nan), n_group)
     n_h = groups.count(g, n_group, healthy)
+    known = est.noise_known[sel]
     with np.errstate(invalid="ignore", divide="ignore"):
         se_centre = 1.2533 * spread / np.sqrt(n_h)  # standard error of a median
-        se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + se_centre[g] ** 2)
+        # One sample per device: the sampling noise is unknown, and the spread between the healthy
+        # devices stands in for it (the classic outlier test).
+        se_dev = np.where(known, est.se_rel[sel] * ratio, spread[g])
+        se = np.sqrt(se_dev ** 2 + se_centre[g] ** 2)
         t = (1 - ratio) / se
-    return centre[g], special.stdtr(est.df[sel], -t), spread[g]
+        df = np.where(known, est.df[sel], np.maximum(n_h[g] - 1, 1))
+    return centre[g], special.stdtr(df, -t), spread[g]
 
 
 def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray):
@@ -96,4 +101,6 @@ def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndar
         se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + var_o / n_o * ratio ** 2)
         t = (1 - ratio) / se
         df = prior + n + n_o - 2
-    return mean_o, special.stdtr(np.where(df > 0, df, np.nan), -t)
+    # Without repeated samples in the group there is no noise to test against: no verdict.
+    df = np.where((df > 0) & est.noise_known[sel], df, np.nan)
+    return mean_o, special.stdtr(df, -t)

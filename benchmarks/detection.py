@@ -284,11 +284,15 @@ def main(argv=None) -> int:
     ap.add_argument("--silicon", type=float, default=0.005, help="device-to-device spread (std)")
     ap.add_argument("--sweep", action="store_true", help="print the min_effect sweep instead")
     ap.add_argument("--no-scale", action="store_true", help="skip the 100,000-device runtime run")
+    ap.add_argument("--scale-only", action="store_true", help="only the 100,000-device runtime run")
     a = ap.parse_args(argv)
     print(f"# detection benchmark ({a.devices:,} devices x {a.seeds} seeds, 5 samples, 1% t(4) noise, "
           f"3% dips, {a.silicon:.1%} silicon spread; {os.cpu_count()} CPUs)")
     if a.sweep:
         print(sweep(a.devices, a.seeds, silicon=a.silicon))
+        return 0
+    if a.scale_only:
+        print(scale_runtime(repeats=5))
         return 0
     cfg = AnalysisConfig()
     print(f"\n## one scan, no history (detector: fdr={cfg.fdr}, min_effect={cfg.min_effect})\n")

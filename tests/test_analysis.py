@@ -301,3 +301,10 @@ def test_probes_are_analysed_separately():
     assert res.summary["probes"] == {"matmul": {"devices": 64, "stragglers": 1},
                                      "membw": {"devices": 64, "stragglers": 0}}
     assert res.summary["entries"] == 128 and res.summary["devices"] == 64
+
+
+def test_one_sample_per_device_tests_against_the_spread_between_devices():
+    res = analyze(fleet(n_hosts=16, samples=1, spread=0.01, slow={3: 0.9, 4: 0.975}))
+    assert flagged(res) == {"GPU-0003"}  # 2.5% is within 2.5 spreads of the 1%-spread fleet
+    pair = analyze(fleet(n_hosts=1, per_host=2, samples=1, base=[1.0, 0.5]))
+    assert flagged(pair) == set() and pair.devices["p_value"].isna().all()  # no noise known: no verdict
