@@ -15,7 +15,7 @@ from straggler.errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS
 from straggler.records import format_throttle, parse_throttle
 
 SIMPLE_MIN_RATIO = 0.90
-PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "peer_median", "ratio", "deficit",
+PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "estimate", "peer_median", "ratio", "deficit",
                 "straggler", "basis", "causes", "evidence", "cost")
 
 
@@ -45,9 +45,10 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     rows = []
     for rec in res.devices.to_dict("records"):
         key = (rec["host"], rec["gpu"], rec["probe"])
-        rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"],
-                     "median": rec.get("value"), "unit": units.get(key),
-                     **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("median", "unit")}})
+        est = _clean(rec.get("value"))  # the engine's robust estimate (transient dips left out)
+        rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"], "unit": units.get(key),
+                     **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate")},
+                     "median": _clean(rec["median"]) if "median" in rec else est, "estimate": est})
     return rows, json_safe(res.to_json()), "straggler.analysis"
 
 
@@ -79,6 +80,7 @@ def _simple(samples: list[dict]) -> list[dict]:
         flagged = ratio is not None and ratio < SIMPLE_MIN_RATIO
         rows.append({"host": host, "gpu": gpu, "probe": probe, "settings": settings,
                      "unit": meta[key].get("unit"), "n_samples": len(values), "median": medians[key],
+                     "estimate": medians[key],
                      "peer_median": peer, "ratio": ratio,
                      "deficit": None if ratio is None else 1 - ratio, "straggler": flagged,
                      "basis": "peers in the node" if peer else "none (no peers)",
