@@ -45,7 +45,13 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     value_all = frame["value"].to_numpy(dtype=float)
     if history is not None and len(history):
         past, hdrop = validate.clean(history, "history")
+        if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own scans again
+            again = past["scan_id"].isin(frame["scan_id"].dropna().unique()).to_numpy(dtype=bool)
+            if again.any():
+                hdrop["scan also in the input"] = int(again.sum())
+                past = past[~again].reset_index(drop=True)
         dropped.update({f"history: {k}": v for k, v in hdrop.items()})
+    if history is not None and len(history) and len(past):
         prank = own.scan_rank(past)
         rank = np.concatenate([prank - (prank.max() + 1), rank])  # the given history comes first
         keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}

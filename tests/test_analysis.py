@@ -308,3 +308,15 @@ def test_one_sample_per_device_tests_against_the_spread_between_devices():
     assert flagged(res) == {"GPU-0003"}  # 2.5% is within 2.5 spreads of the 1%-spread fleet
     pair = analyze(fleet(n_hosts=1, per_host=2, samples=1, base=[1.0, 0.5]))
     assert flagged(pair) == set() and pair.devices["p_value"].isna().all()  # no noise known: no verdict
+
+
+def test_history_repeating_the_input_scan_is_not_history_and_input_is_not_modified():
+    frames = drifting()
+    current = frames[-1]
+    before = current.copy()
+    res = analyze(current, history=pd.concat(frames))  # the store already holds the current scan
+    assert res.dropped == {"history: scan also in the input": 64 * 5}
+    assert flagged(res) == {"GPU-0009"} and (res.devices["history_scans"] == 6).all()
+    pd.testing.assert_frame_equal(current, before)
+    only = analyze(current, history=current)
+    assert only.summary["history_rows"] == 0 and flagged(only) == set()

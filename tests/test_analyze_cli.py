@@ -134,3 +134,21 @@ def test_subprocess_exit_codes(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert json.loads(out.stdout)["gpus"][0]["gpu"] == "GPU-02"
+
+
+def test_config_file_and_environment(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "scan.csv"
+    write_table(table(slow={6: 0.96}), path)
+    code, out, _ = cli(["analyze", str(path), "--json"], capsys)
+    assert code == 1  # 4% slow, above the default minimum effect
+    conf = tmp_path / "analysis.toml"
+    conf.write_text("min_effect = 0.05\nfdr = 0.05\n")
+    code, out, err = cli(["analyze", str(path), "--json", "--config", str(conf)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["summary"]["fdr"] == 0.05
+    monkeypatch.setenv("STRAGGLER_ANALYSIS_MIN_EFFECT", "0.03")
+    code, out, _ = cli(["analyze", str(path), "--json"], capsys)
+    assert code == 1 and json.loads(out)["summary"]["min_effect"] == 0.03
+    conf.write_text("min_efect = 0.05\n")
+    code, _, err = cli(["analyze", str(path), "--config", str(conf)], capsys)
+    assert code == 2 and "unknown key 'min_efect'" in err
