@@ -93,11 +93,13 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
                    config.dip_sigmas, config.prior_df)
     pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
                        config.min_effect_few)
+    node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group)
     hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(past_dev, past_rank, past_value,
                                                                          group, n_group, config))
     ref_value, ref_test = _reference(config, d, est, pv.basis == "")
     verdict = decide([
         Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),
+        Test(np.where(np.isfinite(node_p), peers.NODE, ""), node_deficit, node_p, np.full(n_dev, config.min_effect)),
         Test(np.where(hv.n_scans > 0, own.HISTORY, ""), hv.deficit, hv.p_value,
              np.full(n_dev, config.min_effect)),
         ref_test,
@@ -105,6 +107,8 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
 
     basis_value = np.where(np.isfinite(pv.peer_value), pv.peer_value,
                            np.where(np.isfinite(hv.baseline), hv.baseline, ref_value))
+    # Slow only against its node-mates (a fast node): it costs the jobs it shares with them.
+    basis_value = np.where(verdict.basis == peers.NODE, node_centre, basis_value)
     cost_dev = cost.device_cost(est.value, basis_value)
     membw = d["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
     if verdict.straggler.any():
@@ -112,7 +116,7 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
         cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code,
                                             d["host"], membw)
         for i in np.flatnonzero(verdict.straggler):
-            evidence[i] = _verdict_text(i, pv, hv, verdict) + ("; " + evidence[i] if evidence[i] else "")
+            evidence[i] = _verdict_text(i, pv, hv, verdict, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
     else:
         cause, evidence = [()] * n_dev, [""] * n_dev
 
@@ -167,7 +171,7 @@ def _reference(config: AnalysisConfig, d: dict, est, alone: np.ndarray) -> tuple
     return ref, Test(basis, deficit, p, np.full(n, config.min_effect))
 
 
-def _verdict_text(i: int, pv, hv, verdict) -> str:
+def _verdict_text(i: int, pv, hv, verdict, node_deficit) -> str:
     parts = []
     if np.isfinite(pv.peer_value[i]):
         others = pv.group_size[i] - 1
@@ -177,6 +181,8 @@ def _verdict_text(i: int, pv, hv, verdict) -> str:
                          f"device{'s' if others > 1 else ''} (leave-one-out)")
         else:
             parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {others} {where} peers")
+    if np.isfinite(node_deficit[i]):
+        parts.append(f"{1 - node_deficit[i]:.3f}x the median of its node-mates")
     if hv.n_scans[i] > 0:
         parts.append(f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans")
     parts.append(f"q={verdict.q_value[i]:.2g}")

@@ -104,3 +104,41 @@ def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndar
     # Without repeated samples in the group there is no noise to test against: no verdict.
     df = np.where((df > 0) & est.noise_known[sel], df, np.nan)
     return mean_o, special.stdtr(df, -t)
+
+
+def node_compare(est: Estimates, group_of_dev: np.ndarray, host_of_dev: np.ndarray, fleet: PeerVerdict,
+                 min_group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each device against the median of its node-mates in the same peer group (leave-one-out), where
+    the group spans several hosts and the host has at least ``min_group`` devices in it: a device
+    slow within a fast node. Returns (node centre, deficit, p); NaN where the test does not apply."""
+    n = len(group_of_dev)
+    nan = np.full(n, np.nan)
+    pair, n_pair = groups.factorize(group_of_dev, host_of_dev)
+    k = np.bincount(pair, minlength=n_pair)[pair]
+    applies = (k >= min_group) & (fleet.basis == FLEET) & np.isfinite(est.value)
+    if not applies.any():
+        return nan, nan.copy(), nan.copy()
+    value = np.where(np.isfinite(est.value), est.value, np.inf)
+    a = np.arcsinh(np.where(np.isfinite(value), value, np.nanmax(est.value)))
+    span = a.max() - a.min()
+    order = np.argsort(pair + (0.5 * (a - a.min()) / span if span > 0 else 0.0))
+    sorted_v = value[order]
+    start = (np.cumsum(np.bincount(pair, minlength=n_pair)) - np.bincount(pair, minlength=n_pair))[pair]
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    rank -= start
+    m = k - 1  # node-mates
+
+    def other(idx):  # the idx-th smallest of the node-mates (the device itself left out)
+        j = np.where(idx < rank, idx, idx + 1)
+        return sorted_v[np.clip(start + j, 0, n - 1)]
+
+    centre = np.where(m % 2 == 1, other((m - 1) // 2), (other(m // 2 - 1) + other(m // 2)) / 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = est.value / centre
+        se_centre = 1.2533 * fleet.spread / np.sqrt(m)  # a median of m healthy devices
+        se_dev = np.where(est.noise_known, est.se_rel * ratio, fleet.spread)
+        t = (1 - ratio) / np.sqrt(se_dev ** 2 + se_centre ** 2)
+        p = special.stdtr(np.where(est.noise_known, est.df, np.maximum(m - 1, 1)), -t)
+    centre = np.where(applies, centre, np.nan)
+    return centre, np.where(applies, 1 - ratio, np.nan), np.where(applies, p, np.nan)

@@ -51,7 +51,7 @@ def test_flags_exactly_the_slow_device_with_its_deficit_and_cost():
     res = analyze(fleet(slow={7: 0.95}))
     assert flagged(res) == {"GPU-0007"}
     r = row(res, "GPU-0007")
-    assert r["basis"] == "fleet_peers"
+    assert r["basis"] == "fleet_peers+node_peers"  # slower than the fleet and than its node-mates
     assert r["deficit"] == pytest.approx(0.05, abs=0.01)
     assert r["cost"] == pytest.approx(1 / 0.95 - 1, abs=0.012)
     assert r["q_value"] <= 0.01 and r["n_samples"] == 5
@@ -119,6 +119,17 @@ def test_minimal_columns_are_enough():
     res = analyze(df)
     assert flagged(res) == {"GPU-0002"}
     assert res.devices["index"].isna().all()
+
+
+def test_a_device_slow_within_a_fast_node_is_found_by_its_node_mates():
+    base = [1.0] * 64
+    base[8:16] = [1.05] * 8  # node002 and node003 run 5% fast (cooling) ...
+    base[13] = 1.0  # ... except GPU-0013: as fast as the fleet, 5% behind its node-mates
+    res = analyze(fleet(base=base, spread=0, samples=10))
+    assert flagged(res) == {"GPU-0013"}
+    r = row(res, "GPU-0013")
+    assert r["basis"] == "node_peers" and r["deficit"] == pytest.approx(1 - 1 / 1.05, abs=0.01)
+    assert abs(r["ratio"] - 1) < 0.01  # in line with the fleet
 
 
 def test_power_limit_separates_peers():
