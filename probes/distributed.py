@@ -30,7 +30,8 @@ def run_rank(settings, launch: Launch, on_event: Callable[[dict], None] | None):
     host = host_name()
     cpus = sorted(os.sched_getaffinity(0))
     dplan = resolve_devices(settings.device, torchdev.cuda_device_count(), cpus, torchdev.torch_version())
-    index = launch.local_rank if dplan.kind == "cuda" else cpus[launch.local_rank % len(cpus)]
+    # srun may give each task only its own GPU (CUDA_VISIBLE_DEVICES): then the local index is 0
+    index = dplan.indices[launch.local_rank % len(dplan.indices)]
     probes, notes = plan_probes(settings.probes, dplan.kind, launch.world_size)
     duration = settings.duration_s or DEFAULT_DURATION_S[dplan.kind]
     plan = WorkerPlan(scan_id=settings.scan_id or new_scan_id(host), host=host, kind=dplan.kind,

@@ -157,6 +157,7 @@ class Watch:
     def _start(self, rank: int, device_index: int, port: int) -> _WorkerState:
         env = dict(os.environ)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the local group never leaves loopback
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")  # (NCCL's bootstrap; its data goes over NVLink/PCIe)
         env["STRAGGLER_WORKER"] = json.dumps({"plan": plan_json(self.plan), "rank": rank,
                                               "world_size": len(self.indices),
                                               "device_index": device_index, "store_port": port})
