@@ -93,7 +93,8 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
                    config.dip_sigmas, config.prior_df)
     pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
                        config.min_effect_few)
-    node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group)
+    node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group,
+                                                                 config.min_effect)
     hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(past_dev, past_rank, past_value,
                                                                          group, n_group, config))
     ref_value, ref_test = _reference(config, d, est, pv.basis == "")
