@@ -1,0 +1,52 @@
+"""On a terminal the scan shows a rich progress display; with --json it stays quiet (a real pty)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import time
+
+
+def run_on_pty(cmd: list[str], timeout_s: float = 90) -> tuple[int, str]:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "COLUMNS": "200", "TERM": "xterm"})
+    os.close(slave)
+    out = b""
+    end = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < end:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=30), out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+def test_progress_on_a_terminal(straggler_cmd):
+    code, text = run_on_pty([*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1"])
+    assert code in (0, 1), text[-2000:]
+    assert "probing matmul" in text and "probing membw" in text  # the progress display
+    assert "device cpu:" in text and "verdict" in text  # then the notice and the table
+
+
+def test_json_on_a_terminal_is_quiet(straggler_cmd):
+    code, text = run_on_pty([*straggler_cmd, "scan", "--json", "--probes", "matmul", "--duration", "1"])
+    assert code in (0, 1), text[-2000:]
+    assert "probing" not in text and "\x1b[" not in text  # no progress, no colour codes
+    doc = json.loads(text)
+    assert doc["devices"] and all(set(d["probes"]) == {"matmul"} for d in doc["devices"])
