@@ -197,3 +197,15 @@ def test_render_table_is_deterministic():
     assert "straggler" in g3_line and "(0.6" in g3_line
     g0_line = next(line for line in text.splitlines() if "g0" in line)
     assert "healthy" in g0_line and "1000 MHz" in g0_line
+
+
+def test_probe_modules_import_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys; import straggler.commands.scan, straggler.probes.runner, straggler.probes.worker, "
+            "straggler.probes.distributed, straggler.probes.report, straggler.probes.torchdev, "
+            "straggler.probes.matmul, straggler.probes.membw, straggler.probes.pcie, straggler.probes.allreduce; "
+            "print([m for m in ('torch', 'pandas', 'numpy', 'pynvml', 'rich') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
