@@ -3,11 +3,13 @@ this one only wires them together on integer codes (one row per sample -> one ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy import special
 
-from straggler.errors import ConfigError, InputError
+from straggler.errors import ConfigError
 
 from . import causes as causes_mod
 from . import cost, groups, peers, validate
@@ -39,45 +41,8 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     if problems:
         raise ConfigError(problems, "analysis config")
     frame, dropped = validate.clean(samples, "input")
-    rank = own.scan_rank(frame)
-    n_scans = int(len(np.unique(rank)))
-    keys = {c: frame[c] for c in DEVICE_KEY}
-    value_all = frame["value"].to_numpy(dtype=float)
-    if history is not None and len(history):
-        past, hdrop = validate.clean(history, "history")
-        if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own scans again
-            again = past["scan_id"].isin(frame["scan_id"].dropna().unique()).to_numpy(dtype=bool)
-            if again.any():
-                hdrop["scan also in the input"] = int(again.sum())
-                past = past[~again].reset_index(drop=True)
-        dropped.update({f"history: {k}": v for k, v in hdrop.items()})
-    if history is not None and len(history) and len(past):
-        prank = own.scan_rank(past)
-        rank = np.concatenate([prank - (prank.max() + 1), rank])  # the given history comes first
-        keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}
-        value_all = np.concatenate([past["value"].to_numpy(dtype=float), value_all])
-        offset = len(past)
-    else:
-        offset = 0
-    dev_all, n_all = groups.factorize(*(keys[c] for c in DEVICE_KEY))
-    repeat = validate.duplicates(frame, dev_all[offset:], rank[offset:], "input")
-    if repeat.any():
-        dropped["duplicate row"] = int(repeat.sum())
-    cur_all = own.current_rows(dev_all, n_all, rank)
-    cur_all[:offset] = False
-    usable = np.ones(len(dev_all), dtype=bool)
-    usable[offset:] = ~repeat
-    cur_all &= usable
-    in_frame = cur_all[offset:]
-    cur = frame if in_frame.all() else frame[in_frame].reset_index(drop=True)
-
-    dev, n_dev = groups.factorize(dev_all[cur_all])
-    to_cur = np.full(n_all, -1, dtype=np.int64)
-    to_cur[dev_all[cur_all]] = dev
-    was = ~cur_all & usable
-    past_dev = to_cur[dev_all[was]]
-    has = past_dev >= 0
-    past_dev, past_rank, past_value = past_dev[has], rank[was][has], value_all[was][has]
+    rows = _split(frame, history, dropped)
+    cur, dev, n_dev = rows.cur, rows.dev, rows.n_dev
 
     first = groups.first_index(dev, n_dev)
     d = {c: _device_column(cur, first, c) for c in ("host", "gpu", "index", "model", "probe", "settings")}
@@ -88,15 +53,14 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
             peer_cols.append(pd.to_numeric(col, errors="coerce").round() if c.endswith("_w") else col)
     group, n_group = groups.factorize(*peer_cols)
     host_code, _ = groups.factorize(d["host"])
-    unit_code, n_units = groups.factorize(d["host"], d["gpu"])
+    _, n_units = groups.factorize(d["host"], d["gpu"])
     est = estimate(dev, n_dev, cur["value"].to_numpy(dtype=float), group, n_group,
                    config.dip_sigmas, config.prior_df)
     pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
                        config.min_effect_few)
     node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group,
                                                                  config.min_effect)
-    hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(past_dev, past_rank, past_value,
-                                                                         group, n_group, config))
+    hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(rows, group, n_group, config))
     ref_value, ref_test = _reference(config, d, est, pv.basis == "")
     verdict = decide([
         Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),
@@ -140,19 +104,72 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
               zip(*(c.iloc[groups.first_index(group, n_group)].tolist() for c in peer_cols[:3]))]
     with np.errstate(invalid="ignore", divide="ignore"):
         step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
-    summary = _summary(table, config, dropped, n_scans, len(past_dev), len(cur), n_units,
+    summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units,
                        cost.job_gain(step, verdict.straggler, group, n_group, labels, config.job_sizes))
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
 
 
-def _past_scans(dev, rank, value, group, n_group, config):
+def _past_scans(rows: "_Rows", group, n_group, config):
     """One value per (device, past scan), estimated like the current scan's (transients removed)."""
+    dev, rank, value = rows.past_dev, rows.past_rank, rows.past_value
     if len(dev) == 0:
         return dev, rank, value
     ds, n_ds = groups.factorize(dev, rank)
     first = groups.first_index(ds, n_ds)
     est = estimate(ds, n_ds, value, group[dev[first]], n_group, config.dip_sigmas, config.prior_df)
     return dev[first], rank[first], est.value
+
+
+@dataclass(frozen=True)
+class _Rows:
+    cur: pd.DataFrame  # the rows of each device's current (latest) scan
+    dev: np.ndarray  # their device codes 0..n_dev-1
+    n_dev: int
+    n_scans: int  # scans in the input
+    past_dev: np.ndarray  # history rows of the current devices: device code, scan rank, value
+    past_rank: np.ndarray
+    past_value: np.ndarray
+
+
+def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> _Rows:
+    """Current rows and history rows (earlier scans of the input, then ``history``) by device."""
+    rank = own.scan_rank(frame)
+    n_scans = int(len(np.unique(rank)))
+    keys = {c: frame[c] for c in DEVICE_KEY}
+    value_all = frame["value"].to_numpy(dtype=float)
+    offset = 0
+    if history is not None and len(history):
+        past, hdrop = validate.clean(history, "history")
+        if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own scans again
+            again = past["scan_id"].isin(frame["scan_id"].dropna().unique()).to_numpy(dtype=bool)
+            if again.any():
+                hdrop["scan also in the input"] = int(again.sum())
+                past = past[~again].reset_index(drop=True)
+        dropped.update({f"history: {k}": v for k, v in hdrop.items()})
+        if len(past):
+            prank = own.scan_rank(past)
+            rank = np.concatenate([prank - (prank.max() + 1), rank])  # the given history comes first
+            keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}
+            value_all = np.concatenate([past["value"].to_numpy(dtype=float), value_all])
+            offset = len(past)
+    dev_all, n_all = groups.factorize(*(keys[c] for c in DEVICE_KEY))
+    repeat = validate.duplicates(frame, dev_all[offset:], rank[offset:], "input")
+    if repeat.any():
+        dropped["duplicate row"] = int(repeat.sum())
+    usable = np.ones(len(dev_all), dtype=bool)
+    usable[offset:] = ~repeat
+    cur_all = own.current_rows(dev_all, n_all, rank) & usable
+    cur_all[:offset] = False
+    in_frame = cur_all[offset:]
+    cur = frame if in_frame.all() else frame[in_frame].reset_index(drop=True)
+
+    dev, n_dev = groups.factorize(dev_all[cur_all])
+    to_cur = np.full(n_all, -1, dtype=np.int64)
+    to_cur[dev_all[cur_all]] = dev
+    was = ~cur_all & usable
+    past_dev = to_cur[dev_all[was]]
+    has = past_dev >= 0
+    return _Rows(cur, dev, n_dev, n_scans, past_dev[has], rank[was][has], value_all[was][has])
 
 
 def _reference(config: AnalysisConfig, d: dict, est, alone: np.ndarray) -> tuple[np.ndarray, Test]:
