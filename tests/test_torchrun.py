@@ -59,3 +59,39 @@ def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
     ar = df[df["probe"] == "allreduce"]
     assert (ar["settings"].str.endswith("ranks=2")).all() and (ar["arrival_skew_s"] >= 0).all()
     assert doc["failures"] == []
+
+
+def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
+    # What srun gives each task (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) plus the rendezvous address.
+    port, out = free_port(), tmp_path / "srun.jsonl"
+    procs = []
+    for task, core in enumerate(CORES[:2]):
+        env = {**os.environ, "SLURM_PROCID": str(task), "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+               "SLURM_NODEID": str(task), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "STRAGGLER_HOST": f"slurm-node{task}", "GLOO_SOCKET_IFNAME": "lo"}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(var, None)
+        procs.append(subprocess.Popen([*straggler_cmd, "scan", "--json", "--probes", "matmul,allreduce",
+                                       "--duration", "1", "--samples", "2", "--output", str(out)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 0 and results[1][0] == ""  # task 1 reports nothing itself
+    doc = json.loads(results[0][0])
+    assert "under slurm (rank 0 of 2)" in doc["notice"]
+    assert {d["host"] for d in doc["devices"]} == {"slurm-node0", "slurm-node1"}
+    assert len(read_table(out)) == 2 * 2 * 2  # 2 tasks x 2 probes x 2 samples
+
+
+def test_srun_without_rendezvous_address_is_one_line_error(straggler_cmd):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="2")
+    proc = subprocess.run([*straggler_cmd, "scan", "--duration", "1"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "straggler: error: srun scan: set MASTER_ADDR and MASTER_PORT (rank 0's address and a free port)"]
