@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 ORDER = ("matmul", "membw", "pcie_h2d", "pcie_d2h", "allreduce")
-VERDICT_STYLE = {"healthy": "green", "straggler": "bold red", "failed": "bold magenta", "no data": "yellow"}
+VERDICT_STYLE = {"healthy": "green", "straggler": "bold red", "failed": "bold magenta", "no data": "yellow", "undecided": "yellow"}
 
 
 def _num(v, fmt: str = "{:.1f}") -> str:

@@ -38,9 +38,13 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
         from straggler.analysis import analyze
     except ImportError:
         return _simple(samples), {}, f"simple rule (< {SIMPLE_MIN_RATIO:.2f} x peer median)"
+    from straggler.errors import StragglerError
     from straggler.records import to_frame
 
-    res = analyze(to_frame(samples))
+    try:
+        res = analyze(to_frame(samples))
+    except StragglerError as e:  # the samples stay valid: decide by the simple rule, say why
+        return _simple(samples), {"error": str(e)}, f"simple rule (the analysis engine refused: {e})"
     units = {(s["host"], s["gpu"], s["probe"]): s.get("unit") for s in samples}
     rows = []
     for rec in res.devices.to_dict("records"):
@@ -121,14 +125,17 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
         flagged = [r for r in mine if r["straggler"]]
         if flagged:
             reason = "; ".join(_flag_reason(r) for r in flagged)
-        elif mine:
+        elif any(r.get("ratio") is not None for r in mine):
             reason = "in line with peers"
+        elif mine:
+            reason = "undecided: no peers, history or reference to compare with"
         else:
             reason = "no samples"
         if fails:
             reason = f"{fails[0]['probe']}: {fails[0]['error']}" + (f"; {reason}" if flagged else "")
         out.append({"host": host, "gpu": gpu, **ident, "straggler": bool(flagged),
-                    "verdict": "failed" if fails else "straggler" if flagged else "healthy" if mine else "no data",
+                    "verdict": "failed" if fails else "straggler" if flagged else "no data" if not mine
+                    else "healthy" if reason == "in line with peers" else "undecided",
                     "reason": reason,
                     "probes": {r["probe"]: {k: r.get(k) for k in PROBE_FIELDS} for r in mine},
                     "telemetry": _telemetry([s for s in samples if (s["host"], s["gpu"]) == (host, gpu)]),

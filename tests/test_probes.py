@@ -209,3 +209,9 @@ def test_probe_modules_import_nothing_heavy():
             "print([m for m in ('torch', 'pandas', 'numpy', 'pynvml', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_lone_device_is_undecided_not_healthy():
+    rep = report.device_report(_samples({"g0": [100, 101, 99]}), [], [])
+    (d,) = rep["devices"]
+    assert d["verdict"] == "undecided" and "no peers" in d["reason"] and rep["exit_code"] == EXIT_OK

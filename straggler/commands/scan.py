@@ -70,11 +70,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
 def _report(res, as_json: bool, output: str | None) -> int:
     from straggler.probes.report import device_report, json_safe
 
-    report = device_report(res.samples, res.failures, res.devices)
-    if output is not None:
+    if output is not None:  # first, so that nothing measured is lost whatever happens next
         from straggler.records import write_table
 
         write_table(res.samples, output)
+    report = device_report(res.samples, res.failures, res.devices)
     if as_json:
         doc = {"scan_id": res.scan_id, "host": res.host, "backend": res.backend, "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
