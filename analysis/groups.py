@@ -13,16 +13,14 @@ import pandas as pd
 
 def factorize(*columns) -> tuple[np.ndarray, int]:
     """Dense codes for the combinations of ``columns`` (missing values are a value of their own)."""
-    code = np.zeros(len(columns[0]), dtype=np.int64)
-    size = 1
-    for col in columns:
+    code, size = _codes(columns[0])
+    for col in columns[1:]:
         c, k = _codes(col)
         if size * k >= 2**62:  # keep the mixed-radix code inside int64
             code, size = _dense(code, size)
         code = code * k + c
         size *= k
-    code, size = _dense(code, size)
-    return code, size
+    return _dense(code, size)
 
 
 def _codes(col) -> tuple[np.ndarray, int]:
@@ -32,7 +30,7 @@ def _codes(col) -> tuple[np.ndarray, int]:
         if lo >= 0 and hi < 4 * len(col) + 1024:
             return col.astype(np.int64, copy=False), hi + 1
     c, uniques = pd.factorize(col, use_na_sentinel=False)
-    return c, max(len(uniques), 1)
+    return c.astype(np.int64, copy=False), max(len(uniques), 1)
 
 
 def _dense(code: np.ndarray, size: int) -> tuple[np.ndarray, int]:
@@ -40,10 +38,12 @@ def _dense(code: np.ndarray, size: int) -> tuple[np.ndarray, int]:
         return code.astype(np.int64), 0
     if size <= 4 * len(code) + 1024:  # relabel through a presence table: no hashing
         present = np.bincount(code, minlength=size) > 0
+        if present.all():
+            return code, size
         relabel = np.cumsum(present) - 1
-        return relabel[code].astype(np.int64), int(present.sum())
+        return relabel[code], int(relabel[-1] + 1)
     c, uniq = pd.factorize(code)
-    return c.astype(np.int64), len(uniq)
+    return c.astype(np.int64, copy=False), len(uniq)
 
 
 def first_index(codes: np.ndarray, n: int) -> np.ndarray:
