@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -139,20 +140,32 @@ class Watch:
         self.telemetry_names: set[str] = set()
         self.notes: set[str] = set()
         self.msgs: queue.Queue = queue.Queue()
+        self.stopped_by: str | None = None
 
     def run(self) -> None:
         from .torchdev import rendezvous_store
 
         store = rendezvous_store(self.plan.group_timeout_s)
         self.workers = [self._start(r, i, store.port) for r, i in enumerate(self.indices)]
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (an agent's deadline, systemd) or Ctrl-C: stop the workers and report what
+            # was measured, rather than die with it
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
         try:
             self._loop(time.monotonic() + self.deadline_s)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             for w in self.workers:
                 if w.proc.poll() is None:
                     w.proc.kill()
                     w.proc.wait(timeout=10)
             del store
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopped_by = signal.Signals(signum).name
 
     def _start(self, rank: int, device_index: int, port: int) -> _WorkerState:
         env = dict(os.environ)
@@ -189,7 +202,9 @@ class Watch:
             for x in self.workers:
                 if x.proc.poll() is not None or x.killed:
                     continue
-                if now >= stop_at:
+                if self.stopped_by:
+                    self._kill(x, f"scan stopped by {self.stopped_by}, killed")
+                elif now >= stop_at:
                     self._kill(x, f"scan deadline of {self.deadline_s:.0f} s reached, killed")
                 elif now - x.since > self.limits[x.phase]:
                     self._kill(x, f"hung: no progress for {now - x.since:.0f} s, killed")
