@@ -331,3 +331,16 @@ def test_history_repeating_the_input_scan_is_not_history_and_input_is_not_modifi
     pd.testing.assert_frame_equal(current, before)
     only = analyze(current, history=current)
     assert only.summary["history_rows"] == 0 and flagged(only) == set()
+
+
+def test_verdicts_do_not_depend_on_row_order_or_units():
+    df = pd.concat([fleet(slow={3: 0.93, 17: 0.8, 40: 0.975}), fleet(probe="membw", seed=5, slow={8: 0.9})])
+    base = analyze(df).devices.set_index(["gpu", "probe"]).sort_index()
+    shuffled = analyze(df.sample(frac=1, random_state=7)).devices.set_index(["gpu", "probe"]).sort_index()
+    scaled = analyze(df.assign(value=df["value"] * 1e-3)).devices.set_index(["gpu", "probe"]).sort_index()
+    for other in (shuffled, scaled):
+        assert (other["straggler"] == base["straggler"]).all()
+        np.testing.assert_allclose(other["deficit"], base["deficit"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(other["q_value"], base["q_value"], rtol=1e-6)
+    assert set(base.index[base["straggler"]]) == {("GPU-0003", "matmul"), ("GPU-0017", "matmul"),
+                                                  ("GPU-0040", "matmul"), ("GPU-0008", "membw")}
