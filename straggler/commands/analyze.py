@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -78,9 +79,17 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
     config = load(AnalysisConfig, config_path, env_prefix="STRAGGLER_ANALYSIS_", required_file=bool(config_path),
                   overrides={"fdr": fdr, "min_effect": min_effect, "min_effect_few": min_effect_few,
                              "job_sizes": job_sizes, "references": list(references) or None})
-    samples = read_table(files)
-    history = read_table(history_files) if history_files else None
-    result = run(samples, history, config)
+    from rich.console import Console
+
+    console = Console(stderr=as_json)
+    # Progress on a terminal only (quiet under --json and in pipes).
+    status = console.status("reading results") if console.is_terminal and not as_json else nullcontext()
+    with status as live:
+        samples = read_table(files)
+        history = read_table(history_files) if history_files else None
+        if live is not None:
+            live.update(f"analysing {len(samples):,} samples")
+        result = run(samples, history, config)
     if result.summary["devices"] == 1 and (result.devices["basis"] == "none").all():
         d = result.devices.iloc[0]
         raise InputError(f"only one device (host {d['host']}, gpu {d['gpu']}) and no history or reference: "
@@ -88,7 +97,5 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
     if as_json:
         click.echo(result.to_json_text())
     else:
-        from rich.console import Console
-
-        render(result, Console(), show_all=show_all)
+        render(result, console, show_all=show_all)
     return EXIT_STRAGGLERS if result.summary["stragglers"] else EXIT_OK
