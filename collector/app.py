@@ -137,7 +137,7 @@ def create_app(
     async def create_scan(req: ScanRequest) -> dict:
         """Schedule a synchronized scan; every node starts its probes at ``start_at``."""
         try:
-            return board.create(req.probes, req.duration_s, req.hosts, req.start_delay_s)
+            return await board.create(req.probes, req.duration_s, req.hosts, req.start_delay_s)
         except NoHosts as e:
             raise HTTPException(409, str(e)) from None
 

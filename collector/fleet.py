@@ -155,11 +155,12 @@ class FleetView:
         return snap
 
     def _run_analysis(self) -> tuple[list[dict], dict]:
-        from straggler.records import to_frame
+        import pandas as pd
 
         analyze = self._analyze or default_analyze()
-        samples = to_frame(self.store.latest_samples())
-        earlier = self.store.earlier_samples(self.history_scans)
-        history = to_frame(earlier) if earlier else None
+        cols, rows = self.store.latest_samples()
+        samples = pd.DataFrame.from_records(rows, columns=cols)
+        cols, rows = self.store.earlier_samples(self.history_scans)
+        history = pd.DataFrame.from_records(rows, columns=cols) if rows else None
         res = analyze(samples, history)
         return res.devices.to_dict("records"), dict(res.summary)

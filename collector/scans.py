@@ -48,17 +48,17 @@ class ScanBoard:
             self._changed = asyncio.Event()
         return self._changed
 
-    def create(self, probes: list[str], duration_s: float, hosts: list[str] | None, start_delay_s: float) -> dict:
-        """Schedule a scan (call from the event loop). Raises NoHosts."""
+    async def create(self, probes: list[str], duration_s: float, hosts: list[str] | None, start_delay_s: float) -> dict:
+        """Schedule a scan (from the event loop; the database work runs in a thread). Raises NoHosts."""
         now = self.clock()
         if hosts is None:
-            hosts = self.store.agents_seen_since(now - self.agent_seen_s)
+            hosts = await asyncio.to_thread(self.store.agents_seen_since, now - self.agent_seen_s)
             if not hosts:
                 raise NoHosts(f"no agent polled for scans in the last {self.agent_seen_s:g} s; name the hosts")
         hosts = sorted(set(hosts))
         scan = {"scan_id": new_scan_id(now), "created_ts": now, "start_at": now + start_delay_s,
                 "probes": list(probes), "duration_s": duration_s, "hosts": hosts}
-        self.store.create_scan(scan)
+        await asyncio.to_thread(self.store.create_scan, scan)
         event, self._changed = self._event(), asyncio.Event()
         event.set()  # wake every long poll
         return {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
@@ -69,8 +69,8 @@ class ScanBoard:
         while True:
             event = self._event()  # taken before the look-up: a scan created after it sets this event
             now = self.clock()
-            self.store.touch_agent(host, now)
-            scan = self.store.next_scan(host, now - self.offer_grace_s)
+            # in a thread: the write lock may be held by a large ingest, and the loop must not wait
+            scan = await asyncio.to_thread(self._seen_and_next, host, now)
             remaining = deadline - time.monotonic()
             if scan is not None or remaining <= 0:
                 return scan and {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
@@ -78,6 +78,10 @@ class ScanBoard:
                 await asyncio.wait_for(event.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
+
+    def _seen_and_next(self, host: str, now: float) -> dict | None:
+        self.store.touch_agent(host, now)
+        return self.store.next_scan(host, now - self.offer_grace_s)
 
     def view(self, scan_id: str) -> dict | None:
         scan = self.store.get_scan(scan_id)

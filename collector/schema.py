@@ -57,7 +57,19 @@ _V2 = [
     "CREATE TABLE agents (host TEXT PRIMARY KEY, last_seen_ts REAL NOT NULL)",
 ]
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2))
+# Version 3: the fleet's reads go by index. Each device's scans (for picking its history) and an
+# index that finds a device's rows of one scan (the expression matches the queries' join).
+_V3 = [
+    """CREATE TABLE device_scans (
+        host TEXT NOT NULL, gpu TEXT NOT NULL, scan_id TEXT NOT NULL, last_ts REAL,
+        PRIMARY KEY (host, gpu, scan_id))""",
+    """INSERT INTO device_scans (host, gpu, scan_id, last_ts)
+       SELECT host, gpu, COALESCE(scan_id, ''), MAX(ts) FROM results GROUP BY 1, 2, 3""",
+    "DROP INDEX results_device",
+    "CREATE INDEX results_device ON results (gpu, host, COALESCE(scan_id, ''), ts)",
+]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2), tuple(_V3))
 LATEST = len(MIGRATIONS)
 
 

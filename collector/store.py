@@ -14,12 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from straggler.records import COLUMNS
+from straggler.records import COLUMNS, IDENTITY_COLUMNS, MEASUREMENT_COLUMNS
 
 from .schema import migrate, q
 
 RESULT_COLUMNS = ("id",) + COLUMNS
 _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + " FROM results r"
+# The analysis compares a device with its own past by value only: history needs no telemetry.
+HISTORY_COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS
+_SELECT_HISTORY = "SELECT " + ", ".join(f"r.{q(c)}" for c in HISTORY_COLUMNS) + " FROM results r"
 _INSERT_RESULT = (
     f"INSERT OR IGNORE INTO results ({', '.join(q(c) for c in RESULT_COLUMNS)}, received_ts) "
     f"VALUES ({', '.join('?' for _ in RESULT_COLUMNS)}, ?)"
@@ -30,6 +33,9 @@ _UPSERT_DEVICE = """
         "index" = excluded."index", model = excluded.model,
         last_ts = excluded.last_ts, last_scan_id = excluded.last_scan_id
     WHERE devices.last_ts IS NULL OR excluded.last_ts >= devices.last_ts"""
+_UPSERT_DEVICE_SCAN = """
+    INSERT INTO device_scans (host, gpu, scan_id, last_ts) VALUES (?, ?, ?, ?)
+    ON CONFLICT (host, gpu, scan_id) DO UPDATE SET last_ts = MAX(last_ts, excluded.last_ts)"""
 
 
 class Store:
@@ -84,15 +90,20 @@ class Store:
             self._writer.close()
 
     def _rows(self, sql: str, params: Sequence = ()) -> list[dict]:
+        names, rows = self._table(sql, params)
+        return [dict(zip(names, row)) for row in rows]
+
+    def _table(self, sql: str, params: Sequence = ()) -> tuple[list[str], list[tuple]]:
+        """Column names and row tuples (cheaper than dicts for the fleet's large reads)."""
         cur = self._reader.execute(sql, params)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [d[0] for d in cur.description], cur.fetchall()
 
     # -- results ---------------------------------------------------------------------------
 
     def ingest(self, rows: Sequence[tuple], received_ts: float, agent: str | None = None) -> tuple[int, int]:
         """Store rows (tuples in ``RESULT_COLUMNS`` order). Returns (accepted, duplicates)."""
         latest: dict[tuple[str, str], tuple] = {}
+        scans: dict[tuple[str, str, str], float] = {}
         i_host, i_gpu, i_idx, i_model = (RESULT_COLUMNS.index(c) for c in ("host", "gpu", "index", "model"))
         i_ts, i_scan = RESULT_COLUMNS.index("ts"), RESULT_COLUMNS.index("scan_id")
         for r in rows:
@@ -100,11 +111,15 @@ class Store:
             ts = r[i_ts] if r[i_ts] is not None else received_ts
             if key not in latest or ts >= latest[key][4]:
                 latest[key] = (r[i_host], r[i_gpu], r[i_idx], r[i_model], ts, r[i_scan] or "")
+            skey = (r[i_host], r[i_gpu], r[i_scan] or "")
+            if ts > scans.get(skey, float("-inf")):
+                scans[skey] = ts
         with self._transaction() as conn:
             before = conn.total_changes
             conn.executemany(_INSERT_RESULT, (r + (received_ts,) for r in rows))
             accepted = conn.total_changes - before
             conn.executemany(_UPSERT_DEVICE, latest.values())
+            conn.executemany(_UPSERT_DEVICE_SCAN, (k + (ts,) for k, ts in scans.items()))
             if agent is not None:
                 self._touch(conn, agent, received_ts)
         return accepted, len(rows) - accepted
@@ -127,27 +142,26 @@ class Store:
     def devices(self) -> list[dict]:
         return self._rows('SELECT host, gpu, "index", model, last_ts, last_scan_id FROM devices ORDER BY host, gpu')
 
-    def latest_samples(self) -> list[dict]:
-        """Every row of each device's latest scan: the fleet view's input."""
-        return self._rows(
-            f"{_SELECT_RESULTS} JOIN devices d ON r.host = d.host AND r.gpu = d.gpu "
+    def latest_samples(self) -> tuple[list[str], list[tuple]]:
+        """Every row of each device's latest scan: the fleet view's input, as (columns, tuples)."""
+        return self._table(
+            f"{_SELECT_RESULTS} JOIN devices d ON r.gpu = d.gpu AND r.host = d.host "
             "AND COALESCE(r.scan_id, '') = d.last_scan_id"
         )
 
-    def earlier_samples(self, scans: int) -> list[dict]:
-        """Rows of each device's ``scans`` scans before its latest: the fleet view's history."""
+    def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
+        """Rows of each device's ``scans`` scans before its latest: the fleet view's history, as
+        (``HISTORY_COLUMNS``, tuples)."""
         if scans <= 0:
-            return []
-        return self._rows(
-            f"""WITH s AS (
-                  SELECT host, gpu, COALESCE(scan_id, '') AS sid, MAX(ts) AS mts FROM results
-                  GROUP BY host, gpu, sid),
-                k AS (
-                  SELECT s.host, s.gpu, s.sid,
-                         ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu ORDER BY s.mts DESC) AS rn
-                  FROM s JOIN devices d ON s.host = d.host AND s.gpu = d.gpu AND s.sid != d.last_scan_id)
-                {_SELECT_RESULTS} JOIN k ON r.host = k.host AND r.gpu = k.gpu
-                AND COALESCE(r.scan_id, '') = k.sid WHERE k.rn <= ?""",
+            return list(HISTORY_COLUMNS), []
+        return self._table(
+            f"""WITH k AS (
+                  SELECT s.host, s.gpu, s.scan_id,
+                         ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu ORDER BY s.last_ts DESC) AS rn
+                  FROM device_scans s JOIN devices d
+                  ON s.host = d.host AND s.gpu = d.gpu AND s.scan_id != d.last_scan_id)
+                {_SELECT_HISTORY} JOIN k ON r.gpu = k.gpu AND r.host = k.host
+                AND COALESCE(r.scan_id, '') = k.scan_id WHERE k.rn <= ?""",
             (scans,),
         )
 

@@ -15,7 +15,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 3
     assert store.migrated_from == 0
     store.close()
 
@@ -29,9 +29,11 @@ def test_batches_are_idempotent_and_track_each_device_latest_scan(tmp_path):
     devices = store.devices()
     assert [(d["gpu"], d["last_scan_id"], d["last_ts"]) for d in devices] == [
         ("GPU-h-0", "s2", 202.0), ("GPU-h-1", "s2", 202.0)]
-    assert {r["scan_id"] for r in store.latest_samples()} == {"s2"}
-    assert {r["scan_id"] for r in store.earlier_samples(5)} == {"s1"}
-    assert store.earlier_samples(0) == []
+    cols, rows = store.latest_samples()
+    assert cols == list(RESULT_COLUMNS) and len(rows) == 6 and {r[cols.index("scan_id")] for r in rows} == {"s2"}
+    cols, rows = store.earlier_samples(5)
+    assert len(rows) == 6 and {r[cols.index("scan_id")] for r in rows} == {"s1"}
+    assert store.earlier_samples(0)[1] == []
     assert store.count_results() == 12 and store.count_results("s1") == 6
     store.close()
 
@@ -62,6 +64,7 @@ def test_migration_from_version_1_keeps_data_and_backfills_devices(tmp_path):
     assert store.migrated_from == 1
     assert store.count_results() == 12
     assert [(d["gpu"], d["last_scan_id"]) for d in store.devices()] == [("GPU-old-0", "s2"), ("GPU-old-1", "s2")]
+    assert len(store.latest_samples()[1]) == 6 and len(store.earlier_samples(5)[1]) == 6  # device_scans backfilled
     assert store.ingest(row_tuples(rows), 6.0) == (0, 12)  # ids survived the migration
     store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == schema.LATEST
