@@ -6,7 +6,6 @@ tests/test_collector_fleet.py runs the real engine.
 
 import subprocess
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
