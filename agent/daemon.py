@@ -52,7 +52,7 @@ class Agent:
         self._reload = threading.Event()
         self._probe_now = threading.Event()
         self.scans: queue.Queue[dict] = queue.Queue()
-        self.run_: ProbeRun | None = None
+        self.probe_run: ProbeRun | None = None
         self.snapshot = None
         self.threads: list[threading.Thread] = []
         self.server = None
@@ -104,9 +104,9 @@ class Agent:
 
     def shutdown(self) -> None:
         self.notifier.stopping("stopping: aborting probes, flushing the spool")
-        if self.run_ is not None and self.run_.running:
-            self.run_.kill("agent stopped during the probe run")
-            self._reap(self.run_)
+        if self.probe_run is not None and self.probe_run.running:
+            self.probe_run.kill("agent stopped during the probe run")
+            self._reap(self.probe_run)
         for t in self.threads:
             t.join(timeout=self.settings.http_timeout_s + 1 if t.name == "upload" else 0.5)
         if self.uploader is not None:
@@ -142,7 +142,7 @@ class Agent:
                     self.notifier.watchdog()
                     next_ping = now + self.notifier.watchdog_s / 2
                 waits = [next_tick - time.monotonic()]
-                if self.run_ is not None or not self.scans.empty():
+                if self.probe_run is not None or not self.scans.empty():
                     waits.append(0.5)
                 if self.notifier.watchdog_s:
                     waits.append(next_ping - time.monotonic())
@@ -164,7 +164,7 @@ class Agent:
             self.metrics.errors.labels("telemetry").inc()
         self.snapshot = snap
         self.exporter.update(snap)
-        if self.run_ is None:  # our own probes are not a job
+        if self.probe_run is None:  # our own probes are not a job
             self.metrics.idle.set(1.0 if self.idle.update(snap, now_mono) else 0.0)
         self.metrics.ticks.inc()
         self.metrics.tick_seconds.set(time.perf_counter() - t0)
@@ -194,16 +194,16 @@ class Agent:
 
     # --- probes ---
     def _probes(self, now: float, next_probe: float) -> float:
-        run = self.run_
+        run = self.probe_run
         if run is not None:
             if run.poll():
                 self._reap(run)
-                self.run_ = None
+                self.probe_run = None
             return next_probe
         while not self.scans.empty():
             scan = self.scans.get_nowait()
             self._start_cluster_scan(scan)
-            if self.run_ is not None:
+            if self.probe_run is not None:
                 return next_probe
         if self._probe_now.is_set():
             self._probe_now.clear()
@@ -258,7 +258,7 @@ class Agent:
             run.error = f"cannot start the probe command: {e}"
             self._reap(run)
             return
-        self.run_ = run
+        self.probe_run = run
         self.metrics.probe_runs.inc()
         log.info("probe run %s started (killed after %.0f s): %s", scan_id, deadline + run.kill_grace_s,
                  " ".join(cmd))

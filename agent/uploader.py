@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 
 import httpx
 
@@ -103,8 +104,6 @@ class Uploader:
 
     def flush(self, stop_after_s: float) -> bool:
         """Send until the spool is empty or an error; True when it emptied. Used at shutdown."""
-        import time
-
         end = time.monotonic() + stop_after_s
         try:
             while time.monotonic() < end:

@@ -145,9 +145,11 @@ RUN_AGENT = textwrap.dedent(
     agent.request_probe()
     def watch():
         import time
-        while agent.metrics.probe_runs._value.get() < 1 or agent.run_ is not None:
-            time.sleep(0.2)
-        agent.request_stop()
+        try:
+            while agent.metrics.probe_runs._value.get() < 1 or agent.probe_run is not None:
+                time.sleep(0.2)
+        finally:
+            agent.request_stop()
     threading.Timer(1.0, watch).start()
     agent.run()
     rss_kb = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:")))
