@@ -184,7 +184,7 @@ def _keep_raw(raws: list[dict], ident: dict) -> None:
             json.dump({**raw, "model": ident["model"]}, f, indent=1)
 
 
-def main() -> int:
+def main() -> None:
     """Entry point under the local runner: plan and placement in ``$STRAGGLER_WORKER``."""
     spec = json.loads(os.environ["STRAGGLER_WORKER"])
     plan = WorkerPlan(**{**spec["plan"], "probes": tuple(spec["plan"]["probes"])})
@@ -201,11 +201,14 @@ def main() -> int:
                      world_size=spec["world_size"])
 
     try:
-        return run_worker(plan, spec["rank"], spec["device_index"], emit, group_factory)
+        code = run_worker(plan, spec["rank"], spec["device_index"], emit, group_factory)
     except Exception as e:  # noqa: BLE001 - last resort: one line to the runner, traceback to stderr
         traceback.print_exc()
         emit({"t": "failure", "rank": spec["rank"], "probe": "setup", "error": one_line(e)})
-        return EXIT_ABORTED
+        code = EXIT_ABORTED
+    out.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is reported and torn down: skip torch's slow interpreter exit
 
 
 def plan_json(plan: WorkerPlan) -> dict:
@@ -213,4 +216,4 @@ def plan_json(plan: WorkerPlan) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
