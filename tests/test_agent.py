@@ -297,3 +297,33 @@ def test_collector_down_is_an_upload_error_not_a_crash(tmp_path):
     with pytest.raises(UploadError, match="ConnectError"):
         up.flush_once()
     assert spool.count() == 1
+
+
+def test_a_row_the_collector_rejects_is_isolated_and_set_aside(tmp_path):
+    server = IngestServer()
+    try:
+        spool, up = _uploader(tmp_path, server, batch=8)
+        rows = [{**ROW, "sample": i} for i in range(8)]
+        rows[5]["probe"] = "bad"
+        spool.add_results(rows, host="n1")
+        assert up.flush(30)
+        assert len(server.rows) == 7 and all(r["probe"] == "matmul" for r in server.rows.values())
+        assert (spool.count(), spool.count("rejected")) == (0, 1)
+    finally:
+        server.close()
+
+
+def test_agent_command_reports_every_config_problem_in_one_line(tmp_path, straggler_cmd):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('interval_s = -1\nprobe_device = "tpu"\ncollector_url = "ftp://x"\n')
+    out = subprocess.run(straggler_cmd + ["agent", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"straggler: error: {cfg}: ")
+    for part in ("interval_s: must be > 0", "probe_device: 'tpu'", "collector_url: 'ftp://x'"):
+        assert part in lines[0]
+    ok = subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", "9999"], capture_output=True,
+                        text=True, timeout=60, env={**__import__("os").environ, "STRAGGLER_AGENT_INTERVAL_S": "7"})
+    assert ok.returncode == 0, ok.stderr
+    shown = json.loads(ok.stdout)
+    assert (shown["listen_port"], shown["interval_s"], shown["listen_address"]) == (9999, 7.0, "127.0.0.1")

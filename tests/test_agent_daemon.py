@@ -234,3 +234,21 @@ def test_results_of_a_probe_interrupted_by_an_agent_crash_are_recovered(agents, 
     assert "recovered 2 results of the interrupted probe run" in a.log()
     assert not list(work.glob("*.jsonl"))
     assert a.stop() == 0
+
+
+@pytest.mark.parametrize("telemetry, runs", [("fake:h100_idle", 1.0), ("fake:h100_healthy", 0.0)])
+def test_scheduled_probe_runs_only_after_the_idle_grace_period(agents, tmp_path, telemetry, runs):
+    a = agents(telemetry=telemetry, probe_every_s=3600, idle_grace_s=1.5,
+               probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
+    wait_until(lambda: (value(scrape(a), "straggler_agent_ticks_total") or 0) >= 2, what="two ticks")
+    assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0  # the grace period is not over yet
+    wait_until(lambda: (value(scrape(a), "straggler_agent_ticks_total") or 0) >= 8, what="eight ticks")
+    samples = scrape(a)
+    assert value(samples, "straggler_agent_probe_runs_total") == runs  # once: the next is due in an hour
+    if runs:
+        wait_until(lambda: spooled(a) == 3, what="spooled rows")
+        # our own probe load is not a job, but the grace period starts over after it
+        wait_until(lambda: value(scrape(a), "straggler_agent_devices_idle") == 1.0, what="idle again")
+    else:
+        assert value(samples, "straggler_agent_devices_idle") == 0.0
+    assert a.stop() == 0

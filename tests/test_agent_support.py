@@ -230,6 +230,9 @@ class IngestServer:
                         return self._reply(503, {"detail": "unavailable"})
                     if path == "/api/v1/results":
                         outer.posts += 1
+                        bad = [r["id"] for r in body["results"] if r.get("probe") == "bad"]
+                        if bad:  # strict validation: the whole batch is refused, nothing stored
+                            return self._reply(422, {"detail": f"results.{bad[0]}.probe: unknown probe 'bad'"})
                         new = [r for r in body["results"] if r["id"] not in outer.rows]
                         for r in new:
                             outer.rows[r["id"]] = r
