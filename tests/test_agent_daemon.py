@@ -252,3 +252,22 @@ def test_scheduled_probe_runs_only_after_the_idle_grace_period(agents, tmp_path,
     else:
         assert value(samples, "straggler_agent_devices_idle") == 0.0
     assert a.stop() == 0
+
+
+def test_sigterm_flushes_the_spool_to_the_collector(agents, tmp_path):
+    server = IngestServer(token="tok")
+    (tmp_path / "token").write_text("tok")
+    server.fail_next = 10**6  # the collector answers 503 ...
+    try:
+        a = agents(collector_url=server.url, token_file=tmp_path / "token", backoff_initial_s=60, backoff_max_s=60,
+                   probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
+        wait_until(lambda: value(scrape(a), "straggler_agent_ticks_total"), what="a tick")
+        a.signal(signal.SIGUSR1)
+        wait_until(lambda: "upload failed" in a.log(), what="a failed upload")
+        assert spooled(a) == 3 and server.rows == {}
+        server.fail_next = 0  # ... and is back, while the agent backs off for a minute: stop it now
+        assert a.stop(timeout_s=30) == 0
+        assert len(server.rows) == 3 and spooled(a) == 0
+        assert "spool flushed; 0 results left" in a.log()
+    finally:
+        server.close()
