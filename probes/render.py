@@ -68,7 +68,8 @@ def scan_table(report: dict, title: str = "") -> Table:
 def render_scan(console: Console, report: dict, notice: str, scan_id: str, failures: list[dict]) -> None:
     console.print(f"[dim]{notice}[/dim]", highlight=False, soft_wrap=True)
     models = sorted({str(d.get("model")) for d in report["devices"] if d.get("model")})
-    console.print(scan_table(report, title=f"scan {scan_id}" + (f" — {', '.join(models)}" if models else "")))
+    if report["devices"]:
+        console.print(scan_table(report, title=f"scan {scan_id}" + (f" — {', '.join(models)}" if models else "")))
     for f in failures:
         console.print(f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']} (rank {f['rank']}) "
                       f"{f['probe']}: {f['error']}", highlight=False)

@@ -89,6 +89,7 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
     dplan = resolve_devices(settings.device, torchdev.cuda_device_count(), os.sched_getaffinity(0),
                             torchdev.torch_version())
     probes, notes = plan_probes(settings.probes, dplan.kind, len(dplan.indices))
+    check_telemetry(settings.telemetry)
     duration = settings.duration_s or DEFAULT_DURATION_S[dplan.kind]
     plan = WorkerPlan(scan_id=settings.scan_id or new_scan_id(host), host=host, kind=dplan.kind,
                       probes=probes, duration_s=duration, n_windows=settings.samples,
@@ -97,6 +98,15 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
     watch = Watch(plan, dplan.indices, settings, on_event)
     watch.run()
     return watch.result(f"device {dplan.kind}: {dplan.reason}", notes)
+
+
+def check_telemetry(spec: str) -> None:
+    """A bad telemetry spec or fixture is one InputError now, before any worker starts."""
+    try:
+        from .backends import open_backend
+    except ImportError:
+        return  # the workers say "telemetry unavailable" in the notice
+    open_backend(spec).close()
 
 
 def deadlines(plan: WorkerPlan, grace_s: float) -> dict[str, float]:

@@ -52,6 +52,7 @@ def test_json_output_scan_id_and_start_at(straggler_cmd, tmp_path):
     (["--duration", "-1"], "--duration must be > 0"),
     (["--probes", "pcie", "--device", "cpu"], "nothing to run: pcie skipped: GPU only"),
     (["--token-file", "t"], "--token-file needs --collector"),
+    (["--samples", "0"], "samples must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(straggler_cmd, tmp_path, args, message):
     proc = subprocess.run([*straggler_cmd, "scan", *args], capture_output=True, text=True, timeout=60,
@@ -60,6 +61,15 @@ def test_bad_input_is_one_line_and_exit_2(straggler_cmd, tmp_path, args, message
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_telemetry_fixture_fails_before_any_worker(straggler_cmd, tmp_path):
+    proc = subprocess.run([*straggler_cmd, "scan", "--output", "x.csv"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, "STRAGGLER_TELEMETRY": "fake:no_such_scenario"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert "no_such_scenario" in line
+    assert not list(tmp_path.iterdir())
 
 
 def test_output_rows_are_canonical(straggler_cmd, tmp_path):
