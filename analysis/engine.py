@@ -87,18 +87,21 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
 
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = est.value / pv.peer_value
-    table = pd.DataFrame({
-        "host": d["host"], "gpu": d["gpu"], "index": pd.to_numeric(d["index"], errors="coerce"),
-        "model": d["model"], "probe": d["probe"], "settings": d["settings"],
+    # Stragglers first, by cost; the table is built in that order (no reordering afterwards).
+    order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
+    take = first[order]
+    columns = {c: _device_column(cur, take, c) for c in ("host", "gpu", "model", "probe", "settings")}
+    columns["index"] = pd.to_numeric(_device_column(cur, take, "index"), errors="coerce")
+    columns.update({
         "straggler": verdict.straggler, "basis": verdict.basis, "deficit": verdict.deficit,
-        "cost": cost_dev, "causes": cause, "evidence": evidence, "n_samples": est.n_samples,
+        "cost": cost_dev, "causes": _objects(cause), "evidence": _objects(evidence), "n_samples": est.n_samples,
         "n_kept": est.n_kept, "value": est.value, "median": est.median, "peer_median": pv.peer_value,
         "ratio": ratio, "peer_group_size": pv.group_size, "p_value": verdict.p_value,
         "q_value": verdict.q_value, "history_scans": hv.n_scans, "history_baseline": hv.baseline,
         "history_deficit": hv.deficit,
-    }, columns=list(DEVICE_COLUMNS))
-    order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
-    table = table.iloc[order].reset_index(drop=True)
+    })
+    table = pd.DataFrame({c: columns[c] if isinstance(columns[c], pd.Series) else columns[c][order]
+                          for c in DEVICE_COLUMNS})
 
     labels = [{"model": m, "probe": p, "settings": s} for m, p, s in
               zip(*(c.iloc[groups.first_index(group, n_group)].tolist() for c in peer_cols[:3]))]
@@ -107,6 +110,13 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units,
                        cost.job_gain(step, verdict.straggler, group, n_group, labels, config.job_sizes))
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
+
+
+def _objects(values: list) -> np.ndarray:
+    """A list as an object array (kept as Python objects: no string inference, cheap to reorder)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 def _past_scans(rows: "_Rows", group, n_group, config):
@@ -214,8 +224,9 @@ def _counts(values) -> dict:
 def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans: int,
              history_rows: int, samples: int, n_units: int, jobs: list[dict]) -> dict:
     flagged = table[table["straggler"]]
-    per_probe = {str(p): {"devices": int(len(t)), "stragglers": int(t["straggler"].sum())}
-                 for p, t in table.groupby("probe", sort=True)}
+    probes = pd.DataFrame({"probe": table["probe"].astype(str), "straggler": table["straggler"]})
+    counts = probes.groupby("probe", sort=True)["straggler"].agg(["size", "sum"])
+    per_probe = {str(p): {"devices": int(r["size"]), "stragglers": int(r["sum"])} for p, r in counts.iterrows()}
     return {
         "devices": int(n_units),
         "entries": int(len(table)),

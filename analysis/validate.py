@@ -85,9 +85,13 @@ def _fmt(dropped: dict[str, int]) -> str:
 
 
 def _check_units(df: pd.DataFrame, what: str) -> None:
+    if df.empty:
+        return
     units = _text(df["unit"])
-    code, uniques = pd.factorize(units)
-    if len(uniques) <= 1:  # one unit (or none) in the whole table
+    first = units.iloc[0]
+    if isinstance(first, str) and bool((units == first).fillna(False).all()):  # one unit throughout
+        return
+    if units.isna().all():
         return
     per = pd.DataFrame({"probe": df["probe"], "settings": df["settings"], "unit": units}).dropna()
     n = per.groupby(["probe", "settings"], sort=False)["unit"].nunique()
