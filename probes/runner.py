@@ -20,13 +20,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from straggler.errors import InputError
 
 from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices
-from .worker import EXIT_ABORTED, WorkerPlan, plan_json
+from .worker import WorkerPlan
 
 DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
 SETUP_S = 120.0  # torch import, process group, allocation and warm-up of every probe
@@ -181,7 +181,7 @@ class Watch:
         env = dict(os.environ)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the local group never leaves loopback
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")  # (NCCL's bootstrap; its data goes over NVLink/PCIe)
-        env["STRAGGLER_WORKER"] = json.dumps({"plan": plan_json(self.plan), "rank": rank,
+        env["STRAGGLER_WORKER"] = json.dumps({"plan": asdict(self.plan), "rank": rank,
                                               "world_size": len(self.indices),
                                               "device_index": device_index, "store_port": port})
         proc = subprocess.Popen([sys.executable, "-m", "straggler.probes.worker"], env=env,

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 from . import allreduce, faults, matmul, membw, pcie, windows
@@ -44,7 +44,7 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-class Telemetry:
+class WindowTelemetry:
     """Per-window telemetry through the telemetry engineer's Sampler, or none (with a note)."""
 
     def __init__(self, spec: str, index_for: Callable[[object], int], interval_s: float):
@@ -91,7 +91,7 @@ def run_worker(plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[d
 
     dev = Device(plan.kind, device_index)
     info = dev.describe()
-    tel = Telemetry(plan.telemetry, (lambda b: device_index) if plan.kind == "cpu"
+    tel = WindowTelemetry(plan.telemetry, (lambda b: device_index) if plan.kind == "cpu"
                     else _nvml_index(info["uuid"], device_index), plan.interval_s)
     first = tel.first
     gpu = info["gpu"] if plan.kind == "cpu" or not (first and first.uuid) else first.uuid
@@ -209,10 +209,6 @@ def main() -> None:
     out.flush()
     sys.stderr.flush()
     os._exit(code)  # everything is reported and torn down: skip torch's slow interpreter exit
-
-
-def plan_json(plan: WorkerPlan) -> dict:
-    return asdict(plan)
 
 
 if __name__ == "__main__":
