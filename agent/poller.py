@@ -38,19 +38,26 @@ class ScanPoller:
 
     def run(self, stop: threading.Event) -> None:
         delay = self.settings.backoff_initial_s
-        with httpx.Client(base_url=self.settings.collector_url,
-                          headers=auth_headers(self.settings.token_file)) as client:
-            while not stop.is_set():
-                try:
-                    scan = self.poll_once(client)
-                    delay = self.settings.backoff_initial_s
-                    if scan:
-                        log.info("cluster scan %s starts at %s", scan["scan_id"], scan.get("start_at"))
-                    elif self.settings.poll_wait_s == 0:
-                        stop.wait(1.0)
-                except (httpx.HTTPError, ValueError, KeyError) as e:
-                    if self.metrics:
-                        self.metrics.errors.labels("poll").inc()
-                    log.warning("scan poll failed (%s); retrying in %.1f s", e, delay)
-                    stop.wait(delay * random.uniform(0.8, 1.2))
-                    delay = min(self.settings.backoff_max_s, delay * 2)
+        client: httpx.Client | None = None
+        while not stop.is_set():
+            try:
+                if client is None:  # (re)read the token: a rotated token needs no restart
+                    client = httpx.Client(base_url=self.settings.collector_url,
+                                          headers=auth_headers(self.settings.token_file))
+                scan = self.poll_once(client)
+                delay = self.settings.backoff_initial_s
+                if scan:
+                    log.info("cluster scan %s starts at %s", scan["scan_id"], scan.get("start_at"))
+                elif self.settings.poll_wait_s == 0:
+                    stop.wait(1.0)
+            except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+                if client is not None:
+                    client.close()
+                    client = None
+                if self.metrics:
+                    self.metrics.errors.labels("poll").inc()
+                log.warning("scan poll failed (%s); retrying in %.1f s", e, delay)
+                stop.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(self.settings.backoff_max_s, delay * 2)
+        if client is not None:
+            client.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 import time
 
@@ -43,10 +44,12 @@ class Uploader:
 
     def client(self) -> httpx.Client:
         if self._client is None:
-            self._client = httpx.Client(
-                base_url=self.settings.collector_url, timeout=self.settings.http_timeout_s,
-                headers=auth_headers(self.settings.token_file),
-            )
+            try:
+                headers = auth_headers(self.settings.token_file)
+            except OSError as e:
+                raise UploadError(f"cannot read the token file: {e}") from None
+            self._client = httpx.Client(base_url=self.settings.collector_url, timeout=self.settings.http_timeout_s,
+                                        headers=headers)
         return self._client
 
     def close(self) -> None:
@@ -60,6 +63,7 @@ class Uploader:
         except httpx.HTTPError as e:
             raise UploadError(f"{path}: {type(e).__name__}: {e}") from None
         if resp.status_code in (401, 403):
+            self.close()  # the next try re-reads the token file (a rotated token needs no restart)
             raise UploadError(f"{path}: collector refused the token ({resp.status_code})")
         if resp.status_code >= 500:
             raise UploadError(f"{path}: collector error {resp.status_code}")
@@ -123,8 +127,11 @@ class Uploader:
         while not stop.is_set():
             try:
                 busy = self.flush_once()
-            except UploadError as e:
-                self._count_error()
+            except (UploadError, ValueError, sqlite3.Error) as e:  # ValueError: a reply that is not JSON
+                if isinstance(e, sqlite3.Error) and self.metrics:
+                    self.metrics.errors.labels("spool").inc()
+                else:
+                    self._count_error()
                 log.warning("upload failed (%s); retrying in %.1f s", e, delay)
                 stop.wait(delay * random.uniform(0.8, 1.2))
                 delay = min(self.settings.backoff_max_s, delay * 2)

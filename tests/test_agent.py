@@ -327,3 +327,21 @@ def test_agent_command_reports_every_config_problem_in_one_line(tmp_path, stragg
     assert ok.returncode == 0, ok.stderr
     shown = json.loads(ok.stdout)
     assert (shown["listen_port"], shown["interval_s"], shown["listen_address"]) == (9999, 7.0, "127.0.0.1")
+
+
+def test_a_rotated_token_is_picked_up_without_a_restart(tmp_path):
+    server = IngestServer(token="new")
+    try:
+        spool, up = _uploader(tmp_path, server, token="old")
+        spool.add_results([ROW], host="n1")
+        with pytest.raises(UploadError, match="refused the token"):
+            up.flush_once()
+        (tmp_path / "token").write_text("new\n")
+        assert up.flush(10) and len(server.rows) == 1
+        (tmp_path / "token").unlink()
+        up.close()
+        spool.add_results([{**ROW, "sample": 9}], host="n1")
+        with pytest.raises(UploadError, match="cannot read the token file"):
+            up.flush_once()
+    finally:
+        server.close()
