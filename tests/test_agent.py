@@ -24,6 +24,7 @@ from straggler.agent.settings import AgentSettings, load_settings
 from straggler.agent.spool import Spool
 from straggler.agent.uploader import UploadError, Uploader
 from straggler.errors import ConfigError
+from straggler.probes.backends import open_backend
 from straggler.probes.fakenvml import FakeBackend
 from test_agent_support import IngestServer, NotifySocket, write_fake_scan
 
@@ -60,7 +61,7 @@ def test_settings_layering_file_env_flags(tmp_path):
 
 def _registry_with(scenario: str, reads: int = 1):
     registry, collector, metrics = build_registry()
-    backend = FakeBackend(scenario)
+    backend = open_backend(scenario if scenario == "cpu" else f"fake:{scenario}")
     for _ in range(reads):
         snap = backend.snapshot("n1")
     collector.update(snap)
@@ -101,7 +102,7 @@ def test_self_metrics_start_at_zero():
         assert registry.get_sample_value(name) == 0.0
 
 
-@pytest.mark.parametrize("scenario", ["h100_healthy", "gpu_fallen_off_bus", "nvml_error_mid_run"])
+@pytest.mark.parametrize("scenario", ["h100_healthy", "gpu_fallen_off_bus", "nvml_error_mid_run", "cpu"])
 def test_promtool_accepts_the_exposition(scenario, tmp_path):
     promtool = require_tool("promtool")
     registry, _ = _registry_with(scenario, reads=7)
