@@ -347,3 +347,10 @@ def test_nvml_backend_reads_every_real_gpu(tmp_path):
         assert [d.uuid for d in replay.devices] == [d.uuid for d in snap.devices]
     finally:
         b.close()
+
+
+def test_sampler_window_reports_a_gpu_lost_mid_window():
+    with Sampler(FakeBackend("gpu_fallen_off_bus"), 7, interval_s=0.01).window() as w:
+        time.sleep(0.2)
+    assert w.statuses[STATUS_OK] == 4 and w.statuses[STATUS_LOST] >= 2 and not w.ok
+    assert w.summary()["sm_clock_mhz"] == pytest.approx(statistics.fmean(r.sm_clock_mhz for r in w.readings[:4]))
