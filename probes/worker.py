@@ -156,7 +156,7 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
         _keep_raw(raws, ident)
         rows, bad = [], []
         for raw in raws:
-            rows += [{**r, **ident} for r in MODULES[name].parse(raw)]
+            rows += [{**ident, **r, **ident} for r in MODULES[name].parse(raw)]  # identity first, and it wins
             bad += [b for w in raw["windows"] for b in w.get("readings", ())]
         emit({"t": "samples", "rank": rank, "probe": name, "rows": rows})
         if bad:
