@@ -215,3 +215,15 @@ def test_a_lone_device_is_undecided_not_healthy():
     rep = report.device_report(_samples({"g0": [100, 101, 99]}), [], [])
     (d,) = rep["devices"]
     assert d["verdict"] == "undecided" and "no peers" in d["reason"] and rep["exit_code"] == EXIT_OK
+
+
+def test_cuda_worker_finds_its_nvml_device_by_uuid():
+    # CUDA and NVML may number GPUs differently; the worker matches by UUID (recorded fixture).
+    from straggler.probes.fakenvml import FakeBackend
+    from straggler.probes.worker import _nvml_index
+
+    backend = FakeBackend("h100_healthy")
+    uuids = [backend.read(i).uuid for i in range(backend.device_count())]
+    assert _nvml_index(uuids[3], 0)(backend) == 3
+    assert _nvml_index("GPU-not-there", 5)(backend) == 5  # unknown: fall back to the CUDA index
+    assert _nvml_index(None, 2)(backend) == 2
