@@ -10,6 +10,7 @@ through the same :func:`build_reading`, so tests exercise this code path.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any, Callable, Mapping, NamedTuple
@@ -59,14 +60,16 @@ def _nv():
     return pynvml
 
 
+@functools.cache
+def _error_names() -> dict[int, str]:
+    nv = _nv()
+    return {getattr(nv, n): n[len("NVML_ERROR_"):].lower() for n in dir(nv) if n.startswith("NVML_ERROR_")}
+
+
 def error_code(exc: BaseException) -> str:
     """``NVMLError(NVML_ERROR_NOT_SUPPORTED)`` -> ``"not_supported"``."""
-    nv = _nv()
     value = getattr(exc, "value", None)
-    for name in dir(nv):
-        if name.startswith("NVML_ERROR_") and getattr(nv, name) == value:
-            return name[len("NVML_ERROR_"):].lower()
-    return f"nvml_error_{value}"
+    return _error_names().get(value, f"nvml_error_{value}")
 
 
 def decode_clock_events(mask: int) -> frozenset[str]:
