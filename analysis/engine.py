@@ -56,8 +56,10 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     _, n_units = groups.factorize(d["host"], d["gpu"])
     est = estimate(dev, n_dev, cur["value"].to_numpy(dtype=float), group, n_group,
                    config.dip_sigmas, config.prior_df)
+    sample = (pd.to_numeric(cur["sample"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+              if "sample" in cur.columns else np.full(len(cur), np.nan))
     pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
-                       config.min_effect_few)
+                       config.min_effect_few, rows=(dev, sample, cur["value"].to_numpy(dtype=float)))
     node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group,
                                                                  config.min_effect)
     hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(rows, group, n_group, config))

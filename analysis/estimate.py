@@ -30,6 +30,7 @@ class Estimates:
     noise_known: np.ndarray  # False where no device of the group has 2 samples kept (noise unknown)
     sum_kept: np.ndarray  # sum and sum of squares of the kept samples (absolute units)
     sumsq_kept: np.ndarray
+    kept: np.ndarray  # per sample (row): kept, not a transient
 
 
 def estimate(dev: np.ndarray, n_dev: int, value: np.ndarray, group_of_dev: np.ndarray,
@@ -60,5 +61,5 @@ def estimate(dev: np.ndarray, n_dev: int, value: np.ndarray, group_of_dev: np.nd
     return Estimates(
         n_samples=n, n_kept=nk, median=med, value=anchor * mx, se_rel=se_rel,
         df=np.where(df > 0, df, np.nan), noise_rel=np.sqrt(s0), noise_known=(pooled_df > 0)[group_of_dev],
-        sum_kept=anchor * sx, sumsq_kept=anchor * anchor * sxx,
+        sum_kept=anchor * sx, sumsq_kept=anchor * anchor * sxx, kept=kept,
     )

@@ -4,8 +4,11 @@ where known), across every host in the input.
 Groups of at least ``min_group`` devices: the healthy centre is the median of the device values,
 re-estimated without the devices whose deficit reaches the minimum effect (three passes), so up
 to 20% slow devices do not drag it down and mask each other. Smaller groups (2-3 devices) are
-decided leave-one-out: each device's samples against the other devices' samples (Welch-style),
-with the larger ``min_effect_few``. A device alone in its group has no peer verdict.
+decided leave-one-out, with the larger ``min_effect_few``: each device's samples against the
+other devices' samples taken at the same moments (paired by ``sample``: the devices of a scan are
+measured in the same windows, so load that slows the whole machine for a window cancels out), or,
+without a ``sample`` column, against all their samples (Welch-style). A device alone in its group
+has no peer verdict.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ class PeerVerdict:
 
 
 def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev: np.ndarray,
-            min_group: int, min_effect: float, min_effect_few: float) -> PeerVerdict:
+            min_group: int, min_effect: float, min_effect_few: float,
+            rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> PeerVerdict:
+    """``rows``: (device code, sample index, value) per sample, for the paired comparison."""
     n_dev = len(group_of_dev)
     size = np.bincount(group_of_dev, minlength=n_group)[group_of_dev]
     pair, n_pair = groups.factorize(group_of_dev, host_of_dev)
@@ -48,12 +53,19 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
     if big.any():
         peer[big], p[big], spread[big] = _population(est, group_of_dev, n_group, big, min_effect)
     few = (size >= 2) & ~big
+    with np.errstate(invalid="ignore", divide="ignore"):
+        deficit = np.full(n_dev, np.nan)
     if few.any():
         peer[few], p[few] = _leave_one_out(est, group_of_dev, n_group, few)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            deficit[few] = 1 - est.value[few] / peer[few]
+        if rows is not None:
+            paired, d_pair, p_pair = _paired(est, group_of_dev, n_group, few, *rows)
+            deficit[paired], p[paired] = d_pair[paired], p_pair[paired]
         basis[few] = basis[few] + LOO
     basis[size < 2] = ""
     with np.errstate(invalid="ignore", divide="ignore"):
-        deficit = 1 - est.value / peer
+        deficit = np.where(few, deficit, 1 - est.value / peer)
     return PeerVerdict(size, peer, deficit, p, np.where(big, min_effect, min_effect_few), basis, spread)
 
 
@@ -104,6 +116,37 @@ def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndar
     # Without repeated samples in the group there is no noise to test against: no verdict.
     df = np.where((df > 0) & est.noise_known[sel], df, np.nan)
     return mean_o, special.stdtr(df, -t)
+
+
+def _paired(est: Estimates, group_of_dev: np.ndarray, n_group: int, sel: np.ndarray, dev: np.ndarray,
+            sample: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leave-one-out on samples paired by their index: per kept sample, log(value / mean of the other
+    devices' kept values of the same sample); a moderated one-sample t test of their mean.
+    Returns (applies, deficit = 1 - exp(mean), p) per device."""
+    n_dev = len(group_of_dev)
+    use = sel[dev] & est.kept & np.isfinite(sample) & (value > 0)
+    d, v = dev[use], value[use]
+    slot, n_slot = groups.factorize(group_of_dev[d], sample[use])
+    n_o = np.bincount(slot, minlength=n_slot)[slot] - 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lr = np.log(v / ((np.bincount(slot, weights=v, minlength=n_slot)[slot] - v) / n_o))
+    ok = (n_o > 0) & np.isfinite(lr)
+    d, lr = d[ok], lr[ok]
+    n = np.bincount(d, minlength=n_dev).astype(float)
+    m = np.bincount(d, weights=lr, minlength=n_dev)
+    ss = np.bincount(d, weights=lr * lr, minlength=n_dev)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = m / n
+        ss = np.clip(ss - n * m * m, 0, None)
+        dof = np.maximum(n - 1, 0)
+        pooled_df = np.bincount(group_of_dev, weights=dof, minlength=n_group)[group_of_dev]
+        pooled = np.bincount(group_of_dev, weights=ss, minlength=n_group)[group_of_dev] / pooled_df
+        prior = est.df - np.maximum(est.n_kept - 1, 0)  # the prior degrees of freedom
+        df = prior + dof
+        s2 = (prior * pooled + ss) / df
+        t = m / np.sqrt(s2 / n)
+    applies = sel & (n >= 2) & (pooled_df > 0) & np.isfinite(t)
+    return applies, 1 - np.exp(m), special.stdtr(df, t)
 
 
 def node_compare(est: Estimates, group_of_dev: np.ndarray, host_of_dev: np.ndarray, fleet: PeerVerdict,

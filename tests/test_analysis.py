@@ -344,3 +344,22 @@ def test_verdicts_do_not_depend_on_row_order_or_units():
         np.testing.assert_allclose(other["q_value"], base["q_value"], rtol=1e-6)
     assert set(base.index[base["straggler"]]) == {("GPU-0003", "matmul"), ("GPU-0017", "matmul"),
                                                   ("GPU-0040", "matmul"), ("GPU-0008", "membw")}
+
+
+def test_small_groups_pair_samples_taken_at_the_same_moment():
+    """Load that slows the whole machine for a window hits both cores' samples of that window."""
+    load = np.array([1.0, 0.6, 0.95, 0.55, 0.8])  # machine-wide slowdown per sample window
+    rng = np.random.default_rng(11)
+
+    def pair(ratio):
+        return pd.DataFrame([{"host": "vm", "gpu": f"cpu{d}", "model": "cpu", "probe": "matmul", "sample": s,
+                              "value": 40 * load[s] * (ratio if d else 1) * (1 + rng.normal(0, 0.01))}
+                             for d in range(2) for s in range(5)])
+
+    slow = pair(0.8)
+    res = analyze(slow)
+    assert flagged(res) == {"cpu1"}
+    assert row(res, "cpu1")["deficit"] == pytest.approx(0.2, abs=0.02)
+    unpaired = analyze(slow.drop(columns="sample"))  # the windows unknown: the common load is noise
+    assert flagged(unpaired) == set() and row(unpaired, "cpu1")["q_value"] > 0.01
+    assert flagged(analyze(pair(0.97))) == set()  # paired and precise, but below the 10% asked of a pair
