@@ -3,7 +3,8 @@
 Builds a fleet snapshot of N GPUs (8 per host, one verdict per probe, 1% flagged) and measures,
 side by side: preparing the snapshot's text (done once per analysis, off the request path), the
 fast render a scrape does, prometheus-client's generic ``generate_latest`` over the same custom
-collector (the text is checked identical), and a real ``GET /metrics`` over HTTP on 127.0.0.1.
+collector (the text is checked identical), and a real ``GET /metrics`` over HTTP on 127.0.0.1 by a
+separate process (curl), as Prometheus scrapes it.
 
     .venv/bin/python benchmarks/collector_metrics.py [--gpus 100000] [--probes 1,2] [--repeat 3]
 """
@@ -11,6 +12,8 @@ collector (the text is checked identical), and a real ``GET /metrics`` over HTTP
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +39,17 @@ def snapshot(n_gpus: int, n_probes: int, now: float) -> FleetSnapshot:
                  "causes": ["power_capped"] if i % 100 == 0 else [], "cost": (i % 97) / 1000}
                 for i, d in enumerate(devices) for p in PROBES[:n_probes]]
     return FleetSnapshot(computed_ts=now, gpus=build_gpus(devices, verdicts))
+
+
+def scrape(url: str) -> int:
+    """GET /metrics as a separate process does it (curl, else httpx here); returns the bytes read."""
+    if shutil.which("curl"):
+        out = subprocess.run(["curl", "-sSf", "-o", "/dev/null", "-w", "%{size_download}", url],
+                             capture_output=True, text=True, timeout=120, check=True)
+        return int(out.stdout)
+    resp = httpx.get(url, timeout=120)
+    resp.raise_for_status()
+    return len(resp.content)
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
@@ -67,13 +81,11 @@ def main() -> None:
                 reg = CollectorRegistry()
                 reg.register(fc)
                 t_gen, generic = best(lambda: generate_latest(reg), 1)
-                assert generic.decode() == text, "fast render differs from prometheus-client's text"
+                assert generic == text, "fast render differs from prometheus-client's text"
                 srv.collector.fleet_metrics.update(snap)  # what the analysis thread does
-                with httpx.Client(base_url=srv.url, timeout=120) as c:
-                    t_http, resp = best(lambda: c.get("/metrics"), args.repeat)
-                resp.raise_for_status()
-                samples = sum(1 for line in text.splitlines() if not line.startswith("#"))
-                print(f"{n_probes:>6} {samples:>9,} {len(resp.content) / 1e6:>6.1f} {t_prep:>9.2f} {t_render:>9.2f} "
+                t_http, size = best(lambda: scrape(srv.url + "/metrics"), args.repeat)
+                samples = text.count(b"\n") - text.count(b"\n#") - 1
+                print(f"{n_probes:>6} {samples:>9,} {size / 1e6:>6.1f} {t_prep:>9.2f} {t_render:>9.2f} "
                       f"{t_gen:>17.2f} {t_gen / t_render:>8.1f} {t_http:>10.2f}", flush=True)
 
 

@@ -201,8 +201,7 @@ def create_app(
 
     @app.get("/metrics", tags=["service"])
     def prometheus_metrics() -> Response:
-        text = generate_latest(metrics.registry).decode() + fleet_metrics.render()
-        return Response(text, media_type=CONTENT_TYPE_PLAIN_0_0_4)
+        return Response(generate_latest(metrics.registry) + fleet_metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict:

@@ -65,7 +65,7 @@ class PreparedFleet:
     snapshot: FleetSnapshot
     fixed: tuple[tuple[str, tuple[tuple[dict, float], ...]], ...]
     ages: tuple[tuple[dict, float], ...]
-    fixed_text: str
+    fixed_text: bytes  # UTF-8, ready to send
     age_prefixes: tuple[str, ...]
 
 
@@ -107,7 +107,7 @@ def prepare(snap: FleetSnapshot) -> PreparedFleet:
         snapshot=snap,
         fixed=tuple(fixed),
         ages=tuple(ages),
-        fixed_text="".join(parts),
+        fixed_text="".join(parts).encode(),
         age_prefixes=tuple(f"{age_name}{{{_labelstr(lab)}}} " for lab, _ in ages),
     )
 
@@ -135,12 +135,12 @@ class FleetCollector:
             fam.add_metric([labels[k] for k in sorted(labels)], now - last)
         yield fam
 
-    def render(self) -> str:
-        """The same text ``generate_latest`` writes for this collector, fast."""
+    def render(self) -> bytes:
+        """The same bytes ``generate_latest`` writes for this collector, fast."""
         prep, now = self.prepared, self.clock()
         age = "straggler_gpu_last_probe_age_seconds"
         lines = [f"{p}{floatToGoString(now - last)}\n" for p, (_, last) in zip(prep.age_prefixes, prep.ages)]
-        return prep.fixed_text + _header(age) + "".join(lines)
+        return prep.fixed_text + (_header(age) + "".join(lines)).encode()
 
 
 class SelfMetrics:
