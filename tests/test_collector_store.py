@@ -2,6 +2,7 @@
 and the fleet view over the real analysis engine."""
 
 import sqlite3
+import time
 
 import pytest
 
@@ -103,3 +104,58 @@ def test_fleet_view_reports_an_analysis_error_without_failing(tmp_path):
     assert [g["gpu"] for g in snap.gpus] == ["GPU-a-0", "GPU-a-1", "GPU-b-0", "GPU-b-1"]
     assert all(g["probes"] == [] and not g["straggler"] for g in snap.gpus)
     store.close()
+
+
+class CountingAnalysis:
+    """Counts analysis runs (the engine itself is exercised above)."""
+
+    def __init__(self):
+        self.runs = 0
+
+    def __call__(self, samples, history):
+        from test_collector_api import peer_ratio_analyze
+
+        self.runs += 1
+        return peer_ratio_analyze(samples, history)
+
+
+def wait_until(cond, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_fleet_view_debounces_a_burst_into_one_run(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.ingest(row_tuples(make_rows("d", n_gpus=3)), 1.0)
+    counting = CountingAnalysis()
+    view = FleetView(store, counting, debounce_s=0.5, max_delay_s=30)
+    view.start()  # analyses what is stored
+    try:
+        wait_until(lambda: counting.runs == 1)
+        for _ in range(20):  # a burst of uploads
+            view.notify()
+        time.sleep(2.0)
+        assert counting.runs == 2
+    finally:
+        view.stop()
+        store.close()
+
+
+def test_fleet_view_runs_during_a_steady_stream_at_most_max_delay_late(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.ingest(row_tuples(make_rows("m", n_gpus=3)), 1.0)
+    counting = CountingAnalysis()
+    view = FleetView(store, counting, debounce_s=0.5, max_delay_s=0.4)
+    view.start()
+    try:
+        wait_until(lambda: counting.runs == 1)
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:  # never quiet for debounce_s
+            view.notify()
+            time.sleep(0.05)
+        assert counting.runs >= 3  # without max_delay_s it would still be 1
+    finally:
+        view.stop()
+        store.close()
