@@ -35,7 +35,7 @@ def _column_type(name: str) -> Any:
     if name in STRING_COLUMNS:
         inner: Any = Annotated[str, Field(max_length=1024)]
     elif name in INT_COLUMNS:
-        inner = Annotated[int, Field(ge=0)]
+        inner = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQLite's INTEGER range
     elif name in ("ts", "duration_s"):
         inner = Annotated[float, Field(ge=0, allow_inf_nan=False)]
     else:

@@ -128,6 +128,7 @@ def test_too_many_rows_is_413(server):
     (lambda r: r.update(id="../../etc"), "results[1].id"),
     (lambda r: r.update(index=-3), "results[1].index"),
     (lambda r: r.update(pcie_gen=4.5), "results[1].pcie_gen"),
+    (lambda r: r.update(processes=2**63), "results[1].processes"),  # beyond SQLite's INTEGER
 ])
 def test_bad_row_is_422_naming_the_field_and_stores_nothing(server, mutate, field):
     rows = make_rows("bad")

@@ -16,7 +16,9 @@ from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=30)
+edges = st.sampled_from([0, -1, 2**31, 2**63 - 1, 2**63, -2**63 - 1, 10**400 // 10**300, 1e308, -0.0, 5e-324, "", " ",
+                         "\x00", "NaN", "1e999", "\ud800"])
+scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=30) | edges
 json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
                            max_leaves=12)
 keys = st.sampled_from(("id",) + COLUMNS) | st.text(max_size=12)
@@ -26,13 +28,13 @@ keys = st.sampled_from(("id",) + COLUMNS) | st.text(max_size=12)
 def near_valid_rows(draw):
     """A valid row with some fields replaced, removed or added."""
     row = dict(draw(st.sampled_from(make_rows("fz", n_gpus=2, samples=2))))
-    for _ in range(draw(st.integers(0, 4))):
-        action = draw(st.sampled_from(["set", "del", "add"]))
+    for _ in range(draw(st.integers(0, 2))):
+        action = draw(st.sampled_from(["set", "set", "del", "add"]))
         key = draw(keys)
         if action == "del":
             row.pop(key, None)
         else:
-            row[key] = draw(json_values)
+            row[key] = draw(edges | json_values)
     return row
 
 
@@ -75,6 +77,13 @@ def check_ingest(server, content: bytes, headers=AUTH):
 @given(body=bodies)
 def test_ingest_never_5xx_and_rejected_stores_nothing(server, body):
     check_ingest(server, json.dumps(body).encode())
+
+
+@settings(FUZZ, max_examples=300)
+@given(column=st.sampled_from(("id",) + COLUMNS), value=edges | json_values)
+def test_any_value_in_any_column_of_a_valid_row(server, column, value):
+    row = dict(make_rows("col", n_gpus=1, samples=1)[0], **{column: value})
+    check_ingest(server, json.dumps({"host": "col", "results": [row]}).encode())
 
 
 @FUZZ
