@@ -2,7 +2,9 @@
 
 A scan names its hosts when it is created (a request without hosts takes every agent seen within
 ``agent_seen_s``) and a wall-clock ``start_at`` a few seconds ahead, so that every node starts its
-probes at the same instant. Each node moves pending -> running -> done | failed.
+probes at the same instant. Each node moves pending -> running -> done | failed; a node still
+pending once the scan is no longer offered to it (``scan_offer_grace_s`` after ``start_at``) missed
+it and is shown as failed.
 """
 
 from __future__ import annotations
@@ -87,11 +89,17 @@ class ScanBoard:
         scan = self.store.get_scan(scan_id)
         if scan is None:
             return None
+        now, nodes, errors = self.clock(), dict(scan["nodes"]), dict(scan["errors"])
+        if now > scan["start_at"] + self.offer_grace_s:  # no longer offered: a silent node missed it
+            for host, state in nodes.items():
+                if state == "pending":
+                    nodes[host] = "failed"
+                    errors[host] = f"did not pick up the scan within {self.offer_grace_s:g} s of its start"
         return {
             "scan_id": scan_id, "start_at": scan["start_at"], "probes": scan["probes"],
             "duration_s": scan["duration_s"], "hosts": scan["hosts"],
-            "state": overall_state(scan["nodes"], scan["start_at"], self.clock()),
-            "nodes": scan["nodes"], "errors": scan["errors"], "results": self.store.count_results(scan_id),
+            "state": overall_state(nodes, scan["start_at"], now),
+            "nodes": nodes, "errors": errors, "results": self.store.count_results(scan_id),
         }
 
     def report(self, scan_id: str, host: str, state: str, error: str | None) -> bool:

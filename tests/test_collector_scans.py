@@ -148,6 +148,22 @@ def test_cluster_scan_times_out_with_what_arrived(server):
     assert out["analysis"] is None
 
 
+def test_a_node_that_never_picks_up_the_scan_is_failed_once_it_is_no_longer_offered(tmp_path):
+    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", scan_offer_grace_s=0.3)
+    with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+            c.get("/api/v1/scans/next", params={"host": "alive", "wait_s": 0})
+            t0 = time.monotonic()
+            out = cluster_scan(srv.url, TOKEN, ["matmul"], 1.0, timeout_s=20, start_delay_s=0, poll_s=0.05,
+                               hosts=["alive", "gone"])
+            assert time.monotonic() - t0 < 10  # decided, not timed out
+            assert out["state"] == "failed" and not out["timed_out"]
+            assert out["nodes"] == {"alive": "failed", "gone": "failed"}
+            assert "did not pick up the scan within 0.3 s" in out["errors"]["gone"]
+            # an agent that comes back later is not offered the stale scan
+            assert c.get("/api/v1/scans/next", params={"host": "gone", "wait_s": 0}).status_code == 204
+
+
 def test_cluster_scan_errors_are_one_line(server, tmp_path):
     with pytest.raises(CollectorError, match="refused the token"):
         cluster_scan(server.url, "wrong-token-0123456789", ["matmul"], 1.0, timeout_s=5)
