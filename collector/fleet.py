@@ -126,7 +126,10 @@ class FleetView:
                 if remaining <= 0 or not self._dirty.wait(min(self.debounce_s, remaining)):
                     break  # quiet for debounce_s, or waited long enough
             if not self._stop.is_set():
-                self.refresh()
+                try:
+                    self.refresh()
+                except Exception:  # e.g. the database is unreadable: keep the last view, try again later
+                    log.exception("fleet view refresh failed; keeping the previous view")
 
     def refresh(self) -> FleetSnapshot:
         """Recompute now (in the caller's thread) and publish the result."""

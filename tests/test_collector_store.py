@@ -159,3 +159,24 @@ def test_fleet_view_runs_during_a_steady_stream_at_most_max_delay_late(tmp_path)
     finally:
         view.stop()
         store.close()
+
+
+def test_fleet_view_thread_survives_a_failed_refresh(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.ingest(row_tuples(make_rows("s", n_gpus=3)), 1.0)
+    published = []
+
+    def on_refresh(snap):
+        published.append(snap)
+        if len(published) == 1:
+            raise sqlite3.OperationalError("disk I/O error")  # whatever breaks one refresh
+
+    view = FleetView(store, CountingAnalysis(), debounce_s=0.05, on_refresh=on_refresh)
+    view.start()
+    try:
+        wait_until(lambda: len(published) == 1)
+        view.notify()
+        wait_until(lambda: len(published) == 2)  # the thread is still there
+    finally:
+        view.stop()
+        store.close()
