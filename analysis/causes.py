@@ -54,7 +54,8 @@ def _get(tel: dict, name: str, n: int) -> np.ndarray:
 def explain(tel: dict[str, np.ndarray], flagged: np.ndarray, group_of_dev: np.ndarray, n_group: int,
             host_of_dev: np.ndarray, host_names, membw: np.ndarray) -> tuple[list[list[str]], list[str]]:
     """(causes, evidence) per device; empty for devices not flagged. ``host_of_dev``: host codes,
-    ``host_names``: their names (a Series); ``membw``: the device's probe measures memory bandwidth."""
+    ``host_names``: {device: host name} (at least for the flagged devices); ``membw``: the device's
+    probe measures memory bandwidth."""
     n = len(flagged)
     peer = {k: groups.median(group_of_dev, v, n_group)[group_of_dev] for k, v in tel.items()}
     share = {r: np.nan_to_num(_get(tel, r, n)) for r in REASONS}
@@ -83,7 +84,7 @@ def explain(tel: dict[str, np.ndarray], flagged: np.ndarray, group_of_dev: np.nd
         c, e = [], []
         if whole[i]:
             c.append("whole_node")
-            e.append(f"all {per_pair[pair[i]]} devices of host {host_names.iloc[i]} are slow")
+            e.append(f"all {per_pair[pair[i]]} devices of host {host_names[i]} are slow")
         if thermal[i] >= SHARE_MIN:
             c.append("thermal")
             e.append(f"thermal slowdown {thermal[i]:.0%} of the window" + _vs(tel, peer, "temp_c", i, "C"))

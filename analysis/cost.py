@@ -15,16 +15,22 @@ def device_cost(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
         return np.clip(reference / value - 1, 0, None)
 
 
-def expected_max(step: np.ndarray, sizes) -> list[float]:
+def expected_max(step: np.ndarray, sizes, presorted: bool = False) -> list[float]:
     """E[max of n draws] for each n in ``sizes``, from the empirical distribution of ``step``
     (draws with replacement)."""
-    t = np.sort(step[np.isfinite(step)])
+    t = step[np.isfinite(step)]
+    t = t if presorted else np.sort(t)
     m = len(t)
     if m == 0:
         return [float("nan")] * len(sizes)
     with np.errstate(divide="ignore"):
         log_f = np.log(np.arange(0, m + 1) / m)  # log of the empirical CDF at each sorted value
-    return [float(np.dot(t, np.diff(np.exp(n * log_f)))) for n in sizes]  # P(max = t_i) = F_i^n - F_(i-1)^n
+    out = []
+    for n in sizes:  # P(max = t_i) = F_i^n - F_(i-1)^n
+        e = n * log_f
+        e[e < -700] = -np.inf  # exactly 0 instead of subnormal numbers (slow, and below any t_i weight)
+        out.append(float(np.dot(t, np.diff(np.exp(e)))))
+    return out
 
 
 def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: int,
@@ -38,7 +44,9 @@ def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: 
     for g in np.flatnonzero(hit):
         sel = group == g
         fit = [n for n in sizes if n <= size[g]]
-        for n, with_all, without in zip(fit, expected_max(step[sel], fit), expected_max(step[sel & ~flagged], fit)):
+        order = np.argsort(step[sel])  # one sort serves both distributions
+        t, bad = step[sel][order], flagged[sel][order]
+        for n, with_all, without in zip(fit, expected_max(t, fit, True), expected_max(t[~bad], fit, True)):
             out.append({**labels[g], "job_devices": int(n), "step_time_all": round(with_all, 5),
                         "step_time_without_stragglers": round(without, 5),
                         "speedup": round(with_all / without - 1, 5) if without > 0 else None})

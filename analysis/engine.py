@@ -45,15 +45,15 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     cur, dev, n_dev = rows.cur, rows.dev, rows.n_dev
 
     first = groups.first_index(dev, n_dev)
-    d = {c: _device_column(cur, first, c) for c in ("host", "gpu", "index", "model", "probe", "settings")}
-    peer_cols = [d["model"], d["probe"], d["settings"]]
+    code = {c: k[first] for c, k in rows.key_codes.items()}  # per device
+    peer_cols = [code["model"], code["probe"], code["settings"]]
     for c in config.peer_columns:
         if c in cur.columns:
             col = _device_column(cur, first, c)
             peer_cols.append(pd.to_numeric(col, errors="coerce").round() if c.endswith("_w") else col)
     group, n_group = groups.factorize(*peer_cols)
-    host_code, _ = groups.factorize(d["host"])
-    _, n_units = groups.factorize(d["host"], d["gpu"])
+    host_code, _ = groups.factorize(code["host"])
+    _, n_units = groups.factorize(code["host"], code["gpu"])
     est = estimate(dev, n_dev, cur["value"].to_numpy(dtype=float), group, n_group,
                    config.dip_sigmas, config.prior_df)
     sample = (pd.to_numeric(cur["sample"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
@@ -63,7 +63,7 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group,
                                                                  config.min_effect)
     hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(rows, group, n_group, config))
-    ref_value, ref_test = _reference(config, d, est, pv.basis == "")
+    ref_value, ref_test = _reference(config, cur, first, est, pv.basis == "")
     verdict = decide([
         Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),
         Test(np.where(np.isfinite(node_p), peers.NODE, ""), node_deficit, node_p, np.full(n_dev, config.min_effect)),
@@ -77,11 +77,17 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     # Slow only against its node-mates (a fast node): it costs the jobs it shares with them.
     basis_value = np.where(verdict.basis == peers.NODE, node_centre, basis_value)
     cost_dev = cost.device_cost(est.value, basis_value)
-    membw = d["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
+    # Stragglers first, by cost; the device table is built in that order (no reordering afterwards).
+    order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
+    take = first[order]
+    columns = {c: pd.Series(rows.key_values[c].take(code[c][order])) for c in (*DEVICE_KEY, "model")}
     if verdict.straggler.any():
+        membw = np.empty(n_dev, dtype=bool)
+        membw[order] = columns["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
+        k = int(verdict.straggler.sum())  # the stragglers come first in `order`
+        names = dict(zip(order[:k].tolist(), columns["host"].iloc[:k].tolist()))
         tel = causes_mod.device_telemetry(cur, dev, n_dev)
-        cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code,
-                                            d["host"], membw)
+        cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code, names, membw)
         for i in np.flatnonzero(verdict.straggler):
             evidence[i] = _verdict_text(i, pv, hv, verdict, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
     else:
@@ -89,24 +95,22 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
 
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = est.value / pv.peer_value
-    # Stragglers first, by cost; the table is built in that order (no reordering afterwards).
-    order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
-    take = first[order]
-    columns = {c: _device_column(cur, take, c) for c in ("host", "gpu", "model", "probe", "settings")}
     columns["index"] = pd.to_numeric(_device_column(cur, take, "index"), errors="coerce")
     columns.update({
-        "straggler": verdict.straggler, "basis": verdict.basis, "deficit": verdict.deficit,
+        "straggler": verdict.straggler, "basis": verdict.basis.astype(object), "deficit": verdict.deficit,
         "cost": cost_dev, "causes": _objects(cause), "evidence": _objects(evidence), "n_samples": est.n_samples,
         "n_kept": est.n_kept, "value": est.value, "median": est.median, "peer_median": pv.peer_value,
         "ratio": ratio, "peer_group_size": pv.group_size, "p_value": verdict.p_value,
         "q_value": verdict.q_value, "history_scans": hv.n_scans, "history_baseline": hv.baseline,
         "history_deficit": hv.deficit,
     })
-    table = pd.DataFrame({c: columns[c] if isinstance(columns[c], pd.Series) else columns[c][order]
-                          for c in DEVICE_COLUMNS})
+    table = pd.DataFrame({c: columns[c] if isinstance(columns[c], pd.Series) else
+                          pd.Series(columns[c][order], dtype=object) if columns[c].dtype == object else
+                          columns[c][order] for c in DEVICE_COLUMNS})
 
+    at = groups.first_index(group, n_group)  # a device of each peer group
     labels = [{"model": m, "probe": p, "settings": s} for m, p, s in
-              zip(*(c.iloc[groups.first_index(group, n_group)].tolist() for c in peer_cols[:3]))]
+              zip(*(rows.key_values[c].take(code[c][at]).tolist() for c in ("model", "probe", "settings")))]
     with np.errstate(invalid="ignore", divide="ignore"):
         step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
     summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units,
@@ -141,12 +145,14 @@ class _Rows:
     past_dev: np.ndarray  # history rows of the current devices: device code, scan rank, value
     past_rank: np.ndarray
     past_value: np.ndarray
+    key_codes: dict  # {"host"|"gpu"|"probe"|"settings"|"model": code per current row}
+    key_values: dict  # {same keys: the values the codes stand for}
 
 
 def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> _Rows:
     """Current rows and history rows (earlier scans of the input, then ``history``) by device."""
     rank = own.scan_rank(frame)
-    n_scans = int(len(np.unique(rank)))
+    n_scans = int(rank.max()) + 1 if len(rank) else 0  # ranks are 0..n-1
     keys = {c: frame[c] for c in DEVICE_KEY}
     value_all = frame["value"].to_numpy(dtype=float)
     offset = 0
@@ -164,7 +170,10 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
             keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}
             value_all = np.concatenate([past["value"].to_numpy(dtype=float), value_all])
             offset = len(past)
-    dev_all, n_all = groups.factorize(*(keys[c] for c in DEVICE_KEY))
+    factors = {c: pd.factorize(keys[c], use_na_sentinel=False) for c in DEVICE_KEY}
+    factors["model"] = pd.factorize(frame["model"], use_na_sentinel=False)  # current rows only need it
+    key_codes = {c: codes.astype(np.int64, copy=False) for c, (codes, _) in factors.items() if c != "model"}
+    dev_all, n_all = _device_codes(key_codes)
     repeat = validate.duplicates(frame, dev_all[offset:], rank[offset:], "input")
     if repeat.any():
         dropped["duplicate row"] = int(repeat.sum())
@@ -181,17 +190,33 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     was = ~cur_all & usable
     past_dev = to_cur[dev_all[was]]
     has = past_dev >= 0
-    return _Rows(cur, dev, n_dev, n_scans, past_dev[has], rank[was][has], value_all[was][has])
+    return _Rows(cur, dev, n_dev, n_scans, past_dev[has], rank[was][has], value_all[was][has],
+                 {**{c: k[cur_all] for c, k in key_codes.items()},
+                  "model": factors["model"][0].astype(np.int64, copy=False)[in_frame]},
+                 {c: u for c, (_, u) in factors.items()})
 
 
-def _reference(config: AnalysisConfig, d: dict, est, alone: np.ndarray) -> tuple[np.ndarray, Test]:
+def _device_codes(key_codes: dict) -> tuple[np.ndarray, int]:
+    """Codes of (host, gpu, probe, settings). A GPU's UUID names one host, so where every gpu value
+    sits on one host, the host adds nothing to the key and is left out (a smaller, hash-free code)."""
+    gpu, host = key_codes["gpu"], key_codes["host"]
+    n_gpu = int(gpu.max()) + 1 if len(gpu) else 0
+    host_of_gpu = host[groups.first_index(gpu, n_gpu)]
+    if len(gpu) and (host_of_gpu[gpu] == host).all():
+        return groups.factorize(gpu, key_codes["probe"], key_codes["settings"])
+    return groups.factorize(*(key_codes[c] for c in DEVICE_KEY))
+
+
+def _reference(config: AnalysisConfig, cur: pd.DataFrame, first: np.ndarray, est,
+               alone: np.ndarray) -> tuple[np.ndarray, Test]:
     """Reference values for devices without peers, looked up by model|probe|settings, then model|probe."""
     n = len(alone)
     ref = np.full(n, np.nan)
     refs = config.reference_map()
     if refs and alone.any():
-        short = d["model"].astype("string") + "|" + d["probe"].astype("string")
-        long = short + "|" + d["settings"].astype("string")
+        d = {c: _device_column(cur, first, c).astype("string") for c in ("model", "probe", "settings")}
+        short = d["model"] + "|" + d["probe"]
+        long = short + "|" + d["settings"]
         ref = long.map(refs).astype(float).fillna(short.map(refs).astype(float)).to_numpy(dtype=float)
         ref = np.where(alone, ref, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):

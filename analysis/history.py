@@ -26,9 +26,9 @@ def scan_rank(frame: pd.DataFrame) -> np.ndarray:
     if "scan_id" not in frame.columns:
         return np.zeros(len(frame), dtype=np.int64)
     sid = frame["scan_id"].astype("string").fillna("")
-    code, n = groups.factorize(sid)
-    if n == 1:
+    if len(sid) == 0 or bool((sid == sid.iloc[0]).all()):  # one scan (cheaper than factorizing)
         return np.zeros(len(frame), dtype=np.int64)
+    code, n = groups.factorize(sid)
     if "ts" in frame.columns:
         ts = pd.to_numeric(frame["ts"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
         when = groups.extreme(code, ts, n, "max")
