@@ -79,23 +79,11 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     cost_dev = cost.device_cost(est.value, basis_value)
     # Stragglers first, by cost; the device table is built in that order (no reordering afterwards).
     order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
-    take = first[order]
     columns = {c: pd.Series(rows.key_values[c].take(code[c][order])) for c in (*DEVICE_KEY, "model")}
-    if verdict.straggler.any():
-        membw = np.empty(n_dev, dtype=bool)
-        membw[order] = columns["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
-        k = int(verdict.straggler.sum())  # the stragglers come first in `order`
-        names = dict(zip(order[:k].tolist(), columns["host"].iloc[:k].tolist()))
-        tel = causes_mod.device_telemetry(cur, dev, n_dev)
-        cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code, names, membw)
-        for i in np.flatnonzero(verdict.straggler):
-            evidence[i] = _verdict_text(i, pv, hv, verdict, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
-    else:
-        cause, evidence = [()] * n_dev, [""] * n_dev
-
+    cause, evidence = _explain(rows, group, n_group, host_code, order, columns, pv, hv, verdict, node_deficit)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = est.value / pv.peer_value
-    columns["index"] = pd.to_numeric(_device_column(cur, take, "index"), errors="coerce")
+    columns["index"] = pd.to_numeric(_device_column(cur, first[order], "index"), errors="coerce")
     columns.update({
         "straggler": verdict.straggler, "basis": verdict.basis.astype(object), "deficit": verdict.deficit,
         "cost": cost_dev, "causes": _objects(cause), "evidence": _objects(evidence), "n_samples": est.n_samples,
@@ -116,6 +104,22 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units,
                        cost.job_gain(step, verdict.straggler, group, n_group, labels, config.job_sizes))
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
+
+
+def _explain(rows: "_Rows", group, n_group, host_code, order, columns, pv, hv, verdict, node_deficit):
+    """(causes, evidence) per device; only stragglers get any (the telemetry is read only then)."""
+    n_dev = rows.n_dev
+    if not verdict.straggler.any():
+        return [()] * n_dev, [""] * n_dev
+    membw = np.empty(n_dev, dtype=bool)
+    membw[order] = columns["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
+    k = int(verdict.straggler.sum())  # the stragglers come first in `order`
+    names = dict(zip(order[:k].tolist(), columns["host"].iloc[:k].tolist()))
+    tel = causes_mod.device_telemetry(rows.cur, rows.dev, n_dev)
+    cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code, names, membw)
+    for i in np.flatnonzero(verdict.straggler):
+        evidence[i] = _verdict_text(i, pv, hv, verdict, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
+    return cause, evidence
 
 
 def _objects(values: list) -> np.ndarray:
