@@ -112,6 +112,8 @@ def duplicates(df: pd.DataFrame, dev: np.ndarray, rank: np.ndarray, what: str) -
     if not cols:
         return np.zeros(len(df), dtype=bool)
     parts = [pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan) for c in cols]
+    parts = [p.astype(np.int64) if len(p) and np.isfinite(p).all() and (p >= 0).all() and (p == np.floor(p)).all()
+             else p for p in parts]  # sample numbers as integers: coded without hashing
     key, n = groups.factorize(dev, rank, *parts)
     if n == len(df):
         return np.zeros(len(df), dtype=bool)
