@@ -34,7 +34,10 @@ def _telemetry_cell(t: dict) -> str:
 
 
 def scan_table(report: dict, title: str = "") -> Table:
-    """One row per device: each probe's median and ratio to its peers, telemetry, verdict."""
+    """One row per device: each probe's median and ratio to its peers, telemetry, verdict.
+
+    The value shown is the engine's robust median (transient dips left out) when there is one: the
+    ratio is computed from it, so the two never disagree."""
     devices = report["devices"]
     units: dict[str, str] = {}
     for d in devices:
@@ -57,7 +60,8 @@ def scan_table(report: dict, title: str = "") -> Table:
                 cells.append("-")
                 continue
             ratio = f" ({r['ratio']:.2f})" if r.get("ratio") is not None else ""
-            cell = f"{_num(r.get('median'), '{:.4g}')}{ratio}"
+            value = r.get("estimate") if r.get("estimate") is not None else r.get("median")
+            cell = f"{_num(value, '{:.4g}')}{ratio}"
             cells.append(f"[red]{cell}[/red]" if r.get("straggler") else cell)
         style = VERDICT_STYLE.get(d["verdict"], "")
         verdict = f"[{style}]{d['verdict']}[/{style}]: {d['reason']}" if style else d["reason"]

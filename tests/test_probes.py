@@ -195,6 +195,8 @@ def test_render_table_is_deterministic():
     assert "matmul" in text and "g3" in text
     g3_line = next(line for line in text.splitlines() if "g3" in line)
     assert "straggler" in g3_line and "(0.6" in g3_line
+    g3 = next(d for d in rep["devices"] if d["gpu"] == "g3")["probes"]["matmul"]
+    assert f"{g3['estimate']:.4g} ({g3['ratio']:.2f})" in g3_line  # the value the ratio comes from
     g0_line = next(line for line in text.splitlines() if "g0" in line)
     assert "healthy" in g0_line and "1000 MHz" in g0_line
 
