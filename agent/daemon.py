@@ -28,7 +28,7 @@ from straggler.probes.backends import open_backend
 from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
 from .idle import IdleTracker, busy_reason
-from .notify import Notifier
+from straggler.sdnotify import Notifier
 from .poller import ScanPoller
 from .settings import AgentSettings, load_settings
 from .spool import Spool

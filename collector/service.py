@@ -19,7 +19,7 @@ from typing import Callable
 
 from straggler.errors import ConfigError, StragglerError
 
-from .sdnotify import notify, watchdog_interval_s
+from straggler.sdnotify import Notifier
 from .settings import CollectorSettings, load_token
 
 log = logging.getLogger("straggler.collector")
@@ -48,6 +48,7 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app, sock = _app_and_socket(settings, token, analyze)
     host, port = sock.getsockname()[:2]
+    notifier = Notifier()
 
     def reload_token() -> None:
         try:
@@ -64,13 +65,13 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
                 return
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_token)
             log.info("collector listening on http://%s:%d (database %s)", host, port, settings.db_path)
-            notify(f"READY=1\nSTATUS=listening on {host}:{port}")
-            interval = watchdog_interval_s()
-            if interval:
-                self._watchdog = asyncio.get_running_loop().create_task(_watchdog(interval))
+            notifier.ready(f"listening on {host}:{port}")
+            if notifier.watchdog_s:
+                interval = max(notifier.watchdog_s / 2, 0.1)
+                self._watchdog = asyncio.get_running_loop().create_task(_watchdog(notifier, interval))
 
         async def shutdown(self, sockets=None):
-            notify("STOPPING=1")
+            notifier.stopping()
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, server_header=False,
@@ -132,7 +133,7 @@ class BackgroundCollector:
         self.stop()
 
 
-async def _watchdog(interval_s: float) -> None:
+async def _watchdog(notifier: Notifier, interval_s: float) -> None:
     while True:
-        notify("WATCHDOG=1")
+        notifier.watchdog()
         await asyncio.sleep(interval_s)

@@ -19,7 +19,7 @@ from conftest import require_tool
 from straggler.agent.child import ProbeRun, scan_command
 from straggler.agent.exporter import ERROR_SOURCES, build_registry
 from straggler.agent.idle import IdleTracker, busy_reason
-from straggler.agent.notify import Notifier
+from straggler.sdnotify import Notifier
 from straggler.agent.settings import AgentSettings, load_settings
 from straggler.agent.spool import Spool
 from straggler.agent.uploader import UploadError, Uploader

@@ -205,11 +205,11 @@ def test_sighup_rereads_the_token_and_keeps_running(tmp_path):
 
 
 def test_notify_never_blocks_on_a_receiver_that_does_not_read(tmp_path):
-    from straggler.collector.sdnotify import notify
+    from straggler.sdnotify import Notifier
 
     receiver = NotifySocket(tmp_path / "full.sock")  # bound, never read
-    env = {"NOTIFY_SOCKET": receiver.path}
-    results = [notify("WATCHDOG=1", env) for _ in range(5000)]  # a blocking send would hang here
+    notifier = Notifier({"NOTIFY_SOCKET": receiver.path})
+    results = [notifier.watchdog() for _ in range(5000)]  # a blocking send would hang here
     assert results[0] is True and results[-1] is False  # the queue filled up; later pings are dropped
-    assert notify("READY=1", {}) is False  # outside systemd: nothing sent
-    assert notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent.sock")}) is False
+    assert Notifier({}).ready("x") is False  # outside systemd: nothing sent
+    assert Notifier({"NOTIFY_SOCKET": str(tmp_path / "absent.sock")}).ready("x") is False
