@@ -143,3 +143,14 @@ def load(
         if not problems:
             return cfg
     raise ConfigError(problems, source)
+
+
+def render(cfg: Any, as_json: bool = False) -> str:
+    """A loaded config as text for ``--check``: ``key = value`` lines, or a JSON object."""
+    import json
+
+    data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    data = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+    if as_json:
+        return json.dumps(data, indent=2)
+    return "\n".join(f"{k} = {v!r}" for k, v in data.items())

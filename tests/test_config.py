@@ -48,3 +48,11 @@ def test_range_check_and_bad_toml(tmp_path):
         config.load(Cfg, f)
     with pytest.raises(ConfigError, match="file not found"):
         config.load(Cfg, tmp_path / "none.toml", required_file=True)
+
+
+def test_render_for_check():
+    cfg = Cfg(token_file=Path("/t"))
+    assert "token_file = '/t'" in config.render(cfg) and "probes = ['matmul', 'membw']" in config.render(cfg)
+    import json
+
+    assert json.loads(config.render(cfg, as_json=True))["probes"] == ["matmul", "membw"]

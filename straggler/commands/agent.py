@@ -28,16 +28,9 @@ def agent(config_path, check, as_json, **flags):
 
     settings = load_settings(config_path, flags)
     if check:
-        import dataclasses
-        import json
+        from straggler.config import render
 
-        data = {k: (str(v) if v is not None and not isinstance(v, (int, float, str, tuple)) else v)
-                for k, v in dataclasses.asdict(settings).items()}
-        if as_json:
-            click.echo(json.dumps(data, indent=2))
-        else:
-            for k, v in data.items():
-                click.echo(f"{k} = {v!r}")
+        click.echo(render(settings, as_json))
         return 0
     logging.basicConfig(stream=sys.stderr, level=settings.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -27,12 +26,9 @@ def collector(config_path, address, port, db_path, token_file, check, as_json):
         "address": address, "port": port, "db_path": db_path, "token_file": token_file})
     load_token(settings)  # fail early, with every other problem already reported
     if check:
-        shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()}
-        if as_json:
-            click.echo(json.dumps(shown, indent=2))
-        else:
-            for k, v in shown.items():
-                click.echo(f"{k} = {v}")
+        from straggler.config import render
+
+        click.echo(render(settings, as_json))
         return 0
     from straggler.collector.service import serve
 
