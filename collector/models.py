@@ -13,9 +13,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 from typing_extensions import NotRequired, Required, TypedDict
 
-from straggler.records import COLUMNS, REQUIRED_COLUMNS, STRING_COLUMNS
-
-from .schema import INT_COLUMNS
+from straggler.records import COLUMNS, INT_COLUMNS, REQUIRED_COLUMNS, STRING_COLUMNS
 
 
 def _nan_is_missing(v: Any) -> Any:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from straggler.records import COLUMNS, STRING_COLUMNS
-
-# Integer columns (counts, indices, PCIe generation and width); the rest are text or real.
-INT_COLUMNS = frozenset({"index", "sample", "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max",
-                         "ecc_corrected_total", "ecc_uncorrected_total", "retired_pages", "remapped_rows", "processes"})
+from straggler.records import COLUMNS, INT_COLUMNS, STRING_COLUMNS
 
 
 def sql_type(column: str) -> str:

@@ -58,6 +58,12 @@ STRING_COLUMNS = frozenset(
     {"scan_id", "host", "gpu", "model", "driver", "probe", "settings", "unit", "throttle_reasons"}
 )
 
+# Integer columns: indices, counts, PCIe generation and width. Every other non-string column is real.
+INT_COLUMNS = frozenset(
+    {"index", "sample", "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max", "ecc_corrected_total",
+     "ecc_uncorrected_total", "retired_pages", "remapped_rows", "processes"}
+)
+
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
