@@ -2,6 +2,11 @@
 
 The cause is real: busy processes pinned with sched_setaffinity to the core of the last worker,
 which then gets about a third of its core. No timer is faked.
+
+Both tests scan with the matmul probe only. A CPU core's copy bandwidth is no property of the core on
+this kind of VM: measured side by side (64 MiB copies, both cores at once), one core got 40 GB/s and
+the other 20 GB/s, and which core was slower changed from run to run. The compute rate is stable to
+a percent or two, so it is what these show-tests judge.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def run_scan(straggler_cmd, ours: list | None = None) -> tuple[int, dict, float]
     the scan and ``ours``)."""
     ours = [psutil.Process(p.pid) for p in ours or []]
     busy0, kids0, wall0 = _machine_busy_s(), _children_s() + _cpu_s(ours), time.monotonic()
-    proc = subprocess.run([*straggler_cmd, "scan", "--json", "--probes", "matmul,membw", "--duration", "2"],
+    proc = subprocess.run([*straggler_cmd, "scan", "--json", "--probes", "matmul", "--duration", "2"],
                           capture_output=True, text=True, timeout=90)
     mine = _children_s() + _cpu_s(ours) - kids0
     others = (_machine_busy_s() - busy0 - mine) / (time.monotonic() - wall0)
