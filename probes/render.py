@@ -98,7 +98,9 @@ def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict
 
         def on_event(msg: dict) -> None:
             total = msg.get("world_size", 1) * len(msg.get("probes") or ()) or None
-            if msg.get("t") == "phase" and msg.get("state") == "start":
+            if msg.get("t") == "phase" and msg.get("state") == "wait":
+                progress.update(task, description="waiting for the start instant", total=total)
+            elif msg.get("t") == "phase" and msg.get("state") == "start":
                 progress.update(task, description=f"probing {msg['probe']}", total=total)
             elif msg.get("t") == "phase" and msg.get("state") == "done":
                 state["done"] += 1

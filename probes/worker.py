@@ -131,7 +131,7 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
             if name in COLLECTIVE:
                 return EXIT_ABORTED  # peers are inside the collective: stop so they see it
     if plan.start_at is not None:
-        emit({"t": "phase", "rank": rank, "probe": "wait", "state": "start"})
+        emit({"t": "phase", "rank": rank, "probe": "wait", "state": "wait"})  # the runner's "wait" deadline
         while (left := plan.start_at - time.time()) > 0:
             time.sleep(min(left, 0.5))
     for name in plan.probes:

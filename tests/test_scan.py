@@ -21,7 +21,9 @@ def scan(straggler_cmd, *args, timeout=90, env=None):
 
 
 def test_json_output_scan_id_and_start_at(straggler_cmd, tmp_path):
-    start_at = time.time() + 8  # after the workers' start-up and warm-up
+    # After the workers' start-up and warm-up, and longer than a probe phase may last (2 x 1 s + 10 s
+    # grace): waiting for the start instant is not a hang.
+    start_at = time.time() + 18
     out = tmp_path / "s.parquet"
     proc = scan(straggler_cmd, "--json", "--probes", "matmul,allreduce", "--duration", "1", "--samples", "3",
                 "--scan-id", "test-scan-1", "--start-at", str(start_at), "--output", str(out))
