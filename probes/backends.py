@@ -18,11 +18,17 @@ ENV_VAR = "STRAGGLER_TELEMETRY"
 SPECS = ("auto", "nvml", "cpu", "fake:<scenario-or-path>")
 
 
-def open_backend(spec: str = "auto") -> TelemetryBackend:
-    """A backend for ``spec``; an unknown spec or a bad fixture raises InputError."""
+def open_backend(spec: str = "auto", kind: str | None = None) -> TelemetryBackend:
+    """A backend for ``spec``; an unknown spec or a bad fixture raises InputError.
+
+    ``kind`` is the kind of device being probed (``"cpu"`` or ``"cuda"``), when there is one: then
+    ``"auto"`` means the backend of that kind, so a CPU scan on a GPU host never reads GPU telemetry
+    for its cores, and a GPU whose NVML cannot be read is never described as a CPU core."""
     spec = (spec or "auto").strip()
     if spec == "auto" and os.environ.get(ENV_VAR, "").strip():
         spec = os.environ[ENV_VAR].strip()
+    if spec == "auto" and kind is not None:
+        spec = "cpu" if kind == "cpu" else "nvml"
     if spec == "auto":
         return _auto()
     if spec == "nvml":

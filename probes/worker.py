@@ -47,7 +47,7 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 class WindowTelemetry:
     """Per-window telemetry through the telemetry engineer's Sampler, or none (with a note)."""
 
-    def __init__(self, spec: str, index_for: Callable[[object], int], interval_s: float):
+    def __init__(self, spec: str, kind: str, index_for: Callable[[object], int], interval_s: float):
         self.backend = self.sampler = None
         self.note = None
         self.first = None
@@ -57,7 +57,12 @@ class WindowTelemetry:
         except ImportError as e:
             self.note = f"telemetry unavailable ({one_line(e)})"
             return
-        self.backend = open_backend(spec)
+        self.backend = open_backend(spec, kind)
+        if self.backend.name == "nvml" and self.backend.device_count() == 0:
+            why = getattr(self.backend, "init_error", None) or "NVML sees no GPU"
+            self.backend.close()
+            self.backend, self.note = None, f"no GPU telemetry ({why})"
+            return
         index = index_for(self.backend)
         self.first = self.backend.read(index)
         self.sampler = Sampler(self.backend, index, interval_s)
@@ -91,13 +96,14 @@ def run_worker(plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[d
 
     dev = Device(plan.kind, device_index)
     info = dev.describe()
-    tel = WindowTelemetry(plan.telemetry, (lambda b: device_index) if plan.kind == "cpu"
-                    else _nvml_index(info["uuid"], device_index), plan.interval_s)
-    first = tel.first
+    tel = WindowTelemetry(plan.telemetry, plan.kind, (lambda b: device_index) if plan.kind == "cpu"
+                          else _nvml_index(info["uuid"], device_index), plan.interval_s)
+    # a GPU's identity comes from NVML when it is read; never from a CPU core's reading
+    first = tel.first if tel.backend is not None and tel.backend.name != "cpu" else None
     gpu = info["gpu"] if plan.kind == "cpu" or not (first and first.uuid) else first.uuid
     model = info["model"] if plan.kind == "cpu" or not (first and first.model) else first.model
     ident = {"scan_id": plan.scan_id, "host": plan.host, "gpu": gpu, "index": device_index,
-             "model": model, "driver": first.driver if first else None}
+             "model": model, "driver": tel.first.driver if tel.first else None}
     emit({"t": "hello", "rank": rank, **ident, "telemetry": tel.backend.name if tel.backend else None,
           "note": tel.note or getattr(tel.backend, "notice", None)})
 

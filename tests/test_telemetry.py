@@ -354,3 +354,18 @@ def test_sampler_window_reports_a_gpu_lost_mid_window():
         time.sleep(0.2)
     assert w.statuses[STATUS_OK] == 4 and w.statuses[STATUS_LOST] >= 2 and not w.ok
     assert w.summary()["sm_clock_mhz"] == pytest.approx(statistics.fmean(r.sm_clock_mhz for r in w.readings[:4]))
+
+
+def test_auto_follows_the_kind_of_device_probed(monkeypatch):
+    from straggler.probes.backends import ENV_VAR, open_backend
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cpu = open_backend("auto", kind="cpu")
+    assert cpu.name == "cpu"  # never GPU telemetry for CPU cores, even on a GPU host
+    cpu.close()
+    gpu = open_backend("auto", kind="cuda")
+    assert gpu.name == "nvml"  # never a CPU core's reading for a GPU; here NVML sees nothing
+    assert gpu.device_count() == 0
+    gpu.close()
+    monkeypatch.setenv(ENV_VAR, "fake:h100_healthy")
+    assert open_backend("auto", kind="cpu").name == "fake:h100_healthy"  # the test override still wins
