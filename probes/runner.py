@@ -26,7 +26,7 @@ from typing import Callable
 from straggler.errors import InputError
 
 from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices
-from .worker import WorkerPlan
+from .worker import EXIT_ABORTED, WorkerPlan
 
 DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
 SETUP_S = 120.0  # torch import, process group, allocation and warm-up of every probe
@@ -220,8 +220,8 @@ class Watch:
                     self._kill(x, f"hung: no progress for {now - x.since:.0f} s, killed")
         for w in self.workers:
             code = w.proc.wait(timeout=30)
-            if w.killed or w.reported:
-                continue
+            if w.killed or (w.reported and code == EXIT_ABORTED):
+                continue  # already reported: killed by us, or stopped after saying why
             if code != 0 or not w.finished:
                 last = next((s.strip() for s in reversed(w.stderr) if s.strip()), "no output")
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"

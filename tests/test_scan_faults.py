@@ -60,3 +60,13 @@ def test_nvml_error_mid_run(straggler_cmd, tmp_path):
     assert {(f"cpu{c}", p) for c in CORES for p in ("matmul", "membw", "allreduce")} <= kept
     # the replayed NVML values travel with the samples; the failed readings are simply missing
     assert any(s["power_w"] and s["power_w"] > 500 for s in doc["samples"])
+
+
+def test_a_crash_after_a_reported_error_is_still_reported(straggler_cmd, tmp_path):
+    # rank 1 reports a matmul error and carries on, then dies in membw: both must be in the report
+    line, doc, kept = faulty_scan(straggler_cmd, tmp_path,
+                                  {"STRAGGLER_FAULT": "raise:rank1:matmul,die:rank1:membw"})
+    errors = {(f["probe"], f["error"].split(" (")[0]) for f in doc["failures"] if f["rank"] == 1}
+    assert ("matmul", "RuntimeError: injected fault in matmul on rank 1") in errors
+    assert any(p == "membw" and e.startswith("worker died") for p, e in errors), doc["failures"]
+    assert (f"cpu{CORES[0]}", "membw") in kept
