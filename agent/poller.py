@@ -21,6 +21,7 @@ class ScanPoller:
         self.scans = scans
         self.metrics = metrics
         self.seen: set[str] = set()
+        self.repeated = False  # the last poll answered a scan already queued (its state not yet sent)
 
     def poll_once(self, client: httpx.Client) -> dict | None:
         wait = self.settings.poll_wait_s
@@ -30,7 +31,8 @@ class ScanPoller:
             return None
         resp.raise_for_status()
         scan = resp.json()
-        if scan["scan_id"] in self.seen:
+        self.repeated = scan["scan_id"] in self.seen
+        if self.repeated:
             return None
         self.seen.add(scan["scan_id"])
         self.scans.put(scan)
@@ -48,8 +50,9 @@ class ScanPoller:
                 delay = self.settings.backoff_initial_s
                 if scan:
                     log.info("cluster scan %s starts at %s", scan["scan_id"], scan.get("start_at"))
-                elif self.settings.poll_wait_s == 0:
-                    stop.wait(1.0)
+                elif self.repeated or self.settings.poll_wait_s == 0:
+                    # the collector answers at once until this node reports the scan's state
+                    stop.wait(min(self.settings.poll_wait_s or 1.0, 5.0))
             except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
                 if client is not None:
                     client.close()

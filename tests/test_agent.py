@@ -346,3 +346,27 @@ def test_a_rotated_token_is_picked_up_without_a_restart(tmp_path):
             up.flush_once()
     finally:
         server.close()
+
+
+def test_poller_waits_while_a_queued_scan_is_offered_again(tmp_path):
+    import queue
+
+    from straggler.agent.poller import ScanPoller
+
+    server = IngestServer()
+    server.scans.append({"scan_id": "s1", "start_at": time.time(), "probes": ["matmul"], "duration_s": 1})
+    (tmp_path / "token").write_text("secret")
+    settings = AgentSettings(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=1.0)
+    scans: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    poller = ScanPoller(settings, "n1", scans)
+    thread = threading.Thread(target=poller.run, args=(stop,))
+    thread.start()
+    try:
+        time.sleep(2.5)  # the state of s1 is never reported: the collector offers it on every poll
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
+    assert scans.qsize() == 1  # queued once
+    assert server.polls <= 5, server.polls  # about one poll a second, not a tight loop

@@ -192,6 +192,7 @@ class IngestServer:
         self.token = token
         self.rows: dict[str, dict] = {}
         self.posts = 0  # result POSTs that reached the handler
+        self.polls = 0  # GET /api/v1/scans/next requests
         self.fail_next = 0
         self.scans: list[dict] = []
         self.statuses: list[tuple[str, dict]] = []
@@ -247,6 +248,8 @@ class IngestServer:
                     return
                 url = urlparse(self.path)
                 if url.path == "/api/v1/scans/next":
+                    with outer.lock:
+                        outer.polls += 1
                     host = parse_qs(url.query)["host"][0]
                     end = time.monotonic() + min(float(parse_qs(url.query).get("wait_s", ["0"])[0]), 2.0)
                     while time.monotonic() < end:
