@@ -106,8 +106,8 @@ class ProbeRun:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
                 break
-            try:
-                self.proc.wait(timeout=3.0)
+            try:  # after SIGTERM the scan reaps its workers and writes what it measured: give it time
+                self.proc.wait(timeout=self.kill_grace_s)
                 break
             except subprocess.TimeoutExpired:
                 continue

@@ -235,7 +235,9 @@ class NvmlBackend:
         if identity is None:
             identity = {name: _query(lambda fn=fn: fn(nv, handle)) for name, fn in STATIC_FIELDS.items()}
             identity["driver"] = self._driver
-            if not any(isinstance(v, NvmlFailure) and v.code == GPU_IS_LOST for v in identity.values()):
+            # cache the identity only when it is final: a transient failure (timeout, unknown) must
+            # not leave a GPU without its UUID for the rest of a long-running agent's life
+            if all(v.code == "not_supported" for v in identity.values() if isinstance(v, NvmlFailure)):
                 self._static[index] = identity
         values: dict[str, Any] = {}
         for name, fn in DYNAMIC_FIELDS.items():
