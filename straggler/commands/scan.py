@@ -20,7 +20,7 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--probes", default="all", show_default=True,
               help="Comma-separated probes: matmul, membw, pcie (GPU only), allreduce; or 'all'.")
 @click.option("--duration", "duration_s", type=float, default=None,
-              help="Seconds per probe [default: 4 on CPU cores, 15 on GPUs].")
+              help="Seconds per probe [default: 4 on CPU cores, 15 on GPUs and in a cluster scan].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--samples", type=int, default=5, show_default=True, help="Samples (windows) per device and probe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
@@ -123,7 +123,8 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
             on_event({"t": "progress", "description": f"scan {status.get('scan_id', '')}: nodes reported",
                       "completed": sum(s in ("done", "failed") for s in nodes.values()), "total": len(nodes) or None})
 
-    duration = duration_s or DEFAULT_DURATION_S["cpu"]
+    # The fleet's nodes may be GPU nodes: their power and thermal steady state needs the GPU duration.
+    duration = duration_s or DEFAULT_DURATION_S["cuda"]
     doc = cluster_scan(url, token, list(probes), duration, deadline_s or 600.0, on_progress=on_progress)
     nodes, errors = doc.get("nodes") or {}, doc.get("errors") or {}
     failures = [{"host": h, "device": "-", "rank": None, "probe": "scan",
