@@ -59,7 +59,9 @@ class Device:
     def describe(self) -> dict:
         """``{"gpu", "model", "uuid"}`` as torch knows them (telemetry may know more)."""
         if self.kind == "cpu":
-            return {"gpu": f"cpu{self.index}", "model": cpu_model(), "uuid": None}
+            from .cputelemetry import cpu_model
+
+            return {"gpu": f"cpu{self.index}", "model": cpu_model() or "cpu", "uuid": None}
         props = torch().cuda.get_device_properties(self.index)
         uuid = getattr(props, "uuid", None)
         uuid = f"GPU-{uuid}" if uuid is not None and not str(uuid).startswith("GPU-") else uuid
@@ -120,20 +122,6 @@ def rendezvous_store(timeout_s: float):
     t = torch()
     return t.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                   timeout=timedelta(seconds=timeout_s))
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "cpu"
 
 
 class Group:

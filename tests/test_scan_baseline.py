@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow,
 def test_without_the_slowdown_nothing_is_flagged(straggler_cmd):
     # Other work on this shared machine slows cores for real, and the scan rightly flags them; the
     # claim is about a quiet machine, so a scan during which other processes used more than a
-    # twentieth of a core is repeated (up to 3 times), then the test is skipped saying why.
+    # tenth of a core is repeated (up to 3 times), then the test is skipped saying why.
     for _ in range(3):
         code, doc, others = run_scan(straggler_cmd)
         if others <= QUIET_CORES:
