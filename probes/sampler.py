@@ -123,7 +123,10 @@ class Sampler:
     def _run(self, window: Window, stop: threading.Event) -> None:
         next_t = time.monotonic() + self.interval_s
         while not stop.wait(max(0.0, next_t - time.monotonic())):
-            window._readings.append(self.backend.read(self.index))
+            reading = self.backend.read(self.index)
+            if stop.is_set():
+                break  # the window closed during a slow read: it is summarised without this one
+            window._readings.append(reading)
             # drift-corrected: the next tick is on the grid, skipping ticks a slow read overran
             next_t += self.interval_s * max(1, int((time.monotonic() - next_t) // self.interval_s) + 1)
 
