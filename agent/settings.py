@@ -20,7 +20,7 @@ class AgentSettings:
     listen_port: int = DEFAULT_PORT
     telemetry: str = "auto"  # auto | nvml | cpu | fake:<scenario>
     interval_s: float = 15.0  # telemetry tick
-    collector_url: str | None = None  # e.g. http://collector:8080; None = spool only
+    collector_url: str | None = None  # e.g. http://collector:9402; None = spool only
     token_file: Path | None = None  # bearer token for the collector
     spool_path: Path = Path("/var/lib/straggler-agent/spool.sqlite")
     upload_batch: int = 1000  # the collector ingests >= 20,000 results/s from batches of 1,000 (benchmarks/collector_ingest.py)

@@ -13,7 +13,7 @@ import click
 @click.option("--listen-port", type=int, help="/metrics port [default: 9401].")
 @click.option("--telemetry", help="auto, nvml, cpu or fake:<scenario>.")
 @click.option("--interval", "interval_s", type=float, help="Telemetry interval in seconds [default: 15].")
-@click.option("--collector-url", help="Collector base URL, e.g. http://collector:8080.")
+@click.option("--collector-url", help="Collector base URL, e.g. http://collector:9402.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the collector's bearer token.")
 @click.option("--spool", "spool_path", type=click.Path(dir_okay=False), help="SQLite spool file.")
 @click.option("--check", is_flag=True, help="Validate the configuration, print it, and exit.")
