@@ -6,6 +6,8 @@ shortens it by the ratio reported here."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -37,7 +39,8 @@ def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: 
              labels: list[dict], sizes: tuple[int, ...]) -> list[dict]:
     """Per peer group with at least one straggler, per job size N no larger than the group: the
     expected step time (relative to the group's healthy centre) with every device and without the
-    flagged ones, and the speed-up from leaving them out."""
+    flagged ones, and the speed-up from leaving them out. None where unknown: without a healthy
+    device left (every device flagged) or without peers (no step time)."""
     out = []
     hit = np.bincount(group, weights=flagged, minlength=n_group) > 0
     size = np.bincount(group, minlength=n_group)
@@ -47,7 +50,14 @@ def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: 
         order = np.argsort(step[sel])  # one sort serves both distributions
         t, bad = step[sel][order], flagged[sel][order]
         for n, with_all, without in zip(fit, expected_max(t, fit, True), expected_max(t[~bad], fit, True)):
-            out.append({**labels[g], "job_devices": int(n), "step_time_all": round(with_all, 5),
-                        "step_time_without_stragglers": round(without, 5),
-                        "speedup": round(with_all / without - 1, 5) if without > 0 else None})
+            # Every device flagged (or no step time known): nothing to run the job on without them.
+            known = math.isfinite(with_all) and math.isfinite(without) and without > 0
+            out.append({**labels[g], "job_devices": int(n), "step_time_all": _round(with_all),
+                        "step_time_without_stragglers": _round(without),
+                        "speedup": round(with_all / without - 1, 5) if known else None})
     return out
+
+
+def _round(x: float) -> float | None:
+    """Rounded for the JSON document; None where unknown (JSON has no NaN)."""
+    return round(x, 5) if math.isfinite(x) else None

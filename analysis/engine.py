@@ -62,7 +62,8 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
                        config.min_effect_few, rows=(dev, sample, cur["value"].to_numpy(dtype=float)))
     node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group,
                                                                  config.min_effect)
-    hv = own.compare(est.value, est.se_rel, group, n_group, *_past_scans(rows, group, n_group, config))
+    hv = own.compare(est.value, est.se_rel, group, n_group, rows.cur_rank,
+                     *_past_scans(rows, group, n_group, config), prior_df=config.prior_df)
     ref_value, ref_test = _reference(config, cur, first, est, pv.basis == "")
     verdict = decide([
         Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),
@@ -146,6 +147,7 @@ class _Rows:
     dev: np.ndarray  # their device codes 0..n_dev-1
     n_dev: int
     n_scans: int  # scans in the input
+    cur_rank: np.ndarray  # each device's current scan (rank)
     past_dev: np.ndarray  # history rows of the current devices: device code, scan rank, value
     past_rank: np.ndarray
     past_value: np.ndarray
@@ -162,8 +164,8 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     offset = 0
     if history is not None and len(history):
         past, hdrop = validate.clean(history, "history")
-        if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own scans again
-            again = past["scan_id"].isin(frame["scan_id"].dropna().unique()).to_numpy(dtype=bool)
+        if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own samples again
+            again = _in_input(past, frame)
             if again.any():
                 hdrop["scan also in the input"] = int(again.sum())
                 past = past[~again].reset_index(drop=True)
@@ -194,10 +196,22 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     was = ~cur_all & usable
     past_dev = to_cur[dev_all[was]]
     has = past_dev >= 0
-    return _Rows(cur, dev, n_dev, n_scans, past_dev[has], rank[was][has], value_all[was][has],
+    cur_rank = rank[cur_all][groups.first_index(dev, n_dev)]
+    return _Rows(cur, dev, n_dev, n_scans, cur_rank, past_dev[has], rank[was][has], value_all[was][has],
                  {**{c: k[cur_all] for c, k in key_codes.items()},
                   "model": factors["model"][0].astype(np.int64, copy=False)[in_frame]},
                  {c: u for c, (_, u) in factors.items()})
+
+
+def _in_input(past: pd.DataFrame, frame: pd.DataFrame) -> np.ndarray:
+    """True for the history rows whose device (host, gpu, probe, settings) and scan_id occur in the
+    input: the same scan of the same device, given twice. Other devices of that scan stay history."""
+    cols = (*DEVICE_KEY, "scan_id")
+    code, n = groups.factorize(*(pd.concat([past[c], frame[c]], ignore_index=True).astype("string")
+                                 for c in cols))
+    seen = np.zeros(n, dtype=bool)
+    seen[code[len(past):]] = True
+    return seen[code[:len(past)]] & past["scan_id"].notna().to_numpy(dtype=bool)
 
 
 def _device_codes(key_codes: dict) -> tuple[np.ndarray, int]:
@@ -243,7 +257,8 @@ def _verdict_text(i: int, pv, hv, verdict, node_deficit) -> str:
     if np.isfinite(node_deficit[i]):
         parts.append(f"{1 - node_deficit[i]:.3f}x the median of its node-mates")
     if hv.n_scans[i] > 0:
-        parts.append(f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans")
+        parts.append(f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans"
+                     + (" (relative to its peers)" if hv.relative[i] else ""))
     parts.append(f"q={verdict.q_value[i]:.2g}")
     return ", ".join(parts)
 

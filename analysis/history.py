@@ -6,6 +6,9 @@ history; history given separately (the collector's store) is added to them. The 
 median of the device's earliest half of past scans (so a slow drift is measured from where it
 started, not from its middle); the change test compares the current value with that baseline
 against the scan-to-scan noise pooled over the peer group (and the current value's own error).
+A device with peers is followed relative to them (its value over the peer group's centre in each
+scan), so a change of the whole fleet is not a change of each device; a device without peers is
+followed on its absolute values.
 """
 
 from __future__ import annotations
@@ -49,22 +52,67 @@ def current_rows(dev: np.ndarray, n_dev: int, rank: np.ndarray) -> np.ndarray:
     return rank == latest[dev]
 
 
+MEDIAN_MIN = 4  # a centre is the median of at least this many devices, else the others' mean
+# Prior scan-to-scan standard deviation of a device's value, used where the peer group's past scans
+# cannot estimate it (one past scan each) and weighted by ``prior_df`` against the pooled estimate.
+# Relative to its peers a device moves little between scans (0.3% in the benchmark's fleet); its
+# absolute value moves with the room, the driver and the firmware, so a lone device needs more.
+SCAN_SD_PEERS = 0.005
+SCAN_SD_ALONE = 0.02
+
+
 @dataclass(frozen=True)
 class HistoryVerdict:
     n_scans: np.ndarray  # past scans of the device
-    baseline: np.ndarray  # its own baseline value
+    baseline: np.ndarray  # its own baseline value (with peers: in terms of today's peer centre)
     deficit: np.ndarray  # 1 - value / baseline
     p_value: np.ndarray
+    relative: np.ndarray  # True where compared relative to its peers (False: absolute values)
+
+
+def centre(key: np.ndarray, value: np.ndarray, n_key: int) -> np.ndarray:
+    """Per entry, the centre of its key's values: their median where the key has at least
+    ``MEDIAN_MIN`` finite values, the mean of the others' where it has 2-3, else NaN."""
+    ok = np.isfinite(value)
+    cnt = groups.count(key, n_key, ok)[key]
+    tot = groups.total(key, value, n_key, ok)[key]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        others = (tot - np.where(ok, value, 0.0)) / (cnt - ok)
+    big = cnt >= MEDIAN_MIN
+    out = np.where(cnt >= 2, others, np.nan)
+    if big.any():
+        out[big] = groups.median(key, value, n_key)[key][big]
+    return out
 
 
 def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_group: int,
-            s_dev: np.ndarray, s_rank: np.ndarray, s_val: np.ndarray) -> HistoryVerdict:
-    """``s_*``: one entry per (current device, past scan): device index (0..n-1), scan rank and
-    the device's value in that scan (estimated like the current one, transients removed)."""
+            cur_rank: np.ndarray, s_dev: np.ndarray, s_rank: np.ndarray, s_val: np.ndarray,
+            prior_df: float = 8.0) -> HistoryVerdict:
+    """``cur_rank``: each device's current scan; ``s_*``: one entry per (current device, past scan):
+    device index (0..n-1), scan rank and the device's value in that scan (estimated like the
+    current one, transients removed).
+
+    A device with peers (2+ devices in its group now) is compared relative to them: its current
+    value over its peers' current centre, each past value over the centre of the group in that
+    scan (every device measured in it), so a change of the whole fleet (driver, room temperature)
+    cancels out; a past scan in which the device had no peer is left out. A device without peers
+    is compared on its absolute values."""
     n_dev = len(value)
     nan = np.full(n_dev, np.nan)
+    peers_now = np.bincount(group_of_dev, weights=np.isfinite(value), minlength=n_group)[group_of_dev] >= 2
     if len(s_dev) == 0:
-        return HistoryVerdict(np.zeros(n_dev, dtype=np.int64), nan, nan.copy(), nan.copy())
+        return HistoryVerdict(np.zeros(n_dev, dtype=np.int64), nan, nan.copy(), nan.copy(), peers_now)
+    cur_centre = centre(group_of_dev, value, n_group)
+    key, n_key = groups.factorize(np.concatenate([group_of_dev[s_dev], group_of_dev]),
+                                  np.concatenate([s_rank, cur_rank]))
+    past_centre = centre(key, np.concatenate([s_val, value]), n_key)[:len(s_dev)]
+    rel = peers_now[s_dev]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s_val = np.where(rel, s_val / past_centre, s_val)
+        value = np.where(peers_now, value / cur_centre, value)
+    use = np.isfinite(s_val)
+    if not use.all():
+        s_dev, s_rank, s_val = s_dev[use], s_rank[use], s_val[use]
     order = np.lexsort((s_rank, s_dev))
     s_dev, s_val = s_dev[order], s_val[order]
     k = np.bincount(s_dev, minlength=n_dev)
@@ -73,20 +121,23 @@ def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_g
     early = pos < (k[s_dev] + 1) // 2
     baseline = groups.median(s_dev[early], s_val[early], n_dev)
 
-    # Scan-to-scan noise: pooled variance of past scan values around each device's past mean.
+    # Scan-to-scan noise: pooled variance of past scan values around each device's past mean,
+    # moderated with a prior (SCAN_SD_*, weight prior_df): with one past scan each there is no
+    # pooled estimate, and the sampling error alone would take every small change for real.
     mean_past = groups.mean(s_dev, s_val, n_dev)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = s_val / mean_past[s_dev] - 1
         g = group_of_dev[s_dev]
         dof = np.bincount(group_of_dev, weights=np.maximum(k - 1, 0), minlength=n_group)
-        var = np.bincount(g, weights=np.nan_to_num(r * r), minlength=n_group) / dof
-        var = np.where(dof > 0, var, np.nan)[group_of_dev]
+        ss = np.bincount(g, weights=np.nan_to_num(r * r), minlength=n_group)
+        prior_var = np.nan_to_num(se_rel ** 2) + np.where(peers_now, SCAN_SD_PEERS, SCAN_SD_ALONE) ** 2
+        var = (prior_df * prior_var + ss[group_of_dev]) / (prior_df + dof[group_of_dev])
         # A scan's value varies by `var` (sampling error and scan-to-scan change together): the
         # current value by that much, the baseline (a median of ceil(k/2) scans) by 1.57 var / n.
         n_base = np.maximum((k + 1) // 2, 1)
-        var_diff = np.where(np.isfinite(var), var * (1 + np.where(n_base > 1, 1.57, 1.0) / n_base),
-                            2 * se_rel ** 2)  # no repeated past scans: the sampling error only
+        var_diff = var * (1 + np.where(n_base > 1, 1.57, 1.0) / n_base)
         deficit = 1 - value / baseline
         z = deficit / np.sqrt(var_diff)
     p = np.where(k > 0, special.ndtr(-z), np.nan)
-    return HistoryVerdict(k, np.where(k > 0, baseline, np.nan), np.where(k > 0, deficit, np.nan), p)
+    shown = np.where(peers_now, baseline * cur_centre, baseline)  # in the current value's terms
+    return HistoryVerdict(k, np.where(k > 0, shown, np.nan), np.where(k > 0, deficit, np.nan), p, peers_now)

@@ -3,7 +3,8 @@
 Fatal problems (a missing required column, a value that is not a number, inf or negative, mixed
 units within one probe, one sample recorded twice with different values) raise an InputError whose
 one-line message names the column or row. Rows that cannot be used but harm nothing else (no value,
-no host, an exact duplicate) are dropped and counted by reason, never silently.
+no host, an exact duplicate) are dropped and counted by reason, never silently; so is an unreadable
+``throttle_reasons`` cell, which is treated as missing (the row's measurement is kept).
 Row numbers in messages count data rows from 1, in the order the table was given.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from straggler.errors import InputError
-from straggler.records import REQUIRED_COLUMNS
+from straggler.records import REQUIRED_COLUMNS, parse_throttle
 
 from . import groups
 
@@ -70,6 +71,8 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
             dropped[f"{col} missing"] = int(gone.sum())
             keep &= ~gone
     out["settings"] = _text(out["settings"]).fillna("") if "settings" in out else ""
+    if "throttle_reasons" in out.columns:
+        _check_throttle(out, keep, dropped)
     if not keep.all():
         out = out[keep].reset_index(drop=True)
 
@@ -78,6 +81,27 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
     if out.empty:
         raise InputError(f"{what}: no usable rows" + (f" (dropped: {_fmt(dropped)})" if dropped else ""))
     return out, dropped
+
+
+def read_throttle(text: object) -> dict[str, float] | None:
+    """A ``throttle_reasons`` cell as {reason: share of the window}; None where it cannot be read."""
+    try:
+        shares = parse_throttle(text)
+    except ValueError:
+        return None
+    return shares if all(0 <= v <= 1 for v in shares.values()) else None
+
+
+def _check_throttle(out: pd.DataFrame, keep: np.ndarray, dropped: dict[str, int]) -> None:
+    """An unreadable ``throttle_reasons`` cell becomes missing (telemetry is optional: the sample
+    stays) and is counted in ``dropped``."""
+    code, uniques = pd.factorize(out["throttle_reasons"], use_na_sentinel=True)
+    bad = np.array([read_throttle(u) is None for u in uniques] + [False])
+    hit = bad[np.where(code >= 0, code, len(uniques))]
+    if hit.any():
+        out["throttle_reasons"] = out["throttle_reasons"].mask(hit)
+        if (hit & keep).any():
+            dropped["throttle_reasons unreadable (cell ignored)"] = int((hit & keep).sum())
 
 
 def _fmt(dropped: dict[str, int]) -> str:
@@ -105,28 +129,47 @@ def _check_units(df: pd.DataFrame, what: str) -> None:
 
 def duplicates(df: pd.DataFrame, dev: np.ndarray, rank: np.ndarray, what: str) -> np.ndarray:
     """Rows recording a sample already seen (same device, probe, settings, scan and ``sample``, or
-    ``ts`` when there is no ``sample`` column): True for the repeats, which are dropped and counted;
-    the same sample with different values raises InputError. Without a ``sample`` or ``ts`` column
-    rows cannot be told apart from repeated samples, and nothing is a duplicate."""
-    cols = ["sample"] if "sample" in df.columns else ["ts"] if "ts" in df.columns else []
-    if not cols:
+    ``ts`` where a row has no ``sample`` number): True for the repeats, which are dropped and counted;
+    the same sample with different values raises InputError. A row with neither a ``sample`` number
+    nor a ``ts`` (no such column, or a blank cell) cannot be told apart from a repeated sample, and
+    is never a duplicate."""
+    def number(c: str) -> np.ndarray:
+        return pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+
+    if "sample" not in df.columns and "ts" not in df.columns:
         return np.zeros(len(df), dtype=bool)
-    parts = [pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan) for c in cols]
-    parts = [p.astype(np.int64) if len(p) and np.isfinite(p).all() and (p >= 0).all() and (p == np.floor(p)).all()
-             else p for p in parts]  # sample numbers as integers: coded without hashing
-    key, n = groups.factorize(dev, rank, *parts)
-    if n == len(df):
-        return np.zeros(len(df), dtype=bool)
+    part = number("sample" if "sample" in df.columns else "ts")
+    by_ts = np.full(len(df), "sample" not in df.columns)
+    usable = np.isfinite(part)
+    if "sample" in df.columns and "ts" in df.columns and not usable.all():  # no sample number: its ts
+        ts = number("ts")
+        by_ts = ~usable & np.isfinite(ts)
+        part = np.where(by_ts, ts, part)
+        usable |= by_ts
+    repeat = np.zeros(len(df), dtype=bool)
+    if not usable.any():
+        return repeat
+    every = bool(usable.all())
+    idx = np.arange(len(df)) if every else np.flatnonzero(usable)
+    part = part if every else part[idx]
+    if (part >= 0).all() and (part == np.floor(part)).all():
+        part = part.astype(np.int64)  # sample numbers as integers: coded without hashing
+    kinds = [by_ts[idx].astype(np.int64)] if by_ts.any() and not by_ts.all() else []
+    key, n = groups.factorize(dev[idx], rank[idx], *kinds, part)
+    if n == len(idx):
+        return repeat
     first = groups.first_index(key, n)
-    repeat = np.ones(len(df), dtype=bool)
-    repeat[first] = False
-    value = df["value"].to_numpy(dtype=float)
-    clash = repeat & (value != value[first[key]])
+    rep = np.ones(len(idx), dtype=bool)
+    rep[first] = False
+    value = df["value"].to_numpy(dtype=float)[idx]
+    clash = rep & (value != value[first[key]])
     if clash.any():
-        i = int(np.flatnonzero(clash)[0])
-        j = int(first[key[i]])
+        i = int(idx[np.flatnonzero(clash)[0]])
+        j = int(idx[first[key[np.flatnonzero(clash)[0]]]])
         rows = df["_row"].to_numpy()
-        ident = ", ".join(f"{c}={df[c].iloc[i]}" for c in ("host", "gpu", "probe", *cols))
+        col = "ts" if by_ts[i] else "sample"
+        ident = ", ".join(f"{c}={df[c].iloc[i]}" for c in ("host", "gpu", "probe", col))
         raise InputError(f"{what}: rows {rows[j]} and {rows[i]} record the same sample ({ident}) "
                          "with different values")
+    repeat[idx] = rep
     return repeat

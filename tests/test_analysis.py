@@ -363,3 +363,89 @@ def test_small_groups_pair_samples_taken_at_the_same_moment():
     unpaired = analyze(slow.drop(columns="sample"))  # the windows unknown: the common load is noise
     assert flagged(unpaired) == set() and row(unpaired, "cpu1")["q_value"] > 0.01
     assert flagged(analyze(pair(0.97))) == set()  # paired and precise, but below the 10% asked of a pair
+
+
+# --- review regressions ------------------------------------------------------------------------
+
+def test_a_fleet_wide_shift_is_not_a_change_of_each_device():
+    """8 GPUs whose second scan is all 5% slower (a driver update, a warm room): nobody degraded."""
+    base = 1 + np.random.default_rng(3).normal(0, 0.005, 8)
+    before = fleet(n_hosts=2, base=base, seed=1, scan_id="c1", ts=1.0)
+    after = fleet(n_hosts=2, base=base * 0.95, seed=2, scan_id="c2", ts=2.0)
+    res = analyze(after, history=before)
+    assert flagged(res) == set() and (res.devices["history_scans"] == 1).all()
+    assert res.devices["history_deficit"].abs().max() < 0.02
+    slow = base * 0.95
+    slow[5] *= 0.95  # this one also lost 5% against its own past; its peers did not
+    res = analyze(fleet(n_hosts=2, base=slow, seed=2, scan_id="c2", ts=2.0), history=before)
+    assert flagged(res) == {"GPU-0005"}
+    r = row(res, "GPU-0005")
+    assert "history" in r["basis"] and r["history_deficit"] == pytest.approx(0.05, abs=0.015)
+    assert "relative to its peers" in r["evidence"]
+
+
+def test_one_past_scan_is_not_taken_for_a_noiseless_baseline():
+    """With one past scan the scan-to-scan change is unknown: a prior stands in for it (a 3% change
+    of a lone device measured to 0.1% is within what a room or a driver does to it; 15% is not)."""
+    one = fleet(n_hosts=1, per_host=1, base=[0.97], noise=0.001, samples=10, scan_id="new", ts=2.0)
+    past = fleet(n_hosts=1, per_host=1, base=[1.0], noise=0.001, samples=10, seed=1, scan_id="old", ts=1.0)
+    res = analyze(one, history=past)
+    assert row(res, "GPU-0000")["basis"] == "history" and flagged(res) == set()
+    assert row(res, "GPU-0000")["history_deficit"] == pytest.approx(0.03, abs=0.002)
+    assert flagged(analyze(one.assign(value=one["value"] * 0.85 / 0.97), history=past)) == {"GPU-0000"}
+
+
+def test_history_of_a_device_is_kept_when_only_other_devices_repeat_its_scan():
+    """h1 (node000) in scans c1 and c2, the other hosts only in c1; h1 is 10% slower in c2. The
+    input holds every device's latest rows, the store every scan: only the repeated rows go."""
+    base = 1 + np.random.default_rng(4).normal(0, 0.005, 64)
+    c1 = fleet(base=base, seed=1, scan_id="c1", ts=1.0)
+    c2 = fleet(base=base * 0.9, seed=2, scan_id="c2", ts=2.0)
+    h1 = c2["host"] == "node000"
+    current = pd.concat([c2[h1], c1[c1["host"] != "node000"]], ignore_index=True)
+    res = analyze(current, history=pd.concat([c1, c2[h1]], ignore_index=True))
+    assert res.dropped == {"history: scan also in the input": 64 * 5}
+    for gpu in ("GPU-0000", "GPU-0003"):
+        r = row(res, gpu)
+        assert r["history_scans"] == 1 and "history" in r["basis"]
+        assert r["history_deficit"] == pytest.approx(0.1, abs=0.03)
+    assert (res.devices.set_index("gpu").drop(index=[f"GPU-{i:04d}" for i in range(4)])["history_scans"] == 0).all()
+
+
+def peer_group_flagged_entirely():
+    """A pair: GPU-0000 fell 30% behind GPU-0001 (leave-one-out), and GPU-0001, once 1.5x GPU-0000,
+    is now only 1.43x it (its own history, relative to its peer): both flagged, none healthy left."""
+    past = fleet(n_hosts=1, per_host=2, base=[1.0, 1.5], seed=1, scan_id="old", ts=1.0)
+    now = fleet(n_hosts=1, per_host=2, base=[0.7, 1.0], seed=2, scan_id="new", ts=2.0)
+    return now, past
+
+
+def test_a_peer_group_flagged_entirely_has_no_job_cost_and_valid_json():
+    now, past = peer_group_flagged_entirely()
+    res = analyze(now, history=past, config=AnalysisConfig(job_sizes=(2,)))
+    assert flagged(res) == {"GPU-0000", "GPU-0001"}
+    [job] = res.summary["job_cost"]
+    assert job["job_devices"] == 2 and job["step_time_all"] > 1
+    assert job["speedup"] is None and job["step_time_without_stragglers"] is None
+    json.dumps(res.to_json(), allow_nan=False)
+
+
+def test_blank_sample_numbers_are_not_one_sample():
+    """Two files, one with a sample column, one without: the rows without a number are not repeats."""
+    full = fleet(n_hosts=2)
+    minimal = fleet(n_hosts=2, seed=5).assign(gpu=lambda d: d["gpu"] + "b")[["host", "gpu", "model", "probe", "value"]]
+    res = analyze(pd.concat([full, minimal], ignore_index=True))
+    assert res.dropped == {} and res.summary["samples"] == 2 * 8 * 5
+    with_ts = pd.concat([full, minimal.assign(ts=np.tile(np.arange(5), 8) + 1.0)], ignore_index=True)
+    again = pd.concat([with_ts, with_ts.iloc[[45]]], ignore_index=True)  # a blank-sample row repeated
+    assert analyze(again).dropped == {"duplicate row": 1}
+
+
+def test_an_unreadable_throttle_cell_is_ignored_not_fatal():
+    df = fleet(slow={9: 0.9}, throttle_reasons="")
+    df.loc[df["gpu"] == "GPU-0009", "throttle_reasons"] = "sw_power_cap=x"
+    df.loc[df["gpu"] == "GPU-0002", "throttle_reasons"] = "sw_thermal_slowdown=0.5"
+    res = analyze(df)
+    assert flagged(res) == {"GPU-0009"} and res.summary["samples"] == 64 * 5
+    assert res.dropped == {"throttle_reasons unreadable (cell ignored)": 5}
+    assert list(row(res, "GPU-0009")["causes"]) == ["unexplained"]

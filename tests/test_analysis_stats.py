@@ -80,3 +80,15 @@ def test_job_gain_without_stragglers():
     assert j64["speedup"] > j8["speedup"] > 0
     assert cost.device_cost(np.array([0.8, 1.2]), np.array([1.0, 1.0])).tolist() == [0.25, 0.0]
 
+
+
+def test_job_gain_with_every_device_flagged_is_unknown_not_nan():
+    step = np.array([1.0, 1.1, 1.2, 1.3, 1.0])
+    flagged = np.array([True, True, True, True, False])
+    group = np.array([0, 0, 0, 0, 1])
+    labels = [{"probe": "a"}, {"probe": "b"}]
+    [job] = cost.job_gain(step, flagged, group, 2, labels, (2, 8))
+    assert job == {"probe": "a", "job_devices": 2, "step_time_all": pytest.approx(1.2125),
+                   "step_time_without_stragglers": None, "speedup": None}
+    [lone] = cost.job_gain(np.array([np.nan, np.nan]), np.array([True, True]), np.array([0, 0]), 1, labels, (2,))
+    assert lone["step_time_all"] is None and lone["speedup"] is None

@@ -153,3 +153,47 @@ def test_config_file_and_environment(tmp_path, capsys, monkeypatch):
     conf.write_text("min_efect = 0.05\n")
     code, _, err = cli(["analyze", str(path), "--config", str(conf)], capsys)
     assert code == 2 and "unknown key 'min_efect'" in err
+
+
+def test_a_peer_group_flagged_entirely_renders_and_exports(tmp_path, capsys):
+    """Both devices of a pair flagged: no job without them, so no speed-up (not NaN, not a crash)."""
+    def pair(base, seed, scan):
+        rng = np.random.default_rng(seed)
+        return pd.DataFrame([{"host": "n0", "gpu": f"GPU-{d}", "model": "H100", "probe": "matmul", "sample": s,
+                              "scan_id": scan, "ts": float(seed), "value": 700 * base[d] * (1 + rng.normal(0, 0.01))}
+                             for d in range(2) for s in range(5)])
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    write_table(pair([1.0, 1.5], 1, "a"), old)  # GPU-0 falls 30% behind; GPU-1 loses 5% against GPU-0
+    write_table(pair([0.7, 1.0], 2, "b"), new)
+    code, out, err = cli(["analyze", str(new), "--history", str(old), "--json", "--job-sizes", "2"], capsys)
+    assert code == 1, err
+    doc = json.loads(out)
+    assert [g["straggler"] for g in doc["gpus"]] == [True, True]
+    assert doc["summary"]["job_cost"][0]["speedup"] is None
+    code, out, err = cli(["analyze", str(new), "--history", str(old), "--job-sizes", "2"], capsys)
+    assert code == 1, err
+    assert "2 straggler(s)" in out and "synchronous job" not in out
+
+
+def test_several_devices_with_nothing_to_compare_is_exit_2(tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    df = table(n=3).assign(model=lambda d: d["gpu"].map({"GPU-00": "A100", "GPU-01": "H100", "GPU-02": "L4"}))
+    df.to_csv(path, index=False)
+    code, out, err = cli(["analyze", str(path), "--json"], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "3 devices but none has a peer" in err
+    code, _, err = cli(["analyze", str(path), "--reference", "L4|matmul=700"], capsys)
+    assert code == 0, err  # one entry has a basis: the others are reported as `none`
+
+
+def test_blank_sample_numbers_and_a_bad_throttle_cell(tmp_path, capsys):
+    """Two files, one without a sample column; an unreadable throttle_reasons cell: no error."""
+    full, minimal = tmp_path / "full.csv", tmp_path / "minimal.csv"
+    write_table(table().assign(throttle_reasons=lambda d: np.where(d.index == 3, "sw_power_cap=x", "")), full)
+    table(seed=3).assign(gpu=lambda d: d["gpu"] + "b")[["host", "gpu", "model", "probe", "value"]].to_csv(
+        minimal, index=False)
+    code, out, err = cli(["analyze", str(full), str(minimal), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["summary"]["samples"] == 2 * 16 * 5
+    assert doc["summary"]["dropped"] == {"throttle_reasons unreadable (cell ignored)": 1}

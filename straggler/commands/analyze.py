@@ -44,6 +44,8 @@ def render(result, console, show_all: bool = False, top: int = 20) -> None:
     if len(shown) < len(d):
         console.print(f"({len(d) - len(shown)} more healthy entries not shown; --all shows them)")
     for job in s["job_cost"]:
+        if job["speedup"] is None:  # every device of the group flagged: no job without them
+            continue
         console.print(f"{job['probe']} on {job['model']}: a {job['job_devices']}-device synchronous job runs "
                       f"{job['speedup']:.2%} faster without the flagged devices")
     if result.dropped:
@@ -90,10 +92,14 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
         if live is not None:
             live.update(f"analysing {len(samples):,} samples")
         result = run(samples, history, config)
-    if result.summary["devices"] == 1 and (result.devices["basis"] == "none").all():
+    if (result.devices["basis"] == "none").all():  # not one entry has anything to compare with
         d = result.devices.iloc[0]
-        raise InputError(f"only one device (host {d['host']}, gpu {d['gpu']}) and no history or reference: "
-                         "nothing to compare it with; give more devices, --history or --reference")
+        if result.summary["devices"] == 1:
+            raise InputError(f"only one device (host {d['host']}, gpu {d['gpu']}) and no history or reference: "
+                             "nothing to compare it with; give more devices, --history or --reference")
+        raise InputError(f"{result.summary['devices']} devices but none has a peer (same model, probe and "
+                         "settings), history or reference: nothing to compare them with; give more devices "
+                         "of a model, --history or --reference")
     if as_json:
         click.echo(result.to_json_text())
     else:
