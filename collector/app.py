@@ -29,7 +29,7 @@ from .middleware import LimitAndTime, Secret
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanRequest, ScanStatus, ScanView
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings
-from .store import RESULT_COLUMNS, Store
+from .store import Refused, Store, row_tuples
 
 
 @dataclass
@@ -116,8 +116,10 @@ def create_app(
             raise RequestValidationError(e.errors()) from None
         if len(batch["results"]) > settings.max_batch_rows:
             raise HTTPException(413, f"results: {len(batch['results'])} rows, more than max_batch_rows={settings.max_batch_rows}")
-        rows = [tuple(map(r.get, RESULT_COLUMNS)) for r in batch["results"]]
-        accepted, duplicates = store.ingest(rows, clock(), agent=batch["host"])
+        try:
+            accepted, duplicates = store.ingest(row_tuples(batch["results"]), clock(), agent=batch["host"])
+        except Refused as e:
+            raise HTTPException(422, str(e)) from None
         metrics.results.labels("accepted").inc(accepted)
         metrics.results.labels("duplicate").inc(duplicates)
         if accepted:
@@ -157,9 +159,13 @@ def create_app(
     @app.post("/api/v1/scans/{scan_id}/status", response_model=ScanView, dependencies=auth, tags=["scans"])
     def scan_status(scan_id: str, status: ScanStatus) -> dict:
         """A node reports its state for a scan."""
-        _view(scan_id)
+        before = _view(scan_id)
         if not board.report(scan_id, status.host, status.state, status.error):
-            raise HTTPException(409, f"host {status.host!r} is not part of scan {scan_id!r}")
+            if status.host not in before["nodes"]:
+                raise HTTPException(409, f"host {status.host!r} is not part of scan {scan_id!r}")
+            current = board.store.get_scan(scan_id)["nodes"][status.host]
+            if current != status.state:  # the same final state again is a harmless replay
+                raise HTTPException(409, f"host {status.host!r} has already reported {current!r} for scan {scan_id!r}")
         return _view(scan_id)
 
     @app.get("/api/v1/scans/{scan_id}", response_model=ScanView, dependencies=auth, tags=["scans"])
@@ -174,7 +180,7 @@ def create_app(
 
     def _fleet(gpus) -> JSONResponse:  # a Response: FastAPI's generic encoder is slow on 100,000 devices
         snap = fleet.snapshot
-        return JSONResponse({"computed_ts": snap.computed_ts, "error": snap.error,
+        return JSONResponse({"computed_ts": snap.computed_ts, "error": snap.error, "verdicts_ts": snap.verdicts_ts,
                              "summary": json_safe(dict(snap.summary)), "gpus": [_with_age(g) for g in gpus]})
 
     def _with_age(g) -> dict:

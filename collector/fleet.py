@@ -35,6 +35,7 @@ class FleetSnapshot:
     summary: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     duration_s: float | None = None
+    verdicts_ts: float | None = None  # when the verdicts shown were computed (earlier than computed_ts after an error)
 
     def stragglers(self) -> list[Mapping[str, Any]]:
         flagged = [g for g in self.gpus if g["straggler"]]
@@ -97,6 +98,9 @@ class FleetView:
         self.history_scans = history_scans
         self.on_refresh = on_refresh
         self.snapshot = FleetSnapshot()
+        self._verdicts: list[dict] = []  # of the latest analysis that succeeded
+        self._summary: dict = {}
+        self._verdicts_ts: float | None = None
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -132,38 +136,44 @@ class FleetView:
                     log.exception("fleet view refresh failed; keeping the previous view")
 
     def refresh(self) -> FleetSnapshot:
-        """Recompute now (in the caller's thread) and publish the result."""
+        """Recompute now (in the caller's thread) and publish the result. When the analysis refuses
+        the stored data, the snapshot carries the error and the verdicts of the latest analysis that
+        succeeded: one bad upload does not blank the fleet."""
         with self._refresh_lock:
-            t0 = time.perf_counter()
-            devices = self.store.devices()
-            verdicts, summary, error = [], {}, None
+            t0, now = time.perf_counter(), time.time()
+            devices, samples, history = self.store.fleet_input(self.history_scans)
+            error = None
             if devices:
                 try:
-                    verdicts, summary = self._run_analysis()
+                    self._verdicts, self._summary = self._run_analysis(samples, history)
+                    self._verdicts_ts = now
                 except StragglerError as e:  # e.g. too few devices: shown, not fatal
                     error = str(e)
+                    log.warning("fleet analysis refused the stored data; keeping the previous verdicts: %s", e)
                 except Exception as e:  # a bug in the analysis must not take the service down
-                    log.exception("fleet analysis failed")
+                    log.exception("fleet analysis failed; keeping the previous verdicts")
                     error = f"analysis failed: {type(e).__name__}: {e}"
             snap = FleetSnapshot(
-                computed_ts=time.time(),
-                gpus=build_gpus(devices, verdicts),
-                summary=summary,
+                computed_ts=now,
+                gpus=build_gpus(devices, self._verdicts),
+                summary=self._summary,
                 error=error,
                 duration_s=time.perf_counter() - t0,
+                verdicts_ts=self._verdicts_ts,
             )
             self.snapshot = snap
         if self.on_refresh is not None:
             self.on_refresh(snap)
         return snap
 
-    def _run_analysis(self) -> tuple[list[dict], dict]:
+    def _run_analysis(self, samples: tuple[list[str], list[tuple]],
+                      history: tuple[list[str], list[tuple]]) -> tuple[list[dict], dict]:
         import pandas as pd
 
         analyze = self._analyze or default_analyze()
-        cols, rows = self.store.latest_samples()
-        samples = pd.DataFrame.from_records(rows, columns=cols)
-        cols, rows = self.store.earlier_samples(self.history_scans)
-        history = pd.DataFrame.from_records(rows, columns=cols) if rows else None
-        res = analyze(samples, history)
+        cols, rows = samples
+        current = pd.DataFrame.from_records(rows, columns=cols)
+        cols, rows = history
+        past = pd.DataFrame.from_records(rows, columns=cols) if rows else None
+        res = analyze(current, past)
         return res.devices.to_dict("records"), dict(res.summary)

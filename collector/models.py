@@ -22,6 +22,8 @@ def _nan_is_missing(v: Any) -> Any:
 
 Missing = BeforeValidator(_nan_is_missing)
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# What records.parse_throttle reads back: ``name=share;...`` (format_throttle writes it).
+THROTTLE_PATTERN = r"^([a-z_]+=([0-9]+(\.[0-9]*)?|\.[0-9]+))?(;[a-z_]+=([0-9]+(\.[0-9]*)?|\.[0-9]+))*$"
 ResultId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{8,64}$", description="records.result_id(row)")]
 
 
@@ -30,8 +32,10 @@ def _column_type(name: str) -> Any:
         if name == "value":
             return Annotated[float, Field(ge=0, allow_inf_nan=False, description="higher is better")]
         return Name
-    if name in STRING_COLUMNS:
-        inner: Any = Annotated[str, Field(max_length=1024)]
+    if name == "throttle_reasons":
+        inner: Any = Annotated[str, Field(max_length=1024, pattern=THROTTLE_PATTERN)]
+    elif name in STRING_COLUMNS:
+        inner = Annotated[str, Field(max_length=1024)]
     elif name in INT_COLUMNS:
         inner = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQLite's INTEGER range
     elif name in ("ts", "duration_s"):
@@ -96,7 +100,8 @@ class ScanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     probes: list[ProbeName] = Field(min_length=1, max_length=16)
     duration_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
-    hosts: Optional[list[Name]] = Field(default=None, max_length=100_000, description="null: every agent seen recently")
+    hosts: Optional[Annotated[list[Name], Field(min_length=1, max_length=100_000)]] = Field(
+        default=None, description="null: every agent seen recently")
     start_delay_s: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False)
 
 

@@ -14,9 +14,8 @@ import secrets
 import time
 from typing import Callable
 
+from .client import FINAL_STATES
 from .store import Store
-
-FINAL = ("done", "failed")
 
 
 class NoHosts(Exception):
@@ -29,9 +28,9 @@ def new_scan_id(now: float) -> str:
 
 def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
     states = set(nodes.values())
-    if nodes and states <= set(FINAL):
+    if nodes and states <= set(FINAL_STATES):
         return "failed" if "failed" in states else "done"
-    if "running" in states or now >= start_at or states & set(FINAL):
+    if "running" in states or now >= start_at or states & set(FINAL_STATES):
         return "running"
     return "pending"
 

@@ -1,7 +1,7 @@
 """The collector's SQLite schema and its migrations (``PRAGMA user_version``).
 
 Each migration takes the database from version ``i`` to ``i + 1``; :func:`migrate` applies the
-missing ones in one transaction each. Never edit a released migration: append a new one.
+missing ones in one transaction, taken before the version is read. Never edit a released migration: append a new one.
 """
 
 from __future__ import annotations
@@ -65,7 +65,24 @@ _V3 = [
     "CREATE INDEX results_device ON results (gpu, host, COALESCE(scan_id, ''), ts)",
 ]
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2), tuple(_V3))
+# Version 4: what ingest needs to refuse rows the analysis would refuse. The unit of each probe and
+# settings (the analysis refuses a fleet that mixes units; backfilled with one unit of each from the
+# results), and one stored row per sample (device, probe, settings, scan, sample number: the analysis
+# refuses a sample recorded with two values). Rows stored before version 4 are left out of that
+# index (``sample_unique`` NULL), so that the migration cannot fail on what they hold.
+_V4 = [
+    "ALTER TABLE results ADD COLUMN sample_unique INTEGER",
+    """CREATE UNIQUE INDEX results_sample ON results
+       (gpu, host, COALESCE(scan_id, ''), probe, COALESCE(settings, ''), COALESCE(sample, -1))
+       WHERE sample_unique = 1""",
+    """CREATE TABLE probe_units (
+        probe TEXT NOT NULL, settings TEXT NOT NULL, unit TEXT NOT NULL, PRIMARY KEY (probe, settings))""",
+    """INSERT INTO probe_units (probe, settings, unit)
+       SELECT probe, COALESCE(settings, ''), MIN(unit) FROM results
+       WHERE probe IS NOT NULL AND unit IS NOT NULL AND unit != '' GROUP BY 1, 2""",
+]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4))
 LATEST = len(MIGRATIONS)
 
 
@@ -75,14 +92,22 @@ def version(conn: sqlite3.Connection) -> int:
 
 def migrate(conn: sqlite3.Connection, target: int = LATEST) -> int:
     """Bring the database up to ``target``. Returns the version it started from. A database newer
-    than this code is refused (RuntimeError) rather than written to."""
-    start = version(conn)
-    if start > LATEST:
-        raise RuntimeError(f"database schema version {start} is newer than this collector ({LATEST})")
-    for v in range(start, target):
-        with conn:  # one transaction per migration (sqlite3 in Python >= 3.6 keeps DDL in it)
-            conn.execute("BEGIN")
+    than this code is refused (RuntimeError) rather than written to.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). The write lock is taken before
+    the version is read, so of two collectors starting on one database only one migrates; the other
+    waits (busy_timeout) and then finds nothing left to do."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        start = version(conn)
+        if start > LATEST:
+            raise RuntimeError(f"database schema version {start} is newer than this collector ({LATEST})")
+        for v in range(start, target):  # one transaction: all the missing migrations, or none
             for stmt in MIGRATIONS[v]:
                 conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {v + 1}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
     return start

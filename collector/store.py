@@ -24,8 +24,8 @@ _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + "
 HISTORY_COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS
 _SELECT_HISTORY = "SELECT " + ", ".join(f"r.{q(c)}" for c in HISTORY_COLUMNS) + " FROM results r"
 _INSERT_RESULT = (
-    f"INSERT OR IGNORE INTO results ({', '.join(q(c) for c in RESULT_COLUMNS)}, received_ts) "
-    f"VALUES ({', '.join('?' for _ in RESULT_COLUMNS)}, ?)"
+    f"INSERT OR IGNORE INTO results ({', '.join(q(c) for c in RESULT_COLUMNS)}, received_ts, sample_unique) "
+    f"VALUES ({', '.join('?' for _ in RESULT_COLUMNS)}, ?, 1)"
 )
 _UPSERT_DEVICE = """
     INSERT INTO devices (host, gpu, "index", model, last_ts, last_scan_id) VALUES (?, ?, ?, ?, ?, ?)
@@ -33,9 +33,47 @@ _UPSERT_DEVICE = """
         "index" = excluded."index", model = excluded.model,
         last_ts = excluded.last_ts, last_scan_id = excluded.last_scan_id
     WHERE devices.last_ts IS NULL OR excluded.last_ts >= devices.last_ts"""
+_SAMPLE_KEY = ("gpu", "host", "scan_id", "probe", "settings", "sample")
+# A batch row whose sample is stored with another value (the batch's own rows are stored by then).
+_SAMPLE_CLASH = """
+    SELECT b.i, r.value FROM batch_samples b JOIN results r INDEXED BY results_sample
+    ON r.gpu = b.gpu AND r.host = b.host AND COALESCE(r.scan_id, '') = b.scan_id AND r.probe = b.probe
+    AND COALESCE(r.settings, '') = b.settings AND COALESCE(r.sample, -1) = b.sample AND r.sample_unique = 1
+    WHERE r.value != b.value ORDER BY b.i DESC LIMIT 1"""
 _UPSERT_DEVICE_SCAN = """
     INSERT INTO device_scans (host, gpu, scan_id, last_ts) VALUES (?, ?, ?, ?)
     ON CONFLICT (host, gpu, scan_id) DO UPDATE SET last_ts = MAX(last_ts, excluded.last_ts)"""
+
+
+class Refused(ValueError):
+    """A batch the analysis could not use; the message names the row and field (``results[3].unit: ...``)."""
+
+
+def _text(v: str | None) -> str | None:
+    return v if v else None  # "" is missing, as the analysis reads it
+
+
+def check_rows(rows: Sequence[tuple]) -> dict[tuple[str, str], tuple[int, str]]:
+    """Refuse rows that would make the analysis refuse the fleet; return each (probe, settings)'s
+    unit in the batch with the first row giving it. Raises :class:`Refused`."""
+    i_scan, i_sample, i_unit, i_probe, i_settings = (
+        RESULT_COLUMNS.index(c) for c in ("scan_id", "sample", "unit", "probe", "settings"))
+    units: dict[tuple[str, str], tuple[int, str]] = {}
+    for i, r in enumerate(rows):
+        if _text(r[i_scan]) is None and r[i_sample] is not None:
+            # every row without a scan id belongs to one scan: sample k of two uploads would be
+            # the same sample with two values
+            raise Refused(f"results[{i}].sample: a row without scan_id must not have a sample number "
+                          "(give the scan's id, or leave sample null)")
+        unit = _text(r[i_unit])
+        if unit is None:
+            continue
+        key = (r[i_probe], r[i_settings] or "")
+        first = units.setdefault(key, (i, unit))
+        if first[1] != unit:
+            raise Refused(f"results[{i}].unit: {unit!r}, but results[{first[0]}] gives {first[1]!r} for "
+                          f"probe {key[0]} ({key[1]})")
+    return units
 
 
 class Store:
@@ -76,10 +114,24 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # also when COMMIT itself failed (e.g. SQLITE_BUSY, disk full): the transaction is
+                # still open, and left open every later BEGIN IMMEDIATE would fail
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction on this thread's reader: every SELECT in it sees the same state."""
+        conn = self._reader
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._readers_lock:
@@ -101,7 +153,10 @@ class Store:
     # -- results ---------------------------------------------------------------------------
 
     def ingest(self, rows: Sequence[tuple], received_ts: float, agent: str | None = None) -> tuple[int, int]:
-        """Store rows (tuples in ``RESULT_COLUMNS`` order). Returns (accepted, duplicates)."""
+        """Store rows (tuples in ``RESULT_COLUMNS`` order). Returns (accepted, duplicates). Raises
+        :class:`Refused` (nothing stored) for rows the analysis could not use: see :func:`check_rows`,
+        and a unit other than the one stored for the same probe and settings."""
+        units = check_rows(rows)
         latest: dict[tuple[str, str], tuple] = {}
         scans: dict[tuple[str, str, str], float] = {}
         i_host, i_gpu, i_idx, i_model = (RESULT_COLUMNS.index(c) for c in ("host", "gpu", "index", "model"))
@@ -115,14 +170,46 @@ class Store:
             if ts > scans.get(skey, float("-inf")):
                 scans[skey] = ts
         with self._transaction() as conn:
+            self._check_units(conn, units)
             before = conn.total_changes
             conn.executemany(_INSERT_RESULT, (r + (received_ts,) for r in rows))
             accepted = conn.total_changes - before
+            if accepted < len(rows):  # replayed ids, or samples stored already (results_sample)
+                self._check_samples(conn, rows)
             conn.executemany(_UPSERT_DEVICE, latest.values())
             conn.executemany(_UPSERT_DEVICE_SCAN, (k + (ts,) for k, ts in scans.items()))
             if agent is not None:
                 self._touch(conn, agent, received_ts)
         return accepted, len(rows) - accepted
+
+    @staticmethod
+    def _check_units(conn: sqlite3.Connection, units: dict[tuple[str, str], tuple[int, str]]) -> None:
+        for (probe, settings), (i, unit) in units.items():
+            row = conn.execute("SELECT unit FROM probe_units WHERE probe = ? AND settings = ?", (probe, settings)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO probe_units (probe, settings, unit) VALUES (?, ?, ?)", (probe, settings, unit))
+            elif row[0] != unit:
+                raise Refused(f"results[{i}].unit: {unit!r}, but probe {probe} ({settings}) is stored in {row[0]!r}")
+
+    @staticmethod
+    def _check_samples(conn: sqlite3.Connection, rows: Sequence[tuple]) -> None:
+        """Refuse a row recording a sample (device, probe, settings, scan, sample number) stored,
+        or given earlier in the batch, with another value: the analysis refuses such a fleet. Only
+        needed when rows were left out: a row whose sample is stored already is not inserted."""
+        idx = [RESULT_COLUMNS.index(c) for c in _SAMPLE_KEY]
+        i_value = RESULT_COLUMNS.index("value")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch_samples "
+                     "(i INTEGER, gpu TEXT, host TEXT, scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, value REAL)")
+        conn.execute("DELETE FROM batch_samples")
+        conn.executemany("INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         ((i, r[idx[0]], r[idx[1]], r[idx[2]] or "", r[idx[3]], r[idx[4]] or "",
+                           -1 if r[idx[5]] is None else r[idx[5]], r[i_value])
+                          for i, r in enumerate(rows)))
+        clash = conn.execute(_SAMPLE_CLASH).fetchone()
+        if clash is not None:
+            i, stored = clash
+            raise Refused(f"results[{i}].value: {rows[i][i_value]!r}, but this sample (scan, device, probe, "
+                          f"settings and sample number) is stored, or given earlier in the batch, as {stored!r}")
 
     def count_results(self, scan_id: str | None = None) -> int:
         if scan_id is None:
@@ -141,6 +228,12 @@ class Store:
 
     def devices(self) -> list[dict]:
         return self._rows('SELECT host, gpu, "index", model, last_ts, last_scan_id FROM devices ORDER BY host, gpu')
+
+    def fleet_input(self, scans: int) -> tuple[list[dict], tuple[list[str], list[tuple]], tuple[list[str], list[tuple]]]:
+        """The fleet view's input, read in one transaction (an ingest in between cannot move a
+        device's current scan into its history): (devices, latest samples, earlier samples)."""
+        with self._snapshot():
+            return self.devices(), self.latest_samples(), self.earlier_samples(scans)
 
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
         """Every row of each device's latest scan: the fleet view's input, as (columns, tuples)."""
@@ -205,14 +298,19 @@ class Store:
         return scan
 
     def set_node_state(self, scan_id: str, host: str, state: str, error: str | None, ts: float) -> bool:
-        """Record a node's state for a scan. False when the host is not part of that scan."""
+        """Record a node's state for a scan. False, and nothing changes (the agent is not marked
+        alive either), when the host is not part of that scan or has already finished it: a final
+        state is never left."""
         with self._transaction() as conn:
             cur = conn.execute(
-                "UPDATE scan_nodes SET state = ?, error = ?, updated_ts = ? WHERE scan_id = ? AND host = ?",
+                "UPDATE scan_nodes SET state = ?, error = ?, updated_ts = ? "
+                "WHERE scan_id = ? AND host = ? AND state NOT IN ('done', 'failed')",
                 (state, error, ts, scan_id, host),
             )
+            if cur.rowcount != 1:
+                return False
             self._touch(conn, host, ts)
-            return cur.rowcount == 1
+            return True
 
     def next_scan(self, host: str, not_before: float) -> dict | None:
         """The oldest scan for ``host`` it has reported nothing for, starting at or after ``not_before``."""

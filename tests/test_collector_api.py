@@ -139,6 +139,49 @@ def test_bad_row_is_422_naming_the_field_and_stores_nothing(server, mutate, fiel
     assert count(server, "bad") == 0
 
 
+@pytest.mark.parametrize("mutate, field", [
+    (lambda r: r.update(throttle_reasons="sw_power_cap"), "results[1].throttle_reasons"),
+    (lambda r: r.update(throttle_reasons="sw_power_cap=high"), "results[1].throttle_reasons"),
+    (lambda r: r.update(throttle_reasons="sw_power_cap=1..2"), "results[1].throttle_reasons"),
+    (lambda r: r.update(throttle_reasons="HW Slowdown=0.5"), "results[1].throttle_reasons"),
+    (lambda r: r.update(unit="GB/s"), "results[1].unit"),  # rows 0 and 1 name one probe in two units
+    (lambda r: r.update(scan_id=None), "results[1].sample"),  # sample k of every scan-less upload clashes
+    (lambda r: r.update(scan_id=""), "results[1].sample"),
+    (lambda r: r.update(sample=0), "results[1].value: 791.0, but this sample"),  # row 0's sample, other value
+])
+def test_rows_the_analysis_would_refuse_are_422_and_store_nothing(server, mutate, field):
+    rows = make_rows("refuse")
+    mutate(rows[1])
+    r = post(server, {"host": "refuse", "results": rows})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(field)
+    assert count(server, "refuse") == 0
+
+
+def test_throttle_reasons_as_the_agent_writes_them_are_accepted(server):
+    from straggler.records import format_throttle
+
+    values = ["", format_throttle({"sw_power_cap": 0.8, "hw_thermal_slowdown": 0.125}), "a=1;b=.5", "a=2."]
+    rows = [dict(r, throttle_reasons=v) for r, v in zip(make_rows("thr", n_gpus=1, samples=4), values)]
+    r = post(server, {"host": "thr", "results": rows})
+    assert r.status_code == 200 and r.json()["accepted"] == 4
+
+
+def test_a_unit_other_than_the_stored_one_is_422(server):
+    assert post(server, {"host": "u1", "results": make_rows("u1", probe="unitprobe")}).status_code == 200
+    r = post(server, {"host": "u2", "results": make_rows("u2", probe="unitprobe", unit="GB/s")})
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("results[0].unit: 'GB/s', but probe unitprobe (n=8192,dtype=bf16) is stored in "
+                                  "'TFLOP/s'")
+    assert count(server, "u2") == 0
+    # other settings of the probe are another measurement, free to have another unit
+    other = make_rows("u2", probe="unitprobe", unit="GB/s", settings="size=1GiB")
+    assert post(server, {"host": "u2", "results": other}).status_code == 200
+    # rows without a unit or without a scan id and sample number are fine
+    loose = [dict(r, unit=None, scan_id=None, sample=None) for r in make_rows("u3", probe="unitprobe", samples=1)]
+    assert post(server, {"host": "u3", "results": loose}).json()["accepted"] == 4
+
+
 def test_nan_value_is_refused_but_nan_telemetry_is_missing(server):
     rows = make_rows("nan", n_gpus=1, samples=2)
     body = '{"host": "nan", "results": [%s]}'

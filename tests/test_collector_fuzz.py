@@ -1,5 +1,5 @@
-"""Fuzz the collector's API over real HTTP with hypothesis: never a 5xx, and nothing stored from a
-rejected request."""
+"""Fuzz the collector's API over real HTTP with hypothesis: never a 5xx, nothing stored from a
+rejected request, and nothing accepted that the real analysis engine refuses."""
 
 import json
 from urllib.parse import quote
@@ -9,9 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from straggler.analysis import analyze
+from straggler.collector.fleet import FleetView
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings
-from straggler.records import COLUMNS
+from straggler.records import COLUMNS, result_id
 from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -60,6 +62,12 @@ def stored(server) -> int:
     return server.collector.store.count_results()
 
 
+def engine_accepts_the_store(server):
+    """The real engine over what the fleet view would give it (latest scans plus history)."""
+    snap = FleetView(server.collector.store, analyze, history_scans=20).refresh()
+    assert snap.error is None, snap.error
+
+
 def check_ingest(server, content: bytes, headers=AUTH):
     before = stored(server)
     r = server.client.post("/api/v1/results", content=content,
@@ -67,6 +75,8 @@ def check_ingest(server, content: bytes, headers=AUTH):
     assert r.status_code < 500, r.text
     if r.status_code == 200:
         assert stored(server) == before + r.json()["accepted"]
+        if r.json()["accepted"]:
+            engine_accepts_the_store(server)
     else:
         assert 400 <= r.status_code < 500 and r.json()["detail"]
         assert stored(server) == before, r.text
@@ -84,6 +94,32 @@ def test_ingest_never_5xx_and_rejected_stores_nothing(server, body):
 def test_any_value_in_any_column_of_a_valid_row(server, column, value):
     row = dict(make_rows("col", n_gpus=1, samples=1)[0], **{column: value})
     check_ingest(server, json.dumps({"host": "col", "results": [row]}).encode())
+
+
+@st.composite
+def new_rows(draw):
+    """Rows of new samples (each id recomputed: not a replay) with some columns replaced."""
+    host = draw(st.sampled_from(["e1", "e2", "e3"]))
+    rows = draw(st.lists(st.sampled_from(make_rows(host, n_gpus=3, samples=3, scan_id=draw(st.sampled_from(["s1", "s2"])))),
+                         min_size=1, max_size=6))
+    out = []
+    for row in rows:
+        row = dict(row)
+        for _ in range(draw(st.integers(0, 2))):
+            key = draw(st.sampled_from(COLUMNS))
+            if draw(st.booleans()):
+                row.pop(key, None)
+            else:
+                row[key] = draw(edges | json_values)
+        row["id"] = result_id(row)
+        out.append(row)
+    return out
+
+
+@settings(FUZZ, max_examples=300)
+@given(rows=new_rows())
+def test_accepted_new_rows_never_break_the_analysis(server, rows):
+    check_ingest(server, json.dumps({"host": "e", "results": rows}).encode())
 
 
 @FUZZ

@@ -66,9 +66,27 @@ def test_scan_errors(server):
     assert r.status_code == 422 and r.json()["detail"].startswith("state:")
     for bad in ({"probes": [], "duration_s": 1}, {"probes": ["matmul"], "duration_s": 0},
                 {"probes": ["Mat Mul"], "duration_s": 1}, {"probes": ["matmul"], "duration_s": 1, "start_delay_s": -1},
-                {"probes": ["matmul"], "duration_s": 1, "extra": 1}):
+                {"probes": ["matmul"], "duration_s": 1, "extra": 1},
+                {"probes": ["matmul"], "duration_s": 1, "hosts": []}):  # would never finish
         assert c.post("/api/v1/scans", json=bad).status_code == 422, bad
     assert c.get("/api/v1/scans/next", params={"wait_s": 0}).status_code == 422  # host is required
+
+
+def test_a_refused_status_report_changes_nothing(server):
+    c = server.client
+    sid = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["n1"]}).json()["scan_id"]
+    assert c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "done"}).status_code == 200
+    r = c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "running"})
+    assert r.status_code == 409 and "already reported 'done'" in r.json()["detail"]
+    r = c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "failed", "error": "late"})
+    assert r.status_code == 409
+    view = c.get(f"/api/v1/scans/{sid}").json()
+    assert view["nodes"] == {"n1": "done"} and view["state"] == "done" and view["errors"] == {}
+    # the same final state again (an agent retrying a report whose answer it lost) is no error
+    assert c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "done"}).status_code == 200
+    # a host outside the scan is not marked alive by its refused report
+    assert c.post(f"/api/v1/scans/{sid}/status", json={"host": "ghost", "state": "done"}).status_code == 409
+    assert server.collector.store.agents_seen_since(0.0) == ["n1"]
 
 
 def test_scan_without_hosts_goes_to_agents_seen_recently(server):

@@ -2,13 +2,18 @@
 and the fleet view over the real analysis engine."""
 
 import sqlite3
+import threading
 import time
 
 import pytest
 
 from straggler.collector import schema
+from prometheus_client import CollectorRegistry
+
 from straggler.collector.fleet import FleetView
-from straggler.collector.store import RESULT_COLUMNS, Store, row_tuples
+from straggler.collector.metrics import FleetCollector, SelfMetrics, cause_label
+from straggler.collector.store import RESULT_COLUMNS, Refused, Store, row_tuples
+from straggler.records import result_id
 from test_collector_api import make_rows
 
 
@@ -16,7 +21,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 4
     assert store.migrated_from == 0
     store.close()
 
@@ -95,14 +100,170 @@ def test_fleet_view_runs_the_real_analysis_with_history(tmp_path):
     store.close()
 
 
-def test_fleet_view_reports_an_analysis_error_without_failing(tmp_path):
+def test_an_analysis_error_keeps_the_previous_verdicts(tmp_path):
     store = Store(tmp_path / "c.db")
-    # two agents disagree on the unit of one probe: the engine refuses the fleet's table
-    store.ingest(row_tuples(make_rows("a", n_gpus=2) + make_rows("b", n_gpus=2, unit="GB/s")), 1.0)
-    snap = FleetView(store).refresh()
-    assert "mixes units" in snap.error and "\n" not in snap.error
-    assert [g["gpu"] for g in snap.gpus] == ["GPU-a-0", "GPU-a-1", "GPU-b-0", "GPU-b-1"]
-    assert all(g["probes"] == [] and not g["straggler"] for g in snap.gpus)
+    store.ingest(row_tuples(make_rows("a", n_gpus=4, slow=(2,)) + make_rows("b", n_gpus=4)), 1.0)
+    metrics, fleet_metrics = SelfMetrics(), FleetCollector()
+
+    def published(snap):
+        fleet_metrics.update(snap)
+        metrics.analysis_done(snap)
+
+    view = FleetView(store, on_refresh=published)  # the real engine
+    good = view.refresh()
+    assert good.error is None and [g["gpu"] for g in good.stragglers()] == ["GPU-a-2"]
+    # a newer scan of host b in another unit for the same probe, as a collector before the unit
+    # check (schema version 4) may have stored it: the engine refuses the fleet's table
+    store._writer.execute("DELETE FROM probe_units")
+    store.ingest(row_tuples(make_rows("b", n_gpus=4, scan_id="s2", ts=2e9, unit="GB/s")), 2.0)
+    bad = view.refresh()
+    assert "mixes units" in bad.error and "\n" not in bad.error
+    assert bad.computed_ts > good.computed_ts and bad.verdicts_ts == good.verdicts_ts == good.computed_ts
+    assert [g["probes"] for g in bad.gpus] == [g["probes"] for g in good.gpus]  # not blanked
+    assert [g["gpu"] for g in bad.stragglers()] == ["GPU-a-2"] and bad.summary == good.summary
+    assert next(g for g in bad.gpus if g["gpu"] == "GPU-b-0")["last_scan_id"] == "s2"  # the device table is current
+    reg = CollectorRegistry()
+    reg.register(fleet_metrics)
+    flag = {"host": "a", "uuid": "GPU-a-2", "gpu": "2", "model": "NVIDIA H100 80GB HBM3", "probe": "matmul",
+            "settings": "n=8192,dtype=bf16"}
+    cause = cause_label(good.stragglers()[0]["probes"][0]["causes"])
+    assert reg.get_sample_value("straggler_gpu_straggler", {**flag, "cause": cause}) == 1.0  # the series stays
+    runs = "straggler_collector_analysis_runs_total"
+    assert metrics.registry.get_sample_value(runs, {"outcome": "ok"}) == 1.0
+    assert metrics.registry.get_sample_value(runs, {"outcome": "error"}) == 1.0
+    store.close()
+
+
+def test_an_analysis_error_before_any_verdict_lists_the_devices(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.ingest(row_tuples(make_rows("solo", n_gpus=1)), 1.0)
+
+    def refuse(samples, history):
+        from straggler.errors import InputError
+
+        raise InputError("input: too few devices")
+
+    snap = FleetView(store, refuse).refresh()
+    assert snap.error == "input: too few devices" and snap.verdicts_ts is None
+    assert [(g["gpu"], g["probes"], g["straggler"]) for g in snap.gpus] == [("GPU-solo-0", [], False)]
+    store.close()
+
+
+def test_ingest_refuses_rows_the_analysis_would_refuse(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.ingest(row_tuples(make_rows("a", n_gpus=2)), 1.0)
+    with pytest.raises(Refused, match=r"^results\[0\]\.unit: 'GB/s', but probe matmul \(n=8192,dtype=bf16\) is stored in 'TFLOP/s'$"):
+        store.ingest(row_tuples(make_rows("b", n_gpus=2, unit="GB/s")), 2.0)
+    mixed = make_rows("c", n_gpus=1, samples=2)
+    mixed[1]["unit"] = "GB/s"
+    with pytest.raises(Refused, match=r"^results\[1\]\.unit: 'GB/s', but results\[0\] gives 'TFLOP/s'"):
+        store.ingest(row_tuples(mixed), 3.0)
+    with pytest.raises(Refused, match=r"^results\[0\]\.sample: a row without scan_id"):
+        store.ingest(row_tuples(make_rows("d", n_gpus=1, scan_id=None)), 4.0)
+    assert store.count_results() == 6 and [d["host"] for d in store.devices()] == ["a", "a"]
+    # sample 0 of GPU-a-0 in scan s1 again, measured at another time (so another id) with another value
+    again = dict(make_rows("a", n_gpus=1, samples=1)[0], ts=5.0, value=1.0)
+    again["id"] = result_id(again)
+    with pytest.raises(Refused, match=r"^results\[0\]\.value: 1\.0, but this sample .* as 790\.0$"):
+        store.ingest(row_tuples([again]), 5.0)
+    # with the stored value it is the same sample uploaded twice: a duplicate
+    assert store.ingest(row_tuples([dict(again, value=790.0)]), 6.0) == (0, 1)
+    assert store.count_results() == 6
+    store.close()
+
+
+def test_migration_from_version_3_backfills_each_probe_unit(tmp_path):
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, target=3)
+    rows = make_rows("old", n_gpus=2) + make_rows("old", n_gpus=1, probe="membw", unit="GB/s", settings="")
+    clash = dict(rows[0], ts=1.0, value=1.0)  # one sample twice with two values: the migration still runs
+    rows.append(dict(clash, id=result_id(clash)))
+    cols = ", ".join(schema.q(c) for c in RESULT_COLUMNS)
+    conn.executemany(f"INSERT INTO results ({cols}, received_ts) VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
+                     [t + (5.0,) for t in row_tuples(rows)])
+    conn.close()
+    store = Store(path)
+    assert store.migrated_from == 3 and store.count_results() == 10
+    assert store._reader.execute("SELECT probe, settings, unit FROM probe_units ORDER BY probe").fetchall() == [
+        ("matmul", "n=8192,dtype=bf16", "TFLOP/s"), ("membw", "", "GB/s")]
+    with pytest.raises(Refused, match="stored in 'GB/s'"):
+        store.ingest(row_tuples(make_rows("new", n_gpus=1, probe="membw", unit="TB/s", settings=None)), 6.0)
+    store.close()
+
+
+def test_two_collectors_starting_on_one_database_migrate_once(tmp_path):
+    path = tmp_path / "c.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the other collector holds the write lock while it migrates
+    for v, stmts in enumerate(schema.MIGRATIONS):
+        for stmt in stmts:
+            other.execute(stmt)
+        other.execute(f"PRAGMA user_version = {v + 1}")
+    out = {}
+
+    def start():
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            out["from"] = schema.migrate(conn)
+        except Exception as e:  # "table results already exists" when the version was read before the lock
+            out["error"] = e
+        conn.close()
+
+    t = threading.Thread(target=start)
+    t.start()
+    time.sleep(0.5)  # this one is waiting for the lock now
+    other.execute("COMMIT")
+    t.join(30)
+    assert out == {"from": schema.LATEST}
+    other.close()
+
+
+class _CommitFails:
+    """The writer connection of a full disk: COMMIT fails once (everything else is the real connection)."""
+
+    def __init__(self, conn):
+        self._conn, self.failed = conn, False
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_a_failed_commit_is_rolled_back_and_the_store_goes_on(tmp_path):
+    store = Store(tmp_path / "c.db")
+    real = store._writer
+    store._writer = _CommitFails(real)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        store.ingest(row_tuples(make_rows("a", n_gpus=1)), 1.0)
+    assert not real.in_transaction and store.count_results() == 0
+    assert store.ingest(row_tuples(make_rows("a", n_gpus=1)), 2.0) == (3, 0)  # BEGIN IMMEDIATE works again
+    store._writer = real
+    store.close()
+
+
+def test_fleet_input_is_read_in_one_transaction(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.ingest(row_tuples(make_rows("h", n_gpus=2, scan_id="s1", ts=100.0)), 1.0)
+    read_latest = store.latest_samples
+
+    def latest_then_an_ingest():
+        out = read_latest()
+        store.ingest(row_tuples(make_rows("h", n_gpus=2, scan_id="s2", ts=200.0)), 2.0)  # lands in between
+        return out
+
+    store.latest_samples = latest_then_an_ingest
+    devices, (cols, rows), (_, history) = store.fleet_input(5)
+    assert {d["last_scan_id"] for d in devices} == {"s1"} and {r[cols.index("scan_id")] for r in rows} == {"s1"}
+    assert history == []  # s1 is not also history: the ingest of s2 is not seen
+    del store.latest_samples
+    devices, (cols, rows), (hcols, history) = store.fleet_input(5)
+    assert {r[cols.index("scan_id")] for r in rows} == {"s2"} and {r[hcols.index("scan_id")] for r in history} == {"s1"}
     store.close()
 
 
