@@ -151,17 +151,21 @@ def duplicates(df: pd.DataFrame, dev: np.ndarray, rank: np.ndarray, what: str) -
         return repeat
     every = bool(usable.all())
     idx = np.arange(len(df)) if every else np.flatnonzero(usable)
-    part = part if every else part[idx]
+
+    def sub(a: np.ndarray) -> np.ndarray:
+        return a if every else a[idx]
+
+    part = sub(part)
     if (part >= 0).all() and (part == np.floor(part)).all():
         part = part.astype(np.int64)  # sample numbers as integers: coded without hashing
-    kinds = [by_ts[idx].astype(np.int64)] if by_ts.any() and not by_ts.all() else []
-    key, n = groups.factorize(dev[idx], rank[idx], *kinds, part)
+    kinds = [sub(by_ts).astype(np.int64)] if by_ts.any() and not by_ts.all() else []
+    key, n = groups.factorize(sub(dev), sub(rank), *kinds, part)
     if n == len(idx):
         return repeat
     first = groups.first_index(key, n)
     rep = np.ones(len(idx), dtype=bool)
     rep[first] = False
-    value = df["value"].to_numpy(dtype=float)[idx]
+    value = sub(df["value"].to_numpy(dtype=float))
     clash = rep & (value != value[first[key]])
     if clash.any():
         i = int(idx[np.flatnonzero(clash)[0]])
