@@ -82,7 +82,27 @@ _V4 = [
        WHERE probe IS NOT NULL AND unit IS NOT NULL AND unit != '' GROUP BY 1, 2""",
 ]
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4))
+# Version 5: the latest scan is kept per device, probe and settings (a scan of one probe no longer
+# hides the other probes' verdicts), and so are the scans history is picked from. Backfilled from
+# the results; they replace device_scans.
+_V5 = [
+    """CREATE TABLE probe_scans (
+        host TEXT NOT NULL, gpu TEXT NOT NULL, probe TEXT NOT NULL, settings TEXT NOT NULL,
+        scan_id TEXT NOT NULL, last_ts REAL, PRIMARY KEY (host, gpu, probe, settings, scan_id))""",
+    """INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts)
+       SELECT host, gpu, probe, COALESCE(settings, ''), COALESCE(scan_id, ''), MAX(COALESCE(ts, received_ts))
+       FROM results WHERE probe IS NOT NULL GROUP BY 1, 2, 3, 4, 5""",
+    """CREATE TABLE latest_scans (
+        host TEXT NOT NULL, gpu TEXT NOT NULL, probe TEXT NOT NULL, settings TEXT NOT NULL,
+        scan_id TEXT NOT NULL, last_ts REAL, PRIMARY KEY (host, gpu, probe, settings))""",
+    """INSERT INTO latest_scans (host, gpu, probe, settings, scan_id, last_ts)
+       SELECT host, gpu, probe, settings, scan_id, last_ts FROM (
+         SELECT *, ROW_NUMBER() OVER (PARTITION BY host, gpu, probe, settings ORDER BY last_ts DESC) AS rn
+         FROM probe_scans) WHERE rn = 1""",
+    "DROP TABLE device_scans",
+]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5))
 LATEST = len(MIGRATIONS)
 
 

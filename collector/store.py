@@ -22,7 +22,7 @@ RESULT_COLUMNS = ("id",) + COLUMNS
 _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + " FROM results r"
 # The analysis compares a device with its own past by value only: history needs no telemetry.
 HISTORY_COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS
-_SELECT_HISTORY = "SELECT " + ", ".join(f"r.{q(c)}" for c in HISTORY_COLUMNS) + " FROM results r"
+_HISTORY_FIELDS = ", ".join(f"r.{q(c)}" for c in HISTORY_COLUMNS)
 _INSERT_RESULT = (
     f"INSERT OR IGNORE INTO results ({', '.join(q(c) for c in RESULT_COLUMNS)}, received_ts, sample_unique) "
     f"VALUES ({', '.join('?' for _ in RESULT_COLUMNS)}, ?, 1)"
@@ -40,9 +40,20 @@ _SAMPLE_CLASH = """
     ON r.gpu = b.gpu AND r.host = b.host AND COALESCE(r.scan_id, '') = b.scan_id AND r.probe = b.probe
     AND COALESCE(r.settings, '') = b.settings AND COALESCE(r.sample, -1) = b.sample AND r.sample_unique = 1
     WHERE r.value != b.value ORDER BY b.i DESC LIMIT 1"""
-_UPSERT_DEVICE_SCAN = """
-    INSERT INTO device_scans (host, gpu, scan_id, last_ts) VALUES (?, ?, ?, ?)
-    ON CONFLICT (host, gpu, scan_id) DO UPDATE SET last_ts = MAX(last_ts, excluded.last_ts)"""
+_UPSERT_PROBE_SCAN = """
+    INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (host, gpu, probe, settings, scan_id) DO UPDATE SET last_ts = MAX(last_ts, excluded.last_ts)"""
+_UPSERT_LATEST_SCAN = """
+    INSERT INTO latest_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (host, gpu, probe, settings) DO UPDATE SET scan_id = excluded.scan_id, last_ts = excluded.last_ts
+    WHERE latest_scans.last_ts IS NULL OR excluded.last_ts >= latest_scans.last_ts"""
+# The rows of each device's latest scan of each probe and settings. CROSS JOIN keeps latest_scans
+# outside, and `|| ''` drops the column's TEXT affinity, which would keep SQLite from using the index
+# expression: each scan's rows are found by all three leading terms of results_device.
+_SELECT_LATEST = (
+    "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + """ FROM latest_scans l CROSS JOIN results r
+    ON r.gpu = l.gpu AND r.host = l.host AND COALESCE(r.scan_id, '') = l.scan_id || ''
+    AND r.probe = l.probe AND COALESCE(r.settings, '') = l.settings""")
 
 
 class Refused(ValueError):
@@ -158,17 +169,22 @@ class Store:
         and a unit other than the one stored for the same probe and settings."""
         units = check_rows(rows)
         latest: dict[tuple[str, str], tuple] = {}
-        scans: dict[tuple[str, str, str], float] = {}
+        scans: dict[tuple[str, str, str, str, str], float] = {}
         i_host, i_gpu, i_idx, i_model = (RESULT_COLUMNS.index(c) for c in ("host", "gpu", "index", "model"))
         i_ts, i_scan = RESULT_COLUMNS.index("ts"), RESULT_COLUMNS.index("scan_id")
+        i_probe, i_settings = RESULT_COLUMNS.index("probe"), RESULT_COLUMNS.index("settings")
         for r in rows:
             key = (r[i_host], r[i_gpu])
             ts = r[i_ts] if r[i_ts] is not None else received_ts
             if key not in latest or ts >= latest[key][4]:
                 latest[key] = (r[i_host], r[i_gpu], r[i_idx], r[i_model], ts, r[i_scan] or "")
-            skey = (r[i_host], r[i_gpu], r[i_scan] or "")
+            skey = (r[i_host], r[i_gpu], r[i_probe], r[i_settings] or "", r[i_scan] or "")
             if ts > scans.get(skey, float("-inf")):
                 scans[skey] = ts
+        newest: dict[tuple[str, str, str, str], tuple[str, float]] = {}  # of each probe and settings
+        for (*pkey, scan), ts in scans.items():
+            if tuple(pkey) not in newest or ts >= newest[tuple(pkey)][1]:
+                newest[tuple(pkey)] = (scan, ts)
         with self._transaction() as conn:
             self._check_units(conn, units)
             before = conn.total_changes
@@ -177,7 +193,8 @@ class Store:
             if accepted < len(rows):  # replayed ids, or samples stored already (results_sample)
                 self._check_samples(conn, rows)
             conn.executemany(_UPSERT_DEVICE, latest.values())
-            conn.executemany(_UPSERT_DEVICE_SCAN, (k + (ts,) for k, ts in scans.items()))
+            conn.executemany(_UPSERT_PROBE_SCAN, (k + (ts,) for k, ts in scans.items()))
+            conn.executemany(_UPSERT_LATEST_SCAN, (k + v for k, v in newest.items()))
             if agent is not None:
                 self._touch(conn, agent, received_ts)
         return accepted, len(rows) - accepted
@@ -236,25 +253,26 @@ class Store:
             return self.devices(), self.latest_samples(), self.earlier_samples(scans)
 
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
-        """Every row of each device's latest scan: the fleet view's input, as (columns, tuples)."""
-        return self._table(
-            f"{_SELECT_RESULTS} JOIN devices d ON r.gpu = d.gpu AND r.host = d.host "
-            "AND COALESCE(r.scan_id, '') = d.last_scan_id"
-        )
+        """Every row of each device's latest scan of each probe and settings: the fleet view's
+        input, as (columns, tuples)."""
+        return self._table(_SELECT_LATEST)
 
     def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
-        """Rows of each device's ``scans`` scans before its latest: the fleet view's history, as
-        (``HISTORY_COLUMNS``, tuples)."""
+        """Rows of each device's ``scans`` scans of each probe and settings before its latest: the
+        fleet view's history, as (``HISTORY_COLUMNS``, tuples)."""
         if scans <= 0:
             return list(HISTORY_COLUMNS), []
         return self._table(
             f"""WITH k AS (
-                  SELECT s.host, s.gpu, s.scan_id,
-                         ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu ORDER BY s.last_ts DESC) AS rn
-                  FROM device_scans s JOIN devices d
-                  ON s.host = d.host AND s.gpu = d.gpu AND s.scan_id != d.last_scan_id)
-                {_SELECT_HISTORY} JOIN k ON r.gpu = k.gpu AND r.host = k.host
-                AND COALESCE(r.scan_id, '') = k.scan_id WHERE k.rn <= ?""",
+                  SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id,
+                         ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu, s.probe, s.settings
+                                            ORDER BY s.last_ts DESC) AS rn
+                  FROM probe_scans s JOIN latest_scans l
+                  ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
+                  AND s.scan_id != l.scan_id)
+                SELECT {_HISTORY_FIELDS} FROM k CROSS JOIN results r
+                ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
+                AND COALESCE(r.settings, '') = k.settings WHERE k.rn <= ?""",
             (scans,),
         )
 

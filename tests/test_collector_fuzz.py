@@ -111,7 +111,7 @@ def new_rows(draw):
                 row.pop(key, None)
             else:
                 row[key] = draw(edges | json_values)
-        row["id"] = result_id(row)
+        row["id"] = result_id({k: ascii(v) for k, v in row.items()})  # ascii: lone surrogates too
         out.append(row)
     return out
 

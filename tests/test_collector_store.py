@@ -21,7 +21,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 5
     assert store.migrated_from == 0
     store.close()
 
@@ -41,6 +41,24 @@ def test_batches_are_idempotent_and_track_each_device_latest_scan(tmp_path):
     assert len(rows) == 6 and {r[cols.index("scan_id")] for r in rows} == {"s1"}
     assert store.earlier_samples(0)[1] == []
     assert store.count_results() == 12 and store.count_results("s1") == 6
+    store.close()
+
+
+def test_a_scan_of_one_probe_keeps_the_other_probes_latest_scan(tmp_path):
+    store = Store(tmp_path / "c.db")
+    both = make_rows("h", n_gpus=4, scan_id="s1", ts=100.0, slow=(1,)) + make_rows(
+        "h", n_gpus=4, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings="size=1GiB")
+    store.ingest(row_tuples(both), 1.0)
+    store.ingest(row_tuples(make_rows("h", n_gpus=4, scan_id="s2", ts=200.0)), 2.0)  # a matmul-only scan
+    cols, rows = store.latest_samples()
+    latest = {(r[cols.index("probe")], r[cols.index("scan_id")]) for r in rows}
+    assert latest == {("matmul", "s2"), ("membw", "s1")} and len(rows) == 24
+    cols, rows = store.earlier_samples(5)
+    assert {(r[cols.index("probe")], r[cols.index("scan_id")]) for r in rows} == {("matmul", "s1")}
+    assert [d["last_scan_id"] for d in store.devices()] == ["s2"] * 4  # the device's newest scan
+    snap = FleetView(store).refresh()  # the real engine
+    assert snap.error is None
+    assert [sorted(p["probe"] for p in g["probes"]) for g in snap.gpus] == [["matmul", "membw"]] * 4
     store.close()
 
 
@@ -189,6 +207,30 @@ def test_migration_from_version_3_backfills_each_probe_unit(tmp_path):
         ("matmul", "n=8192,dtype=bf16", "TFLOP/s"), ("membw", "", "GB/s")]
     with pytest.raises(Refused, match="stored in 'GB/s'"):
         store.ingest(row_tuples(make_rows("new", n_gpus=1, probe="membw", unit="TB/s", settings=None)), 6.0)
+    store.close()
+
+
+def test_migration_from_version_4_keys_the_latest_scan_by_probe(tmp_path):
+    path = tmp_path / "v4.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, target=4)
+    rows = (make_rows("old", n_gpus=2, scan_id="s1", ts=100.0)
+            + make_rows("old", n_gpus=2, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings=None)
+            + make_rows("old", n_gpus=2, scan_id="s2", ts=200.0))
+    cols = ", ".join(schema.q(c) for c in RESULT_COLUMNS)
+    conn.executemany(f"INSERT INTO results ({cols}, received_ts) VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
+                     [t + (5.0,) for t in row_tuples(rows)])
+    conn.close()
+    store = Store(path)
+    assert store.migrated_from == 4
+    assert store._reader.execute("SELECT probe, settings, scan_id FROM latest_scans GROUP BY 1, 2, 3").fetchall() == [
+        ("matmul", "n=8192,dtype=bf16", "s2"), ("membw", "", "s1")]
+    tables = {r[0] for r in store._reader.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "device_scans" not in tables and {"probe_scans", "latest_scans"} <= tables
+    cols, latest = store.latest_samples()
+    assert {(r[cols.index("probe")], r[cols.index("scan_id")]) for r in latest} == {("matmul", "s2"), ("membw", "s1")}
+    cols, history = store.earlier_samples(5)
+    assert {(r[cols.index("probe")], r[cols.index("scan_id")]) for r in history} == {("matmul", "s1")}
     store.close()
 
 
