@@ -35,10 +35,12 @@ _UPSERT_DEVICE = """
     WHERE devices.last_ts IS NULL OR excluded.last_ts >= devices.last_ts"""
 _SAMPLE_KEY = ("gpu", "host", "scan_id", "probe", "settings", "sample")
 # A batch row whose sample is stored with another value (the batch's own rows are stored by then).
+# `|| ''` and `+ 0` drop the columns' affinity, so that SQLite matches the index expressions.
 _SAMPLE_CLASH = """
-    SELECT b.i, r.value FROM batch_samples b JOIN results r INDEXED BY results_sample
-    ON r.gpu = b.gpu AND r.host = b.host AND COALESCE(r.scan_id, '') = b.scan_id AND r.probe = b.probe
-    AND COALESCE(r.settings, '') = b.settings AND COALESCE(r.sample, -1) = b.sample AND r.sample_unique = 1
+    SELECT b.i, r.value FROM batch_samples b CROSS JOIN results r INDEXED BY results_sample
+    ON r.gpu = b.gpu AND r.host = b.host AND COALESCE(r.scan_id, '') = b.scan_id || '' AND r.probe = b.probe
+    AND COALESCE(r.settings, '') = b.settings || '' AND COALESCE(r.sample, -1) = b.sample + 0
+    AND r.sample_unique = 1
     WHERE r.value != b.value ORDER BY b.i DESC LIMIT 1"""
 _UPSERT_PROBE_SCAN = """
     INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)

@@ -62,6 +62,27 @@ def test_a_scan_of_one_probe_keeps_the_other_probes_latest_scan(tmp_path):
     store.close()
 
 
+def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
+    from straggler.collector import store as store_module
+
+    store = Store(tmp_path / "c.db")
+    plans = []
+    table = store._table
+    store._table = lambda sql, params=(): plans.append(table("EXPLAIN QUERY PLAN " + sql, params)[1]) or ([], [])
+    store.latest_samples()
+    store.earlier_samples(3)
+    conn = store._writer
+    store._check_samples(conn, [])
+    plans.append(conn.execute("EXPLAIN QUERY PLAN " + store_module._SAMPLE_CLASH).fetchall())
+    details = [[row[-1] for row in plan] for plan in plans]
+    assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[0]
+    assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[1]
+    assert ("SEARCH r USING INDEX results_sample (gpu=? AND host=? AND <expr>=? AND probe=? AND <expr>=? AND <expr>=?)"
+            in details[2])
+    assert not any(d.startswith("SCAN r") for plan in details for d in plan)  # never every result
+    store.close()
+
+
 def test_a_failing_batch_stores_nothing(tmp_path):
     store = Store(tmp_path / "c.db")
     rows = row_tuples(make_rows("h", n_gpus=2))
