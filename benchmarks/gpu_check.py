@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[gpu_check] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
 
     from straggler.probes import torchdev
+    from straggler.probes.cputelemetry import cpu_model
     from straggler.probes.devices import resolve_devices
     from straggler.probes.runner import ScanSettings, run_scan
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return _finish(doc, out, [])
     doc["torch"] = torchdev.torch_version()
     model = step("model", lambda: torchdev.Device(plan.kind, plan.indices[0]).describe()["model"]) \
-        if plan.kind == "cuda" else torchdev.cpu_model()
+        if plan.kind == "cuda" else (cpu_model() or "cpu")
     name = f"recorded_{slug(model)}"
     tel = "auto"
     fx = args.fixtures_dir
