@@ -72,17 +72,25 @@ class CpuBackend:
 
     @staticmethod
     def _temps() -> dict[int, float]:
-        """Physical core id -> temperature, from coretemp-like sensors that name their core."""
+        """Physical core id -> temperature, from coretemp-like sensors that name their core.
+
+        Core ids repeat on every socket, and psutil lists the sockets' sensors together in no order
+        that ties a core to its package: with more than one package in view, per-core temperatures
+        cannot be attributed, so none are reported (missing, never another core's value)."""
         import psutil
 
         out: dict[int, float] = {}
+        packages = set()
         sensors = getattr(psutil, "sensors_temperatures", lambda: {})()
         for entries in sensors.values():
             for entry in entries:
-                m = re.fullmatch(r"core\s*(\d+)", (entry.label or "").strip(), re.IGNORECASE)
+                label = (entry.label or "").strip()
+                if m := re.fullmatch(r"package id\s*(\d+)", label, re.IGNORECASE):
+                    packages.add(int(m.group(1)))
+                m = re.fullmatch(r"core\s*(\d+)", label, re.IGNORECASE)
                 if m and entry.current is not None:
                     out[int(m.group(1))] = float(entry.current)
-        return out
+        return {} if len(packages) > 1 else out
 
     def read(self, index: int) -> DeviceReading:
         return self._read(index, None)

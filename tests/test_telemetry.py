@@ -369,3 +369,23 @@ def test_auto_follows_the_kind_of_device_probed(monkeypatch):
     gpu.close()
     monkeypatch.setenv(ENV_VAR, "fake:h100_healthy")
     assert open_backend("auto", kind="cpu").name == "fake:h100_healthy"  # the test override still wins
+
+
+def test_cpu_core_temperatures_only_where_they_can_be_attributed(monkeypatch):
+    # This machine has no temperature sensors: the sensor list is what psutil reports on hosts that do.
+    from collections import namedtuple
+
+    import psutil
+
+    from straggler.probes.cputelemetry import CpuBackend
+
+    shwtemp = namedtuple("shwtemp", "label current high critical")  # psutil's entry fields
+
+    one = {"coretemp": [shwtemp("Package id 0", 50.0, 80, 100), shwtemp("Core 0", 41.0, 80, 100),
+                        shwtemp("Core 1", 47.0, 80, 100)]}
+    monkeypatch.setattr(psutil, "sensors_temperatures", lambda: one, raising=False)
+    assert CpuBackend._temps() == {0: 41.0, 1: 47.0}
+    two = {"coretemp": [*one["coretemp"], shwtemp("Package id 1", 60.0, 80, 100),
+                        shwtemp("Core 0", 66.0, 80, 100)]}
+    monkeypatch.setattr(psutil, "sensors_temperatures", lambda: two, raising=False)
+    assert CpuBackend._temps() == {}  # core 0 of which socket? missing, never the other socket's value
