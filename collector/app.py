@@ -80,7 +80,8 @@ def create_app(
     fleet = FleetView(store, analyze, debounce_s=settings.analysis_debounce_s,
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
                       on_refresh=published)
-    board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s, clock=clock)
+    board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
+                       run_limit_s=settings.scan_run_limit_s, clock=clock)
     secret = Secret(token)
     col = Collector(settings, store, fleet, board, metrics, fleet_metrics, secret)
 

@@ -4,7 +4,8 @@ A scan names its hosts when it is created (a request without hosts takes every a
 ``agent_seen_s``) and a wall-clock ``start_at`` a few seconds ahead, so that every node starts its
 probes at the same instant. Each node moves pending -> running -> done | failed; a node still
 pending once the scan is no longer offered to it (``scan_offer_grace_s`` after ``start_at``) missed
-it and is shown as failed.
+it and is shown as failed; so is a node still running ``scan_run_limit_s`` after ``start_at`` (its
+agent died mid-scan).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
 
 class ScanBoard:
     def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float,
-                 clock: Callable[[], float] = time.time):
+                 run_limit_s: float = 900.0, clock: Callable[[], float] = time.time):
         self.store = store
         self.agent_seen_s = agent_seen_s
         self.offer_grace_s = offer_grace_s
+        self.run_limit_s = run_limit_s
         self.clock = clock
         self._changed: asyncio.Event | None = None  # replaced (after being set) on every new scan
 
@@ -94,6 +96,11 @@ class ScanBoard:
                 if state == "pending":
                     nodes[host] = "failed"
                     errors[host] = f"did not pick up the scan within {self.offer_grace_s:g} s of its start"
+        if now > scan["start_at"] + self.run_limit_s:  # an agent that died mid-scan reports nothing more
+            for host, state in nodes.items():
+                if state == "running":
+                    nodes[host] = "failed"
+                    errors[host] = f"still running {self.run_limit_s:g} s after the scan's start: no result came"
         return {
             "scan_id": scan_id, "start_at": scan["start_at"], "probes": scan["probes"],
             "duration_s": scan["duration_s"], "hosts": scan["hosts"],

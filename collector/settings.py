@@ -37,6 +37,7 @@ class CollectorSettings:
     agent_seen_s: float = 120.0  # "every agent seen recently" for a scan without a host list
     max_wait_s: float = 60.0  # longest long poll on /api/v1/scans/next
     scan_offer_grace_s: float = 30.0  # a scan is still offered this long after its start_at
+    scan_run_limit_s: float = 900.0  # a node still running this long after start_at is shown failed
     log_level: str = "info"
 
     def problems(self) -> list[str]:
@@ -50,7 +51,7 @@ class CollectorSettings:
         for name in ("analysis_debounce_s", "agent_seen_s", "scan_offer_grace_s"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0")
-        for name in ("analysis_max_delay_s", "max_wait_s"):
+        for name in ("analysis_max_delay_s", "max_wait_s", "scan_run_limit_s"):
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
         if self.history_scans < 0 or self.history_limit < 1:

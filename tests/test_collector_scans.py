@@ -196,3 +196,19 @@ def test_cluster_scan_errors_are_one_line(server, tmp_path):
     with pytest.raises(CollectorError, match="cannot reach the collector") as e:
         cluster_scan(f"http://127.0.0.1:{port}", TOKEN, ["matmul"], 1.0, timeout_s=5)
     assert "\n" not in str(e.value)
+
+
+def test_a_node_that_dies_mid_scan_is_failed_after_the_run_limit(tmp_path):
+    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", scan_run_limit_s=0.5)
+    with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+            c.get("/api/v1/scans/next", params={"host": "dies", "wait_s": 0})
+            scan = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1.0, "hosts": ["dies"],
+                                                 "start_delay_s": 0}).json()
+            assert c.post(f"/api/v1/scans/{scan['scan_id']}/status",
+                          json={"host": "dies", "state": "running", "error": None}).status_code == 200
+            assert c.get(f"/api/v1/scans/{scan['scan_id']}").json()["nodes"] == {"dies": "running"}
+            time.sleep(0.7)  # the agent never reports again
+            view = c.get(f"/api/v1/scans/{scan['scan_id']}").json()
+            assert view["nodes"] == {"dies": "failed"} and view["state"] == "failed"
+            assert "still running 0.5 s after the scan's start" in view["errors"]["dies"]

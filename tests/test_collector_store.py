@@ -404,3 +404,10 @@ def test_fleet_view_thread_survives_a_failed_refresh(tmp_path):
     finally:
         view.stop()
         store.close()
+
+
+def test_example_config_lists_the_defaults():
+    from conftest import ROOT
+    from straggler.collector.settings import CollectorSettings, load_settings
+
+    assert load_settings(ROOT / "systemd" / "collector.toml", env={}) == CollectorSettings()
