@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 # The probe child's contract: `... --json --output F --scan-id ID --deadline S ... [--start-at T]`.
 # FAKE_SCAN_MODE: ok (3 rows, exit 0), hang (2 rows then sleeps), fail (1 row, exit 2);
@@ -54,11 +54,6 @@ def write_fake_scan(directory: Path) -> Path:
     path.write_text(FAKE_SCAN)
     return path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def toml(values: dict) -> str:

@@ -10,13 +10,9 @@ import time
 import httpx
 import pytest
 
+from conftest import free_port
 from test_collector_api import AUTH, TOKEN, make_rows
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NotifySocket:
