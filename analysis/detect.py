@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-REFERENCE = "reference"
+from .bases import JOIN, NONE
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
@@ -36,6 +36,7 @@ class Test:
 class Verdict:
     straggler: np.ndarray
     basis: np.ndarray  # the firing bases joined by "+", or the primary basis, or "none"
+    fired: np.ndarray  # (test, device): True where that test flags the device
     deficit: np.ndarray
     p_value: np.ndarray
     q_value: np.ndarray
@@ -52,7 +53,7 @@ def decide(tests: list[Test], fdr: float) -> Verdict:
             fire[i] = (q_all[i] <= fdr) & (t.deficit >= t.min_effect) & (t.basis != "")
     straggler = fire.any(axis=0)
 
-    basis = np.full(n, "none", dtype=object)
+    basis = np.full(n, NONE, dtype=object)
     deficit = np.full(n, np.nan)
     p = np.full(n, np.nan)
     q = np.full(n, np.nan)
@@ -65,5 +66,5 @@ def decide(tests: list[Test], fdr: float) -> Verdict:
         p[take], q[take] = t.p_value[take], q_all[i][take]
         chosen |= take
     for j in np.flatnonzero(fire.sum(axis=0) > 1):  # several bases agree: name them all
-        basis[j] = "+".join(t.basis[j] for i, t in enumerate(tests) if fire[i, j])
-    return Verdict(straggler, basis, deficit, p, q)
+        basis[j] = JOIN.join(t.basis[j] for i, t in enumerate(tests) if fire[i, j])
+    return Verdict(straggler, basis, fire, deficit, p, q)

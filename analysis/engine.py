@@ -11,15 +11,16 @@ from scipy import special
 
 from straggler.errors import ConfigError
 
+from . import bases, cost, groups, peers, validate
 from . import causes as causes_mod
-from . import cost, groups, peers, validate
 from . import history as own
-from .detect import REFERENCE, Test, decide
+from .detect import Test, decide
 from .estimate import estimate
 from .report import DEVICE_COLUMNS, AnalysisResult
 from .settings import AnalysisConfig
 
 DEVICE_KEY = ("host", "gpu", "probe", "settings")
+PEER_TEST, MATES_TEST = 0, 1  # positions in the tests given to decide()
 
 
 def _device_column(frame: pd.DataFrame, first: np.ndarray, col: str) -> pd.Series:
@@ -66,17 +67,20 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
                      *_past_scans(rows, group, n_group, config), prior_df=config.prior_df)
     ref_value, ref_test = _reference(config, cur, first, est, pv.basis == "")
     verdict = decide([
-        Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),
-        Test(np.where(np.isfinite(node_p), peers.NODE, ""), node_deficit, node_p, np.full(n_dev, config.min_effect)),
-        Test(np.where(hv.n_scans > 0, own.HISTORY, ""), hv.deficit, hv.p_value,
+        Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),  # the first two: PEER_TEST, MATES_TEST
+        Test(np.where(np.isfinite(node_p), bases.NODE_MATES, ""), node_deficit, node_p,
+             np.full(n_dev, config.min_effect)),
+        Test(np.where(hv.n_scans > 0, bases.HISTORY, ""), hv.deficit, hv.p_value,
              np.full(n_dev, config.min_effect)),
         ref_test,
     ], config.fdr)
 
     basis_value = np.where(np.isfinite(pv.peer_value), pv.peer_value,
                            np.where(np.isfinite(hv.baseline), hv.baseline, ref_value))
-    # Slow only against its node-mates (a fast node): it costs the jobs it shares with them.
-    basis_value = np.where(verdict.basis == peers.NODE, node_centre, basis_value)
+    # Flagged by its node-mates and not by its peer group (a slow device in a fast node): it costs
+    # the jobs it shares with them, so it is counted against their median.
+    by_mates = verdict.fired[MATES_TEST] & ~verdict.fired[PEER_TEST]
+    basis_value = np.where(by_mates, node_centre, basis_value)
     cost_dev = cost.device_cost(est.value, basis_value)
     # Stragglers first, by cost; the device table is built in that order (no reordering afterwards).
     order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
@@ -240,7 +244,7 @@ def _reference(config: AnalysisConfig, cur: pd.DataFrame, first: np.ndarray, est
     with np.errstate(invalid="ignore", divide="ignore"):
         deficit = 1 - est.value / ref
         p = special.stdtr(est.df, -deficit / est.se_rel)
-    basis = np.where(np.isfinite(ref), REFERENCE, "").astype(object)
+    basis = np.where(np.isfinite(ref), bases.REFERENCE, "").astype(object)
     return ref, Test(basis, deficit, p, np.full(n, config.min_effect))
 
 
@@ -248,12 +252,14 @@ def _verdict_text(i: int, pv, hv, verdict, node_deficit) -> str:
     parts = []
     if np.isfinite(pv.peer_value[i]):
         others = pv.group_size[i] - 1
-        where = "node" if str(pv.basis[i]).startswith(peers.NODE) else "fleet"
-        if str(pv.basis[i]).endswith(peers.LOO):
-            parts.append(f"{1 - pv.deficit[i]:.3f}x the mean of the {others} other {where} "
-                         f"device{'s' if others > 1 else ''} (leave-one-out)")
+        one_host = str(pv.basis[i]).startswith(bases.HOST)
+        if str(pv.basis[i]).endswith(bases.LOO):
+            devices = f"device{'s' if others > 1 else ''}"
+            parts.append(f"{1 - pv.deficit[i]:.3f}x the mean of the {others} other "
+                         + (f"{devices} on its host" if one_host else f"fleet {devices}") + " (leave-one-out)")
         else:
-            parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {others} {where} peers")
+            parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {others} "
+                         + ("peers on its host" if one_host else "fleet peers"))
     if np.isfinite(node_deficit[i]):
         parts.append(f"{1 - node_deficit[i]:.3f}x the median of its node-mates")
     if hv.n_scans[i] > 0:

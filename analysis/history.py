@@ -21,8 +21,6 @@ from scipy import special
 
 from . import groups
 
-HISTORY = "history"
-
 
 def scan_rank(frame: pd.DataFrame) -> np.ndarray:
     """Order of each row's scan (0 = oldest). One scan when there is no ``scan_id``."""

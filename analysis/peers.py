@@ -19,10 +19,8 @@ import numpy as np
 from scipy import special
 
 from . import groups
+from .bases import FLEET, HOST, LOO
 from .estimate import Estimates
-
-NODE, FLEET = "node_peers", "fleet_peers"
-LOO = "_loo"  # suffix of the basis when the group was decided leave-one-out
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class PeerVerdict:
     deficit: np.ndarray  # 1 - value / peer_value
     p_value: np.ndarray  # one-sided: the device is not slower than its peers
     min_effect: np.ndarray  # the minimum effect that applies to the device
-    basis: np.ndarray  # node_peers / fleet_peers (+ _loo), "" without peers
+    basis: np.ndarray  # bases.HOST / bases.FLEET (+ bases.LOO), "" without peers
     spread: np.ndarray  # robust std of the healthy devices' ratios in the group
 
 
@@ -44,7 +42,7 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
     size = np.bincount(group_of_dev, minlength=n_group)[group_of_dev]
     pair, n_pair = groups.factorize(group_of_dev, host_of_dev)
     hosts = np.bincount(group_of_dev[groups.first_index(pair, n_pair)], minlength=n_group)
-    basis = np.where(hosts[group_of_dev] > 1, FLEET, NODE).astype(object)
+    basis = np.where(hosts[group_of_dev] > 1, FLEET, HOST).astype(object)
 
     peer = np.full(n_dev, np.nan)
     p = np.full(n_dev, np.nan)

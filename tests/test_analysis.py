@@ -51,7 +51,7 @@ def test_flags_exactly_the_slow_device_with_its_deficit_and_cost():
     res = analyze(fleet(slow={7: 0.95}))
     assert flagged(res) == {"GPU-0007"}
     r = row(res, "GPU-0007")
-    assert r["basis"] == "fleet_peers+node_peers"  # slower than the fleet and than its node-mates
+    assert r["basis"] == "fleet_peers+node_mates"  # slower than the fleet and than its node-mates
     assert r["deficit"] == pytest.approx(0.05, abs=0.01)
     assert r["cost"] == pytest.approx(1 / 0.95 - 1, abs=0.012)
     assert r["q_value"] <= 0.01 and r["n_samples"] == 5
@@ -93,7 +93,7 @@ def test_two_cpu_cores_decided_leave_one_out():
     slow = fleet(n_hosts=1, per_host=2, samples=8, noise=0.03, base=[1.0, 0.62])
     res = analyze(slow)
     assert flagged(res) == {"GPU-0001"}
-    assert row(res, "GPU-0001")["basis"] == "node_peers_loo"
+    assert row(res, "GPU-0001")["basis"] == "host_peers_loo"
     assert "leave-one-out" in row(res, "GPU-0001")["evidence"]
     # A shared VM's idle cores differed by up to 7.5%: below the 10% asked of a pair.
     assert flagged(analyze(fleet(n_hosts=1, per_host=2, samples=8, noise=0.01, base=[1.0, 0.925]))) == set()
@@ -128,7 +128,7 @@ def test_a_device_slow_within_a_fast_node_is_found_by_its_node_mates():
     res = analyze(fleet(base=base, spread=0, samples=10))
     assert flagged(res) == {"GPU-0013"}
     r = row(res, "GPU-0013")
-    assert r["basis"] == "node_peers" and r["deficit"] == pytest.approx(1 - 1 / 1.05, abs=0.01)
+    assert r["basis"] == "node_mates" and r["deficit"] == pytest.approx(1 - 1 / 1.05, abs=0.01)
     assert abs(r["ratio"] - 1) < 0.01  # in line with the fleet
 
 

@@ -46,7 +46,7 @@ def test_json_output_and_exit_code_for_every_format(tmp_path, capsys, suffix):
     assert len(doc["gpus"]) == 16
     first = doc["gpus"][0]
     # slower than the fleet and than its node-mates
-    assert (first["gpu"], first["straggler"], first["basis"]) == ("GPU-06", True, "fleet_peers+node_peers")
+    assert (first["gpu"], first["straggler"], first["basis"]) == ("GPU-06", True, "fleet_peers+node_mates")
     assert first["deficit"] == pytest.approx(0.1, abs=0.015)
     assert first["cost"] == pytest.approx(1 / 0.9 - 1, abs=0.02)
     assert doc["summary"]["stragglers"] == 1
