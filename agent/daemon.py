@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from straggler.errors import ConfigError
 from straggler.probes.backends import open_backend
+from straggler.probes.telemetry import NodeSnapshot
 
 from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
@@ -156,12 +157,18 @@ class Agent:
         t0 = time.perf_counter()
         try:
             snap = self.backend.snapshot(self.host)
-        except Exception:  # a broken backend must not kill the daemon; it is counted and logged
-            log.exception("telemetry read failed")
-            self.metrics.errors.labels("telemetry").inc()
-            return
+        except Exception as e:  # a broken backend must not kill the daemon: the node is unknown, so busy
+            log.error("telemetry read failed: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            snap = NodeSnapshot(ts=time.time(), host=self.host, backend=self.backend.name, devices=(),
+                                error=f"telemetry read failed: {type(e).__name__}: {e}")
+            self.metrics.telemetry_failures.labels("backend_raised").inc()
+        else:
+            if snap.error:
+                self.metrics.telemetry_failures.labels("backend_error").inc()
         if snap.error:
             self.metrics.errors.labels("telemetry").inc()
+        # never the last good snapshot as current: a failed read exports stale devices, and makes
+        # the node busy (no probes) until a read succeeds and the grace period passes again
         self.snapshot = snap
         self.exporter.update(snap)
         if self.probe_run is None:  # our own probes are not a job

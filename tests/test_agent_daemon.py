@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, require_tool
-from test_agent_support import AgentProcess, IngestServer, toml, wait_until, write_fake_scan
+from test_agent_support import AgentProcess, IngestServer, fixture_with_faults, toml, wait_until, write_fake_scan
 
 
 def scrape(agent: AgentProcess) -> dict[tuple, float]:
@@ -271,3 +271,29 @@ def test_sigterm_flushes_the_spool_to_the_collector(agents, tmp_path):
         assert "spool flushed; 0 results left" in a.log()
     finally:
         server.close()
+
+
+def test_a_telemetry_read_that_raises_never_lets_a_probe_start(agents, tmp_path):
+    """Three good idle snapshots, then the backend raises on every read (a fault in the fixture).
+    The idle grace period would end during the failing reads: no probe may start, the GPUs are
+    exported stale (straggler_gpu_up 0) and the failures are counted by reason."""
+    fixture = fixture_with_faults(tmp_path, "h100_idle", [
+        {"device": None, "from_read": 3, "until_read": None, "python_error": "RuntimeError"}])
+    interval_s, grace_s = 0.5, 2.0
+    a = agents(telemetry=f"fake:{fixture}", interval_s=interval_s, idle_grace_s=grace_s, probe_every_s=3600,
+               probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
+    failed = lambda: value(scrape(a), "straggler_agent_errors_total", source="telemetry") or 0
+    # enough failed ticks that the grace period, counted from the good ones, has long passed
+    wait_until(lambda: failed() >= grace_s / interval_s + 3, what="failed telemetry reads")
+    assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0
+    a.signal(signal.SIGUSR1)
+    wait_until(lambda: "probe requested but the node is busy: telemetry unavailable" in a.log(), what="refusal")
+    samples = scrape(a)
+    assert value(samples, "straggler_agent_probe_runs_total") == 0.0
+    assert not (a.dir / "agent-scans").exists() or not list((a.dir / "agent-scans").iterdir())
+    assert value(samples, "straggler_agent_telemetry_failures_total", reason="backend_raised") >= grace_s / interval_s + 3
+    assert value(samples, "straggler_agent_devices_idle") == 0.0
+    ups = {k: v for k, v in samples.items() if k[0] == "straggler_gpu_up"}
+    assert len(ups) == 8 and set(ups.values()) == {0.0} and {dict(k[1])["status"] for k in ups} == {"stale"}
+    assert value(samples, "straggler_agent_telemetry_failures_total", reason="backend_error") == 0.0
+    assert a.stop() == 0
