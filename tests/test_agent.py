@@ -353,7 +353,7 @@ def test_agent_command_reports_every_config_problem_in_one_line(tmp_path, stragg
     assert len(lines) == 1 and lines[0].startswith(f"straggler: error: {cfg}: ")
     for part in ("interval_s: must be > 0", "probe_device: 'tpu'", "collector_url: 'ftp://x'"):
         assert part in lines[0]
-    ok = subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", "9999"], capture_output=True,
+    ok = subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", "9999", "--spool", str(tmp_path / "s.sqlite")], capture_output=True,
                         text=True, timeout=60, env={**__import__("os").environ, "STRAGGLER_AGENT_INTERVAL_S": "7"})
     assert ok.returncode == 0, ok.stderr
     shown = json.loads(ok.stdout)

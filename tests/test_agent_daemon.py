@@ -168,7 +168,7 @@ def test_real_scan_child_and_the_daemon_stays_light(tmp_path):
     cfg = tmp_path / "agent.toml"
     cfg.write_text(toml({"host": "light", "listen_port": 0, "telemetry": "fake:h100_idle", "interval_s": 0.5,
                          "spool_path": tmp_path / "spool.sqlite", "probe_device": "cpu", "probes": ["matmul"],
-                         "probe_duration_s": 2, "probe_deadline_s": 120, "probe_every_s": 0, "idle_grace_s": 0}))
+                         "probe_duration_s": 2, "probe_deadline_s": 300, "probe_every_s": 0, "idle_grace_s": 0}))
     env = {k: v for k, v in os.environ.items() if k != "STRAGGLER_TELEMETRY"}
     out = subprocess.run([sys.executable, "-c", RUN_AGENT, str(cfg)], capture_output=True, text=True,
                          timeout=240, env=env, cwd=tmp_path)
@@ -297,3 +297,34 @@ def test_a_telemetry_read_that_raises_never_lets_a_probe_start(agents, tmp_path)
     assert len(ups) == 8 and set(ups.values()) == {0.0} and {dict(k[1])["status"] for k in ups} == {"stale"}
     assert value(samples, "straggler_agent_telemetry_failures_total", reason="backend_error") == 0.0
     assert a.stop() == 0
+
+
+def test_sighup_reaches_the_scan_poller(agents, tmp_path):
+    server = IngestServer(token="tok")
+    (tmp_path / "token").write_text("tok")
+    try:
+        a = agents(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=1.0).start()
+        wait_until(lambda: 1.0 in server.poll_waits, what="a long poll")
+        a.config.write_text(toml({**a.settings, "collector_url": server.url, "token_file": tmp_path / "token",
+                                  "poll_wait_s": 0.25}))
+        a.signal(signal.SIGHUP)
+        wait_until(lambda: 0.25 in server.poll_waits, what="a long poll with the reloaded wait")
+        assert a.stop() == 0
+    finally:
+        server.close()
+
+
+def test_a_cluster_scan_the_probe_deadline_cannot_hold_is_refused(agents, tmp_path):
+    """The real scan command (no probe_command): a 300 s probe needs more than probe_deadline_s."""
+    server = IngestServer(token="tok")
+    (tmp_path / "token").write_text("tok")
+    try:
+        server.scans = [{**_scan("s-long", 1.0), "duration_s": 300.0}]
+        a = agents(collector_url=server.url, token_file=tmp_path / "token", probe_deadline_s=600).start()
+        wait_until(lambda: server.statuses, what="the scan's state")
+        assert [(sid, b["state"], b["error"]) for sid, b in server.statuses] == [
+            ("s-long", "failed", "cannot finish: 1 probe(s) at 300 s need 880 s, more than probe_deadline_s = 600 s")]
+        assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0
+        assert a.stop() == 0
+    finally:
+        server.close()

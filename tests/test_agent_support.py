@@ -198,6 +198,7 @@ class IngestServer:
         self.rows: dict[str, dict] = {}
         self.posts = 0  # result POSTs that reached the handler
         self.polls = 0  # GET /api/v1/scans/next requests
+        self.poll_waits: list[float] = []  # the wait_s of each of them
         self.fail_next = 0
         self.scans: list[dict] = []
         self.statuses: list[tuple[str, dict]] = []
@@ -255,6 +256,7 @@ class IngestServer:
                 if url.path == "/api/v1/scans/next":
                     with outer.lock:
                         outer.polls += 1
+                        outer.poll_waits.append(float(parse_qs(url.query).get("wait_s", ["0"])[0]))
                     host = parse_qs(url.query)["host"][0]
                     end = time.monotonic() + min(float(parse_qs(url.query).get("wait_s", ["0"])[0]), 2.0)
                     while time.monotonic() < end:
