@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from straggler.errors import ConfigError
 from straggler.probes.backends import open_backend
+from straggler.probes.telemetry import NodeSnapshot
 
 from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
@@ -90,11 +91,11 @@ class Agent:
         for scan_id in self.spool.scans_in_state("running"):
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
         self._recover()
-        self.uploader = None
+        self.uploader = self.poller = None
         if s.collector_url:
             self.uploader = Uploader(s, self.spool, self.host, self.metrics)
-            poller = ScanPoller(s, self.host, self.scans, self.metrics)
-            for name, target in (("upload", self.uploader.run), ("poll", poller.run)):
+            self.poller = ScanPoller(s, self.host, self.scans, self.metrics)
+            for name, target in (("upload", self.uploader.run), ("poll", self.poller.run)):
                 t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -156,12 +157,18 @@ class Agent:
         t0 = time.perf_counter()
         try:
             snap = self.backend.snapshot(self.host)
-        except Exception:  # a broken backend must not kill the daemon; it is counted and logged
-            log.exception("telemetry read failed")
-            self.metrics.errors.labels("telemetry").inc()
-            return
+        except Exception as e:  # a broken backend must not kill the daemon: the node is unknown, so busy
+            log.error("telemetry read failed: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            snap = NodeSnapshot(ts=time.time(), host=self.host, backend=self.backend.name, devices=(),
+                                error=f"telemetry read failed: {type(e).__name__}: {e}")
+            self.metrics.telemetry_failures.labels("backend_raised").inc()
+        else:
+            if snap.error:
+                self.metrics.telemetry_failures.labels("backend_error").inc()
         if snap.error:
             self.metrics.errors.labels("telemetry").inc()
+        # never the last good snapshot as current: a failed read exports stale devices, and makes
+        # the node busy (no probes) until a read succeeds and the grace period passes again
         self.snapshot = snap
         self.exporter.update(snap)
         if self.probe_run is None:  # our own probes are not a job
@@ -185,8 +192,9 @@ class Agent:
             self.backend.close()
             self.backend = open_backend(new.telemetry)
         self.idle.grace_s, self.idle.util_pct = new.idle_grace_s, new.idle_util_pct
-        if self.uploader is not None:
-            self.uploader.settings = new
+        for helper in (self.uploader, self.poller):  # both HTTP threads follow the new config
+            if helper is not None:
+                helper.settings = new
         self.settings = new
         logging.getLogger("straggler").setLevel(new.log_level.upper())
         log.info("config reloaded")
@@ -231,7 +239,10 @@ class Agent:
         scan_id = scan["scan_id"]
         late_s = time.time() - (scan.get("start_at") or time.time())
         busy = self._busy()
-        reason = f"missed the start by {late_s:.0f} s" if late_s > MISSED_START_S else busy and f"node busy: {busy}"
+        too_long = self.settings.scan_problems(len(scan.get("probes") or self.settings.probes),
+                                               scan.get("duration_s") or self.settings.probe_duration_s)
+        reason = (f"missed the start by {late_s:.0f} s" if late_s > MISSED_START_S
+                  else f"cannot finish: {too_long[0]}" if too_long else busy and f"node busy: {busy}")
         if reason:
             log.warning("cluster scan %s refused: %s", scan_id, reason)
             self.spool.add_status(scan_id, self.host, "failed", reason)

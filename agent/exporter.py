@@ -2,7 +2,10 @@
 
 Telemetry families are built from one snapshot per scrape (a device that disappears takes its label
 sets with it). Labels: host, gpu (index), uuid, model, pci_bus_id -- nothing unbounded. A value the
-backend could not read is left out, never exported as 0. Self metrics start at 0.
+backend could not read is left out, never exported as 0. When a read fails (the snapshot carries an
+error and no device), the devices of the last good snapshot stay listed as
+``straggler_gpu_up{status="stale"} 0`` with no values, and the snapshot timestamp is that good
+read's: nothing old is exported as current. Self metrics start at 0.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from straggler.probes.telemetry import STATUS_OK, THROTTLE_REASONS, NodeSnapshot
 
 LABELS = ("host", "gpu", "uuid", "model", "pci_bus_id")
 ERROR_SOURCES = ("telemetry", "upload", "poll", "probe", "spool")
+# why a telemetry read gave no devices: the backend raised / the backend reported an error
+TELEMETRY_FAILURES = ("backend_raised", "backend_error")
+STATUS_STALE = "stale"  # straggler_gpu_up's status for a device of the last good snapshot
 MHZ = 1e6
 
 # (metric name, help, reading field, scale)
@@ -47,11 +53,14 @@ class SnapshotCollector:
 
     def __init__(self) -> None:
         self._snapshot: NodeSnapshot | None = None
+        self._last_good: NodeSnapshot | None = None  # the last snapshot that read the devices
         self._lock = threading.Lock()
 
     def update(self, snapshot: NodeSnapshot) -> None:
         with self._lock:
             self._snapshot = snapshot
+            if snapshot.error is None:
+                self._last_good = snapshot
 
     @property
     def snapshot(self) -> NodeSnapshot | None:
@@ -61,7 +70,8 @@ class SnapshotCollector:
         return []  # families depend on the snapshot; don't collect at registration
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot
+        with self._lock:
+            snap, good = self._snapshot, self._last_good
         if snap is None:
             return
         backend = GaugeMetricFamily(
@@ -69,12 +79,19 @@ class SnapshotCollector:
         )
         backend.add_metric([snap.host, snap.backend], 0.0 if snap.error else 1.0)
         yield backend
-        ts = GaugeMetricFamily("straggler_telemetry_snapshot_timestamp_seconds", "When the snapshot was read",
-                               labels=["host"])
-        ts.add_metric([snap.host], snap.ts)
+        stale = snap.error is not None and not snap.devices and good is not None
+        ts = GaugeMetricFamily("straggler_telemetry_snapshot_timestamp_seconds",
+                               "When the exported device data was read", labels=["host"])
+        if snap.error is None or stale:
+            ts.add_metric([snap.host], good.ts if stale else snap.ts)
         yield ts
-        up = GaugeMetricFamily("straggler_gpu_up", "1 when the device was read, 0 when lost or unreadable",
+        up = GaugeMetricFamily("straggler_gpu_up", "1 when the device was read, 0 when lost, unreadable or stale",
                                labels=list(LABELS) + ["status"])
+        if stale:
+            for d in good.devices:
+                up.add_metric([snap.host, str(d.index), d.uuid or "", d.model or "", d.pci_bus_id or "", STATUS_STALE], 0.0)
+            yield up
+            return
         info = GaugeMetricFamily("straggler_gpu_info", "Device identity", labels=list(LABELS) + ["driver"])
         gauges = {name: GaugeMetricFamily(name, doc, labels=list(LABELS)) for name, doc, _, _ in GAUGES}
         events = GaugeMetricFamily("straggler_gpu_clock_event_active",
@@ -120,6 +137,11 @@ class SelfMetrics:
         self.uploaded = Counter("straggler_agent_uploaded_results", "Results accepted by the collector",
                                 registry=registry)
         self.spooled = Gauge("straggler_agent_spool_results", "Results waiting in the spool", registry=registry)
+        self.telemetry_failures = Counter("straggler_agent_telemetry_failures",
+                                          "Telemetry reads that gave no devices, by reason", ["reason"],
+                                          registry=registry)
+        for reason in TELEMETRY_FAILURES:
+            self.telemetry_failures.labels(reason)
         self.idle = Gauge("straggler_agent_devices_idle", "1 when every device has been idle for the grace period",
                           registry=registry)
 

@@ -6,7 +6,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from straggler.config import load
+from straggler.config import load, sqlite_path_problem
+from straggler.errors import ConfigError, InputError
 
 DEFAULT_CONFIG = Path("/etc/straggler/agent.toml")
 ENV_PREFIX = "STRAGGLER_AGENT_"
@@ -65,11 +66,43 @@ class AgentSettings:
             out.append(f"token_file: {self.token_file} is not a readable file")
         if not self.probes:
             out.append("probes: give at least one probe")
+        else:
+            from straggler.probes.devices import parse_probes
+
+            try:
+                parse_probes(self.probes)
+            except InputError as e:
+                out.append(f"probes: {e}")
+            else:
+                out.extend(self.scan_problems(len(self.probes), self.probe_duration_s))
+        from straggler.probes.backends import spec_problem
+
+        problem = spec_problem(self.telemetry)
+        if problem:
+            out.append(f"telemetry: {problem}")
         return out
+
+    def scan_problems(self, n_probes: int, duration_s: float) -> list[str]:
+        """A scan this agent would kill at ``probe_deadline_s`` before it can finish. What a custom
+        ``probe_command`` needs is not known here: it is not checked."""
+        if self.probe_deadline_s <= 0 or duration_s <= 0 or self.probe_command:
+            return []
+        from straggler.probes.budget import budget_problem
+
+        problem = budget_problem(n_probes, duration_s, self.probe_deadline_s, "probe_deadline_s")
+        return [problem] if problem else []
 
     @property
     def node(self) -> str:
         return self.host or socket.gethostname()
+
+
+def check_start(settings: AgentSettings, source: str = "config") -> None:
+    """What the start would refuse beyond the settings themselves (the spool cannot be opened);
+    ``straggler agent`` runs it before ``--check`` prints and before the daemon starts."""
+    problem = sqlite_path_problem("spool_path", settings.spool_path)
+    if problem:
+        raise ConfigError([problem], source)
 
 
 def load_settings(path: str | Path | None = None, overrides: dict | None = None, env=None) -> AgentSettings:

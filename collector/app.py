@@ -28,7 +28,7 @@ from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime, Secret
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanRequest, ScanStatus, ScanView
 from .scans import NoHosts, ScanBoard
-from .settings import CollectorSettings
+from .settings import CollectorSettings, scan_problem
 from .store import Refused, Store, row_tuples
 
 
@@ -138,7 +138,11 @@ def create_app(
 
     @app.post("/api/v1/scans", status_code=201, response_model=ScanCreated, dependencies=auth, tags=["scans"])
     async def create_scan(req: ScanRequest) -> dict:
-        """Schedule a synchronized scan; every node starts its probes at ``start_at``."""
+        """Schedule a synchronized scan; every node starts its probes at ``start_at``. 422 when it
+        could not finish within ``scan_run_limit_s``."""
+        too_long = scan_problem(settings, len(req.probes), req.duration_s)
+        if too_long:
+            raise HTTPException(422, f"duration_s: {too_long}")
         try:
             return await board.create(req.probes, req.duration_s, req.hosts, req.start_delay_s)
         except NoHosts as e:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from straggler.errors import StragglerError
 
 FINAL_STATES = ("done", "failed")
+DEFAULT_START_DELAY_S = 10.0  # a scan's start_at is this far ahead: every node has picked it up
 
 
 class CollectorError(StragglerError):
@@ -47,7 +48,7 @@ def cluster_scan(
     on_progress: Callable[[dict], None] | None = None,
     *,
     hosts: list[str] | None = None,
-    start_delay_s: float = 10.0,
+    start_delay_s: float = DEFAULT_START_DELAY_S,
     poll_s: float = 1.0,
 ) -> dict:
     """Schedule a synchronized scan on the collector at ``url``, follow it until every node has

@@ -80,6 +80,21 @@ def load_settings(
     )
 
 
+def check_start(settings: CollectorSettings) -> None:
+    """What the start would refuse beyond the settings and the token (the database cannot be
+    opened); ``straggler collector`` runs it before ``--check`` prints and before serving."""
+    problem = config.sqlite_path_problem("db_path", settings.db_path)
+    if problem:
+        raise ConfigError([problem])
+
+
+def scan_problem(settings: CollectorSettings, n_probes: int, duration_s: float) -> str | None:
+    """A scan request that would still be running at ``scan_run_limit_s`` (and shown failed)."""
+    from straggler.probes.budget import budget_problem
+
+    return budget_problem(n_probes, duration_s, settings.scan_run_limit_s, "the collector's scan_run_limit_s")
+
+
 def load_token(settings: CollectorSettings, env: Mapping[str, str] | None = None) -> str:
     """The bearer token agents and clients must send. ConfigError when there is none."""
     env = os.environ if env is None else env

@@ -24,11 +24,10 @@ def open_backend(spec: str = "auto", kind: str | None = None) -> TelemetryBacken
     ``kind`` is the kind of device being probed (``"cpu"`` or ``"cuda"``), when there is one: then
     ``"auto"`` means the backend of that kind, so a CPU scan on a GPU host never reads GPU telemetry
     for its cores, and a GPU whose NVML cannot be read is never described as a CPU core."""
-    spec = (spec or "auto").strip()
-    if spec == "auto" and os.environ.get(ENV_VAR, "").strip():
-        spec = os.environ[ENV_VAR].strip()
-    if spec == "auto" and kind is not None:
-        spec = "cpu" if kind == "cpu" else "nvml"
+    spec = _resolve(spec, kind)
+    problem = spec_problem(spec)
+    if problem:
+        raise InputError(problem)
     if spec == "auto":
         return _auto()
     if spec == "nvml":
@@ -39,11 +38,35 @@ def open_backend(spec: str = "auto", kind: str | None = None) -> TelemetryBacken
         from .cputelemetry import CpuBackend
 
         return CpuBackend()
-    if spec.startswith("fake:") and spec[5:]:
-        from .fakenvml import FakeBackend
+    from .fakenvml import FakeBackend
 
-        return FakeBackend(spec[5:])
-    raise InputError(f"unknown telemetry backend {spec!r}; use one of {', '.join(SPECS)}")
+    return FakeBackend(spec[5:])
+
+
+def _resolve(spec: str | None, kind: str | None = None) -> str:
+    spec = (spec or "auto").strip()
+    if spec == "auto" and os.environ.get(ENV_VAR, "").strip():
+        spec = os.environ[ENV_VAR].strip()
+    if spec == "auto" and kind is not None:
+        spec = "cpu" if kind == "cpu" else "nvml"
+    return spec
+
+
+def spec_problem(spec: str | None) -> str | None:
+    """Why :func:`open_backend` would refuse ``spec`` (an unknown name, a bad fixture), else None.
+    Opens nothing: NVML and psutil backends fail later as data, never at the start."""
+    spec = _resolve(spec)
+    if spec in ("auto", "nvml", "cpu"):
+        return None
+    if spec.startswith("fake:") and spec[5:]:
+        from .fakenvml import load_fixture
+
+        try:
+            load_fixture(spec[5:])
+        except InputError as e:
+            return str(e)
+        return None
+    return f"unknown telemetry backend {spec!r}; use one of {', '.join(SPECS)}"
 
 
 def _auto() -> TelemetryBackend:

@@ -11,8 +11,15 @@ Each ``read(i)`` of device ``i`` replays its next frame (``base`` merged with th
 loop). A frame's ``errors`` (``{"retired_pages": "not_supported"}``) and ``status`` replay as NVML
 failures. Faults are scenario data: from the ``from_read``-th read of a device until ``until_read``
 (exclusive; null = for ever) the listed ``fields`` fail with ``nvml_error``, or the whole device
-does when ``fields`` is null. Everything goes through :func:`probes.nvml.build_reading`, so a
-replayed error becomes exactly the status the NVML backend gives.
+does when ``fields`` is null. Instead of ``nvml_error`` a fault may name a ``python_error`` that a
+real pynvml raises besides ``NVMLError``: ``"AttributeError"`` (a function an older nvidia-ml-py
+lacks) or ``"UnicodeDecodeError"`` (a name that is not valid UTF-8; text fields only); it becomes
+the status the NVML funnel gives it (:func:`probes.nvml.failure_of`). A fault with
+``"device": null`` hits the whole backend, counted in snapshots: with ``nvml_error`` the snapshot
+is a backend error, with ``python_error`` (also ``"OSError"``, ``"RuntimeError"``) ``snapshot()``
+raises -- a broken backend, which the agent must survive. Everything goes through
+:func:`probes.nvml.build_reading`, so a replayed error becomes exactly the status the NVML backend
+gives; ``fakepynvml.py`` serves the same fixtures through the pynvml API to the NVML backend itself.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any, Mapping
 
 from straggler.errors import InputError
 
-from .nvml import GPU_IS_LOST, NvmlFailure, build_reading
+from .nvml import GPU_IS_LOST, NvmlFailure, build_reading, failure_of, init_hint
 from .telemetry import (
     IDENTITY_FIELDS,
     READING_FIELDS,
@@ -39,6 +46,22 @@ from .telemetry import (
 
 FIXTURE_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "nvml"
 _NOT_REPLAYED = ("ts", "index", "status", "errors")
+TEXT_FIELDS = ("uuid", "model", "serial", "pci_bus_id", "driver")
+DEVICE_PYTHON_ERRORS = ("AttributeError", "UnicodeDecodeError")
+BACKEND_PYTHON_ERRORS = {"AttributeError": AttributeError, "OSError": OSError, "RuntimeError": RuntimeError}
+
+
+def python_error(name: str) -> Exception:
+    """The exception a fault's ``python_error`` names, as pynvml would raise it."""
+    if name == "UnicodeDecodeError":
+        return UnicodeDecodeError("utf-8", b"\xff\xfe", 0, 1, "invalid start byte")
+    return BACKEND_PYTHON_ERRORS[name](f"injected by the fixture: {name}")
+
+
+def fault_at(fault: Mapping[str, Any], device: int | None, n: int) -> bool:
+    """Whether ``fault`` hits read ``n`` of ``device`` (None: the ``n``-th snapshot of the backend)."""
+    until = fault.get("until_read")
+    return fault.get("device") == device and n >= fault.get("from_read", 0) and (until is None or n < until)
 
 
 def fixture_path(ref: str) -> Path:
@@ -63,11 +86,22 @@ def _check(path: Path, data: Any) -> None:
             except (ValueError, TypeError) as e:
                 raise InputError(f"{path}: device {i} frame {j}: {e}") from None
     for k, fault in enumerate(data.get("faults", [])):
-        if not isinstance(fault.get("device"), int) or not isinstance(fault.get("nvml_error"), str):
-            raise InputError(f"{path}: fault {k} needs an integer 'device' and an 'nvml_error' name")
-        bad = sorted(set(fault.get("fields") or ()) - set(READING_FIELDS))
+        device, nvml_error, py_error = fault.get("device", "missing"), fault.get("nvml_error"), fault.get("python_error")
+        if not (device is None or (isinstance(device, int) and not isinstance(device, bool))):
+            raise InputError(f"{path}: fault {k} needs an integer 'device' (or null: the whole backend)")
+        if (nvml_error is None) == (py_error is None) or not isinstance(nvml_error or py_error, str):
+            raise InputError(f"{path}: fault {k} needs either an 'nvml_error' or a 'python_error' name")
+        fields = fault.get("fields")
+        bad = sorted(set(fields or ()) - set(READING_FIELDS))
         if bad:
             raise InputError(f"{path}: fault {k}: unknown field(s) {', '.join(bad)}")
+        allowed = tuple(BACKEND_PYTHON_ERRORS) if device is None else DEVICE_PYTHON_ERRORS
+        if py_error is not None and py_error not in allowed:
+            raise InputError(f"{path}: fault {k}: python_error {py_error!r} is not one of {', '.join(allowed)}")
+        if py_error is not None and device is not None and not fields:
+            raise InputError(f"{path}: fault {k}: a python_error needs 'fields'")
+        if py_error == "UnicodeDecodeError" and set(fields) - set(TEXT_FIELDS):
+            raise InputError(f"{path}: fault {k}: UnicodeDecodeError hits text fields only ({', '.join(TEXT_FIELDS)})")
 
 
 def load_fixture(ref: str) -> tuple[Path, dict]:
@@ -93,17 +127,14 @@ class FakeBackend:
         self._devices: list[dict] = self._data["devices"]
         self._faults: list[dict] = list(self._data.get("faults", []))
         self._reads = [0] * len(self._devices)
+        self._snapshots = 0
         self._lock = threading.Lock()
 
     def device_count(self) -> int:
         return len(self._devices)
 
-    def _fault(self, index: int, n: int) -> Mapping[str, Any] | None:
-        for f in self._faults:
-            until = f.get("until_read")
-            if f["device"] == index and n >= f.get("from_read", 0) and (until is None or n < until):
-                return f
-        return None
+    def _active(self, index: int | None, n: int) -> list[Mapping[str, Any]]:
+        return [f for f in self._faults if fault_at(f, index, n)]
 
     def read(self, index: int) -> DeviceReading:
         ts = time.time()
@@ -128,15 +159,25 @@ class FakeBackend:
         for name, code in errors.items():
             if name != "device":
                 values[name] = NvmlFailure(code)
-        fault = self._fault(index, n)
-        if fault is not None:
+        for fault in self._active(index, n):
+            failure = (failure_of(python_error(fault["python_error"])) if fault.get("python_error")
+                       else NvmlFailure(fault["nvml_error"]))
             if fault.get("fields") is None:
-                device_error = fault["nvml_error"]
+                device_error = failure.code
             else:
-                values.update({name: NvmlFailure(fault["nvml_error"]) for name in fault["fields"]})
+                for name in fault["fields"]:
+                    (identity if name in identity else values)[name] = failure
         return build_reading(index, ts, identity, values, device_error=device_error)
 
     def snapshot(self, host: str) -> NodeSnapshot:
+        with self._lock:
+            n = self._snapshots
+            self._snapshots += 1
+        for fault in self._active(None, n):
+            if fault.get("python_error"):
+                raise python_error(fault["python_error"])
+            return NodeSnapshot(ts=time.time(), host=host, backend=self.name, devices=(),
+                                error=init_hint(fault["nvml_error"]))
         return NodeSnapshot(
             ts=time.time(), host=host, backend=self.name,
             devices=tuple(self.read(i) for i in range(len(self._devices))),

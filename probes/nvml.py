@@ -1,16 +1,21 @@
 """The NVML backend: the only module that imports ``pynvml`` (package nvidia-ml-py).
 
 Nothing happens at import. NVML is initialised on first use; every NVML call goes through
-:func:`_query`, which turns an ``NVMLError`` into an :class:`NvmlFailure` carrying the error's name
-(``"not_supported"``, ``"gpu_is_lost"``, ...). :func:`build_reading` turns those into a reading:
+:func:`_query`, which turns any exception into an :class:`NvmlFailure` (:func:`failure_of`): an
+``NVMLError`` carries the error's name (``"not_supported"``, ``"gpu_is_lost"``, ...), a function an
+older nvidia-ml-py lacks is ``"function_not_found"`` (the code NVML gives a function an older
+driver lacks), text that is not valid UTF-8 is ``"invalid_text"``, anything else
+``"unexpected_error"``. :func:`build_reading` turns those into a reading:
 a field that failed is ``None`` with ``errors[field] = code``; a lost GPU is a reading with status
 ``"lost"`` that keeps the device's identity. The fake backend (``fakenvml.py``) replays fixtures
-through the same :func:`build_reading`, so tests exercise this code path.
+through the same :func:`build_reading`, and ``fakepynvml.py`` serves a fixture through the pynvml
+API to :class:`NvmlBackend` itself (``NvmlBackend(library=...)``), so tests exercise this code path.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from typing import Any, Callable, Mapping, NamedTuple
@@ -23,7 +28,12 @@ from .telemetry import (
     NodeSnapshot,
 )
 
+log = logging.getLogger("straggler.probes.nvml")
 GPU_IS_LOST = "gpu_is_lost"
+FUNCTION_NOT_FOUND = "function_not_found"  # NVML's name; also a function an older nvidia-ml-py lacks
+INVALID_TEXT = "invalid_text"  # a name, serial or version that is not valid UTF-8
+UNEXPECTED = "unexpected_error"  # any other exception out of pynvml
+FINAL_CODES = ("not_supported", FUNCTION_NOT_FOUND, INVALID_TEXT)  # a retry would fail the same way
 INIT_RETRY_S = 60.0  # a failed NVML init is retried this long after (a driver loaded after the agent)
 # Init failures a user can act on -> what to do.
 INIT_HINTS = {
@@ -33,6 +43,7 @@ INIT_HINTS = {
     "no_permission": "no permission to open /dev/nvidia*: run as a user allowed to use the GPUs",
     "lib_rm_version_mismatch": "NVML library and kernel driver versions differ: reboot or reload "
     "the nvidia kernel module",
+    "pynvml_missing": "the nvidia-ml-py package (pynvml) is not installed: pip install nvidia-ml-py",
 }
 # Our throttle-reason names -> pynvml constant (the clock-event name first, the older throttle name second).
 REASON_CONSTANTS = (
@@ -119,13 +130,27 @@ def build_reading(
     return DeviceReading(ts=ts, errors=errors, **fields)
 
 
+def failure_of(exc: Exception) -> NvmlFailure:
+    """Any exception out of an NVML call -> the failure a reading records (never raises)."""
+    try:
+        if isinstance(exc, _nv().NVMLError):
+            return NvmlFailure(error_code(exc))
+    except ImportError:
+        pass
+    if isinstance(exc, AttributeError):
+        return NvmlFailure(FUNCTION_NOT_FOUND)
+    if isinstance(exc, UnicodeError):
+        return NvmlFailure(INVALID_TEXT)
+    log.debug("unexpected error from NVML: %r", exc)
+    return NvmlFailure(UNEXPECTED)
+
+
 def _query(fn: Callable[[], Any]) -> Any:
-    """The funnel: run one NVML call; an NVMLError becomes an NvmlFailure."""
-    nv = _nv()
+    """The funnel: run one NVML call; whatever it raises becomes an NvmlFailure."""
     try:
         return fn()
-    except nv.NVMLError as e:
-        return NvmlFailure(error_code(e))
+    except Exception as e:  # every failure is a status on the reading, never an escape
+        return failure_of(e)
 
 
 def _text(value: Any) -> str:
@@ -188,8 +213,10 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(self) -> None:
+    def __init__(self, library: Any = None) -> None:
+        """``library``: a pynvml-shaped object (tests: ``fakepynvml.FakePynvml``); None = pynvml."""
         self.notice = "nvml: NVIDIA GPUs through NVML"
+        self._library = library
         self._lock = threading.Lock()
         self._ready = False
         self.init_error: str | None = None  # a hint, when NVML failed to initialise
@@ -204,21 +231,28 @@ class NvmlBackend:
                 return True
             if self.init_error is not None and time.monotonic() - self._failed_at < INIT_RETRY_S:
                 return False
-            nv = _nv()
-            started = _query(nv.nvmlInit)
-            count = started if isinstance(started, NvmlFailure) else _query(nv.nvmlDeviceGetCount)
+            try:
+                nv = self._lib()
+            except ImportError:
+                started = count = NvmlFailure("pynvml_missing")
+            else:
+                started = _query(lambda: nv.nvmlInit())
+                count = started if isinstance(started, NvmlFailure) else _query(lambda: int(nv.nvmlDeviceGetCount()))
             if isinstance(count, NvmlFailure):
                 if not isinstance(started, NvmlFailure):
-                    _query(nv.nvmlShutdown)
+                    _query(lambda: nv.nvmlShutdown())
                 self.init_error = init_hint(count.code)
                 self._failed_at = time.monotonic()
                 return False
             self.init_error = None
-            driver = _query(nv.nvmlSystemGetDriverVersion)
-            self._driver = None if isinstance(driver, NvmlFailure) else _text(driver)
-            self._count = int(count)
+            driver = _query(lambda: _text(nv.nvmlSystemGetDriverVersion()))
+            self._driver = None if isinstance(driver, NvmlFailure) else driver
+            self._count = count
             self._ready = True
             return True
+
+    def _lib(self):
+        return self._library if self._library is not None else _nv()
 
     def device_count(self) -> int:
         return self._count if self._ensure() else 0
@@ -227,7 +261,7 @@ class NvmlBackend:
         ts = time.time()
         if not self._ensure():
             return DeviceReading(ts=ts, index=index, status=STATUS_ERROR, errors={"device": "nvml_unavailable"})
-        nv = _nv()
+        nv = self._lib()
         handle = _query(lambda: nv.nvmlDeviceGetHandleByIndex(index))
         if isinstance(handle, NvmlFailure):
             return build_reading(index, ts, self._static.get(index, {}), {}, device_error=handle.code)
@@ -237,7 +271,7 @@ class NvmlBackend:
             identity["driver"] = self._driver
             # cache the identity only when it is final: a transient failure (timeout, unknown) must
             # not leave a GPU without its UUID for the rest of a long-running agent's life
-            if all(v.code == "not_supported" for v in identity.values() if isinstance(v, NvmlFailure)):
+            if all(v.code in FINAL_CODES for v in identity.values() if isinstance(v, NvmlFailure)):
                 self._static[index] = identity
         values: dict[str, Any] = {}
         for name, fn in DYNAMIC_FIELDS.items():
@@ -257,6 +291,7 @@ class NvmlBackend:
     def close(self) -> None:
         with self._lock:
             if self._ready:
-                _query(_nv().nvmlShutdown)
+                nv = self._lib()
+                _query(lambda: nv.nvmlShutdown())
             self._ready = False
             self._static.clear()

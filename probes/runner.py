@@ -25,12 +25,11 @@ from typing import Callable
 
 from straggler.errors import InputError
 
+from .budget import GRACE_S, phase_deadlines, scan_needed_s
 from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices
 from .worker import EXIT_ABORTED, WorkerPlan
 
 DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
-SETUP_S = 120.0  # torch import, process group, allocation and warm-up of every probe
-GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -111,14 +110,11 @@ def check_telemetry(spec: str) -> None:
 
 def deadlines(plan: WorkerPlan, grace_s: float) -> dict[str, float]:
     """Seconds a worker may spend in each phase before it counts as hung."""
-    probe_s = 2 * plan.duration_s + grace_s
-    return {"init": SETUP_S, "warmup": SETUP_S, "start": probe_s, "done": probe_s + 2 * grace_s,
-            "wait": max(0.0, (plan.start_at or 0) - time.time()) + SETUP_S}
+    return phase_deadlines(plan.duration_s, grace_s, (plan.start_at or 0) - time.time())
 
 
 def total_deadline(plan: WorkerPlan, grace_s: float) -> float:
-    d = deadlines(plan, grace_s)
-    return SETUP_S + d["wait"] + len(plan.probes) * (d["done"] + grace_s)
+    return scan_needed_s(len(plan.probes), plan.duration_s, grace_s, (plan.start_at or 0) - time.time())
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import tomllib
 import types
 import typing
@@ -154,3 +155,31 @@ def render(cfg: Any, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(data, indent=2)
     return "\n".join(f"{k} = {v!r}" for k, v in data.items())
+
+
+def sqlite_path_problem(key: str, path: Path) -> str | None:
+    """Why SQLite could not open (or create) a WAL database at ``path``, found without writing
+    anything; None when it can. Used by every ``--check`` and start that opens a database."""
+    path = Path(path)
+    if path.exists():
+        if path.is_dir():
+            return f"{key}: {path} is a directory"
+        if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            return f"{key}: {path} (or its directory, for the WAL files) is not writable by this user"
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            return f"{key}: {path} cannot be opened as an SQLite database ({e})"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{key}: cannot create {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{key}: cannot create {path}: {parent} is not writable by this user"
+    return None

@@ -26,7 +26,7 @@ from straggler.agent.uploader import UploadError, Uploader
 from straggler.errors import ConfigError
 from straggler.probes.backends import open_backend
 from straggler.probes.fakenvml import FakeBackend
-from test_agent_support import IngestServer, NotifySocket, write_fake_scan
+from test_agent_support import IngestServer, NotifySocket, fixture_with_faults, write_fake_scan
 
 H3 = {"host": "n1", "gpu": "3", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000003", "model": "NVIDIA H100 80GB HBM3",
       "pci_bus_id": "00000000:5D:00.0"}
@@ -135,6 +135,36 @@ def test_idle_ignores_lost_gpus_but_not_a_dead_backend():
 
     dead = NodeSnapshot(ts=0, host="n", backend="nvml", devices=(), error="NVML library not found")
     assert busy_reason(dead, 5.0).startswith("telemetry unavailable")
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ({"device": 5, "nvml_error": "unknown", "fields": None}, "device 5 unreadable (unknown)"),
+    ({"device": 2, "nvml_error": "no_permission", "fields": ["processes"]},
+     "device 2: compute processes unknown (no_permission)"),
+    ({"device": 6, "nvml_error": "timeout", "fields": ["util_pct"]}, "device 6: utilization unknown (timeout)"),
+])
+def test_an_unreadable_gpu_or_process_list_is_busy_not_idle(tmp_path, fault, reason):
+    """Every other GPU idle: the one GPU that cannot be read may be running the job."""
+    snap = FakeBackend(str(fixture_with_faults(tmp_path, "h100_idle", [fault]))).snapshot("n")
+    assert busy_reason(snap, 5.0) == reason
+    t = IdleTracker(grace_s=0, util_pct=5)
+    assert not t.update(snap, 100.0) and not t.update(snap, 1000.0)
+
+
+def test_exporter_marks_the_last_devices_stale_when_a_read_fails():
+    from straggler.probes.telemetry import NodeSnapshot
+
+    registry, collector, _ = build_registry()
+    good = FakeBackend("h100_thermal_throttle").snapshot("n1")
+    collector.update(good)
+    collector.update(NodeSnapshot(ts=good.ts + 15, host="n1", backend=good.backend, devices=(),
+                                  error="telemetry read failed: RuntimeError: boom"))
+    get = registry.get_sample_value
+    assert get("straggler_gpu_up", {**H3, "status": "stale"}) == 0.0
+    assert get("straggler_gpu_up", {**H3, "status": "ok"}) is None
+    assert get("straggler_gpu_temperature_celsius", H3) is None  # the old values are not current
+    assert get("straggler_telemetry_backend_up", {"host": "n1", "backend": good.backend}) == 0.0
+    assert get("straggler_telemetry_snapshot_timestamp_seconds", {"host": "n1"}) == good.ts  # the data's age
 
 
 # --- sd_notify ---------------------------------------------------------------------------------
@@ -323,7 +353,7 @@ def test_agent_command_reports_every_config_problem_in_one_line(tmp_path, stragg
     assert len(lines) == 1 and lines[0].startswith(f"straggler: error: {cfg}: ")
     for part in ("interval_s: must be > 0", "probe_device: 'tpu'", "collector_url: 'ftp://x'"):
         assert part in lines[0]
-    ok = subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", "9999"], capture_output=True,
+    ok = subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", "9999", "--spool", str(tmp_path / "s.sqlite")], capture_output=True,
                         text=True, timeout=60, env={**__import__("os").environ, "STRAGGLER_AGENT_INTERVAL_S": "7"})
     assert ok.returncode == 0, ok.stderr
     shown = json.loads(ok.stdout)

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, require_tool
-from test_agent_support import AgentProcess, IngestServer, toml, wait_until, write_fake_scan
+from test_agent_support import AgentProcess, IngestServer, fixture_with_faults, toml, wait_until, write_fake_scan
 
 
 def scrape(agent: AgentProcess) -> dict[tuple, float]:
@@ -168,7 +168,7 @@ def test_real_scan_child_and_the_daemon_stays_light(tmp_path):
     cfg = tmp_path / "agent.toml"
     cfg.write_text(toml({"host": "light", "listen_port": 0, "telemetry": "fake:h100_idle", "interval_s": 0.5,
                          "spool_path": tmp_path / "spool.sqlite", "probe_device": "cpu", "probes": ["matmul"],
-                         "probe_duration_s": 2, "probe_deadline_s": 120, "probe_every_s": 0, "idle_grace_s": 0}))
+                         "probe_duration_s": 2, "probe_deadline_s": 300, "probe_every_s": 0, "idle_grace_s": 0}))
     env = {k: v for k, v in os.environ.items() if k != "STRAGGLER_TELEMETRY"}
     out = subprocess.run([sys.executable, "-c", RUN_AGENT, str(cfg)], capture_output=True, text=True,
                          timeout=240, env=env, cwd=tmp_path)
@@ -269,5 +269,62 @@ def test_sigterm_flushes_the_spool_to_the_collector(agents, tmp_path):
         assert a.stop(timeout_s=30) == 0
         assert len(server.rows) == 3 and spooled(a) == 0
         assert "spool flushed; 0 results left" in a.log()
+    finally:
+        server.close()
+
+
+def test_a_telemetry_read_that_raises_never_lets_a_probe_start(agents, tmp_path):
+    """Three good idle snapshots, then the backend raises on every read (a fault in the fixture).
+    The idle grace period would end during the failing reads: no probe may start, the GPUs are
+    exported stale (straggler_gpu_up 0) and the failures are counted by reason."""
+    fixture = fixture_with_faults(tmp_path, "h100_idle", [
+        {"device": None, "from_read": 3, "until_read": None, "python_error": "RuntimeError"}])
+    interval_s, grace_s = 0.5, 2.0
+    a = agents(telemetry=f"fake:{fixture}", interval_s=interval_s, idle_grace_s=grace_s, probe_every_s=3600,
+               probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
+    failed = lambda: value(scrape(a), "straggler_agent_errors_total", source="telemetry") or 0
+    # enough failed ticks that the grace period, counted from the good ones, has long passed
+    wait_until(lambda: failed() >= grace_s / interval_s + 3, what="failed telemetry reads")
+    assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0
+    a.signal(signal.SIGUSR1)
+    wait_until(lambda: "probe requested but the node is busy: telemetry unavailable" in a.log(), what="refusal")
+    samples = scrape(a)
+    assert value(samples, "straggler_agent_probe_runs_total") == 0.0
+    assert not (a.dir / "agent-scans").exists() or not list((a.dir / "agent-scans").iterdir())
+    assert value(samples, "straggler_agent_telemetry_failures_total", reason="backend_raised") >= grace_s / interval_s + 3
+    assert value(samples, "straggler_agent_devices_idle") == 0.0
+    ups = {k: v for k, v in samples.items() if k[0] == "straggler_gpu_up"}
+    assert len(ups) == 8 and set(ups.values()) == {0.0} and {dict(k[1])["status"] for k in ups} == {"stale"}
+    assert value(samples, "straggler_agent_telemetry_failures_total", reason="backend_error") == 0.0
+    assert a.stop() == 0
+
+
+def test_sighup_reaches_the_scan_poller(agents, tmp_path):
+    server = IngestServer(token="tok")
+    (tmp_path / "token").write_text("tok")
+    try:
+        a = agents(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=1.0).start()
+        wait_until(lambda: 1.0 in server.poll_waits, what="a long poll")
+        a.config.write_text(toml({**a.settings, "collector_url": server.url, "token_file": tmp_path / "token",
+                                  "poll_wait_s": 0.25}))
+        a.signal(signal.SIGHUP)
+        wait_until(lambda: 0.25 in server.poll_waits, what="a long poll with the reloaded wait")
+        assert a.stop() == 0
+    finally:
+        server.close()
+
+
+def test_a_cluster_scan_the_probe_deadline_cannot_hold_is_refused(agents, tmp_path):
+    """The real scan command (no probe_command): a 300 s probe needs more than probe_deadline_s."""
+    server = IngestServer(token="tok")
+    (tmp_path / "token").write_text("tok")
+    try:
+        server.scans = [{**_scan("s-long", 1.0), "duration_s": 300.0}]
+        a = agents(collector_url=server.url, token_file=tmp_path / "token", probe_deadline_s=600).start()
+        wait_until(lambda: server.statuses, what="the scan's state")
+        assert [(sid, b["state"], b["error"]) for sid, b in server.statuses] == [
+            ("s-long", "failed", "cannot finish: 1 probe(s) at 300 s need 880 s, more than probe_deadline_s = 600 s")]
+        assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0
+        assert a.stop() == 0
     finally:
         server.close()

@@ -92,7 +92,7 @@ def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector)
     from straggler.collector.client import cluster_scan
 
     agents = [_agent(tmp_path, collector, name, probe_device="cpu", probes=["matmul"], probe_duration_s=2,
-                     probe_deadline_s=150) for name in ("node-a", "node-b")]
+                     probe_deadline_s=300) for name in ("node-a", "node-b")]
     try:
         for a in agents:
             a.start()
@@ -170,3 +170,14 @@ def test_collector_and_agent_killed_mid_upload_every_result_arrives_once(tmp_pat
         assert _spooled(agent) == 0
     finally:
         agent.close()
+
+
+def test_the_collector_refuses_a_scan_that_cannot_finish_within_its_run_limit(collector):
+    r = httpx.post(collector.url + "/api/v1/scans", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
+                   json={"probes": ["matmul", "membw"], "duration_s": 400, "hosts": ["a"]})
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("duration_s: 2 probe(s) at 400 s need 1920 s, more than the collector's "
+                                  "scan_run_limit_s = 900 s")
+    ok = httpx.post(collector.url + "/api/v1/scans", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
+                    json={"probes": ["matmul", "membw"], "duration_s": 15, "hosts": ["a"]})
+    assert ok.status_code == 201

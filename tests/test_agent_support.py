@@ -56,6 +56,16 @@ def write_fake_scan(directory: Path) -> Path:
 
 
 
+def fixture_with_faults(directory: Path, scenario: str, faults: list[dict], name: str | None = None) -> Path:
+    """A copy of the fixture ``scenario`` (tests/data/nvml) with ``faults`` (scenario data) added."""
+    data = json.loads((ROOT / "tests" / "data" / "nvml" / f"{scenario}.json").read_text())
+    data["faults"] = list(data.get("faults", [])) + faults
+    data["scenario"] = name or f"{scenario}_with_faults"
+    path = directory / f"{data['scenario']}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
 def toml(values: dict) -> str:
     out = []
     for k, v in values.items():
@@ -188,6 +198,7 @@ class IngestServer:
         self.rows: dict[str, dict] = {}
         self.posts = 0  # result POSTs that reached the handler
         self.polls = 0  # GET /api/v1/scans/next requests
+        self.poll_waits: list[float] = []  # the wait_s of each of them
         self.fail_next = 0
         self.scans: list[dict] = []
         self.statuses: list[tuple[str, dict]] = []
@@ -245,6 +256,7 @@ class IngestServer:
                 if url.path == "/api/v1/scans/next":
                     with outer.lock:
                         outer.polls += 1
+                        outer.poll_waits.append(float(parse_qs(url.query).get("wait_s", ["0"])[0]))
                     host = parse_qs(url.query)["host"][0]
                     end = time.monotonic() + min(float(parse_qs(url.query).get("wait_s", ["0"])[0]), 2.0)
                     while time.monotonic() < end:

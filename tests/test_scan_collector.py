@@ -20,7 +20,7 @@ def test_cluster_scan_through_the_collector(tmp_path, straggler_cmd):
 
     collector = CollectorProcess(tmp_path, free_port()).start()
     agents = [AgentProcess(tmp_path, name=n, collector_url=collector.url, token_file=collector.token_file,
-                           probe_device="cpu", probes=["matmul"], probe_duration_s=1, probe_deadline_s=150)
+                           probe_device="cpu", probes=["matmul"], probe_duration_s=1, probe_deadline_s=300)
               for n in ("node-a", "node-b")]
     try:
         for a in agents:
@@ -28,7 +28,7 @@ def test_cluster_scan_through_the_collector(tmp_path, straggler_cmd):
         time.sleep(3)  # both agents have long-polled the collector: the scan takes every agent seen
         proc = subprocess.run([*straggler_cmd, "scan", "--collector", collector.url, "--token-file",
                                str(collector.token_file), "--probes", "matmul", "--duration", "1", "--json",
-                               "--output", str(tmp_path / "cluster.csv"), "--deadline", "200"],
+                               "--output", str(tmp_path / "cluster.csv"), "--deadline", "400"],
                               capture_output=True, text=True, timeout=240)
         logs = "\n".join(a.log()[-1500:] for a in agents)
         assert proc.returncode in (0, 1), (proc.stderr, logs)

@@ -19,6 +19,7 @@ from straggler.probes import nvml
 from straggler.probes.backends import open_backend
 from straggler.probes.cputelemetry import CpuBackend, cpu_model
 from straggler.probes.fakenvml import FakeBackend
+from straggler.probes.fakepynvml import FakePynvml
 from straggler.probes.record import record_fixture
 from straggler.probes.sampler import Sampler, summarize
 from straggler.probes.telemetry import (
@@ -28,6 +29,7 @@ from straggler.probes.telemetry import (
     STATUS_OK,
     THROTTLE_REASONS,
     TelemetryBackend,
+    reading_to_dict,
 )
 from straggler.records import parse_throttle
 
@@ -389,3 +391,35 @@ def test_cpu_core_temperatures_only_where_they_can_be_attributed(monkeypatch):
                         shwtemp("Core 0", 66.0, 80, 100)]}
     monkeypatch.setattr(psutil, "sensors_temperatures", lambda: two, raising=False)
     assert CpuBackend._temps() == {}  # core 0 of which socket? missing, never the other socket's value
+
+
+# --- the NVML backend's own code over a pynvml-shaped fake ------------------------------------
+
+def _dicts(snapshot):
+    return [{k: v for k, v in reading_to_dict(d).items() if k != "ts"} for d in snapshot.devices]
+
+
+def test_nvml_funnel_turns_non_nvml_exceptions_into_statuses():
+    """An older nvidia-ml-py without nvmlDeviceGetRemappedRows (AttributeError), a GPU name that is
+    not UTF-8 (UnicodeDecodeError) and a function the driver lacks (FUNCTION_NOT_FOUND) are
+    statuses on the reading; the pass over every GPU goes on."""
+    b = nvml.NvmlBackend(library=FakePynvml("nvml_older_library_bad_name"))
+    snap = b.snapshot("h")
+    assert snap.error is None and len(snap.devices) == 2
+    d0, d1 = snap.devices
+    assert d0.status == STATUS_OK and d0.remapped_rows is None
+    assert d0.errors == {"remapped_rows": "function_not_found", "retired_pages": "not_supported"}
+    assert d0.temp_c == 31.0 and d0.power_w == 69.0 and d0.model == "NVIDIA H100 80GB HBM3" and d0.processes == 0
+    assert d1.status == STATUS_OK and d1.model is None and d1.throttle_reasons is None
+    assert d1.errors == {"model": "invalid_text", "throttle_reasons": "function_not_found",
+                         "retired_pages": "not_supported"}
+    assert d1.uuid and d1.util_pct == 0.0 and d1.processes == 0
+    # the fake backend replays the same fixture into the same statuses
+    assert _dicts(FakeBackend("nvml_older_library_bad_name").snapshot("h")) == _dicts(snap)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_nvml_backend_over_the_fixture_reads_what_the_fake_backend_replays(scenario):
+    ours, fake = nvml.NvmlBackend(library=FakePynvml(scenario)), FakeBackend(scenario)
+    for _ in range(10):  # past every fault's start and end
+        assert _dicts(ours.snapshot("h")) == _dicts(fake.snapshot("h"))

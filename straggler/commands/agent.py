@@ -24,9 +24,10 @@ def agent(config_path, check, as_json, **flags):
     import sys
 
     from straggler.agent.daemon import Agent
-    from straggler.agent.settings import load_settings
+    from straggler.agent.settings import check_start, load_settings
 
     settings = load_settings(config_path, flags)
+    check_start(settings, config_path or "config")  # --check fails exactly when the start would
     if check:
         from straggler.config import render
 

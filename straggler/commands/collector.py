@@ -20,11 +20,12 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the settings as JSON.")
 def collector(config_path, address, port, db_path, token_file, check, as_json):
     """Run the fleet collector: result ingest, fleet view, /metrics, cluster scans."""
-    from straggler.collector.settings import load_settings, load_token
+    from straggler.collector.settings import check_start, load_settings, load_token
 
     settings = load_settings(config_path, overrides={
         "address": address, "port": port, "db_path": db_path, "token_file": token_file})
     load_token(settings)  # fail early, with every other problem already reported
+    check_start(settings)  # --check fails exactly when the start would
     if check:
         from straggler.config import render
 

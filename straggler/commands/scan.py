@@ -29,7 +29,9 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--scan-id", default=None, help="Id stamped on every sample [default: time-host-random].")
 @click.option("--start-at", type=float, default=None, help="Unix time of the first probe (after warm-up).")
 @click.option("--deadline", "deadline_s", type=float, default=None,
-              help="Kill the scan after this many seconds (samples measured so far are kept).")
+              help="Kill the scan after this many seconds (samples measured so far are kept). With "
+                   "--collector: how long to wait for the cluster scan [default: the time it may need, "
+                   "at least 600]; one shorter than the scan may need is refused.")
 @click.option("--collector", default=None, help="Run a cluster scan through this collector URL.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the collector's bearer token (with --collector).")
@@ -114,7 +116,8 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
         token = Path(token_file).read_text().strip()
     except OSError as e:
         raise InputError(f"--token-file {token_file}: {e.strerror}") from None
-    from straggler.collector.client import cluster_scan
+    from straggler.collector.client import DEFAULT_START_DELAY_S, cluster_scan
+    from straggler.probes.budget import budget_problem, scan_needed_s
     from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
 
     def on_progress(status: dict) -> None:
@@ -125,7 +128,15 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
 
     # The fleet's nodes may be GPU nodes: their power and thermal steady state needs the GPU duration.
     duration = duration_s or DEFAULT_DURATION_S["cuda"]
-    doc = cluster_scan(url, token, list(probes), duration, deadline_s or 600.0, on_progress=on_progress)
+    # the client waits for the scan's start and the time the scan may need (one source: probes/budget.py)
+    wait_s = max(600.0, DEFAULT_START_DELAY_S + scan_needed_s(len(probes), duration))
+    if deadline_s is not None:
+        problem = budget_problem(len(probes), duration, deadline_s - DEFAULT_START_DELAY_S,
+                                 f"--deadline {deadline_s:g} s less the {DEFAULT_START_DELAY_S:g} s start delay")
+        if problem:
+            raise InputError(problem)
+        wait_s = deadline_s
+    doc = cluster_scan(url, token, list(probes), duration, wait_s, on_progress=on_progress)
     nodes, errors = doc.get("nodes") or {}, doc.get("errors") or {}
     failures = [{"host": h, "device": "-", "rank": None, "probe": "scan",
                  "error": errors.get(h) or (f"node {s}" + (" when the scan timed out" if doc.get("timed_out") else ""))}
