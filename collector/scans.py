@@ -88,9 +88,15 @@ class ScanBoard:
 
     def view(self, scan_id: str) -> dict | None:
         scan = self.store.get_scan(scan_id)
-        if scan is None:
-            return None
-        now, nodes, errors = self.clock(), dict(scan["nodes"]), dict(scan["errors"])
+        return None if scan is None else self._view_of(scan, self.clock())
+
+    def list(self, limit: int) -> list[dict]:
+        """The ``limit`` newest scans, newest first, each as :meth:`view` shows it."""
+        now = self.clock()
+        return [self._view_of(scan, now) for scan in self.store.list_scans(limit)]
+
+    def _view_of(self, scan: dict, now: float) -> dict:
+        nodes, errors = dict(scan["nodes"]), dict(scan["errors"])
         if now > scan["start_at"] + self.offer_grace_s:  # no longer offered: a silent node missed it
             for host, state in nodes.items():
                 if state == "pending":
@@ -102,10 +108,10 @@ class ScanBoard:
                     nodes[host] = "failed"
                     errors[host] = f"still running {self.run_limit_s:g} s after the scan's start: no result came"
         return {
-            "scan_id": scan_id, "start_at": scan["start_at"], "probes": scan["probes"],
+            "scan_id": scan["scan_id"], "start_at": scan["start_at"], "probes": scan["probes"],
             "duration_s": scan["duration_s"], "hosts": scan["hosts"],
             "state": overall_state(nodes, scan["start_at"], now),
-            "nodes": nodes, "errors": errors, "results": self.store.count_results(scan_id),
+            "nodes": nodes, "errors": errors, "results": scan["results"],
         }
 
     def report(self, scan_id: str, host: str, state: str, error: str | None) -> bool:
