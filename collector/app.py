@@ -149,7 +149,7 @@ def create_app(
     @app.get("/api/v1/scans", response_model=ScanList, dependencies=auth, tags=["scans"])
     def list_scans(limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
         """The ``limit`` newest scans, newest first, each as ``GET /api/v1/scans/{scan_id}`` shows it."""
-        return {"scans": board.list(limit)}
+        return {"scans": board.recent(limit)}
 
     @app.get("/api/v1/scans/next", response_model=None, dependencies=auth, tags=["scans"],
              responses={200: {"model": ScanCreated}, 204: {"description": "no scan within wait_s"}})

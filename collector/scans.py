@@ -98,7 +98,7 @@ class ScanBoard:
         scan = self.store.get_scan(scan_id)
         return None if scan is None else self._view_of(scan, self.clock())
 
-    def list(self, limit: int) -> list[dict]:
+    def recent(self, limit: int) -> list[dict]:
         """The ``limit`` newest scans, newest first, each as :meth:`view` shows it."""
         now = self.clock()
         return [self._view_of(scan, now) for scan in self.store.list_scans(limit)]
