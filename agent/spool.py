@@ -2,7 +2,8 @@
 
 Two queues: ``results`` (canonical rows with their ``id``; inserting an id twice is a no-op) and
 ``statuses`` (scan state reports for the collector, in order). Rows leave the spool only once the
-collector has accepted them; a row the collector rejects as invalid moves to ``rejected``.
+collector has accepted them; a row the collector rejects as invalid moves to ``rejected`` (with the
+collector's reason; a cluster scan with rejected rows is reported failed, see agent/uploader.py).
 One connection per thread (SQLite connections are not shared across threads).
 """
 
@@ -116,6 +117,14 @@ class Spool:
                        (row["id"], json.dumps(row), reason, time.time()))
             db.execute("DELETE FROM results WHERE id = ?", (row["id"],))
         db.execute("COMMIT")
+
+    def rejected_for(self, scan_id: str) -> tuple[int, str | None]:
+        """How many of a scan's rows the collector refused, and the reason it gave the first."""
+        db = self._conn()
+        where = "FROM rejected WHERE json_extract(row, '$.scan_id') = ?"
+        n = db.execute(f"SELECT COUNT(*) {where}", (scan_id,)).fetchone()[0]
+        first = db.execute(f"SELECT reason {where} ORDER BY rejected_at, id LIMIT 1", (scan_id,)).fetchone()
+        return n, first[0] if first else None
 
     def count(self, table: str = "results") -> int:
         if table not in ("results", "statuses", "rejected"):

@@ -3,7 +3,11 @@
 ``POST /api/v1/results`` is idempotent by result id, so a batch that may or may not have arrived
 (a timeout, a collector killed mid-request) is simply sent again. A row leaves the spool only after
 a 200. 413 halves the batch; 422 halves it until the bad row is alone, then moves that row to the
-spool's ``rejected`` table (kept, counted, never retried forever).
+spool's ``rejected`` table (kept, counted, never retried forever) with the collector's reason.
+
+Scan states go only once no result is left to send, so a scan's rows have all been stored or
+refused by then: a cluster scan whose rows the collector refused is reported ``failed`` with the
+collector's reason, not ``done`` (the scan measured, but the fleet has none of it).
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ def auth_headers(token_file) -> dict[str, str]:
         return {}
     token = token_file.read_text().strip()
     return {"Authorization": f"Bearer {token}"}
+
+
+def refusal(resp: httpx.Response) -> str:
+    """The collector's reason for refusing a one-row batch (``detail``, without the row's index)."""
+    try:
+        detail = resp.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    text = str(detail) if detail else resp.text or f"status {resp.status_code}"
+    return text.removeprefix("results[0].")[:500]
 
 
 class Uploader:
@@ -82,7 +96,7 @@ class Uploader:
         elif resp.status_code in (413, 422) and len(rows) > 1:
             self.batch = max(1, len(rows) // 2)
         elif resp.status_code == 422:
-            reason = resp.text[:500]
+            reason = refusal(resp)
             log.error("collector rejected result %s: %s", rows[0]["id"], reason)
             self.spool.reject(rows, reason)
             self._count_error()
@@ -93,12 +107,23 @@ class Uploader:
     def _send_statuses(self) -> bool:
         pending = self.spool.pending_statuses()
         for seq, scan_id, body in pending:
+            if body["state"] != "running":
+                body = self._with_refusals(scan_id, body)
             resp = self._post(f"/api/v1/scans/{scan_id}/status", body)
             if resp.status_code >= 400:
                 log.error("collector refused state %s of scan %s: %s", body["state"], scan_id, resp.text[:200])
                 self._count_error()
             self.spool.mark_status_sent(seq)
         return bool(pending)
+
+    def _with_refusals(self, scan_id: str, body: dict) -> dict:
+        """A final state, made ``failed`` with the collector's reason when it refused rows of the scan."""
+        n, reason = self.spool.rejected_for(scan_id)
+        if not n:
+            return body
+        refused = f"the collector refused {n} result(s) of this scan: {reason}"
+        error = f"{body['error']}; {refused}" if body.get("error") else refused
+        return {**body, "state": "failed", "error": error[:4000]}
 
     def flush_once(self) -> bool:
         """Send one batch of results, or (when none are left) the pending scan states."""

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -23,10 +23,11 @@ from pydantic import ValidationError
 
 from straggler import __version__
 
+from .apidocs import render_docs
 from .fleet import FleetView, json_safe
 from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime, Secret
-from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanRequest, ScanStatus, ScanView
+from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings, scan_problem
 from .store import Refused, Store, row_tuples
@@ -94,7 +95,8 @@ def create_app(
             fleet.stop()
             store.close()
 
-    app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan,
+    # /docs is rendered here from the spec: FastAPI's Swagger UI and ReDoc load from a CDN
+    app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -118,7 +120,7 @@ def create_app(
         if len(batch["results"]) > settings.max_batch_rows:
             raise HTTPException(413, f"results: {len(batch['results'])} rows, more than max_batch_rows={settings.max_batch_rows}")
         try:
-            accepted, duplicates = store.ingest(row_tuples(batch["results"]), clock(), agent=batch["host"])
+            accepted, duplicates = store.ingest(row_tuples(batch["results"]), clock())
         except Refused as e:
             raise HTTPException(422, str(e)) from None
         metrics.results.labels("accepted").inc(accepted)
@@ -147,6 +149,11 @@ def create_app(
             return await board.create(req.probes, req.duration_s, req.hosts, req.start_delay_s)
         except NoHosts as e:
             raise HTTPException(409, str(e)) from None
+
+    @app.get("/api/v1/scans", response_model=ScanList, dependencies=auth, tags=["scans"])
+    def list_scans(limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
+        """The ``limit`` newest scans, newest first, each as ``GET /api/v1/scans/{scan_id}`` shows it."""
+        return {"scans": board.recent(limit)}
 
     @app.get("/api/v1/scans/next", response_model=None, dependencies=auth, tags=["scans"],
              responses={200: {"model": ScanCreated}, 204: {"description": "no scan within wait_s"}})
@@ -230,5 +237,10 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(render_docs(app.openapi()))
+
     return app
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 from typing_extensions import NotRequired, Required, TypedDict
 
-from straggler.records import COLUMNS, INT_COLUMNS, REQUIRED_COLUMNS, STRING_COLUMNS
+from straggler.records import COLUMNS, INT_COLUMNS, PROBE_COLUMNS, PROBES, REQUIRED_COLUMNS, STRING_COLUMNS
 
 
 def _nan_is_missing(v: Any) -> Any:
@@ -38,7 +38,7 @@ def _column_type(name: str) -> Any:
         inner = Annotated[str, Field(max_length=1024)]
     elif name in INT_COLUMNS:
         inner = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQLite's INTEGER range
-    elif name in ("ts", "duration_s"):
+    elif name in ("ts", "duration_s") or name in PROBE_COLUMNS:
         inner = Annotated[float, Field(ge=0, allow_inf_nan=False)]
     else:
         inner = Annotated[float, Field(allow_inf_nan=False)]
@@ -59,7 +59,7 @@ ResultRow = create_model(
 
 class ResultBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    host: Name = Field(description="the uploading agent's host")
+    host: Name = Field(description="the uploading host (an upload does not make it an agent that scans wait on)")
     results: list[ResultRow]  # type: ignore[valid-type]
 
 
@@ -93,7 +93,13 @@ class IngestResponse(BaseModel):
     duplicates: int
 
 
-ProbeName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+def _known_probe(name: str) -> str:
+    if name not in PROBES:
+        raise ValueError(f"unknown probe {name!r}; choose from {', '.join(PROBES)}")
+    return name
+
+
+ProbeName = Annotated[str, AfterValidator(_known_probe), Field(json_schema_extra={"enum": list(PROBES)})]
 
 
 class ScanRequest(BaseModel):
@@ -121,6 +127,10 @@ class ScanView(ScanCreated):
     nodes: dict[str, NodeState]
     errors: dict[str, str]
     results: int
+
+
+class ScanList(BaseModel):
+    scans: list[ScanView] = Field(description="newest first")
 
 
 class ScanStatus(BaseModel):

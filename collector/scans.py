@@ -45,6 +45,7 @@ class ScanBoard:
         self.run_limit_s = run_limit_s
         self.clock = clock
         self._changed: asyncio.Event | None = None  # replaced (after being set) on every new scan
+        self._closing = False
 
     def _event(self) -> asyncio.Event:
         if self._changed is None:
@@ -66,8 +67,15 @@ class ScanBoard:
         event.set()  # wake every long poll
         return {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
 
+    def close(self) -> None:
+        """The service is stopping: answer every long poll now, and wait in none from here on (from
+        the event loop). A poll cancelled at the end of the graceful stop would answer 500."""
+        self._closing = True
+        self._event().set()
+
     async def next_for(self, host: str, wait_s: float) -> dict | None:
-        """The oldest scan ``host`` has not reported on, waiting up to ``wait_s`` for one."""
+        """The oldest scan ``host`` has not reported on, waiting up to ``wait_s`` for one (not at
+        all once :meth:`close` was called)."""
         deadline = time.monotonic() + wait_s
         while True:
             event = self._event()  # taken before the look-up: a scan created after it sets this event
@@ -75,7 +83,7 @@ class ScanBoard:
             # in a thread: the write lock may be held by a large ingest, and the loop must not wait
             scan = await asyncio.to_thread(self._seen_and_next, host, now)
             remaining = deadline - time.monotonic()
-            if scan is not None or remaining <= 0:
+            if scan is not None or remaining <= 0 or self._closing:
                 return scan and {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
             try:
                 await asyncio.wait_for(event.wait(), remaining)
@@ -88,9 +96,15 @@ class ScanBoard:
 
     def view(self, scan_id: str) -> dict | None:
         scan = self.store.get_scan(scan_id)
-        if scan is None:
-            return None
-        now, nodes, errors = self.clock(), dict(scan["nodes"]), dict(scan["errors"])
+        return None if scan is None else self._view_of(scan, self.clock())
+
+    def recent(self, limit: int) -> list[dict]:
+        """The ``limit`` newest scans, newest first, each as :meth:`view` shows it."""
+        now = self.clock()
+        return [self._view_of(scan, now) for scan in self.store.list_scans(limit)]
+
+    def _view_of(self, scan: dict, now: float) -> dict:
+        nodes, errors = dict(scan["nodes"]), dict(scan["errors"])
         if now > scan["start_at"] + self.offer_grace_s:  # no longer offered: a silent node missed it
             for host, state in nodes.items():
                 if state == "pending":
@@ -102,10 +116,10 @@ class ScanBoard:
                     nodes[host] = "failed"
                     errors[host] = f"still running {self.run_limit_s:g} s after the scan's start: no result came"
         return {
-            "scan_id": scan_id, "start_at": scan["start_at"], "probes": scan["probes"],
+            "scan_id": scan["scan_id"], "start_at": scan["start_at"], "probes": scan["probes"],
             "duration_s": scan["duration_s"], "hosts": scan["hosts"],
             "state": overall_state(nodes, scan["start_at"], now),
-            "nodes": nodes, "errors": errors, "results": self.store.count_results(scan_id),
+            "nodes": nodes, "errors": errors, "results": scan["results"],
         }
 
     def report(self, scan_id: str, host: str, state: str, error: str | None) -> bool:

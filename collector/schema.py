@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from straggler.records import COLUMNS, INT_COLUMNS, STRING_COLUMNS
+from straggler.records import INT_COLUMNS, STRING_COLUMNS
 
 
 def sql_type(column: str) -> str:
@@ -22,10 +22,20 @@ def q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# The result columns of version 1, as released (records.COLUMNS has grown since: each later
+# column comes with a migration of its own).
+_V1_COLUMNS = (
+    "ts", "scan_id", "host", "gpu", "index", "model", "driver",
+    "probe", "settings", "sample", "duration_s", "value", "unit",
+    "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w", "power_limit_w", "temp_c", "throttle_reasons",
+    "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max", "ecc_corrected_total", "ecc_uncorrected_total",
+    "retired_pages", "remapped_rows", "util_pct", "processes",
+)
+
 # Version 1: the result table, keyed by result id.
 _V1 = [
     "CREATE TABLE results (id TEXT PRIMARY KEY, "
-    + ", ".join(f"{q(c)} {sql_type(c)}" for c in COLUMNS)
+    + ", ".join(f"{q(c)} {sql_type(c)}" for c in _V1_COLUMNS)
     + ", received_ts REAL NOT NULL)",
     "CREATE INDEX results_device ON results (host, gpu, ts)",
     "CREATE INDEX results_scan ON results (scan_id)",
@@ -102,7 +112,12 @@ _V5 = [
     "DROP TABLE device_scans",
 ]
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5))
+# Version 6: the probe-specific measurements (records.PROBE_COLUMNS): the allreduce probe's algorithm
+# bandwidth and arrival skew. Rows stored before have them missing (NULL).
+_V6 = [f"ALTER TABLE results ADD COLUMN {q(c)} {sql_type(c)}" for c in ("algbw_gbps", "arrival_skew_s")]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6))
 LATEST = len(MIGRATIONS)
 
 

@@ -58,7 +58,7 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
             return
         log.info("SIGHUP: token reloaded")
 
-    class Server(uvicorn.Server):
+    class Server(_server_type(uvicorn, app)):
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.should_exit:
@@ -80,6 +80,18 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
     # that one a no-op so that a clean stop exits 0 rather than dying of the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
     Server(config).run(sockets=[sock])
+
+
+def _server_type(uvicorn, app) -> type:
+    """uvicorn's server, answering the collector's long polls first when it stops: its graceful stop
+    waits for open requests, and a poll can wait far longer than it."""
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.collector.board.close()
+            await super().shutdown(sockets)
+
+    return Server
 
 
 def _app_and_socket(settings: CollectorSettings, token: str, analyze: Callable | None):
@@ -107,7 +119,7 @@ class BackgroundCollector:
         self.url = f"http://{host}:{port}"
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, log_config=None,
                                 timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = _server_type(uvicorn, self.app)(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                         name="collector", daemon=True)
         self._thread.start()

@@ -165,8 +165,9 @@ class Store:
 
     # -- results ---------------------------------------------------------------------------
 
-    def ingest(self, rows: Sequence[tuple], received_ts: float, agent: str | None = None) -> tuple[int, int]:
-        """Store rows (tuples in ``RESULT_COLUMNS`` order). Returns (accepted, duplicates). Raises
+    def ingest(self, rows: Sequence[tuple], received_ts: float) -> tuple[int, int]:
+        """Store rows (tuples in ``RESULT_COLUMNS`` order). Returns (accepted, duplicates). An upload
+        does not mark its host as a live agent (only polling for scans and reporting on one do). Raises
         :class:`Refused` (nothing stored) for rows the analysis could not use: see :func:`check_rows`,
         and a unit other than the one stored for the same probe and settings."""
         units = check_rows(rows)
@@ -197,8 +198,6 @@ class Store:
             conn.executemany(_UPSERT_DEVICE, latest.values())
             conn.executemany(_UPSERT_PROBE_SCAN, (k + (ts,) for k, ts in scans.items()))
             conn.executemany(_UPSERT_LATEST_SCAN, (k + v for k, v in newest.items()))
-            if agent is not None:
-                self._touch(conn, agent, received_ts)
         return accepted, len(rows) - accepted
 
     @staticmethod
@@ -308,14 +307,32 @@ class Store:
             )
 
     def get_scan(self, scan_id: str) -> dict | None:
-        rows = self._rows("SELECT * FROM scans WHERE scan_id = ?", (scan_id,))
-        if not rows:
-            return None
-        scan = _decode_scan(rows[0])
-        nodes = self._rows("SELECT host, state, error FROM scan_nodes WHERE scan_id = ? ORDER BY host", (scan_id,))
-        scan["nodes"] = {n["host"]: n["state"] for n in nodes}
-        scan["errors"] = {n["host"]: n["error"] for n in nodes if n["error"]}
-        return scan
+        """A scan with its nodes' states (``nodes``), their errors (``errors``) and its stored
+        result count (``results``), or None."""
+        scans = self._scans("WHERE scan_id = ?", (scan_id,))
+        return scans[0] if scans else None
+
+    def list_scans(self, limit: int) -> list[dict]:
+        """The ``limit`` newest scans, newest first, as :meth:`get_scan` gives each."""
+        return self._scans("ORDER BY created_ts DESC, rowid DESC LIMIT ?", (limit,))
+
+    def _scans(self, tail: str, params: Sequence) -> list[dict]:
+        with self._snapshot():
+            scans = [_decode_scan(r) for r in self._rows(f"SELECT * FROM scans {tail}", params)]
+            if not scans:
+                return []
+            ids = [s["scan_id"] for s in scans]
+            marks = ", ".join("?" * len(ids))
+            nodes = self._rows(f"SELECT scan_id, host, state, error FROM scan_nodes WHERE scan_id IN ({marks}) "
+                               "ORDER BY host", ids)
+            counts = dict(self._reader.execute(
+                f"SELECT scan_id, COUNT(*) FROM results WHERE scan_id IN ({marks}) GROUP BY scan_id", ids).fetchall())
+        for scan in scans:
+            mine = [n for n in nodes if n["scan_id"] == scan["scan_id"]]
+            scan["nodes"] = {n["host"]: n["state"] for n in mine}
+            scan["errors"] = {n["host"]: n["error"] for n in mine if n["error"]}
+            scan["results"] = counts.get(scan["scan_id"], 0)
+        return scans
 
     def set_node_state(self, scan_id: str, host: str, state: str, error: str | None, ts: float) -> bool:
         """Record a node's state for a scan. False, and nothing changes (the agent is not marked

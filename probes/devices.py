@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from straggler.errors import InputError, ProbeError
+from straggler.records import PROBES
 
-PROBES = ("matmul", "membw", "pcie", "allreduce")
 GPU_ONLY = frozenset({"pcie"})
 COLLECTIVE = frozenset({"allreduce"})
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

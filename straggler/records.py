@@ -15,6 +15,17 @@ Columns (see README "Result table"):
   ``temp_c`` (max), ``throttle_reasons`` (``name=share;...``, share of the window each reason was
   active), ``pcie_gen``, ``pcie_gen_max``, ``pcie_width``, ``pcie_width_max``, ``ecc_corrected_total``,
   ``ecc_uncorrected_total``, ``retired_pages``, ``remapped_rows``, ``util_pct``, ``processes``
+- probe-specific measurements (:data:`PROBE_COLUMNS`; empty on the other probes' rows, never
+  negative): ``algbw_gbps`` (allreduce: algorithm bandwidth, bytes / time, GB/s; its ``value`` is the
+  bus bandwidth), ``arrival_skew_s`` (allreduce: this rank's mean lateness at the barriers)
+
+A row carries these columns and no others: the agent spools them and the collector stores them
+column for column (it refuses a row with any other column). A probe that measures something new
+declares its column here, and the collector gets a schema migration for it.
+
+:data:`PROBES` names the probes a scan can run (``straggler scan --probes``, the collector's
+``POST /api/v1/scans``); the rows' ``probe`` column may be finer (``pcie`` writes ``pcie_h2d`` and
+``pcie_d2h``).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from .errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+
+PROBES = ("matmul", "membw", "pcie", "allreduce")
 
 REQUIRED_COLUMNS = ("host", "gpu", "model", "probe", "value")
 
@@ -52,7 +65,8 @@ TELEMETRY_COLUMNS = (
     "util_pct",
     "processes",
 )
-COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS + TELEMETRY_COLUMNS
+PROBE_COLUMNS = ("algbw_gbps", "arrival_skew_s")
+COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS + TELEMETRY_COLUMNS + PROBE_COLUMNS
 
 STRING_COLUMNS = frozenset(
     {"scan_id", "host", "gpu", "model", "driver", "probe", "settings", "unit", "throttle_reasons"}

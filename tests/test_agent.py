@@ -344,6 +344,28 @@ def test_a_row_the_collector_rejects_is_isolated_and_set_aside(tmp_path):
         server.close()
 
 
+def test_a_scan_with_rows_the_collector_refused_is_reported_failed_with_the_reason(tmp_path):
+    server = IngestServer()
+    try:
+        spool, up = _uploader(tmp_path, server, batch=8)
+        rows = [{**ROW, "scan_id": "c1", "sample": i} for i in range(4)]
+        rows[2]["probe"] = "bad"
+        spool.add_results(rows + [{**ROW, "scan_id": "c2", "sample": 0}], host="n1")
+        spool.add_status("c1", "n1", "done")
+        spool.add_status("c2", "n1", "done")
+        spool.add_status("c1", "n1", "failed", "probe exited with 2")  # a replay with its own error
+        assert up.flush(30)
+        assert len(server.rows) == 4 and spool.count("rejected") == 1
+        (c1, first), (c2, second), (_, third) = server.statuses
+        assert (c1, c2) == ("c1", "c2")
+        assert first["state"] == "failed" and first["error"].startswith("the collector refused 1 result(s) of this scan: ")
+        assert "unknown probe 'bad'" in first["error"]
+        assert second == {"host": "n1", "state": "done", "error": None}  # nothing of c2 was refused
+        assert third["error"].startswith("probe exited with 2; the collector refused 1 result(s)")
+    finally:
+        server.close()
+
+
 def test_agent_command_reports_every_config_problem_in_one_line(tmp_path, straggler_cmd):
     cfg = tmp_path / "agent.toml"
     cfg.write_text('interval_s = -1\nprobe_device = "tpu"\ncollector_url = "ftp://x"\n')

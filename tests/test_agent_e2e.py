@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -87,30 +89,47 @@ def _agent(tmp_path, collector, name, **kw) -> AgentProcess:
     return AgentProcess(tmp_path, name=name, collector_url=collector.url, token_file=collector.token_file, **kw)
 
 
+def _spooled_per_run(agent) -> dict[str, int]:
+    """What each probe run of an agent measured: the rows it spooled, from the agent's log."""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"probe run (\S+) done: (\d+) results spooled", agent.log())}
+
+
 @pytest.mark.slow
 def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector):
+    # the default probe set: every probe, allreduce with its own columns; every sample measured is stored
     from straggler.collector.client import cluster_scan
+    from straggler.probes.devices import PROBES, plan_probes
 
-    agents = [_agent(tmp_path, collector, name, probe_device="cpu", probes=["matmul"], probe_duration_s=2,
-                     probe_deadline_s=300) for name in ("node-a", "node-b")]
+    agents = [_agent(tmp_path, collector, name, probe_device="cpu", probe_duration_s=2, probe_deadline_s=600)
+              for name in ("node-a", "node-b")]
     try:
         for a in agents:
             a.start()
         progress = []
-        result = cluster_scan(collector.url, TOKEN, ["matmul"], 2.0, timeout_s=200, on_progress=progress.append,
+        result = cluster_scan(collector.url, TOKEN, PROBES, 2.0, timeout_s=200, on_progress=progress.append,
                               hosts=["node-a", "node-b"], start_delay_s=8.0)
         logs = "\n".join(a.log()[-1500:] for a in agents)
         assert result["nodes"] == {"node-a": "done", "node-b": "done"}, (result, logs)
         samples = result["samples"]
+        cores = len(os.sched_getaffinity(0))
+        ran, _ = plan_probes(PROBES, "cpu", cores)
+        measured = {a.settings["host"]: _spooled_per_run(a).get(result["scan_id"]) for a in agents}
         per_host = {h: [s for s in samples if s["host"] == h] for h in ("node-a", "node-b")}
-        assert all(len(rows) >= os.cpu_count() for rows in per_host.values()), logs
-        assert {s["probe"] for s in samples} == {"matmul"} and all(s["value"] > 0 for s in samples)
+        # 5 samples per device and probe that runs here; the collector stored every one of them
+        assert measured == {h: cores * len(ran) * 5 for h in per_host}, (measured, logs)
+        assert {h: len(rows) for h, rows in per_host.items()} == measured
+        assert all(_rejected(a) == [] for a in agents)
+        assert {s["probe"] for s in samples} == set(ran) and all(s["value"] > 0 for s in samples)
+        collective = [s for s in samples if s["probe"] == "allreduce"]
+        assert len(collective) == (2 * cores * 5 if "allreduce" in ran else 0)
+        assert all(s["algbw_gbps"] > 0 and s["arrival_skew_s"] >= 0 for s in collective)
         assert len({s["id"] for s in samples}) == len(samples)
         # the nodes started together: their first samples end within a few seconds of each other
         first = [min(s["ts"] for s in rows) for rows in per_host.values()]
         assert abs(first[0] - first[1]) < 10
         view = collector.get(f"/api/v1/scans/{result['scan_id']}")
         assert view["results"] == len(samples) and view["state"] == "done"
+        assert collector.get("/api/v1/scans")["scans"][0] == view
         assert progress and progress[-1]["state"] == "done"
         gpus = wait_until(lambda: [g for g in collector.get("/api/v1/gpus")["gpus"]
                                    if g["host"] in ("node-a", "node-b")], what="fleet view", timeout_s=60)
@@ -122,6 +141,8 @@ def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector)
             text = httpx.get(a.url + "/metrics", timeout=10).text
             assert "straggler_agent_probe_runs_total 1.0" in text and "straggler_agent_probe_failures_total 0.0" in text
             assert a.stop() == 0
+        print(f"cluster scan {result['scan_id']}: probes {', '.join(ran)} on {cores} CPU core(s) per node; "
+              f"measured {sum(measured.values())} samples ({measured}), stored {view['results']}")
     finally:
         for a in agents:
             a.close()
@@ -181,3 +202,29 @@ def test_the_collector_refuses_a_scan_that_cannot_finish_within_its_run_limit(co
     ok = httpx.post(collector.url + "/api/v1/scans", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
                     json={"probes": ["matmul", "membw"], "duration_s": 15, "hosts": ["a"]})
     assert ok.status_code == 201
+def _rejected(agent) -> list[tuple[str, str]]:
+    with sqlite3.connect(agent.settings["spool_path"]) as db:
+        return db.execute("SELECT json_extract(row, '$.scan_id'), reason FROM rejected").fetchall()
+
+
+def test_a_scan_whose_results_the_collector_refuses_fails_with_its_reason(tmp_path, collector):
+    # the agent measured, but the collector refused every row: the scan is failed, saying why, not
+    # "done" with 0 results
+    from straggler.collector.client import cluster_scan
+
+    agent = _agent(tmp_path, collector, "node-r", probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+                   env={"FAKE_SCAN_MODE": "ok", "FAKE_SCAN_EXTRA": json.dumps({"bogus_gbps": 1.0})})
+    try:
+        agent.start()
+        result = cluster_scan(collector.url, TOKEN, ["matmul"], 1.0, timeout_s=120, hosts=["node-r"],
+                              start_delay_s=0.5)
+        assert result["state"] == "failed" and result["nodes"] == {"node-r": "failed"}, (result, agent.log()[-2000:])
+        error = result["errors"]["node-r"]
+        assert error.startswith("the collector refused 3 result(s) of this scan"), error
+        assert "bogus_gbps: Extra inputs are not permitted" in error
+        assert result["samples"] == []
+        rejected = _rejected(agent)
+        assert len(rejected) == 3 and {sid for sid, _ in rejected} == {result["scan_id"]}  # kept, not lost
+        assert agent.stop() == 0
+    finally:
+        agent.close()

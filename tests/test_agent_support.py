@@ -20,7 +20,7 @@ from conftest import ROOT, free_port
 
 # The probe child's contract: `... --json --output F --scan-id ID --deadline S ... [--start-at T]`.
 # FAKE_SCAN_MODE: ok (3 rows, exit 0), hang (2 rows then sleeps), fail (1 row, exit 2);
-# FAKE_SCAN_ROWS overrides the number of rows.
+# FAKE_SCAN_ROWS overrides the number of rows; FAKE_SCAN_EXTRA (a JSON object) is merged into every row.
 FAKE_SCAN = r'''
 import argparse, json, os, sys, time
 p = argparse.ArgumentParser()
@@ -32,11 +32,12 @@ if a.start_at:
     time.sleep(max(0.0, float(a.start_at) - time.time()))
 mode = os.environ.get("FAKE_SCAN_MODE", "ok")
 n = int(os.environ.get("FAKE_SCAN_ROWS") or {"ok": 3, "hang": 2, "fail": 1}[mode])
+extra = json.loads(os.environ.get("FAKE_SCAN_EXTRA") or "{}")
 with open(a.output, "w") as f:
     for i in range(n):
         f.write(json.dumps({"ts": time.time(), "scan_id": a.scan_id, "host": "x", "gpu": f"cpu{i % 3}", "index": i % 3,
                             "model": "test cpu", "probe": "matmul", "settings": "n=64", "sample": i // 3,
-                            "duration_s": 0.1, "value": 100.0 + i, "unit": "GFLOP/s", "power_w": None}) + "\n")
+                            "duration_s": 0.1, "value": 100.0 + i, "unit": "GFLOP/s", "power_w": None, **extra}) + "\n")
         f.flush()
 with open(a.output + ".args", "w") as f:
     json.dump(sys.argv[1:], f)

@@ -209,9 +209,38 @@ def test_openapi_describes_the_api(server):
                  "/api/v1/scans/{scan_id}/status", "/api/v1/gpus", "/api/v1/stragglers",
                  "/api/v1/gpus/{uuid}/history", "/metrics", "/healthz"):
         assert path in spec["paths"], path
+    assert {"get", "post"} <= set(spec["paths"]["/api/v1/scans"])
     row = spec["components"]["schemas"]["ResultRow"]
     assert set(row["required"]) == {"id", "host", "gpu", "model", "probe", "value"}
     assert row["additionalProperties"] is False
+
+
+def test_allreduce_rows_with_their_probe_columns_are_stored(server):
+    # what the allreduce probe writes: busbw as value, plus algbw_gbps and arrival_skew_s
+    rows = make_rows("ar", n_gpus=2, probe="allreduce", unit="GB/s", settings="bytes=16777216,dtype=fp32,ranks=2",
+                     scan_id="ar1", algbw_gbps=5.25, arrival_skew_s=0.0125)
+    r = post(server, {"host": "ar", "results": rows})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"accepted": 6, "duplicates": 0}
+    got = server.collector.store.scan_results("ar1")
+    assert {(g["algbw_gbps"], g["arrival_skew_s"]) for g in got} == {(5.25, 0.0125)}
+    # the columns are typed and checked like the others
+    bad = make_rows("ar", n_gpus=1, probe="allreduce", unit="GB/s", scan_id="ar2", arrival_skew_s=-1.0)
+    r = post(server, {"host": "ar", "results": bad})
+    assert r.status_code == 422 and r.json()["detail"].startswith("results[0].arrival_skew_s:")
+
+
+def test_docs_need_no_network(server):
+    # an air-gapped cluster: the page must not load anything from a CDN
+    r = server.client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "cdn." not in page and "https://" not in page and "http://" not in page
+    assert "/openapi.json" in page
+    for path in ("/api/v1/results", "/api/v1/scans/{scan_id}/status", "/api/v1/gpus"):
+        assert path in page
+    assert "ResultRow" in page and "algbw_gbps" in page  # the result columns are documented
+    assert server.client.get("/redoc").status_code == 404  # it would load from a CDN too
 
 
 def wait_for_analysis(server, host, timeout_s=20.0):

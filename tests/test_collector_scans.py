@@ -99,6 +99,48 @@ def test_scan_without_hosts_goes_to_agents_seen_recently(server):
     assert r.status_code == 201 and r.json()["hosts"] == ["a1", "a2"]
 
 
+def test_uploading_results_does_not_make_a_live_agent(server):
+    # a batch posted by hand (or replayed from a file) names a host that runs no agent: a scan
+    # without hosts must not wait on it
+    c = server.client
+    assert c.post("/api/v1/results", json={"host": "laptop", "results": make_rows("laptop", n_gpus=1)}).status_code == 200
+    r = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1})
+    assert r.status_code == 409 and "no agent" in r.json()["detail"]
+    assert c.get("/api/v1/scans/next", params={"host": "a1", "wait_s": 0}).status_code == 204
+    r = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1})
+    assert r.status_code == 201 and r.json()["hosts"] == ["a1"]
+    assert server.collector.store.agents_seen_since(0.0) == ["a1"]
+
+
+@pytest.mark.parametrize("probes", [["gemm"], ["matmul", "pcie_h2d"], ["all"]])
+def test_a_scan_of_an_unknown_probe_is_refused(server, probes):
+    r = server.client.post("/api/v1/scans", json={"probes": probes, "duration_s": 1, "hosts": ["n1"]})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("probes") and repr(probes[-1]) in detail
+    assert "matmul, membw, pcie, allreduce" in detail  # the choices, from records.PROBES
+    assert server.client.get("/api/v1/scans").json()["scans"] == []  # nothing scheduled
+
+
+def test_scans_are_listed_newest_first(server):
+    c = server.client
+    sids = [c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": [h], "start_delay_s": 0}
+                   ).json()["scan_id"] for h in ("n1", "n2", "n3")]
+    c.post(f"/api/v1/scans/{sids[0]}/status", json={"host": "n1", "state": "running"})
+    c.post("/api/v1/results", json={"host": "n1", "results": make_rows("n1", n_gpus=2, scan_id=sids[0])})
+    c.post(f"/api/v1/scans/{sids[0]}/status", json={"host": "n1", "state": "done"})
+    c.post(f"/api/v1/scans/{sids[1]}/status", json={"host": "n2", "state": "failed", "error": "busy"})
+    body = c.get("/api/v1/scans").json()
+    assert [s["scan_id"] for s in body["scans"]] == sids[::-1]
+    by_id = {s["scan_id"]: s for s in body["scans"]}
+    assert by_id[sids[0]]["state"] == "done" and by_id[sids[0]]["results"] == 6
+    assert by_id[sids[1]]["state"] == "failed" and by_id[sids[1]]["errors"] == {"n2": "busy"}
+    assert by_id[sids[2]]["nodes"] == {"n3": "pending"} and by_id[sids[2]]["probes"] == ["matmul"]
+    assert by_id[sids[0]] == c.get(f"/api/v1/scans/{sids[0]}").json()  # one view of a scan
+    assert [s["scan_id"] for s in c.get("/api/v1/scans", params={"limit": 2}).json()["scans"]] == sids[:0:-1]
+    assert c.get("/api/v1/scans", params={"limit": 0}).status_code == 422
+
+
 def test_long_poll_wakes_when_a_scan_is_created(server):
     got = {}
 

@@ -209,3 +209,47 @@ def test_notify_never_blocks_on_a_receiver_that_does_not_read(tmp_path):
     assert results[0] is True and results[-1] is False  # the queue filled up; later pings are dropped
     assert Notifier({}).ready("x") is False  # outside systemd: nothing sent
     assert Notifier({"NOTIFY_SOCKET": str(tmp_path / "absent.sock")}).ready("x") is False
+
+
+def test_stopping_the_collector_answers_long_polls_cleanly(tmp_path):
+    # agents long-poll for scans all the time: a stop must answer them "no scan" (204), not cancel
+    # them into a 500 with a CancelledError traceback in the journal
+    import sqlite3
+    import threading
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(tmp_path, port, notify, extra_env={"STRAGGLER_COLLECTOR_MAX_WAIT_S": "3600"})
+    answers = []
+
+    def poll(host):
+        try:
+            r = httpx.get(f"{url}/api/v1/scans/next", params={"host": host, "wait_s": 3600}, headers=AUTH,
+                          timeout=None)
+            answers.append((host, r.status_code, r.text))
+        except httpx.HTTPError as e:
+            answers.append((host, type(e).__name__, str(e)))
+
+    polls = [threading.Thread(target=poll, args=(f"lp{i}",)) for i in range(3)]
+    try:
+        notify.wait_for("READY=1")
+        for t in polls:
+            t.start()
+
+        def polling():  # every long poll has reached the collector (it marks its host alive)
+            with sqlite3.connect(tmp_path / "c.db") as db:
+                return db.execute("SELECT COUNT(*) FROM agents").fetchone()[0] == len(polls)
+
+        deadline = time.monotonic() + 30
+        while not polling():
+            assert time.monotonic() < deadline, "the long polls did not reach the collector"
+            time.sleep(0.05)
+    finally:
+        rc = stop(proc)
+        for t in polls:
+            t.join(30)
+    err = proc.stderr.read()
+    assert rc == 0, err
+    assert sorted(answers) == [(f"lp{i}", 204, "") for i in range(3)], (answers, err)
+    assert "Traceback" not in err and "CancelledError" not in err, err

@@ -17,11 +17,20 @@ from straggler.records import result_id
 from test_collector_api import make_rows
 
 
+def insert_old(conn, rows):
+    """Insert rows into a database migrated to an older version: the columns its results table has."""
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(results)")
+            if r[1] in RESULT_COLUMNS]
+    conn.executemany(f"INSERT INTO results ({', '.join(schema.q(c) for c in cols)}, received_ts) "
+                     f"VALUES ({', '.join('?' * (len(cols) + 1))})",
+                     [tuple(r.get(c) for c in cols) + (5.0,) for r in rows])
+
+
 def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 6
     assert store.migrated_from == 0
     store.close()
 
@@ -98,9 +107,7 @@ def test_migration_from_version_1_keeps_data_and_backfills_devices(tmp_path):
     conn = sqlite3.connect(path, isolation_level=None)
     schema.migrate(conn, target=1)  # the database as the first release left it
     rows = make_rows("old", n_gpus=2, scan_id="s1", ts=100.0) + make_rows("old", n_gpus=2, scan_id="s2", ts=200.0)
-    cols = ", ".join(schema.q(c) for c in RESULT_COLUMNS)
-    conn.executemany(f"INSERT INTO results ({cols}, received_ts) VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
-                     [t + (5.0,) for t in row_tuples(rows)])
+    insert_old(conn, rows)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     assert "devices" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -113,6 +120,51 @@ def test_migration_from_version_1_keeps_data_and_backfills_devices(tmp_path):
     assert store.ingest(row_tuples(rows), 6.0) == (0, 12)  # ids survived the migration
     store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == schema.LATEST
+
+
+def test_the_results_table_stores_every_contract_column(tmp_path):
+    # records.COLUMNS is the contract: a fresh database, and one migrated from any version, has a
+    # results column for each (a column added to records.py without a migration fails here)
+    for target in range(1, schema.LATEST):
+        old = sqlite3.connect(tmp_path / f"v{target}.db", isolation_level=None)
+        schema.migrate(old, target=target)
+        old.close()
+    for path in [tmp_path / "fresh.db"] + [tmp_path / f"v{t}.db" for t in range(1, schema.LATEST)]:
+        store = Store(path)
+        names = [r[1] for r in store._reader.execute("PRAGMA table_info(results)")]
+        assert set(RESULT_COLUMNS) <= set(names), (path.name, set(RESULT_COLUMNS) - set(names))
+        store.close()
+
+
+def test_probe_columns_are_stored_and_read_back(tmp_path):
+    store = Store(tmp_path / "c.db")
+    rows = make_rows("h", n_gpus=2, probe="allreduce", unit="GB/s", settings="bytes=16777216,ranks=2",
+                     algbw_gbps=3.5, arrival_skew_s=0.002)
+    assert store.ingest(row_tuples(rows), 1.0) == (6, 0)
+    got = store.scan_results("s1")
+    assert [(r["algbw_gbps"], r["arrival_skew_s"]) for r in got] == [(3.5, 0.002)] * 6
+    cols, latest = store.latest_samples()
+    assert {r[cols.index("algbw_gbps")] for r in latest} == {3.5}
+    store.close()
+
+
+def test_migration_from_version_5_adds_the_probe_columns(tmp_path):
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, target=5)
+    assert "algbw_gbps" not in [r[1] for r in conn.execute("PRAGMA table_info(results)")]
+    old = make_rows("old", n_gpus=2, scan_id="s1", ts=100.0)
+    insert_old(conn, old)
+    conn.close()
+    store = Store(path)
+    assert store.migrated_from == 5 and store.count_results() == 6
+    assert {r["algbw_gbps"] for r in store.scan_results("s1")} == {None}  # missing, never 0
+    new = make_rows("new", n_gpus=1, scan_id="s2", probe="allreduce", unit="GB/s", settings="r=2",
+                    algbw_gbps=2.0, arrival_skew_s=0.5)
+    assert store.ingest(row_tuples(new), 6.0) == (3, 0)
+    assert {r["arrival_skew_s"] for r in store.scan_results("s2")} == {0.5}
+    assert store.ingest(row_tuples(old), 7.0) == (0, 6)  # ids survived the migration
+    store.close()
 
 
 def test_a_newer_database_is_refused(tmp_path):
@@ -218,9 +270,7 @@ def test_migration_from_version_3_backfills_each_probe_unit(tmp_path):
     rows = make_rows("old", n_gpus=2) + make_rows("old", n_gpus=1, probe="membw", unit="GB/s", settings="")
     clash = dict(rows[0], ts=1.0, value=1.0)  # one sample twice with two values: the migration still runs
     rows.append(dict(clash, id=result_id(clash)))
-    cols = ", ".join(schema.q(c) for c in RESULT_COLUMNS)
-    conn.executemany(f"INSERT INTO results ({cols}, received_ts) VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
-                     [t + (5.0,) for t in row_tuples(rows)])
+    insert_old(conn, rows)
     conn.close()
     store = Store(path)
     assert store.migrated_from == 3 and store.count_results() == 10
@@ -238,9 +288,7 @@ def test_migration_from_version_4_keys_the_latest_scan_by_probe(tmp_path):
     rows = (make_rows("old", n_gpus=2, scan_id="s1", ts=100.0)
             + make_rows("old", n_gpus=2, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings=None)
             + make_rows("old", n_gpus=2, scan_id="s2", ts=200.0))
-    cols = ", ".join(schema.q(c) for c in RESULT_COLUMNS)
-    conn.executemany(f"INSERT INTO results ({cols}, received_ts) VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
-                     [t + (5.0,) for t in row_tuples(rows)])
+    insert_old(conn, rows)
     conn.close()
     store = Store(path)
     assert store.migrated_from == 4

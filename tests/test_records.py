@@ -56,3 +56,29 @@ def test_missing_stays_missing(tmp_path):
     records.write_table(rows, tmp_path / "r.csv")
     df = records.read_table(tmp_path / "r.csv")
     assert pd.isna(df["power_w"].iloc[0]) and df["power_w"].iloc[1] == 300.0
+
+
+def test_every_probe_row_carries_only_the_contract_columns():
+    # The rows the worker emits (its identity columns over each parsed row) are what the agent spools
+    # and the collector stores, column for column: a column outside records.COLUMNS is refused there.
+    import json
+
+    from conftest import DATA
+    from straggler.probes import allreduce, matmul, membw
+
+    ident = {"scan_id": "s", "host": "h", "gpu": "cpu0", "index": 0, "model": "m", "driver": "d"}
+    raws = {name: json.loads((DATA / "probes" / f"cpu_{name}.json").read_text())
+            for name in ("matmul", "membw", "allreduce_rank0")}
+    rows = matmul.parse(raws["matmul"]) + membw.parse(raws["membw"]) + allreduce.parse(raws["allreduce_rank0"])
+    extra = {k for r in rows for k in {**ident, **r}} - set(records.COLUMNS)
+    assert extra == set()
+    assert {"algbw_gbps", "arrival_skew_s"} <= set(records.PROBE_COLUMNS)
+    ar = allreduce.parse(raws["allreduce_rank0"])[0]
+    assert ar["algbw_gbps"] > 0 and ar["arrival_skew_s"] >= 0
+
+
+def test_probe_names_have_one_source():
+    from straggler.probes import devices
+
+    assert devices.PROBES is records.PROBES
+    assert devices.parse_probes("all") == records.PROBES
