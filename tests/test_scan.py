@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,3 +86,52 @@ def test_output_rows_are_canonical(straggler_cmd, tmp_path):
         assert df[col].notna().all(), col
     assert set(df["unit"]) == {"GB/s"} and set(df["sample"]) == {0, 1}
     assert set(df["index"]) == set(CORES)
+
+
+def test_unwritable_output_fails_before_probing(straggler_cmd, tmp_path):
+    (tmp_path / "afile").write_text("")
+    raw = tmp_path / "raw"  # where the workers would keep their raw timings, had any probe run
+    proc = scan(straggler_cmd, "--output", str(tmp_path / "afile" / "s.csv"), "--probes", "matmul",
+                "--duration", "1", env={"STRAGGLER_RAW_DIR": str(raw)})
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == f"straggler: error: {tmp_path / 'afile' / 's.csv'}: cannot write: a parent is a file, not a directory"
+    assert not raw.exists()  # found before probing
+
+
+def test_output_that_fails_after_the_scan_goes_to_a_fallback(tmp_path, capsys):
+    """The place was writable when the scan began and is not when it ends: nothing measured is lost."""
+    from straggler.commands.scan import _report
+    from straggler.errors import InputError
+    from straggler.probes.runner import ScanResult
+
+    rows = [{"scan_id": "fallback-test-1", "host": "n", "gpu": f"cpu{g}", "index": g, "model": "m",
+             "probe": "matmul", "settings": "n=8", "sample": s, "value": 10.0 + s, "unit": "GFLOP/s"}
+            for g in range(3) for s in range(2)]
+    res = ScanResult(scan_id="fallback-test-1", host="n", backend="cpu", notice="", samples=rows, failures=[])
+    (tmp_path / "gone").write_text("")  # where the output's directory was
+    fallback = Path(tempfile.gettempdir()) / "straggler-fallback-test-1.jsonl"
+    fallback.unlink(missing_ok=True)
+    with pytest.raises(InputError) as e:
+        _report(res, True, str(tmp_path / "gone" / "s.parquet"))
+    assert str(e.value).startswith(f"--output {tmp_path / 'gone' / 's.parquet'}: cannot write (")
+    assert str(e.value).endswith(f"the 6 samples are in {fallback}")
+    back = read_table(fallback)
+    assert sorted(back["value"]) == sorted(r["value"] for r in rows)
+    assert json.loads(capsys.readouterr().out)["samples"] == rows  # and the report was still printed
+    fallback.unlink()
+
+
+def test_a_single_device_scan_is_undecided_and_exits_2(straggler_cmd, tmp_path):
+    """Same rule as `straggler analyze`: nothing to compare with is 'could not decide' (exit 2)."""
+    out = tmp_path / "one.csv"
+    proc = subprocess.run([*straggler_cmd, "scan", "--probes", "matmul", "--duration", "1", "--samples", "2",
+                           "--output", str(out)], capture_output=True, text=True, timeout=90,
+                          preexec_fn=lambda: os.sched_setaffinity(0, CORES[:1]))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"straggler: error: only one device (host ") and f"gpu cpu{CORES[0]})" in line
+    assert "undecided: no peers" in proc.stdout and "undecided: undecided" not in proc.stdout
+    assert len(read_table(out)) == 2  # measured and kept
+    analyzed = subprocess.run([*straggler_cmd, "analyze", str(out)], capture_output=True, text=True, timeout=60)
+    assert analyzed.returncode == 2 and "only one device" in analyzed.stderr
