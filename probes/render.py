@@ -34,15 +34,31 @@ def _telemetry_cell(t: dict) -> str:
     return " ".join(parts)
 
 
+def _cell_width(cell, no_wrap: bool, seen: dict) -> int:
+    """What a cell needs: all of its widest line if it must not wrap, else its longest word."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    key = (cell, no_wrap) if isinstance(cell, str) else None
+    if key is not None and key in seen:
+        return seen[key]
+    text = Text.from_markup(cell) if isinstance(cell, str) else cell
+    plain = text.plain if isinstance(text, Text) else str(text)
+    width = max((cell_len(part) for part in (plain.splitlines() if no_wrap else plain.split())), default=0)
+    if key is not None:
+        seen[key] = width
+    return width
+
+
 def print_fitted(console: Console, tables: list[Table]) -> None:
     """Print the first table (widest layout first) that fits the console with every no-wrap cell
     (a host, a GPU) whole and every other cell no narrower than its longest word; if none fits, the
     last one at its own minimum width: lines run long, but a device's name is never cut."""
+    seen: dict = {}  # the layouts share their cells: each distinct one is measured once
     for table in tables:
-        # rich shrinks only wrapping columns while they can give; a no-wrap column needs its widest cell
-        widths = [table._measure_column(console, console.options, col) for col in table.columns]
-        need = sum(m.maximum if col.no_wrap else m.minimum for m, col in zip(widths, table.columns)) \
-            + table._extra_width
+        need = table._extra_width + sum(  # rich shrinks only wrapping columns, and only while they can give
+            table._get_padding_width(i) + max(_cell_width(c, col.no_wrap, seen) for c in [col.header, *col.cells])
+            for i, col in enumerate(table.columns))
         if need <= console.width:
             console.print(table)
             return
@@ -102,24 +118,29 @@ def scan_tables(report: dict, title: str = "") -> list[Table]:
             for name in probes:
                 t.add_column(f"{name} {units[name]} (ratio)", justify="right")
         else:
-            t.add_column("probes: value (ratio)")
+            t.add_column("probes: value (ratio)", no_wrap=True)
         if telemetry:
             t.add_column("telemetry")
         t.add_column("verdict")
         for d, name, verdict in zip(devices, names, verdicts):
             cells = [_value_cell(d["probes"].get(p)) for p in probes]
             if not per_probe:
-                cells = ["\n".join(f"{p} {c}" for p, c in zip(probes, cells) if c != "-")]
+                cells = ["\n".join(f"{p} {c}" for p, c in zip(probes, cells) if c != "-")]  # a probe a line
             t.add_row(name, *cells, *([_telemetry_cell(d["telemetry"])] if telemetry else []), verdict)
         return t
 
     return [table(True, True), table(True, False), table(False, False)]
 
 
+def scan_table(report: dict, title: str = "") -> Table:
+    """The widest layout: a column per probe, with telemetry."""
+    return scan_tables(report, title)[0]
+
+
 def render_scan(console: Console, report: dict, notice: str, scan_id: str, failures: list[dict]) -> None:
     from straggler.verdict import whole_hosts
 
-    console.print(f"[dim]{notice}[/dim]", highlight=False, soft_wrap=True)
+    console.print(f"[dim]{notice}[/dim]", highlight=False)
     models = sorted({str(d.get("model")) for d in report["devices"] if d.get("model")})
     if report["devices"]:
         print_fitted(console, scan_tables(report, title=f"scan {scan_id}" + (f" — {', '.join(models)}"
@@ -137,28 +158,40 @@ def render_scan(console: Console, report: dict, notice: str, scan_id: str, failu
 
 @contextmanager
 def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict], None] | None]:
-    """A rich progress bar fed by worker messages (``on_event``); None when not enabled."""
+    """A rich progress bar fed by worker messages (``on_event``); None when not enabled. It names
+    the phase from the first second (starting the workers, warming up, waiting, probing) and
+    counts probes done only once their total is known."""
     if not enabled:
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("starting workers", total=None)
-        state = {"done": 0}
+        task = progress.add_task("starting the probe workers", total=None, count="")
+        state = {"done": 0, "ready": set()}
 
         def on_event(msg: dict) -> None:
+            kind, phase = msg.get("t"), msg.get("state")
             total = msg.get("world_size", 1) * len(msg.get("probes") or ()) or None
-            if msg.get("t") == "phase" and msg.get("state") == "wait":
-                progress.update(task, description="waiting for the start instant", total=total)
-            elif msg.get("t") == "phase" and msg.get("state") == "start":
-                progress.update(task, description=f"probing {msg['probe']}", total=total)
-            elif msg.get("t") == "phase" and msg.get("state") == "done":
+            count = f"{state['done']}/{total} probes" if total else ""
+            if kind == "hello":
+                state["ready"].add(msg.get("rank"))
+                progress.update(task, description=f"starting the probe workers ({len(state['ready'])}/"
+                                f"{msg.get('world_size', '?')} up)", total=total, count=count)
+            elif kind == "phase" and phase == "warmup":
+                progress.update(task, description=f"warming up {msg['probe']}", total=total, count=count)
+            elif kind == "phase" and phase == "wait":
+                progress.update(task, description="waiting for the start instant", total=total, count=count)
+            elif kind == "phase" and phase == "start":
+                progress.update(task, description=f"probing {msg['probe']}", total=total, count=count)
+            elif kind == "phase" and phase == "done":
                 state["done"] += 1
-                progress.update(task, completed=state["done"], total=total)
-            elif msg.get("t") == "progress":  # cluster scans: nodes reported
-                progress.update(task, description=msg["description"], completed=msg.get("completed", 0),
-                                total=msg.get("total"))
+                progress.update(task, completed=state["done"], total=total,
+                                count=f"{state['done']}/{total} probes" if total else "")
+            elif kind == "progress":  # cluster scans: nodes reported
+                n, of = msg.get("completed", 0), msg.get("total")
+                progress.update(task, description=msg["description"], completed=n, total=of,
+                                count=f"{n}/{of} nodes" if of else "")
 
         yield on_event

@@ -201,8 +201,7 @@ def read_table(paths: "str | Path | Iterable[str | Path]",
     ``required`` column raise InputError naming the file."""
     import pandas as pd
 
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     frames = []
     for p in paths:
         fmt = file_format(p)
@@ -231,4 +230,8 @@ def read_table(paths: "str | Path | Iterable[str | Path]",
         frames.append(df)
     if not frames:
         raise InputError("no result files given")
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    # what the analysis names in a message about a row (its row numbers count from 1 in this table)
+    df.attrs["source"] = str(paths[0]) if len(paths) == 1 else \
+        f"{' + '.join(str(p) for p in paths)} (rows counted across the files in this order)"
+    return df

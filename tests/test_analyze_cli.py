@@ -113,7 +113,7 @@ def test_history_files_and_options(tmp_path, capsys):
     (lambda p: (p / "t.txt").write_text("x") and p / "t.txt", "unknown file type '.txt'"),
     (lambda p: p / "absent.csv", "absent.csv: no such file"),
     (lambda p: table().assign(value=lambda d: d["value"].where(d.index != 4, -1.0)).to_csv(
-        p / "t.csv", index=False) or p / "t.csv", "row 5: column 'value' is negative"),
+        p / "t.csv", index=False) or p / "t.csv", "t.csv: row 5: column 'value' is negative"),
     (lambda p: table(n=1).to_csv(p / "t.csv", index=False) or p / "t.csv", "only one device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, message):

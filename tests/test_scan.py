@@ -86,6 +86,9 @@ def test_output_rows_are_canonical(straggler_cmd, tmp_path):
         assert df[col].notna().all(), col
     assert set(df["unit"]) == {"GB/s"} and set(df["sample"]) == {0, 1}
     assert set(df["index"]) == set(CORES)
+    lines = proc.stdout.splitlines()  # the table, piped: rich's 80 columns, no device cut
+    assert max(len(line) for line in lines) <= 80
+    assert all(any(line.split()[:1] == [f"cpu{c}"] for line in lines) for c in CORES), proc.stdout
 
 
 def test_unwritable_output_fails_before_probing(straggler_cmd, tmp_path):
@@ -135,3 +138,68 @@ def test_a_single_device_scan_is_undecided_and_exits_2(straggler_cmd, tmp_path):
     assert len(read_table(out)) == 2  # measured and kept
     analyzed = subprocess.run([*straggler_cmd, "analyze", str(out)], capture_output=True, text=True, timeout=60)
     assert analyzed.returncode == 2 and "only one device" in analyzed.stderr
+
+
+def _gpu_samples(slow: dict, noisy: float = 0.0, n: int = 8, samples: int = 3) -> list[dict]:
+    import uuid
+
+    probes = {"matmul": ("TFLOP/s", 700.0), "membw": ("GB/s", 2900.0), "pcie_h2d": ("GB/s", 50.0),
+              "pcie_d2h": ("GB/s", 50.0), "allreduce": ("GB/s", 350.0)}
+    return [{"scan_id": "s", "host": "gpu-node-017", "gpu": f"GPU-{uuid.UUID(int=i + 1)}", "index": i,
+             "model": "NVIDIA H100 80GB HBM3", "probe": p, "settings": "x", "sample": s, "unit": unit,
+             "value": base * (slow.get((i, p), 1.0)) * (1 + (noisy if (i + s) % 2 else -noisy) if noisy else 1),
+             "sm_clock_mhz": 1980.0, "power_w": 690.0, "temp_c": 71.0, "pcie_gen": 5, "pcie_width": 16,
+             "throttle_reasons": "sw_power_cap=0.400" if i == 3 else None}
+            for i in range(n) for p, (unit, base) in probes.items() for s in range(samples)]
+
+
+def _render80(report) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    from straggler.probes.render import render_scan
+
+    buf = io.StringIO()
+    render_scan(Console(file=buf, width=80, color_system=None), report, "notice", "s", [])
+    return buf.getvalue().splitlines()
+
+
+def test_a_gpu_scan_table_fits_80_columns_and_never_cuts_a_gpu():
+    from straggler.probes.report import device_report
+
+    report = device_report(_gpu_samples({(3, "matmul"): 0.8}), [], [])
+    lines = _render80(report)
+    assert max(len(line) for line in lines) <= 80
+    for d in report["devices"]:
+        (row,) = [line for line in lines if d["gpu"] in line]  # whole, on one line
+        assert row.split()[0] == d["gpu"]
+    from straggler.probes.render import short_verdict
+
+    i = next(i for i, line in enumerate(lines) if "GPU-00000000-0000-0000-0000-000000000004" in line)
+    block = " ".join(lines[i:i + 5])  # the device's row, its cells wrapped over lines
+    assert "straggler:" in block and "0.80x" in block and "basis" not in block  # short; details in --json
+    assert short_verdict(report["devices"][3]) == "[bold red]straggler[/bold red]: matmul 0.80x (unexplained)"
+    assert "basis: " in report["devices"][3]["reason"]
+
+
+def test_slower_but_not_significant_is_not_in_line_with_peers():
+    from straggler.probes.report import device_report
+
+    report = device_report(_gpu_samples({(1, "matmul"): 0.81}, noisy=0.1, samples=2), [], [])
+    d = report["devices"][1]
+    assert d["verdict"] == "healthy" and d["probes"]["matmul"]["note"] == "not significant, n=2"
+    assert d["reason"] == "matmul 0.81x peer median: not significant, n=2"
+    from straggler.probes.render import short_verdict
+
+    assert short_verdict(d) == "[green]healthy[/green]: matmul 0.81x not significant, n=2"
+
+
+def test_a_host_all_of_whose_devices_are_flagged_gets_one_line():
+    from straggler.probes.report import device_report
+
+    rows = [{**r, "host": f"gpu-node-0{h}", "value": r["value"] * (0.8 if h == 18 else 1.0)}
+            for h in (16, 17, 18) for r in _gpu_samples({}) if r["probe"] == "matmul"]
+    lines = _render80(device_report(rows, [], []))
+    assert "gpu-node-018: all 8 devices flagged (the node, not its devices?)" in lines
+    assert sum(" devices flagged " in line for line in lines) == 1

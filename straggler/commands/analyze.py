@@ -105,12 +105,12 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
               help="Reference value MODEL|PROBE=VALUE for devices without peers (repeatable).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML file with analysis settings (keys as in docs/analysis.md).")
-@click.option("--all", "show_all", is_flag=True, help="Show every entry, not only stragglers and the top 20.")
+@click.option("--all", "show_all", is_flag=True, help="Show every entry [default: the 20 costliest stragglers and the 20 next other entries].")
 def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_sizes, references,
             config_path, show_all):
-    """Find stragglers in result files (CSV, JSON Lines, Parquet).
+    """Find stragglers in result files (CSV, JSON Lines, Parquet, or a saved `straggler scan --json`).
 
-    Exit code 0: no stragglers; 1: stragglers found; 2: bad input."""
+    Exit code 0: no stragglers; 1: stragglers found; 2: bad input, or nothing to compare with."""
     from straggler.analysis import AnalysisConfig
     from straggler.analysis import analyze as run
     from straggler.config import load
