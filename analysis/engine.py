@@ -41,7 +41,8 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     problems = config.problems()
     if problems:
         raise ConfigError(problems, "analysis config")
-    frame, dropped = validate.clean(samples, "input")
+    # messages name the file read_table read the samples from, where it set one
+    frame, dropped = validate.clean(samples, getattr(samples, "attrs", {}).get("source", "input"))
     rows = _split(frame, history, dropped)
     cur, dev, n_dev = rows.cur, rows.dev, rows.n_dev
 

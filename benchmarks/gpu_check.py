@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--out DIR] [--runs 3] [--duration 10] [--device cuda]
 
 1. records NVML telemetry fixtures (idle, and under the scan's load) with ``record_fixture`` into
-   ``tests/data/nvml/recorded_<model>_{idle,load}.json`` and ``DIR/nvml/``;
+   ``probes/fixtures/recorded_<model>_{idle,load}.json`` and ``DIR/nvml/``;
 2. measures the ceilings on every device: a large bf16 GEMM (16384^3) and a large device copy
    (4 GiB, bytes read + written), each the best window of a sustained run;
 3. runs the full scan ``--runs`` times (raw probe timings kept in ``DIR/raw/`` for the parser tests);
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per probe per run")
     ap.add_argument("--ceiling-seconds", type=float, default=4.0)
     ap.add_argument("--record-seconds", type=float, default=5.0)
-    ap.add_argument("--fixtures-dir", type=Path, default=ROOT / "tests" / "data" / "nvml")
+    ap.add_argument("--fixtures-dir", type=Path, default=ROOT / "probes" / "fixtures")
     ap.add_argument("--no-pytest", action="store_true", help="skip running the GPU-only tests")
     args = ap.parse_args(argv)
     out = args.out or Path(os.environ.get("OUT") or "gpu_check_out")

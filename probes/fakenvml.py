@@ -1,6 +1,6 @@
 """A telemetry backend that replays a fixture: the same protocol and the same reading builder as NVML.
 
-A fixture (``tests/data/nvml/<scenario>.json``, or one written by :func:`probes.record.record_fixture`)::
+A fixture (``probes/fixtures/<scenario>.json``, shipped in the package as ``straggler/probes/fixtures/``, or one written by :func:`probes.record.record_fixture`)::
 
     {"source": "...", "scenario": "h100_healthy", "backend": "nvml", "interval_s": 0.1,
      "devices": [{"base": {<reading fields>}, "frames": [{<reading fields>}, ...]}, ...],
@@ -44,7 +44,7 @@ from .telemetry import (
     reading_from_dict,
 )
 
-FIXTURE_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "nvml"
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"  # package data: replays work from a wheel too
 _NOT_REPLAYED = ("ts", "index", "status", "errors")
 TEXT_FIELDS = ("uuid", "model", "serial", "pci_bus_id", "driver")
 DEVICE_PYTHON_ERRORS = ("AttributeError", "UnicodeDecodeError")
@@ -65,7 +65,7 @@ def fault_at(fault: Mapping[str, Any], device: int | None, n: int) -> bool:
 
 
 def fixture_path(ref: str) -> Path:
-    """A scenario name -> its file ($STRAGGLER_FIXTURES, else tests/data/nvml); a path stays a path."""
+    """A scenario name -> its file ($STRAGGLER_FIXTURES, else the package's fixtures/); a path stays a path."""
     if ref.endswith(".json") or os.sep in ref:
         return Path(ref)
     base = Path(os.environ["STRAGGLER_FIXTURES"]) if os.environ.get("STRAGGLER_FIXTURES") else FIXTURE_DIR

@@ -5,7 +5,9 @@
 
 - ``hang``: sleep forever (the runner must kill it at its deadline),
 - ``die``: exit at once with code 70, as a crashed process would,
-- ``raise``: raise a RuntimeError inside the probe (a probe bug or a device error).
+- ``raise``: raise a RuntimeError inside the probe (a probe bug or a device error),
+- ``corrupt``: run the probe, then drop its windows' timings, so that its parser crashes
+  (a parser bug on raw timings it did not expect).
 
 Unset (the normal case) it does nothing. Parsing is pure so tests can check it.
 """
@@ -18,7 +20,7 @@ import time
 from straggler.errors import InputError
 
 ENV = "STRAGGLER_FAULT"
-ACTIONS = ("hang", "die", "raise")
+ACTIONS = ("hang", "die", "raise", "corrupt")
 
 
 def parse(text: str | None) -> dict[tuple[int, str], str]:
@@ -31,7 +33,7 @@ def parse(text: str | None) -> dict[tuple[int, str], str]:
         parts = item.split(":")
         if len(parts) != 3 or parts[0] not in ACTIONS or not parts[1].startswith("rank") \
                 or not parts[1][4:].isdigit():
-            raise InputError(f"{ENV}: bad entry {item!r}; expected <hang|die|raise>:rank<N>:<probe>")
+            raise InputError(f"{ENV}: bad entry {item!r}; expected <{'|'.join(ACTIONS)}>:rank<N>:<probe>")
         out[(int(parts[1][4:]), parts[2])] = parts[0]
     return out
 
@@ -46,3 +48,11 @@ def inject(rank: int, probe: str, env: dict | None = None) -> None:
         os._exit(70)
     elif action == "raise":
         raise RuntimeError(f"injected fault in {probe} on rank {rank}")
+
+
+def corrupt(rank: int, probe: str, raws: list[dict], env: dict | None = None) -> list[dict]:
+    """The probe's raw results, with every window's timings dropped if ``corrupt`` is planned."""
+    if parse((os.environ if env is None else env).get(ENV)).get((rank, probe)) != "corrupt":
+        return raws
+    return [{**raw, "windows": [{k: v for k, v in w.items() if k != "batches"} for w in raw.get("windows", ())]}
+            for raw in raws]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -33,11 +34,73 @@ def _telemetry_cell(t: dict) -> str:
     return " ".join(parts)
 
 
-def scan_table(report: dict, title: str = "") -> Table:
-    """One row per device: each probe's median and ratio to its peers, telemetry, verdict.
+def _cell_width(cell, no_wrap: bool, seen: dict) -> int:
+    """What a cell needs: all of its widest line if it must not wrap, else its longest word."""
+    from rich.cells import cell_len
+    from rich.text import Text
 
-    The value shown is the engine's robust median (transient dips left out) when there is one: the
-    ratio is computed from it, so the two never disagree."""
+    key = (cell, no_wrap) if isinstance(cell, str) else None
+    if key is not None and key in seen:
+        return seen[key]
+    text = Text.from_markup(cell) if isinstance(cell, str) else cell
+    plain = text.plain if isinstance(text, Text) else str(text)
+    width = max((cell_len(part) for part in (plain.splitlines() if no_wrap else plain.split())), default=0)
+    if key is not None:
+        seen[key] = width
+    return width
+
+
+def print_fitted(console: Console, tables: list[Table]) -> None:
+    """Print the first table (widest layout first) that fits the console with every no-wrap cell
+    (a host, a GPU) whole and every other cell no narrower than its longest word; if none fits, the
+    last one at its own minimum width: lines run long, but a device's name is never cut."""
+    seen: dict = {}  # the layouts share their cells: each distinct one is measured once
+    for table in tables:
+        need = table._extra_width + sum(  # rich shrinks only wrapping columns, and only while they can give
+            table._get_padding_width(i) + max(_cell_width(c, col.no_wrap, seen) for c in [col.header, *col.cells])
+            for i, col in enumerate(table.columns))
+        if need <= console.width:
+            console.print(table)
+            return
+    console.print(tables[-1], width=need)
+
+
+def compact_table(**kw) -> Table:
+    """The tables' common look: a header rule, no frame, two spaces between columns."""
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, **kw)
+
+
+def _value_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    ratio = f" ({r['ratio']:.2f})" if r.get("ratio") is not None else ""
+    value = r.get("estimate") if r.get("estimate") is not None else r.get("median")
+    cell = f"{_num(value, '{:.4g}')}{ratio}"
+    return f"[red]{cell}[/red]" if r.get("straggler") else cell
+
+
+def short_verdict(d: dict) -> str:
+    """The table's verdict cell: the verdict and, in a few words, why (the full reason is in --json)."""
+    verdict, probes = d["verdict"], d["probes"]
+    if verdict == "failed":
+        detail = ", ".join(dict.fromkeys(f["probe"] for f in d["failures"]))
+    elif verdict == "straggler":
+        detail = "; ".join((f"{p} {r['ratio']:.2f}x" if r.get("ratio") is not None else p)
+                           + f" ({', '.join(r.get('causes') or ['unexplained'])})"
+                           for p, r in probes.items() if r.get("straggler"))
+    elif verdict == "undecided":
+        detail = "no peers"
+    else:  # slower than the minimum effect, not significant: say so
+        detail = "; ".join(f"{p} {r['ratio']:.2f}x {r['note']}" for p, r in probes.items() if r.get("note"))
+    style = VERDICT_STYLE.get(verdict, "")
+    head = f"[{style}]{verdict}[/{style}]" if style else verdict
+    return f"{head}: {detail}" if detail else head
+
+
+def scan_tables(report: dict, title: str = "") -> list[Table]:
+    """The per-device table in layouts from widest to narrowest (for :func:`print_fitted`): a column
+    per probe (its robust median and ratio to the peers) with telemetry; without telemetry; one
+    cell for every probe. The ratio is computed from the value shown, so the two never disagree."""
     devices = report["devices"]
     units: dict[str, str] = {}
     for d in devices:
@@ -45,38 +108,48 @@ def scan_table(report: dict, title: str = "") -> Table:
             units.setdefault(name, p.get("unit") or "")
     probes = sorted(units, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
     hosts = {d["host"] for d in devices}
-    table = Table(title=title or None, show_lines=False)
-    table.add_column("device")
-    for name in probes:
-        table.add_column(f"{name}\n{units[name]} (ratio)", justify="right")
-    table.add_column("telemetry")
-    table.add_column("verdict")
-    for d in devices:
-        name = f"{d['host']}/{d['gpu']}" if len(hosts) > 1 else str(d["gpu"])
-        cells = []
-        for p in probes:
-            r = d["probes"].get(p)
-            if r is None:
-                cells.append("-")
-                continue
-            ratio = f" ({r['ratio']:.2f})" if r.get("ratio") is not None else ""
-            value = r.get("estimate") if r.get("estimate") is not None else r.get("median")
-            cell = f"{_num(value, '{:.4g}')}{ratio}"
-            cells.append(f"[red]{cell}[/red]" if r.get("straggler") else cell)
-        style = VERDICT_STYLE.get(d["verdict"], "")
-        verdict = f"[{style}]{d['verdict']}[/{style}]: {d['reason']}" if style else d["reason"]
-        table.add_row(name, *cells, _telemetry_cell(d["telemetry"]), verdict)
-    return table
+    names = [f"{d['host']}/{d['gpu']}" if len(hosts) > 1 else str(d["gpu"]) for d in devices]
+    verdicts = [short_verdict(d) for d in devices]
+
+    def table(per_probe: bool, telemetry: bool) -> Table:
+        t = compact_table(title=title or None)
+        t.add_column("device", no_wrap=True)
+        if per_probe:
+            for name in probes:
+                t.add_column(f"{name} {units[name]} (ratio)", justify="right")
+        else:
+            t.add_column("probes: value (ratio)", no_wrap=True)
+        if telemetry:
+            t.add_column("telemetry")
+        t.add_column("verdict")
+        for d, name, verdict in zip(devices, names, verdicts):
+            cells = [_value_cell(d["probes"].get(p)) for p in probes]
+            if not per_probe:
+                cells = ["\n".join(f"{p} {c}" for p, c in zip(probes, cells) if c != "-")]  # a probe a line
+            t.add_row(name, *cells, *([_telemetry_cell(d["telemetry"])] if telemetry else []), verdict)
+        return t
+
+    return [table(True, True), table(True, False), table(False, False)]
+
+
+def scan_table(report: dict, title: str = "") -> Table:
+    """The widest layout: a column per probe, with telemetry."""
+    return scan_tables(report, title)[0]
 
 
 def render_scan(console: Console, report: dict, notice: str, scan_id: str, failures: list[dict]) -> None:
-    console.print(f"[dim]{notice}[/dim]", highlight=False, soft_wrap=True)
+    from straggler.verdict import whole_hosts
+
+    console.print(f"[dim]{notice}[/dim]", highlight=False)
     models = sorted({str(d.get("model")) for d in report["devices"] if d.get("model")})
     if report["devices"]:
-        console.print(scan_table(report, title=f"scan {scan_id}" + (f" — {', '.join(models)}" if models else "")))
+        print_fitted(console, scan_tables(report, title=f"scan {scan_id}" + (f" — {', '.join(models)}"
+                                                                               if models else "")))
     for f in failures:
         console.print(f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']} (rank {f['rank']}) "
                       f"{f['probe']}: {f['error']}", highlight=False)
+    for line in whole_hosts((d["host"], d["gpu"], d["straggler"]) for d in report["devices"]):
+        console.print(line, highlight=False)
     n = report["stragglers"]
     summary = f"{len(report['devices'])} device(s), {n} straggler(s), {len(failures)} failure(s); " \
               f"analysis: {report['engine']}"
@@ -85,28 +158,40 @@ def render_scan(console: Console, report: dict, notice: str, scan_id: str, failu
 
 @contextmanager
 def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict], None] | None]:
-    """A rich progress bar fed by worker messages (``on_event``); None when not enabled."""
+    """A rich progress bar fed by worker messages (``on_event``); None when not enabled. It names
+    the phase from the first second (starting the workers, warming up, waiting, probing) and
+    counts probes done only once their total is known."""
     if not enabled:
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("starting workers", total=None)
-        state = {"done": 0}
+        task = progress.add_task("starting the probe workers", total=None, count="")
+        state = {"done": 0, "ready": set()}
 
         def on_event(msg: dict) -> None:
+            kind, phase = msg.get("t"), msg.get("state")
             total = msg.get("world_size", 1) * len(msg.get("probes") or ()) or None
-            if msg.get("t") == "phase" and msg.get("state") == "wait":
-                progress.update(task, description="waiting for the start instant", total=total)
-            elif msg.get("t") == "phase" and msg.get("state") == "start":
-                progress.update(task, description=f"probing {msg['probe']}", total=total)
-            elif msg.get("t") == "phase" and msg.get("state") == "done":
+            count = f"{state['done']}/{total} probes" if total else ""
+            if kind == "hello":
+                state["ready"].add(msg.get("rank"))
+                progress.update(task, description=f"starting the probe workers ({len(state['ready'])}/"
+                                f"{msg.get('world_size', '?')} up)", total=total, count=count)
+            elif kind == "phase" and phase == "warmup":
+                progress.update(task, description=f"warming up {msg['probe']}", total=total, count=count)
+            elif kind == "phase" and phase == "wait":
+                progress.update(task, description="waiting for the start instant", total=total, count=count)
+            elif kind == "phase" and phase == "start":
+                progress.update(task, description=f"probing {msg['probe']}", total=total, count=count)
+            elif kind == "phase" and phase == "done":
                 state["done"] += 1
-                progress.update(task, completed=state["done"], total=total)
-            elif msg.get("t") == "progress":  # cluster scans: nodes reported
-                progress.update(task, description=msg["description"], completed=msg.get("completed", 0),
-                                total=msg.get("total"))
+                progress.update(task, completed=state["done"], total=total,
+                                count=f"{state['done']}/{total} probes" if total else "")
+            elif kind == "progress":  # cluster scans: nodes reported
+                n, of = msg.get("completed", 0), msg.get("total")
+                progress.update(task, description=msg["description"], completed=n, total=of,
+                                count=f"{n}/{of} nodes" if of else "")
 
         yield on_event

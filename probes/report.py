@@ -16,7 +16,7 @@ from straggler.records import format_throttle, parse_throttle
 
 SIMPLE_MIN_RATIO = 0.90
 PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "estimate", "peer_median", "ratio", "deficit",
-                "straggler", "basis", "causes", "evidence", "cost")
+                "straggler", "basis", "causes", "evidence", "cost", "note")
 
 
 def _clean(v: Any) -> Any:
@@ -45,14 +45,18 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
         res = analyze(to_frame(samples))
     except StragglerError as e:  # the samples stay valid: decide by the simple rule, say why
         return _simple(samples), {"error": str(e)}, f"simple rule (the analysis engine refused: {e})"
+    from straggler.verdict import not_significant
+
     units = {(s["host"], s["gpu"], s["probe"]): s.get("unit") for s in samples}
+    effect = (res.summary["min_effect"], res.summary["min_effect_few"])
     rows = []
     for rec in res.devices.to_dict("records"):
         key = (rec["host"], rec["gpu"], rec["probe"])
         est = _clean(rec.get("value"))  # the engine's robust estimate (transient dips left out)
         rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"], "unit": units.get(key),
-                     **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate")},
-                     "median": _clean(rec["median"]) if "median" in rec else est, "estimate": est})
+                     **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
+                     "median": _clean(rec["median"]) if "median" in rec else est, "estimate": est,
+                     "note": not_significant(rec, *effect)})
     return rows, json_safe(res.to_json()), "straggler.analysis"
 
 
@@ -88,7 +92,7 @@ def _simple(samples: list[dict]) -> list[dict]:
                      "peer_median": peer, "ratio": ratio,
                      "deficit": None if ratio is None else 1 - ratio, "straggler": flagged,
                      "basis": "peers in the node" if peer else "none (no peers)",
-                     "causes": ["unexplained"] if flagged else [], "evidence": "", "cost": None})
+                     "causes": ["unexplained"] if flagged else [], "evidence": "", "cost": None, "note": None})
     return rows
 
 
@@ -123,26 +127,28 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
         mine = [r for r in probe_rows if (r["host"], r["gpu"]) == (host, gpu)]
         fails = [f for f in failures if (f["host"], f["device"]) == (host, gpu)]
         flagged = [r for r in mine if r["straggler"]]
+        notes = [f"{r['probe']} {r['ratio']:.2f}x peer median: {r['note']}" for r in mine if r.get("note")]
         if flagged:
-            reason = "; ".join(_flag_reason(r) for r in flagged)
+            verdict, reason = "straggler", "; ".join(_flag_reason(r) for r in flagged)
         elif any(r.get("ratio") is not None for r in mine):
-            reason = "in line with peers"
+            verdict, reason = "healthy", "; ".join(notes) or "in line with peers"
         elif mine:
-            reason = "undecided: no peers, history or reference to compare with"
+            verdict, reason = "undecided", "no peers, history or reference to compare with"
         else:
-            reason = "no samples"
+            verdict, reason = "no data", "no samples"
         if fails:
-            reason = f"{fails[0]['probe']}: {fails[0]['error']}" + (f"; {reason}" if flagged else "")
-        out.append({"host": host, "gpu": gpu, **ident, "straggler": bool(flagged),
-                    "verdict": "failed" if fails else "straggler" if flagged else "no data" if not mine
-                    else "healthy" if reason == "in line with peers" else "undecided",
+            verdict, reason = "failed", f"{fails[0]['probe']}: {fails[0]['error']}" + (f"; {reason}" if flagged else "")
+        out.append({"host": host, "gpu": gpu, **ident, "straggler": bool(flagged), "verdict": verdict,
                     "reason": reason,
                     "probes": {r["probe"]: {k: r.get(k) for k in PROBE_FIELDS} for r in mine},
                     "telemetry": _telemetry([s for s in samples if (s["host"], s["gpu"]) == (host, gpu)]),
                     "failures": fails})
     n = sum(d["straggler"] for d in out)
-    code = EXIT_FAILED if failures or not samples else EXIT_STRAGGLERS if n else EXIT_OK
-    return {"devices": out, "analysis": doc, "engine": engine, "stragglers": n, "exit_code": code}
+    # One rule with `straggler analyze`: nothing to compare with is "could not decide", exit 2.
+    undecided = bool(out) and all(d["verdict"] == "undecided" for d in out)
+    code = EXIT_FAILED if failures or not samples or undecided else EXIT_STRAGGLERS if n else EXIT_OK
+    return {"devices": out, "analysis": doc, "engine": engine, "stragglers": n, "undecided": undecided,
+            "exit_code": code}
 
 
 def _flag_reason(r: dict) -> str:

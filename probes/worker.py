@@ -159,11 +159,17 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
             if name in COLLECTIVE:
                 return EXIT_ABORTED
             continue
+        raws = faults.corrupt(rank, name, raws)
         _keep_raw(raws, ident)
         rows, bad = [], []
-        for raw in raws:
-            rows += [{**ident, **r, **ident} for r in MODULES[name].parse(raw)]  # identity first, and it wins
-            bad += [b for w in raw["windows"] for b in w.get("readings", ())]
+        try:
+            for raw in raws:
+                rows += [{**ident, **r, **ident} for r in MODULES[name].parse(raw)]  # identity first, and it wins
+                bad += [b for w in raw["windows"] for b in w.get("readings", ())]
+        except Exception as e:  # noqa: BLE001 - a parser bug fails this probe only; the next one runs
+            fail(name, f"cannot parse its raw timings: {one_line(e)}")
+            emit({"t": "phase", "rank": rank, "probe": name, "state": "done"})
+            continue
         emit({"t": "samples", "rank": rank, "probe": name, "rows": rows})
         if bad:
             detail = ", ".join(f"{k}={v}" for k, v in sorted(bad[0]["errors"].items())) or "no detail"

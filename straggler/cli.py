@@ -57,8 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("straggler: aborted", err=True)
         sys.exit(EXIT_FAILED)
-    except click.ClickException as e:
-        e.show()
+    except click.exceptions.NoArgsIsHelpError as e:  # `straggler` alone: the help, as asked
+        click.echo(e.ctx.get_help())
+        sys.exit(EXIT_FAILED)
+    except click.ClickException as e:  # usage errors too: one line, with where to look
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        msg = " ".join(e.format_message().split()).rstrip(".")
+        click.echo(f"straggler: error: {msg}{hint}", err=True)
         sys.exit(EXIT_FAILED)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -31,6 +31,7 @@ declares its column here, and the collector gets a schema migration for it.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
@@ -117,17 +118,47 @@ def parse_throttle(text: object) -> dict[str, float]:
     return out
 
 
+def empty_frame() -> "pd.DataFrame":
+    """A table of no rows with every canonical column (what a scan that measured nothing writes)."""
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series(dtype="string" if c in STRING_COLUMNS else "Int64" if c in INT_COLUMNS
+                                      else "float64") for c in COLUMNS})
+
+
 def to_frame(rows: Iterable[Mapping]) -> "pd.DataFrame":
     """Rows to a DataFrame with the canonical columns first (extra columns kept after them)."""
     import pandas as pd
 
     df = pd.DataFrame(list(rows))
+    if df.empty and not len(df.columns):
+        return empty_frame()
     ordered = [c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]
     return df[ordered]
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise InputError now if a table cannot be written to ``path`` (before a scan spends minutes
+    measuring): a bad suffix, a directory, a parent that is a file, no permission, a read-only disk."""
+    file_format(path)
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    tmp = path.with_name(path.name + ".tmp")  # the name write_table writes first
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except FileExistsError:  # mkdir met a file where a directory should be
+        raise InputError(f"{path}: cannot write: a parent is a file, not a directory") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
 def write_table(rows: "Iterable[Mapping] | pd.DataFrame", path: str | Path) -> int:
-    """Write samples to ``path`` as CSV, JSON Lines or Parquet (by suffix). Returns rows written."""
+    """Write samples to ``path`` as CSV, JSON Lines or Parquet (by suffix). Returns rows written.
+    No rows still make a readable table (the header; in JSON Lines an empty file)."""
     import pandas as pd
 
     fmt = file_format(path)
@@ -135,38 +166,86 @@ def write_table(rows: "Iterable[Mapping] | pd.DataFrame", path: str | Path) -> i
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if fmt == "csv":
-        df.to_csv(tmp, index=False)
-    elif fmt == "jsonl":
-        df.to_json(tmp, orient="records", lines=True)
-    else:
-        df.to_parquet(tmp, index=False)
-    tmp.replace(path)  # never leave a half-written table behind
+    try:
+        if fmt == "csv":
+            df.to_csv(tmp, index=False)
+        elif fmt == "jsonl":
+            df.to_json(tmp, orient="records", lines=True)
+        else:
+            df.to_parquet(tmp, index=False)
+        tmp.replace(path)  # never leave a half-written table behind
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(df)
 
 
-def read_table(paths: "str | Path | Iterable[str | Path]") -> "pd.DataFrame":
-    """Read and concatenate result tables. Unknown types and unreadable files raise InputError."""
+def _json_document(path: Path) -> "list | None":
+    """The samples of a ``straggler scan --json`` document, None for a JSON Lines table; InputError
+    for a ``straggler analyze --json`` document (verdicts, not samples)."""
+    with open(path, "rb") as f:
+        first = f.readline().strip()
+    if not first.startswith(b"{"):
+        return None
+    try:
+        doc = json.loads(first)
+    except ValueError:  # a pretty-printed document spans lines; a JSON Lines row never does
+        try:
+            doc = json.loads(path.read_bytes())
+        except ValueError:
+            return None
+    if not isinstance(doc, dict):
+        return None
+    if isinstance(doc.get("samples"), list):
+        return doc["samples"]
+    if isinstance(doc.get("gpus"), list) and isinstance(doc.get("summary"), dict):
+        raise InputError(f"{path}: a `straggler analyze --json` document (verdicts, not samples); "
+                         "give the result table it was made from")
+    return None
+
+
+def _columns_line(df: "pd.DataFrame", limit: int = 12) -> str:
+    cols = [str(c) for c in df.columns]
+    return ", ".join(cols[:limit]) + (f", ... ({len(cols)} columns)" if len(cols) > limit else "") or "none"
+
+
+def read_table(paths: "str | Path | Iterable[str | Path]",
+               required: Iterable[str] = REQUIRED_COLUMNS) -> "pd.DataFrame":
+    """Read and concatenate result tables: CSV, JSON Lines, Parquet, or the document of
+    ``straggler scan --json`` (its samples). Unknown types, unreadable files and a file without a
+    ``required`` column raise InputError naming the file."""
     import pandas as pd
 
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     frames = []
     for p in paths:
         fmt = file_format(p)
         if not Path(p).is_file():
             raise InputError(f"{p}: no such file")
         try:
-            if fmt == "csv":
+            doc = _json_document(Path(p)) if fmt == "jsonl" else None
+            if doc is not None:
+                df = to_frame(doc)
+                df = df.astype({c: "string" for c in STRING_COLUMNS if c in df.columns})
+            elif fmt == "csv":
                 df = pd.read_csv(p, dtype={c: "string" for c in STRING_COLUMNS})
             elif fmt == "jsonl":
                 df = pd.read_json(p, lines=True, dtype={c: "string" for c in STRING_COLUMNS})
+                if df.empty and not len(df.columns):  # JSON Lines of no rows: an empty file
+                    df = empty_frame()
             else:
                 df = pd.read_parquet(p)
         except (ValueError, OSError, pd.errors.ParserError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{p}: cannot read as {fmt}: {first}") from None
+        missing = [c for c in required if c not in df.columns]
+        if missing:
+            raise InputError(f"{p}: missing required column{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)} (found: {_columns_line(df)})")
         frames.append(df)
     if not frames:
         raise InputError("no result files given")
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    # what the analysis names in a message about a row (its row numbers count from 1 in this table)
+    df.attrs["source"] = str(paths[0]) if len(paths) == 1 else \
+        f"{' + '.join(str(p) for p in paths)} (rows counted across the files in this order)"
+    return df

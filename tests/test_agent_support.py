@@ -58,8 +58,10 @@ def write_fake_scan(directory: Path) -> Path:
 
 
 def fixture_with_faults(directory: Path, scenario: str, faults: list[dict], name: str | None = None) -> Path:
-    """A copy of the fixture ``scenario`` (tests/data/nvml) with ``faults`` (scenario data) added."""
-    data = json.loads((ROOT / "tests" / "data" / "nvml" / f"{scenario}.json").read_text())
+    """A copy of the fixture ``scenario`` (probes/fixtures) with ``faults`` (scenario data) added."""
+    from straggler.probes.fakenvml import FIXTURE_DIR
+
+    data = json.loads((FIXTURE_DIR / f"{scenario}.json").read_text())
     data["faults"] = list(data.get("faults", [])) + faults
     data["scenario"] = name or f"{scenario}_with_faults"
     path = directory / f"{data['scenario']}.json"

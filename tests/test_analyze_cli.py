@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -72,7 +74,7 @@ def test_rich_table_ranked_by_cost():
     cost9 = res.devices.set_index("gpu").loc["GPU-09", "cost"]
     assert 0.2 < cost9 < 0.3  # 1 / 0.8 - 1 = 25%, measured through 1% noise
     assert "STRAGGLER" in lines[row9] and f"{cost9:.1%}" in lines[row9] and "unexplained" in lines[row9]
-    assert "12 more healthy entries not shown" in text
+    assert "(not shown: 12 other entries; --all shows them)" in text
     assert sum("ok " in line for line in lines) == 2
     assert "8-device synchronous job runs" in text
 
@@ -111,7 +113,7 @@ def test_history_files_and_options(tmp_path, capsys):
     (lambda p: (p / "t.txt").write_text("x") and p / "t.txt", "unknown file type '.txt'"),
     (lambda p: p / "absent.csv", "absent.csv: no such file"),
     (lambda p: table().assign(value=lambda d: d["value"].where(d.index != 4, -1.0)).to_csv(
-        p / "t.csv", index=False) or p / "t.csv", "row 5: column 'value' is negative"),
+        p / "t.csv", index=False) or p / "t.csv", "t.csv: row 5: column 'value' is negative"),
     (lambda p: table(n=1).to_csv(p / "t.csv", index=False) or p / "t.csv", "only one device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, message):
@@ -197,3 +199,111 @@ def test_blank_sample_numbers_and_a_bad_throttle_cell(tmp_path, capsys):
     doc = json.loads(out)
     assert doc["summary"]["samples"] == 2 * 16 * 5
     assert doc["summary"]["dropped"] == {"throttle_reasons unreadable (cell ignored)": 1}
+
+
+def fleet(n_hosts=4, per_host=8, slow=None, noisy=None, samples=5, seed=0) -> pd.DataFrame:
+    """Hosts with real-length names and GPUs with real UUIDs (40 characters)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for h in range(n_hosts):
+        for g in range(per_host):
+            i = h * per_host + g
+            rate = (slow or {}).get(i, 1.0)
+            for s in range(samples):
+                noise = (noisy or 0.0) * (1 if (s + i) % 2 else -1) if noisy else rng.normal(0, 0.01)
+                rows.append({"host": f"gpu-node-{h:03d}", "gpu": f"GPU-{uuid.UUID(int=i + 1)}", "model": "H100",
+                             "probe": "matmul", "sample": s, "value": 700 * rate * (1 + noise)})
+    return pd.DataFrame(rows)
+
+
+def render80(res, **kw) -> list[str]:
+    buf = io.StringIO()
+    render(res, Console(file=buf, width=80, color_system=None), **kw)
+    return buf.getvalue().splitlines()
+
+
+def test_table_at_80_columns_never_cuts_host_or_gpu():
+    df = fleet(slow={3: 0.8, 17: 0.9})
+    lines = render80(run_analysis(df))
+    assert max(len(line) for line in lines) <= 80
+    rows = [line for line in lines if "GPU-" in line and "matmul" in line and ":" not in line]
+    assert len(rows) == 22  # 2 stragglers + the top 20 others
+    for line in rows:
+        host, gpu = line.split()[:2]
+        assert host in set(df["host"]) and gpu in set(df["gpu"]), line
+    assert "STRAGGLER" in next(line for line in rows if str(uuid.UUID(int=4)) in line)
+
+
+def test_slower_but_not_significant_says_so():
+    """19% slower than its peers on 2 noisy samples: not flagged, and not called 'ok' either."""
+    res = run_analysis(fleet(n_hosts=1, slow={1: 0.81}, noisy=0.1, samples=2))
+    row = res.devices.set_index("gpu").loc[f"GPU-{uuid.UUID(int=2)}"]
+    assert not row["straggler"] and row["deficit"] == pytest.approx(0.19)
+    lines = render80(res)
+    (i,) = [i for i, line in enumerate(lines) if str(uuid.UUID(int=2)) in line]
+    row = lines[i] + (" " + lines[i + 1].strip() if lines[i + 1].startswith(" ") else "")  # a wrapped cell
+    assert " ".join(row.split()[3:]) == "not significant, n=2"
+    others = [line for line in render80(res) if "GPU-" in line and str(uuid.UUID(int=2)) not in line]
+    assert others and all("not significant" not in line for line in others)
+
+
+def test_a_host_whose_every_device_is_flagged_gets_one_line():
+    res = run_analysis(fleet(slow={i: 0.85 for i in range(8, 16)}))
+    lines = render80(res)
+    assert [line for line in lines if "all 8 devices flagged" in line] == \
+        ["gpu-node-001: all 8 devices flagged (the node, not its devices?)"]
+
+
+def test_thousands_of_stragglers_show_a_summary_and_the_top_entries(tmp_path, capsys):
+    slow = {i: 0.7 for i in range(0, 4000, 4)}  # 1000 stragglers
+    res = run_analysis(fleet(n_hosts=500, slow=slow, samples=3))
+    assert res.summary["stragglers"] == 1000
+    lines = render80(res)
+    flagged = [line for line in lines if "STRAGGLER" in line]
+    costliest = res.devices[res.devices["straggler"]].nlargest(20, "cost")["gpu"].tolist()
+    assert [line.split()[1] for line in flagged] == costliest  # the costliest first
+    assert "(not shown: 980 stragglers, 2980 other entries; --all shows them)" in lines
+    assert "stragglers by cause: unexplained 1000; by probe: matmul 1000" in lines
+    assert sum("STRAGGLER" in line for line in render80(res, show_all=True)) == 1000
+
+
+def test_piped_cli_keeps_host_and_gpu_whole(tmp_path):
+    """The real command with stdout in a pipe (rich's default width there: 80)."""
+    path = tmp_path / "fleet.csv"
+    df = fleet(slow={5: 0.8})
+    write_table(df, path)
+    out = subprocess.run([sys.executable, "-m", "straggler", "analyze", str(path)], capture_output=True,
+                         text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines()
+    (row,) = [line for line in lines if "STRAGGLER" in line]
+    assert row.split()[:3] == ["gpu-node-000", f"GPU-{uuid.UUID(int=6)}", "matmul"]
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_a_scan_json_document_is_read_as_its_samples(tmp_path, capsys):
+    doc = {"scan_id": "s", "host": "gpu-node-000", "devices": [], "failures": [],
+           "samples": table(slow={6: 0.9}).to_dict("records")}
+    path = tmp_path / "scan.json"
+    path.write_text(json.dumps(doc) + "\n")
+    code, out, err = cli(["analyze", str(path), "--json"], capsys)
+    assert code == 1, err
+    assert json.loads(out)["gpus"][0]["gpu"] == "GPU-06"
+
+
+def test_missing_columns_name_the_file_and_what_it_has(tmp_path, capsys):
+    path = tmp_path / "odd.csv"
+    pd.DataFrame({"hostname": ["a"], "uuid": ["g"], "tflops": [1.0]}).to_csv(path, index=False)
+    code, _, err = cli(["analyze", str(path)], capsys)
+    assert code == 2
+    assert err == (f"straggler: error: {path}: missing required columns host, gpu, model, probe, value "
+                   "(found: hostname, uuid, tflops)\n")
+
+
+def test_usage_errors_are_one_line_exit_2(tmp_path):
+    for args in (["analyze"], ["analyze", "--bogus", "x.csv"], ["scan", "--samples", "x"]):
+        out = subprocess.run([sys.executable, "-m", "straggler", *args], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+        assert out.returncode == 2 and out.stdout == ""
+        (line,) = out.stderr.splitlines()
+        assert line.startswith("straggler: error: ") and f"(see 'straggler {args[0]} --help')" in line

@@ -82,3 +82,48 @@ def test_probe_names_have_one_source():
 
     assert devices.PROBES is records.PROBES
     assert devices.parse_probes("all") == records.PROBES
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_no_rows_still_make_a_readable_table(tmp_path, suffix):
+    """A scan that measured nothing writes a table that reads back: 0 rows, every column."""
+    path = tmp_path / f"empty{suffix}"
+    assert records.write_table([], path) == 0
+    df = records.read_table(path)
+    assert len(df) == 0 and list(df.columns) == list(records.COLUMNS)
+
+
+def test_a_scan_json_document_reads_as_its_samples(tmp_path):
+    import json
+
+    doc = {"scan_id": "s1", "host": "n1", "devices": [{"host": "n1", "gpu": "cpu0"}], "failures": [],
+           "samples": _rows()}
+    one_line, pretty = tmp_path / "scan.json", tmp_path / "pretty.json"
+    one_line.write_text(json.dumps(doc) + "\n")
+    pretty.write_text(json.dumps(doc, indent=2))
+    for path in (one_line, pretty):
+        df = records.read_table(path)
+        assert list(df["value"]) == [10.0, 11.0, 12.0] and set(df["gpu"]) == {"cpu0"}
+    verdicts = tmp_path / "verdicts.json"
+    verdicts.write_text(json.dumps({"gpus": [{"gpu": "cpu0"}], "summary": {"devices": 1}}))
+    with pytest.raises(InputError, match=r"verdicts\.json: a `straggler analyze --json` document"):
+        records.read_table(verdicts)
+
+
+def test_missing_column_names_the_file_and_the_columns_found(tmp_path):
+    path = tmp_path / "partial.csv"
+    pd.DataFrame({"host": ["a"], "gpu": ["g"], "value": [1.0]}).to_csv(path, index=False)
+    with pytest.raises(InputError) as e:
+        records.read_table(path)
+    assert str(e.value) == f"{path}: missing required columns model, probe (found: host, gpu, value)"
+
+
+def test_unwritable_output_is_found_before_writing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match=r"afile/out\.csv: cannot write: a parent is a file"):
+        records.check_writable(tmp_path / "afile" / "out.csv")
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(InputError, match=r"dir\.csv: is a directory"):
+        records.check_writable(tmp_path / "dir.csv")
+    records.check_writable(tmp_path / "new" / "out.parquet")
+    assert list((tmp_path / "new").iterdir()) == []  # checked, nothing left behind

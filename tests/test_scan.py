@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,3 +86,120 @@ def test_output_rows_are_canonical(straggler_cmd, tmp_path):
         assert df[col].notna().all(), col
     assert set(df["unit"]) == {"GB/s"} and set(df["sample"]) == {0, 1}
     assert set(df["index"]) == set(CORES)
+    lines = proc.stdout.splitlines()  # the table, piped: rich's 80 columns, no device cut
+    assert max(len(line) for line in lines) <= 80
+    assert all(any(line.split()[:1] == [f"cpu{c}"] for line in lines) for c in CORES), proc.stdout
+
+
+def test_unwritable_output_fails_before_probing(straggler_cmd, tmp_path):
+    (tmp_path / "afile").write_text("")
+    raw = tmp_path / "raw"  # where the workers would keep their raw timings, had any probe run
+    proc = scan(straggler_cmd, "--output", str(tmp_path / "afile" / "s.csv"), "--probes", "matmul",
+                "--duration", "1", env={"STRAGGLER_RAW_DIR": str(raw)})
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == f"straggler: error: {tmp_path / 'afile' / 's.csv'}: cannot write: a parent is a file, not a directory"
+    assert not raw.exists()  # found before probing
+
+
+def test_output_that_fails_after_the_scan_goes_to_a_fallback(tmp_path, capsys):
+    """The place was writable when the scan began and is not when it ends: nothing measured is lost."""
+    from straggler.commands.scan import _report
+    from straggler.errors import InputError
+    from straggler.probes.runner import ScanResult
+
+    rows = [{"scan_id": "fallback-test-1", "host": "n", "gpu": f"cpu{g}", "index": g, "model": "m",
+             "probe": "matmul", "settings": "n=8", "sample": s, "value": 10.0 + s, "unit": "GFLOP/s"}
+            for g in range(3) for s in range(2)]
+    res = ScanResult(scan_id="fallback-test-1", host="n", backend="cpu", notice="", samples=rows, failures=[])
+    (tmp_path / "gone").write_text("")  # where the output's directory was
+    fallback = Path(tempfile.gettempdir()) / "straggler-fallback-test-1.jsonl"
+    fallback.unlink(missing_ok=True)
+    with pytest.raises(InputError) as e:
+        _report(res, True, str(tmp_path / "gone" / "s.parquet"))
+    assert str(e.value).startswith(f"--output {tmp_path / 'gone' / 's.parquet'}: cannot write (")
+    assert str(e.value).endswith(f"the 6 samples are in {fallback}")
+    back = read_table(fallback)
+    assert sorted(back["value"]) == sorted(r["value"] for r in rows)
+    assert json.loads(capsys.readouterr().out)["samples"] == rows  # and the report was still printed
+    fallback.unlink()
+
+
+def test_a_single_device_scan_is_undecided_and_exits_2(straggler_cmd, tmp_path):
+    """Same rule as `straggler analyze`: nothing to compare with is 'could not decide' (exit 2)."""
+    out = tmp_path / "one.csv"
+    proc = subprocess.run([*straggler_cmd, "scan", "--probes", "matmul", "--duration", "1", "--samples", "2",
+                           "--output", str(out)], capture_output=True, text=True, timeout=90,
+                          preexec_fn=lambda: os.sched_setaffinity(0, CORES[:1]))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"straggler: error: only one device (host ") and f"gpu cpu{CORES[0]})" in line
+    assert "undecided: no peers" in proc.stdout and "undecided: undecided" not in proc.stdout
+    assert len(read_table(out)) == 2  # measured and kept
+    analyzed = subprocess.run([*straggler_cmd, "analyze", str(out)], capture_output=True, text=True, timeout=60)
+    assert analyzed.returncode == 2 and "only one device" in analyzed.stderr
+
+
+def _gpu_samples(slow: dict, noisy: float = 0.0, n: int = 8, samples: int = 3) -> list[dict]:
+    import uuid
+
+    probes = {"matmul": ("TFLOP/s", 700.0), "membw": ("GB/s", 2900.0), "pcie_h2d": ("GB/s", 50.0),
+              "pcie_d2h": ("GB/s", 50.0), "allreduce": ("GB/s", 350.0)}
+    return [{"scan_id": "s", "host": "gpu-node-017", "gpu": f"GPU-{uuid.UUID(int=i + 1)}", "index": i,
+             "model": "NVIDIA H100 80GB HBM3", "probe": p, "settings": "x", "sample": s, "unit": unit,
+             "value": base * (slow.get((i, p), 1.0)) * (1 + (noisy if (i + s) % 2 else -noisy) if noisy else 1),
+             "sm_clock_mhz": 1980.0, "power_w": 690.0, "temp_c": 71.0, "pcie_gen": 5, "pcie_width": 16,
+             "throttle_reasons": "sw_power_cap=0.400" if i == 3 else None}
+            for i in range(n) for p, (unit, base) in probes.items() for s in range(samples)]
+
+
+def _render80(report) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    from straggler.probes.render import render_scan
+
+    buf = io.StringIO()
+    render_scan(Console(file=buf, width=80, color_system=None), report, "notice", "s", [])
+    return buf.getvalue().splitlines()
+
+
+def test_a_gpu_scan_table_fits_80_columns_and_never_cuts_a_gpu():
+    from straggler.probes.report import device_report
+
+    report = device_report(_gpu_samples({(3, "matmul"): 0.8}), [], [])
+    lines = _render80(report)
+    assert max(len(line) for line in lines) <= 80
+    for d in report["devices"]:
+        (row,) = [line for line in lines if d["gpu"] in line]  # whole, on one line
+        assert row.split()[0] == d["gpu"]
+    from straggler.probes.render import short_verdict
+
+    i = next(i for i, line in enumerate(lines) if "GPU-00000000-0000-0000-0000-000000000004" in line)
+    block = " ".join(lines[i:i + 5])  # the device's row, its cells wrapped over lines
+    assert "straggler:" in block and "0.80x" in block and "basis" not in block  # short; details in --json
+    assert short_verdict(report["devices"][3]) == "[bold red]straggler[/bold red]: matmul 0.80x (unexplained)"
+    assert "basis: " in report["devices"][3]["reason"]
+
+
+def test_slower_but_not_significant_is_not_in_line_with_peers():
+    from straggler.probes.report import device_report
+
+    report = device_report(_gpu_samples({(1, "matmul"): 0.81}, noisy=0.1, samples=2), [], [])
+    d = report["devices"][1]
+    assert d["verdict"] == "healthy" and d["probes"]["matmul"]["note"] == "not significant, n=2"
+    assert d["reason"] == "matmul 0.81x peer median: not significant, n=2"
+    from straggler.probes.render import short_verdict
+
+    assert short_verdict(d) == "[green]healthy[/green]: matmul 0.81x not significant, n=2"
+
+
+def test_a_host_all_of_whose_devices_are_flagged_gets_one_line():
+    from straggler.probes.report import device_report
+
+    rows = [{**r, "host": f"gpu-node-0{h}", "value": r["value"] * (0.8 if h == 18 else 1.0)}
+            for h in (16, 17, 18) for r in _gpu_samples({}) if r["probe"] == "matmul"]
+    lines = _render80(device_report(rows, [], []))
+    assert "gpu-node-018: all 8 devices flagged (the node, not its devices?)" in lines
+    assert sum(" devices flagged " in line for line in lines) == 1

@@ -70,3 +70,24 @@ def test_a_crash_after_a_reported_error_is_still_reported(straggler_cmd, tmp_pat
     assert ("matmul", "RuntimeError: injected fault in matmul on rank 1") in errors
     assert any(p == "membw" and e.startswith("worker died") for p, e in errors), doc["failures"]
     assert (f"cpu{CORES[0]}", "membw") in kept
+
+
+def test_a_parser_crash_fails_that_probe_only(straggler_cmd, tmp_path):
+    # rank 1's matmul timings come back without their batches: its parser raises on them
+    line, doc, kept = faulty_scan(straggler_cmd, tmp_path, {"STRAGGLER_FAULT": "corrupt:rank1:matmul"},
+                                  "--probes", "matmul,membw")
+    (f,) = doc["failures"]
+    assert (f["rank"], f["probe"], f["device"]) == (1, "matmul", f"cpu{CORES[1]}")
+    assert f["error"] == "cannot parse its raw timings: KeyError: 'batches'"
+    assert f"cpu{CORES[1]} matmul: cannot parse its raw timings" in line
+    # the worker went on with its next probe; its peer lost nothing
+    assert kept == {(f"cpu{c}", p) for c in CORES for p in ("matmul", "membw")} - {(f"cpu{CORES[1]}", "matmul")}
+
+
+def test_a_scan_that_measured_nothing_writes_a_readable_table(straggler_cmd, tmp_path):
+    fault = ",".join(f"raise:rank{r}:matmul" for r in range(len(CORES)))
+    line, doc, kept = faulty_scan(straggler_cmd, tmp_path, {"STRAGGLER_FAULT": fault}, "--probes", "matmul")
+    assert doc["samples"] == [] and kept == set()
+    assert "injected fault in matmul" in line and f"kept in {tmp_path / 'kept.csv'}" in line
+    df = read_table(tmp_path / "kept.csv")
+    assert len(df) == 0 and {"host", "gpu", "probe", "value"} <= set(df.columns)

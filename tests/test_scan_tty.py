@@ -50,3 +50,24 @@ def test_json_on_a_terminal_is_quiet(straggler_cmd):
     assert "probing" not in text and "\x1b[" not in text  # no progress, no colour codes
     doc = json.loads(text)
     assert doc["devices"] and all(set(d["probes"]) == {"matmul"} for d in doc["devices"])
+
+
+def test_progress_names_the_phase_from_the_start():
+    """Before any worker reports, and before the total is known: a phase name, never '0/None'."""
+    import io
+
+    from rich.console import Console
+
+    from straggler.probes.render import progress_display
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100, color_system=None)
+    with progress_display(console, enabled=True) as on_event:
+        first = buf.getvalue()
+        on_event({"t": "hello", "rank": 0, "world_size": 2, "probes": ["matmul"]})
+        on_event({"t": "phase", "rank": 0, "probe": "matmul", "state": "warmup", "world_size": 2,
+                  "probes": ["matmul"]})
+        on_event({"t": "phase", "rank": 0, "probe": "matmul", "state": "done", "world_size": 2,
+                  "probes": ["matmul"]})
+    text = buf.getvalue()
+    assert "starting the probe workers" in first and "None" not in text

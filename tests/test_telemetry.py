@@ -13,12 +13,11 @@ import time
 import pynvml
 import pytest
 
-from conftest import DATA
 from straggler.errors import InputError
 from straggler.probes import nvml
 from straggler.probes.backends import open_backend
 from straggler.probes.cputelemetry import CpuBackend, cpu_model
-from straggler.probes.fakenvml import FakeBackend
+from straggler.probes.fakenvml import FIXTURE_DIR, FakeBackend
 from straggler.probes.fakepynvml import FakePynvml
 from straggler.probes.record import record_fixture
 from straggler.probes.sampler import Sampler, summarize
@@ -169,7 +168,7 @@ def test_importing_backends_loads_no_pynvml_or_psutil():
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fixture_is_marked_synthetic_and_replays_eight_h100s(scenario):
-    data = json.loads((DATA / "nvml" / f"{scenario}.json").read_text())
+    data = json.loads((FIXTURE_DIR / f"{scenario}.json").read_text())
     assert data["source"].startswith("synthetic: hand-written from published H100 SXM specifications")
     snap = FakeBackend(scenario).snapshot("node1")
     assert len(snap.devices) == 8 and snap.backend == f"fake:{scenario}" and snap.error is None

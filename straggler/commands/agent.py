@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from straggler.errors import InputError
+
 
 @click.command("agent")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -20,7 +22,9 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the configuration as JSON.")
 def agent(config_path, check, as_json, **flags):
     """Run the node agent until SIGTERM. SIGHUP reloads the config; SIGUSR1 probes now (if idle)."""
+    import errno
     import logging
+    import socket
     import sys
 
     from straggler.agent.daemon import Agent
@@ -37,4 +41,13 @@ def agent(config_path, check, as_json, **flags):
                         format="%(levelname)s %(name)s: %(message)s")
     daemon = Agent(settings, config_path=config_path, overrides=flags)
     daemon.install_signals()
-    return daemon.run()
+    try:
+        return daemon.run()
+    except OSError as e:
+        # Only the /metrics listener binds a socket: its errors are the operator's to fix, in one line.
+        if not isinstance(e, socket.gaierror) and e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+        why = "address already in use (another agent, or another service, listens there)" \
+            if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise InputError(f"cannot serve /metrics on {settings.listen_address}:{settings.listen_port}: {why}; "
+                         "stop it or choose --listen-port / listen_port") from None

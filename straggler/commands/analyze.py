@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from straggler.errors import EXIT_OK, EXIT_STRAGGLERS, InputError
+from straggler.errors import EXIT_OK, EXIT_STRAGGLERS
+from straggler.verdict import NothingToCompare, not_significant, whole_hosts
 
 CAUSE_TEXT = {
     "power_capped": "power-capped, lower clock", "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown",
@@ -20,29 +21,66 @@ def _pct(x) -> str:
     return "" if x is None or x != x else f"{x:+.1%}" if x < 0 else f"{x:.1%}"
 
 
-def render(result, console, show_all: bool = False, top: int = 20) -> None:
-    """Print the result as a rich table ranked by cost (stragglers first), then the summary."""
-    from rich.table import Table
+TOP = 20  # entries of each kind (stragglers, others) the table shows without --all
+# Columns dropped, in this order, when the table does not fit the terminal (all of them are in --json).
+OPTIONAL = ("basis", "cause", "deficit", "cost")
 
-    d = result.devices
-    shown = d if show_all else d[d["straggler"] | (d.index < d["straggler"].sum() + top)]
+
+def _verdict(r: dict, s: dict) -> str:
+    if r["straggler"]:
+        return "[bold red]STRAGGLER[/]"
+    return not_significant(r, s["min_effect"], s["min_effect_few"]) or "ok"
+
+
+def _table(title: str, rows: list[dict], s: dict, drop: tuple[str, ...]):
+    from straggler.probes.render import compact_table
+
+    table = compact_table(title=title, title_justify="left")
+    cols = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {},
+            "deficit": {"justify": "right", "no_wrap": True}, "cost": {"justify": "right", "no_wrap": True},
+            "basis": {}, "cause": {}}
+    for col, kw in cols.items():
+        if col not in drop:
+            table.add_column(col, **kw)
+    for r in rows:
+        cells = {"host": str(r["host"]), "gpu": str(r["gpu"]), "probe": str(r["probe"]), "verdict": _verdict(r, s),
+                 "deficit": _pct(r["deficit"]), "cost": _pct(r["cost"]), "basis": str(r["basis"]),
+                 "cause": ", ".join(CAUSE_TEXT.get(c, c) for c in r["causes"])}
+        table.add_row(*(v for k, v in cells.items() if k not in drop))
+    return table
+
+
+def render(result, console, show_all: bool = False, top: int = TOP) -> None:
+    """Print the result as a table ranked by cost: the first ``top`` stragglers and the first ``top``
+    other entries (everything with ``show_all``), then the summary. Host and GPU are never cut: at
+    a narrow width the basis, cause and deficit columns go (they are in ``--json``)."""
+    from straggler.probes.render import print_fitted  # rich only: no probe, no torch
+
+    d = result.devices  # ranked: stragglers first, by cost
     s = result.summary
-    table = Table(title=f"straggler analyze: {s['stragglers']} straggler(s) among {s['entries']} "
-                        f"device x probe entries ({s['devices']} devices)", title_justify="left")
-    for col, kw in (("host", {}), ("gpu", {"overflow": "fold"}), ("probe", {}), ("verdict", {"no_wrap": True}),
-                    ("deficit", {"justify": "right", "no_wrap": True}),
-                    ("cost", {"justify": "right", "no_wrap": True}), ("basis", {"overflow": "fold"}),
-                    ("cause", {"overflow": "fold"})):
-        table.add_column(col, **kw)
-    for r in shown.itertuples(index=False):
-        verdict = "[bold red]STRAGGLER[/]" if r.straggler else "ok"
-        table.add_row(str(r.host), str(r.gpu), str(r.probe), verdict, _pct(r.deficit), _pct(r.cost),
-                      str(r.basis), ", ".join(CAUSE_TEXT.get(c, c) for c in r.causes))
-    console.print(table)
-    for r in d[d["straggler"]].itertuples(index=False):
-        console.print(f"[bold]{r.host} {r.gpu} {r.probe}[/]: {r.evidence}", highlight=False)
-    if len(shown) < len(d):
-        console.print(f"({len(d) - len(shown)} more healthy entries not shown; --all shows them)")
+    flagged = d["straggler"].to_numpy(dtype=bool)
+    n_flagged = int(flagged.sum())
+    shown = d if show_all else d[(flagged & (flagged.cumsum() <= top)) | (~flagged & ((~flagged).cumsum() <= top))]
+    rows = shown.to_dict("records")
+    title = f"straggler analyze: {s['stragglers']} straggler(s) among {s['entries']} device x probe entries " \
+            f"({s['devices']} devices)"
+    print_fitted(console, [_table(title, rows, s, OPTIONAL[:k]) for k in range(len(OPTIONAL) + 1)])
+    for r in rows:
+        if r["straggler"]:
+            console.print(f"[bold]{r['host']} {r['gpu']} {r['probe']}[/]: {r['evidence']} (deficit "
+                          f"{_pct(r['deficit'])}, cost {_pct(r['cost'])}, basis {r['basis']})", highlight=False)
+    hidden = len(d) - len(shown)
+    if hidden:
+        more_flagged = n_flagged - int(shown["straggler"].sum())
+        parts = [f"{more_flagged} stragglers" if more_flagged else "",
+                 f"{hidden - more_flagged} other entries" if hidden - more_flagged else ""]
+        console.print(f"(not shown: {', '.join(p for p in parts if p)}; --all shows them)", highlight=False)
+        if more_flagged:
+            console.print("stragglers by cause: " + ", ".join(f"{CAUSE_TEXT.get(c, c)} {n}" for c, n in
+                          sorted(s["causes"].items(), key=lambda kv: -kv[1])) + "; by probe: " +
+                          ", ".join(f"{p} {v['stragglers']}" for p, v in s["probes"].items()), highlight=False)
+    for line in whole_hosts(zip(d["host"], d["gpu"], flagged)):
+        console.print(line, highlight=False)
     for job in s["job_cost"]:
         if job["speedup"] is None:  # every device of the group flagged: no job without them
             continue
@@ -67,12 +105,12 @@ def render(result, console, show_all: bool = False, top: int = 20) -> None:
               help="Reference value MODEL|PROBE=VALUE for devices without peers (repeatable).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML file with analysis settings (keys as in docs/analysis.md).")
-@click.option("--all", "show_all", is_flag=True, help="Show every entry, not only stragglers and the top 20.")
+@click.option("--all", "show_all", is_flag=True, help="Show every entry [default: the 20 costliest stragglers and the 20 next other entries].")
 def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_sizes, references,
             config_path, show_all):
-    """Find stragglers in result files (CSV, JSON Lines, Parquet).
+    """Find stragglers in result files (CSV, JSON Lines, Parquet, or a saved `straggler scan --json`).
 
-    Exit code 0: no stragglers; 1: stragglers found; 2: bad input."""
+    Exit code 0: no stragglers; 1: stragglers found; 2: bad input, or nothing to compare with."""
     from straggler.analysis import AnalysisConfig
     from straggler.analysis import analyze as run
     from straggler.config import load
@@ -94,12 +132,8 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
         result = run(samples, history, config)
     if (result.devices["basis"] == "none").all():  # not one entry has anything to compare with
         d = result.devices.iloc[0]
-        if result.summary["devices"] == 1:
-            raise InputError(f"only one device (host {d['host']}, gpu {d['gpu']}) and no history or reference: "
-                             "nothing to compare it with; give more devices, --history or --reference")
-        raise InputError(f"{result.summary['devices']} devices but none has a peer (same model, probe and "
-                         "settings), history or reference: nothing to compare them with; give more devices "
-                         "of a model, --history or --reference")
+        raise NothingToCompare(result.summary["devices"], d["host"], d["gpu"],
+                               "give more devices of a model, --history or --reference")
     if as_json:
         click.echo(result.to_json_text())
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from straggler.errors import EXIT_FAILED, InputError, ProbeError
+from straggler.verdict import NothingToCompare
 
 
 @click.command("scan")
@@ -45,9 +46,9 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
 
     probe_list = parse_probes(probes)
     if output is not None:
-        from straggler.records import file_format
+        from straggler.records import check_writable
 
-        file_format(output)  # a bad suffix fails now, not after the probes ran
+        check_writable(output)  # a bad suffix or an unwritable place fails now, not after the probes ran
     if collector is None and token_file is not None:
         raise InputError("--token-file needs --collector")
     from rich.console import Console
@@ -72,10 +73,8 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
 def _report(res, as_json: bool, output: str | None) -> int:
     from straggler.probes.report import device_report, json_safe
 
-    if output is not None:  # first, so that nothing measured is lost whatever happens next
-        from straggler.records import write_table
-
-        write_table(res.samples, output)
+    # first, so that nothing measured is lost whatever happens next
+    write_error = _write(res, output, as_json) if output is not None else None
     report = device_report(res.samples, res.failures, res.devices)
     if as_json:
         doc = {"scan_id": res.scan_id, "host": res.host, "backend": res.backend, "notice": res.notice,
@@ -88,9 +87,37 @@ def _report(res, as_json: bool, output: str | None) -> int:
         from straggler.probes.render import render_scan
 
         render_scan(Console(), report, res.notice, res.scan_id, res.failures)
+    if write_error is not None:
+        raise InputError(write_error)
+    if report["undecided"] and not res.failures:
+        d = report["devices"][0]
+        raise NothingToCompare(len(report["devices"]), d["host"], d["gpu"],
+                               "scan more devices of the model at once, or run `straggler analyze` on "
+                               "this scan's --output with --history or --reference")
     if report["exit_code"] == EXIT_FAILED:
         raise ProbeError(_failure_line(res.failures, output))
     return report["exit_code"]
+
+
+def _write(res, output: str, as_json: bool) -> str | None:
+    """Write the samples to ``output``; if that fails, to a fallback file. None, or the error line
+    (naming the fallback file that holds the samples)."""
+    import tempfile
+
+    from straggler.records import write_table
+
+    try:
+        write_table(res.samples, output)
+        return None
+    except (OSError, ValueError, TypeError) as e:  # a disk, a permission, a value pyarrow cannot store
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
+    fallback = Path(tempfile.gettempdir()) / f"straggler-{res.scan_id}.jsonl"
+    try:
+        write_table(res.samples, fallback)
+    except (OSError, ValueError, TypeError) as e:
+        where = "they are only in the --json output above" if as_json else "they are lost"
+        return f"--output {output}: cannot write ({why}), nor the fallback {fallback} ({e}); {where}"
+    return f"--output {output}: cannot write ({why}); the {len(res.samples)} samples are in {fallback}"
 
 
 def _json_default(v):
