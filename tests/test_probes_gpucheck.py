@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import queue
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, kill_group, scan_timeout_s
+from cpushield import cpu_shield
 
 spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
@@ -41,13 +45,49 @@ def test_run_to_run_cv_and_ratios():
     assert gpu_check.slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
 
 
+def run_by_steps(cmd: list[str], step_limit_s: float, **kw) -> subprocess.CompletedProcess:
+    """Run gpu_check, waiting as long as its steps take: it prints ``[gpu_check] <step>: N s`` after
+    each step, and the test fails only when no step has ended for ``step_limit_s`` (then the process
+    group is killed)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kw)
+    lines: queue.Queue = queue.Queue()
+    stdout: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    err, last = [], time.monotonic()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, last + step_limit_s - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"gpu_check: no step ended for {step_limit_s:.0f} s (the longest a step may take: "
+                            f"a scan by its own deadline); stderr so far: {''.join(err)[-2000:]}")
+            if line is None:
+                break
+            err.append(line)
+            if line.startswith("[gpu_check] "):
+                last = time.monotonic()
+        proc.wait()
+        reader.join()
+    finally:
+        kill_group(proc)
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(stdout), "".join(err))
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     out, fixtures = tmp_path / "out", tmp_path / "fixtures"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
-                           "--runs", "2", "--duration", "1", "--ceiling-seconds", "1", "--record-seconds", "1",
-                           "--out", str(out), "--fixtures-dir", str(fixtures), "--no-pytest"],
-                          capture_output=True, text=True, timeout=150)
+    # the longest step is one full scan (matmul, membw, allreduce for 1 s each, 5 samples); inside
+    # the CPU shield outside load cannot make a core's ceiling and its scan differ (tests/cpushield.py)
+    with cpu_shield() as (shield, _):
+        proc = run_by_steps([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+                             "--runs", "2", "--duration", "1", "--ceiling-seconds", "1", "--record-seconds", "1",
+                             "--out", str(out), "--fixtures-dir", str(fixtures), "--no-pytest"],
+                            scan_timeout_s(("matmul", "membw", "allreduce"), 1.0),
+                            preexec_fn=shield.enter if shield else None)
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["errors"] == [] and len(doc["runs"]) == 2

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
+from conftest import run_cmd, scan_timeout_s
 
 from straggler.records import read_table
 
@@ -19,9 +19,8 @@ pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cor
 
 def faulty_scan(straggler_cmd, tmp_path, env, *args):
     out = tmp_path / "kept.csv"
-    proc = subprocess.run([*straggler_cmd, "scan", "--json", "--duration", "1", "--samples", "2",
-                           "--output", str(out), *args],
-                          capture_output=True, text=True, timeout=90, env={**os.environ, **env})
+    proc = run_cmd([*straggler_cmd, "scan", "--json", "--duration", "1", "--samples", "2", "--output", str(out),
+                    *args], scan_timeout_s(("matmul", "membw", "allreduce"), 1.0, 2), env={**os.environ, **env})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -12,15 +12,30 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, kill_group, run_cmd, scan_timeout_s
 from straggler.records import read_table
 
 CORES = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one node each)")
 
+
+def wait_all(procs: list, probes: tuple[str, ...], duration_s: float, samples: int) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr), waiting as long as a scan of that plan may take by its own
+    deadlines; then every process group is killed (a launcher's ranks too) and the test fails."""
+    limit_s = scan_timeout_s(probes, duration_s, samples)
+    stop_at = time.monotonic() + limit_s
+    try:
+        return [p.communicate(timeout=max(0.0, stop_at - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the ranks were still running after {limit_s:.0f} s, the scan's own deadline for this work")
+    finally:
+        for p in procs:
+            kill_group(p)
+            p.wait()
 
 
 def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
@@ -33,14 +48,9 @@ def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
                "-m", "straggler", "scan", "--json", "--duration", "1", "--samples", "3", "--scan-id", "tr-1",
                "--output", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True,
                                       preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
-    results = []
-    try:
-        for p in procs:
-            results.append(p.communicate(timeout=120))
-    finally:
-        for p in procs:
-            p.kill()
+    results = wait_all(procs, ("matmul", "membw", "allreduce"), 1.0, 3)
     reports = [json.loads(o) for o, _ in results if o.strip()]
     assert len(reports) == 1, [e[-2000:] for _, e in results]  # only rank 0 reports
     doc = reports[0]
@@ -69,12 +79,9 @@ def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
         procs.append(subprocess.Popen([*straggler_cmd, "scan", "--json", "--probes", "matmul,allreduce",
                                        "--duration", "1", "--samples", "2", "--output", str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True,
                                       preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
-    try:
-        results = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    results = wait_all(procs, ("matmul", "allreduce"), 1.0, 2)
     assert procs[1].returncode == 0 and results[1][0] == ""  # task 1 reports nothing itself
     doc = json.loads(results[0][0])
     assert "under slurm (rank 0 of 2)" in doc["notice"]
@@ -85,8 +92,7 @@ def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
 def test_srun_without_rendezvous_address_is_one_line_error(straggler_cmd):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="2")
-    proc = subprocess.run([*straggler_cmd, "scan", "--duration", "1"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = run_cmd([*straggler_cmd, "scan", "--duration", "1"], scan_timeout_s(("matmul",), 1.0), env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "straggler: error: srun scan: set MASTER_ADDR and MASTER_PORT (rank 0's address and a free port)"]
