@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
@@ -137,6 +138,12 @@ def to_frame(rows: Iterable[Mapping]) -> "pd.DataFrame":
     return df[ordered]
 
 
+def _temp_name(path: Path) -> Path:
+    """The file a table is written to before it replaces ``path``: one per process, so several
+    ranks of one job checking or writing the same path never remove each other's file."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def check_writable(path: str | Path) -> None:
     """Raise InputError now if a table cannot be written to ``path`` (before a scan spends minutes
     measuring): a bad suffix, a directory, a parent that is a file, no permission, a read-only disk."""
@@ -144,12 +151,10 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
-    tmp = path.with_name(path.name + ".tmp")  # the name write_table writes first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb"):
-            pass
-        tmp.unlink()
+        _temp_name(path).open("xb").close()  # where write_table writes first; unique per process
+        _temp_name(path).unlink()
     except FileExistsError:  # mkdir met a file where a directory should be
         raise InputError(f"{path}: cannot write: a parent is a file, not a directory") from None
     except OSError as e:
@@ -165,7 +170,7 @@ def write_table(rows: "Iterable[Mapping] | pd.DataFrame", path: str | Path) -> i
     df = rows if isinstance(rows, pd.DataFrame) else to_frame(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_name(path)
     try:
         if fmt == "csv":
             df.to_csv(tmp, index=False)

@@ -57,7 +57,8 @@ def scan_timeout_s(probes: tuple[str, ...], duration_s: float, samples: int = 5)
     its grace), plus the start-up the deadline does not count (the parent's torch import, SETUP_S)
     and one grace for the report after it. A scan that works ends long before; one that hangs is
     stopped by its own deadline, which the test then sees."""
-    from straggler.probes.runner import GRACE_S, SETUP_S, total_deadline
+    from straggler.probes.budget import GRACE_S, SETUP_S
+    from straggler.probes.runner import total_deadline
     from straggler.probes.worker import WorkerPlan
 
     plan = WorkerPlan(scan_id="t", host="t", kind="cpu", probes=tuple(probes), duration_s=duration_s,

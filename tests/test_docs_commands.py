@@ -33,7 +33,7 @@ import httpx
 import pytest
 from conftest import ROOT, free_port, run_cmd, scan_timeout_s, skip_or_fail
 
-from straggler.probes.runner import SETUP_S
+from straggler.probes.budget import SETUP_S
 from straggler.records import write_table
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

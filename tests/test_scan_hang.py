@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cmd, scan_timeout_s
 from test_scan_faults import faulty_scan
 
-from straggler.probes.runner import GRACE_S
+from straggler.probes.budget import GRACE_S
 
 CORES = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one worker each)")
