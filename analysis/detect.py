@@ -119,7 +119,8 @@ def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndar
     undecided = (primary >= 0) & ~below & ~straggler
     # Samples needed: the device's own error must fall to the margin |d - T| / z (less the fixed part).
     cut = bh_cutoff(p_tests.ravel(), q_all.ravel(), fdr)
-    z = np.where(d > thr, special.ndtri(1 - cut), special.ndtri(1 - clear_level))
+    with np.errstate(invalid="ignore"):  # the t quantile at today's degrees of freedom (conservative)
+        z = np.where(d > thr, special.stdtrit(df, 1 - cut), special.stdtrit(df, 1 - clear_level))
     with np.errstate(invalid="ignore", divide="ignore"):
         own2 = np.clip(se ** 2 - se_c ** 2, 0, None)
         room = (np.abs(d - thr) / z) ** 2 - se_c ** 2
