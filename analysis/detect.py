@@ -32,6 +32,22 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     return q
 
 
+def bh_reject(p: np.ndarray, fdr: float) -> np.ndarray:
+    """True where Benjamini-Hochberg rejects at ``fdr`` (NaN is no test). Sorts only the p-values
+    that could be rejected (at most ``fdr``), so a large family with few small p costs little."""
+    out = np.zeros(p.shape, dtype=bool)
+    m = int(np.isfinite(p).sum())
+    with np.errstate(invalid="ignore"):
+        small = np.flatnonzero(p <= fdr)
+    if len(small) == 0:
+        return out
+    ps = np.sort(p[small])
+    ok = np.flatnonzero(ps <= fdr * np.arange(1, len(ps) + 1) / m)
+    if len(ok):
+        out[small[p[small] <= ps[ok[-1]]]] = True
+    return out
+
+
 def bh_cutoff(p: np.ndarray, q: np.ndarray, fdr: float) -> float:
     """The largest p-value rejected at ``fdr`` (BH), or the first step's cutoff when none is."""
     hit = q <= fdr
@@ -80,12 +96,19 @@ def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndar
     ``allowed[i]``: False where test i may not make a device a straggler alone (it still counts in
     the BH family and is reported). ``n_samples``: samples behind each device's estimate."""
     n = len(tests[0].deficit)
-    p_tests = np.stack([np.where(t.basis != "", t.p_value(), np.nan) for t in tests])
+    applies = [t.basis != "" for t in tests]
+    p_tests = np.full((len(tests), n), np.nan)
+    for i, t in enumerate(tests):  # the t distribution only where the test applies (it is costly)
+        if applies[i].all():
+            p_tests[i] = t.p_value()
+        elif applies[i].any():
+            a = applies[i]
+            p_tests[i, a] = p_above(t.deficit[a], t.se[a], t.df[a], t.min_effect[a])
     q_all = bh_qvalues(p_tests.ravel()).reshape(len(tests), n)
     fire = np.zeros((len(tests), n), dtype=bool)
     for i, t in enumerate(tests):
         with np.errstate(invalid="ignore"):
-            fire[i] = (q_all[i] <= fdr) & (t.basis != "")
+            fire[i] = (q_all[i] <= fdr) & applies[i]
         if allowed is not None and not allowed[i]:
             fire[i] = False
     straggler = fire.any(axis=0)
@@ -95,38 +118,47 @@ def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndar
     primary = np.full(n, -1)
     best = np.where(fire, q_all, np.inf).argmin(axis=0)
     for i, t in enumerate(tests):
-        applies = t.basis != ""
-        primary = np.where((primary < 0) & applies, i, primary)
-        take = ((straggler & (best == i)) | (~straggler & applies)) & (pick < 0)
+        primary[(primary < 0) & applies[i]] = i
+        take = ((straggler & (best == i)) | (~straggler & applies[i])) & (pick < 0)
         pick[take] = i
     idx = np.arange(n)
-    has = pick >= 0
-    stack = {k: np.stack([getattr(t, k) for t in tests]) for k in ("deficit", "se", "df", "min_effect")}
-    fixed = np.stack([t.se_fixed if t.se_fixed is not None else np.zeros(n) for t in tests])
-    bases = np.stack([t.basis for t in tests])
-    basis[has] = bases[pick[has], idx[has]]
-    deficit, p, q = (np.where(has, a[np.maximum(pick, 0), idx], np.nan)
-                     for a in (stack["deficit"], p_tests, q_all))
+    deficit, se, df, thr, se_c = (np.full(n, np.nan) for _ in range(5))
+    p, q = np.full(n, np.nan), np.full(n, np.nan)
+    for i, t in enumerate(tests):
+        take = pick == i
+        if take.any():
+            basis[take] = t.basis[take]
+            deficit[take] = t.deficit[take]
+            p[take], q[take] = p_tests[i, take], q_all[i, take]
+        first = primary == i  # the primary test's numbers, for "below T" and the samples needed
+        if first.any():
+            se[first], df[first], thr[first] = t.se[first], t.df[first], t.min_effect[first]
+            se_c[first] = t.se_fixed[first] if t.se_fixed is not None else 0.0
     for j in np.flatnonzero(fire.sum(axis=0) > 1):  # several bases agree: name them all
         basis[j] = JOIN.join(t.basis[j] for i, t in enumerate(tests) if fire[i, j])
 
-    # Below T: the primary test (the device against its typical peer) rejects "deficit >= T".
+    # Below T: the primary test (the device against its typical peer) rejects "deficit >= T",
+    # i.e. p("deficit >= T") = 1 - p("deficit <= T") <= clear_level.
     pr = np.maximum(primary, 0)
-    d, se, df, thr, se_c = (a[pr, idx] for a in (*(stack[k] for k in ("deficit", "se", "df", "min_effect")), fixed))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_below = special.stdtr(df, (d - thr) / se)
-    below = (primary >= 0) & (p_below <= clear_level) & ~straggler
+    d = np.stack([t.deficit for t in tests])[pr, idx]
+    p_primary = p_tests[pr, idx]
+    with np.errstate(invalid="ignore"):
+        below = (primary >= 0) & (1 - p_primary <= clear_level) & ~straggler
     undecided = (primary >= 0) & ~below & ~straggler
-    # Samples needed: the device's own error must fall to the margin |d - T| / z (less the fixed part).
+    # Samples needed: the device's own error must fall to the margin |d - T| / t (less the fixed part).
     cut = bh_cutoff(p_tests.ravel(), q_all.ravel(), fdr)
-    with np.errstate(invalid="ignore"):  # the t quantile at today's degrees of freedom (conservative)
-        z = np.where(d > thr, special.stdtrit(df, 1 - cut), special.stdtrit(df, 1 - clear_level))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        own2 = np.clip(se ** 2 - se_c ** 2, 0, None)
-        room = (np.abs(d - thr) / z) ** 2 - se_c ** 2
-        need = np.ceil(n_samples * own2 / room) - n_samples
-    reachable = undecided & (room > 0) & np.isfinite(need) & (own2 > 0)
-    samples_needed = np.where(reachable, np.maximum(need, 1), np.nan)
+    samples_needed = np.full(n, np.nan)
+    reachable = np.zeros(n, dtype=bool)
+    u = np.flatnonzero(undecided)
+    if len(u):
+        with np.errstate(invalid="ignore", divide="ignore"):  # the t quantile at today's df (conservative)
+            z = np.where(d[u] > thr[u], special.stdtrit(df[u], 1 - cut), special.stdtrit(df[u], 1 - clear_level))
+            own2 = np.clip(se[u] ** 2 - se_c[u] ** 2, 0, None)
+            room = (np.abs(d[u] - thr[u]) / z) ** 2 - se_c[u] ** 2
+            need = np.ceil(n_samples[u] * own2 / room) - n_samples[u]
+        ok = (room > 0) & np.isfinite(need) & (own2 > 0)
+        reachable[u] = ok
+        samples_needed[u[ok]] = np.maximum(need[ok], 1)
     reason = np.full(n, "", dtype=object)
     reason[undecided] = "near the threshold"
     reason[undecided & ~reachable] = "comparison too uncertain to decide at the threshold"

@@ -128,7 +128,8 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
         step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
     spread = tiers.group_spread(pv, group, n_group, labels, config)
     summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units,
-                       cost.job_gain(step, straggler, group, n_group, labels, config.job_sizes), spread)
+                       cost.job_gain(step, straggler, group, n_group, labels, config.job_sizes), spread,
+                       tier.counts)
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
 
 
@@ -324,7 +325,8 @@ def _counts(values) -> dict:
 
 
 def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans: int,
-             history_rows: int, samples: int, n_units: int, jobs: list[dict], spread: dict) -> dict:
+             history_rows: int, samples: int, n_units: int, jobs: list[dict], spread: dict,
+             tier_counts: np.ndarray) -> dict:
     flagged = table[table["straggler"]]
     probes = pd.DataFrame({"probe": table["probe"].astype(str), "straggler": table["straggler"]})
     counts = probes.groupby("probe", sort=True)["straggler"].agg(["size", "sum"])
@@ -333,7 +335,7 @@ def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans
         "devices": int(n_units),
         "entries": int(len(table)),
         "stragglers": int(len(flagged)),
-        "verdicts": {v: int((table["verdict"] == v).sum()) for v in tiers.TIERS},
+        "verdicts": {v: int(k) for v, k in zip(tiers.TIERS, tier_counts)},
         "degraded": int(table["degraded"].sum()),
         "straggler_devices": int(flagged[["host", "gpu"]].drop_duplicates().shape[0]),
         "samples": int(samples),

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import groups
 from .bases import HISTORY, JOIN
-from .detect import bh_qvalues, p_above
+from .detect import bh_qvalues, bh_reject, p_above
 
 TIERS = ("straggler", "undecided", "slow", "healthy")
 CLASSES = ("A", "B", "C", "D")
@@ -43,6 +43,7 @@ class Tiers:
     perf_class: np.ndarray  # "A".."D", None outside a peer group of min_group+
     change_loss: np.ndarray  # loss since the change point (NaN without history)
     change_rank: np.ndarray  # scan rank of the first scan after the change
+    counts: np.ndarray  # devices per tier, in the order of TIERS
 
 
 def assign(verdict, pv, hv, has_peers: np.ndarray, group: np.ndarray, n_group: int, config) -> Tiers:
@@ -66,18 +67,31 @@ def assign(verdict, pv, hv, has_peers: np.ndarray, group: np.ndarray, n_group: i
         if HISTORY not in str(basis[j]).split(JOIN):
             basis[j] = f"{basis[j]}{JOIN}{HISTORY}"
 
-    with np.errstate(invalid="ignore"):
-        slow_at = config.slow_sigmas * pv.spread_net
-        p_slow = np.where(np.isfinite(slow_at) & has_peers, p_above(pv.deficit, pv.se, pv.df, slow_at), np.nan)
-    slow = bh_qvalues(p_slow) <= config.fdr
+    slow = _slow(pv, has_peers, config)
     undecided = (verdict.undecided | (verdict.basis == "none")) & ~straggler
-    out = np.full(n, "healthy", dtype=object)
-    out[slow & ~straggler & ~undecided] = "slow"
-    out[undecided] = "undecided"
-    out[straggler] = "straggler"
+    code = np.full(n, TIERS.index("healthy"), dtype=np.int8)
+    code[slow & ~straggler & ~undecided] = TIERS.index("slow")
+    code[undecided] = TIERS.index("undecided")
+    code[straggler] = TIERS.index("straggler")
+    out = np.asarray(TIERS, dtype=object)[code]
     reason = np.where(straggler, "", verdict.reason).astype(object)
     reason[undecided & (verdict.basis == "none")] = "nothing to compare with (no peers, history or reference)"
-    return Tiers(straggler, out, degraded, basis, reason, _classes(pv, group, n_group, config), loss, rank)
+    return Tiers(straggler, out, degraded, basis, reason, _classes(pv, group, n_group, config), loss, rank,
+                 np.bincount(code, minlength=len(TIERS)))
+
+
+def _slow(pv, has_peers: np.ndarray, config) -> np.ndarray:
+    """Credibly more than ``slow_sigmas`` healthy spreads below the centre: "deficit <= S" rejected
+    by BH at ``fdr`` over every device with a spread. Only a deficit above S can be rejected (its p is
+    below 1/2), so the t distribution is evaluated there alone; the others count in the family."""
+    with np.errstate(invalid="ignore"):
+        slow_at = config.slow_sigmas * pv.spread_net
+        family = np.isfinite(slow_at) & has_peers & np.isfinite(pv.deficit)
+        maybe = family & (pv.deficit > slow_at)
+    p = np.where(family, 1.0, np.nan)
+    if maybe.any():
+        p[maybe] = p_above(pv.deficit[maybe], pv.se[maybe], pv.df[maybe], slow_at[maybe])
+    return bh_reject(p, config.fdr)
 
 
 def _classes(pv, group: np.ndarray, n_group: int, config) -> np.ndarray:

@@ -11,7 +11,8 @@ import pytest
 from test_analysis import MODEL, fleet, flagged, row
 from straggler import records
 from straggler.analysis import AnalysisConfig, analyze
-from straggler.analysis.detect import Test, decide
+from straggler.analysis.detect import Test as Evidence
+from straggler.analysis.detect import decide
 
 
 def test_a_device_just_above_the_threshold_is_undecided_until_enough_samples_decide_it():
@@ -48,7 +49,7 @@ def test_bh_controls_the_decision_across_the_fleet():
     tests straddling T (Benjamini-Hochberg); a stronger one (8%) is decided among them too."""
     def tests(d):
         n = len(d)
-        return Test(np.full(n, "fleet_peers", dtype=object), np.asarray(d, dtype=float), np.full(n, 0.005),
+        return Evidence(np.full(n, "fleet_peers", dtype=object), np.asarray(d, dtype=float), np.full(n, 0.005),
                     np.full(n, 12.0), np.full(n, 0.04))
 
     alone = decide([tests([0.06])], fdr=0.01, clear_level=0.05, n_samples=np.array([5]))
@@ -122,3 +123,13 @@ def test_throttle_bit_masks_name_the_cause_and_unknown_names_are_counted_never_t
     assert list(row(res, "GPU-0020")["causes"]) == ["unexplained"]
     assert res.dropped == {"throttle_reasons not an NVML clock-event reason (name ignored)": 5}
     assert res.summary["samples"] == 64 * 5  # nothing measured is lost
+
+
+def test_bh_reject_matches_the_q_values():
+    from straggler.analysis.detect import bh_qvalues, bh_reject
+
+    rng = np.random.default_rng(0)
+    for k in range(50):
+        p = np.concatenate([rng.uniform(0, 1, 200), rng.uniform(0, 0.001, k), [np.nan] * 3])
+        for fdr in (0.01, 0.05):
+            assert (bh_reject(p, fdr) == (bh_qvalues(p) <= fdr)).all()
