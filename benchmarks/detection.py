@@ -320,11 +320,11 @@ def history_row(fleet: Fleet, config: AnalysisConfig) -> dict:
     drift = truth["drifting"].to_numpy()
     stable = (truth["kind"] != "drifting").to_numpy()
     inside = drift & (truth["true_deficit"] < T).to_numpy()
-    reach = drift & (truth["true_deficit"] >= T + 0.01).to_numpy()
+    reach = drift & (truth["true_deficit"] >= T).to_numpy()
     return {"degraded recall": (degraded[drift].sum(), drift.sum()),
             "degraded recall, ending inside T": (degraded[inside].sum(), inside.sum()),
             "stable marked": (degraded[stable].sum(), stable.sum()),
-            "straggler among drifting >= T+1pt": (flagged[reach].sum(), reach.sum()),
+            "straggler among drifting >= T": (flagged[reach].sum(), reach.sum()),
             "straggler among drifting < T": (flagged[inside].sum(), inside.sum())}
 
 
@@ -421,7 +421,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=20_000)
     ap.add_argument("--spreads", default="0.001,0.005,0.01,0.017,0.025", help="silicon spreads (robust std)")
-    ap.add_argument("--rounds", type=int, default=3, help="re-measurement rounds for undecided devices")
+    ap.add_argument("--rounds", type=int, default=6, help="re-measurement rounds for undecided devices")
     ap.add_argument("--history", type=int, default=6, help="past scans for the history table (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scale", action="store_true", help="skip the 100,000-device runtime run")
