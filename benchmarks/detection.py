@@ -219,10 +219,12 @@ def _by_truth(res, truth: pd.DataFrame) -> pd.DataFrame:
     return res.devices.set_index("gpu").reindex(truth["gpu"]).reset_index()
 
 
-def detect(fleet: Fleet, config: AnalysisConfig, rounds: int = 0, use_history: bool = False):
+def detect(fleet: Fleet, config: AnalysisConfig, rounds: int = 0, use_history: bool = False,
+           as_needed: bool = False):
     """Analyse the first round's samples, then give the undecided devices their next reserve
-    samples, up to ``rounds`` times. Returns ([device table per round, aligned with truth], seconds
-    of the first analysis, rounds run)."""
+    samples, up to ``rounds`` times: 5 each round, or (``as_needed``) the device's ``samples_needed``
+    (at least 5; all 5 where it has none). Returns ([device table per round, aligned with truth],
+    seconds of the first analysis, rounds run)."""
     df = fleet.samples
     n = len(fleet.truth)
     per = len(df) // n
@@ -242,7 +244,11 @@ def detect(fleet: Fleet, config: AnalysisConfig, rounds: int = 0, use_history: b
         undecided = (d["verdict"] == "undecided").to_numpy()
         if r == rounds or not undecided.any() or (have[undecided] >= per).all():
             break
-        have = np.where(undecided, np.minimum(have + fleet.base_samples, per), have)
+        more = np.full(n, fleet.base_samples)
+        if as_needed:
+            need = d["samples_needed"].to_numpy(dtype=float)
+            more = np.where(np.isfinite(need), np.maximum(need, fleet.base_samples), more).astype(int)
+        have = np.where(undecided, np.minimum(have + more, per), have)
     return out, dt, len(out) - 1
 
 
@@ -330,7 +336,7 @@ def history_row(fleet: Fleet, config: AnalysisConfig) -> dict:
 
 def run(spreads, devices: int, rounds: int, history: int, seed: int = 0) -> str:
     cfg = AnalysisConfig()
-    one, after, anchors, causes, hist, spread_rows, times = {}, {}, {}, {}, {}, {}, {}
+    one, after, as_needed, anchors, causes, hist, spread_rows, times = {}, {}, {}, {}, {}, {}, {}, {}
     for sp in spreads:
         label = f"{sp:.1%}"
         t0 = time.perf_counter()
@@ -342,9 +348,18 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0) -> str:
         one[label] = detector_row(fleet.truth, tables[0], cd[0])
         last = tables[-1]
         sel = (fleet.truth["kind"] == f"straggler {T + 0.01:.0%}").to_numpy()
-        by_round = "/".join(f"{t['straggler'].fillna(False).to_numpy(dtype=bool)[sel].mean():.2f}" for t in tables)
-        after[label] = {"rounds run": str(ran), f"recall {T + 0.01:.0%} by round": by_round,
-                        **detector_row(fleet.truth, last)}
+
+        def by_round(ts):
+            return "/".join(f"{t['straggler'].fillna(False).to_numpy(dtype=bool)[sel].mean():.2f}" for t in ts)
+
+        def samples_used(ts):  # mean samples per device over the rounds, the first round's 5 included
+            return f"{ts[-1]['n_samples'].mean():.2f}"
+
+        after[label] = {"rounds run": str(ran), f"recall {T + 0.01:.0%} by round": by_round(tables),
+                        "samples/device": samples_used(tables), **detector_row(fleet.truth, last)}
+        needed, _, ran_n = detect(fleet, cfg, rounds, as_needed=True)
+        as_needed[label] = {"rounds run": str(ran_n), f"recall {T + 0.01:.0%} by round": by_round(needed),
+                            "samples/device": samples_used(needed), **detector_row(fleet.truth, needed[-1])}
         anchors.update({f"{label} {k}": v for k, v in anchor_rows(fleet).items()})
         causes[label] = cause_row(fleet.truth, last)
         res = analyze(fleet.samples[fleet.samples["sample"] < fleet.base_samples], None, cfg)
@@ -361,6 +376,8 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0) -> str:
              md_table("silicon spread", one),
              f"\n## after re-measurement (undecided devices get 5 more samples per round, at most {rounds} rounds)\n",
              md_table("silicon spread", after),
+             "\n## after re-measurement, each undecided device given its samples_needed (at least 5) per round\n",
+             md_table("silicon spread", as_needed),
              "\n## the healthy spread the analysis reports (summary.groups), and its warning\n",
              md_table("silicon spread", spread_rows),
              "\n## named cause among flagged stragglers (after re-measurement)\n",
