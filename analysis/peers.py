@@ -87,6 +87,10 @@ def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray
     # sit on the other side, so the spread is not inflated by them nor truncated at T.
     up = ratio - 1
     spread = 1.4826 * groups.median(g, np.where(up > 0, up, np.nan), n_group)
+    # No device above the centre (healthy devices all equal, as in a replayed or synthetic table):
+    # the spread is 0, not unknown.
+    none_up = (groups.count(g, n_group, up > 0) == 0) & (groups.count(g, n_group, np.isfinite(up)) > 0)
+    spread = np.where(none_up, 0.0, spread)
     n_h = groups.count(g, n_group, healthy)
     with np.errstate(invalid="ignore", divide="ignore"):
         own = est.se_rel[sel] * ratio

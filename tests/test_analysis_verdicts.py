@@ -133,3 +133,13 @@ def test_bh_reject_matches_the_q_values():
         p = np.concatenate([rng.uniform(0, 1, 200), rng.uniform(0, 0.001, k), [np.nan] * 3])
         for fdr in (0.01, 0.05):
             assert (bh_reject(p, fdr) == (bh_qvalues(p) <= fdr)).all()
+
+
+def test_identical_healthy_devices_have_no_spread_and_the_slow_one_is_decided():
+    """Three devices measuring exactly 100 and one at 60: no device lies above the centre, so the
+    healthy spread is 0 (not unknown) and the 40% deficit is a straggler."""
+    rows = [{"host": "h", "gpu": f"g{d}", "model": "m", "probe": "matmul", "sample": s, "value": v}
+            for d, values in enumerate(([100, 100, 100],) * 3 + ([60, 61, 60],)) for s, v in enumerate(values)]
+    res = analyze(pd.DataFrame(rows))
+    assert flagged(res) == {"g3"}
+    assert res.summary["groups"][0]["spread"] == 0.0
