@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import groups
-from .bases import HISTORY, JOIN
+from .bases import HISTORY, JOIN, NONE
 from .detect import bh_qvalues, bh_reject, p_above
 
 TIERS = ("straggler", "undecided", "slow", "healthy")
@@ -74,14 +74,14 @@ def assign(verdict, pv, hv, has_peers: np.ndarray, group: np.ndarray, n_group: i
             basis[j] = f"{basis[j]}{JOIN}{HISTORY}"
 
     slow = _slow(pv, has_peers, config)
-    undecided = (verdict.undecided | (verdict.basis == "none")) & ~straggler
+    undecided = (verdict.undecided | (verdict.basis == NONE)) & ~straggler
     code = np.full(n, TIERS.index("healthy"), dtype=np.int8)
     code[slow & ~straggler & ~undecided] = TIERS.index("slow")
     code[undecided] = TIERS.index("undecided")
     code[straggler] = TIERS.index("straggler")
     out = np.asarray(TIERS, dtype=object)[code]
     reason = np.where(straggler, "", verdict.reason).astype(object)
-    reason[undecided & (verdict.basis == "none")] = "nothing to compare with (no peers, history or reference)"
+    reason[undecided & (verdict.basis == NONE)] = "nothing to compare with (no peers, history or reference)"
     return Tiers(straggler, out, degraded, basis, reason, _classes(pv, group, n_group, config), loss, rank,
                  np.bincount(code, minlength=len(TIERS)))
 
