@@ -8,7 +8,9 @@ started, not from its middle); the change test compares the current value with t
 against the scan-to-scan noise pooled over the peer group (and the current value's own error).
 A device with peers is followed relative to them (its value over the peer group's centre in each
 scan), so a change of the whole fleet is not a change of each device; a device without peers is
-followed on its absolute values.
+followed on its absolute values. That test decides only for a device without peers; the series of
+past scans and the current one also gives each device its change point (change.py), from which the
+tiers derive ``degraded``.
 """
 
 from __future__ import annotations
