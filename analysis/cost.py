@@ -31,7 +31,9 @@ def expected_max(step: np.ndarray, sizes, presorted: bool = False) -> list[float
     for n in sizes:  # P(max = t_i) = F_i^n - F_(i-1)^n
         e = n * log_f
         e[e < -700] = -np.inf  # exactly 0 instead of subnormal numbers (slow, and below any t_i weight)
-        out.append(float(np.dot(t, np.diff(np.exp(e)))))
+        # einsum, not np.dot: a BLAS dot of 100,000 values took 15-30 ms on a loaded 2-core machine
+        # (its threads wait for cores), einsum 0.1 ms.
+        out.append(float(np.einsum("i,i->", t, np.diff(np.exp(e)))))
     return out
 
 

@@ -3,15 +3,13 @@ this one only wires them together on integer codes (one row per sample -> one ro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from scipy import special
-
 from straggler.errors import ConfigError
 
-from . import bases, cost, groups, peers, validate
+from . import bases, cost, groups, peers, tiers, validate
 from . import causes as causes_mod
 from . import history as own
 from .detect import Test, decide
@@ -62,19 +60,34 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
               if "sample" in cur.columns else np.full(len(cur), np.nan))
     pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
                        config.min_effect_few, rows=(dev, sample, cur["value"].to_numpy(dtype=float)))
-    node_centre, node_deficit, node_p = peers.node_compare(est, group, host_code, pv, config.min_group,
-                                                                 config.min_effect)
-    hv = own.compare(est.value, est.se_rel, group, n_group, rows.cur_rank,
-                     *_past_scans(rows, group, n_group, config), prior_df=config.prior_df)
-    ref_value, ref_test = _reference(config, cur, first, est, pv.basis == "")
+    node_centre, node_deficit, node_se, node_df, node_fixed = peers.node_compare(
+        est, group, host_code, pv, config.min_group)
+    past_dev, past_rank, past_value, past_median = _past_scans(rows, group, n_group, config)
+    hv = own.compare(est.value, est.se_rel, group, n_group, rows.cur_rank, past_dev, past_rank, past_value,
+                     prior_df=config.prior_df)
+    if len(past_dev):
+        # The change point is found on per-scan sample medians: two upward spikes of heavy-tailed
+        # noise among 5 samples move the transient-robust value (anchored on the upper quartile),
+        # not the median; in the benchmark that halved the stable devices marked.
+        by_median = own.compare(est.median, est.se_rel, group, n_group, rows.cur_rank, past_dev, past_rank,
+                                past_median, prior_df=config.prior_df)
+        hv = replace(hv, change=by_median.change, change_rank=by_median.change_rank)
+    has_peers = pv.basis != ""
+    ref_value, ref_test = _reference(config, cur, first, est, ~has_peers)
+    threshold = np.full(n_dev, config.min_effect)
+    with np.errstate(invalid="ignore"):
+        hist_fixed = np.sqrt(np.clip(hv.se ** 2 - est.se_rel ** 2, 0, None))
     verdict = decide([
-        Test(pv.basis, pv.deficit, pv.p_value, pv.min_effect),  # the first two: PEER_TEST, MATES_TEST
-        Test(np.where(np.isfinite(node_p), bases.NODE_MATES, ""), node_deficit, node_p,
-             np.full(n_dev, config.min_effect)),
-        Test(np.where(hv.n_scans > 0, bases.HISTORY, ""), hv.deficit, hv.p_value,
-             np.full(n_dev, config.min_effect)),
+        Test(pv.basis, pv.deficit, pv.se, pv.df, pv.min_effect, pv.se_fixed),  # PEER_TEST, MATES_TEST
+        Test(np.where(np.isfinite(node_se), bases.NODE_MATES, ""), node_deficit, node_se, node_df,
+             threshold, node_fixed),
+        # Own history decides only for a device without peers; with peers it is the `degraded` flag.
+        Test(np.where((hv.n_scans > 0) & ~has_peers, bases.HISTORY, ""), hv.deficit, hv.se,
+             np.full(n_dev, np.inf), threshold, hist_fixed),
         ref_test,
-    ], config.fdr)
+    ], config.fdr, config.clear_level, est.n_kept)
+    tier = tiers.assign(verdict, pv, hv, has_peers, group, n_group, config)
+    straggler = tier.straggler
 
     basis_value = np.where(np.isfinite(pv.peer_value), pv.peer_value,
                            np.where(np.isfinite(hv.baseline), hv.baseline, ref_value))
@@ -84,19 +97,26 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     basis_value = np.where(by_mates, node_centre, basis_value)
     cost_dev = cost.device_cost(est.value, basis_value)
     # Stragglers first, by cost; the device table is built in that order (no reordering afterwards).
-    order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~verdict.straggler))
+    order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~straggler))
     columns = {c: pd.Series(rows.key_values[c].take(code[c][order])) for c in (*DEVICE_KEY, "model")}
-    cause, evidence = _explain(rows, group, n_group, host_code, order, columns, pv, hv, verdict, node_deficit)
+    cause, evidence = _explain(rows, group, n_group, host_code, order, columns, pv, hv, verdict, tier,
+                               node_deficit)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = est.value / pv.peer_value
+    change_scan, change_ts = _scan_labels(rows, tier.change_rank, tier.degraded)
     columns["index"] = pd.to_numeric(_device_column(cur, first[order], "index"), errors="coerce")
     columns.update({
-        "straggler": verdict.straggler, "basis": verdict.basis.astype(object), "deficit": verdict.deficit,
+        "straggler": straggler, "verdict": tier.verdict, "degraded": tier.degraded,
+        "basis": tier.basis.astype(object), "deficit": verdict.deficit,
         "cost": cost_dev, "causes": _objects(cause), "evidence": _objects(evidence), "n_samples": est.n_samples,
         "n_kept": est.n_kept, "value": est.value, "median": est.median, "peer_median": pv.peer_value,
-        "ratio": ratio, "peer_group_size": pv.group_size, "p_value": verdict.p_value,
-        "q_value": verdict.q_value, "history_scans": hv.n_scans, "history_baseline": hv.baseline,
-        "history_deficit": hv.deficit,
+        "ratio": ratio, "ratio_low": ratio - 1.96 * pv.se, "ratio_high": ratio + 1.96 * pv.se,
+        "perf_class": tier.perf_class, "peer_spread": pv.spread_net,
+        "peer_group_size": pv.group_size, "p_value": verdict.p_value,
+        "q_value": verdict.q_value, "samples_needed": verdict.samples_needed, "undecided_reason": tier.reason,
+        "history_scans": hv.n_scans, "history_baseline": hv.baseline,
+        "history_deficit": hv.deficit, "change_loss": tier.change_loss, "change_scan": change_scan,
+        "change_ts": change_ts,
     })
     table = pd.DataFrame({c: columns[c] if isinstance(columns[c], pd.Series) else
                           pd.Series(columns[c][order], dtype=object) if columns[c].dtype == object else
@@ -107,24 +127,27 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
               zip(*(rows.key_values[c].take(code[c][at]).tolist() for c in ("model", "probe", "settings")))]
     with np.errstate(invalid="ignore", divide="ignore"):
         step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
+    spread = tiers.group_spread(pv, group, n_group, labels, config)
     summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units,
-                       cost.job_gain(step, verdict.straggler, group, n_group, labels, config.job_sizes))
+                       cost.job_gain(step, straggler, group, n_group, labels, config.job_sizes), spread,
+                       tier.counts)
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
 
 
-def _explain(rows: "_Rows", group, n_group, host_code, order, columns, pv, hv, verdict, node_deficit):
+def _explain(rows: "_Rows", group, n_group, host_code, order, columns, pv, hv, verdict, tier, node_deficit):
     """(causes, evidence) per device; only stragglers get any (the telemetry is read only then)."""
     n_dev = rows.n_dev
-    if not verdict.straggler.any():
+    straggler = tier.straggler
+    if not straggler.any():
         return [()] * n_dev, [""] * n_dev
     membw = np.empty(n_dev, dtype=bool)
     membw[order] = columns["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
-    k = int(verdict.straggler.sum())  # the stragglers come first in `order`
+    k = int(straggler.sum())  # the stragglers come first in `order`
     names = dict(zip(order[:k].tolist(), columns["host"].iloc[:k].tolist()))
     tel = causes_mod.device_telemetry(rows.cur, rows.dev, n_dev)
-    cause, evidence = causes_mod.explain(tel, verdict.straggler, group, n_group, host_code, names, membw)
-    for i in np.flatnonzero(verdict.straggler):
-        evidence[i] = _verdict_text(i, pv, hv, verdict, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
+    cause, evidence = causes_mod.explain(tel, straggler, group, n_group, host_code, names, membw)
+    for i in np.flatnonzero(straggler):
+        evidence[i] = _verdict_text(i, pv, hv, verdict, tier, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
     return cause, evidence
 
 
@@ -136,14 +159,36 @@ def _objects(values: list) -> np.ndarray:
 
 
 def _past_scans(rows: "_Rows", group, n_group, config):
-    """One value per (device, past scan), estimated like the current scan's (transients removed)."""
+    """One value per (device, past scan), estimated like the current scan's (transients removed),
+    and its plain sample median."""
     dev, rank, value = rows.past_dev, rows.past_rank, rows.past_value
     if len(dev) == 0:
-        return dev, rank, value
+        return dev, rank, value, value
     ds, n_ds = groups.factorize(dev, rank)
     first = groups.first_index(ds, n_ds)
     est = estimate(ds, n_ds, value, group[dev[first]], n_group, config.dip_sigmas, config.prior_df)
-    return dev[first], rank[first], est.value
+    return dev[first], rank[first], est.value, est.median
+
+
+def _scan_labels(rows: "_Rows", rank: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scan_id and time (latest ts) of scan ``rank`` where ``hit`` (None / NaN elsewhere)."""
+    n = len(rank)
+    ids, ts = np.full(n, None, dtype=object), np.full(n, np.nan)
+    if not hit.any() or any("scan_id" not in t.columns for t in rows.tables):
+        return ids, ts
+    scan_ids = pd.concat([t["scan_id"] for t in rows.tables], ignore_index=True)
+    scan_ts = (pd.to_numeric(pd.concat([t["ts"] for t in rows.tables], ignore_index=True), errors="coerce")
+               .to_numpy(dtype=float, na_value=np.nan) if all("ts" in t.columns for t in rows.tables) else None)
+    code = rows.all_rank - rows.all_rank.min()
+    n_code = int(code.max()) + 1
+    at = groups.first_index(code, n_code)
+    want = rank[hit] - rows.all_rank.min()
+    ids[hit] = scan_ids.iloc[np.minimum(at[want], len(code) - 1)].astype(object).to_numpy()
+    if scan_ts is not None:
+        sel = np.isin(code, want)
+        when = groups.extreme(code[sel], scan_ts[sel], n_code, "max")
+        ts[hit] = when[want]
+    return ids, ts
 
 
 @dataclass(frozen=True)
@@ -158,6 +203,8 @@ class _Rows:
     past_value: np.ndarray
     key_codes: dict  # {"host"|"gpu"|"probe"|"settings"|"model": code per current row}
     key_values: dict  # {same keys: the values the codes stand for}
+    all_rank: np.ndarray | None = None  # scan rank of every row (history first), for the labels
+    tables: tuple = ()  # (history rows, input rows): read for the labels only when needed
 
 
 def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> _Rows:
@@ -167,6 +214,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     keys = {c: frame[c] for c in DEVICE_KEY}
     value_all = frame["value"].to_numpy(dtype=float)
     offset = 0
+    tables = (frame,)
     if history is not None and len(history):
         past, hdrop = validate.clean(history, "history")
         if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own samples again
@@ -181,6 +229,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
             keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}
             value_all = np.concatenate([past["value"].to_numpy(dtype=float), value_all])
             offset = len(past)
+            tables = (past, frame)
     factors = {c: pd.factorize(keys[c], use_na_sentinel=False) for c in DEVICE_KEY}
     factors["model"] = pd.factorize(frame["model"], use_na_sentinel=False)  # current rows only need it
     key_codes = {c: codes.astype(np.int64, copy=False) for c, (codes, _) in factors.items() if c != "model"}
@@ -205,7 +254,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     return _Rows(cur, dev, n_dev, n_scans, cur_rank, past_dev[has], rank[was][has], value_all[was][has],
                  {**{c: k[cur_all] for c, k in key_codes.items()},
                   "model": factors["model"][0].astype(np.int64, copy=False)[in_frame]},
-                 {c: u for c, (_, u) in factors.items()})
+                 {c: u for c, (_, u) in factors.items()}, rank, tables)
 
 
 def _in_input(past: pd.DataFrame, frame: pd.DataFrame) -> np.ndarray:
@@ -244,12 +293,12 @@ def _reference(config: AnalysisConfig, cur: pd.DataFrame, first: np.ndarray, est
         ref = np.where(alone, ref, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         deficit = 1 - est.value / ref
-        p = special.stdtr(est.df, -deficit / est.se_rel)
+        se = est.se_rel * est.value / ref
     basis = np.where(np.isfinite(ref), bases.REFERENCE, "").astype(object)
-    return ref, Test(basis, deficit, p, np.full(n, config.min_effect))
+    return ref, Test(basis, deficit, se, est.df, np.full(n, config.min_effect), np.zeros(n))
 
 
-def _verdict_text(i: int, pv, hv, verdict, node_deficit) -> str:
+def _verdict_text(i: int, pv, hv, verdict, tier, node_deficit) -> str:
     parts = []
     if np.isfinite(pv.peer_value[i]):
         others = pv.group_size[i] - 1
@@ -266,6 +315,8 @@ def _verdict_text(i: int, pv, hv, verdict, node_deficit) -> str:
     if hv.n_scans[i] > 0:
         parts.append(f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans"
                      + (" (relative to its peers)" if hv.relative[i] else ""))
+    if tier.degraded[i]:
+        parts.append(f"degraded: lost {tier.change_loss[i]:.1%} against its own past since a change point")
     parts.append(f"q={verdict.q_value[i]:.2g}")
     return ", ".join(parts)
 
@@ -275,7 +326,8 @@ def _counts(values) -> dict:
 
 
 def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans: int,
-             history_rows: int, samples: int, n_units: int, jobs: list[dict]) -> dict:
+             history_rows: int, samples: int, n_units: int, jobs: list[dict], spread: dict,
+             tier_counts: np.ndarray) -> dict:
     flagged = table[table["straggler"]]
     probes = pd.DataFrame({"probe": table["probe"].astype(str), "straggler": table["straggler"]})
     counts = probes.groupby("probe", sort=True)["straggler"].agg(["size", "sum"])
@@ -284,6 +336,8 @@ def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans
         "devices": int(n_units),
         "entries": int(len(table)),
         "stragglers": int(len(flagged)),
+        "verdicts": {v: int(k) for v, k in zip(tiers.TIERS, tier_counts)},
+        "degraded": int(table["degraded"].sum()),
         "straggler_devices": int(flagged[["host", "gpu"]].drop_duplicates().shape[0]),
         "samples": int(samples),
         "scans": int(n_scans),
@@ -295,5 +349,10 @@ def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans
         "fdr": config.fdr,
         "min_effect": config.min_effect,
         "min_effect_few": config.min_effect_few,
+        "clear_level": config.clear_level,
+        "slow_sigmas": config.slow_sigmas,
+        "min_change": config.min_change,
+        "groups": spread["groups"],
+        "warnings": spread["warnings"],
         "job_cost": jobs,
     }

@@ -8,7 +8,9 @@ started, not from its middle); the change test compares the current value with t
 against the scan-to-scan noise pooled over the peer group (and the current value's own error).
 A device with peers is followed relative to them (its value over the peer group's centre in each
 scan), so a change of the whole fleet is not a change of each device; a device without peers is
-followed on its absolute values.
+followed on its absolute values. That test decides only for a device without peers; the series of
+past scans and the current one also gives each device its change point (change.py), from which the
+tiers derive ``degraded``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 from scipy import special
 
 from . import groups
+from .change import Change, changepoint
 
 
 def scan_rank(frame: pd.DataFrame) -> np.ndarray:
@@ -66,6 +69,9 @@ class HistoryVerdict:
     deficit: np.ndarray  # 1 - value / baseline
     p_value: np.ndarray
     relative: np.ndarray  # True where compared relative to its peers (False: absolute values)
+    se: np.ndarray  # standard error of the deficit (normal)
+    change: Change | None = None  # the change point of the series of past scans and the current one
+    change_rank: np.ndarray | None = None  # scan rank of the first scan after the change (-1: none)
 
 
 def centre(key: np.ndarray, value: np.ndarray, n_key: int) -> np.ndarray:
@@ -99,7 +105,7 @@ def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_g
     nan = np.full(n_dev, np.nan)
     peers_now = np.bincount(group_of_dev, weights=np.isfinite(value), minlength=n_group)[group_of_dev] >= 2
     if len(s_dev) == 0:
-        return HistoryVerdict(np.zeros(n_dev, dtype=np.int64), nan, nan.copy(), nan.copy(), peers_now)
+        return HistoryVerdict(np.zeros(n_dev, dtype=np.int64), nan, nan.copy(), nan.copy(), peers_now, nan.copy())
     cur_centre = centre(group_of_dev, value, n_group)
     key, n_key = groups.factorize(np.concatenate([group_of_dev[s_dev], group_of_dev]),
                                   np.concatenate([s_rank, cur_rank]))
@@ -112,7 +118,7 @@ def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_g
     if not use.all():
         s_dev, s_rank, s_val = s_dev[use], s_rank[use], s_val[use]
     order = np.lexsort((s_rank, s_dev))
-    s_dev, s_val = s_dev[order], s_val[order]
+    s_dev, s_val, s_rank = s_dev[order], s_val[order], s_rank[order]
     k = np.bincount(s_dev, minlength=n_dev)
     start = np.cumsum(k) - k
     pos = np.arange(len(s_dev)) - start[s_dev]  # 0 = the device's oldest past scan
@@ -138,4 +144,28 @@ def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_g
         z = deficit / np.sqrt(var_diff)
     p = np.where(k > 0, special.ndtr(-z), np.nan)
     shown = np.where(peers_now, baseline * cur_centre, baseline)  # in the current value's terms
-    return HistoryVerdict(k, np.where(k > 0, shown, np.nan), np.where(k > 0, deficit, np.nan), p, peers_now)
+    change, change_rank = _change(s_dev, pos, s_val, s_rank, value, cur_rank, k, group_of_dev, n_group,
+                                  prior_var, prior_df)
+    return HistoryVerdict(k, np.where(k > 0, shown, np.nan), np.where(k > 0, deficit, np.nan), p, peers_now,
+                          np.where(k > 0, np.sqrt(var_diff), np.nan), change, change_rank)
+
+
+def _change(s_dev, pos, s_val, s_rank, value, cur_rank, k, group_of_dev, n_group, prior_var, prior_df):
+    """The change point of each device's series: its past scans (sorted by device, then scan) and
+    its current value last. Returns (Change, scan rank of the first scan after the change)."""
+    n_dev = len(value)
+    now = np.flatnonzero((k > 0) & np.isfinite(value))
+    dev = np.concatenate([s_dev, now])
+    at = np.concatenate([pos, k[now]])
+    order = np.lexsort((at, dev))
+    x = np.concatenate([s_val, value[now]])[order]
+    ranks = np.concatenate([s_rank, cur_rank[now]])[order]
+    dev, at = dev[order], at[order]
+    keep = np.isin(dev, now)  # a device without a current value has no series to test
+    dev, at, x, ranks = dev[keep], at[keep], x[keep], ranks[keep]
+    ch = changepoint(dev, at, x, n_dev, group_of_dev, n_group, prior_var, prior_df)
+    k_all = np.bincount(dev, minlength=n_dev)
+    start = np.cumsum(k_all) - k_all
+    rank = np.where(ch.start >= 0, ranks[np.clip(start + ch.start, 0, max(len(ranks) - 1, 0))], -1) \
+        if len(ranks) else np.full(n_dev, -1)
+    return ch, rank

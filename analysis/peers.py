@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
-
 from . import groups
 from .bases import FLEET, HOST, LOO
 from .estimate import Estimates
@@ -28,10 +26,14 @@ class PeerVerdict:
     group_size: np.ndarray  # devices in the peer group
     peer_value: np.ndarray  # healthy centre of the peers (leave-one-out: the others' mean)
     deficit: np.ndarray  # 1 - value / peer_value
-    p_value: np.ndarray  # one-sided: the device is not slower than its peers
-    min_effect: np.ndarray  # the minimum effect that applies to the device
+    se: np.ndarray  # standard error of the deficit (the device's and the centre's together)
+    df: np.ndarray  # its degrees of freedom
+    se_fixed: np.ndarray  # the centre's part of se (more samples of the device leave it)
+    min_effect: np.ndarray  # the threshold T that applies to the device
     basis: np.ndarray  # bases.HOST / bases.FLEET (+ bases.LOO), "" without peers
-    spread: np.ndarray  # robust std of the healthy devices' ratios in the group
+    spread: np.ndarray  # robust std of the devices' ratios in the group (measurement noise included)
+    spread_net: np.ndarray  # the same net of measurement noise: the healthy silicon spread
+    noise: np.ndarray  # typical standard error of one device's ratio in the group
 
 
 def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev: np.ndarray,
@@ -44,27 +46,29 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
     hosts = np.bincount(group_of_dev[groups.first_index(pair, n_pair)], minlength=n_group)
     basis = np.where(hosts[group_of_dev] > 1, FLEET, HOST).astype(object)
 
-    peer = np.full(n_dev, np.nan)
-    p = np.full(n_dev, np.nan)
-    spread = np.full(n_dev, np.nan)
+    nan = np.full(n_dev, np.nan)
+    peer, se, df, fixed = nan.copy(), nan.copy(), nan.copy(), nan.copy()
+    spread, spread_net, noise = nan.copy(), nan.copy(), nan.copy()
     big = size >= min_group
     if big.any():
-        peer[big], p[big], spread[big] = _population(est, group_of_dev, n_group, big, min_effect)
+        (peer[big], se[big], df[big], fixed[big], spread[big], spread_net[big],
+         noise[big]) = _population(est, group_of_dev, n_group, big, min_effect)
     few = (size >= 2) & ~big
-    with np.errstate(invalid="ignore", divide="ignore"):
-        deficit = np.full(n_dev, np.nan)
+    deficit = nan.copy()
     if few.any():
-        peer[few], p[few] = _leave_one_out(est, group_of_dev, n_group, few)
+        peer[few], se[few], df[few], fixed[few] = _leave_one_out(est, group_of_dev, n_group, few)
         with np.errstate(invalid="ignore", divide="ignore"):
             deficit[few] = 1 - est.value[few] / peer[few]
         if rows is not None:
-            paired, d_pair, p_pair = _paired(est, group_of_dev, n_group, few, *rows)
-            deficit[paired], p[paired] = d_pair[paired], p_pair[paired]
+            paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, *rows)
+            deficit[paired], se[paired], df[paired] = d_pair[paired], se_pair[paired], df_pair[paired]
+            fixed[paired] = 0.0  # paired: the others' samples of the same moments, all re-measured
         basis[few] = basis[few] + LOO
     basis[size < 2] = ""
     with np.errstate(invalid="ignore", divide="ignore"):
         deficit = np.where(few, deficit, 1 - est.value / peer)
-    return PeerVerdict(size, peer, deficit, p, np.where(big, min_effect, min_effect_few), basis, spread)
+    return PeerVerdict(size, peer, deficit, se, df, fixed, np.where(big, min_effect, min_effect_few), basis,
+                       spread, spread_net, noise)
 
 
 def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray, min_effect: float):
@@ -78,19 +82,27 @@ def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray
         healthy = np.abs(d) < max(min_effect, 1e-12)
     centre = groups.median(g, np.where(healthy, value, np.nan), n_group)
     ratio = value / centre[g]
-    dev = np.abs(ratio - groups.median(g, np.where(healthy, ratio, np.nan), n_group)[g])
-    spread = 1.4826 * groups.median(g, np.where(healthy, dev, np.nan), n_group)
-    n_h = groups.count(g, n_group, healthy)
     known = est.noise_known[sel]
+    # The spread from the fast side only (ratios above the centre): slow devices, however many,
+    # sit on the other side, so the spread is not inflated by them nor truncated at T.
+    up = ratio - 1
+    spread = 1.4826 * groups.median(g, np.where(up > 0, up, np.nan), n_group)
+    # No device above the centre (healthy devices all equal, as in a replayed or synthetic table):
+    # the spread is 0, not unknown.
+    none_up = (groups.count(g, n_group, up > 0) == 0) & (groups.count(g, n_group, np.isfinite(up)) > 0)
+    spread = np.where(none_up, 0.0, spread)
+    n_h = groups.count(g, n_group, healthy)
     with np.errstate(invalid="ignore", divide="ignore"):
+        own = est.se_rel[sel] * ratio
+        noise = np.sqrt(groups.median(g, np.where(known, own ** 2, np.nan), n_group))
+        spread_net = np.sqrt(np.clip(spread ** 2 - noise ** 2, 0, None))  # NaN where noise unknown
         se_centre = 1.2533 * spread / np.sqrt(n_h)  # standard error of a median
         # One sample per device: the sampling noise is unknown, and the spread between the healthy
         # devices stands in for it (the classic outlier test).
-        se_dev = np.where(known, est.se_rel[sel] * ratio, spread[g])
+        se_dev = np.where(known, own, spread[g])
         se = np.sqrt(se_dev ** 2 + se_centre[g] ** 2)
-        t = (1 - ratio) / se
         df = np.where(known, est.df[sel], np.maximum(n_h[g] - 1, 1))
-    return centre[g], special.stdtr(df, -t), spread[g]
+    return centre[g], se, df, se_centre[g], spread[g], spread_net[g], noise[g]
 
 
 def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray):
@@ -109,18 +121,17 @@ def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndar
                          noise2)
         ratio = est.value[sel] / mean_o
         se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + var_o / n_o * ratio ** 2)
-        t = (1 - ratio) / se
         df = prior + n + n_o - 2
     # Without repeated samples in the group there is no noise to test against: no verdict.
     df = np.where((df > 0) & est.noise_known[sel], df, np.nan)
-    return mean_o, special.stdtr(df, -t)
+    return mean_o, se, df, np.sqrt(var_o / n_o) * ratio
 
 
 def _paired(est: Estimates, group_of_dev: np.ndarray, n_group: int, sel: np.ndarray, dev: np.ndarray,
             sample: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-out on samples paired by their index: per kept sample, log(value / mean of the other
     devices' kept values of the same sample); a moderated one-sample t test of their mean.
-    Returns (applies, deficit = 1 - exp(mean), p) per device."""
+    Returns (applies, deficit = 1 - exp(mean), its standard error, degrees of freedom) per device."""
     n_dev = len(group_of_dev)
     use = sel[dev] & est.kept & np.isfinite(sample) & (value > 0)
     d, v = dev[use], value[use]
@@ -142,26 +153,25 @@ def _paired(est: Estimates, group_of_dev: np.ndarray, n_group: int, sel: np.ndar
         prior = est.df - np.maximum(est.n_kept - 1, 0)  # the prior degrees of freedom
         df = prior + dof
         s2 = (prior * pooled + ss) / df
-        t = m / np.sqrt(s2 / n)
-    applies = sel & (n >= 2) & (pooled_df > 0) & np.isfinite(t)
-    return applies, 1 - np.exp(m), special.stdtr(df, t)
+        se = np.exp(m) * np.sqrt(s2 / n)  # of 1 - exp(m), by the delta method
+    applies = sel & (n >= 2) & (pooled_df > 0) & np.isfinite(se) & (se > 0)
+    return applies, 1 - np.exp(m), se, df
 
 
 def node_compare(est: Estimates, group_of_dev: np.ndarray, host_of_dev: np.ndarray, fleet: PeerVerdict,
-                 min_group: int, min_effect: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 min_group: int) -> tuple[np.ndarray, ...]:
     """Each device against the median of its node-mates in the same peer group (leave-one-out), where
     the group spans several hosts and the host has at least ``min_group`` devices in it: a device
-    slow within a fast node. A median of a few node-mates is a noisy centre, and this test comes on
-    top of the fleet test, so its null hypothesis is "at most half the minimum effect slower than its
-    node-mates" (not "not slower"): with "not slower" it raised the benchmark's FPR from 0.11% to
-    0.17% under scan-to-scan noise. Returns (node centre, deficit, p); NaN where it does not apply."""
+    slow within a fast node. The centre's error comes from the group's spread (a median of a few
+    node-mates is a noisy centre). Returns (node centre, deficit, se, df, centre's se); NaN where it
+    does not apply."""
     n = len(group_of_dev)
     nan = np.full(n, np.nan)
     pair, n_pair = groups.factorize(group_of_dev, host_of_dev)
     k = np.bincount(pair, minlength=n_pair)[pair]
     applies = (k >= min_group) & (fleet.basis == FLEET) & np.isfinite(est.value)
     if not applies.any():
-        return nan, nan.copy(), nan.copy()
+        return nan, nan.copy(), nan.copy(), nan.copy(), nan.copy()
     value = np.where(np.isfinite(est.value), est.value, np.inf)
     a = np.arcsinh(np.where(np.isfinite(value), value, np.nanmax(est.value)))
     span = a.max() - a.min()
@@ -182,7 +192,10 @@ def node_compare(est: Estimates, group_of_dev: np.ndarray, host_of_dev: np.ndarr
         ratio = est.value / centre
         se_centre = 1.2533 * fleet.spread / np.sqrt(m)  # a median of m healthy devices
         se_dev = np.where(est.noise_known, est.se_rel * ratio, fleet.spread)
-        t = (1 - ratio - min_effect / 2) / np.sqrt(se_dev ** 2 + se_centre ** 2)
-        p = special.stdtr(np.where(est.noise_known, est.df, np.maximum(m - 1, 1)), -t)
-    centre = np.where(applies, centre, np.nan)
-    return centre, np.where(applies, 1 - ratio, np.nan), np.where(applies, p, np.nan)
+        se = np.sqrt(se_dev ** 2 + se_centre ** 2)
+        df = np.where(est.noise_known, est.df, np.maximum(m - 1, 1))
+
+    def only(x):
+        return np.where(applies, x, np.nan)
+
+    return only(centre), only(1 - ratio), only(se), only(df), only(se_centre)

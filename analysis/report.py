@@ -11,9 +11,11 @@ import pandas as pd
 
 # Columns of res.devices, in order; the JSON "gpus" entries carry the same keys.
 DEVICE_COLUMNS = (
-    "host", "gpu", "index", "model", "probe", "settings", "straggler", "basis", "deficit", "cost",
-    "causes", "evidence", "n_samples", "n_kept", "value", "median", "peer_median", "ratio",
-    "peer_group_size", "p_value", "q_value", "history_scans", "history_baseline", "history_deficit",
+    "host", "gpu", "index", "model", "probe", "settings", "straggler", "verdict", "degraded", "basis",
+    "deficit", "cost", "causes", "evidence", "n_samples", "n_kept", "value", "median", "peer_median", "ratio",
+    "ratio_low", "ratio_high", "perf_class", "peer_spread", "peer_group_size", "p_value", "q_value",
+    "samples_needed", "undecided_reason", "history_scans", "history_baseline", "history_deficit",
+    "change_loss", "change_scan", "change_ts",
 )
 
 

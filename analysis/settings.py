@@ -1,8 +1,8 @@
 """AnalysisConfig: every threshold of the analysis engine, as data (frozen, validated once).
 
-Defaults were chosen with ``benchmarks/detection.py`` (see docs/analysis.md): at these values the
-detector finds >= 99% of devices 5% slow and >= 90% of devices 3% slow with 5 samples of 1% noise,
-while flagging <= 0.1% of healthy devices within 1.5 points of the median.
+Defaults were chosen with ``benchmarks/detection.py`` (see docs/analysis.md): a straggler is a device
+that slows any synchronous job it joins by at least ``min_effect`` (4%), decided relative to that
+threshold, so normal silicon of a fleet spread up to ~1.7% is not flagged while a 5% straggler is.
 """
 
 from __future__ import annotations
@@ -12,11 +12,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    # Flag a device only when the false-discovery rate (Benjamini-Hochberg over every device and
-    # probe analysed together) is at most ``fdr`` ...
+    # A device is a straggler when its deficit (1 - value / peer median) is above ``min_effect`` (T)
+    # with confidence: the test "deficit <= T" is rejected at false-discovery rate ``fdr``
+    # (Benjamini-Hochberg over every device and probe analysed together) ...
     fdr: float = 0.01
-    # ... and its estimated deficit (1 - value / peer median) is at least ``min_effect``.
-    min_effect: float = 0.0225
+    min_effect: float = 0.04
+    # ... it is clearly not one when "deficit >= T" is rejected at level ``clear_level`` (one-sided,
+    # per device); otherwise it is ``undecided`` (re-measure), with the samples that would decide it.
+    clear_level: float = 0.05
+    # ``slow``: credibly more than ``slow_sigmas`` healthy spreads (robust, net of measurement noise)
+    # below its peer group's centre, but not above T (BH at ``fdr`` as well).
+    slow_sigmas: float = 2.5
+    # ``degraded`` (own history, relative to peers): a change point in the device's per-scan ratio to
+    # its peers, significant at ``fdr`` (BH) and a loss of at least ``min_change`` since it.
+    min_change: float = 0.025
     # Peer groups smaller than ``min_group`` devices (2-3 by default) are decided leave-one-out from
     # the samples, against the larger ``min_effect_few``: with one or two peers the healthy spread
     # between devices cannot be estimated, so only a deficit well beyond it counts. (Two idle cores
@@ -43,7 +52,11 @@ class AnalysisConfig:
         out = []
         if not 0 < self.fdr < 1:
             out.append(f"fdr: must be between 0 and 1, got {self.fdr}")
-        for name in ("min_effect", "min_effect_few"):
+        if not 0 < self.clear_level < 1:
+            out.append(f"clear_level: must be between 0 and 1, got {self.clear_level}")
+        if self.slow_sigmas <= 0:
+            out.append(f"slow_sigmas: must be positive, got {self.slow_sigmas}")
+        for name in ("min_effect", "min_effect_few", "min_change"):
             v = getattr(self, name)
             if not 0 <= v < 1:
                 out.append(f"{name}: must be in [0, 1), got {v}")

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from straggler.errors import InputError
-from straggler.records import REQUIRED_COLUMNS, parse_throttle
+from straggler.records import REQUIRED_COLUMNS
+from straggler.records import read_throttle as parse_reasons
 
 from . import groups
 
@@ -84,24 +85,37 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
 
 
 def read_throttle(text: object) -> dict[str, float] | None:
-    """A ``throttle_reasons`` cell as {reason: share of the window}; None where it cannot be read."""
+    """A ``throttle_reasons`` cell as {reason: share of the window} (any form records.read_throttle
+    reads, unknown names left out); None where it cannot be read."""
     try:
-        shares = parse_throttle(text)
-    except ValueError:
+        return parse_reasons(text)[0]
+    except (ValueError, TypeError):
         return None
-    return shares if all(0 <= v <= 1 for v in shares.values()) else None
 
 
 def _check_throttle(out: pd.DataFrame, keep: np.ndarray, dropped: dict[str, int]) -> None:
     """An unreadable ``throttle_reasons`` cell becomes missing (telemetry is optional: the sample
-    stays) and is counted in ``dropped``."""
+    stays) and is counted in ``dropped``; so is a cell naming something that is not an NVML
+    clock-event reason (its known reasons are kept, the unknown names never taken as reasons)."""
     code, uniques = pd.factorize(out["throttle_reasons"], use_na_sentinel=True)
-    bad = np.array([read_throttle(u) is None for u in uniques] + [False])
-    hit = bad[np.where(code >= 0, code, len(uniques))]
+    bad, odd = [], []
+    for u in uniques:
+        try:
+            unknown = parse_reasons(u)[1]
+            bad.append(False)
+            odd.append(bool(unknown))
+        except (ValueError, TypeError):
+            bad.append(True)
+            odd.append(False)
+    at = np.where(code >= 0, code, len(uniques))
+    hit = np.array(bad + [False])[at]
+    strange = np.array(odd + [False])[at]
     if hit.any():
         out["throttle_reasons"] = out["throttle_reasons"].mask(hit)
         if (hit & keep).any():
             dropped["throttle_reasons unreadable (cell ignored)"] = int((hit & keep).sum())
+    if (strange & keep).any():
+        dropped["throttle_reasons not an NVML clock-event reason (name ignored)"] = int((strange & keep).sum())
 
 
 def _fmt(dropped: dict[str, int]) -> str:

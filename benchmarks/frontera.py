@@ -85,6 +85,20 @@ def report(data: Path, config: AnalysisConfig) -> str:
     return "\n".join(lines)
 
 
+def tier_report(data: Path, config: AnalysisConfig) -> str:
+    """Per verdict tier: GPUs in it on half A, on half B, and on both (the same tier on either half)."""
+    tiers = ("straggler", "undecided", "slow", "healthy")
+    lines = ["| workload | " + " | ".join(f"{t} A / B / both" for t in tiers) + " | same tier on both halves |",
+             "|" + "---|" * (len(tiers) + 2)]
+    for w in WORKLOADS:
+        a, b = halves(load(data, w))
+        m = analyze(a, None, config).devices.merge(analyze(b, None, config).devices, on="gpu", suffixes=("_a", "_b"))
+        va, vb = m["verdict_a"].to_numpy(), m["verdict_b"].to_numpy()
+        cells = [f"{(va == t).sum()} / {(vb == t).sum()} / {((va == t) & (vb == t)).sum()}" for t in tiers]
+        lines.append(f"| {w} | " + " | ".join(cells) + f" | {(va == vb).sum()}/{len(m)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -96,6 +110,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"# Frontera (fdr={cfg.fdr}, min_effect={cfg.min_effect})\n")
     print(report(a.data, cfg))
+    print("\n## verdict tiers on the two halves\n")
+    print(tier_report(a.data, cfg))
     print(f"\n({time.perf_counter() - t0:.1f} s)")
     return 0
 

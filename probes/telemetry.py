@@ -12,19 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-# NVML clock-event (throttle) reasons, by our names. SW power cap at full load is normal; the others
-# during a probe are evidence of a cause.
-THROTTLE_REASONS = (
-    "gpu_idle",
-    "applications_clocks_setting",
-    "sw_power_cap",
-    "hw_slowdown",
-    "sync_boost",
-    "sw_thermal_slowdown",
-    "hw_thermal_slowdown",
-    "hw_power_brake_slowdown",
-    "display_clocks_setting",
-)
+# NVML clock-event (throttle) reasons, by our names (defined once, with their bits, in straggler.records).
+# SW power cap at full load is normal; the others during a probe are evidence of a cause.
+from straggler.records import THROTTLE_REASONS
 
 # Reading statuses. "ok": every field read (some may be None: NOT_SUPPORTED on this device);
 # "lost": the device fell off the bus / GPU is lost; "error": the device could not be read.

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
@@ -107,16 +108,93 @@ def format_throttle(shares: Mapping[str, float]) -> str:
     return ";".join(f"{k}={v:.3f}" for k, v in sorted(shares.items()) if v > 0)
 
 
-def parse_throttle(text: object) -> dict[str, float]:
-    """Inverse of :func:`format_throttle`; empty, None or NaN give ``{}``."""
+# NVML clock-event (throttle) reasons, by our names, with their NVML bit (the same bits in DCGM's
+# DCGM_FI_DEV_CLOCK_THROTTLE_REASONS). The one list of reason names: probes and analysis read it here.
+THROTTLE_BITS = {
+    "gpu_idle": 0x1,
+    "applications_clocks_setting": 0x2,
+    "sw_power_cap": 0x4,
+    "hw_slowdown": 0x8,
+    "sync_boost": 0x10,
+    "sw_thermal_slowdown": 0x20,
+    "hw_thermal_slowdown": 0x40,
+    "hw_power_brake_slowdown": 0x80,
+    "display_clocks_setting": 0x100,
+}
+THROTTLE_REASONS = tuple(THROTTLE_BITS)
+# Prefixes of the NVML / DCGM spellings of a reason ("nvmlClocksThrottleReasonSwPowerCap",
+# "DCGM_CLOCKS_THROTTLE_REASON_SW_POWER_CAP", "clocks_event_reason_sw_power_cap"), after snake-casing.
+_REASON_PREFIXES = ("nvml_clocks_throttle_reason_", "nvml_clocks_event_reason_", "dcgm_clocks_throttle_reason_",
+                    "dcgm_clocks_event_reason_", "clocks_throttle_reason_", "clocks_event_reason_")
+_REASON_ALIASES = {"display_clock_setting": "display_clocks_setting", "sw_thermal": "sw_thermal_slowdown",
+                   "hw_thermal": "hw_thermal_slowdown", "hw_power_brake": "hw_power_brake_slowdown"}
+
+
+def _reason_name(word: str) -> str:
+    """``SwPowerCap`` / ``SW_POWER_CAP`` / ``nvmlClocksEventReasonSwPowerCap`` -> ``sw_power_cap``."""
+    out = []
+    for i, ch in enumerate(word.strip()):
+        if ch.isupper() and i and (word[i - 1].islower() or word[i - 1].isdigit()):
+            out.append("_")
+        out.append(ch.lower())
+    name = "".join(out).replace("-", "_").replace(" ", "_")
+    for prefix in _REASON_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return _REASON_ALIASES.get(name, name)
+
+
+def read_throttle(text: object) -> tuple[dict[str, float], list[str]]:
+    """A ``throttle_reasons`` cell in any form users have, as ({reason: share of the window}, [names
+    and bits that are not NVML clock-event reasons]). Forms: ``name=share;...`` (format_throttle),
+    an NVML/DCGM bit mask (an integer, ``"0x24"``, ``"36"``), names joined by ``|``, ``,``, ``;`` or
+    spaces (each active the whole window, share 1.0), in our, NVML's or DCGM's spelling. Empty, None
+    or NaN give ``({}, [])``. An unknown name is returned in the second list, never taken as a reason.
+    Raises ValueError for a share that is not a number in [0, 1] or a negative mask."""
     if text is None or (isinstance(text, float) and math.isnan(text)) or text == "":
-        return {}
-    out: dict[str, float] = {}
-    for part in str(text).split(";"):
-        name, _, share = part.partition("=")
-        if name:
-            out[name.strip()] = float(share) if share else 1.0
-    return out
+        return {}, []
+    if isinstance(text, bool):
+        raise ValueError(f"throttle_reasons: {text!r} is neither a bit mask nor reason names")
+    if isinstance(text, float) and text.is_integer():
+        text = int(text)
+    raw = text.strip() if isinstance(text, str) else text
+    mask = None
+    if isinstance(raw, numbers.Integral):
+        mask = int(raw)
+    elif isinstance(raw, str) and raw:
+        try:
+            mask = int(raw, 0)
+        except ValueError:
+            mask = None
+    if mask is not None:
+        if mask < 0:
+            raise ValueError(f"throttle_reasons: negative bit mask {mask}")
+        shares = {name: 1.0 for name, bit in THROTTLE_BITS.items() if mask & bit}
+        rest = mask & ~sum(THROTTLE_BITS.values())
+        return shares, ([hex(rest)] if rest else [])
+    shares: dict[str, float] = {}
+    unknown: list[str] = []
+    for part in str(raw).replace("|", ";").replace(",", ";").replace(" ", ";").split(";"):
+        if not part.strip():
+            continue
+        word, eq, share_text = part.partition("=")
+        share = 1.0
+        if eq:
+            share = float(share_text)  # ValueError: not a number
+            if not 0 <= share <= 1:
+                raise ValueError(f"throttle_reasons: share {share_text!r} of {word.strip()!r} is not in [0, 1]")
+        name = _reason_name(word)
+        if name in THROTTLE_BITS:
+            shares[name] = max(shares.get(name, 0.0), share)
+        else:
+            unknown.append(word.strip())
+    return shares, unknown
+
+
+def parse_throttle(text: object) -> dict[str, float]:
+    """The reasons of a ``throttle_reasons`` cell (see :func:`read_throttle`; inverse of
+    :func:`format_throttle`); unknown names are left out. Empty, None or NaN give ``{}``."""
+    return read_throttle(text)[0]
 
 
 def empty_frame() -> "pd.DataFrame":

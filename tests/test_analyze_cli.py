@@ -99,9 +99,11 @@ def test_history_files_and_options(tmp_path, capsys):
     code, out, err = cli(["analyze", str(new), "--json"], capsys)
     assert code == 0, err
     code, out, err = cli(["analyze", str(new), "--history", str(old), "--json", "--job-sizes", "4,8"], capsys)
-    assert code == 1, err
+    assert code == 0, err  # GPU-05 lost 5% against its own past but is in line with its peers now
     doc = json.loads(out)
-    assert doc["gpus"][0]["gpu"] == "GPU-05" and doc["gpus"][0]["basis"] == "history"
+    [g05] = [g for g in doc["gpus"] if g["gpu"] == "GPU-05"]
+    assert g05["degraded"] is True and g05["straggler"] is False and g05["change_scan"] == "b"
+    assert doc["summary"]["degraded"] == 1
     code, out, err = cli(["analyze", str(new), "--history", str(old), "--json", "--min-effect", "0.05"], capsys)
     assert code == 0, err
     assert json.loads(out)["summary"]["min_effect"] == 0.05
@@ -141,9 +143,9 @@ def test_subprocess_exit_codes(tmp_path):
 
 def test_config_file_and_environment(tmp_path, capsys, monkeypatch):
     path = tmp_path / "scan.csv"
-    write_table(table(slow={6: 0.96}), path)
+    write_table(table(slow={6: 0.94}), path)
     code, out, _ = cli(["analyze", str(path), "--json"], capsys)
-    assert code == 1  # 4% slow, above the default minimum effect
+    assert code == 1  # 6% slow: clearly above the default threshold (4%)
     conf = tmp_path / "analysis.toml"
     conf.write_text("min_effect = 0.05\nfdr = 0.05\n")
     code, out, err = cli(["analyze", str(path), "--json", "--config", str(conf)], capsys)
@@ -157,24 +159,20 @@ def test_config_file_and_environment(tmp_path, capsys, monkeypatch):
     assert code == 2 and "unknown key 'min_efect'" in err
 
 
-def test_a_peer_group_flagged_entirely_renders_and_exports(tmp_path, capsys):
-    """Both devices of a pair flagged: no job without them, so no speed-up (not NaN, not a crash)."""
-    def pair(base, seed, scan):
-        rng = np.random.default_rng(seed)
-        return pd.DataFrame([{"host": "n0", "gpu": f"GPU-{d}", "model": "H100", "probe": "matmul", "sample": s,
-                              "scan_id": scan, "ts": float(seed), "value": 700 * base[d] * (1 + rng.normal(0, 0.01))}
-                             for d in range(2) for s in range(5)])
-    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
-    write_table(pair([1.0, 1.5], 1, "a"), old)  # GPU-0 falls 30% behind; GPU-1 loses 5% against GPU-0
-    write_table(pair([0.7, 1.0], 2, "b"), new)
-    code, out, err = cli(["analyze", str(new), "--history", str(old), "--json", "--job-sizes", "2"], capsys)
-    assert code == 1, err
-    doc = json.loads(out)
-    assert [g["straggler"] for g in doc["gpus"]] == [True, True]
-    assert doc["summary"]["job_cost"][0]["speedup"] is None
-    code, out, err = cli(["analyze", str(new), "--history", str(old), "--job-sizes", "2"], capsys)
-    assert code == 1, err
-    assert "2 straggler(s)" in out and "synchronous job" not in out
+def test_a_peer_group_flagged_entirely_renders_and_exports():
+    """Every device of a group flagged: no job without them, so no speed-up (not NaN, not a crash).
+    Verdicts decided against the group's own centre never flag a whole group, so the result's job
+    cost is given that state directly."""
+    import dataclasses
+
+    res = run_analysis(table(slow={1: 0.7}, n=2))
+    job = {"model": "H100", "probe": "matmul", "settings": "", "job_devices": 2, "step_time_all": 1.2,
+           "step_time_without_stragglers": None, "speedup": None}
+    res = dataclasses.replace(res, summary={**res.summary, "job_cost": [job]})
+    buf = io.StringIO()
+    render(res, Console(file=buf, width=200, color_system=None))
+    assert "straggler(s)" in buf.getvalue() and "synchronous job" not in buf.getvalue()
+    assert json.loads(res.to_json_text())["summary"]["job_cost"][0]["speedup"] is None
 
 
 def test_several_devices_with_nothing_to_compare_is_exit_2(tmp_path, capsys):
