@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,10 +63,24 @@ def test_bh_qvalues_are_monotone_and_bounded(ps):
 def test_expected_max_matches_brute_force():
     rng = np.random.default_rng(3)
     t = rng.random(6)
-    # every ordered draw of 3 from 6 values, with replacement
-    grid = np.array(np.meshgrid(t, t, t)).reshape(3, -1).max(axis=0).mean()
-    assert cost.expected_max(t, [3])[0] == pytest.approx(grid, rel=1e-9)
+    # a job takes distinct devices: every set of 3 of the 6, without replacement
+    sets = np.mean([max(c) for c in itertools.combinations(t, 3)])
+    assert cost.expected_max(t, [3])[0] == pytest.approx(sets, rel=1e-9)
     assert cost.expected_max(t, [1])[0] == pytest.approx(t.mean(), rel=1e-9)
+    assert cost.expected_max(t, [6])[0] == pytest.approx(t.max(), rel=1e-12)  # the whole group: its slowest
+    assert np.isnan(cost.expected_max(t, [7])[0])  # no job of 7 distinct devices among 6
+
+
+def test_a_job_as_large_as_its_host_always_waits_for_the_straggler():
+    # 8 devices on one host, one at 0.80x (step 1.25): an 8-device job runs 1.25x the healthy step
+    # time, and there is no 8-device job without it (not "16% faster", the with-replacement answer)
+    step = np.array([1.0] * 7 + [1.25])
+    flagged = np.array([False] * 7 + [True])
+    [j8] = cost.job_gain(step, flagged, np.zeros(8, dtype=np.int64), 1, [{"probe": "matmul"}], (8,))
+    assert j8["step_time_all"] == pytest.approx(1.25)
+    assert j8["step_time_without_stragglers"] is None and j8["speedup"] is None
+    [j4] = cost.job_gain(step, flagged, np.zeros(8, dtype=np.int64), 1, [{"probe": "matmul"}], (4,))
+    assert j4["step_time_all"] == pytest.approx(1 + 0.25 * 4 / 8) and j4["speedup"] == pytest.approx(0.125)
 
 
 def test_job_gain_without_stragglers():
@@ -88,7 +103,7 @@ def test_job_gain_with_every_device_flagged_is_unknown_not_nan():
     group = np.array([0, 0, 0, 0, 1])
     labels = [{"probe": "a"}, {"probe": "b"}]
     [job] = cost.job_gain(step, flagged, group, 2, labels, (2, 8))
-    assert job == {"probe": "a", "job_devices": 2, "step_time_all": pytest.approx(1.2125),
+    assert job == {"probe": "a", "job_devices": 2, "step_time_all": pytest.approx(7.4 / 6, abs=1e-5),
                    "step_time_without_stragglers": None, "speedup": None}
     [lone] = cost.job_gain(np.array([np.nan, np.nan]), np.array([True, True]), np.array([0, 0]), 1, labels, (2,))
     assert lone["step_time_all"] is None and lone["speedup"] is None

@@ -160,7 +160,8 @@ def test_config_file_and_environment(tmp_path, capsys, monkeypatch):
 
 
 def test_a_peer_group_flagged_entirely_renders_and_exports():
-    """Every device of a group flagged: no job without them, so no speed-up (not NaN, not a crash).
+    """Every device of a group flagged: no job without them, so no speed-up (not NaN, not a crash),
+    only the step time with them.
     Verdicts decided against the group's own centre never flag a whole group, so the result's job
     cost is given that state directly."""
     import dataclasses
@@ -171,7 +172,9 @@ def test_a_peer_group_flagged_entirely_renders_and_exports():
     res = dataclasses.replace(res, summary={**res.summary, "job_cost": [job]})
     buf = io.StringIO()
     render(res, Console(file=buf, width=200, color_system=None))
-    assert "straggler(s)" in buf.getvalue() and "synchronous job" not in buf.getvalue()
+    out = buf.getvalue()
+    assert "straggler(s)" in out and "faster without" not in out
+    assert "a 2-device synchronous job takes 1.20x the healthy step time; too few devices are left" in out
     assert json.loads(res.to_json_text())["summary"]["job_cost"][0]["speedup"] is None
 
 

@@ -82,10 +82,12 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
     for line in whole_hosts(zip(d["host"], d["gpu"], flagged)):
         console.print(line, highlight=False)
     for job in s["job_cost"]:
-        if job["speedup"] is None:  # every device of the group flagged: no job without them
-            continue
-        console.print(f"{job['probe']} on {job['model']}: a {job['job_devices']}-device synchronous job runs "
-                      f"{job['speedup']:.2%} faster without the flagged devices")
+        what = f"{job['probe']} on {job['model']}: a {job['job_devices']}-device synchronous job"
+        if job["speedup"] is not None:
+            console.print(f"{what} runs {job['speedup']:.2%} faster without the flagged devices", highlight=False)
+        elif job["step_time_all"] is not None:  # too few devices left to run it without the flagged ones
+            console.print(f"{what} takes {job['step_time_all']:.2f}x the healthy step time; too few devices "
+                          "are left to run it without the flagged ones", highlight=False)
     if result.dropped:
         console.print("dropped rows: " + ", ".join(f"{n} {why}" for why, n in result.dropped.items()))
 
