@@ -30,7 +30,8 @@ CAUSES = (
     "low_clock", "unexplained", "other", "none",
 )
 
-# The tier's `verdict` label and the class take the analysis' values only (bounded).
+# The tier's `verdict` label and the `perf_class` label take the analysis' values only (bounded;
+# perf_class "" outside a peer group of 4+).
 VERDICTS, PERF_CLASSES = TIERS, CLASSES
 
 PROBE_LABELS = ("host", "uuid", "gpu", "model", "probe", "settings")
@@ -40,9 +41,9 @@ FAMILIES = {
     "straggler_gpu_performance_ratio": "Device's median over the median of its peers (1 = like its peers; higher is faster).",
     "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names the first cause.",
     "straggler_gpu_cost_ratio": "Slowdown the device imposes on a synchronous job it joins (peer median / its rate - 1).",
-    "straggler_gpu_verdict": "1 for the device's verdict tier for this probe (verdict: straggler, undecided, slow, healthy).",
-    "straggler_gpu_degraded": "1 when the device lost performance against its own past for this probe (a change point), else 0.",
-    "straggler_gpu_performance_class": "Placement class in its peer group for this probe: 1 = A (fastest quarter) .. 4 = D (slowest).",
+    "straggler_gpu_verdict": "1, labelled with the device's verdict tier for this probe (straggler, undecided, slow, "
+                             "healthy) and its placement class in its peer group (perf_class A fastest quarter .. D).",
+    "straggler_gpu_degraded": "1 when the device lost performance against its own past for this probe (only then present).",
     "straggler_fleet_devices_by_verdict": "Devices by their verdict tier (the first of straggler, undecided, slow, healthy among their probes).",
     "straggler_fleet_degraded": "Devices degraded against their own past for at least one probe.",
     "straggler_gpu_last_probe_age_seconds": "Seconds since the device's latest result.",
@@ -84,7 +85,7 @@ def _header(name: str) -> str:
 
 
 def prepare(snap: FleetSnapshot) -> PreparedFleet:
-    ratio, flag, cost, ages, tier, degraded, klass = [], [], [], [], [], [], []
+    ratio, flag, cost, ages, tier, degraded = [], [], [], [], [], []
     for g in snap.gpus:
         dev = {"host": g["host"], "uuid": g["gpu"], "gpu": "" if g["index"] is None else str(g["index"]),
                "model": g["model"] or ""}
@@ -98,12 +99,11 @@ def prepare(snap: FleetSnapshot) -> PreparedFleet:
             flag.append(({**labels, "cause": cause}, 1.0 if p["straggler"] else 0.0))
             if p["cost"] is not None:
                 cost.append((labels, float(p["cost"])))
-            if p.get("verdict") in VERDICTS:
-                tier.append(({**labels, "verdict": p["verdict"]}, 1.0))
-            if p.get("degraded") is not None:
-                degraded.append((labels, 1.0 if p["degraded"] else 0.0))
-            if p.get("perf_class") in PERF_CLASSES:
-                klass.append((labels, float(PERF_CLASSES.index(p["perf_class"]) + 1)))
+            if p.get("verdict") in VERDICTS:  # one series carries tier and class: 100,000 GPUs stay one scrape
+                klass = p.get("perf_class") if p.get("perf_class") in PERF_CLASSES else ""
+                tier.append(({**labels, "verdict": p["verdict"], "perf_class": klass}, 1.0))
+            if p.get("degraded"):
+                degraded.append((labels, 1.0))
     by_tier = [g.get("verdict") for g in snap.gpus]
     fixed = [
         ("straggler_gpu_performance_ratio", tuple(ratio)),
@@ -111,7 +111,6 @@ def prepare(snap: FleetSnapshot) -> PreparedFleet:
         ("straggler_gpu_cost_ratio", tuple(cost)),
         ("straggler_gpu_verdict", tuple(tier)),
         ("straggler_gpu_degraded", tuple(degraded)),
-        ("straggler_gpu_performance_class", tuple(klass)),
         ("straggler_fleet_devices", (({}, float(len(snap.gpus))),)),
         ("straggler_fleet_stragglers", (({}, float(sum(g["straggler"] for g in snap.gpus))),)),
         ("straggler_fleet_devices_by_verdict", tuple(({"verdict": t}, float(by_tier.count(t))) for t in VERDICTS)),

@@ -48,8 +48,9 @@ def _column_type(name: str) -> Any:
             return Annotated[float, Field(ge=0, allow_inf_nan=False, description="higher is better")]
         return Name
     if name == "throttle_reasons":
-        inner: Any = Annotated[str, BeforeValidator(_throttle_text), Field(max_length=1024),
-                               AfterValidator(_readable_throttle)]
+        inner: Any = Annotated[str, BeforeValidator(_throttle_text), AfterValidator(_readable_throttle), Field(
+            max_length=1024, description="any form straggler.records.read_throttle reads: name=share;..., an "
+                                         "NVML/DCGM bit mask, reason names joined by | , ;")]
     elif name in STRING_COLUMNS:
         inner = Annotated[str, Field(max_length=1024)]
     elif name in INT_COLUMNS:

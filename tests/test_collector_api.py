@@ -331,6 +331,8 @@ def test_fast_render_equals_prometheus_client_text():
     assert b'straggler_fleet_devices_by_verdict{verdict="undecided"} 2.0' in fc.render()
     assert b'straggler_fleet_devices_by_verdict{verdict="healthy"} 0.0' in fc.render()
     assert b'straggler_fleet_degraded 2.0' in fc.render()
+    assert fc.render().count(b"\nstraggler_gpu_degraded{") == 4  # index 2 of hosts a and b, two probes each
+    assert b'perf_class="",probe="membw"' in fc.render() and b'perf_class="B",probe="matmul"' in fc.render()
     assert reg.get_sample_value("straggler_gpu_last_probe_age_seconds",
                                 {"host": "b", "uuid": "GPU-b-2", "gpu": "2", "model": 'we"ird\\model\n'}) == 898.0
 
@@ -377,11 +379,13 @@ def test_fleet_view_serves_tiers_and_metrics_export_them(tmp_path):
         reg = CollectorRegistry()
         reg.register(srv.collector.fleet_metrics)
         labels = {"host": "tier0", "gpu": "5", "model": "H100", "probe": "matmul", "settings": "n=8192"}
-        assert reg.get_sample_value("straggler_gpu_verdict", {**labels, "uuid": "GPU-tier-5", "verdict": "undecided"}) == 1.0
-        assert reg.get_sample_value("straggler_gpu_verdict", {**labels, "uuid": "GPU-tier-5", "verdict": "healthy"}) is None
-        cls = reg.get_sample_value("straggler_gpu_performance_class", {**labels, "uuid": "GPU-tier-5"})
-        assert cls == "ABCD".index(gpus["GPU-tier-5"]["perf_class"]) + 1
-        assert reg.get_sample_value("straggler_gpu_degraded", {**labels, "uuid": "GPU-tier-5"}) == 0.0
+        tier5 = {**labels, "uuid": "GPU-tier-5", "perf_class": gpus["GPU-tier-5"]["perf_class"]}
+        assert tier5["perf_class"] in ("C", "D")
+        assert reg.get_sample_value("straggler_gpu_verdict", {**tier5, "verdict": "undecided"}) == 1.0
+        assert reg.get_sample_value("straggler_gpu_verdict", {**tier5, "verdict": "healthy"}) is None
+        assert len(re.findall(r"^straggler_gpu_verdict\{", text, re.M)) == 16  # one series per device and probe
+        assert set(re.findall(r'perf_class="([^"]*)"', text)) == {"A", "B", "C", "D"}
+        assert "straggler_gpu_degraded{" not in text  # present only for a degraded device
         for tier, n in (("straggler", 1), ("undecided", 1), ("slow", 1), ("healthy", 13)):
             assert reg.get_sample_value("straggler_fleet_devices_by_verdict", {"verdict": tier}) == n
         assert reg.get_sample_value("straggler_fleet_degraded") == 0.0

@@ -105,6 +105,8 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
         console.print("undecided +N: N further samples would decide it (none shown: more samples of the device "
                       "alone cannot; --json has undecided_reason)", highlight=False)
     for g in s.get("groups") or ():
+        if not _pct(g.get("spread_net")):  # a group too small to estimate its spread
+            continue
         console.print(f"healthy spread of {g['probe']} on {g['model']} ({g['devices']} devices): "
                       f"{_pct(g['spread_net'])} net of {_pct(g['noise'])} noise", highlight=False)
     for line in warnings(result):
