@@ -94,7 +94,7 @@ def short_verdict(d: dict) -> str:
     elif verdict == "straggler":
         detail = "; ".join(named(p, r) + f" ({', '.join(r.get('causes') or ['unexplained'])})"
                            for p, r in probes.items() if r.get("straggler"))
-    elif verdict == "undecided" and all(str(r.get("basis") or "none") == "none" for r in probes.values()):
+    elif verdict == "undecided" and all(str(r.get("basis") or "none").startswith("none") for r in probes.values()):
         detail = "no peers"
     elif verdict in ("undecided", "slow"):
         detail = ", ".join(named(p, r) for p, r in probes.items() if r.get("verdict") == verdict)

@@ -77,7 +77,7 @@ def probe_note(row: Mapping) -> str | None:
     if row.get("verdict") == "undecided":
         n = row.get("n_samples")
         n_text = "n=" + (str(int(n)) if _finite(n) else "?")
-        if str(row.get("basis") or "none") == "none":
+        if str(row.get("basis") or "none").startswith("none"):
             parts.append("no peers, history or reference")
         elif _finite(row.get("samples_needed")):
             parts.append(f"{n_text}, {int(row['samples_needed'])} more samples")
