@@ -94,8 +94,20 @@ class ProbeRun:
     def _ended(self, rc: int) -> None:
         self.returncode = rc
         self.ended_mono = time.monotonic()
-        if rc not in (0, 1) and self.error is None:
+        if rc not in (0, 1) and self.error is None and not self._measured_but_undecided():
             self.error = f"probe exited with {rc}: {self.last_stderr_line() or 'no message'}"
+
+    def _measured_but_undecided(self) -> bool:
+        """Exit 2 because the scan could not decide a device (no straggler, some undecided), after
+        measuring everything: its ``--json`` document lists no failure and an undecided device, and
+        its rows are written. The run did its job; the collector decides across the fleet."""
+        try:
+            doc = json.loads(self.stdout_path.read_text())
+        except (OSError, ValueError, AttributeError):
+            return False
+        if not isinstance(doc, dict) or doc.get("failures") != [] or not isinstance(doc.get("devices"), list):
+            return False
+        return any(isinstance(d, dict) and d.get("verdict") == "undecided" for d in doc["devices"]) and bool(self.rows())
 
     def kill(self, reason: str) -> None:
         if self.proc is None or self.returncode is not None:

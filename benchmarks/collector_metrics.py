@@ -1,6 +1,7 @@
 """/metrics render time for a large fleet (target: <= 1 s for 100,000 GPUs).
 
-Builds a fleet snapshot of N GPUs (8 per host, one verdict per probe, 1% flagged) and measures,
+Builds a fleet snapshot of N GPUs (8 per host, one verdict per probe, 1% flagged, 1% undecided, each
+with its tier and class) and measures,
 side by side: preparing the snapshot's text (done once per analysis, off the request path), the
 fast render a scrape does, prometheus-client's generic ``generate_latest`` over the same custom
 collector (the text is checked identical), and a real ``GET /metrics`` over HTTP on 127.0.0.1 by a
@@ -36,7 +37,9 @@ def snapshot(n_gpus: int, n_probes: int, now: float) -> FleetSnapshot:
                for i in range(n_gpus)]
     verdicts = [{"host": d["host"], "gpu": d["gpu"], "probe": p, "settings": "n=8192,dtype=bf16",
                  "ratio": 1.0 - (i % 97) / 1000, "straggler": i % 100 == 0,
-                 "causes": ["power_capped"] if i % 100 == 0 else [], "cost": (i % 97) / 1000}
+                 "causes": ["power_capped"] if i % 100 == 0 else [], "cost": (i % 97) / 1000,
+                 "verdict": "straggler" if i % 100 == 0 else "undecided" if i % 100 == 1 else "healthy",
+                 "degraded": i % 500 == 2, "perf_class": "ABCD"[i % 4]}
                 for i, d in enumerate(devices) for p in PROBES[:n_probes]]
     return FleetSnapshot(computed_ts=now, gpus=build_gpus(devices, verdicts))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from straggler.errors import StragglerError
+from straggler.verdict import device_tier
 
 from .store import Store
 
@@ -57,7 +58,8 @@ def json_safe(v: Any) -> Any:
 
 def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
     """Join the device table (host, gpu, index, model, last_ts, last_scan_id) with the analysis rows
-    (one per host, gpu, probe)."""
+    (one per host, gpu, probe). Each device adds its tier from its probes (``straggler.verdict.device_tier``:
+    ``verdict``, ``degraded``, ``samples_needed``, ``perf_class``; ``verdict`` null before any analysis)."""
     by_key: dict[tuple[str, str], list[dict]] = {}
     for v in verdicts:
         entry = {f: json_safe(v.get(f)) for f in REQUIRED_VERDICT}
@@ -68,7 +70,7 @@ def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
     out = []
     for d in devices:
         probes = sorted(by_key.get((d["host"], d["gpu"]), []), key=lambda p: (p["probe"], p["settings"] or ""))
-        out.append({**d, "straggler": any(p["straggler"] for p in probes), "probes": probes})
+        out.append({**d, "straggler": any(p["straggler"] for p in probes), **device_tier(probes), "probes": probes})
     return tuple(out)
 
 

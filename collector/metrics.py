@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from straggler.analysis.tiers import CLASSES, TIERS
+
 from .fleet import FleetSnapshot
 
 # The straggler flag's `cause` label takes one of these values (never free text): the analysis'
@@ -28,6 +30,10 @@ CAUSES = (
     "low_clock", "unexplained", "other", "none",
 )
 
+# The tier's `verdict` label and the `perf_class` label take the analysis' values only (bounded;
+# perf_class "" outside a peer group of 4+).
+VERDICTS, PERF_CLASSES = TIERS, CLASSES
+
 PROBE_LABELS = ("host", "uuid", "gpu", "model", "probe", "settings")
 DEVICE_LABELS = ("host", "uuid", "gpu", "model")
 
@@ -35,6 +41,11 @@ FAMILIES = {
     "straggler_gpu_performance_ratio": "Device's median over the median of its peers (1 = like its peers; higher is faster).",
     "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names the first cause.",
     "straggler_gpu_cost_ratio": "Slowdown the device imposes on a synchronous job it joins (peer median / its rate - 1).",
+    "straggler_gpu_verdict": "1, labelled with the device's verdict tier for this probe (straggler, undecided, slow, "
+                             "healthy) and its placement class in its peer group (perf_class A fastest quarter .. D).",
+    "straggler_gpu_degraded": "1 when the device lost performance against its own past for this probe (only then present).",
+    "straggler_fleet_devices_by_verdict": "Devices by their verdict tier (the first of straggler, undecided, slow, healthy among their probes).",
+    "straggler_fleet_degraded": "Devices degraded against their own past for at least one probe.",
     "straggler_gpu_last_probe_age_seconds": "Seconds since the device's latest result.",
     "straggler_fleet_devices": "Devices in the fleet view.",
     "straggler_fleet_stragglers": "Devices flagged as stragglers for at least one probe.",
@@ -74,7 +85,7 @@ def _header(name: str) -> str:
 
 
 def prepare(snap: FleetSnapshot) -> PreparedFleet:
-    ratio, flag, cost, ages = [], [], [], []
+    ratio, flag, cost, ages, tier, degraded = [], [], [], [], [], []
     for g in snap.gpus:
         dev = {"host": g["host"], "uuid": g["gpu"], "gpu": "" if g["index"] is None else str(g["index"]),
                "model": g["model"] or ""}
@@ -88,12 +99,22 @@ def prepare(snap: FleetSnapshot) -> PreparedFleet:
             flag.append(({**labels, "cause": cause}, 1.0 if p["straggler"] else 0.0))
             if p["cost"] is not None:
                 cost.append((labels, float(p["cost"])))
+            if p.get("verdict") in VERDICTS:  # one series carries tier and class: 100,000 GPUs stay one scrape
+                klass = p.get("perf_class") if p.get("perf_class") in PERF_CLASSES else ""
+                tier.append(({**labels, "verdict": p["verdict"], "perf_class": klass}, 1.0))
+            if p.get("degraded"):
+                degraded.append((labels, 1.0))
+    by_tier = [g.get("verdict") for g in snap.gpus]
     fixed = [
         ("straggler_gpu_performance_ratio", tuple(ratio)),
         ("straggler_gpu_straggler", tuple(flag)),
         ("straggler_gpu_cost_ratio", tuple(cost)),
+        ("straggler_gpu_verdict", tuple(tier)),
+        ("straggler_gpu_degraded", tuple(degraded)),
         ("straggler_fleet_devices", (({}, float(len(snap.gpus))),)),
         ("straggler_fleet_stragglers", (({}, float(sum(g["straggler"] for g in snap.gpus))),)),
+        ("straggler_fleet_devices_by_verdict", tuple(({"verdict": t}, float(by_tier.count(t))) for t in VERDICTS)),
+        ("straggler_fleet_degraded", (({}, float(sum(bool(g.get("degraded")) for g in snap.gpus))),)),
     ]
     if snap.computed_ts is not None:
         fixed.append(("straggler_fleet_analysis_timestamp_seconds", (({}, snap.computed_ts),)))

@@ -8,12 +8,13 @@ and becomes null; in ``value`` it is an error.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 from typing_extensions import NotRequired, Required, TypedDict
 
-from straggler.records import COLUMNS, INT_COLUMNS, PROBE_COLUMNS, PROBES, REQUIRED_COLUMNS, STRING_COLUMNS
+from straggler.records import COLUMNS, INT_COLUMNS, PROBE_COLUMNS, PROBES, REQUIRED_COLUMNS, STRING_COLUMNS, read_throttle
 
 
 def _nan_is_missing(v: Any) -> Any:
@@ -22,8 +23,22 @@ def _nan_is_missing(v: Any) -> Any:
 
 Missing = BeforeValidator(_nan_is_missing)
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
-# What records.parse_throttle reads back: ``name=share;...`` (format_throttle writes it).
-THROTTLE_PATTERN = r"^([a-z_]+=([0-9]+(\.[0-9]*)?|\.[0-9]+))?(;[a-z_]+=([0-9]+(\.[0-9]*)?|\.[0-9]+))*$"
+
+
+@lru_cache(maxsize=4096)  # a fleet's cells repeat: each distinct one is read once
+def _readable_throttle(text: str) -> str:
+    """A ``throttle_reasons`` cell the result table reads (``records.read_throttle``, every form:
+    ``name=share;...``, bit masks, names joined by ``|`` ``,`` ``;``); names it does not know are
+    counted by the analysis in ``dropped``, not refused here. ValueError (a 422) otherwise."""
+    read_throttle(text)
+    return text
+
+
+def _throttle_text(v: Any) -> Any:
+    """An integer bit mask (NVML/DCGM) is stored as its decimal text, which reads back the same."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 ResultId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{8,64}$", description="records.result_id(row)")]
 
 
@@ -33,7 +48,9 @@ def _column_type(name: str) -> Any:
             return Annotated[float, Field(ge=0, allow_inf_nan=False, description="higher is better")]
         return Name
     if name == "throttle_reasons":
-        inner: Any = Annotated[str, Field(max_length=1024, pattern=THROTTLE_PATTERN)]
+        inner: Any = Annotated[str, BeforeValidator(_throttle_text), AfterValidator(_readable_throttle), Field(
+            max_length=1024, description="any form straggler.records.read_throttle reads: name=share;..., an "
+                                         "NVML/DCGM bit mask, reason names joined by | , ;")]
     elif name in STRING_COLUMNS:
         inner = Annotated[str, Field(max_length=1024)]
     elif name in INT_COLUMNS:

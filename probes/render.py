@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 ORDER = ("matmul", "membw", "pcie_h2d", "pcie_d2h", "allreduce")
-VERDICT_STYLE = {"healthy": "green", "straggler": "bold red", "failed": "bold magenta", "no data": "yellow", "undecided": "yellow"}
+VERDICT_STYLE = {"healthy": "green", "straggler": "bold red", "failed": "bold magenta", "no data": "yellow",
+                 "undecided": "bold yellow", "slow": "yellow"}
 
 
 def _num(v, fmt: str = "{:.1f}") -> str:
@@ -80,18 +81,31 @@ def _value_cell(r: dict | None) -> str:
 
 
 def short_verdict(d: dict) -> str:
-    """The table's verdict cell: the verdict and, in a few words, why (the full reason is in --json)."""
+    """The table's verdict cell: the verdict and, in a few words, why (the full reason is in --json).
+    An undecided device names its undecided probes and the samples that would decide them; a
+    degraded one says so whatever its tier."""
     verdict, probes = d["verdict"], d["probes"]
+
+    def named(p: str, r: dict) -> str:
+        return f"{p} {r['ratio']:.2f}x" if r.get("ratio") is not None else p
+
     if verdict == "failed":
         detail = ", ".join(dict.fromkeys(f["probe"] for f in d["failures"]))
     elif verdict == "straggler":
-        detail = "; ".join((f"{p} {r['ratio']:.2f}x" if r.get("ratio") is not None else p)
-                           + f" ({', '.join(r.get('causes') or ['unexplained'])})"
+        detail = "; ".join(named(p, r) + f" ({', '.join(r.get('causes') or ['unexplained'])})"
                            for p, r in probes.items() if r.get("straggler"))
-    elif verdict == "undecided":
+    elif verdict == "undecided" and all(str(r.get("basis") or "none").startswith("none") for r in probes.values()):
         detail = "no peers"
-    else:  # slower than the minimum effect, not significant: say so
-        detail = "; ".join(f"{p} {r['ratio']:.2f}x {r['note']}" for p, r in probes.items() if r.get("note"))
+    elif verdict in ("undecided", "slow"):
+        detail = ", ".join(named(p, r) for p, r in probes.items() if r.get("verdict") == verdict)
+        if verdict == "undecided":
+            detail += f"; {d['samples_needed']} more samples" if d.get("samples_needed") else "; too uncertain"
+    else:
+        detail = ""
+    if verdict != "failed" and d.get("degraded"):
+        lost = [named(p, r) + (f" -{r['change_loss']:.1%}" if r.get("change_loss") is not None else "")
+                for p, r in probes.items() if r.get("degraded")]
+        detail = "; ".join(x for x in (detail, "degraded " + ", ".join(lost)) if x)
     style = VERDICT_STYLE.get(verdict, "")
     head = f"[{style}]{verdict}[/{style}]" if style else verdict
     return f"{head}: {detail}" if detail else head
@@ -150,10 +164,16 @@ def render_scan(console: Console, report: dict, notice: str, scan_id: str, failu
                       f"{f['probe']}: {f['error']}", highlight=False)
     for line in whole_hosts((d["host"], d["gpu"], d["straggler"]) for d in report["devices"]):
         console.print(line, highlight=False)
-    n = report["stragglers"]
-    summary = f"{len(report['devices'])} device(s), {n} straggler(s), {len(failures)} failure(s); " \
-              f"analysis: {report['engine']}"
-    console.print(("[bold red]" if n or failures else "[green]") + summary, highlight=False)
+    n, tiers = report["stragglers"], [d["verdict"] for d in report["devices"]]
+    others = "".join(f", {tiers.count(t)} {t}" for t in ("undecided", "slow") if t in tiers)
+    degraded = sum(bool(d.get("degraded")) for d in report["devices"])
+    summary = f"{len(report['devices'])} device(s), {n} straggler(s){others}" \
+              + (f", {degraded} degraded" if degraded else "") + f", {len(failures)} failure(s)"
+    style = "[bold red]" if n or failures else "[bold yellow]" if "undecided" in tiers else "[green]"
+    console.print(style + summary, highlight=False)
+    console.print(f"[dim]analysis: {report['engine']}[/dim]", highlight=False)
+    for line in (report.get("analysis") or {}).get("summary", {}).get("warnings") or ():
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
 
 
 @contextmanager

@@ -11,12 +11,14 @@ import math
 from statistics import fmean, median
 from typing import Any, Iterable
 
-from straggler.errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS
+from straggler.errors import EXIT_FAILED
 from straggler.records import format_throttle, parse_throttle
 
 SIMPLE_MIN_RATIO = 0.90
-PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "estimate", "peer_median", "ratio", "deficit",
-                "straggler", "basis", "causes", "evidence", "cost", "note")
+PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "estimate", "peer_median", "ratio", "ratio_low",
+                "ratio_high", "deficit", "straggler", "verdict", "samples_needed", "undecided_reason", "degraded",
+                "change_loss", "change_scan", "perf_class", "peer_spread", "basis", "causes", "evidence", "cost",
+                "note")
 
 
 def _clean(v: Any) -> Any:
@@ -45,10 +47,9 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
         res = analyze(to_frame(samples))
     except StragglerError as e:  # the samples stay valid: decide by the simple rule, say why
         return _simple(samples), {"error": str(e)}, f"simple rule (the analysis engine refused: {e})"
-    from straggler.verdict import not_significant
+    from straggler.verdict import probe_note
 
     units = {(s["host"], s["gpu"], s["probe"]): s.get("unit") for s in samples}
-    effect = (res.summary["min_effect"], res.summary["min_effect_few"])
     rows = []
     for rec in res.devices.to_dict("records"):
         key = (rec["host"], rec["gpu"], rec["probe"])
@@ -56,7 +57,7 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
         rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"], "unit": units.get(key),
                      **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
                      "median": _clean(rec["median"]) if "median" in rec else est, "estimate": est,
-                     "note": not_significant(rec, *effect)})
+                     "note": probe_note(rec)})
     return rows, json_safe(res.to_json()), "straggler.analysis"
 
 
@@ -115,7 +116,14 @@ def _telemetry(rows: list[dict]) -> dict:
 
 
 def device_report(samples: list[dict], failures: list[dict], devices: Iterable[dict]) -> dict:
-    """``{"devices": [...], "analysis": {...}, "engine": str, "stragglers": n, "exit_code": int}``."""
+    """``{"devices": [...], "analysis": {...}, "engine": str, "stragglers": n, "undecided": n,
+    "cannot_decide": StragglerError | None, "exit_code": int}``.
+
+    A device's ``verdict`` is its probes' tier (``straggler.verdict.device_tier``: straggler, else
+    undecided, else slow, else healthy), or ``failed`` / ``no data``. ``cannot_decide`` is the
+    one-line error of a scan that found no straggler but could not decide every device (exit 2)."""
+    from straggler.verdict import NothingToCompare, Undecided, exit_code
+
     probe_rows, doc, engine = analyze_samples(samples)
     known: dict[tuple, dict] = {}
     for d in devices:
@@ -126,29 +134,55 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
     for (host, gpu), ident in sorted(known.items(), key=lambda kv: (kv[0][0], kv[1]["index"] or 0, kv[0][1])):
         mine = [r for r in probe_rows if (r["host"], r["gpu"]) == (host, gpu)]
         fails = [f for f in failures if (f["host"], f["device"]) == (host, gpu)]
+        tier = _tier(mine, engine)
         flagged = [r for r in mine if r["straggler"]]
-        notes = [f"{r['probe']} {r['ratio']:.2f}x peer median: {r['note']}" for r in mine if r.get("note")]
-        if flagged:
-            verdict, reason = "straggler", "; ".join(_flag_reason(r) for r in flagged)
-        elif any(r.get("ratio") is not None for r in mine):
-            verdict, reason = "healthy", "; ".join(notes) or "in line with peers"
-        elif mine:
-            verdict, reason = "undecided", "no peers, history or reference to compare with"
-        else:
-            verdict, reason = "no data", "no samples"
+        notes = "; ".join(f"{r['probe']}" + (f" {r['ratio']:.2f}x peer median" if r.get("ratio") is not None else "")
+                          + f": {r['note']}" for r in mine if r.get("note"))
+        verdict = tier["verdict"] or ("no data" if not mine else "undecided")
+        if verdict == "straggler":
+            reason = "; ".join(_flag_reason(r) for r in flagged) + (f"; {notes}" if notes else "")
+        elif verdict == "healthy":
+            reason = notes or "in line with peers"
+        elif verdict == "no data":
+            reason = "no samples"
+        else:  # undecided, slow: the note says why
+            reason = notes or verdict
         if fails:
             verdict, reason = "failed", f"{fails[0]['probe']}: {fails[0]['error']}" + (f"; {reason}" if flagged else "")
         out.append({"host": host, "gpu": gpu, **ident, "straggler": bool(flagged), "verdict": verdict,
-                    "reason": reason,
+                    "reason": reason, "degraded": tier["degraded"], "samples_needed": tier["samples_needed"],
+                    "perf_class": tier["perf_class"],
                     "probes": {r["probe"]: {k: r.get(k) for k in PROBE_FIELDS} for r in mine},
                     "telemetry": _telemetry([s for s in samples if (s["host"], s["gpu"]) == (host, gpu)]),
                     "failures": fails})
     n = sum(d["straggler"] for d in out)
-    # One rule with `straggler analyze`: nothing to compare with is "could not decide", exit 2.
-    undecided = bool(out) and all(d["verdict"] == "undecided" for d in out)
-    code = EXIT_FAILED if failures or not samples or undecided else EXIT_STRAGGLERS if n else EXIT_OK
-    return {"devices": out, "analysis": doc, "engine": engine, "stragglers": n, "undecided": undecided,
-            "exit_code": code}
+    undecided = [d for d in out if d["verdict"] == "undecided"]
+    cannot_decide = None
+    if out and not n and undecided:
+        if all(str(r.get("basis") or "none").startswith("none") for r in probe_rows):  # nothing to compare with
+            cannot_decide = NothingToCompare(len(out), undecided[0]["host"], undecided[0]["gpu"],
+                                             "scan more devices of the model at once, or run `straggler analyze` "
+                                             "on this scan's --output with --history or --reference")
+        else:
+            needed = [d["samples_needed"] for d in undecided if d["samples_needed"] is not None]
+            min_effect = (doc.get("summary") or {}).get("min_effect")
+            cannot_decide = Undecided([f"{d['host']}/{d['gpu']}" for d in undecided],
+                                      min_effect if min_effect is not None else 1 - SIMPLE_MIN_RATIO,
+                                      max(needed) if needed else None)
+    code = EXIT_FAILED if failures or not samples else exit_code(n, len(undecided))
+    return {"devices": out, "analysis": doc, "engine": engine, "stragglers": n, "undecided": len(undecided),
+            "cannot_decide": cannot_decide, "exit_code": code}
+
+
+def _tier(rows: list[dict], engine: str) -> dict:
+    """The device's tier from its probes (the simple rule has no tiers: straggler or healthy)."""
+    if engine == "straggler.analysis":
+        from straggler.verdict import device_tier
+
+        return device_tier(rows)
+    verdict = "straggler" if any(r["straggler"] for r in rows) else \
+        "healthy" if any(r.get("ratio") is not None for r in rows) else None
+    return {"verdict": verdict, "degraded": False, "samples_needed": None, "perf_class": None}
 
 
 def _flag_reason(r: dict) -> str:

@@ -247,6 +247,15 @@ def test_probe_child_runs_the_scan_command(tmp_path):
     assert run.rows()[0]["ts"] >= start_at - 0.01  # the child waited for start_at
 
 
+def test_a_scan_that_measured_everything_but_could_not_decide_is_not_a_failed_run(tmp_path):
+    """`straggler scan` exits 2 when no device is a straggler and some are undecided: the node's
+    run measured everything (the collector decides across the fleet), so it is done, not failed."""
+    run, _ = _run(tmp_path, "undecided")
+    assert run.returncode == 2 and not run.failed and run.error is None and len(run.rows()) == 3
+    failed, _ = _run(tmp_path, "fail")  # exit 2 with a failure: still a failed run
+    assert failed.returncode == 2 and failed.failed and "worker 0 died" in failed.error
+
+
 def test_probe_child_killed_at_its_deadline_keeps_its_rows(tmp_path):
     run, took = _run(tmp_path, "hang", deadline_s=1.0)
     assert run.failed and "overran its 1 s deadline" in run.error and run.returncode is not None

@@ -19,7 +19,8 @@ from urllib.parse import parse_qs, urlparse
 from conftest import ROOT, free_port
 
 # The probe child's contract: `... --json --output F --scan-id ID --deadline S ... [--start-at T]`.
-# FAKE_SCAN_MODE: ok (3 rows, exit 0), hang (2 rows then sleeps), fail (1 row, exit 2);
+# FAKE_SCAN_MODE: ok (3 rows, exit 0), hang (2 rows then sleeps), fail (1 row, exit 2), undecided (3 rows,
+# an undecided device and no failure in the document, exit 2 as `straggler scan` does);
 # FAKE_SCAN_ROWS overrides the number of rows; FAKE_SCAN_EXTRA (a JSON object) is merged into every row.
 FAKE_SCAN = r'''
 import argparse, json, os, sys, time
@@ -31,7 +32,7 @@ a = p.parse_args()
 if a.start_at:
     time.sleep(max(0.0, float(a.start_at) - time.time()))
 mode = os.environ.get("FAKE_SCAN_MODE", "ok")
-n = int(os.environ.get("FAKE_SCAN_ROWS") or {"ok": 3, "hang": 2, "fail": 1}[mode])
+n = int(os.environ.get("FAKE_SCAN_ROWS") or {"ok": 3, "hang": 2, "fail": 1, "undecided": 3}[mode])
 extra = json.loads(os.environ.get("FAKE_SCAN_EXTRA") or "{}")
 with open(a.output, "w") as f:
     for i in range(n):
@@ -45,6 +46,10 @@ if mode == "hang":
     time.sleep(3600)
 if mode == "fail":
     print("probe matmul failed: worker 0 died", file=sys.stderr)
+    sys.exit(2)
+if mode == "undecided":
+    print(json.dumps({"scan_id": a.scan_id, "failures": [], "devices": [{"gpu": "cpu0", "verdict": "undecided"}]}))
+    print("straggler: error: could not decide: 1 device(s) undecided", file=sys.stderr)
     sys.exit(2)
 print(json.dumps({"scan_id": a.scan_id, "devices": []}))
 '''

@@ -75,7 +75,8 @@ def test_rich_table_ranked_by_cost():
     assert 0.2 < cost9 < 0.3  # 1 / 0.8 - 1 = 25%, measured through 1% noise
     assert "STRAGGLER" in lines[row9] and f"{cost9:.1%}" in lines[row9] and "unexplained" in lines[row9]
     assert "(not shown: 12 other entries; --all shows them)" in text
-    assert sum("ok " in line for line in lines) == 2
+    assert sum(" healthy " in line for line in lines if "GPU-" in line) == 2
+    assert "verdicts at the 4.0% threshold: straggler 2, undecided 0, slow 0, healthy 14" in lines
     assert "8-device synchronous job runs" in text
 
 
@@ -149,8 +150,10 @@ def test_config_file_and_environment(tmp_path, capsys, monkeypatch):
     conf = tmp_path / "analysis.toml"
     conf.write_text("min_effect = 0.05\nfdr = 0.05\n")
     code, out, err = cli(["analyze", str(path), "--json", "--config", str(conf)], capsys)
-    assert code == 0, err
-    assert json.loads(out)["summary"]["fdr"] == 0.05
+    assert code == 2, err  # 6% slow, T = 5%: undecided, and undecided is "could not decide", not healthy
+    assert err == ("straggler: error: could not decide: 1 entries undecided at the 5.0% threshold and no "
+                   "straggler found: node1/GPU-06 matmul; re-measure them (up to 3 more samples)\n")
+    assert json.loads(out)["summary"]["fdr"] == 0.05  # the document is printed first
     monkeypatch.setenv("STRAGGLER_ANALYSIS_MIN_EFFECT", "0.03")
     code, out, _ = cli(["analyze", str(path), "--json"], capsys)
     assert code == 1 and json.loads(out)["summary"]["min_effect"] == 0.03
@@ -185,8 +188,10 @@ def test_several_devices_with_nothing_to_compare_is_exit_2(tmp_path, capsys):
     code, out, err = cli(["analyze", str(path), "--json"], capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "3 devices but none has a peer" in err
-    code, _, err = cli(["analyze", str(path), "--reference", "L4|matmul=700"], capsys)
-    assert code == 0, err  # one entry has a basis: the others are reported as `none`
+    code, out, err = cli(["analyze", str(path), "--reference", "L4|matmul=700"], capsys)
+    # one entry has a basis; the others are reported as `none`, undecided: could not decide them
+    assert code == 2 and "could not decide: 2 entries undecided" in err and "GPU-00 matmul" in err, err
+    assert "undecided" in out and "straggler analyze: 0 straggler(s)" in out
 
 
 def test_blank_sample_numbers_and_a_bad_throttle_cell(tmp_path, capsys):
@@ -235,17 +240,73 @@ def test_table_at_80_columns_never_cuts_host_or_gpu():
     assert "STRAGGLER" in next(line for line in rows if str(uuid.UUID(int=4)) in line)
 
 
-def test_slower_but_not_significant_says_so():
-    """19% slower than its peers on 2 noisy samples: not flagged, and not called 'ok' either."""
+def test_slower_on_noisy_samples_is_undecided_with_the_samples_needed():
+    """19% slower than its peers on 2 noisy samples: not flagged, and not called healthy either."""
     res = run_analysis(fleet(n_hosts=1, slow={1: 0.81}, noisy=0.1, samples=2))
     row = res.devices.set_index("gpu").loc[f"GPU-{uuid.UUID(int=2)}"]
-    assert not row["straggler"] and row["deficit"] == pytest.approx(0.19)
+    assert not row["straggler"] and row["deficit"] == pytest.approx(0.19) and row["verdict"] == "undecided"
     lines = render80(res)
-    (i,) = [i for i, line in enumerate(lines) if str(uuid.UUID(int=2)) in line]
-    row = lines[i] + (" " + lines[i + 1].strip() if lines[i + 1].startswith(" ") else "")  # a wrapped cell
-    assert " ".join(row.split()[3:]) == "not significant, n=2"
-    others = [line for line in render80(res) if "GPU-" in line and str(uuid.UUID(int=2)) not in line]
-    assert others and all("not significant" not in line for line in others)
+    assert max(len(line) for line in lines) <= 80
+    (line,) = [line for line in lines if str(uuid.UUID(int=2)) in line]
+    assert line.split()[3:5] == ["undecided", f"+{int(row['samples_needed'])}"]
+    assert not any("healthy" in line.split()[3:4] for line in lines if "GPU-" in line)
+    assert "verdicts at the 4.0% threshold: straggler 0, undecided 8, slow 0, healthy 0" in lines
+
+
+def test_every_tier_and_the_class_in_the_table_and_json(tmp_path, capsys):
+    """A straggler, a slow device (in the slow tail, under T), an undecided one and healthy ones."""
+    rng = np.random.default_rng(1)
+    rows = [{"host": f"node{i // 8}", "gpu": f"GPU-{i:02d}", "model": "H100", "probe": "matmul", "sample": s,
+             "value": 700 * {3: 0.975, 6: 0.9, 9: 0.96}.get(i, 1.0) * (1 + rng.normal(0, 0.002))}
+            for i in range(32) for s in range(5)]
+    path = tmp_path / "fleet.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    code, out, err = cli(["analyze", str(path), "--json"], capsys)
+    assert code == 1, err
+    gpus = {g["gpu"]: g for g in json.loads(out)["gpus"]}
+    assert [gpus[g]["verdict"] for g in ("GPU-06", "GPU-09", "GPU-03", "GPU-00")] == \
+        ["straggler", "undecided", "slow", "healthy"]
+    for key in ("samples_needed", "undecided_reason", "peer_spread", "degraded", "perf_class", "ratio_low",
+                "ratio_high", "change_loss", "change_scan", "change_ts"):
+        assert key in gpus["GPU-00"], key
+    assert gpus["GPU-06"]["perf_class"] == "D" \
+        and gpus["GPU-06"]["ratio_low"] < gpus["GPU-06"]["ratio"] < gpus["GPU-06"]["ratio_high"] < 0.95
+    code, out, err = cli(["analyze", str(path), "--all"], capsys)
+    assert code == 1, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+
+    def verdict(gpu):
+        (line,) = [line for line in lines if line.split()[1:3] == [gpu, "matmul"]]
+        return line.split()[3]
+
+    assert [verdict(g) for g in ("GPU-06", "GPU-09", "GPU-03", "GPU-00")] == \
+        ["STRAGGLER", "undecided", "slow", "healthy"]
+    assert "verdicts at the 4.0% threshold: straggler 1, undecided 1, slow 1, healthy 29" in lines
+
+
+def test_spread_warnings_are_one_line_each(tmp_path, capsys):
+    """T inside a group's normal spread: one warning line, on stderr under --json, in the footer else."""
+    rng = np.random.default_rng(2)
+    rows = [{"host": f"node{i // 8}", "gpu": f"GPU-{i:02d}", "model": "V100", "probe": "matmul", "sample": s,
+             "value": 100 * spread * (1 + rng.normal(0, 0.002))}
+            for i, spread in enumerate(1 + rng.standard_t(5, 64) * 0.03) for s in range(5)]
+    path = tmp_path / "wide.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    res = run_analysis(pd.DataFrame(rows))
+    (warning,) = res.summary["warnings"]
+    code, out, err = cli(["analyze", str(path), "--json"], capsys)
+    assert err == f"warning: {warning}\n" and json.loads(out)["summary"]["warnings"] == [warning]
+    code, out, err = cli(["analyze", str(path)], capsys)
+    assert f"warning: {warning}" in out.replace("\n", " ") or f"warning: {warning}" in " ".join(out.split())
+
+
+def test_min_effect_help_names_the_engine_default(capsys):
+    from straggler.analysis import AnalysisConfig
+
+    code, out, _ = cli(["analyze", "--help"], capsys)
+    assert code == 0
+    assert f"[default: {AnalysisConfig().min_effect:g}]" in " ".join(out.split())
 
 
 def test_a_host_whose_every_device_is_flagged_gets_one_line():

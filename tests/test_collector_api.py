@@ -4,6 +4,7 @@ The fleet analysis is isolated here (``peer_ratio_analyze``: a device's median o
 tests/test_collector_fleet.py runs the real engine.
 """
 
+import re
 import subprocess
 import time
 from types import SimpleNamespace
@@ -140,10 +141,14 @@ def test_bad_row_is_422_naming_the_field_and_stores_nothing(server, mutate, fiel
 
 
 @pytest.mark.parametrize("mutate, field", [
-    (lambda r: r.update(throttle_reasons="sw_power_cap"), "results[1].throttle_reasons"),
     (lambda r: r.update(throttle_reasons="sw_power_cap=high"), "results[1].throttle_reasons"),
     (lambda r: r.update(throttle_reasons="sw_power_cap=1..2"), "results[1].throttle_reasons"),
-    (lambda r: r.update(throttle_reasons="HW Slowdown=0.5"), "results[1].throttle_reasons"),
+    (lambda r: r.update(throttle_reasons="sw_power_cap=1.5"), "results[1].throttle_reasons: Value error, "
+     "throttle_reasons: share '1.5' of 'sw_power_cap' is not in [0, 1]"),
+    (lambda r: r.update(throttle_reasons="-4"), "results[1].throttle_reasons: Value error, throttle_reasons: "
+     "negative bit mask -4"),
+    (lambda r: r.update(throttle_reasons="a=2."), "results[1].throttle_reasons"),  # a share beyond 1
+    (lambda r: r.update(throttle_reasons=True), "results[1].throttle_reasons"),
     (lambda r: r.update(unit="GB/s"), "results[1].unit"),  # rows 0 and 1 name one probe in two units
     (lambda r: r.update(scan_id=None), "results[1].sample"),  # sample k of every scan-less upload clashes
     (lambda r: r.update(scan_id=""), "results[1].sample"),
@@ -161,10 +166,28 @@ def test_rows_the_analysis_would_refuse_are_422_and_store_nothing(server, mutate
 def test_throttle_reasons_as_the_agent_writes_them_are_accepted(server):
     from straggler.records import format_throttle
 
-    values = ["", format_throttle({"sw_power_cap": 0.8, "hw_thermal_slowdown": 0.125}), "a=1;b=.5", "a=2."]
+    values = ["", format_throttle({"sw_power_cap": 0.8, "hw_thermal_slowdown": 0.125}), "a=1;b=.5", "a=1."]
     rows = [dict(r, throttle_reasons=v) for r, v in zip(make_rows("thr", n_gpus=1, samples=4), values)]
     r = post(server, {"host": "thr", "results": rows})
     assert r.status_code == 200 and r.json()["accepted"] == 4
+
+
+def test_throttle_reasons_in_every_form_the_result_table_reads_are_accepted(server):
+    """One source: what records.read_throttle reads (bit masks, names joined by | , ;, NVML/DCGM
+    spellings, bare names), the collector stores, and the stored cell reads back the same."""
+    from straggler.records import read_throttle
+
+    values = ["sw_power_cap", "0x24", 36, "SW_POWER_CAP|HW_SLOWDOWN", "clocks_event_reason_sw_power_cap,hw_slowdown",
+              "nvmlClocksThrottleReasonHwSlowdown", "HW Slowdown=0.5", "gpu_idle;sw_thermal_slowdown=0.25"]
+    rows = [dict(r, throttle_reasons=v)
+            for r, v in zip(make_rows("thrforms", n_gpus=2, samples=4, scan_id="forms"), values)]
+    r = post(server, {"host": "thrforms", "results": rows})
+    assert r.status_code == 200 and r.json()["accepted"] == len(values), r.text
+    by_id = {row["id"]: row["throttle_reasons"] for gpu in {row["gpu"] for row in rows}
+             for row in server.client.get(f"/api/v1/gpus/{gpu}/history").json()["results"]}
+    for row, v in zip(rows, values):
+        assert read_throttle(by_id[row["id"]]) == read_throttle(v)
+    assert read_throttle(by_id[rows[2]["id"]]) == ({"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, [])
 
 
 def test_a_unit_other_than_the_stored_one_is_422(server):
@@ -294,7 +317,9 @@ def test_fast_render_equals_prometheus_client_text():
         {"host": "c", "gpu": "cpu0", "index": None, "model": None, "last_ts": None, "last_scan_id": ""}]
     verdicts = [{"host": d["host"], "gpu": d["gpu"], "probe": p, "settings": "n=1", "ratio": 0.5 + d["index"] / 7,
                  "straggler": d["index"] == 0, "causes": ["thermal", "pcie_link"] if d["host"] == "a" else ["new_cause"],
-                 "cost": float("nan") if p == "membw" else 1.25e7}
+                 "cost": float("nan") if p == "membw" else 1.25e7,
+                 "verdict": "straggler" if d["index"] == 0 else ("undecided", "slow")[d["index"] % 2],
+                 "degraded": d["index"] == 2, "perf_class": None if p == "membw" else "ABCD"[d["index"]]}
                 for d in devices[:-1] for p in ("matmul", "membw")]
     snap = FleetSnapshot(computed_ts=123.5, gpus=build_gpus(devices, verdicts))
     fc = FleetCollector(clock=lambda: 1000.0)
@@ -303,6 +328,11 @@ def test_fast_render_equals_prometheus_client_text():
     reg.register(fc)
     assert fc.render() == generate_latest(reg)
     assert b'cause="other"' in fc.render() and b'cause="thermal"' in fc.render()
+    assert b'straggler_fleet_devices_by_verdict{verdict="undecided"} 2.0' in fc.render()
+    assert b'straggler_fleet_devices_by_verdict{verdict="healthy"} 0.0' in fc.render()
+    assert b'straggler_fleet_degraded 2.0' in fc.render()
+    assert fc.render().count(b"\nstraggler_gpu_degraded{") == 4  # index 2 of hosts a and b, two probes each
+    assert b'perf_class="",probe="membw"' in fc.render() and b'perf_class="B",probe="matmul"' in fc.render()
     assert reg.get_sample_value("straggler_gpu_last_probe_age_seconds",
                                 {"host": "b", "uuid": "GPU-b-2", "gpu": "2", "model": 'we"ird\\model\n'}) == 898.0
 
@@ -310,3 +340,56 @@ def test_fast_render_equals_prometheus_client_text():
 def test_healthz(server):
     body = server.client.get("/healthz").json()
     assert body["status"] == "ok"
+
+
+def test_fleet_view_serves_tiers_and_metrics_export_them(tmp_path):
+    """The real analysis engine behind the collector: each device's tier, degraded flag, class and
+    samples needed in /api/v1/gpus and /api/v1/stragglers, and the tier and class in /metrics."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    slow = {2: 0.8, 5: 0.96, 7: 0.975}  # a straggler, one at the threshold (undecided), one slow
+    rows = []
+    for i in range(16):
+        for k in range(5):
+            row = {"ts": 1_700_000_000.0 + k, "scan_id": "t1", "host": f"tier{i // 8}", "gpu": f"GPU-tier-{i}",
+                   "index": i % 8, "model": "H100", "probe": "matmul", "settings": "n=8192", "sample": k,
+                   "value": 700.0 * slow.get(i, 1.0) * (1 + rng.normal(0, 0.002)), "unit": "TFLOP/s"}
+            row["id"] = result_id(row)
+            rows.append(row)
+    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=0.05, analysis_max_delay_s=1.0)
+    with BackgroundCollector(settings, TOKEN) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        srv.client = client
+        assert post(srv, {"host": "tier0", "results": rows}).status_code == 200
+        body = wait_for_analysis(srv, "tier1")
+        gpus = {g["gpu"]: g for g in body["gpus"]}
+        assert [gpus[f"GPU-tier-{i}"]["verdict"] for i in (2, 5, 7, 0)] == ["straggler", "undecided", "slow", "healthy"]
+        for g in gpus.values():
+            assert set(g) >= {"verdict", "degraded", "perf_class", "samples_needed", "straggler"}
+            assert g["degraded"] is False and g["straggler"] == (g["verdict"] == "straggler")
+            (p,) = g["probes"]
+            assert g["verdict"] == p["verdict"] and g["perf_class"] == p["perf_class"]
+            assert p["peer_spread"] is not None and p["peer_spread"] >= 0 and "samples_needed" in p
+        assert gpus["GPU-tier-2"]["perf_class"] == "D"
+        assert body["summary"]["verdicts"] == {"straggler": 1, "undecided": 1, "slow": 1, "healthy": 13}
+        assert body["summary"]["groups"][0]["devices"] == 16 and "warnings" in body["summary"]
+        flagged = client.get("/api/v1/stragglers").json()["gpus"]
+        assert [(g["gpu"], g["verdict"]) for g in flagged] == [("GPU-tier-2", "straggler")]  # the first tier only
+        text = client.get("/metrics").text
+        reg = CollectorRegistry()
+        reg.register(srv.collector.fleet_metrics)
+        labels = {"host": "tier0", "gpu": "5", "model": "H100", "probe": "matmul", "settings": "n=8192"}
+        tier5 = {**labels, "uuid": "GPU-tier-5", "perf_class": gpus["GPU-tier-5"]["perf_class"]}
+        assert tier5["perf_class"] in ("C", "D")
+        assert reg.get_sample_value("straggler_gpu_verdict", {**tier5, "verdict": "undecided"}) == 1.0
+        assert reg.get_sample_value("straggler_gpu_verdict", {**tier5, "verdict": "healthy"}) is None
+        assert len(re.findall(r"^straggler_gpu_verdict\{", text, re.M)) == 16  # one series per device and probe
+        assert set(re.findall(r'perf_class="([^"]*)"', text)) == {"A", "B", "C", "D"}
+        assert "straggler_gpu_degraded{" not in text  # present only for a degraded device
+        for tier, n in (("straggler", 1), ("undecided", 1), ("slow", 1), ("healthy", 13)):
+            assert reg.get_sample_value("straggler_fleet_devices_by_verdict", {"verdict": tier}) == n
+        assert reg.get_sample_value("straggler_fleet_degraded") == 0.0
+        assert {v for v in re.findall(r'verdict="([^"]*)"', text)} <= {"straggler", "undecided", "slow", "healthy"}
+        promtool = require_tool("promtool")
+        out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr

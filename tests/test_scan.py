@@ -29,17 +29,18 @@ def test_json_output_scan_id_and_start_at(straggler_cmd, tmp_path):
     out = tmp_path / "s.parquet"
     proc = scan(straggler_cmd, "--json", "--probes", "matmul,allreduce", "--duration", "1", "--samples", "3",
                 "--scan-id", "test-scan-1", "--start-at", str(start_at), "--output", str(out))
-    assert proc.returncode in (0, 1), proc.stderr
+    assert proc.returncode in (0, 1) or "could not decide" in proc.stderr, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["scan_id"] == "test-scan-1" and doc["backend"] == "cpu" and doc["failures"] == []
     assert "no CUDA GPU visible" in doc["notice"]
     assert [d["gpu"] for d in doc["devices"]] == [f"cpu{c}" for c in CORES]
     for d in doc["devices"]:
         assert set(d["probes"]) == {"matmul", "allreduce"}
-        assert d["verdict"] in ("healthy", "straggler") and d["reason"]
+        assert d["verdict"] in ("healthy", "straggler", "undecided", "slow") and d["reason"]
         assert d["probes"]["matmul"]["n_samples"] == 3 and d["probes"]["matmul"]["unit"] == "GFLOP/s"
         assert d["telemetry"]["arrival_skew_s"] is not None and d["telemetry"]["arrival_skew_s"] >= 0
-    assert proc.returncode == (1 if any(d["straggler"] for d in doc["devices"]) else 0)
+    verdicts = [d["verdict"] for d in doc["devices"]]
+    assert proc.returncode == (1 if "straggler" in verdicts else 2 if "undecided" in verdicts else 0), proc.stderr
     df = read_table(out)
     assert len(df) == len(doc["samples"]) == len(CORES) * 2 * 3
     assert (df["scan_id"] == "test-scan-1").all()
@@ -79,7 +80,8 @@ def test_bad_telemetry_fixture_fails_before_any_worker(straggler_cmd, tmp_path):
 def test_output_rows_are_canonical(straggler_cmd, tmp_path):
     out = tmp_path / "s.jsonl"
     proc = scan(straggler_cmd, "--probes", "membw", "--duration", "1", "--samples", "2", "--output", str(out))
-    assert proc.returncode in (0, 1), proc.stderr
+    # a VM's cores copy at rates that vary run to run: the devices may be undecided (exit 2, one line)
+    assert proc.returncode in (0, 1) or proc.stderr.startswith("straggler: error: could not decide: "), proc.stderr
     df = pd.read_json(out, lines=True)
     for col in ("ts", "scan_id", "host", "gpu", "index", "model", "probe", "settings", "sample", "duration_s",
                 "value", "unit"):
@@ -183,16 +185,93 @@ def test_a_gpu_scan_table_fits_80_columns_and_never_cuts_a_gpu():
     assert "basis: " in report["devices"][3]["reason"]
 
 
-def test_slower_but_not_significant_is_not_in_line_with_peers():
+def test_slower_on_noisy_samples_is_undecided_with_the_samples_needed_never_healthy():
+    from straggler.errors import EXIT_FAILED
     from straggler.probes.report import device_report
+    from straggler.verdict import Undecided
 
     report = device_report(_gpu_samples({(1, "matmul"): 0.81}, noisy=0.1, samples=2), [], [])
     d = report["devices"][1]
-    assert d["verdict"] == "healthy" and d["probes"]["matmul"]["note"] == "not significant, n=2"
-    assert d["reason"] == "matmul 0.81x peer median: not significant, n=2"
+    m = d["probes"]["matmul"]
+    assert (d["verdict"], m["verdict"], m["samples_needed"]) == ("undecided", "undecided", 12)
+    assert m["note"] == "n=2, 12 more samples" and d["samples_needed"] == 33  # its other probes need more
+    assert d["reason"].startswith("matmul 0.81x peer median: n=2, 12 more samples; membw")
     from straggler.probes.render import short_verdict
 
-    assert short_verdict(d) == "[green]healthy[/green]: matmul 0.81x not significant, n=2"
+    assert short_verdict(d) == ("[bold yellow]undecided[/bold yellow]: matmul 0.81x, membw 1.00x, pcie_h2d 1.00x, "
+                                "pcie_d2h 1.00x, allreduce 1.00x; 33 more samples")
+    # no straggler, devices undecided: could not decide (exit 2), one line naming them, never "healthy"
+    assert report["exit_code"] == EXIT_FAILED and report["undecided"] == 8
+    assert isinstance(report["cannot_decide"], Undecided)
+    assert str(report["cannot_decide"]) == (
+        "could not decide: 8 device(s) undecided at the 4.0% threshold and no straggler found: "
+        "gpu-node-017/GPU-00000000-0000-0000-0000-000000000001, gpu-node-017/GPU-00000000-0000-0000-0000-"
+        "000000000002, gpu-node-017/GPU-00000000-0000-0000-0000-000000000003 (+5 more); re-measure them "
+        "(up to 33 more samples)")
+    lines = _render80(report)
+    assert max(len(line) for line in lines) <= 80
+    assert not any("healthy" in line for line in lines)
+    assert "8 device(s), 0 straggler(s), 8 undecided, 0 failure(s)" in lines
+
+
+def _matmul_fleet(slow: dict, n: int = 16, samples: int = 5, noise: float = 0.01, spread: float = 0.0) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = 1 + rng.normal(0, spread, n)
+    return [{"scan_id": "s", "host": "gpu-node-017", "gpu": f"GPU-{i}", "index": i, "model": "H100",
+             "probe": "matmul", "settings": "x", "sample": s, "unit": "TFLOP/s",
+             "value": 700 * base[i] * slow.get(i, 1.0) * (1 + rng.normal(0, noise))}
+            for i in range(n) for s in range(samples)]
+
+
+def test_an_undecided_device_beside_healthy_ones_makes_the_scan_undecided():
+    from straggler.errors import EXIT_FAILED, EXIT_STRAGGLERS
+    from straggler.probes.report import device_report
+
+    report = device_report(_matmul_fleet({3: 0.955}, n=8), [], [])
+    d = report["devices"][3]
+    assert d["verdict"] == "undecided" and not d["straggler"]
+    assert d["reason"] == "matmul 0.95x peer median: n=5, comparison too uncertain to decide at the threshold"
+    assert report["exit_code"] == EXIT_FAILED
+    assert str(report["cannot_decide"]).endswith(
+        "gpu-node-017/GPU-3; re-measure with more samples, or more devices of the model")
+    assert {x["verdict"] for x in report["devices"] if x is not d} == {"healthy"}
+    # with a straggler beside it: stragglers found (exit 1); the undecided device stays undecided
+    report = device_report(_matmul_fleet({3: 0.955, 5: 0.8}, n=8), [], [])
+    assert report["exit_code"] == EXIT_STRAGGLERS and report["cannot_decide"] is None
+    assert [x["verdict"] for x in report["devices"]][3:6] == ["undecided", "healthy", "straggler"]
+
+
+def test_a_slow_device_is_shown_as_slow_and_does_not_change_the_exit_code():
+    from straggler.errors import EXIT_OK
+    from straggler.probes.report import device_report
+    from straggler.probes.render import short_verdict
+
+    report = device_report(_matmul_fleet({3: 0.975}, noise=0.002, spread=0.002), [], [])
+    d = report["devices"][3]
+    assert (d["verdict"], d["straggler"], d["probes"]["matmul"]["verdict"]) == ("slow", False, "slow")
+    assert report["exit_code"] == EXIT_OK and report["stragglers"] == 0 and report["cannot_decide"] is None
+    assert short_verdict(d) == "[yellow]slow[/yellow]: matmul 0.98x"
+    assert d["reason"] == "matmul 0.98x peer median: slow, under the threshold"
+    assert d["perf_class"] == "D" and d["probes"]["matmul"]["peer_spread"] > 0
+    lines = _render80(report)
+    assert max(len(line) for line in lines) <= 80
+    assert "16 device(s), 0 straggler(s), 1 slow, 0 failure(s)" in lines
+    (row,) = [line for line in lines if line.split()[:1] == ["GPU-3"]]
+    assert "slow" in row
+
+
+def test_a_degraded_probe_is_shown_whatever_its_tier():
+    from straggler.probes.render import short_verdict
+    from straggler.verdict import probe_note
+
+    probe = {"verdict": "healthy", "straggler": False, "ratio": 0.99, "degraded": True, "change_loss": 0.05,
+             "change_scan": "b", "n_samples": 5, "basis": "fleet_peers"}
+    assert probe_note(probe) == "degraded, -5.0% since scan b"
+    probe["note"] = probe_note(probe)
+    d = {"verdict": "healthy", "degraded": True, "probes": {"matmul": probe}, "failures": []}
+    assert short_verdict(d) == "[green]healthy[/green]: degraded matmul 0.99x -5.0%"
 
 
 def test_a_host_all_of_whose_devices_are_flagged_gets_one_line():

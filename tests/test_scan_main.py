@@ -19,7 +19,8 @@ def test_readme_main_command_scans_every_core_within_60s(straggler_cmd, tmp_path
     out = tmp_path / "samples.csv"
     proc = subprocess.run([*straggler_cmd, "scan", "--output", str(out)], capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode in (0, 1), proc.stderr
+    # 2 only for "could not decide" (no straggler, a device undecided: a VM's cores vary run to run)
+    assert proc.returncode in (0, 1) or proc.stderr.startswith("straggler: error: could not decide: "), proc.stderr
     assert "device cpu" in proc.stdout and "pcie skipped: GPU only" in proc.stdout
     for core in CORES:
         assert f"cpu{core}" in proc.stdout

@@ -51,7 +51,7 @@ def run_scan(straggler_cmd, shield=None, ours: list | None = None) -> tuple[int,
                    preexec_fn=shield.enter if shield else None)
     mine = _children_s() + _cpu_s(ours) - kids0
     others = (_machine_busy_s() - busy0 - mine) / (time.monotonic() - wall0)
-    assert proc.returncode in (0, 1), proc.stderr
+    assert proc.returncode in (0, 1) or proc.stderr.startswith("straggler: error: could not decide: "), proc.stderr
     return proc.returncode, json.loads(proc.stdout), others
 
 

@@ -39,16 +39,18 @@ def run_on_pty(cmd: list[str], timeout_s: float = 90) -> tuple[int, str]:
 
 def test_progress_on_a_terminal(straggler_cmd):
     code, text = run_on_pty([*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1"])
-    assert code in (0, 1), text[-2000:]
+    # 2 only for "could not decide" (no straggler, a device undecided: a VM's cores vary run to run)
+    assert code in (0, 1) or "straggler: error: could not decide: " in text, text[-2000:]
     assert "probing matmul" in text and "probing membw" in text  # the progress display
     assert "device cpu:" in text and "verdict" in text  # then the notice and the table
 
 
 def test_json_on_a_terminal_is_quiet(straggler_cmd):
     code, text = run_on_pty([*straggler_cmd, "scan", "--json", "--probes", "matmul", "--duration", "1"])
-    assert code in (0, 1), text[-2000:]
+    undecided = "straggler: error: could not decide: " in text
+    assert code in (0, 1) or undecided, text[-2000:]
     assert "probing" not in text and "\x1b[" not in text  # no progress, no colour codes
-    doc = json.loads(text)
+    doc = json.loads(text.splitlines()[0] if undecided else text)  # the error line follows the document
     assert doc["devices"] and all(set(d["probes"]) == {"matmul"} for d in doc["devices"])
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from straggler.errors import EXIT_OK, EXIT_STRAGGLERS
-from straggler.verdict import NothingToCompare, not_significant, whole_hosts
+from straggler.errors import EXIT_FAILED
+from straggler.verdict import NothingToCompare, Undecided, exit_code, whole_hosts
 
 CAUSE_TEXT = {
     "power_capped": "power-capped, lower clock", "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown",
@@ -23,28 +23,37 @@ def _pct(x) -> str:
 
 TOP = 20  # entries of each kind (stragglers, others) the table shows without --all
 # Columns dropped, in this order, when the table does not fit the terminal (all of them are in --json).
-OPTIONAL = ("basis", "cause", "deficit", "cost")
+OPTIONAL = ("class", "basis", "cause", "deficit", "cost")
+TIER_STYLE = {"straggler": "bold red", "undecided": "bold yellow", "slow": "yellow", "healthy": ""}
 
 
-def _verdict(r: dict, s: dict) -> str:
-    if r["straggler"]:
-        return "[bold red]STRAGGLER[/]"
-    return not_significant(r, s["min_effect"], s["min_effect_few"]) or "ok"
+def _verdict(r: dict) -> str:
+    """The tier (``STRAGGLER``, ``undecided``, ``slow``, ``healthy``) in a word or two: an undecided
+    entry adds the further samples that would decide it (``undecided +12``), a degraded one says so."""
+    tier = str(r.get("verdict") or ("straggler" if r["straggler"] else "healthy"))
+    style = TIER_STYLE.get(tier, "")
+    head = "STRAGGLER" if tier == "straggler" else tier
+    head = f"[{style}]{head}[/]" if style else head
+    needed = r.get("samples_needed")
+    if tier == "undecided" and needed is not None and needed == needed:
+        head += f" +{int(needed)}"
+    return head + (", degraded" if r.get("degraded") else "")
 
 
-def _table(title: str, rows: list[dict], s: dict, drop: tuple[str, ...]):
+def _table(title: str, rows: list[dict], drop: tuple[str, ...]):
     from straggler.probes.render import compact_table
 
     table = compact_table(title=title, title_justify="left")
-    cols = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {},
+    cols = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
             "deficit": {"justify": "right", "no_wrap": True}, "cost": {"justify": "right", "no_wrap": True},
-            "basis": {}, "cause": {}}
+            "class": {"no_wrap": True}, "basis": {}, "cause": {}}
     for col, kw in cols.items():
         if col not in drop:
             table.add_column(col, **kw)
     for r in rows:
-        cells = {"host": str(r["host"]), "gpu": str(r["gpu"]), "probe": str(r["probe"]), "verdict": _verdict(r, s),
-                 "deficit": _pct(r["deficit"]), "cost": _pct(r["cost"]), "basis": str(r["basis"]),
+        cells = {"host": str(r["host"]), "gpu": str(r["gpu"]), "probe": str(r["probe"]), "verdict": _verdict(r),
+                 "deficit": _pct(r["deficit"]), "cost": _pct(r["cost"]),
+                 "class": r["perf_class"] if isinstance(r.get("perf_class"), str) else "-", "basis": str(r["basis"]),
                  "cause": ", ".join(CAUSE_TEXT.get(c, c) for c in r["causes"])}
         table.add_row(*(v for k, v in cells.items() if k not in drop))
     return table
@@ -64,7 +73,7 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
     rows = shown.to_dict("records")
     title = f"straggler analyze: {s['stragglers']} straggler(s) among {s['entries']} device x probe entries " \
             f"({s['devices']} devices)"
-    print_fitted(console, [_table(title, rows, s, OPTIONAL[:k]) for k in range(len(OPTIONAL) + 1)])
+    print_fitted(console, [_table(title, rows, OPTIONAL[:k]) for k in range(len(OPTIONAL) + 1)])
     for r in rows:
         if r["straggler"]:
             console.print(f"[bold]{r['host']} {r['gpu']} {r['probe']}[/]: {r['evidence']} (deficit "
@@ -90,6 +99,25 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
                           "are left to run it without the flagged ones", highlight=False)
     if result.dropped:
         console.print("dropped rows: " + ", ".join(f"{n} {why}" for why, n in result.dropped.items()))
+    tiers = s.get("verdicts") or {}
+    console.print("verdicts at the {:.1%} threshold: ".format(s["min_effect"])
+                  + ", ".join(f"{tier} {n}" for tier, n in tiers.items())
+                  + (f"; degraded {s['degraded']}" if s.get("degraded") else ""), highlight=False)
+    if (shown["verdict"] == "undecided").any():
+        console.print("undecided +N: N further samples would decide it (none shown: more samples of the device "
+                      "alone cannot; --json has undecided_reason)", highlight=False)
+    for g in s.get("groups") or ():
+        if not _pct(g.get("spread_net")):  # a group too small to estimate its spread
+            continue
+        console.print(f"healthy spread of {g['probe']} on {g['model']} ({g['devices']} devices): "
+                      f"{_pct(g['spread_net'])} net of {_pct(g['noise'])} noise", highlight=False)
+    for line in warnings(result):
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
+
+
+def warnings(result) -> list[str]:
+    """The analysis' warning lines (one per peer group whose normal spread reaches the threshold)."""
+    return [str(w) for w in result.summary.get("warnings") or ()]
 
 
 @click.command("analyze")
@@ -99,7 +127,7 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
               help="Earlier results of the same devices (repeatable).")
 @click.option("--fdr", type=float, default=None, help="False-discovery rate [default: 0.01].")
 @click.option("--min-effect", type=float, default=None,
-              help="Smallest deficit flagged, as a fraction [default: 0.0225].")
+              help="The threshold T: a straggler slows a job by at least this fraction [default: 0.04].")
 @click.option("--min-effect-few", type=float, default=None,
               help="Smallest deficit flagged in peer groups of 2-3 devices [default: 0.10].")
 @click.option("--job-sizes", default=None, help="Job sizes for the fleet cost, e.g. 8,64,512.")
@@ -112,7 +140,8 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
             config_path, show_all):
     """Find stragglers in result files (CSV, JSON Lines, Parquet, or a saved `straggler scan --json`).
 
-    Exit code 0: no stragglers; 1: stragglers found; 2: bad input, or nothing to compare with."""
+    Exit code 0: no stragglers, nothing undecided; 1: stragglers found; 2: bad input, nothing to
+    compare with, or no straggler but entries undecided at the threshold (could not decide)."""
     from straggler.analysis import AnalysisConfig
     from straggler.analysis import analyze as run
     from straggler.config import load
@@ -138,6 +167,15 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
                                "give more devices of a model, --history or --reference")
     if as_json:
         click.echo(result.to_json_text())
+        for line in warnings(result):  # stdout holds the document: the warnings go to stderr
+            click.echo(f"warning: {line}", err=True)
     else:
         render(result, console, show_all=show_all)
-    return EXIT_STRAGGLERS if result.summary["stragglers"] else EXIT_OK
+    s, d = result.summary, result.devices
+    code = exit_code(s["stragglers"], int((d["verdict"] == "undecided").sum()))
+    if code == EXIT_FAILED:  # no straggler, and undecided entries: not "healthy"
+        undecided = d[d["verdict"] == "undecided"]
+        needed = undecided["samples_needed"].max()
+        raise Undecided([f"{r.host}/{r.gpu} {r.probe}" for r in undecided.itertuples()], s["min_effect"],
+                        None if needed != needed else needed, what="entries")
+    return code

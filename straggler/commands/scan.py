@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 
 from straggler.errors import EXIT_FAILED, InputError, ProbeError
-from straggler.verdict import NothingToCompare
 
 
 @click.command("scan")
@@ -40,7 +39,8 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
          collector, token_file):
     """Measure every device of this node at the same moment and flag the slow ones.
 
-    Exit codes: 0 healthy, 1 stragglers found, 2 could not run.
+    Exit codes: 0 healthy, 1 stragglers found, 2 could not run or could not decide (no straggler,
+    but a device undecided at the threshold).
     """
     from straggler.probes.devices import parse_probes
 
@@ -89,11 +89,8 @@ def _report(res, as_json: bool, output: str | None) -> int:
         render_scan(Console(), report, res.notice, res.scan_id, res.failures)
     if write_error is not None:
         raise InputError(write_error)
-    if report["undecided"] and not res.failures:
-        d = report["devices"][0]
-        raise NothingToCompare(len(report["devices"]), d["host"], d["gpu"],
-                               "scan more devices of the model at once, or run `straggler analyze` on "
-                               "this scan's --output with --history or --reference")
+    if report["cannot_decide"] is not None and not res.failures:  # undecided is not healthy: exit 2
+        raise report["cannot_decide"]
     if report["exit_code"] == EXIT_FAILED:
         raise ProbeError(_failure_line(res.failures, output))
     return report["exit_code"]
