@@ -96,10 +96,10 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
         undecided = len({(e["host"], e["gpu"]) for e in entries})
         out.rounds.append(Round(len(out.rounds) + 1, round_probes, round_samples, undecided))
         decidable = [e for e in entries if _needed(e) is not None or e.get("basis") not in (None, NONE)]
-        if not entries:
+        if out.failures:  # a failed round is reported as such; no further round on a broken scan
+            out.stopped = f"a failure in round {len(out.rounds)}" + (f", {undecided} still undecided" if entries else "")
+        elif not entries:
             out.stopped = STOP_DECIDED
-        elif out.failures:
-            out.stopped = f"a failure in round {len(out.rounds)}, {undecided} still undecided"
         elif not decidable:
             out.stopped = f"{undecided} undecided that more samples cannot decide " \
                           f"({entries[0].get('undecided_reason') or 'no samples_needed'})"

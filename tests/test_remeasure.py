@@ -118,7 +118,9 @@ def test_no_round_past_the_deadline_nor_after_a_failure():
 
     failing = Fleet({"g5": 0.05}, noise=0.01, seed=3, fail_round=1)
     out = remeasure(failing.measure, analysis_verdicts, ("matmul",), 5)
-    assert len(failing.calls) == 1 and out.failures and out.stopped.startswith("a failure in round 1")
+    assert len(failing.calls) == 1 and out.failures and out.stopped == "a failure in round 1, 1 still undecided"
+    healthy = remeasure(Fleet({}, noise=0.002, seed=1, fail_round=1).measure, analysis_verdicts, ("matmul",), 5)
+    assert healthy.stopped == "a failure in round 1"  # not "all decided": the round failed
 
 
 def test_undecided_that_samples_cannot_decide_stop_at_once():
