@@ -1,5 +1,5 @@
 """The probe child process: `python -m straggler scan --json --output F --scan-id ID [--start-at T]
---deadline S`, run in its own session, killed (the whole process group) when it overruns.
+--deadline S --max-rounds 1`, run in its own session, killed (the whole process group) when it overruns.
 
 The daemon never imports torch: all measuring happens in the child. Its rows are read back from the
 JSON Lines output file without pandas.
@@ -24,7 +24,8 @@ def scan_command(settings, scan_id: str, output: Path, deadline_s: float, start_
     base = list(settings.probe_command) or [sys.executable, "-m", "straggler", "scan"]
     cmd = base + ["--json", "--output", str(output), "--scan-id", scan_id, "--deadline", f"{deadline_s:g}",
                   "--device", settings.probe_device, "--probes", ",".join(probes or settings.probes),
-                  "--duration", f"{duration_s or settings.probe_duration_s:g}"]
+                  "--duration", f"{duration_s or settings.probe_duration_s:g}",
+                  "--max-rounds", "1"]  # one round, as the deadline and a cluster scan's shared start assume
     if start_at is not None:
         cmd += ["--start-at", f"{start_at:.3f}"]
     return cmd

@@ -22,7 +22,8 @@ For each silicon spread (``--spreads``, default 0.1, 0.5, 1.0, 1.7, 2.5%), one f
   reasons are written in the forms users have: ``name=share`` lists, NVML bit masks, ``a|b`` names.
 - re-measurement (``--rounds``): every device has 5 more samples in reserve per round; after each
   analysis the ``undecided`` devices get their next 5 (the simulation of ``straggler scan`` re-probing
-  them), up to ``--rounds`` rounds.
+  them), up to ``--rounds`` rounds; in the ``samples_needed`` table each gets that many instead (at
+  most ``--round-cap`` per round: ``straggler scan`` takes at most 4 x 5).
 - history (``--history`` scans, a separate fleet): ``drift_rate`` [1%] of devices, starting 1-2% above
   nominal, lose U(T, 1.5T) evenly over the past scans and the current one (many end inside the fleet's
   spread); every scan adds a per-device scan effect N(0, 0.3%).
@@ -220,7 +221,7 @@ def _by_truth(res, truth: pd.DataFrame) -> pd.DataFrame:
 
 
 def detect(fleet: Fleet, config: AnalysisConfig, rounds: int = 0, use_history: bool = False,
-           as_needed: bool = False):
+           as_needed: bool = False, round_cap: int | None = None):
     """Analyse the first round's samples, then give the undecided devices their next reserve
     samples, up to ``rounds`` times: 5 each round, or (``as_needed``) the device's ``samples_needed``
     (at least 5; all 5 where it has none). Returns ([device table per round, aligned with truth],
@@ -248,6 +249,8 @@ def detect(fleet: Fleet, config: AnalysisConfig, rounds: int = 0, use_history: b
         if as_needed:
             need = d["samples_needed"].to_numpy(dtype=float)
             more = np.where(np.isfinite(need), np.maximum(need, fleet.base_samples), more).astype(int)
+            if round_cap:  # straggler scan's cap: at most ROUND_SAMPLES_FACTOR x the first round's
+                more = np.minimum(more, round_cap)
         have = np.where(undecided, np.minimum(have + more, per), have)
     return out, dt, len(out) - 1
 
@@ -334,7 +337,7 @@ def history_row(fleet: Fleet, config: AnalysisConfig) -> dict:
             "straggler among drifting < T": (flagged[inside].sum(), inside.sum())}
 
 
-def run(spreads, devices: int, rounds: int, history: int, seed: int = 0) -> str:
+def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_cap: int | None = None) -> str:
     cfg = AnalysisConfig()
     one, after, as_needed, anchors, causes, hist, spread_rows, times = {}, {}, {}, {}, {}, {}, {}, {}
     for sp in spreads:
@@ -357,7 +360,7 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0) -> str:
 
         after[label] = {"rounds run": str(ran), f"recall {T + 0.01:.0%} by round": by_round(tables),
                         "samples/device": samples_used(tables), **detector_row(fleet.truth, last)}
-        needed, _, ran_n = detect(fleet, cfg, rounds, as_needed=True)
+        needed, _, ran_n = detect(fleet, cfg, rounds, as_needed=True, round_cap=round_cap)
         as_needed[label] = {"rounds run": str(ran_n), f"recall {T + 0.01:.0%} by round": by_round(needed),
                             "samples/device": samples_used(needed), **detector_row(fleet.truth, needed[-1])}
         anchors.update({f"{label} {k}": v for k, v in anchor_rows(fleet).items()})
@@ -376,7 +379,8 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0) -> str:
              md_table("silicon spread", one),
              f"\n## after re-measurement (undecided devices get 5 more samples per round, at most {rounds} rounds)\n",
              md_table("silicon spread", after),
-             "\n## after re-measurement, each undecided device given its samples_needed (at least 5) per round\n",
+             "\n## after re-measurement, each undecided device given its samples_needed (at least 5"
+             + (f", at most {round_cap}" if round_cap else "") + ") per round\n",
              md_table("silicon spread", as_needed),
              "\n## the healthy spread the analysis reports (summary.groups), and its warning\n",
              md_table("silicon spread", spread_rows),
@@ -441,6 +445,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6, help="re-measurement rounds for undecided devices")
     ap.add_argument("--history", type=int, default=6, help="past scans for the history table (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--round-cap", type=int, default=None,
+                    help="at most this many samples per device and round in the samples_needed table "
+                         "(straggler scan: 4 x the first round's)")
     ap.add_argument("--no-scale", action="store_true", help="skip the 100,000-device runtime run")
     ap.add_argument("--scale-only", action="store_true", help="only the 100,000-device runtime run")
     a = ap.parse_args(argv)
@@ -451,7 +458,7 @@ def main(argv=None) -> int:
         print(scale_runtime(repeats=5))
         return 0
     spreads = [float(x) for x in a.spreads.split(",") if x.strip()]
-    print(run(spreads, a.devices, a.rounds, a.history, a.seed))
+    print(run(spreads, a.devices, a.rounds, a.history, a.seed, a.round_cap))
     if not a.no_scale:
         print("\n## scale\n")
         print(scale_runtime())

@@ -25,6 +25,12 @@ def scan_needed_s(n_probes: int, duration_s: float, grace_s: float = GRACE_S, wa
     return SETUP_S + d["wait"] + n_probes * (d["done"] + grace_s)
 
 
+def round_needed_s(n_probes: int, duration_s: float, overhead_s: float) -> float:
+    """About how long one more round of a scan (re-measurement) takes: its probing and the start-up
+    and report a round took so far (``overhead_s``, measured). Not a kill bound: whether to start it."""
+    return overhead_s + n_probes * duration_s
+
+
 def budget_problem(n_probes: int, duration_s: float, limit_s: float, limit_name: str) -> str | None:
     """One line when a scan cannot finish within ``limit_s`` (named ``limit_name``), else None."""
     needed = scan_needed_s(n_probes, duration_s)

@@ -20,12 +20,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator
 
 from straggler.errors import InputError
 
-from .budget import GRACE_S, phase_deadlines, scan_needed_s
+from .budget import GRACE_S, phase_deadlines, round_needed_s, scan_needed_s
 from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices
 from .worker import EXIT_ABORTED, WorkerPlan
 
@@ -67,6 +68,7 @@ class ScanResult:
     failures: list[dict] = field(default_factory=list)  # {"host", "device", "rank", "probe", "error"}
     devices: list[dict] = field(default_factory=list)  # {"host", "gpu", "index", "model", "rank"}
     root: bool = True  # False on the non-zero ranks of a torchrun/srun scan (they report nothing)
+    duration_s: float | None = None  # per probe, as run
 
 
 def new_scan_id(host: str) -> str:
@@ -96,7 +98,85 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
                       group_timeout_s=2 * duration + 3 * settings.grace_s)
     watch = Watch(plan, dplan.indices, settings, on_event)
     watch.run()
-    return watch.result(f"device {dplan.kind}: {dplan.reason}", notes)
+    res = watch.result(f"device {dplan.kind}: {dplan.reason}", notes)
+    res.duration_s = duration
+    return res
+
+
+class ScanRounds:
+    """The rounds of one local scan, for :func:`straggler.remeasure.remeasure`.
+
+    ``measure(probes, samples)`` runs one round: the first as ``settings`` say, each further one on
+    every device again (same scan id, no start instant) with windows as long as the first round's,
+    so ``samples`` windows last ``samples x duration / settings.samples``. ``fits(probes, samples)``
+    says when such a round would not end before ``settings.deadline_s`` (the whole scan's, all rounds
+    together): its probing plus the longest start-up a round took so far. Each round is also given
+    only the time left, so the runner kills it at the scan's deadline."""
+
+    def __init__(self, settings: ScanSettings, on_event: Callable[[dict], None] | None = None):
+        self.settings, self.on_event = settings, on_event
+        self.started = time.monotonic()
+        self.first: ScanResult | None = None
+        self.overhead_s = 0.0  # the longest a round took beyond its probing (start-up, warm-up, report)
+        self.stopped_by: str | None = None  # a signal that came between two rounds
+        self.done_probes: tuple[str, ...] = ()  # the probes of the rounds so far, one entry per round
+
+    def _progress(self, before: tuple[str, ...]) -> Callable[[dict], None] | None:
+        """The progress display counts the probes of every round so far, not of this round alone."""
+        if self.on_event is None or not before:
+            return self.on_event
+        return lambda msg: self.on_event({**msg, "probes": (*before, *msg.get("probes", ()))})
+
+    @contextmanager
+    def between_rounds(self) -> Iterator[None]:
+        """SIGTERM or Ctrl-C between two rounds (during a round the runner stops its workers itself):
+        no further round, and the samples so far are reported."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopped_by = signal.Signals(signum).name
+
+    def stop_failure(self) -> dict:
+        host = self.first.host if self.first else host_name()
+        return {"host": host, "device": "-", "rank": None, "probe": "scan",
+                "error": f"scan stopped by {self.stopped_by} between rounds"}
+
+    def window_s(self) -> float:
+        return self.first.duration_s / self.settings.samples
+
+    def measure(self, probes: tuple[str, ...], samples: int) -> ScanResult:
+        s = self.settings
+        if self.first is not None:
+            left = None if s.deadline_s is None else s.deadline_s - (time.monotonic() - self.started)
+            s = replace(s, probes=tuple(probes), samples=samples, duration_s=self.window_s() * samples,
+                        scan_id=self.first.scan_id, start_at=None, deadline_s=left)
+        t0, wait_s = time.monotonic(), max(0.0, (s.start_at or 0) - time.time())
+        res = run_scan(s, self._progress(self.done_probes))
+        self.done_probes += tuple(p for p in probes if p in {r["probe"] for r in res.samples})
+        if res.duration_s is not None:
+            probing = len({r["probe"] for r in res.samples} or probes) * res.duration_s
+            self.overhead_s = max(self.overhead_s, time.monotonic() - t0 - wait_s - probing)
+        self.first = self.first or res
+        return res
+
+    def fits(self, probes: tuple[str, ...], samples: int) -> str | None:
+        if self.stopped_by:
+            return f"scan stopped by {self.stopped_by}"
+        if self.settings.deadline_s is None or self.first is None or self.first.duration_s is None:
+            return None
+        left = self.settings.deadline_s - (time.monotonic() - self.started)
+        need = round_needed_s(len(probes), self.window_s() * samples, self.overhead_s)
+        if need <= left:
+            return None
+        return f"deadline: a further round needs about {need:.0f} s, {max(left, 0):.0f} s of --deadline left"
 
 
 def check_telemetry(spec: str) -> None:

@@ -244,6 +244,7 @@ def test_probe_child_runs_the_scan_command(tmp_path):
     args = json.loads((tmp_path / "ok.jsonl.args").read_text())
     assert args[:5] == ["--json", "--output", str(tmp_path / "ok.jsonl"), "--scan-id", "scan-ok"]
     assert args[args.index("--start-at") + 1] == f"{start_at:.3f}" and "--deadline" in args
+    assert args[args.index("--max-rounds") + 1] == "1"  # the agent's scans do not re-measure (yet)
     assert run.rows()[0]["ts"] >= start_at - 0.01  # the child waited for start_at
 
 

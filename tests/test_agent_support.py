@@ -25,7 +25,7 @@ from conftest import ROOT, free_port
 FAKE_SCAN = r'''
 import argparse, json, os, sys, time
 p = argparse.ArgumentParser()
-for a in ("--output", "--scan-id", "--deadline", "--start-at", "--device", "--probes", "--duration"):
+for a in ("--output", "--scan-id", "--deadline", "--start-at", "--device", "--probes", "--duration", "--max-rounds"):
     p.add_argument(a)
 p.add_argument("--json", action="store_true")
 a = p.parse_args()

@@ -28,7 +28,7 @@ def test_json_output_scan_id_and_start_at(straggler_cmd, tmp_path):
     start_at = time.time() + 18
     out = tmp_path / "s.parquet"
     proc = scan(straggler_cmd, "--json", "--probes", "matmul,allreduce", "--duration", "1", "--samples", "3",
-                "--scan-id", "test-scan-1", "--start-at", str(start_at), "--output", str(out))
+                "--max-rounds", "1", "--scan-id", "test-scan-1", "--start-at", str(start_at), "--output", str(out))
     assert proc.returncode in (0, 1) or "could not decide" in proc.stderr, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["scan_id"] == "test-scan-1" and doc["backend"] == "cpu" and doc["failures"] == []
@@ -58,6 +58,8 @@ def test_json_output_scan_id_and_start_at(straggler_cmd, tmp_path):
     (["--probes", "pcie", "--device", "cpu"], "nothing to run: pcie skipped: GPU only"),
     (["--token-file", "t"], "--token-file needs --collector"),
     (["--samples", "0"], "samples must be >= 1"),
+    (["--max-rounds", "0"], "--max-rounds must be >= 1, got 0"),
+    (["--max-rounds", "2", "--collector", "http://127.0.0.1:1"], "--max-rounds needs a local scan"),
 ])
 def test_bad_input_is_one_line_and_exit_2(straggler_cmd, tmp_path, args, message):
     proc = subprocess.run([*straggler_cmd, "scan", *args], capture_output=True, text=True, timeout=60,
@@ -79,7 +81,8 @@ def test_bad_telemetry_fixture_fails_before_any_worker(straggler_cmd, tmp_path):
 
 def test_output_rows_are_canonical(straggler_cmd, tmp_path):
     out = tmp_path / "s.jsonl"
-    proc = scan(straggler_cmd, "--probes", "membw", "--duration", "1", "--samples", "2", "--output", str(out))
+    proc = scan(straggler_cmd, "--probes", "membw", "--duration", "1", "--samples", "2", "--max-rounds", "1",
+                "--output", str(out))
     # a VM's cores copy at rates that vary run to run: the devices may be undecided (exit 2, one line)
     assert proc.returncode in (0, 1) or proc.stderr.startswith("straggler: error: could not decide: "), proc.stderr
     df = pd.read_json(out, lines=True)

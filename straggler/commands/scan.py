@@ -1,7 +1,7 @@
 """`straggler scan`: measure every device of this node (or, through a collector, a cluster) at once.
 
-Thin: parse the options, call ``straggler.probes.runner.run_scan`` (or the collector client), build
-the per-device report, render it (rich table, or ``--json``), write ``--output``. Heavy imports
+Thin: parse the options, call ``straggler.remeasure.remeasure`` over the rounds of
+``straggler.probes.runner.run_scan`` (or one round of the collector client), build the per-device report, render it (rich table, or ``--json``), write ``--output``. Heavy imports
 (torch, pandas) happen inside, never at import.
 """
 
@@ -32,11 +32,15 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
               help="Kill the scan after this many seconds (samples measured so far are kept). With "
                    "--collector: how long to wait for the cluster scan [default: the time it may need, "
                    "at least 600]; one shorter than the scan may need is refused.")
+@click.option("--max-rounds", type=int, default=None,
+              help="Rounds at most: while a device is undecided, measure every device again with the "
+                   "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
+                   "[default: 5; a torchrun/srun or cluster scan runs one round].")
 @click.option("--collector", default=None, help="Run a cluster scan through this collector URL.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the collector's bearer token (with --collector).")
 def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at, deadline_s,
-         collector, token_file):
+         max_rounds, collector, token_file):
     """Measure every device of this node at the same moment and flag the slow ones.
 
     Exit codes: 0 healthy, 1 stragglers found, 2 could not run or could not decide (no straggler,
@@ -51,26 +55,45 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
         check_writable(output)  # a bad suffix or an unwritable place fails now, not after the probes ran
     if collector is None and token_file is not None:
         raise InputError("--token-file needs --collector")
+    if max_rounds is not None and max_rounds < 1:
+        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
+    if collector is not None and (max_rounds or 1) > 1:
+        raise InputError("--max-rounds needs a local scan: a cluster scan through --collector runs one round")
+    from dataclasses import replace
+
     from rich.console import Console
 
     from straggler.probes.render import progress_display
+    from straggler.remeasure import DEFAULT_MAX_ROUNDS, analysis_verdicts, remeasure
 
     err = Console(stderr=True)
     with progress_display(err, enabled=err.is_terminal and not as_json) as on_event:
         if collector is not None:
-            res = _cluster(collector, token_file, probe_list, duration_s, deadline_s, on_event)
+            rounds = remeasure(lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
+                               analysis_verdicts, probe_list, samples, max_rounds=1)
         else:
-            from straggler.probes.runner import ScanSettings, run_scan
+            from straggler.probes.devices import launcher
+            from straggler.probes.runner import ScanRounds, ScanSettings
 
-            res = run_scan(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
-                                        scan_id=scan_id, start_at=start_at, deadline_s=deadline_s,
-                                        samples=samples), on_event)
-    if not res.root:
+            # torchrun/srun: every rank runs the same command, one round (rank 0 alone decides)
+            limit = 1 if launcher() is not None else max_rounds or DEFAULT_MAX_ROUNDS
+            local = ScanRounds(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
+                                            scan_id=scan_id, start_at=start_at, deadline_s=deadline_s,
+                                            samples=samples), on_event)
+            with local.between_rounds():
+                rounds = remeasure(local.measure, analysis_verdicts, probe_list, samples, max_rounds=limit,
+                                   fits=local.fits)
+            if local.stopped_by and rounds.stopped.startswith("scan stopped by"):
+                rounds.failures.append(local.stop_failure())
+    if not rounds.first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
-    return _report(res, as_json, output)
+    return _report(replace(rounds.first, samples=rounds.samples, failures=rounds.failures), as_json, output,
+                   rounds)
 
 
-def _report(res, as_json: bool, output: str | None) -> int:
+def _report(res, as_json: bool, output: str | None, rounds=None) -> int:
+    """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
+    it stopped are reported), or None."""
     from straggler.probes.report import device_report, json_safe
 
     # first, so that nothing measured is lost whatever happens next
@@ -79,14 +102,17 @@ def _report(res, as_json: bool, output: str | None) -> int:
     if as_json:
         doc = {"scan_id": res.scan_id, "host": res.host, "backend": res.backend, "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
-               "engine": report["engine"], "samples": res.samples}
+               "engine": report["engine"], "rounds": rounds.to_json() if rounds else None, "samples": res.samples}
         sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, allow_nan=False) + "\n")
     else:
         from rich.console import Console
 
         from straggler.probes.render import render_scan
 
-        render_scan(Console(), report, res.notice, res.scan_id, res.failures)
+        console = Console()
+        render_scan(console, report, res.notice, res.scan_id, res.failures)
+        if rounds is not None:
+            console.print(rounds.line(), highlight=False)
     if write_error is not None:
         raise InputError(write_error)
     if report["cannot_decide"] is not None and not res.failures:  # undecided is not healthy: exit 2
