@@ -2,13 +2,14 @@
 where known), across every host in the input.
 
 Groups of at least ``min_group`` devices: the healthy centre is the median of the device values,
-re-estimated without the devices whose deficit reaches the minimum effect (three passes), so up
-to 20% slow devices do not drag it down and mask each other. Smaller groups (2-3 devices) are
-decided leave-one-out, with the larger ``min_effect_few``: each device's samples against the
-other devices' samples taken at the same moments (paired by ``sample``: the devices of a scan are
-measured in the same windows, so load that slows the whole machine for a window cancels out), or,
-without a ``sample`` column, against all their samples (Welch-style). A device alone in its group
-has no peer verdict.
+re-estimated without the devices whose deficit reaches the minimum effect (three passes, each
+keeping at least half of the group's devices), so up to 20% slow devices do not drag it down and
+mask each other, and every device of the group has a centre to be compared with. Smaller groups
+(2-3 devices) are decided leave-one-out, with the larger ``min_effect_few``: each device's
+samples against the other devices' samples taken at the same moments (paired by ``sample``: the
+devices of a scan are measured in the same windows, so load that slows the whole machine for a
+window cancels out), or, without a ``sample`` column, against all their samples (Welch-style).
+A device alone in its group has no peer verdict.
 """
 
 from __future__ import annotations
@@ -75,11 +76,17 @@ def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray
     g = g_all[sel]
     value = est.value[sel]
     healthy = np.isfinite(value)
+    n_known = groups.count(g, n_group, healthy)
     for _ in range(3):
         centre = groups.median(g, np.where(healthy, value, np.nan), n_group)
         with np.errstate(invalid="ignore", divide="ignore"):
             d = 1 - value / centre[g]
-        healthy = np.abs(d) < max(min_effect, 1e-12)
+        trimmed = np.abs(d) < max(min_effect, 1e-12)
+        # A pass keeps at least half of the group's devices: where most lie beyond T of the centre
+        # (a wide or noisy group, 4 CPU cores 5-15% apart), what T trims is the spread, not slow
+        # devices, and trimming would leave no centre at all. Such a group keeps its last centre.
+        enough = 2 * groups.count(g, n_group, trimmed) >= n_known
+        healthy = np.where(enough[g], trimmed, healthy)
     centre = groups.median(g, np.where(healthy, value, np.nan), n_group)
     ratio = value / centre[g]
     known = est.noise_known[sel]
