@@ -9,6 +9,7 @@ mask each other, and every device of the group has a centre to be compared with.
 samples against the other devices' samples taken at the same moments (paired by ``sample``: the
 devices of a scan are measured in the same windows, so load that slows the whole machine for a
 window cancels out), or, without a ``sample`` column, against all their samples (Welch-style).
+The paired comparison is the one reported: its ratio, deficit and peer value (value / ratio).
 A device alone in its group has no peer verdict.
 """
 
@@ -25,7 +26,7 @@ from .estimate import Estimates
 @dataclass(frozen=True)
 class PeerVerdict:
     group_size: np.ndarray  # devices in the peer group
-    peer_value: np.ndarray  # healthy centre of the peers (leave-one-out: the others' mean)
+    peer_value: np.ndarray  # healthy centre (leave-one-out: the others' mean; paired: value / paired ratio)
     deficit: np.ndarray  # 1 - value / peer_value
     se: np.ndarray  # standard error of the deficit (the device's and the centre's together)
     df: np.ndarray  # its degrees of freedom
@@ -35,6 +36,7 @@ class PeerVerdict:
     spread: np.ndarray  # robust std of the devices' ratios in the group (measurement noise included)
     spread_net: np.ndarray  # the same net of measurement noise: the healthy silicon spread
     noise: np.ndarray  # typical standard error of one device's ratio in the group
+    paired: np.ndarray  # decided on samples paired by index (2-3 devices): peer_value = value / (1 - deficit)
 
 
 def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev: np.ndarray,
@@ -56,6 +58,7 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
          noise[big]) = _population(est, group_of_dev, n_group, big, min_effect)
     few = (size >= 2) & ~big
     deficit = nan.copy()
+    paired = np.zeros(n_dev, dtype=bool)
     if few.any():
         peer[few], se[few], df[few], fixed[few] = _leave_one_out(est, group_of_dev, n_group, few)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -64,12 +67,17 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
             paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, *rows)
             deficit[paired], se[paired], df[paired] = d_pair[paired], se_pair[paired], df_pair[paired]
             fixed[paired] = 0.0  # paired: the others' samples of the same moments, all re-measured
+            # The comparison value of the paired test: the device's value over its paired ratio, so
+            # that the ratio, the cost and the deficit shown are the one comparison the test decided
+            # (the plain means of the samples kept can differ from it, even in sign).
+            with np.errstate(invalid="ignore", divide="ignore"):
+                peer[paired] = est.value[paired] / (1 - d_pair[paired])
         basis[few] = basis[few] + LOO
     basis[size < 2] = ""
     with np.errstate(invalid="ignore", divide="ignore"):
         deficit = np.where(few, deficit, 1 - est.value / peer)
     return PeerVerdict(size, peer, deficit, se, df, fixed, np.where(big, min_effect, min_effect_few), basis,
-                       spread, spread_net, noise)
+                       spread, spread_net, noise, paired)
 
 
 def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray, min_effect: float):

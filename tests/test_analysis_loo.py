@@ -68,3 +68,40 @@ def test_the_centre_keeps_at_least_half_of_a_wide_group():
         d = analyze(samples(values)).devices
         assert d["peer_median"].notna().all() and d["ratio"].notna().all() and d["cost"].notna().all(), n
         assert d["p_value"].notna().all(), n
+
+
+# Load that slows the whole machine for a sample window, and a core whose ratio to the other moves
+# with that load (faster when the machine is idle, slower under load): the ratio of the means and
+# the mean of the paired ratios then differ in sign.
+LOAD = np.array([1.0, 0.6, 0.95, 0.55, 0.8])
+MOVING = np.array([1.10, 0.93, 1.08, 0.92, 0.95])
+
+
+def _small_groups():
+    rng = np.random.default_rng(5)
+    yield "moving ratio", {("vm", "cpu0"): 20 * LOAD, ("vm", "cpu1"): 20 * LOAD * MOVING}
+    yield "moving ratio, 3 cores", {("vm", "cpu0"): 20 * LOAD, ("vm", "cpu1"): 20 * LOAD * MOVING,
+                                    ("vm", "cpu2"): 20 * LOAD * MOVING[::-1]}
+    for k in range(12):
+        n = 2 + k % 2
+        load = rng.uniform(0.5, 1.0, 6)
+        values = {("vm", f"cpu{d}"): 30 * load * rng.uniform(0.85, 1.1) * (1 + rng.normal(0, 0.05, 6))
+                  for d in range(n)}
+        if k % 3 == 0:
+            values[("vm", "cpu0")][2] *= 0.4  # a transient, left out of that core's samples
+        yield f"random {k}", values
+
+
+@pytest.mark.parametrize("name,values", list(_small_groups()), ids=lambda x: x if isinstance(x, str) else "")
+def test_small_groups_report_one_comparison(name, values):
+    """Groups of 2-3: deficit, ratio, peer value and cost agree (the deficit used to be the paired
+    one, the ratio and cost from the plain means: ratio 0.96 beside deficit -2.2%)."""
+    res = analyze(samples(values, probe="membw", model="cpu"))
+    d = res.devices
+    assert (d["basis"].str.split("+").str[0] == "host_peers_loo").all()
+    for _, r in d.iterrows():
+        assert np.sign(r["deficit"]) == np.sign(1 - r["ratio"]), (name, r["gpu"], r["deficit"], r["ratio"])
+        assert r["deficit"] == pytest.approx(1 - r["ratio"], abs=1e-12)
+        assert r["ratio"] == pytest.approx(r["value"] / r["peer_median"])
+        assert r["cost"] == pytest.approx(max(0.0, 1 / r["ratio"] - 1), abs=1e-12)
+        assert r["ratio_low"] < r["ratio"] < r["ratio_high"]
