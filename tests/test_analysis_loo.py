@@ -43,8 +43,9 @@ def test_a_noisy_group_of_four_has_peer_median_ratio_and_cost(tmp_path):
         assert g["deficit"] == pytest.approx(1 - g["ratio"])
         assert g["cost"] == pytest.approx(max(0.0, 1 / g["ratio"] - 1))
         assert g["p_value"] is not None and g["ratio_low"] < g["ratio"] < g["ratio_high"]
-        # Too noisy to decide is said, never left blank.
-        assert g["verdict"] != "undecided" or g["undecided_reason"], g
+        # Too noisy to decide (the cores 11% apart, 4 devices): said, never left blank.
+        assert g["verdict"] == "undecided"
+        assert g["undecided_reason"] == "comparison too uncertain to decide at the threshold"
     slowest = min(gpus, key=lambda g: g["ratio"])
     assert (slowest["host"], slowest["gpu"]) == ("n1", "cpu1") and slowest["cost"] > 0.1
 
