@@ -306,7 +306,8 @@ def _verdict_text(i: int, pv, hv, verdict, tier, node_deficit) -> str:
         if str(pv.basis[i]).endswith(bases.LOO):
             devices = f"device{'s' if others > 1 else ''}"
             parts.append(f"{1 - pv.deficit[i]:.3f}x the mean of the {others} other "
-                         + (f"{devices} on its host" if one_host else f"fleet {devices}") + " (leave-one-out)")
+                         + (f"{devices} on its host" if one_host else f"fleet {devices}") + " (leave-one-out)"
+                         + (", sample by sample" if pv.paired[i] else ""))
         else:
             parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {others} "
                          + ("peers on its host" if one_host else "fleet peers"))

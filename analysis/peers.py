@@ -2,13 +2,15 @@
 where known), across every host in the input.
 
 Groups of at least ``min_group`` devices: the healthy centre is the median of the device values,
-re-estimated without the devices whose deficit reaches the minimum effect (three passes), so up
-to 20% slow devices do not drag it down and mask each other. Smaller groups (2-3 devices) are
-decided leave-one-out, with the larger ``min_effect_few``: each device's samples against the
-other devices' samples taken at the same moments (paired by ``sample``: the devices of a scan are
-measured in the same windows, so load that slows the whole machine for a window cancels out), or,
-without a ``sample`` column, against all their samples (Welch-style). A device alone in its group
-has no peer verdict.
+re-estimated without the devices whose deficit reaches the minimum effect (three passes, each
+keeping at least half of the group's devices), so up to 20% slow devices do not drag it down and
+mask each other, and every device of the group has a centre to be compared with. Smaller groups
+(2-3 devices) are decided leave-one-out, with the larger ``min_effect_few``: each device's
+samples against the other devices' samples taken at the same moments (paired by ``sample``: the
+devices of a scan are measured in the same windows, so load that slows the whole machine for a
+window cancels out), or, without a ``sample`` column, against all their samples (Welch-style).
+The paired comparison is the one reported: its ratio, deficit and peer value (value / ratio).
+A device alone in its group has no peer verdict.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .estimate import Estimates
 @dataclass(frozen=True)
 class PeerVerdict:
     group_size: np.ndarray  # devices in the peer group
-    peer_value: np.ndarray  # healthy centre of the peers (leave-one-out: the others' mean)
+    peer_value: np.ndarray  # healthy centre (leave-one-out: the others' mean; paired: value / paired ratio)
     deficit: np.ndarray  # 1 - value / peer_value
     se: np.ndarray  # standard error of the deficit (the device's and the centre's together)
     df: np.ndarray  # its degrees of freedom
@@ -34,6 +36,7 @@ class PeerVerdict:
     spread: np.ndarray  # robust std of the devices' ratios in the group (measurement noise included)
     spread_net: np.ndarray  # the same net of measurement noise: the healthy silicon spread
     noise: np.ndarray  # typical standard error of one device's ratio in the group
+    paired: np.ndarray  # decided on samples paired by index (2-3 devices): peer_value = value / (1 - deficit)
 
 
 def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev: np.ndarray,
@@ -55,6 +58,7 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
          noise[big]) = _population(est, group_of_dev, n_group, big, min_effect)
     few = (size >= 2) & ~big
     deficit = nan.copy()
+    paired = np.zeros(n_dev, dtype=bool)
     if few.any():
         peer[few], se[few], df[few], fixed[few] = _leave_one_out(est, group_of_dev, n_group, few)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -63,23 +67,34 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
             paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, *rows)
             deficit[paired], se[paired], df[paired] = d_pair[paired], se_pair[paired], df_pair[paired]
             fixed[paired] = 0.0  # paired: the others' samples of the same moments, all re-measured
+            # The comparison value of the paired test: the device's value over its paired ratio, so
+            # that the ratio, the cost and the deficit shown are the one comparison the test decided
+            # (the plain means of the samples kept can differ from it, even in sign).
+            with np.errstate(invalid="ignore", divide="ignore"):
+                peer[paired] = est.value[paired] / (1 - d_pair[paired])
         basis[few] = basis[few] + LOO
     basis[size < 2] = ""
     with np.errstate(invalid="ignore", divide="ignore"):
         deficit = np.where(few, deficit, 1 - est.value / peer)
     return PeerVerdict(size, peer, deficit, se, df, fixed, np.where(big, min_effect, min_effect_few), basis,
-                       spread, spread_net, noise)
+                       spread, spread_net, noise, paired)
 
 
 def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray, min_effect: float):
     g = g_all[sel]
     value = est.value[sel]
     healthy = np.isfinite(value)
+    n_known = groups.count(g, n_group, healthy)
     for _ in range(3):
         centre = groups.median(g, np.where(healthy, value, np.nan), n_group)
         with np.errstate(invalid="ignore", divide="ignore"):
             d = 1 - value / centre[g]
-        healthy = np.abs(d) < max(min_effect, 1e-12)
+        trimmed = np.abs(d) < max(min_effect, 1e-12)
+        # A pass keeps at least half of the group's devices: where most lie beyond T of the centre
+        # (a wide or noisy group, 4 CPU cores 5-15% apart), what T trims is the spread, not slow
+        # devices, and trimming would leave no centre at all. Such a group keeps its last centre.
+        enough = 2 * groups.count(g, n_group, trimmed) >= n_known
+        healthy = np.where(enough[g], trimmed, healthy)
     centre = groups.median(g, np.where(healthy, value, np.nan), n_group)
     ratio = value / centre[g]
     known = est.noise_known[sel]
