@@ -32,7 +32,9 @@ def test_a_noisy_group_of_four_has_peer_median_ratio_and_cost(tmp_path):
     samples(MIN4).to_csv(path, index=False)
     run = subprocess.run([sys.executable, "-m", "straggler.cli", "analyze", str(path), "--json"],
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode in (0, 1), run.stderr
+    # every device undecided and none a straggler: "could not decide" (exit 2), the document printed first
+    last = run.stderr.strip().splitlines()[-1]  # after the spread warning: the one error line
+    assert run.returncode == 2 and last.startswith("straggler: error: could not decide: 4 entries undecided"), run.stderr
     gpus = json.loads(run.stdout)["gpus"]
     assert len(gpus) == 4
     values = sorted(g["value"] for g in gpus)
@@ -55,7 +57,9 @@ def test_a_scan_of_a_noisy_group_of_four_is_not_nothing_to_compare():
     rows = samples(MIN4).assign(unit="GFLOP/s").to_dict("records")
     devices = [{"host": h, "gpu": g, "index": int(g[-1]), "model": "M"} for h, g in MIN4]
     report = device_report(rows, [], devices)
-    assert not report["undecided"] and report["exit_code"] in (0, 1)
+    # undecided (could not decide, exit 2), never "nothing to compare with"
+    assert report["undecided"] == 4 and report["exit_code"] == 2
+    assert "could not decide" in str(report["cannot_decide"]) and "none has a peer" not in str(report["cannot_decide"])
     for d in report["devices"]:
         assert d["probes"]["matmul"]["ratio"] is not None and d["probes"]["matmul"]["cost"] is not None
 
