@@ -151,17 +151,44 @@ def scan_table(report: dict, title: str = "") -> Table:
     return scan_tables(report, title)[0]
 
 
-def render_scan(console: Console, report: dict, notice: str, scan_id: str, failures: list[dict]) -> None:
-    from straggler.verdict import whole_hosts
+def shown_devices(devices: list[dict], top: int) -> tuple[list[dict], str | None]:
+    """The devices a table shows without ``--all``: past ``2 * top`` devices, the ``top`` costliest
+    of those not healthy (stragglers first, then failed, undecided, slow) and the first ``top``
+    others, in that order; and the line saying what was left out (None when nothing was)."""
+    if len(devices) <= 2 * top:
+        return devices, None
+    rank = {"straggler": 0, "failed": 1, "undecided": 2, "slow": 3}
+
+    def cost(d: dict) -> float:
+        return max((p.get("cost") or 0.0 for p in d["probes"].values()), default=0.0)
+
+    flagged = sorted((d for d in devices if d["verdict"] in rank), key=lambda d: (rank[d["verdict"]], -cost(d)))
+    others = [d for d in devices if d["verdict"] not in rank]
+    shown = flagged[:top] + others[:top]
+    hidden = {}
+    for d in flagged[top:] + others[top:]:
+        hidden[d["verdict"]] = hidden.get(d["verdict"], 0) + 1
+    return shown, "(not shown: " + ", ".join(f"{n} {v}" for v, n in hidden.items()) + "; --all shows them)"
+
+
+def render_scan(console: Console, report: dict, notice: str, scan_id: str, failures: list[dict],
+                show_all: bool = False) -> None:
+    from straggler.verdict import TOP, whole_hosts
 
     console.print(f"[dim]{notice}[/dim]", highlight=False)
     models = sorted({str(d.get("model")) for d in report["devices"] if d.get("model")})
-    if report["devices"]:
-        print_fitted(console, scan_tables(report, title=f"scan {scan_id}" + (f" — {', '.join(models)}"
-                                                                               if models else "")))
-    for f in failures:
-        console.print(f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']} (rank {f['rank']}) "
+    devices, left_out = (report["devices"], None) if show_all else shown_devices(report["devices"], TOP)
+    if devices:
+        print_fitted(console, scan_tables({**report, "devices": devices},
+                                          title=f"scan {scan_id}" + (f" — {', '.join(models)}" if models else "")))
+    if left_out:
+        console.print(left_out, highlight=False)
+    for f in failures if show_all else failures[:TOP]:
+        rank = f" (rank {f['rank']})" if f.get("rank") is not None else ""
+        console.print(f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']}{rank} "
                       f"{f['probe']}: {f['error']}", highlight=False)
+    if not show_all and len(failures) > TOP:
+        console.print(f"(not shown: {len(failures) - TOP} more failure(s); --all shows them)", highlight=False)
     for line in whole_hosts((d["host"], d["gpu"], d["straggler"]) for d in report["devices"]):
         console.print(line, highlight=False)
     n, tiers = report["stragglers"], [d["verdict"] for d in report["devices"]]

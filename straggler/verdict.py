@@ -18,6 +18,8 @@ from typing import Iterable, Mapping
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS, InputError
 
+TOP = 20  # entries of each kind (flagged or not healthy, others) a table shows without --all
+
 
 class NothingToCompare(InputError):
     """Every device was measured, but none has anything to be compared with."""

@@ -285,3 +285,45 @@ def test_a_host_all_of_whose_devices_are_flagged_gets_one_line():
     lines = _render80(device_report(rows, [], []))
     assert "gpu-node-018: all 8 devices flagged (the node, not its devices?)" in lines
     assert sum(" devices flagged " in line for line in lines) == 1
+
+
+def test_a_scan_of_thousands_of_devices_shows_the_costliest_and_counts_with_all_for_everything():
+    """A cluster scan of 2,000 devices, 300 of them slow: the table shows the 20 costliest of those not
+    healthy and 20 others, then what it left out; --all shows every device; failure lines likewise."""
+    import io
+    import uuid
+
+    from rich.console import Console
+
+    from straggler.probes.render import render_scan
+    from straggler.probes.report import device_report
+
+    slow = {i: 0.70 + 0.1 * i / 2000 for i in range(0, 2000, 7)}  # 286 stragglers 20-30% slow, distinct costs
+    rows = [{"scan_id": "s", "host": f"node-{i // 8:03d}", "gpu": f"GPU-{uuid.UUID(int=i + 1)}", "index": i % 8,
+             "model": "NVIDIA H100 80GB HBM3", "probe": "matmul", "settings": "x", "sample": s, "unit": "TFLOP/s",
+             "value": 700.0 * slow.get(i, 1.0) * (1 + 0.001 * ((i * 7 + s * 3) % 5 - 2))}
+            for i in range(2000) for s in range(5)]
+    report = device_report(rows, [], [])
+    assert report["stragglers"] == len(slow)
+    failures = [{"host": f"node-{i:03d}", "device": "-", "rank": None, "probe": "scan", "error": "node busy"}
+                for i in range(30)]
+
+    def render(show_all: bool) -> list[str]:
+        buf = io.StringIO()
+        render_scan(Console(file=buf, width=80, color_system=None), report, "notice", "s", failures,
+                    show_all=show_all)
+        return buf.getvalue().splitlines()
+
+    lines = render(False)
+    shown = [line.split()[0] for line in lines if line.startswith("node-")]
+    costliest = sorted((d for d in report["devices"] if d["verdict"] == "straggler"),
+                       key=lambda d: -d["probes"]["matmul"]["cost"])[:20]
+    assert shown[:20] == [f"{d['host']}/{d['gpu']}" for d in costliest]  # the costliest first
+    assert len(shown) == 40
+    hidden = len(slow) - 20
+    assert f"(not shown: {hidden} straggler, {2000 - len(slow) - 20} healthy; --all shows them)" in lines
+    assert sum(line.startswith("failed ") for line in lines) == 20 and "(rank None)" not in "\n".join(lines)
+    assert "(not shown: 10 more failure(s); --all shows them)" in lines
+    everything = render(True)
+    assert sum(line.startswith("node-") for line in everything) == 2000
+    assert sum(line.startswith("failed ") for line in everything) == 30

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from straggler.errors import EXIT_FAILED
-from straggler.verdict import NothingToCompare, Undecided, exit_code, whole_hosts
+from straggler.verdict import TOP, NothingToCompare, Undecided, exit_code, whole_hosts
 
 CAUSE_TEXT = {
     "power_capped": "power-capped, lower clock", "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown",
@@ -21,7 +21,6 @@ def _pct(x) -> str:
     return "" if x is None or x != x else f"{x:+.1%}" if x < 0 else f"{x:.1%}"
 
 
-TOP = 20  # entries of each kind (stragglers, others) the table shows without --all
 # Columns dropped, in this order, when the table does not fit the terminal (all of them are in --json).
 OPTIONAL = ("class", "basis", "cause", "deficit", "cost")
 TIER_STYLE = {"straggler": "bold red", "undecided": "bold yellow", "slow": "yellow", "healthy": ""}

@@ -36,11 +36,14 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
               help="Rounds at most: while a device is undecided, measure every device again with the "
                    "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
                    "[default: 5; a torchrun/srun or cluster scan runs one round].")
+@click.option("--all", "show_all", is_flag=True,
+              help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
+                   "first 20 others, then counts].")
 @click.option("--collector", default=None, help="Run a cluster scan through this collector URL.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the collector's bearer token (with --collector).")
 def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at, deadline_s,
-         max_rounds, collector, token_file):
+         max_rounds, show_all, collector, token_file):
     """Measure every device of this node at the same moment and flag the slow ones.
 
     Exit codes: 0 healthy, 1 stragglers found, 2 could not run or could not decide (no straggler,
@@ -88,10 +91,10 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
     if not rounds.first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
     return _report(replace(rounds.first, samples=rounds.samples, failures=rounds.failures), as_json, output,
-                   rounds)
+                   rounds, show_all)
 
 
-def _report(res, as_json: bool, output: str | None, rounds=None) -> int:
+def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool = False) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
     from straggler.probes.report import device_report, json_safe
@@ -110,7 +113,7 @@ def _report(res, as_json: bool, output: str | None, rounds=None) -> int:
         from straggler.probes.render import render_scan
 
         console = Console()
-        render_scan(console, report, res.notice, res.scan_id, res.failures)
+        render_scan(console, report, res.notice, res.scan_id, res.failures, show_all=show_all)
         if rounds is not None:
             console.print(rounds.line(), highlight=False)
     if write_error is not None:
