@@ -146,7 +146,7 @@ def render_scan(console: Console, report: dict, notice: str, scan_id: str, failu
         print_fitted(console, scan_tables(report, title=f"scan {scan_id}" + (f" — {', '.join(models)}"
                                                                                if models else "")))
     for f in failures:
-        console.print(f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']} (rank {f['rank']}) "
+        console.print(f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']}{'' if f.get('rank') is None else ' (rank %s)' % f['rank']} "  # noqa: E501
                       f"{f['probe']}: {f['error']}", highlight=False)
     for line in whole_hosts((d["host"], d["gpu"], d["straggler"]) for d in report["devices"]):
         console.print(line, highlight=False)
