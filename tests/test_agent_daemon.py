@@ -382,15 +382,33 @@ class _WrongShapeCollector:
         self.server.server_close()
 
 
-def test_an_unexpected_error_in_the_poll_thread_is_counted_logged_and_retried(agents, tmp_path):
+def test_an_unexpected_error_in_the_upload_and_poll_threads_is_counted_logged_and_retried(agents, tmp_path):
+    from straggler.agent.spool import Spool
+
     server = _WrongShapeCollector()
     (tmp_path / "token").write_text("tok")
     try:
-        a = agents(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=0.2).start()
+        a = agents(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=0.2)
+        spool = Spool(a.settings["spool_path"])  # a result waiting for upload when the agent starts
+        row = {"ts": time.time(), "scan_id": "s0", "host": "agent0", "gpu": "cpu0", "index": 0, "model": "test cpu",
+               "probe": "matmul", "settings": "n=64", "sample": 0, "duration_s": 0.1, "value": 100.0,
+               "unit": "GFLOP/s", "power_w": None}
+        assert spool.add_results([row], host="agent0") == 1
+        a.start()
         wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="poll") or 0) >= 3,
                    what="three counted poll errors (the thread keeps polling)")
-        lines = [ln for ln in a.log().splitlines() if "scan poll failed" in ln]
-        assert lines and "TypeError" in lines[0] and "Traceback" not in a.log(), a.log()[-2000:]
+        # the collector's reply to the upload is a list: the row left the spool, the reply cannot be read
+        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 1,
+                   what="a counted upload error")
+        assert spool.add_results([{**row, "sample": 1}], host="agent0") == 1  # the thread still uploads
+        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 2,
+                   what="a second counted upload error (the upload thread kept going)")
+        spool.close()
+        log = a.log()
+        polls = [ln for ln in log.splitlines() if "scan poll failed" in ln]
+        uploads = [ln for ln in log.splitlines() if "upload failed" in ln]
+        assert polls and "TypeError" in polls[0] and uploads and "AttributeError" in uploads[0], log[-2000:]
+        assert "Traceback" not in log, log[-2000:]
         assert a.stop() == 0
     finally:
         server.close()

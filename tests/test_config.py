@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,22 @@ import socket
 
 
 TOKEN_ENV = {"STRAGGLER_COLLECTOR_TOKEN": "0123456789abcdef0123"}
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_one_rule_refuses_a_non_finite_number_from_every_source(tmp_path, bad):
+    from straggler.agent.settings import AgentSettings
+    from straggler.collector.settings import CollectorSettings
+
+    for cls, prefix in ((Cfg, "X_"), (AgentSettings, "A_"), (CollectorSettings, "C_")):
+        floats = [f.name for f in dataclasses.fields(cls) if f.type in ("float", float)]
+        assert floats
+        for name in floats:
+            cfg = tmp_path / "c.toml"
+            cfg.write_text(f"{name} = {bad}\n")
+            for kw in ({"path": cfg}, {"env": {f"{prefix}{name.upper()}": bad}}, {"overrides": {name: float(bad)}}):
+                with pytest.raises(ConfigError, match="must be a finite number"):
+                    config.load(cls, **{"env_prefix": prefix, "env": {}, **kw})
 
 
 @pytest.mark.parametrize("args, env, expected", [
