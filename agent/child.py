@@ -21,7 +21,7 @@ KILL_GRACE_S = 10.0  # beyond the child's own --deadline before the agent kills 
 
 def scan_command(settings, scan_id: str, output: Path, deadline_s: float, start_at: float | None = None,
                  probes=None, duration_s: float | None = None) -> list[str]:
-    base = list(settings.probe_command) or [sys.executable, "-m", "straggler", "scan"]
+    base = settings.scan_base_command
     cmd = base + ["--json", "--output", str(output), "--scan-id", scan_id, "--deadline", f"{deadline_s:g}",
                   "--device", settings.probe_device, "--probes", ",".join(probes or settings.probes),
                   "--duration", f"{duration_s or settings.probe_duration_s:g}",

@@ -19,9 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from prometheus_client import start_http_server
 from prometheus_client.process_collector import ProcessCollector
 
+from straggler.config import open_sqlite
 from straggler.errors import ConfigError
 from straggler.probes.backends import open_backend
 from straggler.probes.telemetry import NodeSnapshot
@@ -31,7 +31,7 @@ from .exporter import build_registry
 from .idle import IdleTracker, busy_reason
 from straggler.sdnotify import Notifier
 from .poller import ScanPoller
-from .settings import AgentSettings, load_settings
+from .settings import RESTART_ONLY, AgentSettings, load_settings, serve_metrics
 from .spool import Spool
 from .uploader import Uploader
 
@@ -42,10 +42,12 @@ MISSED_START_S = 30.0  # a cluster scan picked up later than this after its star
 
 class Agent:
     def __init__(self, settings: AgentSettings, config_path: str | Path | None = None,
-                 overrides: dict | None = None, notifier: Notifier | None = None) -> None:
+                 overrides: dict | None = None, notifier: Notifier | None = None,
+                 option_names: dict | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides or {}
+        self.option_names = option_names or {}
         self.notifier = notifier or Notifier()
         self.host = settings.node
         self.stop_event = threading.Event()
@@ -80,13 +82,13 @@ class Agent:
     # --- start / stop ---
     def start(self) -> None:
         s = self.settings
-        self.spool = Spool(s.spool_path)
+        self.spool = open_sqlite("spool_path", s.spool_path, Spool)  # a one-line error, as --check gives
         self.workdir = s.spool_path.parent / "agent-scans"
         self.backend = open_backend(s.telemetry)
         self.idle = IdleTracker(s.idle_grace_s, s.idle_util_pct)
         self.registry, self.exporter, self.metrics = build_registry()
         ProcessCollector(registry=self.registry)
-        self.server, _ = start_http_server(s.listen_port, addr=s.listen_address, registry=self.registry)
+        self.server = serve_metrics(s, self.registry)
         self.port = self.server.server_port
         for scan_id in self.spool.scans_in_state("running"):
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
@@ -178,16 +180,16 @@ class Agent:
 
     def reload(self) -> None:
         try:
-            new = load_settings(self.config_path, self.overrides)
+            new = load_settings(self.config_path, self.overrides, option_names=self.option_names)
         except ConfigError as e:
             log.error("reload refused, keeping the running config: %s", e)
             self.notifier.status(f"reload refused: {e}")
             return
         old = self.settings
-        for name in ("listen_address", "listen_port", "spool_path", "collector_url", "host"):
-            if getattr(new, name) != getattr(old, name):
-                log.warning("%s changed; it takes effect at the next restart", name)
-                new = replace(new, **{name: getattr(old, name)})
+        waiting = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        if waiting:
+            log.warning("reload: %s changed; ignored until the next restart", ", ".join(waiting))
+            new = replace(new, **{name: getattr(old, name) for name in waiting})
         if new.telemetry != old.telemetry:
             self.backend.close()
             self.backend = open_backend(new.telemetry)

@@ -53,7 +53,9 @@ class ScanPoller:
                 elif self.repeated or self.settings.poll_wait_s == 0:
                     # the collector answers at once until this node reports the scan's state
                     stop.wait(min(self.settings.poll_wait_s or 1.0, 5.0))
-            except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure: counted, one line, retried; never a dead thread
+                if not isinstance(e, (httpx.HTTPError, OSError, ValueError, KeyError)):
+                    e = f"{type(e).__name__}: {e}"  # an unexpected one (a reply of the wrong shape): say what
                 if client is not None:
                     client.close()
                     client = None

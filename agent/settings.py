@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import socket
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from straggler.config import load, sqlite_path_problem
-from straggler.errors import ConfigError, InputError
+from straggler.config import check_sqlite, load
+from straggler.errors import InputError
 
 DEFAULT_CONFIG = Path("/etc/straggler/agent.toml")
 ENV_PREFIX = "STRAGGLER_AGENT_"
@@ -96,21 +98,60 @@ class AgentSettings:
     def node(self) -> str:
         return self.host or socket.gethostname()
 
+    @property
+    def scan_base_command(self) -> list[str]:
+        """The probe command the agent runs (before its per-scan arguments)."""
+        return list(self.probe_command) or [sys.executable, "-m", "straggler", "scan"]
 
-def check_start(settings: AgentSettings, source: str = "config") -> None:
-    """What the start would refuse beyond the settings themselves (the spool cannot be opened);
-    ``straggler agent`` runs it before ``--check`` prints and before the daemon starts."""
-    problem = sqlite_path_problem("spool_path", settings.spool_path)
-    if problem:
-        raise ConfigError([problem], source)
+    def effective(self) -> "AgentSettings":
+        """These settings as the start uses them (what ``--check`` prints): the resolved node name,
+        the probe command that will run."""
+        return replace(self, host=self.node, probe_command=tuple(self.scan_base_command))
 
 
-def load_settings(path: str | Path | None = None, overrides: dict | None = None, env=None) -> AgentSettings:
+RESTART_ONLY = ("host", "listen_address", "listen_port", "spool_path", "collector_url")  # a reload keeps these
+
+
+def serve_metrics(settings: AgentSettings, registry):
+    """The /metrics HTTP server (serving from its own thread), or a one-line InputError when the
+    address cannot be bound. The start and ``--check`` both bind through here."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _ = start_http_server(settings.listen_port, addr=settings.listen_address, registry=registry)
+    except OSError as e:
+        if not isinstance(e, socket.gaierror) and e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL,
+                                                                  errno.EACCES):
+            raise
+        why = "address already in use (another agent, or another service, listens there)" \
+            if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise InputError(f"cannot serve /metrics on {settings.listen_address}:{settings.listen_port}: {why}; "
+                         "stop it or choose --listen-port / listen_port") from None
+    return server
+
+
+def check_start(settings: AgentSettings) -> None:
+    """What the start would refuse beyond the settings themselves, tried for real the way the start
+    does it: open (or create) the spool, bind the /metrics address; then undo both. ``straggler
+    agent`` runs it before ``--check`` prints and before the daemon starts. Run while the agent
+    itself is running, it reports the agent's own port as in use."""
+    from prometheus_client import CollectorRegistry
+
+    from .spool import Spool
+
+    check_sqlite("spool_path", settings.spool_path, Spool)
+    server = serve_metrics(settings, CollectorRegistry())
+    server.shutdown()
+    server.server_close()
+
+
+def load_settings(path: str | Path | None = None, overrides: dict | None = None, env=None,
+                  option_names: dict | None = None) -> AgentSettings:
     """Validated settings; an explicitly given file must exist, the default one may not."""
     explicit = path is not None
     if not explicit and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     return load(
         AgentSettings, path, env_prefix=ENV_PREFIX, env=env,
-        overrides=overrides, required_file=explicit,
+        overrides=overrides, required_file=explicit, option_names=option_names,
     )

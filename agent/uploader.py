@@ -152,7 +152,10 @@ class Uploader:
         while not stop.is_set():
             try:
                 busy = self.flush_once()
-            except (UploadError, ValueError, sqlite3.Error) as e:  # ValueError: a reply that is not JSON
+            except Exception as e:  # noqa: BLE001 - any failure: counted, one line, retried; never a dead thread
+                # ValueError: a reply that is not JSON; anything else unexpected (a reply of the wrong shape)
+                if not isinstance(e, (UploadError, ValueError, sqlite3.Error)):
+                    e = f"{type(e).__name__}: {e}"
                 if isinstance(e, sqlite3.Error) and self.metrics:
                     self.metrics.errors.labels("spool").inc()
                 else:

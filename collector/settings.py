@@ -66,6 +66,7 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    option_names: Mapping[str, str] | None = None,
 ) -> CollectorSettings:
     """Settings from ``path`` (default /etc/straggler/collector.toml when it exists; a path given
     explicitly must exist), the environment and flags. Raises ConfigError listing every problem."""
@@ -77,15 +78,20 @@ def load_settings(
         env=env,
         overrides=overrides,
         required_file=explicit,
+        option_names=option_names,
     )
 
 
 def check_start(settings: CollectorSettings) -> None:
-    """What the start would refuse beyond the settings and the token (the database cannot be
-    opened); ``straggler collector`` runs it before ``--check`` prints and before serving."""
-    problem = config.sqlite_path_problem("db_path", settings.db_path)
-    if problem:
-        raise ConfigError([problem])
+    """What the start would refuse beyond the settings and the token, tried for real the way the
+    start does it: open (or create) the database, bind the address; then undo both. ``straggler
+    collector`` runs it before ``--check`` prints and before serving. Run while the collector itself
+    is running, it reports the collector's own port as in use."""
+    from .service import bind
+    from .store import Store
+
+    config.check_sqlite("db_path", settings.db_path, Store)
+    bind(settings.address, settings.port).close()
 
 
 def scan_problem(settings: CollectorSettings, n_probes: int, duration_s: float) -> str | None:

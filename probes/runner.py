@@ -46,7 +46,7 @@ class ScanSettings:
     grace_s: float = GRACE_S  # a probe phase may last 2 x duration + grace before its worker is killed
 
     def problems(self) -> list[str]:
-        out = []
+        out = [f"--{k} must be a finite number, got {v}" for k, v in (("start-at", self.start_at), ("duration", self.duration_s), ("deadline", self.deadline_s)) if v is not None and not abs(v) < float("inf")]  # noqa: E501
         if self.duration_s is not None and not self.duration_s > 0:
             out.append(f"--duration must be > 0 seconds, got {self.duration_s}")
         if self.deadline_s is not None and not self.deadline_s > 0:

@@ -6,25 +6,33 @@ lists every bad key in one :class:`~straggler.errors.ConfigError`. Nothing is ev
 
 Supported field types: ``str``, ``int``, ``float``, ``bool``, ``pathlib.Path``, ``tuple[str, ...]``,
 ``tuple[int, ...]``, and ``X | None`` of those.
+
+One rule for every number, whatever the component: a ``float`` must be finite (NaN and infinities
+are refused), and a field in seconds (its name ends in ``_s``) at most :data:`MAX_SECONDS`, so no
+timer, socket timeout or ``sleep`` ever overflows. A problem names where the value came from: the
+file (when one was read), the ``{env_prefix}{FIELD}`` variable, or the command-line option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sqlite3
 import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import ConfigError
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+MAX_SECONDS = 366 * 24 * 3600.0  # a year: longer than any interval, timeout or deadline of ours
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -67,9 +75,12 @@ def _coerce(tp: Any, value: Any, from_text: bool) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        return number
     if tp is Path:
         if not isinstance(value, (str, Path)):
             raise ValueError(f"expected a path, got {value!r}")
@@ -89,18 +100,37 @@ def load(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     required_file: bool = False,
+    option_names: Mapping[str, str] | None = None,
 ) -> T:
     """Build a validated ``cls`` from defaults, the TOML file, ``{env_prefix}{FIELD}`` variables and
-    ``overrides`` (flags; ``None`` values are ignored). Raises ConfigError listing every problem."""
+    ``overrides`` (flags; ``None`` values are ignored; ``option_names`` maps a field to the option
+    that set it, e.g. ``interval_s`` to ``--interval``). Raises ConfigError listing every problem,
+    each naming its source; the message starts with the file only when a file was read."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     problems: list[str] = []
     values: dict[str, Any] = {}
-    source = str(path) if path else "config"
+    origin: dict[str, str] = {}  # field -> the env variable or option that set it (a file's keys: none)
+    source = "config"
+
+    def take(key: str, raw: Any, label: str, from_text: bool) -> None:
+        try:
+            value = _coerce(hints[key], raw, from_text)
+            if key.endswith("_s") and isinstance(value, (int, float)) and value > MAX_SECONDS:
+                raise ValueError(f"must be at most {MAX_SECONDS:.0f} s (a year), got {raw!r}")
+        except ValueError as e:
+            problems.append(f"{label}: {e}")
+            return
+        values[key] = value
+        if label == key:
+            origin.pop(key, None)
+        else:
+            origin[key] = label
 
     if path is not None:
         p = Path(path)
         if p.is_file():
+            source = str(p)
             try:
                 data = tomllib.loads(p.read_text())
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -109,22 +139,16 @@ def load(
                 if key not in fields:
                     problems.append(f"unknown key {key!r}")
                     continue
-                try:
-                    values[key] = _coerce(hints[key], raw, from_text=False)
-                except ValueError as e:
-                    problems.append(f"{key}: {e}")
+                take(key, raw, key, from_text=False)
         elif required_file:
-            raise ConfigError(["file not found"], source)
+            raise ConfigError(["file not found"], str(p))
 
     env = os.environ if env is None else env
     if env_prefix:
         for name in fields:
             var = f"{env_prefix}{name.upper()}"
             if var in env:
-                try:
-                    values[name] = _coerce(hints[name], env[var], from_text=True)
-                except ValueError as e:
-                    problems.append(f"{var}: {e}")
+                take(name, env[var], var, from_text=True)
 
     for key, raw in (overrides or {}).items():
         if raw is None:
@@ -132,18 +156,28 @@ def load(
         if key not in fields:
             problems.append(f"unknown option {key!r}")
             continue
-        try:
-            values[key] = _coerce(hints[key], raw, from_text=isinstance(raw, str))
-        except ValueError as e:
-            problems.append(f"--{key.replace('_', '-')}: {e}")
+        take(key, raw, (option_names or {}).get(key) or f"--{key.replace('_', '-')}", from_text=isinstance(raw, str))
 
     if not problems:
         cfg = cls(**values)
         check = getattr(cfg, "problems", None)
-        problems.extend(check() if callable(check) else [])
+        problems.extend(_from(p, origin) for p in (check() if callable(check) else []))
         if not problems:
             return cfg
     raise ConfigError(problems, source)
+
+
+def _from(problem: str, origin: Mapping[str, str]) -> str:
+    """``key: why`` as ``key (from VAR): why`` when an env variable or an option set ``key``."""
+    key, sep, why = problem.partition(":")
+    if sep and key in origin:
+        return f"{key} (from {origin[key]}):{why}"
+    return problem
+
+
+def option_names(params) -> dict[str, str]:
+    """Field name -> its command-line option (the longest spelling), from a click command's params."""
+    return {p.name: max(p.opts, key=len) for p in params if getattr(p, "opts", None)}
 
 
 def render(cfg: Any, as_json: bool = False) -> str:
@@ -157,23 +191,14 @@ def render(cfg: Any, as_json: bool = False) -> str:
     return "\n".join(f"{k} = {v!r}" for k, v in data.items())
 
 
-def sqlite_path_problem(key: str, path: Path) -> str | None:
-    """Why SQLite could not open (or create) a WAL database at ``path``, found without writing
-    anything; None when it can. Used by every ``--check`` and start that opens a database."""
-    path = Path(path)
+def _sqlite_path_problem(key: str, path: Path) -> str | None:
+    """A clear reason SQLite could not open (or create) ``path``, found without writing; None when
+    none is seen (the real open may still fail: :func:`open_sqlite` then reports SQLite's reason)."""
     if path.exists():
         if path.is_dir():
             return f"{key}: {path} is a directory"
         if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
             return f"{key}: {path} (or its directory, for the WAL files) is not writable by this user"
-        try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-            try:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            finally:
-                conn.close()
-        except sqlite3.Error as e:
-            return f"{key}: {path} cannot be opened as an SQLite database ({e})"
         return None
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
@@ -183,3 +208,38 @@ def sqlite_path_problem(key: str, path: Path) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{key}: cannot create {path}: {parent} is not writable by this user"
     return None
+
+
+def open_sqlite(key: str, path: Path, opener: Callable[[Path], D]) -> D:
+    """``opener(path)`` (the component's own database class: it creates the directories, the file,
+    the schema), or a one-line ConfigError naming ``key`` and why. The start opens with this."""
+    path = Path(path)
+    problem = _sqlite_path_problem(key, path)
+    if problem:
+        raise ConfigError([problem])
+    try:
+        return opener(path)
+    except (sqlite3.Error, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError([f"{key}: {path} cannot be opened as an SQLite database ({why})"]) from None
+
+
+def check_sqlite(key: str, path: Path, opener: Callable[[Path], Any]) -> None:
+    """What ``--check`` runs: :func:`open_sqlite` for real, then close it and remove the file and
+    the directories it created (a database that existed is left as it is, schema migrated)."""
+    path = Path(path)
+    # the WAL files only with a database created here: beside an existing one they may be another
+    # process's (SQLite removes its own at the last close)
+    created = [] if path.exists() else [path.with_name(path.name + s) for s in ("", "-wal", "-shm", "-journal")]
+    dirs = [d for d in path.parents if not d.exists()]  # deepest first
+    try:
+        open_sqlite(key, path, opener).close()
+    finally:
+        for p in created:
+            if p.is_file():
+                p.unlink()
+        for d in dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                break

@@ -328,3 +328,98 @@ def test_a_cluster_scan_the_probe_deadline_cannot_hold_is_refused(agents, tmp_pa
         assert a.stop() == 0
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("key, bad", [("interval_s", "nan"), ("http_timeout_s", "inf"), ("poll_wait_s", "1e300")])
+def test_a_reload_with_a_non_finite_or_huge_number_is_refused(agents, key, bad):
+    a = agents().start()
+    wait_until(lambda: (value(scrape(a), "straggler_agent_ticks_total") or 0) >= 1, what="a tick")
+    a.config.write_text(toml(a.settings) + "")
+    text = a.config.read_text().replace(f"{key} = {a.settings[key]}\n", "")
+    a.config.write_text(text + f"{key} = {bad}\n")
+    a.signal(signal.SIGHUP)
+    msg = a.notify.wait_for("STATUS", prefix="reload refused", timeout_s=15)
+    assert f"{key}: must be" in msg["STATUS"] and ("finite" in msg["STATUS"] or "at most" in msg["STATUS"]), msg
+    ticks = value(scrape(a), "straggler_agent_ticks_total")
+    wait_until(lambda: value(scrape(a), "straggler_agent_ticks_total") >= ticks + 2, what="ticks after the reload")
+    assert a.proc.poll() is None and "config reloaded" not in a.log()
+    assert a.stop() == 0
+
+
+class _WrongShapeCollector:
+    """A real HTTP server answering every request 200 with a JSON list (not the object the agent expects)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                outer.requests += 1
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                body = b"[]"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_unexpected_error_in_the_upload_and_poll_threads_is_counted_logged_and_retried(agents, tmp_path):
+    from straggler.agent.spool import Spool
+
+    server = _WrongShapeCollector()
+    (tmp_path / "token").write_text("tok")
+    try:
+        a = agents(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=0.2)
+        spool = Spool(a.settings["spool_path"])  # a result waiting for upload when the agent starts
+        row = {"ts": time.time(), "scan_id": "s0", "host": "agent0", "gpu": "cpu0", "index": 0, "model": "test cpu",
+               "probe": "matmul", "settings": "n=64", "sample": 0, "duration_s": 0.1, "value": 100.0,
+               "unit": "GFLOP/s", "power_w": None}
+        assert spool.add_results([row], host="agent0") == 1
+        a.start()
+        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="poll") or 0) >= 3,
+                   what="three counted poll errors (the thread keeps polling)")
+        # the collector's reply to the upload is a list: the row left the spool, the reply cannot be read
+        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 1,
+                   what="a counted upload error")
+        assert spool.add_results([{**row, "sample": 1}], host="agent0") == 1  # the thread still uploads
+        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 2,
+                   what="a second counted upload error (the upload thread kept going)")
+        spool.close()
+        log = a.log()
+        polls = [ln for ln in log.splitlines() if "scan poll failed" in ln]
+        uploads = [ln for ln in log.splitlines() if "upload failed" in ln]
+        assert polls and "TypeError" in polls[0] and uploads and "AttributeError" in uploads[0], log[-2000:]
+        assert "Traceback" not in log, log[-2000:]
+        assert a.stop() == 0
+    finally:
+        server.close()
+
+
+def test_a_reload_names_the_keys_that_wait_for_a_restart_in_one_warning(agents):
+    a = agents().start()
+    a.config.write_text(toml({**a.settings, "listen_port": 1, "host": "renamed", "interval_s": 0.25}))
+    a.signal(signal.SIGHUP)
+    a.notify.wait_for("STATUS", prefix="config reloaded", timeout_s=15)
+    warnings = [ln for ln in a.log().splitlines() if ln.startswith("WARNING") and "restart" in ln]
+    assert len(warnings) == 1 and "listen_port" in warnings[0] and "host" in warnings[0], a.log()
+    assert "interval_s" not in warnings[0]
+    assert a.stop() == 0

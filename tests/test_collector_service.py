@@ -254,3 +254,20 @@ def test_stopping_the_collector_answers_long_polls_cleanly(tmp_path):
     assert rc == 0, err
     assert sorted(answers) == [(f"lp{i}", 204, "") for i in range(3)], (answers, err)
     assert "Traceback" not in err and "CancelledError" not in err, err
+
+
+def test_a_cluster_scan_failure_without_a_rank_names_none():
+    """A node's failure in a cluster scan has no rank (the collector knows none): say nothing of it."""
+    import io
+
+    from rich.console import Console
+
+    from straggler.probes.render import render_scan
+
+    report = {"devices": [], "stragglers": 0, "engine": "straggler.analysis"}
+    failures = [{"host": "node7", "device": "-", "rank": None, "probe": "scan", "error": "node busy"},
+                {"host": "node8", "device": "cuda:1", "rank": 3, "probe": "matmul", "error": "worker died"}]
+    buf = io.StringIO()
+    render_scan(Console(file=buf, width=200, color_system=None), report, "notice", "s1", failures)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("failed")]
+    assert lines == ["failed node7/- scan: node busy", "failed node8/cuda:1 (rank 3) matmul: worker died"]

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +127,120 @@ def test_cluster_scan_client_refuses_a_deadline_the_scan_cannot_meet(tmp_path):
                "--duration", "1", "--deadline", "100")
     assert _one_line_error(out) == ("straggler: error: 1 probe(s) at 1 s need 282 s, more than --deadline 100 s "
                                     "less the 10 s start delay = 90 s")
+
+
+# --- issue 7 item 4 follow-up: non-finite numbers, real opens and binds, the real source --------
+
+import socket
+
+
+TOKEN_ENV = {"STRAGGLER_COLLECTOR_TOKEN": "0123456789abcdef0123"}
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_one_rule_refuses_a_non_finite_number_from_every_source(tmp_path, bad):
+    from straggler.agent.settings import AgentSettings
+    from straggler.collector.settings import CollectorSettings
+
+    for cls, prefix in ((Cfg, "X_"), (AgentSettings, "A_"), (CollectorSettings, "C_")):
+        floats = [f.name for f in dataclasses.fields(cls) if f.type in ("float", float)]
+        assert floats
+        for name in floats:
+            cfg = tmp_path / "c.toml"
+            cfg.write_text(f"{name} = {bad}\n")
+            for kw in ({"path": cfg}, {"env": {f"{prefix}{name.upper()}": bad}}, {"overrides": {name: float(bad)}}):
+                with pytest.raises(ConfigError, match="must be a finite number"):
+                    config.load(cls, **{"env_prefix": prefix, "env": {}, **kw})
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["agent", "--interval", "nan"], {}, "--interval: must be a finite number"),
+    (["agent", "--interval", "inf"], {}, "--interval: must be a finite number"),
+    (["agent"], {"STRAGGLER_AGENT_PROBE_DURATION_S": "nan"}, "STRAGGLER_AGENT_PROBE_DURATION_S: must be a finite number"),
+    (["agent"], {"STRAGGLER_AGENT_HTTP_TIMEOUT_S": "1e300"}, "STRAGGLER_AGENT_HTTP_TIMEOUT_S: must be at most"),
+    (["collector"], {"STRAGGLER_COLLECTOR_MAX_WAIT_S": "-inf"}, "STRAGGLER_COLLECTOR_MAX_WAIT_S: must be a finite number"),
+])
+def test_non_finite_and_huge_numbers_fail_check_and_start_alike(tmp_path, args, env, expected):
+    spool = ["--spool", str(tmp_path / "s.sqlite"), "--listen-port", "0", "--telemetry", "cpu"] \
+        if args[0] == "agent" else ["--db", str(tmp_path / "c.db"), "--port", "0"]
+    env = {**TOKEN_ENV, **env}
+    checked = _one_line_error(_cli(*args, *spool, "--check", env=env))
+    assert expected in checked, checked
+    assert "nan s" not in checked  # not "2 probe(s) at nan s need nan s"
+    assert _one_line_error(_cli(*args, *spool, env=env, timeout=120)) == checked
+
+
+def test_a_config_error_names_the_real_source_not_a_missing_default_file(tmp_path):
+    env = {**TOKEN_ENV, "STRAGGLER_COLLECTOR_MAX_WAIT_S": "-5"}
+    line = _one_line_error(_cli("collector", "--check", "--db", str(tmp_path / "c.db"), env=env))
+    assert "/etc/straggler" not in line and "STRAGGLER_COLLECTOR_MAX_WAIT_S" in line and "must be > 0" in line, line
+    line = _one_line_error(_cli("collector", "--check", "--db", str(tmp_path / "c.db"), "--port", "70000", env=TOKEN_ENV))
+    assert "/etc/straggler" not in line and "--port" in line, line
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("interval_s = -1\n")
+    line = _one_line_error(_cli("agent", "--check", "--config", str(cfg), "--spool", str(tmp_path / "s.sqlite")))
+    assert str(cfg) in line and "interval_s: must be > 0" in line, line
+
+
+@pytest.mark.parametrize("component", ["agent", "collector"])
+def test_a_database_sqlite_cannot_create_fails_check_and_start_alike(tmp_path, component):
+    """/proc is a writable-looking directory for root, but SQLite cannot create a file there."""
+    path = Path(f"/proc/straggler-{component}.sqlite")
+    if component == "agent":
+        args, key = ["agent", "--spool", str(path), "--listen-port", "0", "--telemetry", "cpu"], "spool_path"
+    else:
+        args, key = ["collector", "--db", str(path), "--port", "0"], "db_path"
+    checked = _one_line_error(_cli(*args, "--check", env=TOKEN_ENV))
+    assert f"{key}: " in checked and str(path) in checked, checked
+    assert _one_line_error(_cli(*args, env=TOKEN_ENV, timeout=120)) == checked
+
+
+@pytest.mark.parametrize("component", ["agent", "collector"])
+def test_check_leaves_nothing_behind_when_it_creates_the_database(tmp_path, component):
+    path = tmp_path / "new" / "dir" / "db.sqlite"
+    args = ["agent", "--spool", str(path), "--listen-port", "0", "--telemetry", "cpu"] if component == "agent" \
+        else ["collector", "--db", str(path), "--port", "0"]
+    out = _cli(*args, "--check", env=TOKEN_ENV)
+    assert out.returncode == 0, out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("component", ["agent", "collector"])
+def test_a_port_in_use_fails_check_and_start_alike(tmp_path, component):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        if component == "agent":
+            args = ["agent", "--spool", str(tmp_path / "s.sqlite"), "--listen-port", str(port), "--telemetry", "cpu"]
+        else:
+            args = ["collector", "--db", str(tmp_path / "c.db"), "--port", str(port)]
+        checked = _one_line_error(_cli(*args, "--check", env=TOKEN_ENV))
+        assert f"127.0.0.1:{port}" in checked and "in use" in checked.lower(), checked
+        assert _one_line_error(_cli(*args, env=TOKEN_ENV, timeout=120)) == checked
+    finally:
+        taken.close()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_agent_check_prints_the_effective_node_name_and_probe_command(tmp_path, as_json):
+    import json
+
+    out = _cli("agent", "--check", "--spool", str(tmp_path / "s.sqlite"), *(["--json"] if as_json else []))
+    assert out.returncode == 0, out
+    if as_json:
+        data = json.loads(out.stdout)
+    else:
+        import ast
+
+        data = {k: ast.literal_eval(v) for k, v in (ln.split(" = ", 1) for ln in out.stdout.splitlines())}
+    assert data["host"] == socket.gethostname()
+    assert data["probe_command"] == [sys.executable, "-m", "straggler", "scan"]
+
+
+@pytest.mark.parametrize("option", ["--start-at", "--duration", "--deadline"])
+def test_scan_refuses_a_non_finite_time(option):
+    out = _cli("scan", "--device", "cpu", "--probes", "matmul", "--duration", "0.2", option, "inf", timeout=120)
+    line = _one_line_error(out)
+    assert f"{option} must be a finite number" in line, line

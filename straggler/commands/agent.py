@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from straggler.errors import InputError
-
 
 @click.command("agent")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -21,33 +19,28 @@ from straggler.errors import InputError
 @click.option("--check", is_flag=True, help="Validate the configuration, print it, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the configuration as JSON.")
 def agent(config_path, check, as_json, **flags):
-    """Run the node agent until SIGTERM. SIGHUP reloads the config; SIGUSR1 probes now (if idle)."""
-    import errno
+    """Run the node agent until SIGTERM. SIGHUP reloads the config; SIGUSR1 probes now (if idle).
+
+    --check runs the start's own checks for real (the spool is opened, or created and removed again;
+    the /metrics address is bound and released): run while this agent is running, it reports the
+    agent's own port as in use."""
     import logging
-    import socket
     import sys
 
     from straggler.agent.daemon import Agent
     from straggler.agent.settings import check_start, load_settings
+    from straggler.config import option_names
 
-    settings = load_settings(config_path, flags)
-    check_start(settings, config_path or "config")  # --check fails exactly when the start would
+    names = option_names(click.get_current_context().command.params)
+    settings = load_settings(config_path, flags, option_names=names)
+    check_start(settings)  # --check fails exactly when the start would
     if check:
         from straggler.config import render
 
-        click.echo(render(settings, as_json))
+        click.echo(render(settings.effective(), as_json))
         return 0
     logging.basicConfig(stream=sys.stderr, level=settings.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
-    daemon = Agent(settings, config_path=config_path, overrides=flags)
+    daemon = Agent(settings, config_path=config_path, overrides=flags, option_names=names)
     daemon.install_signals()
-    try:
-        return daemon.run()
-    except OSError as e:
-        # Only the /metrics listener binds a socket: its errors are the operator's to fix, in one line.
-        if not isinstance(e, socket.gaierror) and e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-            raise
-        why = "address already in use (another agent, or another service, listens there)" \
-            if e.errno == errno.EADDRINUSE else e.strerror or str(e)
-        raise InputError(f"cannot serve /metrics on {settings.listen_address}:{settings.listen_port}: {why}; "
-                         "stop it or choose --listen-port / listen_port") from None
+    return daemon.run()

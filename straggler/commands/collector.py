@@ -19,11 +19,17 @@ import click
 @click.option("--check", is_flag=True, help="Validate the configuration and the token, print the settings, exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the settings as JSON.")
 def collector(config_path, address, port, db_path, token_file, check, as_json):
-    """Run the fleet collector: result ingest, fleet view, /metrics, cluster scans."""
+    """Run the fleet collector: result ingest, fleet view, /metrics, cluster scans.
+
+    --check runs the start's own checks for real (the database is opened, or created and removed
+    again; the address is bound and released): run while this collector is running, it reports the
+    collector's own port as in use."""
     from straggler.collector.settings import check_start, load_settings, load_token
+    from straggler.config import option_names
 
     settings = load_settings(config_path, overrides={
-        "address": address, "port": port, "db_path": db_path, "token_file": token_file})
+        "address": address, "port": port, "db_path": db_path, "token_file": token_file},
+        option_names=option_names(click.get_current_context().command.params))
     load_token(settings)  # fail early, with every other problem already reported
     check_start(settings)  # --check fails exactly when the start would
     if check:
