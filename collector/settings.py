@@ -88,9 +88,10 @@ def check_start(settings: CollectorSettings) -> None:
     collector`` runs it before ``--check`` prints and before serving. Run while the collector itself
     is running, it reports the collector's own port as in use."""
     from .service import bind
+    from .schema import LATEST
     from .store import Store
 
-    config.check_sqlite("db_path", settings.db_path, Store)
+    config.check_sqlite("db_path", settings.db_path, Store, latest_version=LATEST)
     bind(settings.address, settings.port).close()
 
 

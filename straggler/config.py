@@ -15,6 +15,7 @@ file (when one was read), the ``{env_prefix}{FIELD}`` variable, or the command-l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -219,15 +220,30 @@ def open_sqlite(key: str, path: Path, opener: Callable[[Path], D]) -> D:
         raise ConfigError([problem])
     try:
         return opener(path)
-    except (sqlite3.Error, OSError) as e:
+    except (sqlite3.Error, OSError, RuntimeError) as e:  # RuntimeError: a schema newer than this code
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ConfigError([f"{key}: {path} cannot be opened as an SQLite database ({why})"]) from None
 
 
-def check_sqlite(key: str, path: Path, opener: Callable[[Path], Any]) -> None:
+def check_sqlite(key: str, path: Path, opener: Callable[[Path], Any], latest_version: int | None = None) -> None:
     """What ``--check`` runs: :func:`open_sqlite` for real, then close it and remove the file and
-    the directories it created (a database that existed is left as it is, schema migrated)."""
+    the directories it created. A database that exists is only read (never migrated: a running
+    older service may still use it): it must open as SQLite, and its schema version (``PRAGMA
+    user_version``) must not be newer than ``latest_version``, as the start would refuse it."""
     path = Path(path)
+    if path.is_file():
+        problem = _sqlite_path_problem(key, path)
+        if problem:
+            raise ConfigError([problem])
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                found = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as e:
+            raise ConfigError([f"{key}: {path} cannot be opened as an SQLite database ({e})"]) from None
+        if latest_version is not None and found > latest_version:
+            raise ConfigError([f"{key}: {path} cannot be opened as an SQLite database (database schema version "
+                               f"{found} is newer than this program ({latest_version}))"])
+        return
     # the WAL files only with a database created here: beside an existing one they may be another
     # process's (SQLite removes its own at the last close)
     created = [] if path.exists() else [path.with_name(path.name + s) for s in ("", "-wal", "-shm", "-journal")]

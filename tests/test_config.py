@@ -195,6 +195,31 @@ def test_a_database_sqlite_cannot_create_fails_check_and_start_alike(tmp_path, c
     assert _one_line_error(_cli(*args, env=TOKEN_ENV, timeout=120)) == checked
 
 
+def test_collector_check_reads_an_existing_database_and_never_migrates_it(tmp_path):
+    """--check beside an older collector must not upgrade its database (that collector could then
+    not restart); a schema newer than this build fails --check and the start alike, in one line."""
+    import sqlite3
+
+    from straggler.collector.schema import LATEST
+
+    older = tmp_path / "older.db"
+    with sqlite3.connect(older) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.execute(f"PRAGMA user_version = {LATEST - 1}")
+    out = _cli("collector", "--db", str(older), "--port", "0", "--check", env=TOKEN_ENV)
+    assert out.returncode == 0, out.stderr
+    with sqlite3.connect(older) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST - 1  # untouched
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute(f"PRAGMA user_version = {LATEST + 1}")
+    args = ["collector", "--db", str(newer), "--port", "0"]
+    checked = _one_line_error(_cli(*args, "--check", env=TOKEN_ENV))
+    assert f"database schema version {LATEST + 1} is newer" in checked and str(newer) in checked, checked
+    started = _one_line_error(_cli(*args, env=TOKEN_ENV, timeout=120))  # was a traceback
+    assert f"database schema version {LATEST + 1} is newer" in started and "db_path: " in started, started
+
+
 @pytest.mark.parametrize("component", ["agent", "collector"])
 def test_check_leaves_nothing_behind_when_it_creates_the_database(tmp_path, component):
     path = tmp_path / "new" / "dir" / "db.sqlite"
