@@ -47,6 +47,9 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
         res = analyze(to_frame(samples))
     except StragglerError as e:  # the samples stay valid: decide by the simple rule, say why
         return _simple(samples), {"error": str(e)}, f"simple rule (the analysis engine refused: {e})"
+    except Exception as e:  # noqa: BLE001 - an engine bug must not cost the scan its report; said in `engine`
+        why = f"{type(e).__name__}: {e}"
+        return _simple(samples), {"error": why}, f"simple rule (the analysis engine failed: {why})"
     from straggler.verdict import probe_note
 
     units = {(s["host"], s["gpu"], s["probe"]): s.get("unit") for s in samples}

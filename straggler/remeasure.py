@@ -89,9 +89,11 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
     while True:
         try:
             entries = [e for e in analyze(out.samples) if e.get("verdict") == "undecided"]
-        except StragglerError as e:  # the verdicts fall back elsewhere; nothing to re-measure by
+        except Exception as e:  # noqa: BLE001 - the samples measured so far are kept and reported;
+            # the verdicts fall back elsewhere (and say why); nothing to re-measure by
             out.rounds.append(Round(len(out.rounds) + 1, round_probes, round_samples, 0))
-            out.stopped = f"cannot analyse the samples: {e}"
+            why = str(e) if isinstance(e, StragglerError) else f"{type(e).__name__}: {e}"
+            out.stopped = f"cannot analyse the samples: {why}"
             return out
         undecided = len({(e["host"], e["gpu"]) for e in entries})
         out.rounds.append(Round(len(out.rounds) + 1, round_probes, round_samples, undecided))
@@ -114,7 +116,14 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
             if why:
                 out.stopped = f"{why}, {undecided} still undecided"
             else:
-                res = measure(round_probes, round_samples)
+                try:
+                    res = measure(round_probes, round_samples)
+                except Exception as e:  # noqa: BLE001 - a round that cannot start loses none of the earlier ones
+                    why = str(e) if isinstance(e, StragglerError) else f"{type(e).__name__}: {e}"
+                    out.failures.append({"host": getattr(first, "host", "-"), "device": "-", "rank": None,
+                                         "probe": f"round {len(out.rounds) + 1}", "error": f"could not run: {why}"})
+                    out.stopped = f"a failure in round {len(out.rounds) + 1}, {undecided} still undecided"
+                    return out
                 out.samples += renumber(out.samples, res.samples)
                 out.failures += res.failures
                 continue

@@ -231,3 +231,18 @@ def test_cuda_worker_finds_its_nvml_device_by_uuid():
     assert _nvml_index(uuids[3], 0)(backend) == 3
     assert _nvml_index("GPU-not-there", 5)(backend) == 5  # unknown: fall back to the CUDA index
     assert _nvml_index(None, 2)(backend) == 2
+
+
+def test_an_engine_bug_falls_back_to_the_simple_rule_and_says_so(monkeypatch):
+    """An exception of the analysis engine that is not a refusal (a bug on odd rows) must not cost the
+    scan its report: the simple rule decides, and `engine` names the error."""
+    import straggler.analysis
+
+    def broken(frame):
+        raise ValueError("odd rows")
+
+    monkeypatch.setattr(straggler.analysis, "analyze", broken)
+    rows, doc, engine = report.analyze_samples(_samples({"cpu0": [10.0] * 3, "cpu1": [10.0] * 3, "cpu2": [5.0] * 3}))
+    assert engine == "simple rule (the analysis engine failed: ValueError: odd rows)"
+    assert doc == {"error": "ValueError: odd rows"}
+    assert {r["gpu"] for r in rows if r["straggler"]} == {"cpu2"}

@@ -173,3 +173,28 @@ def test_the_combined_samples_are_valid_analysis_input():
     with pytest.raises(InputError):
         analysis_verdicts(a.samples + b.samples)
     assert analysis_verdicts(a.samples + renumber(a.samples, b.samples))
+
+
+def test_an_analysis_or_round_that_raises_keeps_every_sample_measured():
+    """An exception of the engine, or a further round that cannot start (a port, a fork), stops the
+    rounds with the samples so far and says why; it never escapes with them."""
+    fleet = Fleet({"g5": 0.05}, noise=0.01, seed=3)
+
+    def broken(samples):
+        raise ValueError("odd rows")
+
+    out = remeasure(fleet.measure, broken, ("matmul",), 5)
+    assert len(out.samples) == 5 * N_DEVICES and out.stopped == "cannot analyse the samples: ValueError: odd rows"
+
+    calls = []
+
+    def measure(probes, n):
+        calls.append(n)
+        if len(calls) > 1:
+            raise OSError(98, "Address already in use")
+        return fleet.measure(probes, n)
+
+    out = remeasure(measure, analysis_verdicts, ("matmul",), 5)
+    assert len(calls) == 2 and len(out.samples) == 5 * N_DEVICES  # round 1 kept
+    assert out.stopped == "a failure in round 2, 1 still undecided"
+    assert out.failures[-1]["probe"] == "round 2" and "Address already in use" in out.failures[-1]["error"]
