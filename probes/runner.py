@@ -75,7 +75,10 @@ def new_scan_id(host: str) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{host}-{uuid.uuid4().hex[:6]}"
 
 
-def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = None) -> ScanResult:
+def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = None,
+             stopped: Callable[[], str | None] | None = None) -> ScanResult:
+    """``stopped()``: the name of a signal the caller caught before this scan could install its own
+    handlers (between the rounds of :class:`ScanRounds`), which stops this scan too; or None."""
     problems = settings.problems()
     if problems:
         raise InputError("; ".join(problems))
@@ -96,7 +99,7 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
                       probes=probes, duration_s=duration, n_windows=settings.samples,
                       telemetry=settings.telemetry, start_at=settings.start_at,
                       group_timeout_s=2 * duration + 3 * settings.grace_s)
-    watch = Watch(plan, dplan.indices, settings, on_event)
+    watch = Watch(plan, dplan.indices, settings, on_event, stopped)
     watch.run()
     res = watch.result(f"device {dplan.kind}: {dplan.reason}", notes)
     res.duration_s = duration
@@ -159,7 +162,7 @@ class ScanRounds:
             s = replace(s, probes=tuple(probes), samples=samples, duration_s=self.window_s() * samples,
                         scan_id=self.first.scan_id, start_at=None, deadline_s=left)
         t0, wait_s = time.monotonic(), max(0.0, (s.start_at or 0) - time.time())
-        res = run_scan(s, self._progress(self.done_probes))
+        res = run_scan(s, self._progress(self.done_probes), lambda: self.stopped_by)
         self.done_probes += tuple(p for p in probes if p in {r["probe"] for r in res.samples})
         if res.duration_s is not None:
             probing = len({r["probe"] for r in res.samples} or probes) * res.duration_s
@@ -217,8 +220,9 @@ class Watch:
     """Starts the local workers, collects their messages and enforces the deadlines."""
 
     def __init__(self, plan: WorkerPlan, indices: tuple[int, ...], settings: ScanSettings,
-                 on_event: Callable[[dict], None] | None):
+                 on_event: Callable[[dict], None] | None, stopped: Callable[[], str | None] | None = None):
         self.plan, self.indices, self.on_event = plan, indices, on_event
+        self.stopped = stopped
         self.limits = deadlines(plan, settings.grace_s)
         self.deadline_s = settings.deadline_s or total_deadline(plan, settings.grace_s)
         self.samples: list[dict] = []
@@ -285,6 +289,8 @@ class Watch:
             if w is not None:
                 self._handle(w, msg)
             now = time.monotonic()
+            if self.stopped is not None and not self.stopped_by:
+                self.stopped_by = self.stopped()  # a signal the caller caught before ours were installed
             for x in self.workers:
                 if x.proc.poll() is not None or x.killed:
                     continue

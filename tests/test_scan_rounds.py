@@ -105,3 +105,17 @@ def test_a_signal_between_rounds_stops_the_rounds():
     assert local.stop_failure() == {"host": "h", "device": "-", "rank": None, "probe": "scan",
                                     "error": "scan stopped by SIGTERM between rounds"}
     assert signal.getsignal(signal.SIGTERM) is not local._on_signal  # the handler before is back
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="needs 2 CPU cores: one device has no peer to be compared with")
+def test_a_signal_caught_before_the_round_installed_its_own_handlers_stops_that_round():
+    """SIGTERM between ScanRounds taking the signal and the round's runner installing its own handlers
+    (device planning, the rendezvous store: seconds) used to be swallowed: the round ran to its end."""
+    from straggler.probes.runner import ScanRounds, ScanSettings
+
+    local = ScanRounds(ScanSettings(probes=("matmul",), duration_s=30.0, samples=5))
+    with local.between_rounds():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before measure() starts its round
+        res = local.measure(("matmul",), 5)
+    assert res.samples == []  # stopped at once, not after 30 s of probing
+    assert res.failures and all(f["error"] == "scan stopped by SIGTERM, killed" for f in res.failures)
