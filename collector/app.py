@@ -28,6 +28,7 @@ from .fleet import FleetView, json_safe
 from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime, Secret
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
+from .reportpage import router as report_router
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings, scan_problem
 from .store import Refused, Store, row_tuples
@@ -237,6 +238,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    app.include_router(report_router)  # /report, /report/gpu: the fleet report (collector/reportpage.py)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:
