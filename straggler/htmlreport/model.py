@@ -119,10 +119,12 @@ def _distributions(d: pd.DataFrame, code: np.ndarray, n: int, summary: dict) -> 
             vlines.append((1 - float(summary.get("slow_sigmas") or 2.5) * s, "slow"))
         fl = idx[strag[idx] & np.isfinite(ratio[idx])]
         fl = fl[np.argsort(ratio[fl], kind="stable")]
-        marks = [(float(ratio[i]), f"{_label(d['host'].iat[i], d['index'].iat[i], d['gpu'].iat[i])} "
-                  f"{ratio[i]:.3f}x", d["gpu"].iat[i]) for i in fl[:MAX_MARKS]]
+        n_flagged = len(fl)
+        fl = fl[:MAX_MARKS]
+        marks = [(float(r_), f"{_label(h, i_, g)} {r_:.3f}x", g) for r_, h, i_, g in
+                 zip(ratio[fl], d["host"].take(fl), d["index"].take(fl), d["gpu"].take(fl))]
         item.update({"edges": edges.tolist(), "stacks": stacks, "vlines": vlines, "marks": marks,
-                     "unmarked": int(max(len(fl) - MAX_MARKS, 0)), "threshold": t,
+                     "unmarked": int(max(n_flagged - MAX_MARKS, 0)), "threshold": t,
                      "clipped": int(((r[ok] < lo) | (r[ok] > hi)).sum()),
                      "tiers": {tier: int((tiers == tier).sum()) for tier in TIERS}})
         out.append(item)
@@ -130,7 +132,7 @@ def _distributions(d: pd.DataFrame, code: np.ndarray, n: int, summary: dict) -> 
 
 
 def _text(v) -> str:
-    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else str(v)
+    return "" if v is None or v is pd.NA or (isinstance(v, float) and not math.isfinite(v)) else str(v)
 
 
 def _heatmap(d: pd.DataFrame, t: float) -> dict:
@@ -302,13 +304,13 @@ def _details(flagged: pd.DataFrame, samples: pd.DataFrame | None, past: pd.DataF
 
 def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     """Samples, per-scan series and telemetry of the detailed devices, from the rows of their peer groups."""
-    want = pd.DataFrame(out)[["model", "probe", "settings", "host", "gpu"]]
-    gcols = ("model", "probe", "settings")
-    # rows of the detailed devices' peer groups only (a factorize over both, then one isin)
-    g_all, _ = groups.factorize(*(pd.concat([rows[c], want[c]], ignore_index=True).astype("string") for c in gcols))
-    in_group = np.isin(g_all[:len(rows)], g_all[len(rows):])
-    sub = rows[in_group].reset_index(drop=True)
-    g = groups.factorize(g_all[:len(rows)][in_group])[0]
+    gpus = {e["gpu"] for e in out}
+    # rows of the detailed devices' peer groups only: the groups their own rows are in
+    g_all, _ = groups.factorize(rows["model"], rows["probe"], rows["settings"])
+    own = rows["gpu"].isin(gpus).to_numpy(dtype=bool)
+    in_group = np.isin(g_all, np.unique(g_all[own]))
+    sub = rows if in_group.all() else rows[in_group].reset_index(drop=True)
+    g = groups.factorize(g_all[in_group])[0]
     rank = history.scan_rank(sub)
     dev, n_dev = groups.factorize(sub["host"], sub["gpu"], sub["probe"], sub["settings"].astype("string"))
     value = pd.to_numeric(sub["value"], errors="coerce").to_numpy(dtype=float)
@@ -321,8 +323,12 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     centre = history.centre(gs, med, n_gs)
     latest = groups.extreme(dev, rank.astype(float), n_dev, "max")
     first = groups.first_index(dev, n_dev)
-    keys = {k: i for i, k in enumerate(zip(sub["host"].iloc[first], sub["gpu"].iloc[first],
-                                          sub["probe"].iloc[first], sub["settings"].astype("string").iloc[first]))}
+    # the detailed devices' codes: from the rows of their GPUs only (a dict of every device is slow)
+    mine = np.flatnonzero(own[in_group])
+    mine = mine[np.unique(dev[mine], return_index=True)[1]]
+    keys = {k: int(dev[i]) for i, k in zip(mine, zip(sub["host"].iloc[mine], sub["gpu"].iloc[mine],
+                                                     sub["probe"].iloc[mine],
+                                                     sub["settings"].astype("string").fillna("").iloc[mine]))}
     scan_ids = sub["scan_id"].astype("string") if "scan_id" in sub.columns else None
     ts = pd.to_numeric(sub["ts"], errors="coerce").to_numpy(dtype=float) if "ts" in sub.columns else None
     current = rank == latest[dev]
@@ -334,7 +340,7 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     n_g = int(g.max()) + 1 if len(g) else 0
     peer_of = {c: groups.median(dev_group, v, n_g) for c, v in tel.items()}
     for e in out:
-        k = keys.get((e["host"], e["gpu"], e["probe"], pd.NA if e["settings"] is None else str(e["settings"])))
+        k = keys.get((e["host"], e["gpu"], e["probe"], _text(e["settings"])))
         if k is None:
             continue
         mine = np.flatnonzero(dev == k)
