@@ -49,7 +49,7 @@ class Page:
         full = int(self.evaluate("document.documentElement.scrollHeight"))
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height or full, deviceScaleFactor=1,
                   mobile=False)
-        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=height is None,
                          clip={"x": 0, "y": 0, "width": width, "height": height or full, "scale": 1})
         path.write_bytes(base64.b64decode(shot["data"]))
         return path

@@ -59,7 +59,7 @@ def fleet_rows(hosts: int = 8, per_host: int = 8, scans: int = SCANS, samples: i
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """One Chromium for the module (it starts in seconds, but not for free on a busy machine)."""
-    exe = shutil.which("chromium") or require_tool("chromium")
+    exe = require_tool("chromium")
     with Chromium(exe, tmp_path_factory.mktemp("chromium") / "profile") as b:
         yield b
 
@@ -213,3 +213,12 @@ def test_collector_report_renders_in_chromium_with_history_views_linked(collecto
     assert view.text.count("scan") >= SCANS  # a row per stored scan
     back = view.evaluate("document.querySelector('a').href")
     assert back == collector.url + "/report"
+
+
+def test_docs_list_every_cause_with_its_action():
+    """docs/analysis.md "Causes and what to do" is the table of causes.ACTIONS, word for word."""
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "analysis.md").read_text().split("## Causes and what to do", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", text, flags=re.M))
+    assert rows == ACTIONS

@@ -25,7 +25,7 @@ TOP_NODES = 40  # nodes shown one per row in the heatmap, worst first; the rest 
 BANDS = 40  # at most this many bands of the remaining nodes
 MAX_COLUMNS = 48  # device indices per heatmap row before indices are banded
 MAX_DETAILS = 40  # flagged devices shown in detail (every one is in the table)
-MAX_TABLE = 5000  # rows of the flagged table (the rest counted; --json has every entry)
+MAX_TABLE = 500  # rows of the flagged table, costliest first (the rest counted; --json has every entry)
 TELEMETRY = ("sm_clock_mhz", "power_w", "power_limit_w", "temp_c", "pcie_gen", "pcie_width",
              "ecc_uncorrected_total", "remapped_rows", "retired_pages", "processes", *causes.REASONS)
 
