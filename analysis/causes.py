@@ -44,6 +44,14 @@ ACTIONS = {
                    "(dcgmi diag -r 3) and attach this report to the RMA ticket.",
 }
 
+# The telemetry each cause rests on (explain() below reads these; the report marks them).
+EVIDENCE_COLUMNS = {
+    "thermal": ("temp_c", *THERMAL), "hw_slowdown": HW_SLOW,
+    "power_capped": ("sw_power_cap", "sm_clock_mhz", "power_w", "power_limit_w"),
+    "pcie_link": ("pcie_gen", "pcie_width"), "memory": ("ecc_uncorrected_total", "remapped_rows", "retired_pages"),
+    "contention": ("processes",), "low_clock": ("sm_clock_mhz",),
+}
+
 # column -> how samples of one device are combined
 TELEMETRY = {
     "sm_clock_mhz": "mean", "power_w": "mean", "power_limit_w": "mean", "temp_c": "max",

@@ -50,7 +50,7 @@ def fleet_rows(hosts: int = 8, per_host: int = 8, scans: int = SCANS, samples: i
                            "sm_clock_mhz": 1650.0 if hot else 1980.0, "sm_clock_max_mhz": 1980.0,
                            "power_w": 560.0 if hot else 690.0, "power_limit_w": 700.0,
                            "temp_c": 91.0 if hot else 64.0,
-                           "throttle_reasons": "sw_thermal_slowdown=0.600" if hot else None}
+                           "throttle_reasons": "sw_thermal_slowdown=0.600" if hot else "0"}  # NVML mask: none
                     row["id"] = result_id(row)
                     rows.append(row)
     return rows
@@ -94,7 +94,9 @@ def test_analyze_report_is_one_self_contained_file_with_flagged_devices_causes_a
     assert f"<pre>{command}</pre>" in html  # the exact command that produced it
     # the thermal device in detail: its samples, its history over the 4 scans, its telemetry against its peers
     assert f"samples node03/5 {THERMAL} matmul" in html and f"history node03/5 {THERMAL} matmul" in html
-    assert re.search(r"<td>temp_c</td><td class=n>91</td><td class=n>64</td>", html)
+    # the telemetry that names its cause, marked
+    assert re.search(r"<tr class=cause><td>temp_c</td><td class=n>91</td><td class=n>64</td><td>thermal</td>", html)
+    assert re.search(r"<tr class=cause><td>sw_thermal_slowdown</td><td class=n>0.6</td><td class=n>0</td>", html)
     assert "Nodes x devices" in html and "Performance classes" in html and "Job cost" in html
 
 

@@ -53,7 +53,7 @@ def write_cli_report(path, devices, summary: dict, samples=None, history=None) -
 
     try:
         return write_report(path, devices, summary, samples, history, command=command_line(),
-                            source=f"{Path(path).name}: written by {command_line().split(' ', 2)[1]}")
+                            source="written by " + " ".join(command_line().split(" ")[:2]))
     except FileExistsError as e:  # a parent directory to make is a file
         raise InputError(f"--report {path}: cannot write ({e.filename} is not a directory)") from None
     except OSError as e:

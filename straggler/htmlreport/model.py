@@ -25,6 +25,8 @@ TOP_NODES = 40  # nodes shown one per row in the heatmap, worst first; the rest 
 BANDS = 40  # at most this many bands of the remaining nodes
 MAX_COLUMNS = 48  # device indices per heatmap row before indices are banded
 MAX_DETAILS = 40  # flagged devices shown in detail (every one is in the table)
+PEER_TELEMETRY = 4000  # peers whose telemetry gives the peers' median in the details (every k-th device)
+CURVE_POINTS = 10  # job sizes per job-cost curve, about
 MAX_TABLE = 500  # rows of the flagged table, costliest first (the rest counted; --json has every entry)
 TELEMETRY = ("sm_clock_mhz", "power_w", "power_limit_w", "temp_c", "pcie_gen", "pcie_width",
              "ecc_uncorrected_total", "remapped_rows", "retired_pages", "processes", *causes.REASONS)
@@ -222,7 +224,11 @@ def _jobs(d: pd.DataFrame, code: np.ndarray, n: int, summary: dict) -> list[dict
         step = np.where(np.isfinite(ratio) & (ratio > 0), 1 / ratio, np.nan)
     size = np.bincount(code, minlength=n)
     top = int(size.max())
-    sizes = sorted({2 ** k for k in range(1, int(math.log2(max(top, 2))) + 1)} | {int(s) for s in size if s > 1}
+    # about CURVE_POINTS powers of 2, each group's own size, and the analysis' job sizes
+    powers = range(1, int(math.log2(max(top, 2))) + 1)
+    stride = math.ceil(len(powers) / CURVE_POINTS)
+    hit = np.bincount(code, weights=strag, minlength=n) > 0
+    sizes = sorted({2 ** k for k in powers[::stride]} | {int(s) for s in size[hit] if s > 1}
                    | {int(s) for s in (summary.get("job_sizes") or ()) if 0 < s <= top})
     at = groups.first_index(code, n)
     labels = [{"model": str(d["model"].iat[i]), "probe": str(d["probe"].iat[i]),
@@ -312,16 +318,23 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     sub = rows if in_group.all() else rows[in_group].reset_index(drop=True)
     g = groups.factorize(g_all[in_group])[0]
     rank = history.scan_rank(sub)
-    dev, n_dev = groups.factorize(sub["host"], sub["gpu"], sub["probe"], sub["settings"].astype("string"))
+    several = len(rank) > 0 and rank.min() != rank.max()  # else no history: no series to draw
+    dev, n_dev = groups.factorize(sub["host"], sub["gpu"], sub["probe"], sub["settings"])
     value = pd.to_numeric(sub["value"], errors="coerce").to_numpy(dtype=float)
     # per (device, scan): the sample median; per (group, scan): the centre of those (the analysis'
     # history.centre: median of 4+ devices, else the others' mean), and the device's ratio to it
-    ds, n_ds = groups.factorize(dev, rank)
-    med = groups.median(ds, value, n_ds)
-    at = groups.first_index(ds, n_ds)
-    gs, n_gs = groups.factorize(g[at], rank[at])
-    centre = history.centre(gs, med, n_gs)
-    latest = groups.extreme(dev, rank.astype(float), n_dev, "max")
+    if several:
+        ds, n_ds = groups.factorize(dev, rank)
+        med = groups.median(ds, value, n_ds)
+        at = groups.first_index(ds, n_ds)
+        gs, n_gs = groups.factorize(g[at], rank[at])
+        centre = history.centre(gs, med, n_gs)
+        current = rank == groups.extreme(dev, rank.astype(float), n_dev, "max")[dev]
+        ts = pd.to_numeric(sub["ts"], errors="coerce").to_numpy(dtype=float) if "ts" in sub.columns else None
+        ds_ts = groups.extreme(ds, ts, n_ds, "max") if ts is not None else np.full(n_ds, np.nan)
+        scan_ids = sub["scan_id"].astype("string") if "scan_id" in sub.columns else None
+    else:
+        current = np.ones(len(sub), dtype=bool)
     first = groups.first_index(dev, n_dev)
     # the detailed devices' codes: from the rows of their GPUs only (a dict of every device is slow)
     mine = np.flatnonzero(own[in_group])
@@ -329,16 +342,16 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     keys = {k: int(dev[i]) for i, k in zip(mine, zip(sub["host"].iloc[mine], sub["gpu"].iloc[mine],
                                                      sub["probe"].iloc[mine],
                                                      sub["settings"].astype("string").fillna("").iloc[mine]))}
-    scan_ids = sub["scan_id"].astype("string") if "scan_id" in sub.columns else None
-    ts = pd.to_numeric(sub["ts"], errors="coerce").to_numpy(dtype=float) if "ts" in sub.columns else None
-    current = rank == latest[dev]
-    ds_ts = groups.extreme(ds, ts, n_ds, "max") if ts is not None else np.full(n_ds, np.nan)
-    tel_frame = sub[current].reset_index(drop=True)
-    tel_dev = dev[current]
-    tel = causes.device_telemetry(tel_frame, tel_dev, n_dev)
+    # telemetry of the current scan: the detailed devices', and their peers' median over at most
+    # about PEER_TELEMETRY devices of each group (every k-th device: a median of thousands is exact
+    # enough to read, and reading every device's telemetry of a 100,000-device fleet is not needed)
+    step = max(1, n_dev // PEER_TELEMETRY)
+    use = current & ((dev % step == 0) | own[in_group])
+    tel = causes.device_telemetry(sub[use].reset_index(drop=True), dev[use], n_dev)
     dev_group = g[first]
     n_g = int(g.max()) + 1 if len(g) else 0
-    peer_of = {c: groups.median(dev_group, v, n_g) for c, v in tel.items()}
+    peers = (np.arange(n_dev) % step == 0)
+    peer_of = {c: groups.median(dev_group[peers], v[peers], n_g) for c, v in tel.items()}
     for e in out:
         k = keys.get((e["host"], e["gpu"], e["probe"], _text(e["settings"])))
         if k is None:
@@ -349,7 +362,7 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
             if "sample" in sub.columns else np.arange(len(now), dtype=float)
         e["samples"] = sorted(zip(np.where(np.isfinite(smp), smp, np.arange(len(now))).tolist(),
                                   value[now].tolist()))
-        mine_ds = np.flatnonzero(dev[at] == k)
+        mine_ds = np.flatnonzero(dev[at] == k) if several else ()
         if len(mine_ds) > 1:
             o = mine_ds[np.argsort(rank[at][mine_ds])]
             labels = [str(scan_ids.iat[at[i]]) if scan_ids is not None else f"scan {rank[at[i]]}" for i in o]
@@ -359,5 +372,6 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
             e["series"] = {"scans": labels, "ts": when, "ratio": rel, "value": med[o].tolist(),
                            "change": labels.index(str(e["change_scan"])) if e.get("change_scan") in labels else None}
         peer = {c: v[dev_group[k]] for c, v in peer_of.items()}
-        e["telemetry"] = [(c, float(tel[c][k]), float(peer[c])) for c in TELEMETRY
+        named = {c: [why for why in e["causes"] if c in causes.EVIDENCE_COLUMNS.get(why, ())] for c in TELEMETRY}
+        e["telemetry"] = [(c, float(tel[c][k]), float(peer[c]), named[c]) for c in TELEMETRY
                           if c in tel and (np.isfinite(tel[c][k]) or np.isfinite(peer[c]))]

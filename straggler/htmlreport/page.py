@@ -26,7 +26,7 @@ td,th{border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}t
 td.n{text-align:right;font-variant-numeric:tabular-nums}.cards{display:flex;flex-wrap:wrap;gap:8px}
 .card{border:1px solid #ddd;border-radius:6px;padding:6px 12px;min-width:90px}.card b{font-size:20px;display:block}
 .straggler{color:#c62828}.undecided{color:#b36b00}.slow{color:#8a7000}.healthy{color:#2e5d9a}
-.muted{color:#666}.warn{background:#fff4e0;border-left:4px solid #ef8f00;padding:4px 8px;margin:4px 0}
+.muted{color:#666}tr.cause td{font-weight:600;background:#fdecec}.warn{background:#fff4e0;border-left:4px solid #ef8f00;padding:4px 8px;margin:4px 0}
 .dev{border:1px solid #ddd;border-radius:6px;padding:4px 12px 10px;margin:12px 0}.charts{display:flex;flex-wrap:wrap;gap:12px}
 code,pre{background:#f6f6f6;padding:1px 4px;border-radius:3px}pre{padding:8px;white-space:pre-wrap;word-break:break-all}
 """
@@ -235,9 +235,11 @@ def _details(rep: Report, link) -> str:
         hist = "" if e["series"] else "<p class=muted>no past scans of this device in the input: no history</p>"
         tel = ""
         if e["telemetry"]:
-            tel = ("<table><tr><th>telemetry (current scan)</th><th>device</th><th>peers' median</th></tr>" + "".join(
-                f"<tr><td>{_e(c)}</td><td class=n>{_num(v, '.4g')}</td><td class=n>{_num(p, '.4g')}</td></tr>"
-                for c, v, p in e["telemetry"]) + "</table>")
+            tel = ("<table><tr><th>telemetry (current scan)</th><th>device</th><th>peers' median</th>"
+                   "<th>names the cause</th></tr>" + "".join(
+                       f"<tr{' class=cause' if why else ''}><td>{_e(c)}</td><td class=n>{_num(v, '.4g')}</td>"
+                       f"<td class=n>{_num(p, '.4g')}</td><td>{_e(', '.join(why))}</td></tr>"
+                       for c, v, p, why in e["telemetry"]) + "</table>")
         acts = "".join(f"<li><b>{_e(c)}</b>: {_e(a)}</li>" for c, a in e["actions"])
         more = f' <a href="{_e(link(e["host"], e["gpu"]))}">history view</a>' if link else ""
         out.append(f'<div class=dev id="d{_index(rep, e)}"><h3>{_e(head)}{more}</h3>{table}'
