@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,11 +157,17 @@ class Chromium:
                       uploadThroughput=-1)
         if headers:
             page.call("Network.setExtraHTTPHeaders", headers=headers)
+        page.loaded.clear()  # a late load event of about:blank is not this page's
         nav = page.call("Page.navigate", url=url)
         if nav.get("errorText"):
             raise AssertionError(f"{url}: {nav['errorText']}")
-        if not page.loaded.wait(CALL_TIMEOUT_S):
-            raise TimeoutError(f"{url}: no load event within {CALL_TIMEOUT_S:.0f} s")
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:
+            if not page.loaded.wait(max(deadline - time.monotonic(), 0)):
+                raise TimeoutError(f"{url}: no load event within {CALL_TIMEOUT_S:.0f} s")
+            if page.evaluate("location.href !== 'about:blank' && document.readyState === 'complete'"):
+                break
+            page.loaded.clear()
         page.text = page.evaluate("document.body.innerText")
         return page
 

@@ -301,6 +301,8 @@ def _details(flagged: pd.DataFrame, samples: pd.DataFrame | None, past: pd.DataF
     frames = [f for f in frames if need <= set(f.columns)]
     if not frames:
         return out
+    used = [*need, "settings", "scan_id", "ts", "sample", "throttle_reasons", *causes.TELEMETRY]
+    frames = [f[[c for c in dict.fromkeys(used) if c in f.columns]] for f in frames]  # only what is read
     rows = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
     if "settings" not in rows.columns:
         rows = rows.assign(settings=None)
