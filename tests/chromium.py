@@ -165,7 +165,8 @@ class Chromium:
         while True:
             if not page.loaded.wait(max(deadline - time.monotonic(), 0)):
                 raise TimeoutError(f"{url}: no load event within {CALL_TIMEOUT_S:.0f} s")
-            if page.evaluate("location.href !== 'about:blank' && document.readyState === 'complete'"):
+            blank = "true" if url == "about:blank" else "location.href !== 'about:blank'"
+            if page.evaluate(f"{blank} && document.readyState === 'complete'"):
                 break
             page.loaded.clear()
         page.text = page.evaluate("document.body.innerText")
