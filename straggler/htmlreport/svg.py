@@ -81,7 +81,8 @@ class Frame:
             return
         px = _f(self.px(x))
         self.parts.append(f'<line x1="{px}" y1="{self.t}" x2="{px}" y2="{self.b}" stroke="{colour}" '
-                          f'stroke-dasharray="{dash}"/><text x="{px}" y="{self.t + 9 + 11 * row}" text-anchor="middle" '
+                          f'stroke-dasharray="{dash}"/><text x="{_f(min(max(float(px), self.l + 30), self.r - 30))}" '
+                          f'y="{self.t + 9 + 11 * row}" text-anchor="middle" '
                           f'fill="{colour}" paint-order="stroke" stroke="#fff" stroke-width="3">{escape(label)}</text>')
 
     def svg(self, title: str) -> str:
@@ -166,7 +167,7 @@ def lines(series: Sequence[tuple[str, str, Sequence[float], Sequence[float], boo
     for y, label, colour in hlines:
         py = _f(fr.py(y))
         fr.parts.append(f'<line x1="{fr.l}" y1="{py}" x2="{fr.r}" y2="{py}" stroke="{colour}" stroke-dasharray="4 3"/>'
-                        f'<text x="{fr.r - 2}" y="{float(py) - 3:.1f}" text-anchor="end" fill="{colour}">'
+                        f'<text x="{fr.l + 4}" y="{float(py) - 3:.1f}" fill="{colour}">'
                         f'{escape(label)}</text>')
     for x, label, colour in vlines:
         fr.vline(x, label, colour)
