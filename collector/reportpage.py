@@ -39,8 +39,12 @@ def _basic_ok(request: Request, expected: bytes) -> bool:
 
 
 def read_auth(request: Request) -> None:
-    """The read token, as a bearer token or as the password of HTTP Basic credentials."""
-    secret = request.app.state.collector.secret.value
+    """The read token, as a bearer token or as the password of HTTP Basic credentials; none where the
+    collector's config opens the fleet view to reads (``open_reads``, where the collector has it)."""
+    col = request.app.state.collector
+    if getattr(col.settings, "open_reads", False):
+        return
+    secret = col.secret.value
     if bearer_ok(request.scope, secret) or _basic_ok(request, secret):
         return
     raise HTTPException(401, "missing or wrong token",
