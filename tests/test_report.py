@@ -207,7 +207,9 @@ def test_collector_report_renders_in_chromium_with_history_views_linked(collecto
     assert page.requests and all(u.startswith(collector.url) for u in page.requests)
     assert "node03/5" in page.text and THERMAL in page.text and f"{SLOW_NODE}/0" in page.text
     assert f"history node03/5 {THERMAL} matmul" in page.evaluate("document.documentElement.outerHTML")
-    link = page.evaluate(f"document.querySelector('a[href*=\"gpu={THERMAL}\"]').href")
+    # the heatmap's cells of the worst nodes link to each device's history view too
+    assert page.evaluate(f"document.querySelectorAll('svg a[href*=\"gpu={THERMAL}\"]').length") == 1
+    link = page.evaluate(f"document.querySelector('table a[href*=\"gpu={THERMAL}\"]').href")
     assert link.startswith(collector.url + "/report/gpu?")
     view = browser.open(link, headers=auth)
     assert view.errors == []

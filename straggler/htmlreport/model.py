@@ -204,8 +204,10 @@ def _heatmap(d: pd.DataFrame, t: float) -> dict:
             else:
                 hover.append(f"{label} #{names[j]}: {cnt[k, j]} devices, mean ratio {_r(mean[k, j])}, "
                              f"worst {_r(low[k, j])}")
+        one_each = k < TOP_NODES and n_col == len(col_vals)  # a cell is one device: its GPU
         rows.append({"label": label, "host": label if k < TOP_NODES else None,
-                     "values": [float(v) for v in mean[k]], "hover": hover})
+                     "values": [float(v) for v in mean[k]], "hover": hover,
+                     "gpus": [who.get((k, j)) if one_each else None for j in range(n_col)]})
     return {"rows": rows, "columns": names, "hosts": int(n_host), "threshold": t, "per_band": per_band}
 
 

@@ -93,7 +93,7 @@ def render(rep: Report, link: Callable[[str, str], str] | None = None) -> str:
     parts.append(_spread(s))
     parts.append(_jobs(rep))
     parts.append(_distributions(rep))
-    parts.append(_heatmap(rep))
+    parts.append(_heatmap(rep, link))
     parts.append(_flagged(rep, link))
     parts.append(_details(rep, link))
     parts.append(_classes(rep))
@@ -164,11 +164,12 @@ def _distributions(rep: Report) -> str:
     return "".join(out)
 
 
-def _heatmap(rep: Report) -> str:
+def _heatmap(rep: Report, link) -> str:
     h = rep.heatmap
     if not h["rows"]:
         return ""
-    rows = [(r["label"], None, r["values"], r["hover"]) for r in h["rows"]]
+    rows = [(r["label"], None, r["values"], r["hover"],
+             [link(r["host"], g) if link and g is not None else None for g in r["gpus"]]) for r in h["rows"]]
     note = (f"the {min(h['hosts'], 40)} worst nodes one per row, then the other {h['hosts'] - 40} in bands of "
             f"{h['per_band']} (mean per device index)") if h["hosts"] > 40 else f"all {h['hosts']} nodes"
     return ("<h2>Nodes x devices</h2><p>Each device's worst ratio over its probes, nodes sorted worst first "

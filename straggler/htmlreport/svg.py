@@ -196,10 +196,9 @@ def ratio_colour(r: float, threshold: float) -> str:
     return f"rgb(255,{int(255 - 215 * t)},{int(255 - 215 * t)})"
 
 
-def heatmap(rows: Sequence[tuple[str, str | None, Sequence[float], Sequence[str]]], columns: Sequence[str],
-            threshold: float, title: str, cell: int = 14) -> str:
+def heatmap(rows: Sequence[tuple], columns: Sequence[str], threshold: float, title: str, cell: int = 14) -> str:
     """One row per node (or band of nodes): (label, link or None, ratio per column, hover text per
-    column); one column per device index (or band of indices)."""
+    column, link or None per column); one column per device index (or band of indices)."""
     left, top = 210, 30
     width = left + cell * len(columns) + 20
     height = top + cell * len(rows) + 40
@@ -208,13 +207,14 @@ def heatmap(rows: Sequence[tuple[str, str | None, Sequence[float], Sequence[str]
         if len(columns) <= 32 or j % max(1, len(columns) // 16) == 0:
             p.append(f'<text x="{left + cell * j + cell / 2:.1f}" y="{top - 6}" text-anchor="middle" '
                      f'font-size="9">{escape(c)}</text>')
-    for i, (label, link, values, hover) in enumerate(rows):
+    for i, (label, link, values, hover, links) in enumerate(rows):
         y = top + cell * i
         text = f'<text x="{left - 6}" y="{y + cell - 3}" text-anchor="end">{escape(label)}</text>'
         p.append(f'<a href="{escape(link)}">{text}</a>' if link else text)
         for j, v in enumerate(values):
-            p.append(f'<rect x="{left + cell * j}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
-                     f'fill="{ratio_colour(v, threshold)}"><title>{escape(hover[j])}</title></rect>')
+            rect = (f'<rect x="{left + cell * j}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                    f'fill="{ratio_colour(v, threshold)}"><title>{escape(hover[j])}</title></rect>')
+            p.append(f'<a href="{escape(links[j])}">{rect}</a>' if links[j] else rect)
     # legend: the colour scale from 1 - 2T to 1 + 2T
     ly = top + cell * len(rows) + 14
     for k in range(9):
