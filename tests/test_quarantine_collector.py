@@ -234,3 +234,25 @@ def test_writes_need_the_token_and_an_enabled_loop(collector, tmp_path):
                                                "quarantine_resume_passes": 0})
     msg = str(e.value)
     assert "quarantine_action" in msg and "quarantine_max_fleet_share" in msg and "quarantine_resume_passes" in msg
+
+
+def test_a_version_6_database_migrates_to_the_quarantine_tables(tmp_path):
+    import sqlite3
+
+    from straggler.collector import schema
+    from straggler.collector.quarantine import Quarantine
+    from straggler.collector.store import Store, row_tuples
+
+    path = tmp_path / "v6.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, target=6)
+    conn.close()
+    store = Store(path)
+    try:
+        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 7
+        store.ingest(row_tuples(rows_for("m1", "s1", n_gpus=1, samples=1)), 1.0)
+        q = Quarantine(store, CollectorSettings(quarantine_action="record"))
+        assert q.drain("m1", "straggler: x", "gate").action == "drain"
+        assert [e["action"] for e in q.events("m1")] == ["drain"] and q.store._reader.execute("SELECT scans FROM quarantine").fetchone()[0] == '["s1"]'
+    finally:
+        store.close()
