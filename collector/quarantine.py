@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from straggler.errors import StragglerError
+
 from .store import Store
 
 log = logging.getLogger("straggler.collector.quarantine")
@@ -43,7 +45,7 @@ RULE_ANALYSIS, RULE_GATE, RULE_MANUAL, RULE_HYSTERESIS, RULE_RETEST = (
     "fleet_analysis", "gate", "manual", "hysteresis", "agent_retest")
 DRAINED, RESUMED = "drained", "resumed"
 OK = "ok"
-REASON_MAX = 120  # Slurm shows the reason in `sinfo -R`: keep it short
+REASON_MAX = 200  # of a reason in the audit; the one given to the scheduler is drain_reason's length
 
 
 class QuarantineOff(Exception):
@@ -74,14 +76,13 @@ class Decision:
                 "passes": self.passes}
 
 
-def node_reason(gpu: str, probe: str, ratio: float | None, cause: str | None) -> str:
-    """``straggler: gpu3 matmul 0.80x thermal``: the drain reason an operator reads in ``sinfo -R``."""
-    parts = ["straggler:", str(gpu), str(probe)]
-    if ratio is not None and math.isfinite(ratio):
-        parts.append(f"{ratio:.2f}x")
-    if cause:
-        parts.append(str(cause).split(":")[0])
-    return " ".join(parts)[:REASON_MAX]
+def analysis_reason(gpu: str, probe: str, ratio: float | None, cause: str | None) -> str:
+    """``straggler: gpu3 matmul 0.80x thermal``, worded as the gate words it (``straggler.drain.drain_reason``)."""
+    from straggler.drain import drain_reason
+    from straggler.finding import Finding
+
+    value = f"{ratio:.2f}x" if isinstance(ratio, (int, float)) and math.isfinite(ratio) else ""
+    return drain_reason([Finding(str(gpu), str(probe), value, str(cause or "slow").split(":")[0])])
 
 
 def _scheduler(action: str):
@@ -264,8 +265,11 @@ class Quarantine:
         if self.scheduler is None:
             return
         try:
-            getattr(self.scheduler, what)(host, reason)
-        except Exception as e:  # noqa: BLE001 - any failure of the action: recorded, reported, nothing changed
+            if what == "drain":
+                self.scheduler.drain(host, reason)
+            else:
+                self.scheduler.resume(host)
+        except (StragglerError, OSError) as e:  # DrainError: scontrol missing, hung or refused
             why = f"{what} {host} failed: {e}"
             self._record(host, DRAIN if what == "drain" else RESUME, rule, reason, by, outcome=f"failed: {e}",
                          measured=measured)
@@ -336,11 +340,12 @@ class Quarantine:
         out = []
         for host, (cost, g, p) in sorted(worst.items(), key=lambda kv: -kv[1][0]):
             cause = (p.get("causes") or [None])[0]
+            device = g["gpu"] if str(g["gpu"]).startswith("cpu") or g.get("index") is None else f"gpu{g['index']}"
             measured = {"gpu": g["gpu"], "model": g.get("model"), "probe": p["probe"], "settings": p.get("settings"),
                         "ratio": p.get("ratio"), "deficit": p.get("deficit"), "cost": cost, "basis": p.get("basis"),
                         "causes": p.get("causes"), "scan_id": g.get("last_scan_id")}
             try:
-                out.append(self.drain(host, node_reason(g["gpu"], p["probe"], p.get("ratio"), cause), RULE_ANALYSIS,
+                out.append(self.drain(host, analysis_reason(device, p["probe"], p.get("ratio"), cause), RULE_ANALYSIS,
                                       by="collector", measured=measured))
             except ActionFailed:
                 continue  # recorded; the next analysis tries again

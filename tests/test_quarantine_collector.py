@@ -173,7 +173,7 @@ def test_analysis_drains_the_flagged_host_and_retests_resume_it(collector):
     state = wait_for(lambda: (s := c.get("/api/v1/quarantine").json())["nodes"] and s, 60, "the drain of n3")
     assert [n["host"] for n in state["nodes"]] == ["n3"]
     node = state["nodes"][0]
-    assert node["rule"] == "fleet_analysis" and node["reason"].startswith("straggler: GPU-n3-2 matmul 0.8")
+    assert node["rule"] == "fleet_analysis" and node["reason"].startswith("straggler: gpu2 matmul 0.8")
     drain = c.get("/api/v1/quarantine/n3").json()["events"][0]
     assert drain["action"] == "drain" and drain["by"] == "collector"
     assert drain["measured"]["gpu"] == "GPU-n3-2" and 0.80 < drain["measured"]["ratio"] < 0.90
