@@ -142,3 +142,47 @@ def test_a_straggler_node_is_drained_retested_and_resumed_in_slurm(tmp_path, slu
                 p.wait()
             agent.stop()
             agent.close()
+
+
+def write_results(path, hosts: dict[str, float]) -> None:
+    """4 devices per host, matmul around ``base`` (+0.2% per device index), 0.1% noise."""
+    import csv
+    import random
+
+    rng = random.Random(1)
+    rows = [{"ts": 1e9 + k, "scan_id": "s1", "host": h, "gpu": f"GPU-{h}-{i}", "index": i,
+             "model": "NVIDIA H100 80GB HBM3", "probe": "matmul", "settings": "n=8192", "sample": k,
+             "value": base * (1 + 0.002 * i) * (1 + rng.gauss(0, 0.001)), "unit": "TFLOP/s"}
+            for h, base in hosts.items() for i in range(4) for k in range(8)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_placement_hints_apply_to_the_slurm_node(tmp_path, slurm):
+    results = tmp_path / "fleet.csv"
+    write_results(results, {slurm.node: 100.0, "node2": 101.0})  # localhost the slower half: class D
+    r = cli("hints", str(results), "--json")
+    doc = json.loads(r.stdout)
+    assert [(h["node"], h["perf_class"], h["weight"], h["feature"]) for h in doc["hints"]] == [
+        (slurm.node, "D", 4, "perf_d"), ("node2", "B", 2, "perf_b")]
+    conf = cli("hints", str(results), "--format", "slurm.conf").stdout
+    assert f"NodeName={slurm.node} Weight=4 Features=perf_d" in conf
+    # the node has a feature of its own: --features slurm keeps it (scontrol replaces the whole list)
+    slurm.run(["scontrol", "update", f"NodeName={slurm.node}", "AvailableFeatures=ib", "ActiveFeatures=ib"])
+    try:
+        r = cli("hints", str(results), "--features", "slurm", env=slurm.env)
+        assert r.returncode == 0, r.stderr
+        line = next(ln for ln in r.stdout.splitlines() if f"NodeName={slurm.node} " in ln)
+        assert line == (f"scontrol update NodeName={slurm.node} Weight=4 AvailableFeatures=ib,perf_d "
+                        "ActiveFeatures=ib,perf_d")
+        applied = slurm.run(line.split())
+        assert applied.returncode == 0, applied.stderr
+        shown = slurm.run(["scontrol", "show", "node", "-o", slurm.node]).stdout
+        assert " Weight=4 " in shown and "AvailableFeatures=ib,perf_d " in shown and "ActiveFeatures=ib,perf_d " in shown
+        job = slurm.run(["srun", "-N1", "--constraint=perf_d", "hostname"])  # a job asking for class D runs here
+        assert job.returncode == 0, job.stderr
+    finally:
+        slurm.run(["scontrol", "update", f"NodeName={slurm.node}", "Weight=1", "AvailableFeatures=",
+                   "ActiveFeatures="])
