@@ -107,6 +107,7 @@ class Quarantine:
         self._lock = threading.Lock()
         self.counts = dict.fromkeys(ACTIONS, 0)
         self.last_refused_ts: float | None = None
+        self._refused_scans: dict[str, str] = {}  # host -> the scan whose drain the breaker refused
         for action, n in store._reader.execute(
                 "SELECT action, COUNT(*) FROM quarantine_events WHERE outcome = ? GROUP BY action", (OK,)):
             if action in self.counts:
@@ -332,6 +333,8 @@ class Quarantine:
             state, seen = known.get(g["host"], (None, set()))
             if state == DRAINED or g.get("last_scan_id") in seen:
                 continue  # drained already, or resumed since these results
+            if self._refused_scans.get(g["host"]) == g.get("last_scan_id"):
+                continue  # refused for these results already: one refusal each, not one per analysis
             for p in g["probes"]:
                 if p.get("verdict") == "straggler":
                     cost = p.get("cost") or 0.0
@@ -345,10 +348,13 @@ class Quarantine:
                         "ratio": p.get("ratio"), "deficit": p.get("deficit"), "cost": cost, "basis": p.get("basis"),
                         "causes": p.get("causes"), "scan_id": g.get("last_scan_id")}
             try:
-                out.append(self.drain(host, analysis_reason(device, p["probe"], p.get("ratio"), cause), RULE_ANALYSIS,
-                                      by="collector", measured=measured))
+                decision = self.drain(host, analysis_reason(device, p["probe"], p.get("ratio"), cause), RULE_ANALYSIS,
+                                      by="collector", measured=measured)
             except ActionFailed:
                 continue  # recorded; the next analysis tries again
+            if decision.action == REFUSED:
+                self._refused_scans[host] = g.get("last_scan_id")
+            out.append(decision)
         return out
 
 

@@ -7,6 +7,7 @@ The bearer token is never a config-file key: it comes from ``token_file`` (under
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -66,6 +67,8 @@ class CollectorSettings:
             out.append("history_scans must be >= 0 and history_limit >= 1")
         if self.quarantine_action not in QUARANTINE_ACTIONS:
             out.append(f"quarantine_action: {self.quarantine_action!r} is not one of {', '.join(QUARANTINE_ACTIONS)}")
+        if self.quarantine_action == "scontrol" and shutil.which("scontrol") is None:
+            out.append("quarantine_action: scontrol is not on the PATH (install slurm-client, or use record)")
         if self.quarantine_resume_passes < 1:
             out.append("quarantine_resume_passes: must be >= 1")
         if self.quarantine_window_s <= 0:

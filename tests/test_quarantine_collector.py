@@ -256,3 +256,20 @@ def test_a_version_6_database_migrates_to_the_quarantine_tables(tmp_path):
         assert [e["action"] for e in q.events("m1")] == ["drain"] and q.store._reader.execute("SELECT scans FROM quarantine").fetchone()[0] == '["s1"]'
     finally:
         store.close()
+
+
+def test_analysis_flagging_every_host_drains_the_share_and_refuses_each_host_once(collector):
+    srv = collector(quarantine_max_fleet_share=0.34, quarantine_max_model_share=1.0)
+    c = srv.client
+    hosts = [f"w{i}" for i in range(6)]
+    for h in hosts:  # one slow device on every host at once
+        ingest(c, h, rows_for(h, "scan1", slow={0: 0.85}))
+    wait_for(lambda: len(c.get("/api/v1/quarantine/events").json()["events"]) == 6, 60, "six decisions")
+    events = c.get("/api/v1/quarantine/events").json()["events"]
+    assert sorted(e["action"] for e in events) == ["drain"] * 2 + ["refused"] * 4  # floor(0.34 * 6) = 2
+    assert all(e["rule"] == "fleet_analysis" and e["reason"].startswith("straggler: gpu0 matmul 0.8") for e in events)
+    srv.collector.fleet.refresh()  # the same results analysed again: no new refusal
+    assert len(c.get("/api/v1/quarantine/events").json()["events"]) == 6
+    m = metrics(c)
+    assert m[("straggler_circuit_breaker_tripped", ())] == 1.0
+    assert m[("straggler_quarantine_actions_total", (("action", "refused"),))] == 4.0
