@@ -32,6 +32,15 @@ def drain(url: str, token: str, host: str, reason: str, by: str, measured: dict[
                      json={"host": host, "reason": reason, "by": by, "manual": True, "measured": measured})
 
 
+def request_drain(url: str, token: str, host: str, reason: str, by: str, rule: str = "gate",
+                  measured: dict[str, Any] | None = None) -> dict:
+    """What a gate on the node calls instead of draining by itself: the collector drains through its
+    action unless the circuit breaker refuses (``action`` ``refused``: leave the node in service)."""
+    with _client(url, token) as c:
+        return _call(c, "POST", "/api/v1/quarantine/drain",
+                     json={"host": host, "reason": reason, "by": by, "rule": rule, "measured": measured})
+
+
 def resume(url: str, token: str, host: str, reason: str, by: str) -> dict:
     with _client(url, token) as c:
         return _call(c, "POST", f"/api/v1/quarantine/{host}/resume", json={"reason": reason, "by": by})

@@ -12,6 +12,7 @@ touched; tests/test_quarantine_slurm.py drains a real Slurm node).
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -98,12 +99,11 @@ def test_fleet_wide_slowdown_drains_at_most_the_share_and_trips_the_breaker(coll
     # a driver change slows every node at once: each node's gate asks to drain its own node
     answers: dict[str, dict] = {}
 
-    def gate(h):
-        r = httpx.post(srv.url + "/api/v1/quarantine/drain", headers=AUTH, timeout=60, json={
-            "host": h, "reason": "straggler: gpu0 matmul 0.80x", "rule": "gate", "by": f"prolog {h}",
-            "measured": {"gpu": "gpu0", "probe": "matmul", "ratio": 0.80}})
-        assert r.status_code == 200, r.text
-        answers[h] = r.json()
+    def gate(h):  # what a gate calls instead of draining by itself
+        from straggler.collector.quarantine_client import request_drain
+
+        answers[h] = request_drain(srv.url, TOKEN, h, "straggler: gpu0 matmul 0.80x", by=f"prolog {h}",
+                                   measured={"gpu": "gpu0", "probe": "matmul", "ratio": 0.80})
 
     threads = [threading.Thread(target=gate, args=(h,)) for h in hosts]
     for t in threads:
@@ -273,3 +273,32 @@ def test_analysis_flagging_every_host_drains_the_share_and_refuses_each_host_onc
     m = metrics(c)
     assert m[("straggler_circuit_breaker_tripped", ())] == 1.0
     assert m[("straggler_quarantine_actions_total", (("action", "refused"),))] == 4.0
+
+
+def test_the_command_lists_and_gives_hints_from_the_collector(collector):
+    import subprocess
+    import sys
+
+    srv = collector(quarantine_from_analysis=False)
+    c = srv.client
+    for h, base in (("fast", 1.02), ("slow", 1.0)):
+        ingest(c, h, rows_for(h, "s1", slow={i: base * (1 + 0.002 * i) for i in range(4)}))
+    wait_for(lambda: c.get("/api/v1/gpus").json()["verdicts_ts"], 60, "the fleet analysis")
+    c.post("/api/v1/quarantine/drain", headers=AUTH, json={"host": "slow", "reason": "straggler: by hand",
+                                                           "by": "carol", "manual": True})
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "straggler", "quarantine", *args, "--collector", srv.url],
+                              capture_output=True, text=True, timeout=120)
+
+    r = cli("hints", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [(h["node"], h["perf_class"], h["weight"], h["feature"]) for h in json.loads(r.stdout)["hints"]] == [
+        ("fast", "B", 2, "perf_b"), ("slow", "D", 4, "perf_d")]
+    r = cli("list")
+    assert r.returncode == 0, r.stderr
+    assert "slow" in r.stdout and "carol" in r.stdout and "circuit breaker: ok" in r.stdout
+    r = cli("show", "nowhere")
+    assert r.returncode == 0 and "never drained by straggler" in r.stdout
+    r = cli("hints", "some.csv")
+    assert r.returncode == 2 and r.stderr.strip() == "straggler: error: give result FILES or --collector (one of them)"

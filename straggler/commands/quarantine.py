@@ -81,9 +81,9 @@ def list_cmd(collector, as_json):
 
     console = _console()
     b = doc["breaker"]
-    table = compact_table(title=f"straggler quarantine: {len(doc['nodes'])} node(s) drained "
-                                f"(action {doc['action']}, resume after {doc['resume_passes']} clean retests)",
-                          title_justify="left")
+    console.print(f"straggler quarantine: {len(doc['nodes'])} node(s) drained (action {doc['action']}, "
+                  f"resume after {doc['resume_passes']} clean retests)", highlight=False)
+    table = compact_table()
     for col in ("host", "since", "passes", "rule", "by", "reason"):
         table.add_column(col, no_wrap=col in ("host", "since"))
     for n in doc["nodes"]:
@@ -114,14 +114,16 @@ def show(host, collector, limit, as_json):
     from straggler.probes.render import compact_table
 
     node = doc["node"]
-    table = compact_table(title=f"{host}: {node['state'] if node else 'never drained by straggler'}",
-                          title_justify="left")
+    console = _console()
+    console.print(f"{host}: {node['state'] if node else 'never drained by straggler'}"
+                  + (f" since {_ts(node['since_ts'])} ({node['reason']})" if node else ""), highlight=False)
+    table = compact_table()
     for col in ("when", "action", "rule", "by", "reason"):
         table.add_column(col, no_wrap=col in ("when", "action"))
     for e in doc["events"]:
         outcome = "" if e["outcome"] == "ok" else f" ({e['outcome']})"
         table.add_row(_ts(e["ts"]), e["action"] + outcome, e["rule"] or "", e["by"] or "", e["reason"] or "")
-    _console().print(table)
+    console.print(table)
     return 0
 
 
