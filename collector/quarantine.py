@@ -324,15 +324,17 @@ class Quarantine:
         than those it had at its last quarantine step, worst first, through the breaker."""
         if not (self.enabled and self.settings.quarantine_from_analysis):
             return []
-        known = {r[0]: (r[1], set(json.loads(r[2] or "[]"))) for r in
-                 self.store._reader.execute("SELECT host, state, scans FROM quarantine")}
+        known = {r[0]: (r[1], set(json.loads(r[2] or "[]")), r[3]) for r in
+                 self.store._reader.execute("SELECT host, state, scans, since_ts FROM quarantine")}
         worst: dict[str, tuple[float, dict, dict]] = {}
         for g in snap.gpus:
             if g.get("verdict") != "straggler" or g.get("last_ts") is None:
                 continue
-            state, seen = known.get(g["host"], (None, set()))
+            state, seen, since = known.get(g["host"], (None, set(), None))
             if state == DRAINED or g.get("last_scan_id") in seen:
                 continue  # drained already, or resumed since these results
+            if since is not None and (snap.computed_ts is None or snap.computed_ts <= since):
+                continue  # an analysis that read the store before the host's last step (a resume meanwhile)
             if self._refused_scans.get(g["host"]) == g.get("last_scan_id"):
                 continue  # refused for these results already: one refusal each, not one per analysis
             for p in g["probes"]:

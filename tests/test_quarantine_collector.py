@@ -302,3 +302,34 @@ def test_the_command_lists_and_gives_hints_from_the_collector(collector):
     assert r.returncode == 0 and "never drained by straggler" in r.stdout
     r = cli("hints", "some.csv")
     assert r.returncode == 2 and r.stderr.strip() == "straggler: error: give result FILES or --collector (one of them)"
+
+
+def test_an_analysis_that_read_the_store_before_a_resume_does_not_drain_again(tmp_path):
+    """The fleet analysis reads the store, computes for a while; meanwhile the node's Nth clean
+    retest resumes it. That analysis' (older) straggler verdict must not drain it again."""
+    from straggler.collector.fleet import FleetSnapshot
+    from straggler.collector.quarantine import Quarantine
+    from straggler.collector.store import Store, row_tuples
+
+    now = [1000.0]
+    store = Store(tmp_path / "c.db")
+    try:
+        store.ingest(row_tuples(rows_for("r1", "fail-scan", n_gpus=1, samples=1)), 1.0)
+        q = Quarantine(store, CollectorSettings(quarantine_action="record", quarantine_resume_passes=1,
+                                                quarantine_max_fleet_share=1.0), clock=lambda: now[0])
+        q.drain("r1", "straggler: cpu1 matmul 0.50x", "fleet_analysis")
+        gpu = {"host": "r1", "gpu": "cpu1", "index": 1, "model": "m", "last_ts": 5.0, "last_scan_id": "fail-scan",
+               "verdict": "straggler", "probes": [{"probe": "matmul", "verdict": "straggler", "ratio": 0.5,
+                                                   "cost": 1.0, "causes": ["contention"]}]}
+        stale = FleetSnapshot(computed_ts=now[0] + 1, gpus=(gpu,))  # read before the resume below
+        # meanwhile the passing retest (another scan id) is stored as the host's latest, and resumes it
+        store.ingest(row_tuples(rows_for("r1", "pass-scan", n_gpus=1, samples=1)), 2.0)
+        now[0] += 2
+        assert q.retest("r1", True, "clean").action == "resume"
+        assert q.from_analysis(stale) == [] and q.nodes() == []
+        # a straggler verdict of an analysis started after the resume, on a new scan, drains it
+        now[0] += 1
+        fresh = FleetSnapshot(computed_ts=now[0], gpus=({**gpu, "last_scan_id": "new-scan"},))
+        assert [d.action for d in q.from_analysis(fresh)] == ["drain"]
+    finally:
+        store.close()
