@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from straggler.drain import ALLOCATED, IDLE, MIXED
 from straggler.errors import StragglerError
 
 from .store import Store
@@ -45,6 +46,7 @@ RULE_ANALYSIS, RULE_GATE, RULE_MANUAL, RULE_HYSTERESIS, RULE_RETEST = (
     "fleet_analysis", "gate", "manual", "hysteresis", "agent_retest")
 DRAINED, RESUMED = "drained", "resumed"
 OK = "ok"
+IN_SERVICE = (IDLE, ALLOCATED, MIXED)  # the drain action's states of a node that takes jobs
 REASON_MAX = 200  # of a reason in the audit; the one given to the scheduler is drain_reason's length
 
 
@@ -261,16 +263,25 @@ class Quarantine:
             log.warning("drained %s (%s, rule %s%s)", host, reason, rule, f", by {by}" if by else "")
             return Decision(host, DRAIN, DRAINED, reason)
 
-    def _act(self, what: str, host: str, reason: str, rule, by, measured) -> None:
-        """Run the drain action; a failure is recorded (outcome ``failed: ...``) and raised."""
+    def _act(self, what: str, host: str, reason: str, rule, by, measured) -> str | None:
+        """Run the drain action; a failure is recorded (outcome ``failed: ...``) and raised. A resume
+        the scheduler refuses because the node is in service already (resumed with scontrol by hand)
+        is done: returns a note saying so."""
         if self.scheduler is None:
-            return
+            return None
         try:
             if what == "drain":
                 self.scheduler.drain(host, reason)
             else:
                 self.scheduler.resume(host)
         except (StragglerError, OSError) as e:  # DrainError: scontrol missing, hung or refused
+            if what == "resume":
+                try:
+                    state = self.scheduler.state(host)
+                except (StragglerError, OSError):
+                    state = None
+                if state in IN_SERVICE:
+                    return f"{host} was in service already ({state})"
             why = f"{what} {host} failed: {e}"
             self._record(host, DRAIN if what == "drain" else RESUME, rule, reason, by, outcome=f"failed: {e}",
                          measured=measured)
@@ -285,7 +296,9 @@ class Quarantine:
             return self._resume(host, reason[:REASON_MAX], by, rule, measured)
 
     def _resume(self, host, reason, by, rule, measured) -> Decision:
-        self._act("resume", host, reason, rule, by, measured)
+        note = self._act("resume", host, reason, rule, by, measured)
+        if note:
+            measured = {**(measured or {}), "note": note}
         now = self.clock()
         with self.store._transaction() as conn:
             conn.execute("UPDATE quarantine SET state = ?, since_ts = ?, rule = ?, reason = ?, by = ?, updated_ts = ? "

@@ -69,6 +69,15 @@ def test_drain_and_resume_by_hand_reach_slurm_and_are_recorded(slurm, collector)
     hist = json.loads(cli("show", slurm.node, "--collector", collector.url, "--json").stdout)["events"]
     assert [(e["action"], e["rule"], e["by"], e["reason"]) for e in hist] == [
         ("resume", "manual", "bob", "fan replaced"), ("drain", "manual", "alice", "straggler: bad fan")]
+    # resumed with scontrol behind straggler's back: a resume through straggler then finds it in service
+    assert cli("drain", slurm.node, "--reason", "again", *common).returncode == 0
+    slurm.run(["scontrol", "update", f"nodename={slurm.node}", "state=resume"])
+    slurm.wait_state(("idle",))
+    r = cli("resume", slurm.node, "--reason", "tidy up", "--json", *common)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "resumed"
+    last = json.loads(cli("show", slurm.node, "--collector", collector.url, "--json").stdout)["events"][0]
+    assert last["action"] == "resume" and last["measured"]["note"] == f"{slurm.node} was in service already (idle)"
     # without the token the collector refuses, and Slurm is not touched: one line, exit 2
     r = cli("drain", slurm.node, "--reason", "x", "--collector", collector.url)
     assert r.returncode == 2 and r.stderr.startswith("straggler: error: --collector needs --token-file")
