@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 from straggler.errors import InputError
 
 from .budget import GRACE_S, phase_deadlines, round_needed_s, scan_needed_s
-from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices
+from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices, visible_gpus
 from .worker import EXIT_ABORTED, WorkerPlan
 
 DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
@@ -87,11 +87,11 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
         from .distributed import run_rank
 
         return run_rank(settings, launch, on_event)
-    from . import torchdev
-
     host = host_name()
-    dplan = resolve_devices(settings.device, torchdev.cuda_device_count(), os.sched_getaffinity(0),
-                            torchdev.torch_version())
+    # the launcher never imports torch (seconds of start-up): NVML counts the GPUs, the workers
+    # import torch anyway, and worker 0 hosts the rendezvous store
+    count, counted_by = (0, "NVML (not asked: --device cpu)") if settings.device == "cpu" else gpu_count()
+    dplan = resolve_devices(settings.device, count, os.sched_getaffinity(0), counted_by)
     probes, notes = plan_probes(settings.probes, dplan.kind, len(dplan.indices))
     check_telemetry(settings.telemetry)
     duration = settings.duration_s or DEFAULT_DURATION_S[dplan.kind]
@@ -182,6 +182,20 @@ class ScanRounds:
         return f"deadline: a further round needs about {need:.0f} s, {max(left, 0):.0f} s of --deadline left"
 
 
+def gpu_count() -> tuple[int, str]:
+    """(GPUs the workers will see, what counted them) through NVML and CUDA_VISIBLE_DEVICES."""
+    from .nvml import NvmlBackend
+
+    nvml = NvmlBackend()
+    try:
+        count = nvml.device_count()
+        why = "NVML" if nvml.init_error is None else \
+            f"NVML ({nvml.init_error.split(':')[0].replace('NVML ', '')})"
+    finally:
+        nvml.close()
+    return visible_gpus(count), why
+
+
 def check_telemetry(spec: str) -> None:
     """A bad telemetry spec or fixture is one InputError now, before any worker starts."""
     try:
@@ -189,6 +203,15 @@ def check_telemetry(spec: str) -> None:
     except ImportError:
         return  # the workers say "telemetry unavailable" in the notice
     open_backend(spec).close()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for worker 0's rendezvous store."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def deadlines(plan: WorkerPlan, grace_s: float) -> dict[str, float]:
@@ -233,10 +256,8 @@ class Watch:
         self.stopped_by: str | None = None
 
     def run(self) -> None:
-        from .torchdev import rendezvous_store
-
-        store = rendezvous_store(self.plan.group_timeout_s)
-        self.workers = [self._start(r, i, store.port) for r, i in enumerate(self.indices)]
+        port = free_port()  # worker 0 hosts the rendezvous store there (torch stays out of this process)
+        self.workers = [self._start(r, i, port) for r, i in enumerate(self.indices)]
         previous = {}
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (an agent's deadline, systemd) or Ctrl-C: stop the workers and report what
@@ -252,7 +273,6 @@ class Watch:
                 if w.proc.poll() is None:
                     w.proc.kill()
                     w.proc.wait(timeout=10)
-            del store
 
     def _on_signal(self, signum, frame) -> None:
         self.stopped_by = signal.Signals(signum).name

@@ -117,13 +117,6 @@ class Device:
         return time.perf_counter() - t0
 
 
-def rendezvous_store(timeout_s: float):
-    """A TCP store on a free loopback port, hosted by the local runner for its workers."""
-    t = torch()
-    return t.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=timeout_s))
-
-
 class Group:
     """The workers' torch.distributed process group. ``data`` carries the measured collective
     (NCCL on GPU, gloo on CPU); ``ctl`` is always gloo, for barriers, timings and gathers."""
@@ -135,9 +128,10 @@ class Group:
         backend = "nccl" if device.kind == "cuda" else "gloo"
         kwargs: dict = {"device_id": device.tdev} if device.kind == "cuda" else {}
         timeout = timedelta(seconds=timeout_s)
-        if store_port is not None:  # the local runner hosts the rendezvous store on loopback
-            kwargs.update(store=self.dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False,
-                                                   timeout=timeout), rank=rank, world_size=world_size)
+        if store_port is not None:  # local runner: worker 0 hosts the rendezvous store on loopback
+            kwargs.update(store=self.dist.TCPStore("127.0.0.1", store_port, world_size, is_master=rank == 0,
+                                                   wait_for_workers=False, timeout=timeout),
+                          rank=rank, world_size=world_size)
         self.dist.init_process_group(backend, timeout=timeout, **kwargs)
         self.rank = self.dist.get_rank()
         self.size = self.dist.get_world_size()
