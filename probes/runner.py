@@ -205,15 +205,6 @@ def check_telemetry(spec: str) -> None:
     open_backend(spec).close()
 
 
-def free_port() -> int:
-    """A free TCP port on loopback for worker 0's rendezvous store."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deadlines(plan: WorkerPlan, grace_s: float) -> dict[str, float]:
     """Seconds a worker may spend in each phase before it counts as hung."""
     return phase_deadlines(plan.duration_s, grace_s, (plan.start_at or 0) - time.time())
@@ -256,8 +247,13 @@ class Watch:
         self.stopped_by: str | None = None
 
     def run(self) -> None:
-        port = free_port()  # worker 0 hosts the rendezvous store there (torch stays out of this process)
-        self.workers = [self._start(r, i, port) for r, i in enumerate(self.indices)]
+        # worker 0 hosts the rendezvous store on a port it binds itself and writes to store_file,
+        # where the others read it (torch stays out of this process; no port is picked, then lost)
+        import tempfile
+
+        where = tempfile.mkdtemp(prefix="straggler-store-")
+        store_file = os.path.join(where, "port")
+        self.workers = [self._start(r, i, store_file) for r, i in enumerate(self.indices)]
         previous = {}
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (an agent's deadline, systemd) or Ctrl-C: stop the workers and report what
@@ -273,17 +269,20 @@ class Watch:
                 if w.proc.poll() is None:
                     w.proc.kill()
                     w.proc.wait(timeout=10)
+            import shutil
+
+            shutil.rmtree(where, ignore_errors=True)
 
     def _on_signal(self, signum, frame) -> None:
         self.stopped_by = signal.Signals(signum).name
 
-    def _start(self, rank: int, device_index: int, port: int) -> _WorkerState:
+    def _start(self, rank: int, device_index: int, store_file: str) -> _WorkerState:
         env = dict(os.environ)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the local group never leaves loopback
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")  # (NCCL's bootstrap; its data goes over NVLink/PCIe)
         env["STRAGGLER_WORKER"] = json.dumps({"plan": asdict(self.plan), "rank": rank,
                                               "world_size": len(self.indices),
-                                              "device_index": device_index, "store_port": port})
+                                              "device_index": device_index, "store_file": store_file})
         proc = subprocess.Popen([sys.executable, "-m", "straggler.probes.worker"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

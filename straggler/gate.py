@@ -225,73 +225,90 @@ class Gate:
         return res
 
     def _verdicts(self, samples: list[dict]) -> list[dict]:
-        return self._analysis(samples).to_dict("records") if samples else []
+        return analysis_table(samples, self._refs()).to_dict("records") if samples else []
 
-    def _analysis(self, samples: list[dict]):
-        from .analysis import analyze
-        from .analysis.settings import AnalysisConfig
-        from .records import to_frame
-
-        refs = self.report.reference.values if self.report.reference else {}
-        config = AnalysisConfig(references=tuple(f"{k}={v}" for k, v in refs.items()))
-        return analyze(to_frame(samples), config=config).devices
+    def _refs(self):
+        return self.report.reference.values if self.report.reference else {}
 
     # ---- judge
     def _judge(self, res, kind: str) -> None:
-        from .errors import StragglerError
-
-        if not res.samples:
-            return
-        try:
-            table = self._analysis(res.samples)
-        except StragglerError as e:
-            self.report.findings.append(Finding("node", "reference", "none", "no-peers", str(e), ERROR))
-            return
-        for d in table.to_dict("records"):
-            dev = _label(d["gpu"], kind, self.s.gpus, d.get("index"))
-            ratio = d.get("ratio")
-            value = f"{ratio:.2f}x" if isinstance(ratio, float) and ratio == ratio else "-"
-            if d["verdict"] == "straggler":
-                causes = list(d.get("causes") or ())
-                cause = causes[0] if causes and causes[0] != "unexplained" else "slow"
-                self.report.findings.append(Finding(dev, d["probe"], value, cause, _short(d.get("evidence"))))
-            elif d["verdict"] == "undecided":
-                self.report.findings.append(Finding(dev, d["probe"], value, "undecided",
-                                                    _short(d.get("undecided_reason")), ERROR))
-        self._against_fleet(table)
-        if kind == "cuda":
-            self._pcie(res.samples)
-
-    def _against_fleet(self, table) -> None:
-        """The node's median per model and probe against the fleet reference: a whole node slower
-        than the fleet (every device alike, so its peers cannot see it)."""
         ref = self.report.reference
-        if ref is None or ref.source == PEERS or table.empty:
-            return
-        from .analysis.settings import AnalysisConfig
+        self.report.findings += judge_samples(res.samples, kind, self.s.gpus, self._refs(),
+                                              ref.source if ref is not None else PEERS)
 
-        min_effect = AnalysisConfig().min_effect
-        for (model, probe, settings), group in table.groupby(["model", "probe", "settings"], dropna=False):
-            fleet = ref.values.get(f"{model}|{probe}|{settings if settings == settings else ''}")
-            node = group["value"].median()
-            if fleet and node == node and node / fleet < 1 - min_effect:
-                self.report.findings.append(Finding("node", probe, f"{node / fleet:.2f}x", "slow",
-                                                    f"node median against the fleet reference ({ref.source})"))
 
-    def _pcie(self, samples: list[dict]) -> None:
-        """PCIe generation and width under load (the pcie probe's rows) against their maxima."""
-        best: dict[str, tuple] = {}
-        for r in samples:
-            if not str(r.get("probe", "")).startswith("pcie") or r.get("pcie_gen") is None:
-                continue
-            dev = _label(r.get("gpu"), "cuda", self.s.gpus, r.get("index"))
-            cur = (r["pcie_gen"], r.get("pcie_width") or 0)
-            seen = best.get(dev, (0, 0))[:2]
-            best[dev] = (*max(seen, cur), r.get("pcie_gen_max"), r.get("pcie_width_max"))
-        for dev, (gen, width, gen_max, width_max) in sorted(best.items()):
-            if (gen_max and gen < gen_max) or (width_max and width < width_max):
-                self.report.findings.append(Finding(dev, "pcie", f"gen{gen}x{width}", "pcie",
-                                                    f"link under load gen{gen} x{width} of gen{gen_max} x{width_max}"))
+def analysis_table(samples: list[dict], refs) -> "pd.DataFrame":  # noqa: F821 - pandas stays lazy
+    """The analysis' device table of ``samples``, with the fleet ``refs`` as references (which
+    the analysis uses for a device without peers)."""
+    from .analysis import analyze
+    from .analysis.settings import AnalysisConfig
+    from .records import to_frame
+
+    config = AnalysisConfig(references=tuple(f"{k}={v}" for k, v in refs.items()))
+    return analyze(to_frame(samples), config=config).devices
+
+
+def judge_samples(samples: list[dict], kind: str, gpus: tuple[int, ...] | None = None, refs=None,
+                  source: str = PEERS) -> list[Finding]:
+    """The probes' findings (pure): a straggler is a failure, an undecided device could not be
+    decided; then the node against the fleet reference and, on GPUs, PCIe under load."""
+    from .errors import StragglerError
+
+    if not samples:
+        return []
+    refs = refs or {}
+    try:
+        table = analysis_table(samples, refs)
+    except StragglerError as e:
+        return [Finding("node", "reference", "none", "no-peers", str(e), ERROR)]
+    out = []
+    for d in table.to_dict("records"):
+        dev = _label(d["gpu"], kind, gpus, d.get("index"))
+        ratio = d.get("ratio")
+        value = f"{ratio:.2f}x" if isinstance(ratio, float) and ratio == ratio else "-"
+        if d["verdict"] == "straggler":
+            causes = list(d.get("causes") or ())
+            cause = causes[0] if causes and causes[0] != "unexplained" else "slow"
+            out.append(Finding(dev, d["probe"], value, cause, _short(d.get("evidence"))))
+        elif d["verdict"] == "undecided":
+            out.append(Finding(dev, d["probe"], value, "undecided", _short(d.get("undecided_reason")), ERROR))
+    if source != PEERS:
+        out += _against_fleet(table, refs, source)
+    if kind == "cuda":
+        out += _pcie(samples, gpus)
+    return out
+
+
+def _against_fleet(table, refs, source: str) -> list[Finding]:
+    """The node's median per model and probe against the fleet reference: a whole node slower
+    than the fleet (every device alike, so its peers cannot see it)."""
+    from .analysis.settings import AnalysisConfig
+
+    min_effect = AnalysisConfig().min_effect
+    out = []
+    for (model, probe, settings), group in table.groupby(["model", "probe", "settings"], dropna=False):
+        fleet = refs.get(f"{model}|{probe}|{settings if settings == settings else ''}")
+        node = group["value"].median()
+        if fleet and node == node and node / fleet < 1 - min_effect:
+            out.append(Finding("node", probe, f"{node / fleet:.2f}x", "slow",
+                               f"node median against the fleet reference ({source})"))
+    return out
+
+
+def _pcie(samples: list[dict], gpus) -> list[Finding]:
+    """PCIe generation and width under load (the pcie probe's rows) against their maxima."""
+    best: dict[str, tuple] = {}
+    for r in samples:
+        if not str(r.get("probe", "")).startswith("pcie") or r.get("pcie_gen") is None:
+            continue
+        dev = _label(r.get("gpu"), "cuda", gpus, r.get("index"))
+        cur = (r["pcie_gen"], r.get("pcie_width") or 0)
+        seen = best.get(dev, (0, 0))[:2]
+        best[dev] = (*max(seen, cur), r.get("pcie_gen_max"), r.get("pcie_width_max"))
+    return [Finding(dev, "pcie", f"gen{gen}x{width}", "pcie",
+                    f"link under load gen{gen} x{width} of gen{gen_max} x{width_max}")
+            for dev, (gen, width, gen_max, width_max) in sorted(best.items())
+            if (gen_max and gen < gen_max) or (width_max and width < width_max)]
 
 
 class _Skipped(Exception):
