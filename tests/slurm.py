@@ -99,9 +99,11 @@ class Slurm:
 
     def _logs(self) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "munge/munged.log"):
+        for name in ("slurmctld.out", "slurmd.out", "slurmctld.log", "slurmd.log", "munge/munged.log"):
             with contextlib.suppress(OSError):
-                parts.append(f"{name}: {(self.dir / name).read_text()[-1500:]}")
+                text = (self.dir / name).read_text()
+                errors = [x for x in text.splitlines() if "error" in x.lower() or "fatal" in x.lower()]
+                parts.append(f"{name}: {' / '.join(errors[-5:])[-1000:]} ... {text[-600:]}")
         return " | ".join(parts)
 
 
@@ -160,9 +162,10 @@ def _require() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def start_slurm(extra_conf: Sequence[str] = (), cpus: int = 2) -> Iterator[Slurm]:
+def start_slurm(extra_conf: Sequence[str] = (), cpus: int = 2, preexec_fn=None) -> Iterator[Slurm]:
     """Start munged, slurmctld and ``slurmd -N localhost``; wait until ``sinfo`` shows the node idle;
-    yield the :class:`Slurm`; stop every daemon by its pid and remove the directory."""
+    yield the :class:`Slurm`; stop every daemon by its pid and remove the directory. ``preexec_fn``
+    runs in slurmd before it starts (e.g. ``CpuShield.enter``: its prologs and jobs inherit it)."""
     exe = _require()
     d = Path(tempfile.mkdtemp(prefix="straggler-slurm-"))
     os.chmod(d, 0o755)  # munged runs as 'munge' and must reach munge/ below
@@ -193,7 +196,8 @@ def start_slurm(extra_conf: Sequence[str] = (), cpus: int = 2) -> Iterator[Slurm
         for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", NODE])):
             log = open(d / f"{name}.out", "wb")
             s.procs[name] = subprocess.Popen([exe[name], *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=preexec_fn if name == "slurmd" else None)
             log.close()
         s.wait_state(("idle",))
         yield s
