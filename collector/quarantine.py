@@ -145,8 +145,8 @@ class Quarantine:
 
     def breaker(self) -> dict:
         now = self.clock()
-        fleet = self._fleet_hosts()
         counted = self._counted_hosts(now)
+        fleet = self._fleet_hosts() | counted
         return {"tripped": self.tripped(), "window_s": self.settings.quarantine_window_s,
                 "max_fleet_share": self.settings.quarantine_max_fleet_share,
                 "max_model_share": self.settings.quarantine_max_model_share,
@@ -171,7 +171,7 @@ class Quarantine:
         return {r[0] for r in rows}
 
     def _counted_hosts(self, now: float) -> set[str]:
-        """Hosts drained within the window, or drained now."""
+        """Hosts drained within the window, or drained now (automatically or by hand)."""
         rows = self.store._reader.execute(
             "SELECT host FROM quarantine_events WHERE action = ? AND outcome = ? AND ts >= ? "
             "UNION SELECT host FROM quarantine WHERE state = ?",
@@ -189,9 +189,9 @@ class Quarantine:
     def _refusal(self, host: str, now: float) -> str | None:
         """Why the breaker refuses to drain ``host`` now, or None."""
         s = self.settings
-        fleet = self._fleet_hosts() | {host}
         counted = self._counted_hosts(now)
         after = counted | {host}
+        fleet = self._fleet_hosts() | after  # a host drained is part of the fleet, results or not
         limit = self._limit(s.quarantine_max_fleet_share, len(fleet))
         window = f"{s.quarantine_window_s:g} s"
         if len(after) > limit:
