@@ -90,6 +90,11 @@ class QuarantineWatch:
                 log.info("retest %s %s: %s", outcome.get("scan_id"), "passed" if outcome["passed"] else "failed",
                          answer.get("detail") or _detail(resp))
         resp = client.get(f"/api/v1/quarantine/{self.host}", params={"limit": 1})
+        if resp.status_code == 404:  # a collector without the quarantine loop: nothing is drained by it
+            if self.drained is None:
+                log.info("the collector has no quarantine API (an older version): no retests")
+            self.drained = False
+            return
         resp.raise_for_status()
         node = resp.json().get("node") or {}
         drained = node.get("state") == DRAINED
