@@ -27,6 +27,7 @@ from .apidocs import render_docs
 from .fleet import FleetView, json_safe
 from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime, Secret
+from .quarantine_api import quarantine_router
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
 from .reportpage import router as report_router
 from .scans import NoHosts, ScanBoard
@@ -100,6 +101,7 @@ def create_app(
     app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
+    app.include_router(quarantine_router(col))
     app.add_exception_handler(RequestValidationError, _validation_error)
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.

@@ -35,6 +35,13 @@ def _mask(reasons) -> int:
     return mask
 
 
+def _flag(value: Callable, field: str) -> int:
+    """A remap flag: NVML returns it with the counts in one call, so a fixture that records the
+    counts but not the flag answers 0 (no remap pending or failed) rather than fail the counts."""
+    frame = value.__self__.frame
+    return int(bool(frame.get(field))) if field not in value.__self__.errors else value(field)
+
+
 class _Read:
     """One read of one device: the values and the faults that apply to it."""
 
@@ -105,7 +112,10 @@ class FakePynvml:
                 {corrected: "ecc_corrected_total", uncorrected: "ecc_uncorrected_total"}[kind])),
             "nvmlDeviceGetRetiredPages": (("retired_pages",), lambda v, cause: [0] * v("retired_pages")
                                           if cause == single else []),
-            "nvmlDeviceGetRemappedRows": (("remapped_rows",), lambda v: (v("remapped_rows"), 0, 0, 0)),
+            "nvmlDeviceGetRemappedRows": (("remapped_rows", "remapped_rows_pending", "remapped_rows_failed"),
+                                          lambda v: (v("remapped_rows"), 0, _flag(v, "remapped_rows_pending"),
+                                                     _flag(v, "remapped_rows_failed"))),
+            "nvmlDeviceGetPersistenceMode": (("persistence_mode",), lambda v: int(v("persistence_mode"))),
             "nvmlDeviceGetUtilizationRates": (("util_pct", "mem_util_pct"), lambda v: SimpleNamespace(
                 gpu=v("util_pct"), memory=v("mem_util_pct"))),
             "nvmlDeviceGetComputeRunningProcesses": (("processes",), lambda v: [SimpleNamespace(pid=0)] * v("processes")),

@@ -172,6 +172,11 @@ def _remapped_rows(nv, h) -> int:
     return int(corrected) + int(uncorrected)
 
 
+def _remap_flag(position: int) -> Callable[[Any, Any], bool]:
+    """(corrected, uncorrected, pending, failed) = nvmlDeviceGetRemappedRows: pending or failed."""
+    return lambda nv, h: bool(nv.nvmlDeviceGetRemappedRows(h)[position])
+
+
 def _ecc(nv, h, kind) -> int:
     return int(nv.nvmlDeviceGetTotalEccErrors(h, kind, nv.NVML_AGGREGATE_ECC))
 
@@ -201,6 +206,9 @@ DYNAMIC_FIELDS: dict[str, Callable[[Any, Any], Any]] = {
     "ecc_uncorrected_total": lambda nv, h: _ecc(nv, h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
     "retired_pages": _retired_pages,
     "remapped_rows": _remapped_rows,
+    "remapped_rows_pending": _remap_flag(2),
+    "remapped_rows_failed": _remap_flag(3),
+    "persistence_mode": lambda nv, h: nv.nvmlDeviceGetPersistenceMode(h) == nv.NVML_FEATURE_ENABLED,
     "util_pct": lambda nv, h: float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
     "mem_util_pct": lambda nv, h: float(nv.nvmlDeviceGetUtilizationRates(h).memory),
     "mem_used_bytes": lambda nv, h: int(nv.nvmlDeviceGetMemoryInfo(h).used),

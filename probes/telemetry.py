@@ -50,6 +50,9 @@ class DeviceReading:
     ecc_uncorrected_total: int | None = None
     retired_pages: int | None = None
     remapped_rows: int | None = None
+    remapped_rows_pending: bool | None = None  # a row remap waits for the next GPU reset
+    remapped_rows_failed: bool | None = None  # a remap failed: the GPU needs service
+    persistence_mode: bool | None = None
     util_pct: float | None = None
     mem_util_pct: float | None = None
     mem_used_bytes: int | None = None

@@ -8,6 +8,7 @@ Thin: parse the options, call ``straggler.remeasure.remeasure`` over the rounds 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,7 +107,10 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
     write_error = _write(res, output, as_json) if output is not None else None
     report = device_report(res.samples, res.failures, res.devices)
     if as_json:
-        doc = {"scan_id": res.scan_id, "host": res.host, "backend": res.backend, "notice": res.notice,
+        from straggler.slurm import context
+
+        doc = {"scan_id": res.scan_id, "host": res.host, **context(os.environ), "backend": res.backend,
+               "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
                "engine": report["engine"], "rounds": rounds.to_json() if rounds else None, "samples": res.samples}
         sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, allow_nan=False) + "\n")
