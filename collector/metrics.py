@@ -50,7 +50,18 @@ FAMILIES = {
     "straggler_fleet_devices": "Devices in the fleet view.",
     "straggler_fleet_stragglers": "Devices flagged as stragglers for at least one probe.",
     "straggler_fleet_analysis_timestamp_seconds": "Unix time of the latest fleet analysis.",
+    "straggler_gpu_straggler_any": "1 when the device is a straggler for at least one probe, else 0; one series per "
+                                   "device (joins need no max by); cause names the first cause of its costliest probe.",
+    "straggler_gpu_flagged_analyses": "Consecutive fleet analyses (since the collector started) that flagged the "
+                                      "device as a straggler; 0 when the latest did not.",
+    "straggler_fleet_job_slowdown_ratio": "Expected slowdown of a synchronous job of job_devices devices drawn at random "
+                                          "from the peer group now (devices=all), and without its stragglers "
+                                          "(devices=without_stragglers); peer groups with a straggler only "
+                                          "(analysis/cost.py job_gain).",
+    "straggler_fleet_job_speedup_ratio": "What leaving the stragglers out gains that job: expected step time with every "
+                                         "device over the one without the stragglers, minus 1.",
 }
+JOB_LABELS = ("model", "probe", "settings")
 
 
 def cause_label(causes: list[str]) -> str:
@@ -84,13 +95,42 @@ def _header(name: str) -> str:
     return f"# HELP {name} {FAMILIES[name]}\n# TYPE {name} gauge\n"
 
 
-def prepare(snap: FleetSnapshot) -> PreparedFleet:
-    ratio, flag, cost, ages, tier, degraded = [], [], [], [], [], []
+def _any_cause(probes: list[dict]) -> str:
+    """The cause label of a device's costliest flagged probe ("none" when none is flagged)."""
+    flagged = [p for p in probes if p["straggler"]]
+    if not flagged:
+        return "none"
+    return cause_label(max(flagged, key=lambda p: p["cost"] if p["cost"] is not None else -1.0)["causes"])
+
+
+def _jobs(summary: dict) -> tuple[list, list]:
+    """The analysis' job cost (summary["job_cost"], from analysis/cost.py) as samples; unknown left out."""
+    slowdown, speedup = [], []
+    for j in summary.get("job_cost") or ():
+        labels = {k: str(j.get(k) or "") for k in JOB_LABELS} | {"job_devices": str(j["job_devices"])}
+        for devices, key in (("all", "step_time_all"), ("without_stragglers", "step_time_without_stragglers")):
+            if j.get(key) is not None:
+                slowdown.append(({**labels, "devices": devices}, float(j[key]) - 1.0))
+        if j.get("speedup") is not None:
+            speedup.append((labels, float(j["speedup"])))
+    return slowdown, speedup
+
+
+def device_key(g: dict) -> tuple[str, str]:
+    return g["host"], g["gpu"]
+
+
+def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], int] | None = None) -> PreparedFleet:
+    """``streaks``: consecutive analyses that flagged each device (see FleetCollector.update)."""
+    ratio, flag, cost, ages, tier, degraded, flag_any, held = [], [], [], [], [], [], [], []
     for g in snap.gpus:
         dev = {"host": g["host"], "uuid": g["gpu"], "gpu": "" if g["index"] is None else str(g["index"]),
                "model": g["model"] or ""}
         if g["last_ts"] is not None:
             ages.append((dev, float(g["last_ts"])))
+        if g["probes"]:  # analysed: one probe-free series per device
+            flag_any.append(({**dev, "cause": _any_cause(g["probes"])}, 1.0 if g["straggler"] else 0.0))
+            held.append((dev, float((streaks or {}).get(device_key(g), 0))))
         for p in g["probes"]:
             labels = {**dev, "probe": p["probe"], "settings": p["settings"] or ""}
             if p["ratio"] is not None:
@@ -115,6 +155,10 @@ def prepare(snap: FleetSnapshot) -> PreparedFleet:
         ("straggler_fleet_stragglers", (({}, float(sum(g["straggler"] for g in snap.gpus))),)),
         ("straggler_fleet_devices_by_verdict", tuple(({"verdict": t}, float(by_tier.count(t))) for t in VERDICTS)),
         ("straggler_fleet_degraded", (({}, float(sum(bool(g.get("degraded")) for g in snap.gpus))),)),
+        ("straggler_gpu_straggler_any", tuple(flag_any)),
+        ("straggler_gpu_flagged_analyses", tuple(held)),
+        *zip(("straggler_fleet_job_slowdown_ratio", "straggler_fleet_job_speedup_ratio"),
+             map(tuple, _jobs(dict(snap.summary)))),
     ]
     if snap.computed_ts is not None:
         fixed.append(("straggler_fleet_analysis_timestamp_seconds", (({}, snap.computed_ts),)))
@@ -139,9 +183,16 @@ class FleetCollector:
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.prepared = prepare(FleetSnapshot())
+        self._streaks: dict[tuple[str, str], int] = {}  # device -> consecutive analyses that flagged it
+        self._verdicts_ts: float | None = None
 
     def update(self, snap: FleetSnapshot) -> None:
-        self.prepared = prepare(snap)
+        # A new analysis counts once (a refresh that failed keeps the old verdicts: not a new analysis).
+        if snap.verdicts_ts is not None and snap.verdicts_ts != self._verdicts_ts:
+            self._verdicts_ts = snap.verdicts_ts
+            self._streaks = {device_key(g): self._streaks.get(device_key(g), 0) + 1
+                             for g in snap.gpus if g["straggler"]}
+        self.prepared = prepare(snap, self._streaks)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         prep, now = self.prepared, self.clock()
