@@ -62,6 +62,8 @@ FAMILIES = {
                                          "device over the one without the stragglers, minus 1.",
 }
 JOB_LABELS = ("model", "probe", "settings")
+FAMILIES["straggler_fleet_min_effect_ratio"] = ("The analysis' min_effect: a device whose deficit to its peers is "
+                                                "above it (ratio below 1 - it) can be flagged (dashboards draw it).")
 
 
 def cause_label(causes: list[str]) -> str:
@@ -160,6 +162,8 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], int] | None = No
         *zip(("straggler_fleet_job_slowdown_ratio", "straggler_fleet_job_speedup_ratio"),
              map(tuple, _jobs(dict(snap.summary)))),
     ]
+    if snap.summary.get("min_effect") is not None:
+        fixed.append(("straggler_fleet_min_effect_ratio", (({}, float(snap.summary["min_effect"])),)))
     if snap.computed_ts is not None:
         fixed.append(("straggler_fleet_analysis_timestamp_seconds", (({}, snap.computed_ts),)))
     parts = []

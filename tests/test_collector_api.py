@@ -431,6 +431,7 @@ def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
         pytest.approx(job8["step_time_all"] - 1) and job8["step_time_all"] > 1
     assert reg.get_sample_value("straggler_fleet_job_speedup_ratio", labels) == pytest.approx(job8["speedup"])
     assert reg.get_sample_value("straggler_fleet_job_speedup_ratio", {**labels, "job_devices": "64"}) is None  # > 16
+    assert reg.get_sample_value("straggler_fleet_min_effect_ratio") == snap.summary["min_effect"] == 0.04
     healthy = [{**r, "value": 790.0 + r["sample"]} for r in rows]
     fc.update(_fleet_snapshot(healthy, 300.0))
     assert reg.get_sample_value("straggler_gpu_flagged_analyses", dev3) == 0.0  # the streak ends
