@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from straggler.analysis import bases
 from straggler.analysis.tiers import CLASSES, TIERS
 
 from .fleet import FleetSnapshot
@@ -39,7 +40,8 @@ DEVICE_LABELS = ("host", "uuid", "gpu", "model")
 
 FAMILIES = {
     "straggler_gpu_performance_ratio": "Device's median over the median of its peers (1 = like its peers; higher is faster).",
-    "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names the first cause.",
+    "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names "
+                               "the first cause, basis what the verdict rests on (analysis/bases.py).",
     "straggler_gpu_cost_ratio": "Slowdown the device imposes on a synchronous job it joins (peer median / its rate - 1).",
     "straggler_gpu_verdict": "1, labelled with the device's verdict tier for this probe (straggler, undecided, slow, "
                              "healthy) and its placement class in its peer group (perf_class A fastest quarter .. D).",
@@ -71,6 +73,13 @@ def cause_label(causes: list[str]) -> str:
         return "unexplained"
     first = str(causes[0]).split(":")[0].strip().lower()
     return first if first in CAUSES else "other"
+
+
+def basis_label(basis) -> str:
+    """The flag's ``basis`` label: the analysis' basis names (analysis/bases.py, joined by "+"), else "other"."""
+    if not basis:
+        return bases.NONE
+    return basis if all(part in bases.ALL for part in str(basis).split(bases.JOIN)) else "other"
 
 
 def _escape(v: str) -> str:
@@ -138,7 +147,7 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], int] | None = No
             if p["ratio"] is not None:
                 ratio.append((labels, float(p["ratio"])))
             cause = cause_label(p["causes"]) if p["straggler"] else "none"
-            flag.append(({**labels, "cause": cause}, 1.0 if p["straggler"] else 0.0))
+            flag.append(({**labels, "cause": cause, "basis": basis_label(p.get("basis"))}, 1.0 if p["straggler"] else 0.0))
             if p["cost"] is not None:
                 cost.append((labels, float(p["cost"])))
             if p.get("verdict") in VERDICTS:  # one series carries tier and class: 100,000 GPUs stay one scrape

@@ -293,7 +293,7 @@ def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_pat
     post(server, {"host": "prom", "results": make_rows("prom", n_gpus=4, slow=(0,))})
     gpus = {g["gpu"]: g["probes"][0] for g in wait_for_analysis(server, "prom")["gpus"]}
     text = server.client.get("/metrics").text
-    assert 'straggler_gpu_straggler{cause="thermal",gpu="0",host="prom",model="NVIDIA H100 80GB HBM3"' in text
+    assert 'straggler_gpu_straggler{basis="other",cause="thermal",gpu="0",host="prom",model="NVIDIA H100 80GB HBM3"' in text
     assert 'straggler_collector_ingest_requests_total{code="200"}' in text
     assert 'straggler_collector_request_duration_seconds_count{handler="/api/v1/results"}' in text
     fc = server.collector.fleet_metrics
@@ -303,7 +303,7 @@ def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_pat
               "probe": "matmul", "settings": "n=8192,dtype=bf16"}
     assert reg.get_sample_value("straggler_gpu_performance_ratio", labels) == gpus["GPU-prom-1"]["ratio"]
     assert 0.99 < gpus["GPU-prom-1"]["ratio"] < 1.01
-    assert reg.get_sample_value("straggler_gpu_straggler", {**labels, "cause": "none"}) == 0.0
+    assert reg.get_sample_value("straggler_gpu_straggler", {**labels, "cause": "none", "basis": "other"}) == 0.0
     slow = {**labels, "uuid": "GPU-prom-0", "gpu": "0"}
     assert reg.get_sample_value("straggler_gpu_cost_ratio", slow) == gpus["GPU-prom-0"]["cost"] > 0.1
     promtool = require_tool("promtool")
