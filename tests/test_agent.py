@@ -105,7 +105,7 @@ def test_exporter_publishes_xid_counts_by_code_and_remap_flags():
     gpu4 = {"host": "n1", "gpu": "4", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000004",
             "model": "NVIDIA H100 80GB HBM3", "pci_bus_id": "00000000:9A:00.0"}
     assert registry.get_sample_value("straggler_gpu_remapped_rows_pending", gpu4) == 1.0
-    assert registry.get_sample_value("straggler_gpu_remapped_rows_failed", gpu4) == 0.0
+    assert registry.get_sample_value("straggler_gpu_remapped_rows_failed", gpu4) == 1.0
 
 
 def test_self_metrics_start_at_zero():

@@ -446,4 +446,4 @@ def test_xid_events_are_counted_through_the_nvml_funnel_by_code():
 
 def test_remapped_rows_pending_and_failed_are_read_with_the_row_counts():
     d4 = nvml.NvmlBackend(library=FakePynvml("ecc_remapped_rows")).snapshot("h").devices[4]
-    assert d4.remapped_rows == 4 and d4.remapped_rows_pending is True and d4.remapped_rows_failed is False
+    assert d4.remapped_rows == 4 and d4.remapped_rows_pending is True and d4.remapped_rows_failed is True
