@@ -408,23 +408,24 @@ def _fleet_snapshot(rows, verdicts_ts):
 
 def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
     """One straggler_gpu_straggler_any series per device (two probes, one series), the number of
-    consecutive analyses that flagged it (a failed refresh does not count), and the analysis' job
-    cost for the fleet KPI, in the collector's own numbers."""
+    consecutive scans of it that were flagged (re-analysing the same scan does not count), and the
+    analysis' job cost for the fleet KPI, in the collector's own numbers."""
     rows = make_rows("kpi", n_gpus=16, slow=(3,), samples=5) + make_rows("kpi", n_gpus=16, probe="membw", samples=5)
     fc = FleetCollector()
     reg = CollectorRegistry()
     reg.register(fc)
     snap = _fleet_snapshot(rows, 100.0)
     dev3 = {"host": "kpi", "uuid": "GPU-kpi-3", "gpu": "3", "model": "NVIDIA H100 80GB HBM3"}
-    for n, ts in ((1, 100.0), (1, 100.0), (2, 200.0)):  # the same analysis twice counts once
-        fc.update(FleetSnapshot(**{**snap.__dict__, "verdicts_ts": ts}))
-        assert reg.get_sample_value("straggler_gpu_flagged_analyses", dev3) == n
+    for n, scan in ((1, "k1"), (1, "k1"), (2, "k2")):  # analyses of the same scan count once
+        gpus = tuple({**g, "last_scan_id": scan} for g in snap.gpus)
+        fc.update(FleetSnapshot(**{**snap.__dict__, "gpus": gpus}))
+        assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == n
     text = fc.render().decode()
     assert len(re.findall(r"^straggler_gpu_straggler_any\{", text, re.M)) == 16
     assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "cause": "unexplained"}) == 1.0
     assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0",
                                                                 "cause": "none"}) == 0.0
-    assert reg.get_sample_value("straggler_gpu_flagged_analyses", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0"}) == 0.0
+    assert reg.get_sample_value("straggler_gpu_flagged_scans", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0"}) == 0.0
     [job8] = [j for j in snap.summary["job_cost"] if j["job_devices"] == 8]
     labels = {"model": job8["model"], "probe": "matmul", "settings": job8["settings"], "job_devices": "8"}
     assert reg.get_sample_value("straggler_fleet_job_slowdown_ratio", {**labels, "devices": "all"}) == \
@@ -434,5 +435,5 @@ def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
     assert reg.get_sample_value("straggler_fleet_min_effect_ratio") == snap.summary["min_effect"] == 0.04
     healthy = [{**r, "value": 790.0 + r["sample"]} for r in rows]
     fc.update(_fleet_snapshot(healthy, 300.0))
-    assert reg.get_sample_value("straggler_gpu_flagged_analyses", dev3) == 0.0  # the streak ends
+    assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == 0.0  # the streak ends
     assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "cause": "none"}) == 0.0

@@ -12,9 +12,11 @@ import type * as TimeSeries from '@grafana/schema/dist/esm/raw/composable/timese
 
 // JSON holds an enum's value ("absolute", 2), not the TypeScript enum member: map every enum to the
 // union of its values, recursively; everything else is kept as the schema says.
+// (A numeric enum accepts every number, so its values are read back from its text: `${T}`.)
+type NumberOf<S> = S extends `${infer N extends number}` ? N : never;
 export type Lit<T> =
   T extends string ? (string extends T ? string : `${T}`) :
-  T extends number ? (number extends T ? number : `${T}` extends `${infer N extends number}` ? N : never) :
+  T extends number ? NumberOf<`${T}`> :
   T extends boolean ? T :
   T extends Array<infer U> ? Array<Lit<U>> :
   T extends object ? { [K in keyof T]: Lit<T[K]> } : T;
