@@ -54,8 +54,8 @@ FAMILIES = {
     "straggler_fleet_analysis_timestamp_seconds": "Unix time of the latest fleet analysis.",
     "straggler_gpu_straggler_any": "1 when the device is a straggler for at least one probe, else 0; one series per "
                                    "device (joins need no max by); cause names the first cause of its costliest probe.",
-    "straggler_gpu_flagged_analyses": "Consecutive fleet analyses (since the collector started) that flagged the "
-                                      "device as a straggler; 0 when the latest did not.",
+    "straggler_gpu_flagged_scans": "Consecutive scans of the device (since the collector started) whose analysis "
+                                   "flagged it as a straggler; 0 when the latest did not.",
     "straggler_fleet_job_slowdown_ratio": "Expected slowdown of a synchronous job of job_devices devices drawn at random "
                                           "from the peer group now (devices=all), and without its stragglers "
                                           "(devices=without_stragglers); peer groups with a straggler only "
@@ -131,8 +131,8 @@ def device_key(g: dict) -> tuple[str, str]:
     return g["host"], g["gpu"]
 
 
-def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], int] | None = None) -> PreparedFleet:
-    """``streaks``: consecutive analyses that flagged each device (see FleetCollector.update)."""
+def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], tuple[str | None, int]] | None = None) -> PreparedFleet:
+    """``streaks``: each flagged device's latest scan and its consecutive flagged scans (FleetCollector.update)."""
     ratio, flag, cost, ages, tier, degraded, flag_any, held = [], [], [], [], [], [], [], []
     for g in snap.gpus:
         dev = {"host": g["host"], "uuid": g["gpu"], "gpu": "" if g["index"] is None else str(g["index"]),
@@ -141,7 +141,7 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], int] | None = No
             ages.append((dev, float(g["last_ts"])))
         if g["probes"]:  # analysed: one probe-free series per device
             flag_any.append(({**dev, "cause": _any_cause(g["probes"])}, 1.0 if g["straggler"] else 0.0))
-            held.append((dev, float((streaks or {}).get(device_key(g), 0))))
+            held.append((dev, float((streaks or {}).get(device_key(g), (None, 0))[1])))
         for p in g["probes"]:
             labels = {**dev, "probe": p["probe"], "settings": p["settings"] or ""}
             if p["ratio"] is not None:
@@ -167,7 +167,7 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], int] | None = No
         ("straggler_fleet_devices_by_verdict", tuple(({"verdict": t}, float(by_tier.count(t))) for t in VERDICTS)),
         ("straggler_fleet_degraded", (({}, float(sum(bool(g.get("degraded")) for g in snap.gpus))),)),
         ("straggler_gpu_straggler_any", tuple(flag_any)),
-        ("straggler_gpu_flagged_analyses", tuple(held)),
+        ("straggler_gpu_flagged_scans", tuple(held)),
         *zip(("straggler_fleet_job_slowdown_ratio", "straggler_fleet_job_speedup_ratio"),
              map(tuple, _jobs(dict(snap.summary)))),
     ]
@@ -196,15 +196,18 @@ class FleetCollector:
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.prepared = prepare(FleetSnapshot())
-        self._streaks: dict[tuple[str, str], int] = {}  # device -> consecutive analyses that flagged it
-        self._verdicts_ts: float | None = None
+        # device -> (its latest scan, consecutive scans of it that were flagged)
+        self._streaks: dict[tuple[str, str], tuple[str | None, int]] = {}
 
     def update(self, snap: FleetSnapshot) -> None:
-        # A new analysis counts once (a refresh that failed keeps the old verdicts: not a new analysis).
-        if snap.verdicts_ts is not None and snap.verdicts_ts != self._verdicts_ts:
-            self._verdicts_ts = snap.verdicts_ts
-            self._streaks = {device_key(g): self._streaks.get(device_key(g), 0) + 1
-                             for g in snap.gpus if g["straggler"]}
+        # A flagged device's streak grows when a new scan of it is flagged again: analyses that only
+        # re-read the same scan (results of other devices arrived) add no evidence and do not count.
+        streaks = {}
+        for g in snap.gpus:
+            if g["straggler"]:
+                scan, n = self._streaks.get(device_key(g), (None, 0))
+                streaks[device_key(g)] = (g.get("last_scan_id"), n + 1 if g.get("last_scan_id") != scan or not n else n)
+        self._streaks = streaks
         self.prepared = prepare(snap, self._streaks)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
