@@ -235,6 +235,7 @@ class NvmlBackend:
         self._xid_sets: dict[int, Any] = {}  # device -> its NVML event set (XID events)
         self._xid_counts: dict[int, dict[int, int]] = {}  # device -> XID code -> events since start
         self._xid_refused: dict[int, NvmlFailure] = {}  # device -> final failure to register for events
+        self._xid_lock = threading.Lock()  # a sampler thread and the agent's tick may read one device at once
 
     def _ensure(self) -> bool:
         with self._lock:
@@ -296,6 +297,10 @@ class NvmlBackend:
     def _xids(self, nv, handle, index: int) -> dict[int, int] | NvmlFailure:
         """XID events of device ``index`` since the backend started, by XID code: registers an
         event set on the first read, then drains what arrived (without waiting) on every read."""
+        with self._xid_lock:
+            return self._drain_xids(nv, handle, index)
+
+    def _drain_xids(self, nv, handle, index: int) -> dict[int, int] | NvmlFailure:
         if index in self._xid_refused:
             return self._xid_refused[index]
         if index not in self._xid_sets:
