@@ -62,10 +62,10 @@ FAMILIES = {
                                           "(analysis/cost.py job_gain).",
     "straggler_fleet_job_speedup_ratio": "What leaving the stragglers out gains that job: expected step time with every "
                                          "device over the one without the stragglers, minus 1.",
+    "straggler_fleet_min_effect_ratio": "The analysis' min_effect: a device whose deficit to its peers is above it "
+                                        "(ratio below 1 - it) can be flagged (dashboards draw it).",
 }
 JOB_LABELS = ("model", "probe", "settings")
-FAMILIES["straggler_fleet_min_effect_ratio"] = ("The analysis' min_effect: a device whose deficit to its peers is "
-                                                "above it (ratio below 1 - it) can be flagged (dashboards draw it).")
 
 
 def cause_label(causes: list[str]) -> str:
@@ -201,13 +201,16 @@ class FleetCollector:
 
     def update(self, snap: FleetSnapshot) -> None:
         # A flagged device's streak grows when a new scan of it is flagged again: analyses that only
-        # re-read the same scan (results of other devices arrived) add no evidence and do not count.
-        streaks = {}
-        for g in snap.gpus:
-            if g["straggler"]:
-                scan, n = self._streaks.get(device_key(g), (None, 0))
-                streaks[device_key(g)] = (g.get("last_scan_id"), n + 1 if g.get("last_scan_id") != scan or not n else n)
-        self._streaks = streaks
+        # re-read the same scan (results of other devices arrived) add no evidence and do not count,
+        # nor does a failed analysis (its snapshot shows the previous verdicts beside newer scans).
+        if snap.error is None:
+            streaks = {}
+            for g in snap.gpus:
+                if g["straggler"]:
+                    scan, n = self._streaks.get(device_key(g), (None, 0))
+                    new_scan = g.get("last_scan_id") != scan or not n
+                    streaks[device_key(g)] = (g.get("last_scan_id"), n + 1 if new_scan else n)
+            self._streaks = streaks
         self.prepared = prepare(snap, self._streaks)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

@@ -420,6 +420,10 @@ def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
         gpus = tuple({**g, "last_scan_id": scan} for g in snap.gpus)
         fc.update(FleetSnapshot(**{**snap.__dict__, "gpus": gpus}))
         assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == n
+    # a failed analysis keeps the old verdicts beside a newer scan: that is no new flagged scan
+    gpus = tuple({**g, "last_scan_id": "k3"} for g in snap.gpus)
+    fc.update(FleetSnapshot(**{**snap.__dict__, "gpus": gpus, "error": "input: mixes units"}))
+    assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == 2
     text = fc.render().decode()
     assert len(re.findall(r"^straggler_gpu_straggler_any\{", text, re.M)) == 16
     assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "cause": "unexplained"}) == 1.0
