@@ -169,7 +169,7 @@ def stack(tmp_path_factory):
         # the CPU node runs (stand-in) probes whenever it is idle and uploads them to the collector
         agents[CPU_HOST] = AgentProcess(
             tmp, name=CPU_HOST, env={"FAKE_SCAN_EXTRA": json.dumps({"host": CPU_HOST})}, telemetry="cpu",
-            collector_url=collector.url, token_file=collector.token_file, probe_every_s=2.0, idle_util_pct=100.0,
+            collector_url=collector.url, token_file=collector.token_file, probe_every_s=5.0, idle_util_pct=100.0,
             probe_command=[sys.executable, str(write_fake_scan(tmp))])
         for a in agents.values():
             started.append(a.start())
