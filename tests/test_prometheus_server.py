@@ -233,6 +233,10 @@ def stack(tmp_path_factory):
             collector.post("/api/v1/results", {"host": "test", "results": second})
             wait_until(lambda: prom.query('straggler_gpu_flagged_scans{host="node-thermal",gpu="3"} == 2'),
                        DEADLINE_S, "the second analysis flags it again, scraped")
+            # the CPU node ran a probe and uploaded it (its probe-run annotation, the upload panels)
+            wait_until(lambda: prom.query("increase(straggler_agent_probe_runs_total[2m]) > 0")
+                       and prom.query("straggler_agent_uploaded_results_total > 0"),
+                       DEADLINE_S + 5.0, "a probe run of the CPU node uploaded, scraped")  # + its probe_every_s
             yield prom, agents, collector
         finally:
             proc.terminate()
