@@ -19,18 +19,9 @@ RULES = ROOT / "dashboards" / "prometheus-rules.yml"
 README = ROOT / "dashboards" / "README.md"
 SCHEMA = ROOT / "dashboards" / "schema"
 METRIC = re.compile(r"\bstraggler[_:][a-z_0-9]+(?::[a-z_0-9]+)*")  # exported names and recorded ones (with a colon)
-QUARANTINE_DATA = "after the quarantine work merges"  # README's "returns data in" for those panels
-
-# Exported by the quarantine work (issue 11, another branch): the dashboards and rules show them
-# already; data after that work merges. Remove a name from here once its exporter is in.
-QUARANTINE = {"straggler_node_quarantined", "straggler_quarantine_actions", "straggler_circuit_breaker_tripped"}
 # panel type -> its options type in dashboards/schema/types.ts
 PANEL_TYPES = {"stat": "StatPanel", "timeseries": "TimeSeriesPanel", "table": "TablePanel",
                "piechart": "PieChartPanel", "bargauge": "BarGaugePanel", "state-timeline": "StateTimelinePanel"}
-
-
-def quarantine_dependent(expr: str) -> bool:
-    return bool(QUARANTINE & {re.sub(r"_total$", "", m) for m in METRIC.findall(expr)})
 
 
 def load(path):
@@ -67,7 +58,7 @@ def readme_panels() -> dict[tuple[str, str], dict]:
 
 def _exported_names() -> set[str]:
     names = set()
-    for src in ("agent/exporter.py", "collector/metrics.py"):
+    for src in ("agent/exporter.py", "collector/metrics.py", "collector/quarantine.py"):
         names |= set(re.findall(r'"(straggler_[a-z_]+)"', (ROOT / src).read_text()))
     return names
 
@@ -115,7 +106,7 @@ def test_every_alert_has_a_summary_naming_what_and_what_to_do():
 def test_everything_referenced_is_exported():
     exported = _exported_names()
     for path in (*DASHBOARDS, RULES):
-        missing = _referenced(path.read_text()) - exported - QUARANTINE
+        missing = _referenced(path.read_text()) - exported
         assert not missing, f"{path.name} uses metrics nobody exports: {sorted(missing)}"
 
 
@@ -192,10 +183,6 @@ def test_readme_answers_for_every_panel_variable_and_annotation():
         assert mine == titles, (path.stem, sorted(titles ^ mine))
         for p in dash["panels"]:  # the README's question is the panel's description, word for word
             assert claims[(path.stem, p["title"])]["question"] == p["description"], p["title"]
-        for (stem, title), claim in claims.items():
-            if stem == path.stem and claim["data"] == QUARANTINE_DATA:
-                exprs = [e for _, t, e in dashboard_queries(path) if t == title]
-                assert exprs and all(quarantine_dependent(e) for e in exprs), title
 
 
 def _ts_module(path) -> str:
