@@ -33,13 +33,14 @@ _UPSERT_DEVICE = """
         "index" = excluded."index", model = excluded.model,
         last_ts = excluded.last_ts, last_scan_id = excluded.last_scan_id
     WHERE devices.last_ts IS NULL OR excluded.last_ts >= devices.last_ts"""
-_SAMPLE_KEY = ("gpu", "host", "scan_id", "probe", "settings", "sample")
+_SAMPLE_KEY = ("gpu", "host", "scan_id", "probe", "settings", "sample", "ts")
 # A batch row whose sample is stored with another value (the batch's own rows are stored by then).
 # `|| ''` and `+ 0` drop the columns' affinity, so that SQLite matches the index expressions.
 _SAMPLE_CLASH = """
     SELECT b.i, r.value FROM batch_samples b CROSS JOIN results r INDEXED BY results_sample
     ON r.gpu = b.gpu AND r.host = b.host AND COALESCE(r.scan_id, '') = b.scan_id || '' AND r.probe = b.probe
     AND COALESCE(r.settings, '') = b.settings || '' AND COALESCE(r.sample, -1) = b.sample + 0
+    AND COALESCE(CASE WHEN r.sample IS NULL THEN r.ts END, -1) = b.ts + 0
     AND r.sample_unique = 1
     WHERE r.value != b.value ORDER BY b.i DESC LIMIT 1"""
 _UPSERT_PROBE_SCAN = """
@@ -216,12 +217,14 @@ class Store:
         needed when rows were left out: a row whose sample is stored already is not inserted."""
         idx = [RESULT_COLUMNS.index(c) for c in _SAMPLE_KEY]
         i_value = RESULT_COLUMNS.index("value")
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch_samples "
-                     "(i INTEGER, gpu TEXT, host TEXT, scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, value REAL)")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch_samples (i INTEGER, gpu TEXT, host TEXT, "
+                     "scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, ts REAL, value REAL)")
         conn.execute("DELETE FROM batch_samples")
-        conn.executemany("INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        # a row without a sample number is that sample of its ts (as results_sample keys it)
+        conn.executemany("INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          ((i, r[idx[0]], r[idx[1]], r[idx[2]] or "", r[idx[3]], r[idx[4]] or "",
-                           -1 if r[idx[5]] is None else r[idx[5]], r[i_value])
+                           -1 if r[idx[5]] is None else r[idx[5]],
+                           -1 if r[idx[5]] is not None or r[idx[6]] is None else r[idx[6]], r[i_value])
                           for i, r in enumerate(rows)))
         clash = conn.execute(_SAMPLE_CLASH).fetchone()
         if clash is not None:
@@ -317,22 +320,35 @@ class Store:
         return self._scans("ORDER BY created_ts DESC, rowid DESC LIMIT ?", (limit,))
 
     def _scans(self, tail: str, params: Sequence) -> list[dict]:
+        # the scans' nodes and counts are selected by the same query as the scans (a subquery, not one
+        # SQL variable per scan: older SQLite allows 999)
+        chosen = f"SELECT scan_id FROM scans {tail}"
         with self._snapshot():
             scans = [_decode_scan(r) for r in self._rows(f"SELECT * FROM scans {tail}", params)]
             if not scans:
                 return []
-            ids = [s["scan_id"] for s in scans]
-            marks = ", ".join("?" * len(ids))
-            nodes = self._rows(f"SELECT scan_id, host, state, error FROM scan_nodes WHERE scan_id IN ({marks}) "
-                               "ORDER BY host", ids)
+            nodes = self._rows(f"SELECT scan_id, host, state, error FROM scan_nodes WHERE scan_id IN ({chosen}) "
+                               "ORDER BY host", params)
             counts = dict(self._reader.execute(
-                f"SELECT scan_id, COUNT(*) FROM results WHERE scan_id IN ({marks}) GROUP BY scan_id", ids).fetchall())
+                f"SELECT scan_id, COUNT(*) FROM results WHERE scan_id IN ({chosen}) GROUP BY scan_id", params).fetchall())
+        by_scan: dict[str, list[dict]] = {}
+        for n in nodes:
+            by_scan.setdefault(n["scan_id"], []).append(n)
         for scan in scans:
-            mine = [n for n in nodes if n["scan_id"] == scan["scan_id"]]
+            mine = by_scan.get(scan["scan_id"], [])
             scan["nodes"] = {n["host"]: n["state"] for n in mine}
             scan["errors"] = {n["host"]: n["error"] for n in mine if n["error"]}
             scan["results"] = counts.get(scan["scan_id"], 0)
         return scans
+
+    def scan_starts(self, scan_ids: Iterable[str]) -> dict[str, float]:
+        """The ``start_at`` of each of these cluster scans the collector holds."""
+        out = {}
+        for scan_id in scan_ids:
+            row = self._reader.execute("SELECT start_at FROM scans WHERE scan_id = ?", (scan_id,)).fetchone()
+            if row is not None:
+                out[scan_id] = row[0]
+        return out
 
     def set_node_state(self, scan_id: str, host: str, state: str, error: str | None, ts: float) -> bool:
         """Record a node's state for a scan. False, and nothing changes (the agent is not marked

@@ -1,0 +1,132 @@
+"""Attacks on the collector (issue 10), each reproduced over real HTTP on 127.0.0.1 with a real
+SQLite file: rows that lie about time, batches too large to parse, rows without a scan id, and the
+scan list past SQLite's variable limit. The connection attacks (half-open clients) are in
+tests/test_collector_guard.py."""
+
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from straggler.collector.service import BackgroundCollector
+from straggler.collector.settings import CollectorSettings
+from straggler.collector.store import Store
+from straggler.records import result_id
+from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    db = tmp_path_factory.mktemp("attacks") / "collector.db"
+    settings = CollectorSettings(port=0, db_path=db, max_batch_rows=50, analysis_debounce_s=0.05,
+                                 analysis_max_delay_s=1.0)
+    with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as client:
+            srv.client = client
+            srv.settings = settings
+            yield srv
+
+
+def stored(server, host):
+    return server.collector.store._reader.execute("SELECT COUNT(*) FROM results WHERE host = ?", (host,)).fetchone()[0]
+
+
+def test_a_row_dated_in_the_future_is_refused_naming_it(server):
+    """One row from a clock an hour ahead would make its scan the device's latest for good (and
+    hide a later straggler): 422 naming the row, nothing of the batch stored."""
+    now = time.time()
+    rows = make_rows("future", n_gpus=2, ts=now - 60)
+    rows[3]["ts"] = now + 3600
+    rows[3]["id"] = result_id(rows[3])
+    r = server.client.post("/api/v1/results", json={"host": "future", "results": rows})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("results[3].ts: ") and "ahead of the collector's clock" in r.json()["detail"]
+    assert stored(server, "future") == 0
+    # within the skew it is taken, and its age is 0, never negative
+    rows[3]["ts"] = now + 60
+    rows[3]["id"] = result_id(rows[3])
+    assert server.client.post("/api/v1/results", json={"host": "future", "results": rows}).status_code == 200
+    gpu = rows[3]["gpu"]
+    deadline = time.monotonic() + 30 * server.settings.analysis_max_delay_s
+    while time.monotonic() < deadline:
+        mine = [g for g in server.client.get("/api/v1/gpus").json()["gpus"] if g["gpu"] == gpu]
+        if mine:
+            break
+        time.sleep(0.05)
+    assert mine and mine[0]["last_probe_age_s"] == 0.0
+    ages = [line for line in server.client.get("/metrics").text.splitlines()
+            if line.startswith("straggler_gpu_last_probe_age_seconds{") and gpu in line]
+    assert ages and float(ages[0].rsplit(" ", 1)[1]) == 0.0
+
+
+def test_a_row_dated_before_its_cluster_scan_started_is_refused(server):
+    c = server.client
+    c.get("/api/v1/scans/next", params={"host": "early", "wait_s": 0})
+    scan = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["early"],
+                                         "start_delay_s": 0}).json()
+    rows = make_rows("early", n_gpus=1, scan_id=scan["scan_id"], ts=scan["start_at"] - 7200)
+    r = c.post("/api/v1/results", json={"host": "early", "results": rows})
+    assert r.status_code == 422 and r.json()["detail"].startswith("results[0].ts: "), r.text
+    assert f"before the start of scan {scan['scan_id']!r}" in r.json()["detail"]
+    rows = make_rows("early", n_gpus=1, scan_id=scan["scan_id"], ts=scan["start_at"] + 1)
+    assert c.post("/api/v1/results", json={"host": "early", "results": rows}).status_code == 200
+
+
+def test_the_clock_offset_of_each_agent_is_recorded_and_exported(server):
+    rows = make_rows("skewed", n_gpus=1, ts=time.time() - 10)
+    r = server.client.post("/api/v1/results", json={"host": "skewed", "results": rows},
+                           headers={"X-Straggler-Sent-Ts": str(time.time() - 42.0)})
+    assert r.status_code == 200, r.text
+    line = [x for x in server.client.get("/metrics").text.splitlines()
+            if x.startswith('straggler_collector_agent_clock_offset_seconds{host="skewed"}')]
+    assert line and 42.0 <= float(line[0].rsplit(" ", 1)[1]) < 42.0 + 30  # network delay on top
+    # a bad header is ignored, not an error: the batch is still stored
+    r = server.client.post("/api/v1/results", json={"host": "skewed2", "results": make_rows("skewed2", n_gpus=1)},
+                           headers={"X-Straggler-Sent-Ts": "nan"})
+    assert r.status_code == 200 and "skewed2" not in server.client.get("/metrics").text
+
+
+def test_too_many_rows_is_413_before_the_rows_are_parsed(server):
+    """The row count is checked on the raw bytes: a batch over max_batch_rows is 413 even when a
+    row is invalid (parsed first, it was a 422, after the whole batch was turned into dicts)."""
+    rows = make_rows("big", n_gpus=20, samples=3)  # 60 > 50
+    rows[0]["value"] = "fast"
+    r = server.client.post("/api/v1/results", json={"host": "big", "results": rows})
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"] == "results: 60 rows, more than max_batch_rows=50"
+    # "id" as a value is not a row: 30 rows holding 90 more "id" strings are taken
+    rows = make_rows("big", n_gpus=30, samples=1, model="id", driver="id", settings="id")
+    r = server.client.post("/api/v1/results", json={"host": "big", "results": rows})
+    assert r.status_code == 200 and r.json()["accepted"] == 30, r.text
+
+
+def test_rows_without_scan_id_and_sample_are_stored_by_their_own_id(server):
+    """Rows without scan_id and sample (e.g. a periodic probe posted by hand) were collapsed to one
+    per device, probe and settings: every later one was counted a duplicate and dropped."""
+    rows = make_rows("noscan", n_gpus=2, samples=3, scan_id=None)
+    for r in rows:
+        r["sample"] = None
+        r["id"] = result_id(r)
+    r = server.client.post("/api/v1/results", json={"host": "noscan", "results": rows})
+    assert r.json() == {"accepted": 6, "duplicates": 0}
+    assert stored(server, "noscan") == 6
+    # the same rows again are duplicates
+    assert server.client.post("/api/v1/results", json={"host": "noscan", "results": rows}).json() == \
+        {"accepted": 0, "duplicates": 6}
+
+
+def test_the_scan_list_needs_no_sql_variable_per_scan(tmp_path):
+    """``GET /api/v1/scans?limit=`` used one SQL variable per scan: past 999 (SQLite before 3.32)
+    listing failed. The reader here is limited to 999 variables, as such a SQLite is."""
+    store = Store(tmp_path / "c.db")
+    try:
+        for i in range(1200):
+            store.create_scan({"scan_id": f"s{i:05d}", "created_ts": float(i), "start_at": float(i) + 10,
+                               "probes": ["matmul"], "duration_s": 1.0, "hosts": ["a", "b"]})
+        store._reader.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        scans = store.list_scans(1200)
+        assert len(scans) == 1200 and scans[0]["scan_id"] == "s01199"
+        assert scans[-1]["nodes"] == {"a": "pending", "b": "pending"}
+    finally:
+        store.close()
