@@ -26,6 +26,7 @@ from straggler import __version__
 from .apidocs import render_docs
 from .fleet import FleetView, json_safe
 from .metrics import FleetCollector, SelfMetrics
+from .ingest import ClockOffsets, IngestGate, clock_problem, count_rows, scan_ids, sent_ts
 from .middleware import LimitAndTime, Secret
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
 from .scans import NoHosts, ScanBoard
@@ -84,6 +85,8 @@ def create_app(
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
                        run_limit_s=settings.scan_run_limit_s, clock=clock)
     secret = Secret(token)
+    offsets, gate = ClockOffsets(), IngestGate()
+    metrics.registry.register(offsets)
     col = Collector(settings, store, fleet, board, metrics, fleet_metrics, secret)
 
     @asynccontextmanager
@@ -102,7 +105,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.
-    app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics,
+                       open_reads=settings.open_reads, body_timeout_s=settings.body_timeout_s)
 
     bearer = HTTPBearer(auto_error=False)
 
@@ -112,15 +116,26 @@ def create_app(
 
     auth = [Depends(authorized)]
 
-    def store_batch(body: bytes) -> IngestResponse:
+    def store_batch(body: bytes, sent: float | None) -> IngestResponse:
+        received = clock()
+        n = count_rows(body, settings.max_batch_rows)  # before parsing: a parsed batch takes ~10x its bytes
+        if n is not None:
+            raise HTTPException(413, f"results: {n} rows, more than max_batch_rows={settings.max_batch_rows}")
         try:
             batch = BATCH_ADAPTER.validate_json(body)
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
+        del body
         if len(batch["results"]) > settings.max_batch_rows:
             raise HTTPException(413, f"results: {len(batch['results'])} rows, more than max_batch_rows={settings.max_batch_rows}")
+        if sent is not None:
+            offsets.record(batch["host"], received - sent)
+        lie = clock_problem(batch["results"], received, settings.max_clock_skew_s,
+                            store.scan_starts(scan_ids(batch["results"])))
+        if lie:
+            raise HTTPException(422, lie)
         try:
-            accepted, duplicates = store.ingest(row_tuples(batch["results"]), clock())
+            accepted, duplicates = store.ingest(row_tuples(batch["results"]), received)
         except Refused as e:
             raise HTTPException(422, str(e)) from None
         metrics.results.labels("accepted").inc(accepted)
@@ -136,7 +151,8 @@ def create_app(
         """Store a batch of results (body: ResultBatch); idempotent by id (a replayed row counts as a
         duplicate). The whole batch is stored, or nothing (422 names the first bad field)."""
         body = await request.body()
-        return await run_in_threadpool(store_batch, body)
+        async with gate:
+            return await run_in_threadpool(store_batch, body, sent_ts(request.headers))
 
     @app.post("/api/v1/scans", status_code=201, response_model=ScanCreated, dependencies=auth, tags=["scans"])
     async def create_scan(req: ScanRequest) -> dict:
@@ -196,7 +212,7 @@ def create_app(
                              "summary": json_safe(dict(snap.summary)), "gpus": [_with_age(g) for g in gpus]})
 
     def _with_age(g) -> dict:
-        return {**g, "last_probe_age_s": None if g["last_ts"] is None else clock() - g["last_ts"]}
+        return {**g, "last_probe_age_s": None if g["last_ts"] is None else max(0.0, clock() - g["last_ts"])}
 
     @app.get("/api/v1/gpus", tags=["fleet"])
     def gpus() -> JSONResponse:
