@@ -83,7 +83,7 @@ def create_app(
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
                       on_refresh=published)
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
-                       run_limit_s=settings.scan_run_limit_s, clock=clock)
+                       run_limit_s=settings.scan_run_limit_s, clock=clock, retention_s=settings.scan_retention_s)
     secret = Secret(token)
     offsets, gate = ClockOffsets(), IngestGate()
     metrics.registry.register(offsets)
@@ -96,6 +96,7 @@ def create_app(
             yield
         finally:
             fleet.stop()
+            board.flush_seen()
             store.close()
 
     # /docs is rendered here from the spec: FastAPI's Swagger UI and ReDoc load from a CDN
@@ -176,7 +177,7 @@ def create_app(
     async def next_scan(host: Annotated[Name, Query()], wait_s: Annotated[float, Query(ge=0, le=3600)] = 30.0):
         """Long poll: the oldest scan for ``host`` it has not reported on (wait_s is capped at max_wait_s)."""
         scan = await board.next_for(host, min(wait_s, settings.max_wait_s))
-        return scan if scan is not None else Response(status_code=204)
+        return Response(board.wire(scan), media_type="application/json") if scan is not None else Response(status_code=204)
 
     def _view(scan_id: str) -> dict:
         view = board.view(scan_id)

@@ -291,15 +291,26 @@ class Store:
         )
 
     def touch_agent(self, host: str, ts: float) -> None:
+        self.touch_agents({host: ts})
+
+    def touch_agents(self, seen: dict[str, float]) -> None:
+        """Mark hosts alive (host: when seen), in one transaction."""
         with self._transaction() as conn:
-            self._touch(conn, host, ts)
+            for host, ts in seen.items():
+                self._touch(conn, host, ts)
 
     def agents_seen_since(self, ts: float) -> list[str]:
         cur = self._reader.execute("SELECT host FROM agents WHERE last_seen_ts >= ? ORDER BY host", (ts,))
         return [r[0] for r in cur]
 
-    def create_scan(self, scan: dict) -> None:
+    def create_scan(self, scan: dict, prune_before: float | None = None) -> None:
+        """Store a new scan; scans created before ``prune_before`` go, with their nodes (not their
+        results): the tables a poll reads stay the size of the recent scans."""
         with self._transaction() as conn:
+            if prune_before is not None:
+                old = "SELECT scan_id FROM scans WHERE created_ts < ?"
+                conn.execute(f"DELETE FROM scan_nodes WHERE scan_id IN ({old})", (prune_before,))
+                conn.execute("DELETE FROM scans WHERE created_ts < ?", (prune_before,))
             conn.execute(
                 "INSERT INTO scans (scan_id, created_ts, start_at, probes, duration_s, hosts) VALUES (?, ?, ?, ?, ?, ?)",
                 (scan["scan_id"], scan["created_ts"], scan["start_at"], json.dumps(scan["probes"]),

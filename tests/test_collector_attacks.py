@@ -130,3 +130,25 @@ def test_the_scan_list_needs_no_sql_variable_per_scan(tmp_path):
         assert scans[-1]["nodes"] == {"a": "pending", "b": "pending"}
     finally:
         store.close()
+
+
+def test_the_scan_poll_is_an_indexed_lookup_and_old_scans_are_pruned(tmp_path):
+    """3,000 agents poll ``next_scan``: it must find a host's pending nodes by index, not read every
+    node of every scan; and the scan tables keep only ``scan_retention_s`` of scans."""
+    store = Store(tmp_path / "c.db")
+    try:
+        for i in range(50):
+            store.create_scan({"scan_id": f"old{i}", "created_ts": 1000.0 + i, "start_at": 1010.0 + i,
+                               "probes": ["matmul"], "duration_s": 1.0, "hosts": [f"n{j}" for j in range(20)]})
+        plan = [r[-1] for r in store._reader.execute(
+            "EXPLAIN QUERY PLAN SELECT s.* FROM scans s JOIN scan_nodes n ON s.scan_id = n.scan_id "
+            "WHERE n.host = ? AND n.state = 'pending' AND s.start_at >= ? ORDER BY s.created_ts LIMIT 1", ("n1", 0.0))]
+        assert any("USING INDEX scan_nodes_host (host=? AND state=?)" in p for p in plan), plan
+        assert store.next_scan("n1", 0.0)["scan_id"] == "old0"
+        store.create_scan({"scan_id": "new", "created_ts": 5000.0, "start_at": 5010.0, "probes": ["matmul"],
+                           "duration_s": 1.0, "hosts": ["n1"]}, prune_before=5000.0 - 100)
+        assert [s["scan_id"] for s in store.list_scans(100)] == ["new"]
+        assert store._reader.execute("SELECT COUNT(*) FROM scan_nodes").fetchone()[0] == 1
+        assert store.next_scan("n1", 0.0)["scan_id"] == "new"
+    finally:
+        store.close()
