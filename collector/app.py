@@ -25,6 +25,7 @@ from straggler import __version__
 
 from .apidocs import render_docs
 from .fleet import FleetView, json_safe
+from .fleetpages import FleetPages, fleet_router
 from .metrics import FleetCollector, SelfMetrics
 from .ingest import ClockOffsets, IngestGate, clock_problem, count_rows, scan_ids, sent_ts
 from .middleware import LimitAndTime, Secret
@@ -207,23 +208,8 @@ def create_app(
         _view(scan_id)
         return JSONResponse({"scan_id": scan_id, "samples": json_safe(store.scan_results(scan_id))})
 
-    def _fleet(gpus) -> JSONResponse:  # a Response: FastAPI's generic encoder is slow on 100,000 devices
-        snap = fleet.snapshot
-        return JSONResponse({"computed_ts": snap.computed_ts, "error": snap.error, "verdicts_ts": snap.verdicts_ts,
-                             "summary": json_safe(dict(snap.summary)), "gpus": [_with_age(g) for g in gpus]})
-
-    def _with_age(g) -> dict:
-        return {**g, "last_probe_age_s": None if g["last_ts"] is None else max(0.0, clock() - g["last_ts"])}
-
-    @app.get("/api/v1/gpus", tags=["fleet"])
-    def gpus() -> JSONResponse:
-        """Every device with its latest verdict per probe."""
-        return _fleet(fleet.snapshot.gpus)
-
-    @app.get("/api/v1/stragglers", tags=["fleet"])
-    def stragglers() -> JSONResponse:
-        """Flagged devices, costliest first."""
-        return _fleet(fleet.snapshot.stragglers())
+    app.state.fleet_pages = FleetPages(fleet, clock)
+    app.include_router(fleet_router(app.state.fleet_pages))  # /api/v1/gpus, /api/v1/stragglers (cached pages)
 
     @app.get("/api/v1/gpus/{uuid}/history", tags=["fleet"])
     def history(uuid: str, host: Annotated[Name | None, Query()] = None,

@@ -152,3 +152,82 @@ def test_the_scan_poll_is_an_indexed_lookup_and_old_scans_are_pruned(tmp_path):
         assert store.next_scan("n1", 0.0)["scan_id"] == "new"
     finally:
         store.close()
+
+
+def _fleet_server(tmp_path, **kw):
+    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=0.05,
+                                 analysis_max_delay_s=1.0, **kw)
+    srv = BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze)
+    rows = [r for h in ("ra", "rb", "rc") for r in make_rows(h, n_gpus=4, slow=(1,) if h == "rb" else (),
+                                                             ts=time.time() - 30)]
+    with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+        assert c.post("/api/v1/results", json={"host": "r", "results": rows}).status_code == 200
+    srv.collector.fleet.refresh()
+    return srv
+
+
+def test_fleet_reads_are_one_cached_page_with_etag_and_gzip(tmp_path):
+    """Readers of an unchanged fleet get the same serialized page (built once), 304 for the ETag
+    they hold, and gzip when they accept it: six readers cannot make the collector serialize a
+    20,000-GPU fleet six times over."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = _fleet_server(tmp_path)
+    try:
+        pages = srv.app.state.fleet_pages
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+            before = pages.builds
+            with ThreadPoolExecutor(6) as pool:
+                replies = list(pool.map(lambda _: c.get("/api/v1/gpus", headers={"Accept-Encoding": "identity"}),
+                                        range(6)))
+            assert pages.builds - before <= 1  # within REBUILD_S: one build for all six
+            assert {r.content for r in replies} == {replies[0].content}
+            etag = replies[0].headers["etag"]
+            assert json.loads(replies[0].content)["total"] == 12
+            assert c.get("/api/v1/gpus", headers={"If-None-Match": etag}).status_code == 304
+            gz = c.get("/api/v1/gpus", headers={"Accept-Encoding": "gzip"})
+            assert gz.headers["content-encoding"] == "gzip" and gz.json()["total"] == 12  # httpx decodes it
+    finally:
+        srv.stop()
+
+
+def test_fleet_reads_filter_by_host_and_verdict_and_page(tmp_path):
+    srv = _fleet_server(tmp_path)
+    try:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+            doc = c.get("/api/v1/gpus", params={"host": "rb"}).json()
+            assert doc["total"] == 4 and {g["host"] for g in doc["gpus"]} == {"rb"}
+            verdicts = {g["verdict"] for g in c.get("/api/v1/gpus").json()["gpus"]}
+            for v in verdicts - {None}:
+                mine = c.get("/api/v1/gpus", params={"verdict": v}).json()["gpus"]
+                assert mine and {g["verdict"] for g in mine} == {v}
+            first = c.get("/api/v1/gpus", params={"limit": 5}).json()
+            rest = c.get("/api/v1/gpus", params={"limit": 5, "offset": 5}).json()
+            every = c.get("/api/v1/gpus").json()["gpus"]
+            assert first["total"] == rest["total"] == 12
+            assert [g["gpu"] for g in first["gpus"] + rest["gpus"]] == [g["gpu"] for g in every[:10]]
+            r = c.get("/api/v1/gpus", params={"verdict": "fast"})
+            assert r.status_code == 422 and r.json()["detail"].startswith("verdict: ")
+    finally:
+        srv.stop()
+
+
+def test_fleet_reads_need_the_token_unless_open_reads(tmp_path):
+    srv = _fleet_server(tmp_path)
+    try:
+        r = httpx.get(srv.url + "/api/v1/gpus", timeout=30)
+        assert r.status_code == 401 and "open_reads = true" in r.json()["detail"]
+        assert httpx.get(srv.url + "/api/v1/gpus/GPU-ra-0/history", timeout=30).status_code == 401
+        assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+    finally:
+        srv.stop()
+    srv = _fleet_server(tmp_path, open_reads=True)
+    try:
+        assert httpx.get(srv.url + "/api/v1/gpus", timeout=30).json()["total"] == 12
+        assert httpx.get(srv.url + "/api/v1/stragglers", timeout=30).status_code == 200
+        r = httpx.post(srv.url + "/api/v1/results", json={"host": "x", "results": []}, timeout=30)
+        assert r.status_code == 401  # the open view is read-only
+        assert httpx.get(srv.url + "/api/v1/scans", timeout=30).status_code == 401
+    finally:
+        srv.stop()
