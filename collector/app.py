@@ -6,6 +6,7 @@ nothing starts until the application's lifespan does (the fleet analysis thread)
 
 
 import hmac
+import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from straggler import __version__
 from .apidocs import render_docs
 from .fleet import FleetView, json_safe
 from .fleetpages import FleetPages, fleet_router
+from .health import DbHealth, sqlite_error_handler
 from .metrics import FleetCollector, SelfMetrics
 from .ingest import ClockOffsets, IngestGate, clock_problem, count_rows, scan_ids, sent_ts
 from .middleware import LimitAndTime, Secret
@@ -86,12 +88,13 @@ def create_app(
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
                        run_limit_s=settings.scan_run_limit_s, clock=clock, retention_s=settings.scan_retention_s)
     secret = Secret(token)
-    offsets, gate = ClockOffsets(), IngestGate()
+    offsets, gate, health = ClockOffsets(), IngestGate(), DbHealth(store)
     metrics.registry.register(offsets)
     col = Collector(settings, store, fleet, board, metrics, fleet_metrics, secret)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        health.start()
         fleet.start()
         try:
             yield
@@ -105,6 +108,7 @@ def create_app(
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(sqlite3.Error, sqlite_error_handler(health))  # JSON 507/503, never a bare 500
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.
     app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics,
@@ -140,6 +144,7 @@ def create_app(
             accepted, duplicates = store.ingest(row_tuples(batch["results"]), received)
         except Refused as e:
             raise HTTPException(422, str(e)) from None
+        health.write_ok()
         metrics.results.labels("accepted").inc(accepted)
         metrics.results.labels("duplicate").inc(duplicates)
         if accepted:
@@ -224,10 +229,13 @@ def create_app(
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry) + fleet_metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    @app.get("/healthz", tags=["service"])
-    def healthz() -> dict:
-        return {"status": "ok", "version": __version__, "analysis_ts": fleet.snapshot.computed_ts,
-                "analysis_error": fleet.snapshot.error}
+    @app.get("/healthz", tags=["service"], responses={503: {"description": "the database cannot be written or is corrupt"}})
+    def healthz() -> JSONResponse:
+        problem = health.problem()
+        return JSONResponse(status_code=503 if problem else 200, content={
+            "status": "unhealthy" if problem else "ok", "problem": problem, "version": __version__,
+            "analysis_ts": fleet.snapshot.computed_ts, "analysis_error": fleet.snapshot.error,
+            "database": health.report()})
 
     def openapi() -> dict:
         if app.openapi_schema is None:

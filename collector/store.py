@@ -147,6 +147,16 @@ class Store:
             if conn.in_transaction:
                 conn.execute("COMMIT")
 
+    def probe_write(self) -> None:
+        """A write transaction that changes nothing the collector reads (sqlite3.Error when the file
+        cannot be written)."""
+        with self._transaction() as conn:
+            conn.execute(f"PRAGMA user_version = {conn.execute('PRAGMA user_version').fetchone()[0]}")
+
+    def quick_check(self) -> str:
+        """``PRAGMA quick_check``: "ok", or its first problem (it reads the whole file)."""
+        return self._reader.execute("PRAGMA quick_check(1)").fetchone()[0]
+
     def close(self) -> None:
         with self._readers_lock:
             for conn in self._readers:

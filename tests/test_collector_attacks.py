@@ -231,3 +231,57 @@ def test_fleet_reads_need_the_token_unless_open_reads(tmp_path):
         assert httpx.get(srv.url + "/api/v1/scans", timeout=30).status_code == 401
     finally:
         srv.stop()
+
+
+def test_a_full_database_answers_json_507_and_healthz_says_so(tmp_path):
+    """SQLite's "database or disk is full" (SQLITE_FULL: here from max_page_count, the same error a
+    full disk gives) was a bare 500; now JSON 507, nothing stored, and /healthz 503 until a write
+    succeeds again."""
+    srv = BackgroundCollector(CollectorSettings(port=0, db_path=tmp_path / "c.db"), TOKEN, analyze=peer_ratio_analyze)
+    try:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+            writer = srv.collector.store._writer
+            pages = writer.execute("PRAGMA page_count").fetchone()[0]
+            writer.execute(f"PRAGMA max_page_count = {pages + 2}")
+            rows = make_rows("full", n_gpus=50, samples=5, ts=time.time(), driver="x" * 500)
+            r = c.post("/api/v1/results", json={"host": "full", "results": rows})
+            assert r.status_code == 507, r.text
+            assert "database is full" in r.json()["detail"]
+            assert stored(srv, "full") == 0
+            h = c.get("/healthz")
+            assert h.status_code == 503 and h.json()["problem"].startswith("database cannot be written: ")
+            writer.execute("PRAGMA max_page_count = 1073741823")
+            assert c.post("/api/v1/results", json={"host": "full", "results": rows}).status_code == 200
+            assert c.get("/healthz").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_corrupt_database_fails_healthz_at_start(tmp_path):
+    """A database file damaged on disk (an index page overwritten) opens, but fails PRAGMA
+    quick_check: /healthz says so (503) instead of "ok"."""
+    db = tmp_path / "c.db"
+    store = Store(db)
+    from straggler.collector.store import row_tuples
+
+    for k in range(20):
+        store.ingest(row_tuples(make_rows(f"h{k}", n_gpus=8, samples=5, driver="d" * 200)), 1.0)
+    store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = store._writer.execute("PRAGMA page_size").fetchone()[0]
+    root = store._writer.execute("SELECT rootpage FROM sqlite_master WHERE name = 'results_device'").fetchone()[0]
+    store.close()
+    with open(db, "r+b") as f:  # the index's root page: garbage, keeping the file's size
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
+    srv = BackgroundCollector(CollectorSettings(port=0, db_path=db), TOKEN, analyze=peer_ratio_analyze)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            deadline = time.monotonic() + 60
+            while (body := c.get("/healthz").json())["database"]["quick_check"] is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            h = c.get("/healthz")
+            assert h.status_code == 503, h.text
+            assert h.json()["problem"].startswith("database fails PRAGMA quick_check: ")
+    finally:
+        srv.stop()
