@@ -117,28 +117,38 @@ def _ingest(url: str, rows: int, stop: threading.Event, counts: list) -> None:
             k += 1
 
 
+def start_collector(tmp: Path, port: int, env: dict | None = None) -> subprocess.Popen:
+    """``straggler collector`` on 127.0.0.1:port with its database and token under ``tmp``, once
+    /healthz answers (benchmarks/collector_memory.py uses it too)."""
+    import httpx
+
+    token = tmp / "token"
+    token.write_text(TOKEN)
+    env = {**os.environ, "STRAGGLER_COLLECTOR_LOG_LEVEL": "warning", **(env or {})}
+    server = subprocess.Popen([sys.executable, "-m", "straggler", "collector", "--port", str(port),
+                               "--db", str(tmp / "c.db"), "--token-file", str(token)],
+                              env=env, preexec_fn=_raise_nofile)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise RuntimeError("the collector did not start")
+        time.sleep(0.1)
+
+
 def run(agents: int, procs: int, batch_rows: int, start_delay_s: float) -> dict:
     import httpx
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        token = Path(tmp) / "token"
-        token.write_text(TOKEN)
-        env = {**os.environ, "STRAGGLER_COLLECTOR_MAX_WAIT_S": "60", "STRAGGLER_COLLECTOR_LOG_LEVEL": "warning"}
-        server = subprocess.Popen([sys.executable, "-m", "straggler", "collector", "--port", str(port),
-                                   "--db", str(Path(tmp) / "c.db"), "--token-file", str(token)],
-                                  env=env, preexec_fn=_raise_nofile)
+        server = start_collector(Path(tmp), port, {"STRAGGLER_COLLECTOR_MAX_WAIT_S": "60"})
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise
-                time.sleep(0.1)
             go = mp.Event()
             share = [agents // procs + (1 if p < agents % procs else 0) for p in range(procs)]
             pipes, workers, first = [], [], 0
