@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -20,6 +22,8 @@ from typing import Callable
 
 from .client import FINAL_STATES
 from .store import Store
+
+log = logging.getLogger("straggler.collector")
 
 
 OFFER_FIELDS = ("scan_id", "start_at", "probes", "duration_s", "hosts")
@@ -74,7 +78,8 @@ class ScanBoard:
         # SEEN_FLUSH_S (and before a scan picks its hosts), not one write per poll
         self._seen: dict[str, float] = {}
         self._seen_lock = threading.Lock()
-        self._seen_flushed = time.monotonic()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Future] = set()
 
     def _event(self) -> asyncio.Event:
         if self._changed is None:
@@ -121,6 +126,7 @@ class ScanBoard:
         event, seen = self._event(), self._seq
         # in a thread: the write lock may be held by a large ingest, and the loop must not wait
         scan = await asyncio.to_thread(self._seen_and_next, host, self.clock())
+        self._flush_later()
         if scan is not None:
             return _offer(scan)
         while True:
@@ -136,6 +142,7 @@ class ScanBoard:
             # then the database says) name their hosts, and this host has reported on none of them
             if self._new and self._new[0][0] > seen + 1:
                 scan = await asyncio.to_thread(self._seen_and_next, host, self.clock())
+                self._flush_later()
                 return _offer(scan) if scan is not None else None
             for seq, hosts, offer, _ in self._new:
                 if seq > seen and host in hosts:
@@ -147,18 +154,33 @@ class ScanBoard:
     def _seen_and_next(self, host: str, now: float) -> dict | None:
         with self._seen_lock:
             self._seen[host] = max(now, self._seen.get(host, now))
-            due = time.monotonic() - self._seen_flushed >= self.SEEN_FLUSH_S
-        if due:
-            self.flush_seen()
         return self.store.next_scan(host, now - self.offer_grace_s)
 
+    def _flush_later(self) -> None:
+        """Flush the hosts seen within SEEN_FLUSH_S (from the event loop; one flush pending at a time)."""
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(self.SEEN_FLUSH_S, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_handle = None
+        task = asyncio.ensure_future(asyncio.to_thread(self.flush_seen))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
     def flush_seen(self) -> None:
-        """Write the hosts seen polling since the last flush (from a worker thread)."""
+        """Write the hosts seen polling since the last flush (from a worker thread). A write that
+        fails keeps them for the next flush."""
         with self._seen_lock:
             seen, self._seen = self._seen, {}
-            self._seen_flushed = time.monotonic()
-        if seen:
+        if not seen:
+            return
+        try:
             self.store.touch_agents(seen)
+        except sqlite3.Error as e:
+            log.warning("could not record %d agents seen polling (kept for the next try): %s", len(seen), e)
+            with self._seen_lock:
+                for host, ts in seen.items():
+                    self._seen[host] = max(ts, self._seen.get(host, ts))
 
     def view(self, scan_id: str) -> dict | None:
         scan = self.store.get_scan(scan_id)
