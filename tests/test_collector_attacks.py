@@ -285,3 +285,14 @@ def test_a_corrupt_database_fails_healthz_at_start(tmp_path):
             assert h.json()["problem"].startswith("database fails PRAGMA quick_check: ")
     finally:
         srv.stop()
+
+
+def test_an_acknowledged_batch_is_synced_at_commit(tmp_path):
+    """synchronous=FULL in WAL mode: the WAL is synced at every commit, so an acknowledged batch
+    survives power loss (NORMAL would sync only at checkpoints)."""
+    store = Store(tmp_path / "c.db")
+    try:
+        assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        store.close()
