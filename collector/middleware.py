@@ -16,8 +16,9 @@ import time
 from .metrics import SelfMetrics
 
 INGEST_PATH = "/api/v1/results"
-PROTECTED_PREFIX = "/api/v1/"  # every API route needs the token ...
-OPEN_READ_PREFIXES = ("/api/v1/gpus", "/api/v1/stragglers")  # ... and these GETs too, unless open_reads
+PROTECTED_PREFIXES = (INGEST_PATH, "/api/v1/scans")  # always need the token
+# the fleet view: its GETs need the token too, unless open_reads (other routers check their own)
+OPEN_READ_PREFIXES = ("/api/v1/gpus", "/api/v1/stragglers")
 READ_TOKEN_HINT = ("missing or wrong bearer token (the fleet view needs it too; set open_reads = true "
                    "in the collector's config for an open read-only view)")
 
@@ -61,9 +62,9 @@ class LimitAndTime:
 
     def _needs_token(self, scope) -> bool:
         path = scope["path"]
-        if not path.startswith(PROTECTED_PREFIX):
-            return False
-        return not (self.open_reads and scope.get("method") in ("GET", "HEAD") and path.startswith(OPEN_READ_PREFIXES))
+        if path.startswith(PROTECTED_PREFIXES):
+            return True
+        return path.startswith(OPEN_READ_PREFIXES) and not (self.open_reads and scope.get("method") in ("GET", "HEAD"))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
