@@ -31,7 +31,9 @@ from .health import DbHealth, sqlite_error_handler
 from .metrics import FleetCollector, SelfMetrics
 from .ingest import ClockOffsets, IngestGate, clock_problem, count_rows, scan_ids, sent_ts
 from .middleware import LimitAndTime, Secret
+from .quarantine_api import quarantine_router
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
+from .reportpage import router as report_router
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings, scan_problem
 from .store import Refused, Store, row_tuples
@@ -107,6 +109,7 @@ def create_app(
     app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
+    app.include_router(quarantine_router(col))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(sqlite3.Error, sqlite_error_handler(health))  # JSON 507/503, never a bare 500
     # The token is checked by the middleware (before the body is read); the dependency below checks
@@ -248,6 +251,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    app.include_router(report_router)  # /report, /report/gpu: the fleet report (collector/reportpage.py)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:
