@@ -223,14 +223,14 @@ class FleetCollector:
         fam = GaugeMetricFamily("straggler_gpu_last_probe_age_seconds", FAMILIES["straggler_gpu_last_probe_age_seconds"],
                                 labels=sorted(DEVICE_LABELS))
         for labels, last in prep.ages:
-            fam.add_metric([labels[k] for k in sorted(labels)], now - last)
+            fam.add_metric([labels[k] for k in sorted(labels)], max(0.0, now - last))  # a clock ahead: 0, not < 0
         yield fam
 
     def render(self) -> bytes:
         """The same bytes ``generate_latest`` writes for this collector, fast."""
         prep, now = self.prepared, self.clock()
         age = "straggler_gpu_last_probe_age_seconds"
-        lines = [f"{p}{floatToGoString(now - last)}\n" for p, (_, last) in zip(prep.age_prefixes, prep.ages)]
+        lines = [f"{p}{floatToGoString(max(0.0, now - last))}\n" for p, (_, last) in zip(prep.age_prefixes, prep.ages)]
         return prep.fixed_text + (_header(age) + "".join(lines)).encode()
 
 

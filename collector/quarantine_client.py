@@ -46,7 +46,8 @@ def resume(url: str, token: str, host: str, reason: str, by: str) -> dict:
         return _call(c, "POST", f"/api/v1/quarantine/{host}/resume", json={"reason": reason, "by": by})
 
 
-def gpus(url: str) -> list[dict]:
-    """Every device of ``GET /api/v1/gpus`` (with its ``perf_class``)."""
-    with _client(url, None) as c:
+def gpus(url: str, token: str | None = None) -> list[dict]:
+    """Every device of ``GET /api/v1/gpus`` (with its ``perf_class``); the token is needed unless the
+    collector sets ``open_reads``."""
+    with _client(url, token) as c:
         return _call(c, "GET", "/api/v1/gpus")["gpus"]

@@ -132,8 +132,23 @@ _V7 = [
     "CREATE INDEX quarantine_events_action ON quarantine_events (action, ts)",
 ]
 
+# Version 8: the scan tables go by index (an agent's long poll looks up its pending nodes; the scan
+# list and pruning go by creation time), and a row without a sample number is told apart from the
+# device's other rows by its ``ts``, as the analysis tells them apart (it was one row per device,
+# probe, settings and scan: every later row without a sample number was dropped as a duplicate).
+# The new key is finer than the old one, so the stored rows satisfy it.
+_V8 = [
+    "CREATE INDEX scan_nodes_host ON scan_nodes (host, state)",
+    "CREATE INDEX scans_created ON scans (created_ts)",
+    "DROP INDEX results_sample",
+    """CREATE UNIQUE INDEX results_sample ON results
+       (gpu, host, COALESCE(scan_id, ''), probe, COALESCE(settings, ''), COALESCE(sample, -1),
+        COALESCE(CASE WHEN sample IS NULL THEN ts END, -1))
+       WHERE sample_unique = 1""",
+]
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7))
+    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7), tuple(_V8))
 LATEST = len(MIGRATIONS)
 
 

@@ -48,6 +48,14 @@ class CollectorSettings:
     quarantine_max_fleet_share: float = 0.1  # at most this share of the fleet's hosts drained per window
     quarantine_max_model_share: float = 0.1  # ... and of the hosts with one device model
     log_level: str = "info"
+    # hostile clients (docs/collector.md "Hostile clients")
+    header_timeout_s: float = 10.0  # a request's head must arrive within this (0: no limit)
+    body_timeout_s: float = 60.0  # and its body within this after the head (0: no limit)
+    max_connections_per_client: int = 64  # per client address (0: no cap); raise it behind a proxy
+    open_reads: bool = False  # true: the fleet view (GET /api/v1/gpus...) needs no token
+    # results that lie about time: rows dated further ahead of the collector's clock are refused
+    max_clock_skew_s: float = 300.0
+    scan_retention_s: float = 30 * 86400.0  # scans (not their results) older than this are pruned
 
     def problems(self) -> list[str]:
         out = []
@@ -60,7 +68,10 @@ class CollectorSettings:
         for name in ("analysis_debounce_s", "agent_seen_s", "scan_offer_grace_s"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0")
-        for name in ("analysis_max_delay_s", "max_wait_s", "scan_run_limit_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "max_connections_per_client"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0 (0: no limit)")
+        for name in ("analysis_max_delay_s", "max_wait_s", "scan_run_limit_s", "max_clock_skew_s", "scan_retention_s"):
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
         if self.history_scans < 0 or self.history_limit < 1:

@@ -80,7 +80,7 @@ def test_ingest_is_idempotent_by_id(server):
     r = post(server, {"host": "idem", "results": rows[:5] + make_rows("idem", scan_id="s2")[:2]})
     assert r.json() == {"accepted": 2, "duplicates": 5}
     assert count(server, "idem") == 14
-    stored = server.client.get("/api/v1/gpus/GPU-idem-0/history").json()["results"]
+    stored = server.client.get("/api/v1/gpus/GPU-idem-0/history", headers=AUTH).json()["results"]
     assert [s["ts"] for s in stored] == sorted((s["ts"] for s in stored), reverse=True)
     assert stored[-1]["value"] == 790.0 and stored[-1]["throttle_reasons"] == "sw_power_cap=0.800"
     assert stored[-1]["power_w"] is None  # missing stays missing
@@ -184,7 +184,7 @@ def test_throttle_reasons_in_every_form_the_result_table_reads_are_accepted(serv
     r = post(server, {"host": "thrforms", "results": rows})
     assert r.status_code == 200 and r.json()["accepted"] == len(values), r.text
     by_id = {row["id"]: row["throttle_reasons"] for gpu in {row["gpu"] for row in rows}
-             for row in server.client.get(f"/api/v1/gpus/{gpu}/history").json()["results"]}
+             for row in server.client.get(f"/api/v1/gpus/{gpu}/history", headers=AUTH).json()["results"]}
     for row, v in zip(rows, values):
         assert read_throttle(by_id[row["id"]]) == read_throttle(v)
     assert read_throttle(by_id[rows[2]["id"]]) == ({"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, [])
@@ -216,7 +216,7 @@ def test_nan_value_is_refused_but_nan_telemetry_is_missing(server):
     ok = [json.dumps(dict(rows[0], power_w=float("nan"), driver=float("nan")))]
     r = server.client.post("/api/v1/results", content=body % ",".join(ok), headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 200 and r.json()["accepted"] == 1
-    stored = server.client.get("/api/v1/gpus/GPU-nan-0/history").json()["results"][0]
+    stored = server.client.get("/api/v1/gpus/GPU-nan-0/history", headers=AUTH).json()["results"][0]
     assert stored["power_w"] is None and stored["driver"] is None
 
 
@@ -269,7 +269,7 @@ def test_docs_need_no_network(server):
 def wait_for_analysis(server, host, timeout_s=20.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        body = server.client.get("/api/v1/gpus").json()
+        body = server.client.get("/api/v1/gpus", headers=AUTH).json()
         mine = [g for g in body["gpus"] if g["host"] == host]
         if mine and all(g["probes"] for g in mine):
             return body
@@ -283,10 +283,10 @@ def test_fleet_view_is_recomputed_after_ingest(server):
     gpu3 = next(g for g in body["gpus"] if g["gpu"] == "GPU-fleet-3")
     assert gpu3["straggler"] is True and gpu3["probes"][0]["causes"] == ["thermal"]
     assert gpu3["last_scan_id"] == "s1" and gpu3["last_probe_age_s"] > 0
-    flagged = server.client.get("/api/v1/stragglers").json()["gpus"]
+    flagged = server.client.get("/api/v1/stragglers", headers=AUTH).json()["gpus"]
     assert "GPU-fleet-3" in [g["gpu"] for g in flagged]
     assert all(g["straggler"] for g in flagged)
-    assert server.client.get("/api/v1/gpus/GPU-none/history").status_code == 404
+    assert server.client.get("/api/v1/gpus/GPU-none/history", headers=AUTH).status_code == 404
 
 
 def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_path):
@@ -373,7 +373,7 @@ def test_fleet_view_serves_tiers_and_metrics_export_them(tmp_path):
         assert gpus["GPU-tier-2"]["perf_class"] == "D"
         assert body["summary"]["verdicts"] == {"straggler": 1, "undecided": 1, "slow": 1, "healthy": 13}
         assert body["summary"]["groups"][0]["devices"] == 16 and "warnings" in body["summary"]
-        flagged = client.get("/api/v1/stragglers").json()["gpus"]
+        flagged = client.get("/api/v1/stragglers", headers=AUTH).json()["gpus"]
         assert [(g["gpu"], g["verdict"]) for g in flagged] == [("GPU-tier-2", "straggler")]  # the first tier only
         text = client.get("/metrics").text
         reg = CollectorRegistry()

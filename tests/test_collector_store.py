@@ -30,7 +30,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 8
     assert store.migrated_from == 0
     store.close()
 
@@ -86,7 +86,7 @@ def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
     details = [[row[-1] for row in plan] for plan in plans]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[0]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[1]
-    assert ("SEARCH r USING INDEX results_sample (gpu=? AND host=? AND <expr>=? AND probe=? AND <expr>=? AND <expr>=?)"
+    assert ("SEARCH r USING INDEX results_sample (gpu=? AND host=? AND <expr>=? AND probe=? AND <expr>=? AND <expr>=? AND <expr>=?)"
             in details[2])
     assert not any(d.startswith("SCAN r") for plan in details for d in plan)  # never every result
     store.close()

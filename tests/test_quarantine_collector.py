@@ -249,7 +249,7 @@ def test_a_version_6_database_migrates_to_the_quarantine_tables(tmp_path):
     conn.close()
     store = Store(path)
     try:
-        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 7
+        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 8
         store.ingest(row_tuples(rows_for("m1", "s1", n_gpus=1, samples=1)), 1.0)
         q = Quarantine(store, CollectorSettings(quarantine_action="record"))
         assert q.drain("m1", "straggler: x", "gate").action == "drain"
@@ -275,7 +275,8 @@ def test_analysis_flagging_every_host_drains_the_share_and_refuses_each_host_onc
     assert m[("straggler_quarantine_actions_total", (("action", "refused"),))] == 4.0
 
 
-def test_the_command_lists_and_gives_hints_from_the_collector(collector):
+def test_the_command_lists_and_gives_hints_from_the_collector(collector, tmp_path):
+    import os
     import subprocess
     import sys
 
@@ -283,13 +284,16 @@ def test_the_command_lists_and_gives_hints_from_the_collector(collector):
     c = srv.client
     for h, base in (("fast", 1.02), ("slow", 1.0)):
         ingest(c, h, rows_for(h, "s1", slow={i: base * (1 + 0.002 * i) for i in range(4)}))
-    wait_for(lambda: c.get("/api/v1/gpus").json()["verdicts_ts"], 60, "the fleet analysis")
+    wait_for(lambda: c.get("/api/v1/gpus", headers=AUTH).json()["verdicts_ts"], 60, "the fleet analysis")
     c.post("/api/v1/quarantine/drain", headers=AUTH, json={"host": "slow", "reason": "straggler: by hand",
                                                            "by": "carol", "manual": True})
+    token = tmp_path / "token"  # hints read the fleet view: it needs the token (the collector's open_reads is off)
+    token.write_text(AUTH["Authorization"].split(" ", 1)[1])
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "straggler", "quarantine", *args, "--collector", srv.url],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "STRAGGLER_TOKEN_FILE": str(token)})
 
     r = cli("hints", "--json")
     assert r.returncode == 0, r.stderr

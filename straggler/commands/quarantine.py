@@ -189,8 +189,9 @@ def resume(host, reason, by, collector, token_file, as_json):
               help="scontrol update commands (take effect now, lost at a slurmctld restart) or a slurm.conf fragment.")
 @click.option("--features", "features_from", type=click.Choice(["slurm", "none"]), default="none", show_default=True,
               help="slurm: read each node's current features with sinfo and keep them (scontrol replaces the list).")
+@token_option
 @json_option
-def hints(files, collector, fmt, features_from, as_json):
+def hints(files, collector, fmt, features_from, as_json, token_file):
     """Slurm placement hints from the performance classes (perf_class A fastest .. D): per node a
     Weight (A 1 .. D 4: Slurm uses the lowest first) and a feature perf_a..perf_d (jobs ask for one
     speed with --constraint=perf_a). From result FILES (analysed here) or the collector's fleet."""
@@ -201,7 +202,7 @@ def hints(files, collector, fmt, features_from, as_json):
     if collector is not None:
         from straggler.collector import quarantine_client as qc
 
-        entries = qc.gpus(collector)
+        entries = qc.gpus(collector, _token(token_file) if token_file else None)  # the fleet view needs it unless open_reads
     else:
         from straggler.analysis import analyze
         from straggler.records import read_table
