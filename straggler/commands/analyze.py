@@ -165,7 +165,10 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
         raise NothingToCompare(result.summary["devices"], d["host"], d["gpu"],
                                "give more devices of a model, --history or --reference")
     if as_json:
-        click.echo(result.to_json_text())
+        out = click.get_binary_stream("stdout")
+        result.write_json(out)  # piece by piece: no copy of a large document
+        out.write(b"\n")
+        out.flush()
         for line in warnings(result):  # stdout holds the document: the warnings go to stderr
             click.echo(f"warning: {line}", err=True)
     else:
