@@ -18,15 +18,18 @@ import pytest
 
 from conftest import free_port, kill_group, run_cmd, scan_timeout_s
 from straggler.records import read_table
+from straggler.remeasure import analysis_verdicts
 
 CORES = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one node each)")
 
 
-def wait_all(procs: list, probes: tuple[str, ...], duration_s: float, samples: int) -> list[tuple[str, str]]:
+def wait_all(procs: list, probes: tuple[str, ...], duration_s: float, samples: int,
+             rounds: tuple[float, ...] = ()) -> list[tuple[str, str]]:
     """Each process's (stdout, stderr), waiting as long as a scan of that plan may take by its own
-    deadlines; then every process group is killed (a launcher's ranks too) and the test fails."""
-    limit_s = scan_timeout_s(probes, duration_s, samples)
+    deadlines (and as long again for each further round of ``rounds`` seconds per probe); then every
+    process group is killed (a launcher's ranks too) and the test fails."""
+    limit_s = scan_timeout_s(probes, duration_s, samples) + sum(scan_timeout_s(probes, d) for d in rounds)
     stop_at = time.monotonic() + limit_s
     try:
         return [p.communicate(timeout=max(0.0, stop_at - time.monotonic())) for p in procs]
@@ -38,18 +41,26 @@ def wait_all(procs: list, probes: tuple[str, ...], duration_s: float, samples: i
             p.wait()
 
 
-def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
-    port, out = free_port(), tmp_path / "cluster.csv"
+def two_nodes(port: int, scan_args: list[str]) -> list[subprocess.Popen]:
+    """Two torchrun nodes (nodeA, nodeB) of one process each, on their own cores, running
+    ``straggler scan`` with ``scan_args``."""
     procs = []
     for node, core in zip(("nodeA", "nodeB"), CORES[:2]):
         env = {**os.environ, "STRAGGLER_HOST": node, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "straggler-test",
-               "-m", "straggler", "scan", "--json", "--duration", "1", "--samples", "3", "--scan-id", "tr-1",
-               "--output", str(out)]
+               "-m", "straggler", "scan", *scan_args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True,
                                       preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    return procs
+
+
+def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
+    port, out = free_port(), tmp_path / "cluster.csv"
+    # one round: this test is about the launch (re-measurement rounds: the next test)
+    procs = two_nodes(port, ["--json", "--duration", "1", "--samples", "3", "--scan-id", "tr-1",
+                             "--max-rounds", "1", "--output", str(out)])
     results = wait_all(procs, ("matmul", "membw", "allreduce"), 1.0, 3)
     reports = [json.loads(o) for o, _ in results if o.strip()]
     assert len(reports) == 1, [e[-2000:] for _, e in results]  # only rank 0 reports
@@ -66,6 +77,37 @@ def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
     assert doc["failures"] == []
 
 
+def test_two_node_torchrun_scan_re_measures_undecided_devices_on_every_rank(tmp_path):
+    """One sample per device cannot be compared (no noise estimate): both devices are undecided, so
+    rank 0 runs a second round of 4 x 1 samples; both nodes run it, in the same group."""
+    port, out = free_port(), tmp_path / "rounds.jsonl"
+    procs = two_nodes(port, ["--json", "--probes", "matmul", "--duration", "1", "--samples", "1",
+                             "--max-rounds", "2", "--scan-id", "tr-2", "--output", str(out)])
+    results = wait_all(procs, ("matmul",), 1.0, 1, rounds=(4.0,))
+    reports = [json.loads(o) for o, _ in results if o.strip()]
+    assert len(reports) == 1, [e[-2000:] for _, e in results]  # only rank 0 reports
+    doc = reports[0]
+    assert doc["failures"] == [], doc["failures"]
+    rounds = doc["rounds"]
+    assert rounds["max_rounds"] == 2 and rounds["rounds"] == 2
+    assert rounds["per_round"][0] == {"round": 1, "probes": ["matmul"], "samples": 1, "undecided": 2}
+    assert rounds["per_round"][1]["samples"] == 4 and rounds["per_round"][1]["probes"] == ["matmul"]
+    still = rounds["per_round"][1]["undecided"]
+    assert rounds["stopped"] == ("all decided" if still == 0 else f"max rounds reached, {still} still undecided")
+    # both nodes in both rounds, their sample numbers continuing (0 in round 1, 1-4 in round 2)
+    df = read_table(out)
+    assert len(df) == len(doc["samples"]) == 2 * 5 and set(df["scan_id"]) == {"tr-2"}
+    assert {h: sorted(g["sample"]) for h, g in df.groupby("host")} == {"nodeA": [0, 1, 2, 3, 4],
+                                                                       "nodeB": [0, 1, 2, 3, 4]}
+    # the report's verdicts are those of both rounds' samples together
+    again = {e["host"]: e["verdict"] for e in analysis_verdicts(df.to_dict("records"))}
+    assert {g["host"]: g["verdict"] for g in doc["analysis"]["gpus"]} == again
+    assert still == sum(v == "undecided" for v in again.values())
+    # rank 0's verdict line: "could not decide" (exit 2) only when a device stayed undecided, no straggler
+    root_err = next(e for o, e in results if o.strip())
+    assert ("could not decide" in root_err) == (still > 0 and "straggler" not in again.values()), root_err[-2000:]
+
+
 def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
     # What srun gives each task (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) plus the rendezvous address.
     port, out = free_port(), tmp_path / "srun.jsonl"
@@ -77,7 +119,7 @@ def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(var, None)
         procs.append(subprocess.Popen([*straggler_cmd, "scan", "--json", "--probes", "matmul,allreduce",
-                                       "--duration", "1", "--samples", "2", "--output", str(out)],
+                                       "--duration", "1", "--samples", "2", "--max-rounds", "1", "--output", str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True,
                                       preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
