@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import Iterator, TextIO
 
 import pandas as pd
 
@@ -42,10 +42,10 @@ class AnalysisResult:
             yield ("," if start else "") + part[1:-1]  # the entries, without the list's brackets
         yield '], "summary": ' + json.dumps(self.summary, allow_nan=False) + "}"
 
-    def write_json(self, out: BinaryIO) -> None:
-        """Write the JSON document to a binary stream (``straggler analyze --json``), no newline."""
+    def write_json(self, out: TextIO) -> None:
+        """Write the JSON document to a text stream (``straggler analyze --json``), no newline."""
         for part in self.json_parts():
-            out.write(part.encode())
+            out.write(part)
 
     def to_json_text(self) -> str:
         """The JSON document as text."""
