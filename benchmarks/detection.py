@@ -400,10 +400,10 @@ BARE_READ = ("import sys, pandas as pd; p = sys.argv[1]; "
              "df.groupby(['host', 'gpu', 'probe'], sort=False)['value'].median()")
 
 
-def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+def _timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds: user + system) of one process, its stdout discarded."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode(errors="replace")
@@ -459,7 +459,8 @@ def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, re
             runs = {k: [] for k in commands}
             for _ in range(repeats):
                 for k, (head, tail, env) in commands.items():
-                    runs[k].append(_timed([*head, str(path), *tail], env))
+                    # from the temporary directory: `-m straggler` would import a checkout in the cwd first
+                    runs[k].append(_timed([*head, str(path), *tail], env, cwd=tmp))
             med = {k: np.median(np.array(v), axis=0) for k, v in runs.items()}
             bare = med["bare pandas read + groupby"]
             for k, (wall, cpu) in med.items():
