@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
             console.print("stragglers by cause: " + ", ".join(f"{CAUSE_TEXT.get(c, c)} {n}" for c, n in
                           sorted(s["causes"].items(), key=lambda kv: -kv[1])) + "; by probe: " +
                           ", ".join(f"{p} {v['stragglers']}" for p, v in s["probes"].items()), highlight=False)
-    for line in whole_hosts(zip(d["host"], d["gpu"], flagged)):
+    near = d["host"].isin(d["host"][flagged].unique()).to_numpy(dtype=bool)  # only a host with a flag can be whole
+    for line in whole_hosts(zip(d["host"][near], d["gpu"][near], flagged[near])):
         console.print(line, highlight=False)
     for job in s["job_cost"]:
         what = f"{job['probe']} on {job['model']}: a {job['job_devices']}-device synchronous job"
@@ -167,7 +169,8 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
         raise NothingToCompare(result.summary["devices"], d["host"], d["gpu"],
                                "give more devices of a model, --history or --reference")
     if as_json:
-        click.echo(result.to_json_text())
+        result.write_json(sys.stdout)  # piece by piece: no copy of a large document
+        sys.stdout.write("\n")
         for line in warnings(result):  # stdout holds the document: the warnings go to stderr
             click.echo(f"warning: {line}", err=True)
     else:

@@ -36,7 +36,7 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--max-rounds", type=int, default=None,
               help="Rounds at most: while a device is undecided, measure every device again with the "
                    "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
-                   "[default: 5; a torchrun/srun or cluster scan runs one round].")
+                   "[default: 5; a cluster scan through --collector runs one round].")
 @click.option("--all", "show_all", is_flag=True,
               help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
                    "first 20 others, then counts].")
@@ -78,17 +78,18 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
             rounds = remeasure(lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
                                analysis_verdicts, probe_list, samples, max_rounds=1)
         else:
-            from straggler.probes.devices import launcher
             from straggler.probes.runner import ScanRounds, ScanSettings
 
-            # torchrun/srun: every rank runs the same command, one round (rank 0 alone decides)
-            limit = 1 if launcher() is not None else max_rounds or DEFAULT_MAX_ROUNDS
+            # torchrun/srun: every rank runs the same command; rank 0 decides the rounds, the others follow
             local = ScanRounds(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
                                             scan_id=scan_id, start_at=start_at, deadline_s=deadline_s,
                                             samples=samples), on_event)
             with local.between_rounds():
-                rounds = remeasure(local.measure, analysis_verdicts, probe_list, samples, max_rounds=limit,
-                                   fits=local.fits)
+                try:
+                    rounds = remeasure(local.measure, analysis_verdicts, probe_list, samples,
+                                       max_rounds=max_rounds or DEFAULT_MAX_ROUNDS, fits=local.fits)
+                finally:
+                    local.close()
             if local.stopped_by and rounds.stopped.startswith("scan stopped by"):
                 rounds.failures.append(local.stop_failure())
     if not rounds.first.root:
