@@ -4,7 +4,8 @@
 JSON. Serialized on every request, six readers polling them took the CPU that ingest needs. Here each
 page is serialized (and gzipped) once per fleet snapshot, and again at most every
 :data:`REBUILD_S` for the probe ages it carries; every reader in between gets the same bytes, with
-an ``ETag`` (``If-None-Match`` answers 304) and gzip when the client accepts it. One build runs at a
+a weak ``ETag`` per snapshot (``If-None-Match`` answers 304 until the next analysis: a page rebuilt
+only for its probe ages is the same fleet view) and gzip when the client accepts it. One build runs at a
 time: readers arriving meanwhile wait for it rather than build their own.
 
 ``?host=`` and ``?verdict=`` filter the snapshot's devices before anything is serialized, and
@@ -63,6 +64,8 @@ class FleetPages:
         self._lock = threading.Lock()
         self._pages: dict[str, Page] = {}
         self._builds = 0
+        self._snap: FleetSnapshot | None = None  # the snapshot the pages were last built from
+        self._snap_seq = 0  # counts snapshots: the ETag names the one a page shows
 
     @staticmethod
     def devices(snap: FleetSnapshot, kind: str) -> Sequence[Mapping]:
@@ -82,12 +85,14 @@ class FleetPages:
             page = self._pages.get(kind)
             if page is not None and page.snapshot is snap and time.monotonic() - page.built_mono < REBUILD_S:
                 return page
+            if snap is not self._snap:
+                self._snap, self._snap_seq = snap, self._snap_seq + 1
             now = self.clock()
             devices = self.devices(snap, kind)
             body = _dumps(self.document(snap, devices, len(devices), now))
             self._builds += 1
             page = Page(snap, now, time.monotonic(), body, gzip.compress(body, GZIP_LEVEL),
-                        f'"{kind}-{self._builds}-{len(body)}"')
+                        f'W/"{kind}-{self._snap_seq}"')
             self._pages[kind] = page
             return page
 
@@ -101,8 +106,9 @@ def _accepts_gzip(request: Request) -> bool:
 
 
 def _etag_matches(request: Request, etag: str) -> bool:
-    tags = [t.strip() for t in request.headers.get("if-none-match", "").split(",")]
-    return etag in tags or "*" in tags
+    """If-None-Match uses the weak comparison (RFC 9110 13.1.2): W/"x" and "x" match."""
+    tags = [t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")]
+    return etag.removeprefix("W/") in tags or "*" in tags
 
 
 def fleet_router(pages: FleetPages) -> APIRouter:

@@ -4,11 +4,13 @@ scan list past SQLite's variable limit. The connection attacks (half-open client
 tests/test_collector_guard.py."""
 
 import sqlite3
+from dataclasses import replace
 import time
 
 import httpx
 import pytest
 
+from straggler.collector.fleetpages import REBUILD_S
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings
 from straggler.collector.store import Store
@@ -155,8 +157,10 @@ def test_the_scan_poll_is_an_indexed_lookup_and_old_scans_are_pruned(tmp_path):
 
 
 def _fleet_server(tmp_path, **kw):
-    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=0.05,
-                                 analysis_max_delay_s=1.0, **kw)
+    # the test's own refresh() is the only analysis: a background one after the upload would
+    # publish a second snapshot (a second page build, a new ETag) at a moment a busy machine chooses
+    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=3600.0,
+                                 analysis_max_delay_s=3600.0, **kw)
     srv = BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze)
     rows = [r for h in ("ra", "rb", "rc") for r in make_rows(h, n_gpus=4, slow=(1,) if h == "rb" else (),
                                                              ts=time.time() - 30)]
@@ -186,6 +190,14 @@ def test_fleet_reads_are_one_cached_page_with_etag_and_gzip(tmp_path):
             etag = replies[0].headers["etag"]
             assert json.loads(replies[0].content)["total"] == 12
             assert c.get("/api/v1/gpus", headers={"If-None-Match": etag}).status_code == 304
+            # a page rebuilt only for its probe ages (past REBUILD_S) is the same fleet view: still 304
+            pages._pages["gpus"] = replace(pages._pages["gpus"], built_mono=time.monotonic() - 2 * REBUILD_S)
+            again = c.get("/api/v1/gpus", headers={"If-None-Match": etag})
+            assert again.status_code == 304 and again.headers["etag"] == etag
+            # a new analysis is a new snapshot: a new ETag, and the page is sent
+            srv.collector.fleet.refresh()
+            fresh = c.get("/api/v1/gpus", headers={"If-None-Match": etag})
+            assert fresh.status_code == 200 and fresh.headers["etag"] != etag
             gz = c.get("/api/v1/gpus", headers={"Accept-Encoding": "gzip"})
             assert gz.headers["content-encoding"] == "gzip" and gz.json()["total"] == 12  # httpx decodes it
     finally:
