@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import signal
 import sqlite3
 import threading
@@ -29,8 +30,10 @@ from straggler.probes.telemetry import NodeSnapshot
 from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
 from .idle import IdleTracker, busy_reason
+from .jobwatch import WATCH_S, JobWatch
 from straggler.sdnotify import Notifier
 from .poller import ScanPoller
+from .scanspec import ClusterScan, ScanRefused, scan_id_problem
 from .settings import RESTART_ONLY, AgentSettings, load_settings, serve_metrics
 from .spool import Spool
 from .uploader import Uploader
@@ -54,8 +57,9 @@ class Agent:
         self._wake = threading.Event()
         self._reload = threading.Event()
         self._probe_now = threading.Event()
-        self.scans: queue.Queue[dict] = queue.Queue()
+        self.scans: queue.Queue[ClusterScan | ScanRefused] = queue.Queue()
         self.probe_run: ProbeRun | None = None
+        self.job_watch: JobWatch | None = None
         self.snapshot = None
         self.threads: list[threading.Thread] = []
         self.server = None
@@ -146,7 +150,7 @@ class Agent:
                     next_ping = now + self.notifier.watchdog_s / 2
                 waits = [next_tick - time.monotonic()]
                 if self.probe_run is not None or not self.scans.empty():
-                    waits.append(0.5)
+                    waits.append(WATCH_S)
                 if self.notifier.watchdog_s:
                     waits.append(next_ping - time.monotonic())
                 self._wake.wait(max(0.0, min(waits)))
@@ -206,9 +210,9 @@ class Agent:
     def _probes(self, now: float, next_probe: float) -> float:
         run = self.probe_run
         if run is not None:
-            if run.poll():
+            if run.poll() or self._job_started(run):
                 self._reap(run)
-                self.probe_run = None
+                self.probe_run = self.job_watch = None
             return next_probe
         while not self.scans.empty():
             scan = self.scans.get_nowait()
@@ -229,20 +233,47 @@ class Agent:
             return now + s.probe_every_s
         return next_probe
 
+    def _job_started(self, run: ProbeRun) -> bool:
+        """Abort the probe run when a job appeared on the node (agent/jobwatch.py); True once it ended."""
+        reason = self.job_watch.check() if self.job_watch is not None else None
+        if reason is None:
+            return False
+        log.warning("probe run %s: a job started (%s); aborting the probes", run.scan_id, reason)
+        run.kill(f"aborted: job started: {reason}", "job_started")
+        try:
+            run.trim(self.job_watch.appeared_ts)
+        except OSError as e:  # never upload what the job disturbed: nothing of this run is kept
+            log.error("cannot trim the output of %s (%s); none of its results are kept", run.scan_id, e)
+            run.output.unlink(missing_ok=True)
+        return True
+
+    def _watch(self, run: ProbeRun) -> JobWatch:
+        s = self.settings
+        on_cpu = s.probe_device == "cpu" or (s.probe_device == "auto" and self.backend.name == "cpu")
+        return JobWatch(self.backend, run.proc.pid, watch_gpus=self.backend.name != "cpu",
+                        job_cpu_cores=s.job_cpu_cores if on_cpu else 0.0)
+
     def _busy(self) -> str | None:
         if self.snapshot is None:
             return "no telemetry yet"
         return busy_reason(self.snapshot, self.settings.idle_util_pct)
 
     def _local_scan_id(self) -> str:
-        return f"{self.host}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        """``<host>-<UTC time>``, with any character a scan id may not hold (agent/scanspec.py) as ``_``."""
+        host = re.sub(r"[^A-Za-z0-9._-]", "_", self.host).lstrip(".-")[:100] or "node"
+        return f"{host}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
-    def _start_cluster_scan(self, scan: dict) -> None:
-        scan_id = scan["scan_id"]
-        late_s = time.time() - (scan.get("start_at") or time.time())
+    def _start_cluster_scan(self, scan: ClusterScan | ScanRefused) -> None:
+        if isinstance(scan, ScanRefused):  # a bad field of a scan with a safe id: reported, not run
+            log.warning("cluster scan %s refused: %s", scan.scan_id, scan.reason)
+            self.spool.add_status(scan.scan_id, self.host, "failed", scan.reason)
+            self._wake_uploader()
+            return
+        scan_id = scan.scan_id
+        late_s = time.time() - (scan.start_at or time.time())
         busy = self._busy()
-        too_long = self.settings.scan_problems(len(scan.get("probes") or self.settings.probes),
-                                               scan.get("duration_s") or self.settings.probe_duration_s)
+        too_long = self.settings.scan_problems(len(scan.probes or self.settings.probes),
+                                               scan.duration_s or self.settings.probe_duration_s)
         reason = (f"missed the start by {late_s:.0f} s" if late_s > MISSED_START_S
                   else f"cannot finish: {too_long[0]}" if too_long else busy and f"node busy: {busy}")
         if reason:
@@ -250,12 +281,15 @@ class Agent:
             self.spool.add_status(scan_id, self.host, "failed", reason)
             self._wake_uploader()
             return
-        self._start(scan_id, cluster=True, start_at=scan.get("start_at"), probes=scan.get("probes"),
-                    duration_s=scan.get("duration_s"))
+        self._start(scan_id, cluster=True, start_at=scan.start_at, probes=scan.probes,
+                    duration_s=scan.duration_s)
 
     def _start(self, scan_id: str, cluster: bool, start_at: float | None = None, probes=None,
                duration_s: float | None = None) -> None:
         s = self.settings
+        problem = scan_id_problem(scan_id)
+        if problem:  # paths are built from a safe id only
+            raise ValueError(problem)
         wait = max(0.0, (start_at or 0.0) - time.time())
         deadline = s.probe_deadline_s + wait
         output = self.workdir / f"{scan_id}.jsonl"
@@ -268,10 +302,11 @@ class Agent:
         try:
             run.start(self.workdir)
         except OSError as e:
-            run.error = f"cannot start the probe command: {e}"
+            run.fail(f"cannot start the probe command: {e}", "start")
             self._reap(run)
             return
         self.probe_run = run
+        self.job_watch = self._watch(run)
         self.metrics.probe_runs.inc()
         log.info("probe run %s started (killed after %.0f s): %s", scan_id, deadline + run.kill_grace_s,
                  " ".join(cmd))
@@ -297,9 +332,10 @@ class Agent:
             self.idle.reset()
             return
         if run.failed:
-            self.metrics.probe_failures.inc()
+            self.metrics.probe_failures.labels(run.failure or "exit_status").inc()
             self.metrics.errors.labels("probe").inc()
-            log.error("probe run %s failed: %s (%d results kept)", run.scan_id, run.error, new)
+            dropped = f", {run.dropped} measured after the job appeared dropped" if run.dropped else ""
+            log.error("probe run %s failed: %s (%d results kept%s)", run.scan_id, run.error, new, dropped)
         else:
             log.info("probe run %s done: %d results spooled", run.scan_id, new)
         if run.ended_mono is not None:

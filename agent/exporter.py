@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from straggler.probes.telemetry import STATUS_OK, THROTTLE_REASONS, NodeSnapshot
 
+from .child import FAILURE_REASONS
+
 LABELS = ("host", "gpu", "uuid", "model", "pci_bus_id")
 ERROR_SOURCES = ("telemetry", "upload", "poll", "probe", "spool")
 # why a telemetry read gave no devices: the backend raised / the backend reported an error
@@ -130,8 +132,10 @@ class SelfMetrics:
         for source in ERROR_SOURCES:
             self.errors.labels(source)
         self.probe_runs = Counter("straggler_agent_probe_runs", "Probe runs started", registry=registry)
-        self.probe_failures = Counter("straggler_agent_probe_failures", "Probe runs that failed or overran",
-                                      registry=registry)
+        self.probe_failures = Counter("straggler_agent_probe_failures", "Probe runs that failed, by reason",
+                                      ["reason"], registry=registry)
+        for reason in FAILURE_REASONS:
+            self.probe_failures.labels(reason)
         self.probe_seconds = Gauge("straggler_agent_probe_duration_seconds", "Duration of the last probe run",
                                    registry=registry)
         self.uploaded = Counter("straggler_agent_uploaded_results", "Results accepted by the collector",

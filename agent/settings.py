@@ -25,6 +25,7 @@ class AgentSettings:
     interval_s: float = 15.0  # telemetry tick
     collector_url: str | None = None  # e.g. http://collector:9402; None = spool only
     token_file: Path | None = None  # bearer token for the collector
+    ca_file: Path | None = None  # CA bundle (PEM) to verify an https:// collector with; None = the system's CAs
     spool_path: Path = Path("/var/lib/straggler-agent/spool.sqlite")
     upload_batch: int = 1000  # the collector ingests >= 20,000 results/s from batches of 1,000 (benchmarks/collector_ingest.py)
     backoff_initial_s: float = 1.0
@@ -40,6 +41,7 @@ class AgentSettings:
     probe_command: tuple[str, ...] = ()  # the scan command; () = this Python's `-m straggler scan`
     idle_grace_s: float = 300.0  # devices must be idle this long before a scheduled probe
     idle_util_pct: float = 5.0  # at or below this utilization a device counts as idle
+    job_cpu_cores: float = 0.25  # CPU probes: processes outside the probe using more cores than this = a job; 0 = not watched
     log_level: str = "info"
 
     def problems(self) -> list[str]:
@@ -49,7 +51,7 @@ class AgentSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
-        for name in ("poll_wait_s", "probe_every_s", "idle_grace_s", "probe_kill_grace_s"):
+        for name in ("poll_wait_s", "probe_every_s", "idle_grace_s", "probe_kill_grace_s", "job_cpu_cores"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0")
         if not 0 <= self.listen_port <= 65535:
@@ -66,6 +68,16 @@ class AgentSettings:
             out.append("token_file: required with collector_url (the collector needs a bearer token)")
         elif self.token_file is not None and self.collector_url and not self.token_file.is_file():
             out.append(f"token_file: {self.token_file} is not a readable file")
+        elif self.token_file is not None and self.collector_url:
+            from .uploader import token_problem
+
+            problem = token_problem(self.token_file)
+            if problem:
+                out.append(problem)
+        if self.ca_file is not None:
+            problem = ca_file_problem(self.ca_file)
+            if problem:
+                out.append(problem)
         if not self.probes:
             out.append("probes: give at least one probe")
         else:
@@ -107,6 +119,17 @@ class AgentSettings:
         """These settings as the start uses them (what ``--check`` prints): the resolved node name,
         the probe command that will run."""
         return replace(self, host=self.node, probe_command=tuple(self.scan_base_command))
+
+
+def ca_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot verify an https:// collector (missing, no PEM certificate), else None."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as e:
+        return f"ca_file: {path} is not a readable PEM CA bundle ({e})"
+    return None
 
 
 RESTART_ONLY = ("host", "listen_address", "listen_port", "spool_path", "collector_url")  # a reload keeps these
