@@ -30,6 +30,7 @@ from straggler.probes.telemetry import NodeSnapshot
 from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
 from .idle import IdleTracker, busy_reason
+from . import orphan
 from .jobwatch import WATCH_S, JobWatch
 from straggler.sdnotify import Notifier
 from .poller import ScanPoller
@@ -94,6 +95,7 @@ class Agent:
         ProcessCollector(registry=self.registry)
         self.server = serve_metrics(s, self.registry)
         self.port = self.server.server_port
+        self.orphan_busy = self._end_orphan()
         for scan_id in self.spool.scans_in_state("running"):
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
         self._recover()
@@ -228,7 +230,7 @@ class Agent:
                 self._start(self._local_scan_id(), cluster=False)
                 return next_probe
         s = self.settings
-        if s.probe_every_s > 0 and now >= next_probe and self.idle.idle(now):
+        if s.probe_every_s > 0 and now >= next_probe and self.idle.idle(now) and not self._busy():
             self._start(self._local_scan_id(), cluster=False)
             return now + s.probe_every_s
         return next_probe
@@ -254,6 +256,10 @@ class Agent:
                         job_cpu_cores=s.job_cpu_cores if on_cpu else 0.0)
 
     def _busy(self) -> str | None:
+        if self.orphan_busy:
+            self.orphan_busy = self._end_orphan()  # tried again: it may have ended meanwhile
+            if self.orphan_busy:
+                return self.orphan_busy
         if self.snapshot is None:
             return "no telemetry yet"
         return busy_reason(self.snapshot, self.settings.idle_util_pct)
@@ -306,11 +312,22 @@ class Agent:
             self._reap(run)
             return
         self.probe_run = run
+        orphan.record(self.workdir, run.proc.pid, scan_id)
         self.job_watch = self._watch(run)
         self.metrics.probe_runs.inc()
         log.info("probe run %s started (killed after %.0f s): %s", scan_id, deadline + run.kill_grace_s,
                  " ".join(cmd))
         self.notifier.status(f"probing ({scan_id}); serving /metrics on {s.listen_address}:{self.port}")
+
+    def _end_orphan(self) -> str | None:
+        """End a probe child a previous agent left running (agent/orphan.py); the reason the node
+        stays busy when it cannot be ended."""
+        done, busy = orphan.end_orphan(self.workdir, self.settings.probe_kill_grace_s)
+        if done:
+            log.warning("%s", done)
+        if busy:
+            log.error("%s: no probe starts until it has ended", busy)
+        return busy
 
     def _recover(self) -> None:
         """Spool what probe runs interrupted by a crash or a kill of the agent had written."""
@@ -342,6 +359,7 @@ class Agent:
             self.metrics.probe_seconds.set(run.ended_mono - run.started_mono)
         self.metrics.spooled.set(self.spool.count())
         run.cleanup()
+        orphan.clear(self.workdir)
         self.idle.reset()
         self._wake_uploader()
         self.notifier.status(f"idle; serving /metrics on {self.settings.listen_address}:{self.port}")
