@@ -36,7 +36,7 @@ from straggler.sdnotify import Notifier
 from .poller import ScanPoller
 from .scanspec import ClusterScan, ScanRefused, scan_id_problem
 from .settings import RESTART_ONLY, AgentSettings, load_settings, serve_metrics
-from .spool import Spool
+from .spool import open_spool
 from .uploader import Uploader
 
 log = logging.getLogger("straggler.agent")
@@ -87,17 +87,25 @@ class Agent:
     # --- start / stop ---
     def start(self) -> None:
         s = self.settings
-        self.spool = open_sqlite("spool_path", s.spool_path, Spool)  # a one-line error, as --check gives
+        opened = open_sqlite("spool_path", s.spool_path,  # a one-line error, as --check gives
+                             lambda p: open_spool(p, s.spool_max_rows, s.spool_max_bytes))
+        self.spool, spool_note = opened
         self.workdir = s.spool_path.parent / "agent-scans"
         self.backend = open_backend(s.telemetry)
         self.idle = IdleTracker(s.idle_grace_s, s.idle_util_pct)
         self.registry, self.exporter, self.metrics = build_registry()
         ProcessCollector(registry=self.registry)
+        self.spool_error: str | None = None  # why the spool cannot take results now (the node is then busy)
+        self._spool_dropped = 0
+        if spool_note:
+            self._spool_failed("corrupt", spool_note)
+            self.spool_error = None  # the new spool works
         self.server = serve_metrics(s, self.registry)
         self.port = self.server.server_port
         self.orphan_busy = self._end_orphan()
-        for scan_id in self.spool.scans_in_state("running"):
+        self._spooling("the interrupted scans' states", lambda: [
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
+            for scan_id in self.spool.scans_in_state("running")])
         self._recover()
         self.uploader = self.poller = None
         if s.collector_url:
@@ -107,7 +115,7 @@ class Agent:
                 t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
                 t.start()
                 self.threads.append(t)
-        self.metrics.spooled.set(self.spool.count())
+        self._spooling("the spool's size", lambda: self.metrics.spooled.set(self.spool.count()))
         log.info("%s; /metrics on http://%s:%d; spool %s; collector %s", self.backend.notice,
                  s.listen_address, self.port, s.spool_path, s.collector_url or "none (spool only)")
 
@@ -256,6 +264,8 @@ class Agent:
                         job_cpu_cores=s.job_cpu_cores if on_cpu else 0.0)
 
     def _busy(self) -> str | None:
+        if self.spool_error and not self._spooling("a test write", self.spool.touch):
+            return self.spool_error  # no probe whose results could not be spooled
         if self.orphan_busy:
             self.orphan_busy = self._end_orphan()  # tried again: it may have ended meanwhile
             if self.orphan_busy:
@@ -272,7 +282,8 @@ class Agent:
     def _start_cluster_scan(self, scan: ClusterScan | ScanRefused) -> None:
         if isinstance(scan, ScanRefused):  # a bad field of a scan with a safe id: reported, not run
             log.warning("cluster scan %s refused: %s", scan.scan_id, scan.reason)
-            self.spool.add_status(scan.scan_id, self.host, "failed", scan.reason)
+            self._spooling(f"the state of scan {scan.scan_id}",
+                           lambda: self.spool.add_status(scan.scan_id, self.host, "failed", scan.reason))
             self._wake_uploader()
             return
         scan_id = scan.scan_id
@@ -284,7 +295,8 @@ class Agent:
                   else f"cannot finish: {too_long[0]}" if too_long else busy and f"node busy: {busy}")
         if reason:
             log.warning("cluster scan %s refused: %s", scan_id, reason)
-            self.spool.add_status(scan_id, self.host, "failed", reason)
+            self._spooling(f"the state of scan {scan_id}",
+                           lambda: self.spool.add_status(scan_id, self.host, "failed", reason))
             self._wake_uploader()
             return
         self._start(scan_id, cluster=True, start_at=scan.start_at, probes=scan.probes,
@@ -302,8 +314,10 @@ class Agent:
         cmd = scan_command(s, scan_id, output, deadline, start_at, probes, duration_s)
         run = ProbeRun(scan_id=scan_id, cluster=cluster, command=cmd, output=output, deadline_s=deadline,
                        kill_grace_s=s.probe_kill_grace_s)
+        if cluster and not self._spooling(f"the state of scan {scan_id}",
+                                          lambda: self.spool.add_status(scan_id, self.host, "running") or True):
+            return  # no probe whose results could not be spooled
         if cluster:
-            self.spool.add_status(scan_id, self.host, "running")
             self._wake_uploader()
         try:
             run.start(self.workdir)
@@ -332,20 +346,24 @@ class Agent:
     def _recover(self) -> None:
         """Spool what probe runs interrupted by a crash or a kill of the agent had written."""
         for path in sorted(self.workdir.glob("*.jsonl")):
-            new = self.spool.add_results(read_rows(path), host=self.host)
+            new = self._spooling(f"the results of the interrupted run {path.stem}",
+                                 lambda: self._add_results(read_rows(path)))
+            if new is None:
+                return  # kept for the next start
             log.warning("recovered %d results of the interrupted probe run %s", new, path.stem)
             for leftover in (path, path.with_suffix(".stderr"), path.with_suffix(".stdout")):
                 leftover.unlink(missing_ok=True)
 
     def _reap(self, run: ProbeRun) -> None:
-        try:
-            new = self.spool.add_results(run.rows(), host=self.host)
+        def spool_run() -> int:
+            new = self._add_results(run.rows())
             if run.cluster:
                 self.spool.add_status(run.scan_id, self.host, "failed" if run.failed else "done", run.error)
-        except sqlite3.Error as e:  # e.g. a full disk: keep the output file, spooled at the next start
-            self.metrics.errors.labels("spool").inc()
-            log.error("cannot spool the results of %s (%s); %s is kept for the next start", run.scan_id, e,
-                      run.output)
+            return new
+
+        new = self._spooling(f"the results of {run.scan_id} ({run.output} is kept for the next start)", spool_run)
+        if new is None:  # e.g. a full disk: the output file stays, spooled at the next start
+            orphan.clear(self.workdir)
             self.idle.reset()
             return
         if run.failed:
@@ -357,12 +375,42 @@ class Agent:
             log.info("probe run %s done: %d results spooled", run.scan_id, new)
         if run.ended_mono is not None:
             self.metrics.probe_seconds.set(run.ended_mono - run.started_mono)
-        self.metrics.spooled.set(self.spool.count())
+        self._spooling("the spool's size", lambda: self.metrics.spooled.set(self.spool.count()))
         run.cleanup()
         orphan.clear(self.workdir)
         self.idle.reset()
         self._wake_uploader()
         self.notifier.status(f"idle; serving /metrics on {self.settings.listen_address}:{self.port}")
+
+    # --- the spool: a full disk or a broken file is an error line and a state, never a crash ---
+    def _spooling(self, what: str, action):
+        """``action()``'s result, or None when the spool failed (counted, logged in one line; the
+        node is busy until the spool works again)."""
+        try:
+            result = action()
+        except sqlite3.Error as e:
+            kind = "full" if "full" in str(e) else "corrupt" if ("malformed" in str(e) or "not a database" in str(e)) \
+                else "other"
+            self._spool_failed(kind, f"cannot spool {what}: {type(e).__name__}: {e}")
+            return None
+        self.spool_error = None
+        return result
+
+    def _spool_failed(self, kind: str, message: str) -> None:
+        self.metrics.errors.labels("spool").inc()
+        self.metrics.spool_errors.labels(kind).inc()
+        self.spool_error = f"spool unusable ({kind}): {message}"
+        log.error("%s", message)
+
+    def _add_results(self, rows) -> int:
+        """Spool rows; results the spool's cap dropped are counted and logged."""
+        new = self.spool.add_results(rows, host=self.host)
+        dropped, self._spool_dropped = self.spool.dropped - self._spool_dropped, self.spool.dropped
+        if dropped:
+            self.metrics.spool_dropped.inc(dropped)
+            log.warning("spool full (spool_max_rows = %d, spool_max_bytes = %d): dropped the %d oldest results",
+                        self.settings.spool_max_rows, self.settings.spool_max_bytes, dropped)
+        return new
 
     def _wake_uploader(self) -> None:
         if self.uploader is not None:

@@ -22,6 +22,7 @@ from .child import FAILURE_REASONS
 
 LABELS = ("host", "gpu", "uuid", "model", "pci_bus_id")
 ERROR_SOURCES = ("telemetry", "upload", "poll", "probe", "spool")
+SPOOL_ERRORS = ("full", "corrupt", "other")  # straggler_agent_spool_errors_total{kind}
 # why a telemetry read gave no devices: the backend raised / the backend reported an error
 TELEMETRY_FAILURES = ("backend_raised", "backend_error")
 STATUS_STALE = "stale"  # straggler_gpu_up's status for a device of the last good snapshot
@@ -141,6 +142,12 @@ class SelfMetrics:
         self.uploaded = Counter("straggler_agent_uploaded_results", "Results accepted by the collector",
                                 registry=registry)
         self.spooled = Gauge("straggler_agent_spool_results", "Results waiting in the spool", registry=registry)
+        self.spool_errors = Counter("straggler_agent_spool_errors", "Spool failures, by kind (full disk, corrupt file)",
+                                    ["kind"], registry=registry)
+        for kind in SPOOL_ERRORS:
+            self.spool_errors.labels(kind)
+        self.spool_dropped = Counter("straggler_agent_spool_dropped_results",
+                                     "Oldest results dropped because the spool reached its cap", registry=registry)
         self.telemetry_failures = Counter("straggler_agent_telemetry_failures",
                                           "Telemetry reads that gave no devices, by reason", ["reason"],
                                           registry=registry)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from straggler.config import check_sqlite, load
-from straggler.errors import InputError
+from straggler.errors import ConfigError, InputError
 
 DEFAULT_CONFIG = Path("/etc/straggler/agent.toml")
 ENV_PREFIX = "STRAGGLER_AGENT_"
@@ -27,6 +27,8 @@ class AgentSettings:
     token_file: Path | None = None  # bearer token for the collector
     ca_file: Path | None = None  # CA bundle (PEM) to verify an https:// collector with; None = the system's CAs
     spool_path: Path = Path("/var/lib/straggler-agent/spool.sqlite")
+    spool_max_rows: int = 1_000_000  # past this many results waiting, the oldest are dropped (counted)
+    spool_max_bytes: int = 1 << 30  # likewise past this much row data (1 GiB)
     upload_batch: int = 1000  # the collector ingests >= 20,000 results/s from batches of 1,000 (benchmarks/collector_ingest.py)
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -46,7 +48,7 @@ class AgentSettings:
 
     def problems(self) -> list[str]:
         out = []
-        positive = ("interval_s", "upload_batch", "backoff_initial_s", "backoff_max_s", "http_timeout_s",
+        positive = ("interval_s", "upload_batch", "spool_max_rows", "spool_max_bytes", "backoff_initial_s", "backoff_max_s", "http_timeout_s",
                     "probe_duration_s", "probe_deadline_s")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -162,7 +164,13 @@ def check_start(settings: AgentSettings) -> None:
 
     from .spool import Spool
 
-    check_sqlite("spool_path", settings.spool_path, Spool)
+    try:
+        check_sqlite("spool_path", settings.spool_path, Spool)
+    except ConfigError as e:
+        if not any(w in str(e) for w in ("file is not a database", "malformed")):
+            raise
+        # the start moves a corrupt spool aside and starts a new one (agent/spool.py open_spool)
+        print(f"straggler: warning: {e}; the start will move it aside and start a new spool", file=sys.stderr)
     server = serve_metrics(settings, CollectorRegistry())
     server.shutdown()
     server.server_close()
