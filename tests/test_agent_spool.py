@@ -48,6 +48,20 @@ def test_a_corrupt_spool_is_moved_aside_and_the_agent_starts(tmp_path):
         a.close()
 
 
+def test_check_warns_of_a_corrupt_spool_and_passes_as_the_start_does(tmp_path):
+    from conftest import run_cmd
+
+    spool = tmp_path / "spool.sqlite"
+    spool.write_bytes(b"this is not an SQLite database\n" * 200)
+    out = run_cmd([sys.executable, "-m", "straggler", "agent", "--spool", str(spool), "--listen-port", "0",
+                   "--check"], timeout_s=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == (f"straggler: warning: config: spool_path: {spool} cannot be opened as an SQLite "
+                                  "database (file is not a database); the start will move it aside and start a "
+                                  "new spool"), out.stderr
+    assert spool.read_bytes().startswith(b"this is not")  # --check moves nothing
+
+
 @pytest.mark.parametrize("cap, kept", [({"spool_max_rows": 5}, 5), ({"spool_max_bytes": 1500}, None)])
 def test_the_spool_is_capped_and_drops_the_oldest_with_a_counter(tmp_path, cap, kept):
     rows = 12
