@@ -244,3 +244,56 @@ def test_the_first_cpu_reading_is_busy_not_idle():
     first = CpuBackend().snapshot("n")
     assert all(d.util_pct is None for d in first.devices)
     assert busy_reason(first, 5.0) == "device 0: utilization unknown (not read yet)"
+
+
+def test_nvml_lists_compute_pids_through_the_funnel_and_the_watch_tells_ours_from_a_job(tmp_path):
+    """The NVML backend's own code (FakePynvml serves the fixture through the pynvml API): PIDs of
+    compute processes; a failure is a code, never an exception; a pid outside the probe's session
+    is a job, an unreadable list is busy."""
+    from straggler.agent.jobwatch import JobWatch
+    from straggler.probes.fakepynvml import FakePynvml
+    from straggler.probes.nvml import NvmlBackend
+    from test_agent_support import fixture_with_faults
+
+    busy = NvmlBackend(library=FakePynvml("h100_healthy"))  # a job: one compute process per GPU
+    assert busy.compute_pids(0) == ((0,), None)
+    idle = NvmlBackend(library=FakePynvml("h100_idle"))
+    assert idle.compute_pids(0) == ((), None)
+    broken = NvmlBackend(library=FakePynvml(str(fixture_with_faults(
+        tmp_path, "h100_idle", [{"device": 2, "nvml_error": "no_permission", "fields": ["processes"]}]))))
+    assert broken.compute_pids(2) == (None, "no_permission")
+    me = os.getpid()
+    assert JobWatch(idle, me, watch_gpus=True, job_cpu_cores=0).check() is None
+    assert JobWatch(busy, me, watch_gpus=True, job_cpu_cores=0).check() == \
+        "device 0 runs 1 compute process(es) not the probe's (pid 0)"
+    assert JobWatch(broken, me, watch_gpus=True, job_cpu_cores=0).check() == \
+        "device 2: compute processes unknown (no_permission)"
+
+
+def test_a_gpu_process_in_the_probes_session_is_the_probes_own():
+    """NVML lists the probe's own workers too: a pid in the child's session is not a job."""
+    from straggler.agent.jobwatch import JobWatch
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        class Lister:  # the backend protocol the watch uses: NVML's compute_pids
+            name = "nvml"
+
+            def __init__(self, pids):
+                self.pids = pids
+
+            def device_count(self):
+                return 1
+
+            def compute_pids(self, index):
+                return self.pids, None
+
+        # the "probe child" is the session leader `worker`; its own pid and its session are the probe's
+        assert JobWatch(Lister((worker.pid,)), worker.pid, watch_gpus=True, job_cpu_cores=0).check() is None
+        assert JobWatch(Lister((worker.pid, stranger.pid)), worker.pid, watch_gpus=True, job_cpu_cores=0).check() \
+            == f"device 0 runs 1 compute process(es) not the probe's (pid {stranger.pid})"
+    finally:
+        for p in (worker, stranger):
+            p.kill()
+            p.wait()
