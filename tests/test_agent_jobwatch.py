@@ -163,12 +163,12 @@ def _fixture_with_a_job(tmp_path, idle_reads: int) -> str:
 @pytest.mark.parametrize("case", ["job", "unreadable"])
 def test_a_gpu_job_or_an_unreadable_process_list_aborts_the_probe(tmp_path, server, case):
     if case == "job":
-        telemetry, says = _fixture_with_a_job(tmp_path, idle_reads=40), "device 0 runs 1 compute process(es)"
+        telemetry, says = _fixture_with_a_job(tmp_path, idle_reads=24), "device 0 runs 1 compute process(es)"
     else:
         from test_agent_support import fixture_with_faults
 
         telemetry = "fake:" + str(fixture_with_faults(tmp_path, "h100_idle", [
-            {"device": 3, "from_read": 40, "nvml_error": "no_permission", "fields": ["processes"]}]))
+            {"device": 3, "from_read": 24, "nvml_error": "no_permission", "fields": ["processes"]}]))
         says = "device 3: compute processes unknown (no_permission)"
     agent = _agent(tmp_path, server, telemetry=telemetry, probe_device="cuda")
     try:
