@@ -35,6 +35,7 @@ from .jobwatch import WATCH_S, JobWatch
 from straggler.sdnotify import Notifier
 from .poller import ScanPoller
 from .scanspec import ClusterScan, ScanRefused, scan_id_problem
+from .quarantine import QuarantineWatch, retest_outcome
 from .settings import RESTART_ONLY, AgentSettings, load_settings, serve_metrics
 from .spool import open_spool
 from .uploader import Uploader
@@ -107,11 +108,14 @@ class Agent:
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
             for scan_id in self.spool.scans_in_state("running")])
         self._recover()
-        self.uploader = self.poller = None
+        self.uploader = self.poller = self.quarantine = None
+        self.next_retest = 0.0  # monotonic
         if s.collector_url:
             self.uploader = Uploader(s, self.spool, self.host, self.metrics)
             self.poller = ScanPoller(s, self.host, self.scans, self.metrics)
-            for name, target in (("upload", self.uploader.run), ("poll", self.poller.run)):
+            self.quarantine = QuarantineWatch(s, self.host, self.metrics, wake=self._wake)
+            for name, target in (("upload", self.uploader.run), ("poll", self.poller.run),
+                                 ("quarantine", self.quarantine.run)):
                 t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -208,7 +212,7 @@ class Agent:
             self.backend.close()
             self.backend = open_backend(new.telemetry)
         self.idle.grace_s, self.idle.util_pct = new.idle_grace_s, new.idle_util_pct
-        for helper in (self.uploader, self.poller):  # both HTTP threads follow the new config
+        for helper in (self.uploader, self.poller, self.quarantine):  # the HTTP threads follow the new config
             if helper is not None:
                 helper.settings = new
         self.settings = new
@@ -238,6 +242,11 @@ class Agent:
                 self._start(self._local_scan_id(), cluster=False)
                 return next_probe
         s = self.settings
+        if self.quarantine is not None and self.quarantine.drained:  # retests replace the scheduled probes
+            if now >= self.next_retest and self.idle.idle(now) and not self._busy():
+                self._start(self._local_scan_id("retest"), cluster=False, retest=True)
+                self.next_retest = now + s.retest_every_s
+            return next_probe
         if s.probe_every_s > 0 and now >= next_probe and self.idle.idle(now) and not self._busy():
             self._start(self._local_scan_id(), cluster=False)
             return now + s.probe_every_s
@@ -274,10 +283,10 @@ class Agent:
             return "no telemetry yet"
         return busy_reason(self.snapshot, self.settings.idle_util_pct)
 
-    def _local_scan_id(self) -> str:
-        """``<host>-<UTC time>``, with any character a scan id may not hold (agent/scanspec.py) as ``_``."""
+    def _local_scan_id(self, kind: str = "") -> str:
+        """``<host>-[<kind>-]<UTC time>``, with any character a scan id may not hold (agent/scanspec.py) as ``_``."""
         host = re.sub(r"[^A-Za-z0-9._-]", "_", self.host).lstrip(".-")[:100] or "node"
-        return f"{host}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        return f"{host}-{kind + '-' if kind else ''}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
     def _start_cluster_scan(self, scan: ClusterScan | ScanRefused) -> None:
         if isinstance(scan, ScanRefused):  # a bad field of a scan with a safe id: reported, not run
@@ -303,7 +312,7 @@ class Agent:
                     duration_s=scan.duration_s)
 
     def _start(self, scan_id: str, cluster: bool, start_at: float | None = None, probes=None,
-               duration_s: float | None = None) -> None:
+               duration_s: float | None = None, retest: bool = False) -> None:
         s = self.settings
         problem = scan_id_problem(scan_id)
         if problem:  # paths are built from a safe id only
@@ -311,9 +320,10 @@ class Agent:
         wait = max(0.0, (start_at or 0.0) - time.time())
         deadline = s.probe_deadline_s + wait
         output = self.workdir / f"{scan_id}.jsonl"
-        cmd = scan_command(s, scan_id, output, deadline, start_at, probes, duration_s)
+        cmd = scan_command(s, scan_id, output, deadline, start_at, probes, duration_s,
+                           max_rounds=s.retest_max_rounds if retest else 1)
         run = ProbeRun(scan_id=scan_id, cluster=cluster, command=cmd, output=output, deadline_s=deadline,
-                       kill_grace_s=s.probe_kill_grace_s)
+                       kill_grace_s=s.probe_kill_grace_s, retest=retest)
         if cluster and not self._spooling(f"the state of scan {scan_id}",
                                           lambda: self.spool.add_status(scan_id, self.host, "running") or True):
             return  # no probe whose results could not be spooled
@@ -373,6 +383,8 @@ class Agent:
             log.error("probe run %s failed: %s (%d results kept%s)", run.scan_id, run.error, new, dropped)
         else:
             log.info("probe run %s done: %d results spooled", run.scan_id, new)
+        if run.retest and self.quarantine is not None:  # after spooling: its rows reach the collector too
+            self.quarantine.report(retest_outcome(run))
         if run.ended_mono is not None:
             self.metrics.probe_seconds.set(run.ended_mono - run.started_mono)
         self._spooling("the spool's size", lambda: self.metrics.spooled.set(self.spool.count()))

@@ -27,7 +27,9 @@ from .apidocs import render_docs
 from .fleet import FleetView, json_safe
 from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime, Secret
+from .quarantine_api import quarantine_router
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
+from .reportpage import router as report_router
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings, scan_problem
 from .store import Refused, Store, row_tuples
@@ -99,6 +101,7 @@ def create_app(
     app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
+    app.include_router(quarantine_router(col))
     app.add_exception_handler(RequestValidationError, _validation_error)
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.
@@ -237,6 +240,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    app.include_router(report_router)  # /report, /report/gpu: the fleet report (collector/reportpage.py)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:

@@ -46,21 +46,38 @@ class DevicePlan:
     reason: str  # why this backend ran, for the one-line notice
 
 
-def resolve_devices(requested: str, cuda_count: int, cpus: Iterable[int], torch_version: str) -> DevicePlan:
-    """Pick the devices for ``--device`` given what torch sees (pure)."""
+def visible_gpus(nvml_count: int, env: Mapping[str, str] | None = None) -> int:
+    """How many GPUs CUDA will show the workers: NVML's count narrowed by ``CUDA_VISIBLE_DEVICES``
+    as CUDA reads it (pure). An empty value hides every GPU; a list counts its entries up to the
+    first index NVML does not have (CUDA ignores the rest); UUIDs and MIG names count as given."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return nvml_count
+    n = 0
+    for part in (p.strip() for p in visible.split(",")):
+        if not part or (part.lstrip("-").isdigit() and not 0 <= int(part) < nvml_count):
+            break
+        n += 1
+    return min(n, nvml_count)
+
+
+def resolve_devices(requested: str, cuda_count: int, cpus: Iterable[int], counted_by: str) -> DevicePlan:
+    """Pick the devices for ``--device`` given the GPUs ``counted_by`` sees (pure; ``counted_by``
+    names the counter in messages: ``NVML``, ``torch 2.13.0``)."""
     if requested not in DEVICE_CHOICES:
         raise InputError(f"unknown device {requested!r}; choose from {', '.join(DEVICE_CHOICES)}")
     cpus = tuple(sorted(cpus))
     if requested == "cuda" or (requested == "auto" and cuda_count > 0):
         if cuda_count == 0:
             raise ProbeError(
-                f"--device cuda: no CUDA GPU visible to torch {torch_version} "
+                f"--device cuda: no CUDA GPU visible to {counted_by} "
                 "(check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu)")
-        why = "requested" if requested == "cuda" else "auto: torch sees CUDA"
+        why = "requested" if requested == "cuda" else f"auto: {counted_by} sees CUDA GPUs"
         return DevicePlan("cuda", tuple(range(cuda_count)), f"{cuda_count} CUDA GPU(s), {why}")
     if not cpus:
         raise ProbeError("no CPU core is available to this process (sched_getaffinity is empty)")
-    why = "requested" if requested == "cpu" else f"auto: no CUDA GPU visible to torch {torch_version}"
+    why = "requested" if requested == "cpu" else f"auto: no CUDA GPU visible to {counted_by}"
     return DevicePlan("cpu", cpus, f"{len(cpus)} CPU core(s), one worker pinned to each, {why}")
 
 

@@ -22,9 +22,13 @@ def run_rank(settings, launch: Launch, on_event: Callable[[dict], None] | None):
     from .runner import DEFAULT_DURATION_S, ScanResult, new_scan_id
 
     if launch.source == "slurm":  # torch's env:// rendezvous reads these names
-        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-        if missing:
-            raise InputError(f"srun scan: set {' and '.join(missing)} (rank 0's address and a free port)")
+        from straggler.slurm import rendezvous
+
+        try:  # rank 0's node and a port of the job's own, derived alike by every task of the step
+            os.environ.update(rendezvous(os.environ))
+        except ValueError as e:
+            raise InputError(f"srun scan: {e}; set MASTER_ADDR and MASTER_PORT (rank 0's address and a "
+                             "free port)") from None
         os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
                           LOCAL_RANK=str(launch.local_rank))
     host = host_name()

@@ -8,13 +8,15 @@ A fixture (``probes/fixtures/<scenario>.json``, shipped in the package as ``stra
                  "fields": null}]}
 
 Each ``read(i)`` of device ``i`` replays its next frame (``base`` merged with the frame; frames
-loop). A frame's ``errors`` (``{"retired_pages": "not_supported"}``) and ``status`` replay as NVML
+loop; ``xid_errors``, the XID events seen so far by code, must not decrease). A frame's ``errors`` (``{"retired_pages": "not_supported"}``) and ``status`` replay as NVML
 failures. Faults are scenario data: from the ``from_read``-th read of a device until ``until_read``
 (exclusive; null = for ever) the listed ``fields`` fail with ``nvml_error``, or the whole device
 does when ``fields`` is null. Instead of ``nvml_error`` a fault may name a ``python_error`` that a
 real pynvml raises besides ``NVMLError``: ``"AttributeError"`` (a function an older nvidia-ml-py
 lacks) or ``"UnicodeDecodeError"`` (a name that is not valid UTF-8; text fields only); it becomes
-the status the NVML funnel gives it (:func:`probes.nvml.failure_of`). A fault with
+the status the NVML funnel gives it (:func:`probes.nvml.failure_of`). A fault ``"hang": true``
+(instead of an error name) makes the read of its device never return, as an NVML call stuck in
+the driver does (the gate's NVML child is killed at its deadline). A fault with
 ``"device": null`` hits the whole backend, counted in snapshots: with ``nvml_error`` the snapshot
 is a backend error, with ``python_error`` (also ``"OSError"``, ``"RuntimeError"``) ``snapshot()``
 raises -- a broken backend, which the agent must survive. Everything goes through
@@ -89,8 +91,11 @@ def _check(path: Path, data: Any) -> None:
         device, nvml_error, py_error = fault.get("device", "missing"), fault.get("nvml_error"), fault.get("python_error")
         if not (device is None or (isinstance(device, int) and not isinstance(device, bool))):
             raise InputError(f"{path}: fault {k} needs an integer 'device' (or null: the whole backend)")
+        if fault.get("hang") is True and nvml_error is None and py_error is None and device is not None:
+            continue
         if (nvml_error is None) == (py_error is None) or not isinstance(nvml_error or py_error, str):
-            raise InputError(f"{path}: fault {k} needs either an 'nvml_error' or a 'python_error' name")
+            raise InputError(f"{path}: fault {k} needs either an 'nvml_error' or a 'python_error' name "
+                             "(or \"hang\": true on a device)")
         fields = fault.get("fields")
         bad = sorted(set(fields or ()) - set(READING_FIELDS))
         if bad:
@@ -151,6 +156,8 @@ class FakeBackend:
         }
         if values.get("throttle_reasons") is not None:
             values["throttle_reasons"] = frozenset(values["throttle_reasons"])
+        if values.get("xid_errors") is not None:  # JSON keys are text; XID codes are numbers
+            values["xid_errors"] = {int(k): int(v) for k, v in values["xid_errors"].items()}
         errors = dict(frame.get("errors") or {})
         device_error = None
         status = frame.get("status", STATUS_OK)
@@ -160,6 +167,8 @@ class FakeBackend:
             if name != "device":
                 values[name] = NvmlFailure(code)
         for fault in self._active(index, n):
+            while fault.get("hang"):  # an NVML call stuck in the driver: whoever called it must kill us
+                time.sleep(3600)
             failure = (failure_of(python_error(fault["python_error"])) if fault.get("python_error")
                        else NvmlFailure(fault["nvml_error"]))
             if fault.get("fields") is None:

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 from straggler.errors import InputError
 
 from .budget import GRACE_S, phase_deadlines, round_needed_s, scan_needed_s
-from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices
+from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices, visible_gpus
 from .worker import EXIT_ABORTED, WorkerPlan
 
 DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
@@ -87,11 +87,11 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
         from .distributed import run_rank
 
         return run_rank(settings, launch, on_event)
-    from . import torchdev
-
     host = host_name()
-    dplan = resolve_devices(settings.device, torchdev.cuda_device_count(), os.sched_getaffinity(0),
-                            torchdev.torch_version())
+    # the launcher never imports torch (seconds of start-up): NVML counts the GPUs, the workers
+    # import torch anyway, and worker 0 hosts the rendezvous store
+    count, counted_by = (0, "NVML (not asked: --device cpu)") if settings.device == "cpu" else gpu_count()
+    dplan = resolve_devices(settings.device, count, os.sched_getaffinity(0), counted_by)
     probes, notes = plan_probes(settings.probes, dplan.kind, len(dplan.indices))
     check_telemetry(settings.telemetry)
     duration = settings.duration_s or DEFAULT_DURATION_S[dplan.kind]
@@ -182,6 +182,20 @@ class ScanRounds:
         return f"deadline: a further round needs about {need:.0f} s, {max(left, 0):.0f} s of --deadline left"
 
 
+def gpu_count() -> tuple[int, str]:
+    """(GPUs the workers will see, what counted them) through NVML and CUDA_VISIBLE_DEVICES."""
+    from .nvml import NvmlBackend
+
+    nvml = NvmlBackend()
+    try:
+        count = nvml.device_count()
+        why = "NVML" if nvml.init_error is None else \
+            f"NVML ({nvml.init_error.split(':')[0].replace('NVML ', '')})"
+    finally:
+        nvml.close()
+    return visible_gpus(count), why
+
+
 def check_telemetry(spec: str) -> None:
     """A bad telemetry spec or fixture is one InputError now, before any worker starts."""
     try:
@@ -233,10 +247,13 @@ class Watch:
         self.stopped_by: str | None = None
 
     def run(self) -> None:
-        from .torchdev import rendezvous_store
+        # worker 0 hosts the rendezvous store on a port it binds itself and writes to store_file,
+        # where the others read it (torch stays out of this process; no port is picked, then lost)
+        import tempfile
 
-        store = rendezvous_store(self.plan.group_timeout_s)
-        self.workers = [self._start(r, i, store.port) for r, i in enumerate(self.indices)]
+        where = tempfile.mkdtemp(prefix="straggler-store-")
+        store_file = os.path.join(where, "port")
+        self.workers = [self._start(r, i, store_file) for r, i in enumerate(self.indices)]
         previous = {}
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (an agent's deadline, systemd) or Ctrl-C: stop the workers and report what
@@ -252,18 +269,20 @@ class Watch:
                 if w.proc.poll() is None:
                     w.proc.kill()
                     w.proc.wait(timeout=10)
-            del store
+            import shutil
+
+            shutil.rmtree(where, ignore_errors=True)
 
     def _on_signal(self, signum, frame) -> None:
         self.stopped_by = signal.Signals(signum).name
 
-    def _start(self, rank: int, device_index: int, port: int) -> _WorkerState:
+    def _start(self, rank: int, device_index: int, store_file: str) -> _WorkerState:
         env = dict(os.environ)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the local group never leaves loopback
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")  # (NCCL's bootstrap; its data goes over NVLink/PCIe)
         env["STRAGGLER_WORKER"] = json.dumps({"plan": asdict(self.plan), "rank": rank,
                                               "world_size": len(self.indices),
-                                              "device_index": device_index, "store_port": port})
+                                              "device_index": device_index, "store_file": store_file})
         proc = subprocess.Popen([sys.executable, "-m", "straggler.probes.worker"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

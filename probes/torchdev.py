@@ -117,27 +117,44 @@ class Device:
         return time.perf_counter() - t0
 
 
-def rendezvous_store(timeout_s: float):
-    """A TCP store on a free loopback port, hosted by the local runner for its workers."""
-    t = torch()
-    return t.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=timeout_s))
+def _local_store(dist, store_file: str, rank: int, world_size: int, timeout_s: float):
+    """Rank 0 hosts a TCP store on a loopback port it binds itself and writes the port to
+    ``store_file`` (atomically); the other ranks wait for the file, then connect."""
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
+        tmp = f"{store_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(store.port))
+        os.replace(tmp, store_file)
+        return store
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(store_file) as f:
+                port = int(f.read())
+            break
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not host the rendezvous store within {timeout_s:.0f} s") from None
+            time.sleep(0.02)
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
 
 
 class Group:
     """The workers' torch.distributed process group. ``data`` carries the measured collective
     (NCCL on GPU, gloo on CPU); ``ctl`` is always gloo, for barriers, timings and gathers."""
 
-    def __init__(self, device: Device, timeout_s: float, store_port: int | None = None,
+    def __init__(self, device: Device, timeout_s: float, store_file: str | None = None,
                  rank: int | None = None, world_size: int | None = None):
         t = torch()
         self.dist = t.distributed
         backend = "nccl" if device.kind == "cuda" else "gloo"
         kwargs: dict = {"device_id": device.tdev} if device.kind == "cuda" else {}
         timeout = timedelta(seconds=timeout_s)
-        if store_port is not None:  # the local runner hosts the rendezvous store on loopback
-            kwargs.update(store=self.dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False,
-                                                   timeout=timeout), rank=rank, world_size=world_size)
+        if store_file is not None:  # local runner: worker 0 hosts the rendezvous store on loopback
+            kwargs.update(store=_local_store(self.dist, store_file, rank, world_size, timeout_s),
+                          rank=rank, world_size=world_size)
         self.dist.init_process_group(backend, timeout=timeout, **kwargs)
         self.rank = self.dist.get_rank()
         self.size = self.dist.get_world_size()

@@ -209,7 +209,7 @@ def main() -> None:
     def group_factory(dev):
         from .torchdev import Group
 
-        return Group(dev, plan.group_timeout_s, store_port=spec["store_port"], rank=spec["rank"],
+        return Group(dev, plan.group_timeout_s, store_file=spec["store_file"], rank=spec["rank"],
                      world_size=spec["world_size"])
 
     try:

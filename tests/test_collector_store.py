@@ -30,7 +30,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 7
     assert store.migrated_from == 0
     store.close()
 
@@ -218,7 +218,7 @@ def test_an_analysis_error_keeps_the_previous_verdicts(tmp_path):
     flag = {"host": "a", "uuid": "GPU-a-2", "gpu": "2", "model": "NVIDIA H100 80GB HBM3", "probe": "matmul",
             "settings": "n=8192,dtype=bf16"}
     cause = cause_label(good.stragglers()[0]["probes"][0]["causes"])
-    assert reg.get_sample_value("straggler_gpu_straggler", {**flag, "cause": cause}) == 1.0  # the series stays
+    assert reg.get_sample_value("straggler_gpu_straggler", {**flag, "cause": cause, "basis": good.stragglers()[0]["probes"][0]["basis"]}) == 1.0  # the series stays
     runs = "straggler_collector_analysis_runs_total"
     assert metrics.registry.get_sample_value(runs, {"outcome": "ok"}) == 1.0
     assert metrics.registry.get_sample_value(runs, {"outcome": "error"}) == 1.0

@@ -100,7 +100,7 @@ def test_parse_probes():
 
 
 def test_resolve_devices():
-    auto_cpu = devices.resolve_devices("auto", 0, {3, 1}, "2.13.0+cpu")
+    auto_cpu = devices.resolve_devices("auto", 0, {3, 1}, "torch 2.13.0+cpu")
     assert auto_cpu.kind == "cpu" and auto_cpu.indices == (1, 3)
     assert "no CUDA GPU visible to torch 2.13.0+cpu" in auto_cpu.reason
     gpu = devices.resolve_devices("auto", 8, {0, 1}, "2.13.0")

@@ -90,9 +90,13 @@ def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
 
 
 def test_srun_without_rendezvous_address_is_one_line_error(straggler_cmd):
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    # MASTER_ADDR/MASTER_PORT are derived from the step's node list and job id (tests/test_slurm_scan.py);
+    # without either, one line says what is missing
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") and not k.startswith("SLURM_")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="2")
     proc = run_cmd([*straggler_cmd, "scan", "--duration", "1"], scan_timeout_s(("matmul",), 1.0), env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "straggler: error: srun scan: set MASTER_ADDR and MASTER_PORT (rank 0's address and a free port)"]
+        "straggler: error: srun scan: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find rank 0's node in; "
+        "set MASTER_ADDR and MASTER_PORT (rank 0's address and a free port)"]

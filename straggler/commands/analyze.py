@@ -135,8 +135,10 @@ def warnings(result) -> list[str]:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML file with analysis settings (keys as in docs/analysis.md).")
 @click.option("--all", "show_all", is_flag=True, help="Show every entry [default: the 20 costliest stragglers and the 20 next other entries].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the fleet report: one self-contained HTML file (docs/report.md).")
 def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_sizes, references,
-            config_path, show_all):
+            config_path, show_all, report_path):
     """Find stragglers in result files (CSV, JSON Lines, Parquet, or a saved `straggler scan --json`).
 
     Exit code 0: no stragglers, nothing undecided; 1: stragglers found; 2: bad input, nothing to
@@ -170,6 +172,10 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
             click.echo(f"warning: {line}", err=True)
     else:
         render(result, console, show_all=show_all)
+    if report_path is not None:  # after the table or document: a report that cannot be written is one line
+        from straggler.htmlreport import write_cli_report
+
+        write_cli_report(report_path, result.devices, result.summary, samples, history)
     s, d = result.summary, result.devices
     code = exit_code(s["stragglers"], int((d["verdict"] == "undecided").sum()))
     if code == EXIT_FAILED:  # no straggler, and undecided entries: not "healthy"

@@ -8,6 +8,7 @@ Thin: parse the options, call ``straggler.remeasure.remeasure`` over the rounds 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,11 +40,13 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--all", "show_all", is_flag=True,
               help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
                    "first 20 others, then counts].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the fleet report of this scan: one self-contained HTML file (docs/report.md).")
 @click.option("--collector", default=None, help="Run a cluster scan through this collector URL.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the collector's bearer token (with --collector).")
 def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at, deadline_s,
-         max_rounds, show_all, collector, token_file):
+         max_rounds, show_all, report_path, collector, token_file):
     """Measure every device of this node at the same moment and flag the slow ones.
 
     Exit codes: 0 healthy, 1 stragglers found, 2 could not run or could not decide (no straggler,
@@ -91,10 +94,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
     if not rounds.first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
     return _report(replace(rounds.first, samples=rounds.samples, failures=rounds.failures), as_json, output,
-                   rounds, show_all)
+                   rounds, show_all, report_path)
 
 
-def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool = False) -> int:
+def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool = False,
+            report_path: str | None = None) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
     from straggler.probes.report import device_report, json_safe
@@ -103,7 +107,10 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
     write_error = _write(res, output, as_json) if output is not None else None
     report = device_report(res.samples, res.failures, res.devices)
     if as_json:
-        doc = {"scan_id": res.scan_id, "host": res.host, "backend": res.backend, "notice": res.notice,
+        from straggler.slurm import context
+
+        doc = {"scan_id": res.scan_id, "host": res.host, **context(os.environ), "backend": res.backend,
+               "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
                "engine": report["engine"], "rounds": rounds.to_json() if rounds else None, "samples": res.samples}
         sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, allow_nan=False) + "\n")
@@ -116,6 +123,8 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
         render_scan(console, report, res.notice, res.scan_id, res.failures, show_all=show_all)
         if rounds is not None:
             console.print(rounds.line(), highlight=False)
+    if report_path is not None:
+        write_error = write_error or _html(report_path, report, res.samples)
     if write_error is not None:
         raise InputError(write_error)
     if report["cannot_decide"] is not None and not res.failures:  # undecided is not healthy: exit 2
@@ -144,6 +153,23 @@ def _write(res, output: str, as_json: bool) -> str | None:
         where = "they are only in the --json output above" if as_json else "they are lost"
         return f"--output {output}: cannot write ({why}), nor the fallback {fallback} ({e}); {where}"
     return f"--output {output}: cannot write ({why}); the {len(res.samples)} samples are in {fallback}"
+
+
+def _html(path: str, report: dict, samples: list[dict]) -> str | None:
+    """Write the scan's fleet report from its analysis; None, or the error line."""
+    doc = report["analysis"]
+    if not doc.get("gpus"):
+        return f"--report {path}: no report: {report['engine']}"
+    import pandas as pd
+
+    from straggler.htmlreport import write_cli_report
+    from straggler.records import to_frame
+
+    try:
+        write_cli_report(path, pd.DataFrame(doc["gpus"]), doc["summary"], to_frame(samples))
+    except InputError as e:
+        return str(e)
+    return None
 
 
 def _json_default(v):

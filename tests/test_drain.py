@@ -1,0 +1,89 @@
+"""straggler.drain against a real single-node Slurm (tests/slurm.py): drain, state, resume, and the
+one-line errors when scontrol is missing, refuses or hangs."""
+
+from __future__ import annotations
+
+import stat
+import time
+
+import pytest
+from slurm import slurm_fixture
+
+from straggler.drain import (DRAINED, IDLE, REASON_MAX_CHARS, UNKNOWN, DrainError, ScontrolAction,
+                             drain_reason, parse_state)
+from straggler.finding import ERROR, Finding
+
+slurm = slurm_fixture()
+
+
+def test_drain_state_resume_through_real_scontrol(slurm):
+    action = ScontrolAction(env=slurm.env)
+    assert action.state(slurm.node) == IDLE
+    reason = drain_reason([Finding("gpu3", "matmul", "0.80x", "thermal")])
+    action.drain(slurm.node, reason)
+    try:
+        assert action.state(slurm.node) == DRAINED
+        assert slurm.drain_reason() == "straggler: gpu3 matmul 0.80x thermal"
+        assert slurm.node_state() == "drained"
+    finally:
+        action.resume(slurm.node)
+    assert action.state(slurm.node) == IDLE
+    assert slurm.drain_reason() == ""
+
+
+def test_scontrol_refusing_is_one_line(slurm):
+    with pytest.raises(DrainError) as e:
+        ScontrolAction(env=slurm.env).drain("no-such-node", "straggler: x")
+    msg = str(e.value)
+    # scontrol exits 0 on an update of a node it does not know: the drain reads the state back
+    assert msg == "cannot drain no-such-node: scontrol show failed: Node no-such-node not found"
+    with pytest.raises(DrainError) as e:
+        ScontrolAction(env=slurm.env)._run(["update", f"nodename={slurm.node}", "state=bogus"], "x")
+    assert "\n" not in str(e.value) and str(e.value).startswith("cannot x: scontrol update failed: Invalid input")
+
+
+def test_scontrol_missing_is_one_line(tmp_path):
+    with pytest.raises(DrainError) as e:
+        ScontrolAction(scontrol=str(tmp_path / "scontrol")).state("n1")
+    assert str(e.value) == (f"cannot read the state of n1: {tmp_path / 'scontrol'} not found (install "
+                            "slurm-client, or give its path)")
+
+
+def test_scontrol_hanging_is_stopped_at_its_timeout(tmp_path):
+    hang = tmp_path / "scontrol"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(hang.stat().st_mode | stat.S_IEXEC)
+    timeout_s = 0.5
+    t0 = time.monotonic()
+    with pytest.raises(DrainError) as e:
+        ScontrolAction(scontrol=str(hang), timeout_s=timeout_s).resume("n1")
+    elapsed = time.monotonic() - t0
+    assert f"did not answer in {timeout_s:g} s" in str(e.value)
+    assert elapsed < 60  # the sleep was cut off, not waited for
+
+
+def test_drain_reason_short_enough_for_sinfo():
+    many = [Finding(f"gpu{i}", "matmul", f"0.{70 + i}x", "thermal", detail="x" * 100) for i in range(5)]
+    r = drain_reason(many)
+    assert r.startswith("straggler: gpu0 matmul 0.70x thermal") and r.endswith(" +4 more")
+    assert len(r) <= REASON_MAX_CHARS
+    long = drain_reason([Finding("gpu7", "remapped_rows", "pending 3 failed 1 " * 5, "memory")])
+    assert len(long) == REASON_MAX_CHARS and long.startswith("straggler: gpu7 remapped_rows pending 3")
+    # a failing finding is named before a could-not-check one
+    mixed = [Finding("gpu0", "xid", "timeout", "nvml", outcome=ERROR), Finding("gpu1", "ecc", "2", "ecc")]
+    assert drain_reason(mixed) == "straggler: gpu1 ecc 2 ecc"
+    assert drain_reason([Finding("gpu1", "ecc", "2\nnew", "ecc")]) == "straggler: gpu1 ecc 2 new ecc"
+
+
+@pytest.mark.parametrize("line, state", [
+    ("NodeName=a State=IDLE+DRAIN ThreadsPerCore=1", DRAINED),
+    ("NodeName=a State=MIXED+DRAIN", "draining"),
+    ("NodeName=a State=ALLOCATED+DRAIN", "draining"),
+    ("NodeName=a State=IDLE ", IDLE),
+    ("NodeName=a State=DOWN*+DRAIN", "down"),
+    ("NodeName=a State=IDLE*", IDLE),
+    ("NodeName=a State=FUTURE", UNKNOWN),
+    ("garbage", UNKNOWN),
+])
+def test_parse_state(line, state):
+    assert parse_state(line) == state
