@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KILL_GRACE_S = 10.0  # beyond the child's own --deadline before the agent kills it
+# why a run failed (the ``reason`` label of straggler_agent_probe_failures_total; a bounded set)
+FAILURE_REASONS = ("deadline", "exit_status", "signal", "no_results", "job_started", "start", "stopped", "spool")
 
 
 def scan_command(settings, scan_id: str, output: Path, deadline_s: float, start_at: float | None = None,
@@ -61,6 +63,8 @@ class ProbeRun:
     ended_mono: float | None = None
     returncode: int | None = None
     error: str | None = None
+    failure: str | None = None  # one of FAILURE_REASONS once the run failed
+    dropped: int = 0  # rows measured after a job appeared, removed by trim()
     stderr_path: Path | None = None
     stdout_path: Path | None = None
     kill_grace_s: float = KILL_GRACE_S
@@ -88,7 +92,7 @@ class ProbeRun:
         now = time.monotonic() if now_mono is None else now_mono
         rc = self.proc.poll()
         if rc is None and now - self.started_mono > self.deadline_s + self.kill_grace_s:
-            self.kill(f"probe overran its {self.deadline_s:g} s deadline and was killed")
+            self.kill(f"probe overran its {self.deadline_s:g} s deadline and was killed", "deadline")
             return True
         if rc is None:
             return False
@@ -98,25 +102,56 @@ class ProbeRun:
     def _ended(self, rc: int) -> None:
         self.returncode = rc
         self.ended_mono = time.monotonic()
-        if rc not in (0, 1) and self.error is None and not self._measured_but_undecided():
-            self.error = f"probe exited with {rc}: {self.last_stderr_line() or 'no message'}"
+        if self.error is None:
+            self.fail(*self._outcome(rc))
+
+    def fail(self, error: str | None, failure: str | None) -> None:
+        """Record why the run failed (the first reason stays)."""
+        if self.error is None and error is not None:
+            self.error, self.failure = error, failure
+
+    def _outcome(self, rc: int) -> tuple[str | None, str | None]:
+        """(error, failure reason) of a child that ended by itself with ``rc``; (None, None) for a
+        successful run: exit 0 (healthy) or 1 (stragglers found, its ``--json`` document printed)
+        with results, or exit 2 after measuring everything with a device undecided. A signal, any
+        other exit, a 1 without its document (a Python crash exits 1 too), or no result at all is
+        a failed run."""
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            return f"probe killed by {name}: {self.last_stderr_line() or 'no message'}", "signal"
+        if rc == 2 and self._measured_but_undecided():
+            return None, None
+        if rc not in (0, 1) or (rc == 1 and self._document() is None):
+            return f"probe exited with {rc}: {self.last_stderr_line() or 'no message'}", "exit_status"
+        if not self.rows():
+            return (f"probe exited with {rc} but produced no results: {self.last_stderr_line() or 'no message'}",
+                    "no_results")
+        return None, None
+
+    def _document(self) -> dict | None:
+        """The scan's ``--json`` document on stdout, if it printed one."""
+        try:
+            doc = json.loads(self.stdout_path.read_text())
+        except (OSError, ValueError, AttributeError):
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def _measured_but_undecided(self) -> bool:
         """Exit 2 because the scan could not decide a device (no straggler, some undecided), after
         measuring everything: its ``--json`` document lists no failure and an undecided device, and
         its rows are written. The run did its job; the collector decides across the fleet."""
-        try:
-            doc = json.loads(self.stdout_path.read_text())
-        except (OSError, ValueError, AttributeError):
-            return False
-        if not isinstance(doc, dict) or doc.get("failures") != [] or not isinstance(doc.get("devices"), list):
+        doc = self._document()
+        if doc is None or doc.get("failures") != [] or not isinstance(doc.get("devices"), list):
             return False
         return any(isinstance(d, dict) and d.get("verdict") == "undecided" for d in doc["devices"]) and bool(self.rows())
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: str, failure: str = "stopped") -> None:
         if self.proc is None or self.returncode is not None:
             return
-        self.error = reason
+        self.fail(reason, failure)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.proc.pid, sig)
@@ -142,6 +177,16 @@ class ProbeRun:
 
     def rows(self) -> list[dict]:
         return read_rows(self.output)
+
+    def trim(self, until_ts: float) -> None:
+        """Keep only the rows whose window ended by ``until_ts`` (a job appeared then), in the output
+        file itself: what a later start recovers from it is clean too."""
+        rows = self.rows()
+        kept = [r for r in rows if isinstance(r.get("ts"), (int, float)) and r["ts"] <= until_ts]
+        self.dropped += len(rows) - len(kept)
+        tmp = self.output.with_suffix(".trim")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.output)
 
     def cleanup(self) -> None:
         for p in (self.output, self.stderr_path, self.stdout_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import signal
 import sqlite3
 import threading
@@ -29,11 +30,14 @@ from straggler.probes.telemetry import NodeSnapshot
 from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
 from .idle import IdleTracker, busy_reason
+from . import orphan
+from .jobwatch import WATCH_S, JobWatch
 from straggler.sdnotify import Notifier
 from .poller import ScanPoller
+from .scanspec import ClusterScan, ScanRefused, scan_id_problem
 from .quarantine import QuarantineWatch, retest_outcome
 from .settings import RESTART_ONLY, AgentSettings, load_settings, serve_metrics
-from .spool import Spool
+from .spool import open_spool
 from .uploader import Uploader
 
 log = logging.getLogger("straggler.agent")
@@ -55,8 +59,9 @@ class Agent:
         self._wake = threading.Event()
         self._reload = threading.Event()
         self._probe_now = threading.Event()
-        self.scans: queue.Queue[dict] = queue.Queue()
+        self.scans: queue.Queue[ClusterScan | ScanRefused] = queue.Queue()
         self.probe_run: ProbeRun | None = None
+        self.job_watch: JobWatch | None = None
         self.snapshot = None
         self.threads: list[threading.Thread] = []
         self.server = None
@@ -83,16 +88,25 @@ class Agent:
     # --- start / stop ---
     def start(self) -> None:
         s = self.settings
-        self.spool = open_sqlite("spool_path", s.spool_path, Spool)  # a one-line error, as --check gives
+        opened = open_sqlite("spool_path", s.spool_path,  # a one-line error, as --check gives
+                             lambda p: open_spool(p, s.spool_max_rows, s.spool_max_bytes))
+        self.spool, spool_note = opened
         self.workdir = s.spool_path.parent / "agent-scans"
         self.backend = open_backend(s.telemetry)
         self.idle = IdleTracker(s.idle_grace_s, s.idle_util_pct)
         self.registry, self.exporter, self.metrics = build_registry()
         ProcessCollector(registry=self.registry)
+        self.spool_error: str | None = None  # why the spool cannot take results now (the node is then busy)
+        self._spool_dropped = 0
+        if spool_note:
+            self._spool_failed("corrupt", spool_note)
+            self.spool_error = None  # the new spool works
         self.server = serve_metrics(s, self.registry)
         self.port = self.server.server_port
-        for scan_id in self.spool.scans_in_state("running"):
+        self.orphan_busy = self._end_orphan()
+        self._spooling("the interrupted scans' states", lambda: [
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
+            for scan_id in self.spool.scans_in_state("running")])
         self._recover()
         self.uploader = self.poller = self.quarantine = None
         self.next_retest = 0.0  # monotonic
@@ -105,7 +119,7 @@ class Agent:
                 t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
                 t.start()
                 self.threads.append(t)
-        self.metrics.spooled.set(self.spool.count())
+        self._spooling("the spool's size", lambda: self.metrics.spooled.set(self.spool.count()))
         log.info("%s; /metrics on http://%s:%d; spool %s; collector %s", self.backend.notice,
                  s.listen_address, self.port, s.spool_path, s.collector_url or "none (spool only)")
 
@@ -150,7 +164,7 @@ class Agent:
                     next_ping = now + self.notifier.watchdog_s / 2
                 waits = [next_tick - time.monotonic()]
                 if self.probe_run is not None or not self.scans.empty():
-                    waits.append(0.5)
+                    waits.append(WATCH_S)
                 if self.notifier.watchdog_s:
                     waits.append(next_ping - time.monotonic())
                 self._wake.wait(max(0.0, min(waits)))
@@ -210,9 +224,9 @@ class Agent:
     def _probes(self, now: float, next_probe: float) -> float:
         run = self.probe_run
         if run is not None:
-            if run.poll():
+            if run.poll() or self._job_started(run):
                 self._reap(run)
-                self.probe_run = None
+                self.probe_run = self.job_watch = None
             return next_probe
         while not self.scans.empty():
             scan = self.scans.get_nowait()
@@ -229,42 +243,80 @@ class Agent:
                 return next_probe
         s = self.settings
         if self.quarantine is not None and self.quarantine.drained:  # retests replace the scheduled probes
-            if now >= self.next_retest and self.idle.idle(now):
+            if now >= self.next_retest and self.idle.idle(now) and not self._busy():
                 self._start(self._local_scan_id("retest"), cluster=False, retest=True)
                 self.next_retest = now + s.retest_every_s
             return next_probe
-        if s.probe_every_s > 0 and now >= next_probe and self.idle.idle(now):
+        if s.probe_every_s > 0 and now >= next_probe and self.idle.idle(now) and not self._busy():
             self._start(self._local_scan_id(), cluster=False)
             return now + s.probe_every_s
         return next_probe
 
+    def _job_started(self, run: ProbeRun) -> bool:
+        """Abort the probe run when a job appeared on the node (agent/jobwatch.py); True once it ended."""
+        reason = self.job_watch.check() if self.job_watch is not None else None
+        if reason is None:
+            return False
+        log.warning("probe run %s: a job started (%s); aborting the probes", run.scan_id, reason)
+        run.kill(f"aborted: job started: {reason}", "job_started")
+        try:
+            run.trim(self.job_watch.appeared_ts)
+        except OSError as e:  # never upload what the job disturbed: nothing of this run is kept
+            log.error("cannot trim the output of %s (%s); none of its results are kept", run.scan_id, e)
+            run.output.unlink(missing_ok=True)
+        return True
+
+    def _watch(self, run: ProbeRun) -> JobWatch:
+        s = self.settings
+        on_cpu = s.probe_device == "cpu" or (s.probe_device == "auto" and self.backend.name == "cpu")
+        return JobWatch(self.backend, run.proc.pid, watch_gpus=self.backend.name != "cpu",
+                        job_cpu_cores=s.job_cpu_cores if on_cpu else 0.0)
+
     def _busy(self) -> str | None:
+        if self.spool_error and not self._spooling("a test write", self.spool.touch):
+            return self.spool_error  # no probe whose results could not be spooled
+        if self.orphan_busy:
+            self.orphan_busy = self._end_orphan()  # tried again: it may have ended meanwhile
+            if self.orphan_busy:
+                return self.orphan_busy
         if self.snapshot is None:
             return "no telemetry yet"
         return busy_reason(self.snapshot, self.settings.idle_util_pct)
 
     def _local_scan_id(self, kind: str = "") -> str:
-        return f"{self.host}-{kind + '-' if kind else ''}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        """``<host>-[<kind>-]<UTC time>``, with any character a scan id may not hold (agent/scanspec.py) as ``_``."""
+        host = re.sub(r"[^A-Za-z0-9._-]", "_", self.host).lstrip(".-")[:100] or "node"
+        return f"{host}-{kind + '-' if kind else ''}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
-    def _start_cluster_scan(self, scan: dict) -> None:
-        scan_id = scan["scan_id"]
-        late_s = time.time() - (scan.get("start_at") or time.time())
+    def _start_cluster_scan(self, scan: ClusterScan | ScanRefused) -> None:
+        if isinstance(scan, ScanRefused):  # a bad field of a scan with a safe id: reported, not run
+            log.warning("cluster scan %s refused: %s", scan.scan_id, scan.reason)
+            self._spooling(f"the state of scan {scan.scan_id}",
+                           lambda: self.spool.add_status(scan.scan_id, self.host, "failed", scan.reason))
+            self._wake_uploader()
+            return
+        scan_id = scan.scan_id
+        late_s = time.time() - (scan.start_at or time.time())
         busy = self._busy()
-        too_long = self.settings.scan_problems(len(scan.get("probes") or self.settings.probes),
-                                               scan.get("duration_s") or self.settings.probe_duration_s)
+        too_long = self.settings.scan_problems(len(scan.probes or self.settings.probes),
+                                               scan.duration_s or self.settings.probe_duration_s)
         reason = (f"missed the start by {late_s:.0f} s" if late_s > MISSED_START_S
                   else f"cannot finish: {too_long[0]}" if too_long else busy and f"node busy: {busy}")
         if reason:
             log.warning("cluster scan %s refused: %s", scan_id, reason)
-            self.spool.add_status(scan_id, self.host, "failed", reason)
+            self._spooling(f"the state of scan {scan_id}",
+                           lambda: self.spool.add_status(scan_id, self.host, "failed", reason))
             self._wake_uploader()
             return
-        self._start(scan_id, cluster=True, start_at=scan.get("start_at"), probes=scan.get("probes"),
-                    duration_s=scan.get("duration_s"))
+        self._start(scan_id, cluster=True, start_at=scan.start_at, probes=scan.probes,
+                    duration_s=scan.duration_s)
 
     def _start(self, scan_id: str, cluster: bool, start_at: float | None = None, probes=None,
                duration_s: float | None = None, retest: bool = False) -> None:
         s = self.settings
+        problem = scan_id_problem(scan_id)
+        if problem:  # paths are built from a safe id only
+            raise ValueError(problem)
         wait = max(0.0, (start_at or 0.0) - time.time())
         deadline = s.probe_deadline_s + wait
         output = self.workdir / f"{scan_id}.jsonl"
@@ -272,55 +324,105 @@ class Agent:
                            max_rounds=s.retest_max_rounds if retest else 1)
         run = ProbeRun(scan_id=scan_id, cluster=cluster, command=cmd, output=output, deadline_s=deadline,
                        kill_grace_s=s.probe_kill_grace_s, retest=retest)
+        if cluster and not self._spooling(f"the state of scan {scan_id}",
+                                          lambda: self.spool.add_status(scan_id, self.host, "running") or True):
+            return  # no probe whose results could not be spooled
         if cluster:
-            self.spool.add_status(scan_id, self.host, "running")
             self._wake_uploader()
         try:
             run.start(self.workdir)
         except OSError as e:
-            run.error = f"cannot start the probe command: {e}"
+            run.fail(f"cannot start the probe command: {e}", "start")
             self._reap(run)
             return
         self.probe_run = run
+        orphan.record(self.workdir, run.proc.pid, scan_id)
+        self.job_watch = self._watch(run)
         self.metrics.probe_runs.inc()
         log.info("probe run %s started (killed after %.0f s): %s", scan_id, deadline + run.kill_grace_s,
                  " ".join(cmd))
         self.notifier.status(f"probing ({scan_id}); serving /metrics on {s.listen_address}:{self.port}")
 
+    def _end_orphan(self) -> str | None:
+        """End a probe child a previous agent left running (agent/orphan.py); the reason the node
+        stays busy when it cannot be ended."""
+        done, busy = orphan.end_orphan(self.workdir, self.settings.probe_kill_grace_s)
+        if done:
+            log.warning("%s", done)
+        if busy:
+            log.error("%s: no probe starts until it has ended", busy)
+        return busy
+
     def _recover(self) -> None:
         """Spool what probe runs interrupted by a crash or a kill of the agent had written."""
         for path in sorted(self.workdir.glob("*.jsonl")):
-            new = self.spool.add_results(read_rows(path), host=self.host)
+            new = self._spooling(f"the results of the interrupted run {path.stem}",
+                                 lambda: self._add_results(read_rows(path)))
+            if new is None:
+                return  # kept for the next start
             log.warning("recovered %d results of the interrupted probe run %s", new, path.stem)
             for leftover in (path, path.with_suffix(".stderr"), path.with_suffix(".stdout")):
                 leftover.unlink(missing_ok=True)
 
     def _reap(self, run: ProbeRun) -> None:
-        try:
-            new = self.spool.add_results(run.rows(), host=self.host)
+        def spool_run() -> int:
+            new = self._add_results(run.rows())
             if run.cluster:
                 self.spool.add_status(run.scan_id, self.host, "failed" if run.failed else "done", run.error)
-        except sqlite3.Error as e:  # e.g. a full disk: keep the output file, spooled at the next start
-            self.metrics.errors.labels("spool").inc()
-            log.error("cannot spool the results of %s (%s); %s is kept for the next start", run.scan_id, e,
-                      run.output)
+            return new
+
+        new = self._spooling(f"the results of {run.scan_id} ({run.output} is kept for the next start)", spool_run)
+        if new is None:  # e.g. a full disk: the output file stays, spooled at the next start
+            orphan.clear(self.workdir)
             self.idle.reset()
             return
         if run.failed:
-            self.metrics.probe_failures.inc()
+            self.metrics.probe_failures.labels(run.failure or "exit_status").inc()
             self.metrics.errors.labels("probe").inc()
-            log.error("probe run %s failed: %s (%d results kept)", run.scan_id, run.error, new)
+            dropped = f", {run.dropped} measured after the job appeared dropped" if run.dropped else ""
+            log.error("probe run %s failed: %s (%d results kept%s)", run.scan_id, run.error, new, dropped)
         else:
             log.info("probe run %s done: %d results spooled", run.scan_id, new)
         if run.retest and self.quarantine is not None:  # after spooling: its rows reach the collector too
             self.quarantine.report(retest_outcome(run))
         if run.ended_mono is not None:
             self.metrics.probe_seconds.set(run.ended_mono - run.started_mono)
-        self.metrics.spooled.set(self.spool.count())
+        self._spooling("the spool's size", lambda: self.metrics.spooled.set(self.spool.count()))
         run.cleanup()
+        orphan.clear(self.workdir)
         self.idle.reset()
         self._wake_uploader()
         self.notifier.status(f"idle; serving /metrics on {self.settings.listen_address}:{self.port}")
+
+    # --- the spool: a full disk or a broken file is an error line and a state, never a crash ---
+    def _spooling(self, what: str, action):
+        """``action()``'s result, or None when the spool failed (counted, logged in one line; the
+        node is busy until the spool works again)."""
+        try:
+            result = action()
+        except sqlite3.Error as e:
+            kind = "full" if "full" in str(e) else "corrupt" if ("malformed" in str(e) or "not a database" in str(e)) \
+                else "other"
+            self._spool_failed(kind, f"cannot spool {what}: {type(e).__name__}: {e}")
+            return None
+        self.spool_error = None
+        return result
+
+    def _spool_failed(self, kind: str, message: str) -> None:
+        self.metrics.errors.labels("spool").inc()
+        self.metrics.spool_errors.labels(kind).inc()
+        self.spool_error = f"spool unusable ({kind}): {message}"
+        log.error("%s", message)
+
+    def _add_results(self, rows) -> int:
+        """Spool rows; results the spool's cap dropped are counted and logged."""
+        new = self.spool.add_results(rows, host=self.host)
+        dropped, self._spool_dropped = self.spool.dropped - self._spool_dropped, self.spool.dropped
+        if dropped:
+            self.metrics.spool_dropped.inc(dropped)
+            log.warning("spool full (spool_max_rows = %d, spool_max_bytes = %d): dropped the %d oldest results",
+                        self.settings.spool_max_rows, self.settings.spool_max_bytes, dropped)
+        return new
 
     def _wake_uploader(self) -> None:
         if self.uploader is not None:

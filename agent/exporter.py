@@ -18,8 +18,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from straggler.probes.telemetry import STATUS_OK, THROTTLE_REASONS, NodeSnapshot
 
+from .child import FAILURE_REASONS
+
 LABELS = ("host", "gpu", "uuid", "model", "pci_bus_id")
 ERROR_SOURCES = ("telemetry", "upload", "poll", "probe", "spool")
+SPOOL_ERRORS = ("full", "corrupt", "other")  # straggler_agent_spool_errors_total{kind}
 # why a telemetry read gave no devices: the backend raised / the backend reported an error
 TELEMETRY_FAILURES = ("backend_raised", "backend_error")
 STATUS_STALE = "stale"  # straggler_gpu_up's status for a device of the last good snapshot
@@ -139,13 +142,21 @@ class SelfMetrics:
         for source in ERROR_SOURCES:
             self.errors.labels(source)
         self.probe_runs = Counter("straggler_agent_probe_runs", "Probe runs started", registry=registry)
-        self.probe_failures = Counter("straggler_agent_probe_failures", "Probe runs that failed or overran",
-                                      registry=registry)
+        self.probe_failures = Counter("straggler_agent_probe_failures", "Probe runs that failed, by reason",
+                                      ["reason"], registry=registry)
+        for reason in FAILURE_REASONS:
+            self.probe_failures.labels(reason)
         self.probe_seconds = Gauge("straggler_agent_probe_duration_seconds", "Duration of the last probe run",
                                    registry=registry)
         self.uploaded = Counter("straggler_agent_uploaded_results", "Results accepted by the collector",
                                 registry=registry)
         self.spooled = Gauge("straggler_agent_spool_results", "Results waiting in the spool", registry=registry)
+        self.spool_errors = Counter("straggler_agent_spool_errors", "Spool failures, by kind (full disk, corrupt file)",
+                                    ["kind"], registry=registry)
+        for kind in SPOOL_ERRORS:
+            self.spool_errors.labels(kind)
+        self.spool_dropped = Counter("straggler_agent_spool_dropped_results",
+                                     "Oldest results dropped because the spool reached its cap", registry=registry)
         self.telemetry_failures = Counter("straggler_agent_telemetry_failures",
                                           "Telemetry reads that gave no devices, by reason", ["reason"],
                                           registry=registry)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from straggler.config import check_sqlite, load
-from straggler.errors import InputError
+from straggler.errors import ConfigError, InputError
 
 DEFAULT_CONFIG = Path("/etc/straggler/agent.toml")
 ENV_PREFIX = "STRAGGLER_AGENT_"
@@ -25,7 +25,10 @@ class AgentSettings:
     interval_s: float = 15.0  # telemetry tick
     collector_url: str | None = None  # e.g. http://collector:9402; None = spool only
     token_file: Path | None = None  # bearer token for the collector
+    ca_file: Path | None = None  # CA bundle (PEM) to verify an https:// collector with; None = the system's CAs
     spool_path: Path = Path("/var/lib/straggler-agent/spool.sqlite")
+    spool_max_rows: int = 1_000_000  # past this many results waiting, the oldest are dropped (counted)
+    spool_max_bytes: int = 1 << 30  # likewise past this much row data (1 GiB)
     upload_batch: int = 1000  # the collector ingests >= 20,000 results/s from batches of 1,000 (benchmarks/collector_ingest.py)
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -40,6 +43,7 @@ class AgentSettings:
     probe_command: tuple[str, ...] = ()  # the scan command; () = this Python's `-m straggler scan`
     idle_grace_s: float = 300.0  # devices must be idle this long before a scheduled probe
     idle_util_pct: float = 5.0  # at or below this utilization a device counts as idle
+    job_cpu_cores: float = 0.25  # CPU probes: processes outside the probe using more cores than this = a job; 0 = not watched
     # the quarantine loop (agent/quarantine.py): a node straggler drained is retested when idle
     quarantine_poll_s: float = 60.0  # how often the agent asks the collector whether it is drained
     retest_every_s: float = 900.0  # at most one retest this often (when idle)
@@ -48,12 +52,13 @@ class AgentSettings:
 
     def problems(self) -> list[str]:
         out = []
-        positive = ("interval_s", "upload_batch", "backoff_initial_s", "backoff_max_s", "http_timeout_s",
-                    "probe_duration_s", "probe_deadline_s", "quarantine_poll_s", "retest_every_s")
+        positive = ("interval_s", "upload_batch", "spool_max_rows", "spool_max_bytes", "backoff_initial_s",
+                    "backoff_max_s", "http_timeout_s", "probe_duration_s", "probe_deadline_s", "quarantine_poll_s",
+                    "retest_every_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
-        for name in ("poll_wait_s", "probe_every_s", "idle_grace_s", "probe_kill_grace_s"):
+        for name in ("poll_wait_s", "probe_every_s", "idle_grace_s", "probe_kill_grace_s", "job_cpu_cores"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0")
         if self.retest_max_rounds < 1:
@@ -72,6 +77,16 @@ class AgentSettings:
             out.append("token_file: required with collector_url (the collector needs a bearer token)")
         elif self.token_file is not None and self.collector_url and not self.token_file.is_file():
             out.append(f"token_file: {self.token_file} is not a readable file")
+        elif self.token_file is not None and self.collector_url:
+            from .uploader import token_problem
+
+            problem = token_problem(self.token_file)
+            if problem:
+                out.append(problem)
+        if self.ca_file is not None:
+            problem = ca_file_problem(self.ca_file)
+            if problem:
+                out.append(problem)
         if not self.probes:
             out.append("probes: give at least one probe")
         else:
@@ -115,6 +130,17 @@ class AgentSettings:
         return replace(self, host=self.node, probe_command=tuple(self.scan_base_command))
 
 
+def ca_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot verify an https:// collector (missing, no PEM certificate), else None."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as e:
+        return f"ca_file: {path} is not a readable PEM CA bundle ({e})"
+    return None
+
+
 RESTART_ONLY = ("host", "listen_address", "listen_port", "spool_path", "collector_url")  # a reload keeps these
 
 
@@ -145,7 +171,13 @@ def check_start(settings: AgentSettings) -> None:
 
     from .spool import Spool
 
-    check_sqlite("spool_path", settings.spool_path, Spool)
+    try:
+        check_sqlite("spool_path", settings.spool_path, Spool)
+    except ConfigError as e:
+        if not any(w in str(e) for w in ("file is not a database", "malformed")):
+            raise
+        # the start moves a corrupt spool aside and starts a new one (agent/spool.py open_spool)
+        print(f"straggler: warning: {e}; the start will move it aside and start a new spool", file=sys.stderr)
     server = serve_metrics(settings, CollectorRegistry())
     server.shutdown()
     server.server_close()

@@ -36,12 +36,22 @@ def _clean(value):
 
 
 class Spool:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_rows: int | None = None, max_bytes: int | None = None) -> None:
+        """``max_rows`` / ``max_bytes`` (of the rows' JSON): past either, the oldest results are
+        dropped (counted in :attr:`dropped`) so the spool cannot fill the disk while the collector
+        is away."""
         self.path = Path(path)
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.dropped = 0  # results dropped by the cap since this spool was opened
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         with self._conn() as db:
             db.executescript(SCHEMA)
+
+    def check(self) -> str | None:
+        """SQLite's ``PRAGMA quick_check``: None when the file is sound, else what is wrong."""
+        rows = [r[0] for r in self._conn().execute("PRAGMA quick_check")]
+        return None if rows == ["ok"] else "; ".join(map(str, rows[:3]))
 
     def _conn(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -70,11 +80,33 @@ class Spool:
                     (row["id"], row.get("scan_id"), json.dumps(row), now),
                 )
                 new += cur.rowcount
+            dropped = self._cap(db)
             db.execute("COMMIT")
+            self.dropped += dropped
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back itself (a full disk): keep its error
+                db.execute("ROLLBACK")
             raise
         return new
+
+    def _cap(self, db: sqlite3.Connection) -> int:
+        """Drop the oldest results past ``max_rows`` / ``max_bytes`` (in the caller's transaction)."""
+        if self.max_rows is None and self.max_bytes is None:
+            return 0
+        count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(row)), 0) FROM results").fetchone()
+        over_rows = count - self.max_rows if self.max_rows is not None else 0
+        over_bytes = size - self.max_bytes if self.max_bytes is not None else 0
+        if over_rows <= 0 and over_bytes <= 0:
+            return 0
+        drop = []
+        for rid, length in db.execute("SELECT id, LENGTH(row) FROM results ORDER BY spooled_at, rowid"):
+            if over_rows <= 0 and over_bytes <= 0:
+                break
+            drop.append((rid,))
+            over_rows -= 1
+            over_bytes -= length
+        db.executemany("DELETE FROM results WHERE id = ?", drop)
+        return len(drop)
 
     def add_status(self, scan_id: str, host: str, state: str, error: str | None = None) -> None:
         body = json.dumps({"host": host, "state": state, "error": error})
@@ -87,6 +119,15 @@ class Spool:
             (scan_id, state, time.time()),
         )
         db.execute("COMMIT")
+
+    def touch(self) -> bool:
+        """A small real write (is the spool writable again?); raises sqlite3.Error when not."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('touched_at', ?)", (str(time.time()),))
+        db.execute("COMMIT")
+        return True
 
     def scans_in_state(self, state: str) -> list[str]:
         return [r[0] for r in self._conn().execute("SELECT scan_id FROM scans WHERE state = ?", (state,))]
@@ -136,3 +177,28 @@ class Spool:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def open_spool(path: Path, max_rows: int | None = None, max_bytes: int | None = None) -> tuple[Spool, str | None]:
+    """The spool at ``path``, and what was done when the file there was corrupt: it is moved aside
+    (``<name>.corrupt-<UTC time>``, with its WAL files, kept for inspection) and a new spool started,
+    so a broken file is one error line, not an agent that cannot start (a crash loop under systemd).
+    Other errors (a directory that cannot be written) raise as before."""
+    path = Path(path)
+    try:
+        spool = Spool(path, max_rows, max_bytes)
+        problem = spool.check()
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and "malformed" not in str(e):
+            raise  # cannot open, locked, read-only: not a broken file
+        spool, problem = None, str(e)
+    if problem is None:
+        return spool, None
+    if spool is not None:
+        spool.close()
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    for suffix in ("", "-wal", "-shm"):
+        src = path.with_name(path.name + suffix)
+        if src.exists():
+            src.replace(aside.with_name(aside.name + suffix))
+    return Spool(path, max_rows, max_bytes), f"the spool {path} is corrupt ({problem}); moved to {aside}, a new spool started"

@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import random
 import sqlite3
+import ssl
 import threading
 import time
 
 import httpx
 
+from .scanspec import scan_id_problem
 from .spool import Spool
 
 log = logging.getLogger("straggler.agent.upload")
@@ -29,11 +31,34 @@ class UploadError(Exception):
     """The collector could not take the upload now (retry later)."""
 
 
+def token_problem(token_file) -> str | None:
+    """Why the token in ``token_file`` cannot be sent as a bearer token (unreadable, empty, not
+    printable ASCII: HTTP headers carry ASCII only), else None. Checked at the start and at reads."""
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"token_file: cannot read {token_file}: {e}"
+    if not token:
+        return f"token_file: {token_file} is empty"
+    if not token.isascii() or not token.isprintable():
+        return f"token_file: {token_file} holds characters other than printable ASCII (an HTTP header cannot carry them)"
+    return None
+
+
 def auth_headers(token_file) -> dict[str, str]:
     if token_file is None:
         return {}
-    token = token_file.read_text().strip()
-    return {"Authorization": f"Bearer {token}"}
+    problem = token_problem(token_file)
+    if problem:
+        raise OSError(problem)
+    return {"Authorization": f"Bearer {token_file.read_text(encoding='utf-8').strip()}"}
+
+
+def client_options(settings) -> dict:
+    """httpx.Client options shared by the uploader and the poller: TLS verification of an
+    ``https://`` collector against ``ca_file`` (else the system's CAs)."""
+    ca_file = getattr(settings, "ca_file", None)
+    return {"verify": ssl.create_default_context(cafile=str(ca_file)) if ca_file else True}
 
 
 def refusal(resp: httpx.Response) -> str:
@@ -63,7 +88,7 @@ class Uploader:
             except OSError as e:
                 raise UploadError(f"cannot read the token file: {e}") from None
             self._client = httpx.Client(base_url=self.settings.collector_url, timeout=self.settings.http_timeout_s,
-                                        headers=headers)
+                                        headers=headers, **client_options(self.settings))
         return self._client
 
     def close(self) -> None:
@@ -107,6 +132,12 @@ class Uploader:
     def _send_statuses(self) -> bool:
         pending = self.spool.pending_statuses()
         for seq, scan_id, body in pending:
+            problem = scan_id_problem(scan_id)
+            if problem:  # never a path built from an unsafe id (a state spooled by an older agent)
+                log.error("state %s not sent: %s", body.get("state"), problem)
+                self._count_error()
+                self.spool.mark_status_sent(seq)
+                continue
             if body["state"] != "running":
                 body = self._with_refusals(scan_id, body)
             resp = self._post(f"/api/v1/scans/{scan_id}/status", body)

@@ -295,6 +295,21 @@ class NvmlBackend:
             values["xid_errors"] = self._xids(nv, handle, index)
         return build_reading(index, ts, identity, values)
 
+    def compute_pids(self, index: int) -> tuple[tuple[int, ...] | None, str | None]:
+        """The PIDs of the compute processes on device ``index`` (as NVML sees them: the host's PID
+        namespace), or (None, the failure's code) when they cannot be read. PIDs are for the agent's
+        job watch only; they are never exported."""
+        if not self._ensure():
+            return None, "nvml_unavailable"
+        nv = self._lib()
+        handle = _query(lambda: nv.nvmlDeviceGetHandleByIndex(index))
+        if isinstance(handle, NvmlFailure):
+            return None, handle.code
+        procs = _query(lambda: tuple(int(p.pid) for p in nv.nvmlDeviceGetComputeRunningProcesses(handle)))
+        if isinstance(procs, NvmlFailure):
+            return None, procs.code
+        return procs, None
+
     def _xids(self, nv, handle, index: int) -> dict[int, int] | NvmlFailure:
         """XID events of device ``index`` since the backend started, by XID code: registers an
         event set on the first read, then drains what arrived (without waiting) on every read."""

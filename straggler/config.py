@@ -113,6 +113,7 @@ def load(
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}  # field -> the env variable or option that set it (a file's keys: none)
     source = "config"
+    failed: set[str] = set()  # keys whose value had the wrong type (their defaults stand in for the range checks)
 
     def take(key: str, raw: Any, label: str, from_text: bool) -> None:
         try:
@@ -121,8 +122,10 @@ def load(
                 raise ValueError(f"must be at most {MAX_SECONDS:.0f} s (a year), got {raw!r}")
         except ValueError as e:
             problems.append(f"{label}: {e}")
+            failed.add(key)
             return
         values[key] = value
+        failed.discard(key)
         if label == key:
             origin.pop(key, None)
         else:
@@ -159,12 +162,19 @@ def load(
             continue
         take(key, raw, (option_names or {}).get(key) or f"--{key.replace('_', '-')}", from_text=isinstance(raw, str))
 
-    if not problems:
+    # the range checks run even after a type error (on the defaults of the fields that had one), so
+    # that one wrong type does not hide the other problems; none is reported twice for a key
+    try:
         cfg = cls(**values)
-        check = getattr(cfg, "problems", None)
-        problems.extend(_from(p, origin) for p in (check() if callable(check) else []))
-        if not problems:
-            return cfg
+    except (TypeError, ValueError) as e:  # a dataclass that checks in __post_init__
+        problems.append(str(e))
+        cfg = None
+    check = getattr(cfg, "problems", None)
+    for p in (check() if callable(check) else []):
+        if p.split(":", 1)[0].split(" ", 1)[0] not in failed:
+            problems.append(_from(p, origin))
+    if not problems:
+        return cfg
     raise ConfigError(problems, source)
 
 

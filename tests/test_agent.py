@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from conftest import require_tool
-from straggler.agent.child import ProbeRun, scan_command
+from straggler.agent.child import FAILURE_REASONS, ProbeRun, scan_command
 from straggler.agent.exporter import ERROR_SOURCES, build_registry
 from straggler.agent.idle import IdleTracker, busy_reason
 from straggler.sdnotify import Notifier
@@ -112,9 +112,11 @@ def test_self_metrics_start_at_zero():
     registry, _, _ = build_registry()
     for source in ERROR_SOURCES:
         assert registry.get_sample_value("straggler_agent_errors_total", {"source": source}) == 0.0
-    for name in ("straggler_agent_probe_runs_total", "straggler_agent_probe_failures_total",
-                 "straggler_agent_ticks_total", "straggler_agent_uploaded_results_total"):
+    for name in ("straggler_agent_probe_runs_total", "straggler_agent_ticks_total",
+                 "straggler_agent_uploaded_results_total"):
         assert registry.get_sample_value(name) == 0.0
+    for reason in FAILURE_REASONS:
+        assert registry.get_sample_value("straggler_agent_probe_failures_total", {"reason": reason}) == 0.0
 
 
 @pytest.mark.parametrize("scenario", ["h100_healthy", "gpu_fallen_off_bus", "nvml_error_mid_run", "h100_xid_errors",

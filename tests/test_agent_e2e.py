@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from conftest import ROOT
+from straggler.agent.child import FAILURE_REASONS
 from test_agent_support import AgentProcess, NotifySocket, free_port, wait_until, write_fake_scan
 
 TOKEN = "e2e-token-0123456789"
@@ -100,8 +101,10 @@ def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector)
     from straggler.collector.client import cluster_scan
     from straggler.probes.devices import PROBES, plan_probes
 
-    agents = [_agent(tmp_path, collector, name, probe_device="cpu", probe_duration_s=2, probe_deadline_s=600)
-              for name in ("node-a", "node-b")]
+    # two "nodes" on one machine: each would rightly see the other's probes as a job (agent/jobwatch.py,
+    # tested in test_agent_jobwatch.py), so their CPU job watch is off
+    agents = [_agent(tmp_path, collector, name, probe_device="cpu", probe_duration_s=2, probe_deadline_s=600,
+                     job_cpu_cores=0) for name in ("node-a", "node-b")]
     try:
         for a in agents:
             a.start()
@@ -139,7 +142,9 @@ def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector)
         # each agent exported its telemetry and counted one successful probe run
         for a in agents:
             text = httpx.get(a.url + "/metrics", timeout=10).text
-            assert "straggler_agent_probe_runs_total 1.0" in text and "straggler_agent_probe_failures_total 0.0" in text
+            assert "straggler_agent_probe_runs_total 1.0" in text
+            assert re.findall(r"^straggler_agent_probe_failures_total\{.*\} (\S+)$", text, re.M) == \
+                ["0.0"] * len(FAILURE_REASONS), text
             assert a.stop() == 0
         print(f"cluster scan {result['scan_id']}: probes {', '.join(ran)} on {cores} CPU core(s) per node; "
               f"measured {sum(measured.values())} samples ({measured}), stored {view['results']}")

@@ -20,7 +20,9 @@ from conftest import ROOT, free_port
 
 # The probe child's contract: `... --json --output F --scan-id ID --deadline S ... [--start-at T]`.
 # FAKE_SCAN_MODE: ok (3 rows, exit 0), hang (2 rows then sleeps), fail (1 row, exit 2), undecided (3 rows,
-# an undecided device and no failure in the document, exit 2 as `straggler scan` does);
+# an undecided device and no failure in the document, exit 2 as `straggler scan` does), stragglers (3 rows,
+# the document, exit 1), crash (3 rows, then a Python traceback: exit 1 without a document), segv (3 rows,
+# then killed by SIGSEGV), slow (FAKE_SCAN_ROWS rows, one every FAKE_SCAN_EVERY_S seconds, then exit 0);
 # FAKE_SCAN_ROWS overrides the number of rows; FAKE_SCAN_EXTRA (a JSON object) is merged into every row.
 FAKE_SCAN = r'''
 import argparse, json, os, sys, time
@@ -32,7 +34,8 @@ a = p.parse_args()
 if a.start_at:
     time.sleep(max(0.0, float(a.start_at) - time.time()))
 mode = os.environ.get("FAKE_SCAN_MODE", "ok")
-n = int(os.environ.get("FAKE_SCAN_ROWS") or {"ok": 3, "hang": 2, "fail": 1, "undecided": 3}[mode])
+n = int(os.environ.get("FAKE_SCAN_ROWS") or {"hang": 2, "fail": 1}.get(mode, 3))
+every_s = float(os.environ.get("FAKE_SCAN_EVERY_S") or 0.0)
 extra = json.loads(os.environ.get("FAKE_SCAN_EXTRA") or "{}")
 with open(a.output, "w") as f:
     for i in range(n):
@@ -40,10 +43,20 @@ with open(a.output, "w") as f:
                             "model": "test cpu", "probe": "matmul", "settings": "n=64", "sample": i // 3,
                             "duration_s": 0.1, "value": 100.0 + i, "unit": "GFLOP/s", "power_w": None, **extra}) + "\n")
         f.flush()
+        if mode == "slow":
+            time.sleep(every_s)
 with open(a.output + ".args", "w") as f:
     json.dump(sys.argv[1:], f)
 if mode == "hang":
     time.sleep(3600)
+if mode == "crash":
+    raise RuntimeError("the scan crashed")
+if mode == "segv":
+    import signal
+    os.kill(os.getpid(), signal.SIGSEGV)
+if mode == "stragglers":
+    print(json.dumps({"scan_id": a.scan_id, "failures": [], "devices": [{"gpu": "cpu0", "verdict": "straggler"}]}))
+    sys.exit(1)
 if mode == "fail":
     print("probe matmul failed: worker 0 died", file=sys.stderr)
     sys.exit(2)
@@ -125,7 +138,10 @@ class NotifySocket:
 class AgentProcess:
     """`python -m straggler agent --config F` as a real subprocess with a real notify socket."""
 
-    def __init__(self, tmp: Path, name: str = "agent", env: dict | None = None, **settings) -> None:
+    def __init__(self, tmp: Path, name: str = "agent", env: dict | None = None, prefix: list[str] | None = None,
+                 **settings) -> None:
+        """``prefix``: a command the agent runs under (e.g. ``unshare --pid --fork --mount-proc``)."""
+        self.prefix = list(prefix or [])
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.notify = NotifySocket(self.dir)
@@ -145,7 +161,8 @@ class AgentProcess:
     def start(self, timeout_s: float = 60.0) -> "AgentProcess":
         self.notify.messages.clear()
         with open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "straggler", "agent", "--config", str(self.config)],
+            self.proc = subprocess.Popen(self.prefix + [sys.executable, "-m", "straggler", "agent", "--config",
+                                                       str(self.config)],
                                          stderr=err, stdout=subprocess.DEVNULL, env=self.env, cwd=self.dir)
         try:
             ready = self.notify.wait_for("READY", "1", timeout_s)
@@ -201,7 +218,8 @@ class IngestServer:
     """A minimal real HTTP collector: POST /api/v1/results (idempotent by id, bearer token),
     GET /api/v1/scans/next (long poll), POST /api/v1/scans/{id}/status. ``fail_next`` answers 503."""
 
-    def __init__(self, token: str = "secret", port: int = 0) -> None:
+    def __init__(self, token: str = "secret", port: int = 0, ssl_context=None) -> None:
+        """``ssl_context``: serve HTTPS with it (a server-side ``ssl.SSLContext``)."""
         self.token = token
         self.rows: dict[str, dict] = {}
         self.posts = 0  # result POSTs that reached the handler
@@ -279,13 +297,17 @@ class IngestServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self.server.shutdown()

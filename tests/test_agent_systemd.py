@@ -29,6 +29,7 @@ def test_unit_is_notify_watchdog_restart_and_least_privilege():
     assert "DeviceAllow=char-nvidia-frontend rw" in text and "DeviceAllow=char-nvidia-uvm rw" in text
     assert "PrivateDevices=yes" not in text  # it would hide /dev/nvidia*
     assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+    assert int(svc["LimitNOFILE"]) >= 4096  # never the default soft limit of 1,024
 
 
 def test_example_config_is_valid_and_matches_the_defaults(tmp_path):

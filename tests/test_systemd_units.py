@@ -41,3 +41,5 @@ def test_collector_unit_is_notify_watchdog_and_least_privilege():
                  "ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet="):
         assert want in lines, want
     assert any(line.startswith("WatchdogSec=") for line in lines)
+    nofile = [int(line.split("=", 1)[1]) for line in lines if line.startswith("LimitNOFILE=")]
+    assert nofile and nofile[0] >= 65536  # a connection per agent: 3,000 long polls and more

@@ -15,6 +15,8 @@ import click
 @click.option("--interval", "interval_s", type=float, help="Telemetry interval in seconds [default: 15].")
 @click.option("--collector-url", help="Collector base URL, e.g. http://collector:9402.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the collector's bearer token.")
+@click.option("--ca-file", type=click.Path(dir_okay=False),
+              help="CA bundle (PEM) that verifies an https:// collector [default: the system's CAs].")
 @click.option("--spool", "spool_path", type=click.Path(dir_okay=False), help="SQLite spool file.")
 @click.option("--check", is_flag=True, help="Validate the configuration, print it, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the configuration as JSON.")
