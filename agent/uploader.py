@@ -21,6 +21,8 @@ import time
 
 import httpx
 
+from straggler.records import SENT_TS_HEADER
+
 from .scanspec import scan_id_problem
 from .spool import Spool
 
@@ -98,7 +100,8 @@ class Uploader:
 
     def _post(self, path: str, body: dict) -> httpx.Response:
         try:
-            resp = self.client().post(path, json=body)
+            # our clock at sending: the collector records the offset between its clock and ours
+            resp = self.client().post(path, json=body, headers={SENT_TS_HEADER: repr(time.time())})
         except httpx.HTTPError as e:
             raise UploadError(f"{path}: {type(e).__name__}: {e}") from None
         if resp.status_code in (401, 403):

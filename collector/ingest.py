@@ -23,7 +23,8 @@ from typing import Iterable, Mapping, Sequence
 
 from prometheus_client.core import GaugeMetricFamily
 
-SENT_TS_HEADER = "x-straggler-sent-ts"
+from straggler.records import SENT_TS_HEADER
+
 PARSE_AT_ONCE = 2  # one batch parsed while the one before it is written
 # An "id" key opens each row: a "{" or "," before it, a ":" after. Inside a JSON string a quote is
 # escaped (\"), so in valid JSON this matches exactly the keys named "id".

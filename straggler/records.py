@@ -69,6 +69,9 @@ TELEMETRY_COLUMNS = (
     "processes",
 )
 PROBE_COLUMNS = ("algbw_gbps", "arrival_skew_s")
+# The upload's HTTP header with the agent's clock when it sent a batch (seconds since the epoch): the
+# collector records its offset per agent (collector/ingest.py); agents send it (agent/uploader.py).
+SENT_TS_HEADER = "X-Straggler-Sent-Ts"
 COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS + TELEMETRY_COLUMNS + PROBE_COLUMNS
 
 STRING_COLUMNS = frozenset(

@@ -4,8 +4,8 @@ scan list past SQLite's variable limit. The connection attacks (half-open client
 tests/test_collector_guard.py."""
 
 import sqlite3
-from dataclasses import replace
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -87,6 +87,31 @@ def test_the_clock_offset_of_each_agent_is_recorded_and_exported(server):
     r = server.client.post("/api/v1/results", json={"host": "skewed2", "results": make_rows("skewed2", n_gpus=1)},
                            headers={"X-Straggler-Sent-Ts": "nan"})
     assert r.status_code == 200 and "skewed2" not in server.client.get("/metrics").text
+
+
+def test_an_agents_uploads_carry_its_clock_and_the_collector_exports_the_offset(server, tmp_path):
+    """The agent's own uploader (agent/uploader.py) against the collector: the offset of a host
+    whose clock agrees with ours is about 0 (before, agents sent no clock: no offset at all)."""
+    from straggler.agent.settings import AgentSettings
+    from straggler.agent.spool import Spool
+    from straggler.agent.uploader import Uploader
+
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    settings = AgentSettings(collector_url=server.url, token_file=tmp_path / "token", http_timeout_s=30)
+    spool = Spool(tmp_path / "spool.sqlite")
+    try:
+        spool.add_results(make_rows("clocked", n_gpus=1, ts=time.time() - 10), host="clocked")
+        up = Uploader(settings, spool, "clocked")
+        t0 = time.monotonic()
+        assert up.flush(60) and spool.count() == 0
+        took_s = time.monotonic() - t0
+        up.close()
+    finally:
+        spool.close()
+    line = [x for x in server.client.get("/metrics").text.splitlines()
+            if x.startswith('straggler_collector_agent_clock_offset_seconds{host="clocked"}')]
+    assert line, "no clock offset exported for the agent's host"
+    assert 0.0 <= float(line[0].rsplit(" ", 1)[1]) <= took_s  # one clock: the offset is the delivery time
 
 
 def test_too_many_rows_is_413_before_the_rows_are_parsed(server):
