@@ -65,10 +65,13 @@ def test_scontrol_hanging_is_stopped_at_its_timeout(tmp_path):
 def test_drain_reason_short_enough_for_sinfo():
     many = [Finding(f"gpu{i}", "matmul", f"0.{70 + i}x", "thermal", detail="x" * 100) for i in range(5)]
     r = drain_reason(many)
-    assert r.startswith("straggler: gpu0 matmul 0.70x thermal") and r.endswith(" +4 more")
-    assert len(r) <= REASON_MAX_CHARS
+    assert r == "straggler: gpu0 matmul 0.70x thermal +4" and len(r) <= REASON_MAX_CHARS
+    # too long: whole words go from the end (the cause, then the value) before a word is cut
+    assert drain_reason([Finding("gpu1", "remapped_rows", "pending", "memory")] * 4) == \
+        "straggler: gpu1 remapped_rows pending memory +3"
     long = drain_reason([Finding("gpu7", "remapped_rows", "pending 3 failed 1 " * 5, "memory")])
-    assert len(long) == REASON_MAX_CHARS and long.startswith("straggler: gpu7 remapped_rows pending 3")
+    assert long == "straggler: gpu7 remapped_rows pending 3 failed 1" and len(long) <= REASON_MAX_CHARS
+    assert len(drain_reason([Finding("gpu7", "x" * 80, "v", "c")] * 2)) == REASON_MAX_CHARS
     # a failing finding is named before a could-not-check one
     mixed = [Finding("gpu0", "xid", "timeout", "nvml", outcome=ERROR), Finding("gpu1", "ecc", "2", "ecc")]
     assert drain_reason(mixed) == "straggler: gpu1 ecc 2 ecc"
