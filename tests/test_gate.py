@@ -91,6 +91,27 @@ def test_ecc_retired_pages_and_missing_gpu_since_the_last_check(straggler_cmd, t
     assert lines[1].startswith("node missing GPU-") and "seen at the last check, not enumerated now" in lines[1]
 
 
+def test_critical_xid_since_the_last_check(straggler_cmd, tmp_path):
+    log = tmp_path / "kmsg"  # /dev/kmsg's record format: priority,sequence,microseconds,flags;text
+    log.write_text("6,100,5000,-;usb 1-1: new device\n"
+                   "4,101,6000,-;NVRM: Xid (PCI:0000:18:00): 79, pid=0, GPU has fallen off the bus.\n")
+    args = ("--telemetry", "fake:h100_idle", "--probes", "none", "--kernel-log", str(log))
+    code, lines, _ = gate(straggler_cmd, *args, state_dir=tmp_path)
+    assert code == 0, lines  # the first check records where the log is: an XID from before is not new
+    with log.open("a") as f:
+        f.write("4,102,7000,-;NVRM: Xid (PCI:0000:2a:00): 79, pid=0, GPU has fallen off the bus.\n"
+                "4,103,7100,-;NVRM: Xid (PCI:0000:18:00): 13, pid=42, Graphics SM Warp Exception\n")
+    code, lines, _ = gate(straggler_cmd, *args, state_dir=tmp_path)
+    assert code == 1 and lines[0] == ("gpu1 xid 79: bus (fallen off the bus: NVRM: Xid (PCI:0000:2a:00): 79, "
+                                      "pid=0, GPU has fallen off the bus.)"), lines  # 13 is not critical
+    code, lines, _ = gate(straggler_cmd, *args, state_dir=tmp_path)
+    assert code == 0, lines  # seen by the last check: not again
+    code, lines, _ = gate(straggler_cmd, "--telemetry", "fake:h100_idle", "--probes", "none", "--json",
+                          "--kernel-log", str(tmp_path / "none"), state_dir=tmp_path)
+    assert code == 0 and json.loads(lines[0])["notes"] == [f"XID events not read: {tmp_path / 'none'}: "
+                                                           "No such file or directory"]
+
+
 # --- faults: exit code, one line, within the budget -------------------------------------------
 
 def test_nvml_missing_could_not_decide_and_on_error(straggler_cmd, tmp_path):
