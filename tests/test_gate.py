@@ -148,6 +148,19 @@ def test_probe_that_hangs_is_killed_within_the_budget(straggler_cmd, tmp_path):
     assert wall <= budget_s + EXIT_SLACK_S, wall
 
 
+def test_budget_spent_ends_the_gate_at_its_budget(straggler_cmd, tmp_path):
+    """A budget shorter than the NVML check's own deadline: the watchdog (or the check's deadline,
+    whichever comes first) ends the gate with one line, exit 2, and --on-error says what that means."""
+    budget_s = 1.0
+    for on_error, expected in ((None, 2), ("pass", 0)):
+        extra = ("--on-error", on_error) if on_error else ()
+        code, lines, wall = gate(straggler_cmd, "--telemetry", "fake:nvml_hang", "--probes", "none", *extra,
+                                 budget_s=budget_s, state_dir=tmp_path)
+        assert code == expected, lines
+        assert lines[0].startswith("could not check: node "), lines
+        assert wall <= budget_s + EXIT_SLACK_S, wall
+
+
 def test_budget_too_short_to_probe_could_not_decide(straggler_cmd, tmp_path):
     code, lines, wall = gate(straggler_cmd, "--device", "cpu", "--probes", "matmul", "--telemetry", "fake:h100_idle",
                              budget_s=4.0, state_dir=tmp_path)
