@@ -270,6 +270,17 @@ def _rows(slow: float, dip_samples=(), n: int = 5, seed: int = 1, scan: str = "s
     return rows
 
 
+def test_whole_node_slower_than_the_fleet_reference():
+    """Every device alike 6% below the fleet: no peer sees it, the fleet reference does."""
+    t = AnalysisConfig().min_effect
+    rows = [{**r, "value": r["value"] * (1 - t - 0.02) / (1 - t - 0.02 if r["index"] == 3 else 1)}
+            for r in _rows(t + 0.02)]  # device 3 brought back in line: all eight alike
+    refs = {"NVIDIA H100 80GB HBM3|matmul|n=8192,dtype=bf16": 700.0}
+    assert judge_samples(rows, "cuda") == []
+    found = judge_samples(rows, "cuda", refs=refs, source=COLLECTOR)
+    assert [(f.device, f.check, f.value, f.outcome) for f in found] == [("node", "matmul", "0.94x", "fail")]
+
+
 def test_transient_dip_passes_persistent_slowdown_at_threshold_plus_one_point_fails():
     t = AnalysisConfig().min_effect
     assert judge_samples(_rows(0.0), "cuda") == []
