@@ -281,6 +281,19 @@ def test_whole_node_slower_than_the_fleet_reference():
     assert [(f.device, f.check, f.value, f.outcome) for f in found] == [("node", "matmul", "0.94x", "fail")]
 
 
+def test_pcie_link_under_load_below_its_maxima():
+    """The pcie probe's rows (as measured under load): a GPU whose link trained at gen3 of gen5 fails,
+    one that reached its maxima during the probe passes (an idle link may downshift)."""
+    rows = []
+    for r in _rows(0.0):
+        link = (3, 16) if r["index"] == 2 else (5, 16) if r["sample"] else (1, 16)
+        rows.append({**r, "probe": "pcie_h2d", "settings": "bytes=1GiB", "unit": "GB/s", "value": r["value"] / 14,
+                     "pcie_gen": link[0], "pcie_width": link[1], "pcie_gen_max": 5, "pcie_width_max": 16})
+    found = judge_samples(rows, "cuda")
+    assert [f.line() for f in found] == ["gpu2 pcie gen3x16: pcie (link under load gen3 x16 of gen5 x16)"]
+    assert judge_samples(rows, "cuda", gpus=(0, 1, 6, 7, 8, 9, 10, 11))[0].device == "gpu6"  # job's numbering
+
+
 def test_transient_dip_passes_persistent_slowdown_at_threshold_plus_one_point_fails():
     t = AnalysisConfig().min_effect
     assert judge_samples(_rows(0.0), "cuda") == []
