@@ -20,12 +20,14 @@ KILL_GRACE_S = 10.0  # beyond the child's own --deadline before the agent kills 
 
 
 def scan_command(settings, scan_id: str, output: Path, deadline_s: float, start_at: float | None = None,
-                 probes=None, duration_s: float | None = None) -> list[str]:
+                 probes=None, duration_s: float | None = None, max_rounds: int = 1) -> list[str]:
+    """One round by default, as the deadline and a cluster scan's shared start assume; a retest of
+    a drained node re-measures undecided devices (``max_rounds``; the scan's ``--deadline`` still holds)."""
     base = settings.scan_base_command
     cmd = base + ["--json", "--output", str(output), "--scan-id", scan_id, "--deadline", f"{deadline_s:g}",
                   "--device", settings.probe_device, "--probes", ",".join(probes or settings.probes),
                   "--duration", f"{duration_s or settings.probe_duration_s:g}",
-                  "--max-rounds", "1"]  # one round, as the deadline and a cluster scan's shared start assume
+                  "--max-rounds", str(max_rounds)]
     if start_at is not None:
         cmd += ["--start-at", f"{start_at:.3f}"]
     return cmd
@@ -62,6 +64,7 @@ class ProbeRun:
     stderr_path: Path | None = None
     stdout_path: Path | None = None
     kill_grace_s: float = KILL_GRACE_S
+    retest: bool = False  # a retest of a node straggler drained (agent/quarantine.py)
 
     def start(self, workdir: Path, env: dict | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)

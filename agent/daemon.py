@@ -31,6 +31,7 @@ from .exporter import build_registry
 from .idle import IdleTracker, busy_reason
 from straggler.sdnotify import Notifier
 from .poller import ScanPoller
+from .quarantine import QuarantineWatch, retest_outcome
 from .settings import RESTART_ONLY, AgentSettings, load_settings, serve_metrics
 from .spool import Spool
 from .uploader import Uploader
@@ -93,11 +94,14 @@ class Agent:
         for scan_id in self.spool.scans_in_state("running"):
             self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
         self._recover()
-        self.uploader = self.poller = None
+        self.uploader = self.poller = self.quarantine = None
+        self.next_retest = 0.0  # monotonic
         if s.collector_url:
             self.uploader = Uploader(s, self.spool, self.host, self.metrics)
             self.poller = ScanPoller(s, self.host, self.scans, self.metrics)
-            for name, target in (("upload", self.uploader.run), ("poll", self.poller.run)):
+            self.quarantine = QuarantineWatch(s, self.host, self.metrics, wake=self._wake)
+            for name, target in (("upload", self.uploader.run), ("poll", self.poller.run),
+                                 ("quarantine", self.quarantine.run)):
                 t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -194,7 +198,7 @@ class Agent:
             self.backend.close()
             self.backend = open_backend(new.telemetry)
         self.idle.grace_s, self.idle.util_pct = new.idle_grace_s, new.idle_util_pct
-        for helper in (self.uploader, self.poller):  # both HTTP threads follow the new config
+        for helper in (self.uploader, self.poller, self.quarantine):  # the HTTP threads follow the new config
             if helper is not None:
                 helper.settings = new
         self.settings = new
@@ -224,6 +228,11 @@ class Agent:
                 self._start(self._local_scan_id(), cluster=False)
                 return next_probe
         s = self.settings
+        if self.quarantine is not None and self.quarantine.drained:  # retests replace the scheduled probes
+            if now >= self.next_retest and self.idle.idle(now):
+                self._start(self._local_scan_id("retest"), cluster=False, retest=True)
+                self.next_retest = now + s.retest_every_s
+            return next_probe
         if s.probe_every_s > 0 and now >= next_probe and self.idle.idle(now):
             self._start(self._local_scan_id(), cluster=False)
             return now + s.probe_every_s
@@ -234,8 +243,8 @@ class Agent:
             return "no telemetry yet"
         return busy_reason(self.snapshot, self.settings.idle_util_pct)
 
-    def _local_scan_id(self) -> str:
-        return f"{self.host}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    def _local_scan_id(self, kind: str = "") -> str:
+        return f"{self.host}-{kind + '-' if kind else ''}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
     def _start_cluster_scan(self, scan: dict) -> None:
         scan_id = scan["scan_id"]
@@ -254,14 +263,15 @@ class Agent:
                     duration_s=scan.get("duration_s"))
 
     def _start(self, scan_id: str, cluster: bool, start_at: float | None = None, probes=None,
-               duration_s: float | None = None) -> None:
+               duration_s: float | None = None, retest: bool = False) -> None:
         s = self.settings
         wait = max(0.0, (start_at or 0.0) - time.time())
         deadline = s.probe_deadline_s + wait
         output = self.workdir / f"{scan_id}.jsonl"
-        cmd = scan_command(s, scan_id, output, deadline, start_at, probes, duration_s)
+        cmd = scan_command(s, scan_id, output, deadline, start_at, probes, duration_s,
+                           max_rounds=s.retest_max_rounds if retest else 1)
         run = ProbeRun(scan_id=scan_id, cluster=cluster, command=cmd, output=output, deadline_s=deadline,
-                       kill_grace_s=s.probe_kill_grace_s)
+                       kill_grace_s=s.probe_kill_grace_s, retest=retest)
         if cluster:
             self.spool.add_status(scan_id, self.host, "running")
             self._wake_uploader()
@@ -302,6 +312,8 @@ class Agent:
             log.error("probe run %s failed: %s (%d results kept)", run.scan_id, run.error, new)
         else:
             log.info("probe run %s done: %d results spooled", run.scan_id, new)
+        if run.retest and self.quarantine is not None:  # after spooling: its rows reach the collector too
+            self.quarantine.report(retest_outcome(run))
         if run.ended_mono is not None:
             self.metrics.probe_seconds.set(run.ended_mono - run.started_mono)
         self.metrics.spooled.set(self.spool.count())

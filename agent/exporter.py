@@ -1,7 +1,7 @@
 """Prometheus export: a custom collector over the latest frozen NodeSnapshot, plus the agent's own metrics.
 
 Telemetry families are built from one snapshot per scrape (a device that disappears takes its label
-sets with it). Labels: host, gpu (index), uuid, model, pci_bus_id -- nothing unbounded. A value the
+sets with it). Labels: host, gpu (index), uuid, model, pci_bus_id -- nothing unbounded (XID events add their code). A value the
 backend could not read is left out, never exported as 0. When a read fails (the snapshot carries an
 error and no device), the devices of the last good snapshot stay listed as
 ``straggler_gpu_up{status="stale"} 0`` with no values, and the snapshot timestamp is that good
@@ -40,6 +40,9 @@ GAUGES = (
     ("straggler_gpu_pcie_link_width_max", "Maximum PCIe link width (lanes)", "pcie_width_max", 1.0),
     ("straggler_gpu_retired_pages", "Retired memory pages", "retired_pages", 1.0),
     ("straggler_gpu_remapped_rows", "Remapped memory rows", "remapped_rows", 1.0),
+    ("straggler_gpu_remapped_rows_pending", "1 while a row remap waits for a GPU reset", "remapped_rows_pending", 1.0),
+    ("straggler_gpu_remapped_rows_failed", "1 when a row remap failed (the GPU needs service)",
+     "remapped_rows_failed", 1.0),
     ("straggler_gpu_utilization_ratio", "Utilization (0-1)", "util_pct", 0.01),
     ("straggler_gpu_memory_utilization_ratio", "Memory controller utilization (0-1)", "mem_util_pct", 0.01),
     ("straggler_gpu_memory_used_bytes", "Device memory used", "mem_used_bytes", 1.0),
@@ -98,6 +101,9 @@ class SnapshotCollector:
                                    "1 while the clock-event (throttle) reason is active",
                                    labels=list(LABELS) + ["reason"])
         ecc = CounterMetricFamily("straggler_gpu_ecc_errors", "ECC errors (aggregate)", labels=list(LABELS) + ["type"])
+        # xid: NVML's XID code (a number from NVIDIA's short, fixed list), never free text
+        xid = CounterMetricFamily("straggler_gpu_xid_errors", "XID events since the agent started, by XID code",
+                                  labels=list(LABELS) + ["xid"])
         for d in snap.devices:
             labels = [snap.host, str(d.index), d.uuid or "", d.model or "", d.pci_bus_id or ""]
             up.add_metric(labels + [d.status], 1.0 if d.status == STATUS_OK else 0.0)
@@ -112,11 +118,14 @@ class SnapshotCollector:
             for kind, value in (("corrected", d.ecc_corrected_total), ("uncorrected", d.ecc_uncorrected_total)):
                 if value is not None:
                     ecc.add_metric(labels + [kind], float(value))
+            for code, count in sorted((d.xid_errors or {}).items()):
+                xid.add_metric(labels + [str(code)], float(count))
         yield up
         yield info
         yield from gauges.values()
         yield events
         yield ecc
+        yield xid
 
 
 class SelfMetrics:

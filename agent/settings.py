@@ -40,18 +40,24 @@ class AgentSettings:
     probe_command: tuple[str, ...] = ()  # the scan command; () = this Python's `-m straggler scan`
     idle_grace_s: float = 300.0  # devices must be idle this long before a scheduled probe
     idle_util_pct: float = 5.0  # at or below this utilization a device counts as idle
+    # the quarantine loop (agent/quarantine.py): a node straggler drained is retested when idle
+    quarantine_poll_s: float = 60.0  # how often the agent asks the collector whether it is drained
+    retest_every_s: float = 900.0  # at most one retest this often (when idle)
+    retest_max_rounds: int = 3  # a retest re-measures undecided devices up to this many rounds
     log_level: str = "info"
 
     def problems(self) -> list[str]:
         out = []
         positive = ("interval_s", "upload_batch", "backoff_initial_s", "backoff_max_s", "http_timeout_s",
-                    "probe_duration_s", "probe_deadline_s")
+                    "probe_duration_s", "probe_deadline_s", "quarantine_poll_s", "retest_every_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
         for name in ("poll_wait_s", "probe_every_s", "idle_grace_s", "probe_kill_grace_s"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0")
+        if self.retest_max_rounds < 1:
+            out.append("retest_max_rounds: must be >= 1")
         if not 0 <= self.listen_port <= 65535:
             out.append("listen_port: must be 0..65535")
         if not 0 <= self.idle_util_pct <= 100:

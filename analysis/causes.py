@@ -19,6 +19,39 @@ REASONS = THERMAL + HW_SLOW + ("sw_power_cap", "applications_clocks_setting")
 SHARE_MIN = 0.05  # a throttle reason active less than this share of the window is noise
 CLOCK_LOW = 0.99  # a clock at most this fraction of the peers' is lower than theirs
 
+# What to do next, per cause (the report shows it beside each flagged device; docs/analysis.md
+# "Causes and what to do" is checked against it). The names are the causes explain() gives.
+ACTIONS = {
+    "thermal": "Check the node's cooling (fans, airflow, inlet temperature, heatsink contact) and re-test; "
+               "a device that throttles in a cool node: drain and RMA.",
+    "hw_slowdown": "The board signalled a hardware slowdown or power brake: check the power supply and cables "
+                   "(and an external power-brake signal), re-seat, re-test; if it persists, drain and RMA.",
+    "power_capped": "At its power limit with a lower clock than its peers (silicon lottery, or a lower limit set): "
+                    "check the limit (nvidia-smi -q -d POWER); keep it with devices of its class, RMA when the "
+                    "deficit is large.",
+    "pcie_link": "The PCIe link trains below its maximum generation or width: re-seat the device and its riser, "
+                 "check the slot (nvidia-smi -q -d PCIE), re-test.",
+    "memory": "Memory errors or slow memory bandwidth: check ECC and row remapping (nvidia-smi -q -d "
+              "ECC,ROW_REMAPPER); a pending remap needs a GPU reset; uncorrected errors or retired pages: "
+              "drain and RMA.",
+    "contention": "Another process used the device during the probe: find and stop it (nvidia-smi), then "
+                  "re-measure before acting on the verdict.",
+    "whole_node": "The node, not its devices: compare its cooling, power, BIOS and firmware settings, CPU "
+                  "frequency governor and driver with a healthy node's; fix the node, then re-test.",
+    "low_clock": "A lower clock than its peers with no throttle reason: check application clocks and clock "
+                 "locks (nvidia-smi -q -d CLOCK), reset them (nvidia-smi -rac), re-test.",
+    "unexplained": "No telemetry names the cause: re-measure; if it stays slow, run the vendor diagnostics "
+                   "(dcgmi diag -r 3) and attach this report to the RMA ticket.",
+}
+
+# The telemetry each cause rests on (explain() below reads these; the report marks them).
+EVIDENCE_COLUMNS = {
+    "thermal": ("temp_c", *THERMAL), "hw_slowdown": HW_SLOW,
+    "power_capped": ("sw_power_cap", "sm_clock_mhz", "power_w", "power_limit_w"),
+    "pcie_link": ("pcie_gen", "pcie_width"), "memory": ("ecc_uncorrected_total", "remapped_rows", "retired_pages"),
+    "contention": ("processes",), "low_clock": ("sm_clock_mhz",),
+}
+
 # column -> how samples of one device are combined
 TELEMETRY = {
     "sm_clock_mhz": "mean", "power_w": "mean", "power_limit_w": "mean", "temp_c": "max",

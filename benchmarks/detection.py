@@ -394,8 +394,25 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_c
     return "\n".join(parts)
 
 
-def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, repeats: int = 3) -> str:
-    """Runtime of analyze() on devices x probes x samples rows (excluding file reading)."""
+# The reference process: a bare pandas read of the file and a groupby of its samples by device.
+BARE_READ = ("import sys, pandas as pd; p = sys.argv[1]; "
+             "df = pd.read_parquet(p) if p.endswith('.parquet') else pd.read_csv(p); "
+             "df.groupby(['host', 'gpu', 'probe'], sort=False)['value'].median()")
+
+
+def _timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one process, its stdout discarded."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    assert os.waitstatus_to_exitcode(status) in (0, 1), err[-2000:]
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def scale_frame(devices: int = 100_000, probes: int = 3, samples: int = 10) -> pd.DataFrame:
     frames = []
     for p, name in enumerate(("matmul", "membw", "allreduce")[:probes]):
         f = make_fleet(seed=100 + p, devices=devices, samples=samples, telemetry=False).samples
@@ -403,38 +420,52 @@ def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, re
     df = pd.concat(frames, ignore_index=True)
     for c in ("host", "gpu", "probe", "model", "settings", "unit", "scan_id"):
         df[c] = df[c].astype("string")
+    return df
+
+
+def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, repeats: int = 3,
+                  compare: str | None = None) -> str:
+    """Runtime of analyze() on devices x probes x samples rows (excluding file reading), then the
+    whole `straggler analyze` process (--json, and the table) side by side with a bare pandas read +
+    groupby of the same file, each a fresh process, interleaved ``repeats`` times: medians.
+    ``compare``: the directory of another build of the package (``straggler/`` with its subpackages,
+    put first on PYTHONPATH), timed in the same rounds."""
+    df = scale_frame(devices, probes, samples)
     analyze(df.head(1000), None, AnalysisConfig())  # warm imports
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         res = analyze(df)
         times.append(time.perf_counter() - t0)
-    ref = []  # side by side: the least any per-device analysis does, a pandas groupby median
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        df.groupby(["host", "gpu", "probe"], sort=False)["value"].median()
-        ref.append(time.perf_counter() - t0)
     lines = [f"analyze(): {len(df):,} rows ({devices:,} devices x {probes} probes x {samples} samples): "
              f"median {np.median(times):.2f} s, min {min(times):.2f} s over {repeats} runs; "
-             f"{res.summary['stragglers']} flagged. Side by side, pandas "
-             f"groupby(host, gpu, probe).value.median(): median {np.median(ref):.2f} s, min {min(ref):.2f} s "
-             f"(analyze / groupby = {np.median(times) / np.median(ref):.1f}x)", "",
-             "| file | pandas reads it (read_table) | `straggler analyze FILE --json` (whole process) | ratio |",
-             "|---|---|---|---|"]
+             f"{res.summary['stragglers']} flagged.", "",
+             f"Whole processes, interleaved, median of {repeats}; the bare read is `pd.read_parquet` or "
+             "`pd.read_csv`, then `groupby(host, gpu, probe).value.median()`:", "",
+             "| file | process | wall | CPU (user + system) | wall / bare | CPU / bare |", "|---|---|---|---|---|---|"]
+    builds = {"": None}
+    if compare:
+        builds[f" ({compare})"] = {**os.environ, "PYTHONPATH": compare}
+    commands = {"bare pandas read + groupby": ([sys.executable, "-c", BARE_READ], [], None)}
+    for label, env in builds.items():
+        commands[f"`straggler analyze FILE --json`{label}"] = ([sys.executable, "-m", "straggler", "analyze"],
+                                                              ["--json"], env)
+        commands[f"`straggler analyze FILE` (table){label}"] = ([sys.executable, "-m", "straggler", "analyze"],
+                                                               [], env)
     with tempfile.TemporaryDirectory() as tmp:
         for suffix in (".parquet", ".csv"):
             path = Path(tmp) / f"fleet{suffix}"
             write_table(df, path)
-            t0 = time.perf_counter()
-            read_table(path)
-            t_read = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, "-m", "straggler", "analyze", str(path), "--json"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
-            t_cli = time.perf_counter() - t0
-            assert out.returncode in (0, 1), out.stderr
-            lines.append(f"| {suffix[1:]} ({path.stat().st_size / 1e6:.0f} MB) | {t_read:.2f} s | "
-                         f"{t_cli:.2f} s | {t_cli / t_read:.1f}x |")
+            runs = {k: [] for k in commands}
+            for _ in range(repeats):
+                for k, (head, tail, env) in commands.items():
+                    # from the temporary directory: `-m straggler` would import a checkout in the cwd first
+                    runs[k].append(_timed([*head, str(path), *tail], env, cwd=tmp))
+            med = {k: np.median(np.array(v), axis=0) for k, v in runs.items()}
+            bare = med["bare pandas read + groupby"]
+            for k, (wall, cpu) in med.items():
+                lines.append(f"| {suffix[1:]} ({path.stat().st_size / 1e6:.0f} MB) | {k} | {wall:.2f} s | "
+                             f"{cpu:.2f} s | {wall / bare[0]:.1f}x | {cpu / bare[1]:.1f}x |")
     return "\n".join(lines)
 
 
@@ -450,18 +481,21 @@ def main(argv=None) -> int:
                          "(straggler scan: 4 x the first round's)")
     ap.add_argument("--no-scale", action="store_true", help="skip the 100,000-device runtime run")
     ap.add_argument("--scale-only", action="store_true", help="only the 100,000-device runtime run")
+    ap.add_argument("--repeats", type=int, default=None, help="runs of each process in the scale table [3; 5 with --scale-only]")
+    ap.add_argument("--compare", default=None,
+                    help="scale table: also time the build of straggler in this directory (put first on PYTHONPATH)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     print(f"# detection benchmark ({a.devices:,} devices per fleet, 5 samples, 1% t(4) noise, 3% dips; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
     if a.scale_only:
-        print(scale_runtime(repeats=5))
+        print(scale_runtime(repeats=a.repeats or 5, compare=a.compare))
         return 0
     spreads = [float(x) for x in a.spreads.split(",") if x.strip()]
     print(run(spreads, a.devices, a.rounds, a.history, a.seed, a.round_cap))
     if not a.no_scale:
         print("\n## scale\n")
-        print(scale_runtime())
+        print(scale_runtime(repeats=a.repeats or 3, compare=a.compare))
     print(f"\n(total {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f})")
     return 0
 

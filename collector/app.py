@@ -6,6 +6,7 @@ nothing starts until the application's lifespan does (the fleet analysis thread)
 
 
 import hmac
+import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,9 +26,14 @@ from straggler import __version__
 
 from .apidocs import render_docs
 from .fleet import FleetView, json_safe
+from .fleetpages import FleetPages, fleet_router
+from .health import DbHealth, sqlite_error_handler
 from .metrics import FleetCollector, SelfMetrics
+from .ingest import ClockOffsets, IngestGate, clock_problem, count_rows, scan_ids, sent_ts
 from .middleware import LimitAndTime, Secret
+from .quarantine_api import quarantine_router
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
+from .reportpage import router as report_router
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings, scan_problem
 from .store import Refused, Store, row_tuples
@@ -82,27 +88,34 @@ def create_app(
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
                       on_refresh=published)
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
-                       run_limit_s=settings.scan_run_limit_s, clock=clock)
+                       run_limit_s=settings.scan_run_limit_s, clock=clock, retention_s=settings.scan_retention_s)
     secret = Secret(token)
+    offsets, gate, health = ClockOffsets(), IngestGate(), DbHealth(store)
+    metrics.registry.register(offsets)
     col = Collector(settings, store, fleet, board, metrics, fleet_metrics, secret)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        health.start()
         fleet.start()
         try:
             yield
         finally:
             fleet.stop()
+            board.flush_seen()
             store.close()
 
     # /docs is rendered here from the spec: FastAPI's Swagger UI and ReDoc load from a CDN
     app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
+    app.include_router(quarantine_router(col))
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(sqlite3.Error, sqlite_error_handler(health))  # JSON 507/503, never a bare 500
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.
-    app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics,
+                       open_reads=settings.open_reads, body_timeout_s=settings.body_timeout_s)
 
     bearer = HTTPBearer(auto_error=False)
 
@@ -112,17 +125,29 @@ def create_app(
 
     auth = [Depends(authorized)]
 
-    def store_batch(body: bytes) -> IngestResponse:
+    def store_batch(body: bytes, sent: float | None) -> IngestResponse:
+        received = clock()
+        n = count_rows(body, settings.max_batch_rows)  # before parsing: a parsed batch takes ~10x its bytes
+        if n is not None:
+            raise HTTPException(413, f"results: {n} rows, more than max_batch_rows={settings.max_batch_rows}")
         try:
             batch = BATCH_ADAPTER.validate_json(body)
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
+        del body
         if len(batch["results"]) > settings.max_batch_rows:
             raise HTTPException(413, f"results: {len(batch['results'])} rows, more than max_batch_rows={settings.max_batch_rows}")
+        if sent is not None:
+            offsets.record(batch["host"], received - sent)
+        lie = clock_problem(batch["results"], received, settings.max_clock_skew_s,
+                            store.scan_starts(scan_ids(batch["results"])))
+        if lie:
+            raise HTTPException(422, lie)
         try:
-            accepted, duplicates = store.ingest(row_tuples(batch["results"]), clock())
+            accepted, duplicates = store.ingest(row_tuples(batch["results"]), received)
         except Refused as e:
             raise HTTPException(422, str(e)) from None
+        health.write_ok()
         metrics.results.labels("accepted").inc(accepted)
         metrics.results.labels("duplicate").inc(duplicates)
         if accepted:
@@ -136,7 +161,8 @@ def create_app(
         """Store a batch of results (body: ResultBatch); idempotent by id (a replayed row counts as a
         duplicate). The whole batch is stored, or nothing (422 names the first bad field)."""
         body = await request.body()
-        return await run_in_threadpool(store_batch, body)
+        async with gate:
+            return await run_in_threadpool(store_batch, body, sent_ts(request.headers))
 
     @app.post("/api/v1/scans", status_code=201, response_model=ScanCreated, dependencies=auth, tags=["scans"])
     async def create_scan(req: ScanRequest) -> dict:
@@ -160,7 +186,7 @@ def create_app(
     async def next_scan(host: Annotated[Name, Query()], wait_s: Annotated[float, Query(ge=0, le=3600)] = 30.0):
         """Long poll: the oldest scan for ``host`` it has not reported on (wait_s is capped at max_wait_s)."""
         scan = await board.next_for(host, min(wait_s, settings.max_wait_s))
-        return scan if scan is not None else Response(status_code=204)
+        return Response(board.wire(scan), media_type="application/json") if scan is not None else Response(status_code=204)
 
     def _view(scan_id: str) -> dict:
         view = board.view(scan_id)
@@ -190,23 +216,8 @@ def create_app(
         _view(scan_id)
         return JSONResponse({"scan_id": scan_id, "samples": json_safe(store.scan_results(scan_id))})
 
-    def _fleet(gpus) -> JSONResponse:  # a Response: FastAPI's generic encoder is slow on 100,000 devices
-        snap = fleet.snapshot
-        return JSONResponse({"computed_ts": snap.computed_ts, "error": snap.error, "verdicts_ts": snap.verdicts_ts,
-                             "summary": json_safe(dict(snap.summary)), "gpus": [_with_age(g) for g in gpus]})
-
-    def _with_age(g) -> dict:
-        return {**g, "last_probe_age_s": None if g["last_ts"] is None else clock() - g["last_ts"]}
-
-    @app.get("/api/v1/gpus", tags=["fleet"])
-    def gpus() -> JSONResponse:
-        """Every device with its latest verdict per probe."""
-        return _fleet(fleet.snapshot.gpus)
-
-    @app.get("/api/v1/stragglers", tags=["fleet"])
-    def stragglers() -> JSONResponse:
-        """Flagged devices, costliest first."""
-        return _fleet(fleet.snapshot.stragglers())
+    app.state.fleet_pages = FleetPages(fleet, clock)
+    app.include_router(fleet_router(app.state.fleet_pages))  # /api/v1/gpus, /api/v1/stragglers (cached pages)
 
     @app.get("/api/v1/gpus/{uuid}/history", tags=["fleet"])
     def history(uuid: str, host: Annotated[Name | None, Query()] = None,
@@ -221,10 +232,13 @@ def create_app(
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry) + fleet_metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    @app.get("/healthz", tags=["service"])
-    def healthz() -> dict:
-        return {"status": "ok", "version": __version__, "analysis_ts": fleet.snapshot.computed_ts,
-                "analysis_error": fleet.snapshot.error}
+    @app.get("/healthz", tags=["service"], responses={503: {"description": "the database cannot be written or is corrupt"}})
+    def healthz() -> JSONResponse:
+        problem = health.problem()
+        return JSONResponse(status_code=503 if problem else 200, content={
+            "status": "unhealthy" if problem else "ok", "problem": problem, "version": __version__,
+            "analysis_ts": fleet.snapshot.computed_ts, "analysis_error": fleet.snapshot.error,
+            "database": health.report()})
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -237,6 +251,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    app.include_router(report_router)  # /report, /report/gpu: the fleet report (collector/reportpage.py)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from straggler.analysis import bases
 from straggler.analysis.tiers import CLASSES, TIERS
 
 from .fleet import FleetSnapshot
@@ -39,7 +40,8 @@ DEVICE_LABELS = ("host", "uuid", "gpu", "model")
 
 FAMILIES = {
     "straggler_gpu_performance_ratio": "Device's median over the median of its peers (1 = like its peers; higher is faster).",
-    "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names the first cause.",
+    "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names "
+                               "the first cause, basis what the verdict rests on (analysis/bases.py).",
     "straggler_gpu_cost_ratio": "Slowdown the device imposes on a synchronous job it joins (peer median / its rate - 1).",
     "straggler_gpu_verdict": "1, labelled with the device's verdict tier for this probe (straggler, undecided, slow, "
                              "healthy) and its placement class in its peer group (perf_class A fastest quarter .. D).",
@@ -50,7 +52,20 @@ FAMILIES = {
     "straggler_fleet_devices": "Devices in the fleet view.",
     "straggler_fleet_stragglers": "Devices flagged as stragglers for at least one probe.",
     "straggler_fleet_analysis_timestamp_seconds": "Unix time of the latest fleet analysis.",
+    "straggler_gpu_straggler_any": "1 when the device is a straggler for at least one probe, else 0; one series per "
+                                   "device (joins need no max by); cause names the first cause of its costliest probe.",
+    "straggler_gpu_flagged_scans": "Consecutive scans of the device (since the collector started) whose analysis "
+                                   "flagged it as a straggler; 0 when the latest did not.",
+    "straggler_fleet_job_slowdown_ratio": "Expected slowdown of a synchronous job of job_devices devices drawn at random "
+                                          "from the peer group now (devices=all), and without its stragglers "
+                                          "(devices=without_stragglers); peer groups with a straggler only "
+                                          "(analysis/cost.py job_gain).",
+    "straggler_fleet_job_speedup_ratio": "What leaving the stragglers out gains that job: expected step time with every "
+                                         "device over the one without the stragglers, minus 1.",
+    "straggler_fleet_min_effect_ratio": "The analysis' min_effect: a device whose deficit to its peers is above it "
+                                        "(ratio below 1 - it) can be flagged (dashboards draw it).",
 }
+JOB_LABELS = ("model", "probe", "settings")
 
 
 def cause_label(causes: list[str]) -> str:
@@ -58,6 +73,13 @@ def cause_label(causes: list[str]) -> str:
         return "unexplained"
     first = str(causes[0]).split(":")[0].strip().lower()
     return first if first in CAUSES else "other"
+
+
+def basis_label(basis) -> str:
+    """The flag's ``basis`` label: the analysis' basis names (analysis/bases.py, joined by "+"), else "other"."""
+    if not basis:
+        return bases.NONE
+    return basis if all(part in bases.ALL for part in str(basis).split(bases.JOIN)) else "other"
 
 
 def _escape(v: str) -> str:
@@ -84,19 +106,48 @@ def _header(name: str) -> str:
     return f"# HELP {name} {FAMILIES[name]}\n# TYPE {name} gauge\n"
 
 
-def prepare(snap: FleetSnapshot) -> PreparedFleet:
-    ratio, flag, cost, ages, tier, degraded = [], [], [], [], [], []
+def _any_cause(probes: list[dict]) -> str:
+    """The cause label of a device's costliest flagged probe ("none" when none is flagged)."""
+    flagged = [p for p in probes if p["straggler"]]
+    if not flagged:
+        return "none"
+    return cause_label(max(flagged, key=lambda p: p["cost"] if p["cost"] is not None else -1.0)["causes"])
+
+
+def _jobs(summary: dict) -> tuple[list, list]:
+    """The analysis' job cost (summary["job_cost"], from analysis/cost.py) as samples; unknown left out."""
+    slowdown, speedup = [], []
+    for j in summary.get("job_cost") or ():
+        labels = {k: str(j.get(k) or "") for k in JOB_LABELS} | {"job_devices": str(j["job_devices"])}
+        for devices, key in (("all", "step_time_all"), ("without_stragglers", "step_time_without_stragglers")):
+            if j.get(key) is not None:
+                slowdown.append(({**labels, "devices": devices}, float(j[key]) - 1.0))
+        if j.get("speedup") is not None:
+            speedup.append((labels, float(j["speedup"])))
+    return slowdown, speedup
+
+
+def device_key(g: dict) -> tuple[str, str]:
+    return g["host"], g["gpu"]
+
+
+def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], tuple[str | None, int]] | None = None) -> PreparedFleet:
+    """``streaks``: each flagged device's latest scan and its consecutive flagged scans (FleetCollector.update)."""
+    ratio, flag, cost, ages, tier, degraded, flag_any, held = [], [], [], [], [], [], [], []
     for g in snap.gpus:
         dev = {"host": g["host"], "uuid": g["gpu"], "gpu": "" if g["index"] is None else str(g["index"]),
                "model": g["model"] or ""}
         if g["last_ts"] is not None:
             ages.append((dev, float(g["last_ts"])))
+        if g["probes"]:  # analysed: one probe-free series per device
+            flag_any.append(({**dev, "cause": _any_cause(g["probes"])}, 1.0 if g["straggler"] else 0.0))
+            held.append((dev, float((streaks or {}).get(device_key(g), (None, 0))[1])))
         for p in g["probes"]:
             labels = {**dev, "probe": p["probe"], "settings": p["settings"] or ""}
             if p["ratio"] is not None:
                 ratio.append((labels, float(p["ratio"])))
             cause = cause_label(p["causes"]) if p["straggler"] else "none"
-            flag.append(({**labels, "cause": cause}, 1.0 if p["straggler"] else 0.0))
+            flag.append(({**labels, "cause": cause, "basis": basis_label(p.get("basis"))}, 1.0 if p["straggler"] else 0.0))
             if p["cost"] is not None:
                 cost.append((labels, float(p["cost"])))
             if p.get("verdict") in VERDICTS:  # one series carries tier and class: 100,000 GPUs stay one scrape
@@ -115,7 +166,13 @@ def prepare(snap: FleetSnapshot) -> PreparedFleet:
         ("straggler_fleet_stragglers", (({}, float(sum(g["straggler"] for g in snap.gpus))),)),
         ("straggler_fleet_devices_by_verdict", tuple(({"verdict": t}, float(by_tier.count(t))) for t in VERDICTS)),
         ("straggler_fleet_degraded", (({}, float(sum(bool(g.get("degraded")) for g in snap.gpus))),)),
+        ("straggler_gpu_straggler_any", tuple(flag_any)),
+        ("straggler_gpu_flagged_scans", tuple(held)),
+        *zip(("straggler_fleet_job_slowdown_ratio", "straggler_fleet_job_speedup_ratio"),
+             map(tuple, _jobs(dict(snap.summary)))),
     ]
+    if snap.summary.get("min_effect") is not None:
+        fixed.append(("straggler_fleet_min_effect_ratio", (({}, float(snap.summary["min_effect"])),)))
     if snap.computed_ts is not None:
         fixed.append(("straggler_fleet_analysis_timestamp_seconds", (({}, snap.computed_ts),)))
     parts = []
@@ -139,9 +196,22 @@ class FleetCollector:
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.prepared = prepare(FleetSnapshot())
+        # device -> (its latest scan, consecutive scans of it that were flagged)
+        self._streaks: dict[tuple[str, str], tuple[str | None, int]] = {}
 
     def update(self, snap: FleetSnapshot) -> None:
-        self.prepared = prepare(snap)
+        # A flagged device's streak grows when a new scan of it is flagged again: analyses that only
+        # re-read the same scan (results of other devices arrived) add no evidence and do not count,
+        # nor does a failed analysis (its snapshot shows the previous verdicts beside newer scans).
+        if snap.error is None:
+            streaks = {}
+            for g in snap.gpus:
+                if g["straggler"]:
+                    scan, n = self._streaks.get(device_key(g), (None, 0))
+                    new_scan = g.get("last_scan_id") != scan or not n
+                    streaks[device_key(g)] = (g.get("last_scan_id"), n + 1 if new_scan else n)
+            self._streaks = streaks
+        self.prepared = prepare(snap, self._streaks)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         prep, now = self.prepared, self.clock()
@@ -153,14 +223,14 @@ class FleetCollector:
         fam = GaugeMetricFamily("straggler_gpu_last_probe_age_seconds", FAMILIES["straggler_gpu_last_probe_age_seconds"],
                                 labels=sorted(DEVICE_LABELS))
         for labels, last in prep.ages:
-            fam.add_metric([labels[k] for k in sorted(labels)], now - last)
+            fam.add_metric([labels[k] for k in sorted(labels)], max(0.0, now - last))  # a clock ahead: 0, not < 0
         yield fam
 
     def render(self) -> bytes:
         """The same bytes ``generate_latest`` writes for this collector, fast."""
         prep, now = self.prepared, self.clock()
         age = "straggler_gpu_last_probe_age_seconds"
-        lines = [f"{p}{floatToGoString(now - last)}\n" for p, (_, last) in zip(prep.age_prefixes, prep.ages)]
+        lines = [f"{p}{floatToGoString(max(0.0, now - last))}\n" for p, (_, last) in zip(prep.age_prefixes, prep.ages)]
         return prep.fixed_text + (_header(age) + "".join(lines)).encode()
 
 

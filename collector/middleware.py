@@ -8,6 +8,7 @@ whether it announces its length or streams chunks.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -15,7 +16,11 @@ import time
 from .metrics import SelfMetrics
 
 INGEST_PATH = "/api/v1/results"
-PROTECTED_PREFIXES = (INGEST_PATH, "/api/v1/scans")
+PROTECTED_PREFIXES = (INGEST_PATH, "/api/v1/scans")  # always need the token
+# the fleet view: its GETs need the token too, unless open_reads (other routers check their own)
+OPEN_READ_PREFIXES = ("/api/v1/gpus", "/api/v1/stragglers")
+READ_TOKEN_HINT = ("missing or wrong bearer token (the fleet view needs it too; set open_reads = true "
+                   "in the collector's config for an open read-only view)")
 
 
 class Secret:
@@ -46,11 +51,20 @@ async def _send_json(send, status: int, body: dict, headers: list | None = None)
 
 
 class LimitAndTime:
-    def __init__(self, app, *, secret: Secret, max_bytes: int, metrics: SelfMetrics):
+    def __init__(self, app, *, secret: Secret, max_bytes: int, metrics: SelfMetrics, open_reads: bool = False,
+                 body_timeout_s: float = 0.0):
         self.app = app
         self.secret = secret
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.open_reads = open_reads
+        self.body_timeout_s = body_timeout_s
+
+    def _needs_token(self, scope) -> bool:
+        path = scope["path"]
+        if path.startswith(PROTECTED_PREFIXES):
+            return True
+        return path.startswith(OPEN_READ_PREFIXES) and not (self.open_reads and scope.get("method") in ("GET", "HEAD"))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -65,12 +79,19 @@ class LimitAndTime:
             await send(message)
 
         try:
-            if scope["path"].startswith(PROTECTED_PREFIXES) and not bearer_ok(scope, self.secret.value):
+            if self._needs_token(scope) and not bearer_ok(scope, self.secret.value):
                 status["code"] = 401
-                await _send_json(send, 401, {"detail": "missing or wrong bearer token"},
+                read = scope.get("method") in ("GET", "HEAD") and scope["path"].startswith(OPEN_READ_PREFIXES)
+                await _send_json(send, 401, {"detail": READ_TOKEN_HINT if read else "missing or wrong bearer token"},
                                  [(b"www-authenticate", b"Bearer")])
                 return
-            body = await self._read_body(scope, receive)
+            try:
+                body = await self._read_body_in_time(scope, receive)
+            except TimeoutError:
+                status["code"] = 408
+                await _send_json(send, 408, {"detail": f"request body not received within body_timeout_s="
+                                                       f"{self.body_timeout_s:g} s"}, [(b"connection", b"close")])
+                return
             if body is None:
                 status["code"] = 413
                 await _send_json(send, 413, {"detail": f"request body larger than {self.max_bytes} bytes"})
@@ -91,6 +112,13 @@ class LimitAndTime:
             self.metrics.request_seconds.labels(handler).observe(time.perf_counter() - t0)
             if scope.get("path") == INGEST_PATH and scope.get("method") == "POST":
                 self.metrics.ingest_requests.labels(str(status["code"])).inc()
+
+    async def _read_body_in_time(self, scope, receive) -> bytes | None:
+        """:meth:`_read_body` within ``body_timeout_s`` (TimeoutError): a client that sends its
+        headers and then trickles or withholds its body does not hold a request forever."""
+        if self.body_timeout_s <= 0:
+            return await self._read_body(scope, receive)
+        return await asyncio.wait_for(self._read_body(scope, receive), self.body_timeout_s)
 
     async def _read_body(self, scope, receive) -> bytes | None:
         """The whole body, or None when it is over the limit."""

@@ -11,12 +11,31 @@ agent died mid-scan).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import secrets
+import sqlite3
+import threading
 import time
+from collections import deque
 from typing import Callable
 
 from .client import FINAL_STATES
 from .store import Store
+
+log = logging.getLogger("straggler.collector")
+
+
+OFFER_FIELDS = ("scan_id", "start_at", "probes", "duration_s", "hosts")
+
+
+def _offer(scan: dict) -> dict:
+    """What an agent is told of a scan."""
+    return {k: scan[k] for k in OFFER_FIELDS}
+
+
+def _wire(offer: dict) -> bytes:
+    return json.dumps(offer, separators=(",", ":")).encode()
 
 
 class NoHosts(Exception):
@@ -37,15 +56,30 @@ def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
 
 
 class ScanBoard:
+    KEPT_NEW = 64  # scans remembered for the long polls waiting when they were created
+
     def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float,
-                 run_limit_s: float = 900.0, clock: Callable[[], float] = time.time):
+                 run_limit_s: float = 900.0, clock: Callable[[], float] = time.time,
+                 retention_s: float = 30 * 86400.0):
         self.store = store
         self.agent_seen_s = agent_seen_s
         self.offer_grace_s = offer_grace_s
         self.run_limit_s = run_limit_s
+        self.retention_s = retention_s
         self.clock = clock
         self._changed: asyncio.Event | None = None  # replaced (after being set) on every new scan
         self._closing = False
+        # the latest scans created, in order: (sequence number, hosts, offer, offer as JSON bytes).
+        # A poll that waited learns of a new scan from here, without a query: 3,000 polls woken at
+        # once would otherwise queue for the database, and serialize the host list 3,000 times.
+        self._seq = 0
+        self._new: deque[tuple[int, frozenset, dict, bytes]] = deque(maxlen=self.KEPT_NEW)
+        # hosts seen polling, written to the agents table in one transaction at most every
+        # SEEN_FLUSH_S (and before a scan picks its hosts), not one write per poll
+        self._seen: dict[str, float] = {}
+        self._seen_lock = threading.Lock()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Future] = set()
 
     def _event(self) -> asyncio.Event:
         if self._changed is None:
@@ -56,16 +90,27 @@ class ScanBoard:
         """Schedule a scan (from the event loop; the database work runs in a thread). Raises NoHosts."""
         now = self.clock()
         if hosts is None:
+            await asyncio.to_thread(self.flush_seen)
             hosts = await asyncio.to_thread(self.store.agents_seen_since, now - self.agent_seen_s)
             if not hosts:
                 raise NoHosts(f"no agent polled for scans in the last {self.agent_seen_s:g} s; name the hosts")
         hosts = sorted(set(hosts))
         scan = {"scan_id": new_scan_id(now), "created_ts": now, "start_at": now + start_delay_s,
                 "probes": list(probes), "duration_s": duration_s, "hosts": hosts}
-        await asyncio.to_thread(self.store.create_scan, scan)
+        await asyncio.to_thread(self.store.create_scan, scan, now - self.retention_s)
+        offer = _offer(scan)
+        self._seq += 1
+        self._new.append((self._seq, frozenset(hosts), offer, _wire(offer)))
         event, self._changed = self._event(), asyncio.Event()
         event.set()  # wake every long poll
-        return {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
+        return offer
+
+    def wire(self, offer: dict) -> bytes:
+        """``offer`` as JSON bytes (serialized once per scan created here)."""
+        for _, _, known, data in reversed(self._new):
+            if known["scan_id"] == offer["scan_id"]:
+                return data
+        return _wire(offer)
 
     def close(self) -> None:
         """The service is stopping: answer every long poll now, and wait in none from here on (from
@@ -77,22 +122,65 @@ class ScanBoard:
         """The oldest scan ``host`` has not reported on, waiting up to ``wait_s`` for one (not at
         all once :meth:`close` was called)."""
         deadline = time.monotonic() + wait_s
+        # taken before the look-up: a scan created after it sets this event and has a later number
+        event, seen = self._event(), self._seq
+        # in a thread: the write lock may be held by a large ingest, and the loop must not wait
+        scan = await asyncio.to_thread(self._seen_and_next, host, self.clock())
+        self._flush_later()
+        if scan is not None:
+            return _offer(scan)
         while True:
-            event = self._event()  # taken before the look-up: a scan created after it sets this event
-            now = self.clock()
-            # in a thread: the write lock may be held by a large ingest, and the loop must not wait
-            scan = await asyncio.to_thread(self._seen_and_next, host, now)
             remaining = deadline - time.monotonic()
-            if scan is not None or remaining <= 0 or self._closing:
-                return scan and {k: scan[k] for k in ("scan_id", "start_at", "probes", "duration_s", "hosts")}
+            if remaining <= 0 or self._closing:
+                return None
             try:
                 await asyncio.wait_for(event.wait(), remaining)
             except asyncio.TimeoutError:
-                pass
+                return None
+            event = self._event()
+            # the scans created while this poll waited (all of them, unless more than KEPT_NEW were:
+            # then the database says) name their hosts, and this host has reported on none of them
+            if self._new and self._new[0][0] > seen + 1:
+                scan = await asyncio.to_thread(self._seen_and_next, host, self.clock())
+                self._flush_later()
+                return _offer(scan) if scan is not None else None
+            for seq, hosts, offer, _ in self._new:
+                if seq > seen and host in hosts:
+                    return offer
+            seen = self._seq
+
+    SEEN_FLUSH_S = 1.0
 
     def _seen_and_next(self, host: str, now: float) -> dict | None:
-        self.store.touch_agent(host, now)
+        with self._seen_lock:
+            self._seen[host] = max(now, self._seen.get(host, now))
         return self.store.next_scan(host, now - self.offer_grace_s)
+
+    def _flush_later(self) -> None:
+        """Flush the hosts seen within SEEN_FLUSH_S (from the event loop; one flush pending at a time)."""
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(self.SEEN_FLUSH_S, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_handle = None
+        task = asyncio.ensure_future(asyncio.to_thread(self.flush_seen))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    def flush_seen(self) -> None:
+        """Write the hosts seen polling since the last flush (from a worker thread). A write that
+        fails keeps them for the next flush."""
+        with self._seen_lock:
+            seen, self._seen = self._seen, {}
+        if not seen:
+            return
+        try:
+            self.store.touch_agents(seen)
+        except sqlite3.Error as e:
+            log.warning("could not record %d agents seen polling (kept for the next try): %s", len(seen), e)
+            with self._seen_lock:
+                for host, ts in seen.items():
+                    self._seen[host] = max(ts, self._seen.get(host, ts))
 
     def view(self, scan_id: str) -> dict | None:
         scan = self.store.get_scan(scan_id)

@@ -116,8 +116,39 @@ _V5 = [
 # bandwidth and arrival skew. Rows stored before have them missing (NULL).
 _V6 = [f"ALTER TABLE results ADD COLUMN {q(c)} {sql_type(c)}" for c in ("algbw_gbps", "arrival_skew_s")]
 
+# Version 7: the quarantine loop (collector/quarantine.py). One row per host straggler has drained
+# (state ``drained``, or ``resumed`` once it came back: the time of its resume keeps an old verdict
+# from draining it again), and the audit: every drain, retest, resume and refusal, when, why, by
+# which rule and whom, with the measured values as JSON. ``scans``: the host's latest scan ids at its
+# last step (JSON list): results of those scans never drain it again.
+_V7 = [
+    """CREATE TABLE quarantine (
+        host TEXT PRIMARY KEY, state TEXT NOT NULL, since_ts REAL NOT NULL, rule TEXT, reason TEXT,
+        by TEXT, passes INTEGER NOT NULL DEFAULT 0, updated_ts REAL NOT NULL, scans TEXT)""",
+    """CREATE TABLE quarantine_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, host TEXT NOT NULL, action TEXT NOT NULL,
+        rule TEXT, reason TEXT, by TEXT, outcome TEXT NOT NULL, measured TEXT)""",
+    "CREATE INDEX quarantine_events_host ON quarantine_events (host, ts)",
+    "CREATE INDEX quarantine_events_action ON quarantine_events (action, ts)",
+]
+
+# Version 8: the scan tables go by index (an agent's long poll looks up its pending nodes; the scan
+# list and pruning go by creation time), and a row without a sample number is told apart from the
+# device's other rows by its ``ts``, as the analysis tells them apart (it was one row per device,
+# probe, settings and scan: every later row without a sample number was dropped as a duplicate).
+# The new key is finer than the old one, so the stored rows satisfy it.
+_V8 = [
+    "CREATE INDEX scan_nodes_host ON scan_nodes (host, state)",
+    "CREATE INDEX scans_created ON scans (created_ts)",
+    "DROP INDEX results_sample",
+    """CREATE UNIQUE INDEX results_sample ON results
+       (gpu, host, COALESCE(scan_id, ''), probe, COALESCE(settings, ''), COALESCE(sample, -1),
+        COALESCE(CASE WHEN sample IS NULL THEN ts END, -1))
+       WHERE sample_unique = 1""",
+]
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6))
+    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7), tuple(_V8))
 LATEST = len(MIGRATIONS)
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 from straggler.errors import ConfigError, StragglerError
 
 from straggler.sdnotify import Notifier
+from .guard import uvicorn_config
 from .settings import CollectorSettings, load_token
 
 log = logging.getLogger("straggler.collector")
@@ -74,7 +75,7 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
             notifier.stopping()
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, server_header=False,
+    config = uvicorn_config(app, settings, log_level=settings.log_level.lower(), access_log=False, server_header=False,
                             proxy_headers=False, timeout_graceful_shutdown=5, log_config=None)
     # uvicorn handles SIGTERM itself, then re-raises it with the handler that was there before: make
     # that one a no-op so that a clean stop exits 0 rather than dying of the signal.
@@ -117,7 +118,7 @@ class BackgroundCollector:
         self.app, sock = _app_and_socket(settings, token, analyze)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, log_config=None,
+        config = uvicorn_config(self.app, settings, log_level="warning", access_log=False, log_config=None,
                                 timeout_graceful_shutdown=2)
         self.server = _server_type(uvicorn, self.app)(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},

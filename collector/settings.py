@@ -7,6 +7,7 @@ The bearer token is never a config-file key: it comes from ``token_file`` (under
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +19,7 @@ DEFAULT_CONFIG = Path("/etc/straggler/collector.toml")
 ENV_PREFIX = "STRAGGLER_COLLECTOR_"
 TOKEN_ENV = "STRAGGLER_COLLECTOR_TOKEN"
 DEFAULT_PORT = 9402  # the agent exports on 9401
+QUARANTINE_ACTIONS = ("none", "record", "scontrol")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,22 @@ class CollectorSettings:
     max_wait_s: float = 60.0  # longest long poll on /api/v1/scans/next
     scan_offer_grace_s: float = 30.0  # a scan is still offered this long after its start_at
     scan_run_limit_s: float = 900.0  # a node still running this long after start_at is shown failed
+    # the quarantine loop (collector/quarantine.py, docs/collector.md "Quarantine")
+    quarantine_action: str = "none"  # none (off) | record (decide and audit, touch no scheduler) | scontrol
+    quarantine_from_analysis: bool = True  # drain hosts the fleet analysis flags (through the breaker)
+    quarantine_resume_passes: int = 3  # consecutive clean retests before a drained node resumes
+    quarantine_window_s: float = 3600.0  # the circuit breaker's window
+    quarantine_max_fleet_share: float = 0.1  # at most this share of the fleet's hosts drained per window
+    quarantine_max_model_share: float = 0.1  # ... and of the hosts with one device model
     log_level: str = "info"
+    # hostile clients (docs/collector.md "Hostile clients")
+    header_timeout_s: float = 10.0  # a request's head must arrive within this (0: no limit)
+    body_timeout_s: float = 60.0  # and its body within this after the head (0: no limit)
+    max_connections_per_client: int = 64  # per client address (0: no cap); raise it behind a proxy
+    open_reads: bool = False  # true: the fleet view (GET /api/v1/gpus...) needs no token
+    # results that lie about time: rows dated further ahead of the collector's clock are refused
+    max_clock_skew_s: float = 300.0
+    scan_retention_s: float = 30 * 86400.0  # scans (not their results) older than this are pruned
 
     def problems(self) -> list[str]:
         out = []
@@ -51,11 +68,25 @@ class CollectorSettings:
         for name in ("analysis_debounce_s", "agent_seen_s", "scan_offer_grace_s"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0")
-        for name in ("analysis_max_delay_s", "max_wait_s", "scan_run_limit_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "max_connections_per_client"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0 (0: no limit)")
+        for name in ("analysis_max_delay_s", "max_wait_s", "scan_run_limit_s", "max_clock_skew_s", "scan_retention_s"):
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
         if self.history_scans < 0 or self.history_limit < 1:
             out.append("history_scans must be >= 0 and history_limit >= 1")
+        if self.quarantine_action not in QUARANTINE_ACTIONS:
+            out.append(f"quarantine_action: {self.quarantine_action!r} is not one of {', '.join(QUARANTINE_ACTIONS)}")
+        if self.quarantine_action == "scontrol" and shutil.which("scontrol") is None:
+            out.append("quarantine_action: scontrol is not on the PATH (install slurm-client, or use record)")
+        if self.quarantine_resume_passes < 1:
+            out.append("quarantine_resume_passes: must be >= 1")
+        if self.quarantine_window_s <= 0:
+            out.append("quarantine_window_s: must be > 0")
+        for name in ("quarantine_max_fleet_share", "quarantine_max_model_share"):
+            if not 0 < getattr(self, name) <= 1:
+                out.append(f"{name}: must be a share in (0, 1]")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             out.append(f"log_level: {self.log_level!r} is not one of debug, info, warning, error")
         return out

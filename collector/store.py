@@ -33,13 +33,14 @@ _UPSERT_DEVICE = """
         "index" = excluded."index", model = excluded.model,
         last_ts = excluded.last_ts, last_scan_id = excluded.last_scan_id
     WHERE devices.last_ts IS NULL OR excluded.last_ts >= devices.last_ts"""
-_SAMPLE_KEY = ("gpu", "host", "scan_id", "probe", "settings", "sample")
+_SAMPLE_KEY = ("gpu", "host", "scan_id", "probe", "settings", "sample", "ts")
 # A batch row whose sample is stored with another value (the batch's own rows are stored by then).
 # `|| ''` and `+ 0` drop the columns' affinity, so that SQLite matches the index expressions.
 _SAMPLE_CLASH = """
     SELECT b.i, r.value FROM batch_samples b CROSS JOIN results r INDEXED BY results_sample
     ON r.gpu = b.gpu AND r.host = b.host AND COALESCE(r.scan_id, '') = b.scan_id || '' AND r.probe = b.probe
     AND COALESCE(r.settings, '') = b.settings || '' AND COALESCE(r.sample, -1) = b.sample + 0
+    AND COALESCE(CASE WHEN r.sample IS NULL THEN r.ts END, -1) = b.ts + 0
     AND r.sample_unique = 1
     WHERE r.value != b.value ORDER BY b.i DESC LIMIT 1"""
 _UPSERT_PROBE_SCAN = """
@@ -106,7 +107,10 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint; safe in WAL mode
+        # FULL: the WAL is synced at every commit, so an acknowledged batch survives power loss
+        # (NORMAL syncs only at checkpoints). benchmarks/collector_sync.py: it adds ~0.25 ms a commit
+        # here, under 1 ms for batches up to 100 rows and noise beyond (docs/collector.md, "Durability").
+        conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
@@ -145,6 +149,16 @@ class Store:
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
+
+    def probe_write(self) -> None:
+        """A write transaction that changes nothing the collector reads (sqlite3.Error when the file
+        cannot be written)."""
+        with self._transaction() as conn:
+            conn.execute(f"PRAGMA user_version = {conn.execute('PRAGMA user_version').fetchone()[0]}")
+
+    def quick_check(self) -> str:
+        """``PRAGMA quick_check``: "ok", or its first problem (it reads the whole file)."""
+        return self._reader.execute("PRAGMA quick_check(1)").fetchone()[0]
 
     def close(self) -> None:
         with self._readers_lock:
@@ -216,12 +230,14 @@ class Store:
         needed when rows were left out: a row whose sample is stored already is not inserted."""
         idx = [RESULT_COLUMNS.index(c) for c in _SAMPLE_KEY]
         i_value = RESULT_COLUMNS.index("value")
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch_samples "
-                     "(i INTEGER, gpu TEXT, host TEXT, scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, value REAL)")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch_samples (i INTEGER, gpu TEXT, host TEXT, "
+                     "scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, ts REAL, value REAL)")
         conn.execute("DELETE FROM batch_samples")
-        conn.executemany("INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        # a row without a sample number is that sample of its ts (as results_sample keys it)
+        conn.executemany("INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          ((i, r[idx[0]], r[idx[1]], r[idx[2]] or "", r[idx[3]], r[idx[4]] or "",
-                           -1 if r[idx[5]] is None else r[idx[5]], r[i_value])
+                           -1 if r[idx[5]] is None else r[idx[5]],
+                           -1 if r[idx[5]] is not None or r[idx[6]] is None else r[idx[6]], r[i_value])
                           for i, r in enumerate(rows)))
         clash = conn.execute(_SAMPLE_CLASH).fetchone()
         if clash is not None:
@@ -288,15 +304,26 @@ class Store:
         )
 
     def touch_agent(self, host: str, ts: float) -> None:
+        self.touch_agents({host: ts})
+
+    def touch_agents(self, seen: dict[str, float]) -> None:
+        """Mark hosts alive (host: when seen), in one transaction."""
         with self._transaction() as conn:
-            self._touch(conn, host, ts)
+            for host, ts in seen.items():
+                self._touch(conn, host, ts)
 
     def agents_seen_since(self, ts: float) -> list[str]:
         cur = self._reader.execute("SELECT host FROM agents WHERE last_seen_ts >= ? ORDER BY host", (ts,))
         return [r[0] for r in cur]
 
-    def create_scan(self, scan: dict) -> None:
+    def create_scan(self, scan: dict, prune_before: float | None = None) -> None:
+        """Store a new scan; scans created before ``prune_before`` go, with their nodes (not their
+        results): the tables a poll reads stay the size of the recent scans."""
         with self._transaction() as conn:
+            if prune_before is not None:
+                old = "SELECT scan_id FROM scans WHERE created_ts < ?"
+                conn.execute(f"DELETE FROM scan_nodes WHERE scan_id IN ({old})", (prune_before,))
+                conn.execute("DELETE FROM scans WHERE created_ts < ?", (prune_before,))
             conn.execute(
                 "INSERT INTO scans (scan_id, created_ts, start_at, probes, duration_s, hosts) VALUES (?, ?, ?, ?, ?, ?)",
                 (scan["scan_id"], scan["created_ts"], scan["start_at"], json.dumps(scan["probes"]),
@@ -317,22 +344,35 @@ class Store:
         return self._scans("ORDER BY created_ts DESC, rowid DESC LIMIT ?", (limit,))
 
     def _scans(self, tail: str, params: Sequence) -> list[dict]:
+        # the scans' nodes and counts are selected by the same query as the scans (a subquery, not one
+        # SQL variable per scan: older SQLite allows 999)
+        chosen = f"SELECT scan_id FROM scans {tail}"
         with self._snapshot():
             scans = [_decode_scan(r) for r in self._rows(f"SELECT * FROM scans {tail}", params)]
             if not scans:
                 return []
-            ids = [s["scan_id"] for s in scans]
-            marks = ", ".join("?" * len(ids))
-            nodes = self._rows(f"SELECT scan_id, host, state, error FROM scan_nodes WHERE scan_id IN ({marks}) "
-                               "ORDER BY host", ids)
+            nodes = self._rows(f"SELECT scan_id, host, state, error FROM scan_nodes WHERE scan_id IN ({chosen}) "
+                               "ORDER BY host", params)
             counts = dict(self._reader.execute(
-                f"SELECT scan_id, COUNT(*) FROM results WHERE scan_id IN ({marks}) GROUP BY scan_id", ids).fetchall())
+                f"SELECT scan_id, COUNT(*) FROM results WHERE scan_id IN ({chosen}) GROUP BY scan_id", params).fetchall())
+        by_scan: dict[str, list[dict]] = {}
+        for n in nodes:
+            by_scan.setdefault(n["scan_id"], []).append(n)
         for scan in scans:
-            mine = [n for n in nodes if n["scan_id"] == scan["scan_id"]]
+            mine = by_scan.get(scan["scan_id"], [])
             scan["nodes"] = {n["host"]: n["state"] for n in mine}
             scan["errors"] = {n["host"]: n["error"] for n in mine if n["error"]}
             scan["results"] = counts.get(scan["scan_id"], 0)
         return scans
+
+    def scan_starts(self, scan_ids: Iterable[str]) -> dict[str, float]:
+        """The ``start_at`` of each of these cluster scans the collector holds."""
+        out = {}
+        for scan_id in scan_ids:
+            row = self._reader.execute("SELECT start_at FROM scans WHERE scan_id = ?", (scan_id,)).fetchone()
+            if row is not None:
+                out[scan_id] = row[0]
+        return out
 
     def set_node_state(self, scan_id: str, host: str, state: str, error: str | None, ts: float) -> bool:
         """Record a node's state for a scan. False, and nothing changes (the agent is not marked

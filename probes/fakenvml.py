@@ -8,7 +8,7 @@ A fixture (``probes/fixtures/<scenario>.json``, shipped in the package as ``stra
                  "fields": null}]}
 
 Each ``read(i)`` of device ``i`` replays its next frame (``base`` merged with the frame; frames
-loop). A frame's ``errors`` (``{"retired_pages": "not_supported"}``) and ``status`` replay as NVML
+loop; ``xid_errors``, the XID events seen so far by code, must not decrease). A frame's ``errors`` (``{"retired_pages": "not_supported"}``) and ``status`` replay as NVML
 failures. Faults are scenario data: from the ``from_read``-th read of a device until ``until_read``
 (exclusive; null = for ever) the listed ``fields`` fail with ``nvml_error``, or the whole device
 does when ``fields`` is null. Instead of ``nvml_error`` a fault may name a ``python_error`` that a
@@ -156,6 +156,8 @@ class FakeBackend:
         }
         if values.get("throttle_reasons") is not None:
             values["throttle_reasons"] = frozenset(values["throttle_reasons"])
+        if values.get("xid_errors") is not None:  # JSON keys are text; XID codes are numbers
+            values["xid_errors"] = {int(k): int(v) for k, v in values["xid_errors"].items()}
         errors = dict(frame.get("errors") or {})
         device_error = None
         status = frame.get("status", STATUS_OK)

@@ -45,7 +45,8 @@ def _flag(value: Callable, field: str) -> int:
 class _Read:
     """One read of one device: the values and the faults that apply to it."""
 
-    def __init__(self, frame: dict, faults: list[dict]) -> None:
+    def __init__(self, index: int, frame: dict, faults: list[dict]) -> None:
+        self.index = index
         self.frame = frame
         self.errors = dict(frame.get("errors") or {})
         self.faults = faults
@@ -79,6 +80,9 @@ class FakePynvml:
         self._devices: list[dict] = data["devices"]
         self._faults: list[dict] = list(data.get("faults", []))
         self._reads = [0] * len(self._devices)
+        # XID events: a frame's cumulative ``xid_errors`` become events queued for the device
+        self._xid_seen: list[dict[int, int]] = [{} for _ in self._devices]
+        self._xid_queue: list[list[int]] = [[] for _ in self._devices]
         self._driver = next((d.get("base", {}).get("driver") for d in self._devices if d.get("base", {}).get("driver")),
                             None)
         self.initialised = False
@@ -150,7 +154,32 @@ class FakePynvml:
         if frame.get("status", STATUS_OK) != STATUS_OK:
             raise _nvml_error("gpu_is_lost" if frame["status"] == STATUS_LOST
                               else (frame.get("errors") or {}).get("device", "unknown"))
-        return _Read(frame, faults)
+        xids = frame.get("xid_errors")
+        if isinstance(xids, dict):
+            for code, total in sorted((int(k), int(v)) for k, v in xids.items()):
+                self._xid_queue[index].extend([code] * max(0, total - self._xid_seen[index].get(code, 0)))
+                self._xid_seen[index][code] = total
+        return _Read(index, frame, faults)
+
+    # XID events (pynvml's event-set API): one set per device, drained without waiting
+    def nvmlEventSetCreate(self) -> SimpleNamespace:
+        return SimpleNamespace(device=None)
+
+    def nvmlDeviceRegisterEvents(self, handle: _Read, event_types: int, event_set: SimpleNamespace) -> None:
+        if handle.fault(("xid_errors",), "AttributeError"):
+            raise AttributeError("module 'pynvml' has no attribute 'nvmlDeviceRegisterEvents'")
+        handle.value("xid_errors")  # a device without XID events fails as NVML would
+        event_set.device = handle.index
+
+    def nvmlEventSetWait_v2(self, event_set: SimpleNamespace, timeout_ms: int) -> SimpleNamespace:
+        queue = self._xid_queue[event_set.device]
+        if not queue:
+            raise _nvml_error("timeout")
+        nv = _nv()
+        return SimpleNamespace(eventType=nv.nvmlEventTypeXidCriticalError, eventData=queue.pop(0), device=None)
+
+    def nvmlEventSetFree(self, event_set: SimpleNamespace) -> None:
+        event_set.device = None
 
     def __getattr__(self, name: str) -> Any:
         getter = self.__dict__.get("_getters", {}).get(name)

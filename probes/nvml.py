@@ -34,6 +34,7 @@ FUNCTION_NOT_FOUND = "function_not_found"  # NVML's name; also a function an old
 INVALID_TEXT = "invalid_text"  # a name, serial or version that is not valid UTF-8
 UNEXPECTED = "unexpected_error"  # any other exception out of pynvml
 FINAL_CODES = ("not_supported", FUNCTION_NOT_FOUND, INVALID_TEXT)  # a retry would fail the same way
+XID_EVENTS_PER_READ = 64  # events drained per device per read; the rest wait for the next read
 INIT_RETRY_S = 60.0  # a failed NVML init is retried this long after (a driver loaded after the agent)
 # Init failures a user can act on -> what to do.
 INIT_HINTS = {
@@ -232,6 +233,10 @@ class NvmlBackend:
         self._count = 0
         self._driver: str | None = None
         self._static: dict[int, dict[str, Any]] = {}
+        self._xid_sets: dict[int, Any] = {}  # device -> its NVML event set (XID events)
+        self._xid_counts: dict[int, dict[int, int]] = {}  # device -> XID code -> events since start
+        self._xid_refused: dict[int, NvmlFailure] = {}  # device -> final failure to register for events
+        self._xid_lock = threading.Lock()  # a sampler thread and the agent's tick may read one device at once
 
     def _ensure(self) -> bool:
         with self._lock:
@@ -286,7 +291,41 @@ class NvmlBackend:
             values[name] = _query(lambda fn=fn: fn(nv, handle))
             if isinstance(values[name], NvmlFailure) and values[name].code == GPU_IS_LOST:
                 break  # every further call would fail the same way
+        else:
+            values["xid_errors"] = self._xids(nv, handle, index)
         return build_reading(index, ts, identity, values)
+
+    def _xids(self, nv, handle, index: int) -> dict[int, int] | NvmlFailure:
+        """XID events of device ``index`` since the backend started, by XID code: registers an
+        event set on the first read, then drains what arrived (without waiting) on every read."""
+        with self._xid_lock:
+            return self._drain_xids(nv, handle, index)
+
+    def _drain_xids(self, nv, handle, index: int) -> dict[int, int] | NvmlFailure:
+        if index in self._xid_refused:
+            return self._xid_refused[index]
+        if index not in self._xid_sets:
+            evset = _query(lambda: nv.nvmlEventSetCreate())
+            if isinstance(evset, NvmlFailure):
+                return evset
+            reg = _query(lambda: nv.nvmlDeviceRegisterEvents(handle, nv.nvmlEventTypeXidCriticalError, evset))
+            if isinstance(reg, NvmlFailure):
+                _query(lambda: nv.nvmlEventSetFree(evset))
+                if reg.code in FINAL_CODES:
+                    self._xid_refused[index] = reg
+                return reg
+            self._xid_sets[index], self._xid_counts[index] = evset, {}
+        counts = self._xid_counts[index]
+        for _ in range(XID_EVENTS_PER_READ):
+            event = _query(lambda: nv.nvmlEventSetWait_v2(self._xid_sets[index], 0))
+            if isinstance(event, NvmlFailure):
+                if event.code != "timeout":  # timeout: nothing more has arrived
+                    return event
+                break
+            if event.eventType & nv.nvmlEventTypeXidCriticalError:
+                code = int(event.eventData)
+                counts[code] = counts.get(code, 0) + 1
+        return dict(counts)
 
     def snapshot(self, host: str) -> NodeSnapshot:
         ts = time.time()
@@ -300,6 +339,11 @@ class NvmlBackend:
         with self._lock:
             if self._ready:
                 nv = self._lib()
+                for evset in self._xid_sets.values():
+                    _query(lambda evset=evset: nv.nvmlEventSetFree(evset))
                 _query(lambda: nv.nvmlShutdown())
             self._ready = False
             self._static.clear()
+            self._xid_sets.clear()
+            self._xid_counts.clear()
+            self._xid_refused.clear()

@@ -75,13 +75,17 @@ def new_scan_id(host: str) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{host}-{uuid.uuid4().hex[:6]}"
 
 
+def check_settings(settings: ScanSettings) -> None:
+    problems = settings.problems()
+    if problems:
+        raise InputError("; ".join(problems))
+
+
 def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = None,
              stopped: Callable[[], str | None] | None = None) -> ScanResult:
     """``stopped()``: the name of a signal the caller caught before this scan could install its own
     handlers (between the rounds of :class:`ScanRounds`), which stops this scan too; or None."""
-    problems = settings.problems()
-    if problems:
-        raise InputError("; ".join(problems))
+    check_settings(settings)
     launch = launcher()
     if launch is not None:
         from .distributed import run_rank
@@ -114,7 +118,12 @@ class ScanRounds:
     so ``samples`` windows last ``samples x duration / settings.samples``. ``fits(probes, samples)``
     says when such a round would not end before ``settings.deadline_s`` (the whole scan's, all rounds
     together): its probing plus the longest start-up a round took so far. Each round is also given
-    only the time left, so the runner kills it at the scan's deadline."""
+    only the time left, so the runner kills it at the scan's deadline.
+
+    Under torchrun/srun the rounds run in one process group (:class:`.distributed.RankRounds`): on
+    rank 0 ``measure`` runs each round on every rank (rank 0 decides, the others follow); on the
+    other ranks the first ``measure`` follows every round rank 0 runs and returns no samples.
+    :meth:`close` ends the rounds (rank 0 tells the other ranks; a local scan has nothing to end)."""
 
     def __init__(self, settings: ScanSettings, on_event: Callable[[dict], None] | None = None):
         self.settings, self.on_event = settings, on_event
@@ -123,6 +132,7 @@ class ScanRounds:
         self.overhead_s = 0.0  # the longest a round took beyond its probing (start-up, warm-up, report)
         self.stopped_by: str | None = None  # a signal that came between two rounds
         self.done_probes: tuple[str, ...] = ()  # the probes of the rounds so far, one entry per round
+        self.ranks = None  # torchrun/srun: this rank's RankRounds
 
     def _progress(self, before: tuple[str, ...]) -> Callable[[dict], None] | None:
         """The progress display counts the probes of every round so far, not of this round alone."""
@@ -162,13 +172,28 @@ class ScanRounds:
             s = replace(s, probes=tuple(probes), samples=samples, duration_s=self.window_s() * samples,
                         scan_id=self.first.scan_id, start_at=None, deadline_s=left)
         t0, wait_s = time.monotonic(), max(0.0, (s.start_at or 0) - time.time())
-        res = run_scan(s, self._progress(self.done_probes), lambda: self.stopped_by)
+        res = self._launched(s, probes, samples) if launcher() is not None else \
+            run_scan(s, self._progress(self.done_probes), lambda: self.stopped_by)
         self.done_probes += tuple(p for p in probes if p in {r["probe"] for r in res.samples})
         if res.duration_s is not None:
             probing = len({r["probe"] for r in res.samples} or probes) * res.duration_s
             self.overhead_s = max(self.overhead_s, time.monotonic() - t0 - wait_s - probing)
         self.first = self.first or res
         return res
+
+    def _launched(self, s: ScanSettings, probes: tuple[str, ...], samples: int) -> ScanResult:
+        from .distributed import RankRounds
+
+        if self.ranks is None:
+            check_settings(s)
+            self.ranks = RankRounds(s, launcher(), self._progress(self.done_probes))
+            return self.ranks.first()
+        self.ranks.on_event = self._progress(self.done_probes)
+        return self.ranks.again(probes, samples, s.duration_s)
+
+    def close(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
 
     def fits(self, probes: tuple[str, ...], samples: int) -> str | None:
         if self.stopped_by:

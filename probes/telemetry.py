@@ -53,6 +53,8 @@ class DeviceReading:
     remapped_rows_pending: bool | None = None  # a row remap waits for the next GPU reset
     remapped_rows_failed: bool | None = None  # a remap failed: the GPU needs service
     persistence_mode: bool | None = None
+    # XID events seen since the backend started, by XID code (counts; NVML's critical-error events)
+    xid_errors: Mapping[int, int] | None = None
     util_pct: float | None = None
     mem_util_pct: float | None = None
     mem_used_bytes: int | None = None
@@ -109,6 +111,8 @@ def reading_to_dict(reading: DeviceReading) -> dict[str, Any]:
             value = sorted(value)
         elif name == "errors":
             value = dict(value)
+        elif name == "xid_errors" and value is not None:
+            value = {str(k): v for k, v in sorted(value.items())}
         out[name] = value
     return out
 
@@ -126,6 +130,8 @@ def reading_from_dict(data: Mapping[str, Any], **overrides: Any) -> DeviceReadin
             raise ValueError(f"unknown throttle reason(s): {', '.join(bad)}")
         merged["throttle_reasons"] = frozenset(reasons)
     merged["errors"] = dict(merged.get("errors") or {})
+    if merged.get("xid_errors") is not None:
+        merged["xid_errors"] = {int(k): int(v) for k, v in merged["xid_errors"].items()}
     return DeviceReading(**merged)
 
 

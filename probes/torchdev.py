@@ -191,6 +191,12 @@ class Group:
         self.dist.gather_object(obj, out, dst=0, group=self.ctl)
         return out
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (the others pass anything)."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0, group=self.ctl)
+        return box[0]
+
     def close(self) -> None:
         try:
             self.dist.destroy_process_group()

@@ -88,42 +88,61 @@ def _nvml_index(dev_uuid: str | None, local: int) -> Callable[[object], int]:
     return find
 
 
-def run_worker(plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[dict], None],
-               group_factory: Callable, on_finish: Callable | None = None) -> int:
-    """Run the whole probe plan on one device; returns the worker's exit code. ``on_finish(group)``
-    runs before the group is torn down (torchrun/srun: rank 0 gathers there)."""
-    from .torchdev import Device
+class DeviceWorker:
+    """One device's worker: its device, telemetry and identity (the ``hello`` message is sent on
+    creation), the process group (:meth:`join`), then one or more rounds of the probe plan in that
+    group (:meth:`run`; torchrun/srun re-measurement runs several), then :meth:`close`."""
 
-    dev = Device(plan.kind, device_index)
-    info = dev.describe()
-    tel = WindowTelemetry(plan.telemetry, plan.kind, (lambda b: device_index) if plan.kind == "cpu"
-                          else _nvml_index(info["uuid"], device_index), plan.interval_s)
-    # a GPU's identity comes from NVML when it is read; never from a CPU core's reading
-    first = tel.first if tel.backend is not None and tel.backend.name != "cpu" else None
-    gpu = info["gpu"] if plan.kind == "cpu" or not (first and first.uuid) else first.uuid
-    model = info["model"] if plan.kind == "cpu" or not (first and first.model) else first.model
-    ident = {"scan_id": plan.scan_id, "host": plan.host, "gpu": gpu, "index": device_index,
-             "model": model, "driver": tel.first.driver if tel.first else None}
-    emit({"t": "hello", "rank": rank, **ident, "telemetry": tel.backend.name if tel.backend else None,
-          "note": tel.note or getattr(tel.backend, "notice", None)})
+    def __init__(self, plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[dict], None]):
+        from .torchdev import Device
 
-    def fail(probe: str, error: str, consequence: bool = False) -> None:
+        self.rank, self.emit = rank, emit
+        self.dev = Device(plan.kind, device_index)
+        info = self.dev.describe()
+        self.tel = tel = WindowTelemetry(plan.telemetry, plan.kind, (lambda b: device_index) if plan.kind == "cpu"
+                                         else _nvml_index(info["uuid"], device_index), plan.interval_s)
+        # a GPU's identity comes from NVML when it is read; never from a CPU core's reading
+        first = tel.first if tel.backend is not None and tel.backend.name != "cpu" else None
+        gpu = info["gpu"] if plan.kind == "cpu" or not (first and first.uuid) else first.uuid
+        model = info["model"] if plan.kind == "cpu" or not (first and first.model) else first.model
+        self.ident = {"scan_id": plan.scan_id, "host": plan.host, "gpu": gpu, "index": device_index,
+                      "model": model, "driver": tel.first.driver if tel.first else None}
+        self.hello = {"t": "hello", "rank": rank, **self.ident, "telemetry": tel.backend.name if tel.backend else None,
+                      "note": tel.note or getattr(tel.backend, "notice", None)}
+        self.group = None
+        emit(self.hello)
+
+    def fail(self, probe: str, error: str, consequence: bool = False) -> None:
         # consequence: the failure may follow from a peer's (a collective or a broken group)
-        emit({"t": "failure", "rank": rank, "probe": probe, "error": error, "consequence": consequence})
+        self.emit({"t": "failure", "rank": self.rank, "probe": probe, "error": error, "consequence": consequence})
 
+    def join(self, group_factory: Callable) -> bool:
+        """Join the process group; False (and a failure sent) when it cannot."""
+        try:
+            self.group = group_factory(self.dev)
+        except Exception as e:  # noqa: BLE001 - reported as this worker's failure
+            self.fail("setup", f"cannot join the process group: {one_line(e)}")
+            return False
+        return True
+
+    def run(self, plan: WorkerPlan) -> int:
+        """One round of ``plan`` (its probes, windows and duration) in the group; the exit code."""
+        return _probe_loop(plan, self.rank, self.dev, self.group, self.tel, self.ident, self.emit, self.fail)
+
+    def close(self) -> None:
+        self.tel.close()
+        if self.group is not None:
+            self.group.close()
+
+
+def run_worker(plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[dict], None],
+               group_factory: Callable) -> int:
+    """Run the whole probe plan on one device (one round); returns the worker's exit code."""
+    worker = DeviceWorker(plan, rank, device_index, emit)
     try:
-        group = group_factory(dev)
-    except Exception as e:  # noqa: BLE001 - reported as this worker's failure, then exit
-        fail("setup", f"cannot join the process group: {one_line(e)}")
-        return EXIT_ABORTED
-    try:
-        code = _probe_loop(plan, rank, dev, group, tel, ident, emit, fail)
-        if on_finish is not None:
-            on_finish(group)
-        return code
+        return worker.run(plan) if worker.join(group_factory) else EXIT_ABORTED
     finally:
-        tel.close()
-        group.close()
+        worker.close()
 
 
 def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:

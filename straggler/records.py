@@ -291,6 +291,30 @@ def _columns_line(df: "pd.DataFrame", limit: int = 12) -> str:
     return ", ".join(cols[:limit]) + (f", ... ({len(cols)} columns)" if len(cols) > limit else "") or "none"
 
 
+def _read_csv(path) -> "pd.DataFrame":
+    """A CSV file with :data:`STRING_COLUMNS` as pandas "string": the same table as
+    ``read_csv(dtype="string")`` for them, in under half its time. pandas reads a column it infers
+    as text (``str``) cell for cell as written, missing cells as NaN (cast to NA here); only a
+    string column it infers otherwise (all digits, all empty, mixed) is read again, alone, as text,
+    so that ``007`` stays ``007``. A first read that warns (a column of mixed types across pandas'
+    chunks) is done again the plain way, whose warnings are the user's to see."""
+    import warnings
+
+    import pandas as pd
+
+    text_dtypes = {c: "string" for c in STRING_COLUMNS}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        df = pd.read_csv(path)
+    if seen:
+        return pd.read_csv(path, dtype=text_dtypes)
+    again = [c for c in STRING_COLUMNS if c in df.columns and not isinstance(df[c].dtype, pd.StringDtype)]
+    if again:
+        text = pd.read_csv(path, usecols=again, dtype={c: text_dtypes[c] for c in again})
+        df = df.assign(**{c: text[c] for c in again})
+    return df.astype({c: "string" for c in STRING_COLUMNS if c in df.columns})
+
+
 def read_table(paths: "str | Path | Iterable[str | Path]",
                required: Iterable[str] = REQUIRED_COLUMNS) -> "pd.DataFrame":
     """Read and concatenate result tables: CSV, JSON Lines, Parquet, or the document of
@@ -310,7 +334,7 @@ def read_table(paths: "str | Path | Iterable[str | Path]",
                 df = to_frame(doc)
                 df = df.astype({c: "string" for c in STRING_COLUMNS if c in df.columns})
             elif fmt == "csv":
-                df = pd.read_csv(p, dtype={c: "string" for c in STRING_COLUMNS})
+                df = _read_csv(p)
             elif fmt == "jsonl":
                 df = pd.read_json(p, lines=True, dtype={c: "string" for c in STRING_COLUMNS})
                 if df.empty and not len(df.columns):  # JSON Lines of no rows: an empty file

@@ -93,6 +93,21 @@ def test_exporter_lost_gpu_has_no_values_and_up_zero():
                                                                    "pci_bus_id": "00000000:BA:00.0"}) > 600
 
 
+def test_exporter_publishes_xid_counts_by_code_and_remap_flags():
+    registry, _ = _registry_with("h100_xid_errors", reads=2)
+    get = registry.get_sample_value
+    gpu2 = {"host": "n1", "gpu": "2", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000002",
+            "model": "NVIDIA H100 80GB HBM3", "pci_bus_id": "00000000:3A:00.0"}
+    assert get("straggler_gpu_xid_errors_total", {**gpu2, "xid": "48"}) == 1.0
+    assert get("straggler_gpu_xid_errors_total", {**gpu2, "xid": "13"}) is None  # no event, no series
+    assert get("straggler_gpu_remapped_rows_pending", gpu2) == 0.0
+    registry, _ = _registry_with("ecc_remapped_rows")
+    gpu4 = {"host": "n1", "gpu": "4", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000004",
+            "model": "NVIDIA H100 80GB HBM3", "pci_bus_id": "00000000:9A:00.0"}
+    assert registry.get_sample_value("straggler_gpu_remapped_rows_pending", gpu4) == 1.0
+    assert registry.get_sample_value("straggler_gpu_remapped_rows_failed", gpu4) == 1.0
+
+
 def test_self_metrics_start_at_zero():
     registry, _, _ = build_registry()
     for source in ERROR_SOURCES:
@@ -102,7 +117,8 @@ def test_self_metrics_start_at_zero():
         assert registry.get_sample_value(name) == 0.0
 
 
-@pytest.mark.parametrize("scenario", ["h100_healthy", "gpu_fallen_off_bus", "nvml_error_mid_run", "cpu"])
+@pytest.mark.parametrize("scenario", ["h100_healthy", "gpu_fallen_off_bus", "nvml_error_mid_run", "h100_xid_errors",
+                                      "cpu"])
 def test_promtool_accepts_the_exposition(scenario, tmp_path):
     promtool = require_tool("promtool")
     registry, _ = _registry_with(scenario, reads=7)

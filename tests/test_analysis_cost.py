@@ -150,7 +150,7 @@ def test_collector_costs_a_one_host_straggler(tmp_path):
         # The analysis starts analysis_debounce_s after the ingest (at most analysis_max_delay_s late);
         # the deadline only guards against a hang (the engine's first run imports pandas and scipy).
         deadline = time.monotonic() + settings.analysis_max_delay_s + 60
-        while not (gpus := client.get("/api/v1/gpus").json()["gpus"]) or not all(g["probes"] for g in gpus):
+        while not (gpus := client.get("/api/v1/gpus", headers={"Authorization": f"Bearer {TOKEN}"}).json()["gpus"]) or not all(g["probes"] for g in gpus):
             assert time.monotonic() < deadline, "no fleet analysis"
             time.sleep(settings.analysis_debounce_s)
         probe = {g["gpu"]: g["probes"][0] for g in gpus}

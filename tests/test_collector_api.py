@@ -80,7 +80,7 @@ def test_ingest_is_idempotent_by_id(server):
     r = post(server, {"host": "idem", "results": rows[:5] + make_rows("idem", scan_id="s2")[:2]})
     assert r.json() == {"accepted": 2, "duplicates": 5}
     assert count(server, "idem") == 14
-    stored = server.client.get("/api/v1/gpus/GPU-idem-0/history").json()["results"]
+    stored = server.client.get("/api/v1/gpus/GPU-idem-0/history", headers=AUTH).json()["results"]
     assert [s["ts"] for s in stored] == sorted((s["ts"] for s in stored), reverse=True)
     assert stored[-1]["value"] == 790.0 and stored[-1]["throttle_reasons"] == "sw_power_cap=0.800"
     assert stored[-1]["power_w"] is None  # missing stays missing
@@ -184,7 +184,7 @@ def test_throttle_reasons_in_every_form_the_result_table_reads_are_accepted(serv
     r = post(server, {"host": "thrforms", "results": rows})
     assert r.status_code == 200 and r.json()["accepted"] == len(values), r.text
     by_id = {row["id"]: row["throttle_reasons"] for gpu in {row["gpu"] for row in rows}
-             for row in server.client.get(f"/api/v1/gpus/{gpu}/history").json()["results"]}
+             for row in server.client.get(f"/api/v1/gpus/{gpu}/history", headers=AUTH).json()["results"]}
     for row, v in zip(rows, values):
         assert read_throttle(by_id[row["id"]]) == read_throttle(v)
     assert read_throttle(by_id[rows[2]["id"]]) == ({"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, [])
@@ -216,7 +216,7 @@ def test_nan_value_is_refused_but_nan_telemetry_is_missing(server):
     ok = [json.dumps(dict(rows[0], power_w=float("nan"), driver=float("nan")))]
     r = server.client.post("/api/v1/results", content=body % ",".join(ok), headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 200 and r.json()["accepted"] == 1
-    stored = server.client.get("/api/v1/gpus/GPU-nan-0/history").json()["results"][0]
+    stored = server.client.get("/api/v1/gpus/GPU-nan-0/history", headers=AUTH).json()["results"][0]
     assert stored["power_w"] is None and stored["driver"] is None
 
 
@@ -269,7 +269,7 @@ def test_docs_need_no_network(server):
 def wait_for_analysis(server, host, timeout_s=20.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        body = server.client.get("/api/v1/gpus").json()
+        body = server.client.get("/api/v1/gpus", headers=AUTH).json()
         mine = [g for g in body["gpus"] if g["host"] == host]
         if mine and all(g["probes"] for g in mine):
             return body
@@ -283,17 +283,17 @@ def test_fleet_view_is_recomputed_after_ingest(server):
     gpu3 = next(g for g in body["gpus"] if g["gpu"] == "GPU-fleet-3")
     assert gpu3["straggler"] is True and gpu3["probes"][0]["causes"] == ["thermal"]
     assert gpu3["last_scan_id"] == "s1" and gpu3["last_probe_age_s"] > 0
-    flagged = server.client.get("/api/v1/stragglers").json()["gpus"]
+    flagged = server.client.get("/api/v1/stragglers", headers=AUTH).json()["gpus"]
     assert "GPU-fleet-3" in [g["gpu"] for g in flagged]
     assert all(g["straggler"] for g in flagged)
-    assert server.client.get("/api/v1/gpus/GPU-none/history").status_code == 404
+    assert server.client.get("/api/v1/gpus/GPU-none/history", headers=AUTH).status_code == 404
 
 
 def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_path):
     post(server, {"host": "prom", "results": make_rows("prom", n_gpus=4, slow=(0,))})
     gpus = {g["gpu"]: g["probes"][0] for g in wait_for_analysis(server, "prom")["gpus"]}
     text = server.client.get("/metrics").text
-    assert 'straggler_gpu_straggler{cause="thermal",gpu="0",host="prom",model="NVIDIA H100 80GB HBM3"' in text
+    assert 'straggler_gpu_straggler{basis="other",cause="thermal",gpu="0",host="prom",model="NVIDIA H100 80GB HBM3"' in text
     assert 'straggler_collector_ingest_requests_total{code="200"}' in text
     assert 'straggler_collector_request_duration_seconds_count{handler="/api/v1/results"}' in text
     fc = server.collector.fleet_metrics
@@ -303,7 +303,7 @@ def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_pat
               "probe": "matmul", "settings": "n=8192,dtype=bf16"}
     assert reg.get_sample_value("straggler_gpu_performance_ratio", labels) == gpus["GPU-prom-1"]["ratio"]
     assert 0.99 < gpus["GPU-prom-1"]["ratio"] < 1.01
-    assert reg.get_sample_value("straggler_gpu_straggler", {**labels, "cause": "none"}) == 0.0
+    assert reg.get_sample_value("straggler_gpu_straggler", {**labels, "cause": "none", "basis": "other"}) == 0.0
     slow = {**labels, "uuid": "GPU-prom-0", "gpu": "0"}
     assert reg.get_sample_value("straggler_gpu_cost_ratio", slow) == gpus["GPU-prom-0"]["cost"] > 0.1
     promtool = require_tool("promtool")
@@ -373,7 +373,7 @@ def test_fleet_view_serves_tiers_and_metrics_export_them(tmp_path):
         assert gpus["GPU-tier-2"]["perf_class"] == "D"
         assert body["summary"]["verdicts"] == {"straggler": 1, "undecided": 1, "slow": 1, "healthy": 13}
         assert body["summary"]["groups"][0]["devices"] == 16 and "warnings" in body["summary"]
-        flagged = client.get("/api/v1/stragglers").json()["gpus"]
+        flagged = client.get("/api/v1/stragglers", headers=AUTH).json()["gpus"]
         assert [(g["gpu"], g["verdict"]) for g in flagged] == [("GPU-tier-2", "straggler")]  # the first tier only
         text = client.get("/metrics").text
         reg = CollectorRegistry()
@@ -393,3 +393,51 @@ def test_fleet_view_serves_tiers_and_metrics_export_them(tmp_path):
         promtool = require_tool("promtool")
         out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+
+
+def _fleet_snapshot(rows, verdicts_ts):
+    """A FleetSnapshot of ``rows`` through the real analysis engine, as the fleet view builds it."""
+    from straggler.analysis import analyze
+
+    res = analyze(pd.DataFrame(rows))
+    devices = (pd.DataFrame(rows)[["host", "gpu", "index", "model"]].drop_duplicates()
+               .assign(last_ts=1_700_000_000.0, last_scan_id="k1").to_dict("records"))
+    return FleetSnapshot(computed_ts=verdicts_ts, gpus=build_gpus(devices, res.devices.to_dict("records")),
+                         summary=res.summary, verdicts_ts=verdicts_ts)
+
+
+def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
+    """One straggler_gpu_straggler_any series per device (two probes, one series), the number of
+    consecutive scans of it that were flagged (re-analysing the same scan does not count), and the
+    analysis' job cost for the fleet KPI, in the collector's own numbers."""
+    rows = make_rows("kpi", n_gpus=16, slow=(3,), samples=5) + make_rows("kpi", n_gpus=16, probe="membw", samples=5)
+    fc = FleetCollector()
+    reg = CollectorRegistry()
+    reg.register(fc)
+    snap = _fleet_snapshot(rows, 100.0)
+    dev3 = {"host": "kpi", "uuid": "GPU-kpi-3", "gpu": "3", "model": "NVIDIA H100 80GB HBM3"}
+    for n, scan in ((1, "k1"), (1, "k1"), (2, "k2")):  # analyses of the same scan count once
+        gpus = tuple({**g, "last_scan_id": scan} for g in snap.gpus)
+        fc.update(FleetSnapshot(**{**snap.__dict__, "gpus": gpus}))
+        assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == n
+    # a failed analysis keeps the old verdicts beside a newer scan: that is no new flagged scan
+    gpus = tuple({**g, "last_scan_id": "k3"} for g in snap.gpus)
+    fc.update(FleetSnapshot(**{**snap.__dict__, "gpus": gpus, "error": "input: mixes units"}))
+    assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == 2
+    text = fc.render().decode()
+    assert len(re.findall(r"^straggler_gpu_straggler_any\{", text, re.M)) == 16
+    assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "cause": "unexplained"}) == 1.0
+    assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0",
+                                                                "cause": "none"}) == 0.0
+    assert reg.get_sample_value("straggler_gpu_flagged_scans", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0"}) == 0.0
+    [job8] = [j for j in snap.summary["job_cost"] if j["job_devices"] == 8]
+    labels = {"model": job8["model"], "probe": "matmul", "settings": job8["settings"], "job_devices": "8"}
+    assert reg.get_sample_value("straggler_fleet_job_slowdown_ratio", {**labels, "devices": "all"}) == \
+        pytest.approx(job8["step_time_all"] - 1) and job8["step_time_all"] > 1
+    assert reg.get_sample_value("straggler_fleet_job_speedup_ratio", labels) == pytest.approx(job8["speedup"])
+    assert reg.get_sample_value("straggler_fleet_job_speedup_ratio", {**labels, "job_devices": "64"}) is None  # > 16
+    assert reg.get_sample_value("straggler_fleet_min_effect_ratio") == snap.summary["min_effect"] == 0.04
+    healthy = [{**r, "value": 790.0 + r["sample"]} for r in rows]
+    fc.update(_fleet_snapshot(healthy, 300.0))
+    assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == 0.0  # the streak ends
+    assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "cause": "none"}) == 0.0

@@ -151,6 +151,6 @@ def test_scan_endpoints_never_5xx(server, body, status, host, wait):
     r = c.post(f"/api/v1/scans/{sid}/status", content=json.dumps(status), headers=hdrs)
     assert r.status_code < 500, r.text
     assert c.get("/api/v1/scans/next", params={"host": host, "wait_s": wait}, headers=AUTH).status_code < 500
-    r = c.get(f"/api/v1/gpus/{quote(host, safe='') or 'x'}/history", params={"host": host})
+    r = c.get(f"/api/v1/gpus/{quote(host, safe='') or 'x'}/history", params={"host": host}, headers=AUTH)
     assert r.status_code < 500, r.text
-    assert c.get("/api/v1/gpus").status_code == 200
+    assert c.get("/api/v1/gpus", headers=AUTH).status_code == 200

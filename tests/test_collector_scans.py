@@ -45,7 +45,7 @@ def test_scan_lifecycle(server):
     assert c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "running"}).json()["state"] == "running"
     # once a node reported, the scan is no longer offered to it
     assert c.get("/api/v1/scans/next", params={"host": "n1", "wait_s": 0}).status_code == 204
-    rows = make_rows("n1", n_gpus=2, scan_id=sid)
+    rows = make_rows("n1", n_gpus=2, scan_id=sid, ts=time.time())
     assert c.post("/api/v1/results", json={"host": "n1", "results": rows}).json()["accepted"] == 6
     c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "done"})
     view = c.post(f"/api/v1/scans/{sid}/status", json={"host": "n2", "state": "failed", "error": "probe hung"}).json()
@@ -127,7 +127,7 @@ def test_scans_are_listed_newest_first(server):
     sids = [c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": [h], "start_delay_s": 0}
                    ).json()["scan_id"] for h in ("n1", "n2", "n3")]
     c.post(f"/api/v1/scans/{sids[0]}/status", json={"host": "n1", "state": "running"})
-    c.post("/api/v1/results", json={"host": "n1", "results": make_rows("n1", n_gpus=2, scan_id=sids[0])})
+    c.post("/api/v1/results", json={"host": "n1", "results": make_rows("n1", n_gpus=2, scan_id=sids[0], ts=time.time())})
     c.post(f"/api/v1/scans/{sids[0]}/status", json={"host": "n1", "state": "done"})
     c.post(f"/api/v1/scans/{sids[1]}/status", json={"host": "n2", "state": "failed", "error": "busy"})
     body = c.get("/api/v1/scans").json()

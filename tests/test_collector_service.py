@@ -88,7 +88,7 @@ def test_ready_watchdog_sigterm_and_data_survive_a_restart(tmp_path):
                 time.sleep(0.1)
         r = httpx.post(f"{url}/api/v1/results", json={"host": "restart", "results": rows}, headers=AUTH, timeout=30)
         assert r.json() == {"accepted": 0, "duplicates": 9}  # stored before the restart, exactly once
-        history = httpx.get(f"{url}/api/v1/gpus/GPU-restart-2/history", timeout=5).json()["results"]
+        history = httpx.get(f"{url}/api/v1/gpus/GPU-restart-2/history", headers=AUTH, timeout=5).json()["results"]
         assert sorted(h["id"] for h in history) == sorted(r["id"] for r in rows if r["gpu"] == "GPU-restart-2")
     finally:
         assert stop(proc) == 0

@@ -30,7 +30,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 8
     assert store.migrated_from == 0
     store.close()
 
@@ -86,7 +86,7 @@ def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
     details = [[row[-1] for row in plan] for plan in plans]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[0]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[1]
-    assert ("SEARCH r USING INDEX results_sample (gpu=? AND host=? AND <expr>=? AND probe=? AND <expr>=? AND <expr>=?)"
+    assert ("SEARCH r USING INDEX results_sample (gpu=? AND host=? AND <expr>=? AND probe=? AND <expr>=? AND <expr>=? AND <expr>=?)"
             in details[2])
     assert not any(d.startswith("SCAN r") for plan in details for d in plan)  # never every result
     store.close()
@@ -218,7 +218,7 @@ def test_an_analysis_error_keeps_the_previous_verdicts(tmp_path):
     flag = {"host": "a", "uuid": "GPU-a-2", "gpu": "2", "model": "NVIDIA H100 80GB HBM3", "probe": "matmul",
             "settings": "n=8192,dtype=bf16"}
     cause = cause_label(good.stragglers()[0]["probes"][0]["causes"])
-    assert reg.get_sample_value("straggler_gpu_straggler", {**flag, "cause": cause}) == 1.0  # the series stays
+    assert reg.get_sample_value("straggler_gpu_straggler", {**flag, "cause": cause, "basis": good.stragglers()[0]["probes"][0]["basis"]}) == 1.0  # the series stays
     runs = "straggler_collector_analysis_runs_total"
     assert metrics.registry.get_sample_value(runs, {"outcome": "ok"}) == 1.0
     assert metrics.registry.get_sample_value(runs, {"outcome": "error"}) == 1.0

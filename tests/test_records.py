@@ -127,3 +127,19 @@ def test_unwritable_output_is_found_before_writing(tmp_path):
         records.check_writable(tmp_path / "dir.csv")
     records.check_writable(tmp_path / "new" / "out.parquet")
     assert list((tmp_path / "new").iterdir()) == []  # checked, nothing left behind
+
+
+def test_csv_string_columns_read_as_written(tmp_path):
+    """read_table's fast CSV path gives the table read_csv(dtype="string") gives: text columns that
+    look like numbers keep their digits, empty and NA cells are missing, other columns as inferred."""
+    path = tmp_path / "odd.csv"
+    path.write_text("host,gpu,model,probe,settings,value,sample,scan_id,unit,throttle_reasons\n"
+                    "007,0,H100,matmul,,1.5,0,1e3,,\n"
+                    "8,1,H100,matmul,,2.5,1,NA,GFLOP/s,\n"
+                    "009,GPU-a,\"H100, SXM\",matmul,,3,2,s1,GFLOP/s,\n")
+    got = records.read_table(path)
+    want = pd.read_csv(path, dtype={c: "string" for c in records.STRING_COLUMNS})
+    pd.testing.assert_frame_equal(got, want)
+    assert got["host"].tolist() == ["007", "8", "009"] and got["scan_id"].tolist()[0] == "1e3"
+    assert got["settings"].isna().all() and str(got["settings"].dtype) == "string"
+    assert got["sample"].tolist() == [0, 1, 2] and got["value"].dtype == float

@@ -34,7 +34,7 @@ from straggler.records import parse_throttle
 
 SCENARIOS = (
     "h100_healthy", "h100_thermal_throttle", "h100_power_capped_low_clock", "pcie_gen3_downgrade",
-    "ecc_remapped_rows", "nvml_error_mid_run", "gpu_fallen_off_bus", "h100_idle",
+    "ecc_remapped_rows", "nvml_error_mid_run", "gpu_fallen_off_bus", "h100_idle", "h100_xid_errors", "v100_retired_pages",
 )
 
 
@@ -166,7 +166,7 @@ def test_importing_backends_loads_no_pynvml_or_psutil():
 
 # --- fixtures and the fake backend --------------------------------------------------------------
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.startswith("v100")])
 def test_fixture_is_marked_synthetic_and_replays_eight_h100s(scenario):
     data = json.loads((FIXTURE_DIR / f"{scenario}.json").read_text())
     assert data["source"].startswith("synthetic: hand-written from published H100 SXM specifications")
@@ -178,6 +178,14 @@ def test_fixture_is_marked_synthetic_and_replays_eight_h100s(scenario):
         assert d.pcie_gen_max == 5 and d.pcie_width_max == 16
         # H100 retires no pages (it remaps rows): NOT_SUPPORTED -> None with the reason
         assert d.retired_pages is None and d.errors["retired_pages"] == "not_supported"
+
+
+def test_v100_fixture_retires_pages_and_has_no_row_remapping():
+    data = json.loads((FIXTURE_DIR / "v100_retired_pages.json").read_text())
+    assert data["source"].startswith("synthetic: hand-written from published V100 SXM2 specifications")
+    snap = FakeBackend("v100_retired_pages").snapshot("node1")
+    assert [d.retired_pages for d in snap.devices] == [0, 12, 0, 0, 0, 0, 0, 0]
+    assert all(d.remapped_rows is None and d.errors["remapped_rows"] == "not_supported" for d in snap.devices)
 
 
 def _window_summary(backend, index, reads=6):
@@ -424,3 +432,19 @@ def test_nvml_backend_over_the_fixture_reads_what_the_fake_backend_replays(scena
     ours, fake = nvml.NvmlBackend(library=FakePynvml(scenario)), FakeBackend(scenario)
     for _ in range(10):  # past every fault's start and end
         assert _dicts(ours.snapshot("h")) == _dicts(fake.snapshot("h"))
+
+
+def test_xid_events_are_counted_through_the_nvml_funnel_by_code():
+    """XID events arrive on an NVML event set registered per device; each read drains what came
+    since the last one and the reading carries the counts since the backend started, by code."""
+    b = nvml.NvmlBackend(library=FakePynvml("h100_xid_errors"))
+    for _ in range(3):  # read again: events already counted are not counted twice
+        snap = b.snapshot("h")
+        assert snap.devices[2].xid_errors == {48: 1} and snap.devices[5].xid_errors == {13: 3}
+        assert snap.devices[0].xid_errors == {} and "xid_errors" not in snap.devices[0].errors
+    b.close()
+
+
+def test_remapped_rows_pending_and_failed_are_read_with_the_row_counts():
+    d4 = nvml.NvmlBackend(library=FakePynvml("ecc_remapped_rows")).snapshot("h").devices[4]
+    assert d4.remapped_rows == 4 and d4.remapped_rows_pending is True and d4.remapped_rows_failed is True

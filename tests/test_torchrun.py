@@ -3,7 +3,9 @@ and rank 0 reports the devices of both nodes.
 
 Each node is one `python -m torch.distributed.run --nnodes 2 --nproc-per-node 1` with a c10d
 rendezvous on a free loopback port; the nodes get different host names (STRAGGLER_HOST) and
-different cores (their CPU affinity), as two real nodes would.
+different cores (their CPU affinity), as two real nodes would. The srun-style tests start the two
+tasks directly, as srun does; the re-measurement test is one of them (rank 0 decides the rounds and
+the other rank follows).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import pytest
 
 from conftest import free_port, kill_group, run_cmd, scan_timeout_s
 from straggler.records import read_table
+from straggler.remeasure import analysis_verdicts
 
 CORES = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one node each)")
 
 
-def wait_all(procs: list, probes: tuple[str, ...], duration_s: float, samples: int) -> list[tuple[str, str]]:
+def wait_all(procs: list, probes: tuple[str, ...], duration_s: float, samples: int,
+             rounds: tuple[float, ...] = ()) -> list[tuple[str, str]]:
     """Each process's (stdout, stderr), waiting as long as a scan of that plan may take by its own
-    deadlines; then every process group is killed (a launcher's ranks too) and the test fails."""
-    limit_s = scan_timeout_s(probes, duration_s, samples)
+    deadlines (and as long again for each further round of ``rounds`` seconds per probe); then every
+    process group is killed (a launcher's ranks too) and the test fails."""
+    limit_s = scan_timeout_s(probes, duration_s, samples) + sum(scan_timeout_s(probes, d) for d in rounds)
     stop_at = time.monotonic() + limit_s
     try:
         return [p.communicate(timeout=max(0.0, stop_at - time.monotonic())) for p in procs]
@@ -38,18 +43,26 @@ def wait_all(procs: list, probes: tuple[str, ...], duration_s: float, samples: i
             p.wait()
 
 
-def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
-    port, out = free_port(), tmp_path / "cluster.csv"
+def two_nodes(port: int, scan_args: list[str]) -> list[subprocess.Popen]:
+    """Two torchrun nodes (nodeA, nodeB) of one process each, on their own cores, running
+    ``straggler scan`` with ``scan_args``."""
     procs = []
     for node, core in zip(("nodeA", "nodeB"), CORES[:2]):
         env = {**os.environ, "STRAGGLER_HOST": node, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "straggler-test",
-               "-m", "straggler", "scan", "--json", "--duration", "1", "--samples", "3", "--scan-id", "tr-1",
-               "--output", str(out)]
+               "-m", "straggler", "scan", *scan_args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True,
                                       preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    return procs
+
+
+def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
+    port, out = free_port(), tmp_path / "cluster.csv"
+    # one round: this test is about the launch (re-measurement rounds: the next test)
+    procs = two_nodes(port, ["--json", "--duration", "1", "--samples", "3", "--scan-id", "tr-1",
+                             "--max-rounds", "1", "--output", str(out)])
     results = wait_all(procs, ("matmul", "membw", "allreduce"), 1.0, 3)
     reports = [json.loads(o) for o, _ in results if o.strip()]
     assert len(reports) == 1, [e[-2000:] for _, e in results]  # only rank 0 reports
@@ -66,27 +79,62 @@ def test_two_node_torchrun_scan_reports_both_nodes(tmp_path):
     assert doc["failures"] == []
 
 
-def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
-    # What srun gives each task (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) plus the rendezvous address.
-    port, out = free_port(), tmp_path / "srun.jsonl"
+def srun_tasks(port: int, straggler_cmd: list[str], scan_args: list[str]) -> list[subprocess.Popen]:
+    """Two tasks as srun starts them (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID plus the rendezvous
+    address; no launcher process between), on their own cores, running ``straggler scan``."""
     procs = []
     for task, core in enumerate(CORES[:2]):
         env = {**os.environ, "SLURM_PROCID": str(task), "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
                "SLURM_NODEID": str(task), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "STRAGGLER_HOST": f"slurm-node{task}", "GLOO_SOCKET_IFNAME": "lo"}
+               "STRAGGLER_HOST": f"slurm-node{task}", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(var, None)
-        procs.append(subprocess.Popen([*straggler_cmd, "scan", "--json", "--probes", "matmul,allreduce",
-                                       "--duration", "1", "--samples", "2", "--output", str(out)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True,
+        procs.append(subprocess.Popen([*straggler_cmd, "scan", *scan_args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True,
                                       preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    return procs
+
+
+def test_srun_style_launch_reports_both_tasks(tmp_path, straggler_cmd):
+    port, out = free_port(), tmp_path / "srun.jsonl"
+    procs = srun_tasks(port, straggler_cmd, ["--json", "--probes", "matmul,allreduce", "--duration", "1",
+                                             "--samples", "2", "--max-rounds", "1", "--output", str(out)])
     results = wait_all(procs, ("matmul", "allreduce"), 1.0, 2)
     assert procs[1].returncode == 0 and results[1][0] == ""  # task 1 reports nothing itself
     doc = json.loads(results[0][0])
     assert "under slurm (rank 0 of 2)" in doc["notice"]
     assert {d["host"] for d in doc["devices"]} == {"slurm-node0", "slurm-node1"}
     assert len(read_table(out)) == 2 * 2 * 2  # 2 tasks x 2 probes x 2 samples
+
+
+def test_multi_node_scan_re_measures_undecided_devices_on_every_rank(tmp_path, straggler_cmd):
+    """One sample per device cannot be compared (no noise estimate): both devices are undecided, so
+    rank 0 runs a second round of 4 x 1 samples, and both nodes run it in the same group. Launched
+    as srun does (the same code path as torchrun's ranks; torchrun's agents would add their own exit
+    barrier of 300 s after a rank that exits 1 or 2)."""
+    port, out = free_port(), tmp_path / "rounds.jsonl"
+    procs = srun_tasks(port, straggler_cmd, ["--json", "--probes", "matmul", "--duration", "1", "--samples", "1",
+                                             "--max-rounds", "2", "--scan-id", "tr-2", "--output", str(out)])
+    results = wait_all(procs, ("matmul",), 1.0, 1, rounds=(4.0,))
+    assert procs[1].returncode == 0 and results[1][0] == "", results[1][1][-2000:]  # task 1 follows, reports nothing
+    doc = json.loads(results[0][0])
+    assert doc["failures"] == [], doc["failures"]
+    rounds = doc["rounds"]
+    assert rounds["max_rounds"] == 2 and rounds["rounds"] == 2
+    assert rounds["per_round"][0] == {"round": 1, "probes": ["matmul"], "samples": 1, "undecided": 2}
+    assert rounds["per_round"][1]["samples"] == 4 and rounds["per_round"][1]["probes"] == ["matmul"]
+    still = rounds["per_round"][1]["undecided"]
+    assert rounds["stopped"] == ("all decided" if still == 0 else f"max rounds reached, {still} still undecided")
+    # both nodes in both rounds, their sample numbers continuing (0 in round 1, 1-4 in round 2)
+    df = read_table(out)
+    assert len(df) == len(doc["samples"]) == 2 * 5 and set(df["scan_id"]) == {"tr-2"}
+    assert {h: sorted(g["sample"]) for h, g in df.groupby("host")} == {
+        "slurm-node0": [0, 1, 2, 3, 4], "slurm-node1": [0, 1, 2, 3, 4]}
+    # the report's verdicts are those of both rounds' samples together, and so is rank 0's exit code
+    again = {e["host"]: e["verdict"] for e in analysis_verdicts(df.to_dict("records"))}
+    assert {g["host"]: g["verdict"] for g in doc["analysis"]["gpus"]} == again
+    assert still == sum(v == "undecided" for v in again.values())
+    assert procs[0].returncode == (1 if "straggler" in again.values() else 2 if still else 0), results[0][1][-2000:]
 
 
 def test_srun_without_rendezvous_address_is_one_line_error(straggler_cmd):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
             console.print("stragglers by cause: " + ", ".join(f"{CAUSE_TEXT.get(c, c)} {n}" for c, n in
                           sorted(s["causes"].items(), key=lambda kv: -kv[1])) + "; by probe: " +
                           ", ".join(f"{p} {v['stragglers']}" for p, v in s["probes"].items()), highlight=False)
-    for line in whole_hosts(zip(d["host"], d["gpu"], flagged)):
+    near = d["host"].isin(d["host"][flagged].unique()).to_numpy(dtype=bool)  # only a host with a flag can be whole
+    for line in whole_hosts(zip(d["host"][near], d["gpu"][near], flagged[near])):
         console.print(line, highlight=False)
     for job in s["job_cost"]:
         what = f"{job['probe']} on {job['model']}: a {job['job_devices']}-device synchronous job"
@@ -135,8 +137,10 @@ def warnings(result) -> list[str]:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML file with analysis settings (keys as in docs/analysis.md).")
 @click.option("--all", "show_all", is_flag=True, help="Show every entry [default: the 20 costliest stragglers and the 20 next other entries].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the fleet report: one self-contained HTML file (docs/report.md).")
 def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_sizes, references,
-            config_path, show_all):
+            config_path, show_all, report_path):
     """Find stragglers in result files (CSV, JSON Lines, Parquet, or a saved `straggler scan --json`).
 
     Exit code 0: no stragglers, nothing undecided; 1: stragglers found; 2: bad input, nothing to
@@ -165,11 +169,16 @@ def analyze(files, as_json, history_files, fdr, min_effect, min_effect_few, job_
         raise NothingToCompare(result.summary["devices"], d["host"], d["gpu"],
                                "give more devices of a model, --history or --reference")
     if as_json:
-        click.echo(result.to_json_text())
+        result.write_json(sys.stdout)  # piece by piece: no copy of a large document
+        sys.stdout.write("\n")
         for line in warnings(result):  # stdout holds the document: the warnings go to stderr
             click.echo(f"warning: {line}", err=True)
     else:
         render(result, console, show_all=show_all)
+    if report_path is not None:  # after the table or document: a report that cannot be written is one line
+        from straggler.htmlreport import write_cli_report
+
+        write_cli_report(report_path, result.devices, result.summary, samples, history)
     s, d = result.summary, result.devices
     code = exit_code(s["stragglers"], int((d["verdict"] == "undecided").sum()))
     if code == EXIT_FAILED:  # no straggler, and undecided entries: not "healthy"

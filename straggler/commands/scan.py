@@ -36,15 +36,17 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--max-rounds", type=int, default=None,
               help="Rounds at most: while a device is undecided, measure every device again with the "
                    "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
-                   "[default: 5; a torchrun/srun or cluster scan runs one round].")
+                   "[default: 5; a cluster scan through --collector runs one round].")
 @click.option("--all", "show_all", is_flag=True,
               help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
                    "first 20 others, then counts].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the fleet report of this scan: one self-contained HTML file (docs/report.md).")
 @click.option("--collector", default=None, help="Run a cluster scan through this collector URL.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the collector's bearer token (with --collector).")
 def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at, deadline_s,
-         max_rounds, show_all, collector, token_file):
+         max_rounds, show_all, report_path, collector, token_file):
     """Measure every device of this node at the same moment and flag the slow ones.
 
     Exit codes: 0 healthy, 1 stragglers found, 2 could not run or could not decide (no straggler,
@@ -76,26 +78,28 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
             rounds = remeasure(lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
                                analysis_verdicts, probe_list, samples, max_rounds=1)
         else:
-            from straggler.probes.devices import launcher
             from straggler.probes.runner import ScanRounds, ScanSettings
 
-            # torchrun/srun: every rank runs the same command, one round (rank 0 alone decides)
-            limit = 1 if launcher() is not None else max_rounds or DEFAULT_MAX_ROUNDS
+            # torchrun/srun: every rank runs the same command; rank 0 decides the rounds, the others follow
             local = ScanRounds(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
                                             scan_id=scan_id, start_at=start_at, deadline_s=deadline_s,
                                             samples=samples), on_event)
             with local.between_rounds():
-                rounds = remeasure(local.measure, analysis_verdicts, probe_list, samples, max_rounds=limit,
-                                   fits=local.fits)
+                try:
+                    rounds = remeasure(local.measure, analysis_verdicts, probe_list, samples,
+                                       max_rounds=max_rounds or DEFAULT_MAX_ROUNDS, fits=local.fits)
+                finally:
+                    local.close()
             if local.stopped_by and rounds.stopped.startswith("scan stopped by"):
                 rounds.failures.append(local.stop_failure())
     if not rounds.first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
     return _report(replace(rounds.first, samples=rounds.samples, failures=rounds.failures), as_json, output,
-                   rounds, show_all)
+                   rounds, show_all, report_path)
 
 
-def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool = False) -> int:
+def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool = False,
+            report_path: str | None = None) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
     from straggler.probes.report import device_report, json_safe
@@ -120,6 +124,8 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
         render_scan(console, report, res.notice, res.scan_id, res.failures, show_all=show_all)
         if rounds is not None:
             console.print(rounds.line(), highlight=False)
+    if report_path is not None:
+        write_error = write_error or _html(report_path, report, res.samples)
     if write_error is not None:
         raise InputError(write_error)
     if report["cannot_decide"] is not None and not res.failures:  # undecided is not healthy: exit 2
@@ -148,6 +154,23 @@ def _write(res, output: str, as_json: bool) -> str | None:
         where = "they are only in the --json output above" if as_json else "they are lost"
         return f"--output {output}: cannot write ({why}), nor the fallback {fallback} ({e}); {where}"
     return f"--output {output}: cannot write ({why}); the {len(res.samples)} samples are in {fallback}"
+
+
+def _html(path: str, report: dict, samples: list[dict]) -> str | None:
+    """Write the scan's fleet report from its analysis; None, or the error line."""
+    doc = report["analysis"]
+    if not doc.get("gpus"):
+        return f"--report {path}: no report: {report['engine']}"
+    import pandas as pd
+
+    from straggler.htmlreport import write_cli_report
+    from straggler.records import to_frame
+
+    try:
+        write_cli_report(path, pd.DataFrame(doc["gpus"]), doc["summary"], to_frame(samples))
+    except InputError as e:
+        return str(e)
+    return None
 
 
 def _json_default(v):
