@@ -17,7 +17,11 @@ Checks (each a :class:`straggler.finding.Finding`, ``fail`` unless said otherwis
 - ``persistence``: persistence mode off (each job then pays the driver's init, and clocks and
   ECC state reset between jobs);
 - ``idle_throttle``: clocks held down by a thermal, power-brake or hardware slowdown while the
-  GPU is idle.
+  GPU is idle;
+- ``xid``: a critical XID event (:data:`CRITICAL_XIDS`) in the kernel log since the last check
+  (``NVRM: Xid (PCI:0000:18:00): 79, ...``; NVML reports XIDs only to a listener registered before
+  they happen, the kernel log keeps them). The log is ``/dev/kmsg`` (sequence-numbered records) or
+  a file of such lines; the first check of a boot records where the log is.
 
 A field NVML cannot read is not judged (could not check is never unhealthy); it is listed as an
 ``error`` finding only when NVML itself is unavailable.
@@ -26,6 +30,8 @@ A field NVML cannot read is not judged (could not check is never unhealthy); it 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
 from typing import Any, Mapping, Sequence
@@ -39,10 +45,21 @@ IDLE_NORMAL = frozenset({"gpu_idle", "applications_clocks_setting", "display_clo
 IDLE_CAUSE = {"hw_thermal_slowdown": "thermal", "sw_thermal_slowdown": "thermal", "hw_slowdown": "hw-slowdown",
               "hw_power_brake_slowdown": "power-brake", "sw_power_cap": "power"}
 IDLE_UTIL_PCT = 5.0  # above this the GPU is not idle and its clocks are not judged
+# XIDs that mean the GPU must not take a job (NVIDIA's XID catalogue): memory errors, a GPU that
+# fell off the bus or whose firmware stopped, NVLink errors.
+CRITICAL_XIDS = {  # xid -> (cause, meaning)
+    48: ("ecc", "double-bit ECC error"), 63: ("memory", "row remap recorded"), 64: ("memory", "row remap failed"),
+    74: ("nvlink", "NVLink error"), 79: ("bus", "fallen off the bus"), 92: ("ecc", "high single-bit ECC rate"),
+    94: ("ecc", "contained ECC error"), 95: ("ecc", "uncontained ECC error"), 119: ("gsp", "GSP timeout"),
+    120: ("gsp", "GSP error"), 140: ("ecc", "unrecovered ECC error"),
+}
+XID_RE = re.compile(r"NVRM: Xid \(PCI:([0-9a-fA-F:.]+)\): (\d+)")
+KMSG = "/dev/kmsg"
 
 
-def read_health(spec: str) -> dict[str, Any]:
-    """Every device of the backend ``spec``, read once: ``{"backend", "count", "error", "readings"}``."""
+def read_health(spec: str, kernel_log: str | None = KMSG) -> dict[str, Any]:
+    """Every device of the backend ``spec``, read once, and the kernel log's XID lines:
+    ``{"backend", "count", "error", "readings", "boot", "xids", "xid_error"}``."""
     from .backends import open_backend
 
     backend = open_backend(spec, "cuda")
@@ -52,7 +69,65 @@ def read_health(spec: str) -> dict[str, Any]:
         readings = [reading_to_dict(backend.read(i)) for i in range(count)]
     finally:
         backend.close()
-    return {"backend": backend.name, "count": count, "error": error, "readings": readings, "ts": time.time()}
+    xids, xid_error = read_xids(kernel_log) if kernel_log else ([], None)
+    return {"backend": backend.name, "count": count, "error": error, "readings": readings, "ts": time.time(),
+            "boot": _boot_id(), "xids": xids, "xid_error": xid_error}
+
+
+def read_xids(path: str) -> tuple[list[list], str | None]:
+    """``[[seq, pci, xid, text], ...]`` from a kernel log in /dev/kmsg's format (``6,SEQ,US,-;TEXT``,
+    read without blocking until its end), or (``[]``, why it could not be read)."""
+    out = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return [], f"{path}: {e.strerror}"
+    try:
+        if path == KMSG:
+            os.lseek(fd, 0, os.SEEK_SET)  # from the oldest record the kernel still holds
+        buf, records = b"", []
+        while True:
+            try:
+                chunk = os.read(fd, 8192)
+            except BlockingIOError:
+                break  # /dev/kmsg: no newer record
+            except OSError as e:
+                if e.errno == 32:  # EPIPE: a record was overwritten while we read; go on
+                    continue
+                raise
+            if not chunk:
+                break
+            if path == KMSG:
+                records.append(chunk)  # one record per read
+            else:
+                buf += chunk
+        lines = [r.decode(errors="replace") for r in records] or buf.decode(errors="replace").splitlines()
+    except OSError as e:
+        return [], f"{path}: {e.strerror}"
+    finally:
+        os.close(fd)
+    for n, line in enumerate(lines):
+        head, sep, text = line.partition(";")
+        fields = head.split(",")
+        seq = int(fields[1]) if sep and len(fields) > 1 and fields[1].isdigit() else n
+        m = XID_RE.search(text if sep else line)
+        if m:
+            out.append([seq, m.group(1).lower(), int(m.group(2)), (text if sep else line).strip()[:200]])
+    return out, None
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _bus(pci: str | None) -> str:
+    """``00000000:18:00.0`` and ``0000:18:00`` -> ``18:00`` (bus:device, as the kernel log names a GPU)."""
+    parts = (pci or "").lower().split(".")[0].split(":")
+    return ":".join(parts[-2:]) if len(parts) >= 2 else ""
 
 
 def judge(doc: Mapping[str, Any], wanted: Sequence[int] | None, state: Mapping[str, Any] | None
@@ -71,6 +146,7 @@ def judge(doc: Mapping[str, Any], wanted: Sequence[int] | None, state: Mapping[s
     seen = {r.get("uuid"): r["index"] for r in readings.values() if r.get("uuid")}
     for uuid in sorted(set(state.get("uuids", ())) - set(seen)):
         findings.append(Finding("node", "missing", uuid, "missing", "seen at the last check, not enumerated now"))
+    findings += _xids(doc, readings, wanted, state)
     ecc_before = dict(state.get("ecc_uncorrected", {}))
     pages_before = dict(state.get("retired_pages", {}))
     for i, r in sorted(readings.items()):
@@ -83,8 +159,33 @@ def judge(doc: Mapping[str, Any], wanted: Sequence[int] | None, state: Mapping[s
                                               if r.get("uuid") and r.get("ecc_uncorrected_total") is not None}},
         "retired_pages": {**pages_before, **{r["uuid"]: r["retired_pages"] for r in readings.values()
                                              if r.get("uuid") and r.get("retired_pages") is not None}},
+        "boot": doc.get("boot"),
+        "xid_seq": max([x[0] for x in doc.get("xids") or ()] + [_last_seq(state, doc)]),
     }
     return findings, new_state
+
+
+def _last_seq(state: Mapping[str, Any], doc: Mapping[str, Any]) -> int:
+    """The last kernel-log record the last check saw, in this boot (-1: none, or another boot)."""
+    return int(state.get("xid_seq", -1)) if state.get("boot") == doc.get("boot") else -1
+
+
+def _xids(doc, readings, wanted, state) -> list[Finding]:
+    """Critical XIDs since the last check (none on the first check: it records where the log is)."""
+    if "xid_seq" not in state:
+        return []
+    since = _last_seq(state, doc)
+    index_of = {_bus(r.get("pci_bus_id")): i for i, r in readings.items() if r.get("pci_bus_id")}
+    out = []
+    for seq, pci, xid, text in doc.get("xids") or ():
+        if seq <= since or xid not in CRITICAL_XIDS:
+            continue
+        i = index_of.get(_bus(pci))
+        if wanted is not None and i is not None and i not in wanted:
+            continue
+        cause, meaning = CRITICAL_XIDS[xid]
+        out.append(Finding(f"gpu{i}" if i is not None else "node", "xid", str(xid), cause, f"{meaning}: {text}"))
+    return out
 
 
 def _device(dev: str, r: Mapping[str, Any], ecc_before: int | None, pages_before: int | None) -> list[Finding]:
@@ -119,10 +220,12 @@ def _device(dev: str, r: Mapping[str, Any], ecc_before: int | None, pages_before
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m straggler.probes.health SPEC``: one JSON line (:func:`read_health`) on stdout."""
+    """``python -m straggler.probes.health SPEC [KERNEL_LOG|-]``: one JSON line (:func:`read_health`)
+    on stdout; ``-``: no kernel log."""
     argv = sys.argv[1:] if argv is None else argv
+    log = argv[1] if len(argv) > 1 else KMSG
     try:
-        doc = read_health(argv[0] if argv else "auto")
+        doc = read_health(argv[0] if argv else "auto", None if log == "-" else log)
     except Exception as e:  # noqa: BLE001 - the parent gets one line, whatever broke
         doc = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
     sys.stdout.write(json.dumps(doc) + "\n")

@@ -208,17 +208,16 @@ class ScanRounds:
 
 
 def gpu_count() -> tuple[int, str]:
-    """(GPUs the workers will see, what counted them) through NVML and CUDA_VISIBLE_DEVICES."""
+    """(GPUs the workers will see, what counted them) through NVML and CUDA_VISIBLE_DEVICES. Why
+    NVML sees none (no driver) the notice's telemetry part says."""
     from .nvml import NvmlBackend
 
     nvml = NvmlBackend()
     try:
         count = nvml.device_count()
-        why = "NVML" if nvml.init_error is None else \
-            f"NVML ({nvml.init_error.split(':')[0].replace('NVML ', '')})"
     finally:
         nvml.close()
-    return visible_gpus(count), why
+    return visible_gpus(count), "NVML"
 
 
 def check_telemetry(spec: str) -> None:

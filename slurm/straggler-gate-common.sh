@@ -7,6 +7,8 @@
 #   STRAGGLER_GATE_ON_ERROR=pass             what "could not decide" does: pass | fail | drain
 #   STRAGGLER_GATE_ARGS="--collector http://collector:8080"   more gate options
 #   STRAGGLER_GATE_LOG=/var/log/straggler-gate.log   where the gate's lines go [default: syslog via logger]
+#   SLURM_CONF=/etc/slurm/slurm.conf         for scontrol, where slurm.conf is not in its default place
+#                                            (slurmd gives a health check no SLURM_CONF)
 # Slurm runs prologs and health checks with an almost empty environment: PATH is set here.
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,6 +18,7 @@ for f in "$here/straggler-gate.env" "$(dirname "${SLURM_CONF:-/etc/slurm/slurm.c
 done
 PATH=${STRAGGLER_PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
 export PATH
+if [ -n "${SLURM_CONF:-}" ]; then export SLURM_CONF; fi
 STRAGGLER=${STRAGGLER:-straggler}
 STRAGGLER_GATE_BUDGET=${STRAGGLER_GATE_BUDGET:-30}
 STRAGGLER_GATE_ON_ERROR=${STRAGGLER_GATE_ON_ERROR:-pass}

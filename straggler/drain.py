@@ -47,19 +47,19 @@ class DrainAction(Protocol):
 
 
 def drain_reason(findings: Sequence[Finding], max_chars: int = REASON_MAX_CHARS) -> str:
-    """``straggler: gpu3 matmul 0.80x thermal`` (+``+2 more`` when several devices failed), at most
-    ``max_chars`` characters. The first failing finding is the one named (the gate orders them
-    worst first); with no failing finding the first one is."""
+    """``straggler: gpu3 matmul 0.80x thermal`` (`` +2``: two more failing findings), at most
+    ``max_chars`` characters: whole words are dropped from the end (the cause, then the value)
+    before a word is cut. The first failing finding is the one named (the gate orders them worst
+    first); with no failing finding the first one is."""
     if not findings:
         raise ValueError("drain_reason needs at least one finding")
     failing = [f for f in findings if f.outcome == FAIL] or list(findings)
     worst = failing[0]
-    more = f" +{len(failing) - 1} more" if len(failing) > 1 else ""
-    words = " ".join(w for w in (worst.device, worst.check, worst.value, worst.cause) if w)
-    text = _clean(REASON_PREFIX + words)
-    if len(text) + len(more) > max_chars:
-        text = text[: max(len(REASON_PREFIX), max_chars - len(more))].rstrip()
-    return (text + more)[:max_chars]
+    more = f" +{len(failing) - 1}" if len(failing) > 1 else ""
+    words = _clean(" ".join(w for w in (worst.device, worst.check, worst.value, worst.cause) if w)).split()
+    while len(words) > 2 and len(REASON_PREFIX + " ".join(words) + more) > max_chars:
+        words.pop()
+    return (REASON_PREFIX + " ".join(words))[: max_chars - len(more)].rstrip() + more
 
 
 def _clean(text: str) -> str:

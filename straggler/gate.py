@@ -48,6 +48,7 @@ class GateSettings:
     telemetry: str = "auto"  # the health phase's NVML backend (fake:<scenario> in tests)
     collector: str | None = None
     state_dir: Path | None = None  # last check's NVML counters and the cached fleet reference
+    kernel_log: str = "/dev/kmsg"  # where XID events are read ("-": not read)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class GateReport:
     slurm: dict = field(default_factory=dict)
     rounds: dict | None = None
     elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what could not be looked at, short of a finding
 
     @property
     def exit_code(self) -> int:
@@ -86,7 +88,7 @@ class GateReport:
                 "reference": self.reference.to_json() if self.reference else None,
                 "phases": [{"phase": p.name, "duration_s": round(p.duration_s, 3), "status": p.status}
                            for p in self.phases],
-                "rounds": self.rounds, "findings": [f.to_json() for f in self.findings]}
+                "rounds": self.rounds, "notes": self.notes, "findings": [f.to_json() for f in self.findings]}
 
 
 def default_state_dir() -> Path:
@@ -154,7 +156,7 @@ class Gate:
         from .probes import health
 
         limit = min(HEALTH_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.5))
-        cmd = [sys.executable, "-m", "straggler.probes.health", self.s.telemetry]
+        cmd = [sys.executable, "-m", "straggler.probes.health", self.s.telemetry, self.s.kernel_log]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL)
             doc = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else \
@@ -175,6 +177,8 @@ class Gate:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             state = None
+        if doc.get("xid_error"):
+            self.report.notes.append(f"XID events not read: {doc['xid_error']}")
         findings, new_state = health.judge(doc, self.s.gpus, state)
         self.report.findings += findings
         if not error:

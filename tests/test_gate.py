@@ -91,6 +91,27 @@ def test_ecc_retired_pages_and_missing_gpu_since_the_last_check(straggler_cmd, t
     assert lines[1].startswith("node missing GPU-") and "seen at the last check, not enumerated now" in lines[1]
 
 
+def test_critical_xid_since_the_last_check(straggler_cmd, tmp_path):
+    log = tmp_path / "kmsg"  # /dev/kmsg's record format: priority,sequence,microseconds,flags;text
+    log.write_text("6,100,5000,-;usb 1-1: new device\n"
+                   "4,101,6000,-;NVRM: Xid (PCI:0000:18:00): 79, pid=0, GPU has fallen off the bus.\n")
+    args = ("--telemetry", "fake:h100_idle", "--probes", "none", "--kernel-log", str(log))
+    code, lines, _ = gate(straggler_cmd, *args, state_dir=tmp_path)
+    assert code == 0, lines  # the first check records where the log is: an XID from before is not new
+    with log.open("a") as f:
+        f.write("4,102,7000,-;NVRM: Xid (PCI:0000:2a:00): 79, pid=0, GPU has fallen off the bus.\n"
+                "4,103,7100,-;NVRM: Xid (PCI:0000:18:00): 13, pid=42, Graphics SM Warp Exception\n")
+    code, lines, _ = gate(straggler_cmd, *args, state_dir=tmp_path)
+    assert code == 1 and lines[0] == ("gpu1 xid 79: bus (fallen off the bus: NVRM: Xid (PCI:0000:2a:00): 79, "
+                                      "pid=0, GPU has fallen off the bus.)"), lines  # 13 is not critical
+    code, lines, _ = gate(straggler_cmd, *args, state_dir=tmp_path)
+    assert code == 0, lines  # seen by the last check: not again
+    code, lines, _ = gate(straggler_cmd, "--telemetry", "fake:h100_idle", "--probes", "none", "--json",
+                          "--kernel-log", str(tmp_path / "none"), state_dir=tmp_path)
+    assert code == 0 and json.loads(lines[0])["notes"] == [f"XID events not read: {tmp_path / 'none'}: "
+                                                           "No such file or directory"]
+
+
 # --- faults: exit code, one line, within the budget -------------------------------------------
 
 def test_nvml_missing_could_not_decide_and_on_error(straggler_cmd, tmp_path):
@@ -125,6 +146,19 @@ def test_probe_that_hangs_is_killed_within_the_budget(straggler_cmd, tmp_path):
     hung = [x for x in lines if x.startswith(f"could not check: cpu{CORES[1]} probe matmul: hang (")]
     assert hung and "killed" in hung[0], lines
     assert wall <= budget_s + EXIT_SLACK_S, wall
+
+
+def test_budget_spent_ends_the_gate_at_its_budget(straggler_cmd, tmp_path):
+    """A budget shorter than the NVML check's own deadline: the watchdog (or the check's deadline,
+    whichever comes first) ends the gate with one line, exit 2, and --on-error says what that means."""
+    budget_s = 1.0
+    for on_error, expected in ((None, 2), ("pass", 0)):
+        extra = ("--on-error", on_error) if on_error else ()
+        code, lines, wall = gate(straggler_cmd, "--telemetry", "fake:nvml_hang", "--probes", "none", *extra,
+                                 budget_s=budget_s, state_dir=tmp_path)
+        assert code == expected, lines
+        assert lines[0].startswith("could not check: node "), lines
+        assert wall <= budget_s + EXIT_SLACK_S, wall
 
 
 def test_budget_too_short_to_probe_could_not_decide(straggler_cmd, tmp_path):
@@ -205,10 +239,9 @@ def test_reference_from_collector_then_cache_then_peers(collector_url, tmp_path)
 
 def test_collector_unreachable_is_said_and_one_core_without_reference_could_not_decide(straggler_cmd, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
-    code, lines, wall = gate(straggler_cmd, "--device", "cpu", "--probes", "matmul", "--duration", "0.5",
-                             "--collector", dead, "--telemetry", "fake:h100_idle", budget_s=30.0,
-                             state_dir=tmp_path, env={})
-    assert f"reference: collector {dead} unreachable (" in lines[-1], lines
+    code, lines, wall = gate(straggler_cmd, "--probes", "none", "--collector", dead, "--telemetry",
+                             "fake:h100_idle", budget_s=30.0, state_dir=tmp_path)
+    assert code == 0 and f"reference: collector {dead} unreachable (" in lines[-1], lines
     # a single core: no peer and no reference, so nothing to compare it with
     r = run_cmd(["taskset", "-c", str(CORES[0]), *straggler_cmd, "gate", "--device", "cpu", "--probes", "matmul",
                  "--duration", "0.5", "--collector", dead, "--telemetry", "fake:h100_idle", "--state-dir",
@@ -235,6 +268,30 @@ def _rows(slow: float, dip_samples=(), n: int = 5, seed: int = 1, scan: str = "s
                          "probe": "matmul", "settings": "n=8192,dtype=bf16", "sample": s, "value": v,
                          "unit": "TFLOP/s", "scan_id": scan, "ts": 1.0 + s})
     return rows
+
+
+def test_whole_node_slower_than_the_fleet_reference():
+    """Every device alike 6% below the fleet: no peer sees it, the fleet reference does."""
+    t = AnalysisConfig().min_effect
+    rows = [{**r, "value": r["value"] * (1 - t - 0.02) / (1 - t - 0.02 if r["index"] == 3 else 1)}
+            for r in _rows(t + 0.02)]  # device 3 brought back in line: all eight alike
+    refs = {"NVIDIA H100 80GB HBM3|matmul|n=8192,dtype=bf16": 700.0}
+    assert judge_samples(rows, "cuda") == []
+    found = judge_samples(rows, "cuda", refs=refs, source=COLLECTOR)
+    assert [(f.device, f.check, f.value, f.outcome) for f in found] == [("node", "matmul", "0.94x", "fail")]
+
+
+def test_pcie_link_under_load_below_its_maxima():
+    """The pcie probe's rows (as measured under load): a GPU whose link trained at gen3 of gen5 fails,
+    one that reached its maxima during the probe passes (an idle link may downshift)."""
+    rows = []
+    for r in _rows(0.0):
+        link = (3, 16) if r["index"] == 2 else (5, 16) if r["sample"] else (1, 16)
+        rows.append({**r, "probe": "pcie_h2d", "settings": "bytes=1GiB", "unit": "GB/s", "value": r["value"] / 14,
+                     "pcie_gen": link[0], "pcie_width": link[1], "pcie_gen_max": 5, "pcie_width_max": 16})
+    found = judge_samples(rows, "cuda")
+    assert [f.line() for f in found] == ["gpu2 pcie gen3x16: pcie (link under load gen3 x16 of gen5 x16)"]
+    assert judge_samples(rows, "cuda", gpus=(0, 1, 6, 7, 8, 9, 10, 11))[0].device == "gpu6"  # job's numbering
 
 
 def test_transient_dip_passes_persistent_slowdown_at_threshold_plus_one_point_fails():

@@ -43,6 +43,8 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Where the last check's NVML counters and the cached fleet reference are kept "
                    "[default: $STRAGGLER_STATE_DIR, /var/lib/straggler, else ~/.cache/straggler].")
+@click.option("--kernel-log", default="/dev/kmsg", show_default=True,
+              help="Kernel log to read XID events from (needs root for /dev/kmsg); '-': do not read.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default=None,
               help="What 'could not decide' (exit 2) becomes: pass (exit 0), fail (exit 1), drain (drain the "
                    "node, exit 1) [default: exit 2; the Slurm wrappers pass --on-error pass].")
@@ -52,7 +54,7 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
 @click.option("--scontrol", default="scontrol", show_default=True, help="The scontrol command to drain with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collector, telemetry, state_dir,
-         on_error, drain, node, scontrol, as_json):
+         kernel_log, on_error, drain, node, scontrol, as_json):
     """Check the devices a job is about to use, cheapest first, within --budget seconds.
 
     Exit codes: 0 pass, 1 fail (a device is a straggler or unhealthy), 2 could not decide (NVML
@@ -69,7 +71,8 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
     probe_list = () if probes.strip() == "none" else parse_probes(probes)
     settings = GateSettings(budget_s=budget_s, gpus=wanted, device=device, probes=probe_list,
                             duration_s=duration_s, samples=samples, max_rounds=max_rounds, telemetry=telemetry,
-                            collector=collector, state_dir=Path(state_dir) if state_dir else None)
+                            collector=collector, state_dir=Path(state_dir) if state_dir else None,
+                            kernel_log=kernel_log)
     phase = ["start"]
     watchdog = _Watchdog(budget_s, phase, on_error, as_json)
     g = Gate(settings, on_phase=lambda name: phase.__setitem__(0, name))
