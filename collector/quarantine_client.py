@@ -7,11 +7,11 @@ from typing import Any
 from .client import CollectorError, _call  # noqa: F401 - CollectorError: what these raise
 
 
-def _client(url: str, token: str | None):
+def _client(url: str, token: str | None, timeout_s: float = 60.0):
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60.0))
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(timeout_s))
 
 
 def state(url: str) -> dict:
@@ -33,10 +33,10 @@ def drain(url: str, token: str, host: str, reason: str, by: str, measured: dict[
 
 
 def request_drain(url: str, token: str, host: str, reason: str, by: str, rule: str = "gate",
-                  measured: dict[str, Any] | None = None) -> dict:
+                  measured: dict[str, Any] | None = None, timeout_s: float = 60.0) -> dict:
     """What a gate on the node calls instead of draining by itself: the collector drains through its
     action unless the circuit breaker refuses (``action`` ``refused``: leave the node in service)."""
-    with _client(url, token) as c:
+    with _client(url, token, timeout_s) as c:
         return _call(c, "POST", "/api/v1/quarantine/drain",
                      json={"host": host, "reason": reason, "by": by, "rule": rule, "measured": measured})
 

@@ -47,6 +47,7 @@ class GateSettings:
     max_rounds: int = 3
     telemetry: str = "auto"  # the health phase's NVML backend (fake:<scenario> in tests)
     collector: str | None = None
+    token: str | None = field(default=None, repr=False)  # the collector's bearer token (fleet reads, drains)
     state_dir: Path | None = None  # last check's NVML counters and the cached fleet reference
     kernel_log: str = "/dev/kmsg"  # where XID events are read ("-": not read)
 
@@ -196,7 +197,7 @@ class Gate:
         from .reference import fleet_reference
 
         ref = fleet_reference(self.s.collector, self.state_dir / "fleet-reference.json",
-                              min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)))
+                              min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)), self.s.token)
         self.report.reference = ref
 
     # ---- probes

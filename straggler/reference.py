@@ -45,12 +45,14 @@ def reference_values(gpus: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     return {k: statistics.median(vs) for k, vs in groups.items()}
 
 
-def fleet_reference(url: str | None, cache: Path | None, timeout_s: float) -> FleetReference:
-    """The reference from ``url`` (within ``timeout_s``), else from ``cache``, else none."""
+def fleet_reference(url: str | None, cache: Path | None, timeout_s: float,
+                    token: str | None = None) -> FleetReference:
+    """The reference from ``url`` (within ``timeout_s``; ``token``: the collector's bearer token, which
+    its fleet reads need unless it sets ``open_reads``), else from ``cache``, else none."""
     why = "no --collector given"
     if url:
         try:
-            values = reference_values(_get_gpus(url, timeout_s))
+            values = reference_values(_get_gpus(url, timeout_s, token))
         except (OSError, ValueError, urllib.error.URLError) as e:
             why = f"collector {url} unreachable ({_reason(e)})"
         else:
@@ -71,8 +73,10 @@ def fleet_reference(url: str | None, cache: Path | None, timeout_s: float) -> Fl
     return FleetReference(PEERS, f"{why}; no cached reference: the node's devices are compared with each other")
 
 
-def _get_gpus(url: str, timeout_s: float) -> list:
-    with urllib.request.urlopen(url.rstrip("/") + "/api/v1/gpus", timeout=max(timeout_s, 0.1)) as r:
+def _get_gpus(url: str, timeout_s: float, token: str | None = None) -> list:
+    req = urllib.request.Request(url.rstrip("/") + "/api/v1/gpus",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=max(timeout_s, 0.1)) as r:
         doc = json.loads(r.read())
     gpus = doc.get("gpus") if isinstance(doc, dict) else None
     if not isinstance(gpus, list):
@@ -81,6 +85,8 @@ def _get_gpus(url: str, timeout_s: float) -> list:
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):  # it answered, and refused (401: no or a wrong token)
+        return f"HTTP {e.code} {e.reason}"
     inner = getattr(e, "reason", None)
     return str(inner if inner is not None else e) or type(e).__name__
 

@@ -314,3 +314,64 @@ def test_transient_dip_passes_persistent_slowdown_at_threshold_plus_one_point_fa
     out = remeasure(lambda p, n: Res(next(rounds)), lambda s: analysis_table(s, {}).to_dict("records"),
                     ("matmul",), 3, max_rounds=3)
     assert judge_samples(out.samples, "cuda") == [], out.to_json()
+
+
+# --- the collector: its token for fleet reads, its quarantine loop for drains --------------------
+
+def test_gate_reads_with_the_token_and_drains_through_the_collectors_breaker(straggler_cmd, tmp_path):
+    """With --collector and --token-file the gate reads the fleet reference with the token (the fleet
+    view needs it by default) and asks the collector to drain, whose circuit breaker decides: the
+    first node is drained (recorded, rule gate), the second is refused and stays in service, and
+    scontrol is never called. A collector that cannot be asked leaves the drain to the gate itself."""
+    import httpx
+
+    from straggler.collector.service import BackgroundCollector
+    from straggler.collector.settings import CollectorSettings
+    from test_collector_api import AUTH, TOKEN, peer_ratio_analyze
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    missing = str(tmp_path / "no-scontrol")  # any local drain would fail loudly
+    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", quarantine_action="record")
+    with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
+        args = ("--telemetry", "fake:gate_unhealthy", "--probes", "none", "--drain", "--scontrol", missing,
+                "--collector", srv.url, "--token-file", str(token_file))
+        code, lines, _ = gate(straggler_cmd, *args, "--node", "na", state_dir=tmp_path / "a")
+        assert code == 1 and lines[-1].startswith("drain: na drained by the collector, reason 'straggler: "), lines
+        assert f"reference: collector {srv.url}: " in lines[-2], lines  # read with the token, not a 401
+        code, lines, _ = gate(straggler_cmd, *args, "--node", "nb", state_dir=tmp_path / "b")
+        assert code == 1 and lines[-1].startswith("drain: refused by the collector's circuit breaker, nb stays "
+                                                  "in service"), lines
+        # the shipped prolog, as slurmd runs it: a refused drain lets the job run (exit 0), said in its log
+        prolog = _shipped_prolog(tmp_path / "slurm", f"--telemetry fake:gate_unhealthy --probes none --scontrol "
+                                 f"{missing} --collector {srv.url} --token-file {token_file} --state-dir {tmp_path}/d")
+        r = run_cmd([str(prolog)], 60, env={"PATH": "/usr/bin:/bin", "SLURMD_NODENAME": "nd", "SLURM_JOB_ID": "42"})
+        log = (tmp_path / "slurm" / "gate.log").read_text()
+        assert r.returncode == 0, log
+        assert "prolog[42] the collector's circuit breaker refused the drain: nd stays in service and runs the job" \
+            in log, log
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+            q = c.get("/api/v1/quarantine").json()
+            events = c.get("/api/v1/quarantine/events").json()["events"]
+    assert [(n["host"], n["rule"]) for n in q["nodes"]] == [("na", "gate")] and q["breaker"]["tripped"]
+    assert sorted((e["host"], e["action"]) for e in events) == [("na", "drain"), ("nb", "refused"), ("nd", "refused")]
+    # the collector gone: the gate drains by itself (here: scontrol missing, said in one line)
+    code, lines, _ = gate(straggler_cmd, *args, "--node", "nc", state_dir=tmp_path / "c")
+    assert code == 1 and lines[-1].startswith(f"drain: cannot drain nc: {missing} ") and \
+        "(collector: cannot reach the collector" in lines[-1], lines
+
+
+def _shipped_prolog(d: Path, gate_args: str) -> Path:
+    """slurm/straggler-prolog with its common part, copied as an operator does, with a straggler-gate.env."""
+    import shutil
+    import sys
+
+    from conftest import ROOT
+
+    d.mkdir()
+    for name in ("straggler-prolog", "straggler-gate-common.sh"):
+        shutil.copy2(ROOT / "slurm" / name, d / name)
+    (d / "straggler-gate.env").write_text(
+        f"STRAGGLER={Path(sys.executable).with_name('straggler')}\nSTRAGGLER_GATE_BUDGET=30\n"
+        f"STRAGGLER_GATE_ARGS=\"{gate_args}\"\nSTRAGGLER_GATE_LOG={d}/gate.log\n")
+    return d / "straggler-prolog"

@@ -19,6 +19,7 @@ import click
 from straggler.errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS, InputError
 
 ON_ERROR = ("pass", "fail", "drain")
+DRAIN_REQUEST_S = 5.0  # the collector's answer to a drain request (past the budget, the watchdog ends the gate)
 WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killing and printing take time
 
 
@@ -38,7 +39,12 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
 @click.option("--samples", type=int, default=5, show_default=True, help="Samples per device and probe.")
 @click.option("--max-rounds", type=int, default=3, show_default=True,
               help="Rounds at most (re-measurement of undecided devices, within the budget).")
-@click.option("--collector", default=None, help="Collector URL for the fleet reference (else its cached copy).")
+@click.option("--collector", default=None,
+              help="Collector URL: the fleet reference (else its cached copy) and, with --drain and a token, "
+                   "the drain (its quarantine loop and circuit breaker decide).")
+@click.option("--token-file", envvar="STRAGGLER_TOKEN_FILE", type=click.Path(dir_okay=False), default=None,
+              help="File holding the collector's bearer token (its fleet reads need it unless it sets "
+                   "open_reads; drains through it always) [env STRAGGLER_TOKEN_FILE].")
 @click.option("--telemetry", default="auto", show_default=True, help="NVML backend: auto, nvml or fake:<scenario>.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Where the last check's NVML counters and the cached fleet reference are kept "
@@ -53,8 +59,8 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
 @click.option("--node", default=None, help="Slurm node name to drain [default: $SLURMD_NODENAME, else the host name].")
 @click.option("--scontrol", default="scontrol", show_default=True, help="The scontrol command to drain with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
-def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collector, telemetry, state_dir,
-         kernel_log, on_error, drain, node, scontrol, as_json):
+def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collector, token_file, telemetry,
+         state_dir, kernel_log, on_error, drain, node, scontrol, as_json):
     """Check the devices a job is about to use, cheapest first, within --budget seconds.
 
     Exit codes: 0 pass, 1 fail (a device is a straggler or unhealthy), 2 could not decide (NVML
@@ -67,11 +73,14 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
 
     if not budget_s > 0:
         raise InputError(f"--budget must be > 0 seconds, got {budget_s}")
+    from straggler.commands.quarantine import read_token
+
+    token = read_token(token_file) if token_file else None
     wanted = _wanted_gpus(gpus)
     probe_list = () if probes.strip() == "none" else parse_probes(probes)
     settings = GateSettings(budget_s=budget_s, gpus=wanted, device=device, probes=probe_list,
                             duration_s=duration_s, samples=samples, max_rounds=max_rounds, telemetry=telemetry,
-                            collector=collector, state_dir=Path(state_dir) if state_dir else None,
+                            collector=collector, token=token, state_dir=Path(state_dir) if state_dir else None,
                             kernel_log=kernel_log)
     phase = ["start"]
     watchdog = _Watchdog(budget_s, phase, on_error, as_json)
@@ -86,7 +95,7 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
         action = f"--on-error {on_error}"
     drain_line = None
     if (drain and report.exit_code == EXIT_STRAGGLERS) or (on_error == "drain" and report.exit_code == EXIT_FAILED):
-        drain_line = _drain(report, node, scontrol)
+        drain_line = _drain(report, node, scontrol, collector, token)
     if as_json:
         doc = report.to_json()
         doc.update(decision=_decision(code), exit_code=code, raw_exit_code=report.exit_code, on_error=on_error,
@@ -135,17 +144,38 @@ def _process_age_s() -> float:
         return 0.0
 
 
-def _drain(report, node: str | None, scontrol: str) -> str:
-    """Drain this node; the line saying what was done (or why it could not be)."""
+def _drain(report, node: str | None, scontrol: str, collector: str | None, token: str | None) -> str:
+    """Drain this node; the line saying what was done (or why it could not be). With a collector and
+    its token the collector drains (its quarantine loop records it, retests and resumes the node, and
+    its circuit breaker may refuse: then the node stays in service); only when the collector cannot
+    be asked does the gate drain through scontrol itself."""
     from straggler.drain import DrainError, ScontrolAction, drain_reason
 
     name = node or report.slurm.get("slurm_node") or report.host
     reason = drain_reason(report.findings)
+    fallback = ""
+    if collector and token:
+        from straggler.collector import quarantine_client as qc
+        from straggler.collector.client import CollectorError
+
+        measured = {"findings": [f.line() for f in report.findings][:20], "slurm_job_id": report.slurm.get("slurm_job_id")}
+        try:
+            doc = qc.request_drain(collector, token, name, reason, by=f"gate@{report.host}", measured=measured,
+                                   timeout_s=DRAIN_REQUEST_S)
+        except CollectorError as e:  # unreachable, or it refused (the loop is off): drain here instead
+            fallback = f" (collector: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        else:
+            action = doc.get("action")
+            if action == "drain":
+                return f"drain: {name} drained by the collector, reason {reason!r}"
+            if action == "refused":
+                return f"drain: refused by the collector's circuit breaker, {name} stays in service: {doc.get('detail')}"
+            return f"drain: the collector did not drain {name} ({doc.get('state')}): {doc.get('detail')}"
     try:
         ScontrolAction(scontrol=scontrol).drain(name, reason)
     except DrainError as e:
-        return f"drain: {e}"
-    return f"drain: {name} drained, reason {reason!r}"
+        return f"drain: {e}{fallback}"
+    return f"drain: {name} drained, reason {reason!r}{fallback}"
 
 
 class _Watchdog:

@@ -28,7 +28,7 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _token(token_file) -> str:
+def read_token(token_file) -> str:
     if token_file is None:
         raise InputError(f"--collector needs --token-file (or {TOKEN_ENV}): the collector's bearer token")
     try:
@@ -131,7 +131,7 @@ def _act(what: str, host: str, reason: str, by: str, collector, token_file, as_j
     if collector is not None:
         from straggler.collector import quarantine_client as qc
 
-        token = _token(token_file)
+        token = read_token(token_file)
         doc = (qc.drain(collector, token, host, reason, by) if what == "drain"
                else qc.resume(collector, token, host, reason, by))
         doc["recorded"] = True
@@ -202,7 +202,7 @@ def hints(files, collector, fmt, features_from, as_json, token_file):
     if collector is not None:
         from straggler.collector import quarantine_client as qc
 
-        entries = qc.gpus(collector, _token(token_file) if token_file else None)  # the fleet view needs it unless open_reads
+        entries = qc.gpus(collector, read_token(token_file) if token_file else None)  # the fleet view needs it unless open_reads
     else:
         from straggler.analysis import analyze
         from straggler.records import read_table
