@@ -91,7 +91,8 @@ def test_a_straggler_node_is_drained_retested_and_resumed_in_slurm(tmp_path, slu
         agent = AgentProcess(tmp_path, name=slurm.node, collector_url=collector.url,
                              token_file=collector.token_file, probe_device="cpu", probes=["matmul"],
                              probe_duration_s=DURATION_S, probe_every_s=0, quarantine_poll_s=0.5,
-                             retest_every_s=0.5, retest_max_rounds=2)
+                             retest_every_s=0.5, retest_max_rounds=2,
+                             job_cpu_cores=0)  # the busy processes below are the slowdown, not a job
         busy = []
         try:
             agent.start()
