@@ -1,0 +1,303 @@
+"""The collector at fleet scale: refresh time, peak memory, ingest under load, read latency, storage.
+
+For each ``--gpus`` size (8 GPUs a host, ``--probes`` probes a device, ``--samples`` samples a probe,
+full canonical rows with telemetry) it builds a database of ``--scans`` earlier scans plus the current
+one through the collector's own store, then measures:
+
+- **refresh (full)**: the fleet view's first refresh after a new scan of the whole fleet, in a child
+  process of its own (wall and CPU seconds), and **refresh (one node)**: the next refresh after one
+  node's new scan; **peak RSS**: that child's resident-set high-water mark (``VmHWM``), i.e. of the
+  collector's store and fleet view (no HTTP server in it);
+- **ingest under load**: a real collector process (``straggler collector``, analysis debounced by
+  0.2 s so that refreshes run throughout) takes a new full-fleet scan in batches of ``--batch-rows``
+  while ``--readers`` threads fetch ``GET /api/v1/gpus`` (gzip) back to back: results/s and the p99
+  POST latency, with the number of refreshes that ran meanwhile;
+- **GET TTFB**: time to first byte of ``GET /api/v1/gpus`` once the page is cached (median of 10);
+- **DB bytes per GPU per scan**: the database file (after a checkpoint) over GPUs x scans stored.
+
+The machine is shared: CPU seconds are printed beside wall seconds. ``--db`` gives where the
+database lives (a directory for SQLite files; later a ``postgresql://`` URL), shown in the
+``backend`` column.
+
+    .venv/bin/python benchmarks/collector_scale.py --gpus 1000,10000 [--scans 20] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scan_fanout import TOKEN, _free_port, start_collector  # noqa: E402
+
+PROBES = (("matmul", "n=8192,dtype=bf16", "TFLOP/s", 790.0), ("membw", "bytes=4GiB", "GB/s", 3000.0),
+          ("allreduce", "bytes=256MiB,world=8", "GB/s", 180.0))
+TARGETS = {"refresh_full_s": {10_000: 1.0, 100_000: 5.0}, "refresh_node_s": {100_000: 0.5},
+           "peak_rss_mb": {100_000: 1536}, "ingest_rows_s": 20_000, "ttfb_ms": {100_000: 50}}
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _vm(pid: int | str, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def rows(scan: int, gpus: range, probes: int, samples: int, t0: float) -> list[dict]:
+    """One scan's rows of these device numbers (host = device // 8). Device 7 of every 97 is 8% slow."""
+    from straggler.records import result_id
+
+    out = []
+    ts = t0 + scan * 3600.0
+    for d in gpus:
+        host, g = f"node{d // 8:05d}", d % 8
+        slow = 0.92 if d % 97 == 7 else 1.0
+        for p, (probe, settings, unit, base) in enumerate(PROBES[:probes]):
+            for k in range(samples):
+                jitter = 1.0 + 0.01 * (((d * 31 + k * 7 + scan * 13 + p) % 21) - 10) / 10
+                r = {"ts": ts + k, "scan_id": f"scan-{scan:04d}", "host": host, "gpu": f"GPU-{d:06d}", "index": g,
+                     "model": "NVIDIA H100 80GB HBM3", "driver": "550.54.15", "probe": probe, "settings": settings,
+                     "sample": k, "duration_s": 1.0, "value": base * slow * jitter, "unit": unit,
+                     "sm_clock_mhz": 1980.0, "sm_clock_max_mhz": 1980.0, "mem_clock_mhz": 2619.0, "power_w": 690.5,
+                     "power_limit_w": 700.0, "temp_c": 61.0 + d % 5, "throttle_reasons": "",
+                     "pcie_gen": 5, "pcie_gen_max": 5, "pcie_width": 16, "pcie_width_max": 16,
+                     "ecc_corrected_total": 0, "ecc_uncorrected_total": 0, "retired_pages": 0, "remapped_rows": 0,
+                     "util_pct": 100.0, "processes": 1}
+                r["id"] = result_id(r)
+                out.append(r)
+    return out
+
+
+def ingest(store, batch: list[dict], received_ts: float) -> None:
+    from straggler.collector.store import row_tuples
+
+    for i in range(0, len(batch), 20_000):
+        store.ingest(row_tuples(batch[i:i + 20_000]), received_ts)
+
+
+def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> float:
+    """Scans 0..scans (the last is the current one) of every device; returns the build's wall seconds."""
+    from straggler.collector.store import Store
+
+    start = time.perf_counter()
+    store = Store(db)
+    try:
+        for s in range(scans + 1):
+            for first in range(0, gpus, 2000):
+                ingest(store, rows(s, range(first, min(gpus, first + 2000)), probes, samples, t0), t0 + s * 3600 + 60)
+        store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        store.close()
+    return time.perf_counter() - start
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _refresh_child(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, out) -> None:
+    """In a fresh process: refresh after the full-fleet scan, then after one node's scan."""
+    from straggler.collector.fleet import FleetView
+    from straggler.collector.store import Store
+
+    store = Store(db)
+    fleet = FleetView(store, history_scans=scans)
+    res = {}
+    w, c = time.perf_counter(), _cpu()
+    snap = fleet.refresh()
+    res.update(refresh_full_s=time.perf_counter() - w, refresh_full_cpu_s=_cpu() - c, error=snap.error,
+               stragglers=sum(bool(g["straggler"]) for g in snap.gpus), devices=len(snap.gpus))
+    ingest(store, rows(scans + 1, range(0, 8), probes, samples, t0), t0 + (scans + 1) * 3600 + 60)
+    w, c = time.perf_counter(), _cpu()
+    snap = fleet.refresh()
+    res.update(refresh_node_s=time.perf_counter() - w, refresh_node_cpu_s=_cpu() - c, node_error=snap.error)
+    res["peak_rss_mb"] = _vm("self", "VmHWM") / 2**20
+    store.close()
+    out.send(res)
+
+
+def refresh_times(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> dict:
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_refresh_child, args=(db, gpus, scans, probes, samples, t0, send))
+    p.start()
+    res = recv.recv()
+    p.join()
+    return res
+
+
+def _analysis_runs(c) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith('straggler_collector_analysis_runs_total{outcome="ok"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def under_load(tmp: Path, db: str, gpus: int, scans: int, probes: int, samples: int, t0: float,
+               readers: int, batch_rows: int, max_rows: int) -> dict:
+    """A real collector on the database: a new full-fleet scan posted while readers poll /api/v1/gpus."""
+    import httpx
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    link = tmp / "c.db"
+    if not link.exists():
+        for suffix in ("", "-wal", "-shm"):
+            if Path(db + suffix).exists():
+                os.replace(db + suffix, str(link) + suffix)
+    server = start_collector(tmp, port, {"STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": "0.2",
+                                         "STRAGGLER_COLLECTOR_ANALYSIS_MAX_DELAY_S": "1",
+                                         "STRAGGLER_COLLECTOR_HISTORY_SCANS": str(scans)})
+    res: dict = {}
+    try:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=600) as c:
+            deadline = time.monotonic() + 3600
+            while c.get("/healthz").json()["analysis_ts"] is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            c.get("/api/v1/gpus")  # the page is built once per snapshot
+            ttfb = []
+            for _ in range(10):
+                s = time.perf_counter()
+                with c.stream("GET", "/api/v1/gpus", headers={"Accept-Encoding": "gzip"}) as r:
+                    next(r.iter_raw())
+                    ttfb.append(time.perf_counter() - s)
+            res["ttfb_ms"] = statistics.median(ttfb) * 1000
+            new = rows(scans + 2, range(gpus), probes, samples, t0)[:max_rows]
+            bodies = [json.dumps({"host": "bench", "results": new[i:i + batch_rows]}).encode()
+                      for i in range(0, len(new), batch_rows)]
+            del new
+            stop = threading.Event()
+            reads = [0]
+
+            def read() -> None:
+                with httpx.Client(base_url=url, headers={**AUTH, "Accept-Encoding": "gzip"}, timeout=600) as rc:
+                    while not stop.is_set():
+                        rc.get("/api/v1/gpus").raise_for_status()
+                        reads[0] += 1
+
+            threads = [threading.Thread(target=read, daemon=True) for _ in range(readers)]
+            for t in threads:
+                t.start()
+            runs0, cpu0 = _analysis_runs(c), _proc_cpu(server.pid)
+            lat = []
+            w = time.perf_counter()
+            sent = 0
+            for body in bodies:
+                s = time.perf_counter()
+                r = c.post("/api/v1/results", content=body, headers={"Content-Type": "application/json"})
+                r.raise_for_status()
+                lat.append(time.perf_counter() - s)
+                sent += r.json()["accepted"]
+            wall = time.perf_counter() - w
+            stop.set()
+            for t in threads:
+                t.join(600)
+            lat.sort()
+            res.update(ingest_rows_s=sent / wall, ingest_rows=sent, post_p99_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                       post_max_s=lat[-1], reads=reads[0], refreshes_during=_analysis_runs(c) - runs0,
+                       collector_cpu_s=_proc_cpu(server.pid) - cpu0, ingest_wall_s=wall)
+            res["collector_peak_rss_mb"] = _vm(server.pid, "VmHWM") / 2**20
+    finally:
+        server.terminate()
+        server.wait(60)
+    return res
+
+
+def _proc_cpu(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(dbdir: str, gpus: int, scans: int, probes: int, samples: int, readers: int, batch_rows: int,
+            load_rows: int) -> dict:
+    t0 = time.time() - (scans + 4) * 3600
+    tmp = Path(tempfile.mkdtemp(prefix=f"scale{gpus}-", dir=dbdir))
+    db = str(tmp / "build.db")
+    res = {"backend": "sqlite", "gpus": gpus, "scans": scans + 1, "probes": probes, "samples": samples}
+    res["build_s"] = build(db, gpus, scans, probes, samples, t0)
+    size = sum(Path(db + s).stat().st_size for s in ("", "-wal") if Path(db + s).exists())
+    res["db_bytes_per_gpu_scan"] = size / (gpus * (scans + 1))
+    res["rows"] = gpus * probes * samples * (scans + 1)
+    res.update(refresh_times(db, gpus, scans, probes, samples, t0))
+    if readers >= 0:
+        res.update(under_load(tmp, db, gpus, scans, probes, samples, t0, readers, batch_rows, load_rows))
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return res
+
+
+def _target(name: str, gpus: int) -> str:
+    t = TARGETS[name]
+    if isinstance(t, dict):
+        return f"<= {t[gpus]:g}" if gpus in t else ""
+    return f">= {t:g}"
+
+
+def table(results: list[dict]) -> str:
+    rows_ = [("figure", "target")]
+    figs = [("refresh, full-fleet scan: wall s", "refresh_full_s", "{:.2f}"),
+            ("  CPU s", "refresh_full_cpu_s", "{:.2f}"),
+            ("refresh, one node's scan: wall s", "refresh_node_s", "{:.2f}"),
+            ("  CPU s", "refresh_node_cpu_s", "{:.2f}"),
+            ("peak RSS (store + fleet view), MB", "peak_rss_mb", "{:.0f}"),
+            ("collector process peak RSS, MB", "collector_peak_rss_mb", "{:.0f}"),
+            ("ingest under load, results/s", "ingest_rows_s", "{:.0f}"),
+            ("  POST p99, s", "post_p99_s", "{:.3f}"),
+            ("  POST max, s", "post_max_s", "{:.3f}"),
+            ("  refreshes meanwhile", "refreshes_during", "{:.0f}"),
+            ("  reads meanwhile", "reads", "{:.0f}"),
+            ("  collector CPU s meanwhile", "collector_cpu_s", "{:.1f}"),
+            ("  ingest wall s", "ingest_wall_s", "{:.1f}"),
+            ("GET /api/v1/gpus TTFB, ms", "ttfb_ms", "{:.1f}"),
+            ("DB bytes per GPU per scan", "db_bytes_per_gpu_scan", "{:.0f}"),
+            ("rows stored", "rows", "{:,}")]
+    head = ["figure"] + [f"{r['backend']} {r['gpus']:,}" for r in results] + ["target"]
+    out = [head]
+    for label, key, fmt in figs:
+        tgt = ""
+        if key in TARGETS:
+            tgt = "; ".join(f"{_target(key, r['gpus'])} @{r['gpus']:,}" for r in results if _target(key, r["gpus"]))
+            if not isinstance(TARGETS[key], dict):
+                tgt = _target(key, 0)
+        out.append([label] + [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results] + [tgt])
+    widths = [max(len(row[i]) for row in out) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", default="1000,10000", help="comma-separated fleet sizes")
+    ap.add_argument("--scans", type=int, default=20, help="scans of history before the current one")
+    ap.add_argument("--probes", type=int, default=3, choices=(1, 2, 3))
+    ap.add_argument("--samples", type=int, default=3, help="samples a probe a scan")
+    ap.add_argument("--readers", type=int, default=6, help="reader threads during ingest (-1: skip that part)")
+    ap.add_argument("--batch-rows", type=int, default=5000)
+    ap.add_argument("--load-rows", type=int, default=200_000, help="rows posted under load (at most one full scan)")
+    ap.add_argument("--db", default=tempfile.gettempdir(), help="directory for the SQLite databases")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    results = []
+    for n in (int(x) for x in args.gpus.split(",")):
+        results.append(measure(args.db, n, args.scans, args.probes, args.samples, args.readers, args.batch_rows,
+                               args.load_rows))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    print(json.dumps(results) if args.json else table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
