@@ -9,14 +9,13 @@
 """
 
 
-import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from .auth import bearer_auth
 from .models import Name
 from .quarantine import (RULE_GATE, RULE_MANUAL, ActionFailed, NotQuarantined, Quarantine, QuarantineMetrics,
                          QuarantineOff)
@@ -60,13 +59,7 @@ def quarantine_router(col) -> APIRouter:
         q.from_analysis(snap)
 
     col.fleet.on_refresh = on_refresh
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorized(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if cred is None or not hmac.compare_digest(cred.credentials.encode(), col.secret.value):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    auth = [Depends(authorized)]
+    auth = bearer_auth(col.secret)
     router = APIRouter(prefix="/api/v1/quarantine", tags=["quarantine"])
 
     async def call(fn, *args, **kw):
