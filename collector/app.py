@@ -87,7 +87,7 @@ def create_app(
 
     fleet = FleetView(store, analyze, debounce_s=settings.analysis_debounce_s,
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
-                      on_refresh=published)
+                      on_refresh=published, worker="process")  # the analysis cannot stall ingest
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
                        run_limit_s=settings.scan_run_limit_s, clock=clock, retention_s=settings.scan_retention_s)
     secret = Secret(token)

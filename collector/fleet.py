@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -56,10 +57,9 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
-    """Join the device table (host, gpu, index, model, last_ts, last_scan_id) with the analysis rows
-    (one per host, gpu, probe). Each device adds its tier from its probes (``straggler.verdict.device_tier``:
-    ``verdict``, ``degraded``, ``samples_needed``, ``perf_class``; ``verdict`` null before any analysis)."""
+def verdict_entries(verdicts: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The analysis rows (one per host, gpu, probe) as JSON-safe per-probe entries by device, sorted
+    by probe and settings."""
     by_key: dict[tuple[str, str], list[dict]] = {}
     for v in verdicts:
         entry = {f: json_safe(v.get(f)) for f in REQUIRED_VERDICT}
@@ -67,11 +67,65 @@ def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
         entry["straggler"] = bool(entry["straggler"])
         entry["causes"] = list(entry["causes"] or [])
         by_key.setdefault((v["host"], v["gpu"]), []).append(entry)
+    for probes in by_key.values():
+        probes.sort(key=lambda p: (p["probe"], p["settings"] or ""))
+    return by_key
+
+
+def join_gpus(devices: list[dict], entries: Mapping[tuple[str, str], list[dict]]) -> tuple[dict, ...]:
+    """The device table (host, gpu, index, model, last_ts, last_scan_id) joined with
+    :func:`verdict_entries`. Each device adds its tier from its probes (``straggler.verdict.device_tier``:
+    ``verdict``, ``degraded``, ``samples_needed``, ``perf_class``; ``verdict`` null before any analysis)."""
     out = []
     for d in devices:
-        probes = sorted(by_key.get((d["host"], d["gpu"]), []), key=lambda p: (p["probe"], p["settings"] or ""))
+        probes = list(entries.get((d["host"], d["gpu"]), ()))
         out.append({**d, "straggler": any(p["straggler"] for p in probes), **device_tier(probes), "probes": probes})
     return tuple(out)
+
+
+def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
+    """Join the device table with the analysis rows (:func:`verdict_entries`, :func:`join_gpus`)."""
+    return join_gpus(devices, verdict_entries(verdicts))
+
+
+def _frames(samples: tuple[list[str], list[tuple]], history: tuple[list[str], list[tuple]]):
+    import pandas as pd
+
+    cols, rows = samples
+    current = pd.DataFrame.from_records(rows, columns=cols)
+    cols, rows = history
+    past = pd.DataFrame.from_records(rows, columns=cols) if rows else None
+    return current, past
+
+
+def analyse_stored(store: Store, history_scans: int, analyze: Callable | None = None) -> dict:
+    """One fleet analysis of what ``store`` holds: ``devices`` (the device table), ``entries``
+    (:func:`verdict_entries`, None when the analysis refused the data or failed), ``summary``,
+    ``error`` (None, or one line; ``traceback`` with it when the analysis failed), ``cpu_s`` (this process' CPU seconds for it)."""
+    cpu = time.process_time()
+    devices, samples, history = store.fleet_input(history_scans)
+    out: dict[str, Any] = {"devices": devices, "entries": None, "summary": None, "error": None}
+    if devices:
+        try:
+            res = (analyze or default_analyze())(*_frames(samples, history))
+            del samples, history
+            out["entries"], out["summary"] = verdict_entries(res.devices.to_dict("records")), dict(res.summary)
+        except StragglerError as e:  # e.g. too few devices: shown, not fatal
+            out["error"] = str(e)
+        except Exception as e:  # a bug in the analysis must not take the service down
+            out["error"], out["traceback"] = f"analysis failed: {type(e).__name__}: {e}", traceback.format_exc()
+    out["cpu_s"] = time.process_time() - cpu
+    return out
+
+
+_WORKER_STORE: dict[str, Store] = {}  # in the analysis process: its own connection to the database
+
+
+def _analyse_in_worker(db_path: str, history_scans: int) -> dict:
+    store = _WORKER_STORE.get(db_path)
+    if store is None:
+        store = _WORKER_STORE[db_path] = Store(db_path)
+    return analyse_stored(store, history_scans)
 
 
 def default_analyze() -> Callable:
@@ -81,7 +135,12 @@ def default_analyze() -> Callable:
 
 
 class FleetView:
-    """Holds the latest :class:`FleetSnapshot`; ``notify()`` after every ingest."""
+    """Holds the latest :class:`FleetSnapshot`; ``notify()`` after every ingest.
+
+    ``worker="process"``: the analysis (the store's read, the DataFrames, the engine and the
+    JSON-safe verdicts) runs in a child process of its own, so that it holds no lock ingest needs
+    (the GIL): the view's thread only waits for it and joins its verdicts with the device table.
+    ``"thread"`` runs it in the view's own thread (and always with a replaced ``analyze``)."""
 
     def __init__(
         self,
@@ -92,21 +151,27 @@ class FleetView:
         max_delay_s: float = 30.0,
         history_scans: int = 20,
         on_refresh: Callable[[FleetSnapshot], None] | None = None,
+        worker: str = "thread",
     ):
+        if worker not in ("thread", "process"):
+            raise ValueError(f"worker: 'thread' or 'process', got {worker!r}")
         self.store = store
         self._analyze = analyze
         self.debounce_s = debounce_s
         self.max_delay_s = max_delay_s
         self.history_scans = history_scans
         self.on_refresh = on_refresh
+        self.worker = worker if analyze is None else "thread"
         self.snapshot = FleetSnapshot()
-        self._verdicts: list[dict] = []  # of the latest analysis that succeeded
+        self._entries: Mapping[tuple[str, str], list[dict]] = {}  # of the latest analysis that succeeded
         self._summary: dict = {}
         self._verdicts_ts: float | None = None
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
+        self._pool = None  # the analysis process (worker="process"), started at the first refresh
+        self.last_cpu_s: float | None = None  # CPU seconds of the latest analysis, where it ran
 
     def notify(self) -> None:
         self._dirty.set()
@@ -121,6 +186,10 @@ class FleetView:
         self._dirty.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        with self._refresh_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -137,29 +206,41 @@ class FleetView:
                 except Exception:  # e.g. the database is unreadable: keep the last view, try again later
                     log.exception("fleet view refresh failed; keeping the previous view")
 
+    def _analyse(self) -> dict:
+        if self.worker == "thread":
+            return analyse_stored(self.store, self.history_scans, self._analyze)
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: a fork of this threaded process could inherit a held lock
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return self._pool.submit(_analyse_in_worker, str(self.store.path), self.history_scans).result()
+        except Exception:
+            self._pool.shutdown(wait=False, cancel_futures=True)  # e.g. the process died: a fresh one next time
+            self._pool = None
+            raise
+
     def refresh(self) -> FleetSnapshot:
-        """Recompute now (in the caller's thread) and publish the result. When the analysis refuses
-        the stored data, the snapshot carries the error and the verdicts of the latest analysis that
-        succeeded: one bad upload does not blank the fleet."""
+        """Recompute now (in the caller's thread, or waiting for the analysis process) and publish
+        the result. When the analysis refuses the stored data, the snapshot carries the error and
+        the verdicts of the latest analysis that succeeded: one bad upload does not blank the fleet."""
         with self._refresh_lock:
             t0, now = time.perf_counter(), time.time()
-            devices, samples, history = self.store.fleet_input(self.history_scans)
-            error = None
-            if devices:
-                try:
-                    self._verdicts, self._summary = self._run_analysis(samples, history)
-                    self._verdicts_ts = now
-                except StragglerError as e:  # e.g. too few devices: shown, not fatal
-                    error = str(e)
-                    log.warning("fleet analysis refused the stored data; keeping the previous verdicts: %s", e)
-                except Exception as e:  # a bug in the analysis must not take the service down
-                    log.exception("fleet analysis failed; keeping the previous verdicts")
-                    error = f"analysis failed: {type(e).__name__}: {e}"
+            out = self._analyse()
+            if out["entries"] is not None:
+                self._entries, self._summary, self._verdicts_ts = out["entries"], out["summary"], now
+            self.last_cpu_s = out["cpu_s"]
+            if "traceback" in out:
+                log.error("fleet analysis failed; keeping the previous verdicts\n%s", out["traceback"])
+            elif out["error"] is not None:
+                log.warning("fleet analysis refused the stored data; keeping the previous verdicts: %s", out["error"])
             snap = FleetSnapshot(
                 computed_ts=now,
-                gpus=build_gpus(devices, self._verdicts),
+                gpus=join_gpus(out["devices"], self._entries),
                 summary=self._summary,
-                error=error,
+                error=out["error"],
                 duration_s=time.perf_counter() - t0,
                 verdicts_ts=self._verdicts_ts,
             )
@@ -167,15 +248,3 @@ class FleetView:
         if self.on_refresh is not None:
             self.on_refresh(snap)
         return snap
-
-    def _run_analysis(self, samples: tuple[list[str], list[tuple]],
-                      history: tuple[list[str], list[tuple]]) -> tuple[list[dict], dict]:
-        import pandas as pd
-
-        analyze = self._analyze or default_analyze()
-        cols, rows = samples
-        current = pd.DataFrame.from_records(rows, columns=cols)
-        cols, rows = history
-        past = pd.DataFrame.from_records(rows, columns=cols) if rows else None
-        res = analyze(current, past)
-        return res.devices.to_dict("records"), dict(res.summary)
