@@ -282,6 +282,7 @@ def measure(dbdir: str, gpus: int, scans: int, probes: int, samples: int, reader
     res["db_bytes_per_gpu_scan"] = size / (gpus * (scans + 1))
     res["rows"] = gpus * probes * samples * (scans + 1)
     res.update(refresh_times(db, gpus, scans, probes, samples, t0))
+    print(json.dumps(res), file=sys.stderr, flush=True)  # a partial result survives a later failure
     if readers >= 0:
         res.update(under_load(tmp, db, gpus, scans, probes, samples, t0, readers, batch_rows, load_rows))
     for f in tmp.iterdir():

@@ -30,6 +30,7 @@ from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime, Secret
 from .quarantine_api import quarantine_router
 from .reportpage import router as report_router
+from .retention import Retention
 from .scans import ScanBoard
 from .scans_api import scans_router
 from .service_api import install_docs, service_router
@@ -94,14 +95,17 @@ def create_app(
     offsets, health = ClockOffsets(), DbHealth(store)
     metrics.registry.register(offsets)
     col = Collector(settings, store, fleet, board, metrics, fleet_metrics, secret, health, offsets, clock)
+    retention = Retention(store, settings.result_retention_s, clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         health.start()
         fleet.start()
+        retention.start()
         try:
             yield
         finally:
+            retention.stop()
             fleet.stop()
             board.flush_seen()
             store.close()

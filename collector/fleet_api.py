@@ -13,10 +13,10 @@ from .models import Name
 
 def fleet_api_router(col, pages: FleetPages) -> APIRouter:
     """The router over a running collector ``col`` (collector/app.py ``Collector``)."""
-    router = APIRouter(tags=["fleet"])
-    router.include_router(fleet_router(pages))
+    router = APIRouter()
+    router.include_router(fleet_router(pages))  # tagged "fleet" there
 
-    @router.get("/api/v1/gpus/{uuid}/history")
+    @router.get("/api/v1/gpus/{uuid}/history", tags=["fleet"])
     def history(uuid: str, host: Annotated[Name | None, Query()] = None,
                 limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None) -> JSONResponse:
         """A device's results, newest first (``host`` tells apart CPU devices such as cpu0)."""

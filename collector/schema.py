@@ -147,8 +147,12 @@ _V8 = [
        WHERE sample_unique = 1""",
 ]
 
+# Version 9: retention (collector/retention.py) finds the rows received before a time by index. The
+# receipt time only grows, so the index takes its inserts at its right edge.
+_V9 = ["CREATE INDEX results_received ON results (received_ts)"]
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7), tuple(_V8))
+    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7), tuple(_V8), tuple(_V9))
 LATEST = len(MIGRATIONS)
 
 

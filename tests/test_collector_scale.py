@@ -34,3 +34,31 @@ def test_the_analysis_process_gives_the_verdicts_of_the_thread(tmp_path):
         view.stop()
         store.close()
     assert view._pool is None
+
+
+def test_retention_prunes_old_results_in_chunks_and_keeps_the_devices(tmp_path):
+    from straggler.collector.retention import Retention
+
+    store = Store(tmp_path / "c.db")
+    day = 86400.0
+    store.ingest(row_tuples(make_rows("a", n_gpus=4, scan_id="old", ts=1e9, samples=5)), 1e9)  # 20 rows
+    store.ingest(row_tuples(make_rows("a", n_gpus=4, scan_id="new", ts=1e9 + 40 * day, samples=3)), 1e9 + 40 * day)
+    store.ingest(row_tuples(make_rows("b", n_gpus=2, scan_id="lone", ts=1e9, samples=2)), 1e9)  # b's only scan
+    keep = Retention(store, 30 * day, clock=lambda: 1e9 + 41 * day, chunk_rows=3)
+    assert keep.prune_once() == 20 + 4
+    assert store.count_results("old") == 0 and store.count_results("lone") == 0 and store.count_results("new") == 12
+    scans = store._reader.execute("SELECT host, scan_id FROM probe_scans ORDER BY 1, 2").fetchall()
+    assert scans == [("a", "new")] * 4 + [("b", "lone")] * 2  # b's latest scan stays named
+    assert sorted(d["gpu"] for d in store.devices()) == [f"GPU-a-{i}" for i in range(4)] + ["GPU-b-0", "GPU-b-1"]
+    assert keep.prune_once() == 0 and keep.pruned_rows == 24
+    snap = FleetView(store).refresh()  # host b is still listed, without a verdict
+    assert {g["gpu"]: bool(g["probes"]) for g in snap.gpus if g["host"] == "b"} == {"GPU-b-0": False, "GPU-b-1": False}
+    store.close()
+
+
+def test_result_retention_s_is_checked_like_the_other_settings(tmp_path):
+    from test_config import TOKEN_ENV, _cli, _one_line_error
+
+    env = {**TOKEN_ENV, "STRAGGLER_COLLECTOR_RESULT_RETENTION_S": "0"}
+    line = _one_line_error(_cli("collector", "--check", "--db", str(tmp_path / "c.db"), "--port", "0", env=env))
+    assert "STRAGGLER_COLLECTOR_RESULT_RETENTION_S" in line and "must be > 0" in line, line
