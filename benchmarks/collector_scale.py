@@ -237,6 +237,7 @@ def under_load(tmp: Path, db: str, gpus: int, scans: int, probes: int, samples: 
                 readers_p.join()
             lat.sort()
             res.update(ingest_rows_s=sent / wall, ingest_rows=sent, post_p99_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                       post_p50_s=lat[len(lat) // 2],
                        post_max_s=lat[-1], posts=len(lat), refreshes_during=runs, collector_cpu_s=cpu, ingest_wall_s=wall)
             res["collector_peak_rss_mb"] = max(_vm(p, "VmHWM") for p in _tree(server.pid)) / 2**20
     finally:
@@ -307,6 +308,7 @@ def table(results: list[dict]) -> str:
             ("peak RSS (store + fleet view), MB", "peak_rss_mb", "{:.0f}"),
             ("collector's largest process peak RSS, MB", "collector_peak_rss_mb", "{:.0f}"),
             ("ingest under load, results/s", "ingest_rows_s", "{:.0f}"),
+            ("  POST p50, s", "post_p50_s", "{:.3f}"),
             ("  POST p99, s", "post_p99_s", "{:.3f}"),
             ("  POST max, s", "post_max_s", "{:.3f}"),
             ("  refreshes meanwhile", "refreshes_during", "{:.0f}"),
