@@ -86,20 +86,25 @@ def ingest(store, batch: list[dict], received_ts: float) -> None:
         store.ingest(row_tuples(batch[i:i + 20_000]), received_ts)
 
 
-def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> float:
-    """Scans 0..scans (the last is the current one) of every device; returns the build's wall seconds."""
+def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> tuple[float, float]:
+    """Scans 0..scans (the last is the current one) of every device; returns the build's wall
+    seconds and the write-ahead log bytes per row of the last scan (checkpoints held off for it)."""
     from straggler.collector.store import Store
 
     start = time.perf_counter()
     store = Store(db)
     try:
         for s in range(scans + 1):
+            if s == scans:
+                store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                store._writer.execute("PRAGMA wal_autocheckpoint = 0")
             for first in range(0, gpus, 2000):
                 ingest(store, rows(s, range(first, min(gpus, first + 2000)), probes, samples, t0), t0 + s * 3600 + 60)
+        wal_per_row = Path(db + "-wal").stat().st_size / (gpus * probes * samples)
         store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         store.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, wal_per_row
 
 
 def _cpu() -> float:
@@ -278,7 +283,7 @@ def measure(dbdir: str, gpus: int, scans: int, probes: int, samples: int, reader
     tmp = Path(tempfile.mkdtemp(prefix=f"scale{gpus}-", dir=dbdir))
     db = str(tmp / "build.db")
     res = {"backend": "sqlite", "gpus": gpus, "scans": scans + 1, "probes": probes, "samples": samples}
-    res["build_s"] = build(db, gpus, scans, probes, samples, t0)
+    res["build_s"], res["wal_bytes_per_row"] = build(db, gpus, scans, probes, samples, t0)
     size = sum(Path(db + s).stat().st_size for s in ("", "-wal") if Path(db + s).exists())
     res["db_bytes_per_gpu_scan"] = size / (gpus * (scans + 1))
     res["rows"] = gpus * probes * samples * (scans + 1)
@@ -317,6 +322,7 @@ def table(results: list[dict]) -> str:
             ("  ingest wall s", "ingest_wall_s", "{:.1f}"),
             ("GET /api/v1/gpus TTFB, ms", "ttfb_ms", "{:.1f}"),
             ("DB bytes per GPU per scan", "db_bytes_per_gpu_scan", "{:.0f}"),
+            ("WAL bytes per ingested row", "wal_bytes_per_row", "{:.0f}"),
             ("rows stored", "rows", "{:,}")]
     head = ["figure"] + [f"{r['backend']} {r['gpus']:,}" for r in results] + ["target"]
     out = [head]
