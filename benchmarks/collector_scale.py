@@ -152,10 +152,15 @@ def _readers(url: str, n: int, seconds: float, out) -> None:
     reads, deadline = [0], time.monotonic() + seconds
 
     def read() -> None:
-        with httpx.Client(base_url=url, headers={**AUTH, "Accept-Encoding": "gzip"}, timeout=600) as rc:
-            while time.monotonic() < deadline:
-                rc.get("/api/v1/gpus").raise_for_status()
-                reads[0] += 1
+        while time.monotonic() < deadline:
+            # a reader starved of CPU past the collector's header_timeout_s is disconnected: reconnect
+            try:
+                with httpx.Client(base_url=url, headers={**AUTH, "Accept-Encoding": "gzip"}, timeout=600) as rc:
+                    while time.monotonic() < deadline:
+                        rc.get("/api/v1/gpus").raise_for_status()
+                        reads[0] += 1
+            except httpx.TransportError:
+                continue
 
     threads = [threading.Thread(target=read) for _ in range(n)]
     for t in threads:
