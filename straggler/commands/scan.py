@@ -102,7 +102,8 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
             report_path: str | None = None) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
-    from straggler.probes.report import device_report, json_safe
+    from straggler.jsonsafe import json_safe
+    from straggler.probes.report import device_report
 
     # first, so that nothing measured is lost whatever happens next
     write_error = _write(res, output, as_json) if output is not None else None
@@ -114,7 +115,7 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
                "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
                "engine": report["engine"], "rounds": rounds.to_json() if rounds else None, "samples": res.samples}
-        sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(json_safe(doc), allow_nan=False) + "\n")
     else:
         from rich.console import Console
 
@@ -171,12 +172,6 @@ def _html(path: str, report: dict, samples: list[dict]) -> str | None:
     except InputError as e:
         return str(e)
     return None
-
-
-def _json_default(v):
-    if hasattr(v, "item"):
-        return v.item()
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
 
 
 def _failure_line(failures: list[dict], output: str | None) -> str:
