@@ -44,6 +44,19 @@ ACTIONS = {
                    "(dcgmi diag -r 3) and attach this report to the RMA ticket.",
 }
 
+# The one list of cause names (the ``causes`` column): explain() gives only these, the collector's
+# ``cause`` label takes them (collector/metrics.py), the CLI words them with TEXT, the dashboards
+# test checks the rule tests' labels against them. A new cause goes into ACTIONS and TEXT.
+NAMES = tuple(ACTIONS)
+UNEXPLAINED = "unexplained"  # flagged, and no telemetry names why (never a guess)
+
+# Each cause in a few words, for tables (``straggler analyze``).
+TEXT = {
+    "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown", "power_capped": "power-capped, lower clock",
+    "pcie_link": "PCIe link degraded", "memory": "memory", "contention": "contention",
+    "whole_node": "whole node slow", "low_clock": "low clock", UNEXPLAINED: "unexplained",
+}
+
 # The telemetry each cause rests on (explain() below reads these; the report marks them).
 EVIDENCE_COLUMNS = {
     "thermal": ("temp_c", *THERMAL), "hw_slowdown": HW_SLOW,
@@ -143,7 +156,7 @@ def explain(tel: dict[str, np.ndarray], flagged: np.ndarray, group_of_dev: np.nd
             c.append("low_clock")
             e.append("clock lower than its peers without a throttle reason" + _vs(tel, peer, "sm_clock_mhz", i, "MHz"))
         if not c:
-            c.append("unexplained")
+            c.append(UNEXPLAINED)
         causes[i], evidence[i] = tuple(c), "; ".join(e)
     return causes, evidence
 

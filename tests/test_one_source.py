@@ -1,0 +1,91 @@
+"""One source per concept (issue 8): each concept written once, every caller using that one.
+
+Each test here fails if a second copy came back (a caller with its own version) or if the one
+source stopped behaving as documented."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from straggler.jsonsafe import json_safe
+
+
+# --- JSON-safe values (straggler/jsonsafe.py) ----------------------------------------------------
+
+def test_json_safe_cleans_nan_inf_numpy_scalars_and_nesting():
+    doc = {"nan": float("nan"), "inf": float("inf"), "-inf": -math.inf, "f64": np.float64(1.5),
+           "f32nan": np.float32("nan"), "i64": np.int64(7), "bool": np.bool_(True), "na": pd.NA, "nat": pd.NaT,
+           1: "int key", "tuple": (np.float64("nan"), 2), "set": {3, 1},
+           "nested": [{"x": [np.float64("inf"), {"y": np.int32(3)}]}], "s": "text", "none": None, "n": 4}
+    out = json_safe(doc)
+    assert out == {"nan": None, "inf": None, "-inf": None, "f64": 1.5, "f32nan": None, "i64": 7, "bool": True,
+                   "na": None, "nat": None, "1": "int key", "tuple": [None, 2], "set": [1, 3],
+                   "nested": [{"x": [None, {"y": 3}]}], "s": "text", "none": None, "n": 4}
+    assert type(out["f64"]) is float and type(out["i64"]) is int and type(out["bool"]) is bool
+    assert type(out["nested"][0]["x"][1]["y"]) is int
+    json.dumps(out, allow_nan=False)  # writes as strict JSON
+    assert math.isnan(doc["nan"]) and doc["tuple"][1] == 2  # the input is left as it was
+
+
+def test_json_safe_cleans_numpy_and_pandas_columns():
+    col = np.array([1.0, np.nan, np.inf, 2.5])
+    assert json_safe(col) == [1.0, None, None, 2.5]
+    assert json_safe(np.array([[1.0, np.nan], [np.inf, 0.5]], dtype=np.float32)) == [[1.0, None], [None, 0.5]]
+    assert json_safe(np.arange(3)) == [0, 1, 2] and json_safe(np.array([True, False])) == [True, False]
+    assert json_safe(pd.Series([1.0, None])) == [1.0, None]
+    assert json_safe(pd.array([1, None], dtype="Int64").to_numpy(dtype=object)) == [1, None]
+    assert json_safe(np.array(["a", None], dtype=object)) == ["a", None]
+    assert all(type(x) is float for x in json_safe(np.array([1.0, 2.0], dtype=np.float32)))
+
+
+def test_every_json_writer_uses_the_one_json_safe():
+    """The agent's spool, the scan verdict, the scan command and the collector's fleet view clean
+    with the same function (no copy of their own)."""
+    import straggler.agent.spool as spool
+    import straggler.collector.fleet as fleet
+    import straggler.probes.report as report
+
+    for mod in (spool, fleet, report):
+        assert mod.json_safe is json_safe, mod.__name__
+        assert not hasattr(mod, "_clean"), mod.__name__
+
+
+def test_the_agent_spool_keeps_numpy_values_and_nested_nans_as_json(tmp_path):
+    from straggler.agent.spool import Spool
+
+    sp = Spool(tmp_path / "spool.sqlite")
+    sp.add_results([{"ts": np.float64(1.0), "scan_id": "s", "host": "h", "gpu": "g", "probe": "matmul", "settings": "x",
+             "sample": np.int64(0), "value": np.float32(2.0), "power_w": float("nan"), "extra": [np.inf, 1]}])
+    (row,) = sp.pending_results(10)
+    assert row["sample"] == 0 and row["value"] == 2.0 and row["power_w"] is None and row["extra"] == [None, 1]
+
+
+# --- cause names (analysis/causes.py NAMES) -------------------------------------------------------
+
+def test_explain_gives_only_the_named_causes():
+    """Every cause explain() can append is in causes.NAMES (so it has an action, a text and a label)."""
+    import inspect
+    import re
+
+    from straggler.analysis import causes
+
+    given = set(re.findall(r'c\.append\("(\w+)"\)', inspect.getsource(causes.explain))) | {causes.UNEXPLAINED}
+    assert given == set(causes.NAMES) == set(causes.ACTIONS) == set(causes.TEXT)
+
+
+def test_every_cause_is_its_own_metric_label_and_cli_text_never_other():
+    from straggler.analysis import causes
+    from straggler.collector import metrics
+
+    assert metrics.CAUSES == (*causes.NAMES, "other", "none")  # built from the one list, not kept by hand
+    for name in causes.NAMES:
+        assert metrics.cause_label([name]) == name
+    assert metrics.cause_label([]) == causes.UNEXPLAINED and metrics.cause_label(["brand_new"]) == "other"
+    import straggler.commands.analyze as analyze_cmd
+
+    assert not hasattr(analyze_cmd, "CAUSE_TEXT")  # the CLI words causes with causes.TEXT
