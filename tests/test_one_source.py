@@ -89,3 +89,55 @@ def test_every_cause_is_its_own_metric_label_and_cli_text_never_other():
     import straggler.commands.analyze as analyze_cmd
 
     assert not hasattr(analyze_cmd, "CAUSE_TEXT")  # the CLI words causes with causes.TEXT
+
+
+# --- token files (straggler/token.py) -------------------------------------------------------------
+
+def _token_files(tmp_path):
+    (tmp_path / "empty").write_text("  \n")
+    (tmp_path / "latin").write_bytes(b"s\xe9cret-token-123456\n")
+    (tmp_path / "accent").write_text("s\u00e9cret-token-123456\n", encoding="utf-8")
+    return {"missing": (tmp_path / "missing", "cannot read {p}: No such file or directory"),
+            "empty": (tmp_path / "empty", "{p} is empty"),
+            "not utf-8": (tmp_path / "latin", "cannot read {p}: not UTF-8 text"),
+            "not ascii": (tmp_path / "accent", "{p} holds characters other than printable ASCII "
+                                               "(an HTTP header cannot carry them)")}
+
+
+def test_every_token_reader_says_the_same_one_line(tmp_path, capsys):
+    """The agent, the collector and the CLI commands (scan, quarantine, gate) read a token file with
+    straggler.token.read_token: the same checks, the same one-line error, only the name of where the
+    path came from differs (the config key token_file, the flag --token-file)."""
+    from straggler.agent.uploader import auth_headers, token_problem
+    from straggler.cli import main
+    from straggler.collector.settings import CollectorSettings, load_token
+    from straggler.errors import ConfigError
+
+    for kind, (path, why) in _token_files(tmp_path).items():
+        why = why.format(p=path)
+        assert token_problem(path) == f"token_file: {why}", kind
+        with pytest.raises(OSError, match="^token_file: "):
+            auth_headers(path)
+        with pytest.raises(ConfigError) as e:
+            load_token(CollectorSettings(token_file=path), env={})
+        assert e.value.problems == [f"token_file: {why}"], kind
+        for argv in (["scan", "--collector", "http://127.0.0.1:9", "--token-file", str(path)],
+                     ["quarantine", "drain", "n1", "--reason", "x", "--collector", "http://127.0.0.1:9",
+                      "--token-file", str(path)],
+                     ["gate", "--collector", "http://127.0.0.1:9", "--token-file", str(path), "--probes", "none"]):
+            with pytest.raises(SystemExit) as ex:
+                main(argv)
+            assert ex.value.code == 2, (kind, argv)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"straggler: error: --token-file: {why}"], (kind, argv, err)
+
+
+def test_a_good_token_reads_the_same_everywhere(tmp_path):
+    from straggler.agent.uploader import auth_headers, token_problem
+    from straggler.collector.settings import CollectorSettings, load_token
+    from straggler.token import read_token
+
+    path = tmp_path / "token"
+    path.write_text("  0123456789abcdef-token \n")
+    assert read_token(path) == "0123456789abcdef-token" == load_token(CollectorSettings(token_file=path), env={})
+    assert token_problem(path) is None and auth_headers(path) == {"Authorization": "Bearer 0123456789abcdef-token"}

@@ -73,7 +73,7 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
 
     if not budget_s > 0:
         raise InputError(f"--budget must be > 0 seconds, got {budget_s}")
-    from straggler.commands.quarantine import read_token
+    from straggler.token import read_token
 
     token = read_token(token_file) if token_file else None
     wanted = _wanted_gpus(gpus)

@@ -187,10 +187,9 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
     """A cluster scan through the collector, returned in the shape of a local ScanResult."""
     if token_file is None:
         raise InputError("--collector needs --token-file (the collector's bearer token)")
-    try:
-        token = Path(token_file).read_text().strip()
-    except OSError as e:
-        raise InputError(f"--token-file {token_file}: {e.strerror}") from None
+    from straggler.token import read_token
+
+    token = read_token(token_file)
     from straggler.collector.client import DEFAULT_START_DELAY_S, cluster_scan
     from straggler.probes.budget import budget_problem, scan_needed_s
     from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
