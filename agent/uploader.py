@@ -23,9 +23,9 @@ import httpx
 
 from straggler.errors import InputError
 from straggler.records import SENT_TS_HEADER
+from straggler.scanproto import scan_id_problem
 from straggler.token import read_token
 
-from .scanspec import scan_id_problem
 from .spool import Spool
 
 log = logging.getLogger("straggler.agent.upload")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import sqlite3
 import threading
 import time
 from collections import deque
 from typing import Callable
 
-from .client import FINAL_STATES
+from straggler.scanproto import FINAL_STATES, new_scan_id
+
 from .store import Store
 
 log = logging.getLogger("straggler.collector")
@@ -40,10 +40,6 @@ def _wire(offer: dict) -> bytes:
 
 class NoHosts(Exception):
     """A scan without hosts when no agent has been seen recently."""
-
-
-def new_scan_id(now: float) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
 
 
 def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
@@ -95,7 +91,7 @@ class ScanBoard:
             if not hosts:
                 raise NoHosts(f"no agent polled for scans in the last {self.agent_seen_s:g} s; name the hosts")
         hosts = sorted(set(hosts))
-        scan = {"scan_id": new_scan_id(now), "created_ts": now, "start_at": now + start_delay_s,
+        scan = {"scan_id": new_scan_id(now=now), "created_ts": now, "start_at": now + start_delay_s,
                 "probes": list(probes), "duration_s": duration_s, "hosts": hosts}
         await asyncio.to_thread(self.store.create_scan, scan, now - self.retention_s)
         offer = _offer(scan)

@@ -141,3 +141,79 @@ def test_a_good_token_reads_the_same_everywhere(tmp_path):
     path.write_text("  0123456789abcdef-token \n")
     assert read_token(path) == "0123456789abcdef-token" == load_token(CollectorSettings(token_file=path), env={})
     assert token_problem(path) is None and auth_headers(path) == {"Authorization": "Bearer 0123456789abcdef-token"}
+
+
+# --- scan ids and node states (straggler/scanproto.py) --------------------------------------------
+
+SCAN_ID_FORMAT = r"\d{8}T\d{6}Z(-[A-Za-z0-9._-]+)*-[0-9a-f]{8}"
+
+
+def test_every_scan_id_maker_uses_the_one_format(tmp_path):
+    """A local scan (probes/runner), an agent's own scan and a collector's cluster scan get their ids
+    from scanproto.new_scan_id: one format, always a valid scan id (odd host names included)."""
+    import asyncio
+    import re
+
+    import straggler.agent.daemon as daemon
+    import straggler.probes.runner as runner
+    from straggler.collector.scans import ScanBoard
+    from straggler.collector.store import Store
+    from straggler.scanproto import SCAN_ID, new_scan_id, scan_id_problem
+
+    assert runner.new_scan_id is new_scan_id and daemon.new_scan_id is new_scan_id
+    ids = {"plain": new_scan_id(now=0), "words": new_scan_id("node/7 a", "retest", now=0),
+           "long": new_scan_id("h" * 300), "runner": runner.new_scan_id("we:ird host")}
+    assert ids["plain"].startswith("19700101T000000Z-") and ids["words"].startswith("19700101T000000Z-node_7_a-retest-")
+    board = ScanBoard(Store(tmp_path / "c.db"), agent_seen_s=60.0, offer_grace_s=5.0)
+    ids["collector"] = asyncio.run(board.create(["matmul"], 1.0, ["n1"], 10.0))["scan_id"]
+    for kind, sid in ids.items():
+        assert re.fullmatch(SCAN_ID_FORMAT, sid) and SCAN_ID.fullmatch(sid) and scan_id_problem(sid) is None, (kind, sid)
+    assert "-we_ird_host-" in ids["runner"]
+
+
+def test_scan_id_problem_is_the_one_check():
+    import straggler.agent.scanspec as scanspec
+    import straggler.agent.uploader as uploader
+    from straggler.scanproto import scan_id_problem
+
+    assert scanspec.scan_id_problem is scan_id_problem and uploader.scan_id_problem is scan_id_problem
+    assert not hasattr(scanspec, "SCAN_ID")
+    for bad in ("../x", ".hidden", "-x", "a/b", "", "x" * 129, 7):
+        assert scan_id_problem(bad), bad
+
+
+def test_straggler_scan_refuses_a_scan_id_that_is_not_one(capsys):
+    from straggler.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(["scan", "--device", "cpu", "--scan-id", "../../victim"])
+    assert ex.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("straggler: error: --scan-id: scan_id '../../victim' is not 1-128 letters")
+
+
+def test_final_states_are_one_tuple_in_the_client_the_book_the_store_and_the_models(tmp_path):
+    """A node's final state is never left: the store's SQL takes FINAL_STATES as parameters; the
+    client, the scan book and the scan command read the same tuple; the API models list NODE_STATES."""
+    import typing
+
+    import straggler.collector.client as client
+    import straggler.collector.models as models
+    import straggler.collector.scans as scans
+    from straggler.collector.store import Store
+    from straggler.scanproto import FINAL_STATES, NODE_STATES
+
+    assert client.FINAL_STATES is FINAL_STATES and scans.FINAL_STATES is FINAL_STATES
+    assert typing.get_args(models.NodeState) == NODE_STATES
+    assert typing.get_args(models.ScanView.model_fields["state"].annotation) == NODE_STATES
+    assert typing.get_args(models.ScanStatus.model_fields["state"].annotation) == NODE_STATES[1:]
+    assert set(FINAL_STATES) < set(NODE_STATES)
+    store = Store(tmp_path / "c.db")
+    scan = {"scan_id": "20261201T000000Z-0000beef", "created_ts": 1.0, "start_at": 2.0, "probes": ["matmul"],
+            "duration_s": 1.0, "hosts": ["a", "b"]}
+    store.create_scan(scan)
+    for host, final in zip("ab", FINAL_STATES):
+        assert store.set_node_state(scan["scan_id"], host, "running", None, 3.0)
+        assert store.set_node_state(scan["scan_id"], host, final, None, 4.0)
+        assert not store.set_node_state(scan["scan_id"], host, "running", None, 5.0)  # a final state is never left
+    assert store.get_scan(scan["scan_id"])["nodes"] == dict(zip("ab", FINAL_STATES))

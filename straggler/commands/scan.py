@@ -27,7 +27,8 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write every raw sample (canonical result table): .csv, .jsonl or .parquet.")
-@click.option("--scan-id", default=None, help="Id stamped on every sample [default: time-host-random].")
+@click.option("--scan-id", default=None,
+              help="Id stamped on every sample: 1-128 letters, digits, '.', '_', '-' [default: time-host-random].")
 @click.option("--start-at", type=float, default=None, help="Unix time of the first probe (after warm-up).")
 @click.option("--deadline", "deadline_s", type=float, default=None,
               help="Kill the scan after this many seconds (samples measured so far are kept). With "
@@ -61,6 +62,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
         check_writable(output)  # a bad suffix or an unwritable place fails now, not after the probes ran
     if collector is None and token_file is not None:
         raise InputError("--token-file needs --collector")
+    if scan_id is not None:
+        from straggler.scanproto import scan_id_problem
+
+        if scan_id_problem(scan_id):
+            raise InputError(f"--scan-id: {scan_id_problem(scan_id)}")
     if max_rounds is not None and max_rounds < 1:
         raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
     if collector is not None and (max_rounds or 1) > 1:
@@ -193,12 +199,13 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
     from straggler.collector.client import DEFAULT_START_DELAY_S, cluster_scan
     from straggler.probes.budget import budget_problem, scan_needed_s
     from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
+    from straggler.scanproto import FINAL_STATES
 
     def on_progress(status: dict) -> None:
         if on_event is not None:
             nodes = status.get("nodes") or {}
             on_event({"t": "progress", "description": f"scan {status.get('scan_id', '')}: nodes reported",
-                      "completed": sum(s in ("done", "failed") for s in nodes.values()), "total": len(nodes) or None})
+                      "completed": sum(s in FINAL_STATES for s in nodes.values()), "total": len(nodes) or None})
 
     # The fleet's nodes may be GPU nodes: their power and thermal steady state needs the GPU duration.
     duration = duration_s or DEFAULT_DURATION_S["cuda"]
