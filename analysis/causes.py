@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from straggler.records import parse_throttle
+
 from . import groups
-from .validate import read_throttle
 
 THERMAL = ("sw_thermal_slowdown", "hw_thermal_slowdown")
 HW_SLOW = ("hw_slowdown", "hw_power_brake_slowdown")
@@ -85,7 +86,7 @@ def device_telemetry(rows: pd.DataFrame, dev: np.ndarray, n_dev: int) -> dict[st
     if "throttle_reasons" in rows.columns:
         code, uniques = pd.factorize(rows["throttle_reasons"], use_na_sentinel=True)
         known = code >= 0
-        parsed = [read_throttle(u) or {} for u in uniques]  # unreadable: unknown (validate counts it)
+        parsed = [parse_throttle(u) or {} for u in uniques]  # unreadable: unknown (validate counts it)
         for reason in REASONS:
             share = np.array([p.get(reason, 0.0) for p in parsed] + [np.nan])
             out[reason] = groups.mean(dev, share[np.where(known, code, len(parsed))], n_dev)

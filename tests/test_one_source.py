@@ -217,3 +217,42 @@ def test_final_states_are_one_tuple_in_the_client_the_book_the_store_and_the_mod
         assert store.set_node_state(scan["scan_id"], host, final, None, 4.0)
         assert not store.set_node_state(scan["scan_id"], host, "running", None, 5.0)  # a final state is never left
     assert store.get_scan(scan["scan_id"])["nodes"] == dict(zip("ab", FINAL_STATES))
+
+
+# --- the throttle-string grammar (straggler/records.py) -------------------------------------------
+
+def test_one_throttle_reader_strict_and_tolerant():
+    """records.read_throttle is the grammar (strict: ValueError on a cell it cannot read);
+    records.parse_throttle its one tolerant form (None where unreadable, unknown names left out),
+    which the analysis' causes use; analysis/validate.py keeps no reader of its own."""
+    import straggler.analysis.causes as causes
+    import straggler.analysis.validate as validate
+    from straggler import records
+
+    assert validate.read_throttle is records.read_throttle and not hasattr(validate, "parse_reasons")
+    assert causes.parse_throttle is records.parse_throttle
+    for cell, shares in [("sw_power_cap=0.500", {"sw_power_cap": 0.5}), (36, {"sw_power_cap": 1.0,
+                         "sw_thermal_slowdown": 1.0}), ("0x24", {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}),
+                         ("SwPowerCap|bogus", {"sw_power_cap": 1.0}), ("", {}), (None, {}), (float("nan"), {})]:
+        assert records.parse_throttle(cell) == shares, cell
+        assert records.read_throttle(cell)[0] == shares, cell
+    for bad in ("sw_power_cap=2", "sw_power_cap=x", -1, True):
+        assert records.parse_throttle(bad) is None, bad
+        with pytest.raises(ValueError):
+            records.read_throttle(bad)
+    shares = {"hw_slowdown": 0.25, "sw_thermal_slowdown": 1.0}
+    assert records.parse_throttle(records.format_throttle(shares)) == shares
+
+
+def test_nvml_reason_names_and_bits_are_the_records_ones():
+    """The NVML funnel's reason names are records.THROTTLE_REASONS (not a second list), and the bits
+    the result table reads masks with (records.THROTTLE_BITS) are NVML's own."""
+    import pynvml
+
+    from straggler.probes import nvml
+    from straggler.records import THROTTLE_BITS, THROTTLE_REASONS
+
+    assert tuple(name for name, _ in nvml.REASON_CONSTANTS) == THROTTLE_REASONS
+    for name, suffix in nvml.REASON_CONSTANTS:
+        assert getattr(pynvml, f"nvmlClocksEventReason{suffix}") == THROTTLE_BITS[name], name
+        assert nvml.decode_clock_events(THROTTLE_BITS[name]) == {name}
