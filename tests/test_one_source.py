@@ -256,3 +256,48 @@ def test_nvml_reason_names_and_bits_are_the_records_ones():
     for name, suffix in nvml.REASON_CONSTANTS:
         assert getattr(pynvml, f"nvmlClocksEventReason{suffix}") == THROTTLE_BITS[name], name
         assert nvml.decode_clock_events(THROTTLE_BITS[name]) == {name}
+
+
+# --- defaults: written once, in the settings; the CLI options read them ---------------------------
+
+def _options_after_reload(module_name, command_name):
+    import importlib
+
+    mod = importlib.reload(importlib.import_module(module_name))
+    return {p.name: p for p in getattr(mod, command_name).params}
+
+
+def test_gate_options_take_their_defaults_from_gate_settings(monkeypatch):
+    """Change a default in straggler.gate and `straggler gate` follows (no second copy in the CLI)."""
+    from straggler import gate
+
+    for field, value in [("budget_s", 41.0), ("samples", 7), ("max_rounds", 4), ("device", "cpu"),
+                         ("probes", ("membw",)), ("telemetry", "nvml"), ("kernel_log", "-")]:
+        monkeypatch.setattr(gate.GateSettings, field, value)
+    monkeypatch.setitem(gate.GATE_DURATION_S, "cuda", 9.0)
+    try:
+        opts = _options_after_reload("straggler.commands.gate", "gate")
+        assert {k: opts[k].default for k in ("budget_s", "samples", "max_rounds", "device", "probes", "telemetry",
+                                             "kernel_log")} == {"budget_s": 41.0, "samples": 7, "max_rounds": 4,
+                                                                "device": "cpu", "probes": "membw",
+                                                                "telemetry": "nvml", "kernel_log": "-"}
+        assert "1 on CPU cores, 9 on GPUs" in opts["duration_s"].help
+    finally:
+        monkeypatch.undo()
+        _options_after_reload("straggler.commands.gate", "gate")
+
+
+def test_scan_options_take_their_defaults_from_the_scan_settings(monkeypatch):
+    from straggler import remeasure
+    from straggler.probes import runner
+
+    monkeypatch.setattr(runner.ScanSettings, "samples", 8)
+    monkeypatch.setitem(runner.DEFAULT_DURATION_S, "cpu", 6.0)
+    monkeypatch.setattr(remeasure, "DEFAULT_MAX_ROUNDS", 9)
+    try:
+        opts = _options_after_reload("straggler.commands.scan", "scan")
+        assert opts["samples"].default == 8
+        assert "6 on CPU cores, 15 on GPUs" in opts["duration_s"].help and "[default: 9;" in opts["max_rounds"].help
+    finally:
+        monkeypatch.undo()
+        _options_after_reload("straggler.commands.scan", "scan")

@@ -15,15 +15,19 @@ from pathlib import Path
 import click
 
 from straggler.errors import EXIT_FAILED, InputError, ProbeError
+from straggler.probes.runner import DEFAULT_DURATION_S, ScanSettings  # (light: no torch)
+from straggler.remeasure import DEFAULT_MAX_ROUNDS
 
 
 @click.command("scan")
 @click.option("--probes", default="all", show_default=True,
               help="Comma-separated probes: matmul, membw, pcie (GPU only), allreduce; or 'all'.")
 @click.option("--duration", "duration_s", type=float, default=None,
-              help="Seconds per probe [default: 4 on CPU cores, 15 on GPUs and in a cluster scan].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--samples", type=int, default=5, show_default=True, help="Samples (windows) per device and probe.")
+              help=f"Seconds per probe [default: {DEFAULT_DURATION_S['cpu']:g} on CPU cores, "
+                   f"{DEFAULT_DURATION_S['cuda']:g} on GPUs and in a cluster scan].")
+@click.option("--device", default=ScanSettings.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--samples", type=int, default=ScanSettings.samples, show_default=True,
+              help="Samples (windows) per device and probe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write every raw sample (canonical result table): .csv, .jsonl or .parquet.")
@@ -37,7 +41,7 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--max-rounds", type=int, default=None,
               help="Rounds at most: while a device is undecided, measure every device again with the "
                    "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
-                   "[default: 5; a cluster scan through --collector runs one round].")
+                   f"[default: {DEFAULT_MAX_ROUNDS}; a cluster scan through --collector runs one round].")
 @click.option("--all", "show_all", is_flag=True,
               help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
                    "first 20 others, then counts].")
