@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from straggler.records import PROBES
-from straggler.scanproto import scan_id_problem
+from straggler.scanproto import MAX_DURATION_S, MAX_START_DELAY_S, scan_id_problem
 
-MAX_DURATION_S = 3600.0  # the collector's own limit for a scan's duration_s
-MAX_START_AHEAD_S = 3600.0 + 300.0  # the collector's largest start_delay_s, plus a clock skew
+MAX_START_AHEAD_S = MAX_START_DELAY_S + 300.0  # the collector's largest start_delay_s, plus a clock skew
 
 
 class ScanRefused(Exception):

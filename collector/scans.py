@@ -54,9 +54,9 @@ def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
 class ScanBoard:
     KEPT_NEW = 64  # scans remembered for the long polls waiting when they were created
 
-    def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float,
-                 run_limit_s: float = 900.0, clock: Callable[[], float] = time.time,
-                 retention_s: float = 30 * 86400.0):
+    def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float, run_limit_s: float,
+                 retention_s: float, clock: Callable[[], float] = time.time):
+        """The limits are the collector's settings (``scan_run_limit_s``, ``scan_retention_s``)."""
         self.store = store
         self.agent_seen_s = agent_seen_s
         self.offer_grace_s = offer_grace_s

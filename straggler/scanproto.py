@@ -18,6 +18,11 @@ SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 WORDS_MAX_CHARS = 100  # of the words: the whole id stays within SCAN_ID's 128 characters
 
+# A cluster scan's limits, the collector's (POST /api/v1/scans) and so the agent's (agent/scanspec.py).
+MAX_DURATION_S = 3600.0  # a probe's duration_s at most
+DEFAULT_START_DELAY_S = 10.0  # a scan's start_at is this far ahead: every node has picked it up
+MAX_START_DELAY_S = 3600.0
+
 # A node's state in a cluster scan (``POST /api/v1/scans/{id}/status``); a final state is never left.
 NODE_STATES = ("pending", "running", "done", "failed")
 FINAL_STATES = ("done", "failed")

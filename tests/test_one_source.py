@@ -164,7 +164,8 @@ def test_every_scan_id_maker_uses_the_one_format(tmp_path):
     ids = {"plain": new_scan_id(now=0), "words": new_scan_id("node/7 a", "retest", now=0),
            "long": new_scan_id("h" * 300), "runner": runner.new_scan_id("we:ird host")}
     assert ids["plain"].startswith("19700101T000000Z-") and ids["words"].startswith("19700101T000000Z-node_7_a-retest-")
-    board = ScanBoard(Store(tmp_path / "c.db"), agent_seen_s=60.0, offer_grace_s=5.0)
+    board = ScanBoard(Store(tmp_path / "c.db"), agent_seen_s=60.0, offer_grace_s=5.0, run_limit_s=900.0,
+                      retention_s=86400.0)
     ids["collector"] = asyncio.run(board.create(["matmul"], 1.0, ["n1"], 10.0))["scan_id"]
     for kind, sid in ids.items():
         assert re.fullmatch(SCAN_ID_FORMAT, sid) and SCAN_ID.fullmatch(sid) and scan_id_problem(sid) is None, (kind, sid)
@@ -301,3 +302,29 @@ def test_scan_options_take_their_defaults_from_the_scan_settings(monkeypatch):
     finally:
         monkeypatch.undo()
         _options_after_reload("straggler.commands.scan", "scan")
+
+
+def test_the_scan_limits_are_the_scan_protocols():
+    """The collector's request model, its client and the agent's check of a scan read one set of limits
+    (straggler.scanproto); the scan board takes its limits from the settings only (no default copy)."""
+    import inspect
+    import subprocess
+    import sys
+
+    import straggler.agent.scanspec as scanspec
+    import straggler.collector.client as client
+    from straggler import scanproto
+    from straggler.collector.scans import ScanBoard
+
+    assert client.DEFAULT_START_DELAY_S is scanproto.DEFAULT_START_DELAY_S
+    assert scanspec.MAX_DURATION_S is scanproto.MAX_DURATION_S
+    assert scanspec.MAX_START_AHEAD_S > scanproto.MAX_START_DELAY_S
+    params = inspect.signature(ScanBoard).parameters
+    assert params["run_limit_s"].default is inspect.Parameter.empty
+    assert params["retention_s"].default is inspect.Parameter.empty
+    code = ("import straggler.scanproto as p; p.DEFAULT_START_DELAY_S = 12.5; p.MAX_DURATION_S = 60.0\n"
+            "from straggler.collector.models import ScanRequest\n"
+            "r = ScanRequest(probes=['matmul'], duration_s=1)\n"
+            "print(r.start_delay_s, ScanRequest.model_json_schema()['properties']['duration_s']['maximum'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["12.5", "60.0"]
