@@ -328,3 +328,18 @@ def test_the_scan_limits_are_the_scan_protocols():
             "print(r.start_delay_s, ScanRequest.model_json_schema()['properties']['duration_s']['maximum'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["12.5", "60.0"]
+
+
+def test_collector_help_states_the_settings_defaults(monkeypatch):
+    from straggler.collector import settings
+
+    monkeypatch.setattr(settings.CollectorSettings, "port", 9999)
+    monkeypatch.setattr(settings.CollectorSettings, "address", "127.0.0.9")
+    try:
+        opts = _options_after_reload("straggler.commands.collector", "collector")
+        assert "[default: 9999]" in opts["port"].help and "[default: 127.0.0.9]" in opts["address"].help
+        assert str(settings.CollectorSettings.db_path) in opts["db_path"].help
+        assert str(settings.DEFAULT_CONFIG) in opts["config_path"].help and settings.TOKEN_ENV in opts["token_file"].help
+    finally:
+        monkeypatch.undo()
+        _options_after_reload("straggler.commands.collector", "collector")
