@@ -246,7 +246,7 @@ def _finish(doc: dict, out: Path, rows: list[dict]) -> int:
     doc["targets"] = {"matmul_vs_gemm": TARGETS["matmul"][1], "membw_vs_copy": TARGETS["membw"][1], "cv": CV_TARGET}
     doc["exit_code"] = code = exit_code(rows, doc["errors"])
     table = render(rows)
-    from straggler.probes.report import json_safe
+    from straggler.jsonsafe import json_safe
 
     (out / "gpu_check.json").write_text(json.dumps(json_safe(doc), indent=1, default=str, allow_nan=False))
     (out / "gpu_check.txt").write_text(table + "\n")

@@ -8,13 +8,13 @@ an immutable :class:`FleetSnapshot` that the API and ``/metrics`` read.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from straggler.errors import StragglerError
+from straggler.jsonsafe import json_safe
 from straggler.verdict import device_tier
 
 from .store import Store
@@ -41,19 +41,6 @@ class FleetSnapshot:
     def stragglers(self) -> list[Mapping[str, Any]]:
         flagged = [g for g in self.gpus if g["straggler"]]
         return sorted(flagged, key=lambda g: -max((p["cost"] or 0.0) for p in g["probes"]))
-
-
-def json_safe(v: Any) -> Any:
-    """JSON-safe values: NaN and infinities are None; numpy scalars and arrays become Python ones."""
-    if hasattr(v, "tolist") and not isinstance(v, (list, tuple, dict, str)):
-        v = v.tolist()
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN or infinity: missing is null
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return v
 
 
 def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from straggler import config
-from straggler.errors import ConfigError
+from straggler.errors import ConfigError, InputError
+from straggler.token import read_token
 
 DEFAULT_CONFIG = Path("/etc/straggler/collector.toml")
 ENV_PREFIX = "STRAGGLER_COLLECTOR_"
@@ -138,9 +139,9 @@ def load_token(settings: CollectorSettings, env: Mapping[str, str] | None = None
     env = os.environ if env is None else env
     if settings.token_file is not None:
         try:
-            token = settings.token_file.read_text().strip()
-        except OSError as e:
-            raise ConfigError([f"token_file: cannot read {settings.token_file}: {e.strerror}"]) from None
+            token = read_token(settings.token_file, "token_file")
+        except InputError as e:
+            raise ConfigError([str(e)]) from None
         source = f"token_file {settings.token_file}"
     elif env.get(TOKEN_ENV):
         token, source = env[TOKEN_ENV].strip(), TOKEN_ENV

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from straggler.records import COLUMNS, IDENTITY_COLUMNS, MEASUREMENT_COLUMNS
+from straggler.scanproto import FINAL_STATES
 
 from .schema import migrate, q
 
@@ -381,8 +382,8 @@ class Store:
         with self._transaction() as conn:
             cur = conn.execute(
                 "UPDATE scan_nodes SET state = ?, error = ?, updated_ts = ? "
-                "WHERE scan_id = ? AND host = ? AND state NOT IN ('done', 'failed')",
-                (state, error, ts, scan_id, host),
+                f"WHERE scan_id = ? AND host = ? AND state NOT IN ({', '.join('?' * len(FINAL_STATES))})",
+                (state, error, ts, scan_id, host, *FINAL_STATES),
             )
             if cur.rowcount != 1:
                 return False

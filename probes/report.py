@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from statistics import fmean, median
-from typing import Any, Iterable
+from typing import Iterable
 
 from straggler.errors import EXIT_FAILED
+from straggler.jsonsafe import json_safe
 from straggler.records import format_throttle, parse_throttle
 
 SIMPLE_MIN_RATIO = 0.90
@@ -19,17 +20,6 @@ PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "estimate", "peer_med
                 "ratio_high", "deficit", "straggler", "verdict", "samples_needed", "undecided_reason", "degraded",
                 "change_loss", "change_scan", "perf_class", "peer_spread", "basis", "causes", "evidence", "cost",
                 "note")
-
-
-def _clean(v: Any) -> Any:
-    """JSON-friendly: NaN -> None, numpy scalars -> Python."""
-    if hasattr(v, "item") and not isinstance(v, (list, tuple, dict, str)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
 
 
 def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
@@ -56,21 +46,12 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     rows = []
     for rec in res.devices.to_dict("records"):
         key = (rec["host"], rec["gpu"], rec["probe"])
-        est = _clean(rec.get("value"))  # the engine's robust estimate (transient dips left out)
+        est = json_safe(rec.get("value"))  # the engine's robust estimate (transient dips left out)
         rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"], "unit": units.get(key),
-                     **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
-                     "median": _clean(rec["median"]) if "median" in rec else est, "estimate": est,
+                     **{k: json_safe(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
+                     "median": json_safe(rec["median"]) if "median" in rec else est, "estimate": est,
                      "note": probe_note(rec)})
     return rows, json_safe(res.to_json()), "straggler.analysis"
-
-
-def json_safe(doc):
-    """A JSON document with NaN/inf as None and numpy scalars as Python numbers."""
-    if isinstance(doc, dict):
-        return {k: json_safe(v) for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [json_safe(v) for v in doc]
-    return _clean(doc)
 
 
 def _simple(samples: list[dict]) -> list[dict]:

@@ -18,13 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 from straggler.errors import InputError
+from straggler.scanproto import new_scan_id
 
 from .budget import GRACE_S, phase_deadlines, round_needed_s, scan_needed_s
 from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices, visible_gpus
@@ -69,10 +69,6 @@ class ScanResult:
     devices: list[dict] = field(default_factory=list)  # {"host", "gpu", "index", "model", "rank"}
     root: bool = True  # False on the non-zero ranks of a torchrun/srun scan (they report nothing)
     duration_s: float | None = None  # per probe, as run
-
-
-def new_scan_id(host: str) -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{host}-{uuid.uuid4().hex[:6]}"
 
 
 def check_settings(settings: ScanSettings) -> None:

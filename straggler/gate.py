@@ -266,6 +266,8 @@ def judge_samples(samples: list[dict], kind: str, gpus: tuple[int, ...] | None =
         table = analysis_table(samples, refs)
     except StragglerError as e:
         return [Finding("node", "reference", "none", "no-peers", str(e), ERROR)]
+    from straggler.analysis.causes import UNEXPLAINED  # (the analysis ran: pandas is loaded)
+
     out = []
     for d in table.to_dict("records"):
         dev = _label(d["gpu"], kind, gpus, d.get("index"))
@@ -273,7 +275,7 @@ def judge_samples(samples: list[dict], kind: str, gpus: tuple[int, ...] | None =
         value = f"{ratio:.2f}x" if isinstance(ratio, float) and ratio == ratio else "-"
         if d["verdict"] == "straggler":
             causes = list(d.get("causes") or ())
-            cause = causes[0] if causes and causes[0] != "unexplained" else "slow"
+            cause = causes[0] if causes and causes[0] != UNEXPLAINED else "slow"
             out.append(Finding(dev, d["probe"], value, cause, _short(d.get("evidence"))))
         elif d["verdict"] == "undecided":
             out.append(Finding(dev, d["probe"], value, "undecided", _short(d.get("undecided_reason")), ERROR))

@@ -15,19 +15,24 @@ from pathlib import Path
 import click
 
 from straggler.errors import EXIT_FAILED, InputError, ProbeError
+from straggler.probes.runner import DEFAULT_DURATION_S, ScanSettings  # (light: no torch)
+from straggler.remeasure import DEFAULT_MAX_ROUNDS
 
 
 @click.command("scan")
 @click.option("--probes", default="all", show_default=True,
               help="Comma-separated probes: matmul, membw, pcie (GPU only), allreduce; or 'all'.")
 @click.option("--duration", "duration_s", type=float, default=None,
-              help="Seconds per probe [default: 4 on CPU cores, 15 on GPUs and in a cluster scan].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--samples", type=int, default=5, show_default=True, help="Samples (windows) per device and probe.")
+              help=f"Seconds per probe [default: {DEFAULT_DURATION_S['cpu']:g} on CPU cores, "
+                   f"{DEFAULT_DURATION_S['cuda']:g} on GPUs and in a cluster scan].")
+@click.option("--device", default=ScanSettings.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--samples", type=int, default=ScanSettings.samples, show_default=True,
+              help="Samples (windows) per device and probe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write every raw sample (canonical result table): .csv, .jsonl or .parquet.")
-@click.option("--scan-id", default=None, help="Id stamped on every sample [default: time-host-random].")
+@click.option("--scan-id", default=None,
+              help="Id stamped on every sample: 1-128 letters, digits, '.', '_', '-' [default: time-host-random].")
 @click.option("--start-at", type=float, default=None, help="Unix time of the first probe (after warm-up).")
 @click.option("--deadline", "deadline_s", type=float, default=None,
               help="Kill the scan after this many seconds (samples measured so far are kept). With "
@@ -36,7 +41,7 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--max-rounds", type=int, default=None,
               help="Rounds at most: while a device is undecided, measure every device again with the "
                    "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
-                   "[default: 5; a cluster scan through --collector runs one round].")
+                   f"[default: {DEFAULT_MAX_ROUNDS}; a cluster scan through --collector runs one round].")
 @click.option("--all", "show_all", is_flag=True,
               help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
                    "first 20 others, then counts].")
@@ -61,6 +66,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
         check_writable(output)  # a bad suffix or an unwritable place fails now, not after the probes ran
     if collector is None and token_file is not None:
         raise InputError("--token-file needs --collector")
+    if scan_id is not None:
+        from straggler.scanproto import scan_id_problem
+
+        if scan_id_problem(scan_id):
+            raise InputError(f"--scan-id: {scan_id_problem(scan_id)}")
     if max_rounds is not None and max_rounds < 1:
         raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
     if collector is not None and (max_rounds or 1) > 1:
@@ -102,7 +112,8 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
             report_path: str | None = None) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
-    from straggler.probes.report import device_report, json_safe
+    from straggler.jsonsafe import json_safe
+    from straggler.probes.report import device_report
 
     # first, so that nothing measured is lost whatever happens next
     write_error = _write(res, output, as_json) if output is not None else None
@@ -114,7 +125,7 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
                "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
                "engine": report["engine"], "rounds": rounds.to_json() if rounds else None, "samples": res.samples}
-        sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(json_safe(doc), allow_nan=False) + "\n")
     else:
         from rich.console import Console
 
@@ -173,12 +184,6 @@ def _html(path: str, report: dict, samples: list[dict]) -> str | None:
     return None
 
 
-def _json_default(v):
-    if hasattr(v, "item"):
-        return v.item()
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-
 def _failure_line(failures: list[dict], output: str | None) -> str:
     kept = f"; samples measured so far kept in {output}" if output else ""
     if not failures:
@@ -192,19 +197,19 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
     """A cluster scan through the collector, returned in the shape of a local ScanResult."""
     if token_file is None:
         raise InputError("--collector needs --token-file (the collector's bearer token)")
-    try:
-        token = Path(token_file).read_text().strip()
-    except OSError as e:
-        raise InputError(f"--token-file {token_file}: {e.strerror}") from None
+    from straggler.token import read_token
+
+    token = read_token(token_file)
     from straggler.collector.client import DEFAULT_START_DELAY_S, cluster_scan
     from straggler.probes.budget import budget_problem, scan_needed_s
     from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
+    from straggler.scanproto import FINAL_STATES
 
     def on_progress(status: dict) -> None:
         if on_event is not None:
             nodes = status.get("nodes") or {}
             on_event({"t": "progress", "description": f"scan {status.get('scan_id', '')}: nodes reported",
-                      "completed": sum(s in ("done", "failed") for s in nodes.values()), "total": len(nodes) or None})
+                      "completed": sum(s in FINAL_STATES for s in nodes.values()), "total": len(nodes) or None})
 
     # The fleet's nodes may be GPU nodes: their power and thermal steady state needs the GPU duration.
     duration = duration_s or DEFAULT_DURATION_S["cuda"]
