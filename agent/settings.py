@@ -147,10 +147,10 @@ RESTART_ONLY = ("host", "listen_address", "listen_port", "spool_path", "collecto
 def serve_metrics(settings: AgentSettings, registry):
     """The /metrics HTTP server (serving from its own thread), or a one-line InputError when the
     address cannot be bound. The start and ``--check`` both bind through here."""
-    from prometheus_client import start_http_server
+    from .metrics_server import start_metrics_server
 
     try:
-        server, _ = start_http_server(settings.listen_port, addr=settings.listen_address, registry=registry)
+        server = start_metrics_server(settings.listen_port, settings.listen_address, registry)
     except OSError as e:
         if not isinstance(e, socket.gaierror) and e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL,
                                                                   errno.EACCES):

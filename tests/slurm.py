@@ -144,6 +144,9 @@ def conf_text(d: Path, cpus: int, extra: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PORT_ATTEMPTS = 3  # starts of slurmctld and slurmd, each with new ports, when one was taken meanwhile
+
+
 def _free_port() -> int:
     from conftest import free_port
 
@@ -196,13 +199,24 @@ def start_slurm(extra_conf: Sequence[str] = (), cpus: int = 2, preexec_fn=None) 
              f"--seed-file={d}/munge/munged.seed"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **as_munge)
         _wait_path(d / "munge" / "munge.socket", s)
-        for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", NODE])):
-            log = open(d / f"{name}.out", "wb")
-            s.procs[name] = subprocess.Popen([exe[name], *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=preexec_fn if name == "slurmd" else None)
-            log.close()
-        s.wait_state(("idle",))
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", NODE])):
+                log = open(d / f"{name}.out", "wb")
+                s.procs[name] = subprocess.Popen([exe[name], *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                                 preexec_fn=preexec_fn if name == "slurmd" else None)
+                log.close()
+            try:
+                s.wait_state(("idle",))
+                break
+            except pytest.fail.Exception as e:
+                # the ports were free when chosen, and another process took one before the daemon bound
+                # it (a busy machine): choose new ones and start the two daemons again
+                if "Address already in use" not in str(e) or attempt == PORT_ATTEMPTS:
+                    raise
+                for name in ("slurmd", "slurmctld"):
+                    _stop(s.procs.pop(name))
+                conf.write_text(conf_text(d, cpus, extra_conf))
         yield s
     finally:
         if s is not None:

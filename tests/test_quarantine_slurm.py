@@ -69,10 +69,12 @@ def collector(tmp_path, slurm, monkeypatch):
 
 def slow_node_agent(tmp_path, node: str, collector) -> AgentProcess:
     """The node's agent: real CPU matmul scans, no scans of its own (only asked ones and retests),
-    polling the collector's quarantine state often."""
+    polling the collector's quarantine state often; the CPU job watch off (the test's busy processes
+    are the slowdown, not a job)."""
     return AgentProcess(tmp_path, name=node, collector_url=collector.url, token_file=collector.token_file,
                         probe_device="cpu", probes=["matmul"], probe_duration_s=DURATION_S, probe_every_s=0,
-                        quarantine_poll_s=0.5, retest_every_s=0.5, retest_max_rounds=2)
+                        quarantine_poll_s=0.5, retest_every_s=0.5, retest_max_rounds=2,
+                        job_cpu_cores=0)  # the test's busy processes are the slowdown, not a job
 
 
 def cli(*args, env=None) -> subprocess.CompletedProcess:

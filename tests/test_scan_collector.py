@@ -30,8 +30,10 @@ def test_cluster_scan_through_the_collector(tmp_path, straggler_cmd):
     from test_agent_support import AgentProcess, free_port, wait_until
 
     collector = CollectorProcess(tmp_path, free_port()).start()
+    # two "nodes" on one machine: each would rightly see the other's probes (and any outside load) as a
+    # job (agent/jobwatch.py, tested in test_agent_jobwatch.py), so their CPU job watch is off
     agents = [AgentProcess(tmp_path, name=n, collector_url=collector.url, token_file=collector.token_file,
-                           probe_device="cpu", probe_duration_s=1, probe_deadline_s=600)
+                           probe_device="cpu", probe_duration_s=1, probe_deadline_s=600, job_cpu_cores=0)
               for n in ("node-a", "node-b")]
     try:
         for a in agents:
