@@ -12,7 +12,10 @@ recorded with who and why; placement hints applied with scontrol show on the nod
 4. The whole chain with the shipped prolog (a second Slurm, Prolog= slurm/straggler-prolog, its gate
    given --collector and --token-file): the gate of a job fails on the slow core and asks the collector,
    which drains the node in Slurm (rule gate), the job does not run; the slowdown removed, the agent's
-   retests pass N times, the collector resumes the node and the requeued job runs.
+   retests pass N times, the collector resumes the node and the requeued job runs, its gate judging
+   the node by its own devices (the agent's retests are its own past, not its fleet), and nothing
+   drains it again. Every deadline is the work's own: the gate's budget and its wrapper's limit, the
+   retests' scan deadlines, Slurm's cred_expire and sched_interval.
 """
 
 from __future__ import annotations
@@ -41,7 +44,12 @@ CORES = sorted(os.sched_getaffinity(0))
 BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 PASSES = 2  # quarantine_resume_passes
 DURATION_S = 2.0
-CRED_EXPIRE_S = 30  # the chain's Slurm: a requeued job may start again this long after its requeue
+POLL_S = RETEST_EVERY_S = 0.5  # the agent's quarantine_poll_s and retest_every_s
+RETEST_ROUNDS = 2  # retest_max_rounds
+# the chain's Slurm: a requeued job may start again this long after its requeue (cred_expire), found
+# by the scheduler's next pass (sched_interval; nothing else wakes it when the credential expires)
+CRED_EXPIRE_S, SCHED_INTERVAL_S = 30, 2
+OUTER_S = 10 + 5  # the shipped wrapper's hard limit on its gate: budget + 10 s, then 5 s to kill it
 
 
 @contextlib.contextmanager
@@ -73,7 +81,7 @@ def slow_node_agent(tmp_path, node: str, collector) -> AgentProcess:
     are the slowdown, not a job)."""
     return AgentProcess(tmp_path, name=node, collector_url=collector.url, token_file=collector.token_file,
                         probe_device="cpu", probes=["matmul"], probe_duration_s=DURATION_S, probe_every_s=0,
-                        quarantine_poll_s=0.5, retest_every_s=0.5, retest_max_rounds=2,
+                        quarantine_poll_s=POLL_S, retest_every_s=RETEST_EVERY_S, retest_max_rounds=RETEST_ROUNDS,
                         job_cpu_cores=0)  # the test's busy processes are the slowdown, not a job
 
 
@@ -226,10 +234,11 @@ def gated(tmp_path_factory):
     """A second Slurm, for the chain: Prolog= the shipped prolog (tests/test_gate_slurm.py installs
     it), slurmd in a CPU shield; a job whose prolog failed is requeued, not held
     (nohold_on_prolog_fail: docs/gate.md), so it runs once the node is back; Slurm starts a requeued
-    job again only after the credential lifetime (cred_expire, 120 s by default): 30 s here."""
+    job again only after the credential lifetime (cred_expire, 120 s by default): 30 s here, and
+    at the scheduler's next pass (sched_interval, 60 s by default): 2 s here."""
     d = install_gate(tmp_path_factory.mktemp("gate"))
-    with gated_slurm(d, ("SchedulerParameters=nohold_on_prolog_fail", f"AuthInfo=cred_expire={CRED_EXPIRE_S}")) \
-            as (s, shield):
+    with gated_slurm(d, (f"SchedulerParameters=nohold_on_prolog_fail,sched_interval={SCHED_INTERVAL_S}",
+                         f"AuthInfo=cred_expire={CRED_EXPIRE_S}")) as (s, shield):
         yield s, shield, d
 
 
@@ -250,8 +259,9 @@ def test_the_prolog_drains_through_the_collector_and_the_agents_retests_resume_t
             (shield.path / "cgroup.procs").write_text(f"{agent.proc.pid}\n")
             busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(CORES[-1])], preexec_fn=shield.enter)
                     for _ in range(2)]
+            # a prolog: the scheduler's pass that starts the job, then the gate within its wrapper's limit
+            prolog_s = SCHED_INTERVAL_S + BUDGET_S + OUTER_S
             job = _submit(slurm, marker)
-            prolog_s = BUDGET_S + 10 + 30  # the gate's budget, its wrapper's outer timeout, Slurm's start
             state = _wait_job(slurm, job, marker, prolog_s)
             assert state.startswith("drain") and not marker.exists(), (state, _log(gate_dir))
             nodes = collector.get("/api/v1/quarantine")["nodes"]
@@ -259,8 +269,10 @@ def test_the_prolog_drains_through_the_collector_and_the_agents_retests_resume_t
             assert re.fullmatch(rf"straggler: {slow} matmul 0\.\d\dx \S+", nodes[0]["reason"]), nodes
             log = _log(gate_dir)
             assert f"drain: {slurm.node} drained by the collector, reason " in log, log
+            # the drain was asked for before the gate ended: its prolog ends within the same limit
             wait_until(lambda: slurm.run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip() == "PENDING",
                        prolog_s, "Slurm to requeue the job whose prolog failed")
+            requeued = time.monotonic()
             assert slurm.drain_reason() == nodes[0]["reason"], log  # what sinfo -R shows an operator
             assert not marker.exists(), log  # the job did not run on the drained node
             for p in busy:  # the slowdown is removed
@@ -270,16 +282,21 @@ def test_the_prolog_drains_through_the_collector_and_the_agents_retests_resume_t
             def events():
                 return collector.get(f"/api/v1/quarantine/{slurm.node}")["events"][::-1]
 
-            per_scan_s = 2 * scan_timeout_s(("matmul",), DURATION_S)  # a retest: up to 2 rounds
-            wait_until(lambda: any(e["action"] == "resume" for e in events()), (PASSES + 2) * per_scan_s,
+            # a retest: the agent's next look and retest, a scan of up to RETEST_ROUNDS rounds within
+            # its own deadline; the one running when the slowdown ended may fail, one more may see the
+            # machine's load; then PASSES passes
+            retest_s = POLL_S + RETEST_EVERY_S + RETEST_ROUNDS * scan_timeout_s(("matmul",), DURATION_S)
+            wait_until(lambda: any(e["action"] == "resume" for e in events()), (PASSES + 2) * retest_s,
                        f"{PASSES} clean retests and the resume")
             slurm.wait_state(("idle", "mixed", "allocated", "completing"))
-            # the requeued job now runs there (once Slurm lets it start again), its prolog's gate passing
+            # the requeued job now runs there, once Slurm lets it start again, its prolog's gate passing
+            again_s = max(0.0, CRED_EXPIRE_S - (time.monotonic() - requeued)) + prolog_s
             try:
-                wait_until(marker.exists, CRED_EXPIRE_S + prolog_s, "the requeued job to run", step_s=0.5)
+                wait_until(marker.exists, again_s, "the requeued job to run", step_s=0.5)
             except AssertionError as e:
                 q = slurm.run(["scontrol", "show", "job", job]).stdout
-                raise AssertionError(f"{e}: node {slurm.node_state()}, job {q}, gate log {_log(gate_dir)}") from None
+                raise AssertionError(f"{e}: node {slurm.node_state()}, job {q}, gate log {_log(gate_dir)}, "
+                                     f"audit {[(x['action'], x['rule'], x['reason']) for x in events()]}") from None
             everything = [(e["action"], e["rule"], e["reason"]) for e in events()]
             steps = [(a, r) for a, r, _ in everything]
             steps = steps[:steps.index(("resume", "hysteresis")) + 1]  # up to the resume
@@ -292,6 +309,12 @@ def test_the_prolog_drains_through_the_collector_and_the_agents_retests_resume_t
             drain = events()[0]
             assert drain["by"].startswith("gate@") and drain["measured"]["slurm_job_id"] == job, drain
             assert f"drain: {slurm.node} drained by the collector" in _log(gate_dir)
+            # the requeued job's gate judged the node by its own devices: its agent's retests, the only
+            # results this one-node fleet has, are its own past, not a fleet to be slower than
+            second = [x for x in _log(gate_dir).splitlines() if " gate: " in x][-1]
+            assert re.search(rf"gate: (pass|could not decide \(--on-error pass\)) on .* reference: collector "
+                             rf"{collector.url}: 0 model/probe reference\(s\) \(the \d+ device\(s\) of {slurm.node} "
+                             r"itself left out\)$", second), second
         finally:
             for p in busy:
                 p.kill()
