@@ -67,8 +67,8 @@ def fleet_reference(url: str | None, cache: Path | None, timeout_s: float,
             if cache is not None:
                 _write_cache(cache, url, values)
             own = [g for g in gpus if g.get("host") in node]
-            note = f" (the {len(own)} device(s) of {', '.join(sorted({str(g['host']) for g in own}))} itself left out)" \
-                if own else ""
+            names = ", ".join(sorted({str(g["host"]) for g in own}))
+            note = f" (the {len(own)} device(s) of {names} itself left out)" if own else ""
             return FleetReference(COLLECTOR, f"collector {url}: {len(values)} model/probe reference(s){note}", values)
     if cache is not None:
         try:
