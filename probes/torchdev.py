@@ -168,6 +168,14 @@ class Group:
         self.dist.barrier(group=self.ctl)
         return time.perf_counter() - t0
 
+    def barrier_max(self, value: float) -> tuple[float, float]:
+        """A barrier that also agrees on a number: (seconds waited, the largest ``value`` of any rank).
+        Every rank gets the same maximum, so a loop that stops on it stops on every rank at once."""
+        self.device.synchronize()
+        t0 = time.perf_counter()
+        top = self.max_float(value)
+        return time.perf_counter() - t0, top
+
     def all_reduce(self, tensor) -> None:
         self.dist.all_reduce(tensor)
 
