@@ -220,10 +220,20 @@ class Quarantine:
 
     @staticmethod
     def _mark_scans(conn, host: str) -> None:
-        """Remember the host's latest scans: their results never drain it again (by scan id, not
-        by time: the nodes' clocks need not agree with the collector's)."""
-        scans = sorted(r[0] for r in conn.execute("SELECT DISTINCT last_scan_id FROM devices WHERE host = ?", (host,)))
-        conn.execute("UPDATE quarantine SET scans = ? WHERE host = ?", (json.dumps(scans), host))
+        """Remember the host's latest scans and the scans of its retests since it was drained: their
+        results never drain it again (by scan id, not by time: the nodes' clocks need not agree with
+        the collector's). A retest's rows travel apart from its report (the agent's uploader, with its
+        own backoff), so a failed retest's rows may arrive after the passes that resumed the node."""
+        scans = {r[0] for r in conn.execute("SELECT DISTINCT last_scan_id FROM devices WHERE host = ?", (host,))}
+        for (measured,) in conn.execute(
+                "SELECT measured FROM quarantine_events WHERE host = ? AND action IN (?, ?) AND outcome = ? AND id > "
+                "(SELECT COALESCE(MAX(id), 0) FROM quarantine_events WHERE host = ? AND action = ? AND outcome = ?)",
+                (host, RETEST_PASS, RETEST_FAIL, OK, host, DRAIN, OK)):
+            doc = json.loads(measured) if measured else None
+            scan_id = doc.get("scan_id") if isinstance(doc, dict) else None
+            if isinstance(scan_id, str) and scan_id:
+                scans.add(scan_id)
+        conn.execute("UPDATE quarantine SET scans = ? WHERE host = ?", (json.dumps(sorted(scans)), host))
 
     def _record(self, host: str, action: str, rule, reason, by, outcome: str = OK, measured=None) -> None:
         with self.store._transaction() as conn:

@@ -48,6 +48,7 @@ class GateSettings:
     telemetry: str = "auto"  # the health phase's NVML backend (fake:<scenario> in tests)
     collector: str | None = None
     token: str | None = field(default=None, repr=False)  # the collector's bearer token (fleet reads, drains)
+    node: str | None = None  # this node's Slurm name (--node): its devices are no part of its fleet reference
     state_dir: Path | None = None  # last check's NVML counters and the cached fleet reference
     kernel_log: str = "/dev/kmsg"  # where XID events are read ("-": not read)
 
@@ -196,8 +197,10 @@ class Gate:
     def _reference(self) -> None:
         from .reference import fleet_reference
 
+        names = {n for n in (self.s.node, self.report.slurm.get("slurm_node"), self.report.host) if n}
         ref = fleet_reference(self.s.collector, self.state_dir / "fleet-reference.json",
-                              min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)), self.s.token)
+                              min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)), self.s.token,
+                              node=names)
         self.report.reference = ref
 
     # ---- probes

@@ -337,3 +337,32 @@ def test_an_analysis_that_read_the_store_before_a_resume_does_not_drain_again(tm
         assert [d.action for d in q.from_analysis(fresh)] == ["drain"]
     finally:
         store.close()
+
+
+def test_retest_results_that_arrive_after_the_resume_do_not_drain_again(collector):
+    """An agent sends its retest reports and uploads their rows on two paths (the quarantine thread,
+    the uploader with its own backoff): the rows of a failed retest may reach the collector after the
+    clean retests have resumed the node. Those results were measured while it was drained, before the
+    passes that resumed it: they never drain it again (by scan id, not by time); a new slow scan does."""
+    srv = collector(quarantine_resume_passes=2, quarantine_max_fleet_share=0.5)
+    c = srv.client
+    for h in ("n1", "n2", "n3", "n4"):
+        ingest(c, h, rows_for(h, "scan1", slow={2: 0.85} if h == "n3" else None))
+    wait_for(lambda: c.get("/api/v1/quarantine").json()["nodes"], 60, "the drain of n3")
+    late = rows_for("n3", "n3-retest-1", slow={2: 0.85})  # measured while drained, still slow
+    for scan_id, passed in (("n3-retest-1", False), ("n3-retest-2", True), ("n3-retest-3", True)):
+        r = c.post("/api/v1/quarantine/n3/retest", headers=AUTH,
+                   json={"passed": passed, "reason": "clean" if passed else "not clean: GPU-n3-2 straggler",
+                         "scan_id": scan_id, "measured": {"devices": []}})
+        assert r.status_code == 200, r.text
+    assert r.json()["action"] == "resume"
+    ingest(c, "n3", late)  # the failed retest's rows, after the resume (the passes' rows later still)
+    srv.collector.fleet.refresh()
+    flagged = [g for g in c.get("/api/v1/gpus", headers=AUTH).json()["gpus"] if g["verdict"] == "straggler"]
+    assert [(g["gpu"], g["last_scan_id"]) for g in flagged] == [("GPU-n3-2", "n3-retest-1")]  # analysed: slow
+    assert c.get("/api/v1/quarantine").json()["nodes"] == []
+    hist = [(e["action"], e["rule"]) for e in c.get("/api/v1/quarantine/n3").json()["events"]][::-1]
+    assert hist == [("drain", "fleet_analysis"), ("retest_fail", "agent_retest"), ("retest_pass", "agent_retest"),
+                    ("retest_pass", "agent_retest"), ("resume", "hysteresis")], hist
+    ingest(c, "n3", rows_for("n3", "scan3", slow={2: 0.85}))  # measured after the resume: drains again
+    wait_for(lambda: c.get("/api/v1/quarantine").json()["nodes"], 60, "the drain of n3 by a new scan")

@@ -60,7 +60,9 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
                    "node, exit 1) [default: exit 2; the Slurm wrappers pass --on-error pass].")
 @click.option("--drain", "drain", is_flag=True,
               help="On a failure, drain this node through scontrol with the finding as the reason.")
-@click.option("--node", default=None, help="Slurm node name to drain [default: $SLURMD_NODENAME, else the host name].")
+@click.option("--node", default=None,
+              help="Slurm node name to drain, and whose own results at the collector are left out of its fleet "
+                   "reference [default: $SLURMD_NODENAME, else the host name].")
 @click.option("--scontrol", default="scontrol", show_default=True, help="The scontrol command to drain with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collector, token_file, telemetry,
@@ -84,7 +86,8 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
     probe_list = () if probes.strip() == "none" else parse_probes(probes)
     settings = GateSettings(budget_s=budget_s, gpus=wanted, device=device, probes=probe_list,
                             duration_s=duration_s, samples=samples, max_rounds=max_rounds, telemetry=telemetry,
-                            collector=collector, token=token, state_dir=Path(state_dir) if state_dir else None,
+                            collector=collector, token=token, node=node,
+                            state_dir=Path(state_dir) if state_dir else None,
                             kernel_log=kernel_log)
     phase = ["start"]
     watchdog = _Watchdog(budget_s, phase, on_error, as_json)
