@@ -6,7 +6,6 @@ nothing starts until the application's lifespan does (the fleet analysis thread)
 
 
 import hmac
-import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -111,7 +110,8 @@ def create_app(
     app.state.collector = col
     app.include_router(quarantine_router(col))
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(sqlite3.Error, sqlite_error_handler(health))  # JSON 507/503, never a bare 500
+    for error in store.errors:  # JSON 507/503, never a bare 500
+        app.add_exception_handler(error, sqlite_error_handler(health))
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.
     app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics,

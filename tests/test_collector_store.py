@@ -30,7 +30,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 8
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 9
     assert store.migrated_from == 0
     store.close()
 
@@ -72,8 +72,6 @@ def test_a_scan_of_one_probe_keeps_the_other_probes_latest_scan(tmp_path):
 
 
 def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
-    from straggler.collector import store as store_module
-
     store = Store(tmp_path / "c.db")
     plans = []
     table = store._table
@@ -82,7 +80,7 @@ def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
     store.earlier_samples(3)
     conn = store._writer
     store._check_samples(conn, [])
-    plans.append(conn.execute("EXPLAIN QUERY PLAN " + store_module._SAMPLE_CLASH).fetchall())
+    plans.append(conn.execute("EXPLAIN QUERY PLAN " + store._sql["clash"]).fetchall())
     details = [[row[-1] for row in plan] for plan in plans]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[0]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[1]

@@ -12,8 +12,9 @@ import click
               help="TOML config file [default: /etc/straggler/collector.toml when it exists].")
 @click.option("--address", default=None, help="Address to bind [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="TCP port [default: 9402].")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="SQLite database [default: /var/lib/straggler/collector.db].")
+@click.option("--db", "db_path", default=None, metavar="PATH|URL",
+              help="SQLite database file, or a postgresql://USER@HOST:PORT/DATABASE URL (needs "
+                   "straggler[postgres]) [default: /var/lib/straggler/collector.db].")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File holding the bearer token (or set STRAGGLER_COLLECTOR_TOKEN).")
 @click.option("--check", is_flag=True, help="Validate the configuration and the token, print the settings, exit.")
