@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from conftest import require_tool
 from straggler.collector.fleet import FleetSnapshot, build_gpus
 from straggler.collector.metrics import FleetCollector
+from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: the collector runs on SQLite and PostgreSQL)
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings
 from straggler.records import result_id
@@ -51,9 +52,9 @@ def make_rows(host, n_gpus=4, scan_id="s1", ts=1_700_000_000.0, slow=(), probe="
     return rows
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    db = tmp_path_factory.mktemp("collector") / "collector.db"
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory):
+    db = database(request, tmp_path_factory.mktemp("collector") / "collector.db")
     settings = CollectorSettings(port=0, db_path=db, max_request_bytes=256 * 1024, max_batch_rows=500,
                                  analysis_debounce_s=0.05, analysis_max_delay_s=1.0)
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:

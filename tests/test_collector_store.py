@@ -15,6 +15,7 @@ from straggler.collector.metrics import FleetCollector, SelfMetrics, cause_label
 from straggler.collector.store import RESULT_COLUMNS, Refused, Store, row_tuples
 from straggler.records import result_id
 from test_collector_api import make_rows
+from postgres import db_url, pg_server  # noqa: F401 (fixtures: the tests taking db_url run on SQLite and PostgreSQL)
 
 
 def insert_old(conn, rows):
@@ -35,8 +36,8 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store.close()
 
 
-def test_batches_are_idempotent_and_track_each_device_latest_scan(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_batches_are_idempotent_and_track_each_device_latest_scan(db_url):
+    store = Store(db_url)
     s1 = make_rows("h", n_gpus=2, scan_id="s1", ts=100.0)
     s2 = make_rows("h", n_gpus=2, scan_id="s2", ts=200.0)
     assert store.ingest(row_tuples(s2), 1.0) == (6, 0)
