@@ -32,6 +32,7 @@ from .ingest import ClockOffsets, IngestGate, clock_problem, count_rows, scan_id
 from .middleware import LimitAndTime, Secret
 from .quarantine_api import quarantine_router
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
+from .replica import ReplicaFleetView
 from .reportpage import router as report_router
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings, scan_problem
@@ -83,7 +84,7 @@ def create_app(
         fleet_metrics.update(snap)
         metrics.analysis_done(snap)
 
-    fleet = FleetView(store, analyze, debounce_s=settings.analysis_debounce_s,
+    fleet = (ReplicaFleetView if store.dialect.shared else FleetView)(store, analyze, debounce_s=settings.analysis_debounce_s,
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
                       on_refresh=published)
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,

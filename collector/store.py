@@ -124,6 +124,12 @@ class Store:
         except BaseException:
             self._writer.close()
             raise
+        # PostgreSQL: what replicas of one database tell each other (collector/replica.py); the names
+        # are this database's and schema's, so two fleets on one server do not hear each other
+        self.channels: dict[str, str] = {}
+        if self.url is not None:
+            tag = f"{db.advisory_key(self._writer, 'fleet') & 0xFFFFFFFFFFFF:012x}"
+            self.channels = {"results": f"straggler_{tag}_results", "snapshot": f"straggler_{tag}_snapshot"}
         self._sql = {
             "latest": _SELECT_LATEST.format(join=self.dialect.ordered_join),
             "clash": _SAMPLE_CLASH.format(join=self.dialect.ordered_join,
@@ -183,6 +189,21 @@ class Store:
                 if attempt == 4 or getattr(e, "sqlstate", None) not in _RETRY_SQLSTATES:
                     raise
                 time.sleep(0.01 * 2 ** attempt)
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Held by one collector of the database at a time (PostgreSQL: a session advisory lock on
+        this thread's connection, waited for; SQLite: one process is the only mode, nothing to take)."""
+        if self.url is None:
+            yield
+            return
+        conn = self._reader
+        key = db.advisory_key(conn, name)
+        conn.execute("SELECT pg_advisory_lock(?)", (key,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(?)", (key,))
 
     @contextmanager
     def _snapshot(self) -> Iterator:
@@ -266,6 +287,8 @@ class Store:
             conn.executemany(_UPSERT_DEVICE, devices)
             conn.executemany(_UPSERT_PROBE_SCAN, probe_scans)
             conn.executemany(_UPSERT_LATEST_SCAN, latest_scans)
+            if accepted and self.channels:  # the refresh leader, whichever replica it is (sent at COMMIT)
+                conn.execute("SELECT pg_notify(?, '')", (self.channels["results"],))
             return accepted
 
         accepted = self._retrying(write)

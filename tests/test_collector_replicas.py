@@ -1,0 +1,105 @@
+"""Two collector replicas on one real PostgreSQL (tests/postgres.py), as behind a load balancer:
+agents post to both, exactly one refreshes the fleet view, both serve the same verdicts, and when
+the leader stops the other takes the refresh over."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from postgres import pg_server  # noqa: F401 (fixture)
+from straggler.collector import replica
+from straggler.collector.service import BackgroundCollector
+from straggler.collector.settings import CollectorSettings
+from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
+
+DEBOUNCE_S, MAX_DELAY_S = 0.05, 1.0
+# a publication reaches the other replica by notification, or its look every POLL_S; a free lease is
+# taken within POLL_S; then the analysis waits its debounce (at most MAX_DELAY_S). Generous for a busy machine:
+WAIT_S = 30 * (replica.POLL_S + MAX_DELAY_S)
+
+
+class Counting:
+    def __init__(self):
+        self.runs = 0
+
+    def __call__(self, samples, history=None):
+        self.runs += 1
+        return peer_ratio_analyze(samples, history)
+
+
+def wait_for(what, cond, timeout_s=WAIT_S):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def gpus(srv) -> dict:
+    return httpx.get(srv.url + "/api/v1/gpus", headers=AUTH, timeout=30).json()
+
+
+def verdicts(page: dict) -> list:
+    return [(g["host"], g["gpu"], g["straggler"], g["verdict"], g["last_scan_id"],
+             [(p["probe"], p["ratio"], p["causes"]) for p in g["probes"]]) for g in page["gpus"]]
+
+
+def post(srv, host, **kw):
+    r = httpx.post(srv.url + "/api/v1/results", json={"host": host, "results": make_rows(host, **kw)},
+                   headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_two_replicas_one_refreshes_both_serve_its_verdicts_and_the_refresh_is_handed_over(pg_server):
+    url = pg_server.new_schema()
+    settings = CollectorSettings(port=0, db_path=url, analysis_debounce_s=DEBOUNCE_S, analysis_max_delay_s=MAX_DELAY_S)
+    analyses = [Counting(), Counting()]
+    replicas = [BackgroundCollector(settings, TOKEN, analyze=a) for a in analyses]
+    try:
+        views = [r.collector.fleet for r in replicas]
+        assert all(isinstance(v, replica.ReplicaFleetView) for v in views)
+        leader = wait_for("a refresh leader", lambda: [i for i, v in enumerate(views) if v.role == "leader"])
+        assert len(leader) == 1  # exactly one
+        lead, follow = leader[0], 1 - leader[0]
+        # agents post to both replicas (the load balancer's choice); the same batch to both stores it once
+        assert post(replicas[follow], "a", n_gpus=4, slow=(2,))["accepted"] == 12
+        assert post(replicas[lead], "b", n_gpus=4)["accepted"] == 12
+        assert post(replicas[follow], "b", n_gpus=4) == {"accepted": 0, "duplicates": 12}
+
+        def both_see_all():
+            pages = [gpus(r) for r in replicas]
+            ok = all(len(p["gpus"]) == 8 and all(g["probes"] for g in p["gpus"]) for p in pages)
+            return pages if ok and pages[0]["computed_ts"] == pages[1]["computed_ts"] else None
+
+        pages = wait_for("both replicas to serve the analysis of all 8 devices", both_see_all)
+        assert verdicts(pages[0]) == verdicts(pages[1])
+        assert [g["gpu"] for g in pages[follow]["gpus"] if g["straggler"]] == ["GPU-a-2"]
+        assert analyses[follow].runs == 0 and analyses[lead].runs >= 1  # only the leader analyses
+        assert views[follow].version == views[lead].version >= 1
+
+        # the leader stops: the other replica takes the lease and refreshes what arrives after
+        replicas[lead].stop()
+        wait_for("the other replica to take the refresh over", lambda: views[follow].role == "leader")
+        before = analyses[follow].runs
+        assert post(replicas[follow], "a", n_gpus=4, scan_id="s2", ts=1_700_000_100.0)["accepted"] == 12
+        page = wait_for("the new leader's analysis of scan s2", lambda: (
+            (p := gpus(replicas[follow]))
+            and all(g["last_scan_id"] == "s2" and g["probes"] for g in p["gpus"] if g["host"] == "a") and p))
+        assert analyses[follow].runs > before
+        assert [g["gpu"] for g in page["gpus"] if g["straggler"]] == []  # GPU-a-2 is well again in s2
+        # and a replica started now serves the new leader's snapshot without analysing
+        late = Counting()
+        third = BackgroundCollector(settings, TOKEN, analyze=late)
+        replicas.append(third)
+        got = wait_for("a third replica to serve the published snapshot",
+                       lambda: (p := gpus(third))["computed_ts"] == gpus(replicas[follow])["computed_ts"] and p)
+        assert verdicts(got) == verdicts(gpus(replicas[follow])) and late.runs == 0
+        assert third.collector.fleet.role == "follower"
+    finally:
+        for r in replicas:
+            r.stop()
