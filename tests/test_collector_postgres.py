@@ -1,23 +1,97 @@
-"""Two collector replicas on one real PostgreSQL (tests/postgres.py), as behind a load balancer:
-agents post to both, exactly one refreshes the fleet view, both serve the same verdicts, and when
-the leader stops the other takes the refresh over."""
+"""The collector on a real PostgreSQL (tests/postgres.py) beyond what the suites on both backends
+check: ``--check`` and the start on a ``postgresql://`` URL (one-line refusals, the missing
+driver named), and two replicas on one database, as behind a load balancer: agents post to both,
+exactly one refreshes the fleet view, both serve the same verdicts, and when the leader stops the
+other takes the refresh over."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from types import SimpleNamespace
 
 import httpx
+import psycopg
 
 from postgres import pg_server  # noqa: F401 (fixture)
 from straggler.collector import replica
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings
 from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
+from test_collector_service import run_cli
 
 DEBOUNCE_S, MAX_DELAY_S = 0.05, 1.0
 # a publication reaches the other replica by notification, or its look every POLL_S; a free lease is
 # taken within POLL_S; then the analysis waits its debounce (at most MAX_DELAY_S). Generous for a busy machine:
 WAIT_S = 30 * (replica.POLL_S + MAX_DELAY_S)
+
+
+ENV = {"STRAGGLER_COLLECTOR_TOKEN": TOKEN}
+
+
+def tables(url: str) -> list[str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")]
+
+
+def test_check_on_a_postgresql_url_connects_and_changes_nothing(pg_server):
+    url = pg_server.new_schema()
+    out = run_cli(["--check", "--json", "--port", "0", "--db", url], env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["db_path"] == url
+    assert tables(url) == []  # --check never migrates a shared database (an older replica may run on it)
+
+
+def test_an_unusable_postgresql_url_is_one_line_and_exit_2(pg_server, tmp_path):
+    from conftest import free_port
+
+    dead = f"postgresql://straggler@127.0.0.1:{free_port()}/straggler"
+    for args in (["--check"], []):  # --check and the start refuse alike
+        out = run_cli(["--port", "0", "--db", dead, *args], env=ENV)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert f"db_path: {dead} cannot be opened as a PostgreSQL database (" in out.stderr
+    out = run_cli(["--port", "0", "--check", "--db", "postgresql://u:secret@127.0.0.1:1/x"], env=ENV)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "db_path (from --db): a password in the URL" in out.stderr and "secret" not in out.stderr
+    # without psycopg: the extra to install, in one line (a psycopg that cannot be imported)
+    fake = tmp_path / "nopsycopg" / "psycopg"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no psycopg here')\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    for args in (["--check"], []):
+        out = run_cli(["--port", "0", "--db", pg_server.new_schema(), *args], env=env)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "needs psycopg: pip install 'straggler[postgres]'" in out.stderr
+
+
+def test_the_collector_process_serves_from_postgresql_and_keeps_the_data(pg_server, tmp_path):
+    from test_collector_service import start, stop
+    from conftest import free_port
+
+    url = pg_server.new_schema()
+    for round in range(2):
+        port = free_port()
+        proc = start(tmp_path, port, args=("--db", url))  # the later --db wins over start's file
+        try:
+            base = f"http://127.0.0.1:{port}"
+            health = wait_for("the collector to answer", lambda: _get(base + "/healthz"))
+            assert health["status"] == "ok" and health["database"]["path"] == url
+            if round == 0:
+                assert post(SimpleNamespace(url=base), "p", n_gpus=2)["accepted"] == 6
+            else:  # a restart finds what was stored
+                assert post(SimpleNamespace(url=base), "p", n_gpus=2) == {"accepted": 0, "duplicates": 6}
+        finally:
+            assert stop(proc) == 0, proc.stderr.read()
+
+
+def _get(url):
+    try:
+        r = httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return None
+    return r.json() if r.status_code in (200, 503) else None
 
 
 class Counting:
