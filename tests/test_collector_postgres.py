@@ -177,3 +177,38 @@ def test_two_replicas_one_refreshes_both_serve_its_verdicts_and_the_refresh_is_h
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_two_replicas_storing_the_same_batches_at_once_store_each_row_once(pg_server):
+    import threading
+
+    from straggler.collector.store import Store, row_tuples
+
+    url = pg_server.new_schema()
+    stores = [Store(url), Store(url)]
+    # 12 hosts' scans; each replica gets all of them, in opposite orders (devices upserted both ways)
+    batches = [row_tuples(make_rows(f"h{i}", n_gpus=4, samples=3) + make_rows(f"h{(i + 1) % 12}", n_gpus=4,
+                                                                               samples=3, scan_id="s2"))
+               for i in range(12)]
+    accepted, errors = [0, 0], []
+    start = threading.Barrier(2)
+
+    def feed(k):
+        start.wait()
+        try:
+            for b in (batches if k == 0 else batches[::-1]):
+                accepted[k] += stores[k].ingest(b, 1.0)[0]
+        except Exception as e:  # a deadlock that was not retried, a duplicate key that was not ignored
+            errors.append(e)
+
+    threads = [threading.Thread(target=feed, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    distinct = len({r[0] for b in batches for r in b})
+    assert sum(accepted) == distinct == stores[0].count_results() == 12 * 2 * 12
+    assert len(stores[1].devices()) == 48
+    for s in stores:
+        s.close()
