@@ -77,6 +77,16 @@ def _text(v: str | None) -> str | None:
     return v if v else None  # "" is missing, as the analysis reads it
 
 
+def _nul_field(rows: Sequence[tuple]) -> str | None:
+    """``results[i].column`` of the first text holding a NUL character (looked for only once
+    PostgreSQL refused a batch: its text type cannot hold one, SQLite's can)."""
+    for i, r in enumerate(rows):
+        for c, v in zip(RESULT_COLUMNS, r):
+            if isinstance(v, str) and "\x00" in v:
+                return f"results[{i}].{c}"
+    return None
+
+
 def check_rows(rows: Sequence[tuple]) -> dict[tuple[str, str], tuple[int, str]]:
     """Refuse rows that would make the analysis refuse the fleet; return each (probe, settings)'s
     unit in the batch with the first row giving it. Raises :class:`Refused`."""
@@ -291,7 +301,13 @@ class Store:
                 conn.execute("SELECT pg_notify(?, '')", (self.channels["results"],))
             return accepted
 
-        accepted = self._retrying(write)
+        try:
+            accepted = self._retrying(write)
+        except self.errors as e:
+            nul = _nul_field(rows) if self.url is not None else None
+            if nul is None:
+                raise
+            raise Refused(f"{nul}: contains a NUL character, which PostgreSQL cannot store") from e
         return accepted, len(rows) - accepted
 
     @staticmethod

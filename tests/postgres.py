@@ -4,8 +4,8 @@ Installs nothing (``.ci/run`` does); a missing PostgreSQL or psycopg skips here 
 (``conftest.skip_or_fail``). One server per test session (``initdb`` takes a few seconds): its data
 directory, socket and log live in one temporary directory owned by the ``postgres`` user (the
 server refuses to run as root), it listens on 127.0.0.1 on a free port with ``trust``
-authentication, and it is stopped by its own pid at the end (SIGINT, PostgreSQL's fast shutdown,
-then SIGKILL). ``fsync`` is off: the tests check what the collector stores, not the disk.
+authentication, and it is stopped by its own pid at the end (SIGQUIT, PostgreSQL's immediate
+shutdown, then SIGKILL). ``fsync`` is off: the tests check what the collector stores, not the disk.
 
 Each test gets its own schema (``db_url``: a URL whose ``options`` set the ``search_path``), so the
 tests share the server but not their tables or advisory locks. Use it as::
@@ -134,7 +134,7 @@ def pg_server():
                 time.sleep(0.1)
         yield server
     finally:
-        proc.send_signal(signal.SIGINT)  # fast shutdown: open sessions are ended
+        proc.send_signal(signal.SIGQUIT)  # immediate shutdown: no checkpoint of data nobody keeps
         try:
             proc.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:

@@ -206,6 +206,19 @@ def test_a_unit_other_than_the_stored_one_is_422(server):
     assert post(server, {"host": "u3", "results": loose}).json()["accepted"] == 4
 
 
+def test_a_nul_character_in_a_text_field_is_stored_or_refused_by_name(server):
+    rows = make_rows("nul", n_gpus=1, samples=1)
+    rows[0]["driver"] = "550.54\x00"
+    rows[0]["id"] = result_id(rows[0])
+    r = post(server, {"host": "nul", "results": rows})
+    if server.collector.store.url is None:  # SQLite's text holds it
+        assert r.status_code == 200 and count(server, "nul") == 1
+    else:  # PostgreSQL's cannot: a 422 naming the field, not a database failure
+        assert r.status_code == 422 and count(server, "nul") == 0
+        assert r.json()["detail"] == "results[0].driver: contains a NUL character, which PostgreSQL cannot store"
+    assert server.client.get("/healthz").json()["status"] == "ok"
+
+
 def test_nan_value_is_refused_but_nan_telemetry_is_missing(server):
     rows = make_rows("nan", n_gpus=1, samples=2)
     body = '{"host": "nan", "results": [%s]}'
