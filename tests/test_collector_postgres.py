@@ -212,3 +212,34 @@ def test_two_replicas_storing_the_same_batches_at_once_store_each_row_once(pg_se
     assert len(stores[1].devices()) == 48
     for s in stores:
         s.close()
+
+
+def test_replicas_draining_at_once_keep_to_the_circuit_breakers_share(pg_server):
+    # 20 hosts, at most 10% drained per window: 2 drains in all, whichever replica is asked
+    import threading
+
+    from straggler.collector.quarantine import Quarantine
+    from straggler.collector.store import Store, row_tuples
+
+    url = pg_server.new_schema()
+    stores = [Store(url), Store(url)]
+    stores[0].ingest(row_tuples([r for i in range(20) for r in make_rows(f"q{i}", n_gpus=1, samples=1)]), 1.0)
+    settings = CollectorSettings(quarantine_action="record", quarantine_max_fleet_share=0.1,
+                                 quarantine_max_model_share=1.0)
+    loops = [Quarantine(s, settings) for s in stores]
+    start, actions = threading.Barrier(2), []
+
+    def ask(k):
+        start.wait()
+        for i in range(k, 20, 2):  # replica 0 the even hosts, replica 1 the odd ones
+            actions.append(loops[k].drain(f"q{i}", "straggler: gpu0 matmul 0.50x", "gate").action)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(actions).count("drain") == 2 and len(actions) == 20
+    assert len(loops[1].nodes()) == 2  # what the database holds, seen from either replica
+    for s in stores:
+        s.close()
