@@ -20,7 +20,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 EXTRA = "straggler[postgres]"
@@ -39,11 +39,9 @@ def url_problem(url: str) -> str | None:
     """Why ``url`` cannot name the collector's PostgreSQL database, or None. A password in the URL
     is refused: ``--check`` prints the URL and the collector logs it."""
     parts = urlsplit(url)
-    if parts.password is not None:
+    if parts.password is not None or "password" in parse_qs(parts.query):
         return ("a password in the URL is printed by --check and logged; put it in ~/.pgpass "
                 "(or PGPASSFILE / PGPASSWORD) instead")
-    if not parts.hostname and "host=" not in parts.query:
-        return "the URL names no host (postgresql://USER@HOST:PORT/DATABASE)"
     if parts.path in ("", "/"):
         return "the URL names no database (postgresql://USER@HOST:PORT/DATABASE)"
     return None

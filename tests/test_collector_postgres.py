@@ -55,6 +55,8 @@ def test_an_unusable_postgresql_url_is_one_line_and_exit_2(pg_server, tmp_path):
     out = run_cli(["--port", "0", "--check", "--db", "postgresql://u:secret@127.0.0.1:1/x"], env=ENV)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "db_path (from --db): a password in the URL" in out.stderr and "secret" not in out.stderr
+    out = run_cli(["--port", "0", "--check", "--db", "postgresql://u@127.0.0.1:1/x?password=secret"], env=ENV)
+    assert out.returncode == 2 and "a password in the URL" in out.stderr and "secret" not in out.stderr
     # without psycopg: the extra to install, in one line (a psycopg that cannot be imported)
     fake = tmp_path / "nopsycopg" / "psycopg"
     fake.mkdir(parents=True)
