@@ -245,3 +245,25 @@ def test_replicas_draining_at_once_keep_to_the_circuit_breakers_share(pg_server)
     assert len(loops[1].nodes()) == 2  # what the database holds, seen from either replica
     for s in stores:
         s.close()
+
+
+def test_a_leader_whose_session_dies_loses_the_lease_and_cannot_publish_over_its_successor(pg_server):
+    from straggler.collector.store import Store
+
+    url = pg_server.new_schema()
+    stores = [Store(url), Store(url)]
+    a, b = replica.Lease(stores[0]), replica.Lease(stores[1])
+    boards = [replica.SnapshotBoard(s) for s in stores]
+    assert a.try_acquire() and not b.try_acquire()
+    assert boards[0].publish(b"one", a) == 1 and boards[1].publish(b"not mine", b) is None
+    assert boards[1].latest(0) == (1, b"one") and boards[1].latest(1) is None
+    # the leader's connection ends (a crash, a lost network): the server releases its lock
+    stores[1]._reader.execute("SELECT pg_terminate_backend(?)", (a.pid,))
+    wait_for("the lock to go with the session", lambda: b.try_acquire())
+    assert a.held  # the old leader has not noticed yet ...
+    assert boards[0].publish(b"stale", a) is None  # ... but cannot overwrite its successor's snapshot
+    assert boards[1].publish(b"two", b) == 2 and boards[0].latest(1) == (2, b"two")
+    b.release()
+    a.lost()
+    for s in stores:
+        s.close()
