@@ -6,7 +6,6 @@ nothing starts until the application's lifespan does (the fleet analysis thread)
 
 
 import hmac
-import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from .ingest import ClockOffsets, IngestGate, clock_problem, count_rows, scan_id
 from .middleware import LimitAndTime, Secret
 from .quarantine_api import quarantine_router
 from .models import BATCH_ADAPTER, IngestResponse, Name, ResultBatch, ScanCreated, ScanList, ScanRequest, ScanStatus, ScanView
+from .replica import ReplicaFleetView
 from .reportpage import router as report_router
 from .scans import NoHosts, ScanBoard
 from .settings import CollectorSettings, scan_problem
@@ -84,7 +84,7 @@ def create_app(
         fleet_metrics.update(snap)
         metrics.analysis_done(snap)
 
-    fleet = FleetView(store, analyze, debounce_s=settings.analysis_debounce_s,
+    fleet = (ReplicaFleetView if store.dialect.shared else FleetView)(store, analyze, debounce_s=settings.analysis_debounce_s,
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
                       on_refresh=published)
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
@@ -111,7 +111,8 @@ def create_app(
     app.state.collector = col
     app.include_router(quarantine_router(col))
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(sqlite3.Error, sqlite_error_handler(health))  # JSON 507/503, never a bare 500
+    for error in store.errors:  # JSON 507/503, never a bare 500
+        app.add_exception_handler(error, sqlite_error_handler(health))
     # The token is checked by the middleware (before the body is read); the dependency below checks
     # it again and documents the scheme in the OpenAPI spec.
     app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics,

@@ -249,7 +249,7 @@ class Quarantine:
         Raises QuarantineOff, ActionFailed (recorded with its reason; nothing changed)."""
         self._require_enabled()
         reason = reason[:REASON_MAX]
-        with self._lock:
+        with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
             current = self.node(host)
             if current is not None and current["state"] == DRAINED:
                 return Decision(host, "none", DRAINED, f"{host} is drained already: {current['reason']}",
@@ -302,7 +302,7 @@ class Quarantine:
                measured: Any = None) -> Decision:
         """Resume ``host`` (by hand: also a host straggler did not drain, e.g. one a prolog drained)."""
         self._require_enabled()
-        with self._lock:
+        with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
             return self._resume(host, reason[:REASON_MAX], by, rule, measured)
 
     def _resume(self, host, reason, by, rule, measured) -> Decision:
@@ -322,7 +322,7 @@ class Quarantine:
         """An agent's retest of a drained host. N consecutive passes resume it. Raises NotQuarantined."""
         self._require_enabled()
         need = self.settings.quarantine_resume_passes
-        with self._lock:
+        with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
             current = self.node(host)
             if current is None or current["state"] != DRAINED:
                 raise NotQuarantined(f"{host} is not drained by straggler")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -172,7 +171,7 @@ class ScanBoard:
             return
         try:
             self.store.touch_agents(seen)
-        except sqlite3.Error as e:
+        except self.store.errors as e:
             log.warning("could not record %d agents seen polling (kept for the next try): %s", len(seen), e)
             with self._seen_lock:
                 for host, ts in seen.items():

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import signal
 import socket
-import sqlite3
 import threading
 import time
 from typing import Callable
@@ -65,7 +64,7 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
             if self.should_exit:
                 return
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_token)
-            log.info("collector listening on http://%s:%d (database %s)", host, port, settings.db_path)
+            log.info("collector listening on http://%s:%d (database %s)", host, port, app.state.collector.store.name)
             notifier.ready(f"listening on {host}:{port}")
             if notifier.watchdog_s:
                 interval = max(notifier.watchdog_s / 2, 0.1)
@@ -98,10 +97,13 @@ def _server_type(uvicorn, app) -> type:
 def _app_and_socket(settings: CollectorSettings, token: str, analyze: Callable | None):
     from .app import create_app
 
+    from . import db
+    from .store import open_problem
+
     try:
         app = create_app(settings, token, analyze=analyze)
-    except (sqlite3.Error, OSError, RuntimeError) as e:
-        raise StragglerError(f"cannot open database {settings.db_path}: {e}") from None
+    except (OSError, RuntimeError, ValueError) + db.errors(settings.db_path) as e:
+        raise StragglerError(f"cannot open database: {open_problem(settings.db_path, e)}") from None
     return app, bind(settings.address, settings.port)
 
 

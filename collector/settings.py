@@ -27,7 +27,8 @@ QUARANTINE_ACTIONS = ("none", "record", "scontrol")
 class CollectorSettings:
     address: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    db_path: Path = Path("/var/lib/straggler/collector.db")
+    # an SQLite file, or a postgresql://USER@HOST:PORT/DATABASE URL (docs/collector.md "PostgreSQL")
+    db_path: str = "/var/lib/straggler/collector.db"
     token_file: Path | None = None
     max_request_bytes: int = 32 * 1024 * 1024
     max_batch_rows: int = 100_000
@@ -60,6 +61,12 @@ class CollectorSettings:
 
     def problems(self) -> list[str]:
         out = []
+        from .db import is_url, url_problem
+
+        if is_url(self.db_path) and url_problem(self.db_path):
+            out.append(f"db_path: {url_problem(self.db_path)}")
+        elif not str(self.db_path):
+            out.append("db_path: must be set (an SQLite file or a postgresql:// URL)")
         if not 0 <= self.port <= 65535:
             out.append(f"port: {self.port} is not a TCP port (0-65535)")
         if self.max_request_bytes < 1024:
@@ -119,11 +126,17 @@ def check_start(settings: CollectorSettings) -> None:
     start does it: open (or create) the database, bind the address; then undo both. ``straggler
     collector`` runs it before ``--check`` prints and before serving. Run while the collector itself
     is running, it reports the collector's own port as in use."""
+    from .db import is_url
     from .service import bind
     from .schema import LATEST
     from .store import Store
 
-    config.check_sqlite("db_path", settings.db_path, Store, latest_version=LATEST)
+    if is_url(settings.db_path):
+        from .store import check_postgres
+
+        check_postgres("db_path", settings.db_path)
+    else:
+        config.check_sqlite("db_path", Path(settings.db_path), Store, latest_version=LATEST)
     bind(settings.address, settings.port).close()
 
 

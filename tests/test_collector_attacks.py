@@ -16,11 +16,12 @@ from straggler.collector.settings import CollectorSettings
 from straggler.collector.store import Store
 from straggler.records import result_id
 from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
+from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: server runs on SQLite and PostgreSQL)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    db = tmp_path_factory.mktemp("attacks") / "collector.db"
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory):
+    db = database(request, tmp_path_factory.mktemp("attacks") / "collector.db")
     settings = CollectorSettings(port=0, db_path=db, max_batch_rows=50, analysis_debounce_s=0.05,
                                  analysis_max_delay_s=1.0)
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:

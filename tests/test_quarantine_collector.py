@@ -21,6 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: the collector runs on SQLite and PostgreSQL)
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings, load_settings
 from straggler.errors import ConfigError
@@ -71,10 +72,12 @@ def wait_for(fn, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@pytest.fixture
-def collector(tmp_path):
+@pytest.fixture(params=BACKENDS)
+def collector(request, tmp_path):
+    db = database(request, tmp_path / "collector.db")
+
     def start(**kw):
-        settings = CollectorSettings(port=0, db_path=tmp_path / "collector.db", analysis_debounce_s=0.05,
+        settings = CollectorSettings(port=0, db_path=db, analysis_debounce_s=0.05,
                                      analysis_max_delay_s=1.0, quarantine_action="record", **kw)
         srv = BackgroundCollector(settings, TOKEN)
         srv.client = httpx.Client(base_url=srv.url, timeout=60)
@@ -249,7 +252,7 @@ def test_a_version_6_database_migrates_to_the_quarantine_tables(tmp_path):
     conn.close()
     store = Store(path)
     try:
-        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 8
+        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 9
         store.ingest(row_tuples(rows_for("m1", "s1", n_gpus=1, samples=1)), 1.0)
         q = Quarantine(store, CollectorSettings(quarantine_action="record"))
         assert q.drain("m1", "straggler: x", "gate").action == "drain"

@@ -14,8 +14,9 @@ from straggler.collector.settings import DEFAULT_CONFIG, TOKEN_ENV, CollectorSet
               help=f"TOML config file [default: {DEFAULT_CONFIG} when it exists].")
 @click.option("--address", default=None, help=f"Address to bind [default: {CollectorSettings.address}].")
 @click.option("--port", type=int, default=None, help=f"TCP port [default: {CollectorSettings.port}].")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help=f"SQLite database [default: {CollectorSettings.db_path}].")
+@click.option("--db", "db_path", default=None, metavar="PATH|URL",
+              help="SQLite database file, or a postgresql://USER@HOST:PORT/DATABASE URL (needs "
+                   f"straggler[postgres]) [default: {CollectorSettings.db_path}].")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"File holding the bearer token (or set {TOKEN_ENV}).")
 @click.option("--check", is_flag=True, help="Validate the configuration and the token, print the settings, exit.")
