@@ -118,7 +118,7 @@ def check_start(settings: CollectorSettings) -> None:
     start does it: open (or create) the database, bind the address; then undo both. ``straggler
     collector`` runs it before ``--check`` prints and before serving. Run while the collector itself
     is running, it reports the collector's own port as in use."""
-    from .service import bind
+    from .listen import bind
     from .schema import LATEST
     from .store import Store
 

@@ -202,7 +202,8 @@ class Gate:
 
     # ---- probes
     def _probes(self, kind: str):
-        from .probes.runner import ScanRounds, ScanSettings
+        from .probes.plan import ScanSettings
+        from .probes.runner import ScanRounds
         from .remeasure import remeasure
 
         if kind == "cuda" and self.s.gpus is not None:

@@ -149,14 +149,11 @@ def renumber(before: list[dict], rows: list[dict]) -> list[dict]:
 
 
 def analysis_verdicts(samples: list[dict]) -> list[dict]:
-    """The analysis engine's per (device, probe) verdict and ``samples_needed``; none where the engine
-    is not installed (its stand-in rule leaves nothing undecided)."""
+    """The analysis engine's per (device, probe) verdict and ``samples_needed``."""
     if not samples:
         return []
-    try:
-        from straggler.analysis import analyze
-    except ImportError:
-        return []
+    from straggler.analysis import analyze
+
     from .records import to_frame
 
     devices = analyze(to_frame(samples)).devices

@@ -41,7 +41,7 @@ def _verdict(r: dict) -> str:
 
 
 def _table(title: str, rows: list[dict], drop: tuple[str, ...]):
-    from straggler.probes.render import compact_table
+    from straggler.scanview import compact_table
 
     table = compact_table(title=title, title_justify="left")
     cols = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
@@ -63,7 +63,7 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
     """Print the result as a table ranked by cost: the first ``top`` stragglers and the first ``top``
     other entries (everything with ``show_all``), then the summary. Host and GPU are never cut: at
     a narrow width the basis, cause and deficit columns go (they are in ``--json``)."""
-    from straggler.probes.render import print_fitted  # rich only: no probe, no torch
+    from straggler.scanview import print_fitted  # rich only: no probe, no torch
 
     d = result.devices  # ranked: stragglers first, by cost
     s = result.summary

@@ -69,7 +69,7 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
 
     from rich.console import Console
 
-    from straggler.probes.render import progress_display
+    from straggler.scanview import progress_display
     from straggler.remeasure import DEFAULT_MAX_ROUNDS, analysis_verdicts, remeasure
 
     err = Console(stderr=True)
@@ -78,7 +78,8 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
             rounds = remeasure(lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
                                analysis_verdicts, probe_list, samples, max_rounds=1)
         else:
-            from straggler.probes.runner import ScanRounds, ScanSettings
+            from straggler.probes.plan import ScanSettings
+            from straggler.probes.runner import ScanRounds
 
             # torchrun/srun: every rank runs the same command; rank 0 decides the rounds, the others follow
             local = ScanRounds(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
@@ -102,7 +103,7 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
             report_path: str | None = None) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
-    from straggler.probes.report import device_report, json_safe
+    from straggler.scanverdict import device_report, json_safe
 
     # first, so that nothing measured is lost whatever happens next
     write_error = _write(res, output, as_json) if output is not None else None
@@ -118,7 +119,7 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
     else:
         from rich.console import Console
 
-        from straggler.probes.render import render_scan
+        from straggler.scanview import render_scan
 
         console = Console()
         render_scan(console, report, res.notice, res.scan_id, res.failures, show_all=show_all)
@@ -198,7 +199,7 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
         raise InputError(f"--token-file {token_file}: {e.strerror}") from None
     from straggler.collector.client import DEFAULT_START_DELAY_S, cluster_scan
     from straggler.probes.budget import budget_problem, scan_needed_s
-    from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
+    from straggler.probes.plan import DEFAULT_DURATION_S, ScanResult
 
     def on_progress(status: dict) -> None:
         if on_event is not None:

@@ -1,7 +1,7 @@
 """What the report shows, computed from the analysis' output (never a second analysis).
 
 Inputs are the analysis' device table (``res.devices``, the columns of
-``straggler.analysis.report.DEVICE_COLUMNS``), its summary, and the result table it read
+``straggler.analysis.result.DEVICE_COLUMNS``), its summary, and the result table it read
 (current and earlier scans), from which the flagged devices' samples, per-scan history and
 telemetry are taken. Everything here aggregates: bin counts, one cell per node or band of nodes,
 a few flagged devices in detail, so the report of 100,000 devices stays small and fast.

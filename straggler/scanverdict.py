@@ -1,8 +1,9 @@
 """From a scan's samples and failures to one verdict per device (the ``--json`` ``devices`` list).
 
-The per-(device, probe) decisions come from the analysis engine (``straggler.analysis.analyze``);
-where that engine is not installed, a simple rule stands in and says so in ``engine``: a probe
-median below 0.90 x the median of its peers (same probe, settings and model) in this scan.
+The scan command's verdict (``straggler scan``, local or through the collector): the per-(device,
+probe) decisions come from the analysis engine (``straggler.analysis.analyze``); where that engine
+refuses the samples or fails, a simple rule stands in and says so in ``engine``: a probe median
+below 0.90 x the median of its peers (same probe, settings and model) in this scan.
 """
 
 from __future__ import annotations
@@ -36,10 +37,7 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     """(one dict per host/gpu/probe with PROBE_FIELDS, the engine's JSON document, engine name)."""
     if not samples:
         return [], {}, "none"
-    try:
-        from straggler.analysis import analyze
-    except ImportError:
-        return _simple(samples), {}, f"simple rule (< {SIMPLE_MIN_RATIO:.2f} x peer median)"
+    from straggler.analysis import analyze
     from straggler.errors import StragglerError
     from straggler.records import to_frame
 

@@ -1,4 +1,5 @@
-"""Rich output of a scan: the progress display while probing and the per-device table after.
+"""Rich output of a scan (the scan command's display): the progress display while probing and the
+per-device table after.
 
 Used alike for a local scan and for a cluster scan through the collector. Rendering never changes
 the data: it reads the ``device_report`` document.
