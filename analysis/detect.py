@@ -162,4 +162,4 @@ def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndar
     reason = np.full(n, "", dtype=object)
     reason[undecided] = "near the threshold"
     reason[undecided & ~reachable] = "comparison too uncertain to decide at the threshold"
-    return Verdict(straggler, basis, fire, deficit, p, q, below, undecided, samples_needed, reason)
+    return Verdict(np.asarray(straggler), basis, fire, deficit, p, q, below, undecided, samples_needed, reason)

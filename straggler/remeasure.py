@@ -112,9 +112,9 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
             round_probes = tuple(p for p in probes if p in want) or tuple(sorted(want))
             need = max(_needed(e) or max_samples for e in decidable)
             round_samples = max(samples, min(max_samples, math.ceil(need)))
-            why = fits(round_probes, round_samples) if fits is not None else None
-            if why:
-                out.stopped = f"{why}, {undecided} still undecided"
+            too_long = fits(round_probes, round_samples) if fits is not None else None
+            if too_long:
+                out.stopped = f"{too_long}, {undecided} still undecided"
             else:
                 try:
                     res = measure(round_probes, round_samples)

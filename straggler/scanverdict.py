@@ -12,7 +12,7 @@ import math
 from statistics import fmean, median
 from typing import Any, Iterable
 
-from straggler.errors import EXIT_FAILED
+from straggler.errors import EXIT_FAILED, StragglerError
 from straggler.records import format_throttle, parse_throttle
 
 SIMPLE_MIN_RATIO = 0.90
@@ -38,7 +38,6 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     if not samples:
         return [], {}, "none"
     from straggler.analysis import analyze
-    from straggler.errors import StragglerError
     from straggler.records import to_frame
 
     try:
@@ -158,7 +157,7 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
                     "failures": fails})
     n = sum(d["straggler"] for d in out)
     undecided = [d for d in out if d["verdict"] == "undecided"]
-    cannot_decide = None
+    cannot_decide: StragglerError | None = None
     if out and not n and undecided:
         if all(str(r.get("basis") or "none").startswith("none") for r in probe_rows):  # nothing to compare with
             cannot_decide = NothingToCompare(len(out), undecided[0]["host"], undecided[0]["gpu"],

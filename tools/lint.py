@@ -75,10 +75,13 @@ def check_types(root: Path, staged: Path, dirs: dict[str, str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checks", nargs="*", choices=["imports", "ruff", "types"], default=[])
+    ap.add_argument("checks", nargs="*", metavar="imports|ruff|types")
     ap.add_argument("--root", type=Path, default=ROOT)
     args = ap.parse_args(argv)
     checks = args.checks or ["imports", "ruff", "types"]
+    unknown = sorted(set(checks) - {"imports", "ruff", "types"})
+    if unknown:
+        ap.error(f"unknown check(s) {', '.join(unknown)}; choose from imports, ruff, types")
     root = args.root.resolve()
     failed = []
     with tempfile.TemporaryDirectory(prefix="straggler-lint-") as tmp:

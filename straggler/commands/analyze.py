@@ -44,7 +44,7 @@ def _table(title: str, rows: list[dict], drop: tuple[str, ...]):
     from straggler.scanview import compact_table
 
     table = compact_table(title=title, title_justify="left")
-    cols = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
+    cols: dict[str, dict] = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
             "deficit": {"justify": "right", "no_wrap": True}, "cost": {"justify": "right", "no_wrap": True},
             "class": {"no_wrap": True}, "basis": {}, "cause": {}}
     for col, kw in cols.items():

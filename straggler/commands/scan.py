@@ -70,6 +70,7 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
     from rich.console import Console
 
     from straggler.scanview import progress_display
+    from straggler.probes.plan import ScanResult
     from straggler.remeasure import DEFAULT_MAX_ROUNDS, analysis_verdicts, remeasure
 
     err = Console(stderr=True)
@@ -93,9 +94,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
                     local.close()
             if local.stopped_by and rounds.stopped.startswith("scan stopped by"):
                 rounds.failures.append(local.stop_failure())
-    if not rounds.first.root:
+    first = rounds.first
+    assert isinstance(first, ScanResult)  # what every measure function here returns
+    if not first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
-    return _report(replace(rounds.first, samples=rounds.samples, failures=rounds.failures), as_json, output,
+    return _report(replace(first, samples=rounds.samples, failures=rounds.failures), as_json, output,
                    rounds, show_all, report_path)
 
 
