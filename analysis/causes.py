@@ -166,7 +166,7 @@ def _n(x: float) -> str:
     return "?" if not np.isfinite(x) else f"{x:.0f}"
 
 
-def _vs(tel: dict, peer: dict, col: str, i: int, unit: str) -> str:
+def _vs(tel: dict, peer: dict, col: str, i: int | np.integer, unit: str) -> str:
     if col not in tel or not np.isfinite(tel[col][i]):
         return ""
     return f", {col.split('_')[0]} {tel[col][i]:.0f} {unit} (peers {peer[col][i]:.0f})"

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from typing import Callable
@@ -20,25 +21,10 @@ from straggler.errors import ConfigError, StragglerError
 
 from straggler.sdnotify import Notifier
 from .guard import uvicorn_config
+from .listen import bind
 from .settings import CollectorSettings, load_token
 
 log = logging.getLogger("straggler.collector")
-
-
-def bind(address: str, port: int) -> socket.socket:
-    """A listening TCP socket, or a one-line StragglerError."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-    # without it every small response waits ~40 ms for the client's delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((address, port))
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise StragglerError(f"cannot listen on {address}:{port}: {e.strerror or e}") from None
-    return sock
 
 
 def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None = None) -> None:

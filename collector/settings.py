@@ -127,7 +127,7 @@ def check_start(settings: CollectorSettings) -> None:
     collector`` runs it before ``--check`` prints and before serving. Run while the collector itself
     is running, it reports the collector's own port as in use."""
     from .db import is_url
-    from .service import bind
+    from .listen import bind
     from .schema import LATEST
     from .store import Store
 

@@ -145,7 +145,7 @@ def _query(fn: Callable[[], Any]) -> Any:
     """The funnel: run one NVML call; whatever it raises becomes an NvmlFailure."""
     try:
         return fn()
-    except Exception as e:  # every failure is a status on the reading, never an escape
+    except Exception as e:  # noqa: BLE001 - every failure is a status on the reading, never an escape
         return failure_of(e)
 
 

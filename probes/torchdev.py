@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 _torch: Any = None
 
@@ -210,9 +209,3 @@ class Group:
             self.dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - tearing down a broken group must not mask the real error
             pass
-
-
-@contextmanager
-def no_grad() -> Iterator[None]:
-    with torch().no_grad():
-        yield

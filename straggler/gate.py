@@ -20,7 +20,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS
 from .finding import ERROR, FAIL, Finding
@@ -159,6 +162,7 @@ class Gate:
 
         limit = min(HEALTH_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.5))
         cmd = [sys.executable, "-m", "straggler.probes.health", self.s.telemetry, self.s.kernel_log]
+        doc: dict[str, Any]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL)
             doc = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else \
@@ -205,7 +209,8 @@ class Gate:
 
     # ---- probes
     def _probes(self, kind: str):
-        from .probes.runner import ScanRounds, ScanSettings
+        from .probes.plan import ScanSettings
+        from .probes.runner import ScanRounds
         from .remeasure import remeasure
 
         if kind == "cuda" and self.s.gpus is not None:
@@ -245,7 +250,7 @@ class Gate:
                                               ref.source if ref is not None else PEERS)
 
 
-def analysis_table(samples: list[dict], refs) -> "pd.DataFrame":  # noqa: F821 - pandas stays lazy
+def analysis_table(samples: list[dict], refs) -> pd.DataFrame:
     """The analysis' device table of ``samples``, with the fleet ``refs`` as references (which
     the analysis uses for a device without peers)."""
     from .analysis import analyze

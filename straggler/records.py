@@ -172,9 +172,9 @@ def read_throttle(text: object) -> tuple[dict[str, float], list[str]]:
     if mask is not None:
         if mask < 0:
             raise ValueError(f"throttle_reasons: negative bit mask {mask}")
-        shares = {name: 1.0 for name, bit in THROTTLE_BITS.items() if mask & bit}
+        masked = {name: 1.0 for name, bit in THROTTLE_BITS.items() if mask & bit}
         rest = mask & ~sum(THROTTLE_BITS.values())
-        return shares, ([hex(rest)] if rest else [])
+        return masked, ([hex(rest)] if rest else [])
     shares: dict[str, float] = {}
     unknown: list[str] = []
     for part in str(raw).replace("|", ";").replace(",", ";").replace(" ", ";").split(";"):

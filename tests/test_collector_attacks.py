@@ -315,7 +315,7 @@ def test_a_corrupt_database_fails_healthz_at_start(tmp_path):
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             deadline = time.monotonic() + 60
-            while (body := c.get("/healthz").json())["database"]["quick_check"] is None:
+            while c.get("/healthz").json()["database"]["quick_check"] is None:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             h = c.get("/healthz")

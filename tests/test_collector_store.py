@@ -316,7 +316,7 @@ def test_two_collectors_starting_on_one_database_migrate_once(tmp_path):
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         try:
             out["from"] = schema.migrate(conn)
-        except Exception as e:  # "table results already exists" when the version was read before the lock
+        except Exception as e:  # noqa: BLE001 - "table results already exists" when the version was read before the lock
             out["error"] = e
         conn.close()
 

@@ -48,7 +48,7 @@ def test_every_json_writer_uses_the_one_json_safe():
     with the same function (no copy of their own)."""
     import straggler.agent.spool as spool
     import straggler.collector.fleet as fleet
-    import straggler.probes.report as report
+    import straggler.scanverdict as report
 
     for mod in (spool, fleet, report):
         assert mod.json_safe is json_safe, mod.__name__

@@ -27,14 +27,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from conftest import run_cmd, scan_timeout_s
 from cpushield import cpu_shield
 from slurm import slurm_fixture
-from test_agent_e2e import TOKEN, CollectorProcess
+from test_agent_e2e import CollectorProcess
 from test_agent_support import AgentProcess, free_port, wait_until
 from test_gate_slurm import BUDGET_S, _log, _submit, _wait_job, gated_slurm, install_gate
 
@@ -171,7 +170,7 @@ def test_a_straggler_node_is_drained_retested_and_resumed_in_slurm(tmp_path, slu
             drain = events()[0]
             assert drain["measured"]["gpu"] == f"cpu{slow_core}" and drain["measured"]["ratio"] < 0.9
             text = httpx.get(collector.url + "/metrics").text
-            assert f'straggler_quarantine_actions_total{{action="resume"}} 1.0' in text
+            assert 'straggler_quarantine_actions_total{action="resume"} 1.0' in text
             assert f'straggler_node_quarantined{{host="{slurm.node}"}}' not in text, \
                 [(e["action"], e["rule"], e["reason"], e["measured"]) for e in events()]
             assert "straggler_circuit_breaker_tripped 0.0" in text

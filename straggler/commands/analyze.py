@@ -35,10 +35,10 @@ def _verdict(r: dict) -> str:
 
 def _table(title: str, rows: list[dict], drop: tuple[str, ...]):
     from straggler.analysis.causes import TEXT as CAUSE_TEXT
-    from straggler.probes.render import compact_table
+    from straggler.scanview import compact_table
 
     table = compact_table(title=title, title_justify="left")
-    cols = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
+    cols: dict[str, dict] = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
             "deficit": {"justify": "right", "no_wrap": True}, "cost": {"justify": "right", "no_wrap": True},
             "class": {"no_wrap": True}, "basis": {}, "cause": {}}
     for col, kw in cols.items():
@@ -58,7 +58,7 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
     other entries (everything with ``show_all``), then the summary. Host and GPU are never cut: at
     a narrow width the basis, cause and deficit columns go (they are in ``--json``)."""
     from straggler.analysis.causes import TEXT as CAUSE_TEXT
-    from straggler.probes.render import print_fitted  # rich only: no probe, no torch
+    from straggler.scanview import print_fitted  # rich only: no probe, no torch
 
     d = result.devices  # ranked: stragglers first, by cost
     s = result.summary

@@ -75,7 +75,7 @@ def list_cmd(collector, as_json):
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return 0
-    from straggler.probes.render import compact_table
+    from straggler.scanview import compact_table
 
     console = _console()
     b = doc["breaker"]
@@ -109,7 +109,7 @@ def show(host, collector, limit, as_json):
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return 0
-    from straggler.probes.render import compact_table
+    from straggler.scanview import compact_table
 
     node = doc["node"]
     console = _console()

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from straggler.errors import EXIT_FAILED, InputError, ProbeError
-from straggler.probes.runner import DEFAULT_DURATION_S, ScanSettings  # (light: no torch)
+from straggler.probes.plan import DEFAULT_DURATION_S, ScanSettings  # (light: no torch)
 from straggler.remeasure import DEFAULT_MAX_ROUNDS
 
 
@@ -79,7 +79,8 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
 
     from rich.console import Console
 
-    from straggler.probes.render import progress_display
+    from straggler.scanview import progress_display
+    from straggler.probes.plan import ScanResult
     from straggler.remeasure import DEFAULT_MAX_ROUNDS, analysis_verdicts, remeasure
 
     err = Console(stderr=True)
@@ -88,7 +89,8 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
             rounds = remeasure(lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
                                analysis_verdicts, probe_list, samples, max_rounds=1)
         else:
-            from straggler.probes.runner import ScanRounds, ScanSettings
+            from straggler.probes.plan import ScanSettings
+            from straggler.probes.runner import ScanRounds
 
             # torchrun/srun: every rank runs the same command; rank 0 decides the rounds, the others follow
             local = ScanRounds(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
@@ -102,9 +104,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
                     local.close()
             if local.stopped_by and rounds.stopped.startswith("scan stopped by"):
                 rounds.failures.append(local.stop_failure())
-    if not rounds.first.root:
+    first = rounds.first
+    assert isinstance(first, ScanResult)  # what every measure function here returns
+    if not first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
-    return _report(replace(rounds.first, samples=rounds.samples, failures=rounds.failures), as_json, output,
+    return _report(replace(first, samples=rounds.samples, failures=rounds.failures), as_json, output,
                    rounds, show_all, report_path)
 
 
@@ -113,7 +117,7 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
     from straggler.jsonsafe import json_safe
-    from straggler.probes.report import device_report
+    from straggler.scanverdict import device_report
 
     # first, so that nothing measured is lost whatever happens next
     write_error = _write(res, output, as_json) if output is not None else None
@@ -129,7 +133,7 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
     else:
         from rich.console import Console
 
-        from straggler.probes.render import render_scan
+        from straggler.scanview import render_scan
 
         console = Console()
         render_scan(console, report, res.notice, res.scan_id, res.failures, show_all=show_all)
@@ -202,7 +206,7 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
     token = read_token(token_file)
     from straggler.collector.client import DEFAULT_START_DELAY_S, cluster_scan
     from straggler.probes.budget import budget_problem, scan_needed_s
-    from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
+    from straggler.probes.plan import DEFAULT_DURATION_S, ScanResult
     from straggler.scanproto import FINAL_STATES
 
     def on_progress(status: dict) -> None:

@@ -1,8 +1,9 @@
 """From a scan's samples and failures to one verdict per device (the ``--json`` ``devices`` list).
 
-The per-(device, probe) decisions come from the analysis engine (``straggler.analysis.analyze``);
-where that engine is not installed, a simple rule stands in and says so in ``engine``: a probe
-median below 0.90 x the median of its peers (same probe, settings and model) in this scan.
+The scan command's verdict (``straggler scan``, local or through the collector): the per-(device,
+probe) decisions come from the analysis engine (``straggler.analysis.analyze``); where that engine
+refuses the samples or fails, a simple rule stands in and says so in ``engine``: a probe median
+below 0.90 x the median of its peers (same probe, settings and model) in this scan.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from statistics import fmean, median
 from typing import Iterable
 
-from straggler.errors import EXIT_FAILED
+from straggler.errors import EXIT_FAILED, StragglerError
 from straggler.jsonsafe import json_safe
 from straggler.records import format_throttle, parse_throttle
 
@@ -26,11 +27,7 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     """(one dict per host/gpu/probe with PROBE_FIELDS, the engine's JSON document, engine name)."""
     if not samples:
         return [], {}, "none"
-    try:
-        from straggler.analysis import analyze
-    except ImportError:
-        return _simple(samples), {}, f"simple rule (< {SIMPLE_MIN_RATIO:.2f} x peer median)"
-    from straggler.errors import StragglerError
+    from straggler.analysis import analyze
     from straggler.records import to_frame
 
     try:
@@ -141,7 +138,7 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
                     "failures": fails})
     n = sum(d["straggler"] for d in out)
     undecided = [d for d in out if d["verdict"] == "undecided"]
-    cannot_decide = None
+    cannot_decide: StragglerError | None = None
     if out and not n and undecided:
         if all(str(r.get("basis") or "none").startswith("none") for r in probe_rows):  # nothing to compare with
             cannot_decide = NothingToCompare(len(out), undecided[0]["host"], undecided[0]["gpu"],
