@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import signal
 import sqlite3
 import threading
@@ -26,6 +25,7 @@ from straggler.config import open_sqlite
 from straggler.errors import ConfigError
 from straggler.probes.backends import open_backend
 from straggler.probes.telemetry import NodeSnapshot
+from straggler.scanproto import new_scan_id, scan_id_problem
 
 from .child import ProbeRun, read_rows, scan_command
 from .exporter import build_registry
@@ -34,7 +34,7 @@ from . import orphan
 from .jobwatch import WATCH_S, JobWatch
 from straggler.sdnotify import Notifier
 from .poller import ScanPoller
-from .scanspec import ClusterScan, ScanRefused, scan_id_problem
+from .scanspec import ClusterScan, ScanRefused
 from .quarantine import QuarantineWatch, retest_outcome
 from .settings import RESTART_ONLY, AgentSettings, load_settings, serve_metrics
 from .spool import open_spool
@@ -284,9 +284,8 @@ class Agent:
         return busy_reason(self.snapshot, self.settings.idle_util_pct)
 
     def _local_scan_id(self, kind: str = "") -> str:
-        """``<host>-[<kind>-]<UTC time>``, with any character a scan id may not hold (agent/scanspec.py) as ``_``."""
-        host = re.sub(r"[^A-Za-z0-9._-]", "_", self.host).lstrip(".-")[:100] or "node"
-        return f"{host}-{kind + '-' if kind else ''}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        """A local scan's id: ``straggler.scanproto.new_scan_id`` with this host (and ``kind``)."""
+        return new_scan_id(self.host, kind)
 
     def _start_cluster_scan(self, scan: ClusterScan | ScanRefused) -> None:
         if isinstance(scan, ScanRefused):  # a bad field of a scan with a safe id: reported, not run

@@ -1,7 +1,7 @@
 """What the agent accepts from the network: a cluster scan from ``GET /api/v1/scans/next``, checked.
 
 The collector is trusted with nothing. A scan id names files in the spool directory and a URL path
-(``POST /api/v1/scans/{id}/status``): it must match :data:`SCAN_ID` (letters, digits, ``.``, ``_``,
+(``POST /api/v1/scans/{id}/status``): it must match ``straggler.scanproto.SCAN_ID`` (letters, digits, ``.``, ``_``,
 ``-``; no ``/``, no leading dot, so never ``..``), else the scan is dropped unreported -- there is
 no safe path to report it on. Probe names must be known probes, the duration finite, > 0 and at most
 :data:`MAX_DURATION_S`, and ``start_at`` finite and at most :data:`MAX_START_AHEAD_S` ahead; a scan
@@ -12,16 +12,14 @@ with a valid id and a bad field is reported ``failed`` naming the field. Paths a
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from straggler.records import PROBES
+from straggler.scanproto import MAX_DURATION_S, MAX_START_DELAY_S, scan_id_problem
 
-SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_DURATION_S = 3600.0  # the collector's own limit for a scan's duration_s
-MAX_START_AHEAD_S = 3600.0 + 300.0  # the collector's largest start_delay_s, plus a clock skew
+MAX_START_AHEAD_S = MAX_START_DELAY_S + 300.0  # the collector's largest start_delay_s, plus a clock skew
 
 
 class ScanRefused(Exception):
@@ -39,15 +37,6 @@ class ClusterScan:
     start_at: float | None = None
     probes: tuple[str, ...] | None = None  # None: the agent's own probes
     duration_s: float | None = None  # None: the agent's own duration
-
-
-def scan_id_problem(value: Any) -> str | None:
-    """Why ``value`` cannot be a scan id (a file name in the spool, a URL path segment), else None."""
-    if not isinstance(value, str):
-        return f"scan_id is not a string ({type(value).__name__})"
-    if not SCAN_ID.fullmatch(value):
-        return f"scan_id {value[:80]!r} is not 1-128 letters, digits, '.', '_', '-' (not starting with '.' or '-')"
-    return None
 
 
 def _number(value: Any, name: str) -> float:

@@ -10,13 +10,13 @@ One connection per thread (SQLite connections are not shared across threads).
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from straggler.jsonsafe import json_safe
 from straggler.records import result_id
 
 SCHEMA = """
@@ -26,13 +26,6 @@ CREATE TABLE IF NOT EXISTS statuses (seq INTEGER PRIMARY KEY AUTOINCREMENT, scan
 CREATE TABLE IF NOT EXISTS rejected (id TEXT PRIMARY KEY, row TEXT NOT NULL, reason TEXT, rejected_at REAL);
 CREATE TABLE IF NOT EXISTS scans (scan_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at REAL NOT NULL);
 """
-
-
-def _clean(value):
-    """JSON-safe: NaN/inf (missing values from pandas) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class Spool:
@@ -70,7 +63,7 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             for row in rows:
-                row = {k: _clean(v) for k, v in row.items()}
+                row = json_safe(row)
                 if host:
                     row["host"] = host
                 row.pop("id", None)

@@ -21,9 +21,11 @@ import time
 
 import httpx
 
+from straggler.errors import InputError
 from straggler.records import SENT_TS_HEADER
+from straggler.scanproto import scan_id_problem
+from straggler.token import read_token
 
-from .scanspec import scan_id_problem
 from .spool import Spool
 
 log = logging.getLogger("straggler.agent.upload")
@@ -34,26 +36,24 @@ class UploadError(Exception):
 
 
 def token_problem(token_file) -> str | None:
-    """Why the token in ``token_file`` cannot be sent as a bearer token (unreadable, empty, not
-    printable ASCII: HTTP headers carry ASCII only), else None. Checked at the start and at reads."""
+    """Why the token in ``token_file`` cannot be sent as a bearer token (``straggler.token.read_token``:
+    unreadable, empty, not printable ASCII), else None. Checked at the start and at reads."""
     try:
-        token = token_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        return f"token_file: cannot read {token_file}: {e}"
-    if not token:
-        return f"token_file: {token_file} is empty"
-    if not token.isascii() or not token.isprintable():
-        return f"token_file: {token_file} holds characters other than printable ASCII (an HTTP header cannot carry them)"
+        read_token(token_file, "token_file")
+    except InputError as e:
+        return str(e)
     return None
 
 
 def auth_headers(token_file) -> dict[str, str]:
+    """The bearer header (the token file read again: a rotated token needs no restart); OSError
+    with the one-line reason when the token cannot be read."""
     if token_file is None:
         return {}
-    problem = token_problem(token_file)
-    if problem:
-        raise OSError(problem)
-    return {"Authorization": f"Bearer {token_file.read_text(encoding='utf-8').strip()}"}
+    try:
+        return {"Authorization": f"Bearer {read_token(token_file, 'token_file')}"}
+    except InputError as e:
+        raise OSError(str(e)) from None
 
 
 def client_options(settings) -> dict:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .settings import AnalysisConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .report import AnalysisResult
+    from .result import AnalysisResult
 
 
 def analyze(samples, history=None, config: AnalysisConfig | None = None) -> "AnalysisResult":

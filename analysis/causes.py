@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from straggler.records import parse_throttle
+
 from . import groups
-from .validate import read_throttle
 
 THERMAL = ("sw_thermal_slowdown", "hw_thermal_slowdown")
 HW_SLOW = ("hw_slowdown", "hw_power_brake_slowdown")
@@ -44,6 +45,19 @@ ACTIONS = {
                    "(dcgmi diag -r 3) and attach this report to the RMA ticket.",
 }
 
+# The one list of cause names (the ``causes`` column): explain() gives only these, the collector's
+# ``cause`` label takes them (collector/metrics.py), the CLI words them with TEXT, the dashboards
+# test checks the rule tests' labels against them. A new cause goes into ACTIONS and TEXT.
+NAMES = tuple(ACTIONS)
+UNEXPLAINED = "unexplained"  # flagged, and no telemetry names why (never a guess)
+
+# Each cause in a few words, for tables (``straggler analyze``).
+TEXT = {
+    "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown", "power_capped": "power-capped, lower clock",
+    "pcie_link": "PCIe link degraded", "memory": "memory", "contention": "contention",
+    "whole_node": "whole node slow", "low_clock": "low clock", UNEXPLAINED: "unexplained",
+}
+
 # The telemetry each cause rests on (explain() below reads these; the report marks them).
 EVIDENCE_COLUMNS = {
     "thermal": ("temp_c", *THERMAL), "hw_slowdown": HW_SLOW,
@@ -72,7 +86,7 @@ def device_telemetry(rows: pd.DataFrame, dev: np.ndarray, n_dev: int) -> dict[st
     if "throttle_reasons" in rows.columns:
         code, uniques = pd.factorize(rows["throttle_reasons"], use_na_sentinel=True)
         known = code >= 0
-        parsed = [read_throttle(u) or {} for u in uniques]  # unreadable: unknown (validate counts it)
+        parsed = [parse_throttle(u) or {} for u in uniques]  # unreadable: unknown (validate counts it)
         for reason in REASONS:
             share = np.array([p.get(reason, 0.0) for p in parsed] + [np.nan])
             out[reason] = groups.mean(dev, share[np.where(known, code, len(parsed))], n_dev)
@@ -143,7 +157,7 @@ def explain(tel: dict[str, np.ndarray], flagged: np.ndarray, group_of_dev: np.nd
             c.append("low_clock")
             e.append("clock lower than its peers without a throttle reason" + _vs(tel, peer, "sm_clock_mhz", i, "MHz"))
         if not c:
-            c.append("unexplained")
+            c.append(UNEXPLAINED)
         causes[i], evidence[i] = tuple(c), "; ".join(e)
     return causes, evidence
 
@@ -152,7 +166,7 @@ def _n(x: float) -> str:
     return "?" if not np.isfinite(x) else f"{x:.0f}"
 
 
-def _vs(tel: dict, peer: dict, col: str, i: int, unit: str) -> str:
+def _vs(tel: dict, peer: dict, col: str, i: int | np.integer, unit: str) -> str:
     if col not in tel or not np.isfinite(tel[col][i]):
         return ""
     return f", {col.split('_')[0]} {tel[col][i]:.0f} {unit} (peers {peer[col][i]:.0f})"

@@ -106,7 +106,7 @@ def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndar
             p_tests[i, a] = p_above(t.deficit[a], t.se[a], t.df[a], t.min_effect[a])
     q_all = bh_qvalues(p_tests.ravel()).reshape(len(tests), n)
     fire = np.zeros((len(tests), n), dtype=bool)
-    for i, t in enumerate(tests):
+    for i in range(len(tests)):
         with np.errstate(invalid="ignore"):
             fire[i] = (q_all[i] <= fdr) & applies[i]
         if allowed is not None and not allowed[i]:
@@ -117,7 +117,7 @@ def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndar
     pick = np.full(n, -1)
     primary = np.full(n, -1)
     best = np.where(fire, q_all, np.inf).argmin(axis=0)
-    for i, t in enumerate(tests):
+    for i in range(len(tests)):
         primary[(primary < 0) & applies[i]] = i
         take = ((straggler & (best == i)) | (~straggler & applies[i])) & (pick < 0)
         pick[take] = i
@@ -162,4 +162,4 @@ def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndar
     reason = np.full(n, "", dtype=object)
     reason[undecided] = "near the threshold"
     reason[undecided & ~reachable] = "comparison too uncertain to decide at the threshold"
-    return Verdict(straggler, basis, fire, deficit, p, q, below, undecided, samples_needed, reason)
+    return Verdict(np.asarray(straggler), basis, fire, deficit, p, q, below, undecided, samples_needed, reason)

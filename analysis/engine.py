@@ -14,7 +14,7 @@ from . import causes as causes_mod
 from . import history as own
 from .detect import Test, decide
 from .estimate import estimate
-from .report import DEVICE_COLUMNS, AnalysisResult
+from .result import DEVICE_COLUMNS, AnalysisResult
 from .settings import AnalysisConfig
 
 DEVICE_KEY = ("host", "gpu", "probe", "settings")

@@ -143,7 +143,7 @@ def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndar
 
 
 def _paired(est: Estimates, group_of_dev: np.ndarray, n_group: int, sel: np.ndarray, dev: np.ndarray,
-            sample: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            sample: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-out on samples paired by their index: per kept sample, log(value / mean of the other
     devices' kept values of the same sample); a moderated one-sample t test of their mean.
     Returns (applies, deficit = 1 - exp(mean), its standard error, degrees of freedom) per device."""

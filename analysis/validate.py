@@ -15,7 +15,7 @@ import pandas as pd
 
 from straggler.errors import InputError
 from straggler.records import REQUIRED_COLUMNS
-from straggler.records import read_throttle as parse_reasons
+from straggler.records import read_throttle
 
 from . import groups
 
@@ -84,15 +84,6 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
     return out, dropped
 
 
-def read_throttle(text: object) -> dict[str, float] | None:
-    """A ``throttle_reasons`` cell as {reason: share of the window} (any form records.read_throttle
-    reads, unknown names left out); None where it cannot be read."""
-    try:
-        return parse_reasons(text)[0]
-    except (ValueError, TypeError):
-        return None
-
-
 def _check_throttle(out: pd.DataFrame, keep: np.ndarray, dropped: dict[str, int]) -> None:
     """An unreadable ``throttle_reasons`` cell becomes missing (telemetry is optional: the sample
     stays) and is counted in ``dropped``; so is a cell naming something that is not an NVML
@@ -101,7 +92,7 @@ def _check_throttle(out: pd.DataFrame, keep: np.ndarray, dropped: dict[str, int]
     bad, odd = [], []
     for u in uniques:
         try:
-            unknown = parse_reasons(u)[1]
+            unknown = read_throttle(u)[1]
             bad.append(False)
             odd.append(bool(unknown))
         except (ValueError, TypeError):

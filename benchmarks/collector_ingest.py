@@ -65,7 +65,7 @@ def start_collector(db: Path) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise SystemExit("the collector did not start")
+                raise SystemExit("the collector did not start") from None
             time.sleep(0.1)
 
 

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from straggler.analysis import AnalysisConfig, analyze
-from straggler.records import THROTTLE_BITS, format_throttle, read_table, write_table
+from straggler.records import THROTTLE_BITS, format_throttle, write_table
 
 NOMINAL = 1000.0  # GFLOP/s of a healthy device
 T = AnalysisConfig().min_effect

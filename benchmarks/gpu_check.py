@@ -146,7 +146,7 @@ def measure_ceilings(kind: str, indices: list[int], seconds: float) -> dict[str,
 
 def record(backend_spec: str, path: Path, seconds: float, copies: list[Path]) -> dict:
     from straggler.probes.backends import open_backend
-    from straggler.probes.record import record_fixture
+    from straggler.probes.fixture_recorder import record_fixture
 
     backend = open_backend(backend_spec)
     try:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         try:
             return fn()
-        except BaseException as e:  # noqa: BLE001 - recorded; the other steps still run
+        except BaseException as e:  # recorded; the other steps still run
             if isinstance(e, KeyboardInterrupt):
                 raise
             doc["errors"].append({"step": name, "error": f"{type(e).__name__}: {e}",
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     from straggler.probes import torchdev
     from straggler.probes.cputelemetry import cpu_model
     from straggler.probes.devices import resolve_devices
-    from straggler.probes.runner import ScanSettings, run_scan
+    from straggler.probes.plan import ScanSettings
+    from straggler.probes.runner import run_scan
 
     plan = step("devices", lambda: resolve_devices(args.device, torchdev.cuda_device_count(),
                                                    os.sched_getaffinity(0), torchdev.torch_version()))
@@ -246,7 +247,7 @@ def _finish(doc: dict, out: Path, rows: list[dict]) -> int:
     doc["targets"] = {"matmul_vs_gemm": TARGETS["matmul"][1], "membw_vs_copy": TARGETS["membw"][1], "cv": CV_TARGET}
     doc["exit_code"] = code = exit_code(rows, doc["errors"])
     table = render(rows)
-    from straggler.probes.report import json_safe
+    from straggler.jsonsafe import json_safe
 
     (out / "gpu_check.json").write_text(json.dumps(json_safe(doc), indent=1, default=str, allow_nan=False))
     (out / "gpu_check.txt").write_text(table + "\n")

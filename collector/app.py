@@ -8,7 +8,6 @@ the application's lifespan does (the fleet analysis thread).
 """
 
 
-import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from .ingest_api import ingest_router
 from .metrics import FleetCollector, SelfMetrics
 from .middleware import LimitAndTime, Secret
 from .quarantine_api import quarantine_router
+from .replica import ReplicaFleetView
 from .reportpage import router as report_router
 from .retention import Retention
 from .scans import ScanBoard
@@ -86,7 +86,7 @@ def create_app(
         fleet_metrics.update(snap)
         metrics.analysis_done(snap)
 
-    fleet = FleetView(store, analyze, debounce_s=settings.analysis_debounce_s,
+    fleet = (ReplicaFleetView if store.dialect.shared else FleetView)(store, analyze, debounce_s=settings.analysis_debounce_s,
                       max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
                       on_refresh=published, worker="process")  # the analysis cannot stall ingest
     board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
@@ -115,7 +115,8 @@ def create_app(
                   description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
     app.state.collector = col
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(sqlite3.Error, sqlite_error_handler(health))  # JSON 507/503, never a bare 500
+    for error in store.errors:  # JSON 507/503, never a bare 500
+        app.add_exception_handler(error, sqlite_error_handler(health))
     # The token is checked by the middleware (before the body is read); each router's dependency
     # (collector/auth.py) checks it again and documents the scheme in the OpenAPI spec.
     app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics,

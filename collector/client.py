@@ -9,9 +9,8 @@ import time
 from typing import Any, Callable
 
 from straggler.errors import StragglerError
+from straggler.scanproto import DEFAULT_START_DELAY_S, FINAL_STATES
 
-FINAL_STATES = ("done", "failed")
-DEFAULT_START_DELAY_S = 10.0  # a scan's start_at is this far ahead: every node has picked it up
 
 
 class CollectorError(StragglerError):

@@ -8,7 +8,6 @@ an immutable :class:`FleetSnapshot` that the API and ``/metrics`` read.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import traceback
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from straggler.errors import StragglerError
+from straggler.jsonsafe import json_safe
 from straggler.verdict import device_tier
 
 from .store import Store
@@ -42,19 +42,6 @@ class FleetSnapshot:
     def stragglers(self) -> list[Mapping[str, Any]]:
         flagged = [g for g in self.gpus if g["straggler"]]
         return sorted(flagged, key=lambda g: -max((p["cost"] or 0.0) for p in g["probes"]))
-
-
-def json_safe(v: Any) -> Any:
-    """JSON-safe values: NaN and infinities are None; numpy scalars and arrays become Python ones."""
-    if hasattr(v, "tolist") and not isinstance(v, (list, tuple, dict, str)):
-        v = v.tolist()
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN or infinity: missing is null
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return v
 
 
 def verdict_entries(verdicts: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -121,10 +108,10 @@ def analyse_stored(store: Store, history_scans: int, analyze: Callable | None = 
 _WORKER_STORE: dict[str, Store] = {}  # in the analysis process: its own connection to the database
 
 
-def _analyse_in_worker(db_path: str, history_scans: int) -> dict:
-    store = _WORKER_STORE.get(db_path)
+def _analyse_in_worker(target: str, history_scans: int) -> dict:
+    store = _WORKER_STORE.get(target)  # target: an SQLite path or a postgresql:// URL
     if store is None:
-        store = _WORKER_STORE[db_path] = Store(db_path)
+        store = _WORKER_STORE[target] = Store(target)
     return analyse_stored(store, history_scans)
 
 
@@ -216,7 +203,7 @@ class FleetView:
             # spawn: a fork of this threaded process could inherit a held lock
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            return self._pool.submit(_analyse_in_worker, str(self.store.path), self.history_scans).result()
+            return self._pool.submit(_analyse_in_worker, self.store.url or str(self.store.path), self.history_scans).result()
         except Exception:
             self._pool.shutdown(wait=False, cancel_futures=True)  # e.g. the process died: a fresh one next time
             self._pool = None

@@ -1,11 +1,12 @@
-"""The database's health, as ``/healthz`` reports it, and SQLite errors as JSON answers.
+"""The database's health, as ``/healthz`` reports it, and database errors as JSON answers.
 
 At start (in a thread: ``PRAGMA quick_check`` reads the whole file) the collector checks that it can
 write its database and that the file passes ``quick_check``; every failed write later (a full disk,
 an I/O error, a read-only file) is recorded until a write succeeds again. ``/healthz`` answers 503
 naming the problem while one is known, 200 otherwise: a check that has not finished yet is not a
 failure. A request that fails on a database error is answered in JSON: 507 when the disk (or the
-database) is full, 503 for any other SQLite error, never a bare 500.
+database) is full, 503 for any other database error, never a bare 500. On PostgreSQL the start check is a write and a
+query (the server checks its own pages).
 """
 
 from __future__ import annotations
@@ -43,19 +44,19 @@ class DbHealth:
             self.store.probe_write()
             with self._lock:
                 self.writable = True
-        except sqlite3.Error as e:
+        except self.store.errors as e:
             with self._lock:
                 self.writable = False
                 self.write_error = _reason(e)
-            log.error("database %s cannot be written: %s", self.store.path, e)
+            log.error("database %s cannot be written: %s", self.store.name, e)
         try:
             result = self.store.quick_check()
-        except sqlite3.Error as e:
+        except self.store.errors as e:
             result = _reason(e)
         with self._lock:
             self.quick_check = result
         if result != "ok":
-            log.error("database %s fails PRAGMA quick_check: %s", self.store.path, result)
+            log.error("database %s fails PRAGMA quick_check: %s", self.store.name, result)
 
     def write_failed(self, e: BaseException) -> None:
         with self._lock:
@@ -76,18 +77,20 @@ class DbHealth:
 
     def report(self) -> dict:
         with self._lock:
-            return {"path": str(self.store.path), "writable": self.writable, "quick_check": self.quick_check,
+            return {"path": self.store.name, "writable": self.writable, "quick_check": self.quick_check,
                     "write_error": self.write_error}
 
 
-def is_full(e: sqlite3.Error) -> bool:
-    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
+def is_full(e: BaseException) -> bool:
+    # SQLITE_FULL, or PostgreSQL's disk_full (SQLSTATE 53100)
+    return (getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
+            or getattr(e, "sqlstate", None) == "53100")
 
 
 def sqlite_error_handler(health: DbHealth):
     """An exception handler: a request that failed on the database answers JSON 507 (full) or 503."""
 
-    def handle(request: Request, exc: sqlite3.Error) -> JSONResponse:
+    def handle(request: Request, exc: Exception) -> JSONResponse:
         health.write_failed(exc)
         log.error("%s %s failed on the database: %s", request.method, request.url.path, exc)
         if is_full(exc):

@@ -19,17 +19,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from straggler.analysis import bases
+from straggler.analysis.causes import NAMES as CAUSE_NAMES, UNEXPLAINED
 from straggler.analysis.tiers import CLASSES, TIERS
 
 from .fleet import FleetSnapshot
 
 # The straggler flag's `cause` label takes one of these values (never free text): the analysis'
-# first cause when it is one of them, "other" when it names something else, "none" when healthy.
-# (The analysis' cause names, analysis/causes.py.)
-CAUSES = (
-    "power_capped", "thermal", "hw_slowdown", "pcie_link", "memory", "contention", "whole_node",
-    "low_clock", "unexplained", "other", "none",
-)
+# first cause when it is one of them (analysis/causes.py NAMES), "other" when it names something
+# else, "none" when healthy.
+CAUSES = (*CAUSE_NAMES, "other", "none")
 
 # The tier's `verdict` label and the `perf_class` label take the analysis' values only (bounded;
 # perf_class "" outside a peer group of 4+).
@@ -70,7 +68,7 @@ JOB_LABELS = ("model", "probe", "settings")
 
 def cause_label(causes: list[str]) -> str:
     if not causes:
-        return "unexplained"
+        return UNEXPLAINED
     first = str(causes[0]).split(":")[0].strip().lower()
     return first if first in CAUSES else "other"
 

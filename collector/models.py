@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from typing_extensions import NotRequired, Required, TypedDict
 
 from straggler.records import COLUMNS, INT_COLUMNS, PROBE_COLUMNS, PROBES, REQUIRED_COLUMNS, STRING_COLUMNS, read_throttle
+from straggler.scanproto import DEFAULT_START_DELAY_S, MAX_DURATION_S, MAX_START_DELAY_S
 
 
 def _nan_is_missing(v: Any) -> Any:
@@ -122,10 +123,10 @@ ProbeName = Annotated[str, AfterValidator(_known_probe), Field(json_schema_extra
 class ScanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     probes: list[ProbeName] = Field(min_length=1, max_length=16)
-    duration_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
     hosts: Optional[Annotated[list[Name], Field(min_length=1, max_length=100_000)]] = Field(
         default=None, description="null: every agent seen recently")
-    start_delay_s: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False)
+    start_delay_s: float = Field(default=DEFAULT_START_DELAY_S, ge=0, le=MAX_START_DELAY_S, allow_inf_nan=False)
 
 
 class ScanCreated(BaseModel):

@@ -220,10 +220,20 @@ class Quarantine:
 
     @staticmethod
     def _mark_scans(conn, host: str) -> None:
-        """Remember the host's latest scans: their results never drain it again (by scan id, not
-        by time: the nodes' clocks need not agree with the collector's)."""
-        scans = sorted(r[0] for r in conn.execute("SELECT DISTINCT last_scan_id FROM devices WHERE host = ?", (host,)))
-        conn.execute("UPDATE quarantine SET scans = ? WHERE host = ?", (json.dumps(scans), host))
+        """Remember the host's latest scans and the scans of its retests since it was drained: their
+        results never drain it again (by scan id, not by time: the nodes' clocks need not agree with
+        the collector's). A retest's rows travel apart from its report (the agent's uploader, with its
+        own backoff), so a failed retest's rows may arrive after the passes that resumed the node."""
+        scans = {r[0] for r in conn.execute("SELECT DISTINCT last_scan_id FROM devices WHERE host = ?", (host,))}
+        for (measured,) in conn.execute(
+                "SELECT measured FROM quarantine_events WHERE host = ? AND action IN (?, ?) AND outcome = ? AND id > "
+                "(SELECT COALESCE(MAX(id), 0) FROM quarantine_events WHERE host = ? AND action = ? AND outcome = ?)",
+                (host, RETEST_PASS, RETEST_FAIL, OK, host, DRAIN, OK)):
+            doc = json.loads(measured) if measured else None
+            scan_id = doc.get("scan_id") if isinstance(doc, dict) else None
+            if isinstance(scan_id, str) and scan_id:
+                scans.add(scan_id)
+        conn.execute("UPDATE quarantine SET scans = ? WHERE host = ?", (json.dumps(sorted(scans)), host))
 
     def _record(self, host: str, action: str, rule, reason, by, outcome: str = OK, measured=None) -> None:
         with self.store._transaction() as conn:
@@ -239,7 +249,7 @@ class Quarantine:
         Raises QuarantineOff, ActionFailed (recorded with its reason; nothing changed)."""
         self._require_enabled()
         reason = reason[:REASON_MAX]
-        with self._lock:
+        with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
             current = self.node(host)
             if current is not None and current["state"] == DRAINED:
                 return Decision(host, "none", DRAINED, f"{host} is drained already: {current['reason']}",
@@ -292,7 +302,7 @@ class Quarantine:
                measured: Any = None) -> Decision:
         """Resume ``host`` (by hand: also a host straggler did not drain, e.g. one a prolog drained)."""
         self._require_enabled()
-        with self._lock:
+        with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
             return self._resume(host, reason[:REASON_MAX], by, rule, measured)
 
     def _resume(self, host, reason, by, rule, measured) -> Decision:
@@ -312,7 +322,7 @@ class Quarantine:
         """An agent's retest of a drained host. N consecutive passes resume it. Raises NotQuarantined."""
         self._require_enabled()
         need = self.settings.quarantine_resume_passes
-        with self._lock:
+        with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
             current = self.node(host)
             if current is None or current["state"] != DRAINED:
                 raise NotQuarantined(f"{host} is not drained by straggler")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
-import sqlite3
 import threading
 import time
 from collections import deque
 from typing import Callable
 
-from .client import FINAL_STATES
+from straggler.scanproto import FINAL_STATES, new_scan_id
+
 from .store import Store
 
 log = logging.getLogger("straggler.collector")
@@ -42,10 +41,6 @@ class NoHosts(Exception):
     """A scan without hosts when no agent has been seen recently."""
 
 
-def new_scan_id(now: float) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
-
-
 def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
     states = set(nodes.values())
     if nodes and states <= set(FINAL_STATES):
@@ -58,9 +53,9 @@ def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
 class ScanBoard:
     KEPT_NEW = 64  # scans remembered for the long polls waiting when they were created
 
-    def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float,
-                 run_limit_s: float = 900.0, clock: Callable[[], float] = time.time,
-                 retention_s: float = 30 * 86400.0):
+    def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float, run_limit_s: float,
+                 retention_s: float, clock: Callable[[], float] = time.time):
+        """The limits are the collector's settings (``scan_run_limit_s``, ``scan_retention_s``)."""
         self.store = store
         self.agent_seen_s = agent_seen_s
         self.offer_grace_s = offer_grace_s
@@ -95,7 +90,7 @@ class ScanBoard:
             if not hosts:
                 raise NoHosts(f"no agent polled for scans in the last {self.agent_seen_s:g} s; name the hosts")
         hosts = sorted(set(hosts))
-        scan = {"scan_id": new_scan_id(now), "created_ts": now, "start_at": now + start_delay_s,
+        scan = {"scan_id": new_scan_id(now=now), "created_ts": now, "start_at": now + start_delay_s,
                 "probes": list(probes), "duration_s": duration_s, "hosts": hosts}
         await asyncio.to_thread(self.store.create_scan, scan, now - self.retention_s)
         offer = _offer(scan)
@@ -176,7 +171,7 @@ class ScanBoard:
             return
         try:
             self.store.touch_agents(seen)
-        except sqlite3.Error as e:
+        except self.store.errors as e:
             log.warning("could not record %d agents seen polling (kept for the next try): %s", len(seen), e)
             with self._seen_lock:
                 for host, ts in seen.items():

@@ -1,14 +1,18 @@
-"""The collector's SQLite schema and its migrations (``PRAGMA user_version``).
+"""The collector's schema and its migrations, on SQLite (``PRAGMA user_version``) and PostgreSQL
+(the table ``straggler_schema``).
 
 Each migration takes the database from version ``i`` to ``i + 1``; :func:`migrate` applies the
 missing ones in one transaction, taken before the version is read. Never edit a released migration: append a new one.
+Migrations are written once, in SQLite's types and portable SQL (``ON CONFLICT``, no ``rowid``, no
+``INSERT OR ...``, an alias on every subquery in FROM); ``collector/db.py`` gives PostgreSQL its
+types (REAL is DOUBLE PRECISION there). A PostgreSQL database runs the same chain from version 0.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 from straggler.records import INT_COLUMNS, STRING_COLUMNS
+
+from .db import SQLITE, Dialect, advisory_key
 
 
 def sql_type(column: str) -> str:
@@ -52,7 +56,7 @@ _V2 = [
        SELECT host, gpu, "index", model, ts, COALESCE(scan_id, '') FROM (
          SELECT host, gpu, "index", model, ts, scan_id,
                 ROW_NUMBER() OVER (PARTITION BY host, gpu ORDER BY ts DESC, received_ts DESC) AS rn
-         FROM results) WHERE rn = 1""",
+         FROM results) AS t WHERE rn = 1""",
     """CREATE TABLE scans (
         scan_id TEXT PRIMARY KEY, created_ts REAL NOT NULL, start_at REAL NOT NULL,
         probes TEXT NOT NULL, duration_s REAL NOT NULL, hosts TEXT NOT NULL)""",
@@ -108,7 +112,7 @@ _V5 = [
     """INSERT INTO latest_scans (host, gpu, probe, settings, scan_id, last_ts)
        SELECT host, gpu, probe, settings, scan_id, last_ts FROM (
          SELECT *, ROW_NUMBER() OVER (PARTITION BY host, gpu, probe, settings ORDER BY last_ts DESC) AS rn
-         FROM probe_scans) WHERE rn = 1""",
+         FROM probe_scans) AS t WHERE rn = 1""",
     "DROP TABLE device_scans",
 ]
 
@@ -147,35 +151,66 @@ _V8 = [
        WHERE sample_unique = 1""",
 ]
 
-# Version 9: retention (collector/retention.py) finds the rows received before a time by index. The
+# Version 9: the fleet snapshot the refresh leader published, for the other replicas of a shared
+# (PostgreSQL) database to serve (collector/replica.py): one row, its version counted up at each
+# publication. Unused on SQLite, where one process is the only mode.
+_V9 = [
+    """CREATE TABLE fleet_snapshot (
+        id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, published_ts REAL NOT NULL,
+        publisher TEXT NOT NULL, payload BLOB NOT NULL)""",
+]
+
+# Version 10: retention (collector/retention.py) finds the rows received before a time by index. The
 # receipt time only grows, so the index takes its inserts at its right edge.
-_V9 = ["CREATE INDEX results_received ON results (received_ts)"]
+_V10 = ["CREATE INDEX results_received ON results (received_ts)"]
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7), tuple(_V8), tuple(_V9))
+    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7), tuple(_V8), tuple(_V9),
+    tuple(_V10))
 LATEST = len(MIGRATIONS)
 
 
-def version(conn: sqlite3.Connection) -> int:
-    return conn.execute("PRAGMA user_version").fetchone()[0]
+_PG_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS straggler_schema (version BIGINT NOT NULL)"
 
 
-def migrate(conn: sqlite3.Connection, target: int = LATEST) -> int:
+def version(conn, dialect: Dialect = SQLITE) -> int:
+    """The schema version of the database (0: empty)."""
+    if dialect is SQLITE:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    if conn.execute("SELECT to_regclass('straggler_schema')").fetchone()[0] is None:
+        return 0
+    row = conn.execute("SELECT version FROM straggler_schema").fetchone()
+    return 0 if row is None else row[0]
+
+
+def _set_version(conn, dialect: Dialect, v: int) -> None:
+    if dialect is SQLITE:
+        conn.execute(f"PRAGMA user_version = {int(v)}")
+    else:
+        conn.execute("DELETE FROM straggler_schema")
+        conn.execute("INSERT INTO straggler_schema (version) VALUES (?)", (v,))
+
+
+def migrate(conn, target: int = LATEST, dialect: Dialect = SQLITE) -> int:
     """Bring the database up to ``target``. Returns the version it started from. A database newer
     than this code is refused (RuntimeError) rather than written to.
 
     ``conn`` must be in autocommit mode (``isolation_level=None``). The write lock is taken before
     the version is read, so of two collectors starting on one database only one migrates; the other
-    waits (busy_timeout) and then finds nothing left to do."""
-    conn.execute("BEGIN IMMEDIATE")
+    waits (SQLite: busy_timeout; PostgreSQL: an advisory lock for the transaction) and then finds
+    nothing left to do."""
+    conn.execute(dialect.begin_write)
     try:
-        start = version(conn)
+        if dialect is not SQLITE:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (advisory_key(conn, "migrate"),))
+            conn.execute(_PG_VERSION_TABLE)
+        start = version(conn, dialect)
         if start > LATEST:
             raise RuntimeError(f"database schema version {start} is newer than this collector ({LATEST})")
         for v in range(start, target):  # one transaction: all the missing migrations, or none
             for stmt in MIGRATIONS[v]:
-                conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version = {v + 1}")
+                conn.execute(dialect.ddl(stmt))
+            _set_version(conn, dialect, v + 1)
     except BaseException:
         conn.execute("ROLLBACK")
         raise

@@ -21,25 +21,10 @@ from straggler.errors import ConfigError, StragglerError
 
 from straggler.sdnotify import Notifier
 from .guard import uvicorn_config
+from .listen import bind
 from .settings import CollectorSettings, load_token
 
 log = logging.getLogger("straggler.collector")
-
-
-def bind(address: str, port: int) -> socket.socket:
-    """A listening TCP socket, or a one-line StragglerError."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-    # without it every small response waits ~40 ms for the client's delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((address, port))
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise StragglerError(f"cannot listen on {address}:{port}: {e.strerror or e}") from None
-    return sock
 
 
 def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None = None) -> None:
@@ -65,7 +50,7 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
             if self.should_exit:
                 return
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_token)
-            log.info("collector listening on http://%s:%d (database %s)", host, port, settings.db_path)
+            log.info("collector listening on http://%s:%d (database %s)", host, port, app.state.collector.store.name)
             notifier.ready(f"listening on {host}:{port}")
             if notifier.watchdog_s:
                 interval = max(notifier.watchdog_s / 2, 0.1)
@@ -98,10 +83,13 @@ def _server_type(uvicorn, app) -> type:
 def _app_and_socket(settings: CollectorSettings, token: str, analyze: Callable | None):
     from .app import create_app
 
+    from . import db
+    from .store import open_problem
+
     try:
         app = create_app(settings, token, analyze=analyze)
-    except (sqlite3.Error, OSError, RuntimeError) as e:
-        raise StragglerError(f"cannot open database {settings.db_path}: {e}") from None
+    except (OSError, RuntimeError, ValueError) + db.errors(settings.db_path) as e:
+        raise StragglerError(f"cannot open database: {open_problem(settings.db_path, e)}") from None
     return app, bind(settings.address, settings.port)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from straggler import config
-from straggler.errors import ConfigError
+from straggler.errors import ConfigError, InputError
+from straggler.token import read_token
 
 DEFAULT_CONFIG = Path("/etc/straggler/collector.toml")
 ENV_PREFIX = "STRAGGLER_COLLECTOR_"
@@ -26,7 +27,8 @@ QUARANTINE_ACTIONS = ("none", "record", "scontrol")
 class CollectorSettings:
     address: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    db_path: Path = Path("/var/lib/straggler/collector.db")
+    # an SQLite file, or a postgresql://USER@HOST:PORT/DATABASE URL (docs/collector.md "PostgreSQL")
+    db_path: str = "/var/lib/straggler/collector.db"
     token_file: Path | None = None
     max_request_bytes: int = 32 * 1024 * 1024
     max_batch_rows: int = 100_000
@@ -60,6 +62,12 @@ class CollectorSettings:
 
     def problems(self) -> list[str]:
         out = []
+        from .db import is_url, url_problem
+
+        if is_url(self.db_path) and url_problem(self.db_path):
+            out.append(f"db_path: {url_problem(self.db_path)}")
+        elif not str(self.db_path):
+            out.append("db_path: must be set (an SQLite file or a postgresql:// URL)")
         if not 0 <= self.port <= 65535:
             out.append(f"port: {self.port} is not a TCP port (0-65535)")
         if self.max_request_bytes < 1024:
@@ -120,11 +128,17 @@ def check_start(settings: CollectorSettings) -> None:
     start does it: open (or create) the database, bind the address; then undo both. ``straggler
     collector`` runs it before ``--check`` prints and before serving. Run while the collector itself
     is running, it reports the collector's own port as in use."""
-    from .service import bind
+    from .db import is_url
+    from .listen import bind
     from .schema import LATEST
     from .store import Store
 
-    config.check_sqlite("db_path", settings.db_path, Store, latest_version=LATEST)
+    if is_url(settings.db_path):
+        from .store import check_postgres
+
+        check_postgres("db_path", settings.db_path)
+    else:
+        config.check_sqlite("db_path", Path(settings.db_path), Store, latest_version=LATEST)
     bind(settings.address, settings.port).close()
 
 
@@ -140,9 +154,9 @@ def load_token(settings: CollectorSettings, env: Mapping[str, str] | None = None
     env = os.environ if env is None else env
     if settings.token_file is not None:
         try:
-            token = settings.token_file.read_text().strip()
-        except OSError as e:
-            raise ConfigError([f"token_file: cannot read {settings.token_file}: {e.strerror}"]) from None
+            token = read_token(settings.token_file, "token_file")
+        except InputError as e:
+            raise ConfigError([str(e)]) from None
         source = f"token_file {settings.token_file}"
     elif env.get(TOKEN_ENV):
         token, source = env[TOKEN_ENV].strip(), TOKEN_ENV

@@ -1,8 +1,10 @@
-"""SQLite storage for the collector: results keyed by id, devices, cluster scans, agents.
+"""The collector's storage: results keyed by id, devices, cluster scans, agents.
 
-WAL mode, one writer connection behind a lock (SQLite has one writer anyway), one reader
-connection per thread. A batch is written with ``executemany`` in one transaction: it is stored
-whole or not at all, and replaying it stores nothing twice.
+SQLite (a file; the default) or PostgreSQL (a ``postgresql://`` URL; collector/db.py holds what
+differs). One writer connection behind a lock (SQLite has one writer anyway; on PostgreSQL each
+replica has its own), one reader connection per thread. A batch is written with ``executemany``
+in one transaction: it is stored whole or not at all, and replaying it stores nothing twice, also
+when two replicas of one PostgreSQL database receive it at once.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from straggler.records import COLUMNS, IDENTITY_COLUMNS, MEASUREMENT_COLUMNS
+from straggler.scanproto import FINAL_STATES
 
+from . import db
 from .schema import migrate, q
 
 RESULT_COLUMNS = ("id",) + COLUMNS
@@ -23,9 +28,10 @@ _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + "
 # The analysis compares a device with its own past by value only: history needs no telemetry.
 HISTORY_COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS
 _HISTORY_FIELDS = ", ".join(f"r.{q(c)}" for c in HISTORY_COLUMNS)
+# ON CONFLICT DO NOTHING without a target: a replayed id and a sample stored already (results_sample)
 _INSERT_RESULT = (
-    f"INSERT OR IGNORE INTO results ({', '.join(q(c) for c in RESULT_COLUMNS)}, received_ts, sample_unique) "
-    f"VALUES ({', '.join('?' for _ in RESULT_COLUMNS)}, ?, 1)"
+    f"INSERT INTO results ({', '.join(q(c) for c in RESULT_COLUMNS)}, received_ts, sample_unique) "
+    f"VALUES ({', '.join('?' for _ in RESULT_COLUMNS)}, ?, 1) ON CONFLICT DO NOTHING"
 )
 _UPSERT_DEVICE = """
     INSERT INTO devices (host, gpu, "index", model, last_ts, last_scan_id) VALUES (?, ?, ?, ?, ?, ?)
@@ -37,7 +43,7 @@ _SAMPLE_KEY = ("gpu", "host", "scan_id", "probe", "settings", "sample", "ts")
 # A batch row whose sample is stored with another value (the batch's own rows are stored by then).
 # `|| ''` and `+ 0` drop the columns' affinity, so that SQLite matches the index expressions.
 _SAMPLE_CLASH = """
-    SELECT b.i, r.value FROM batch_samples b CROSS JOIN results r INDEXED BY results_sample
+    SELECT b.i, r.value FROM batch_samples b {join} results r {indexed_by}
     ON r.gpu = b.gpu AND r.host = b.host AND COALESCE(r.scan_id, '') = b.scan_id || '' AND r.probe = b.probe
     AND COALESCE(r.settings, '') = b.settings || '' AND COALESCE(r.sample, -1) = b.sample + 0
     AND COALESCE(CASE WHEN r.sample IS NULL THEN r.ts END, -1) = b.ts + 0
@@ -45,7 +51,8 @@ _SAMPLE_CLASH = """
     WHERE r.value != b.value ORDER BY b.i DESC LIMIT 1"""
 _UPSERT_PROBE_SCAN = """
     INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)
-    ON CONFLICT (host, gpu, probe, settings, scan_id) DO UPDATE SET last_ts = MAX(last_ts, excluded.last_ts)"""
+    ON CONFLICT (host, gpu, probe, settings, scan_id) DO UPDATE SET last_ts = CASE
+        WHEN excluded.last_ts > probe_scans.last_ts THEN excluded.last_ts ELSE probe_scans.last_ts END"""
 _UPSERT_LATEST_SCAN = """
     INSERT INTO latest_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)
     ON CONFLICT (host, gpu, probe, settings) DO UPDATE SET scan_id = excluded.scan_id, last_ts = excluded.last_ts
@@ -54,9 +61,13 @@ _UPSERT_LATEST_SCAN = """
 # outside, and `|| ''` drops the column's TEXT affinity, which would keep SQLite from using the index
 # expression: each scan's rows are found by all three leading terms of results_device.
 _SELECT_LATEST = (
-    "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + """ FROM latest_scans l CROSS JOIN results r
+    "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + """ FROM latest_scans l {join} results r
     ON r.gpu = l.gpu AND r.host = l.host AND COALESCE(r.scan_id, '') = l.scan_id || ''
     AND r.probe = l.probe AND COALESCE(r.settings, '') = l.settings""")
+
+
+# deadlock_detected, serialization_failure: PostgreSQL aborted the transaction; running it again is safe
+_RETRY_SQLSTATES = {"40P01", "40001"}
 
 
 class Refused(ValueError):
@@ -65,6 +76,16 @@ class Refused(ValueError):
 
 def _text(v: str | None) -> str | None:
     return v if v else None  # "" is missing, as the analysis reads it
+
+
+def _nul_field(rows: Sequence[tuple]) -> str | None:
+    """``results[i].column`` of the first text holding a NUL character (looked for only once
+    PostgreSQL refused a batch: its text type cannot hold one, SQLite's can)."""
+    for i, r in enumerate(rows):
+        for c, v in zip(RESULT_COLUMNS, r):
+            if isinstance(v, str) and "\x00" in v:
+                return f"results[{i}].{c}"
+    return None
 
 
 def check_rows(rows: Sequence[tuple]) -> dict[tuple[str, str], tuple[int, str]]:
@@ -91,21 +112,49 @@ def check_rows(rows: Sequence[tuple]) -> dict[tuple[str, str], tuple[int, str]]:
 
 
 class Store:
-    """The collector's database. Thread-safe; ``close()`` when done."""
+    """The collector's database: an SQLite file (a path) or a PostgreSQL database (a
+    ``postgresql://`` URL). Thread-safe; ``close()`` when done."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: str | Path):
+        self.url = target if db.is_url(target) else None
+        self.path = None if self.url else Path(target)
+        self.dialect = db.dialect_of(target)
+        self.errors = db.errors(target)  # what a database operation raises
         self._write_lock = threading.Lock()
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list = []
         self._readers_lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect()
-        self._writer.execute("PRAGMA journal_mode = WAL")
-        self._writer.execute("PRAGMA cache_size = -65536")  # 64 MiB: the id index takes random inserts
-        self.migrated_from = migrate(self._writer)
+        if self.path is not None:
+            self._writer.execute("PRAGMA journal_mode = WAL")
+            self._writer.execute("PRAGMA cache_size = -65536")  # 64 MiB: the id index takes random inserts
+        try:
+            self.migrated_from = migrate(self._writer, dialect=self.dialect)
+        except BaseException:
+            self._writer.close()
+            raise
+        # PostgreSQL: what replicas of one database tell each other (collector/replica.py); the names
+        # are this database's and schema's, so two fleets on one server do not hear each other
+        self.channels: dict[str, str] = {}
+        if self.url is not None:
+            tag = f"{db.advisory_key(self._writer, 'fleet') & 0xFFFFFFFFFFFF:012x}"
+            self.channels = {"results": f"straggler_{tag}_results", "snapshot": f"straggler_{tag}_snapshot"}
+        self._sql = {
+            "latest": _SELECT_LATEST.format(join=self.dialect.ordered_join),
+            "clash": _SAMPLE_CLASH.format(join=self.dialect.ordered_join,
+                                          indexed_by=self.dialect.indexed_by("results_sample")),
+        }
 
-    def _connect(self) -> sqlite3.Connection:
+    @property
+    def name(self) -> str:
+        """The database as logs and ``/healthz`` name it."""
+        return db.display(self.url or self.path)
+
+    def _connect(self):
+        if self.url is not None:
+            return db.connect_pg(self.url)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         # FULL: the WAL is synced at every commit, so an acknowledged batch survives power loss
         # (NORMAL syncs only at checkpoints). benchmarks/collector_sync.py: it adds ~0.25 ms a commit
@@ -116,7 +165,7 @@ class Store:
         return conn
 
     @property
-    def _reader(self) -> sqlite3.Connection:
+    def _reader(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
@@ -125,10 +174,10 @@ class Store:
         return conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator:
         with self._write_lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(self.dialect.begin_write)
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -139,11 +188,39 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
 
+    def _retrying(self, write):
+        """``write(conn)`` in a write transaction. On PostgreSQL two replicas writing the same rows
+        at once may deadlock; the database aborts one of them, which is then run again (SQLite's
+        single writer never deadlocks)."""
+        for attempt in range(5):
+            try:
+                with self._transaction() as conn:
+                    return write(conn)
+            except self.errors as e:
+                if attempt == 4 or getattr(e, "sqlstate", None) not in _RETRY_SQLSTATES:
+                    raise
+                time.sleep(0.01 * 2 ** attempt)
+
     @contextmanager
-    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Held by one collector of the database at a time (PostgreSQL: a session advisory lock on
+        this thread's connection, waited for; SQLite: one process is the only mode, nothing to take)."""
+        if self.url is None:
+            yield
+            return
+        conn = self._reader
+        key = db.advisory_key(conn, name)
+        conn.execute("SELECT pg_advisory_lock(?)", (key,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(?)", (key,))
+
+    @contextmanager
+    def _snapshot(self) -> Iterator:
         """One read transaction on this thread's reader: every SELECT in it sees the same state."""
         conn = self._reader
-        conn.execute("BEGIN")
+        conn.execute(self.dialect.begin_read)
         try:
             yield conn
         finally:
@@ -151,13 +228,20 @@ class Store:
                 conn.execute("COMMIT")
 
     def probe_write(self) -> None:
-        """A write transaction that changes nothing the collector reads (sqlite3.Error when the file
-        cannot be written)."""
+        """A write transaction that changes nothing the collector reads (the database's error
+        when it cannot be written)."""
         with self._transaction() as conn:
-            conn.execute(f"PRAGMA user_version = {conn.execute('PRAGMA user_version').fetchone()[0]}")
+            if self.path is not None:
+                conn.execute(f"PRAGMA user_version = {conn.execute('PRAGMA user_version').fetchone()[0]}")
+            else:
+                conn.execute("UPDATE straggler_schema SET version = version")
 
     def quick_check(self) -> str:
-        """``PRAGMA quick_check``: "ok", or its first problem (it reads the whole file)."""
+        """SQLite: ``PRAGMA quick_check``, "ok" or its first problem (it reads the whole file).
+        PostgreSQL checks its own pages: "ok" once a query answers."""
+        if self.path is None:
+            self._reader.execute("SELECT 1").fetchone()
+            return "ok"
         return self._reader.execute("PRAGMA quick_check(1)").fetchone()[0]
 
     def close(self) -> None:
@@ -202,36 +286,49 @@ class Store:
         for (*pkey, scan), ts in scans.items():
             if tuple(pkey) not in newest or ts >= newest[tuple(pkey)][1]:
                 newest[tuple(pkey)] = (scan, ts)
-        with self._transaction() as conn:
+        # sorted: two replicas upserting the same devices lock them in one order (no deadlock)
+        devices, probe_scans = sorted(latest.values()), sorted(k + (ts,) for k, ts in scans.items())
+        latest_scans = sorted(k + v for k, v in newest.items())
+
+        def write(conn) -> int:
             self._check_units(conn, units)
-            before = conn.total_changes
-            conn.executemany(_INSERT_RESULT, (r + (received_ts,) for r in rows))
-            accepted = conn.total_changes - before
+            accepted = conn.executemany(_INSERT_RESULT, [r + (received_ts,) for r in rows]).rowcount
             if accepted < len(rows):  # replayed ids, or samples stored already (results_sample)
                 self._check_samples(conn, rows)
-            conn.executemany(_UPSERT_DEVICE, latest.values())
-            conn.executemany(_UPSERT_PROBE_SCAN, (k + (ts,) for k, ts in scans.items()))
-            conn.executemany(_UPSERT_LATEST_SCAN, (k + v for k, v in newest.items()))
+            conn.executemany(_UPSERT_DEVICE, devices)
+            conn.executemany(_UPSERT_PROBE_SCAN, probe_scans)
+            conn.executemany(_UPSERT_LATEST_SCAN, latest_scans)
+            if accepted and self.channels:  # the refresh leader, whichever replica it is (sent at COMMIT)
+                conn.execute("SELECT pg_notify(?, '')", (self.channels["results"],))
+            return accepted
+
+        try:
+            accepted = self._retrying(write)
+        except self.errors as e:
+            nul = _nul_field(rows) if self.url is not None else None
+            if nul is None:
+                raise
+            raise Refused(f"{nul}: contains a NUL character, which PostgreSQL cannot store") from e
         return accepted, len(rows) - accepted
 
     @staticmethod
-    def _check_units(conn: sqlite3.Connection, units: dict[tuple[str, str], tuple[int, str]]) -> None:
-        for (probe, settings), (i, unit) in units.items():
+    def _check_units(conn, units: dict[tuple[str, str], tuple[int, str]]) -> None:
+        for (probe, settings), (i, unit) in sorted(units.items()):
+            # the first unit stored wins, also against another replica's batch committed meanwhile
+            conn.execute("INSERT INTO probe_units (probe, settings, unit) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                         (probe, settings, unit))
             row = conn.execute("SELECT unit FROM probe_units WHERE probe = ? AND settings = ?", (probe, settings)).fetchone()
-            if row is None:
-                conn.execute("INSERT INTO probe_units (probe, settings, unit) VALUES (?, ?, ?)", (probe, settings, unit))
-            elif row[0] != unit:
+            if row[0] != unit:
                 raise Refused(f"results[{i}].unit: {unit!r}, but probe {probe} ({settings}) is stored in {row[0]!r}")
 
-    @staticmethod
-    def _check_samples(conn: sqlite3.Connection, rows: Sequence[tuple]) -> None:
+    def _check_samples(self, conn, rows: Sequence[tuple]) -> None:
         """Refuse a row recording a sample (device, probe, settings, scan, sample number) stored,
         or given earlier in the batch, with another value: the analysis refuses such a fleet. Only
         needed when rows were left out: a row whose sample is stored already is not inserted."""
         idx = [RESULT_COLUMNS.index(c) for c in _SAMPLE_KEY]
         i_value = RESULT_COLUMNS.index("value")
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch_samples (i INTEGER, gpu TEXT, host TEXT, "
-                     "scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, ts REAL, value REAL)")
+        conn.execute(self.dialect.ddl("CREATE TEMP TABLE IF NOT EXISTS batch_samples (i INTEGER, gpu TEXT, host TEXT, "
+                                      "scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, ts REAL, value REAL)"))
         conn.execute("DELETE FROM batch_samples")
         # a row without a sample number is that sample of its ts (as results_sample keys it)
         conn.executemany("INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -239,7 +336,7 @@ class Store:
                            -1 if r[idx[5]] is None else r[idx[5]],
                            -1 if r[idx[5]] is not None or r[idx[6]] is None else r[idx[6]], r[i_value])
                           for i, r in enumerate(rows)))
-        clash = conn.execute(_SAMPLE_CLASH).fetchone()
+        clash = conn.execute(self._sql["clash"]).fetchone()
         if clash is not None:
             i, stored = clash
             raise Refused(f"results[{i}].value: {rows[i][i_value]!r}, but this sample (scan, device, probe, "
@@ -272,7 +369,7 @@ class Store:
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
         """Every row of each device's latest scan of each probe and settings: the fleet view's
         input, as (columns, tuples)."""
-        return self._table(_SELECT_LATEST)
+        return self._table(self._sql["latest"])
 
     def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
         """Rows of each device's ``scans`` scans of each probe and settings before its latest: the
@@ -287,7 +384,7 @@ class Store:
                   FROM probe_scans s JOIN latest_scans l
                   ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
                   AND s.scan_id != l.scan_id)
-                SELECT {_HISTORY_FIELDS} FROM k CROSS JOIN results r
+                SELECT {_HISTORY_FIELDS} FROM k {self.dialect.ordered_join} results r
                 ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
                 AND COALESCE(r.settings, '') = k.settings WHERE k.rn <= ?""",
             (scans,),
@@ -296,10 +393,10 @@ class Store:
     # -- agents and cluster scans ----------------------------------------------------------
 
     @staticmethod
-    def _touch(conn: sqlite3.Connection, host: str, ts: float) -> None:
+    def _touch(conn, host: str, ts: float) -> None:
         conn.execute(
-            "INSERT INTO agents (host, last_seen_ts) VALUES (?, ?) "
-            "ON CONFLICT (host) DO UPDATE SET last_seen_ts = MAX(last_seen_ts, excluded.last_seen_ts)",
+            "INSERT INTO agents (host, last_seen_ts) VALUES (?, ?) ON CONFLICT (host) DO UPDATE SET last_seen_ts = CASE "
+            "WHEN excluded.last_seen_ts > agents.last_seen_ts THEN excluded.last_seen_ts ELSE agents.last_seen_ts END",
             (host, ts),
         )
 
@@ -308,9 +405,11 @@ class Store:
 
     def touch_agents(self, seen: dict[str, float]) -> None:
         """Mark hosts alive (host: when seen), in one transaction."""
-        with self._transaction() as conn:
-            for host, ts in seen.items():
+        def write(conn) -> None:
+            for host, ts in sorted(seen.items()):
                 self._touch(conn, host, ts)
+
+        self._retrying(write)
 
     def agents_seen_since(self, ts: float) -> list[str]:
         cur = self._reader.execute("SELECT host FROM agents WHERE last_seen_ts >= ? ORDER BY host", (ts,))
@@ -341,7 +440,10 @@ class Store:
 
     def list_scans(self, limit: int) -> list[dict]:
         """The ``limit`` newest scans, newest first, as :meth:`get_scan` gives each."""
-        return self._scans("ORDER BY created_ts DESC, rowid DESC LIMIT ?", (limit,))
+        # created at one clock reading: the one created last first (SQLite: by rowid; PostgreSQL has no
+        # rowid, and its scan ids, timestamped to the second, go last)
+        tie = "rowid" if self.path is not None else "scan_id"
+        return self._scans(f"ORDER BY created_ts DESC, {tie} DESC LIMIT ?", (limit,))
 
     def _scans(self, tail: str, params: Sequence) -> list[dict]:
         # the scans' nodes and counts are selected by the same query as the scans (a subquery, not one
@@ -381,8 +483,8 @@ class Store:
         with self._transaction() as conn:
             cur = conn.execute(
                 "UPDATE scan_nodes SET state = ?, error = ?, updated_ts = ? "
-                "WHERE scan_id = ? AND host = ? AND state NOT IN ('done', 'failed')",
-                (state, error, ts, scan_id, host),
+                f"WHERE scan_id = ? AND host = ? AND state NOT IN ({', '.join('?' * len(FINAL_STATES))})",
+                (state, error, ts, scan_id, host, *FINAL_STATES),
             )
             if cur.rowcount != 1:
                 return False
@@ -397,6 +499,36 @@ class Store:
             (host, not_before),
         )
         return _decode_scan(rows[0]) if rows else None
+
+
+def check_postgres(key: str, url: str) -> None:
+    """What ``--check`` runs for a ``postgresql://`` database: connect as the start does and read
+    its schema version, which must not be newer than this code (the start would refuse it). Never
+    migrates: a running older collector may be using the database. A one-line ConfigError."""
+    from straggler.errors import ConfigError
+
+    from .schema import LATEST, version
+
+    try:
+        conn = db.connect_pg(url)
+        try:
+            found = version(conn, db.POSTGRES)
+        finally:
+            conn.close()
+    except (ValueError, RuntimeError) + db.errors(url) as e:
+        raise ConfigError([f"{key}: {open_problem(url, e)}"]) from None
+    if found > LATEST:
+        raise ConfigError([f"{key}: {url} cannot be used (database schema version {found} is newer than this "
+                           f"program ({LATEST}))"])
+
+
+def open_problem(target: str | Path, e: BaseException) -> str:
+    """One line: why the database at ``target`` could not be opened."""
+    if isinstance(e, db.MissingDriver):
+        return str(e)
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0] if str(e) else type(e).__name__
+    kind = "a PostgreSQL" if db.is_url(target) else "an SQLite"
+    return f"{target} cannot be opened as {kind} database ({why})"
 
 
 def _decode_scan(row: dict) -> dict:

@@ -3,8 +3,10 @@
 Each iteration starts after a barrier; the barrier's wait times give each rank's arrival skew (how
 long after the first rank it arrived: ``max_j wait_j - wait_i``, clock-independent). Bandwidth
 follows nccl-tests: ``algbw = bytes / time``, ``busbw = algbw * 2(n-1)/n``; ``value`` is busbw.
-Iteration counts are agreed by all ranks (the slowest rank's warm-up time), since every rank must
-call the collective the same number of times.
+Every rank must call the collective the same number of times, so a window ends when the ranks
+agree, at each iteration's barrier, that its time is up (the longest any rank has been in it): a
+window takes its planned time however the machine's load changes after warm-up (a count fixed from
+the warm-up ran several times longer under load and overran the runner's phase deadline).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .windows import bad_readings
 
 NAME = "allreduce"
 MiB = 1 << 20
+MIN_ITERS = 2  # iterations a window measures at least, however long they take
 
 
 def defaults(kind: str) -> dict:
@@ -31,21 +34,20 @@ def prepare(dev, group, nbytes: int | None = None):
         group.all_reduce(buf)
 
     group.barrier()
-    dev.time_batch(step, 2)
-    t0 = time.perf_counter()
-    group.barrier()
-    dev.time_batch(step, 1)
-    per_iter_s = group.max_float(time.perf_counter() - t0)
+    dev.time_batch(step, 2)  # warm-up
 
     def run(duration_s: float, n_windows: int, telemetry) -> list[dict]:
-        iters = max(2, int(duration_s / n_windows / max(per_iter_s, 1e-6)))
+        window_s = duration_s / n_windows
         windows = []
         for _ in range(n_windows):
             waits, secs = [], []
             with telemetry() as tw:
-                t_start = time.time()
-                for _ in range(iters):
-                    waits.append(group.barrier())
+                t_start, t0 = time.time(), time.perf_counter()
+                while True:
+                    wait_s, longest_s = group.barrier_max(time.perf_counter() - t0)
+                    if len(secs) >= MIN_ITERS and longest_s >= window_s:
+                        break
+                    waits.append(wait_s)
                     secs.append(dev.time_batch(step, 1))
                 t_end = time.time()
             windows.append({"t_start": t_start, "t_end": t_end, "secs": secs,

@@ -22,7 +22,8 @@ from typing import Callable
 from straggler.errors import InputError, ProbeError
 
 from .devices import Launch, host_name, plan_probes, resolve_devices
-from .worker import DeviceWorker, WorkerPlan, one_line
+from .plan import ScanResult, ScanSettings, WorkerPlan, worker_plan
+from .worker import DeviceWorker, one_line
 
 
 class RankRounds:
@@ -31,9 +32,8 @@ class RankRounds:
     round rank 0 asks for, leaves the group and returns an empty result (``root`` False). Rank 0
     then calls :meth:`again` per further round and :meth:`close` at the end."""
 
-    def __init__(self, settings, launch: Launch, on_event: Callable[[dict], None] | None):
+    def __init__(self, settings: ScanSettings, launch: Launch, on_event: Callable[[dict], None] | None):
         from . import torchdev
-        from .runner import DEFAULT_DURATION_S, new_scan_id
 
         if launch.source == "slurm":  # torch's env:// rendezvous reads these names
             from straggler.slurm import rendezvous
@@ -52,11 +52,7 @@ class RankRounds:
         # srun may give each task only its own GPU (CUDA_VISIBLE_DEVICES): then the local index is 0
         self.index = dplan.indices[launch.local_rank % len(dplan.indices)]
         probes, notes = plan_probes(settings.probes, dplan.kind, launch.world_size)
-        duration = settings.duration_s or DEFAULT_DURATION_S[dplan.kind]
-        self.plan = WorkerPlan(scan_id=settings.scan_id or new_scan_id(host), host=host, kind=dplan.kind,
-                               probes=probes, duration_s=duration, n_windows=settings.samples,
-                               telemetry=settings.telemetry, start_at=settings.start_at,
-                               group_timeout_s=2 * duration + 3 * settings.grace_s)
+        self.plan = worker_plan(settings, host, dplan.kind, probes)
         self.host, self.kind = host, dplan.kind
         self.notice = f"device {dplan.kind} under {launch.source} (rank {launch.rank} of {launch.world_size}): " \
                       f"{dplan.reason}" + "".join(f"; {n}" for n in notes)
@@ -71,11 +67,10 @@ class RankRounds:
                 self.on_event({**msg, "world_size": self.launch.world_size, "probes": plan.probes})
         return emit
 
-    def _round(self, plan: WorkerPlan):
+    def _round(self, plan: WorkerPlan) -> ScanResult | None:
         """Run one round on this rank and gather it; the ScanResult of every rank's messages on rank
         0, None on the others."""
         from . import torchdev
-        from .runner import ScanResult
 
         mine: list[dict] = []
         if self.worker is None:  # the first round: the device, its telemetry, the group
@@ -112,11 +107,9 @@ class RankRounds:
         res.notice = f"{self.notice}; telemetry {', '.join(tel)}"
         return res
 
-    def first(self):
-        from .runner import ScanResult
-
+    def first(self) -> ScanResult:
         res = self._round(self.plan)
-        if self.launch.rank == 0:
+        if res is not None:  # rank 0
             return res
         try:  # follow rank 0: its next round's plan, or None (stop)
             while self.joined:
@@ -132,7 +125,7 @@ class RankRounds:
             self.close()
         return ScanResult(self.plan.scan_id, self.host, self.kind, self.notice, root=False)
 
-    def again(self, probes: tuple[str, ...], samples: int, duration_s: float):
+    def again(self, probes: tuple[str, ...], samples: int, duration_s: float) -> ScanResult:
         """Rank 0: one further round on every rank (``duration_s`` per probe for ``samples`` windows)."""
         if not self.joined or self.closed:
             raise ProbeError("the process group is gone: no further round")
@@ -143,7 +136,9 @@ class RankRounds:
         except Exception as e:  # noqa: BLE001 - the others cannot be told: no round
             self.joined = False
             raise ProbeError(f"cannot tell the other ranks the next round: {one_line(e)}") from None
-        return self._round(plan)
+        res = self._round(plan)
+        assert res is not None  # rank 0 (the only one that calls this) always has a result
+        return res
 
     def close(self) -> None:
         """Rank 0 tells the other ranks that no round follows; every rank leaves the group."""
@@ -159,7 +154,7 @@ class RankRounds:
             self.worker.close()
 
 
-def run_rank(settings, launch: Launch, on_event: Callable[[dict], None] | None):
+def run_rank(settings: ScanSettings, launch: Launch, on_event: Callable[[dict], None] | None) -> ScanResult:
     """One round of a torchrun/srun scan on this rank (rank 0's result holds every rank's)."""
     rounds = RankRounds(settings, launch, on_event)
     try:

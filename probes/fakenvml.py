@@ -1,6 +1,6 @@
 """A telemetry backend that replays a fixture: the same protocol and the same reading builder as NVML.
 
-A fixture (``probes/fixtures/<scenario>.json``, shipped in the package as ``straggler/probes/fixtures/``, or one written by :func:`probes.record.record_fixture`)::
+A fixture (``probes/fixtures/<scenario>.json``, shipped in the package as ``straggler/probes/fixtures/``, or one written by :func:`probes.fixture_recorder.record_fixture`)::
 
     {"source": "...", "scenario": "h100_healthy", "backend": "nvml", "interval_s": 0.1,
      "devices": [{"base": {<reading fields>}, "frames": [{<reading fields>}, ...]}, ...],

@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-from straggler.finding import ERROR, FAIL, Finding
+from straggler.finding import ERROR, Finding
 
 from .telemetry import STATUS_OK, reading_to_dict
 

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
+from straggler.records import THROTTLE_REASONS
+
 from .telemetry import (
     IDENTITY_FIELDS,
     STATUS_ERROR,
@@ -46,18 +48,11 @@ INIT_HINTS = {
     "the nvidia kernel module",
     "pynvml_missing": "the nvidia-ml-py package (pynvml) is not installed: pip install nvidia-ml-py",
 }
-# Our throttle-reason names -> pynvml constant (the clock-event name first, the older throttle name second).
-REASON_CONSTANTS = (
-    ("gpu_idle", "GpuIdle"),
-    ("applications_clocks_setting", "ApplicationsClocksSetting"),
-    ("sw_power_cap", "SwPowerCap"),
-    ("hw_slowdown", "HwSlowdown"),
-    ("sync_boost", "SyncBoost"),
-    ("sw_thermal_slowdown", "SwThermalSlowdown"),
-    ("hw_thermal_slowdown", "HwThermalSlowdown"),
-    ("hw_power_brake_slowdown", "HwPowerBrakeSlowdown"),
-    ("display_clocks_setting", "DisplayClockSetting"),
-)
+# Our throttle-reason names (the one list: straggler.records.THROTTLE_REASONS) -> the pynvml constant's
+# suffix (the clock-event name first, the older throttle name second): the name in CamelCase, but one.
+_NVML_SPELLING = {"display_clocks_setting": "DisplayClockSetting"}
+REASON_CONSTANTS = tuple((name, _NVML_SPELLING.get(name) or "".join(w.capitalize() for w in name.split("_")))
+                         for name in THROTTLE_REASONS)
 
 
 class NvmlFailure(NamedTuple):
@@ -150,7 +145,7 @@ def _query(fn: Callable[[], Any]) -> Any:
     """The funnel: run one NVML call; whatever it raises becomes an NvmlFailure."""
     try:
         return fn()
-    except Exception as e:  # every failure is a status on the reading, never an escape
+    except Exception as e:  # noqa: BLE001 - every failure is a status on the reading, never an escape
         return failure_of(e)
 
 

@@ -18,68 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
-from straggler.errors import InputError
-
-from .budget import GRACE_S, phase_deadlines, round_needed_s, scan_needed_s
-from .devices import DEVICE_CHOICES, PROBES, host_name, launcher, plan_probes, resolve_devices, visible_gpus
-from .worker import EXIT_ABORTED, WorkerPlan
-
-DEFAULT_DURATION_S = {"cpu": 4.0, "cuda": 15.0}  # per probe
-
-
-@dataclass(frozen=True)
-class ScanSettings:
-    probes: tuple[str, ...] = PROBES
-    duration_s: float | None = None  # per probe; None: 4 s on CPU cores, 15 s on GPUs
-    device: str = "auto"
-    scan_id: str | None = None
-    start_at: float | None = None  # Unix time of the first probe barrier
-    deadline_s: float | None = None  # whole scan; None: derived from the plan
-    samples: int = 5  # windows (samples) per device and probe
-    telemetry: str = "auto"
-    grace_s: float = GRACE_S  # a probe phase may last 2 x duration + grace before its worker is killed
-
-    def problems(self) -> list[str]:
-        out = [f"--{k} must be a finite number, got {v}" for k, v in (("start-at", self.start_at), ("duration", self.duration_s), ("deadline", self.deadline_s)) if v is not None and not abs(v) < float("inf")]  # noqa: E501
-        if self.duration_s is not None and not self.duration_s > 0:
-            out.append(f"--duration must be > 0 seconds, got {self.duration_s}")
-        if self.deadline_s is not None and not self.deadline_s > 0:
-            out.append(f"--deadline must be > 0 seconds, got {self.deadline_s}")
-        if self.device not in DEVICE_CHOICES:
-            out.append(f"unknown device {self.device!r}; choose from {', '.join(DEVICE_CHOICES)}")
-        if self.samples < 1:
-            out.append(f"samples must be >= 1, got {self.samples}")
-        return out
-
-
-@dataclass
-class ScanResult:
-    scan_id: str
-    host: str
-    backend: str  # "cpu" or "cuda"
-    notice: str  # which backend ran and why, one line
-    samples: list[dict] = field(default_factory=list)  # canonical rows
-    failures: list[dict] = field(default_factory=list)  # {"host", "device", "rank", "probe", "error"}
-    devices: list[dict] = field(default_factory=list)  # {"host", "gpu", "index", "model", "rank"}
-    root: bool = True  # False on the non-zero ranks of a torchrun/srun scan (they report nothing)
-    duration_s: float | None = None  # per probe, as run
-
-
-def new_scan_id(host: str) -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{host}-{uuid.uuid4().hex[:6]}"
-
-
-def check_settings(settings: ScanSettings) -> None:
-    problems = settings.problems()
-    if problems:
-        raise InputError("; ".join(problems))
-
+from .budget import phase_deadlines, round_needed_s, scan_needed_s
+from .devices import host_name, launcher, plan_probes, resolve_devices, visible_gpus
+from .distributed import RankRounds, run_rank
+from .plan import ScanResult, ScanSettings, WorkerPlan, check_settings, worker_plan
+from .worker import EXIT_ABORTED
 
 def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = None,
              stopped: Callable[[], str | None] | None = None) -> ScanResult:
@@ -88,8 +36,6 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
     check_settings(settings)
     launch = launcher()
     if launch is not None:
-        from .distributed import run_rank
-
         return run_rank(settings, launch, on_event)
     host = host_name()
     # the launcher never imports torch (seconds of start-up): NVML counts the GPUs, the workers
@@ -97,16 +43,11 @@ def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = N
     count, counted_by = (0, "NVML (not asked: --device cpu)") if settings.device == "cpu" else gpu_count()
     dplan = resolve_devices(settings.device, count, os.sched_getaffinity(0), counted_by)
     probes, notes = plan_probes(settings.probes, dplan.kind, len(dplan.indices))
-    check_telemetry(settings.telemetry)
-    duration = settings.duration_s or DEFAULT_DURATION_S[dplan.kind]
-    plan = WorkerPlan(scan_id=settings.scan_id or new_scan_id(host), host=host, kind=dplan.kind,
-                      probes=probes, duration_s=duration, n_windows=settings.samples,
-                      telemetry=settings.telemetry, start_at=settings.start_at,
-                      group_timeout_s=2 * duration + 3 * settings.grace_s)
+    plan = worker_plan(settings, host, dplan.kind, probes)
     watch = Watch(plan, dplan.indices, settings, on_event, stopped)
     watch.run()
     res = watch.result(f"device {dplan.kind}: {dplan.reason}", notes)
-    res.duration_s = duration
+    res.duration_s = plan.duration_s
     return res
 
 
@@ -132,7 +73,7 @@ class ScanRounds:
         self.overhead_s = 0.0  # the longest a round took beyond its probing (start-up, warm-up, report)
         self.stopped_by: str | None = None  # a signal that came between two rounds
         self.done_probes: tuple[str, ...] = ()  # the probes of the rounds so far, one entry per round
-        self.ranks = None  # torchrun/srun: this rank's RankRounds
+        self.ranks: RankRounds | None = None  # torchrun/srun: this rank's RankRounds
 
     def _progress(self, before: tuple[str, ...]) -> Callable[[dict], None] | None:
         """The progress display counts the probes of every round so far, not of this round alone."""
@@ -182,8 +123,6 @@ class ScanRounds:
         return res
 
     def _launched(self, s: ScanSettings, probes: tuple[str, ...], samples: int) -> ScanResult:
-        from .distributed import RankRounds
-
         if self.ranks is None:
             check_settings(s)
             self.ranks = RankRounds(s, launcher(), self._progress(self.done_probes))
@@ -218,15 +157,6 @@ def gpu_count() -> tuple[int, str]:
     finally:
         nvml.close()
     return visible_gpus(count), "NVML"
-
-
-def check_telemetry(spec: str) -> None:
-    """A bad telemetry spec or fixture is one InputError now, before any worker starts."""
-    try:
-        from .backends import open_backend
-    except ImportError:
-        return  # the workers say "telemetry unavailable" in the notice
-    open_backend(spec).close()
 
 
 def deadlines(plan: WorkerPlan, grace_s: float) -> dict[str, float]:

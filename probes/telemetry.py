@@ -135,14 +135,7 @@ def reading_from_dict(data: Mapping[str, Any], **overrides: Any) -> DeviceReadin
     return DeviceReading(**merged)
 
 
-def identity_only(reading: DeviceReading, status: str, errors: Mapping[str, str]) -> DeviceReading:
-    """The identity of ``reading`` with every state field unknown (a lost or unreadable device)."""
-    keep = {name: getattr(reading, name) for name in IDENTITY_FIELDS}
-    return DeviceReading(ts=reading.ts, status=status, errors=dict(errors), **keep)
-
-
 __all__ = [
     "THROTTLE_REASONS", "STATUS_OK", "STATUS_LOST", "STATUS_ERROR", "DeviceReading", "NodeSnapshot",
     "TelemetryBackend", "READING_FIELDS", "IDENTITY_FIELDS", "reading_to_dict", "reading_from_dict",
-    "identity_only",
 ]

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 _torch: Any = None
 
@@ -168,6 +167,14 @@ class Group:
         self.dist.barrier(group=self.ctl)
         return time.perf_counter() - t0
 
+    def barrier_max(self, value: float) -> tuple[float, float]:
+        """A barrier that also agrees on a number: (seconds waited, the largest ``value`` of any rank).
+        Every rank gets the same maximum, so a loop that stops on it stops on every rank at once."""
+        self.device.synchronize()
+        t0 = time.perf_counter()
+        top = self.max_float(value)
+        return time.perf_counter() - t0, top
+
     def all_reduce(self, tensor) -> None:
         self.dist.all_reduce(tensor)
 
@@ -202,9 +209,3 @@ class Group:
             self.dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - tearing down a broken group must not mask the real error
             pass
-
-
-@contextmanager
-def no_grad() -> Iterator[None]:
-    with torch().no_grad():
-        yield

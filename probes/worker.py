@@ -14,28 +14,14 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Callable
 
 from . import allreduce, faults, matmul, membw, pcie, windows
 from .devices import COLLECTIVE
+from .plan import WorkerPlan
 
 MODULES = {"matmul": matmul, "membw": membw, "pcie": pcie, "allreduce": allreduce}
 EXIT_ABORTED = 3  # the worker stopped after reporting a failure
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    scan_id: str
-    host: str
-    kind: str  # "cpu" | "cuda"
-    probes: tuple[str, ...]
-    duration_s: float  # per probe
-    n_windows: int  # samples per device per probe
-    telemetry: str = "auto"  # open_backend spec
-    interval_s: float = 0.1
-    start_at: float | None = None  # wall-clock instant of the first probe barrier
-    group_timeout_s: float = 120.0
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:
@@ -51,12 +37,9 @@ class WindowTelemetry:
         self.backend = self.sampler = None
         self.note = None
         self.first = None
-        try:
-            from .backends import open_backend
-            from .sampler import Sampler
-        except ImportError as e:
-            self.note = f"telemetry unavailable ({one_line(e)})"
-            return
+        from .backends import open_backend
+        from .sampler import Sampler
+
         self.backend = open_backend(spec, kind)
         if self.backend.name == "nvml" and self.backend.device_count() == 0:
             why = getattr(self.backend, "init_error", None) or "NVML sees no GPU"

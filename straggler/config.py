@@ -108,7 +108,7 @@ def load(
     that set it, e.g. ``interval_s`` to ``--interval``). Raises ConfigError listing every problem,
     each naming its source; the message starts with the file only when a file was read."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     problems: list[str] = []
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}  # field -> the env variable or option that set it (a file's keys: none)
@@ -173,7 +173,7 @@ def load(
     for p in (check() if callable(check) else []):
         if p.split(":", 1)[0].split(" ", 1)[0] not in failed:
             problems.append(_from(p, origin))
-    if not problems:
+    if not problems and cfg is not None:
         return cfg
     raise ConfigError(problems, source)
 

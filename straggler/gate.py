@@ -20,7 +20,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS
 from .finding import ERROR, FAIL, Finding
@@ -48,6 +51,7 @@ class GateSettings:
     telemetry: str = "auto"  # the health phase's NVML backend (fake:<scenario> in tests)
     collector: str | None = None
     token: str | None = field(default=None, repr=False)  # the collector's bearer token (fleet reads, drains)
+    node: str | None = None  # this node's Slurm name (--node): its devices are no part of its fleet reference
     state_dir: Path | None = None  # last check's NVML counters and the cached fleet reference
     kernel_log: str = "/dev/kmsg"  # where XID events are read ("-": not read)
 
@@ -158,6 +162,7 @@ class Gate:
 
         limit = min(HEALTH_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.5))
         cmd = [sys.executable, "-m", "straggler.probes.health", self.s.telemetry, self.s.kernel_log]
+        doc: dict[str, Any]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL)
             doc = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else \
@@ -196,13 +201,16 @@ class Gate:
     def _reference(self) -> None:
         from .reference import fleet_reference
 
+        names = {n for n in (self.s.node, self.report.slurm.get("slurm_node"), self.report.host) if n}
         ref = fleet_reference(self.s.collector, self.state_dir / "fleet-reference.json",
-                              min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)), self.s.token)
+                              min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)), self.s.token,
+                              node=names)
         self.report.reference = ref
 
     # ---- probes
     def _probes(self, kind: str):
-        from .probes.runner import ScanRounds, ScanSettings
+        from .probes.plan import ScanSettings
+        from .probes.runner import ScanRounds
         from .remeasure import remeasure
 
         if kind == "cuda" and self.s.gpus is not None:
@@ -242,7 +250,7 @@ class Gate:
                                               ref.source if ref is not None else PEERS)
 
 
-def analysis_table(samples: list[dict], refs) -> "pd.DataFrame":  # noqa: F821 - pandas stays lazy
+def analysis_table(samples: list[dict], refs) -> pd.DataFrame:
     """The analysis' device table of ``samples``, with the fleet ``refs`` as references (which
     the analysis uses for a device without peers)."""
     from .analysis import analyze
@@ -266,6 +274,8 @@ def judge_samples(samples: list[dict], kind: str, gpus: tuple[int, ...] | None =
         table = analysis_table(samples, refs)
     except StragglerError as e:
         return [Finding("node", "reference", "none", "no-peers", str(e), ERROR)]
+    from straggler.analysis.causes import UNEXPLAINED  # (the analysis ran: pandas is loaded)
+
     out = []
     for d in table.to_dict("records"):
         dev = _label(d["gpu"], kind, gpus, d.get("index"))
@@ -273,7 +283,7 @@ def judge_samples(samples: list[dict], kind: str, gpus: tuple[int, ...] | None =
         value = f"{ratio:.2f}x" if isinstance(ratio, float) and ratio == ratio else "-"
         if d["verdict"] == "straggler":
             causes = list(d.get("causes") or ())
-            cause = causes[0] if causes and causes[0] != "unexplained" else "slow"
+            cause = causes[0] if causes and causes[0] != UNEXPLAINED else "slow"
             out.append(Finding(dev, d["probe"], value, cause, _short(d.get("evidence"))))
         elif d["verdict"] == "undecided":
             out.append(Finding(dev, d["probe"], value, "undecided", _short(d.get("undecided_reason")), ERROR))

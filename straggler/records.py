@@ -172,9 +172,9 @@ def read_throttle(text: object) -> tuple[dict[str, float], list[str]]:
     if mask is not None:
         if mask < 0:
             raise ValueError(f"throttle_reasons: negative bit mask {mask}")
-        shares = {name: 1.0 for name, bit in THROTTLE_BITS.items() if mask & bit}
+        masked = {name: 1.0 for name, bit in THROTTLE_BITS.items() if mask & bit}
         rest = mask & ~sum(THROTTLE_BITS.values())
-        return shares, ([hex(rest)] if rest else [])
+        return masked, ([hex(rest)] if rest else [])
     shares: dict[str, float] = {}
     unknown: list[str] = []
     for part in str(raw).replace("|", ";").replace(",", ";").replace(" ", ";").split(";"):
@@ -194,10 +194,14 @@ def read_throttle(text: object) -> tuple[dict[str, float], list[str]]:
     return shares, unknown
 
 
-def parse_throttle(text: object) -> dict[str, float]:
+def parse_throttle(text: object) -> dict[str, float] | None:
     """The reasons of a ``throttle_reasons`` cell (see :func:`read_throttle`; inverse of
-    :func:`format_throttle`); unknown names are left out. Empty, None or NaN give ``{}``."""
-    return read_throttle(text)[0]
+    :func:`format_throttle`); unknown names are left out. Empty, None or NaN give ``{}``; a cell
+    that cannot be read (a bad share, a negative mask, not text or a number) gives None."""
+    try:
+        return read_throttle(text)[0]
+    except (ValueError, TypeError):
+        return None
 
 
 def empty_frame() -> "pd.DataFrame":

@@ -1,5 +1,8 @@
 """The fleet reference the gate judges a node against: per ``model|probe|settings``, the median
-value of the fleet's healthy devices.
+value of the healthy devices of the OTHER nodes of the fleet. The node's own results at the
+collector (its agent's scans and retests) are its own past, not its fleet: kept in, a one-node
+fleet (or a node just resumed after its retests) was judged against itself a minute earlier, with
+the fleet test's fixed threshold and no noise model, and drained again on that noise.
 
 From the collector when it answers (``GET /api/v1/gpus``, the fleet's latest verdicts), written to
 a cache file each time; else the last cached copy; else none (the gate then compares the node's
@@ -16,7 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 COLLECTOR, CACHE, PEERS = "collector", "cache", "peers only"
 
@@ -31,11 +34,13 @@ class FleetReference:
         return {"source": self.source, "note": self.note, "entries": len(self.values)}
 
 
-def reference_values(gpus: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+def reference_values(gpus: Iterable[Mapping[str, Any]], leave_out: Collection[str] = ()) -> dict[str, float]:
     """``/api/v1/gpus`` entries -> the median value of the devices not flagged, per model, probe
-    and settings (pure)."""
+    and settings, without the devices of the hosts in ``leave_out`` (the node judged) (pure)."""
     groups: dict[str, list[float]] = {}
     for g in gpus:
+        if g.get("host") in leave_out:
+            continue
         for p in g.get("probes") or ():
             v = p.get("value")
             if p.get("straggler") or p.get("verdict") in ("straggler", "undecided") or \
@@ -46,19 +51,25 @@ def reference_values(gpus: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def fleet_reference(url: str | None, cache: Path | None, timeout_s: float,
-                    token: str | None = None) -> FleetReference:
+                    token: str | None = None, node: Collection[str] = ()) -> FleetReference:
     """The reference from ``url`` (within ``timeout_s``; ``token``: the collector's bearer token, which
-    its fleet reads need unless it sets ``open_reads``), else from ``cache``, else none."""
+    its fleet reads need unless it sets ``open_reads``), else from ``cache``, else none. ``node``: the
+    names the judged node may have at the collector (its Slurm name, its host name); its own
+    devices are left out (said in the note)."""
     why = "no --collector given"
     if url:
         try:
-            values = reference_values(_get_gpus(url, timeout_s, token))
+            gpus = _get_gpus(url, timeout_s, token)
+            values = reference_values(gpus, node)
         except (OSError, ValueError, urllib.error.URLError) as e:
             why = f"collector {url} unreachable ({_reason(e)})"
         else:
             if cache is not None:
                 _write_cache(cache, url, values)
-            return FleetReference(COLLECTOR, f"collector {url}: {len(values)} model/probe reference(s)", values)
+            own = [g for g in gpus if g.get("host") in node]
+            names = ", ".join(sorted({str(g["host"]) for g in own}))
+            note = f" (the {len(own)} device(s) of {names} itself left out)" if own else ""
+            return FleetReference(COLLECTOR, f"collector {url}: {len(values)} model/probe reference(s){note}", values)
     if cache is not None:
         try:
             doc = json.loads(cache.read_text())

@@ -112,9 +112,9 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
             round_probes = tuple(p for p in probes if p in want) or tuple(sorted(want))
             need = max(_needed(e) or max_samples for e in decidable)
             round_samples = max(samples, min(max_samples, math.ceil(need)))
-            why = fits(round_probes, round_samples) if fits is not None else None
-            if why:
-                out.stopped = f"{why}, {undecided} still undecided"
+            too_long = fits(round_probes, round_samples) if fits is not None else None
+            if too_long:
+                out.stopped = f"{too_long}, {undecided} still undecided"
             else:
                 try:
                     res = measure(round_probes, round_samples)
@@ -149,14 +149,11 @@ def renumber(before: list[dict], rows: list[dict]) -> list[dict]:
 
 
 def analysis_verdicts(samples: list[dict]) -> list[dict]:
-    """The analysis engine's per (device, probe) verdict and ``samples_needed``; none where the engine
-    is not installed (its stand-in rule leaves nothing undecided)."""
+    """The analysis engine's per (device, probe) verdict and ``samples_needed``."""
     if not samples:
         return []
-    try:
-        from straggler.analysis import analyze
-    except ImportError:
-        return []
+    from straggler.analysis import analyze
+
     from .records import to_frame
 
     devices = analyze(to_frame(samples)).devices

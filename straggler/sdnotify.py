@@ -47,6 +47,3 @@ class Notifier:
 
     def stopping(self, status: str = "stopping") -> bool:
         return self.send("STOPPING=1", f"STATUS={status}")
-
-    def reloading(self) -> bool:
-        return self.send("RELOADING=1")

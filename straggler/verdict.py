@@ -65,7 +65,7 @@ def device_tier(probes: Iterable[Mapping]) -> dict:
     tiers = {r.get("verdict") for r in rows}
     verdict = next((t for t in TIERS if t in tiers), None)
     needed = [r["samples_needed"] for r in rows if r.get("verdict") == "undecided" and _finite(r.get("samples_needed"))]
-    classes = [r.get("perf_class") for r in rows if r.get("perf_class") in CLASSES]
+    classes = [str(r["perf_class"]) for r in rows if r.get("perf_class") in CLASSES]
     return {"verdict": verdict, "degraded": any(bool(r.get("degraded")) for r in rows),
             "samples_needed": int(max(needed)) if needed else None,
             "perf_class": max(classes) if classes else None}
@@ -78,7 +78,7 @@ def probe_note(row: Mapping) -> str | None:
     parts = []
     if row.get("verdict") == "undecided":
         n = row.get("n_samples")
-        n_text = "n=" + (str(int(n)) if _finite(n) else "?")
+        n_text = "n=" + (str(int(n)) if n is not None and _finite(n) else "?")
         if str(row.get("basis") or "none").startswith("none"):
             parts.append("no peers, history or reference")
         elif _finite(row.get("samples_needed")):

@@ -59,7 +59,7 @@ def scan_timeout_s(probes: tuple[str, ...], duration_s: float, samples: int = 5)
     stopped by its own deadline, which the test then sees."""
     from straggler.probes.budget import GRACE_S, SETUP_S
     from straggler.probes.runner import total_deadline
-    from straggler.probes.worker import WorkerPlan
+    from straggler.probes.plan import WorkerPlan
 
     plan = WorkerPlan(scan_id="t", host="t", kind="cpu", probes=tuple(probes), duration_s=duration_s,
                       n_windows=samples)

@@ -108,13 +108,16 @@ class Slurm:
 
 
 def conf_text(d: Path, cpus: int, extra: Sequence[str]) -> str:
+    """slurm.conf; an ``AuthInfo=`` line in ``extra`` (e.g. ``AuthInfo=cred_expire=30``) adds to the socket's."""
+    auth = ",".join([f"socket={d}/munge/munge.socket", *(x.split("=", 1)[1] for x in extra if x.startswith("AuthInfo="))])
+    extra = [x for x in extra if not x.startswith("AuthInfo=")]
     lines = [
         "ClusterName=straggler-test",
         f"SlurmctldHost={NODE}",
         "SlurmUser=root",
         "SlurmdUser=root",
         "AuthType=auth/munge",
-        f"AuthInfo=socket={d}/munge/munge.socket",
+        f"AuthInfo={auth}",
         "CredType=cred/munge",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",

@@ -450,3 +450,33 @@ def test_poller_waits_while_a_queued_scan_is_offered_again(tmp_path):
         server.close()
     assert scans.qsize() == 1  # queued once
     assert server.polls <= 5, server.polls  # about one poll a second, not a tight loop
+
+
+def test_node_name_option_and_the_old_host_spelling(tmp_path, straggler_cmd):
+    """--node-name names the node; the old --host still does, with one warning line, unless its value
+    looks like an address (--host 0.0.0.0 once named the node "0.0.0.0" and still listened on loopback)."""
+    from conftest import free_port
+
+    def check(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", str(free_port()),
+                                               "--spool", str(tmp_path / "s.sqlite"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    named = check("--node-name", "gpu-node-17")
+    assert named.returncode == 0 and named.stderr == "", named.stderr
+    assert json.loads(named.stdout)["host"] == "gpu-node-17"
+    old = check("--host", "gpu-node-17")
+    assert old.returncode == 0 and json.loads(old.stdout)["host"] == "gpu-node-17"
+    assert old.stderr.splitlines() == ["straggler: warning: --host is deprecated: it names this node; use "
+                                       "--node-name gpu-node-17 (--listen-address is the /metrics bind address)"]
+    for address in ("0.0.0.0", "10.1.2.3:9401", "::1", "[fe80::1]:9401"):
+        refused = check("--host", address)
+        assert refused.returncode == 2 and refused.stdout == "", (address, refused.stdout)
+        assert refused.stderr.splitlines() == [
+            f"straggler: error: --host {address}: looks like an address, and --host names this node; "
+            "--listen-address sets the /metrics bind address, --node-name the node's name"]
+    both = check("--host", "a", "--node-name", "b")
+    assert both.returncode == 2 and both.stderr.splitlines() == [
+        "straggler: error: --host is the old spelling of --node-name: give only --node-name"]
+    assert "--node-name" in subprocess.run(straggler_cmd + ["agent", "--help"], capture_output=True,
+                                           text=True, timeout=60).stdout

@@ -285,7 +285,9 @@ def test_a_telemetry_read_that_raises_never_lets_a_probe_start(agents, tmp_path)
     interval_s, grace_s = 0.5, 2.0
     a = agents(telemetry=f"fake:{fixture}", interval_s=interval_s, idle_grace_s=grace_s, probe_every_s=3600,
                probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
-    failed = lambda: value(scrape(a), "straggler_agent_errors_total", source="telemetry") or 0
+    def failed():
+        return value(scrape(a), "straggler_agent_errors_total", source="telemetry") or 0
+
     # enough failed ticks that the grace period, counted from the good ones, has long passed
     wait_until(lambda: failed() >= grace_s / interval_s + 3, what="failed telemetry reads")
     assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0

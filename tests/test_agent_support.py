@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from conftest import free_port as free_port  # re-exported: the agent tests import it from here
 
 # The probe child's contract: `... --json --output F --scan-id ID --deadline S ... [--start-at T]`.
 # FAKE_SCAN_MODE: ok (3 rows, exit 0), hang (2 rows then sleeps), fail (1 row, exit 2), undecided (3 rows,

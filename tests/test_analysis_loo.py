@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from straggler.analysis import analyze
-from straggler.probes.report import device_report
+from straggler.scanverdict import device_report
 
 # A reviewer's 4-core fleet group (2 hosts x 2 cores): noisy matmul samples, the cores 5-15% apart.
 MIN4 = {("n1", "cpu0"): [24.42, 28.33, 22.94, 26.12, 23.25], ("n1", "cpu1"): [27.4, 18.22, 20.73, 20.5, 19.68],

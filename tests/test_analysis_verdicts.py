@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_analysis import MODEL, fleet, flagged, row
+from test_analysis import fleet, flagged, row
 from straggler import records
-from straggler.analysis import AnalysisConfig, analyze
+from straggler.analysis import analyze
 from straggler.analysis.detect import Test as Evidence
 from straggler.analysis.detect import decide
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from conftest import require_tool
 from straggler.collector.fleet import FleetSnapshot, build_gpus
 from straggler.collector.metrics import FleetCollector
+from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: the collector runs on SQLite and PostgreSQL)
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings
 from straggler.records import result_id
@@ -51,9 +52,9 @@ def make_rows(host, n_gpus=4, scan_id="s1", ts=1_700_000_000.0, slow=(), probe="
     return rows
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    db = tmp_path_factory.mktemp("collector") / "collector.db"
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory):
+    db = database(request, tmp_path_factory.mktemp("collector") / "collector.db")
     settings = CollectorSettings(port=0, db_path=db, max_request_bytes=256 * 1024, max_batch_rows=500,
                                  analysis_debounce_s=0.05, analysis_max_delay_s=1.0)
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
@@ -203,6 +204,19 @@ def test_a_unit_other_than_the_stored_one_is_422(server):
     # rows without a unit or without a scan id and sample number are fine
     loose = [dict(r, unit=None, scan_id=None, sample=None) for r in make_rows("u3", probe="unitprobe", samples=1)]
     assert post(server, {"host": "u3", "results": loose}).json()["accepted"] == 4
+
+
+def test_a_nul_character_in_a_text_field_is_stored_or_refused_by_name(server):
+    rows = make_rows("nul", n_gpus=1, samples=1)
+    rows[0]["driver"] = "550.54\x00"
+    rows[0]["id"] = result_id(rows[0])
+    r = post(server, {"host": "nul", "results": rows})
+    if server.collector.store.url is None:  # SQLite's text holds it
+        assert r.status_code == 200 and count(server, "nul") == 1
+    else:  # PostgreSQL's cannot: a 422 naming the field, not a database failure
+        assert r.status_code == 422 and count(server, "nul") == 0
+        assert r.json()["detail"] == "results[0].driver: contains a NUL character, which PostgreSQL cannot store"
+    assert server.client.get("/healthz").json()["status"] == "ok"
 
 
 def test_nan_value_is_refused_but_nan_telemetry_is_missing(server):

@@ -16,11 +16,12 @@ from straggler.collector.settings import CollectorSettings
 from straggler.collector.store import Store
 from straggler.records import result_id
 from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
+from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: server runs on SQLite and PostgreSQL)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    db = tmp_path_factory.mktemp("attacks") / "collector.db"
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory):
+    db = database(request, tmp_path_factory.mktemp("attacks") / "collector.db")
     settings = CollectorSettings(port=0, db_path=db, max_batch_rows=50, analysis_debounce_s=0.05,
                                  analysis_max_delay_s=1.0)
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
@@ -314,7 +315,7 @@ def test_a_corrupt_database_fails_healthz_at_start(tmp_path):
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             deadline = time.monotonic() + 60
-            while (body := c.get("/healthz").json())["database"]["quick_check"] is None:
+            while c.get("/healthz").json()["database"]["quick_check"] is None:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             h = c.get("/healthz")

@@ -14,11 +14,12 @@ from straggler.collector.client import CollectorError, cluster_scan
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings
 from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
+from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: server runs on SQLite and PostgreSQL)
 
 
-@pytest.fixture
-def server(tmp_path):
-    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=0.05, max_wait_s=5.0,
+@pytest.fixture(params=BACKENDS)
+def server(request, tmp_path):
+    settings = CollectorSettings(port=0, db_path=database(request, tmp_path / "c.db"), analysis_debounce_s=0.05, max_wait_s=5.0,
                                  agent_seen_s=60.0)
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as client:

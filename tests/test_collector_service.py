@@ -262,7 +262,7 @@ def test_a_cluster_scan_failure_without_a_rank_names_none():
 
     from rich.console import Console
 
-    from straggler.probes.render import render_scan
+    from straggler.scanview import render_scan
 
     report = {"devices": [], "stragglers": 0, "engine": "straggler.analysis"}
     failures = [{"host": "node7", "device": "-", "rank": None, "probe": "scan", "error": "node busy"},

@@ -15,6 +15,7 @@ from straggler.collector.metrics import FleetCollector, SelfMetrics, cause_label
 from straggler.collector.store import RESULT_COLUMNS, Refused, Store, row_tuples
 from straggler.records import result_id
 from test_collector_api import make_rows
+from postgres import db_url, pg_server  # noqa: F401 (fixtures: the tests taking db_url run on SQLite and PostgreSQL)
 
 
 def insert_old(conn, rows):
@@ -30,13 +31,13 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 9
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 10
     assert store.migrated_from == 0
     store.close()
 
 
-def test_batches_are_idempotent_and_track_each_device_latest_scan(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_batches_are_idempotent_and_track_each_device_latest_scan(db_url):
+    store = Store(db_url)
     s1 = make_rows("h", n_gpus=2, scan_id="s1", ts=100.0)
     s2 = make_rows("h", n_gpus=2, scan_id="s2", ts=200.0)
     assert store.ingest(row_tuples(s2), 1.0) == (6, 0)
@@ -53,8 +54,8 @@ def test_batches_are_idempotent_and_track_each_device_latest_scan(tmp_path):
     store.close()
 
 
-def test_a_scan_of_one_probe_keeps_the_other_probes_latest_scan(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_a_scan_of_one_probe_keeps_the_other_probes_latest_scan(db_url):
+    store = Store(db_url)
     both = make_rows("h", n_gpus=4, scan_id="s1", ts=100.0, slow=(1,)) + make_rows(
         "h", n_gpus=4, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings="size=1GiB")
     store.ingest(row_tuples(both), 1.0)
@@ -72,8 +73,6 @@ def test_a_scan_of_one_probe_keeps_the_other_probes_latest_scan(tmp_path):
 
 
 def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
-    from straggler.collector import store as store_module
-
     store = Store(tmp_path / "c.db")
     plans = []
     table = store._table
@@ -82,7 +81,7 @@ def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
     store.earlier_samples(3)
     conn = store._writer
     store._check_samples(conn, [])
-    plans.append(conn.execute("EXPLAIN QUERY PLAN " + store_module._SAMPLE_CLASH).fetchall())
+    plans.append(conn.execute("EXPLAIN QUERY PLAN " + store._sql["clash"]).fetchall())
     details = [[row[-1] for row in plan] for plan in plans]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[0]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[1]
@@ -92,11 +91,11 @@ def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
     store.close()
 
 
-def test_a_failing_batch_stores_nothing(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_a_failing_batch_stores_nothing(db_url):
+    store = Store(db_url)
     rows = row_tuples(make_rows("h", n_gpus=2))
     rows[3] = rows[3][:-1]  # one malformed row: wrong number of columns
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(store.errors):
         store.ingest(rows, 1.0)
     assert store.count_results() == 0 and store.devices() == []
     store.close()
@@ -136,8 +135,8 @@ def test_the_results_table_stores_every_contract_column(tmp_path):
         store.close()
 
 
-def test_probe_columns_are_stored_and_read_back(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_probe_columns_are_stored_and_read_back(db_url):
+    store = Store(db_url)
     rows = make_rows("h", n_gpus=2, probe="allreduce", unit="GB/s", settings="bytes=16777216,ranks=2",
                      algbw_gbps=3.5, arrival_skew_s=0.002)
     assert store.ingest(row_tuples(rows), 1.0) == (6, 0)
@@ -174,8 +173,8 @@ def test_a_newer_database_is_refused(tmp_path):
         Store(path)
 
 
-def test_fleet_view_runs_the_real_analysis_with_history(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_fleet_view_runs_the_real_analysis_with_history(db_url):
+    store = Store(db_url)
     # three earlier scans where every device is alike, then one where gpu 5 is 12% slow
     for k in range(3):
         store.ingest(row_tuples(make_rows("n1", n_gpus=8, scan_id=f"old{k}", ts=100.0 * k, samples=4)), 1.0)
@@ -191,8 +190,8 @@ def test_fleet_view_runs_the_real_analysis_with_history(tmp_path):
     store.close()
 
 
-def test_an_analysis_error_keeps_the_previous_verdicts(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_an_analysis_error_keeps_the_previous_verdicts(db_url):
+    store = Store(db_url)
     store.ingest(row_tuples(make_rows("a", n_gpus=4, slow=(2,)) + make_rows("b", n_gpus=4)), 1.0)
     metrics, fleet_metrics = SelfMetrics(), FleetCollector()
 
@@ -240,8 +239,8 @@ def test_an_analysis_error_before_any_verdict_lists_the_devices(tmp_path):
     store.close()
 
 
-def test_ingest_refuses_rows_the_analysis_would_refuse(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_ingest_refuses_rows_the_analysis_would_refuse(db_url):
+    store = Store(db_url)
     store.ingest(row_tuples(make_rows("a", n_gpus=2)), 1.0)
     with pytest.raises(Refused, match=r"^results\[0\]\.unit: 'GB/s', but probe matmul \(n=8192,dtype=bf16\) is stored in 'TFLOP/s'$"):
         store.ingest(row_tuples(make_rows("b", n_gpus=2, unit="GB/s")), 2.0)
@@ -317,7 +316,7 @@ def test_two_collectors_starting_on_one_database_migrate_once(tmp_path):
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         try:
             out["from"] = schema.migrate(conn)
-        except Exception as e:  # "table results already exists" when the version was read before the lock
+        except Exception as e:  # noqa: BLE001 - "table results already exists" when the version was read before the lock
             out["error"] = e
         conn.close()
 
@@ -328,6 +327,65 @@ def test_two_collectors_starting_on_one_database_migrate_once(tmp_path):
     t.join(30)
     assert out == {"from": schema.LATEST}
     other.close()
+
+
+def test_postgresql_has_the_sqlite_schema(pg_server, tmp_path):
+    # one chain of migrations for both: the same tables, each with the same columns and indexes
+    lite, pg = Store(tmp_path / "c.db"), Store(pg_server.new_schema())
+    tables = [r[0] for r in lite._reader.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    assert "results" in tables and "fleet_snapshot" in tables
+    got = [r[0] for r in pg._reader.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+        "AND table_name != 'straggler_schema' ORDER BY table_name")]
+    assert got == tables
+    for t in tables:
+        lite_cols = [(r[1], r[2]) for r in lite._reader.execute(f"PRAGMA table_info({t})")]
+        pg_cols = [(r[0], r[1]) for r in pg._reader.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = ? ORDER BY ordinal_position", (t,))]
+        assert [c for c, _ in pg_cols] == [c for c, _ in lite_cols], t
+        # SQLite's REAL is PostgreSQL's double precision (its "real" is 4 bytes), INTEGER is bigint
+        want = {"REAL": "double precision", "INTEGER": "bigint", "TEXT": "text", "BLOB": "bytea"}
+        assert [ty for _, ty in pg_cols] == [want[ty] for _, ty in lite_cols], t
+    lite_idx = {r[0] for r in lite._reader.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%'")}
+    pg_idx = {r[0] for r in pg._reader.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")}
+    assert lite_idx <= pg_idx and lite_idx
+    assert pg.migrated_from == 0 and schema.version(pg._reader, pg.dialect) == schema.LATEST
+    lite.close()
+    pg.close()
+
+
+def test_replicas_starting_on_one_postgresql_database_migrate_once(pg_server):
+    url = pg_server.new_schema()
+    out, barrier = [], threading.Barrier(3)
+
+    def start():
+        barrier.wait()
+        try:
+            store = Store(url)
+            out.append(store.migrated_from)
+            store.close()
+        except Exception as e:  # "relation results already exists" without the migration lock
+            out.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(out, key=str) == [0, schema.LATEST, schema.LATEST]
+
+
+def test_a_newer_postgresql_database_is_refused(pg_server):
+    url = pg_server.new_schema()
+    Store(url).close()
+    store = Store(url)
+    store._writer.execute("UPDATE straggler_schema SET version = ?", (schema.LATEST + 1,))
+    store.close()
+    with pytest.raises(RuntimeError, match=f"schema version {schema.LATEST + 1} is newer than this collector"):
+        Store(url)
 
 
 class _CommitFails:
@@ -346,8 +404,8 @@ class _CommitFails:
         return getattr(self._conn, name)
 
 
-def test_a_failed_commit_is_rolled_back_and_the_store_goes_on(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_a_failed_commit_is_rolled_back_and_the_store_goes_on(db_url):
+    store = Store(db_url)
     real = store._writer
     store._writer = _CommitFails(real)
     with pytest.raises(sqlite3.OperationalError, match="disk is full"):
@@ -358,8 +416,8 @@ def test_a_failed_commit_is_rolled_back_and_the_store_goes_on(tmp_path):
     store.close()
 
 
-def test_fleet_input_is_read_in_one_transaction(tmp_path):
-    store = Store(tmp_path / "c.db")
+def test_fleet_input_is_read_in_one_transaction(db_url):
+    store = Store(db_url)
     store.ingest(row_tuples(make_rows("h", n_gpus=2, scan_id="s1", ts=100.0)), 1.0)
     read_latest = store.latest_samples
 

@@ -1,4 +1,7 @@
 import dataclasses
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +64,6 @@ def test_render_for_check():
 
 # --- `--check` fails exactly when the start would (the same validation code) --------------------
 
-import subprocess
-import sys
 
 
 def _cli(*args, env=None, timeout=60):
@@ -133,7 +134,6 @@ def test_cluster_scan_client_refuses_a_deadline_the_scan_cannot_meet(tmp_path):
 
 # --- issue 7 item 4 follow-up: non-finite numbers, real opens and binds, the real source --------
 
-import socket
 
 
 TOKEN_ENV = {"STRAGGLER_COLLECTOR_TOKEN": "0123456789abcdef0123"}

@@ -3,7 +3,6 @@ pinned to one core, a busy process inside it on each core still gets nearly all 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

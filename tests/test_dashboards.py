@@ -167,6 +167,18 @@ def test_the_pie_counts_devices_not_device_probe_pairs():
     assert target["expr"].startswith("count by (cause) (straggler_gpu_straggler_any{")
 
 
+def test_the_rule_tests_cause_labels_are_ones_the_collector_exports():
+    """The `cause` labels of dashboards/tests/rules_test.yml are values of the collector's label (the
+    analysis' cause names, analysis/causes.py NAMES, plus "other" and "none"), so the pie and the
+    alerts are tested on names a real fleet shows."""
+    from straggler.analysis.causes import NAMES
+    from straggler.collector.metrics import CAUSES
+
+    text = (ROOT / "dashboards/tests/rules_test.yml").read_text()
+    used = set(re.findall(r'cause="(\w+)"', text)) | set(re.findall(r"cause: (\w+)", text))
+    assert used and used <= set(CAUSES) == {*NAMES, "other", "none"}, used - set(CAUSES)
+
+
 def test_provisioning_file_serves_both_dashboards():
     prov = yaml.safe_load((ROOT / "dashboards/provisioning/straggler-dashboards.yml").read_text())
     (provider,) = prov["providers"]

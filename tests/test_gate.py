@@ -11,13 +11,15 @@ import http.server
 import json
 import os
 import random
+import re
 import stat
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, run_cmd
+from conftest import free_port, run_cmd, skip_or_fail
+from cpushield import cpu_shield
 
 from straggler.analysis.settings import AnalysisConfig
 from straggler.gate import judge_samples
@@ -226,6 +228,8 @@ def collector_url():
 def test_reference_from_collector_then_cache_then_peers(collector_url, tmp_path):
     cache = tmp_path / "fleet-reference.json"
     assert reference_values(GPUS["gpus"]) == {"H100|matmul|n=8192": 701.0}  # the straggler is left out
+    assert reference_values(GPUS["gpus"], leave_out={"n1"}) == {"H100|matmul|n=8192": 701.0}  # and the node judged
+    assert reference_values(GPUS["gpus"], leave_out={"n2"}) == {"H100|matmul|n=8192": 700.5}
     ref = fleet_reference(collector_url, cache, 3.0)
     assert ref.source == COLLECTOR and dict(ref.values) == {"H100|matmul|n=8192": 701.0}
     dead = f"http://127.0.0.1:{free_port()}"
@@ -359,6 +363,60 @@ def test_gate_reads_with_the_token_and_drains_through_the_collectors_breaker(str
     code, lines, _ = gate(straggler_cmd, *args, "--node", "nc", state_dir=tmp_path / "c")
     assert code == 1 and lines[-1].startswith(f"drain: cannot drain nc: {missing} ") and \
         "(collector: cannot reach the collector" in lines[-1], lines
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (peers for each other)")
+def test_the_fleet_reference_leaves_out_the_node_being_judged(straggler_cmd, tmp_path):
+    """The fleet reference is the OTHER nodes' devices: this node's own results at the collector (its
+    agent's retests of it, all a one-node fleet has) are its own past, not its fleet. Here they say it
+    was 10x faster: the gate does not fail it for being slower than itself (it did, 'node matmul 0.10x:
+    slow', and after a resume the requeued job's gate drained the node again on that noise); the same
+    results from another node still fail it (the whole node slower than the fleet)."""
+    import httpx
+
+    from straggler.collector.service import BackgroundCollector
+    from straggler.collector.settings import CollectorSettings
+    from straggler.records import result_id
+    from test_agent_support import wait_until
+    from test_collector_api import AUTH, TOKEN, peer_ratio_analyze
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    scan = tmp_path / "scan.jsonl"  # this machine's real rows, as its agent uploads them
+    probe = ["--device", "cpu", "--probes", "matmul", "--duration", "0.5", "--max-rounds", "1"]
+    with cpu_shield() as (shield, how):  # the cores compared with each other: outside load kept off
+        if shield is None:
+            skip_or_fail(f"no CPU shield ({how}): outside load would slow the probes' cores for real")
+        r = run_cmd([*straggler_cmd, "scan", *probe, "--output", str(scan)], 120, preexec_fn=shield.enter)
+        assert scan.is_file(), r.stderr
+        rows = [json.loads(x) for x in scan.read_text().splitlines()]
+        settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", quarantine_action="record",
+                                     analysis_debounce_s=0.1)
+        with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
+            def judged_against(host: str, n_devices: int) -> tuple[int, list[str]]:
+                mine = [{**x, "host": host, "value": x["value"] * 10} for x in rows]
+                body = {"host": host, "results": [{**x, "id": result_id(x)} for x in mine]}
+                assert httpx.post(srv.url + "/api/v1/results", json=body, headers=AUTH, timeout=30).status_code == 200
+                wait_until(lambda: len(httpx.get(srv.url + "/api/v1/gpus", headers=AUTH, timeout=30).json()["gpus"])
+                           == n_devices, 30, "the fleet view of the uploaded rows")
+                g = run_cmd([*straggler_cmd, "gate", "--budget", "60", "--state-dir", str(tmp_path / host), *probe,
+                             "--telemetry", "fake:h100_idle", "--collector", srv.url, "--token-file", str(token_file),
+                             "--node", "self"], 90, preexec_fn=shield.enter)
+                return g.returncode, g.stdout.splitlines()
+
+            n = len({x["gpu"] for x in rows})
+            code, lines = judged_against("self", n)
+            assert not [x for x in lines if x.startswith("node matmul")], lines
+            assert lines[-1].endswith(f"reference: collector {srv.url}: 0 model/probe reference(s) (the {n} "
+                                      "device(s) of self itself left out)"), lines
+            code, lines = judged_against("other", 2 * n)  # another node 10x faster: this one is slow
+            found = [x for x in lines if x.startswith("node matmul")]
+            assert code == 1 and len(found) == 1, lines
+            m = re.fullmatch(r"node matmul (0\.\d\d)x: slow \(node median against the fleet reference \(collector\)\)",
+                             found[0])
+            assert m and float(m.group(1)) < 0.5, lines
+            assert f"reference: collector {srv.url}: 1 model/probe reference(s) (the {n} device(s) of self itself " \
+                   "left out)" in lines[-1], lines
 
 
 def _shipped_prolog(d: Path, gate_args: str) -> Path:

@@ -14,6 +14,7 @@ the cores only with each other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -36,27 +37,40 @@ BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:
 SHIPPED = ("straggler-prolog", "straggler-gate-common.sh")
 
 
-@pytest.fixture(scope="module")
-def gate_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("gate")
+def install_gate(d: Path, more_args: str = "") -> Path:
+    """Copy the shipped wrappers into ``d`` with a ``straggler-gate.env`` (the gate's options plus
+    ``more_args``), as an operator installs them."""
     os.chmod(d, 0o755)
     for name in SHIPPED:
         shutil.copy2(ROOT / "slurm" / name, d / name)
     straggler = Path(sys.executable).with_name("straggler")
     (d / "straggler-gate.env").write_text(
         f"STRAGGLER={straggler}\nSTRAGGLER_GATE_BUDGET={BUDGET_S}\nSTRAGGLER_GATE_ON_ERROR=pass\n"
-        f"STRAGGLER_GATE_ARGS=\"{GATE_ARGS} --state-dir {d}/state\"\nSTRAGGLER_GATE_LOG={d}/gate.log\n")
+        f"STRAGGLER_GATE_ARGS=\"{GATE_ARGS} --state-dir {d}/state {more_args}\"\nSTRAGGLER_GATE_LOG={d}/gate.log\n")
     return d
+
+
+@contextlib.contextmanager
+def gated_slurm(gate_dir: Path, extra_conf: tuple[str, ...] = ()):
+    """A Slurm whose Prolog= is the shipped prolog in ``gate_dir``, slurmd inside a CPU shield;
+    yields (slurm, shield)."""
+    with cpu_shield() as (shield, how):
+        if shield is None:
+            skip_or_fail(f"no CPU shield ({how}): outside load would slow the prolog's cores for real")
+        with start_slurm([f"Prolog={gate_dir}/straggler-prolog", "PrologEpilogTimeout=120", *extra_conf],
+                         preexec_fn=shield.enter) as s:
+            yield s, shield
+
+
+@pytest.fixture(scope="module")
+def gate_dir(tmp_path_factory) -> Path:
+    return install_gate(tmp_path_factory.mktemp("gate"))
 
 
 @pytest.fixture(scope="module")
 def shielded_slurm(gate_dir):
-    with cpu_shield() as (shield, how):
-        if shield is None:
-            skip_or_fail(f"no CPU shield ({how}): outside load would slow the prolog's cores for real")
-        with start_slurm([f"Prolog={gate_dir}/straggler-prolog", "PrologEpilogTimeout=120"],
-                         preexec_fn=shield.enter) as s:
-            yield s, shield
+    with gated_slurm(gate_dir) as pair:
+        yield pair
 
 
 def _submit(slurm, marker: Path) -> str:

@@ -15,8 +15,9 @@ from conftest import DATA
 from rich.console import Console
 
 from straggler.errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS, InputError, ProbeError
-from straggler.probes import allreduce, devices, faults, matmul, membw, report, windows
-from straggler.probes.render import scan_table
+from straggler import scanverdict
+from straggler.probes import allreduce, devices, faults, matmul, membw, windows
+from straggler.scanview import scan_table
 
 RAW = DATA / "probes"
 
@@ -153,7 +154,7 @@ def _samples(values: dict[str, list[float]], probe="matmul") -> list[dict]:
 
 
 def test_simple_rule_flags_only_the_slow_device():
-    rows = report._simple(_samples({"g0": [100, 101, 99], "g1": [100, 99, 100], "g2": [80, 81, 79]}))
+    rows = scanverdict._simple(_samples({"g0": [100, 101, 99], "g1": [100, 99, 100], "g2": [80, 81, 79]}))
     flagged = {r["gpu"]: r["straggler"] for r in rows}
     assert flagged == {"g0": False, "g1": False, "g2": True}
     g2 = next(r for r in rows if r["gpu"] == "g2")
@@ -163,23 +164,23 @@ def test_simple_rule_flags_only_the_slow_device():
 def test_device_report_verdicts_and_exit_codes():
     samples = _samples({f"g{i}": [100 + (i % 3), 101, 99, 100, 100] for i in range(8)})
     samples = [s if s["gpu"] != "g5" else {**s, "value": s["value"] * 0.7} for s in samples]
-    rep = report.device_report(samples, [], [])
+    rep = scanverdict.device_report(samples, [], [])
     assert [d["gpu"] for d in rep["devices"] if d["straggler"]] == ["g5"]
     assert rep["exit_code"] == EXIT_STRAGGLERS
     g5 = next(d for d in rep["devices"] if d["gpu"] == "g5")
     assert g5["verdict"] == "straggler" and "matmul" in g5["reason"]
     assert g5["probes"]["matmul"]["ratio"] == pytest.approx(0.7, abs=0.02)
-    healthy = report.device_report([s for s in samples if s["gpu"] != "g5"], [], [])
+    healthy = scanverdict.device_report([s for s in samples if s["gpu"] != "g5"], [], [])
     assert healthy["exit_code"] == EXIT_OK and healthy["stragglers"] == 0
-    failed = report.device_report(samples, [{"host": "h", "device": "g1", "rank": 1, "probe": "membw",
+    failed = scanverdict.device_report(samples, [{"host": "h", "device": "g1", "rank": 1, "probe": "membw",
                                              "error": "hung"}], [])
     assert failed["exit_code"] == EXIT_FAILED
     assert next(d for d in failed["devices"] if d["gpu"] == "g1")["verdict"] == "failed"
-    assert report.device_report([], [], [])["exit_code"] == EXIT_FAILED  # nothing measured
+    assert scanverdict.device_report([], [], [])["exit_code"] == EXIT_FAILED  # nothing measured
 
 
 def test_device_report_telemetry_summary():
-    rep = report.device_report(_samples({"g0": [1, 1], "g1": [1, 1], "g2": [1, 1]}), [], [])
+    rep = scanverdict.device_report(_samples({"g0": [1, 1], "g1": [1, 1], "g2": [1, 1]}), [], [])
     t = next(d for d in rep["devices"] if d["gpu"] == "g2")["telemetry"]
     assert t["sm_clock_mhz"] == 1002.0 and t["throttle_reasons"] == "hw_slowdown=0.500"
     assert t["power_w"] is None  # not measured: missing, not 0
@@ -188,7 +189,7 @@ def test_device_report_telemetry_summary():
 def test_render_table_is_deterministic():
     samples = _samples({"g0": [100, 100, 100], "g1": [100, 100, 100], "g2": [100, 100, 100],
                         "g3": [60, 61, 60]})
-    rep = report.device_report(samples, [], [])
+    rep = scanverdict.device_report(samples, [], [])
     buf = io.StringIO()
     Console(file=buf, width=160, color_system=None).print(scan_table(rep, "scan x"))
     text = buf.getvalue()
@@ -206,7 +207,7 @@ def test_probe_modules_import_nothing_heavy():
     import sys
 
     code = ("import sys; import straggler.commands.scan, straggler.probes.runner, straggler.probes.worker, "
-            "straggler.probes.distributed, straggler.probes.report, straggler.probes.torchdev, "
+            "straggler.probes.distributed, straggler.scanverdict, straggler.probes.torchdev, "
             "straggler.probes.matmul, straggler.probes.membw, straggler.probes.pcie, straggler.probes.allreduce; "
             "print([m for m in ('torch', 'pandas', 'numpy', 'pynvml', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -214,7 +215,7 @@ def test_probe_modules_import_nothing_heavy():
 
 
 def test_a_lone_device_is_undecided_not_healthy():
-    rep = report.device_report(_samples({"g0": [100, 101, 99]}), [], [])
+    rep = scanverdict.device_report(_samples({"g0": [100, 101, 99]}), [], [])
     (d,) = rep["devices"]
     # the rule of `straggler analyze` too: nothing to compare with is "could not decide", exit 2
     assert d["verdict"] == "undecided" and "no peers" in d["reason"] and rep["exit_code"] == EXIT_FAILED
@@ -242,7 +243,7 @@ def test_an_engine_bug_falls_back_to_the_simple_rule_and_says_so(monkeypatch):
         raise ValueError("odd rows")
 
     monkeypatch.setattr(straggler.analysis, "analyze", broken)
-    rows, doc, engine = report.analyze_samples(_samples({"cpu0": [10.0] * 3, "cpu1": [10.0] * 3, "cpu2": [5.0] * 3}))
+    rows, doc, engine = scanverdict.analyze_samples(_samples({"cpu0": [10.0] * 3, "cpu1": [10.0] * 3, "cpu2": [5.0] * 3}))
     assert engine == "simple rule (the analysis engine failed: ValueError: odd rows)"
     assert doc == {"error": "ValueError: odd rows"}
     assert {r["gpu"] for r in rows if r["straggler"]} == {"cpu2"}

@@ -37,7 +37,8 @@ def test_membw_and_pcie_on_gpu():
 
 
 def test_scan_on_gpu_uses_cuda_and_nvml():
-    from straggler.probes.runner import ScanSettings, run_scan
+    from straggler.probes.plan import ScanSettings
+    from straggler.probes.runner import run_scan
 
     res = run_scan(ScanSettings(probes=("matmul", "membw", "pcie", "allreduce"), duration_s=2, device="cuda"))
     assert res.backend == "cuda" and res.failures == []

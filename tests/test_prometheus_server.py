@@ -30,7 +30,7 @@ import yaml
 
 from conftest import ROOT, free_port, require_tool
 from test_agent_support import AgentProcess, wait_until, write_fake_scan
-from test_agent_e2e import TOKEN, CollectorProcess
+from test_agent_e2e import CollectorProcess
 from test_dashboards import DASHBOARDS, RULES, dashboard_queries, readme_panels, substitute
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ class StaticExporter:
 
     def __init__(self, body: bytes) -> None:
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self):  # (http.server's name)
                 self.send_response(200 if self.path == "/metrics" else 404)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.end_headers()

@@ -11,6 +11,7 @@ tests/test_quarantine_slurm.py retests with real CPU probes).
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import httpx
@@ -66,7 +67,7 @@ def test_a_drained_node_is_retested_only_while_known_idle(tmp_path, collector, r
             fail = wait_until(lambda: [e for e in events(collector, host) if e["action"] == "retest_fail"], 60,
                               "a retest report")[0]
             assert fail["reason"].startswith("not clean: exit 0, no device verdicts") and fail["by"] == f"agent {host}"
-            assert fail["measured"]["scan_id"].startswith(f"{host}-retest-")
+            assert re.fullmatch(rf"\d{{8}}T\d{{6}}Z-{host}-retest-[0-9a-f]{{8}}", fail["measured"]["scan_id"])  # scanproto
             args = json.loads(next((tmp_path / host).rglob("*retest*.args")).read_text())  # the stand-in keeps them
             assert args[args.index("--max-rounds") + 1] == "3"  # retest_max_rounds: undecided devices re-measured
         else:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: the collector runs on SQLite and PostgreSQL)
 from straggler.collector.service import BackgroundCollector
 from straggler.collector.settings import CollectorSettings, load_settings
 from straggler.errors import ConfigError
@@ -71,10 +72,12 @@ def wait_for(fn, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@pytest.fixture
-def collector(tmp_path):
+@pytest.fixture(params=BACKENDS)
+def collector(request, tmp_path):
+    db = database(request, tmp_path / "collector.db")
+
     def start(**kw):
-        settings = CollectorSettings(port=0, db_path=tmp_path / "collector.db", analysis_debounce_s=0.05,
+        settings = CollectorSettings(port=0, db_path=db, analysis_debounce_s=0.05,
                                      analysis_max_delay_s=1.0, quarantine_action="record", **kw)
         srv = BackgroundCollector(settings, TOKEN)
         srv.client = httpx.Client(base_url=srv.url, timeout=60)
@@ -249,7 +252,7 @@ def test_a_version_6_database_migrates_to_the_quarantine_tables(tmp_path):
     conn.close()
     store = Store(path)
     try:
-        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 9
+        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 10
         store.ingest(row_tuples(rows_for("m1", "s1", n_gpus=1, samples=1)), 1.0)
         q = Quarantine(store, CollectorSettings(quarantine_action="record"))
         assert q.drain("m1", "straggler: x", "gate").action == "drain"
@@ -337,3 +340,32 @@ def test_an_analysis_that_read_the_store_before_a_resume_does_not_drain_again(tm
         assert [d.action for d in q.from_analysis(fresh)] == ["drain"]
     finally:
         store.close()
+
+
+def test_retest_results_that_arrive_after_the_resume_do_not_drain_again(collector):
+    """An agent sends its retest reports and uploads their rows on two paths (the quarantine thread,
+    the uploader with its own backoff): the rows of a failed retest may reach the collector after the
+    clean retests have resumed the node. Those results were measured while it was drained, before the
+    passes that resumed it: they never drain it again (by scan id, not by time); a new slow scan does."""
+    srv = collector(quarantine_resume_passes=2, quarantine_max_fleet_share=0.5)
+    c = srv.client
+    for h in ("n1", "n2", "n3", "n4"):
+        ingest(c, h, rows_for(h, "scan1", slow={2: 0.85} if h == "n3" else None))
+    wait_for(lambda: c.get("/api/v1/quarantine").json()["nodes"], 60, "the drain of n3")
+    late = rows_for("n3", "n3-retest-1", slow={2: 0.85})  # measured while drained, still slow
+    for scan_id, passed in (("n3-retest-1", False), ("n3-retest-2", True), ("n3-retest-3", True)):
+        r = c.post("/api/v1/quarantine/n3/retest", headers=AUTH,
+                   json={"passed": passed, "reason": "clean" if passed else "not clean: GPU-n3-2 straggler",
+                         "scan_id": scan_id, "measured": {"devices": []}})
+        assert r.status_code == 200, r.text
+    assert r.json()["action"] == "resume"
+    ingest(c, "n3", late)  # the failed retest's rows, after the resume (the passes' rows later still)
+    srv.collector.fleet.refresh()
+    flagged = [g for g in c.get("/api/v1/gpus", headers=AUTH).json()["gpus"] if g["verdict"] == "straggler"]
+    assert [(g["gpu"], g["last_scan_id"]) for g in flagged] == [("GPU-n3-2", "n3-retest-1")]  # analysed: slow
+    assert c.get("/api/v1/quarantine").json()["nodes"] == []
+    hist = [(e["action"], e["rule"]) for e in c.get("/api/v1/quarantine/n3").json()["events"]][::-1]
+    assert hist == [("drain", "fleet_analysis"), ("retest_fail", "agent_retest"), ("retest_pass", "agent_retest"),
+                    ("retest_pass", "agent_retest"), ("resume", "hysteresis")], hist
+    ingest(c, "n3", rows_for("n3", "scan3", slow={2: 0.85}))  # measured after the resume: drains again
+    wait_for(lambda: c.get("/api/v1/quarantine").json()["nodes"], 60, "the drain of n3 by a new scan")

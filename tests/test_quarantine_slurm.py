@@ -9,24 +9,33 @@
 3. The collector's audit (`straggler quarantine show`) shows each step, /metrics counts them.
 Also: `straggler quarantine drain/resume` by hand through the collector reaches Slurm and is
 recorded with who and why; placement hints applied with scontrol show on the node.
+4. The whole chain with the shipped prolog (a second Slurm, Prolog= slurm/straggler-prolog, its gate
+   given --collector and --token-file): the gate of a job fails on the slow core and asks the collector,
+   which drains the node in Slurm (rule gate), the job does not run; the slowdown removed, the agent's
+   retests pass N times, the collector resumes the node and the requeued job runs, its gate judging
+   the node by its own devices (the agent's retests are its own past, not its fleet), and nothing
+   drains it again. Every deadline is the work's own: the gate's budget and its wrapper's limit, the
+   retests' scan deadlines, Slurm's cred_expire and sched_interval.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from conftest import run_cmd, scan_timeout_s
 from cpushield import cpu_shield
 from slurm import slurm_fixture
-from test_agent_e2e import TOKEN, CollectorProcess
+from test_agent_e2e import CollectorProcess
 from test_agent_support import AgentProcess, free_port, wait_until
+from test_gate_slurm import BUDGET_S, _log, _submit, _wait_job, gated_slurm, install_gate
 
 pytestmark = pytest.mark.slow
 slurm = slurm_fixture()
@@ -34,20 +43,45 @@ CORES = sorted(os.sched_getaffinity(0))
 BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 PASSES = 2  # quarantine_resume_passes
 DURATION_S = 2.0
+POLL_S = RETEST_EVERY_S = 0.5  # the agent's quarantine_poll_s and retest_every_s
+RETEST_ROUNDS = 2  # retest_max_rounds
+# the chain's Slurm: a requeued job may start again this long after its requeue (cred_expire), found
+# by the scheduler's next pass (sched_interval; nothing else wakes it when the credential expires)
+CRED_EXPIRE_S, SCHED_INTERVAL_S = 30, 2
+OUTER_S = 10 + 5  # the shipped wrapper's hard limit on its gate: budget + 10 s, then 5 s to kill it
 
 
-@pytest.fixture
-def collector(tmp_path, slurm, monkeypatch):
+@contextlib.contextmanager
+def slurm_collector(tmp_path, slurm, monkeypatch):
+    """The real collector draining and resuming in ``slurm`` (quarantine_action = scontrol)."""
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))  # the collector's scontrol talks to the test Slurm
     for key, value in {"QUARANTINE_ACTION": "scontrol", "QUARANTINE_RESUME_PASSES": str(PASSES),
                        "QUARANTINE_MAX_FLEET_SHARE": "1.0", "QUARANTINE_MAX_MODEL_SHARE": "1.0",
                        "ANALYSIS_DEBOUNCE_S": "0.2", "ANALYSIS_MAX_DELAY_S": "2"}.items():
         monkeypatch.setenv(f"STRAGGLER_COLLECTOR_{key}", value)
     c = CollectorProcess(tmp_path, free_port()).start()
-    yield c
-    c.close()
-    if slurm.node_state() not in ("idle",):
-        slurm.resume()
+    try:
+        yield c
+    finally:
+        c.close()
+        if slurm.node_state() not in ("idle",):
+            slurm.resume()
+
+
+@pytest.fixture
+def collector(tmp_path, slurm, monkeypatch):
+    with slurm_collector(tmp_path, slurm, monkeypatch) as c:
+        yield c
+
+
+def slow_node_agent(tmp_path, node: str, collector) -> AgentProcess:
+    """The node's agent: real CPU matmul scans, no scans of its own (only asked ones and retests),
+    polling the collector's quarantine state often; the CPU job watch off (the test's busy processes
+    are the slowdown, not a job)."""
+    return AgentProcess(tmp_path, name=node, collector_url=collector.url, token_file=collector.token_file,
+                        probe_device="cpu", probes=["matmul"], probe_duration_s=DURATION_S, probe_every_s=0,
+                        quarantine_poll_s=POLL_S, retest_every_s=RETEST_EVERY_S, retest_max_rounds=RETEST_ROUNDS,
+                        job_cpu_cores=0)  # the test's busy processes are the slowdown, not a job
 
 
 def cli(*args, env=None) -> subprocess.CompletedProcess:
@@ -88,11 +122,7 @@ def test_drain_and_resume_by_hand_reach_slurm_and_are_recorded(slurm, collector)
 def test_a_straggler_node_is_drained_retested_and_resumed_in_slurm(tmp_path, slurm, collector):
     slow_core = CORES[-1]
     with cpu_shield() as (shield, how):
-        agent = AgentProcess(tmp_path, name=slurm.node, collector_url=collector.url,
-                             token_file=collector.token_file, probe_device="cpu", probes=["matmul"],
-                             probe_duration_s=DURATION_S, probe_every_s=0, quarantine_poll_s=0.5,
-                             retest_every_s=0.5, retest_max_rounds=2,
-                             job_cpu_cores=0)  # the busy processes below are the slowdown, not a job
+        agent = slow_node_agent(tmp_path, slurm.node, collector)
         busy = []
         try:
             agent.start()
@@ -140,7 +170,7 @@ def test_a_straggler_node_is_drained_retested_and_resumed_in_slurm(tmp_path, slu
             drain = events()[0]
             assert drain["measured"]["gpu"] == f"cpu{slow_core}" and drain["measured"]["ratio"] < 0.9
             text = httpx.get(collector.url + "/metrics").text
-            assert f'straggler_quarantine_actions_total{{action="resume"}} 1.0' in text
+            assert 'straggler_quarantine_actions_total{action="resume"} 1.0' in text
             assert f'straggler_node_quarantined{{host="{slurm.node}"}}' not in text, \
                 [(e["action"], e["rule"], e["reason"], e["measured"]) for e in events()]
             assert "straggler_circuit_breaker_tripped 0.0" in text
@@ -196,3 +226,99 @@ def test_placement_hints_apply_to_the_slurm_node(tmp_path, slurm):
     finally:
         slurm.run(["scontrol", "update", f"NodeName={slurm.node}", "Weight=1", "AvailableFeatures=",
                    "ActiveFeatures="])
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """A second Slurm, for the chain: Prolog= the shipped prolog (tests/test_gate_slurm.py installs
+    it), slurmd in a CPU shield; a job whose prolog failed is requeued, not held
+    (nohold_on_prolog_fail: docs/gate.md), so it runs once the node is back; Slurm starts a requeued
+    job again only after the credential lifetime (cred_expire, 120 s by default): 30 s here, and
+    at the scheduler's next pass (sched_interval, 60 s by default): 2 s here."""
+    d = install_gate(tmp_path_factory.mktemp("gate"))
+    with gated_slurm(d, (f"SchedulerParameters=nohold_on_prolog_fail,sched_interval={SCHED_INTERVAL_S}",
+                         f"AuthInfo=cred_expire={CRED_EXPIRE_S}")) as (s, shield):
+        yield s, shield, d
+
+
+def test_the_prolog_drains_through_the_collector_and_the_agents_retests_resume_the_node(tmp_path, gated,
+                                                                                        monkeypatch):
+    """The whole chain: a slow core; a job's prolog gate fails and asks the collector, which drains the
+    node in Slurm with the straggler reason, and the job does not run; the slowdown is removed, the
+    agent's retests pass N times, the collector resumes the node and the requeued job runs there."""
+    slurm, shield, gate_dir = gated
+    slow = f"cpu{CORES[-1]}"
+    marker = tmp_path / "ran"
+    with slurm_collector(tmp_path, slurm, monkeypatch) as collector:
+        install_gate(gate_dir, f"--collector {collector.url} --token-file {collector.token_file}")
+        agent = slow_node_agent(tmp_path, slurm.node, collector)  # the node's name in Slurm ($SLURMD_NODENAME)
+        busy, job = [], None
+        try:
+            agent.start()
+            (shield.path / "cgroup.procs").write_text(f"{agent.proc.pid}\n")
+            busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(CORES[-1])], preexec_fn=shield.enter)
+                    for _ in range(2)]
+            # a prolog: the scheduler's pass that starts the job, then the gate within its wrapper's limit
+            prolog_s = SCHED_INTERVAL_S + BUDGET_S + OUTER_S
+            job = _submit(slurm, marker)
+            state = _wait_job(slurm, job, marker, prolog_s)
+            assert state.startswith("drain") and not marker.exists(), (state, _log(gate_dir))
+            nodes = collector.get("/api/v1/quarantine")["nodes"]
+            assert [(n["host"], n["rule"]) for n in nodes] == [(slurm.node, "gate")], nodes
+            assert re.fullmatch(rf"straggler: {slow} matmul 0\.\d\dx \S+", nodes[0]["reason"]), nodes
+            log = _log(gate_dir)
+            assert f"drain: {slurm.node} drained by the collector, reason " in log, log
+            # the drain was asked for before the gate ended: its prolog ends within the same limit
+            wait_until(lambda: slurm.run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip() == "PENDING",
+                       prolog_s, "Slurm to requeue the job whose prolog failed")
+            requeued = time.monotonic()
+            assert slurm.drain_reason() == nodes[0]["reason"], log  # what sinfo -R shows an operator
+            assert not marker.exists(), log  # the job did not run on the drained node
+            for p in busy:  # the slowdown is removed
+                p.kill()
+                p.wait()
+
+            def events():
+                return collector.get(f"/api/v1/quarantine/{slurm.node}")["events"][::-1]
+
+            # a retest: the agent's next look and retest, a scan of up to RETEST_ROUNDS rounds within
+            # its own deadline; the one running when the slowdown ended may fail, one more may see the
+            # machine's load; then PASSES passes
+            retest_s = POLL_S + RETEST_EVERY_S + RETEST_ROUNDS * scan_timeout_s(("matmul",), DURATION_S)
+            wait_until(lambda: any(e["action"] == "resume" for e in events()), (PASSES + 2) * retest_s,
+                       f"{PASSES} clean retests and the resume")
+            slurm.wait_state(("idle", "mixed", "allocated", "completing"))
+            # the requeued job now runs there, once Slurm lets it start again, its prolog's gate passing
+            again_s = max(0.0, CRED_EXPIRE_S - (time.monotonic() - requeued)) + prolog_s
+            try:
+                wait_until(marker.exists, again_s, "the requeued job to run", step_s=0.5)
+            except AssertionError as e:
+                q = slurm.run(["scontrol", "show", "job", job]).stdout
+                raise AssertionError(f"{e}: node {slurm.node_state()}, job {q}, gate log {_log(gate_dir)}, "
+                                     f"audit {[(x['action'], x['rule'], x['reason']) for x in events()]}") from None
+            everything = [(e["action"], e["rule"], e["reason"]) for e in events()]
+            steps = [(a, r) for a, r, _ in everything]
+            steps = steps[:steps.index(("resume", "hysteresis")) + 1]  # up to the resume
+            assert len(steps) == len(everything), everything  # nothing after it (a second drain?)
+            assert steps[0] == ("drain", "gate"), steps
+            # retests between: some still see the slowdown (or load), a fail starts the passes again
+            assert {a for a, _ in steps[1:-(PASSES + 1)]} <= {"retest_fail", "retest_pass"}, steps
+            assert [a for a, _ in steps[-(PASSES + 1):]] == ["retest_pass"] * PASSES + ["resume"], steps
+            assert steps[-1] == ("resume", "hysteresis"), steps
+            drain = events()[0]
+            assert drain["by"].startswith("gate@") and drain["measured"]["slurm_job_id"] == job, drain
+            assert f"drain: {slurm.node} drained by the collector" in _log(gate_dir)
+            # the requeued job's gate judged the node by its own devices: its agent's retests, the only
+            # results this one-node fleet has, are its own past, not a fleet to be slower than
+            second = [x for x in _log(gate_dir).splitlines() if " gate: " in x][-1]
+            assert re.search(rf"gate: (pass|could not decide \(--on-error pass\)) on .* reference: collector "
+                             rf"{collector.url}: 0 model/probe reference\(s\) \(the \d+ device\(s\) of {slurm.node} "
+                             r"itself left out\)$", second), second
+        finally:
+            for p in busy:
+                p.kill()
+                p.wait()
+            if job:
+                slurm.run(["scancel", job])
+            agent.stop()
+            agent.close()

@@ -125,8 +125,10 @@ def test_no_round_past_the_deadline_nor_after_a_failure():
 
 def test_undecided_that_samples_cannot_decide_stop_at_once():
     fleet = Fleet({}, noise=0.01)
-    lone = lambda s: [{"host": "h0", "gpu": "g0", "probe": "matmul", "verdict": "undecided", "samples_needed": None,
-                       "basis": "none", "undecided_reason": "nothing to compare with (no peers, history or reference)"}]
+    def lone(samples):
+        return [{"host": "h0", "gpu": "g0", "probe": "matmul", "verdict": "undecided", "samples_needed": None,
+                 "basis": "none", "undecided_reason": "nothing to compare with (no peers, history or reference)"}]
+
     out = remeasure(fleet.measure, lone, ("matmul",), 5)
     assert len(fleet.calls) == 1
     assert out.stopped == "1 undecided that more samples cannot decide (nothing to compare with (no peers, " \

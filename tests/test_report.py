@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import shutil
-from pathlib import Path
 
 import httpx
 import numpy as np

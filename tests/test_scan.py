@@ -111,7 +111,7 @@ def test_output_that_fails_after_the_scan_goes_to_a_fallback(tmp_path, capsys):
     """The place was writable when the scan began and is not when it ends: nothing measured is lost."""
     from straggler.commands.scan import _report
     from straggler.errors import InputError
-    from straggler.probes.runner import ScanResult
+    from straggler.probes.plan import ScanResult
 
     rows = [{"scan_id": "fallback-test-1", "host": "n", "gpu": f"cpu{g}", "index": g, "model": "m",
              "probe": "matmul", "settings": "n=8", "sample": s, "value": 10.0 + s, "unit": "GFLOP/s"}
@@ -138,7 +138,7 @@ def test_a_single_device_scan_is_undecided_and_exits_2(straggler_cmd, tmp_path):
                           preexec_fn=lambda: os.sched_setaffinity(0, CORES[:1]))
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"straggler: error: only one device (host ") and f"gpu cpu{CORES[0]})" in line
+    assert line.startswith("straggler: error: only one device (host ") and f"gpu cpu{CORES[0]})" in line
     assert "undecided: no peers" in proc.stdout and "undecided: undecided" not in proc.stdout
     assert len(read_table(out)) == 2  # measured and kept
     analyzed = subprocess.run([*straggler_cmd, "analyze", str(out)], capture_output=True, text=True, timeout=60)
@@ -163,7 +163,7 @@ def _render80(report) -> list[str]:
 
     from rich.console import Console
 
-    from straggler.probes.render import render_scan
+    from straggler.scanview import render_scan
 
     buf = io.StringIO()
     render_scan(Console(file=buf, width=80, color_system=None), report, "notice", "s", [])
@@ -171,7 +171,7 @@ def _render80(report) -> list[str]:
 
 
 def test_a_gpu_scan_table_fits_80_columns_and_never_cuts_a_gpu():
-    from straggler.probes.report import device_report
+    from straggler.scanverdict import device_report
 
     report = device_report(_gpu_samples({(3, "matmul"): 0.8}), [], [])
     lines = _render80(report)
@@ -179,7 +179,7 @@ def test_a_gpu_scan_table_fits_80_columns_and_never_cuts_a_gpu():
     for d in report["devices"]:
         (row,) = [line for line in lines if d["gpu"] in line]  # whole, on one line
         assert row.split()[0] == d["gpu"]
-    from straggler.probes.render import short_verdict
+    from straggler.scanview import short_verdict
 
     i = next(i for i, line in enumerate(lines) if "GPU-00000000-0000-0000-0000-000000000004" in line)
     block = " ".join(lines[i:i + 5])  # the device's row, its cells wrapped over lines
@@ -190,7 +190,7 @@ def test_a_gpu_scan_table_fits_80_columns_and_never_cuts_a_gpu():
 
 def test_slower_on_noisy_samples_is_undecided_with_the_samples_needed_never_healthy():
     from straggler.errors import EXIT_FAILED
-    from straggler.probes.report import device_report
+    from straggler.scanverdict import device_report
     from straggler.verdict import Undecided
 
     report = device_report(_gpu_samples({(1, "matmul"): 0.81}, noisy=0.1, samples=2), [], [])
@@ -199,7 +199,7 @@ def test_slower_on_noisy_samples_is_undecided_with_the_samples_needed_never_heal
     assert (d["verdict"], m["verdict"], m["samples_needed"]) == ("undecided", "undecided", 12)
     assert m["note"] == "n=2, 12 more samples" and d["samples_needed"] == 33  # its other probes need more
     assert d["reason"].startswith("matmul 0.81x peer median: n=2, 12 more samples; membw")
-    from straggler.probes.render import short_verdict
+    from straggler.scanview import short_verdict
 
     assert short_verdict(d) == ("[bold yellow]undecided[/bold yellow]: matmul 0.81x, membw 1.00x, pcie_h2d 1.00x, "
                                 "pcie_d2h 1.00x, allreduce 1.00x; 33 more samples")
@@ -230,7 +230,7 @@ def _matmul_fleet(slow: dict, n: int = 16, samples: int = 5, noise: float = 0.01
 
 def test_an_undecided_device_beside_healthy_ones_makes_the_scan_undecided():
     from straggler.errors import EXIT_FAILED, EXIT_STRAGGLERS
-    from straggler.probes.report import device_report
+    from straggler.scanverdict import device_report
 
     report = device_report(_matmul_fleet({3: 0.955}, n=8), [], [])
     d = report["devices"][3]
@@ -248,8 +248,8 @@ def test_an_undecided_device_beside_healthy_ones_makes_the_scan_undecided():
 
 def test_a_slow_device_is_shown_as_slow_and_does_not_change_the_exit_code():
     from straggler.errors import EXIT_OK
-    from straggler.probes.report import device_report
-    from straggler.probes.render import short_verdict
+    from straggler.scanverdict import device_report
+    from straggler.scanview import short_verdict
 
     report = device_report(_matmul_fleet({3: 0.975}, noise=0.002, spread=0.002), [], [])
     d = report["devices"][3]
@@ -266,7 +266,7 @@ def test_a_slow_device_is_shown_as_slow_and_does_not_change_the_exit_code():
 
 
 def test_a_degraded_probe_is_shown_whatever_its_tier():
-    from straggler.probes.render import short_verdict
+    from straggler.scanview import short_verdict
     from straggler.verdict import probe_note
 
     probe = {"verdict": "healthy", "straggler": False, "ratio": 0.99, "degraded": True, "change_loss": 0.05,
@@ -278,7 +278,7 @@ def test_a_degraded_probe_is_shown_whatever_its_tier():
 
 
 def test_a_host_all_of_whose_devices_are_flagged_gets_one_line():
-    from straggler.probes.report import device_report
+    from straggler.scanverdict import device_report
 
     rows = [{**r, "host": f"gpu-node-0{h}", "value": r["value"] * (0.8 if h == 18 else 1.0)}
             for h in (16, 17, 18) for r in _gpu_samples({}) if r["probe"] == "matmul"]
@@ -295,8 +295,8 @@ def test_a_scan_of_thousands_of_devices_shows_the_costliest_and_counts_with_all_
 
     from rich.console import Console
 
-    from straggler.probes.render import render_scan
-    from straggler.probes.report import device_report
+    from straggler.scanview import render_scan
+    from straggler.scanverdict import device_report
 
     slow = {i: 0.70 + 0.1 * i / 2000 for i in range(0, 2000, 7)}  # 286 stragglers 20-30% slow, distinct costs
     rows = [{"scan_id": "s", "host": f"node-{i // 8:03d}", "gpu": f"GPU-{uuid.UUID(int=i + 1)}", "index": i % 8,

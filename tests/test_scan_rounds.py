@@ -64,7 +64,8 @@ SCAN_S = scan_timeout_s(("matmul",), 1.0)
 @pytest.mark.skipif(len(CORES) < 2, reason="needs 2 CPU cores")
 def test_a_second_round_runs_every_device_with_windows_of_the_first_and_keeps_the_scan_id():
     """The runner's rounds in-process, the analysis told that every device is undecided after round 1."""
-    from straggler.probes.runner import ScanRounds, ScanSettings
+    from straggler.probes.plan import ScanSettings
+    from straggler.probes.runner import ScanRounds
 
     local = ScanRounds(ScanSettings(probes=("matmul",), duration_s=1.0, device="cpu", samples=2,
                                     scan_id="rounds-test-1"))
@@ -87,7 +88,8 @@ def test_a_second_round_runs_every_device_with_windows_of_the_first_and_keeps_th
 
 
 def test_a_round_that_does_not_fit_the_deadline_is_not_started():
-    from straggler.probes.runner import ScanResult, ScanRounds, ScanSettings
+    from straggler.probes.plan import ScanResult, ScanSettings
+    from straggler.probes.runner import ScanRounds
 
     local = ScanRounds(ScanSettings(probes=("matmul",), duration_s=4.0, samples=5, deadline_s=30.0))
     local.first = ScanResult(scan_id="x", host="h", backend="cpu", notice="", duration_s=4.0)
@@ -99,7 +101,8 @@ def test_a_round_that_does_not_fit_the_deadline_is_not_started():
 
 
 def test_a_signal_between_rounds_stops_the_rounds():
-    from straggler.probes.runner import ScanResult, ScanRounds, ScanSettings
+    from straggler.probes.plan import ScanResult, ScanSettings
+    from straggler.probes.runner import ScanRounds
 
     local = ScanRounds(ScanSettings(probes=("matmul",)))
     local.first = ScanResult(scan_id="x", host="h", backend="cpu", notice="", duration_s=4.0)
@@ -115,7 +118,8 @@ def test_a_signal_between_rounds_stops_the_rounds():
 def test_a_signal_caught_before_the_round_installed_its_own_handlers_stops_that_round():
     """SIGTERM between ScanRounds taking the signal and the round's runner installing its own handlers
     (device planning, the rendezvous store: seconds) used to be swallowed: the round ran to its end."""
-    from straggler.probes.runner import ScanRounds, ScanSettings
+    from straggler.probes.plan import ScanSettings
+    from straggler.probes.runner import ScanRounds
 
     local = ScanRounds(ScanSettings(probes=("matmul",), duration_s=30.0, samples=5))
     with local.between_rounds():

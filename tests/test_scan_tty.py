@@ -9,8 +9,10 @@ import select
 import subprocess
 import time
 
+from conftest import scan_timeout_s
 
-def run_on_pty(cmd: list[str], timeout_s: float = 90) -> tuple[int, str]:
+
+def run_on_pty(cmd: list[str], timeout_s: float) -> tuple[int, str]:
     master, slave = pty.openpty()
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
                             env={**os.environ, "COLUMNS": "200", "TERM": "xterm"})
@@ -38,7 +40,9 @@ def run_on_pty(cmd: list[str], timeout_s: float = 90) -> tuple[int, str]:
 
 
 def test_progress_on_a_terminal(straggler_cmd):
-    code, text = run_on_pty([*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1"])
+    # one round (a scan re-measures undecided devices up to 5 rounds): the wait is that round's deadline
+    code, text = run_on_pty([*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1",
+                             "--max-rounds", "1"], scan_timeout_s(("matmul", "membw"), 1.0))
     # 2 only for "could not decide" (no straggler, a device undecided: a VM's cores vary run to run)
     assert code in (0, 1) or "straggler: error: could not decide: " in text, text[-2000:]
     assert "probing matmul" in text and "probing membw" in text  # the progress display
@@ -46,7 +50,8 @@ def test_progress_on_a_terminal(straggler_cmd):
 
 
 def test_json_on_a_terminal_is_quiet(straggler_cmd):
-    code, text = run_on_pty([*straggler_cmd, "scan", "--json", "--probes", "matmul", "--duration", "1"])
+    code, text = run_on_pty([*straggler_cmd, "scan", "--json", "--probes", "matmul", "--duration", "1",
+                             "--max-rounds", "1"], scan_timeout_s(("matmul",), 1.0))
     undecided = "straggler: error: could not decide: " in text
     assert code in (0, 1) or undecided, text[-2000:]
     assert "probing" not in text and "\x1b[" not in text  # no progress, no colour codes
@@ -60,7 +65,7 @@ def test_progress_names_the_phase_from_the_start():
 
     from rich.console import Console
 
-    from straggler.probes.render import progress_display
+    from straggler.scanview import progress_display
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=100, color_system=None)

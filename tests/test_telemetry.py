@@ -19,7 +19,7 @@ from straggler.probes.backends import open_backend
 from straggler.probes.cputelemetry import CpuBackend, cpu_model
 from straggler.probes.fakenvml import FIXTURE_DIR, FakeBackend
 from straggler.probes.fakepynvml import FakePynvml
-from straggler.probes.record import record_fixture
+from straggler.probes.fixture_recorder import record_fixture
 from straggler.probes.sampler import Sampler, summarize
 from straggler.probes.telemetry import (
     READING_FIELDS,
@@ -157,7 +157,7 @@ def test_every_backend_implements_the_protocol(monkeypatch):
 def test_importing_backends_loads_no_pynvml_or_psutil():
     code = (
         "import sys, straggler.probes.backends, straggler.probes.nvml, straggler.probes.fakenvml, "
-        "straggler.probes.sampler, straggler.probes.cputelemetry, straggler.probes.record; "
+        "straggler.probes.sampler, straggler.probes.cputelemetry, straggler.probes.fixture_recorder; "
         "print([m for m in ('pynvml', 'psutil', 'torch', 'pandas') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -148,3 +148,18 @@ def test_srun_without_rendezvous_address_is_one_line_error(straggler_cmd):
     assert proc.stderr.strip().splitlines() == [
         "straggler: error: srun scan: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find rank 0's node in; "
         "set MASTER_ADDR and MASTER_PORT (rank 0's address and a free port)"]
+
+
+def test_a_rank_refuses_a_bad_telemetry_spec_before_joining_the_group(tmp_path, straggler_cmd):
+    """Each rank plans its worker as the local runner does (probes/plan.py worker_plan): a telemetry
+    spec that cannot be read is one line and exit 2 on every rank, before any rank waits for the group
+    (a single rank of two: it would wait for the other until the group timed out)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               STRAGGLER_TELEMETRY="fake:no_such_scenario", GLOO_SOCKET_IFNAME="lo")
+    proc = run_cmd([*straggler_cmd, "scan", "--probes", "matmul", "--duration", "1", "--output", "x.csv"],
+                   scan_timeout_s(("matmul",), 1.0), env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("straggler: error: ") and "no_such_scenario" in line
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -8,7 +8,8 @@ import click
 @click.command("agent")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML config file [default: /etc/straggler/agent.toml if it exists].")
-@click.option("--host", help="Name this node reports as [default: the hostname].")
+@click.option("--node-name", "host", help="Name this node reports as [default: the hostname].")
+@click.option("--host", "old_host", hidden=True, help="Deprecated spelling of --node-name.")
 @click.option("--listen-address", help="/metrics bind address [default: 127.0.0.1].")
 @click.option("--listen-port", type=int, help="/metrics port [default: 9401].")
 @click.option("--telemetry", help="auto, nvml, cpu or fake:<scenario>.")
@@ -20,7 +21,7 @@ import click
 @click.option("--spool", "spool_path", type=click.Path(dir_okay=False), help="SQLite spool file.")
 @click.option("--check", is_flag=True, help="Validate the configuration, print it, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the configuration as JSON.")
-def agent(config_path, check, as_json, **flags):
+def agent(config_path, check, as_json, old_host, **flags):
     """Run the node agent until SIGTERM. SIGHUP reloads the config; SIGUSR1 probes now (if idle).
 
     --check runs the start's own checks for real (the spool is opened, or created and removed again;
@@ -33,6 +34,8 @@ def agent(config_path, check, as_json, **flags):
     from straggler.agent.settings import check_start, load_settings
     from straggler.config import option_names
 
+    if old_host is not None:
+        flags["host"] = node_name_from_host(old_host, flags.get("host"))
     names = option_names(click.get_current_context().command.params)
     settings = load_settings(config_path, flags, option_names=names)
     check_start(settings)  # --check fails exactly when the start would
@@ -46,3 +49,28 @@ def agent(config_path, check, as_json, **flags):
     daemon = Agent(settings, config_path=config_path, overrides=flags, option_names=names)
     daemon.install_signals()
     return daemon.run()
+
+
+def node_name_from_host(value: str, node_name: str | None) -> str:
+    """The node name an old ``--host VALUE`` gives (one release: a warning); refused when it looks
+    like an address (``--host 0.0.0.0`` once named the node "0.0.0.0" and still listened on loopback)
+    or when ``--node-name`` is given too."""
+    import ipaddress
+
+    from straggler.errors import InputError
+
+    if node_name is not None:
+        raise InputError("--host is the old spelling of --node-name: give only --node-name")
+    bare = value.strip()
+    if bare.startswith("[") and "]" in bare:  # [::1] or [::1]:9401
+        bare = bare[1:bare.index("]")]
+    elif bare.count(":") == 1:  # 10.0.0.1:9401
+        bare = bare.split(":")[0]
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        click.echo("straggler: warning: --host is deprecated: it names this node; use --node-name "
+                   f"{value} (--listen-address is the /metrics bind address)", err=True)
+        return value
+    raise InputError(f"--host {value}: looks like an address, and --host names this node; "
+                     "--listen-address sets the /metrics bind address, --node-name the node's name")

@@ -11,13 +11,6 @@ import click
 from straggler.errors import EXIT_FAILED
 from straggler.verdict import TOP, NothingToCompare, Undecided, exit_code, whole_hosts
 
-CAUSE_TEXT = {
-    "power_capped": "power-capped, lower clock", "thermal": "thermal slowdown", "hw_slowdown": "HW slowdown",
-    "pcie_link": "PCIe link degraded", "memory": "memory", "contention": "contention",
-    "whole_node": "whole node slow", "low_clock": "low clock", "unexplained": "unexplained",
-}
-
-
 def _pct(x) -> str:
     return "" if x is None or x != x else f"{x:+.1%}" if x < 0 else f"{x:.1%}"
 
@@ -41,10 +34,11 @@ def _verdict(r: dict) -> str:
 
 
 def _table(title: str, rows: list[dict], drop: tuple[str, ...]):
-    from straggler.probes.render import compact_table
+    from straggler.analysis.causes import TEXT as CAUSE_TEXT
+    from straggler.scanview import compact_table
 
     table = compact_table(title=title, title_justify="left")
-    cols = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
+    cols: dict[str, dict] = {"host": {"no_wrap": True}, "gpu": {"no_wrap": True}, "probe": {"no_wrap": True}, "verdict": {"no_wrap": True},
             "deficit": {"justify": "right", "no_wrap": True}, "cost": {"justify": "right", "no_wrap": True},
             "class": {"no_wrap": True}, "basis": {}, "cause": {}}
     for col, kw in cols.items():
@@ -63,7 +57,8 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
     """Print the result as a table ranked by cost: the first ``top`` stragglers and the first ``top``
     other entries (everything with ``show_all``), then the summary. Host and GPU are never cut: at
     a narrow width the basis, cause and deficit columns go (they are in ``--json``)."""
-    from straggler.probes.render import print_fitted  # rich only: no probe, no torch
+    from straggler.analysis.causes import TEXT as CAUSE_TEXT
+    from straggler.scanview import print_fitted  # rich only: no probe, no torch
 
     d = result.devices  # ranked: stragglers first, by cost
     s = result.summary

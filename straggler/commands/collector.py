@@ -6,16 +6,19 @@ from pathlib import Path
 
 import click
 
+from straggler.collector.settings import DEFAULT_CONFIG, TOKEN_ENV, CollectorSettings  # (light)
+
 
 @click.command("collector")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="TOML config file [default: /etc/straggler/collector.toml when it exists].")
-@click.option("--address", default=None, help="Address to bind [default: 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="TCP port [default: 9402].")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="SQLite database [default: /var/lib/straggler/collector.db].")
+              help=f"TOML config file [default: {DEFAULT_CONFIG} when it exists].")
+@click.option("--address", default=None, help=f"Address to bind [default: {CollectorSettings.address}].")
+@click.option("--port", type=int, default=None, help=f"TCP port [default: {CollectorSettings.port}].")
+@click.option("--db", "db_path", default=None, metavar="PATH|URL",
+              help="SQLite database file, or a postgresql://USER@HOST:PORT/DATABASE URL (needs "
+                   f"straggler[postgres]) [default: {CollectorSettings.db_path}].")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File holding the bearer token (or set STRAGGLER_COLLECTOR_TOKEN).")
+              help=f"File holding the bearer token (or set {TOKEN_ENV}).")
 @click.option("--check", is_flag=True, help="Validate the configuration and the token, print the settings, exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the settings as JSON.")
 def collector(config_path, address, port, db_path, token_file, check, as_json):

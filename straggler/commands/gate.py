@@ -17,6 +17,7 @@ import time
 import click
 
 from straggler.errors import EXIT_FAILED, EXIT_OK, EXIT_STRAGGLERS, InputError
+from straggler.gate import GATE_DURATION_S, GateSettings  # (light: no probe, no torch)
 
 ON_ERROR = ("pass", "fail", "drain")
 DRAIN_REQUEST_S = 5.0  # the collector's answer to a drain request (past the budget, the watchdog ends the gate)
@@ -24,20 +25,22 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
 
 
 @click.command("gate")
-@click.option("--budget", "budget_s", type=float, default=30.0, show_default=True,
+@click.option("--budget", "budget_s", type=float, default=GateSettings.budget_s, show_default=True,
               help="Seconds the whole gate may take, start-up included; at the budget every check still "
                    "running is killed and the gate could not decide.")
 @click.option("--gpus", default=None,
               help="GPU indices the job will use (0,2-3) [default: $CUDA_VISIBLE_DEVICES, $SLURM_STEP_GPUS, "
                    "$SLURM_JOB_GPUS, else all].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+@click.option("--device", default=GateSettings.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="What to probe: auto (GPUs when NVML sees any, else CPU cores), cpu or cuda.")
-@click.option("--probes", default="matmul,membw,pcie", show_default=True,
+@click.option("--probes", default=",".join(GateSettings.probes), show_default=True,
               help="Probes to run after the NVML checks (pcie on GPUs only); 'none': NVML checks only.")
 @click.option("--duration", "duration_s", type=float, default=None,
-              help="Seconds per probe [default: 1 on CPU cores, 3 on GPUs].")
-@click.option("--samples", type=int, default=5, show_default=True, help="Samples per device and probe.")
-@click.option("--max-rounds", type=int, default=3, show_default=True,
+              help=f"Seconds per probe [default: {GATE_DURATION_S['cpu']:g} on CPU cores, "
+                   f"{GATE_DURATION_S['cuda']:g} on GPUs].")
+@click.option("--samples", type=int, default=GateSettings.samples, show_default=True,
+              help="Samples per device and probe.")
+@click.option("--max-rounds", type=int, default=GateSettings.max_rounds, show_default=True,
               help="Rounds at most (re-measurement of undecided devices, within the budget).")
 @click.option("--collector", default=None,
               help="Collector URL: the fleet reference (else its cached copy) and, with --drain and a token, "
@@ -45,18 +48,21 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
 @click.option("--token-file", envvar="STRAGGLER_TOKEN_FILE", type=click.Path(dir_okay=False), default=None,
               help="File holding the collector's bearer token (its fleet reads need it unless it sets "
                    "open_reads; drains through it always) [env STRAGGLER_TOKEN_FILE].")
-@click.option("--telemetry", default="auto", show_default=True, help="NVML backend: auto, nvml or fake:<scenario>.")
+@click.option("--telemetry", default=GateSettings.telemetry, show_default=True,
+              help="NVML backend: auto, nvml or fake:<scenario>.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Where the last check's NVML counters and the cached fleet reference are kept "
                    "[default: $STRAGGLER_STATE_DIR, /var/lib/straggler, else ~/.cache/straggler].")
-@click.option("--kernel-log", default="/dev/kmsg", show_default=True,
+@click.option("--kernel-log", default=GateSettings.kernel_log, show_default=True,
               help="Kernel log to read XID events from (needs root for /dev/kmsg); '-': do not read.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default=None,
               help="What 'could not decide' (exit 2) becomes: pass (exit 0), fail (exit 1), drain (drain the "
                    "node, exit 1) [default: exit 2; the Slurm wrappers pass --on-error pass].")
 @click.option("--drain", "drain", is_flag=True,
               help="On a failure, drain this node through scontrol with the finding as the reason.")
-@click.option("--node", default=None, help="Slurm node name to drain [default: $SLURMD_NODENAME, else the host name].")
+@click.option("--node", default=None,
+              help="Slurm node name to drain, and whose own results at the collector are left out of its fleet "
+                   "reference [default: $SLURMD_NODENAME, else the host name].")
 @click.option("--scontrol", default="scontrol", show_default=True, help="The scontrol command to drain with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collector, token_file, telemetry,
@@ -73,14 +79,15 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
 
     if not budget_s > 0:
         raise InputError(f"--budget must be > 0 seconds, got {budget_s}")
-    from straggler.commands.quarantine import read_token
+    from straggler.token import read_token
 
     token = read_token(token_file) if token_file else None
     wanted = _wanted_gpus(gpus)
     probe_list = () if probes.strip() == "none" else parse_probes(probes)
     settings = GateSettings(budget_s=budget_s, gpus=wanted, device=device, probes=probe_list,
                             duration_s=duration_s, samples=samples, max_rounds=max_rounds, telemetry=telemetry,
-                            collector=collector, token=token, state_dir=Path(state_dir) if state_dir else None,
+                            collector=collector, token=token, node=node,
+                            state_dir=Path(state_dir) if state_dir else None,
                             kernel_log=kernel_log)
     phase = ["start"]
     watchdog = _Watchdog(budget_s, phase, on_error, as_json)

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from straggler.errors import InputError
+from straggler.token import read_token
 
 COLLECTOR_ENV = "STRAGGLER_COLLECTOR_URL"
 TOKEN_ENV = "STRAGGLER_TOKEN_FILE"
@@ -28,13 +29,10 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def read_token(token_file) -> str:
+def _required_token(token_file) -> str:
     if token_file is None:
         raise InputError(f"--collector needs --token-file (or {TOKEN_ENV}): the collector's bearer token")
-    try:
-        return Path(token_file).read_text().strip()
-    except OSError as e:
-        raise InputError(f"--token-file {token_file}: {e.strerror}") from None
+    return read_token(token_file)
 
 
 def _ts(ts) -> str:
@@ -77,7 +75,7 @@ def list_cmd(collector, as_json):
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return 0
-    from straggler.probes.render import compact_table
+    from straggler.scanview import compact_table
 
     console = _console()
     b = doc["breaker"]
@@ -111,7 +109,7 @@ def show(host, collector, limit, as_json):
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return 0
-    from straggler.probes.render import compact_table
+    from straggler.scanview import compact_table
 
     node = doc["node"]
     console = _console()
@@ -131,7 +129,7 @@ def _act(what: str, host: str, reason: str, by: str, collector, token_file, as_j
     if collector is not None:
         from straggler.collector import quarantine_client as qc
 
-        token = read_token(token_file)
+        token = _required_token(token_file)
         doc = (qc.drain(collector, token, host, reason, by) if what == "drain"
                else qc.resume(collector, token, host, reason, by))
         doc["recorded"] = True

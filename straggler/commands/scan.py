@@ -15,19 +15,24 @@ from pathlib import Path
 import click
 
 from straggler.errors import EXIT_FAILED, InputError, ProbeError
+from straggler.probes.plan import DEFAULT_DURATION_S, ScanSettings  # (light: no torch)
+from straggler.remeasure import DEFAULT_MAX_ROUNDS
 
 
 @click.command("scan")
 @click.option("--probes", default="all", show_default=True,
               help="Comma-separated probes: matmul, membw, pcie (GPU only), allreduce; or 'all'.")
 @click.option("--duration", "duration_s", type=float, default=None,
-              help="Seconds per probe [default: 4 on CPU cores, 15 on GPUs and in a cluster scan].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--samples", type=int, default=5, show_default=True, help="Samples (windows) per device and probe.")
+              help=f"Seconds per probe [default: {DEFAULT_DURATION_S['cpu']:g} on CPU cores, "
+                   f"{DEFAULT_DURATION_S['cuda']:g} on GPUs and in a cluster scan].")
+@click.option("--device", default=ScanSettings.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--samples", type=int, default=ScanSettings.samples, show_default=True,
+              help="Samples (windows) per device and probe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write every raw sample (canonical result table): .csv, .jsonl or .parquet.")
-@click.option("--scan-id", default=None, help="Id stamped on every sample [default: time-host-random].")
+@click.option("--scan-id", default=None,
+              help="Id stamped on every sample: 1-128 letters, digits, '.', '_', '-' [default: time-host-random].")
 @click.option("--start-at", type=float, default=None, help="Unix time of the first probe (after warm-up).")
 @click.option("--deadline", "deadline_s", type=float, default=None,
               help="Kill the scan after this many seconds (samples measured so far are kept). With "
@@ -36,7 +41,7 @@ from straggler.errors import EXIT_FAILED, InputError, ProbeError
 @click.option("--max-rounds", type=int, default=None,
               help="Rounds at most: while a device is undecided, measure every device again with the "
                    "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
-                   "[default: 5; a cluster scan through --collector runs one round].")
+                   f"[default: {DEFAULT_MAX_ROUNDS}; a cluster scan through --collector runs one round].")
 @click.option("--all", "show_all", is_flag=True,
               help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
                    "first 20 others, then counts].")
@@ -61,6 +66,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
         check_writable(output)  # a bad suffix or an unwritable place fails now, not after the probes ran
     if collector is None and token_file is not None:
         raise InputError("--token-file needs --collector")
+    if scan_id is not None:
+        from straggler.scanproto import scan_id_problem
+
+        if scan_id_problem(scan_id):
+            raise InputError(f"--scan-id: {scan_id_problem(scan_id)}")
     if max_rounds is not None and max_rounds < 1:
         raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
     if collector is not None and (max_rounds or 1) > 1:
@@ -69,7 +79,8 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
 
     from rich.console import Console
 
-    from straggler.probes.render import progress_display
+    from straggler.scanview import progress_display
+    from straggler.probes.plan import ScanResult
     from straggler.remeasure import DEFAULT_MAX_ROUNDS, analysis_verdicts, remeasure
 
     err = Console(stderr=True)
@@ -78,7 +89,8 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
             rounds = remeasure(lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
                                analysis_verdicts, probe_list, samples, max_rounds=1)
         else:
-            from straggler.probes.runner import ScanRounds, ScanSettings
+            from straggler.probes.plan import ScanSettings
+            from straggler.probes.runner import ScanRounds
 
             # torchrun/srun: every rank runs the same command; rank 0 decides the rounds, the others follow
             local = ScanRounds(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
@@ -92,9 +104,11 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
                     local.close()
             if local.stopped_by and rounds.stopped.startswith("scan stopped by"):
                 rounds.failures.append(local.stop_failure())
-    if not rounds.first.root:
+    first = rounds.first
+    assert isinstance(first, ScanResult)  # what every measure function here returns
+    if not first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
-    return _report(replace(rounds.first, samples=rounds.samples, failures=rounds.failures), as_json, output,
+    return _report(replace(first, samples=rounds.samples, failures=rounds.failures), as_json, output,
                    rounds, show_all, report_path)
 
 
@@ -102,7 +116,8 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
             report_path: str | None = None) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
-    from straggler.probes.report import device_report, json_safe
+    from straggler.jsonsafe import json_safe
+    from straggler.scanverdict import device_report
 
     # first, so that nothing measured is lost whatever happens next
     write_error = _write(res, output, as_json) if output is not None else None
@@ -114,11 +129,11 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
                "notice": res.notice,
                "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
                "engine": report["engine"], "rounds": rounds.to_json() if rounds else None, "samples": res.samples}
-        sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(json_safe(doc), allow_nan=False) + "\n")
     else:
         from rich.console import Console
 
-        from straggler.probes.render import render_scan
+        from straggler.scanview import render_scan
 
         console = Console()
         render_scan(console, report, res.notice, res.scan_id, res.failures, show_all=show_all)
@@ -173,12 +188,6 @@ def _html(path: str, report: dict, samples: list[dict]) -> str | None:
     return None
 
 
-def _json_default(v):
-    if hasattr(v, "item"):
-        return v.item()
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-
 def _failure_line(failures: list[dict], output: str | None) -> str:
     kept = f"; samples measured so far kept in {output}" if output else ""
     if not failures:
@@ -192,19 +201,19 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
     """A cluster scan through the collector, returned in the shape of a local ScanResult."""
     if token_file is None:
         raise InputError("--collector needs --token-file (the collector's bearer token)")
-    try:
-        token = Path(token_file).read_text().strip()
-    except OSError as e:
-        raise InputError(f"--token-file {token_file}: {e.strerror}") from None
+    from straggler.token import read_token
+
+    token = read_token(token_file)
     from straggler.collector.client import DEFAULT_START_DELAY_S, cluster_scan
     from straggler.probes.budget import budget_problem, scan_needed_s
-    from straggler.probes.runner import DEFAULT_DURATION_S, ScanResult
+    from straggler.probes.plan import DEFAULT_DURATION_S, ScanResult
+    from straggler.scanproto import FINAL_STATES
 
     def on_progress(status: dict) -> None:
         if on_event is not None:
             nodes = status.get("nodes") or {}
             on_event({"t": "progress", "description": f"scan {status.get('scan_id', '')}: nodes reported",
-                      "completed": sum(s in ("done", "failed") for s in nodes.values()), "total": len(nodes) or None})
+                      "completed": sum(s in FINAL_STATES for s in nodes.values()), "total": len(nodes) or None})
 
     # The fleet's nodes may be GPU nodes: their power and thermal steady state needs the GPU duration.
     duration = duration_s or DEFAULT_DURATION_S["cuda"]

@@ -1,7 +1,7 @@
 """What the report shows, computed from the analysis' output (never a second analysis).
 
 Inputs are the analysis' device table (``res.devices``, the columns of
-``straggler.analysis.report.DEVICE_COLUMNS``), its summary, and the result table it read
+``straggler.analysis.result.DEVICE_COLUMNS``), its summary, and the result table it read
 (current and earlier scans), from which the flagged devices' samples, per-scan history and
 telemetry are taken. Everything here aggregates: bin counts, one cell per node or band of nodes,
 a few flagged devices in detail, so the report of 100,000 devices stays small and fast.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -263,7 +264,7 @@ def _classes(d: pd.DataFrame, code: np.ndarray, n: int) -> list[dict]:
     for g in np.unique(code[has]):
         sel = has & (code == g)
         i = int(np.flatnonzero(sel)[0])
-        row = {"model": str(d["model"].iat[i]), "probe": str(d["probe"].iat[i]),
+        row: dict[str, Any] = {"model": str(d["model"].iat[i]), "probe": str(d["probe"].iat[i]),
                "settings": _text(d["settings"].iat[i]), "classes": {}}
         for c in ("A", "B", "C", "D"):
             r = ratio[sel & (cls == c)]

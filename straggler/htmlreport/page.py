@@ -203,7 +203,7 @@ def _details(rep: Report, link) -> str:
         return ""
     t = float(rep.summary.get("min_effect") or 0.04)
     out = [f"<h2>Flagged devices in detail</h2><p>The {len(rep.details)} costliest flagged entries.</p>"]
-    for n, e in enumerate(rep.details):
+    for e in rep.details:
         head = f"{e['label']} {e['gpu']} {e['probe']}"
         facts = [("model", e["model"]), ("verdict", e["verdict"] + (", degraded" if e["degraded"] else "")),
                  ("ratio", f"{_num(e['ratio'])} (95% {_num(e['ratio_low'])}-{_num(e['ratio_high'])})"),

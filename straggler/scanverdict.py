@@ -1,17 +1,19 @@
 """From a scan's samples and failures to one verdict per device (the ``--json`` ``devices`` list).
 
-The per-(device, probe) decisions come from the analysis engine (``straggler.analysis.analyze``);
-where that engine is not installed, a simple rule stands in and says so in ``engine``: a probe
-median below 0.90 x the median of its peers (same probe, settings and model) in this scan.
+The scan command's verdict (``straggler scan``, local or through the collector): the per-(device,
+probe) decisions come from the analysis engine (``straggler.analysis.analyze``); where that engine
+refuses the samples or fails, a simple rule stands in and says so in ``engine``: a probe median
+below 0.90 x the median of its peers (same probe, settings and model) in this scan.
 """
 
 from __future__ import annotations
 
 import math
 from statistics import fmean, median
-from typing import Any, Iterable
+from typing import Iterable
 
-from straggler.errors import EXIT_FAILED
+from straggler.errors import EXIT_FAILED, StragglerError
+from straggler.jsonsafe import json_safe
 from straggler.records import format_throttle, parse_throttle
 
 SIMPLE_MIN_RATIO = 0.90
@@ -21,26 +23,11 @@ PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "estimate", "peer_med
                 "note")
 
 
-def _clean(v: Any) -> Any:
-    """JSON-friendly: NaN -> None, numpy scalars -> Python."""
-    if hasattr(v, "item") and not isinstance(v, (list, tuple, dict, str)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
 def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     """(one dict per host/gpu/probe with PROBE_FIELDS, the engine's JSON document, engine name)."""
     if not samples:
         return [], {}, "none"
-    try:
-        from straggler.analysis import analyze
-    except ImportError:
-        return _simple(samples), {}, f"simple rule (< {SIMPLE_MIN_RATIO:.2f} x peer median)"
-    from straggler.errors import StragglerError
+    from straggler.analysis import analyze
     from straggler.records import to_frame
 
     try:
@@ -56,21 +43,12 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     rows = []
     for rec in res.devices.to_dict("records"):
         key = (rec["host"], rec["gpu"], rec["probe"])
-        est = _clean(rec.get("value"))  # the engine's robust estimate (transient dips left out)
+        est = json_safe(rec.get("value"))  # the engine's robust estimate (transient dips left out)
         rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"], "unit": units.get(key),
-                     **{k: _clean(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
-                     "median": _clean(rec["median"]) if "median" in rec else est, "estimate": est,
+                     **{k: json_safe(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
+                     "median": json_safe(rec["median"]) if "median" in rec else est, "estimate": est,
                      "note": probe_note(rec)})
     return rows, json_safe(res.to_json()), "straggler.analysis"
-
-
-def json_safe(doc):
-    """A JSON document with NaN/inf as None and numpy scalars as Python numbers."""
-    if isinstance(doc, dict):
-        return {k: json_safe(v) for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [json_safe(v) for v in doc]
-    return _clean(doc)
 
 
 def _simple(samples: list[dict]) -> list[dict]:
@@ -160,7 +138,7 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
                     "failures": fails})
     n = sum(d["straggler"] for d in out)
     undecided = [d for d in out if d["verdict"] == "undecided"]
-    cannot_decide = None
+    cannot_decide: StragglerError | None = None
     if out and not n and undecided:
         if all(str(r.get("basis") or "none").startswith("none") for r in probe_rows):  # nothing to compare with
             cannot_decide = NothingToCompare(len(out), undecided[0]["host"], undecided[0]["gpu"],

@@ -1,4 +1,5 @@
-"""Rich output of a scan: the progress display while probing and the per-device table after.
+"""Rich output of a scan (the scan command's display): the progress display while probing and the
+per-device table after.
 
 Used alike for a local scan and for a cluster scan through the collector. Rendering never changes
 the data: it reads the ``device_report`` document.
@@ -165,7 +166,7 @@ def shown_devices(devices: list[dict], top: int) -> tuple[list[dict], str | None
     flagged = sorted((d for d in devices if d["verdict"] in rank), key=lambda d: (rank[d["verdict"]], -cost(d)))
     others = [d for d in devices if d["verdict"] not in rank]
     shown = flagged[:top] + others[:top]
-    hidden = {}
+    hidden: dict[str, int] = {}
     for d in flagged[top:] + others[top:]:
         hidden[d["verdict"]] = hidden.get(d["verdict"], 0) + 1
     return shown, "(not shown: " + ", ".join(f"{n} {v}" for v, n in hidden.items()) + "; --all shows them)"
@@ -216,15 +217,16 @@ def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("starting the probe workers", total=None, count="")
-        state = {"done": 0, "ready": set()}
+        done: list[int] = [0]  # probes done
+        ready: set = set()  # ranks up
 
         def on_event(msg: dict) -> None:
             kind, phase = msg.get("t"), msg.get("state")
             total = msg.get("world_size", 1) * len(msg.get("probes") or ()) or None
-            count = f"{state['done']}/{total} probes" if total else ""
+            count = f"{done[0]}/{total} probes" if total else ""
             if kind == "hello":
-                state["ready"].add(msg.get("rank"))
-                progress.update(task, description=f"starting the probe workers ({len(state['ready'])}/"
+                ready.add(msg.get("rank"))
+                progress.update(task, description=f"starting the probe workers ({len(ready)}/"
                                 f"{msg.get('world_size', '?')} up)", total=total, count=count)
             elif kind == "phase" and phase == "warmup":
                 progress.update(task, description=f"warming up {msg['probe']}", total=total, count=count)
@@ -233,9 +235,9 @@ def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict
             elif kind == "phase" and phase == "start":
                 progress.update(task, description=f"probing {msg['probe']}", total=total, count=count)
             elif kind == "phase" and phase == "done":
-                state["done"] += 1
-                progress.update(task, completed=state["done"], total=total,
-                                count=f"{state['done']}/{total} probes" if total else "")
+                done[0] += 1
+                progress.update(task, completed=done[0], total=total,
+                                count=f"{done[0]}/{total} probes" if total else "")
             elif kind == "progress":  # cluster scans: nodes reported
                 n, of = msg.get("completed", 0), msg.get("total")
                 progress.update(task, description=msg["description"], completed=n, total=of,
