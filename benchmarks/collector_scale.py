@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scan_fanout import TOKEN, _free_port, start_collector  # noqa: E402
+from scan_fanout import TOKEN, _free_port, start_collector
 
 PROBES = (("matmul", "n=8192,dtype=bf16", "TFLOP/s", 790.0), ("membw", "bytes=4GiB", "GB/s", 3000.0),
           ("allreduce", "bytes=256MiB,world=8", "GB/s", 180.0))
@@ -310,7 +310,6 @@ def _target(name: str, gpus: int) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows_ = [("figure", "target")]
     figs = [("refresh, full-fleet scan: wall s", "refresh_full_s", "{:.2f}"),
             ("  CPU s", "refresh_full_cpu_s", "{:.2f}"),
             ("refresh, one node's scan: wall s", "refresh_node_s", "{:.2f}"),
