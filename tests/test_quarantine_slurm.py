@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
