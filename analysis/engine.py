@@ -64,15 +64,17 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     sample = (pd.to_numeric(cur["sample"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
               if "sample" in cur.columns else np.full(len(cur), np.nan))
     pv = peers.compare(est, codes, config.min_group, config.min_effect, config.min_effect_few,
-                       rows=(sample, value))
+                       row_sample=sample, row_value=value)
     node_centre, node_deficit, node_se, node_df, node_fixed = peers.node_compare(est, codes, pv, config.min_group)
     past = _past_scans(rows, codes, config)
-    hv = own.compare(est.value, est.se_rel, codes, past, past.value, prior_df=config.prior_df)
+    hv = own.compare(codes, past, value=est.value, se_rel=est.se_rel, past_value=past.value,
+                     prior_df=config.prior_df)
     if len(past.dev):
         # The change point is found on per-scan sample medians: two upward spikes of heavy-tailed
         # noise among 5 samples move the transient-robust value (anchored on the upper quartile),
         # not the median; in the benchmark that halved the stable devices marked.
-        by_median = own.compare(est.median, est.se_rel, codes, past, past.median, prior_df=config.prior_df)
+        by_median = own.compare(codes, past, value=est.median, se_rel=est.se_rel, past_value=past.median,
+                                prior_df=config.prior_df)
         hv = replace(hv, change=by_median.change, change_rank=by_median.change_rank)
     has_peers = pv.basis != ""
     ref_value, ref_test = _reference(config, cur, first, est, ~has_peers)

@@ -90,7 +90,7 @@ def centre(key: np.ndarray, value: np.ndarray, n_key: int) -> np.ndarray:
     return out
 
 
-def compare(value: np.ndarray, se_rel: np.ndarray, codes: Codes, past: PastScans, past_value: np.ndarray,
+def compare(codes: Codes, past: PastScans, *, value: np.ndarray, se_rel: np.ndarray, past_value: np.ndarray,
             prior_df: float = 8.0) -> HistoryVerdict:
     """``value``: each device's current value; ``past_value``: its value in each past scan of
     ``past`` (``past.value`` or ``past.median``, matching ``value``), by the ``codes`` of the

@@ -40,10 +40,11 @@ class PeerVerdict:
     paired: np.ndarray  # decided on samples paired by index (2-3 devices): peer_value = value / (1 - deficit)
 
 
-def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min_effect_few: float,
-            rows: tuple[np.ndarray, np.ndarray] | None = None) -> PeerVerdict:
-    """``rows``: (sample index, value) of each sample row of ``codes.row_dev``, for the paired
-    comparison."""
+def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min_effect_few: float, *,
+            row_sample: np.ndarray | None = None, row_value: np.ndarray | None = None) -> PeerVerdict:
+    """``row_sample``, ``row_value``: the sample index and value of each sample row of
+    ``codes.row_dev``, for the paired comparison (without them, 2-3 devices are compared on all
+    their samples)."""
     group_of_dev, n_group, host_of_dev = codes.group, codes.n_group, codes.host
     n_dev = len(group_of_dev)
     size = np.bincount(group_of_dev, minlength=n_group)[group_of_dev]
@@ -65,8 +66,9 @@ def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min
         peer[few], se[few], df[few], fixed[few] = _leave_one_out(est, group_of_dev, n_group, few)
         with np.errstate(invalid="ignore", divide="ignore"):
             deficit[few] = 1 - est.value[few] / peer[few]
-        if rows is not None:
-            paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, codes.row_dev, *rows)
+        if row_sample is not None and row_value is not None:
+            paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, codes.row_dev, row_sample,
+                                                       row_value)
             deficit[paired], se[paired], df[paired] = d_pair[paired], se_pair[paired], df_pair[paired]
             fixed[paired] = 0.0  # paired: the others' samples of the same moments, all re-measured
             # The comparison value of the paired test: the device's value over its paired ratio, so
