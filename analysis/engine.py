@@ -152,7 +152,7 @@ def _explain(rows: "_Rows", codes: Codes, order, columns, pv, hv, verdict, tier,
     cause, evidence = causes_mod.explain(tel, straggler, group_of_dev=codes.group, n_group=codes.n_group,
                                          host_of_dev=codes.host, host_names=names, membw=membw)
     for i in np.flatnonzero(straggler):
-        evidence[i] = _verdict_text(i, pv, hv, verdict, tier, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
+        evidence[i] = _verdict_text(int(i), pv, hv, verdict, tier, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
     return cause, evidence
 
 
@@ -185,10 +185,12 @@ def _scan_labels(rows: "_Rows", rank: np.ndarray, hit: np.ndarray) -> tuple[np.n
     scan_ids = pd.concat([t["scan_id"] for t in rows.tables], ignore_index=True)
     scan_ts = (pd.to_numeric(pd.concat([t["ts"] for t in rows.tables], ignore_index=True), errors="coerce")
                .to_numpy(dtype=float, na_value=np.nan) if all("ts" in t.columns for t in rows.tables) else None)
-    code = rows.all_rank - rows.all_rank.min()
+    all_rank = rows.all_rank
+    assert all_rank is not None  # the rows are read with every row's scan rank
+    code = all_rank - all_rank.min()
     n_code = int(code.max()) + 1
     at = groups.first_index(code, n_code)
-    want = rank[hit] - rows.all_rank.min()
+    want = rank[hit] - all_rank.min()
     ids[hit] = scan_ids.iloc[np.minimum(at[want], len(code) - 1)].astype(object).to_numpy()
     if scan_ts is not None:
         sel = np.isin(code, want)
@@ -220,7 +222,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     keys = {c: frame[c] for c in DEVICE_KEY}
     value_all = frame["value"].to_numpy(dtype=float)
     offset = 0
-    tables = (frame,)
+    tables: tuple[pd.DataFrame, ...] = (frame,)
     if history is not None and len(history):
         past, hdrop = validate.clean(history, "history")
         if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own samples again

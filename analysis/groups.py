@@ -7,6 +7,8 @@ several times faster than a pandas groupby over string keys on millions of rows.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
@@ -112,7 +114,7 @@ def quantiles(codes: np.ndarray, values: np.ndarray, n: int, qs) -> list[np.ndar
     return outs
 
 
-def _sort_kind(codes: np.ndarray) -> str:
+def _sort_kind(codes: np.ndarray) -> Literal["stable", "quicksort"]:
     """The sort for keys ordered by ``codes`` first: a merge sort (timsort) where the codes come in
     few ascending runs (rows grouped by device, as a scan writes them: in the benchmark's file it
     sorts 3,000,000 keys in 0.12 s of CPU against 0.30 s), else quicksort (faster on rows in no
