@@ -12,6 +12,7 @@ from straggler.errors import ConfigError
 from . import bases, cost, groups, peers, tiers, validate
 from . import causes as causes_mod
 from . import history as own
+from .codes import Codes, PastScans
 from .detect import Test, decide
 from .estimate import estimate
 from .result import DEVICE_COLUMNS, AnalysisResult
@@ -42,9 +43,9 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     # messages name the file read_table read the samples from, where it set one
     frame, dropped = validate.clean(samples, getattr(samples, "attrs", {}).get("source", "input"))
     rows = _split(frame, history, dropped)
-    cur, dev, n_dev = rows.cur, rows.dev, rows.n_dev
+    cur, n_dev = rows.cur, rows.n_dev
 
-    first = groups.first_index(dev, n_dev)
+    first = groups.first_index(rows.dev, n_dev)
     code = {c: k[first] for c, k in rows.key_codes.items()}  # per device
     peer_cols = [code["model"], code["probe"], code["settings"]]
     for c in config.peer_columns:
@@ -52,25 +53,28 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
             col = _device_column(cur, first, c)
             peer_cols.append(pd.to_numeric(col, errors="coerce").round() if c.endswith("_w") else col)
     group, n_group = groups.factorize(*peer_cols)
-    host_code, _ = groups.factorize(code["host"])
+    host, n_host = groups.factorize(code["host"])
     _, n_units = groups.factorize(code["host"], code["gpu"])
-    est = estimate(dev, n_dev, cur["value"].to_numpy(dtype=float), group, n_group,
-                   config.dip_sigmas, config.prior_df)
+    # From here on every code array is read from `codes`, by its name.
+    codes = Codes(row_dev=rows.dev, n_dev=n_dev, group=group, n_group=n_group, host=host, n_host=n_host,
+                  cur_rank=rows.cur_rank)
+    value = cur["value"].to_numpy(dtype=float)
+    est = estimate(value, dev=codes.row_dev, n_dev=n_dev, group_of_dev=codes.group, n_group=codes.n_group,
+                   dip_sigmas=config.dip_sigmas, prior_df=config.prior_df)
     sample = (pd.to_numeric(cur["sample"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
               if "sample" in cur.columns else np.full(len(cur), np.nan))
-    pv = peers.compare(est, group, n_group, host_code, config.min_group, config.min_effect,
-                       config.min_effect_few, rows=(dev, sample, cur["value"].to_numpy(dtype=float)))
-    node_centre, node_deficit, node_se, node_df, node_fixed = peers.node_compare(
-        est, group, host_code, pv, config.min_group)
-    past_dev, past_rank, past_value, past_median = _past_scans(rows, group, n_group, config)
-    hv = own.compare(est.value, est.se_rel, group, n_group, rows.cur_rank, past_dev, past_rank, past_value,
+    pv = peers.compare(est, codes, config.min_group, config.min_effect, config.min_effect_few,
+                       row_sample=sample, row_value=value)
+    node_centre, node_deficit, node_se, node_df, node_fixed = peers.node_compare(est, codes, pv, config.min_group)
+    past = _past_scans(rows, codes, config)
+    hv = own.compare(codes, past, value=est.value, se_rel=est.se_rel, past_value=past.value,
                      prior_df=config.prior_df)
-    if len(past_dev):
+    if len(past.dev):
         # The change point is found on per-scan sample medians: two upward spikes of heavy-tailed
         # noise among 5 samples move the transient-robust value (anchored on the upper quartile),
         # not the median; in the benchmark that halved the stable devices marked.
-        by_median = own.compare(est.median, est.se_rel, group, n_group, rows.cur_rank, past_dev, past_rank,
-                                past_median, prior_df=config.prior_df)
+        by_median = own.compare(codes, past, value=est.median, se_rel=est.se_rel, past_value=past.median,
+                                prior_df=config.prior_df)
         hv = replace(hv, change=by_median.change, change_rank=by_median.change_rank)
     has_peers = pv.basis != ""
     ref_value, ref_test = _reference(config, cur, first, est, ~has_peers)
@@ -86,7 +90,7 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
              np.full(n_dev, np.inf), threshold, hist_fixed),
         ref_test,
     ], config.fdr, config.clear_level, est.n_kept)
-    tier = tiers.assign(verdict, pv, hv, has_peers, group, n_group, config)
+    tier = tiers.assign(verdict, pv, hv, has_peers, codes, config)
     straggler = tier.straggler
 
     basis_value = np.where(np.isfinite(pv.peer_value), pv.peer_value,
@@ -99,8 +103,7 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     # Stragglers first, by cost; the device table is built in that order (no reordering afterwards).
     order = np.lexsort((-np.nan_to_num(cost_dev, nan=-1.0), ~straggler))
     columns = {c: pd.Series(rows.key_values[c].take(code[c][order])) for c in (*DEVICE_KEY, "model")}
-    cause, evidence = _explain(rows, group, n_group, host_code, order, columns, pv, hv, verdict, tier,
-                               node_deficit)
+    cause, evidence = _explain(rows, codes, order, columns, pv, hv, verdict, tier, node_deficit)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = est.value / pv.peer_value
     change_scan, change_ts = _scan_labels(rows, tier.change_rank, tier.degraded)
@@ -122,21 +125,22 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
                           pd.Series(columns[c][order], dtype=object) if columns[c].dtype == object else
                           columns[c][order] for c in DEVICE_COLUMNS})
 
-    at = groups.first_index(group, n_group)  # a device of each peer group
+    at = groups.first_index(codes.group, codes.n_group)  # a device of each peer group
     labels = [{"model": m, "probe": p, "settings": s} for m, p, s in
               zip(*(rows.key_values[c].take(code[c][at]).tolist() for c in ("model", "probe", "settings")))]
     with np.errstate(invalid="ignore", divide="ignore"):
         step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
-    spread = tiers.group_spread(pv, group, n_group, labels, config)
-    summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units,
-                       cost.job_gain(step, straggler, group, n_group, labels, config.job_sizes), spread,
+    spread = tiers.group_spread(pv, codes, labels, config)
+    jobs = cost.job_gain(step, flagged=straggler, group=codes.group, n_group=codes.n_group, labels=labels,
+                         sizes=config.job_sizes)
+    summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units, jobs, spread,
                        tier.counts)
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
 
 
-def _explain(rows: "_Rows", group, n_group, host_code, order, columns, pv, hv, verdict, tier, node_deficit):
+def _explain(rows: "_Rows", codes: Codes, order, columns, pv, hv, verdict, tier, node_deficit):
     """(causes, evidence) per device; only stragglers get any (the telemetry is read only then)."""
-    n_dev = rows.n_dev
+    n_dev = codes.n_dev
     straggler = tier.straggler
     if not straggler.any():
         return [()] * n_dev, [""] * n_dev
@@ -144,10 +148,11 @@ def _explain(rows: "_Rows", group, n_group, host_code, order, columns, pv, hv, v
     membw[order] = columns["probe"].astype("string").str.contains("membw").fillna(False).to_numpy(dtype=bool)
     k = int(straggler.sum())  # the stragglers come first in `order`
     names = dict(zip(order[:k].tolist(), columns["host"].iloc[:k].tolist()))
-    tel = causes_mod.device_telemetry(rows.cur, rows.dev, n_dev)
-    cause, evidence = causes_mod.explain(tel, straggler, group, n_group, host_code, names, membw)
+    tel = causes_mod.device_telemetry(rows.cur, codes.row_dev, n_dev)
+    cause, evidence = causes_mod.explain(tel, straggler, group_of_dev=codes.group, n_group=codes.n_group,
+                                         host_of_dev=codes.host, host_names=names, membw=membw)
     for i in np.flatnonzero(straggler):
-        evidence[i] = _verdict_text(i, pv, hv, verdict, tier, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
+        evidence[i] = _verdict_text(int(i), pv, hv, verdict, tier, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
     return cause, evidence
 
 
@@ -158,16 +163,17 @@ def _objects(values: list) -> np.ndarray:
     return out
 
 
-def _past_scans(rows: "_Rows", group, n_group, config):
+def _past_scans(rows: "_Rows", codes: Codes, config) -> PastScans:
     """One value per (device, past scan), estimated like the current scan's (transients removed),
     and its plain sample median."""
     dev, rank, value = rows.past_dev, rows.past_rank, rows.past_value
     if len(dev) == 0:
-        return dev, rank, value, value
+        return PastScans(dev, rank, value, value)
     ds, n_ds = groups.factorize(dev, rank)
     first = groups.first_index(ds, n_ds)
-    est = estimate(ds, n_ds, value, group[dev[first]], n_group, config.dip_sigmas, config.prior_df)
-    return dev[first], rank[first], est.value, est.median
+    est = estimate(value, dev=ds, n_dev=n_ds, group_of_dev=codes.group[dev[first]], n_group=codes.n_group,
+                   dip_sigmas=config.dip_sigmas, prior_df=config.prior_df)
+    return PastScans(dev[first], rank[first], est.value, est.median)
 
 
 def _scan_labels(rows: "_Rows", rank: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +185,12 @@ def _scan_labels(rows: "_Rows", rank: np.ndarray, hit: np.ndarray) -> tuple[np.n
     scan_ids = pd.concat([t["scan_id"] for t in rows.tables], ignore_index=True)
     scan_ts = (pd.to_numeric(pd.concat([t["ts"] for t in rows.tables], ignore_index=True), errors="coerce")
                .to_numpy(dtype=float, na_value=np.nan) if all("ts" in t.columns for t in rows.tables) else None)
-    code = rows.all_rank - rows.all_rank.min()
+    all_rank = rows.all_rank
+    assert all_rank is not None  # the rows are read with every row's scan rank
+    code = all_rank - all_rank.min()
     n_code = int(code.max()) + 1
     at = groups.first_index(code, n_code)
-    want = rank[hit] - rows.all_rank.min()
+    want = rank[hit] - all_rank.min()
     ids[hit] = scan_ids.iloc[np.minimum(at[want], len(code) - 1)].astype(object).to_numpy()
     if scan_ts is not None:
         sel = np.isin(code, want)
@@ -214,7 +222,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     keys = {c: frame[c] for c in DEVICE_KEY}
     value_all = frame["value"].to_numpy(dtype=float)
     offset = 0
-    tables = (frame,)
+    tables: tuple[pd.DataFrame, ...] = (frame,)
     if history is not None and len(history):
         past, hdrop = validate.clean(history, "history")
         if "scan_id" in past.columns and "scan_id" in frame.columns:  # the input's own samples again

@@ -33,8 +33,10 @@ class Estimates:
     kept: np.ndarray  # per sample (row): kept, not a transient
 
 
-def estimate(dev: np.ndarray, n_dev: int, value: np.ndarray, group_of_dev: np.ndarray,
-             n_group: int, dip_sigmas: float, prior_df: float) -> Estimates:
+def estimate(value: np.ndarray, *, dev: np.ndarray, n_dev: int, group_of_dev: np.ndarray, n_group: int,
+             dip_sigmas: float, prior_df: float) -> Estimates:
+    """``value`` of each sample row, ``dev`` its device (or device and scan: 0..n_dev-1),
+    ``group_of_dev`` the peer group (0..n_group-1) of each device."""
     med, anchor = groups.quantiles(dev, value, n_dev, (0.5, 0.75))
     g = group_of_dev[dev]
     with np.errstate(invalid="ignore", divide="ignore"):

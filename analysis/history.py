@@ -23,6 +23,7 @@ from scipy import special
 
 from . import groups
 from .change import Change, changepoint
+from .codes import Codes, PastScans
 
 
 def scan_rank(frame: pd.DataFrame) -> np.ndarray:
@@ -89,18 +90,19 @@ def centre(key: np.ndarray, value: np.ndarray, n_key: int) -> np.ndarray:
     return out
 
 
-def compare(value: np.ndarray, se_rel: np.ndarray, group_of_dev: np.ndarray, n_group: int,
-            cur_rank: np.ndarray, s_dev: np.ndarray, s_rank: np.ndarray, s_val: np.ndarray,
+def compare(codes: Codes, past: PastScans, *, value: np.ndarray, se_rel: np.ndarray, past_value: np.ndarray,
             prior_df: float = 8.0) -> HistoryVerdict:
-    """``cur_rank``: each device's current scan; ``s_*``: one entry per (current device, past scan):
-    device index (0..n-1), scan rank and the device's value in that scan (estimated like the
-    current one, transients removed).
+    """``value``: each device's current value; ``past_value``: its value in each past scan of
+    ``past`` (``past.value`` or ``past.median``, matching ``value``), by the ``codes`` of the
+    devices and their current scans.
 
     A device with peers (2+ devices in its group now) is compared relative to them: its current
     value over its peers' current centre, each past value over the centre of the group in that
     scan (every device measured in it), so a change of the whole fleet (driver, room temperature)
     cancels out; a past scan in which the device had no peer is left out. A device without peers
     is compared on its absolute values."""
+    group_of_dev, n_group, cur_rank = codes.group, codes.n_group, codes.cur_rank
+    s_dev, s_rank, s_val = past.dev, past.rank, past_value
     n_dev = len(value)
     nan = np.full(n_dev, np.nan)
     peers_now = np.bincount(group_of_dev, weights=np.isfinite(value), minlength=n_group)[group_of_dev] >= 2

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from . import groups
 from .bases import FLEET, HOST, LOO
+from .codes import Codes
 from .estimate import Estimates
 
 
@@ -39,10 +40,12 @@ class PeerVerdict:
     paired: np.ndarray  # decided on samples paired by index (2-3 devices): peer_value = value / (1 - deficit)
 
 
-def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev: np.ndarray,
-            min_group: int, min_effect: float, min_effect_few: float,
-            rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> PeerVerdict:
-    """``rows``: (device code, sample index, value) per sample, for the paired comparison."""
+def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min_effect_few: float, *,
+            row_sample: np.ndarray | None = None, row_value: np.ndarray | None = None) -> PeerVerdict:
+    """``row_sample``, ``row_value``: the sample index and value of each sample row of
+    ``codes.row_dev``, for the paired comparison (without them, 2-3 devices are compared on all
+    their samples)."""
+    group_of_dev, n_group, host_of_dev = codes.group, codes.n_group, codes.host
     n_dev = len(group_of_dev)
     size = np.bincount(group_of_dev, minlength=n_group)[group_of_dev]
     pair, n_pair = groups.factorize(group_of_dev, host_of_dev)
@@ -63,8 +66,9 @@ def compare(est: Estimates, group_of_dev: np.ndarray, n_group: int, host_of_dev:
         peer[few], se[few], df[few], fixed[few] = _leave_one_out(est, group_of_dev, n_group, few)
         with np.errstate(invalid="ignore", divide="ignore"):
             deficit[few] = 1 - est.value[few] / peer[few]
-        if rows is not None:
-            paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, *rows)
+        if row_sample is not None and row_value is not None:
+            paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, codes.row_dev, row_sample,
+                                                       row_value)
             deficit[paired], se[paired], df[paired] = d_pair[paired], se_pair[paired], df_pair[paired]
             fixed[paired] = 0.0  # paired: the others' samples of the same moments, all re-measured
             # The comparison value of the paired test: the device's value over its paired ratio, so
@@ -173,13 +177,13 @@ def _paired(est: Estimates, group_of_dev: np.ndarray, n_group: int, sel: np.ndar
     return applies, 1 - np.exp(m), se, df
 
 
-def node_compare(est: Estimates, group_of_dev: np.ndarray, host_of_dev: np.ndarray, fleet: PeerVerdict,
-                 min_group: int) -> tuple[np.ndarray, ...]:
+def node_compare(est: Estimates, codes: Codes, fleet: PeerVerdict, min_group: int) -> tuple[np.ndarray, ...]:
     """Each device against the median of its node-mates in the same peer group (leave-one-out), where
     the group spans several hosts and the host has at least ``min_group`` devices in it: a device
     slow within a fast node. The centre's error comes from the group's spread (a median of a few
     node-mates is a noisy centre). Returns (node centre, deficit, se, df, centre's se); NaN where it
     does not apply."""
+    group_of_dev, host_of_dev = codes.group, codes.host
     n = len(group_of_dev)
     nan = np.full(n, np.nan)
     pair, n_pair = groups.factorize(group_of_dev, host_of_dev)

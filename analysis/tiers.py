@@ -25,6 +25,7 @@ import numpy as np
 
 from . import groups
 from .bases import HISTORY, JOIN, NONE
+from .codes import Codes
 from .detect import bh_qvalues, bh_reject, p_above
 
 TIERS = ("straggler", "undecided", "slow", "healthy")
@@ -47,7 +48,7 @@ class Tiers:
     counts: np.ndarray  # devices per tier, in the order of TIERS
 
 
-def assign(verdict, pv, hv, has_peers: np.ndarray, group: np.ndarray, n_group: int, config) -> Tiers:
+def assign(verdict, pv, hv, has_peers: np.ndarray, codes: Codes, config) -> Tiers:
     n = len(has_peers)
     degraded = np.zeros(n, dtype=bool)
     loss = np.full(n, np.nan)
@@ -82,8 +83,8 @@ def assign(verdict, pv, hv, has_peers: np.ndarray, group: np.ndarray, n_group: i
     out = np.asarray(TIERS, dtype=object)[code]
     reason = np.where(straggler, "", verdict.reason).astype(object)
     reason[undecided & (verdict.basis == NONE)] = "nothing to compare with (no peers, history or reference)"
-    return Tiers(straggler, out, degraded, basis, reason, _classes(pv, group, n_group, config), loss, rank,
-                 np.bincount(code, minlength=len(TIERS)))
+    return Tiers(straggler, out, degraded, basis, reason, _classes(pv, codes.group, codes.n_group, config),
+                 loss, rank, np.bincount(code, minlength=len(TIERS)))
 
 
 def _slow(pv, has_peers: np.ndarray, config) -> np.ndarray:
@@ -115,10 +116,10 @@ def _classes(pv, group: np.ndarray, n_group: int, config) -> np.ndarray:
     return out
 
 
-def group_spread(pv, group: np.ndarray, n_group: int, labels: list[dict], config) -> dict:
+def group_spread(pv, codes: Codes, labels: list[dict], config) -> dict:
     """Per peer group of ``min_group``+ devices: its robust spread, net of measurement noise, and the
     measurement noise; a warning line for each group whose normal spread reaches T."""
-    at = groups.first_index(group, n_group)
+    at = groups.first_index(codes.group, codes.n_group)
     out, warnings = [], []
     for g in np.flatnonzero(pv.group_size[at] >= config.min_group):
         i = at[g]

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -412,6 +413,15 @@ def _timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> t
     return wall, usage.ru_utime + usage.ru_stime
 
 
+def _cpu_timed(out: list, fn, *args):
+    """fn(*args), appending (wall seconds, CPU seconds of this process: user + system) to ``out``."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    result = fn(*args)
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    out.append((wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime))
+    return result, out[-1]
+
+
 def scale_frame(devices: int = 100_000, probes: int = 3, samples: int = 10) -> pd.DataFrame:
     frames = []
     for p, name in enumerate(("matmul", "membw", "allreduce")[:probes]):
@@ -432,14 +442,17 @@ def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, re
     put first on PYTHONPATH), timed in the same rounds."""
     df = scale_frame(devices, probes, samples)
     analyze(df.head(1000), None, AnalysisConfig())  # warm imports
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = analyze(df)
-        times.append(time.perf_counter() - t0)
-    lines = [f"analyze(): {len(df):,} rows ({devices:,} devices x {probes} probes x {samples} samples): "
-             f"median {np.median(times):.2f} s, min {min(times):.2f} s over {repeats} runs; "
-             f"{res.summary['stragglers']} flagged.", "",
+    times = {"analyze()": [], "bare pandas groupby": []}
+    for _ in range(repeats):  # interleaved: both see the same load
+        res, _ = _cpu_timed(times["analyze()"], analyze, df)
+        _cpu_timed(times["bare pandas groupby"],
+                   lambda: df.groupby(["host", "gpu", "probe"], sort=False)["value"].median())
+    (wall, cpu), (bare_wall, bare_cpu) = (np.median(np.array(v), axis=0) for v in times.values())
+    lines = [f"analyze(): {len(df):,} rows ({devices:,} devices x {probes} probes x {samples} samples), "
+             f"median of {repeats} runs: {wall:.2f} s wall (min {min(t[0] for t in times['analyze()']):.2f} s), "
+             f"{cpu:.2f} s CPU; in the same rounds a bare pandas groupby(host, gpu, probe).value.median() of "
+             f"the same frame: {bare_wall:.2f} s wall, {bare_cpu:.2f} s CPU ({wall / bare_wall:.1f}x wall, "
+             f"{cpu / bare_cpu:.1f}x CPU); {res.summary['stragglers']} flagged.", "",
              f"Whole processes, interleaved, median of {repeats}; the bare read is `pd.read_parquet` or "
              "`pd.read_csv`, then `groupby(host, gpu, probe).value.median()`:", "",
              "| file | process | wall | CPU (user + system) | wall / bare | CPU / bare |", "|---|---|---|---|---|---|"]

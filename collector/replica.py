@@ -76,7 +76,7 @@ class Lease:
         if conn is not None:
             try:
                 conn.close()
-            except Exception:  # closing a broken connection
+            except Exception:  # noqa: BLE001 (closing a broken connection)
                 pass
 
     def release(self) -> None:

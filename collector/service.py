@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
-import sqlite3
 import threading
 import time
 from typing import Callable

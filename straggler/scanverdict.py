@@ -87,7 +87,8 @@ def _telemetry(rows: list[dict]) -> dict:
                      ("pcie_width", min), ("util_pct", fmean)):
         v = vals(name)
         out[name] = fn(v) if v else None
-    shares = [parse_throttle(r.get("throttle_reasons")) for r in rows if r.get("throttle_reasons") is not None]
+    parsed = (parse_throttle(r.get("throttle_reasons")) for r in rows if r.get("throttle_reasons") is not None)
+    shares = [s for s in parsed if s is not None]  # a cell that cannot be read says nothing
     names = sorted({n for s in shares for n in s})
     out["throttle_reasons"] = format_throttle({n: fmean(s.get(n, 0.0) for s in shares) for n in names}) \
         if shares else None

@@ -85,7 +85,7 @@ def _run_as(user: pwd.struct_passwd, cmd: list[str], **kw) -> subprocess.Complet
 @pytest.fixture(scope="session")
 def pg_server():
     try:
-        import psycopg  # noqa: F401 (the [test] extra installs it)
+        import psycopg  # the [test] extra installs it
     except ImportError:
         skip_or_fail("psycopg not installed (pip install -e '.[test]' installs it)")
     bindir = _bin_dir()

@@ -10,7 +10,7 @@ The component folders (``probes/``, ``analysis/``, ...) install under ``straggle
 pyproject's ``package-dir``, which neither import-linter nor mypy can follow in an editable
 install: both read a copy of the tree laid out as installed (``straggler/probes/...``), made from
 that same ``package-dir`` table, and mypy's file names are mapped back to the checkout's.
-``--root`` checks another checkout (tests/test_lint.py plants a wrong import in a copy).
+``--root`` checks another checkout (tests/shared/test_lint.py plants a wrong import in a copy).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The collector's quarantine loop over real HTTP on 127.0.0.1 with a real SQLite file and the real
 analysis engine, with ``quarantine_action = "record"`` (every decision made and audited, no scheduler
-touched; tests/test_quarantine_slurm.py drains a real Slurm node).
+touched; tests/slurm/test_quarantine_slurm.py drains a real Slurm node).
 
 - the circuit breaker: a fleet-wide slowdown (every node's gate asks to drain its node at once)
   drains at most the configured share, refuses the rest, raises the alert gauge, records each refusal;

@@ -1,7 +1,7 @@
 """Attacks on the collector (issue 10), each reproduced over real HTTP on 127.0.0.1 with a real
 SQLite file: rows that lie about time, batches too large to parse, rows without a scan id, and the
 scan list past SQLite's variable limit. The connection attacks (half-open clients) are in
-tests/test_collector_guard.py."""
+tests/collector/test_collector_guard.py."""
 
 import sqlite3
 import time

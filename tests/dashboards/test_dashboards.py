@@ -1,7 +1,7 @@
 """Grafana dashboards and Prometheus rules: valid (the real promtool; tsc against Grafana's published
 dashboard schema), they only reference metrics the agent and the collector export, every panel has
 its variables, units and thresholds, and dashboards/README.md answers for every panel. The real
-Prometheus runs them in tests/test_prometheus_server.py (helpers for it are here)."""
+Prometheus runs them in tests/dashboards/test_prometheus_server.py (helpers for it are here)."""
 
 import json
 import re

@@ -1,7 +1,7 @@
 """The agent's half of the quarantine loop, with a real agent process and a real collector on 127.0.0.1
 (quarantine_action = "record"), the probe child replaced by the stand-in scan of test_agent_support
 (no torch: these are about when a retest runs and what it reports, not about measuring;
-tests/test_quarantine_slurm.py retests with real CPU probes).
+tests/slurm/test_quarantine_slurm.py retests with real CPU probes).
 
 - unknown is busy: a drained node whose compute processes cannot be read is never retested; the
   same node with readable telemetry is (the control that shows the first one could fail);

@@ -107,3 +107,26 @@ def test_job_gain_with_every_device_flagged_is_unknown_not_nan():
                    "step_time_without_stragglers": None, "speedup": None}
     [lone] = cost.job_gain(np.array([np.nan, np.nan]), np.array([True, True]), np.array([0, 0]), 1, labels, (2,))
     assert lone["step_time_all"] is None and lone["speedup"] is None
+
+
+def test_engine_codes_refuse_swapped_or_misshaped_arrays():
+    """The engine's code arrays travel in one frozen object: a per-row array where a per-device one
+    belongs, or codes beyond their count, are an error when the object is made, not wrong verdicts."""
+    import dataclasses
+
+    from straggler.analysis.codes import Codes, PastScans
+
+    row_dev = np.array([0, 0, 1, 1, 2, 2])  # 2 sample rows per device
+    group, host, rank = np.array([0, 0, 1]), np.array([0, 1, 2]), np.zeros(3, dtype=np.int64)
+    ok = Codes(row_dev=row_dev, n_dev=3, group=group, n_group=2, host=host, n_host=3, cur_rank=rank)
+    assert ok.group.tolist() == [0, 0, 1] and ok.host.tolist() == [0, 1, 2]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ok.group = host  # type: ignore[misc]
+    with pytest.raises(ValueError, match="group: 6 entries, 3 devices expected"):
+        Codes(row_dev=group, n_dev=3, group=row_dev, n_group=2, host=host, n_host=3, cur_rank=rank)
+    with pytest.raises(ValueError, match=r"group: codes outside 0\.\.1"):  # host codes given as groups
+        Codes(row_dev=row_dev, n_dev=3, group=host, n_group=2, host=group, n_host=3, cur_rank=rank)
+    with pytest.raises(ValueError, match="row_dev: integer codes expected"):
+        Codes(row_dev=row_dev.astype(float), n_dev=3, group=group, n_group=2, host=host, n_host=3, cur_rank=rank)
+    with pytest.raises(ValueError, match="value: 1 entries, 2 entries expected"):
+        PastScans(dev=np.array([0, 1]), rank=np.array([-1, -1]), value=np.array([1.0]), median=np.ones(2))

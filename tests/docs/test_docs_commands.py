@@ -358,7 +358,7 @@ def _scan_accepts(*options: str):
 
 
 SYSTEMD = "installs into /etc and starts a systemd service: needs a machine booted with systemd (the units are " \
-          "checked by tests/test_systemd_units.py with systemd-analyze)"
+          "checked by tests/systemd/test_systemd_units.py with systemd-analyze)"
 NOT_HERE = {
     "sudo install -d /etc/straggler": (_exist(), SYSTEMD),
     "sudo install -m 600 collector.token /etc/straggler/collector.token": (_exist(), SYSTEMD),
@@ -367,14 +367,14 @@ NOT_HERE = {
     "sudo install -m 644 systemd/straggler-collector.service /etc/systemd/system/":
         (_exist("systemd/straggler-collector.service"), SYSTEMD),
     "sudo systemctl daemon-reload && sudo systemctl enable --now straggler-collector": (_exist(), SYSTEMD),
-    ".venv/bin/python -m pytest -q -p no:cacheprovider tests/test_collector_api.py tests/test_collector_scans.py "
-    "tests/test_collector_store.py tests/test_collector_service.py tests/test_collector_fuzz.py "
-    "tests/test_systemd_units.py": (_exist("tests/test_collector_api.py", "tests/test_collector_scans.py",
-                                           "tests/test_collector_store.py", "tests/test_collector_service.py",
-                                           "tests/test_collector_fuzz.py", "tests/test_systemd_units.py"),
+    ".venv/bin/python -m pytest -q -p no:cacheprovider tests/collector/test_collector_api.py tests/collector/test_collector_scans.py "
+    "tests/collector/test_collector_store.py tests/collector/test_collector_service.py tests/collector/test_collector_fuzz.py "
+    "tests/systemd/test_systemd_units.py": (_exist("tests/collector/test_collector_api.py", "tests/collector/test_collector_scans.py",
+                                           "tests/collector/test_collector_store.py", "tests/collector/test_collector_service.py",
+                                           "tests/collector/test_collector_fuzz.py", "tests/systemd/test_systemd_units.py"),
                                     "runs part of this test suite, which runs those files anyway (checked: they exist)"),
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m straggler scan "
     "--json --output cluster.parquet": (_scan_accepts("--json", "--output"),
-                                        "2 nodes of 8 GPUs; tests/test_torchrun.py runs the same launch on two "
+                                        "2 nodes of 8 GPUs; tests/probes/test_torchrun.py runs the same launch on two "
                                         "loopback nodes of one CPU core each"),
 }

@@ -1,7 +1,7 @@
 """Show-test of the quarantine loop with a real Slurm (tests/slurm.py), the real collector
 (`straggler collector`, quarantine_action = scontrol) and a real agent running real CPU probes.
 
-1. A real slowdown on one core (busy processes pinned there, as tests/test_scan_slowdown.py makes
+1. A real slowdown on one core (busy processes pinned there, as tests/commands/test_scan_slowdown.py makes
    it): the agent's scan is uploaded, the fleet analysis flags that core, the collector drains the
    node in Slurm with the straggler reason (`sinfo -R`).
 2. The agent retests the drained node while it is slow (a fail), the slowdown is removed, its
@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -230,7 +231,7 @@ def test_placement_hints_apply_to_the_slurm_node(tmp_path, slurm):
 
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory):
-    """A second Slurm, for the chain: Prolog= the shipped prolog (tests/test_gate_slurm.py installs
+    """A second Slurm, for the chain: Prolog= the shipped prolog (tests/slurm/test_gate_slurm.py installs
     it), slurmd in a CPU shield; a job whose prolog failed is requeued, not held
     (nohold_on_prolog_fail: docs/gate.md), so it runs once the node is back; Slurm starts a requeued
     job again only after the credential lifetime (cred_expire, 120 s by default): 30 s here, and

@@ -138,7 +138,7 @@ def test_multi_node_scan_re_measures_undecided_devices_on_every_rank(tmp_path, s
 
 
 def test_srun_without_rendezvous_address_is_one_line_error(straggler_cmd):
-    # MASTER_ADDR/MASTER_PORT are derived from the step's node list and job id (tests/test_slurm_scan.py);
+    # MASTER_ADDR/MASTER_PORT are derived from the step's node list and job id (tests/slurm/test_slurm_scan.py);
     # without either, one line says what is missing
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") and not k.startswith("SLURM_")}
