@@ -57,8 +57,13 @@ def test_retention_prunes_old_results_in_chunks_and_keeps_the_devices(tmp_path):
 
 
 def test_result_retention_s_is_checked_like_the_other_settings(tmp_path):
-    from test_config import TOKEN_ENV, _cli, _one_line_error
+    import os
+    import subprocess
+    import sys
 
-    env = {**TOKEN_ENV, "STRAGGLER_COLLECTOR_RESULT_RETENTION_S": "0"}
-    line = _one_line_error(_cli("collector", "--check", "--db", str(tmp_path / "c.db"), "--port", "0", env=env))
-    assert "STRAGGLER_COLLECTOR_RESULT_RETENTION_S" in line and "must be > 0" in line, line
+    env = {**os.environ, "STRAGGLER_COLLECTOR_TOKEN": "0123456789abcdef0123", "STRAGGLER_COLLECTOR_RESULT_RETENTION_S": "0"}
+    out = subprocess.run([sys.executable, "-m", "straggler", "collector", "--check", "--db", str(tmp_path / "c.db"),
+                          "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("straggler: error: "), out
+    assert "STRAGGLER_COLLECTOR_RESULT_RETENTION_S" in lines[0] and "must be > 0" in lines[0], lines
