@@ -20,15 +20,36 @@ KILL_GRACE_S = 10.0  # beyond the child's own --deadline before the agent kills 
 FAILURE_REASONS = ("deadline", "exit_status", "signal", "no_results", "job_started", "start", "stopped", "spool")
 
 
-def scan_command(settings, scan_id: str, output: Path, deadline_s: float, start_at: float | None = None,
-                 probes=None, duration_s: float | None = None, max_rounds: int = 1) -> list[str]:
+def scan_command(
+    settings,
+    scan_id: str,
+    output: Path,
+    deadline_s: float,
+    start_at: float | None = None,
+    probes=None,
+    duration_s: float | None = None,
+    max_rounds: int = 1,
+) -> list[str]:
     """One round by default, as the deadline and a cluster scan's shared start assume; a retest of
     a drained node re-measures undecided devices (``max_rounds``; the scan's ``--deadline`` still holds)."""
     base = settings.scan_base_command
-    cmd = base + ["--json", "--output", str(output), "--scan-id", scan_id, "--deadline", f"{deadline_s:g}",
-                  "--device", settings.probe_device, "--probes", ",".join(probes or settings.probes),
-                  "--duration", f"{duration_s or settings.probe_duration_s:g}",
-                  "--max-rounds", str(max_rounds)]
+    cmd = base + [
+        "--json",
+        "--output",
+        str(output),
+        "--scan-id",
+        scan_id,
+        "--deadline",
+        f"{deadline_s:g}",
+        "--device",
+        settings.probe_device,
+        "--probes",
+        ",".join(probes or settings.probes),
+        "--duration",
+        f"{duration_s or settings.probe_duration_s:g}",
+        "--max-rounds",
+        str(max_rounds),
+    ]
     if start_at is not None:
         cmd += ["--start-at", f"{start_at:.3f}"]
     return cmd
@@ -77,8 +98,15 @@ class ProbeRun:
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         self.started_mono = time.monotonic()
         with open(stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env=child_env, close_fds=True)
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=child_env,
+                close_fds=True,
+            )
 
     @property
     def running(self) -> bool:
@@ -126,8 +154,10 @@ class ProbeRun:
         if rc not in (0, 1) or (rc == 1 and self._document() is None):
             return f"probe exited with {rc}: {self.last_stderr_line() or 'no message'}", "exit_status"
         if not self.rows():
-            return (f"probe exited with {rc} but produced no results: {self.last_stderr_line() or 'no message'}",
-                    "no_results")
+            return (
+                f"probe exited with {rc} but produced no results: {self.last_stderr_line() or 'no message'}",
+                "no_results",
+            )
         return None, None
 
     def _document(self) -> dict | None:
@@ -145,7 +175,9 @@ class ProbeRun:
         doc = self._document()
         if doc is None or doc.get("failures") != [] or not isinstance(doc.get("devices"), list):
             return False
-        return any(isinstance(d, dict) and d.get("verdict") == "undecided" for d in doc["devices"]) and bool(self.rows())
+        return any(isinstance(d, dict) and d.get("verdict") == "undecided" for d in doc["devices"]) and bool(
+            self.rows()
+        )
 
     def kill(self, reason: str, failure: str = "stopped") -> None:
         if self.proc is None or self.returncode is not None:

@@ -46,9 +46,14 @@ MISSED_START_S = 30.0  # a cluster scan picked up later than this after its star
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, config_path: str | Path | None = None,
-                 overrides: dict | None = None, notifier: Notifier | None = None,
-                 option_names: dict | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        config_path: str | Path | None = None,
+        overrides: dict | None = None,
+        notifier: Notifier | None = None,
+        option_names: dict | None = None,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides or {}
@@ -88,8 +93,11 @@ class Agent:
     # --- start / stop ---
     def start(self) -> None:
         s = self.settings
-        opened = open_sqlite("spool_path", s.spool_path,  # a one-line error, as --check gives
-                             lambda p: open_spool(p, s.spool_max_rows, s.spool_max_bytes))
+        opened = open_sqlite(
+            "spool_path",
+            s.spool_path,  # a one-line error, as --check gives
+            lambda p: open_spool(p, s.spool_max_rows, s.spool_max_bytes),
+        )
         self.spool, spool_note = opened
         self.workdir = s.spool_path.parent / "agent-scans"
         self.backend = open_backend(s.telemetry)
@@ -104,9 +112,13 @@ class Agent:
         self.server = serve_metrics(s, self.registry)
         self.port = self.server.server_port
         self.orphan_busy = self._end_orphan()
-        self._spooling("the interrupted scans' states", lambda: [
-            self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
-            for scan_id in self.spool.scans_in_state("running")])
+        self._spooling(
+            "the interrupted scans' states",
+            lambda: [
+                self.spool.add_status(scan_id, self.host, "failed", "agent restarted during the scan")
+                for scan_id in self.spool.scans_in_state("running")
+            ],
+        )
         self._recover()
         self.uploader = self.poller = self.quarantine = None
         self.next_retest = 0.0  # monotonic
@@ -114,14 +126,23 @@ class Agent:
             self.uploader = Uploader(s, self.spool, self.host, self.metrics)
             self.poller = ScanPoller(s, self.host, self.scans, self.metrics)
             self.quarantine = QuarantineWatch(s, self.host, self.metrics, wake=self._wake)
-            for name, target in (("upload", self.uploader.run), ("poll", self.poller.run),
-                                 ("quarantine", self.quarantine.run)):
+            for name, target in (
+                ("upload", self.uploader.run),
+                ("poll", self.poller.run),
+                ("quarantine", self.quarantine.run),
+            ):
                 t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
                 t.start()
                 self.threads.append(t)
         self._spooling("the spool's size", lambda: self.metrics.spooled.set(self.spool.count()))
-        log.info("%s; /metrics on http://%s:%d; spool %s; collector %s", self.backend.notice,
-                 s.listen_address, self.port, s.spool_path, s.collector_url or "none (spool only)")
+        log.info(
+            "%s; /metrics on http://%s:%d; spool %s; collector %s",
+            self.backend.notice,
+            s.listen_address,
+            self.port,
+            s.spool_path,
+            s.collector_url or "none (spool only)",
+        )
 
     def shutdown(self) -> None:
         self.notifier.stopping("stopping: aborting probes, flushing the spool")
@@ -179,8 +200,13 @@ class Agent:
             snap = self.backend.snapshot(self.host)
         except Exception as e:  # a broken backend must not kill the daemon: the node is unknown, so busy
             log.error("telemetry read failed: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-            snap = NodeSnapshot(ts=time.time(), host=self.host, backend=self.backend.name, devices=(),
-                                error=f"telemetry read failed: {type(e).__name__}: {e}")
+            snap = NodeSnapshot(
+                ts=time.time(),
+                host=self.host,
+                backend=self.backend.name,
+                devices=(),
+                error=f"telemetry read failed: {type(e).__name__}: {e}",
+            )
             self.metrics.telemetry_failures.labels("backend_raised").inc()
         else:
             if snap.error:
@@ -269,8 +295,12 @@ class Agent:
     def _watch(self, run: ProbeRun) -> JobWatch:
         s = self.settings
         on_cpu = s.probe_device == "cpu" or (s.probe_device == "auto" and self.backend.name == "cpu")
-        return JobWatch(self.backend, run.proc.pid, watch_gpus=self.backend.name != "cpu",
-                        job_cpu_cores=s.job_cpu_cores if on_cpu else 0.0)
+        return JobWatch(
+            self.backend,
+            run.proc.pid,
+            watch_gpus=self.backend.name != "cpu",
+            job_cpu_cores=s.job_cpu_cores if on_cpu else 0.0,
+        )
 
     def _busy(self) -> str | None:
         if self.spool_error and not self._spooling("a test write", self.spool.touch):
@@ -290,28 +320,43 @@ class Agent:
     def _start_cluster_scan(self, scan: ClusterScan | ScanRefused) -> None:
         if isinstance(scan, ScanRefused):  # a bad field of a scan with a safe id: reported, not run
             log.warning("cluster scan %s refused: %s", scan.scan_id, scan.reason)
-            self._spooling(f"the state of scan {scan.scan_id}",
-                           lambda: self.spool.add_status(scan.scan_id, self.host, "failed", scan.reason))
+            self._spooling(
+                f"the state of scan {scan.scan_id}",
+                lambda: self.spool.add_status(scan.scan_id, self.host, "failed", scan.reason),
+            )
             self._wake_uploader()
             return
         scan_id = scan.scan_id
         late_s = time.time() - (scan.start_at or time.time())
         busy = self._busy()
-        too_long = self.settings.scan_problems(len(scan.probes or self.settings.probes),
-                                               scan.duration_s or self.settings.probe_duration_s)
-        reason = (f"missed the start by {late_s:.0f} s" if late_s > MISSED_START_S
-                  else f"cannot finish: {too_long[0]}" if too_long else busy and f"node busy: {busy}")
+        too_long = self.settings.scan_problems(
+            len(scan.probes or self.settings.probes), scan.duration_s or self.settings.probe_duration_s
+        )
+        reason = (
+            f"missed the start by {late_s:.0f} s"
+            if late_s > MISSED_START_S
+            else f"cannot finish: {too_long[0]}"
+            if too_long
+            else busy and f"node busy: {busy}"
+        )
         if reason:
             log.warning("cluster scan %s refused: %s", scan_id, reason)
-            self._spooling(f"the state of scan {scan_id}",
-                           lambda: self.spool.add_status(scan_id, self.host, "failed", reason))
+            self._spooling(
+                f"the state of scan {scan_id}", lambda: self.spool.add_status(scan_id, self.host, "failed", reason)
+            )
             self._wake_uploader()
             return
-        self._start(scan_id, cluster=True, start_at=scan.start_at, probes=scan.probes,
-                    duration_s=scan.duration_s)
+        self._start(scan_id, cluster=True, start_at=scan.start_at, probes=scan.probes, duration_s=scan.duration_s)
 
-    def _start(self, scan_id: str, cluster: bool, start_at: float | None = None, probes=None,
-               duration_s: float | None = None, retest: bool = False) -> None:
+    def _start(
+        self,
+        scan_id: str,
+        cluster: bool,
+        start_at: float | None = None,
+        probes=None,
+        duration_s: float | None = None,
+        retest: bool = False,
+    ) -> None:
         s = self.settings
         problem = scan_id_problem(scan_id)
         if problem:  # paths are built from a safe id only
@@ -319,12 +364,21 @@ class Agent:
         wait = max(0.0, (start_at or 0.0) - time.time())
         deadline = s.probe_deadline_s + wait
         output = self.workdir / f"{scan_id}.jsonl"
-        cmd = scan_command(s, scan_id, output, deadline, start_at, probes, duration_s,
-                           max_rounds=s.retest_max_rounds if retest else 1)
-        run = ProbeRun(scan_id=scan_id, cluster=cluster, command=cmd, output=output, deadline_s=deadline,
-                       kill_grace_s=s.probe_kill_grace_s, retest=retest)
-        if cluster and not self._spooling(f"the state of scan {scan_id}",
-                                          lambda: self.spool.add_status(scan_id, self.host, "running") or True):
+        cmd = scan_command(
+            s, scan_id, output, deadline, start_at, probes, duration_s, max_rounds=s.retest_max_rounds if retest else 1
+        )
+        run = ProbeRun(
+            scan_id=scan_id,
+            cluster=cluster,
+            command=cmd,
+            output=output,
+            deadline_s=deadline,
+            kill_grace_s=s.probe_kill_grace_s,
+            retest=retest,
+        )
+        if cluster and not self._spooling(
+            f"the state of scan {scan_id}", lambda: self.spool.add_status(scan_id, self.host, "running") or True
+        ):
             return  # no probe whose results could not be spooled
         if cluster:
             self._wake_uploader()
@@ -338,8 +392,7 @@ class Agent:
         orphan.record(self.workdir, run.proc.pid, scan_id)
         self.job_watch = self._watch(run)
         self.metrics.probe_runs.inc()
-        log.info("probe run %s started (killed after %.0f s): %s", scan_id, deadline + run.kill_grace_s,
-                 " ".join(cmd))
+        log.info("probe run %s started (killed after %.0f s): %s", scan_id, deadline + run.kill_grace_s, " ".join(cmd))
         self.notifier.status(f"probing ({scan_id}); serving /metrics on {s.listen_address}:{self.port}")
 
     def _end_orphan(self) -> str | None:
@@ -355,8 +408,9 @@ class Agent:
     def _recover(self) -> None:
         """Spool what probe runs interrupted by a crash or a kill of the agent had written."""
         for path in sorted(self.workdir.glob("*.jsonl")):
-            new = self._spooling(f"the results of the interrupted run {path.stem}",
-                                 lambda: self._add_results(read_rows(path)))
+            new = self._spooling(
+                f"the results of the interrupted run {path.stem}", lambda: self._add_results(read_rows(path))
+            )
             if new is None:
                 return  # kept for the next start
             log.warning("recovered %d results of the interrupted probe run %s", new, path.stem)
@@ -400,8 +454,13 @@ class Agent:
         try:
             result = action()
         except sqlite3.Error as e:
-            kind = "full" if "full" in str(e) else "corrupt" if ("malformed" in str(e) or "not a database" in str(e)) \
+            kind = (
+                "full"
+                if "full" in str(e)
+                else "corrupt"
+                if ("malformed" in str(e) or "not a database" in str(e))
                 else "other"
+            )
             self._spool_failed(kind, f"cannot spool {what}: {type(e).__name__}: {e}")
             return None
         self.spool_error = None
@@ -419,11 +478,14 @@ class Agent:
         dropped, self._spool_dropped = self.spool.dropped - self._spool_dropped, self.spool.dropped
         if dropped:
             self.metrics.spool_dropped.inc(dropped)
-            log.warning("spool full (spool_max_rows = %d, spool_max_bytes = %d): dropped the %d oldest results",
-                        self.settings.spool_max_rows, self.settings.spool_max_bytes, dropped)
+            log.warning(
+                "spool full (spool_max_rows = %d, spool_max_bytes = %d): dropped the %d oldest results",
+                self.settings.spool_max_rows,
+                self.settings.spool_max_bytes,
+                dropped,
+            )
         return new
 
     def _wake_uploader(self) -> None:
         if self.uploader is not None:
             self.uploader.wake.set()
-

@@ -44,8 +44,12 @@ GAUGES = (
     ("straggler_gpu_retired_pages", "Retired memory pages", "retired_pages", 1.0),
     ("straggler_gpu_remapped_rows", "Remapped memory rows", "remapped_rows", 1.0),
     ("straggler_gpu_remapped_rows_pending", "1 while a row remap waits for a GPU reset", "remapped_rows_pending", 1.0),
-    ("straggler_gpu_remapped_rows_failed", "1 when a row remap failed (the GPU needs service)",
-     "remapped_rows_failed", 1.0),
+    (
+        "straggler_gpu_remapped_rows_failed",
+        "1 when a row remap failed (the GPU needs service)",
+        "remapped_rows_failed",
+        1.0,
+    ),
     ("straggler_gpu_utilization_ratio", "Utilization (0-1)", "util_pct", 0.01),
     ("straggler_gpu_memory_utilization_ratio", "Memory controller utilization (0-1)", "mem_util_pct", 0.01),
     ("straggler_gpu_memory_used_bytes", "Device memory used", "mem_used_bytes", 1.0),
@@ -86,27 +90,36 @@ class SnapshotCollector:
         backend.add_metric([snap.host, snap.backend], 0.0 if snap.error else 1.0)
         yield backend
         stale = snap.error is not None and not snap.devices and good is not None
-        ts = GaugeMetricFamily("straggler_telemetry_snapshot_timestamp_seconds",
-                               "When the exported device data was read", labels=["host"])
+        ts = GaugeMetricFamily(
+            "straggler_telemetry_snapshot_timestamp_seconds", "When the exported device data was read", labels=["host"]
+        )
         if snap.error is None or stale:
             ts.add_metric([snap.host], good.ts if stale else snap.ts)
         yield ts
-        up = GaugeMetricFamily("straggler_gpu_up", "1 when the device was read, 0 when lost, unreadable or stale",
-                               labels=list(LABELS) + ["status"])
+        up = GaugeMetricFamily(
+            "straggler_gpu_up",
+            "1 when the device was read, 0 when lost, unreadable or stale",
+            labels=list(LABELS) + ["status"],
+        )
         if stale:
             for d in good.devices:
-                up.add_metric([snap.host, str(d.index), d.uuid or "", d.model or "", d.pci_bus_id or "", STATUS_STALE], 0.0)
+                up.add_metric(
+                    [snap.host, str(d.index), d.uuid or "", d.model or "", d.pci_bus_id or "", STATUS_STALE], 0.0
+                )
             yield up
             return
         info = GaugeMetricFamily("straggler_gpu_info", "Device identity", labels=list(LABELS) + ["driver"])
         gauges = {name: GaugeMetricFamily(name, doc, labels=list(LABELS)) for name, doc, _, _ in GAUGES}
-        events = GaugeMetricFamily("straggler_gpu_clock_event_active",
-                                   "1 while the clock-event (throttle) reason is active",
-                                   labels=list(LABELS) + ["reason"])
+        events = GaugeMetricFamily(
+            "straggler_gpu_clock_event_active",
+            "1 while the clock-event (throttle) reason is active",
+            labels=list(LABELS) + ["reason"],
+        )
         ecc = CounterMetricFamily("straggler_gpu_ecc_errors", "ECC errors (aggregate)", labels=list(LABELS) + ["type"])
         # xid: NVML's XID code (a number from NVIDIA's short, fixed list), never free text
-        xid = CounterMetricFamily("straggler_gpu_xid_errors", "XID events since the agent started, by XID code",
-                                  labels=list(LABELS) + ["xid"])
+        xid = CounterMetricFamily(
+            "straggler_gpu_xid_errors", "XID events since the agent started, by XID code", labels=list(LABELS) + ["xid"]
+        )
         for d in snap.devices:
             labels = [snap.host, str(d.index), d.uuid or "", d.model or "", d.pci_bus_id or ""]
             up.add_metric(labels + [d.status], 1.0 if d.status == STATUS_OK else 0.0)
@@ -136,34 +149,49 @@ class SelfMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.ticks = Counter("straggler_agent_ticks", "Telemetry ticks", registry=registry)
-        self.tick_seconds = Gauge("straggler_agent_tick_duration_seconds", "Duration of the last tick",
-                                  registry=registry)
+        self.tick_seconds = Gauge(
+            "straggler_agent_tick_duration_seconds", "Duration of the last tick", registry=registry
+        )
         self.errors = Counter("straggler_agent_errors", "Errors by source", ["source"], registry=registry)
         for source in ERROR_SOURCES:
             self.errors.labels(source)
         self.probe_runs = Counter("straggler_agent_probe_runs", "Probe runs started", registry=registry)
-        self.probe_failures = Counter("straggler_agent_probe_failures", "Probe runs that failed, by reason",
-                                      ["reason"], registry=registry)
+        self.probe_failures = Counter(
+            "straggler_agent_probe_failures", "Probe runs that failed, by reason", ["reason"], registry=registry
+        )
         for reason in FAILURE_REASONS:
             self.probe_failures.labels(reason)
-        self.probe_seconds = Gauge("straggler_agent_probe_duration_seconds", "Duration of the last probe run",
-                                   registry=registry)
-        self.uploaded = Counter("straggler_agent_uploaded_results", "Results accepted by the collector",
-                                registry=registry)
+        self.probe_seconds = Gauge(
+            "straggler_agent_probe_duration_seconds", "Duration of the last probe run", registry=registry
+        )
+        self.uploaded = Counter(
+            "straggler_agent_uploaded_results", "Results accepted by the collector", registry=registry
+        )
         self.spooled = Gauge("straggler_agent_spool_results", "Results waiting in the spool", registry=registry)
-        self.spool_errors = Counter("straggler_agent_spool_errors", "Spool failures, by kind (full disk, corrupt file)",
-                                    ["kind"], registry=registry)
+        self.spool_errors = Counter(
+            "straggler_agent_spool_errors",
+            "Spool failures, by kind (full disk, corrupt file)",
+            ["kind"],
+            registry=registry,
+        )
         for kind in SPOOL_ERRORS:
             self.spool_errors.labels(kind)
-        self.spool_dropped = Counter("straggler_agent_spool_dropped_results",
-                                     "Oldest results dropped because the spool reached its cap", registry=registry)
-        self.telemetry_failures = Counter("straggler_agent_telemetry_failures",
-                                          "Telemetry reads that gave no devices, by reason", ["reason"],
-                                          registry=registry)
+        self.spool_dropped = Counter(
+            "straggler_agent_spool_dropped_results",
+            "Oldest results dropped because the spool reached its cap",
+            registry=registry,
+        )
+        self.telemetry_failures = Counter(
+            "straggler_agent_telemetry_failures",
+            "Telemetry reads that gave no devices, by reason",
+            ["reason"],
+            registry=registry,
+        )
         for reason in TELEMETRY_FAILURES:
             self.telemetry_failures.labels(reason)
-        self.idle = Gauge("straggler_agent_devices_idle", "1 when every device has been idle for the grace period",
-                          registry=registry)
+        self.idle = Gauge(
+            "straggler_agent_devices_idle", "1 when every device has been idle for the grace period", registry=registry
+        )
 
 
 def build_registry() -> tuple[CollectorRegistry, SnapshotCollector, SelfMetrics]:

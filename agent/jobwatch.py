@@ -145,8 +145,10 @@ class JobWatch:
             first = interval
         self.appeared_ts = first.start_ts
         worst = max(recent, key=lambda i: i.cores)
-        return (f"processes outside the probe use {cores:.2f} CPU cores (more than job_cpu_cores = "
-                f"{self.job_cpu_cores:g}; most: {worst.top})")
+        return (
+            f"processes outside the probe use {cores:.2f} CPU cores (more than job_cpu_cores = "
+            f"{self.job_cpu_cores:g}; most: {worst.top})"
+        )
 
     def check(self) -> str | None:
         """Why a job is on the node now (and :attr:`appeared_ts` set), or None."""

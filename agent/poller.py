@@ -30,8 +30,11 @@ class ScanPoller:
 
     def poll_once(self, client: httpx.Client) -> dict | None:
         wait = self.settings.poll_wait_s
-        resp = client.get("/api/v1/scans/next", params={"host": self.host, "wait_s": wait},
-                          timeout=wait + self.settings.http_timeout_s)
+        resp = client.get(
+            "/api/v1/scans/next",
+            params={"host": self.host, "wait_s": wait},
+            timeout=wait + self.settings.http_timeout_s,
+        )
         if resp.status_code == 204:
             return None
         resp.raise_for_status()
@@ -60,9 +63,11 @@ class ScanPoller:
         while not stop.is_set():
             try:
                 if client is None:  # (re)read the token: a rotated token needs no restart
-                    client = httpx.Client(base_url=self.settings.collector_url,
-                                          headers=auth_headers(self.settings.token_file),
-                                          **client_options(self.settings))
+                    client = httpx.Client(
+                        base_url=self.settings.collector_url,
+                        headers=auth_headers(self.settings.token_file),
+                        **client_options(self.settings),
+                    )
                 scan = self.poll_once(client)
                 delay = self.settings.backoff_initial_s
                 if scan is not None:

@@ -38,19 +38,37 @@ def retest_outcome(run) -> dict:
         for d in doc["devices"]:
             if isinstance(d, dict):
                 probes = d.get("probes") if isinstance(d.get("probes"), dict) else {}
-                devices.append({"gpu": d.get("gpu"), "verdict": d.get("verdict"),
-                                "ratio": {p: v.get("ratio") for p, v in probes.items() if isinstance(v, dict)}})
+                devices.append(
+                    {
+                        "gpu": d.get("gpu"),
+                        "verdict": d.get("verdict"),
+                        "ratio": {p: v.get("ratio") for p, v in probes.items() if isinstance(v, dict)},
+                    }
+                )
     bad = [d for d in devices if d["verdict"] not in ("healthy", "slow")]
     measured = {"returncode": run.returncode, "devices": devices}
     if run.failed:
-        return {"passed": False, "reason": f"retest could not measure: {run.error}"[:300], "scan_id": run.scan_id,
-                "measured": measured}
+        return {
+            "passed": False,
+            "reason": f"retest could not measure: {run.error}"[:300],
+            "scan_id": run.scan_id,
+            "measured": measured,
+        }
     if run.returncode == 0 and devices and not bad:
-        return {"passed": True, "reason": f"clean: {len(devices)} device(s) healthy", "scan_id": run.scan_id,
-                "measured": measured}
-    what = ", ".join(f"{d['gpu']} {d['verdict']}" + "".join(f" {p} {r:.2f}x" for p, r in d["ratio"].items()
-                                                            if isinstance(r, (int, float)))
-                     for d in bad[:3]) or f"exit {run.returncode}, no device verdicts"
+        return {
+            "passed": True,
+            "reason": f"clean: {len(devices)} device(s) healthy",
+            "scan_id": run.scan_id,
+            "measured": measured,
+        }
+    what = (
+        ", ".join(
+            f"{d['gpu']} {d['verdict']}"
+            + "".join(f" {p} {r:.2f}x" for p, r in d["ratio"].items() if isinstance(r, (int, float)))
+            for d in bad[:3]
+        )
+        or f"exit {run.returncode}, no device verdicts"
+    )
     return {"passed": False, "reason": f"not clean: {what}"[:300], "scan_id": run.scan_id, "measured": measured}
 
 
@@ -87,8 +105,12 @@ class QuarantineWatch:
                 resp.raise_for_status()
             else:
                 answer = resp.json() if resp.status_code == 200 else {}
-                log.info("retest %s %s: %s", outcome.get("scan_id"), "passed" if outcome["passed"] else "failed",
-                         answer.get("detail") or _detail(resp))
+                log.info(
+                    "retest %s %s: %s",
+                    outcome.get("scan_id"),
+                    "passed" if outcome["passed"] else "failed",
+                    answer.get("detail") or _detail(resp),
+                )
         resp = client.get(f"/api/v1/quarantine/{self.host}", params={"limit": 1})
         if resp.status_code == 404:  # a collector without the quarantine loop: nothing is drained by it
             if self.drained is None:
@@ -99,8 +121,11 @@ class QuarantineWatch:
         node = resp.json().get("node") or {}
         drained = node.get("state") == DRAINED
         if drained != self.drained:
-            log.warning("straggler %s this node%s", "drained" if drained else "does not hold",
-                        f": {node.get('reason')}" if drained else " drained")
+            log.warning(
+                "straggler %s this node%s",
+                "drained" if drained else "does not hold",
+                f": {node.get('reason')}" if drained else " drained",
+            )
             if self.wake is not None:
                 self.wake.set()
         self.drained, self.passes = drained, int(node.get("passes") or 0)
@@ -111,8 +136,11 @@ class QuarantineWatch:
         while not stop.is_set():
             try:
                 if client is None:
-                    client = httpx.Client(base_url=self.settings.collector_url, timeout=self.settings.http_timeout_s,
-                                          headers=auth_headers(self.settings.token_file))
+                    client = httpx.Client(
+                        base_url=self.settings.collector_url,
+                        timeout=self.settings.http_timeout_s,
+                        headers=auth_headers(self.settings.token_file),
+                    )
                 self.check_once(client)
                 delay = self.settings.backoff_initial_s
                 self._poke.wait(self.settings.quarantine_poll_s)

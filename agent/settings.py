@@ -29,7 +29,9 @@ class AgentSettings:
     spool_path: Path = Path("/var/lib/straggler-agent/spool.sqlite")
     spool_max_rows: int = 1_000_000  # past this many results waiting, the oldest are dropped (counted)
     spool_max_bytes: int = 1 << 30  # likewise past this much row data (1 GiB)
-    upload_batch: int = 1000  # the collector ingests >= 20,000 results/s from batches of 1,000 (benchmarks/collector_ingest.py)
+    upload_batch: int = (
+        1000  # the collector ingests >= 20,000 results/s from batches of 1,000 (benchmarks/collector_ingest.py)
+    )
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
     http_timeout_s: float = 10.0
@@ -43,7 +45,9 @@ class AgentSettings:
     probe_command: tuple[str, ...] = ()  # the scan command; () = this Python's `-m straggler scan`
     idle_grace_s: float = 300.0  # devices must be idle this long before a scheduled probe
     idle_util_pct: float = 5.0  # at or below this utilization a device counts as idle
-    job_cpu_cores: float = 0.25  # CPU probes: processes outside the probe using more cores than this = a job; 0 = not watched
+    job_cpu_cores: float = (
+        0.25  # CPU probes: processes outside the probe using more cores than this = a job; 0 = not watched
+    )
     # the quarantine loop (agent/quarantine.py): a node straggler drained is retested when idle
     quarantine_poll_s: float = 60.0  # how often the agent asks the collector whether it is drained
     retest_every_s: float = 900.0  # at most one retest this often (when idle)
@@ -52,9 +56,19 @@ class AgentSettings:
 
     def problems(self) -> list[str]:
         out = []
-        positive = ("interval_s", "upload_batch", "spool_max_rows", "spool_max_bytes", "backoff_initial_s",
-                    "backoff_max_s", "http_timeout_s", "probe_duration_s", "probe_deadline_s", "quarantine_poll_s",
-                    "retest_every_s")
+        positive = (
+            "interval_s",
+            "upload_batch",
+            "spool_max_rows",
+            "spool_max_bytes",
+            "backoff_initial_s",
+            "backoff_max_s",
+            "http_timeout_s",
+            "probe_duration_s",
+            "probe_deadline_s",
+            "quarantine_poll_s",
+            "retest_every_s",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
@@ -152,13 +166,17 @@ def serve_metrics(settings: AgentSettings, registry):
     try:
         server = start_metrics_server(settings.listen_port, settings.listen_address, registry)
     except OSError as e:
-        if not isinstance(e, socket.gaierror) and e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL,
-                                                                  errno.EACCES):
+        if not isinstance(e, socket.gaierror) and e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise
-        why = "address already in use (another agent, or another service, listens there)" \
-            if e.errno == errno.EADDRINUSE else e.strerror or str(e)
-        raise InputError(f"cannot serve /metrics on {settings.listen_address}:{settings.listen_port}: {why}; "
-                         "stop it or choose --listen-port / listen_port") from None
+        why = (
+            "address already in use (another agent, or another service, listens there)"
+            if e.errno == errno.EADDRINUSE
+            else e.strerror or str(e)
+        )
+        raise InputError(
+            f"cannot serve /metrics on {settings.listen_address}:{settings.listen_port}: {why}; "
+            "stop it or choose --listen-port / listen_port"
+        ) from None
     return server
 
 
@@ -183,13 +201,19 @@ def check_start(settings: AgentSettings) -> None:
     server.server_close()
 
 
-def load_settings(path: str | Path | None = None, overrides: dict | None = None, env=None,
-                  option_names: dict | None = None) -> AgentSettings:
+def load_settings(
+    path: str | Path | None = None, overrides: dict | None = None, env=None, option_names: dict | None = None
+) -> AgentSettings:
     """Validated settings; an explicitly given file must exist, the default one may not."""
     explicit = path is not None
     if not explicit and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     return load(
-        AgentSettings, path, env_prefix=ENV_PREFIX, env=env,
-        overrides=overrides, required_file=explicit, option_names=option_names,
+        AgentSettings,
+        path,
+        env_prefix=ENV_PREFIX,
+        env=env,
+        overrides=overrides,
+        required_file=explicit,
+        option_names=option_names,
     )

@@ -147,8 +147,10 @@ class Spool:
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         for row in rows:
-            db.execute("INSERT OR REPLACE INTO rejected (id, row, reason, rejected_at) VALUES (?, ?, ?, ?)",
-                       (row["id"], json.dumps(row), reason, time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO rejected (id, row, reason, rejected_at) VALUES (?, ?, ?, ?)",
+                (row["id"], json.dumps(row), reason, time.time()),
+            )
             db.execute("DELETE FROM results WHERE id = ?", (row["id"],))
         db.execute("COMMIT")
 
@@ -194,4 +196,6 @@ def open_spool(path: Path, max_rows: int | None = None, max_bytes: int | None = 
         src = path.with_name(path.name + suffix)
         if src.exists():
             src.replace(aside.with_name(aside.name + suffix))
-    return Spool(path, max_rows, max_bytes), f"the spool {path} is corrupt ({problem}); moved to {aside}, a new spool started"
+    return Spool(
+        path, max_rows, max_bytes
+    ), f"the spool {path} is corrupt ({problem}); moved to {aside}, a new spool started"

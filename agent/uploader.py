@@ -89,8 +89,12 @@ class Uploader:
                 headers = auth_headers(self.settings.token_file)
             except OSError as e:
                 raise UploadError(f"cannot read the token file: {e}") from None
-            self._client = httpx.Client(base_url=self.settings.collector_url, timeout=self.settings.http_timeout_s,
-                                        headers=headers, **client_options(self.settings))
+            self._client = httpx.Client(
+                base_url=self.settings.collector_url,
+                timeout=self.settings.http_timeout_s,
+                headers=headers,
+                **client_options(self.settings),
+            )
         return self._client
 
     def close(self) -> None:

@@ -18,4 +18,3 @@ NONE = "none"  # nothing to compare with
 JOIN = "+"
 
 ALL = (FLEET, HOST, FLEET + LOO, HOST + LOO, NODE_MATES, HISTORY, REFERENCE, NONE)
-

@@ -31,8 +31,16 @@ class Change:
     start: np.ndarray  # position (0 = oldest) of the first point after the change; -1 where none
 
 
-def changepoint(dev: np.ndarray, pos: np.ndarray, x: np.ndarray, n_dev: int, group_of_dev: np.ndarray,
-                n_group: int, prior_var: np.ndarray, prior_df: float) -> Change:
+def changepoint(
+    dev: np.ndarray,
+    pos: np.ndarray,
+    x: np.ndarray,
+    n_dev: int,
+    group_of_dev: np.ndarray,
+    n_group: int,
+    prior_var: np.ndarray,
+    prior_df: float,
+) -> Change:
     """``dev``, ``pos``, ``x``: one entry per point, sorted by (dev, pos), each device's points at
     positions 0..k-1, the last its current value. ``prior_var``: per device, prior scan-to-scan variance."""
     nan = np.full(n_dev, np.nan)
@@ -48,8 +56,7 @@ def changepoint(dev: np.ndarray, pos: np.ndarray, x: np.ndarray, n_dev: int, gro
     typical = groups.median(g, step, n_group)
     robust = (1.4826 * groups.median(g, np.abs(step - typical[g]), n_group)) ** 2 / 2
     n_step = groups.count(g, n_group, np.isfinite(step))
-    var = (prior_df * prior_var + (n_step * np.nan_to_num(robust))[group_of_dev]) / (
-        prior_df + n_step[group_of_dev])
+    var = (prior_df * prior_var + (n_step * np.nan_to_num(robust))[group_of_dev]) / (prior_df + n_step[group_of_dev])
 
     c = np.cumsum(x)
     before = np.r_[0.0, c][start]  # the running sum before each device's first point

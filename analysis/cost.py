@@ -36,12 +36,13 @@ def expected_max(step: np.ndarray, sizes, presorted: bool = False) -> list[float
         log_w = special.gammaln(i) - special.gammaln(n) - special.gammaln(i - n + 1) - log_choose_m_n
         # einsum, not np.dot: a BLAS dot of 100,000 values took 15-30 ms on a loaded 2-core machine
         # (its threads wait for cores), einsum 0.1 ms.
-        out.append(float(np.einsum("i,i->", t[n - 1:], np.exp(log_w))))
+        out.append(float(np.einsum("i,i->", t[n - 1 :], np.exp(log_w))))
     return out
 
 
-def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: int,
-             labels: list[dict], sizes: tuple[int, ...]) -> list[dict]:
+def job_gain(
+    step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: int, labels: list[dict], sizes: tuple[int, ...]
+) -> list[dict]:
     """Per peer group with at least one straggler, per job size N no larger than the group: the
     expected step time (relative to the group's healthy centre) with every device and without the
     flagged ones, and the speed-up from leaving them out. None where unknown: fewer than N devices
@@ -58,9 +59,15 @@ def job_gain(step: np.ndarray, flagged: np.ndarray, group: np.ndarray, n_group: 
         for n, with_all, without in zip(fit, expected_max(t, fit, True), expected_max(t[~bad], fit, True)):
             # Fewer than n devices left without the flagged ones (or no step time known).
             known = math.isfinite(with_all) and math.isfinite(without) and without > 0
-            out.append({**labels[g], "job_devices": int(n), "step_time_all": _round(with_all),
-                        "step_time_without_stragglers": _round(without),
-                        "speedup": round(with_all / without - 1, 5) if known else None})
+            out.append(
+                {
+                    **labels[g],
+                    "job_devices": int(n),
+                    "step_time_all": _round(with_all),
+                    "step_time_without_stragglers": _round(without),
+                    "speedup": round(with_all / without - 1, 5) if known else None,
+                }
+            )
     return out
 
 

@@ -90,8 +90,9 @@ class Verdict:
     reason: np.ndarray  # why undecided ("" otherwise)
 
 
-def decide(tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndarray,
-           allowed: np.ndarray | None = None) -> Verdict:
+def decide(
+    tests: list[Test], fdr: float, clear_level: float, n_samples: np.ndarray, allowed: np.ndarray | None = None
+) -> Verdict:
     """``tests`` in order of preference (the first that applies is a device's primary basis).
     ``allowed[i]``: False where test i may not make a device a straggler alone (it still counts in
     the BH family and is reported). ``n_samples``: samples behind each device's estimate."""

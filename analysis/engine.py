@@ -29,8 +29,9 @@ def _device_column(frame: pd.DataFrame, first: np.ndarray, col: str) -> pd.Serie
     return frame[col].iloc[first].reset_index(drop=True)
 
 
-def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
-            config: AnalysisConfig | None = None) -> AnalysisResult:
+def analyze(
+    samples: pd.DataFrame, history: pd.DataFrame | None = None, config: AnalysisConfig | None = None
+) -> AnalysisResult:
     """Find stragglers among the devices in ``samples`` (the canonical result table).
 
     ``history``: earlier samples of the same devices (the collector's store); earlier scans in
@@ -56,45 +57,75 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
     host, n_host = groups.factorize(code["host"])
     _, n_units = groups.factorize(code["host"], code["gpu"])
     # From here on every code array is read from `codes`, by its name.
-    codes = Codes(row_dev=rows.dev, n_dev=n_dev, group=group, n_group=n_group, host=host, n_host=n_host,
-                  cur_rank=rows.cur_rank)
+    codes = Codes(
+        row_dev=rows.dev, n_dev=n_dev, group=group, n_group=n_group, host=host, n_host=n_host, cur_rank=rows.cur_rank
+    )
     value = cur["value"].to_numpy(dtype=float)
-    est = estimate(value, dev=codes.row_dev, n_dev=n_dev, group_of_dev=codes.group, n_group=codes.n_group,
-                   dip_sigmas=config.dip_sigmas, prior_df=config.prior_df)
-    sample = (pd.to_numeric(cur["sample"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-              if "sample" in cur.columns else np.full(len(cur), np.nan))
-    pv = peers.compare(est, codes, config.min_group, config.min_effect, config.min_effect_few,
-                       row_sample=sample, row_value=value)
+    est = estimate(
+        value,
+        dev=codes.row_dev,
+        n_dev=n_dev,
+        group_of_dev=codes.group,
+        n_group=codes.n_group,
+        dip_sigmas=config.dip_sigmas,
+        prior_df=config.prior_df,
+    )
+    sample = (
+        pd.to_numeric(cur["sample"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        if "sample" in cur.columns
+        else np.full(len(cur), np.nan)
+    )
+    pv = peers.compare(
+        est, codes, config.min_group, config.min_effect, config.min_effect_few, row_sample=sample, row_value=value
+    )
     node_centre, node_deficit, node_se, node_df, node_fixed = peers.node_compare(est, codes, pv, config.min_group)
     past = _past_scans(rows, codes, config)
-    hv = own.compare(codes, past, value=est.value, se_rel=est.se_rel, past_value=past.value,
-                     prior_df=config.prior_df)
+    hv = own.compare(codes, past, value=est.value, se_rel=est.se_rel, past_value=past.value, prior_df=config.prior_df)
     if len(past.dev):
         # The change point is found on per-scan sample medians: two upward spikes of heavy-tailed
         # noise among 5 samples move the transient-robust value (anchored on the upper quartile),
         # not the median; in the benchmark that halved the stable devices marked.
-        by_median = own.compare(codes, past, value=est.median, se_rel=est.se_rel, past_value=past.median,
-                                prior_df=config.prior_df)
+        by_median = own.compare(
+            codes, past, value=est.median, se_rel=est.se_rel, past_value=past.median, prior_df=config.prior_df
+        )
         hv = replace(hv, change=by_median.change, change_rank=by_median.change_rank)
     has_peers = pv.basis != ""
     ref_value, ref_test = _reference(config, cur, first, est, ~has_peers)
     threshold = np.full(n_dev, config.min_effect)
     with np.errstate(invalid="ignore"):
-        hist_fixed = np.sqrt(np.clip(hv.se ** 2 - est.se_rel ** 2, 0, None))
-    verdict = decide([
-        Test(pv.basis, pv.deficit, pv.se, pv.df, pv.min_effect, pv.se_fixed),  # PEER_TEST, MATES_TEST
-        Test(np.where(np.isfinite(node_se), bases.NODE_MATES, ""), node_deficit, node_se, node_df,
-             threshold, node_fixed),
-        # Own history decides only for a device without peers; with peers it is the `degraded` flag.
-        Test(np.where((hv.n_scans > 0) & ~has_peers, bases.HISTORY, ""), hv.deficit, hv.se,
-             np.full(n_dev, np.inf), threshold, hist_fixed),
-        ref_test,
-    ], config.fdr, config.clear_level, est.n_kept)
+        hist_fixed = np.sqrt(np.clip(hv.se**2 - est.se_rel**2, 0, None))
+    verdict = decide(
+        [
+            Test(pv.basis, pv.deficit, pv.se, pv.df, pv.min_effect, pv.se_fixed),  # PEER_TEST, MATES_TEST
+            Test(
+                np.where(np.isfinite(node_se), bases.NODE_MATES, ""),
+                node_deficit,
+                node_se,
+                node_df,
+                threshold,
+                node_fixed,
+            ),
+            # Own history decides only for a device without peers; with peers it is the `degraded` flag.
+            Test(
+                np.where((hv.n_scans > 0) & ~has_peers, bases.HISTORY, ""),
+                hv.deficit,
+                hv.se,
+                np.full(n_dev, np.inf),
+                threshold,
+                hist_fixed,
+            ),
+            ref_test,
+        ],
+        config.fdr,
+        config.clear_level,
+        est.n_kept,
+    )
     tier = tiers.assign(verdict, pv, hv, has_peers, codes, config)
     straggler = tier.straggler
 
-    basis_value = np.where(np.isfinite(pv.peer_value), pv.peer_value,
-                           np.where(np.isfinite(hv.baseline), hv.baseline, ref_value))
+    basis_value = np.where(
+        np.isfinite(pv.peer_value), pv.peer_value, np.where(np.isfinite(hv.baseline), hv.baseline, ref_value)
+    )
     # Flagged by its node-mates and not by its peer group (a slow device in a fast node): it costs
     # the jobs it shares with them, so it is counted against their median.
     by_mates = verdict.fired[MATES_TEST] & ~verdict.fired[PEER_TEST]
@@ -108,33 +139,64 @@ def analyze(samples: pd.DataFrame, history: pd.DataFrame | None = None,
         ratio = est.value / pv.peer_value
     change_scan, change_ts = _scan_labels(rows, tier.change_rank, tier.degraded)
     columns["index"] = pd.to_numeric(_device_column(cur, first[order], "index"), errors="coerce")
-    columns.update({
-        "straggler": straggler, "verdict": tier.verdict, "degraded": tier.degraded,
-        "basis": tier.basis.astype(object), "deficit": verdict.deficit,
-        "cost": cost_dev, "causes": _objects(cause), "evidence": _objects(evidence), "n_samples": est.n_samples,
-        "n_kept": est.n_kept, "value": est.value, "median": est.median, "peer_median": pv.peer_value,
-        "ratio": ratio, "ratio_low": ratio - 1.96 * pv.se, "ratio_high": ratio + 1.96 * pv.se,
-        "perf_class": tier.perf_class, "peer_spread": pv.spread_net,
-        "peer_group_size": pv.group_size, "p_value": verdict.p_value,
-        "q_value": verdict.q_value, "samples_needed": verdict.samples_needed, "undecided_reason": tier.reason,
-        "history_scans": hv.n_scans, "history_baseline": hv.baseline,
-        "history_deficit": hv.deficit, "change_loss": tier.change_loss, "change_scan": change_scan,
-        "change_ts": change_ts,
-    })
-    table = pd.DataFrame({c: columns[c] if isinstance(columns[c], pd.Series) else
-                          pd.Series(columns[c][order], dtype=object) if columns[c].dtype == object else
-                          columns[c][order] for c in DEVICE_COLUMNS})
+    columns.update(
+        {
+            "straggler": straggler,
+            "verdict": tier.verdict,
+            "degraded": tier.degraded,
+            "basis": tier.basis.astype(object),
+            "deficit": verdict.deficit,
+            "cost": cost_dev,
+            "causes": _objects(cause),
+            "evidence": _objects(evidence),
+            "n_samples": est.n_samples,
+            "n_kept": est.n_kept,
+            "value": est.value,
+            "median": est.median,
+            "peer_median": pv.peer_value,
+            "ratio": ratio,
+            "ratio_low": ratio - 1.96 * pv.se,
+            "ratio_high": ratio + 1.96 * pv.se,
+            "perf_class": tier.perf_class,
+            "peer_spread": pv.spread_net,
+            "peer_group_size": pv.group_size,
+            "p_value": verdict.p_value,
+            "q_value": verdict.q_value,
+            "samples_needed": verdict.samples_needed,
+            "undecided_reason": tier.reason,
+            "history_scans": hv.n_scans,
+            "history_baseline": hv.baseline,
+            "history_deficit": hv.deficit,
+            "change_loss": tier.change_loss,
+            "change_scan": change_scan,
+            "change_ts": change_ts,
+        }
+    )
+    table = pd.DataFrame(
+        {
+            c: columns[c]
+            if isinstance(columns[c], pd.Series)
+            else pd.Series(columns[c][order], dtype=object)
+            if columns[c].dtype == object
+            else columns[c][order]
+            for c in DEVICE_COLUMNS
+        }
+    )
 
     at = groups.first_index(codes.group, codes.n_group)  # a device of each peer group
-    labels = [{"model": m, "probe": p, "settings": s} for m, p, s in
-              zip(*(rows.key_values[c].take(code[c][at]).tolist() for c in ("model", "probe", "settings")))]
+    labels = [
+        {"model": m, "probe": p, "settings": s}
+        for m, p, s in zip(*(rows.key_values[c].take(code[c][at]).tolist() for c in ("model", "probe", "settings")))
+    ]
     with np.errstate(invalid="ignore", divide="ignore"):
         step = np.where(np.isfinite(pv.peer_value), 1 / ratio, np.nan)
     spread = tiers.group_spread(pv, codes, labels, config)
-    jobs = cost.job_gain(step, flagged=straggler, group=codes.group, n_group=codes.n_group, labels=labels,
-                         sizes=config.job_sizes)
-    summary = _summary(table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units, jobs, spread,
-                       tier.counts)
+    jobs = cost.job_gain(
+        step, flagged=straggler, group=codes.group, n_group=codes.n_group, labels=labels, sizes=config.job_sizes
+    )
+    summary = _summary(
+        table, config, dropped, rows.n_scans, len(rows.past_dev), len(cur), n_units, jobs, spread, tier.counts
+    )
     return AnalysisResult(devices=table, summary=summary, dropped=dropped)
 
 
@@ -149,10 +211,19 @@ def _explain(rows: "_Rows", codes: Codes, order, columns, pv, hv, verdict, tier,
     k = int(straggler.sum())  # the stragglers come first in `order`
     names = dict(zip(order[:k].tolist(), columns["host"].iloc[:k].tolist()))
     tel = causes_mod.device_telemetry(rows.cur, codes.row_dev, n_dev)
-    cause, evidence = causes_mod.explain(tel, straggler, group_of_dev=codes.group, n_group=codes.n_group,
-                                         host_of_dev=codes.host, host_names=names, membw=membw)
+    cause, evidence = causes_mod.explain(
+        tel,
+        straggler,
+        group_of_dev=codes.group,
+        n_group=codes.n_group,
+        host_of_dev=codes.host,
+        host_names=names,
+        membw=membw,
+    )
     for i in np.flatnonzero(straggler):
-        evidence[i] = _verdict_text(int(i), pv, hv, verdict, tier, node_deficit) + ("; " + evidence[i] if evidence[i] else "")
+        evidence[i] = _verdict_text(int(i), pv, hv, verdict, tier, node_deficit) + (
+            "; " + evidence[i] if evidence[i] else ""
+        )
     return cause, evidence
 
 
@@ -171,8 +242,15 @@ def _past_scans(rows: "_Rows", codes: Codes, config) -> PastScans:
         return PastScans(dev, rank, value, value)
     ds, n_ds = groups.factorize(dev, rank)
     first = groups.first_index(ds, n_ds)
-    est = estimate(value, dev=ds, n_dev=n_ds, group_of_dev=codes.group[dev[first]], n_group=codes.n_group,
-                   dip_sigmas=config.dip_sigmas, prior_df=config.prior_df)
+    est = estimate(
+        value,
+        dev=ds,
+        n_dev=n_ds,
+        group_of_dev=codes.group[dev[first]],
+        n_group=codes.n_group,
+        dip_sigmas=config.dip_sigmas,
+        prior_df=config.prior_df,
+    )
     return PastScans(dev[first], rank[first], est.value, est.median)
 
 
@@ -183,8 +261,13 @@ def _scan_labels(rows: "_Rows", rank: np.ndarray, hit: np.ndarray) -> tuple[np.n
     if not hit.any() or any("scan_id" not in t.columns for t in rows.tables):
         return ids, ts
     scan_ids = pd.concat([t["scan_id"] for t in rows.tables], ignore_index=True)
-    scan_ts = (pd.to_numeric(pd.concat([t["ts"] for t in rows.tables], ignore_index=True), errors="coerce")
-               .to_numpy(dtype=float, na_value=np.nan) if all("ts" in t.columns for t in rows.tables) else None)
+    scan_ts = (
+        pd.to_numeric(pd.concat([t["ts"] for t in rows.tables], ignore_index=True), errors="coerce").to_numpy(
+            dtype=float, na_value=np.nan
+        )
+        if all("ts" in t.columns for t in rows.tables)
+        else None
+    )
     all_rank = rows.all_rank
     assert all_rank is not None  # the rows are read with every row's scan rank
     code = all_rank - all_rank.min()
@@ -259,21 +342,33 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     past_dev = to_cur[dev_all[was]]
     has = past_dev >= 0
     cur_rank = rank[cur_all][groups.first_index(dev, n_dev)]
-    return _Rows(cur, dev, n_dev, n_scans, cur_rank, past_dev[has], rank[was][has], value_all[was][has],
-                 {**{c: k[cur_all] for c, k in key_codes.items()},
-                  "model": factors["model"][0].astype(np.int64, copy=False)[in_frame]},
-                 {c: u for c, (_, u) in factors.items()}, rank, tables)
+    return _Rows(
+        cur,
+        dev,
+        n_dev,
+        n_scans,
+        cur_rank,
+        past_dev[has],
+        rank[was][has],
+        value_all[was][has],
+        {
+            **{c: k[cur_all] for c, k in key_codes.items()},
+            "model": factors["model"][0].astype(np.int64, copy=False)[in_frame],
+        },
+        {c: u for c, (_, u) in factors.items()},
+        rank,
+        tables,
+    )
 
 
 def _in_input(past: pd.DataFrame, frame: pd.DataFrame) -> np.ndarray:
     """True for the history rows whose device (host, gpu, probe, settings) and scan_id occur in the
     input: the same scan of the same device, given twice. Other devices of that scan stay history."""
     cols = (*DEVICE_KEY, "scan_id")
-    code, n = groups.factorize(*(pd.concat([past[c], frame[c]], ignore_index=True).astype("string")
-                                 for c in cols))
+    code, n = groups.factorize(*(pd.concat([past[c], frame[c]], ignore_index=True).astype("string") for c in cols))
     seen = np.zeros(n, dtype=bool)
-    seen[code[len(past):]] = True
-    return seen[code[:len(past)]] & past["scan_id"].notna().to_numpy(dtype=bool)
+    seen[code[len(past) :]] = True
+    return seen[code[: len(past)]] & past["scan_id"].notna().to_numpy(dtype=bool)
 
 
 def _device_codes(key_codes: dict) -> tuple[np.ndarray, int]:
@@ -287,8 +382,9 @@ def _device_codes(key_codes: dict) -> tuple[np.ndarray, int]:
     return groups.factorize(*(key_codes[c] for c in DEVICE_KEY))
 
 
-def _reference(config: AnalysisConfig, cur: pd.DataFrame, first: np.ndarray, est,
-               alone: np.ndarray) -> tuple[np.ndarray, Test]:
+def _reference(
+    config: AnalysisConfig, cur: pd.DataFrame, first: np.ndarray, est, alone: np.ndarray
+) -> tuple[np.ndarray, Test]:
     """Reference values for devices without peers, looked up by model|probe|settings, then model|probe."""
     n = len(alone)
     ref = np.full(n, np.nan)
@@ -313,17 +409,24 @@ def _verdict_text(i: int, pv, hv, verdict, tier, node_deficit) -> str:
         one_host = str(pv.basis[i]).startswith(bases.HOST)
         if str(pv.basis[i]).endswith(bases.LOO):
             devices = f"device{'s' if others > 1 else ''}"
-            parts.append(f"{1 - pv.deficit[i]:.3f}x the mean of the {others} other "
-                         + (f"{devices} on its host" if one_host else f"fleet {devices}") + " (leave-one-out)"
-                         + (", sample by sample" if pv.paired[i] else ""))
+            parts.append(
+                f"{1 - pv.deficit[i]:.3f}x the mean of the {others} other "
+                + (f"{devices} on its host" if one_host else f"fleet {devices}")
+                + " (leave-one-out)"
+                + (", sample by sample" if pv.paired[i] else "")
+            )
         else:
-            parts.append(f"{1 - pv.deficit[i]:.3f}x the median of {others} "
-                         + ("peers on its host" if one_host else "fleet peers"))
+            parts.append(
+                f"{1 - pv.deficit[i]:.3f}x the median of {others} "
+                + ("peers on its host" if one_host else "fleet peers")
+            )
     if np.isfinite(node_deficit[i]):
         parts.append(f"{1 - node_deficit[i]:.3f}x the median of its node-mates")
     if hv.n_scans[i] > 0:
-        parts.append(f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans"
-                     + (" (relative to its peers)" if hv.relative[i] else ""))
+        parts.append(
+            f"{1 - hv.deficit[i]:.3f}x its own baseline over {hv.n_scans[i]} past scans"
+            + (" (relative to its peers)" if hv.relative[i] else "")
+        )
     if tier.degraded[i]:
         parts.append(f"degraded: lost {tier.change_loss[i]:.1%} against its own past since a change point")
     parts.append(f"q={verdict.q_value[i]:.2g}")
@@ -334,9 +437,18 @@ def _counts(values) -> dict:
     return {str(k): int(v) for k, v in pd.Series(values, dtype=object).value_counts().items()}
 
 
-def _summary(table: pd.DataFrame, config: AnalysisConfig, dropped: dict, n_scans: int,
-             history_rows: int, samples: int, n_units: int, jobs: list[dict], spread: dict,
-             tier_counts: np.ndarray) -> dict:
+def _summary(
+    table: pd.DataFrame,
+    config: AnalysisConfig,
+    dropped: dict,
+    n_scans: int,
+    history_rows: int,
+    samples: int,
+    n_units: int,
+    jobs: list[dict],
+    spread: dict,
+    tier_counts: np.ndarray,
+) -> dict:
     flagged = table[table["straggler"]]
     probes = pd.DataFrame({"probe": table["probe"].astype(str), "straggler": table["straggler"]})
     counts = probes.groupby("probe", sort=True)["straggler"].agg(["size", "sum"])

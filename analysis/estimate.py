@@ -33,8 +33,16 @@ class Estimates:
     kept: np.ndarray  # per sample (row): kept, not a transient
 
 
-def estimate(value: np.ndarray, *, dev: np.ndarray, n_dev: int, group_of_dev: np.ndarray, n_group: int,
-             dip_sigmas: float, prior_df: float) -> Estimates:
+def estimate(
+    value: np.ndarray,
+    *,
+    dev: np.ndarray,
+    n_dev: int,
+    group_of_dev: np.ndarray,
+    n_group: int,
+    dip_sigmas: float,
+    prior_df: float,
+) -> Estimates:
     """``value`` of each sample row, ``dev`` its device (or device and scan: 0..n_dev-1),
     ``group_of_dev`` the peer group (0..n_group-1) of each device."""
     med, anchor = groups.quantiles(dev, value, n_dev, (0.5, 0.75))
@@ -53,15 +61,21 @@ def estimate(value: np.ndarray, *, dev: np.ndarray, n_dev: int, group_of_dev: np
         ss = np.clip(sxx - nk * mx * mx, 0, None)  # sum of squared deviations, relative units
         dfi = np.maximum(nk - 1, 0).astype(float)
         pooled_df = np.bincount(group_of_dev, weights=dfi, minlength=n_group)
-        pooled = np.where(pooled_df > 0,
-                          np.bincount(group_of_dev, weights=ss, minlength=n_group) / pooled_df,
-                          scale ** 2)
+        pooled = np.where(pooled_df > 0, np.bincount(group_of_dev, weights=ss, minlength=n_group) / pooled_df, scale**2)
         s0 = pooled[group_of_dev]
         df = prior_df + dfi
         s2 = np.where(df > 0, (prior_df * s0 + ss) / df, np.nan)
         se_rel = np.sqrt(s2 / nk)
     return Estimates(
-        n_samples=n, n_kept=nk, median=med, value=anchor * mx, se_rel=se_rel,
-        df=np.where(df > 0, df, np.nan), noise_rel=np.sqrt(s0), noise_known=(pooled_df > 0)[group_of_dev],
-        sum_kept=anchor * sx, sumsq_kept=anchor * anchor * sxx, kept=kept,
+        n_samples=n,
+        n_kept=nk,
+        median=med,
+        value=anchor * mx,
+        se_rel=se_rel,
+        df=np.where(df > 0, df, np.nan),
+        noise_rel=np.sqrt(s0),
+        noise_known=(pooled_df > 0)[group_of_dev],
+        sum_kept=anchor * sx,
+        sumsq_kept=anchor * anchor * sxx,
+        kept=kept,
     )

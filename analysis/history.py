@@ -90,8 +90,15 @@ def centre(key: np.ndarray, value: np.ndarray, n_key: int) -> np.ndarray:
     return out
 
 
-def compare(codes: Codes, past: PastScans, *, value: np.ndarray, se_rel: np.ndarray, past_value: np.ndarray,
-            prior_df: float = 8.0) -> HistoryVerdict:
+def compare(
+    codes: Codes,
+    past: PastScans,
+    *,
+    value: np.ndarray,
+    se_rel: np.ndarray,
+    past_value: np.ndarray,
+    prior_df: float = 8.0,
+) -> HistoryVerdict:
     """``value``: each device's current value; ``past_value``: its value in each past scan of
     ``past`` (``past.value`` or ``past.median``, matching ``value``), by the ``codes`` of the
     devices and their current scans.
@@ -109,9 +116,10 @@ def compare(codes: Codes, past: PastScans, *, value: np.ndarray, se_rel: np.ndar
     if len(s_dev) == 0:
         return HistoryVerdict(np.zeros(n_dev, dtype=np.int64), nan, nan.copy(), nan.copy(), peers_now, nan.copy())
     cur_centre = centre(group_of_dev, value, n_group)
-    key, n_key = groups.factorize(np.concatenate([group_of_dev[s_dev], group_of_dev]),
-                                  np.concatenate([s_rank, cur_rank]))
-    past_centre = centre(key, np.concatenate([s_val, value]), n_key)[:len(s_dev)]
+    key, n_key = groups.factorize(
+        np.concatenate([group_of_dev[s_dev], group_of_dev]), np.concatenate([s_rank, cur_rank])
+    )
+    past_centre = centre(key, np.concatenate([s_val, value]), n_key)[: len(s_dev)]
     rel = peers_now[s_dev]
     with np.errstate(invalid="ignore", divide="ignore"):
         s_val = np.where(rel, s_val / past_centre, s_val)
@@ -136,7 +144,7 @@ def compare(codes: Codes, past: PastScans, *, value: np.ndarray, se_rel: np.ndar
         g = group_of_dev[s_dev]
         dof = np.bincount(group_of_dev, weights=np.maximum(k - 1, 0), minlength=n_group)
         ss = np.bincount(g, weights=np.nan_to_num(r * r), minlength=n_group)
-        prior_var = np.nan_to_num(se_rel ** 2) + np.where(peers_now, SCAN_SD_PEERS, SCAN_SD_ALONE) ** 2
+        prior_var = np.nan_to_num(se_rel**2) + np.where(peers_now, SCAN_SD_PEERS, SCAN_SD_ALONE) ** 2
         var = (prior_df * prior_var + ss[group_of_dev]) / (prior_df + dof[group_of_dev])
         # A scan's value varies by `var` (sampling error and scan-to-scan change together): the
         # current value by that much, the baseline (a median of ceil(k/2) scans) by 1.57 var / n.
@@ -146,10 +154,19 @@ def compare(codes: Codes, past: PastScans, *, value: np.ndarray, se_rel: np.ndar
         z = deficit / np.sqrt(var_diff)
     p = np.where(k > 0, special.ndtr(-z), np.nan)
     shown = np.where(peers_now, baseline * cur_centre, baseline)  # in the current value's terms
-    change, change_rank = _change(s_dev, pos, s_val, s_rank, value, cur_rank, k, group_of_dev, n_group,
-                                  prior_var, prior_df)
-    return HistoryVerdict(k, np.where(k > 0, shown, np.nan), np.where(k > 0, deficit, np.nan), p, peers_now,
-                          np.where(k > 0, np.sqrt(var_diff), np.nan), change, change_rank)
+    change, change_rank = _change(
+        s_dev, pos, s_val, s_rank, value, cur_rank, k, group_of_dev, n_group, prior_var, prior_df
+    )
+    return HistoryVerdict(
+        k,
+        np.where(k > 0, shown, np.nan),
+        np.where(k > 0, deficit, np.nan),
+        p,
+        peers_now,
+        np.where(k > 0, np.sqrt(var_diff), np.nan),
+        change,
+        change_rank,
+    )
 
 
 def _change(s_dev, pos, s_val, s_rank, value, cur_rank, k, group_of_dev, n_group, prior_var, prior_df):
@@ -168,6 +185,9 @@ def _change(s_dev, pos, s_val, s_rank, value, cur_rank, k, group_of_dev, n_group
     ch = changepoint(dev, at, x, n_dev, group_of_dev, n_group, prior_var, prior_df)
     k_all = np.bincount(dev, minlength=n_dev)
     start = np.cumsum(k_all) - k_all
-    rank = np.where(ch.start >= 0, ranks[np.clip(start + ch.start, 0, max(len(ranks) - 1, 0))], -1) \
-        if len(ranks) else np.full(n_dev, -1)
+    rank = (
+        np.where(ch.start >= 0, ranks[np.clip(start + ch.start, 0, max(len(ranks) - 1, 0))], -1)
+        if len(ranks)
+        else np.full(n_dev, -1)
+    )
     return ch, rank

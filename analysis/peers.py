@@ -40,8 +40,16 @@ class PeerVerdict:
     paired: np.ndarray  # decided on samples paired by index (2-3 devices): peer_value = value / (1 - deficit)
 
 
-def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min_effect_few: float, *,
-            row_sample: np.ndarray | None = None, row_value: np.ndarray | None = None) -> PeerVerdict:
+def compare(
+    est: Estimates,
+    codes: Codes,
+    min_group: int,
+    min_effect: float,
+    min_effect_few: float,
+    *,
+    row_sample: np.ndarray | None = None,
+    row_value: np.ndarray | None = None,
+) -> PeerVerdict:
     """``row_sample``, ``row_value``: the sample index and value of each sample row of
     ``codes.row_dev``, for the paired comparison (without them, 2-3 devices are compared on all
     their samples)."""
@@ -57,8 +65,9 @@ def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min
     spread, spread_net, noise = nan.copy(), nan.copy(), nan.copy()
     big = size >= min_group
     if big.any():
-        (peer[big], se[big], df[big], fixed[big], spread[big], spread_net[big],
-         noise[big]) = _population(est, group_of_dev, n_group, big, min_effect)
+        (peer[big], se[big], df[big], fixed[big], spread[big], spread_net[big], noise[big]) = _population(
+            est, group_of_dev, n_group, big, min_effect
+        )
     few = (size >= 2) & ~big
     deficit = nan.copy()
     paired = np.zeros(n_dev, dtype=bool)
@@ -67,8 +76,9 @@ def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min
         with np.errstate(invalid="ignore", divide="ignore"):
             deficit[few] = 1 - est.value[few] / peer[few]
         if row_sample is not None and row_value is not None:
-            paired, d_pair, se_pair, df_pair = _paired(est, group_of_dev, n_group, few, codes.row_dev, row_sample,
-                                                       row_value)
+            paired, d_pair, se_pair, df_pair = _paired(
+                est, group_of_dev, n_group, few, codes.row_dev, row_sample, row_value
+            )
             deficit[paired], se[paired], df[paired] = d_pair[paired], se_pair[paired], df_pair[paired]
             fixed[paired] = 0.0  # paired: the others' samples of the same moments, all re-measured
             # The comparison value of the paired test: the device's value over its paired ratio, so
@@ -80,8 +90,20 @@ def compare(est: Estimates, codes: Codes, min_group: int, min_effect: float, min
     basis[size < 2] = ""
     with np.errstate(invalid="ignore", divide="ignore"):
         deficit = np.where(few, deficit, 1 - est.value / peer)
-    return PeerVerdict(size, peer, deficit, se, df, fixed, np.where(big, min_effect, min_effect_few), basis,
-                       spread, spread_net, noise, paired)
+    return PeerVerdict(
+        size,
+        peer,
+        deficit,
+        se,
+        df,
+        fixed,
+        np.where(big, min_effect, min_effect_few),
+        basis,
+        spread,
+        spread_net,
+        noise,
+        paired,
+    )
 
 
 def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray, min_effect: float):
@@ -113,13 +135,13 @@ def _population(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndarray
     n_h = groups.count(g, n_group, healthy)
     with np.errstate(invalid="ignore", divide="ignore"):
         own = est.se_rel[sel] * ratio
-        noise = np.sqrt(groups.median(g, np.where(known, own ** 2, np.nan), n_group))
-        spread_net = np.sqrt(np.clip(spread ** 2 - noise ** 2, 0, None))  # NaN where noise unknown
+        noise = np.sqrt(groups.median(g, np.where(known, own**2, np.nan), n_group))
+        spread_net = np.sqrt(np.clip(spread**2 - noise**2, 0, None))  # NaN where noise unknown
         se_centre = 1.2533 * spread / np.sqrt(n_h)  # standard error of a median
         # One sample per device: the sampling noise is unknown, and the spread between the healthy
         # devices stands in for it (the classic outlier test).
         se_dev = np.where(known, own, spread[g])
-        se = np.sqrt(se_dev ** 2 + se_centre[g] ** 2)
+        se = np.sqrt(se_dev**2 + se_centre[g] ** 2)
         df = np.where(known, est.df[sel], np.maximum(n_h[g] - 1, 1))
     return centre[g], se, df, se_centre[g], spread[g], spread_net[g], noise[g]
 
@@ -133,21 +155,27 @@ def _leave_one_out(est: Estimates, g_all: np.ndarray, n_group: int, sel: np.ndar
     ss_o = np.bincount(g, weights=ss, minlength=n_group)[g] - ss
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_o = s_o / n_o
-        var_o = np.clip(ss_o - n_o * mean_o ** 2, 0, None) / (n_o - 1) / mean_o ** 2
+        var_o = np.clip(ss_o - n_o * mean_o**2, 0, None) / (n_o - 1) / mean_o**2
         noise2 = est.noise_rel[sel] ** 2
         prior = est.df[sel] - np.maximum(n - 1, 0)  # the prior degrees of freedom
-        var_o = np.where(n_o > 1, (prior * noise2 + (n_o - 1) * np.nan_to_num(var_o)) / (prior + n_o - 1),
-                         noise2)
+        var_o = np.where(n_o > 1, (prior * noise2 + (n_o - 1) * np.nan_to_num(var_o)) / (prior + n_o - 1), noise2)
         ratio = est.value[sel] / mean_o
-        se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + var_o / n_o * ratio ** 2)
+        se = np.sqrt((est.se_rel[sel] * ratio) ** 2 + var_o / n_o * ratio**2)
         df = prior + n + n_o - 2
     # Without repeated samples in the group there is no noise to test against: no verdict.
     df = np.where((df > 0) & est.noise_known[sel], df, np.nan)
     return mean_o, se, df, np.sqrt(var_o / n_o) * ratio
 
 
-def _paired(est: Estimates, group_of_dev: np.ndarray, n_group: int, sel: np.ndarray, dev: np.ndarray,
-            sample: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _paired(
+    est: Estimates,
+    group_of_dev: np.ndarray,
+    n_group: int,
+    sel: np.ndarray,
+    dev: np.ndarray,
+    sample: np.ndarray,
+    value: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-out on samples paired by their index: per kept sample, log(value / mean of the other
     devices' kept values of the same sample); a moderated one-sample t test of their mean.
     Returns (applies, deficit = 1 - exp(mean), its standard error, degrees of freedom) per device."""
@@ -211,7 +239,7 @@ def node_compare(est: Estimates, codes: Codes, fleet: PeerVerdict, min_group: in
         ratio = est.value / centre
         se_centre = 1.2533 * fleet.spread / np.sqrt(m)  # a median of m healthy devices
         se_dev = np.where(est.noise_known, est.se_rel * ratio, fleet.spread)
-        se = np.sqrt(se_dev ** 2 + se_centre ** 2)
+        se = np.sqrt(se_dev**2 + se_centre**2)
         df = np.where(est.noise_known, est.df, np.maximum(m - 1, 1))
 
     def only(x):

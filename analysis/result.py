@@ -14,11 +14,41 @@ JSON_ROWS_PER_PART = 20_000  # device entries pandas writes at a time (AnalysisR
 
 # Columns of res.devices, in order; the JSON "gpus" entries carry the same keys.
 DEVICE_COLUMNS = (
-    "host", "gpu", "index", "model", "probe", "settings", "straggler", "verdict", "degraded", "basis",
-    "deficit", "cost", "causes", "evidence", "n_samples", "n_kept", "value", "median", "peer_median", "ratio",
-    "ratio_low", "ratio_high", "perf_class", "peer_spread", "peer_group_size", "p_value", "q_value",
-    "samples_needed", "undecided_reason", "history_scans", "history_baseline", "history_deficit",
-    "change_loss", "change_scan", "change_ts",
+    "host",
+    "gpu",
+    "index",
+    "model",
+    "probe",
+    "settings",
+    "straggler",
+    "verdict",
+    "degraded",
+    "basis",
+    "deficit",
+    "cost",
+    "causes",
+    "evidence",
+    "n_samples",
+    "n_kept",
+    "value",
+    "median",
+    "peer_median",
+    "ratio",
+    "ratio_low",
+    "ratio_high",
+    "perf_class",
+    "peer_spread",
+    "peer_group_size",
+    "p_value",
+    "q_value",
+    "samples_needed",
+    "undecided_reason",
+    "history_scans",
+    "history_baseline",
+    "history_deficit",
+    "change_loss",
+    "change_scan",
+    "change_ts",
 )
 
 
@@ -38,7 +68,7 @@ class AnalysisResult:
         no copy of the whole text, and pandas is faster on pieces that fit the CPU caches."""
         yield '{"gpus": ['
         for start in range(0, len(self.devices), rows_per_part):
-            part = self.devices.iloc[start:start + rows_per_part].to_json(orient="records", double_precision=6)
+            part = self.devices.iloc[start : start + rows_per_part].to_json(orient="records", double_precision=6)
             yield ("," if start else "") + part[1:-1]  # the entries, without the list's brackets
         yield '], "summary": ' + json.dumps(self.summary, allow_nan=False) + "}"
 

@@ -83,8 +83,17 @@ def assign(verdict, pv, hv, has_peers: np.ndarray, codes: Codes, config) -> Tier
     out = np.asarray(TIERS, dtype=object)[code]
     reason = np.where(straggler, "", verdict.reason).astype(object)
     reason[undecided & (verdict.basis == NONE)] = "nothing to compare with (no peers, history or reference)"
-    return Tiers(straggler, out, degraded, basis, reason, _classes(pv, codes.group, codes.n_group, config),
-                 loss, rank, np.bincount(code, minlength=len(TIERS)))
+    return Tiers(
+        straggler,
+        out,
+        degraded,
+        basis,
+        reason,
+        _classes(pv, codes.group, codes.n_group, config),
+        loss,
+        rank,
+        np.bincount(code, minlength=len(TIERS)),
+    )
 
 
 def _slow(pv, has_peers: np.ndarray, config) -> np.ndarray:
@@ -126,14 +135,21 @@ def group_spread(pv, codes: Codes, labels: list[dict], config) -> dict:
         if not np.isfinite(pv.spread[i]):
             continue
         net = pv.spread_net[i]
-        entry = {**labels[g], "devices": int(pv.group_size[i]), "spread": _r(pv.spread[i]),
-                 "spread_net": _r(net), "noise": _r(pv.noise[i])}
+        entry = {
+            **labels[g],
+            "devices": int(pv.group_size[i]),
+            "spread": _r(pv.spread[i]),
+            "spread_net": _r(net),
+            "noise": _r(pv.noise[i]),
+        }
         out.append(entry)
         if np.isfinite(net) and net * SPREAD_WARN_SIGMAS > config.min_effect:
             name = "|".join(str(labels[g][k]) for k in ("model", "probe", "settings") if labels[g][k])
-            warnings.append(f"min_effect {config.min_effect:.1%} lies inside the normal spread of {name} "
-                            f"(healthy spread {net:.2%}; {SPREAD_WARN_SIGMAS:g} spreads = "
-                            f"{SPREAD_WARN_SIGMAS * net:.1%}): normal silicon is flagged; raise min_effect")
+            warnings.append(
+                f"min_effect {config.min_effect:.1%} lies inside the normal spread of {name} "
+                f"(healthy spread {net:.2%}; {SPREAD_WARN_SIGMAS:g} spreads = "
+                f"{SPREAD_WARN_SIGMAS * net:.1%}): normal silicon is flagged; raise min_effect"
+            )
     return {"groups": out, "warnings": warnings}
 
 

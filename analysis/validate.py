@@ -50,8 +50,7 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
     if bad.any():
         pos = int(np.flatnonzero(bad)[0])
         raise InputError(
-            f"{what}: row {pos + 1}: column 'value' is not a number: {raw.iloc[pos]!r} "
-            f"({int(bad.sum())} such rows)"
+            f"{what}: row {pos + 1}: column 'value' is not a number: {raw.iloc[pos]!r} ({int(bad.sum())} such rows)"
         )
     for test, word in ((np.isinf(value), "infinite"), (value < 0, "negative")):
         if test.any():
@@ -138,6 +137,7 @@ def duplicates(df: pd.DataFrame, dev: np.ndarray, rank: np.ndarray, what: str) -
     the same sample with different values raises InputError. A row with neither a ``sample`` number
     nor a ``ts`` (no such column, or a blank cell) cannot be told apart from a repeated sample, and
     is never a duplicate."""
+
     def number(c: str) -> np.ndarray:
         return pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
@@ -178,7 +178,6 @@ def duplicates(df: pd.DataFrame, dev: np.ndarray, rank: np.ndarray, what: str) -
         rows = df["_row"].to_numpy()
         col = "ts" if by_ts[i] else "sample"
         ident = ", ".join(f"{c}={df[c].iloc[i]}" for c in ("host", "gpu", "probe", col))
-        raise InputError(f"{what}: rows {rows[j]} and {rows[i]} record the same sample ({ident}) "
-                         "with different values")
+        raise InputError(f"{what}: rows {rows[j]} and {rows[i]} record the same sample ({ident}) with different values")
     repeat[idx] = rep
     return repeat

@@ -67,8 +67,20 @@ def main() -> int:
     agents = []
     for interval in intervals:
         port = free_port()
-        cmd = [sys.executable, "-m", "straggler", "agent", "--telemetry", f"fake:{args.scenario}",
-               "--interval", str(interval), "--listen-port", str(port), "--spool", str(tmp / f"{interval}.sqlite")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "straggler",
+            "agent",
+            "--telemetry",
+            f"fake:{args.scenario}",
+            "--interval",
+            str(interval),
+            "--listen-port",
+            str(port),
+            "--spool",
+            str(tmp / f"{interval}.sqlite"),
+        ]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{interval}.log", "wb"))
         agents.append({"interval": interval, "port": port, "proc": proc})
     time.sleep(args.warmup)
@@ -101,16 +113,42 @@ def main() -> int:
         a["proc"].wait(timeout=60)
         pct = 100 * cpu / elapsed
         rss = max(a["rss"])
-        rows.append((a["interval"], elapsed, int(ticks), a["scrapes"], tick_ms, cpu, pct, pct / CPU_TARGET_PCT, rss,
-                     rss / RSS_TARGET_MB))
-    print(f"agent overhead, 8 simulated GPUs (fake:{args.scenario}), {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-    head = ("interval_s", "window_s", "ticks", "scrapes", "last_tick_ms", "cpu_s", "cpu_%core", "cpu/target",
-            "max_rss_MB", "rss/target")
+        rows.append(
+            (
+                a["interval"],
+                elapsed,
+                int(ticks),
+                a["scrapes"],
+                tick_ms,
+                cpu,
+                pct,
+                pct / CPU_TARGET_PCT,
+                rss,
+                rss / RSS_TARGET_MB,
+            )
+        )
+    print(
+        f"agent overhead, 8 simulated GPUs (fake:{args.scenario}), {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+    )
+    head = (
+        "interval_s",
+        "window_s",
+        "ticks",
+        "scrapes",
+        "last_tick_ms",
+        "cpu_s",
+        "cpu_%core",
+        "cpu/target",
+        "max_rss_MB",
+        "rss/target",
+    )
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
-        print(f"{r[0]:g} | {r[1]:.0f} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.3f} | {r[7]:.3f} | "
-              f"{r[8]:.1f} | {r[9]:.2f}")
+        print(
+            f"{r[0]:g} | {r[1]:.0f} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.3f} | {r[7]:.3f} | "
+            f"{r[8]:.1f} | {r[9]:.2f}"
+        )
     print(f"targets: <= {CPU_TARGET_PCT:g}% of one core, <= {RSS_TARGET_MB:g} MB RSS")
     ok = all(r[6] <= CPU_TARGET_PCT and r[8] <= RSS_TARGET_MB for r in rows if r[0] >= 15)
     return 0 if ok else 1

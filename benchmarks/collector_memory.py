@@ -31,11 +31,26 @@ def _vm(pid: int, key: str) -> int:
 def _batch(tag: str, rows: int) -> bytes:
     now = time.time()
     # 12,500 devices (8 a host), 8 samples each; every batch is another scan of the same devices
-    out = [{"id": f"{tag}{i:010d}", "ts": now - 60, "scan_id": f"mem-{tag}", "host": f"h{i % 12_500 // 8}",
-            "gpu": f"GPU-{i % 12_500}", "index": i % 8, "model": "NVIDIA H100 80GB HBM3", "probe": "matmul",
-            "settings": "n=8192,dtype=bf16", "sample": i // 12_500, "value": 790.0 + i % 13, "unit": "TFLOP/s",
-            "sm_clock_mhz": 1980.0, "power_w": 650.5, "temp_c": 61.0}
-           for i in range(rows)]
+    out = [
+        {
+            "id": f"{tag}{i:010d}",
+            "ts": now - 60,
+            "scan_id": f"mem-{tag}",
+            "host": f"h{i % 12_500 // 8}",
+            "gpu": f"GPU-{i % 12_500}",
+            "index": i % 8,
+            "model": "NVIDIA H100 80GB HBM3",
+            "probe": "matmul",
+            "settings": "n=8192,dtype=bf16",
+            "sample": i // 12_500,
+            "value": 790.0 + i % 13,
+            "unit": "TFLOP/s",
+            "sm_clock_mhz": 1980.0,
+            "power_w": 650.5,
+            "temp_c": 61.0,
+        }
+        for i in range(rows)
+    ]
     return json.dumps({"host": "mem", "results": out}).encode()
 
 
@@ -46,15 +61,22 @@ def run(concurrent: int, rows: int) -> dict:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         # the fleet analysis is held off (it runs after ingest, on its own thread): this measures ingest
-        server = start_collector(Path(tmp), port, {"STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": "3600",
-                                                   "STRAGGLER_COLLECTOR_ANALYSIS_MAX_DELAY_S": "3600"})
+        server = start_collector(
+            Path(tmp),
+            port,
+            {"STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": "3600", "STRAGGLER_COLLECTOR_ANALYSIS_MAX_DELAY_S": "3600"},
+        )
         try:
             base = _vm(server.pid, "VmRSS")
             bodies = [_batch(f"b{k}x", rows) for k in range(concurrent)]
 
             def post(body: bytes) -> int:
-                r = httpx.post(url + "/api/v1/results", content=body, timeout=600,
-                               headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+                r = httpx.post(
+                    url + "/api/v1/results",
+                    content=body,
+                    timeout=600,
+                    headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+                )
                 return r.status_code
 
             with ThreadPoolExecutor(concurrent) as pool:
@@ -67,8 +89,16 @@ def run(concurrent: int, rows: int) -> dict:
         finally:
             server.terminate()
             server.wait(30)
-    return {"concurrent": concurrent, "rows": rows, "body_bytes": len(bodies[0]), "baseline_rss_bytes": base,
-            "codes": codes, "peak_rss_bytes": peak_max, "over_codes": over, "peak_rss_after_oversized_bytes": peak_over}
+    return {
+        "concurrent": concurrent,
+        "rows": rows,
+        "body_bytes": len(bodies[0]),
+        "baseline_rss_bytes": base,
+        "codes": codes,
+        "peak_rss_bytes": peak_max,
+        "over_codes": over,
+        "peak_rss_after_oversized_bytes": peak_over,
+    }
 
 
 def main(argv=None) -> int:
@@ -82,10 +112,12 @@ def main(argv=None) -> int:
         print(json.dumps(res))
     else:
         mib = 1 << 20
-        print(f"{args.concurrent} x {args.rows} rows ({res['body_bytes'] / mib:.1f} MiB each): {res['codes']}; "
-              f"peak RSS {res['peak_rss_bytes'] / mib:.0f} MiB (baseline {res['baseline_rss_bytes'] / mib:.0f} MiB); "
-              f"then {args.concurrent} x {args.rows + 1} rows: {res['over_codes']}, peak RSS "
-              f"{res['peak_rss_after_oversized_bytes'] / mib:.0f} MiB")
+        print(
+            f"{args.concurrent} x {args.rows} rows ({res['body_bytes'] / mib:.1f} MiB each): {res['codes']}; "
+            f"peak RSS {res['peak_rss_bytes'] / mib:.0f} MiB (baseline {res['baseline_rss_bytes'] / mib:.0f} MiB); "
+            f"then {args.concurrent} x {args.rows + 1} rows: {res['over_codes']}, peak RSS "
+            f"{res['peak_rss_after_oversized_bytes'] / mib:.0f} MiB"
+        )
     return 0
 
 

@@ -32,23 +32,47 @@ PROBES = ("matmul", "membw", "pcie", "allreduce")
 
 
 def snapshot(n_gpus: int, n_probes: int, now: float) -> FleetSnapshot:
-    devices = [{"host": f"node{i // 8:05d}", "gpu": f"GPU-{i:08x}-1c2d-3e4f-5a6b-{i:012x}", "index": i % 8,
-                "model": "NVIDIA H100 80GB HBM3", "last_ts": now - 60 - i % 3600, "last_scan_id": "s"}
-               for i in range(n_gpus)]
-    verdicts = [{"host": d["host"], "gpu": d["gpu"], "probe": p, "settings": "n=8192,dtype=bf16",
-                 "ratio": 1.0 - (i % 97) / 1000, "straggler": i % 100 == 0,
-                 "causes": ["power_capped"] if i % 100 == 0 else [], "cost": (i % 97) / 1000,
-                 "verdict": "straggler" if i % 100 == 0 else "undecided" if i % 100 == 1 else "healthy",
-                 "degraded": i % 500 == 2, "perf_class": "ABCD"[i % 4]}
-                for i, d in enumerate(devices) for p in PROBES[:n_probes]]
+    devices = [
+        {
+            "host": f"node{i // 8:05d}",
+            "gpu": f"GPU-{i:08x}-1c2d-3e4f-5a6b-{i:012x}",
+            "index": i % 8,
+            "model": "NVIDIA H100 80GB HBM3",
+            "last_ts": now - 60 - i % 3600,
+            "last_scan_id": "s",
+        }
+        for i in range(n_gpus)
+    ]
+    verdicts = [
+        {
+            "host": d["host"],
+            "gpu": d["gpu"],
+            "probe": p,
+            "settings": "n=8192,dtype=bf16",
+            "ratio": 1.0 - (i % 97) / 1000,
+            "straggler": i % 100 == 0,
+            "causes": ["power_capped"] if i % 100 == 0 else [],
+            "cost": (i % 97) / 1000,
+            "verdict": "straggler" if i % 100 == 0 else "undecided" if i % 100 == 1 else "healthy",
+            "degraded": i % 500 == 2,
+            "perf_class": "ABCD"[i % 4],
+        }
+        for i, d in enumerate(devices)
+        for p in PROBES[:n_probes]
+    ]
     return FleetSnapshot(computed_ts=now, gpus=build_gpus(devices, verdicts))
 
 
 def scrape(url: str) -> int:
     """GET /metrics as a separate process does it (curl, else httpx here); returns the bytes read."""
     if shutil.which("curl"):
-        out = subprocess.run(["curl", "-sSf", "-o", "/dev/null", "-w", "%{size_download}", url],
-                             capture_output=True, text=True, timeout=120, check=True)
+        out = subprocess.run(
+            ["curl", "-sSf", "-o", "/dev/null", "-w", "%{size_download}", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         return int(out.stdout)
     resp = httpx.get(url, timeout=120)
     resp.raise_for_status()
@@ -71,8 +95,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     print(f"/metrics for {args.gpus:,} GPUs (best of {args.repeat}; target <= 1 s per scrape)")
-    print(f"{'probes':>6} {'samples':>9} {'MB':>6} {'prepare s':>9} {'render s':>9} {'generate_latest s':>17} "
-          f"{'speed-up':>8} {'HTTP GET s':>10}")
+    print(
+        f"{'probes':>6} {'samples':>9} {'MB':>6} {'prepare s':>9} {'render s':>9} {'generate_latest s':>17} "
+        f"{'speed-up':>8} {'HTTP GET s':>10}"
+    )
     with tempfile.TemporaryDirectory() as d:
         settings = CollectorSettings(port=0, db_path=Path(d) / "c.db", analysis_debounce_s=3600)
         with BackgroundCollector(settings, TOKEN, analyze=lambda s, h: None) as srv:
@@ -88,8 +114,11 @@ def main() -> None:
                 srv.collector.fleet_metrics.update(snap)  # what the analysis thread does
                 t_http, size = best(lambda: scrape(srv.url + "/metrics"), args.repeat)
                 samples = text.count(b"\n") - text.count(b"\n#") - 1
-                print(f"{n_probes:>6} {samples:>9,} {size / 1e6:>6.1f} {t_prep:>9.2f} {t_render:>9.2f} "
-                      f"{t_gen:>17.2f} {t_gen / t_render:>8.1f} {t_http:>10.2f}", flush=True)
+                print(
+                    f"{n_probes:>6} {samples:>9,} {size / 1e6:>6.1f} {t_prep:>9.2f} {t_render:>9.2f} "
+                    f"{t_gen:>17.2f} {t_gen / t_render:>8.1f} {t_http:>10.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,20 @@ def _rows(scan: str, first_host: int, hosts: int, samples: int) -> list[dict]:
     for h in range(first_host, first_host + hosts):
         for g in range(8):
             for k in range(samples):
-                r = {"ts": now - 60 + k, "scan_id": scan, "host": f"node{h:05d}", "gpu": f"GPU-{h}-{g}", "index": g,
-                     "model": "NVIDIA H100 80GB HBM3", "probe": "matmul", "settings": "n=8192,dtype=bf16",
-                     "sample": k, "value": 790.0 + (h * 8 + g + k) % 11, "unit": "TFLOP/s", "sm_clock_mhz": 1980.0}
+                r = {
+                    "ts": now - 60 + k,
+                    "scan_id": scan,
+                    "host": f"node{h:05d}",
+                    "gpu": f"GPU-{h}-{g}",
+                    "index": g,
+                    "model": "NVIDIA H100 80GB HBM3",
+                    "probe": "matmul",
+                    "settings": "n=8192,dtype=bf16",
+                    "sample": k,
+                    "value": 790.0 + (h * 8 + g + k) % 11,
+                    "unit": "TFLOP/s",
+                    "sm_clock_mhz": 1980.0,
+                }
                 r["id"] = result_id(r)
                 out.append(r)
     return out
@@ -42,8 +53,10 @@ def _rows(scan: str, first_host: int, hosts: int, samples: int) -> list[dict]:
 
 def _ingest_rate(c, batches: int, batch_rows: int, tag: str) -> float:
     hosts = max(1, batch_rows // 40)
-    bodies = [json.dumps({"host": "bench", "results": _rows(f"{tag}-{b}", b * hosts, hosts, 5)}).encode()
-              for b in range(batches)]
+    bodies = [
+        json.dumps({"host": "bench", "results": _rows(f"{tag}-{b}", b * hosts, hosts, 5)}).encode()
+        for b in range(batches)
+    ]
     t0 = time.perf_counter()
     for body in bodies:
         c.post("/api/v1/results", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
@@ -93,9 +106,16 @@ def run(gpus: int, readers: int, batches: int, batch_rows: int) -> dict:
         finally:
             server.terminate()
             server.wait(30)
-    return {"gpus": gpus, "page_bytes": page_bytes, "readers": readers, "ingest_rows_per_s_alone": alone,
-            "ingest_rows_per_s_with_readers": busy, "slowdown": alone / busy, "reads": len(reads),
-            "read_errors": sum(code != 200 for code in reads)}
+    return {
+        "gpus": gpus,
+        "page_bytes": page_bytes,
+        "readers": readers,
+        "ingest_rows_per_s_alone": alone,
+        "ingest_rows_per_s_with_readers": busy,
+        "slowdown": alone / busy,
+        "reads": len(reads),
+        "read_errors": sum(code != 200 for code in reads),
+    }
 
 
 def main(argv=None) -> int:
@@ -110,9 +130,11 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{res['gpus']} GPUs ({res['page_bytes'] / 2**20:.1f} MiB a page): ingest {res['ingest_rows_per_s_alone']:.0f} "
-              f"rows/s alone, {res['ingest_rows_per_s_with_readers']:.0f} rows/s with {res['readers']} readers "
-              f"(x{res['slowdown']:.1f} slower; {res['reads']} reads, {res['read_errors']} not 200)")
+        print(
+            f"{res['gpus']} GPUs ({res['page_bytes'] / 2**20:.1f} MiB a page): ingest {res['ingest_rows_per_s_alone']:.0f} "
+            f"rows/s alone, {res['ingest_rows_per_s_with_readers']:.0f} rows/s with {res['readers']} readers "
+            f"(x{res['slowdown']:.1f} slower; {res['reads']} reads, {res['read_errors']} not 200)"
+        )
     return 0
 
 

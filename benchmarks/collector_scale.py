@@ -40,10 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scan_fanout import TOKEN, _free_port, start_collector
 
-PROBES = (("matmul", "n=8192,dtype=bf16", "TFLOP/s", 790.0), ("membw", "bytes=4GiB", "GB/s", 3000.0),
-          ("allreduce", "bytes=256MiB,world=8", "GB/s", 180.0))
-TARGETS = {"refresh_full_s": {10_000: 1.0, 100_000: 5.0}, "refresh_node_s": {100_000: 0.5},
-           "peak_rss_mb": {100_000: 1536}, "ingest_rows_s": 20_000, "ttfb_ms": {100_000: 50}}
+PROBES = (
+    ("matmul", "n=8192,dtype=bf16", "TFLOP/s", 790.0),
+    ("membw", "bytes=4GiB", "GB/s", 3000.0),
+    ("allreduce", "bytes=256MiB,world=8", "GB/s", 180.0),
+)
+TARGETS = {
+    "refresh_full_s": {10_000: 1.0, 100_000: 5.0},
+    "refresh_node_s": {100_000: 0.5},
+    "peak_rss_mb": {100_000: 1536},
+    "ingest_rows_s": 20_000,
+    "ttfb_ms": {100_000: 50},
+}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -66,14 +74,38 @@ def rows(scan: int, gpus: range, probes: int, samples: int, t0: float) -> list[d
         for p, (probe, settings, unit, base) in enumerate(PROBES[:probes]):
             for k in range(samples):
                 jitter = 1.0 + 0.01 * (((d * 31 + k * 7 + scan * 13 + p) % 21) - 10) / 10
-                r = {"ts": ts + k, "scan_id": f"scan-{scan:04d}", "host": host, "gpu": f"GPU-{d:06d}", "index": g,
-                     "model": "NVIDIA H100 80GB HBM3", "driver": "550.54.15", "probe": probe, "settings": settings,
-                     "sample": k, "duration_s": 1.0, "value": base * slow * jitter, "unit": unit,
-                     "sm_clock_mhz": 1980.0, "sm_clock_max_mhz": 1980.0, "mem_clock_mhz": 2619.0, "power_w": 690.5,
-                     "power_limit_w": 700.0, "temp_c": 61.0 + d % 5, "throttle_reasons": "",
-                     "pcie_gen": 5, "pcie_gen_max": 5, "pcie_width": 16, "pcie_width_max": 16,
-                     "ecc_corrected_total": 0, "ecc_uncorrected_total": 0, "retired_pages": 0, "remapped_rows": 0,
-                     "util_pct": 100.0, "processes": 1}
+                r = {
+                    "ts": ts + k,
+                    "scan_id": f"scan-{scan:04d}",
+                    "host": host,
+                    "gpu": f"GPU-{d:06d}",
+                    "index": g,
+                    "model": "NVIDIA H100 80GB HBM3",
+                    "driver": "550.54.15",
+                    "probe": probe,
+                    "settings": settings,
+                    "sample": k,
+                    "duration_s": 1.0,
+                    "value": base * slow * jitter,
+                    "unit": unit,
+                    "sm_clock_mhz": 1980.0,
+                    "sm_clock_max_mhz": 1980.0,
+                    "mem_clock_mhz": 2619.0,
+                    "power_w": 690.5,
+                    "power_limit_w": 700.0,
+                    "temp_c": 61.0 + d % 5,
+                    "throttle_reasons": "",
+                    "pcie_gen": 5,
+                    "pcie_gen_max": 5,
+                    "pcie_width": 16,
+                    "pcie_width_max": 16,
+                    "ecc_corrected_total": 0,
+                    "ecc_uncorrected_total": 0,
+                    "retired_pages": 0,
+                    "remapped_rows": 0,
+                    "util_pct": 100.0,
+                    "processes": 1,
+                }
                 r["id"] = result_id(r)
                 out.append(r)
     return out
@@ -83,7 +115,7 @@ def ingest(store, batch: list[dict], received_ts: float) -> None:
     from straggler.collector.store import row_tuples
 
     for i in range(0, len(batch), 20_000):
-        store.ingest(row_tuples(batch[i:i + 20_000]), received_ts)
+        store.ingest(row_tuples(batch[i : i + 20_000]), received_ts)
 
 
 def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> tuple[float, float]:
@@ -139,7 +171,9 @@ def _refresh_child(db: str, gpus: int, scans: int, probes: int, samples: int, t0
     res["node_error"] = timed("refresh_node").error
     if kw:
         fleet.stop()
-    res["peak_rss_mb"] = max(_vm("self", "VmHWM"), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024) / 2**20
+    res["peak_rss_mb"] = (
+        max(_vm("self", "VmHWM"), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024) / 2**20
+    )
     store.close()
     out.send(res)
 
@@ -187,8 +221,18 @@ def _analysis_runs(c) -> float:
     return 0.0
 
 
-def under_load(tmp: Path, db: str, gpus: int, scans: int, probes: int, samples: int, t0: float,
-               readers: int, batch_rows: int, max_rows: int) -> dict:
+def under_load(
+    tmp: Path,
+    db: str,
+    gpus: int,
+    scans: int,
+    probes: int,
+    samples: int,
+    t0: float,
+    readers: int,
+    batch_rows: int,
+    max_rows: int,
+) -> dict:
     """A real collector on the database: a new full-fleet scan posted while readers poll /api/v1/gpus."""
     import httpx
 
@@ -199,9 +243,15 @@ def under_load(tmp: Path, db: str, gpus: int, scans: int, probes: int, samples: 
         for suffix in ("", "-wal", "-shm"):
             if Path(db + suffix).exists():
                 os.replace(db + suffix, str(link) + suffix)
-    server = start_collector(tmp, port, {"STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": "0.2",
-                                         "STRAGGLER_COLLECTOR_ANALYSIS_MAX_DELAY_S": "1",
-                                         "STRAGGLER_COLLECTOR_HISTORY_SCANS": str(scans)})
+    server = start_collector(
+        tmp,
+        port,
+        {
+            "STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": "0.2",
+            "STRAGGLER_COLLECTOR_ANALYSIS_MAX_DELAY_S": "1",
+            "STRAGGLER_COLLECTOR_HISTORY_SCANS": str(scans),
+        },
+    )
     res: dict = {}
     try:
         with httpx.Client(base_url=url, headers=AUTH, timeout=600) as c:
@@ -218,9 +268,11 @@ def under_load(tmp: Path, db: str, gpus: int, scans: int, probes: int, samples: 
             res["ttfb_ms"] = statistics.median(ttfb) * 1000
             bodies, scan = [], scans + 2
             while len(bodies) * batch_rows < max_rows:  # new full-fleet scans, each its own scan id
-                new = rows(scan, range(gpus), probes, samples, t0)[:max_rows - len(bodies) * batch_rows]
-                bodies += [json.dumps({"host": "bench", "results": new[i:i + batch_rows]}).encode()
-                           for i in range(0, len(new), batch_rows)]
+                new = rows(scan, range(gpus), probes, samples, t0)[: max_rows - len(bodies) * batch_rows]
+                bodies += [
+                    json.dumps({"host": "bench", "results": new[i : i + batch_rows]}).encode()
+                    for i in range(0, len(new), batch_rows)
+                ]
                 scan += 1
             del new
             ctx = mp.get_context("spawn")
@@ -246,9 +298,17 @@ def under_load(tmp: Path, db: str, gpus: int, scans: int, probes: int, samples: 
                 readers_p.kill()
                 readers_p.join()
             lat.sort()
-            res.update(ingest_rows_s=sent / wall, ingest_rows=sent, post_p99_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-                       post_p50_s=lat[len(lat) // 2],
-                       post_max_s=lat[-1], posts=len(lat), refreshes_during=runs, collector_cpu_s=cpu, ingest_wall_s=wall)
+            res.update(
+                ingest_rows_s=sent / wall,
+                ingest_rows=sent,
+                post_p99_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                post_p50_s=lat[len(lat) // 2],
+                post_max_s=lat[-1],
+                posts=len(lat),
+                refreshes_during=runs,
+                collector_cpu_s=cpu,
+                ingest_wall_s=wall,
+            )
             res["collector_peak_rss_mb"] = max(_vm(p, "VmHWM") for p in _tree(server.pid)) / 2**20
     finally:
         server.terminate()
@@ -281,8 +341,9 @@ def _proc_cpu(pid: int) -> float:
     return total
 
 
-def measure(dbdir: str, gpus: int, scans: int, probes: int, samples: int, readers: int, batch_rows: int,
-            load_rows: int) -> dict:
+def measure(
+    dbdir: str, gpus: int, scans: int, probes: int, samples: int, readers: int, batch_rows: int, load_rows: int
+) -> dict:
     load_scans = -(-load_rows // (gpus * probes * samples))
     t0 = time.time() - (scans + 4 + load_scans) * 3600  # every scan in the past
     tmp = Path(tempfile.mkdtemp(prefix=f"scale{gpus}-", dir=dbdir))
@@ -310,24 +371,26 @@ def _target(name: str, gpus: int) -> str:
 
 
 def table(results: list[dict]) -> str:
-    figs = [("refresh, full-fleet scan: wall s", "refresh_full_s", "{:.2f}"),
-            ("  CPU s", "refresh_full_cpu_s", "{:.2f}"),
-            ("refresh, one node's scan: wall s", "refresh_node_s", "{:.2f}"),
-            ("  CPU s", "refresh_node_cpu_s", "{:.2f}"),
-            ("peak RSS (store + fleet view), MB", "peak_rss_mb", "{:.0f}"),
-            ("collector's largest process peak RSS, MB", "collector_peak_rss_mb", "{:.0f}"),
-            ("ingest under load, results/s", "ingest_rows_s", "{:.0f}"),
-            ("  POST p50, s", "post_p50_s", "{:.3f}"),
-            ("  POST p99, s", "post_p99_s", "{:.3f}"),
-            ("  POST max, s", "post_max_s", "{:.3f}"),
-            ("  refreshes meanwhile", "refreshes_during", "{:.0f}"),
-            ("  POSTs", "posts", "{:.0f}"),
-            ("  collector CPU s meanwhile", "collector_cpu_s", "{:.1f}"),
-            ("  ingest wall s", "ingest_wall_s", "{:.1f}"),
-            ("GET /api/v1/gpus TTFB, ms", "ttfb_ms", "{:.1f}"),
-            ("DB bytes per GPU per scan", "db_bytes_per_gpu_scan", "{:.0f}"),
-            ("WAL bytes per ingested row", "wal_bytes_per_row", "{:.0f}"),
-            ("rows stored", "rows", "{:,}")]
+    figs = [
+        ("refresh, full-fleet scan: wall s", "refresh_full_s", "{:.2f}"),
+        ("  CPU s", "refresh_full_cpu_s", "{:.2f}"),
+        ("refresh, one node's scan: wall s", "refresh_node_s", "{:.2f}"),
+        ("  CPU s", "refresh_node_cpu_s", "{:.2f}"),
+        ("peak RSS (store + fleet view), MB", "peak_rss_mb", "{:.0f}"),
+        ("collector's largest process peak RSS, MB", "collector_peak_rss_mb", "{:.0f}"),
+        ("ingest under load, results/s", "ingest_rows_s", "{:.0f}"),
+        ("  POST p50, s", "post_p50_s", "{:.3f}"),
+        ("  POST p99, s", "post_p99_s", "{:.3f}"),
+        ("  POST max, s", "post_max_s", "{:.3f}"),
+        ("  refreshes meanwhile", "refreshes_during", "{:.0f}"),
+        ("  POSTs", "posts", "{:.0f}"),
+        ("  collector CPU s meanwhile", "collector_cpu_s", "{:.1f}"),
+        ("  ingest wall s", "ingest_wall_s", "{:.1f}"),
+        ("GET /api/v1/gpus TTFB, ms", "ttfb_ms", "{:.1f}"),
+        ("DB bytes per GPU per scan", "db_bytes_per_gpu_scan", "{:.0f}"),
+        ("WAL bytes per ingested row", "wal_bytes_per_row", "{:.0f}"),
+        ("rows stored", "rows", "{:,}"),
+    ]
     head = ["figure"] + [f"{r['backend']} {r['gpus']:,}" for r in results] + ["target"]
     out = [head]
     for label, key, fmt in figs:
@@ -338,8 +401,9 @@ def table(results: list[dict]) -> str:
                 tgt = _target(key, 0)
         out.append([label] + [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results] + [tgt])
     widths = [max(len(row[i]) for row in out) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in out)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in out
+    )
 
 
 def main(argv=None) -> int:
@@ -356,8 +420,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     results = []
     for n in (int(x) for x in args.gpus.split(",")):
-        results.append(measure(args.db, n, args.scans, args.probes, args.samples, args.readers, args.batch_rows,
-                               args.load_rows))
+        results.append(
+            measure(args.db, n, args.scans, args.probes, args.samples, args.readers, args.batch_rows, args.load_rows)
+        )
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(json.dumps(results) if args.json else table(results))
     return 0

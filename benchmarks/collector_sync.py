@@ -26,9 +26,21 @@ def _rows(tag: str, n: int) -> list[tuple]:
     now = time.time()
     out = []
     for i in range(n):
-        r = {"ts": now, "scan_id": f"sync-{tag}", "host": f"h{i // 8}", "gpu": f"GPU-{i}", "index": i % 8,
-             "model": "NVIDIA H100 80GB HBM3", "probe": "matmul", "settings": "n=8192,dtype=bf16", "sample": 0,
-             "value": 790.0 + i % 13, "unit": "TFLOP/s", "sm_clock_mhz": 1980.0, "power_w": 650.0}
+        r = {
+            "ts": now,
+            "scan_id": f"sync-{tag}",
+            "host": f"h{i // 8}",
+            "gpu": f"GPU-{i}",
+            "index": i % 8,
+            "model": "NVIDIA H100 80GB HBM3",
+            "probe": "matmul",
+            "settings": "n=8192,dtype=bf16",
+            "sample": 0,
+            "value": 790.0 + i % 13,
+            "unit": "TFLOP/s",
+            "sm_clock_mhz": 1980.0,
+            "power_w": 650.0,
+        }
         r["id"] = result_id(r)
         out.append(r)
     return row_tuples(out)
@@ -51,8 +63,15 @@ def run(where: Path, sizes: list[int], repeat: int) -> list[dict]:
                         store.ingest(rows, time.time())
                         times[mode].append(time.perf_counter() - t0)
                 med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
-                out.append({"rows": size, "normal_s": med["NORMAL"], "full_s": med["FULL"],
-                            "added_s": med["FULL"] - med["NORMAL"], "ratio": med["FULL"] / med["NORMAL"]})
+                out.append(
+                    {
+                        "rows": size,
+                        "normal_s": med["NORMAL"],
+                        "full_s": med["FULL"],
+                        "added_s": med["FULL"] - med["NORMAL"],
+                        "ratio": med["FULL"] / med["NORMAL"],
+                    }
+                )
         finally:
             store.close()
     return out
@@ -70,8 +89,10 @@ def main(argv=None) -> int:
         print(json.dumps(res))
     else:
         for r in res:
-            print(f"{r['rows']:>6} rows: NORMAL {r['normal_s'] * 1000:8.2f} ms, FULL {r['full_s'] * 1000:8.2f} ms "
-                  f"(+{r['added_s'] * 1000:.2f} ms, x{r['ratio']:.2f})")
+            print(
+                f"{r['rows']:>6} rows: NORMAL {r['normal_s'] * 1000:8.2f} ms, FULL {r['full_s'] * 1000:8.2f} ms "
+                f"(+{r['added_s'] * 1000:.2f} ms, x{r['ratio']:.2f})"
+            )
     return 0
 
 

@@ -64,8 +64,15 @@ SLOWDOWNS = (T - 0.01, T, T + 0.01, 2 * T, 0.10, 0.20)
 T4_MAD = 0.7407  # median absolute deviation of Student t(4)
 CLOCK_MHZ, LIMIT_W = 1980.0, 700.0
 # Injected causes and the name the analysis should give them ("" = no telemetry evidence).
-CAUSES = {"power_capped": "power_capped", "thermal": "thermal", "hw_slowdown": "hw_slowdown",
-          "pcie_link": "pcie_link", "memory": "memory", "contention": "contention", "none": ""}
+CAUSES = {
+    "power_capped": "power_capped",
+    "thermal": "thermal",
+    "hw_slowdown": "hw_slowdown",
+    "pcie_link": "pcie_link",
+    "memory": "memory",
+    "contention": "contention",
+    "none": "",
+}
 
 
 @dataclass
@@ -76,16 +83,28 @@ class Fleet:
     base_samples: int  # samples of the first round
 
 
-def make_fleet(seed: int = 0, devices: int = 20_000, per_node: int = 8, samples: int = 5, rounds: int = 0,
-               silicon: float = 0.005, node: float = 0.003, noise: float = 0.01, dip_rate: float = 0.03,
-               slowdowns=SLOWDOWNS, straggler_rate: float = 0.005, slow_nodes: float = 0.005,
-               history: int = 0, drift_rate: float = 0.01, scan_noise: float = 0.003,
-               telemetry: bool = True) -> Fleet:
+def make_fleet(
+    seed: int = 0,
+    devices: int = 20_000,
+    per_node: int = 8,
+    samples: int = 5,
+    rounds: int = 0,
+    silicon: float = 0.005,
+    node: float = 0.003,
+    noise: float = 0.01,
+    dip_rate: float = 0.03,
+    slowdowns=SLOWDOWNS,
+    straggler_rate: float = 0.005,
+    slow_nodes: float = 0.005,
+    history: int = 0,
+    drift_rate: float = 0.01,
+    scan_noise: float = 0.003,
+    telemetry: bool = True,
+) -> Fleet:
     rng = np.random.default_rng(seed)
     n_nodes = -(-devices // per_node)
     node_of = np.arange(devices) // per_node
-    rate = (1 + silicon / (1.4826 * T4_MAD) * rng.standard_t(4, devices)) \
-        * (1 + rng.normal(0, node, n_nodes))[node_of]
+    rate = (1 + silicon / (1.4826 * T4_MAD) * rng.standard_t(4, devices)) * (1 + rng.normal(0, node, n_nodes))[node_of]
     kind = np.full(devices, "healthy", dtype=object)
     cause = np.full(devices, "", dtype=object)
     slowdown = np.zeros(devices)
@@ -93,7 +112,7 @@ def make_fleet(seed: int = 0, devices: int = 20_000, per_node: int = 8, samples:
     take = int(round(straggler_rate * devices))
     names = list(CAUSES)
     for i, s in enumerate(slowdowns):
-        idx = free[i * take:(i + 1) * take]
+        idx = free[i * take : (i + 1) * take]
         rate[idx], slowdown[idx], kind[idx] = 1 - s, s, f"straggler {s:.0%}"
         cause[idx] = [names[j % len(names)] for j in range(len(idx))]
     used = len(slowdowns) * take
@@ -117,12 +136,21 @@ def make_fleet(seed: int = 0, devices: int = 20_000, per_node: int = 8, samples:
         e = rng.standard_t(4, devices * k) * noise / np.sqrt(2.0)  # t(4) has variance 2
         dip = rng.random(devices * k) < dip_rate
         v = NOMINAL * r * (1 + e) * np.where(dip, rng.uniform(0.5, 0.9, devices * k), 1.0)
-        df = pd.DataFrame({
-            "ts": ts, "scan_id": scan_id, "host": np.repeat(host, k), "gpu": np.repeat(gpu, k),
-            "index": np.repeat(np.arange(devices) % per_node, k), "model": "H100 80GB HBM3",
-            "probe": "matmul", "settings": "n=8192,dtype=bf16", "sample": np.tile(np.arange(k), devices),
-            "value": v, "unit": "GFLOP/s",
-        })
+        df = pd.DataFrame(
+            {
+                "ts": ts,
+                "scan_id": scan_id,
+                "host": np.repeat(host, k),
+                "gpu": np.repeat(gpu, k),
+                "index": np.repeat(np.arange(devices) % per_node, k),
+                "model": "H100 80GB HBM3",
+                "probe": "matmul",
+                "settings": "n=8192,dtype=bf16",
+                "sample": np.tile(np.arange(k), devices),
+                "value": v,
+                "unit": "GFLOP/s",
+            }
+        )
         return df
 
     past = []
@@ -134,14 +162,23 @@ def make_fleet(seed: int = 0, devices: int = 20_000, per_node: int = 8, samples:
     if telemetry:
         _add_telemetry(current, cause, slowdown, node_of, k, rng)
     true_rate = np.where(drifting, rate - loss, rate)
-    truth = pd.DataFrame({"host": host, "gpu": gpu, "node": node_of, "kind": kind, "slowdown": slowdown,
-                          "true_deficit": 1 - true_rate / np.median(true_rate), "cause": cause,
-                          "loss": loss, "drifting": drifting})
+    truth = pd.DataFrame(
+        {
+            "host": host,
+            "gpu": gpu,
+            "node": node_of,
+            "kind": kind,
+            "slowdown": slowdown,
+            "true_deficit": 1 - true_rate / np.median(true_rate),
+            "cause": cause,
+            "loss": loss,
+            "drifting": drifting,
+        }
+    )
     return Fleet(current, pd.concat(past, ignore_index=True) if past else None, truth, samples)
 
 
-def _add_telemetry(df: pd.DataFrame, cause: np.ndarray, slowdown: np.ndarray, node_of: np.ndarray, k: int,
-                   rng) -> None:
+def _add_telemetry(df: pd.DataFrame, cause: np.ndarray, slowdown: np.ndarray, node_of: np.ndarray, k: int, rng) -> None:
     """Per-sample telemetry as a real GPU shows it for each injected cause (in place)."""
     n = len(cause)
     c = np.repeat(cause, k)
@@ -152,9 +189,12 @@ def _add_telemetry(df: pd.DataFrame, cause: np.ndarray, slowdown: np.ndarray, no
     temp = np.where(c == "thermal", rng.uniform(88, 92, n * k), rng.uniform(55, 70, n * k))
     power = np.where(c == "power_capped", LIMIT_W, LIMIT_W * rng.uniform(0.93, 1.0, n * k))
     # Share of the window each reason is active, by cause (healthy GPUs at full load sit at the power cap).
-    reasons = {"": {"sw_power_cap": 0.8}, "power_capped": {"sw_power_cap": 1.0},
-               "thermal": {"sw_thermal_slowdown": 0.4, "sw_power_cap": 0.5},
-               "hw_slowdown": {"hw_slowdown": 0.3, "sw_power_cap": 0.6}}
+    reasons = {
+        "": {"sw_power_cap": 0.8},
+        "power_capped": {"sw_power_cap": 1.0},
+        "thermal": {"sw_thermal_slowdown": 0.4, "sw_power_cap": 0.5},
+        "hw_slowdown": {"hw_slowdown": 0.3, "sw_power_cap": 0.6},
+    }
     mask = np.zeros(n * k, dtype=np.int64)
     shares = {key: reasons.get(key, reasons[""]) for key in np.unique(c)}
     for key, rs in shares.items():
@@ -186,6 +226,7 @@ def _add_telemetry(df: pd.DataFrame, cause: np.ndarray, slowdown: np.ndarray, no
 
 # --- the rules in use today, on per-device medians -------------------------------------------------
 
+
 def _device_medians(samples: pd.DataFrame) -> pd.DataFrame:
     return samples.groupby(["host", "gpu"], sort=False)["value"].median().reset_index()
 
@@ -212,17 +253,27 @@ def rule_mean_3sigma(d: pd.DataFrame) -> np.ndarray:
     return (d["value"] < d["value"].mean() - 3 * d["value"].std()).to_numpy()
 
 
-RULES = {"superbench 10%": rule_superbench, "gpu-fryer 90% of best": rule_gpu_fryer,
-         "megatron max(MAD,10%)": rule_megatron, "dcgm 0.75x ref": rule_dcgm,
-         "mean - 3 sigma": rule_mean_3sigma}
+RULES = {
+    "superbench 10%": rule_superbench,
+    "gpu-fryer 90% of best": rule_gpu_fryer,
+    "megatron max(MAD,10%)": rule_megatron,
+    "dcgm 0.75x ref": rule_dcgm,
+    "mean - 3 sigma": rule_mean_3sigma,
+}
 
 
 def _by_truth(res, truth: pd.DataFrame) -> pd.DataFrame:
     return res.devices.set_index("gpu").reindex(truth["gpu"]).reset_index()
 
 
-def detect(fleet: Fleet, config: AnalysisConfig, rounds: int = 0, use_history: bool = False,
-           as_needed: bool = False, round_cap: int | None = None):
+def detect(
+    fleet: Fleet,
+    config: AnalysisConfig,
+    rounds: int = 0,
+    use_history: bool = False,
+    as_needed: bool = False,
+    round_cap: int | None = None,
+):
     """Analyse the first round's samples, then give the undecided devices their next reserve
     samples, up to ``rounds`` times: 5 each round, or (``as_needed``) the device's ``samples_needed``
     (at least 5; all 5 where it has none). Returns ([device table per round, aligned with truth],
@@ -331,11 +382,13 @@ def history_row(fleet: Fleet, config: AnalysisConfig) -> dict:
     stable = (truth["kind"] != "drifting").to_numpy()
     inside = drift & (truth["true_deficit"] < T).to_numpy()
     reach = drift & (truth["true_deficit"] >= T).to_numpy()
-    return {"degraded recall": (degraded[drift].sum(), drift.sum()),
-            "degraded recall, ending inside T": (degraded[inside].sum(), inside.sum()),
-            "stable marked": (degraded[stable].sum(), stable.sum()),
-            "straggler among drifting >= T": (flagged[reach].sum(), reach.sum()),
-            "straggler among drifting < T": (flagged[inside].sum(), inside.sum())}
+    return {
+        "degraded recall": (degraded[drift].sum(), drift.sum()),
+        "degraded recall, ending inside T": (degraded[inside].sum(), inside.sum()),
+        "stable marked": (degraded[stable].sum(), stable.sum()),
+        "straggler among drifting >= T": (flagged[reach].sum(), reach.sum()),
+        "straggler among drifting < T": (flagged[inside].sum(), inside.sum()),
+    }
 
 
 def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_cap: int | None = None) -> str:
@@ -345,8 +398,7 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_c
         label = f"{sp:.1%}"
         t0 = time.perf_counter()
         fleet = make_fleet(seed=seed, devices=devices, silicon=sp, rounds=rounds)
-        clean = make_fleet(seed=seed + 1000, devices=devices, silicon=sp, slowdowns=(), slow_nodes=0,
-                           telemetry=False)
+        clean = make_fleet(seed=seed + 1000, devices=devices, silicon=sp, slowdowns=(), slow_nodes=0, telemetry=False)
         cd, _, _ = detect(clean, cfg)
         tables, dt, ran = detect(fleet, cfg, rounds)
         one[label] = detector_row(fleet.truth, tables[0], cd[0])
@@ -359,46 +411,65 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_c
         def samples_used(ts):  # mean samples per device over the rounds, the first round's 5 included
             return f"{ts[-1]['n_samples'].mean():.2f}"
 
-        after[label] = {"rounds run": str(ran), f"recall {T + 0.01:.0%} by round": by_round(tables),
-                        "samples/device": samples_used(tables), **detector_row(fleet.truth, last)}
+        after[label] = {
+            "rounds run": str(ran),
+            f"recall {T + 0.01:.0%} by round": by_round(tables),
+            "samples/device": samples_used(tables),
+            **detector_row(fleet.truth, last),
+        }
         needed, _, ran_n = detect(fleet, cfg, rounds, as_needed=True, round_cap=round_cap)
-        as_needed[label] = {"rounds run": str(ran_n), f"recall {T + 0.01:.0%} by round": by_round(needed),
-                            "samples/device": samples_used(needed), **detector_row(fleet.truth, needed[-1])}
+        as_needed[label] = {
+            "rounds run": str(ran_n),
+            f"recall {T + 0.01:.0%} by round": by_round(needed),
+            "samples/device": samples_used(needed),
+            **detector_row(fleet.truth, needed[-1]),
+        }
         anchors.update({f"{label} {k}": v for k, v in anchor_rows(fleet).items()})
         causes[label] = cause_row(fleet.truth, last)
         res = analyze(fleet.samples[fleet.samples["sample"] < fleet.base_samples], None, cfg)
         g = res.summary["groups"][0]
-        spread_rows[label] = {"estimated spread (robust)": f"{g['spread']:.4f}",
-                              "net of noise": f"{g['spread_net']:.4f}", "noise": f"{g['noise']:.4f}",
-                              "warning": "yes" if res.summary["warnings"] else "no"}
+        spread_rows[label] = {
+            "estimated spread (robust)": f"{g['spread']:.4f}",
+            "net of noise": f"{g['spread_net']:.4f}",
+            "noise": f"{g['noise']:.4f}",
+            "warning": "yes" if res.summary["warnings"] else "no",
+        }
         if history:
-            hist[label] = history_row(make_fleet(seed=seed + 2000, devices=devices, silicon=sp, history=history,
-                                                 telemetry=False), cfg)
+            hist[label] = history_row(
+                make_fleet(seed=seed + 2000, devices=devices, silicon=sp, history=history, telemetry=False), cfg
+            )
         times[label] = (dt, time.perf_counter() - t0)
         print(f"  spread {label}: analyze {dt:.2f} s, all of it {times[label][1]:.1f} s", file=sys.stderr)
-    parts = [f"## one round (5 samples), T = min_effect = {T:.0%}, fdr = {cfg.fdr}\n",
-             md_table("silicon spread", one),
-             f"\n## after re-measurement (undecided devices get 5 more samples per round, at most {rounds} rounds)\n",
-             md_table("silicon spread", after),
-             "\n## after re-measurement, each undecided device given its samples_needed (at least 5"
-             + (f", at most {round_cap}" if round_cap else "") + ") per round\n",
-             md_table("silicon spread", as_needed),
-             "\n## the healthy spread the analysis reports (summary.groups), and its warning\n",
-             md_table("silicon spread", spread_rows),
-             "\n## named cause among flagged stragglers (after re-measurement)\n",
-             md_table("silicon spread", causes),
-             "\n## anchor rules (per-device medians of the first 5 samples)\n",
-             md_table("spread, rule", anchors)]
+    parts = [
+        f"## one round (5 samples), T = min_effect = {T:.0%}, fdr = {cfg.fdr}\n",
+        md_table("silicon spread", one),
+        f"\n## after re-measurement (undecided devices get 5 more samples per round, at most {rounds} rounds)\n",
+        md_table("silicon spread", after),
+        "\n## after re-measurement, each undecided device given its samples_needed (at least 5"
+        + (f", at most {round_cap}" if round_cap else "")
+        + ") per round\n",
+        md_table("silicon spread", as_needed),
+        "\n## the healthy spread the analysis reports (summary.groups), and its warning\n",
+        md_table("silicon spread", spread_rows),
+        "\n## named cause among flagged stragglers (after re-measurement)\n",
+        md_table("silicon spread", causes),
+        "\n## anchor rules (per-device medians of the first 5 samples)\n",
+        md_table("spread, rule", anchors),
+    ]
     if history:
-        parts += [f"\n## own history: {history} past scans, 1% of devices lose U(T, 1.5T)\n",
-                  md_table("silicon spread", hist)]
+        parts += [
+            f"\n## own history: {history} past scans, 1% of devices lose U(T, 1.5T)\n",
+            md_table("silicon spread", hist),
+        ]
     return "\n".join(parts)
 
 
 # The reference process: a bare pandas read of the file and a groupby of its samples by device.
-BARE_READ = ("import sys, pandas as pd; p = sys.argv[1]; "
-             "df = pd.read_parquet(p) if p.endswith('.parquet') else pd.read_csv(p); "
-             "df.groupby(['host', 'gpu', 'probe'], sort=False)['value'].median()")
+BARE_READ = (
+    "import sys, pandas as pd; p = sys.argv[1]; "
+    "df = pd.read_parquet(p) if p.endswith('.parquet') else pd.read_csv(p); "
+    "df.groupby(['host', 'gpu', 'probe'], sort=False)['value'].median()"
+)
 
 
 def _timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float]:
@@ -433,8 +504,9 @@ def scale_frame(devices: int = 100_000, probes: int = 3, samples: int = 10) -> p
     return df
 
 
-def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, repeats: int = 3,
-                  compare: str | None = None) -> str:
+def scale_runtime(
+    devices: int = 100_000, probes: int = 3, samples: int = 10, repeats: int = 3, compare: str | None = None
+) -> str:
     """Runtime of analyze() on devices x probes x samples rows (excluding file reading), then the
     whole `straggler analyze` process (--json, and the table) side by side with a bare pandas read +
     groupby of the same file, each a fresh process, interleaved ``repeats`` times: medians.
@@ -445,26 +517,34 @@ def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, re
     times = {"analyze()": [], "bare pandas groupby": []}
     for _ in range(repeats):  # interleaved: both see the same load
         res, _ = _cpu_timed(times["analyze()"], analyze, df)
-        _cpu_timed(times["bare pandas groupby"],
-                   lambda: df.groupby(["host", "gpu", "probe"], sort=False)["value"].median())
+        _cpu_timed(
+            times["bare pandas groupby"], lambda: df.groupby(["host", "gpu", "probe"], sort=False)["value"].median()
+        )
     (wall, cpu), (bare_wall, bare_cpu) = (np.median(np.array(v), axis=0) for v in times.values())
-    lines = [f"analyze(): {len(df):,} rows ({devices:,} devices x {probes} probes x {samples} samples), "
-             f"median of {repeats} runs: {wall:.2f} s wall (min {min(t[0] for t in times['analyze()']):.2f} s), "
-             f"{cpu:.2f} s CPU; in the same rounds a bare pandas groupby(host, gpu, probe).value.median() of "
-             f"the same frame: {bare_wall:.2f} s wall, {bare_cpu:.2f} s CPU ({wall / bare_wall:.1f}x wall, "
-             f"{cpu / bare_cpu:.1f}x CPU); {res.summary['stragglers']} flagged.", "",
-             f"Whole processes, interleaved, median of {repeats}; the bare read is `pd.read_parquet` or "
-             "`pd.read_csv`, then `groupby(host, gpu, probe).value.median()`:", "",
-             "| file | process | wall | CPU (user + system) | wall / bare | CPU / bare |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"analyze(): {len(df):,} rows ({devices:,} devices x {probes} probes x {samples} samples), "
+        f"median of {repeats} runs: {wall:.2f} s wall (min {min(t[0] for t in times['analyze()']):.2f} s), "
+        f"{cpu:.2f} s CPU; in the same rounds a bare pandas groupby(host, gpu, probe).value.median() of "
+        f"the same frame: {bare_wall:.2f} s wall, {bare_cpu:.2f} s CPU ({wall / bare_wall:.1f}x wall, "
+        f"{cpu / bare_cpu:.1f}x CPU); {res.summary['stragglers']} flagged.",
+        "",
+        f"Whole processes, interleaved, median of {repeats}; the bare read is `pd.read_parquet` or "
+        "`pd.read_csv`, then `groupby(host, gpu, probe).value.median()`:",
+        "",
+        "| file | process | wall | CPU (user + system) | wall / bare | CPU / bare |",
+        "|---|---|---|---|---|---|",
+    ]
     builds = {"": None}
     if compare:
         builds[f" ({compare})"] = {**os.environ, "PYTHONPATH": compare}
     commands = {"bare pandas read + groupby": ([sys.executable, "-c", BARE_READ], [], None)}
     for label, env in builds.items():
-        commands[f"`straggler analyze FILE --json`{label}"] = ([sys.executable, "-m", "straggler", "analyze"],
-                                                              ["--json"], env)
-        commands[f"`straggler analyze FILE` (table){label}"] = ([sys.executable, "-m", "straggler", "analyze"],
-                                                               [], env)
+        commands[f"`straggler analyze FILE --json`{label}"] = (
+            [sys.executable, "-m", "straggler", "analyze"],
+            ["--json"],
+            env,
+        )
+        commands[f"`straggler analyze FILE` (table){label}"] = ([sys.executable, "-m", "straggler", "analyze"], [], env)
     with tempfile.TemporaryDirectory() as tmp:
         for suffix in (".parquet", ".csv"):
             path = Path(tmp) / f"fleet{suffix}"
@@ -477,8 +557,10 @@ def scale_runtime(devices: int = 100_000, probes: int = 3, samples: int = 10, re
             med = {k: np.median(np.array(v), axis=0) for k, v in runs.items()}
             bare = med["bare pandas read + groupby"]
             for k, (wall, cpu) in med.items():
-                lines.append(f"| {suffix[1:]} ({path.stat().st_size / 1e6:.0f} MB) | {k} | {wall:.2f} s | "
-                             f"{cpu:.2f} s | {wall / bare[0]:.1f}x | {cpu / bare[1]:.1f}x |")
+                lines.append(
+                    f"| {suffix[1:]} ({path.stat().st_size / 1e6:.0f} MB) | {k} | {wall:.2f} s | "
+                    f"{cpu:.2f} s | {wall / bare[0]:.1f}x | {cpu / bare[1]:.1f}x |"
+                )
     return "\n".join(lines)
 
 
@@ -489,18 +571,29 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6, help="re-measurement rounds for undecided devices")
     ap.add_argument("--history", type=int, default=6, help="past scans for the history table (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--round-cap", type=int, default=None,
-                    help="at most this many samples per device and round in the samples_needed table "
-                         "(straggler scan: 4 x the first round's)")
+    ap.add_argument(
+        "--round-cap",
+        type=int,
+        default=None,
+        help="at most this many samples per device and round in the samples_needed table "
+        "(straggler scan: 4 x the first round's)",
+    )
     ap.add_argument("--no-scale", action="store_true", help="skip the 100,000-device runtime run")
     ap.add_argument("--scale-only", action="store_true", help="only the 100,000-device runtime run")
-    ap.add_argument("--repeats", type=int, default=None, help="runs of each process in the scale table [3; 5 with --scale-only]")
-    ap.add_argument("--compare", default=None,
-                    help="scale table: also time the build of straggler in this directory (put first on PYTHONPATH)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="runs of each process in the scale table [3; 5 with --scale-only]"
+    )
+    ap.add_argument(
+        "--compare",
+        default=None,
+        help="scale table: also time the build of straggler in this directory (put first on PYTHONPATH)",
+    )
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    print(f"# detection benchmark ({a.devices:,} devices per fleet, 5 samples, 1% t(4) noise, 3% dips; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+    print(
+        f"# detection benchmark ({a.devices:,} devices per fleet, 5 samples, 1% t(4) noise, 3% dips; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})"
+    )
     if a.scale_only:
         print(scale_runtime(repeats=a.repeats or 5, compare=a.compare))
         return 0

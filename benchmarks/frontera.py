@@ -33,15 +33,17 @@ def load(data: Path, workload: str) -> pd.DataFrame:
     """One workload's file as canonical result rows (value = 1 / perf, higher is better)."""
     raw = pd.read_csv(data / f"frontera-{workload}-agg.csv")
     run = raw["reps"] if "reps" in raw.columns else raw["run"]
-    out = pd.DataFrame({
-        "host": raw["cabinet"].astype(str) + "-" + raw["node"].astype(str),
-        "gpu": raw["uuid"].astype(str),
-        "index": raw["device"],
-        "model": "Quadro RTX 5000",
-        "probe": workload,
-        "sample": run,
-        "value": 1.0 / raw["perf"].astype(float),
-    })
+    out = pd.DataFrame(
+        {
+            "host": raw["cabinet"].astype(str) + "-" + raw["node"].astype(str),
+            "gpu": raw["uuid"].astype(str),
+            "index": raw["device"],
+            "model": "Quadro RTX 5000",
+            "probe": workload,
+            "sample": run,
+            "value": 1.0 / raw["perf"].astype(float),
+        }
+    )
     return out.sort_values(["gpu", "sample"], kind="stable").reset_index(drop=True)
 
 
@@ -81,15 +83,18 @@ def report(data: Path, config: AnalysisConfig) -> str:
             f"| {w} | {len(dev)} | {df.groupby('gpu').size().median():.0f} | {spread:.2%} | "
             f"{1 / ratio.min():.3f}x slower | {res.summary['stragglers']} | {fa.sum()} | {fb.sum()} | "
             f"{held_ab} | {held_ba} | {kappa(fa, fb):.2f} | {rho:.2f} | "
-            f"{', '.join(f'{k} {v}' for k, v in causes.items()) or '-'} |")
+            f"{', '.join(f'{k} {v}' for k, v in causes.items()) or '-'} |"
+        )
     return "\n".join(lines)
 
 
 def tier_report(data: Path, config: AnalysisConfig) -> str:
     """Per verdict tier: GPUs in it on half A, on half B, and on both (the same tier on either half)."""
     tiers = ("straggler", "undecided", "slow", "healthy")
-    lines = ["| workload | " + " | ".join(f"{t} A / B / both" for t in tiers) + " | same tier on both halves |",
-             "|" + "---|" * (len(tiers) + 2)]
+    lines = [
+        "| workload | " + " | ".join(f"{t} A / B / both" for t in tiers) + " | same tier on both halves |",
+        "|" + "---|" * (len(tiers) + 2),
+    ]
     for w in WORKLOADS:
         a, b = halves(load(data, w))
         m = analyze(a, None, config).devices.merge(analyze(b, None, config).devices, on="gpu", suffixes=("_a", "_b"))

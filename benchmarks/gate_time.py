@@ -30,14 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-c", "import torch"], check=True)
     print(f"import torch: {time.monotonic() - t0:.1f} s (paid by each worker, no longer by the launcher)")
-    print(f"{'run':>3} {'wall_s':>7} {'gate_s':>7} " + " ".join(f"{p + '_s':>11}" for p in PHASES)
-          + f" {'rounds':>6} {'exit':>4}")
+    print(
+        f"{'run':>3} {'wall_s':>7} {'gate_s':>7} "
+        + " ".join(f"{p + '_s':>11}" for p in PHASES)
+        + f" {'rounds':>6} {'exit':>4}"
+    )
     walls, per_phase = [], {p: [] for p in PHASES}
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as state:
             t0 = time.monotonic()
-            proc = subprocess.run([sys.executable, "-m", "straggler", "gate", "--json", "--state-dir", state,
-                                   *args.extra], capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(
+                [sys.executable, "-m", "straggler", "gate", "--json", "--state-dir", state, *args.extra],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             wall = time.monotonic() - t0
         try:
             doc = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -50,14 +57,19 @@ def main(argv: list[str] | None = None) -> int:
             if p in phases:
                 per_phase[p].append(phases[p])
         rounds = (doc.get("rounds") or {}).get("rounds", "-")
-        print(f"{i + 1:>3} {wall:>7.1f} {doc.get('elapsed_s', float('nan')):>7.1f} "
-              + " ".join(f"{phases[p]:>11.2f}" if p in phases else f"{'-':>11}" for p in PHASES)
-              + f" {rounds:>6} {proc.returncode:>4}")
+        print(
+            f"{i + 1:>3} {wall:>7.1f} {doc.get('elapsed_s', float('nan')):>7.1f} "
+            + " ".join(f"{phases[p]:>11.2f}" if p in phases else f"{'-':>11}" for p in PHASES)
+            + f" {rounds:>6} {proc.returncode:>4}"
+        )
         for f in doc.get("findings", ()):
             print(f"      {f['outcome']}: {f['device']} {f['check']} {f['value']}: {f['cause']}")
     if walls:
-        print(f"median wall {statistics.median(walls):.1f} s; " + ", ".join(
-            f"{p} {statistics.median(v):.2f} s" for p, v in per_phase.items() if v) + " (target: <= 30 s)")
+        print(
+            f"median wall {statistics.median(walls):.1f} s; "
+            + ", ".join(f"{p} {statistics.median(v):.2f} s" for p, v in per_phase.items() if v)
+            + " (target: <= 30 s)"
+        )
     return 0
 
 

@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 TARGETS = {"matmul": ("gemm", 0.95), "membw": ("copy", 0.90)}  # probe -> (ceiling, minimum ratio)
 CV_TARGET = 0.005
-CEILING_SIZES = {"cuda": {"gemm_n": 16384, "copy_bytes": 4096 * MiB},
-                 "cpu": {"gemm_n": 2048, "copy_bytes": 256 * MiB}}
+CEILING_SIZES = {"cuda": {"gemm_n": 16384, "copy_bytes": 4096 * MiB}, "cpu": {"gemm_n": 2048, "copy_bytes": 256 * MiB}}
 
 
 # ---- pure parts (tested without a GPU) -------------------------------------------------------
+
 
 def medians_by_device(samples: list[dict]) -> dict[tuple[str, str], float]:
     """(gpu, probe) -> median value of one run's samples."""
@@ -71,8 +71,17 @@ def compare(stats: dict[tuple[str, str], dict], ceilings: dict[str, dict]) -> li
     """One row per (gpu, probe): rate, ceiling, ratio, CV and whether each target is met."""
     rows = []
     for (gpu, probe), st in sorted(stats.items()):
-        row = {"gpu": gpu, "probe": probe, "median": st["mean"], "runs": len(st["medians"]), "cv": st["cv"],
-               "ceiling": None, "ceiling_name": None, "ratio": None, "ratio_target": None}
+        row = {
+            "gpu": gpu,
+            "probe": probe,
+            "median": st["mean"],
+            "runs": len(st["medians"]),
+            "cv": st["cv"],
+            "ceiling": None,
+            "ceiling_name": None,
+            "ratio": None,
+            "ratio_target": None,
+        }
         if probe in TARGETS and gpu in ceilings:
             name, target = TARGETS[probe]
             ceil = ceilings[gpu].get(name, {}).get("value")
@@ -91,14 +100,18 @@ def render(rows: list[dict]) -> str:
     def ok(v):
         return "-" if v is None else "ok" if v else "MISSED"
 
-    head = f"{'device':<44} {'probe':<10} {'median':>10} {'ceiling':>10} {'ratio':>7} {'target':>7} " \
-           f"{'':>6} {'cv':>7} {'':>6}"
+    head = (
+        f"{'device':<44} {'probe':<10} {'median':>10} {'ceiling':>10} {'ratio':>7} {'target':>7} "
+        f"{'':>6} {'cv':>7} {'':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['gpu']:<44} {r['probe']:<10} {f(r['median'], '{:.4g}'):>10} "
-                     f"{f(r['ceiling'], '{:.4g}'):>10} {f(r['ratio'], '{:.3f}'):>7} "
-                     f"{f(r['ratio_target'], '>={:.2f}'):>7} {ok(r['ratio_ok']):>6} "
-                     f"{f(r['cv'], '{:.2%}'):>7} {ok(r['cv_ok']):>6}")
+        lines.append(
+            f"{r['gpu']:<44} {r['probe']:<10} {f(r['median'], '{:.4g}'):>10} "
+            f"{f(r['ceiling'], '{:.4g}'):>10} {f(r['ratio'], '{:.3f}'):>7} "
+            f"{f(r['ratio_target'], '>={:.2f}'):>7} {ok(r['ratio_ok']):>6} "
+            f"{f(r['cv'], '{:.2%}'):>7} {ok(r['cv_ok']):>6}"
+        )
     return "\n".join(lines)
 
 
@@ -115,6 +128,7 @@ def slug(model: str | None) -> str:
 
 # ---- steps that touch the hardware ----------------------------------------------------------
 
+
 def measure_ceilings(kind: str, indices: list[int], seconds: float) -> dict[str, dict]:
     """Best window rate of a large GEMM and a large copy on each device (in this process)."""
     from straggler.probes import matmul, membw, torchdev
@@ -129,8 +143,10 @@ def measure_ceilings(kind: str, indices: list[int], seconds: float) -> dict[str,
             dev = torchdev.Device(kind, i)
             gpu = dev.describe()["gpu"]
             res = {}
-            for name, module, kw in (("gemm", matmul, {"n": sizes["gemm_n"]}),
-                                     ("copy", membw, {"nbytes": sizes["copy_bytes"]})):
+            for name, module, kw in (
+                ("gemm", matmul, {"n": sizes["gemm_n"]}),
+                ("copy", membw, {"nbytes": sizes["copy_bytes"]}),
+            ):
                 run = module.prepare(dev, **kw)
                 rows = [r for raw in run(seconds, 4, no_telemetry) for r in module.parse(raw)]
                 best = max(rows, key=lambda r: r["value"])
@@ -173,8 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(os.environ.get("OUT") or "gpu_check_out")
     out.mkdir(parents=True, exist_ok=True)
     os.environ["STRAGGLER_RAW_DIR"] = str(out / "raw")
-    doc: dict = {"started": time.time(), "device": args.device, "args": {k: str(v) for k, v in vars(args).items()},
-                 "errors": [], "ceilings": {}, "runs": [], "fixtures": [], "pytest": None}
+    doc: dict = {
+        "started": time.time(),
+        "device": args.device,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "errors": [],
+        "ceilings": {},
+        "runs": [],
+        "fixtures": [],
+        "pytest": None,
+    }
 
     def step(name, fn):
         t0 = time.time()
@@ -183,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as e:  # recorded; the other steps still run
             if isinstance(e, KeyboardInterrupt):
                 raise
-            doc["errors"].append({"step": name, "error": f"{type(e).__name__}: {e}",
-                                  "traceback": traceback.format_exc()[-3000:]})
+            doc["errors"].append(
+                {"step": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            )
             print(f"[gpu_check] {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
             print(f"[gpu_check] {name}: {time.time() - t0:.1f} s", file=sys.stderr)
@@ -195,36 +220,56 @@ def main(argv: list[str] | None = None) -> int:
     from straggler.probes.plan import ScanSettings
     from straggler.probes.runner import run_scan
 
-    plan = step("devices", lambda: resolve_devices(args.device, torchdev.cuda_device_count(),
-                                                   os.sched_getaffinity(0), torchdev.torch_version()))
+    plan = step(
+        "devices",
+        lambda: resolve_devices(
+            args.device, torchdev.cuda_device_count(), os.sched_getaffinity(0), torchdev.torch_version()
+        ),
+    )
     if plan is None:
         return _finish(doc, out, [])
     doc["torch"] = torchdev.torch_version()
-    model = step("model", lambda: torchdev.Device(plan.kind, plan.indices[0]).describe()["model"]) \
-        if plan.kind == "cuda" else (cpu_model() or "cpu")
+    model = (
+        step("model", lambda: torchdev.Device(plan.kind, plan.indices[0]).describe()["model"])
+        if plan.kind == "cuda"
+        else (cpu_model() or "cpu")
+    )
     name = f"recorded_{slug(model)}"
     tel = "auto"
     fx = args.fixtures_dir
-    rec = step("record idle", lambda: record(tel, out / "nvml" / f"{name}_idle.json", args.record_seconds,
-                                             [fx / f"{name}_idle.json"]))
+    rec = step(
+        "record idle",
+        lambda: record(tel, out / "nvml" / f"{name}_idle.json", args.record_seconds, [fx / f"{name}_idle.json"]),
+    )
     doc["fixtures"].append(rec)
-    doc["ceilings"] = step("ceilings", lambda: measure_ceilings(plan.kind, list(plan.indices),
-                                                                args.ceiling_seconds)) or {}
+    doc["ceilings"] = (
+        step("ceilings", lambda: measure_ceilings(plan.kind, list(plan.indices), args.ceiling_seconds)) or {}
+    )
     samples_per_run = []
     for i in range(args.runs):
         recorder = None
         if i == 0:  # record telemetry under the first scan's load, in the background
             load_s = min(60.0, args.duration * 3)
-            recorder = threading.Thread(target=lambda: doc["fixtures"].append(step("record load", lambda: record(
-                tel, out / "nvml" / f"{name}_load.json", load_s, [fx / f"{name}_load.json"]))), daemon=True)
+            recorder = threading.Thread(
+                target=lambda: doc["fixtures"].append(
+                    step(
+                        "record load",
+                        lambda: record(tel, out / "nvml" / f"{name}_load.json", load_s, [fx / f"{name}_load.json"]),
+                    )
+                ),
+                daemon=True,
+            )
             recorder.start()
-        res = step(f"scan run {i + 1}", lambda: run_scan(ScanSettings(duration_s=args.duration, device=plan.kind,
-                                                                       scan_id=f"gpu-check-{i + 1}")))
+        res = step(
+            f"scan run {i + 1}",
+            lambda: run_scan(ScanSettings(duration_s=args.duration, device=plan.kind, scan_id=f"gpu-check-{i + 1}")),
+        )
         if recorder is not None:
             recorder.join(timeout=120)
         if res is not None:
-            doc["runs"].append({"scan_id": res.scan_id, "notice": res.notice, "failures": res.failures,
-                                "samples": res.samples})
+            doc["runs"].append(
+                {"scan_id": res.scan_id, "notice": res.notice, "failures": res.failures, "samples": res.samples}
+            )
             samples_per_run.append(res.samples)
             if res.failures:
                 doc["errors"].append({"step": f"scan run {i + 1}", "error": json.dumps(res.failures)[:2000]})
@@ -236,8 +281,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pytest(out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs",
-                           str(ROOT / "tests")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs", str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     (out / "pytest_gpu.txt").write_text(proc.stdout + proc.stderr)
     return {"returncode": proc.returncode, "tail": proc.stdout[-1500:]}
 

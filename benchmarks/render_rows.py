@@ -28,10 +28,16 @@ def fleet(entries: int, flagged: int, samples: int = 3, seed: int = 0) -> pd.Dat
     step = max(entries // max(flagged, 1), 1)
     rate = np.where(np.arange(entries) % step == 0, 0.7, 1.0)[:entries]
     dev = np.repeat(np.arange(entries), samples)
-    return pd.DataFrame({"host": [f"gpu-node-{i // 8:04d}" for i in dev],
-                         "gpu": [f"GPU-{i:08x}-0000-4000-8000-{i:012x}" for i in dev],
-                         "model": "NVIDIA H100 80GB HBM3", "probe": "matmul", "sample": np.tile(np.arange(samples), entries),
-                         "value": 700 * rate[dev] * (1 + rng.normal(0, 0.01, len(dev)))})
+    return pd.DataFrame(
+        {
+            "host": [f"gpu-node-{i // 8:04d}" for i in dev],
+            "gpu": [f"GPU-{i:08x}-0000-4000-8000-{i:012x}" for i in dev],
+            "model": "NVIDIA H100 80GB HBM3",
+            "probe": "matmul",
+            "sample": np.tile(np.arange(samples), entries),
+            "value": 700 * rate[dev] * (1 + rng.normal(0, 0.01, len(dev))),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from straggler.commands.analyze import render
     res = analyze(fleet(args.entries, args.flagged))
-    print(f"{res.summary['entries']} entries, {res.summary['stragglers']} stragglers; "
-          f"render: {args.render or 'this checkout'}")
+    print(
+        f"{res.summary['entries']} entries, {res.summary['stragglers']} stragglers; "
+        f"render: {args.render or 'this checkout'}"
+    )
     print(f"{'output':>8} {'lines':>7} {'wall_s':>8}")
     for label, kw in (("default", {}), ("--all", {"show_all": True})):
         buf = io.StringIO()

@@ -54,11 +54,18 @@ def measure(devices: int, probes: int, history: int, chromium: str | None) -> di
     html = render_report(res.devices, res.summary, samples, past, command="benchmarks/report.py")
     t_report = time.perf_counter() - t0
     data = html.encode()
-    row = {"devices": devices, "probes": probes, "past scans": history,
-           "rows": len(samples) + (0 if past is None else len(past)), "flagged entries": int(res.summary["stragglers"]),
-           "analyze() s": t_analyze, "report s": t_report, "size MB": len(data) / 1e6,
-           "gzip MB": len(gzip.compress(data, 6)) / 1e6,
-           "SVG elements": len(re.findall(r"<(?:rect|circle|path|line|text)\b", html))}
+    row = {
+        "devices": devices,
+        "probes": probes,
+        "past scans": history,
+        "rows": len(samples) + (0 if past is None else len(past)),
+        "flagged entries": int(res.summary["stragglers"]),
+        "analyze() s": t_analyze,
+        "report s": t_report,
+        "size MB": len(data) / 1e6,
+        "gzip MB": len(gzip.compress(data, 6)) / 1e6,
+        "SVG elements": len(re.findall(r"<(?:rect|circle|path|line|text)\b", html)),
+    }
     if chromium:
         from chromium import Chromium
 
@@ -100,8 +107,10 @@ def main(argv=None) -> int:
         print("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
     if a.plotly_js:
         js = Path(a.plotly_js).read_bytes()
-        print(f"\n{a.plotly_js}: {len(js) / 1e6:.2f} MB, gzip {len(gzip.compress(js, 6)) / 1e6:.2f} MB: "
-              "what inlining it adds to every self-contained page, before any data")
+        print(
+            f"\n{a.plotly_js}: {len(js) / 1e6:.2f} MB, gzip {len(gzip.compress(js, 6)) / 1e6:.2f} MB: "
+            "what inlining it adds to every self-contained page, before any data"
+        )
     return 0
 
 

@@ -51,8 +51,9 @@ def _address(i: int) -> str:
 async def _agent(i: int, port: int, ready: list, got: dict, stop: asyncio.Event) -> None:
     host = f"node{i:05d}"
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(_address(i), 0))
-    request = (f"GET /api/v1/scans/next?host={host}&wait_s=60 HTTP/1.1\r\nHost: c\r\n"
-               f"Authorization: Bearer {TOKEN}\r\n\r\n").encode()
+    request = (
+        f"GET /api/v1/scans/next?host={host}&wait_s=60 HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    ).encode()
     try:
         while not stop.is_set():
             writer.write(request)
@@ -106,9 +107,18 @@ def _ingest(url: str, rows: int, stop: threading.Event, counts: list) -> None:
         while not stop.is_set():
             batch = []
             for j in range(rows):
-                row = {"ts": time.time(), "scan_id": f"ingest-{k}", "host": f"ing{j % 100}", "gpu": f"GPU-{j}",
-                       "model": "NVIDIA H100", "probe": "matmul", "settings": "n=1", "sample": 0,
-                       "value": 700.0 + j % 7, "unit": "TFLOP/s"}
+                row = {
+                    "ts": time.time(),
+                    "scan_id": f"ingest-{k}",
+                    "host": f"ing{j % 100}",
+                    "gpu": f"GPU-{j}",
+                    "model": "NVIDIA H100",
+                    "probe": "matmul",
+                    "settings": "n=1",
+                    "sample": 0,
+                    "value": 700.0 + j % 7,
+                    "unit": "TFLOP/s",
+                }
                 row["id"] = result_id(row)
                 batch.append(row)
             t0 = time.monotonic()
@@ -125,9 +135,22 @@ def start_collector(tmp: Path, port: int, env: dict | None = None) -> subprocess
     token = tmp / "token"
     token.write_text(TOKEN)
     env = {**os.environ, "STRAGGLER_COLLECTOR_LOG_LEVEL": "warning", **(env or {})}
-    server = subprocess.Popen([sys.executable, "-m", "straggler", "collector", "--port", str(port),
-                               "--db", str(tmp / "c.db"), "--token-file", str(token)],
-                              env=env, preexec_fn=_raise_nofile)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "straggler",
+            "collector",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp / "c.db"),
+            "--token-file",
+            str(token),
+        ],
+        env=env,
+        preexec_fn=_raise_nofile,
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -163,6 +186,7 @@ def run(agents: int, procs: int, batch_rows: int, start_delay_s: float) -> dict:
                 assert p.recv()[0] == "ready"
             # every poll is in the collector and waiting: each host is in the agents table
             import sqlite3
+
             db = sqlite3.connect(Path(tmp) / "c.db", timeout=30)
             while db.execute("SELECT COUNT(*) FROM agents").fetchone()[0] < agents:
                 time.sleep(0.2)
@@ -175,9 +199,12 @@ def run(agents: int, procs: int, batch_rows: int, start_delay_s: float) -> dict:
             time.sleep(1.0)
             hosts = [f"node{i:05d}" for i in range(agents)]
             t_create = time.time()
-            r = httpx.post(url + "/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": hosts,
-                                                         "start_delay_s": start_delay_s},
-                           headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            r = httpx.post(
+                url + "/api/v1/scans",
+                json={"probes": ["matmul"], "duration_s": 1, "hosts": hosts, "start_delay_s": start_delay_s},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=60,
+            )
             r.raise_for_status()
             create_s = time.time() - t_create
             go.set()
@@ -189,8 +216,11 @@ def run(agents: int, procs: int, batch_rows: int, start_delay_s: float) -> dict:
             if batch_rows:
                 ingest.join()
             text = httpx.get(url + "/metrics", timeout=30).text
-            server_create_s = sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
-                                  if x.startswith('straggler_collector_request_duration_seconds_sum{handler="/api/v1/scans"}'))
+            server_create_s = sum(
+                float(x.rsplit(" ", 1)[1])
+                for x in text.splitlines()
+                if x.startswith('straggler_collector_request_duration_seconds_sum{handler="/api/v1/scans"}')
+            )
             for w in workers:
                 w.join(30)
         finally:
@@ -200,10 +230,17 @@ def run(agents: int, procs: int, batch_rows: int, start_delay_s: float) -> dict:
     during = [c for c in counts if c[1] == 200]
     pick = lambda q: delays[min(len(delays) - 1, int(q * len(delays)))] if delays else None  # noqa: E731
     return {
-        "agents": agents, "learnt": len(delays), "create_s": create_s, "server_create_s": server_create_s, "within_2s_ratio": sum(d <= 2.0 for d in delays) / agents,
-        "p50_s": pick(0.5), "p99_s": pick(0.99), "max_s": delays[-1] if delays else None,
-        "ingest_batches": len(during), "ingest_rows_per_s": (sum(c[2] for c in during) / sum(c[0] for c in during))
-        if during else None, "ingest_errors": len(counts) - len(during),
+        "agents": agents,
+        "learnt": len(delays),
+        "create_s": create_s,
+        "server_create_s": server_create_s,
+        "within_2s_ratio": sum(d <= 2.0 for d in delays) / agents,
+        "p50_s": pick(0.5),
+        "p99_s": pick(0.99),
+        "max_s": delays[-1] if delays else None,
+        "ingest_batches": len(during),
+        "ingest_rows_per_s": (sum(c[2] for c in during) / sum(c[0] for c in during)) if during else None,
+        "ingest_errors": len(counts) - len(during),
     }
 
 
@@ -219,9 +256,11 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"create request {res['create_s']:.3f} s ({res['server_create_s']:.3f} s in the collector); {res['learnt']}/{res['agents']} agents learnt of the scan; {res['within_2s_ratio']:.1%} within 2 s; "
-              f"p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s, max {res['max_s']:.3f} s; ingest meanwhile "
-              f"{res['ingest_batches']} batches, {res['ingest_rows_per_s'] or 0:.0f} rows/s, {res['ingest_errors']} errors")
+        print(
+            f"create request {res['create_s']:.3f} s ({res['server_create_s']:.3f} s in the collector); {res['learnt']}/{res['agents']} agents learnt of the scan; {res['within_2s_ratio']:.1%} within 2 s; "
+            f"p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s, max {res['max_s']:.3f} s; ingest meanwhile "
+            f"{res['ingest_batches']} batches, {res['ingest_rows_per_s'] or 0:.0f} rows/s, {res['ingest_errors']} errors"
+        )
     return 0
 
 

@@ -26,15 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     walls = []
     for i in range(args.runs):
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "straggler", "scan", "--json", *args.extra],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "straggler", "scan", "--json", *args.extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         wall = time.monotonic() - t0
         doc = json.loads(proc.stdout)
         first = doc["samples"][0]["gpu"]
         probing = sum(s["duration_s"] for s in doc["samples"] if s["gpu"] == first)
         walls.append(wall)
-        print(f"{i + 1:>3} {wall:>8.1f} {probing:>10.1f} {wall - probing:>11.1f} {probing / wall:>13.2f} "
-              f"{proc.returncode:>5}")
+        print(
+            f"{i + 1:>3} {wall:>8.1f} {probing:>10.1f} {wall - probing:>11.1f} {probing / wall:>13.2f} "
+            f"{proc.returncode:>5}"
+        )
     print(f"median wall {statistics.median(walls):.1f} s (bound: 60 s)")
     return 0
 

@@ -37,9 +37,16 @@ def type_of(schema: dict) -> str:
 
 def _limits(schema: dict) -> str:
     parts = []
-    for key, sign in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"),
-                      ("minLength", "length >="), ("maxLength", "length <="), ("minItems", "items >="),
-                      ("maxItems", "items <=")):
+    for key, sign in (
+        ("minimum", ">="),
+        ("exclusiveMinimum", ">"),
+        ("maximum", "<="),
+        ("exclusiveMaximum", "<"),
+        ("minLength", "length >="),
+        ("maxLength", "length <="),
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+    ):
         if key in schema:
             parts.append(f"{sign} {schema[key]}")
     for sub in schema.get("anyOf", ()):
@@ -61,9 +68,16 @@ def _operation(path: str, method: str, op: dict) -> str:
     text = op.get("description") or op.get("summary") or ""
     if text:
         out.append(f"<p>{escape(text)}</p>")
-    params = [(p.get("name", ""), p.get("in", ""), "yes" if p.get("required") else "no",
-               type_of(p.get("schema", {})), _limits(p.get("schema", {})))
-              for p in op.get("parameters", ())]
+    params = [
+        (
+            p.get("name", ""),
+            p.get("in", ""),
+            "yes" if p.get("required") else "no",
+            type_of(p.get("schema", {})),
+            _limits(p.get("schema", {})),
+        )
+        for p in op.get("parameters", ())
+    ]
     out.append(_table(("parameter", "in", "required", "type", "limits"), params))
     body = op.get("requestBody", {}).get("content", {})
     for media, content in body.items():
@@ -78,9 +92,10 @@ def _operation(path: str, method: str, op: dict) -> str:
 
 def _schema(name: str, schema: dict) -> str:
     required = set(schema.get("required", ()))
-    rows = [(field, type_of(sub), "yes" if field in required else "no", _limits(sub),
-             sub.get("description", ""))
-            for field, sub in schema.get("properties", {}).items()]
+    rows = [
+        (field, type_of(sub), "yes" if field in required else "no", _limits(sub), sub.get("description", ""))
+        for field, sub in schema.get("properties", {}).items()
+    ]
     out = [f'<h3 id="schema-{escape(name)}"><code>{escape(name)}</code></h3>']
     if schema.get("description"):
         out.append(f"<p>{escape(schema['description'])}</p>")
@@ -94,17 +109,24 @@ def render_docs(spec: dict) -> str:
     """The reference page of ``spec`` (an OpenAPI document), with no external resource."""
     info = spec.get("info", {})
     title = f"{info.get('title', 'API')} {info.get('version', '')}".strip()
-    ops = [(path, method, op) for path, item in sorted(spec.get("paths", {}).items())
-           for method, op in item.items() if method in _METHODS]
-    toc = "".join(f'<li><a href="#{escape(m + p)}"><span class="m">{escape(m)}</span> <code>{escape(p)}</code></a>'
-                  f" {escape(op.get('summary', ''))}</li>" for p, m, op in ops)
+    ops = [
+        (path, method, op)
+        for path, item in sorted(spec.get("paths", {}).items())
+        for method, op in item.items()
+        if method in _METHODS
+    ]
+    toc = "".join(
+        f'<li><a href="#{escape(m + p)}"><span class="m">{escape(m)}</span> <code>{escape(p)}</code></a>'
+        f" {escape(op.get('summary', ''))}</li>"
+        for p, m, op in ops
+    )
     schemas = spec.get("components", {}).get("schemas", {})
     parts = [
-        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{escape(title)}</title>'
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         f"<p>{escape(info.get('description', ''))}</p>",
-        '<p>This page is served by the collector itself and loads nothing from elsewhere. The machine-readable '
+        "<p>This page is served by the collector itself and loads nothing from elsewhere. The machine-readable "
         'spec is <a href="/openapi.json"><code>/openapi.json</code></a>: load it into any OpenAPI tool.</p>',
         f"<h2>Endpoints</h2><ul>{toc}</ul>",
         *(_operation(p, m, op) for p, m, op in ops),

@@ -7,7 +7,6 @@ cluster scans, metrics) and includes one router per area: ingest (collector/inge
 the application's lifespan does (the fleet analysis thread).
 """
 
-
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,8 +62,10 @@ def _loc(loc: tuple) -> str:
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-              for e in exc.errors()]
+    errors = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()
+    ]
     first = f"{_loc(tuple(errors[0]['loc']))}: {errors[0]['msg']}" if errors else "invalid request"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return JSONResponse(status_code=422, content={"detail": first + more, "errors": errors[:100]})
@@ -86,11 +87,23 @@ def create_app(
         fleet_metrics.update(snap)
         metrics.analysis_done(snap)
 
-    fleet = (ReplicaFleetView if store.dialect.shared else FleetView)(store, analyze, debounce_s=settings.analysis_debounce_s,
-                      max_delay_s=settings.analysis_max_delay_s, history_scans=settings.history_scans,
-                      on_refresh=published, worker="process")  # the analysis cannot stall ingest
-    board = ScanBoard(store, agent_seen_s=settings.agent_seen_s, offer_grace_s=settings.scan_offer_grace_s,
-                       run_limit_s=settings.scan_run_limit_s, clock=clock, retention_s=settings.scan_retention_s)
+    fleet = (ReplicaFleetView if store.dialect.shared else FleetView)(
+        store,
+        analyze,
+        debounce_s=settings.analysis_debounce_s,
+        max_delay_s=settings.analysis_max_delay_s,
+        history_scans=settings.history_scans,
+        on_refresh=published,
+        worker="process",
+    )  # the analysis cannot stall ingest
+    board = ScanBoard(
+        store,
+        agent_seen_s=settings.agent_seen_s,
+        offer_grace_s=settings.scan_offer_grace_s,
+        run_limit_s=settings.scan_run_limit_s,
+        clock=clock,
+        retention_s=settings.scan_retention_s,
+    )
     secret = Secret(token)
     offsets, health = ClockOffsets(), DbHealth(store)
     metrics.registry.register(offsets)
@@ -111,16 +124,28 @@ def create_app(
             store.close()
 
     # /docs is rendered from the spec (service_api.install_docs): FastAPI's Swagger UI and ReDoc load from a CDN
-    app = FastAPI(title="straggler collector", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.")
+    app = FastAPI(
+        title="straggler collector",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Fleet service: result ingest, fleet view, cluster scans. Token: `Authorization: Bearer ...`.",
+    )
     app.state.collector = col
     app.add_exception_handler(RequestValidationError, _validation_error)
     for error in store.errors:  # JSON 507/503, never a bare 500
         app.add_exception_handler(error, sqlite_error_handler(health))
     # The token is checked by the middleware (before the body is read); each router's dependency
     # (collector/auth.py) checks it again and documents the scheme in the OpenAPI spec.
-    app.add_middleware(LimitAndTime, secret=secret, max_bytes=settings.max_request_bytes, metrics=metrics,
-                       open_reads=settings.open_reads, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        LimitAndTime,
+        secret=secret,
+        max_bytes=settings.max_request_bytes,
+        metrics=metrics,
+        open_reads=settings.open_reads,
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.state.fleet_pages = FleetPages(fleet, clock)
     app.include_router(quarantine_router(col))
     app.include_router(ingest_router(col))

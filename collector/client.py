@@ -12,7 +12,6 @@ from straggler.errors import StragglerError
 from straggler.scanproto import DEFAULT_START_DELAY_S, FINAL_STATES
 
 
-
 class CollectorError(StragglerError):
     """The collector could not be reached, refused the request, or answered nonsense."""
 
@@ -59,8 +58,12 @@ def cluster_scan(
     deadline = time.monotonic() + timeout_s
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(30.0)) as client:
-        created = _call(client, "POST", "/api/v1/scans", json={
-            "probes": list(probes), "duration_s": duration_s, "hosts": hosts, "start_delay_s": start_delay_s})
+        created = _call(
+            client,
+            "POST",
+            "/api/v1/scans",
+            json={"probes": list(probes), "duration_s": duration_s, "hosts": hosts, "start_delay_s": start_delay_s},
+        )
         scan_id = created["scan_id"]
         while True:
             status = _call(client, "GET", f"/api/v1/scans/{scan_id}")

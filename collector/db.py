@@ -40,8 +40,10 @@ def url_problem(url: str) -> str | None:
     is refused: ``--check`` prints the URL and the collector logs it."""
     parts = urlsplit(url)
     if parts.password is not None or "password" in parse_qs(parts.query):
-        return ("a password in the URL is printed by --check and logged; put it in ~/.pgpass "
-                "(or PGPASSFILE / PGPASSWORD) instead")
+        return (
+            "a password in the URL is printed by --check and logged; put it in ~/.pgpass "
+            "(or PGPASSFILE / PGPASSWORD) instead"
+        )
     if parts.path in ("", "/"):
         return "the URL names no database (postgresql://USER@HOST:PORT/DATABASE)"
     return None
@@ -176,6 +178,7 @@ def connect_pg(url: str) -> PgConnection:
 def advisory_key(conn, name: str) -> int:
     """A 64-bit advisory lock key for ``name`` in this database and schema (two fleets in two
     schemas or databases of one server do not share their locks)."""
-    row = conn.execute("SELECT hashtextextended(current_database() || '.' || current_schema() || '.' || ?, 0)",
-                       (name,)).fetchone()
+    row = conn.execute(
+        "SELECT hashtextextended(current_database() || '.' || current_schema() || '.' || ?, 0)", (name,)
+    ).fetchone()
     return row[0]

@@ -203,7 +203,9 @@ class FleetView:
             # spawn: a fork of this threaded process could inherit a held lock
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            return self._pool.submit(_analyse_in_worker, self.store.url or str(self.store.path), self.history_scans).result()
+            return self._pool.submit(
+                _analyse_in_worker, self.store.url or str(self.store.path), self.history_scans
+            ).result()
         except Exception:
             self._pool.shutdown(wait=False, cancel_futures=True)  # e.g. the process died: a fresh one next time
             self._pool = None

@@ -17,8 +17,11 @@ def fleet_api_router(col, pages: FleetPages) -> APIRouter:
     router.include_router(fleet_router(pages))  # tagged "fleet" there
 
     @router.get("/api/v1/gpus/{uuid}/history", tags=["fleet"])
-    def history(uuid: str, host: Annotated[Name | None, Query()] = None,
-                limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None) -> JSONResponse:
+    def history(
+        uuid: str,
+        host: Annotated[Name | None, Query()] = None,
+        limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    ) -> JSONResponse:
         """A device's results, newest first (``host`` tells apart CPU devices such as cpu0)."""
         rows = col.store.history(uuid, host, limit or col.settings.history_limit)
         if not rows:

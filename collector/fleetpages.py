@@ -72,10 +72,16 @@ class FleetPages:
         return snap.gpus if kind == "gpus" else snap.stragglers()
 
     def document(self, snap: FleetSnapshot, gpus: Sequence[Mapping], total: int, now: float) -> dict:
-        return {"computed_ts": snap.computed_ts, "error": snap.error, "verdicts_ts": snap.verdicts_ts,
-                "summary": json_safe(dict(snap.summary)), "total": total,
-                "gpus": [{**g, "last_probe_age_s": None if g["last_ts"] is None else max(0.0, now - g["last_ts"])}
-                         for g in gpus]}
+        return {
+            "computed_ts": snap.computed_ts,
+            "error": snap.error,
+            "verdicts_ts": snap.verdicts_ts,
+            "summary": json_safe(dict(snap.summary)),
+            "total": total,
+            "gpus": [
+                {**g, "last_probe_age_s": None if g["last_ts"] is None else max(0.0, now - g["last_ts"])} for g in gpus
+            ],
+        }
 
     def page(self, kind: str) -> Page:
         """The cached page of ``kind`` ("gpus" or "stragglers"), rebuilt when the snapshot changed
@@ -91,8 +97,9 @@ class FleetPages:
             devices = self.devices(snap, kind)
             body = _dumps(self.document(snap, devices, len(devices), now))
             self._builds += 1
-            page = Page(snap, now, time.monotonic(), body, gzip.compress(body, GZIP_LEVEL),
-                        f'W/"{kind}-{self._snap_seq}"')
+            page = Page(
+                snap, now, time.monotonic(), body, gzip.compress(body, GZIP_LEVEL), f'W/"{kind}-{self._snap_seq}"'
+            )
             self._pages[kind] = page
             return page
 
@@ -115,32 +122,39 @@ def fleet_router(pages: FleetPages) -> APIRouter:
     """``GET /api/v1/gpus`` and ``GET /api/v1/stragglers``."""
     router = APIRouter(tags=["fleet"])
 
-    def serve(request: Request, kind: str, host: str | None, verdict: str | None, limit: int | None,
-              offset: int) -> Response:
+    def serve(
+        request: Request, kind: str, host: str | None, verdict: str | None, limit: int | None, offset: int
+    ) -> Response:
         if host is None and verdict is None and limit is None and offset == 0:
             page = pages.page(kind)
             headers = {"ETag": page.etag, "Vary": "Accept-Encoding", "Cache-Control": "no-cache"}
             if _etag_matches(request, page.etag):
                 return Response(status_code=304, headers=headers)
             if _accepts_gzip(request):
-                return Response(page.gzipped, media_type="application/json",
-                                 headers={**headers, "Content-Encoding": "gzip"})
+                return Response(
+                    page.gzipped, media_type="application/json", headers={**headers, "Content-Encoding": "gzip"}
+                )
             return Response(page.body, media_type="application/json", headers=headers)
         snap, now = pages.fleet.snapshot, pages.clock()
-        chosen = [g for g in pages.devices(snap, kind)
-                  if (host is None or g["host"] == host) and (verdict is None or g.get("verdict") == verdict)]
-        shown = chosen[offset:] if limit is None else chosen[offset:offset + limit]
+        chosen = [
+            g
+            for g in pages.devices(snap, kind)
+            if (host is None or g["host"] == host) and (verdict is None or g.get("verdict") == verdict)
+        ]
+        shown = chosen[offset:] if limit is None else chosen[offset : offset + limit]
         return Response(_dumps(pages.document(snap, shown, len(chosen), now)), media_type="application/json")
 
     @router.get("/api/v1/gpus")
-    def gpus(request: Request, host: Host = None, verdict: Tier = None, limit: Limit = None,
-             offset: Offset = 0) -> Response:
+    def gpus(
+        request: Request, host: Host = None, verdict: Tier = None, limit: Limit = None, offset: Offset = 0
+    ) -> Response:
         """Every device with its latest verdict per probe (``total``: the matching devices)."""
         return serve(request, "gpus", host, verdict, limit, offset)
 
     @router.get("/api/v1/stragglers")
-    def stragglers(request: Request, host: Host = None, verdict: Tier = None, limit: Limit = None,
-                   offset: Offset = 0) -> Response:
+    def stragglers(
+        request: Request, host: Host = None, verdict: Tier = None, limit: Limit = None, offset: Offset = 0
+    ) -> Response:
         """Flagged devices, costliest first."""
         return serve(request, "stragglers", host, verdict, limit, offset)
 

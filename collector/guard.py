@@ -31,8 +31,9 @@ class GuardStats:
     header_timeouts: int = 0
 
 
-def guarded_http(*, header_timeout_s: float, max_connections_per_client: int,
-                 stats: GuardStats | None = None) -> type[asyncio.Protocol]:
+def guarded_http(
+    *, header_timeout_s: float, max_connections_per_client: int, stats: GuardStats | None = None
+) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol class with the two limits (pass it as ``uvicorn.Config(http=...)``).
     Each call makes a class with its own per-client counts: one per server."""
     per_client: dict[str, int] = {}
@@ -102,7 +103,10 @@ def uvicorn_config(app, settings, **kw):
     import uvicorn
 
     stats = GuardStats()
-    http = guarded_http(header_timeout_s=settings.header_timeout_s,
-                        max_connections_per_client=settings.max_connections_per_client, stats=stats)
+    http = guarded_http(
+        header_timeout_s=settings.header_timeout_s,
+        max_connections_per_client=settings.max_connections_per_client,
+        stats=stats,
+    )
     app.state.guard_stats = stats
     return uvicorn.Config(app, http=http, timeout_keep_alive=5, **kw)

@@ -77,14 +77,21 @@ class DbHealth:
 
     def report(self) -> dict:
         with self._lock:
-            return {"path": self.store.name, "writable": self.writable, "quick_check": self.quick_check,
-                    "write_error": self.write_error}
+            return {
+                "path": self.store.name,
+                "writable": self.writable,
+                "quick_check": self.quick_check,
+                "write_error": self.write_error,
+            }
 
 
 def is_full(e: BaseException) -> bool:
     # SQLITE_FULL, or PostgreSQL's disk_full (SQLSTATE 53100)
-    return (getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
-            or getattr(e, "sqlstate", None) == "53100")
+    return (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "disk is full" in str(e)
+        or getattr(e, "sqlstate", None) == "53100"
+    )
 
 
 def sqlite_error_handler(health: DbHealth):
@@ -94,10 +101,14 @@ def sqlite_error_handler(health: DbHealth):
         health.write_failed(exc)
         log.error("%s %s failed on the database: %s", request.method, request.url.path, exc)
         if is_full(exc):
-            return JSONResponse(status_code=507, content={
-                "detail": f"the collector's database is full ({exc}); nothing of this request was stored"})
-        return JSONResponse(status_code=503, content={
-            "detail": f"the collector's database failed ({exc}); nothing of this request was stored"},
-            headers={"Retry-After": "30"})
+            return JSONResponse(
+                status_code=507,
+                content={"detail": f"the collector's database is full ({exc}); nothing of this request was stored"},
+            )
+        return JSONResponse(
+            status_code=503,
+            content={"detail": f"the collector's database failed ({exc}); nothing of this request was stored"},
+            headers={"Retry-After": "30"},
+        )
 
     return handle

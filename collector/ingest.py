@@ -54,8 +54,9 @@ class IngestGate:
         self._sem.release()
 
 
-def clock_problem(rows: Sequence[Mapping], now: float, max_skew_s: float,
-                  scan_starts: Mapping[str, float]) -> str | None:
+def clock_problem(
+    rows: Sequence[Mapping], now: float, max_skew_s: float, scan_starts: Mapping[str, float]
+) -> str | None:
     """The first row whose ``ts`` lies: more than ``max_skew_s`` after ``now``, or more than that
     before the ``start_at`` of the cluster scan it names (``scan_starts``). None when none does."""
     for i, r in enumerate(rows):
@@ -63,12 +64,16 @@ def clock_problem(rows: Sequence[Mapping], now: float, max_skew_s: float,
         if ts is None:
             continue
         if ts > now + max_skew_s:
-            return (f"results[{i}].ts: {ts:.3f} is {ts - now:.0f} s ahead of the collector's clock (more than "
-                    f"max_clock_skew_s={max_skew_s:g}); fix the clock of host {r.get('host')!r} (NTP)")
+            return (
+                f"results[{i}].ts: {ts:.3f} is {ts - now:.0f} s ahead of the collector's clock (more than "
+                f"max_clock_skew_s={max_skew_s:g}); fix the clock of host {r.get('host')!r} (NTP)"
+            )
         start = scan_starts.get(r.get("scan_id") or "")
         if start is not None and ts < start - max_skew_s:
-            return (f"results[{i}].ts: {ts:.3f} is {start - ts:.0f} s before the start of scan {r['scan_id']!r} "
-                    f"(more than max_clock_skew_s={max_skew_s:g}); fix the clock of host {r.get('host')!r} (NTP)")
+            return (
+                f"results[{i}].ts: {ts:.3f} is {start - ts:.0f} s before the start of scan {r['scan_id']!r} "
+                f"(more than max_clock_skew_s={max_skew_s:g}); fix the clock of host {r.get('host')!r} (NTP)"
+            )
     return None
 
 
@@ -109,9 +114,12 @@ class ClockOffsets:
             return self._offsets.get(host)
 
     def collect(self):
-        g = GaugeMetricFamily("straggler_collector_agent_clock_offset_seconds",
-                              "Collector clock minus the agent's at its latest upload (X-Straggler-Sent-Ts; "
-                              "positive: the agent is behind)", labels=["host"])
+        g = GaugeMetricFamily(
+            "straggler_collector_agent_clock_offset_seconds",
+            "Collector clock minus the agent's at its latest upload (X-Straggler-Sent-Ts; "
+            "positive: the agent is behind)",
+            labels=["host"],
+        )
         with self._lock:
             items = sorted(self._offsets.items())
         for host, offset in items:

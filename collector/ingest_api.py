@@ -27,11 +27,14 @@ def ingest_router(col) -> APIRouter:
             raise RequestValidationError(e.errors()) from None
         del body
         if len(batch["results"]) > settings.max_batch_rows:
-            raise HTTPException(413, f"results: {len(batch['results'])} rows, more than max_batch_rows={settings.max_batch_rows}")
+            raise HTTPException(
+                413, f"results: {len(batch['results'])} rows, more than max_batch_rows={settings.max_batch_rows}"
+            )
         if sent is not None:
             col.offsets.record(batch["host"], received - sent)
-        lie = clock_problem(batch["results"], received, settings.max_clock_skew_s,
-                            store.scan_starts(scan_ids(batch["results"])))
+        lie = clock_problem(
+            batch["results"], received, settings.max_clock_skew_s, store.scan_starts(scan_ids(batch["results"]))
+        )
         if lie:
             raise HTTPException(422, lie)
         try:
@@ -45,9 +48,17 @@ def ingest_router(col) -> APIRouter:
             col.fleet.notify()
         return IngestResponse(accepted=accepted, duplicates=duplicates)
 
-    @router.post("/api/v1/results", response_model=IngestResponse, dependencies=bearer_auth(col.secret),
-                 openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                     "schema": {"$ref": "#/components/schemas/ResultBatch"}}}}})
+    @router.post(
+        "/api/v1/results",
+        response_model=IngestResponse,
+        dependencies=bearer_auth(col.secret),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ResultBatch"}}},
+            }
+        },
+    )
     async def ingest(request: Request) -> IngestResponse:
         """Store a batch of results (body: ResultBatch); idempotent by id (a replayed row counts as a
         duplicate). The whole batch is stored, or nothing (422 names the first bad field)."""

@@ -39,10 +39,10 @@ DEVICE_LABELS = ("host", "uuid", "gpu", "model")
 FAMILIES = {
     "straggler_gpu_performance_ratio": "Device's median over the median of its peers (1 = like its peers; higher is faster).",
     "straggler_gpu_straggler": "1 when the analysis flags the device as a straggler for this probe, else 0; cause names "
-                               "the first cause, basis what the verdict rests on (analysis/bases.py).",
+    "the first cause, basis what the verdict rests on (analysis/bases.py).",
     "straggler_gpu_cost_ratio": "Slowdown the device imposes on a synchronous job it joins (peer median / its rate - 1).",
     "straggler_gpu_verdict": "1, labelled with the device's verdict tier for this probe (straggler, undecided, slow, "
-                             "healthy) and its placement class in its peer group (perf_class A fastest quarter .. D).",
+    "healthy) and its placement class in its peer group (perf_class A fastest quarter .. D).",
     "straggler_gpu_degraded": "1 when the device lost performance against its own past for this probe (only then present).",
     "straggler_fleet_devices_by_verdict": "Devices by their verdict tier (the first of straggler, undecided, slow, healthy among their probes).",
     "straggler_fleet_degraded": "Devices degraded against their own past for at least one probe.",
@@ -51,17 +51,17 @@ FAMILIES = {
     "straggler_fleet_stragglers": "Devices flagged as stragglers for at least one probe.",
     "straggler_fleet_analysis_timestamp_seconds": "Unix time of the latest fleet analysis.",
     "straggler_gpu_straggler_any": "1 when the device is a straggler for at least one probe, else 0; one series per "
-                                   "device (joins need no max by); cause names the first cause of its costliest probe.",
+    "device (joins need no max by); cause names the first cause of its costliest probe.",
     "straggler_gpu_flagged_scans": "Consecutive scans of the device (since the collector started) whose analysis "
-                                   "flagged it as a straggler; 0 when the latest did not.",
+    "flagged it as a straggler; 0 when the latest did not.",
     "straggler_fleet_job_slowdown_ratio": "Expected slowdown of a synchronous job of job_devices devices drawn at random "
-                                          "from the peer group now (devices=all), and without its stragglers "
-                                          "(devices=without_stragglers); peer groups with a straggler only "
-                                          "(analysis/cost.py job_gain).",
+    "from the peer group now (devices=all), and without its stragglers "
+    "(devices=without_stragglers); peer groups with a straggler only "
+    "(analysis/cost.py job_gain).",
     "straggler_fleet_job_speedup_ratio": "What leaving the stragglers out gains that job: expected step time with every "
-                                         "device over the one without the stragglers, minus 1.",
+    "device over the one without the stragglers, minus 1.",
     "straggler_fleet_min_effect_ratio": "The analysis' min_effect: a device whose deficit to its peers is above it "
-                                        "(ratio below 1 - it) can be flagged (dashboards draw it).",
+    "(ratio below 1 - it) can be flagged (dashboards draw it).",
 }
 JOB_LABELS = ("model", "probe", "settings")
 
@@ -133,8 +133,12 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], tuple[str | None
     """``streaks``: each flagged device's latest scan and its consecutive flagged scans (FleetCollector.update)."""
     ratio, flag, cost, ages, tier, degraded, flag_any, held = [], [], [], [], [], [], [], []
     for g in snap.gpus:
-        dev = {"host": g["host"], "uuid": g["gpu"], "gpu": "" if g["index"] is None else str(g["index"]),
-               "model": g["model"] or ""}
+        dev = {
+            "host": g["host"],
+            "uuid": g["gpu"],
+            "gpu": "" if g["index"] is None else str(g["index"]),
+            "model": g["model"] or "",
+        }
         if g["last_ts"] is not None:
             ages.append((dev, float(g["last_ts"])))
         if g["probes"]:  # analysed: one probe-free series per device
@@ -145,7 +149,9 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], tuple[str | None
             if p["ratio"] is not None:
                 ratio.append((labels, float(p["ratio"])))
             cause = cause_label(p["causes"]) if p["straggler"] else "none"
-            flag.append(({**labels, "cause": cause, "basis": basis_label(p.get("basis"))}, 1.0 if p["straggler"] else 0.0))
+            flag.append(
+                ({**labels, "cause": cause, "basis": basis_label(p.get("basis"))}, 1.0 if p["straggler"] else 0.0)
+            )
             if p["cost"] is not None:
                 cost.append((labels, float(p["cost"])))
             if p.get("verdict") in VERDICTS:  # one series carries tier and class: 100,000 GPUs stay one scrape
@@ -166,8 +172,10 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], tuple[str | None
         ("straggler_fleet_degraded", (({}, float(sum(bool(g.get("degraded")) for g in snap.gpus))),)),
         ("straggler_gpu_straggler_any", tuple(flag_any)),
         ("straggler_gpu_flagged_scans", tuple(held)),
-        *zip(("straggler_fleet_job_slowdown_ratio", "straggler_fleet_job_speedup_ratio"),
-             map(tuple, _jobs(dict(snap.summary)))),
+        *zip(
+            ("straggler_fleet_job_slowdown_ratio", "straggler_fleet_job_speedup_ratio"),
+            map(tuple, _jobs(dict(snap.summary))),
+        ),
     ]
     if snap.summary.get("min_effect") is not None:
         fixed.append(("straggler_fleet_min_effect_ratio", (({}, float(snap.summary["min_effect"])),)))
@@ -176,8 +184,10 @@ def prepare(snap: FleetSnapshot, streaks: dict[tuple[str, str], tuple[str | None
     parts = []
     for name, samples in fixed:
         parts.append(_header(name))
-        parts.extend(f"{name}{{{_labelstr(lab)}}} {floatToGoString(v)}\n" if lab else f"{name} {floatToGoString(v)}\n"
-                     for lab, v in samples)
+        parts.extend(
+            f"{name}{{{_labelstr(lab)}}} {floatToGoString(v)}\n" if lab else f"{name} {floatToGoString(v)}\n"
+            for lab, v in samples
+        )
     age_name = "straggler_gpu_last_probe_age_seconds"
     return PreparedFleet(
         snapshot=snap,
@@ -218,8 +228,11 @@ class FleetCollector:
             for labels, v in samples:
                 fam.add_metric([labels[k] for k in sorted(labels)], v)
             yield fam
-        fam = GaugeMetricFamily("straggler_gpu_last_probe_age_seconds", FAMILIES["straggler_gpu_last_probe_age_seconds"],
-                                labels=sorted(DEVICE_LABELS))
+        fam = GaugeMetricFamily(
+            "straggler_gpu_last_probe_age_seconds",
+            FAMILIES["straggler_gpu_last_probe_age_seconds"],
+            labels=sorted(DEVICE_LABELS),
+        )
         for labels, last in prep.ages:
             fam.add_metric([labels[k] for k in sorted(labels)], max(0.0, now - last))  # a clock ahead: 0, not < 0
         yield fam
@@ -240,13 +253,21 @@ class SelfMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.results = Counter("straggler_collector_results", "Result rows received, by outcome.", ["outcome"], registry=r)
+        self.results = Counter(
+            "straggler_collector_results", "Result rows received, by outcome.", ["outcome"], registry=r
+        )
         self.ingest_requests = Counter(
-            "straggler_collector_ingest_requests", "POST /api/v1/results requests, by status code.", ["code"], registry=r
+            "straggler_collector_ingest_requests",
+            "POST /api/v1/results requests, by status code.",
+            ["code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "straggler_collector_request_duration_seconds", "HTTP request duration, by route.", ["handler"],
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+            "straggler_collector_request_duration_seconds",
+            "HTTP request duration, by route.",
+            ["handler"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
         )
         self.analysis_runs = Counter(
             "straggler_collector_analysis_runs", "Fleet analysis runs, by outcome.", ["outcome"], registry=r

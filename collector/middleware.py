@@ -19,8 +19,10 @@ INGEST_PATH = "/api/v1/results"
 PROTECTED_PREFIXES = (INGEST_PATH, "/api/v1/scans")  # always need the token
 # the fleet view: its GETs need the token too, unless open_reads (other routers check their own)
 OPEN_READ_PREFIXES = ("/api/v1/gpus", "/api/v1/stragglers")
-READ_TOKEN_HINT = ("missing or wrong bearer token (the fleet view needs it too; set open_reads = true "
-                   "in the collector's config for an open read-only view)")
+READ_TOKEN_HINT = (
+    "missing or wrong bearer token (the fleet view needs it too; set open_reads = true "
+    "in the collector's config for an open read-only view)"
+)
 
 
 class Secret:
@@ -44,15 +46,31 @@ def bearer_ok(scope, expected: bytes) -> bool:
 
 async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
 class LimitAndTime:
-    def __init__(self, app, *, secret: Secret, max_bytes: int, metrics: SelfMetrics, open_reads: bool = False,
-                 body_timeout_s: float = 0.0):
+    def __init__(
+        self,
+        app,
+        *,
+        secret: Secret,
+        max_bytes: int,
+        metrics: SelfMetrics,
+        open_reads: bool = False,
+        body_timeout_s: float = 0.0,
+    ):
         self.app = app
         self.secret = secret
         self.max_bytes = max_bytes
@@ -82,15 +100,23 @@ class LimitAndTime:
             if self._needs_token(scope) and not bearer_ok(scope, self.secret.value):
                 status["code"] = 401
                 read = scope.get("method") in ("GET", "HEAD") and scope["path"].startswith(OPEN_READ_PREFIXES)
-                await _send_json(send, 401, {"detail": READ_TOKEN_HINT if read else "missing or wrong bearer token"},
-                                 [(b"www-authenticate", b"Bearer")])
+                await _send_json(
+                    send,
+                    401,
+                    {"detail": READ_TOKEN_HINT if read else "missing or wrong bearer token"},
+                    [(b"www-authenticate", b"Bearer")],
+                )
                 return
             try:
                 body = await self._read_body_in_time(scope, receive)
             except TimeoutError:
                 status["code"] = 408
-                await _send_json(send, 408, {"detail": f"request body not received within body_timeout_s="
-                                                       f"{self.body_timeout_s:g} s"}, [(b"connection", b"close")])
+                await _send_json(
+                    send,
+                    408,
+                    {"detail": f"request body not received within body_timeout_s={self.body_timeout_s:g} s"},
+                    [(b"connection", b"close")],
+                )
                 return
             if body is None:
                 status["code"] = 413

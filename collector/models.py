@@ -14,7 +14,15 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 from typing_extensions import NotRequired, Required, TypedDict
 
-from straggler.records import COLUMNS, INT_COLUMNS, PROBE_COLUMNS, PROBES, REQUIRED_COLUMNS, STRING_COLUMNS, read_throttle
+from straggler.records import (
+    COLUMNS,
+    INT_COLUMNS,
+    PROBE_COLUMNS,
+    PROBES,
+    REQUIRED_COLUMNS,
+    STRING_COLUMNS,
+    read_throttle,
+)
 from straggler.scanproto import DEFAULT_START_DELAY_S, MAX_DURATION_S, MAX_START_DELAY_S
 
 
@@ -49,9 +57,16 @@ def _column_type(name: str) -> Any:
             return Annotated[float, Field(ge=0, allow_inf_nan=False, description="higher is better")]
         return Name
     if name == "throttle_reasons":
-        inner: Any = Annotated[str, BeforeValidator(_throttle_text), AfterValidator(_readable_throttle), Field(
-            max_length=1024, description="any form straggler.records.read_throttle reads: name=share;..., an "
-                                         "NVML/DCGM bit mask, reason names joined by | , ;")]
+        inner: Any = Annotated[
+            str,
+            BeforeValidator(_throttle_text),
+            AfterValidator(_readable_throttle),
+            Field(
+                max_length=1024,
+                description="any form straggler.records.read_throttle reads: name=share;..., an "
+                "NVML/DCGM bit mask, reason names joined by | , ;",
+            ),
+        ]
     elif name in STRING_COLUMNS:
         inner = Annotated[str, Field(max_length=1024)]
     elif name in INT_COLUMNS:
@@ -125,7 +140,8 @@ class ScanRequest(BaseModel):
     probes: list[ProbeName] = Field(min_length=1, max_length=16)
     duration_s: float = Field(gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
     hosts: Optional[Annotated[list[Name], Field(min_length=1, max_length=100_000)]] = Field(
-        default=None, description="null: every agent seen recently")
+        default=None, description="null: every agent seen recently"
+    )
     start_delay_s: float = Field(default=DEFAULT_START_DELAY_S, ge=0, le=MAX_START_DELAY_S, allow_inf_nan=False)
 
 

@@ -43,7 +43,12 @@ log = logging.getLogger("straggler.collector.quarantine")
 DRAIN, RETEST_PASS, RETEST_FAIL, RESUME, REFUSED = "drain", "retest_pass", "retest_fail", "resume", "refused"
 ACTIONS = (DRAIN, RETEST_PASS, RETEST_FAIL, RESUME, REFUSED)  # the `action` label of the counter
 RULE_ANALYSIS, RULE_GATE, RULE_MANUAL, RULE_HYSTERESIS, RULE_RETEST = (
-    "fleet_analysis", "gate", "manual", "hysteresis", "agent_retest")
+    "fleet_analysis",
+    "gate",
+    "manual",
+    "hysteresis",
+    "agent_retest",
+)
 DRAINED, RESUMED = "drained", "resumed"
 OK = "ok"
 IN_SERVICE = (IDLE, ALLOCATED, MIXED)  # the drain action's states of a node that takes jobs
@@ -74,8 +79,13 @@ class Decision:
     passes: int = 0
 
     def to_json(self) -> dict:
-        return {"host": self.host, "action": self.action, "state": self.state, "detail": self.detail,
-                "passes": self.passes}
+        return {
+            "host": self.host,
+            "action": self.action,
+            "state": self.state,
+            "detail": self.detail,
+            "passes": self.passes,
+        }
 
 
 def analysis_reason(gpu: str, probe: str, ratio: float | None, cause: str | None) -> str:
@@ -111,7 +121,8 @@ class Quarantine:
         self.last_refused_ts: float | None = None
         self._refused_scans: dict[str, str] = {}  # host -> the scan whose drain the breaker refused
         for action, n in store._reader.execute(
-                "SELECT action, COUNT(*) FROM quarantine_events WHERE outcome = ? GROUP BY action", (OK,)):
+            "SELECT action, COUNT(*) FROM quarantine_events WHERE outcome = ? GROUP BY action", (OK,)
+        ):
             if action in self.counts:
                 self.counts[action] = n
         row = store._reader.execute("SELECT MAX(ts) FROM quarantine_events WHERE action = ?", (REFUSED,)).fetchone()
@@ -121,19 +132,25 @@ class Quarantine:
 
     def nodes(self, state: str | None = DRAINED) -> list[dict]:
         where, params = ("WHERE state = ?", (state,)) if state else ("", ())
-        return self.store._rows(f"SELECT host, state, since_ts, rule, reason, by, passes, updated_ts FROM quarantine "
-                                f"{where} ORDER BY host", params)
+        return self.store._rows(
+            f"SELECT host, state, since_ts, rule, reason, by, passes, updated_ts FROM quarantine {where} ORDER BY host",
+            params,
+        )
 
     def node(self, host: str) -> dict | None:
-        rows = self.store._rows("SELECT host, state, since_ts, rule, reason, by, passes, updated_ts FROM quarantine "
-                                "WHERE host = ?", (host,))
+        rows = self.store._rows(
+            "SELECT host, state, since_ts, rule, reason, by, passes, updated_ts FROM quarantine WHERE host = ?", (host,)
+        )
         return rows[0] if rows else None
 
     def events(self, host: str | None = None, limit: int = 1000) -> list[dict]:
         """The audit, newest first (one host's with ``host``)."""
         where, params = ("WHERE host = ?", [host]) if host else ("", [])
-        rows = self.store._rows(f"SELECT id, ts, host, action, rule, reason, by, outcome, measured FROM "
-                                f"quarantine_events {where} ORDER BY id DESC LIMIT ?", params + [limit])
+        rows = self.store._rows(
+            f"SELECT id, ts, host, action, rule, reason, by, outcome, measured FROM "
+            f"quarantine_events {where} ORDER BY id DESC LIMIT ?",
+            params + [limit],
+        )
         for r in rows:
             r["measured"] = json.loads(r["measured"]) if r["measured"] else None
         return rows
@@ -147,18 +164,26 @@ class Quarantine:
         now = self.clock()
         counted = self._counted_hosts(now)
         fleet = self._fleet_hosts() | counted
-        return {"tripped": self.tripped(), "window_s": self.settings.quarantine_window_s,
-                "max_fleet_share": self.settings.quarantine_max_fleet_share,
-                "max_model_share": self.settings.quarantine_max_model_share,
-                "fleet_hosts": len(fleet), "drained_in_window": len(counted),
-                "limit": self._limit(self.settings.quarantine_max_fleet_share, len(fleet)),
-                "last_refused_ts": self.last_refused_ts}
+        return {
+            "tripped": self.tripped(),
+            "window_s": self.settings.quarantine_window_s,
+            "max_fleet_share": self.settings.quarantine_max_fleet_share,
+            "max_model_share": self.settings.quarantine_max_model_share,
+            "fleet_hosts": len(fleet),
+            "drained_in_window": len(counted),
+            "limit": self._limit(self.settings.quarantine_max_fleet_share, len(fleet)),
+            "last_refused_ts": self.last_refused_ts,
+        }
 
     def state(self) -> dict:
         """``GET /api/v1/quarantine``: the drained nodes, the breaker, the loop's settings."""
-        return {"action": self.settings.quarantine_action, "enabled": self.enabled,
-                "resume_passes": self.settings.quarantine_resume_passes,
-                "nodes": self.nodes(), "breaker": self.breaker()}
+        return {
+            "action": self.settings.quarantine_action,
+            "enabled": self.enabled,
+            "resume_passes": self.settings.quarantine_resume_passes,
+            "nodes": self.nodes(),
+            "breaker": self.breaker(),
+        }
 
     # -- the breaker -----------------------------------------------------------------------
 
@@ -175,13 +200,16 @@ class Quarantine:
         rows = self.store._reader.execute(
             "SELECT host FROM quarantine_events WHERE action = ? AND outcome = ? AND ts >= ? "
             "UNION SELECT host FROM quarantine WHERE state = ?",
-            (DRAIN, OK, now - self.settings.quarantine_window_s, DRAINED)).fetchall()
+            (DRAIN, OK, now - self.settings.quarantine_window_s, DRAINED),
+        ).fetchall()
         return {r[0] for r in rows}
 
     def _models(self, hosts: set[str] | None = None) -> dict[str, set[str]]:
         """model -> hosts with a device of that model."""
         out: dict[str, set[str]] = {}
-        for host, model in self.store._reader.execute("SELECT DISTINCT host, model FROM devices WHERE model IS NOT NULL"):
+        for host, model in self.store._reader.execute(
+            "SELECT DISTINCT host, model FROM devices WHERE model IS NOT NULL"
+        ):
             if hosts is None or host in hosts:
                 out.setdefault(model, set()).add(host)
         return out
@@ -195,26 +223,50 @@ class Quarantine:
         limit = self._limit(s.quarantine_max_fleet_share, len(fleet))
         window = f"{s.quarantine_window_s:g} s"
         if len(after) > limit:
-            return (f"circuit breaker: draining {host} would make {len(after)} of {len(fleet)} hosts drained within "
-                    f"{window}, more than {s.quarantine_max_fleet_share:.0%} of the fleet ({limit})")
+            return (
+                f"circuit breaker: draining {host} would make {len(after)} of {len(fleet)} hosts drained within "
+                f"{window}, more than {s.quarantine_max_fleet_share:.0%} of the fleet ({limit})"
+            )
         for model, hosts in sorted(self._models().items()):
             if host not in hosts:
                 continue
             limit = self._limit(s.quarantine_max_model_share, len(hosts))
             n = len(after & hosts)
             if n > limit:
-                return (f"circuit breaker: draining {host} would make {n} of {len(hosts)} hosts with {model} drained "
-                        f"within {window}, more than {s.quarantine_max_model_share:.0%} of them ({limit})")
+                return (
+                    f"circuit breaker: draining {host} would make {n} of {len(hosts)} hosts with {model} drained "
+                    f"within {window}, more than {s.quarantine_max_model_share:.0%} of them ({limit})"
+                )
         return None
 
     # -- writes ----------------------------------------------------------------------------
 
-    def _event(self, conn, now: float, host: str, action: str, rule: str | None, reason: str | None,
-               by: str | None, outcome: str = OK, measured: Any = None) -> None:
-        conn.execute("INSERT INTO quarantine_events (ts, host, action, rule, reason, by, outcome, measured) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     (now, host, action, rule, reason, by, outcome,
-                      None if measured is None else json.dumps(measured, default=str)))
+    def _event(
+        self,
+        conn,
+        now: float,
+        host: str,
+        action: str,
+        rule: str | None,
+        reason: str | None,
+        by: str | None,
+        outcome: str = OK,
+        measured: Any = None,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO quarantine_events (ts, host, action, rule, reason, by, outcome, measured) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                now,
+                host,
+                action,
+                rule,
+                reason,
+                by,
+                outcome,
+                None if measured is None else json.dumps(measured, default=str),
+            ),
+        )
         if outcome == OK:
             self.counts[action] += 1
 
@@ -226,9 +278,10 @@ class Quarantine:
         own backoff), so a failed retest's rows may arrive after the passes that resumed the node."""
         scans = {r[0] for r in conn.execute("SELECT DISTINCT last_scan_id FROM devices WHERE host = ?", (host,))}
         for (measured,) in conn.execute(
-                "SELECT measured FROM quarantine_events WHERE host = ? AND action IN (?, ?) AND outcome = ? AND id > "
-                "(SELECT COALESCE(MAX(id), 0) FROM quarantine_events WHERE host = ? AND action = ? AND outcome = ?)",
-                (host, RETEST_PASS, RETEST_FAIL, OK, host, DRAIN, OK)):
+            "SELECT measured FROM quarantine_events WHERE host = ? AND action IN (?, ?) AND outcome = ? AND id > "
+            "(SELECT COALESCE(MAX(id), 0) FROM quarantine_events WHERE host = ? AND action = ? AND outcome = ?)",
+            (host, RETEST_PASS, RETEST_FAIL, OK, host, DRAIN, OK),
+        ):
             doc = json.loads(measured) if measured else None
             scan_id = doc.get("scan_id") if isinstance(doc, dict) else None
             if isinstance(scan_id, str) and scan_id:
@@ -241,10 +294,11 @@ class Quarantine:
 
     def _require_enabled(self) -> None:
         if not self.enabled:
-            raise QuarantineOff("the quarantine loop is off (quarantine_action = \"none\"); set it to record or scontrol")
+            raise QuarantineOff('the quarantine loop is off (quarantine_action = "none"); set it to record or scontrol')
 
-    def drain(self, host: str, reason: str, rule: str, by: str | None = None, measured: Any = None,
-              manual: bool = False) -> Decision:
+    def drain(
+        self, host: str, reason: str, rule: str, by: str | None = None, measured: Any = None, manual: bool = False
+    ) -> Decision:
         """Drain ``host`` unless it is drained already or (not ``manual``) the breaker refuses.
         Raises QuarantineOff, ActionFailed (recorded with its reason; nothing changed)."""
         self._require_enabled()
@@ -252,8 +306,9 @@ class Quarantine:
         with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
             current = self.node(host)
             if current is not None and current["state"] == DRAINED:
-                return Decision(host, "none", DRAINED, f"{host} is drained already: {current['reason']}",
-                                current["passes"])
+                return Decision(
+                    host, "none", DRAINED, f"{host} is drained already: {current['reason']}", current["passes"]
+                )
             now = self.clock()
             refusal = None if manual else self._refusal(host, now)
             if refusal:
@@ -267,7 +322,9 @@ class Quarantine:
                     "INSERT INTO quarantine (host, state, since_ts, rule, reason, by, passes, updated_ts) "
                     "VALUES (?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (host) DO UPDATE SET state = excluded.state, "
                     "since_ts = excluded.since_ts, rule = excluded.rule, reason = excluded.reason, by = excluded.by, "
-                    "passes = 0, updated_ts = excluded.updated_ts", (host, DRAINED, now, rule, reason, by, now))
+                    "passes = 0, updated_ts = excluded.updated_ts",
+                    (host, DRAINED, now, rule, reason, by, now),
+                )
                 self._mark_scans(conn, host)
                 self._event(conn, now, host, DRAIN, rule, reason, by, measured=measured)
             log.warning("drained %s (%s, rule %s%s)", host, reason, rule, f", by {by}" if by else "")
@@ -293,13 +350,15 @@ class Quarantine:
                 if state in IN_SERVICE:
                     return f"{host} was in service already ({state})"
             why = f"{what} {host} failed: {e}"
-            self._record(host, DRAIN if what == "drain" else RESUME, rule, reason, by, outcome=f"failed: {e}",
-                         measured=measured)
+            self._record(
+                host, DRAIN if what == "drain" else RESUME, rule, reason, by, outcome=f"failed: {e}", measured=measured
+            )
             log.error("%s", why)
             raise ActionFailed(why) from None
 
-    def resume(self, host: str, reason: str, by: str | None = None, rule: str = RULE_MANUAL,
-               measured: Any = None) -> Decision:
+    def resume(
+        self, host: str, reason: str, by: str | None = None, rule: str = RULE_MANUAL, measured: Any = None
+    ) -> Decision:
         """Resume ``host`` (by hand: also a host straggler did not drain, e.g. one a prolog drained)."""
         self._require_enabled()
         with self._lock, self.store.exclusive("quarantine"):  # one replica decides at a time
@@ -311,8 +370,11 @@ class Quarantine:
             measured = {**(measured or {}), "note": note}
         now = self.clock()
         with self.store._transaction() as conn:
-            conn.execute("UPDATE quarantine SET state = ?, since_ts = ?, rule = ?, reason = ?, by = ?, updated_ts = ? "
-                         "WHERE host = ?", (RESUMED, now, rule, reason, by, now, host))
+            conn.execute(
+                "UPDATE quarantine SET state = ?, since_ts = ?, rule = ?, reason = ?, by = ?, updated_ts = ? "
+                "WHERE host = ?",
+                (RESUMED, now, rule, reason, by, now, host),
+            )
             self._mark_scans(conn, host)
             self._event(conn, now, host, RESUME, rule, reason, by, measured=measured)
         log.warning("resumed %s (%s, rule %s%s)", host, reason, rule, f", by {by}" if by else "")
@@ -335,8 +397,13 @@ class Quarantine:
                 self._event(conn, now, host, action, RULE_RETEST, detail, by, measured=measured)
             if passed and passes >= need:
                 try:
-                    done = self._resume(host, f"straggler: {passes} clean retests", by, RULE_HYSTERESIS,
-                                        {"passes": passes, "last": measured})
+                    done = self._resume(
+                        host,
+                        f"straggler: {passes} clean retests",
+                        by,
+                        RULE_HYSTERESIS,
+                        {"passes": passes, "last": measured},
+                    )
                 except ActionFailed:  # still drained; the next pass tries again
                     return Decision(host, action, DRAINED, detail + "; the resume failed", passes)
                 return Decision(host, RESUME, done.state, done.detail, passes)
@@ -347,8 +414,10 @@ class Quarantine:
         than those it had at its last quarantine step, worst first, through the breaker."""
         if not (self.enabled and self.settings.quarantine_from_analysis):
             return []
-        known = {r[0]: (r[1], set(json.loads(r[2] or "[]")), r[3]) for r in
-                 self.store._reader.execute("SELECT host, state, scans, since_ts FROM quarantine")}
+        known = {
+            r[0]: (r[1], set(json.loads(r[2] or "[]")), r[3])
+            for r in self.store._reader.execute("SELECT host, state, scans, since_ts FROM quarantine")
+        }
         worst: dict[str, tuple[float, dict, dict]] = {}
         for g in snap.gpus:
             if g.get("verdict") != "straggler" or g.get("last_ts") is None:
@@ -369,12 +438,26 @@ class Quarantine:
         for host, (cost, g, p) in sorted(worst.items(), key=lambda kv: -kv[1][0]):
             cause = (p.get("causes") or [None])[0]
             device = g["gpu"] if str(g["gpu"]).startswith("cpu") or g.get("index") is None else f"gpu{g['index']}"
-            measured = {"gpu": g["gpu"], "model": g.get("model"), "probe": p["probe"], "settings": p.get("settings"),
-                        "ratio": p.get("ratio"), "deficit": p.get("deficit"), "cost": cost, "basis": p.get("basis"),
-                        "causes": p.get("causes"), "scan_id": g.get("last_scan_id")}
+            measured = {
+                "gpu": g["gpu"],
+                "model": g.get("model"),
+                "probe": p["probe"],
+                "settings": p.get("settings"),
+                "ratio": p.get("ratio"),
+                "deficit": p.get("deficit"),
+                "cost": cost,
+                "basis": p.get("basis"),
+                "causes": p.get("causes"),
+                "scan_id": g.get("last_scan_id"),
+            }
             try:
-                decision = self.drain(host, analysis_reason(device, p["probe"], p.get("ratio"), cause), RULE_ANALYSIS,
-                                      by="collector", measured=measured)
+                decision = self.drain(
+                    host,
+                    analysis_reason(device, p["probe"], p.get("ratio"), cause),
+                    RULE_ANALYSIS,
+                    by="collector",
+                    measured=measured,
+                )
             except ActionFailed:
                 continue  # recorded; the next analysis tries again
             if decision.action == REFUSED:
@@ -391,16 +474,20 @@ class QuarantineMetrics:
         self.q = quarantine
 
     def collect(self) -> Iterator:
-        nodes = GaugeMetricFamily("straggler_node_quarantined", "1 while the node is drained by straggler.",
-                                  labels=["host"])
+        nodes = GaugeMetricFamily(
+            "straggler_node_quarantined", "1 while the node is drained by straggler.", labels=["host"]
+        )
         for n in self.q.nodes():
             nodes.add_metric([n["host"]], 1.0)
         yield nodes
-        actions = CounterMetricFamily("straggler_quarantine_actions", "Quarantine steps recorded, by action.",
-                                      labels=["action"])
+        actions = CounterMetricFamily(
+            "straggler_quarantine_actions", "Quarantine steps recorded, by action.", labels=["action"]
+        )
         for action in ACTIONS:
             actions.add_metric([action], float(self.q.counts[action]))
         yield actions
-        yield GaugeMetricFamily("straggler_circuit_breaker_tripped",
-                                "1 while the circuit breaker refuses drains (a refusal within the window).",
-                                value=1.0 if self.q.tripped() else 0.0)
+        yield GaugeMetricFamily(
+            "straggler_circuit_breaker_tripped",
+            "1 while the circuit breaker refuses drains (a refusal within the window).",
+            value=1.0 if self.q.tripped() else 0.0,
+        )

@@ -8,7 +8,6 @@
 - ``POST /api/v1/quarantine/{host}/retest`` (token) -> an agent's retest outcome.
 """
 
-
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
@@ -17,8 +16,15 @@ from pydantic import BaseModel, Field
 
 from .auth import bearer_auth
 from .models import Name
-from .quarantine import (RULE_GATE, RULE_MANUAL, ActionFailed, NotQuarantined, Quarantine, QuarantineMetrics,
-                         QuarantineOff)
+from .quarantine import (
+    RULE_GATE,
+    RULE_MANUAL,
+    ActionFailed,
+    NotQuarantined,
+    Quarantine,
+    QuarantineMetrics,
+    QuarantineOff,
+)
 
 REASON = Annotated[str, Field(min_length=1, max_length=500)]
 WHO = Annotated[str | None, Field(default=None, max_length=200)]
@@ -79,8 +85,9 @@ def quarantine_router(col) -> APIRouter:
         return q.state()
 
     @router.get("/events")
-    def events(host: Annotated[Name | None, Query()] = None,
-               limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> dict:
+    def events(
+        host: Annotated[Name | None, Query()] = None, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
+    ) -> dict:
         """The audit, newest first: every drain, retest, resume and refusal."""
         return {"events": q.events(host, limit)}
 

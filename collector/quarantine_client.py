@@ -28,17 +28,33 @@ def history(url: str, host: str, limit: int = 1000) -> dict:
 def drain(url: str, token: str, host: str, reason: str, by: str, measured: dict[str, Any] | None = None) -> dict:
     """Drain ``host`` by hand (the circuit breaker does not apply to a drain by hand)."""
     with _client(url, token) as c:
-        return _call(c, "POST", "/api/v1/quarantine/drain",
-                     json={"host": host, "reason": reason, "by": by, "manual": True, "measured": measured})
+        return _call(
+            c,
+            "POST",
+            "/api/v1/quarantine/drain",
+            json={"host": host, "reason": reason, "by": by, "manual": True, "measured": measured},
+        )
 
 
-def request_drain(url: str, token: str, host: str, reason: str, by: str, rule: str = "gate",
-                  measured: dict[str, Any] | None = None, timeout_s: float = 60.0) -> dict:
+def request_drain(
+    url: str,
+    token: str,
+    host: str,
+    reason: str,
+    by: str,
+    rule: str = "gate",
+    measured: dict[str, Any] | None = None,
+    timeout_s: float = 60.0,
+) -> dict:
     """What a gate on the node calls instead of draining by itself: the collector drains through its
     action unless the circuit breaker refuses (``action`` ``refused``: leave the node in service)."""
     with _client(url, token, timeout_s) as c:
-        return _call(c, "POST", "/api/v1/quarantine/drain",
-                     json={"host": host, "reason": reason, "by": by, "rule": rule, "measured": measured})
+        return _call(
+            c,
+            "POST",
+            "/api/v1/quarantine/drain",
+            json={"host": host, "reason": reason, "by": by, "rule": rule, "measured": measured},
+        )
 
 
 def resume(url: str, token: str, host: str, reason: str, by: str) -> dict:

@@ -110,7 +110,8 @@ class SnapshotBoard:
                 "ON CONFLICT (id) DO UPDATE SET version = fleet_snapshot.version + 1, "
                 "published_ts = excluded.published_ts, publisher = excluded.publisher, payload = excluded.payload "
                 "RETURNING version",
-                (time.time(), self.publisher, payload, lease.pid, lease.key)).fetchone()
+                (time.time(), self.publisher, payload, lease.pid, lease.key),
+            ).fetchone()
             if row is not None:
                 conn.execute("SELECT pg_notify(?, ?)", (self.store.channels["snapshot"], str(row[0])))
             return None if row is None else row[0]
@@ -150,7 +151,9 @@ class ReplicaFleetView(FleetView):
 
     def __init__(self, store, *args, poll_s: float = POLL_S, **kw):
         super().__init__(store, *args, **kw)
-        self.on_adopt = self.on_refresh  # the metrics' hook; what wraps on_refresh later (the quarantine) is the leader's
+        self.on_adopt = (
+            self.on_refresh
+        )  # the metrics' hook; what wraps on_refresh later (the quarantine) is the leader's
         self.poll_s = poll_s
         self.lease = Lease(store)
         self.board = SnapshotBoard(store)

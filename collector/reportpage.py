@@ -47,8 +47,9 @@ def read_auth(request: Request) -> None:
     secret = col.secret.value
     if bearer_ok(request.scope, secret) or _basic_ok(request, secret):
         return
-    raise HTTPException(401, "missing or wrong token",
-                        headers={"WWW-Authenticate": 'Bearer, Basic realm="straggler", charset="UTF-8"'})
+    raise HTTPException(
+        401, "missing or wrong token", headers={"WWW-Authenticate": 'Bearer, Basic realm="straggler", charset="UTF-8"'}
+    )
 
 
 def device_link(host: str, gpu: str) -> str:
@@ -85,17 +86,24 @@ def _fleet_page(request: Request) -> str:
         rows = [{**{f: g.get(f) for f in DEVICE_FIELDS}, **p} for g in snap.gpus for p in g["probes"]]
         devices = pd.DataFrame(rows)
         devices["cost"] = pd.to_numeric(devices["cost"], errors="coerce")
-        devices = devices.sort_values(["straggler", "cost"], ascending=[False, False], na_position="last",
-                                      kind="stable").reset_index(drop=True)
+        devices = devices.sort_values(
+            ["straggler", "cost"], ascending=[False, False], na_position="last", kind="stable"
+        ).reset_index(drop=True)
         _, (cols, current), (hcols, past) = col.store.fleet_input(col.fleet.history_scans)
         samples = pd.DataFrame.from_records(current, columns=cols)
         history = pd.DataFrame.from_records(past, columns=hcols) if past else None
         note = f"; analysis error: {snap.error}" if snap.error else ""
-        html = render_report(devices, dict(snap.summary), samples, history, link=device_link,
-                             generated_ts=snap.verdicts_ts or snap.computed_ts,
-                             command=f"GET /report on the collector (fleet analysis of the latest scan of each "
-                                     f"device and up to {col.fleet.history_scans} earlier scans){note}",
-                             source="live fleet from the collector")
+        html = render_report(
+            devices,
+            dict(snap.summary),
+            samples,
+            history,
+            link=device_link,
+            generated_ts=snap.verdicts_ts or snap.computed_ts,
+            command=f"GET /report on the collector (fleet analysis of the latest scan of each "
+            f"device and up to {col.fleet.history_scans} earlier scans){note}",
+            source="live fleet from the collector",
+        )
         cache.key, cache.html = snap.computed_ts, html
         return html
 
@@ -108,8 +116,11 @@ async def report(request: Request) -> HTMLResponse:
 
 
 @router.get("/report/gpu", response_class=HTMLResponse, dependencies=[Depends(read_auth)])
-def device_report(request: Request, gpu: Annotated[str, Query(min_length=1, max_length=256)],
-                  host: Annotated[Name | None, Query()] = None) -> HTMLResponse:
+def device_report(
+    request: Request,
+    gpu: Annotated[str, Query(min_length=1, max_length=256)],
+    host: Annotated[Name | None, Query()] = None,
+) -> HTMLResponse:
     """One device's history view (HTML): its verdict per probe and its stored results over scans."""
     from straggler.htmlreport.device import render
 
@@ -117,6 +128,5 @@ def device_report(request: Request, gpu: Annotated[str, Query(min_length=1, max_
     rows = col.store.history(gpu, host, col.settings.history_limit)
     if not rows:
         raise HTTPException(404, f"no results for device {gpu!r}" + (f" on host {host!r}" if host else ""))
-    entry = next((g for g in col.fleet.snapshot.gpus if g["gpu"] == gpu and (host is None or g["host"] == host)),
-                 None)
+    entry = next((g for g in col.fleet.snapshot.gpus if g["gpu"] == gpu and (host is None or g["host"] == host)), None)
     return HTMLResponse(render(gpu, host or rows[0].get("host"), entry, rows, "../report"))

@@ -19,8 +19,9 @@ log = logging.getLogger("straggler.collector")
 
 PRUNE_EVERY_S = 3600.0  # how often the background pass runs (and once at start)
 CHUNK_ROWS = 5000  # rows deleted per write transaction
-_OLD_RESULTS = ("DELETE FROM results WHERE id IN "
-                "(SELECT id FROM results WHERE received_ts < ? ORDER BY received_ts LIMIT ?)")
+_OLD_RESULTS = (
+    "DELETE FROM results WHERE id IN (SELECT id FROM results WHERE received_ts < ? ORDER BY received_ts LIMIT ?)"
+)
 _OLD_SCANS = """DELETE FROM probe_scans WHERE last_ts < ? AND NOT EXISTS (
     SELECT 1 FROM latest_scans l WHERE l.host = probe_scans.host AND l.gpu = probe_scans.gpu
     AND l.probe = probe_scans.probe AND l.settings = probe_scans.settings AND l.scan_id = probe_scans.scan_id)"""
@@ -29,8 +30,14 @@ _OLD_SCANS = """DELETE FROM probe_scans WHERE last_ts < ? AND NOT EXISTS (
 class Retention:
     """Prunes ``store``'s raw results older than ``keep_s`` (by the collector's receipt time)."""
 
-    def __init__(self, store, keep_s: float, clock: Callable[[], float] = time.time, chunk_rows: int = CHUNK_ROWS,
-                 every_s: float = PRUNE_EVERY_S):
+    def __init__(
+        self,
+        store,
+        keep_s: float,
+        clock: Callable[[], float] = time.time,
+        chunk_rows: int = CHUNK_ROWS,
+        every_s: float = PRUNE_EVERY_S,
+    ):
         self.store, self.keep_s, self.clock = store, keep_s, clock
         self.chunk_rows, self.every_s = chunk_rows, every_s
         self._stop = threading.Event()
@@ -51,8 +58,9 @@ class Retention:
             conn.execute(_OLD_SCANS, (cutoff,))
         self.pruned_rows += total
         if total:
-            log.info("retention: deleted %d results received before %.0f (result_retention_s=%g)",
-                     total, cutoff, self.keep_s)
+            log.info(
+                "retention: deleted %d results received before %.0f (result_retention_s=%g)", total, cutoff, self.keep_s
+            )
         return total
 
     def start(self) -> None:

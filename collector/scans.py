@@ -53,8 +53,16 @@ def overall_state(nodes: dict[str, str], start_at: float, now: float) -> str:
 class ScanBoard:
     KEPT_NEW = 64  # scans remembered for the long polls waiting when they were created
 
-    def __init__(self, store: Store, *, agent_seen_s: float, offer_grace_s: float, run_limit_s: float,
-                 retention_s: float, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        agent_seen_s: float,
+        offer_grace_s: float,
+        run_limit_s: float,
+        retention_s: float,
+        clock: Callable[[], float] = time.time,
+    ):
         """The limits are the collector's settings (``scan_run_limit_s``, ``scan_retention_s``)."""
         self.store = store
         self.agent_seen_s = agent_seen_s
@@ -90,8 +98,14 @@ class ScanBoard:
             if not hosts:
                 raise NoHosts(f"no agent polled for scans in the last {self.agent_seen_s:g} s; name the hosts")
         hosts = sorted(set(hosts))
-        scan = {"scan_id": new_scan_id(now=now), "created_ts": now, "start_at": now + start_delay_s,
-                "probes": list(probes), "duration_s": duration_s, "hosts": hosts}
+        scan = {
+            "scan_id": new_scan_id(now=now),
+            "created_ts": now,
+            "start_at": now + start_delay_s,
+            "probes": list(probes),
+            "duration_s": duration_s,
+            "hosts": hosts,
+        }
         await asyncio.to_thread(self.store.create_scan, scan, now - self.retention_s)
         offer = _offer(scan)
         self._seq += 1
@@ -199,10 +213,15 @@ class ScanBoard:
                     nodes[host] = "failed"
                     errors[host] = f"still running {self.run_limit_s:g} s after the scan's start: no result came"
         return {
-            "scan_id": scan["scan_id"], "start_at": scan["start_at"], "probes": scan["probes"],
-            "duration_s": scan["duration_s"], "hosts": scan["hosts"],
+            "scan_id": scan["scan_id"],
+            "start_at": scan["start_at"],
+            "probes": scan["probes"],
+            "duration_s": scan["duration_s"],
+            "hosts": scan["hosts"],
             "state": overall_state(nodes, scan["start_at"], now),
-            "nodes": nodes, "errors": errors, "results": scan["results"],
+            "nodes": nodes,
+            "errors": errors,
+            "results": scan["results"],
         }
 
     def report(self, scan_id: str, host: str, state: str, error: str | None) -> bool:

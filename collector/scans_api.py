@@ -34,12 +34,17 @@ def scans_router(col) -> APIRouter:
         """The ``limit`` newest scans, newest first, each as ``GET /api/v1/scans/{scan_id}`` shows it."""
         return {"scans": board.recent(limit)}
 
-    @router.get("/next", response_model=None,
-                responses={200: {"model": ScanCreated}, 204: {"description": "no scan within wait_s"}})
+    @router.get(
+        "/next",
+        response_model=None,
+        responses={200: {"model": ScanCreated}, 204: {"description": "no scan within wait_s"}},
+    )
     async def next_scan(host: Annotated[Name, Query()], wait_s: Annotated[float, Query(ge=0, le=3600)] = 30.0):
         """Long poll: the oldest scan for ``host`` it has not reported on (wait_s is capped at max_wait_s)."""
         scan = await board.next_for(host, min(wait_s, settings.max_wait_s))
-        return Response(board.wire(scan), media_type="application/json") if scan is not None else Response(status_code=204)
+        return (
+            Response(board.wire(scan), media_type="application/json") if scan is not None else Response(status_code=204)
+        )
 
     def _view(scan_id: str) -> dict:
         view = board.view(scan_id)

@@ -29,11 +29,36 @@ def q(name: str) -> str:
 # The result columns of version 1, as released (records.COLUMNS has grown since: each later
 # column comes with a migration of its own).
 _V1_COLUMNS = (
-    "ts", "scan_id", "host", "gpu", "index", "model", "driver",
-    "probe", "settings", "sample", "duration_s", "value", "unit",
-    "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w", "power_limit_w", "temp_c", "throttle_reasons",
-    "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max", "ecc_corrected_total", "ecc_uncorrected_total",
-    "retired_pages", "remapped_rows", "util_pct", "processes",
+    "ts",
+    "scan_id",
+    "host",
+    "gpu",
+    "index",
+    "model",
+    "driver",
+    "probe",
+    "settings",
+    "sample",
+    "duration_s",
+    "value",
+    "unit",
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "power_limit_w",
+    "temp_c",
+    "throttle_reasons",
+    "pcie_gen",
+    "pcie_gen_max",
+    "pcie_width",
+    "pcie_width_max",
+    "ecc_corrected_total",
+    "ecc_uncorrected_total",
+    "retired_pages",
+    "remapped_rows",
+    "util_pct",
+    "processes",
 )
 
 # Version 1: the result table, keyed by result id.
@@ -165,8 +190,17 @@ _V9 = [
 _V10 = ["CREATE INDEX results_received ON results (received_ts)"]
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    tuple(_V1), tuple(_V2), tuple(_V3), tuple(_V4), tuple(_V5), tuple(_V6), tuple(_V7), tuple(_V8), tuple(_V9),
-    tuple(_V10))
+    tuple(_V1),
+    tuple(_V2),
+    tuple(_V3),
+    tuple(_V4),
+    tuple(_V5),
+    tuple(_V6),
+    tuple(_V7),
+    tuple(_V8),
+    tuple(_V9),
+    tuple(_V10),
+)
 LATEST = len(MIGRATIONS)
 
 

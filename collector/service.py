@@ -58,8 +58,16 @@ def serve(settings: CollectorSettings, token: str, *, analyze: Callable | None =
             notifier.stopping()
             await super().shutdown(sockets)
 
-    config = uvicorn_config(app, settings, log_level=settings.log_level.lower(), access_log=False, server_header=False,
-                            proxy_headers=False, timeout_graceful_shutdown=5, log_config=None)
+    config = uvicorn_config(
+        app,
+        settings,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+        log_config=None,
+    )
     # uvicorn handles SIGTERM itself, then re-raises it with the handler that was there before: make
     # that one a no-op so that a clean stop exits 0 rather than dying of the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -97,18 +105,21 @@ class BackgroundCollector:
     ``with BackgroundCollector(settings, token) as c: httpx.get(c.url + "/healthz")``
     """
 
-    def __init__(self, settings: CollectorSettings, token: str, *, analyze: Callable | None = None,
-                 start_timeout_s: float = 15.0):
+    def __init__(
+        self, settings: CollectorSettings, token: str, *, analyze: Callable | None = None, start_timeout_s: float = 15.0
+    ):
         import uvicorn
 
         self.app, sock = _app_and_socket(settings, token, analyze)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
-        config = uvicorn_config(self.app, settings, log_level="warning", access_log=False, log_config=None,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn_config(
+            self.app, settings, log_level="warning", access_log=False, log_config=None, timeout_graceful_shutdown=2
+        )
         self.server = _server_type(uvicorn, self.app)(config)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                        name="collector", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name="collector", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + start_timeout_s
         while not self.server.started:

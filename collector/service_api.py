@@ -18,16 +18,24 @@ def service_router(col) -> APIRouter:
 
     @router.get("/metrics")
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(col.metrics.registry) + col.fleet_metrics.render(),
-                        media_type=CONTENT_TYPE_PLAIN_0_0_4)
+        return Response(
+            generate_latest(col.metrics.registry) + col.fleet_metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4
+        )
 
     @router.get("/healthz", responses={503: {"description": "the database cannot be written or is corrupt"}})
     def healthz() -> JSONResponse:
         problem = col.health.problem()
-        return JSONResponse(status_code=503 if problem else 200, content={
-            "status": "unhealthy" if problem else "ok", "problem": problem, "version": __version__,
-            "analysis_ts": col.fleet.snapshot.computed_ts, "analysis_error": col.fleet.snapshot.error,
-            "database": col.health.report()})
+        return JSONResponse(
+            status_code=503 if problem else 200,
+            content={
+                "status": "unhealthy" if problem else "ok",
+                "problem": problem,
+                "version": __version__,
+                "analysis_ts": col.fleet.snapshot.computed_ts,
+                "analysis_error": col.fleet.snapshot.error,
+                "database": col.health.report(),
+            },
+        )
 
     return router
 

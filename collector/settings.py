@@ -80,8 +80,14 @@ class CollectorSettings:
         for name in ("header_timeout_s", "body_timeout_s", "max_connections_per_client"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0 (0: no limit)")
-        for name in ("analysis_max_delay_s", "max_wait_s", "scan_run_limit_s", "max_clock_skew_s", "scan_retention_s",
-                     "result_retention_s"):
+        for name in (
+            "analysis_max_delay_s",
+            "max_wait_s",
+            "scan_run_limit_s",
+            "max_clock_skew_s",
+            "scan_retention_s",
+            "result_retention_s",
+        ):
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")
         if self.history_scans < 0 or self.history_limit < 1:

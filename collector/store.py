@@ -61,9 +61,12 @@ _UPSERT_LATEST_SCAN = """
 # outside, and `|| ''` drops the column's TEXT affinity, which would keep SQLite from using the index
 # expression: each scan's rows are found by all three leading terms of results_device.
 _SELECT_LATEST = (
-    "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + """ FROM latest_scans l {join} results r
+    "SELECT "
+    + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS)
+    + """ FROM latest_scans l {join} results r
     ON r.gpu = l.gpu AND r.host = l.host AND COALESCE(r.scan_id, '') = l.scan_id || ''
-    AND r.probe = l.probe AND COALESCE(r.settings, '') = l.settings""")
+    AND r.probe = l.probe AND COALESCE(r.settings, '') = l.settings"""
+)
 
 
 # deadlock_detected, serialization_failure: PostgreSQL aborted the transaction; running it again is safe
@@ -92,22 +95,26 @@ def check_rows(rows: Sequence[tuple]) -> dict[tuple[str, str], tuple[int, str]]:
     """Refuse rows that would make the analysis refuse the fleet; return each (probe, settings)'s
     unit in the batch with the first row giving it. Raises :class:`Refused`."""
     i_scan, i_sample, i_unit, i_probe, i_settings = (
-        RESULT_COLUMNS.index(c) for c in ("scan_id", "sample", "unit", "probe", "settings"))
+        RESULT_COLUMNS.index(c) for c in ("scan_id", "sample", "unit", "probe", "settings")
+    )
     units: dict[tuple[str, str], tuple[int, str]] = {}
     for i, r in enumerate(rows):
         if _text(r[i_scan]) is None and r[i_sample] is not None:
             # every row without a scan id belongs to one scan: sample k of two uploads would be
             # the same sample with two values
-            raise Refused(f"results[{i}].sample: a row without scan_id must not have a sample number "
-                          "(give the scan's id, or leave sample null)")
+            raise Refused(
+                f"results[{i}].sample: a row without scan_id must not have a sample number "
+                "(give the scan's id, or leave sample null)"
+            )
         unit = _text(r[i_unit])
         if unit is None:
             continue
         key = (r[i_probe], r[i_settings] or "")
         first = units.setdefault(key, (i, unit))
         if first[1] != unit:
-            raise Refused(f"results[{i}].unit: {unit!r}, but results[{first[0]}] gives {first[1]!r} for "
-                          f"probe {key[0]} ({key[1]})")
+            raise Refused(
+                f"results[{i}].unit: {unit!r}, but results[{first[0]}] gives {first[1]!r} for probe {key[0]} ({key[1]})"
+            )
     return units
 
 
@@ -143,8 +150,9 @@ class Store:
             self.channels = {"results": f"straggler_{tag}_results", "snapshot": f"straggler_{tag}_snapshot"}
         self._sql = {
             "latest": _SELECT_LATEST.format(join=self.dialect.ordered_join),
-            "clash": _SAMPLE_CLASH.format(join=self.dialect.ordered_join,
-                                          indexed_by=self.dialect.indexed_by("results_sample")),
+            "clash": _SAMPLE_CLASH.format(
+                join=self.dialect.ordered_join, indexed_by=self.dialect.indexed_by("results_sample")
+            ),
         }
 
     @property
@@ -199,7 +207,7 @@ class Store:
             except self.errors as e:
                 if attempt == 4 or getattr(e, "sqlstate", None) not in _RETRY_SQLSTATES:
                     raise
-                time.sleep(0.01 * 2 ** attempt)
+                time.sleep(0.01 * 2**attempt)
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
@@ -315,9 +323,13 @@ class Store:
     def _check_units(conn, units: dict[tuple[str, str], tuple[int, str]]) -> None:
         for (probe, settings), (i, unit) in sorted(units.items()):
             # the first unit stored wins, also against another replica's batch committed meanwhile
-            conn.execute("INSERT INTO probe_units (probe, settings, unit) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                         (probe, settings, unit))
-            row = conn.execute("SELECT unit FROM probe_units WHERE probe = ? AND settings = ?", (probe, settings)).fetchone()
+            conn.execute(
+                "INSERT INTO probe_units (probe, settings, unit) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (probe, settings, unit),
+            )
+            row = conn.execute(
+                "SELECT unit FROM probe_units WHERE probe = ? AND settings = ?", (probe, settings)
+            ).fetchone()
             if row[0] != unit:
                 raise Refused(f"results[{i}].unit: {unit!r}, but probe {probe} ({settings}) is stored in {row[0]!r}")
 
@@ -327,20 +339,38 @@ class Store:
         needed when rows were left out: a row whose sample is stored already is not inserted."""
         idx = [RESULT_COLUMNS.index(c) for c in _SAMPLE_KEY]
         i_value = RESULT_COLUMNS.index("value")
-        conn.execute(self.dialect.ddl("CREATE TEMP TABLE IF NOT EXISTS batch_samples (i INTEGER, gpu TEXT, host TEXT, "
-                                      "scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, ts REAL, value REAL)"))
+        conn.execute(
+            self.dialect.ddl(
+                "CREATE TEMP TABLE IF NOT EXISTS batch_samples (i INTEGER, gpu TEXT, host TEXT, "
+                "scan_id TEXT, probe TEXT, settings TEXT, sample INTEGER, ts REAL, value REAL)"
+            )
+        )
         conn.execute("DELETE FROM batch_samples")
         # a row without a sample number is that sample of its ts (as results_sample keys it)
-        conn.executemany("INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         ((i, r[idx[0]], r[idx[1]], r[idx[2]] or "", r[idx[3]], r[idx[4]] or "",
-                           -1 if r[idx[5]] is None else r[idx[5]],
-                           -1 if r[idx[5]] is not None or r[idx[6]] is None else r[idx[6]], r[i_value])
-                          for i, r in enumerate(rows)))
+        conn.executemany(
+            "INSERT INTO batch_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    i,
+                    r[idx[0]],
+                    r[idx[1]],
+                    r[idx[2]] or "",
+                    r[idx[3]],
+                    r[idx[4]] or "",
+                    -1 if r[idx[5]] is None else r[idx[5]],
+                    -1 if r[idx[5]] is not None or r[idx[6]] is None else r[idx[6]],
+                    r[i_value],
+                )
+                for i, r in enumerate(rows)
+            ),
+        )
         clash = conn.execute(self._sql["clash"]).fetchone()
         if clash is not None:
             i, stored = clash
-            raise Refused(f"results[{i}].value: {rows[i][i_value]!r}, but this sample (scan, device, probe, "
-                          f"settings and sample number) is stored, or given earlier in the batch, as {stored!r}")
+            raise Refused(
+                f"results[{i}].value: {rows[i][i_value]!r}, but this sample (scan, device, probe, "
+                f"settings and sample number) is stored, or given earlier in the batch, as {stored!r}"
+            )
 
     def count_results(self, scan_id: str | None = None) -> int:
         if scan_id is None:
@@ -348,7 +378,9 @@ class Store:
         return self._reader.execute("SELECT COUNT(*) FROM results WHERE scan_id = ?", (scan_id,)).fetchone()[0]
 
     def scan_results(self, scan_id: str) -> list[dict]:
-        return self._rows(f"{_SELECT_RESULTS} WHERE r.scan_id = ? ORDER BY r.host, r.gpu, r.probe, r.sample", (scan_id,))
+        return self._rows(
+            f"{_SELECT_RESULTS} WHERE r.scan_id = ? ORDER BY r.host, r.gpu, r.probe, r.sample", (scan_id,)
+        )
 
     def history(self, gpu: str, host: str | None = None, limit: int = 1000) -> list[dict]:
         """A device's results, newest first."""
@@ -360,7 +392,9 @@ class Store:
     def devices(self) -> list[dict]:
         return self._rows('SELECT host, gpu, "index", model, last_ts, last_scan_id FROM devices ORDER BY host, gpu')
 
-    def fleet_input(self, scans: int) -> tuple[list[dict], tuple[list[str], list[tuple]], tuple[list[str], list[tuple]]]:
+    def fleet_input(
+        self, scans: int
+    ) -> tuple[list[dict], tuple[list[str], list[tuple]], tuple[list[str], list[tuple]]]:
         """The fleet view's input, read in one transaction (an ingest in between cannot move a
         device's current scan into its history): (devices, latest samples, earlier samples)."""
         with self._snapshot():
@@ -405,6 +439,7 @@ class Store:
 
     def touch_agents(self, seen: dict[str, float]) -> None:
         """Mark hosts alive (host: when seen), in one transaction."""
+
         def write(conn) -> None:
             for host, ts in sorted(seen.items()):
                 self._touch(conn, host, ts)
@@ -425,8 +460,14 @@ class Store:
                 conn.execute("DELETE FROM scans WHERE created_ts < ?", (prune_before,))
             conn.execute(
                 "INSERT INTO scans (scan_id, created_ts, start_at, probes, duration_s, hosts) VALUES (?, ?, ?, ?, ?, ?)",
-                (scan["scan_id"], scan["created_ts"], scan["start_at"], json.dumps(scan["probes"]),
-                 scan["duration_s"], json.dumps(scan["hosts"])),
+                (
+                    scan["scan_id"],
+                    scan["created_ts"],
+                    scan["start_at"],
+                    json.dumps(scan["probes"]),
+                    scan["duration_s"],
+                    json.dumps(scan["hosts"]),
+                ),
             )
             conn.executemany(
                 "INSERT INTO scan_nodes (scan_id, host) VALUES (?, ?)", ((scan["scan_id"], h) for h in scan["hosts"])
@@ -453,10 +494,14 @@ class Store:
             scans = [_decode_scan(r) for r in self._rows(f"SELECT * FROM scans {tail}", params)]
             if not scans:
                 return []
-            nodes = self._rows(f"SELECT scan_id, host, state, error FROM scan_nodes WHERE scan_id IN ({chosen}) "
-                               "ORDER BY host", params)
-            counts = dict(self._reader.execute(
-                f"SELECT scan_id, COUNT(*) FROM results WHERE scan_id IN ({chosen}) GROUP BY scan_id", params).fetchall())
+            nodes = self._rows(
+                f"SELECT scan_id, host, state, error FROM scan_nodes WHERE scan_id IN ({chosen}) ORDER BY host", params
+            )
+            counts = dict(
+                self._reader.execute(
+                    f"SELECT scan_id, COUNT(*) FROM results WHERE scan_id IN ({chosen}) GROUP BY scan_id", params
+                ).fetchall()
+            )
         by_scan: dict[str, list[dict]] = {}
         for n in nodes:
             by_scan.setdefault(n["scan_id"], []).append(n)
@@ -518,15 +563,22 @@ def check_postgres(key: str, url: str) -> None:
     except (ValueError, RuntimeError) + db.errors(url) as e:
         raise ConfigError([f"{key}: {open_problem(url, e)}"]) from None
     if found > LATEST:
-        raise ConfigError([f"{key}: {url} cannot be used (database schema version {found} is newer than this "
-                           f"program ({LATEST}))"])
+        raise ConfigError(
+            [f"{key}: {url} cannot be used (database schema version {found} is newer than this program ({LATEST}))"]
+        )
 
 
 def open_problem(target: str | Path, e: BaseException) -> str:
     """One line: why the database at ``target`` could not be opened."""
     if isinstance(e, db.MissingDriver):
         return str(e)
-    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0] if str(e) else type(e).__name__
+    why = (
+        e.strerror
+        if isinstance(e, OSError) and e.strerror
+        else str(e).strip().splitlines()[0]
+        if str(e)
+        else type(e).__name__
+    )
     kind = "a PostgreSQL" if db.is_url(target) else "an SQLite"
     return f"{target} cannot be opened as {kind} database ({why})"
 

@@ -50,12 +50,27 @@ def prepare(dev, group, nbytes: int | None = None):
                     waits.append(wait_s)
                     secs.append(dev.time_batch(step, 1))
                 t_end = time.time()
-            windows.append({"t_start": t_start, "t_end": t_end, "secs": secs,
-                            "waits": group.all_gather_floats(waits), "telemetry": tw.summary(),
-                            "readings": bad_readings(tw)})
-        return [{"probe": NAME, "settings": f"bytes={nbytes},dtype=fp32,ranks={group.size}",
-                 "unit": "GB/s", "nbytes": nbytes, "ranks": group.size, "rank": group.rank,
-                 "windows": windows}]
+            windows.append(
+                {
+                    "t_start": t_start,
+                    "t_end": t_end,
+                    "secs": secs,
+                    "waits": group.all_gather_floats(waits),
+                    "telemetry": tw.summary(),
+                    "readings": bad_readings(tw),
+                }
+            )
+        return [
+            {
+                "probe": NAME,
+                "settings": f"bytes={nbytes},dtype=fp32,ranks={group.size}",
+                "unit": "GB/s",
+                "nbytes": nbytes,
+                "ranks": group.size,
+                "rank": group.rank,
+                "windows": windows,
+            }
+        ]
 
     return run
 
@@ -74,10 +89,17 @@ def parse(raw: dict) -> list[dict]:
         secs = sum(w["secs"])
         algbw = raw["nbytes"] * len(w["secs"]) / secs / 1e9 if secs > 0 else math.nan
         lateness = [max(col) - col[rank] for col in zip(*w["waits"])]
-        row = {"probe": NAME, "settings": raw["settings"], "sample": i, "ts": w["t_end"],
-               "duration_s": w["t_end"] - w["t_start"], "value": algbw * bus_factor(n),
-               "unit": raw["unit"], "algbw_gbps": algbw,
-               "arrival_skew_s": fmean(lateness) if lateness else math.nan}
+        row = {
+            "probe": NAME,
+            "settings": raw["settings"],
+            "sample": i,
+            "ts": w["t_end"],
+            "duration_s": w["t_end"] - w["t_start"],
+            "value": algbw * bus_factor(n),
+            "unit": raw["unit"],
+            "algbw_gbps": algbw,
+            "arrival_skew_s": fmean(lateness) if lateness else math.nan,
+        }
         row.update(w.get("telemetry") or {})
         rows.append(row)
     return rows

@@ -15,8 +15,13 @@ GRACE_S = 10.0
 def phase_deadlines(duration_s: float, grace_s: float = GRACE_S, wait_s: float = 0.0) -> dict[str, float]:
     """Seconds a worker may spend in each phase; ``wait_s``: time left until the scan's start_at."""
     probe_s = 2 * duration_s + grace_s
-    return {"init": SETUP_S, "warmup": SETUP_S, "start": probe_s, "done": probe_s + 2 * grace_s,
-            "wait": max(0.0, wait_s) + SETUP_S}
+    return {
+        "init": SETUP_S,
+        "warmup": SETUP_S,
+        "start": probe_s,
+        "done": probe_s + 2 * grace_s,
+        "wait": max(0.0, wait_s) + SETUP_S,
+    }
 
 
 def scan_needed_s(n_probes: int, duration_s: float, grace_s: float = GRACE_S, wait_s: float = 0.0) -> float:

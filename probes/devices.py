@@ -72,7 +72,8 @@ def resolve_devices(requested: str, cuda_count: int, cpus: Iterable[int], counte
         if cuda_count == 0:
             raise ProbeError(
                 f"--device cuda: no CUDA GPU visible to {counted_by} "
-                "(check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu)")
+                "(check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu)"
+            )
         why = "requested" if requested == "cuda" else f"auto: {counted_by} sees CUDA GPUs"
         return DevicePlan("cuda", tuple(range(cuda_count)), f"{cuda_count} CUDA GPU(s), {why}")
     if not cpus:
@@ -113,11 +114,21 @@ def launcher(env: Mapping[str, str] | None = None) -> Launch | None:
     env = os.environ if env is None else env
     try:
         if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
-            return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
-                          int(env.get("GROUP_RANK", env.get("NODE_RANK", "0"))))
+            return Launch(
+                "torchrun",
+                int(env["RANK"]),
+                int(env["WORLD_SIZE"]),
+                int(env["LOCAL_RANK"]),
+                int(env.get("GROUP_RANK", env.get("NODE_RANK", "0"))),
+            )
         if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-            return Launch("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                          int(env.get("SLURM_LOCALID", "0")), int(env.get("SLURM_NODEID", "0")))
+            return Launch(
+                "slurm",
+                int(env["SLURM_PROCID"]),
+                int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_LOCALID", "0")),
+                int(env.get("SLURM_NODEID", "0")),
+            )
     except ValueError as e:
         raise InputError(f"launcher environment: {e}") from None
     return None

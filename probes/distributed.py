@@ -41,10 +41,12 @@ class RankRounds:
             try:  # rank 0's node and a port of the job's own, derived alike by every task of the step
                 os.environ.update(rendezvous(os.environ))
             except ValueError as e:
-                raise InputError(f"srun scan: {e}; set MASTER_ADDR and MASTER_PORT (rank 0's address and a "
-                                 "free port)") from None
-            os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
-                              LOCAL_RANK=str(launch.local_rank))
+                raise InputError(
+                    f"srun scan: {e}; set MASTER_ADDR and MASTER_PORT (rank 0's address and a free port)"
+                ) from None
+            os.environ.update(
+                RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank)
+            )
         self.launch, self.on_event = launch, on_event
         host = host_name()
         cpus = sorted(os.sched_getaffinity(0))
@@ -54,8 +56,10 @@ class RankRounds:
         probes, notes = plan_probes(settings.probes, dplan.kind, launch.world_size)
         self.plan = worker_plan(settings, host, dplan.kind, probes)
         self.host, self.kind = host, dplan.kind
-        self.notice = f"device {dplan.kind} under {launch.source} (rank {launch.rank} of {launch.world_size}): " \
-                      f"{dplan.reason}" + "".join(f"; {n}" for n in notes)
+        self.notice = (
+            f"device {dplan.kind} under {launch.source} (rank {launch.rank} of {launch.world_size}): "
+            f"{dplan.reason}" + "".join(f"; {n}" for n in notes)
+        )
         self.worker: DeviceWorker | None = None
         self.joined = False  # in the group, and the last gather worked: further rounds are possible
         self.closed = False
@@ -65,6 +69,7 @@ class RankRounds:
             mine.append(msg)
             if self.on_event is not None:
                 self.on_event({**msg, "world_size": self.launch.world_size, "probes": plan.probes})
+
         return emit
 
     def _round(self, plan: WorkerPlan) -> ScanResult | None:
@@ -86,8 +91,14 @@ class RankRounds:
                 gathered = self.worker.group.gather_objects(mine)
             except Exception as e:  # noqa: BLE001 - a broken group: rank 0 reports what it has
                 self.joined = False
-                self.worker.emit({"t": "failure", "rank": self.launch.rank, "probe": "gather",
-                                  "error": f"could not gather the other ranks' results: {type(e).__name__}"})
+                self.worker.emit(
+                    {
+                        "t": "failure",
+                        "rank": self.launch.rank,
+                        "probe": "gather",
+                        "error": f"could not gather the other ranks' results: {type(e).__name__}",
+                    }
+                )
         if self.launch.rank != 0:
             return None
         res = ScanResult(plan.scan_id, self.host, self.kind, self.notice, duration_s=plan.duration_s)
@@ -101,8 +112,15 @@ class RankRounds:
                 if m["t"] == "samples":
                     res.samples.extend({**r, "scan_id": plan.scan_id} for r in m["rows"])
                 elif m["t"] == "failure":
-                    res.failures.append({"host": hello["host"], "device": hello["gpu"], "rank": m["rank"],
-                                         "probe": m["probe"], "error": m["error"]})
+                    res.failures.append(
+                        {
+                            "host": hello["host"],
+                            "device": hello["gpu"],
+                            "rank": m["rank"],
+                            "probe": m["probe"],
+                            "error": m["error"],
+                        }
+                    )
         tel = sorted({m.get("telemetry") or "none" for msgs in per_rank for m in msgs if m["t"] == "hello"})
         res.notice = f"{self.notice}; telemetry {', '.join(tel)}"
         return res
@@ -119,8 +137,15 @@ class RankRounds:
                     break
                 if nxt is None:
                     break
-                self._round(replace(self.plan, probes=tuple(nxt["probes"]), n_windows=int(nxt["samples"]),
-                                    duration_s=float(nxt["duration_s"]), start_at=None))
+                self._round(
+                    replace(
+                        self.plan,
+                        probes=tuple(nxt["probes"]),
+                        n_windows=int(nxt["samples"]),
+                        duration_s=float(nxt["duration_s"]),
+                        start_at=None,
+                    )
+                )
         finally:
             self.close()
         return ScanResult(self.plan.scan_id, self.host, self.kind, self.notice, root=False)
@@ -131,8 +156,9 @@ class RankRounds:
             raise ProbeError("the process group is gone: no further round")
         plan = replace(self.plan, probes=tuple(probes), n_windows=samples, duration_s=duration_s, start_at=None)
         try:
-            self.worker.group.broadcast_object({"probes": list(plan.probes), "samples": samples,
-                                                "duration_s": duration_s})
+            self.worker.group.broadcast_object(
+                {"probes": list(plan.probes), "samples": samples, "duration_s": duration_s}
+            )
         except Exception as e:  # noqa: BLE001 - the others cannot be told: no round
             self.joined = False
             raise ProbeError(f"cannot tell the other ranks the next round: {one_line(e)}") from None

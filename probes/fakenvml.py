@@ -88,14 +88,20 @@ def _check(path: Path, data: Any) -> None:
             except (ValueError, TypeError) as e:
                 raise InputError(f"{path}: device {i} frame {j}: {e}") from None
     for k, fault in enumerate(data.get("faults", [])):
-        device, nvml_error, py_error = fault.get("device", "missing"), fault.get("nvml_error"), fault.get("python_error")
+        device, nvml_error, py_error = (
+            fault.get("device", "missing"),
+            fault.get("nvml_error"),
+            fault.get("python_error"),
+        )
         if not (device is None or (isinstance(device, int) and not isinstance(device, bool))):
             raise InputError(f"{path}: fault {k} needs an integer 'device' (or null: the whole backend)")
         if fault.get("hang") is True and nvml_error is None and py_error is None and device is not None:
             continue
         if (nvml_error is None) == (py_error is None) or not isinstance(nvml_error or py_error, str):
-            raise InputError(f"{path}: fault {k} needs either an 'nvml_error' or a 'python_error' name "
-                             "(or \"hang\": true on a device)")
+            raise InputError(
+                f"{path}: fault {k} needs either an 'nvml_error' or a 'python_error' name "
+                '(or "hang": true on a device)'
+            )
         fields = fault.get("fields")
         bad = sorted(set(fields or ()) - set(READING_FIELDS))
         if bad:
@@ -151,9 +157,7 @@ class FakeBackend:
         dev = self._devices[index]
         frame = {**dev.get("base", {}), **dev["frames"][n % len(dev["frames"])]}
         identity = {k: frame[k] for k in IDENTITY_FIELDS if k in frame and k != "index"}
-        values: dict[str, Any] = {
-            k: v for k, v in frame.items() if k not in identity and k not in _NOT_REPLAYED
-        }
+        values: dict[str, Any] = {k: v for k, v in frame.items() if k not in identity and k not in _NOT_REPLAYED}
         if values.get("throttle_reasons") is not None:
             values["throttle_reasons"] = frozenset(values["throttle_reasons"])
         if values.get("xid_errors") is not None:  # JSON keys are text; XID codes are numbers
@@ -169,8 +173,11 @@ class FakeBackend:
         for fault in self._active(index, n):
             while fault.get("hang"):  # an NVML call stuck in the driver: whoever called it must kill us
                 time.sleep(3600)
-            failure = (failure_of(python_error(fault["python_error"])) if fault.get("python_error")
-                       else NvmlFailure(fault["nvml_error"]))
+            failure = (
+                failure_of(python_error(fault["python_error"]))
+                if fault.get("python_error")
+                else NvmlFailure(fault["nvml_error"])
+            )
             if fault.get("fields") is None:
                 device_error = failure.code
             else:
@@ -185,10 +192,13 @@ class FakeBackend:
         for fault in self._active(None, n):
             if fault.get("python_error"):
                 raise python_error(fault["python_error"])
-            return NodeSnapshot(ts=time.time(), host=host, backend=self.name, devices=(),
-                                error=init_hint(fault["nvml_error"]))
+            return NodeSnapshot(
+                ts=time.time(), host=host, backend=self.name, devices=(), error=init_hint(fault["nvml_error"])
+            )
         return NodeSnapshot(
-            ts=time.time(), host=host, backend=self.name,
+            ts=time.time(),
+            host=host,
+            backend=self.name,
             devices=tuple(self.read(i) for i in range(len(self._devices))),
         )
 

@@ -27,8 +27,10 @@ from .telemetry import STATUS_LOST, STATUS_OK
 
 def _mask(reasons) -> int:
     nv = _nv()
-    bits = {ours: getattr(nv, f"nvmlClocksEventReason{suffix}", None) or getattr(nv, f"nvmlClocksThrottleReason{suffix}")
-            for ours, suffix in REASON_CONSTANTS}
+    bits = {
+        ours: getattr(nv, f"nvmlClocksEventReason{suffix}", None) or getattr(nv, f"nvmlClocksThrottleReason{suffix}")
+        for ours, suffix in REASON_CONSTANTS
+    }
     mask = 0
     for reason in reasons:
         mask |= bits[reason]
@@ -83,8 +85,9 @@ class FakePynvml:
         # XID events: a frame's cumulative ``xid_errors`` become events queued for the device
         self._xid_seen: list[dict[int, int]] = [{} for _ in self._devices]
         self._xid_queue: list[list[int]] = [[] for _ in self._devices]
-        self._driver = next((d.get("base", {}).get("driver") for d in self._devices if d.get("base", {}).get("driver")),
-                            None)
+        self._driver = next(
+            (d.get("base", {}).get("driver") for d in self._devices if d.get("base", {}).get("driver")), None
+        )
         self.initialised = False
         nv = _nv()
         sm, mem = nv.NVML_CLOCK_SM, nv.NVML_CLOCK_MEM
@@ -96,33 +99,51 @@ class FakePynvml:
             "nvmlDeviceGetName": (("model",), lambda v: v("model")),
             "nvmlDeviceGetSerial": (("serial",), lambda v: v("serial")),
             "nvmlDeviceGetPciInfo": (("pci_bus_id",), lambda v: SimpleNamespace(busId=v("pci_bus_id"))),
-            "nvmlDeviceGetMaxClockInfo": (("sm_clock_max_mhz", "mem_clock_max_mhz"), lambda v, kind: v(
-                {sm: "sm_clock_max_mhz", mem: "mem_clock_max_mhz"}[kind])),
-            "nvmlDeviceGetClockInfo": (("sm_clock_mhz", "mem_clock_mhz"), lambda v, kind: v(
-                {sm: "sm_clock_mhz", mem: "mem_clock_mhz"}[kind])),
+            "nvmlDeviceGetMaxClockInfo": (
+                ("sm_clock_max_mhz", "mem_clock_max_mhz"),
+                lambda v, kind: v({sm: "sm_clock_max_mhz", mem: "mem_clock_max_mhz"}[kind]),
+            ),
+            "nvmlDeviceGetClockInfo": (
+                ("sm_clock_mhz", "mem_clock_mhz"),
+                lambda v, kind: v({sm: "sm_clock_mhz", mem: "mem_clock_mhz"}[kind]),
+            ),
             "nvmlDeviceGetMaxPcieLinkGeneration": (("pcie_gen_max",), lambda v: v("pcie_gen_max")),
             "nvmlDeviceGetMaxPcieLinkWidth": (("pcie_width_max",), lambda v: v("pcie_width_max")),
             "nvmlDeviceGetCurrPcieLinkGeneration": (("pcie_gen",), lambda v: v("pcie_gen")),
             "nvmlDeviceGetCurrPcieLinkWidth": (("pcie_width",), lambda v: v("pcie_width")),
-            "nvmlDeviceGetMemoryInfo": (("mem_total_bytes", "mem_used_bytes"), lambda v: SimpleNamespace(
-                total=v("mem_total_bytes"), used=v("mem_used_bytes"))),
+            "nvmlDeviceGetMemoryInfo": (
+                ("mem_total_bytes", "mem_used_bytes"),
+                lambda v: SimpleNamespace(total=v("mem_total_bytes"), used=v("mem_used_bytes")),
+            ),
             "nvmlDeviceGetPowerUsage": (("power_w",), lambda v: int(v("power_w") * 1000)),
             "nvmlDeviceGetEnforcedPowerLimit": (("power_limit_w",), lambda v: int(v("power_limit_w") * 1000)),
             "nvmlDeviceGetTemperature": (("temp_c",), lambda v, _sensor: v("temp_c")),
             "nvmlDeviceGetCurrentClocksEventReasons": (("throttle_reasons",), lambda v: _mask(v("throttle_reasons"))),
-            "nvmlDeviceGetCurrentClocksThrottleReasons": (("throttle_reasons",),
-                                                          lambda v: _mask(v("throttle_reasons"))),
-            "nvmlDeviceGetTotalEccErrors": (("ecc_corrected_total", "ecc_uncorrected_total"), lambda v, kind, _c: v(
-                {corrected: "ecc_corrected_total", uncorrected: "ecc_uncorrected_total"}[kind])),
-            "nvmlDeviceGetRetiredPages": (("retired_pages",), lambda v, cause: [0] * v("retired_pages")
-                                          if cause == single else []),
-            "nvmlDeviceGetRemappedRows": (("remapped_rows", "remapped_rows_pending", "remapped_rows_failed"),
-                                          lambda v: (v("remapped_rows"), 0, _flag(v, "remapped_rows_pending"),
-                                                     _flag(v, "remapped_rows_failed"))),
+            "nvmlDeviceGetCurrentClocksThrottleReasons": (
+                ("throttle_reasons",),
+                lambda v: _mask(v("throttle_reasons")),
+            ),
+            "nvmlDeviceGetTotalEccErrors": (
+                ("ecc_corrected_total", "ecc_uncorrected_total"),
+                lambda v, kind, _c: v({corrected: "ecc_corrected_total", uncorrected: "ecc_uncorrected_total"}[kind]),
+            ),
+            "nvmlDeviceGetRetiredPages": (
+                ("retired_pages",),
+                lambda v, cause: [0] * v("retired_pages") if cause == single else [],
+            ),
+            "nvmlDeviceGetRemappedRows": (
+                ("remapped_rows", "remapped_rows_pending", "remapped_rows_failed"),
+                lambda v: (v("remapped_rows"), 0, _flag(v, "remapped_rows_pending"), _flag(v, "remapped_rows_failed")),
+            ),
             "nvmlDeviceGetPersistenceMode": (("persistence_mode",), lambda v: int(v("persistence_mode"))),
-            "nvmlDeviceGetUtilizationRates": (("util_pct", "mem_util_pct"), lambda v: SimpleNamespace(
-                gpu=v("util_pct"), memory=v("mem_util_pct"))),
-            "nvmlDeviceGetComputeRunningProcesses": (("processes",), lambda v: [SimpleNamespace(pid=0)] * v("processes")),
+            "nvmlDeviceGetUtilizationRates": (
+                ("util_pct", "mem_util_pct"),
+                lambda v: SimpleNamespace(gpu=v("util_pct"), memory=v("mem_util_pct")),
+            ),
+            "nvmlDeviceGetComputeRunningProcesses": (
+                ("processes",),
+                lambda v: [SimpleNamespace(pid=0)] * v("processes"),
+            ),
         }
 
     # --- library functions ---
@@ -152,8 +173,11 @@ class FakePynvml:
             if f.get("fields") is None:
                 raise _nvml_error(f["nvml_error"])
         if frame.get("status", STATUS_OK) != STATUS_OK:
-            raise _nvml_error("gpu_is_lost" if frame["status"] == STATUS_LOST
-                              else (frame.get("errors") or {}).get("device", "unknown"))
+            raise _nvml_error(
+                "gpu_is_lost"
+                if frame["status"] == STATUS_LOST
+                else (frame.get("errors") or {}).get("device", "unknown")
+            )
         xids = frame.get("xid_errors")
         if isinstance(xids, dict):
             for code, total in sorted((int(k), int(v)) for k, v in xids.items()):

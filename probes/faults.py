@@ -31,8 +31,7 @@ def parse(text: str | None) -> dict[tuple[int, str], str]:
         if not item:
             continue
         parts = item.split(":")
-        if len(parts) != 3 or parts[0] not in ACTIONS or not parts[1].startswith("rank") \
-                or not parts[1][4:].isdigit():
+        if len(parts) != 3 or parts[0] not in ACTIONS or not parts[1].startswith("rank") or not parts[1][4:].isdigit():
             raise InputError(f"{ENV}: bad entry {item!r}; expected <{'|'.join(ACTIONS)}>:rank<N>:<probe>")
         out[(int(parts[1][4:]), parts[2])] = parts[0]
     return out
@@ -54,5 +53,7 @@ def corrupt(rank: int, probe: str, raws: list[dict], env: dict | None = None) ->
     """The probe's raw results, with every window's timings dropped if ``corrupt`` is planned."""
     if parse((os.environ if env is None else env).get(ENV)).get((rank, probe)) != "corrupt":
         return raws
-    return [{**raw, "windows": [{k: v for k, v in w.items() if k != "batches"} for w in raw.get("windows", ())]}
-            for raw in raws]
+    return [
+        {**raw, "windows": [{k: v for k, v in w.items() if k != "batches"} for w in raw.get("windows", ())]}
+        for raw in raws
+    ]

@@ -16,8 +16,12 @@ from .telemetry import TelemetryBackend, reading_to_dict
 
 
 def record_fixture(
-    backend: TelemetryBackend, path: str | Path, duration_s: float, interval_s: float = 0.1,
-    scenario: str | None = None, host: str = "recording",
+    backend: TelemetryBackend,
+    path: str | Path,
+    duration_s: float,
+    interval_s: float = 0.1,
+    scenario: str | None = None,
+    host: str = "recording",
 ) -> Path:
     """Write ``path`` (JSON); returns it. At least one snapshot is taken."""
     if duration_s < 0 or interval_s <= 0:

@@ -42,16 +42,28 @@ from .telemetry import STATUS_OK, reading_to_dict
 
 # Clock-event reasons that are normal on an idle GPU; any other one at idle is a finding.
 IDLE_NORMAL = frozenset({"gpu_idle", "applications_clocks_setting", "display_clocks_setting", "sync_boost"})
-IDLE_CAUSE = {"hw_thermal_slowdown": "thermal", "sw_thermal_slowdown": "thermal", "hw_slowdown": "hw-slowdown",
-              "hw_power_brake_slowdown": "power-brake", "sw_power_cap": "power"}
+IDLE_CAUSE = {
+    "hw_thermal_slowdown": "thermal",
+    "sw_thermal_slowdown": "thermal",
+    "hw_slowdown": "hw-slowdown",
+    "hw_power_brake_slowdown": "power-brake",
+    "sw_power_cap": "power",
+}
 IDLE_UTIL_PCT = 5.0  # above this the GPU is not idle and its clocks are not judged
 # XIDs that mean the GPU must not take a job (NVIDIA's XID catalogue): memory errors, a GPU that
 # fell off the bus or whose firmware stopped, NVLink errors.
 CRITICAL_XIDS = {  # xid -> (cause, meaning)
-    48: ("ecc", "double-bit ECC error"), 63: ("memory", "row remap recorded"), 64: ("memory", "row remap failed"),
-    74: ("nvlink", "NVLink error"), 79: ("bus", "fallen off the bus"), 92: ("ecc", "high single-bit ECC rate"),
-    94: ("ecc", "contained ECC error"), 95: ("ecc", "uncontained ECC error"), 119: ("gsp", "GSP timeout"),
-    120: ("gsp", "GSP error"), 140: ("ecc", "unrecovered ECC error"),
+    48: ("ecc", "double-bit ECC error"),
+    63: ("memory", "row remap recorded"),
+    64: ("memory", "row remap failed"),
+    74: ("nvlink", "NVLink error"),
+    79: ("bus", "fallen off the bus"),
+    92: ("ecc", "high single-bit ECC rate"),
+    94: ("ecc", "contained ECC error"),
+    95: ("ecc", "uncontained ECC error"),
+    119: ("gsp", "GSP timeout"),
+    120: ("gsp", "GSP error"),
+    140: ("ecc", "unrecovered ECC error"),
 }
 XID_RE = re.compile(r"NVRM: Xid \(PCI:([0-9a-fA-F:.]+)\): (\d+)")
 KMSG = "/dev/kmsg"
@@ -70,8 +82,16 @@ def read_health(spec: str, kernel_log: str | None = KMSG) -> dict[str, Any]:
     finally:
         backend.close()
     xids, xid_error = read_xids(kernel_log) if kernel_log else ([], None)
-    return {"backend": backend.name, "count": count, "error": error, "readings": readings, "ts": time.time(),
-            "boot": _boot_id(), "xids": xids, "xid_error": xid_error}
+    return {
+        "backend": backend.name,
+        "count": count,
+        "error": error,
+        "readings": readings,
+        "ts": time.time(),
+        "boot": _boot_id(),
+        "xids": xids,
+        "xid_error": xid_error,
+    }
 
 
 def read_xids(path: str) -> tuple[list[list], str | None]:
@@ -130,8 +150,9 @@ def _bus(pci: str | None) -> str:
     return ":".join(parts[-2:]) if len(parts) >= 2 else ""
 
 
-def judge(doc: Mapping[str, Any], wanted: Sequence[int] | None, state: Mapping[str, Any] | None
-          ) -> tuple[list[Finding], dict[str, Any]]:
+def judge(
+    doc: Mapping[str, Any], wanted: Sequence[int] | None, state: Mapping[str, Any] | None
+) -> tuple[list[Finding], dict[str, Any]]:
     """(findings, new state) from a :func:`read_health` document. ``wanted``: the GPU indices the
     job will use (None: all); ``state``: what the last check returned (None: first check)."""
     state = dict(state or {})
@@ -141,8 +162,15 @@ def judge(doc: Mapping[str, Any], wanted: Sequence[int] | None, state: Mapping[s
     readings = {r["index"]: r for r in doc.get("readings", ())}
     count = int(doc.get("count") or 0)
     for i in sorted(set(wanted or ()) - set(range(count))):
-        findings.append(Finding(f"gpu{i}", "missing", f"{count} enumerated", "missing",
-                                f"the job asks for GPU {i}; NVML enumerates {count}"))
+        findings.append(
+            Finding(
+                f"gpu{i}",
+                "missing",
+                f"{count} enumerated",
+                "missing",
+                f"the job asks for GPU {i}; NVML enumerates {count}",
+            )
+        )
     seen = {r.get("uuid"): r["index"] for r in readings.values() if r.get("uuid")}
     for uuid in sorted(set(state.get("uuids", ())) - set(seen)):
         findings.append(Finding("node", "missing", uuid, "missing", "seen at the last check, not enumerated now"))
@@ -155,10 +183,22 @@ def judge(doc: Mapping[str, Any], wanted: Sequence[int] | None, state: Mapping[s
         findings += _device(f"gpu{i}", r, ecc_before.get(r.get("uuid")), pages_before.get(r.get("uuid")))
     new_state = {
         "uuids": sorted(set(state.get("uuids", ())) | set(seen)) if findings else sorted(seen),
-        "ecc_uncorrected": {**ecc_before, **{r["uuid"]: r["ecc_uncorrected_total"] for r in readings.values()
-                                              if r.get("uuid") and r.get("ecc_uncorrected_total") is not None}},
-        "retired_pages": {**pages_before, **{r["uuid"]: r["retired_pages"] for r in readings.values()
-                                             if r.get("uuid") and r.get("retired_pages") is not None}},
+        "ecc_uncorrected": {
+            **ecc_before,
+            **{
+                r["uuid"]: r["ecc_uncorrected_total"]
+                for r in readings.values()
+                if r.get("uuid") and r.get("ecc_uncorrected_total") is not None
+            },
+        },
+        "retired_pages": {
+            **pages_before,
+            **{
+                r["uuid"]: r["retired_pages"]
+                for r in readings.values()
+                if r.get("uuid") and r.get("retired_pages") is not None
+            },
+        },
         "boot": doc.get("boot"),
         "xid_seq": max([x[0] for x in doc.get("xids") or ()] + [_last_seq(state, doc)]),
     }
@@ -195,27 +235,55 @@ def _device(dev: str, r: Mapping[str, Any], ecc_before: int | None, pages_before
     out = []
     ecc = r.get("ecc_uncorrected_total")
     if ecc is not None and ecc_before is not None and ecc > ecc_before:
-        out.append(Finding(dev, "ecc", f"+{ecc - ecc_before}", "ecc",
-                           f"{ecc - ecc_before} uncorrectable ECC error(s) since the last check ({ecc} in all)"))
+        out.append(
+            Finding(
+                dev,
+                "ecc",
+                f"+{ecc - ecc_before}",
+                "ecc",
+                f"{ecc - ecc_before} uncorrectable ECC error(s) since the last check ({ecc} in all)",
+            )
+        )
     if r.get("remapped_rows_failed"):
         out.append(Finding(dev, "remapped_rows", "failed", "memory", "a row remap failed: the GPU needs service"))
     elif r.get("remapped_rows_pending"):
         out.append(Finding(dev, "remapped_rows", "pending", "memory", "a row remap waits for a GPU reset"))
     pages = r.get("retired_pages")
     if pages is not None and pages_before is not None and pages > pages_before:
-        out.append(Finding(dev, "retired_pages", f"+{pages - pages_before}", "memory",
-                           f"{pages - pages_before} page(s) retired since the last check ({pages} in all)"))
+        out.append(
+            Finding(
+                dev,
+                "retired_pages",
+                f"+{pages - pages_before}",
+                "memory",
+                f"{pages - pages_before} page(s) retired since the last check ({pages} in all)",
+            )
+        )
     if r.get("persistence_mode") is False:
-        out.append(Finding(dev, "persistence", "off", "config",
-                           "persistence mode is off (nvidia-smi -pm 1, or nvidia-persistenced)"))
+        out.append(
+            Finding(
+                dev,
+                "persistence",
+                "off",
+                "config",
+                "persistence mode is off (nvidia-smi -pm 1, or nvidia-persistenced)",
+            )
+        )
     util = r.get("util_pct")
     reasons = set(r.get("throttle_reasons") or ()) - IDLE_NORMAL
     if reasons and (util is None or util <= IDLE_UTIL_PCT):
         worst = sorted(reasons, key=lambda x: (x not in IDLE_CAUSE, x))[0]
         clock = r.get("sm_clock_mhz")
         value = f"{clock:.0f}MHz" if isinstance(clock, (int, float)) else "throttled"
-        out.append(Finding(dev, "idle_throttle", value, IDLE_CAUSE.get(worst, "clocks"),
-                           f"clocks held down while idle: {', '.join(sorted(reasons))}"))
+        out.append(
+            Finding(
+                dev,
+                "idle_throttle",
+                value,
+                IDLE_CAUSE.get(worst, "clocks"),
+                f"clocks held down while idle: {', '.join(sorted(reasons))}",
+            )
+        )
     return out
 
 

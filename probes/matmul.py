@@ -29,11 +29,19 @@ def prepare(dev, group=None, n: int | None = None, dtype: str | None = None):
     gpu = dev.kind == "cuda"
 
     def run(duration_s: float, n_windows: int, telemetry) -> list[dict]:
-        windows = run_windows(dev, step, batch_iters=batch, duration_s=duration_s,
-                              n_windows=n_windows, telemetry=telemetry)
-        return [{"probe": NAME, "settings": f"n={n},dtype={dtype}",
-                 "unit": "TFLOP/s" if gpu else "GFLOP/s", "work_per_iter": 2.0 * n**3,
-                 "scale": 1e12 if gpu else 1e9, "windows": windows}]
+        windows = run_windows(
+            dev, step, batch_iters=batch, duration_s=duration_s, n_windows=n_windows, telemetry=telemetry
+        )
+        return [
+            {
+                "probe": NAME,
+                "settings": f"n={n},dtype={dtype}",
+                "unit": "TFLOP/s" if gpu else "GFLOP/s",
+                "work_per_iter": 2.0 * n**3,
+                "scale": 1e12 if gpu else 1e9,
+                "windows": windows,
+            }
+        ]
 
     return run
 

@@ -30,10 +30,19 @@ def prepare(dev, group=None, nbytes: int | None = None):
     batch = calibrate(dev, step)
 
     def run(duration_s: float, n_windows: int, telemetry) -> list[dict]:
-        windows = run_windows(dev, step, batch_iters=batch, duration_s=duration_s,
-                              n_windows=n_windows, telemetry=telemetry)
-        return [{"probe": NAME, "settings": f"bytes={nbytes},op=copy", "unit": "GB/s",
-                 "work_per_iter": 2.0 * nbytes, "scale": 1e9, "windows": windows}]
+        windows = run_windows(
+            dev, step, batch_iters=batch, duration_s=duration_s, n_windows=n_windows, telemetry=telemetry
+        )
+        return [
+            {
+                "probe": NAME,
+                "settings": f"bytes={nbytes},op=copy",
+                "unit": "GB/s",
+                "work_per_iter": 2.0 * nbytes,
+                "scale": 1e9,
+                "windows": windows,
+            }
+        ]
 
     return run
 

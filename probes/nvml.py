@@ -51,8 +51,9 @@ INIT_HINTS = {
 # Our throttle-reason names (the one list: straggler.records.THROTTLE_REASONS) -> the pynvml constant's
 # suffix (the clock-event name first, the older throttle name second): the name in CamelCase, but one.
 _NVML_SPELLING = {"display_clocks_setting": "DisplayClockSetting"}
-REASON_CONSTANTS = tuple((name, _NVML_SPELLING.get(name) or "".join(w.capitalize() for w in name.split("_")))
-                         for name in THROTTLE_REASONS)
+REASON_CONSTANTS = tuple(
+    (name, _NVML_SPELLING.get(name) or "".join(w.capitalize() for w in name.split("_"))) for name in THROTTLE_REASONS
+)
 
 
 class NvmlFailure(NamedTuple):
@@ -70,7 +71,7 @@ def _nv():
 @functools.cache
 def _error_names() -> dict[int, str]:
     nv = _nv()
-    return {getattr(nv, n): n[len("NVML_ERROR_"):].lower() for n in dir(nv) if n.startswith("NVML_ERROR_")}
+    return {getattr(nv, n): n[len("NVML_ERROR_") :].lower() for n in dir(nv) if n.startswith("NVML_ERROR_")}
 
 
 def error_code(exc: BaseException) -> str:
@@ -159,7 +160,10 @@ def _clock_events(nv, h) -> frozenset[str]:
 
 
 def _retired_pages(nv, h) -> int:
-    causes = (nv.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS, nv.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)
+    causes = (
+        nv.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
+        nv.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
+    )
     return sum(len(nv.nvmlDeviceGetRetiredPages(h, c)) for c in causes)
 
 

@@ -26,10 +26,24 @@ def prepare(dev, group=None, nbytes: int = 256 * MiB):
     def run(duration_s: float, n_windows: int, telemetry) -> list[dict]:
         out = []
         for name, step in steps.items():
-            windows = run_windows(dev, step, batch_iters=batches[name], duration_s=duration_s / 2,
-                                  n_windows=n_windows, telemetry=telemetry)
-            out.append({"probe": name, "settings": f"bytes={nbytes},pinned=1", "unit": "GB/s",
-                        "work_per_iter": float(nbytes), "scale": 1e9, "windows": windows})
+            windows = run_windows(
+                dev,
+                step,
+                batch_iters=batches[name],
+                duration_s=duration_s / 2,
+                n_windows=n_windows,
+                telemetry=telemetry,
+            )
+            out.append(
+                {
+                    "probe": name,
+                    "settings": f"bytes={nbytes},pinned=1",
+                    "unit": "GB/s",
+                    "work_per_iter": float(nbytes),
+                    "scale": 1e9,
+                    "windows": windows,
+                }
+            )
         return out
 
     return run

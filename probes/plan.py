@@ -34,8 +34,9 @@ class ScanSettings:
 
     def problems(self) -> list[str]:
         numbers = (("start-at", self.start_at), ("duration", self.duration_s), ("deadline", self.deadline_s))
-        out = [f"--{k} must be a finite number, got {v}" for k, v in numbers
-               if v is not None and not abs(v) < float("inf")]
+        out = [
+            f"--{k} must be a finite number, got {v}" for k, v in numbers if v is not None and not abs(v) < float("inf")
+        ]
         if self.duration_s is not None and not self.duration_s > 0:
             out.append(f"--duration must be > 0 seconds, got {self.duration_s}")
         if self.deadline_s is not None and not self.deadline_s > 0:
@@ -94,7 +95,14 @@ def worker_plan(settings: ScanSettings, host: str, kind: str, probes: tuple[str,
     telemetry spec first (InputError), so a scan never starts workers that cannot read it."""
     check_telemetry(settings.telemetry)
     duration = settings.duration_s or DEFAULT_DURATION_S[kind]
-    return WorkerPlan(scan_id=settings.scan_id or new_scan_id(host), host=host, kind=kind,
-                      probes=probes, duration_s=duration, n_windows=settings.samples,
-                      telemetry=settings.telemetry, start_at=settings.start_at,
-                      group_timeout_s=2 * duration + 3 * settings.grace_s)
+    return WorkerPlan(
+        scan_id=settings.scan_id or new_scan_id(host),
+        host=host,
+        kind=kind,
+        probes=probes,
+        duration_s=duration,
+        n_windows=settings.samples,
+        telemetry=settings.telemetry,
+        start_at=settings.start_at,
+        group_timeout_s=2 * duration + 3 * settings.grace_s,
+    )

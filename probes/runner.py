@@ -29,8 +29,12 @@ from .distributed import RankRounds, run_rank
 from .plan import ScanResult, ScanSettings, WorkerPlan, check_settings, worker_plan
 from .worker import EXIT_ABORTED
 
-def run_scan(settings: ScanSettings, on_event: Callable[[dict], None] | None = None,
-             stopped: Callable[[], str | None] | None = None) -> ScanResult:
+
+def run_scan(
+    settings: ScanSettings,
+    on_event: Callable[[dict], None] | None = None,
+    stopped: Callable[[], str | None] | None = None,
+) -> ScanResult:
     """``stopped()``: the name of a signal the caller caught before this scan could install its own
     handlers (between the rounds of :class:`ScanRounds`), which stops this scan too; or None."""
     check_settings(settings)
@@ -100,8 +104,13 @@ class ScanRounds:
 
     def stop_failure(self) -> dict:
         host = self.first.host if self.first else host_name()
-        return {"host": host, "device": "-", "rank": None, "probe": "scan",
-                "error": f"scan stopped by {self.stopped_by} between rounds"}
+        return {
+            "host": host,
+            "device": "-",
+            "rank": None,
+            "probe": "scan",
+            "error": f"scan stopped by {self.stopped_by} between rounds",
+        }
 
     def window_s(self) -> float:
         return self.first.duration_s / self.settings.samples
@@ -110,11 +119,21 @@ class ScanRounds:
         s = self.settings
         if self.first is not None:
             left = None if s.deadline_s is None else s.deadline_s - (time.monotonic() - self.started)
-            s = replace(s, probes=tuple(probes), samples=samples, duration_s=self.window_s() * samples,
-                        scan_id=self.first.scan_id, start_at=None, deadline_s=left)
+            s = replace(
+                s,
+                probes=tuple(probes),
+                samples=samples,
+                duration_s=self.window_s() * samples,
+                scan_id=self.first.scan_id,
+                start_at=None,
+                deadline_s=left,
+            )
         t0, wait_s = time.monotonic(), max(0.0, (s.start_at or 0) - time.time())
-        res = self._launched(s, probes, samples) if launcher() is not None else \
-            run_scan(s, self._progress(self.done_probes), lambda: self.stopped_by)
+        res = (
+            self._launched(s, probes, samples)
+            if launcher() is not None
+            else run_scan(s, self._progress(self.done_probes), lambda: self.stopped_by)
+        )
         self.done_probes += tuple(p for p in probes if p in {r["probe"] for r in res.samples})
         if res.duration_s is not None:
             probing = len({r["probe"] for r in res.samples} or probes) * res.duration_s
@@ -187,8 +206,14 @@ class _WorkerState:
 class Watch:
     """Starts the local workers, collects their messages and enforces the deadlines."""
 
-    def __init__(self, plan: WorkerPlan, indices: tuple[int, ...], settings: ScanSettings,
-                 on_event: Callable[[dict], None] | None, stopped: Callable[[], str | None] | None = None):
+    def __init__(
+        self,
+        plan: WorkerPlan,
+        indices: tuple[int, ...],
+        settings: ScanSettings,
+        on_event: Callable[[dict], None] | None,
+        stopped: Callable[[], str | None] | None = None,
+    ):
         self.plan, self.indices, self.on_event = plan, indices, on_event
         self.stopped = stopped
         self.limits = deadlines(plan, settings.grace_s)
@@ -234,12 +259,23 @@ class Watch:
         env = dict(os.environ)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the local group never leaves loopback
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")  # (NCCL's bootstrap; its data goes over NVLink/PCIe)
-        env["STRAGGLER_WORKER"] = json.dumps({"plan": asdict(self.plan), "rank": rank,
-                                              "world_size": len(self.indices),
-                                              "device_index": device_index, "store_file": store_file})
-        proc = subprocess.Popen([sys.executable, "-m", "straggler.probes.worker"], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        env["STRAGGLER_WORKER"] = json.dumps(
+            {
+                "plan": asdict(self.plan),
+                "rank": rank,
+                "world_size": len(self.indices),
+                "device_index": device_index,
+                "store_file": store_file,
+            }
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "straggler.probes.worker"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         w = _WorkerState(rank, device_index, proc, deque(maxlen=20))
         threading.Thread(target=self._read, args=(w,), daemon=True).start()
         threading.Thread(target=lambda: w.stderr.extend(proc.stderr), daemon=True).start()
@@ -316,17 +352,28 @@ class Watch:
         """Record a failure; ``rank`` orders root causes first: 0 seen by the runner (a hang, a
         death, the deadline), 1 a worker's own error, 2 one that may follow from a peer's."""
         dev = w.hello["gpu"] if w.hello else f"{self.plan.kind}{w.device_index}"
-        self._failures.append((rank, len(self._failures), {"host": self.plan.host, "device": dev,
-                                                           "rank": w.rank, "probe": probe, "error": error}))
+        self._failures.append(
+            (
+                rank,
+                len(self._failures),
+                {"host": self.plan.host, "device": dev, "rank": w.rank, "probe": probe, "error": error},
+            )
+        )
 
     def result(self, device_notice: str, notes: list[str]) -> ScanResult:
         tel = ", ".join(sorted(self.telemetry_names)) or "none"
         notice = "; ".join([device_notice, f"telemetry {tel}", *notes, *sorted(self.notes)])
-        devices = [{k: w.hello[k] for k in ("host", "gpu", "index", "model")} | {"rank": w.rank}
-                   for w in self.workers if w.hello]
-        return ScanResult(scan_id=self.plan.scan_id, host=self.plan.host, backend=self.plan.kind,
-                          notice=notice, samples=self.samples,
-                          failures=[f for _, _, f in sorted(self._failures, key=lambda x: x[:2])],
-                          devices=devices)
-
-
+        devices = [
+            {k: w.hello[k] for k in ("host", "gpu", "index", "model")} | {"rank": w.rank}
+            for w in self.workers
+            if w.hello
+        ]
+        return ScanResult(
+            scan_id=self.plan.scan_id,
+            host=self.plan.host,
+            backend=self.plan.kind,
+            notice=notice,
+            samples=self.samples,
+            failures=[f for _, _, f in sorted(self._failures, key=lambda x: x[:2])],
+            devices=devices,
+        )

@@ -1,10 +1,10 @@
 """Background telemetry sampling during a probe window, and the window's summary.
 
-    sampler = Sampler(backend, index, interval_s=0.1)
-    with sampler.window() as w:
-        run_probe()
-    w.readings   # tuple of DeviceReading: one at the start, one every interval, one at the end
-    w.summary()  # the canonical telemetry columns for that window (missing values are None)
+sampler = Sampler(backend, index, interval_s=0.1)
+with sampler.window() as w:
+    run_probe()
+w.readings   # tuple of DeviceReading: one at the start, one every interval, one at the end
+w.summary()  # the canonical telemetry columns for that window (missing values are None)
 """
 
 from __future__ import annotations

@@ -136,6 +136,15 @@ def reading_from_dict(data: Mapping[str, Any], **overrides: Any) -> DeviceReadin
 
 
 __all__ = [
-    "THROTTLE_REASONS", "STATUS_OK", "STATUS_LOST", "STATUS_ERROR", "DeviceReading", "NodeSnapshot",
-    "TelemetryBackend", "READING_FIELDS", "IDENTITY_FIELDS", "reading_to_dict", "reading_from_dict",
+    "THROTTLE_REASONS",
+    "STATUS_OK",
+    "STATUS_LOST",
+    "STATUS_ERROR",
+    "DeviceReading",
+    "NodeSnapshot",
+    "TelemetryBackend",
+    "READING_FIELDS",
+    "IDENTITY_FIELDS",
+    "reading_to_dict",
+    "reading_from_dict",
 ]

@@ -144,16 +144,23 @@ class Group:
     """The workers' torch.distributed process group. ``data`` carries the measured collective
     (NCCL on GPU, gloo on CPU); ``ctl`` is always gloo, for barriers, timings and gathers."""
 
-    def __init__(self, device: Device, timeout_s: float, store_file: str | None = None,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        device: Device,
+        timeout_s: float,
+        store_file: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         t = torch()
         self.dist = t.distributed
         backend = "nccl" if device.kind == "cuda" else "gloo"
         kwargs: dict = {"device_id": device.tdev} if device.kind == "cuda" else {}
         timeout = timedelta(seconds=timeout_s)
         if store_file is not None:  # local runner: worker 0 hosts the rendezvous store on loopback
-            kwargs.update(store=_local_store(self.dist, store_file, rank, world_size, timeout_s),
-                          rank=rank, world_size=world_size)
+            kwargs.update(
+                store=_local_store(self.dist, store_file, rank, world_size, timeout_s), rank=rank, world_size=world_size
+            )
         self.dist.init_process_group(backend, timeout=timeout, **kwargs)
         self.rank = self.dist.get_rank()
         self.size = self.dist.get_world_size()

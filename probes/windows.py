@@ -46,8 +46,15 @@ def calibrate(dev, step: Callable[[], None], warmup_iters: int = 2, target_s: fl
     return max(1, int(target_s / max(per_iter, 1e-9)))
 
 
-def run_windows(dev, step: Callable[[], None], *, batch_iters: int, duration_s: float, n_windows: int,
-                telemetry: Callable[[], ContextManager] = no_telemetry) -> list[dict]:
+def run_windows(
+    dev,
+    step: Callable[[], None],
+    *,
+    batch_iters: int,
+    duration_s: float,
+    n_windows: int,
+    telemetry: Callable[[], ContextManager] = no_telemetry,
+) -> list[dict]:
     """Run ``step`` for ``duration_s`` in ``n_windows`` windows; raw timings per window."""
     window_s = duration_s / n_windows
     windows = []
@@ -61,15 +68,25 @@ def run_windows(dev, step: Callable[[], None], *, batch_iters: int, duration_s: 
                 if time.monotonic() >= stop:
                     break
             t_end = time.time()
-        windows.append({"t_start": t_start, "t_end": t_end, "batches": batches,
-                        "telemetry": tw.summary(), "readings": bad_readings(tw)})
+        windows.append(
+            {
+                "t_start": t_start,
+                "t_end": t_end,
+                "batches": batches,
+                "telemetry": tw.summary(),
+                "readings": bad_readings(tw),
+            }
+        )
     return windows
 
 
 def bad_readings(tw) -> list[dict]:
     """Telemetry readings of the window whose status was not ok (an NVML error mid-run)."""
-    return [{"ts": r.ts, "status": r.status, "errors": dict(r.errors)}
-            for r in getattr(tw, "readings", ()) if getattr(r, "status", "ok") != "ok"]
+    return [
+        {"ts": r.ts, "status": r.status, "errors": dict(r.errors)}
+        for r in getattr(tw, "readings", ())
+        if getattr(r, "status", "ok") != "ok"
+    ]
 
 
 def parse_windows(raw: dict) -> list[dict]:
@@ -80,8 +97,15 @@ def parse_windows(raw: dict) -> list[dict]:
         iters = sum(b[0] for b in w["batches"])
         secs = sum(b[1] for b in w["batches"])
         value = iters * raw["work_per_iter"] / secs / raw["scale"] if secs > 0 else math.nan
-        row = {"probe": raw["probe"], "settings": raw["settings"], "sample": i, "ts": w["t_end"],
-               "duration_s": w["t_end"] - w["t_start"], "value": value, "unit": raw["unit"]}
+        row = {
+            "probe": raw["probe"],
+            "settings": raw["settings"],
+            "sample": i,
+            "ts": w["t_end"],
+            "duration_s": w["t_end"] - w["t_start"],
+            "value": value,
+            "unit": raw["unit"],
+        }
         row.update(w.get("telemetry") or {})
         rows.append(row)
     return rows

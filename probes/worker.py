@@ -82,16 +82,31 @@ class DeviceWorker:
         self.rank, self.emit = rank, emit
         self.dev = Device(plan.kind, device_index)
         info = self.dev.describe()
-        self.tel = tel = WindowTelemetry(plan.telemetry, plan.kind, (lambda b: device_index) if plan.kind == "cpu"
-                                         else _nvml_index(info["uuid"], device_index), plan.interval_s)
+        self.tel = tel = WindowTelemetry(
+            plan.telemetry,
+            plan.kind,
+            (lambda b: device_index) if plan.kind == "cpu" else _nvml_index(info["uuid"], device_index),
+            plan.interval_s,
+        )
         # a GPU's identity comes from NVML when it is read; never from a CPU core's reading
         first = tel.first if tel.backend is not None and tel.backend.name != "cpu" else None
         gpu = info["gpu"] if plan.kind == "cpu" or not (first and first.uuid) else first.uuid
         model = info["model"] if plan.kind == "cpu" or not (first and first.model) else first.model
-        self.ident = {"scan_id": plan.scan_id, "host": plan.host, "gpu": gpu, "index": device_index,
-                      "model": model, "driver": tel.first.driver if tel.first else None}
-        self.hello = {"t": "hello", "rank": rank, **self.ident, "telemetry": tel.backend.name if tel.backend else None,
-                      "note": tel.note or getattr(tel.backend, "notice", None)}
+        self.ident = {
+            "scan_id": plan.scan_id,
+            "host": plan.host,
+            "gpu": gpu,
+            "index": device_index,
+            "model": model,
+            "driver": tel.first.driver if tel.first else None,
+        }
+        self.hello = {
+            "t": "hello",
+            "rank": rank,
+            **self.ident,
+            "telemetry": tel.backend.name if tel.backend else None,
+            "note": tel.note or getattr(tel.backend, "notice", None),
+        }
         self.group = None
         emit(self.hello)
 
@@ -118,8 +133,9 @@ class DeviceWorker:
             self.group.close()
 
 
-def run_worker(plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[dict], None],
-               group_factory: Callable) -> int:
+def run_worker(
+    plan: WorkerPlan, rank: int, device_index: int, emit: Callable[[dict], None], group_factory: Callable
+) -> int:
     """Run the whole probe plan on one device (one round); returns the worker's exit code."""
     worker = DeviceWorker(plan, rank, device_index, emit)
     try:
@@ -147,7 +163,7 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
             group.barrier()
         except Exception as e:  # noqa: BLE001 - a peer died or hung; what we measured is kept
             why = one_line(e).split(". ")[0][:160]  # gloo's messages run on for lines
-            for rest in plan.probes[plan.probes.index(name):]:
+            for rest in plan.probes[plan.probes.index(name) :]:
                 fail(rest, f"not run: the process group broke after a peer failed ({why})", True)
             return EXIT_ABORTED
         if name not in runs:
@@ -175,8 +191,11 @@ def _probe_loop(plan, rank, dev, group, tel, ident, emit, fail) -> int:
         emit({"t": "samples", "rank": rank, "probe": name, "rows": rows})
         if bad:
             detail = ", ".join(f"{k}={v}" for k, v in sorted(bad[0]["errors"].items())) or "no detail"
-            fail(name, f"telemetry: {len(bad)} reading(s) failed during the probe "
-                       f"(status {bad[0]['status']}: {detail}); its samples are kept")
+            fail(
+                name,
+                f"telemetry: {len(bad)} reading(s) failed during the probe "
+                f"(status {bad[0]['status']}: {detail}); its samples are kept",
+            )
         emit({"t": "phase", "rank": rank, "probe": name, "state": "done"})
     emit({"t": "done", "rank": rank})
     return 0
@@ -211,8 +230,9 @@ def main() -> None:
     def group_factory(dev):
         from .torchdev import Group
 
-        return Group(dev, plan.group_timeout_s, store_file=spec["store_file"], rank=spec["rank"],
-                     world_size=spec["world_size"])
+        return Group(
+            dev, plan.group_timeout_s, store_file=spec["store_file"], rank=spec["rank"], world_size=spec["world_size"]
+        )
 
     try:
         code = run_worker(plan, spec["rank"], spec["device_index"], emit, group_factory)

@@ -21,7 +21,11 @@ COMMANDS = {
     "agent": ("straggler.commands.agent", "agent", "Run the per-node daemon (telemetry, idle probes, uploads)."),
     "collector": ("straggler.commands.collector", "collector", "Run the fleet collector service."),
     "gate": ("straggler.commands.gate", "gate", "Pre-job health gate: may this node run a job? (within a budget)"),
-    "quarantine": ("straggler.commands.quarantine", "quarantine", "Drained nodes: list, drain, resume by hand; Slurm placement hints."),
+    "quarantine": (
+        "straggler.commands.quarantine",
+        "quarantine",
+        "Drained nodes: list, drain, resume by hand; Slurm placement hints.",
+    ),
 }
 
 

@@ -170,7 +170,7 @@ def load(
         problems.append(str(e))
         cfg = None
     check = getattr(cfg, "problems", None)
-    for p in (check() if callable(check) else []):
+    for p in check() if callable(check) else []:
         if p.split(":", 1)[0].split(" ", 1)[0] not in failed:
             problems.append(_from(p, origin))
     if not problems and cfg is not None:
@@ -251,8 +251,12 @@ def check_sqlite(key: str, path: Path, opener: Callable[[Path], Any], latest_ver
         except sqlite3.Error as e:
             raise ConfigError([f"{key}: {path} cannot be opened as an SQLite database ({e})"]) from None
         if latest_version is not None and found > latest_version:
-            raise ConfigError([f"{key}: {path} cannot be opened as an SQLite database (database schema version "
-                               f"{found} is newer than this program ({latest_version}))"])
+            raise ConfigError(
+                [
+                    f"{key}: {path} cannot be opened as an SQLite database (database schema version "
+                    f"{found} is newer than this program ({latest_version}))"
+                ]
+            )
         return
     # the WAL files only with a database created here: beside an existing one they may be another
     # process's (SQLite removes its own at the last close)

@@ -25,7 +25,14 @@ REASON_MAX_CHARS = 50  # `sinfo -R` shows 50 characters of a reason by default (
 DEFAULT_TIMEOUT_S = 10.0  # scontrol answers in well under a second; slurmctld down takes its own ~10 s
 # states DrainAction.state returns
 DRAINED, DRAINING, IDLE, ALLOCATED, MIXED, DOWN, UNKNOWN = (
-    "drained", "draining", "idle", "allocated", "mixed", "down", "unknown")
+    "drained",
+    "draining",
+    "idle",
+    "allocated",
+    "mixed",
+    "down",
+    "unknown",
+)
 
 
 class DrainError(StragglerError):
@@ -72,8 +79,9 @@ class ScontrolAction:
 
     name = "scontrol"
 
-    def __init__(self, scontrol: str = "scontrol", timeout_s: float = DEFAULT_TIMEOUT_S,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self, scontrol: str = "scontrol", timeout_s: float = DEFAULT_TIMEOUT_S, env: dict[str, str] | None = None
+    ):
         self.scontrol = scontrol
         self.timeout_s = timeout_s
         self.env = env
@@ -103,17 +111,24 @@ class ScontrolAction:
     def _run(self, args: list[str], what: str) -> str:
         cmd = [self.scontrol, *args]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s,
-                               env=self.env if self.env is not None else os.environ.copy(),
-                               stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout_s,
+                env=self.env if self.env is not None else os.environ.copy(),
+                stdin=subprocess.DEVNULL,
+            )
         except FileNotFoundError:
-            raise DrainError(f"cannot {what}: {self.scontrol} not found (install slurm-client, or give "
-                             "its path)") from None
+            raise DrainError(
+                f"cannot {what}: {self.scontrol} not found (install slurm-client, or give its path)"
+            ) from None
         except PermissionError:
             raise DrainError(f"cannot {what}: {self.scontrol} is not executable") from None
         except subprocess.TimeoutExpired:
-            raise DrainError(f"cannot {what}: {self.scontrol} did not answer in {self.timeout_s:g} s "
-                             "(is slurmctld up?)") from None
+            raise DrainError(
+                f"cannot {what}: {self.scontrol} did not answer in {self.timeout_s:g} s (is slurmctld up?)"
+            ) from None
         if r.returncode != 0:
             why = _clean(r.stderr or r.stdout)[:200] or f"exit code {r.returncode}"
             raise DrainError(f"cannot {what}: {self.scontrol} {args[0]} failed: {why}")
@@ -126,7 +141,7 @@ def parse_state(show_node: str) -> str:
     unknown (never idle)."""
     for field in show_node.split():
         if field.startswith("State="):
-            state = field[len("State="):].upper()
+            state = field[len("State=") :].upper()
             break
     else:
         return UNKNOWN

@@ -88,12 +88,21 @@ class GateReport:
         return ", ".join(f"{p.name} {p.duration_s:.1f} s" for p in self.phases)
 
     def to_json(self) -> dict:
-        return {"host": self.host, **self.slurm, "exit_code": self.exit_code, "budget_s": self.budget_s,
-                "elapsed_s": round(self.elapsed_s, 3), "devices": self.devices,
-                "reference": self.reference.to_json() if self.reference else None,
-                "phases": [{"phase": p.name, "duration_s": round(p.duration_s, 3), "status": p.status}
-                           for p in self.phases],
-                "rounds": self.rounds, "notes": self.notes, "findings": [f.to_json() for f in self.findings]}
+        return {
+            "host": self.host,
+            **self.slurm,
+            "exit_code": self.exit_code,
+            "budget_s": self.budget_s,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "devices": self.devices,
+            "reference": self.reference.to_json() if self.reference else None,
+            "phases": [
+                {"phase": p.name, "duration_s": round(p.duration_s, 3), "status": p.status} for p in self.phases
+            ],
+            "rounds": self.rounds,
+            "notes": self.notes,
+            "findings": [f.to_json() for f in self.findings],
+        }
 
 
 def default_state_dir() -> Path:
@@ -165,17 +174,32 @@ class Gate:
         doc: dict[str, Any]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL)
-            doc = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else \
-                {"error": f"the NVML check exited with code {out.returncode}: {_last_line(out.stderr)}"}
+            doc = (
+                json.loads(out.stdout.strip().splitlines()[-1])
+                if out.stdout.strip()
+                else {"error": f"the NVML check exited with code {out.returncode}: {_last_line(out.stderr)}"}
+            )
         except subprocess.TimeoutExpired:
-            self.report.findings.append(Finding("node", "nvml", f"no answer in {limit:.1f} s", "hang",
-                                                "an NVML call hung: the check was killed", ERROR))
+            self.report.findings.append(
+                Finding(
+                    "node",
+                    "nvml",
+                    f"no answer in {limit:.1f} s",
+                    "hang",
+                    "an NVML call hung: the check was killed",
+                    ERROR,
+                )
+            )
             return "cuda" if self.s.device == "cuda" else None
         except ValueError:
             doc = {"error": "the NVML check printed no JSON"}
         error = doc.get("error")
-        if error and self.s.device != "cuda" and any(s in error for s in NO_DRIVER) \
-                and not os.path.exists("/dev/nvidiactl"):
+        if (
+            error
+            and self.s.device != "cuda"
+            and any(s in error for s in NO_DRIVER)
+            and not os.path.exists("/dev/nvidiactl")
+        ):
             if self.s.device == "auto" or self.s.device == "cpu":
                 raise _Skipped(f"no NVIDIA driver ({error.split(':')[0]}): CPU node", "cpu") from None
         state_file = self.state_dir / "gate-health.json"
@@ -189,8 +213,9 @@ class Gate:
         self.report.findings += findings
         if not error:
             write_json(state_file, new_state)
-        self.report.devices += [f"gpu{r['index']}" for r in doc.get("readings", ())
-                                if self.s.gpus is None or r["index"] in self.s.gpus]
+        self.report.devices += [
+            f"gpu{r['index']}" for r in doc.get("readings", ()) if self.s.gpus is None or r["index"] in self.s.gpus
+        ]
         if self.s.device == "cpu":
             return "cpu"
         if error:
@@ -202,9 +227,13 @@ class Gate:
         from .reference import fleet_reference
 
         names = {n for n in (self.s.node, self.report.slurm.get("slurm_node"), self.report.host) if n}
-        ref = fleet_reference(self.s.collector, self.state_dir / "fleet-reference.json",
-                              min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)), self.s.token,
-                              node=names)
+        ref = fleet_reference(
+            self.s.collector,
+            self.state_dir / "fleet-reference.json",
+            min(REFERENCE_LIMIT_S, max(self.left_s() - JUDGE_RESERVE_S, 0.1)),
+            self.s.token,
+            node=names,
+        )
         self.report.reference = ref
 
     # ---- probes
@@ -218,23 +247,36 @@ class Gate:
         probes = tuple(p for p in self.s.probes if kind == "cuda" or p != "pcie")
         deadline = self.left_s() - JUDGE_RESERVE_S
         if deadline <= 1.0:
-            self.report.findings.append(Finding("node", "budget", f"{self.left_s():.1f} s left", "budget",
-                                                "no time left to probe", ERROR))
+            self.report.findings.append(
+                Finding("node", "budget", f"{self.left_s():.1f} s left", "budget", "no time left to probe", ERROR)
+            )
             return None
-        settings = ScanSettings(probes=probes, duration_s=self.s.duration_s or GATE_DURATION_S[kind],
-                                device=kind, samples=self.s.samples, deadline_s=deadline)
+        settings = ScanSettings(
+            probes=probes,
+            duration_s=self.s.duration_s or GATE_DURATION_S[kind],
+            device=kind,
+            samples=self.s.samples,
+            deadline_s=deadline,
+        )
         rounds = ScanRounds(settings)
-        res = remeasure(rounds.measure, self._verdicts, probes, self.s.samples, max_rounds=self.s.max_rounds,
-                        fits=rounds.fits)
+        res = remeasure(
+            rounds.measure, self._verdicts, probes, self.s.samples, max_rounds=self.s.max_rounds, fits=rounds.fits
+        )
         self.report.rounds = res.to_json()
         for f in res.failures:
             hung = "hung" in f["error"] or "deadline" in f["error"]
-            self.report.findings.append(Finding(
-                _label(f.get("device"), kind, self.s.gpus), "probe", f.get("probe") or "-",
-                "hang" if hung else "error", f["error"], ERROR))
+            self.report.findings.append(
+                Finding(
+                    _label(f.get("device"), kind, self.s.gpus),
+                    "probe",
+                    f.get("probe") or "-",
+                    "hang" if hung else "error",
+                    f["error"],
+                    ERROR,
+                )
+            )
         if not self.report.devices or kind == "cpu":
-            self.report.devices = sorted({_label(r.get("gpu"), kind, self.s.gpus, r.get("index"))
-                                          for r in res.samples})
+            self.report.devices = sorted({_label(r.get("gpu"), kind, self.s.gpus, r.get("index")) for r in res.samples})
         return res
 
     def _verdicts(self, samples: list[dict]) -> list[dict]:
@@ -246,8 +288,9 @@ class Gate:
     # ---- judge
     def _judge(self, res, kind: str) -> None:
         ref = self.report.reference
-        self.report.findings += judge_samples(res.samples, kind, self.s.gpus, self._refs(),
-                                              ref.source if ref is not None else PEERS)
+        self.report.findings += judge_samples(
+            res.samples, kind, self.s.gpus, self._refs(), ref.source if ref is not None else PEERS
+        )
 
 
 def analysis_table(samples: list[dict], refs) -> pd.DataFrame:
@@ -261,8 +304,9 @@ def analysis_table(samples: list[dict], refs) -> pd.DataFrame:
     return analyze(to_frame(samples), config=config).devices
 
 
-def judge_samples(samples: list[dict], kind: str, gpus: tuple[int, ...] | None = None, refs=None,
-                  source: str = PEERS) -> list[Finding]:
+def judge_samples(
+    samples: list[dict], kind: str, gpus: tuple[int, ...] | None = None, refs=None, source: str = PEERS
+) -> list[Finding]:
     """The probes' findings (pure): a straggler is a failure, an undecided device could not be
     decided; then the node against the fleet reference and, on GPUs, PCIe under load."""
     from .errors import StragglerError
@@ -305,8 +349,11 @@ def _against_fleet(table, refs, source: str) -> list[Finding]:
         fleet = refs.get(f"{model}|{probe}|{settings if settings == settings else ''}")
         node = group["value"].median()
         if fleet and node == node and node / fleet < 1 - min_effect:
-            out.append(Finding("node", probe, f"{node / fleet:.2f}x", "slow",
-                               f"node median against the fleet reference ({source})"))
+            out.append(
+                Finding(
+                    "node", probe, f"{node / fleet:.2f}x", "slow", f"node median against the fleet reference ({source})"
+                )
+            )
     return out
 
 
@@ -320,10 +367,13 @@ def _pcie(samples: list[dict], gpus) -> list[Finding]:
         cur = (r["pcie_gen"], r.get("pcie_width") or 0)
         seen = best.get(dev, (0, 0))[:2]
         best[dev] = (*max(seen, cur), r.get("pcie_gen_max"), r.get("pcie_width_max"))
-    return [Finding(dev, "pcie", f"gen{gen}x{width}", "pcie",
-                    f"link under load gen{gen} x{width} of gen{gen_max} x{width_max}")
-            for dev, (gen, width, gen_max, width_max) in sorted(best.items())
-            if (gen_max and gen < gen_max) or (width_max and width < width_max)]
+    return [
+        Finding(
+            dev, "pcie", f"gen{gen}x{width}", "pcie", f"link under load gen{gen} x{width} of gen{gen_max} x{width_max}"
+        )
+        for dev, (gen, width, gen_max, width_max) in sorted(best.items())
+        if (gen_max and gen < gen_max) or (width_max and width < width_max)
+    ]
 
 
 class _Skipped(Exception):
@@ -349,4 +399,3 @@ def _short(text, limit: int = 160) -> str:
 
 def _last_line(text: str) -> str:
     return next((s.strip() for s in reversed((text or "").splitlines()) if s.strip()), "no output")
-

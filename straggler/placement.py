@@ -32,8 +32,13 @@ class Hint:
     devices: int  # devices of the node with a class
 
     def to_json(self) -> dict:
-        return {"node": self.node, "perf_class": self.perf_class, "weight": self.weight, "feature": self.feature,
-                "devices": self.devices}
+        return {
+            "node": self.node,
+            "perf_class": self.perf_class,
+            "weight": self.weight,
+            "feature": self.feature,
+            "devices": self.devices,
+        }
 
 
 def node_hints(entries: Iterable[Mapping]) -> list[Hint]:
@@ -58,15 +63,21 @@ def scontrol_commands(hints: Iterable[Hint], features: Mapping[str, Iterable[str
     for h in hints:
         keep = [f for f in (features or {}).get(h.node, ()) if f and not f.startswith(FEATURE_PREFIX)]
         feats = ",".join(keep + [h.feature])
-        out.append(f"scontrol update NodeName={h.node} Weight={h.weight} AvailableFeatures={feats} ActiveFeatures={feats}")
+        out.append(
+            f"scontrol update NodeName={h.node} Weight={h.weight} AvailableFeatures={feats} ActiveFeatures={feats}"
+        )
     return out
 
 
 def slurm_conf(hints: Iterable[Hint]) -> str:
     """A ``slurm.conf`` fragment: each node's ``Weight`` and feature, to merge into its ``NodeName=`` line
     (a job then asks for a class with ``--constraint=perf_a``)."""
-    lines = ["# straggler placement hints: merge Weight= and the perf_* feature into each node's NodeName= line",
-             "# (keep its other Features; jobs pick a class with --constraint=perf_a; lower Weight is used first)"]
-    lines += [f"NodeName={h.node} Weight={h.weight} Features={h.feature}  # class {h.perf_class}, {h.devices} device(s)"
-              for h in hints]
+    lines = [
+        "# straggler placement hints: merge Weight= and the perf_* feature into each node's NodeName= line",
+        "# (keep its other Features; jobs pick a class with --constraint=perf_a; lower Weight is used first)",
+    ]
+    lines += [
+        f"NodeName={h.node} Weight={h.weight} Features={h.feature}  # class {h.perf_class}, {h.devices} device(s)"
+        for h in hints
+    ]
     return "\n".join(lines) + "\n"

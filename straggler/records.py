@@ -80,8 +80,19 @@ STRING_COLUMNS = frozenset(
 
 # Integer columns: indices, counts, PCIe generation and width. Every other non-string column is real.
 INT_COLUMNS = frozenset(
-    {"index", "sample", "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max", "ecc_corrected_total",
-     "ecc_uncorrected_total", "retired_pages", "remapped_rows", "processes"}
+    {
+        "index",
+        "sample",
+        "pcie_gen",
+        "pcie_gen_max",
+        "pcie_width",
+        "pcie_width_max",
+        "ecc_corrected_total",
+        "ecc_uncorrected_total",
+        "retired_pages",
+        "remapped_rows",
+        "processes",
+    }
 )
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -93,16 +104,12 @@ def file_format(path: str | Path) -> str:
     try:
         return SUFFIXES[suffix]
     except KeyError:
-        raise InputError(
-            f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .jsonl or .parquet"
-        ) from None
+        raise InputError(f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .jsonl or .parquet") from None
 
 
 def result_id(row: Mapping) -> str:
     """A stable id for one sample, so uploads and replays are idempotent."""
-    key = "\x1f".join(
-        str(row.get(c, "")) for c in ("scan_id", "host", "gpu", "probe", "settings", "sample", "ts")
-    )
+    key = "\x1f".join(str(row.get(c, "")) for c in ("scan_id", "host", "gpu", "probe", "settings", "sample", "ts"))
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -127,10 +134,20 @@ THROTTLE_BITS = {
 THROTTLE_REASONS = tuple(THROTTLE_BITS)
 # Prefixes of the NVML / DCGM spellings of a reason ("nvmlClocksThrottleReasonSwPowerCap",
 # "DCGM_CLOCKS_THROTTLE_REASON_SW_POWER_CAP", "clocks_event_reason_sw_power_cap"), after snake-casing.
-_REASON_PREFIXES = ("nvml_clocks_throttle_reason_", "nvml_clocks_event_reason_", "dcgm_clocks_throttle_reason_",
-                    "dcgm_clocks_event_reason_", "clocks_throttle_reason_", "clocks_event_reason_")
-_REASON_ALIASES = {"display_clock_setting": "display_clocks_setting", "sw_thermal": "sw_thermal_slowdown",
-                   "hw_thermal": "hw_thermal_slowdown", "hw_power_brake": "hw_power_brake_slowdown"}
+_REASON_PREFIXES = (
+    "nvml_clocks_throttle_reason_",
+    "nvml_clocks_event_reason_",
+    "dcgm_clocks_throttle_reason_",
+    "dcgm_clocks_event_reason_",
+    "clocks_throttle_reason_",
+    "clocks_event_reason_",
+)
+_REASON_ALIASES = {
+    "display_clock_setting": "display_clocks_setting",
+    "sw_thermal": "sw_thermal_slowdown",
+    "hw_thermal": "hw_thermal_slowdown",
+    "hw_power_brake": "hw_power_brake_slowdown",
+}
 
 
 def _reason_name(word: str) -> str:
@@ -143,7 +160,7 @@ def _reason_name(word: str) -> str:
     name = "".join(out).replace("-", "_").replace(" ", "_")
     for prefix in _REASON_PREFIXES:
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return _REASON_ALIASES.get(name, name)
 
 
@@ -208,8 +225,12 @@ def empty_frame() -> "pd.DataFrame":
     """A table of no rows with every canonical column (what a scan that measured nothing writes)."""
     import pandas as pd
 
-    return pd.DataFrame({c: pd.Series(dtype="string" if c in STRING_COLUMNS else "Int64" if c in INT_COLUMNS
-                                      else "float64") for c in COLUMNS})
+    return pd.DataFrame(
+        {
+            c: pd.Series(dtype="string" if c in STRING_COLUMNS else "Int64" if c in INT_COLUMNS else "float64")
+            for c in COLUMNS
+        }
+    )
 
 
 def to_frame(rows: Iterable[Mapping]) -> "pd.DataFrame":
@@ -288,8 +309,10 @@ def _json_document(path: Path) -> "list | None":
     if isinstance(doc.get("samples"), list):
         return doc["samples"]
     if isinstance(doc.get("gpus"), list) and isinstance(doc.get("summary"), dict):
-        raise InputError(f"{path}: a `straggler analyze --json` document (verdicts, not samples); "
-                         "give the result table it was made from")
+        raise InputError(
+            f"{path}: a `straggler analyze --json` document (verdicts, not samples); "
+            "give the result table it was made from"
+        )
     return None
 
 
@@ -322,8 +345,9 @@ def _read_csv(path) -> "pd.DataFrame":
     return df.astype({c: "string" for c in STRING_COLUMNS if c in df.columns})
 
 
-def read_table(paths: "str | Path | Iterable[str | Path]",
-               required: Iterable[str] = REQUIRED_COLUMNS) -> "pd.DataFrame":
+def read_table(
+    paths: "str | Path | Iterable[str | Path]", required: Iterable[str] = REQUIRED_COLUMNS
+) -> "pd.DataFrame":
     """Read and concatenate result tables: CSV, JSON Lines, Parquet, or the document of
     ``straggler scan --json`` (its samples). Unknown types, unreadable files and a file without a
     ``required`` column raise InputError naming the file."""
@@ -353,13 +377,18 @@ def read_table(paths: "str | Path | Iterable[str | Path]",
             raise InputError(f"{p}: cannot read as {fmt}: {first}") from None
         missing = [c for c in required if c not in df.columns]
         if missing:
-            raise InputError(f"{p}: missing required column{'s' if len(missing) > 1 else ''} "
-                             f"{', '.join(missing)} (found: {_columns_line(df)})")
+            raise InputError(
+                f"{p}: missing required column{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} (found: {_columns_line(df)})"
+            )
         frames.append(df)
     if not frames:
         raise InputError("no result files given")
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     # what the analysis names in a message about a row (its row numbers count from 1 in this table)
-    df.attrs["source"] = str(paths[0]) if len(paths) == 1 else \
-        f"{' + '.join(str(p) for p in paths)} (rows counted across the files in this order)"
+    df.attrs["source"] = (
+        str(paths[0])
+        if len(paths) == 1
+        else f"{' + '.join(str(p) for p in paths)} (rows counted across the files in this order)"
+    )
     return df

@@ -43,15 +43,20 @@ def reference_values(gpus: Iterable[Mapping[str, Any]], leave_out: Collection[st
             continue
         for p in g.get("probes") or ():
             v = p.get("value")
-            if p.get("straggler") or p.get("verdict") in ("straggler", "undecided") or \
-                    not isinstance(v, (int, float)) or not v > 0:
+            if (
+                p.get("straggler")
+                or p.get("verdict") in ("straggler", "undecided")
+                or not isinstance(v, (int, float))
+                or not v > 0
+            ):
                 continue
             groups.setdefault(f"{g.get('model')}|{p.get('probe')}|{p.get('settings') or ''}", []).append(float(v))
     return {k: statistics.median(vs) for k, vs in groups.items()}
 
 
-def fleet_reference(url: str | None, cache: Path | None, timeout_s: float,
-                    token: str | None = None, node: Collection[str] = ()) -> FleetReference:
+def fleet_reference(
+    url: str | None, cache: Path | None, timeout_s: float, token: str | None = None, node: Collection[str] = ()
+) -> FleetReference:
     """The reference from ``url`` (within ``timeout_s``; ``token``: the collector's bearer token, which
     its fleet reads need unless it sets ``open_reads``), else from ``cache``, else none. ``node``: the
     names the judged node may have at the collector (its Slurm name, its host name); its own
@@ -85,8 +90,9 @@ def fleet_reference(url: str | None, cache: Path | None, timeout_s: float,
 
 
 def _get_gpus(url: str, timeout_s: float, token: str | None = None) -> list:
-    req = urllib.request.Request(url.rstrip("/") + "/api/v1/gpus",
-                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    req = urllib.request.Request(
+        url.rstrip("/") + "/api/v1/gpus", headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     with urllib.request.urlopen(req, timeout=max(timeout_s, 0.1)) as r:
         doc = json.loads(r.read())
     gpus = doc.get("gpus") if isinstance(doc, dict) else None

@@ -61,19 +61,30 @@ class Remeasured:
     stopped: str = ""  # why no further round ran, one line
 
     def to_json(self) -> dict:
-        return {"rounds": len(self.rounds), "max_rounds": self.max_rounds, "stopped": self.stopped,
-                "per_round": [{"round": r.number, "probes": list(r.probes), "samples": r.samples,
-                               "undecided": r.undecided} for r in self.rounds]}
+        return {
+            "rounds": len(self.rounds),
+            "max_rounds": self.max_rounds,
+            "stopped": self.stopped,
+            "per_round": [
+                {"round": r.number, "probes": list(r.probes), "samples": r.samples, "undecided": r.undecided}
+                for r in self.rounds
+            ],
+        }
 
     def line(self) -> str:
         """``rounds: 2 of at most 4 (all decided)`` for the table."""
         return f"rounds: {len(self.rounds)} of at most {self.max_rounds} ({self.stopped})"
 
 
-def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
-              analyze: Callable[[list[dict]], Iterable[dict]], probes: tuple[str, ...], samples: int,
-              max_rounds: int = DEFAULT_MAX_ROUNDS, max_samples: int | None = None,
-              fits: Callable[[tuple[str, ...], int], str | None] | None = None) -> Remeasured:
+def remeasure(
+    measure: Callable[[tuple[str, ...], int], Measured],
+    analyze: Callable[[list[dict]], Iterable[dict]],
+    probes: tuple[str, ...],
+    samples: int,
+    max_rounds: int = DEFAULT_MAX_ROUNDS,
+    max_samples: int | None = None,
+    fits: Callable[[tuple[str, ...], int], str | None] | None = None,
+) -> Remeasured:
     """Run ``measure(probes, samples)`` (one round on every device; ``.samples`` and ``.failures``)
     and ``analyze(samples)`` (one dict per device and probe with ``host``, ``gpu``, ``probe``,
     ``verdict``, ``samples_needed`` and ``basis``) in turn, as the module says. ``fits(probes, samples)`` is a
@@ -82,8 +93,7 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     max_samples = max_samples or ROUND_SAMPLES_FACTOR * samples
     first = measure(tuple(probes), samples)
-    out = Remeasured(first=first, samples=list(first.samples), failures=list(first.failures),
-                     max_rounds=max_rounds)
+    out = Remeasured(first=first, samples=list(first.samples), failures=list(first.failures), max_rounds=max_rounds)
     ran = {r.get("probe") for r in first.samples}  # a probe the plan skipped (pcie on a CPU) did not run
     round_probes, round_samples = tuple(p for p in probes if p in ran) or tuple(probes), samples
     while True:
@@ -99,12 +109,16 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
         out.rounds.append(Round(len(out.rounds) + 1, round_probes, round_samples, undecided))
         decidable = [e for e in entries if _needed(e) is not None or e.get("basis") not in (None, NONE)]
         if out.failures:  # a failed round is reported as such; no further round on a broken scan
-            out.stopped = f"a failure in round {len(out.rounds)}" + (f", {undecided} still undecided" if entries else "")
+            out.stopped = f"a failure in round {len(out.rounds)}" + (
+                f", {undecided} still undecided" if entries else ""
+            )
         elif not entries:
             out.stopped = STOP_DECIDED
         elif not decidable:
-            out.stopped = f"{undecided} undecided that more samples cannot decide " \
-                          f"({entries[0].get('undecided_reason') or 'no samples_needed'})"
+            out.stopped = (
+                f"{undecided} undecided that more samples cannot decide "
+                f"({entries[0].get('undecided_reason') or 'no samples_needed'})"
+            )
         elif len(out.rounds) >= max_rounds:
             out.stopped = f"{STOP_MAX_ROUNDS}, {undecided} still undecided"
         else:
@@ -120,8 +134,15 @@ def remeasure(measure: Callable[[tuple[str, ...], int], Measured],
                     res = measure(round_probes, round_samples)
                 except Exception as e:  # noqa: BLE001 - a round that cannot start loses none of the earlier ones
                     why = str(e) if isinstance(e, StragglerError) else f"{type(e).__name__}: {e}"
-                    out.failures.append({"host": getattr(first, "host", "-"), "device": "-", "rank": None,
-                                         "probe": f"round {len(out.rounds) + 1}", "error": f"could not run: {why}"})
+                    out.failures.append(
+                        {
+                            "host": getattr(first, "host", "-"),
+                            "device": "-",
+                            "rank": None,
+                            "probe": f"round {len(out.rounds) + 1}",
+                            "error": f"could not run: {why}",
+                        }
+                    )
                     out.stopped = f"a failure in round {len(out.rounds) + 1}, {undecided} still undecided"
                     return out
                 out.samples += renumber(out.samples, res.samples)
@@ -144,8 +165,12 @@ def renumber(before: list[dict], rows: list[dict]) -> list[dict]:
         key, s = (r.get("probe"), r.get("settings")), r.get("sample")
         if isinstance(s, (int, float)) and math.isfinite(s):
             top[key] = max(top.get(key, -1), int(s))
-    return [{**r, "sample": r["sample"] + top.get((r.get("probe"), r.get("settings")), -1) + 1}
-            if isinstance(r.get("sample"), (int, float)) else dict(r) for r in rows]
+    return [
+        {**r, "sample": r["sample"] + top.get((r.get("probe"), r.get("settings")), -1) + 1}
+        if isinstance(r.get("sample"), (int, float))
+        else dict(r)
+        for r in rows
+    ]
 
 
 def analysis_verdicts(samples: list[dict]) -> list[dict]:
@@ -157,6 +182,9 @@ def analysis_verdicts(samples: list[dict]) -> list[dict]:
     from .records import to_frame
 
     devices = analyze(to_frame(samples)).devices
-    cols = [c for c in ("host", "gpu", "probe", "verdict", "samples_needed", "undecided_reason", "basis")
-            if c in devices.columns]
+    cols = [
+        c
+        for c in ("host", "gpu", "probe", "verdict", "samples_needed", "undecided_reason", "basis")
+        if c in devices.columns
+    ]
     return devices[cols].to_dict("records")

@@ -17,10 +17,32 @@ from straggler.jsonsafe import json_safe
 from straggler.records import format_throttle, parse_throttle
 
 SIMPLE_MIN_RATIO = 0.90
-PROBE_FIELDS = ("settings", "unit", "n_samples", "median", "estimate", "peer_median", "ratio", "ratio_low",
-                "ratio_high", "deficit", "straggler", "verdict", "samples_needed", "undecided_reason", "degraded",
-                "change_loss", "change_scan", "perf_class", "peer_spread", "basis", "causes", "evidence", "cost",
-                "note")
+PROBE_FIELDS = (
+    "settings",
+    "unit",
+    "n_samples",
+    "median",
+    "estimate",
+    "peer_median",
+    "ratio",
+    "ratio_low",
+    "ratio_high",
+    "deficit",
+    "straggler",
+    "verdict",
+    "samples_needed",
+    "undecided_reason",
+    "degraded",
+    "change_loss",
+    "change_scan",
+    "perf_class",
+    "peer_spread",
+    "basis",
+    "causes",
+    "evidence",
+    "cost",
+    "note",
+)
 
 
 def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
@@ -44,10 +66,18 @@ def analyze_samples(samples: list[dict]) -> tuple[list[dict], dict, str]:
     for rec in res.devices.to_dict("records"):
         key = (rec["host"], rec["gpu"], rec["probe"])
         est = json_safe(rec.get("value"))  # the engine's robust estimate (transient dips left out)
-        rows.append({"host": rec["host"], "gpu": rec["gpu"], "probe": rec["probe"], "unit": units.get(key),
-                     **{k: json_safe(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
-                     "median": json_safe(rec["median"]) if "median" in rec else est, "estimate": est,
-                     "note": probe_note(rec)})
+        rows.append(
+            {
+                "host": rec["host"],
+                "gpu": rec["gpu"],
+                "probe": rec["probe"],
+                "unit": units.get(key),
+                **{k: json_safe(rec.get(k)) for k in PROBE_FIELDS if k not in ("unit", "estimate", "note")},
+                "median": json_safe(rec["median"]) if "median" in rec else est,
+                "estimate": est,
+                "note": probe_note(rec),
+            }
+        )
     return rows, json_safe(res.to_json()), "straggler.analysis"
 
 
@@ -68,13 +98,27 @@ def _simple(samples: list[dict]) -> list[dict]:
         peer = median(peers) if len(peers) >= 2 else None
         ratio = medians[key] / peer if peer else None
         flagged = ratio is not None and ratio < SIMPLE_MIN_RATIO
-        rows.append({"host": host, "gpu": gpu, "probe": probe, "settings": settings,
-                     "unit": meta[key].get("unit"), "n_samples": len(values), "median": medians[key],
-                     "estimate": medians[key],
-                     "peer_median": peer, "ratio": ratio,
-                     "deficit": None if ratio is None else 1 - ratio, "straggler": flagged,
-                     "basis": "peers in the node" if peer else "none (no peers)",
-                     "causes": ["unexplained"] if flagged else [], "evidence": "", "cost": None, "note": None})
+        rows.append(
+            {
+                "host": host,
+                "gpu": gpu,
+                "probe": probe,
+                "settings": settings,
+                "unit": meta[key].get("unit"),
+                "n_samples": len(values),
+                "median": medians[key],
+                "estimate": medians[key],
+                "peer_median": peer,
+                "ratio": ratio,
+                "deficit": None if ratio is None else 1 - ratio,
+                "straggler": flagged,
+                "basis": "peers in the node" if peer else "none (no peers)",
+                "causes": ["unexplained"] if flagged else [],
+                "evidence": "",
+                "cost": None,
+                "note": None,
+            }
+        )
     return rows
 
 
@@ -83,15 +127,22 @@ def _telemetry(rows: list[dict]) -> dict:
         return [r[name] for r in rows if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
 
     out = {}
-    for name, fn in (("sm_clock_mhz", fmean), ("power_w", fmean), ("temp_c", max), ("pcie_gen", min),
-                     ("pcie_width", min), ("util_pct", fmean)):
+    for name, fn in (
+        ("sm_clock_mhz", fmean),
+        ("power_w", fmean),
+        ("temp_c", max),
+        ("pcie_gen", min),
+        ("pcie_width", min),
+        ("util_pct", fmean),
+    ):
         v = vals(name)
         out[name] = fn(v) if v else None
     parsed = (parse_throttle(r.get("throttle_reasons")) for r in rows if r.get("throttle_reasons") is not None)
     shares = [s for s in parsed if s is not None]  # a cell that cannot be read says nothing
     names = sorted({n for s in shares for n in s})
-    out["throttle_reasons"] = format_throttle({n: fmean(s.get(n, 0.0) for s in shares) for n in names}) \
-        if shares else None
+    out["throttle_reasons"] = (
+        format_throttle({n: fmean(s.get(n, 0.0) for s in shares) for n in names}) if shares else None
+    )
     skew = vals("arrival_skew_s")
     out["arrival_skew_s"] = fmean(skew) if skew else None
     return out
@@ -118,8 +169,13 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
         fails = [f for f in failures if (f["host"], f["device"]) == (host, gpu)]
         tier = _tier(mine, engine)
         flagged = [r for r in mine if r["straggler"]]
-        notes = "; ".join(f"{r['probe']}" + (f" {r['ratio']:.2f}x peer median" if r.get("ratio") is not None else "")
-                          + f": {r['note']}" for r in mine if r.get("note"))
+        notes = "; ".join(
+            f"{r['probe']}"
+            + (f" {r['ratio']:.2f}x peer median" if r.get("ratio") is not None else "")
+            + f": {r['note']}"
+            for r in mine
+            if r.get("note")
+        )
         verdict = tier["verdict"] or ("no data" if not mine else "undecided")
         if verdict == "straggler":
             reason = "; ".join(_flag_reason(r) for r in flagged) + (f"; {notes}" if notes else "")
@@ -131,29 +187,52 @@ def device_report(samples: list[dict], failures: list[dict], devices: Iterable[d
             reason = notes or verdict
         if fails:
             verdict, reason = "failed", f"{fails[0]['probe']}: {fails[0]['error']}" + (f"; {reason}" if flagged else "")
-        out.append({"host": host, "gpu": gpu, **ident, "straggler": bool(flagged), "verdict": verdict,
-                    "reason": reason, "degraded": tier["degraded"], "samples_needed": tier["samples_needed"],
-                    "perf_class": tier["perf_class"],
-                    "probes": {r["probe"]: {k: r.get(k) for k in PROBE_FIELDS} for r in mine},
-                    "telemetry": _telemetry([s for s in samples if (s["host"], s["gpu"]) == (host, gpu)]),
-                    "failures": fails})
+        out.append(
+            {
+                "host": host,
+                "gpu": gpu,
+                **ident,
+                "straggler": bool(flagged),
+                "verdict": verdict,
+                "reason": reason,
+                "degraded": tier["degraded"],
+                "samples_needed": tier["samples_needed"],
+                "perf_class": tier["perf_class"],
+                "probes": {r["probe"]: {k: r.get(k) for k in PROBE_FIELDS} for r in mine},
+                "telemetry": _telemetry([s for s in samples if (s["host"], s["gpu"]) == (host, gpu)]),
+                "failures": fails,
+            }
+        )
     n = sum(d["straggler"] for d in out)
     undecided = [d for d in out if d["verdict"] == "undecided"]
     cannot_decide: StragglerError | None = None
     if out and not n and undecided:
         if all(str(r.get("basis") or "none").startswith("none") for r in probe_rows):  # nothing to compare with
-            cannot_decide = NothingToCompare(len(out), undecided[0]["host"], undecided[0]["gpu"],
-                                             "scan more devices of the model at once, or run `straggler analyze` "
-                                             "on this scan's --output with --history or --reference")
+            cannot_decide = NothingToCompare(
+                len(out),
+                undecided[0]["host"],
+                undecided[0]["gpu"],
+                "scan more devices of the model at once, or run `straggler analyze` "
+                "on this scan's --output with --history or --reference",
+            )
         else:
             needed = [d["samples_needed"] for d in undecided if d["samples_needed"] is not None]
             min_effect = (doc.get("summary") or {}).get("min_effect")
-            cannot_decide = Undecided([f"{d['host']}/{d['gpu']}" for d in undecided],
-                                      min_effect if min_effect is not None else 1 - SIMPLE_MIN_RATIO,
-                                      max(needed) if needed else None)
+            cannot_decide = Undecided(
+                [f"{d['host']}/{d['gpu']}" for d in undecided],
+                min_effect if min_effect is not None else 1 - SIMPLE_MIN_RATIO,
+                max(needed) if needed else None,
+            )
     code = EXIT_FAILED if failures or not samples else exit_code(n, len(undecided))
-    return {"devices": out, "analysis": doc, "engine": engine, "stragglers": n, "undecided": len(undecided),
-            "cannot_decide": cannot_decide, "exit_code": code}
+    return {
+        "devices": out,
+        "analysis": doc,
+        "engine": engine,
+        "stragglers": n,
+        "undecided": len(undecided),
+        "cannot_decide": cannot_decide,
+        "exit_code": code,
+    }
 
 
 def _tier(rows: list[dict], engine: str) -> dict:
@@ -162,8 +241,13 @@ def _tier(rows: list[dict], engine: str) -> dict:
         from straggler.verdict import device_tier
 
         return device_tier(rows)
-    verdict = "straggler" if any(r["straggler"] for r in rows) else \
-        "healthy" if any(r.get("ratio") is not None for r in rows) else None
+    verdict = (
+        "straggler"
+        if any(r["straggler"] for r in rows)
+        else "healthy"
+        if any(r.get("ratio") is not None for r in rows)
+        else None
+    )
     return {"verdict": verdict, "degraded": False, "samples_needed": None, "perf_class": None}
 
 

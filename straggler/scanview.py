@@ -15,8 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 ORDER = ("matmul", "membw", "pcie_h2d", "pcie_d2h", "allreduce")
-VERDICT_STYLE = {"healthy": "green", "straggler": "bold red", "failed": "bold magenta", "no data": "yellow",
-                 "undecided": "bold yellow", "slow": "yellow"}
+VERDICT_STYLE = {
+    "healthy": "green",
+    "straggler": "bold red",
+    "failed": "bold magenta",
+    "no data": "yellow",
+    "undecided": "bold yellow",
+    "slow": "yellow",
+}
 
 
 def _num(v, fmt: str = "{:.1f}") -> str:
@@ -60,7 +66,8 @@ def print_fitted(console: Console, tables: list[Table]) -> None:
     for table in tables:
         need = table._extra_width + sum(  # rich shrinks only wrapping columns, and only while they can give
             table._get_padding_width(i) + max(_cell_width(c, col.no_wrap, seen) for c in [col.header, *col.cells])
-            for i, col in enumerate(table.columns))
+            for i, col in enumerate(table.columns)
+        )
         if need <= console.width:
             console.print(table)
             return
@@ -93,8 +100,11 @@ def short_verdict(d: dict) -> str:
     if verdict == "failed":
         detail = ", ".join(dict.fromkeys(f["probe"] for f in d["failures"]))
     elif verdict == "straggler":
-        detail = "; ".join(named(p, r) + f" ({', '.join(r.get('causes') or ['unexplained'])})"
-                           for p, r in probes.items() if r.get("straggler"))
+        detail = "; ".join(
+            named(p, r) + f" ({', '.join(r.get('causes') or ['unexplained'])})"
+            for p, r in probes.items()
+            if r.get("straggler")
+        )
     elif verdict == "undecided" and all(str(r.get("basis") or "none").startswith("none") for r in probes.values()):
         detail = "no peers"
     elif verdict in ("undecided", "slow"):
@@ -104,8 +114,11 @@ def short_verdict(d: dict) -> str:
     else:
         detail = ""
     if verdict != "failed" and d.get("degraded"):
-        lost = [named(p, r) + (f" -{r['change_loss']:.1%}" if r.get("change_loss") is not None else "")
-                for p, r in probes.items() if r.get("degraded")]
+        lost = [
+            named(p, r) + (f" -{r['change_loss']:.1%}" if r.get("change_loss") is not None else "")
+            for p, r in probes.items()
+            if r.get("degraded")
+        ]
         detail = "; ".join(x for x in (detail, "degraded " + ", ".join(lost)) if x)
     style = VERDICT_STYLE.get(verdict, "")
     head = f"[{style}]{verdict}[/{style}]" if style else verdict
@@ -172,22 +185,29 @@ def shown_devices(devices: list[dict], top: int) -> tuple[list[dict], str | None
     return shown, "(not shown: " + ", ".join(f"{n} {v}" for v, n in hidden.items()) + "; --all shows them)"
 
 
-def render_scan(console: Console, report: dict, notice: str, scan_id: str, failures: list[dict],
-                show_all: bool = False) -> None:
+def render_scan(
+    console: Console, report: dict, notice: str, scan_id: str, failures: list[dict], show_all: bool = False
+) -> None:
     from straggler.verdict import TOP, whole_hosts
 
     console.print(f"[dim]{notice}[/dim]", highlight=False)
     models = sorted({str(d.get("model")) for d in report["devices"] if d.get("model")})
     devices, left_out = (report["devices"], None) if show_all else shown_devices(report["devices"], TOP)
     if devices:
-        print_fitted(console, scan_tables({**report, "devices": devices},
-                                          title=f"scan {scan_id}" + (f" — {', '.join(models)}" if models else "")))
+        print_fitted(
+            console,
+            scan_tables(
+                {**report, "devices": devices}, title=f"scan {scan_id}" + (f" — {', '.join(models)}" if models else "")
+            ),
+        )
     if left_out:
         console.print(left_out, highlight=False)
     for f in failures if show_all else failures[:TOP]:
         rank = f" (rank {f['rank']})" if f.get("rank") is not None else ""
-        console.print(f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']}{rank} "
-                      f"{f['probe']}: {f['error']}", highlight=False)
+        console.print(
+            f"[bold magenta]failed[/bold magenta] {f['host']}/{f['device']}{rank} {f['probe']}: {f['error']}",
+            highlight=False,
+        )
     if not show_all and len(failures) > TOP:
         console.print(f"(not shown: {len(failures) - TOP} more failure(s); --all shows them)", highlight=False)
     for line in whole_hosts((d["host"], d["gpu"], d["straggler"]) for d in report["devices"]):
@@ -195,8 +215,11 @@ def render_scan(console: Console, report: dict, notice: str, scan_id: str, failu
     n, tiers = report["stragglers"], [d["verdict"] for d in report["devices"]]
     others = "".join(f", {tiers.count(t)} {t}" for t in ("undecided", "slow") if t in tiers)
     degraded = sum(bool(d.get("degraded")) for d in report["devices"])
-    summary = f"{len(report['devices'])} device(s), {n} straggler(s){others}" \
-              + (f", {degraded} degraded" if degraded else "") + f", {len(failures)} failure(s)"
+    summary = (
+        f"{len(report['devices'])} device(s), {n} straggler(s){others}"
+        + (f", {degraded} degraded" if degraded else "")
+        + f", {len(failures)} failure(s)"
+    )
     style = "[bold red]" if n or failures else "[bold yellow]" if "undecided" in tiers else "[green]"
     console.print(style + summary, highlight=False)
     console.print(f"[dim]analysis: {report['engine']}[/dim]", highlight=False)
@@ -214,8 +237,14 @@ def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[count]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("starting the probe workers", total=None, count="")
         done: list[int] = [0]  # probes done
         ready: set = set()  # ranks up
@@ -226,8 +255,12 @@ def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict
             count = f"{done[0]}/{total} probes" if total else ""
             if kind == "hello":
                 ready.add(msg.get("rank"))
-                progress.update(task, description=f"starting the probe workers ({len(ready)}/"
-                                f"{msg.get('world_size', '?')} up)", total=total, count=count)
+                progress.update(
+                    task,
+                    description=f"starting the probe workers ({len(ready)}/{msg.get('world_size', '?')} up)",
+                    total=total,
+                    count=count,
+                )
             elif kind == "phase" and phase == "warmup":
                 progress.update(task, description=f"warming up {msg['probe']}", total=total, count=count)
             elif kind == "phase" and phase == "wait":
@@ -236,11 +269,13 @@ def progress_display(console: Console, enabled: bool) -> Iterator[Callable[[dict
                 progress.update(task, description=f"probing {msg['probe']}", total=total, count=count)
             elif kind == "phase" and phase == "done":
                 done[0] += 1
-                progress.update(task, completed=done[0], total=total,
-                                count=f"{done[0]}/{total} probes" if total else "")
+                progress.update(
+                    task, completed=done[0], total=total, count=f"{done[0]}/{total} probes" if total else ""
+                )
             elif kind == "progress":  # cluster scans: nodes reported
                 n, of = msg.get("completed", 0), msg.get("total")
-                progress.update(task, description=msg["description"], completed=n, total=of,
-                                count=f"{n}/{of} nodes" if of else "")
+                progress.update(
+                    task, description=msg["description"], completed=n, total=of, count=f"{n}/{of} nodes" if of else ""
+                )
 
         yield on_event

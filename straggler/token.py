@@ -23,5 +23,7 @@ def read_token(path: str | Path, what: str = "--token-file") -> str:
     if not token:
         raise InputError(f"{what}: {path} is empty")
     if not token.isascii() or not token.isprintable():
-        raise InputError(f"{what}: {path} holds characters other than printable ASCII (an HTTP header cannot carry them)")
+        raise InputError(
+            f"{what}: {path} holds characters other than printable ASCII (an HTTP header cannot carry them)"
+        )
     return token

@@ -28,8 +28,10 @@ class NothingToCompare(InputError):
         if devices == 1:
             what = f"only one device (host {host}, gpu {gpu}) and no history or reference: nothing to compare it with"
         else:
-            what = (f"{devices} devices but none has a peer (same model, probe and settings), history or "
-                    "reference: nothing to compare them with")
+            what = (
+                f"{devices} devices but none has a peer (same model, probe and settings), history or "
+                "reference: nothing to compare them with"
+            )
         super().__init__(f"{what}; {hint}")
 
 
@@ -38,10 +40,15 @@ class Undecided(InputError):
 
     def __init__(self, undecided: list[str], min_effect: float, needed: float | None, what: str = "device(s)"):
         shown = ", ".join(undecided[:3]) + (f" (+{len(undecided) - 3} more)" if len(undecided) > 3 else "")
-        how = f"re-measure them (up to {int(needed)} more samples)" if needed else \
-            "re-measure with more samples, or more devices of the model"
-        super().__init__(f"could not decide: {len(undecided)} {what} undecided at the {min_effect:.1%} "
-                         f"threshold and no straggler found: {shown}; {how}")
+        how = (
+            f"re-measure them (up to {int(needed)} more samples)"
+            if needed
+            else "re-measure with more samples, or more devices of the model"
+        )
+        super().__init__(
+            f"could not decide: {len(undecided)} {what} undecided at the {min_effect:.1%} "
+            f"threshold and no straggler found: {shown}; {how}"
+        )
 
 
 def exit_code(stragglers: int, undecided: int) -> int:
@@ -66,9 +73,12 @@ def device_tier(probes: Iterable[Mapping]) -> dict:
     verdict = next((t for t in TIERS if t in tiers), None)
     needed = [r["samples_needed"] for r in rows if r.get("verdict") == "undecided" and _finite(r.get("samples_needed"))]
     classes = [str(r["perf_class"]) for r in rows if r.get("perf_class") in CLASSES]
-    return {"verdict": verdict, "degraded": any(bool(r.get("degraded")) for r in rows),
-            "samples_needed": int(max(needed)) if needed else None,
-            "perf_class": max(classes) if classes else None}
+    return {
+        "verdict": verdict,
+        "degraded": any(bool(r.get("degraded")) for r in rows),
+        "samples_needed": int(max(needed)) if needed else None,
+        "perf_class": max(classes) if classes else None,
+    }
 
 
 def probe_note(row: Mapping) -> str | None:
@@ -100,5 +110,8 @@ def whole_hosts(entries: Iterable[tuple[str, str, bool]]) -> list[str]:
     for host, gpu, flagged in entries:
         per = devices.setdefault(str(host), {})
         per[str(gpu)] = per.get(str(gpu), False) or bool(flagged)
-    return [f"{host}: all {len(per)} devices flagged (the node, not its devices?)" for host, per in sorted(devices.items())
-            if len(per) >= 2 and all(per.values())]
+    return [
+        f"{host}: all {len(per)} devices flagged (the node, not its devices?)"
+        for host, per in sorted(devices.items())
+        if len(per) >= 2 and all(per.values())
+    ]

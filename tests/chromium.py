@@ -48,10 +48,15 @@ class Page:
     def screenshot(self, path: Path, width: int = 1280, height: int | None = None) -> Path:
         """A PNG of the page at ``width`` CSS pixels, ``height`` high (the whole page when None)."""
         full = int(self.evaluate("document.documentElement.scrollHeight"))
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height or full, deviceScaleFactor=1,
-                  mobile=False)
-        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=height is None,
-                         clip={"x": 0, "y": 0, "width": width, "height": height or full, "scale": 1})
+        self.call(
+            "Emulation.setDeviceMetricsOverride", width=width, height=height or full, deviceScaleFactor=1, mobile=False
+        )
+        shot = self.call(
+            "Page.captureScreenshot",
+            format="png",
+            captureBeyondViewport=height is None,
+            clip={"x": 0, "y": 0, "width": width, "height": height or full, "scale": 1},
+        )
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
 
@@ -69,12 +74,30 @@ class Chromium:
         self.log_path = Path(user_data_dir).with_suffix(".log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
-             "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--mute-audio", f"--user-data-dir={user_data_dir}",
-             # no name resolves but 127.0.0.1: a page that reached for the network would fail (and say so)
-             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(3, 4), preexec_fn=child)
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--mute-audio",
+                f"--user-data-dir={user_data_dir}",
+                # no name resolves but 127.0.0.1: a page that reached for the network would fail (and say so)
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(3, 4),
+            preexec_fn=child,
+        )
         log.close()
         os.close(to_r)
         os.close(from_w)
@@ -112,11 +135,15 @@ class Chromium:
             return
         method, p = msg.get("method"), msg.get("params", {})
         if method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "warning", "assert"):
-            page.errors.append(f"console.{p['type']}: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                                    for a in p.get("args", [])))
+            page.errors.append(
+                f"console.{p['type']}: "
+                + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            )
         elif method == "Runtime.exceptionThrown":
-            page.errors.append(f"exception: {p['exceptionDetails'].get('text')} "
-                               f"{p['exceptionDetails'].get('exception', {}).get('description', '')}")
+            page.errors.append(
+                f"exception: {p['exceptionDetails'].get('text')} "
+                f"{p['exceptionDetails'].get('exception', {}).get('description', '')}"
+            )
         elif method == "Log.entryAdded" and p["entry"].get("level") in ("error", "warning"):
             page.errors.append(f"log {p['entry']['level']}: {p['entry'].get('text')} {p['entry'].get('url', '')}")
         elif method == "Network.requestWillBeSent":
@@ -126,8 +153,9 @@ class Chromium:
         elif method == "Page.loadEventFired":
             page.loaded.set()
 
-    def call(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout_s: float = CALL_TIMEOUT_S) -> dict:
+    def call(
+        self, method: str, params: dict | None = None, session: str | None = None, timeout_s: float = CALL_TIMEOUT_S
+    ) -> dict:
         with self._lock:
             self._next += 1
             mid = self._next
@@ -153,8 +181,9 @@ class Chromium:
         for domain in ("Runtime", "Log", "Network", "Page"):
             page.call(f"{domain}.enable")
         if offline:
-            page.call("Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1,
-                      uploadThroughput=-1)
+            page.call(
+                "Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1, uploadThroughput=-1
+            )
         if headers:
             page.call("Network.setExtraHTTPHeaders", headers=headers)
         page.loaded.clear()  # a late load event of about:blank is not this page's

@@ -61,8 +61,7 @@ def scan_timeout_s(probes: tuple[str, ...], duration_s: float, samples: int = 5)
     from straggler.probes.runner import total_deadline
     from straggler.probes.plan import WorkerPlan
 
-    plan = WorkerPlan(scan_id="t", host="t", kind="cpu", probes=tuple(probes), duration_s=duration_s,
-                      n_windows=samples)
+    plan = WorkerPlan(scan_id="t", host="t", kind="cpu", probes=tuple(probes), duration_s=duration_s, n_windows=samples)
     return SETUP_S + total_deadline(plan, GRACE_S) + GRACE_S
 
 
@@ -70,15 +69,18 @@ def run_cmd(cmd: list[str], timeout_s: float, **kw) -> subprocess.CompletedProce
     """``subprocess.run(cmd, capture_output=True, text=True)`` in its own process group; past
     ``timeout_s`` the whole group is killed (a scan's workers too, not only the scan) and the test
     fails saying so, with the output so far."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True, **kw) as proc:
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             kill_group(proc)
             out, err = proc.communicate()
-            pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... still running after {timeout_s:.0f} s (the "
-                        f"program's own deadline for this work); stderr: {err[-2000:]}")
+            pytest.fail(
+                f"{' '.join(map(str, cmd[:6]))} ... still running after {timeout_s:.0f} s (the "
+                f"program's own deadline for this work); stderr: {err[-2000:]}"
+            )
         finally:
             kill_group(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

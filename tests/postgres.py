@@ -78,8 +78,9 @@ class PgServer:
 
 
 def _run_as(user: pwd.struct_passwd, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, user=user.pw_uid, group=user.pw_gid, capture_output=True, text=True,
-                          timeout=UP_TIMEOUT_S, **kw)
+    return subprocess.run(
+        cmd, user=user.pw_uid, group=user.pw_gid, capture_output=True, text=True, timeout=UP_TIMEOUT_S, **kw
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,8 +103,24 @@ def pg_server():
     os.chown(d, owner.pw_uid, owner.pw_gid)
     data = d / "data"
     env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
-    r = _run_as(owner, [str(bindir / "initdb"), "-D", str(data), "-U", USER, "-A", "trust", "-E", "UTF8",
-                        "--no-sync", "--no-instructions"], env=env, cwd=d)
+    r = _run_as(
+        owner,
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            USER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ],
+        env=env,
+        cwd=d,
+    )
     if r.returncode != 0:
         shutil.rmtree(d, ignore_errors=True)
         pytest.fail(f"initdb failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
@@ -111,10 +128,36 @@ def pg_server():
     log = open(d / "postgres.log", "wb")
     os.chown(d / "postgres.log", owner.pw_uid, owner.pw_gid)
     proc = subprocess.Popen(
-        [str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(d),
-         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-         "-c", "max_connections=400", "-c", "shared_buffers=64MB", "-c", "log_min_messages=warning"],
-        user=owner.pw_uid, group=owner.pw_gid, stdout=log, stderr=subprocess.STDOUT, cwd=d, env=env)
+        [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            str(d),
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=400",
+            "-c",
+            "shared_buffers=64MB",
+            "-c",
+            "log_min_messages=warning",
+        ],
+        user=owner.pw_uid,
+        group=owner.pw_gid,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=d,
+        env=env,
+    )
     server = PgServer(d, port, proc)
     try:
         import psycopg
@@ -124,8 +167,9 @@ def pg_server():
             if proc.poll() is not None:
                 pytest.fail(f"postgres exited with {proc.returncode}: {server.log()}")
             try:
-                with psycopg.connect(f"postgresql://{USER}@127.0.0.1:{port}/postgres", autocommit=True,
-                                     connect_timeout=5) as conn:
+                with psycopg.connect(
+                    f"postgresql://{USER}@127.0.0.1:{port}/postgres", autocommit=True, connect_timeout=5
+                ) as conn:
                     conn.execute(f"CREATE DATABASE {DATABASE}")
                 break
             except psycopg.OperationalError:

@@ -59,8 +59,9 @@ class Slurm:
     node: str = NODE
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def run(self, cmd: Sequence[str], timeout_s: float = CLIENT_TIMEOUT_S, env: dict | None = None,
-            **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: Sequence[str], timeout_s: float = CLIENT_TIMEOUT_S, env: dict | None = None, **kw
+    ) -> subprocess.CompletedProcess:
         """Run ``cmd`` with :attr:`env` (plus ``env``), capture its text output; past ``timeout_s``
         its process group is killed and the test fails saying so."""
         from conftest import run_cmd
@@ -89,8 +90,9 @@ class Slurm:
                 return state
             self._check_alive()
             time.sleep(0.2)
-        pytest.fail(f"slurm node {self.node} is {state!r}, not {'/'.join(states)}, after {timeout_s:.0f} s; "
-                    f"{self._logs()}")
+        pytest.fail(
+            f"slurm node {self.node} is {state!r}, not {'/'.join(states)}, after {timeout_s:.0f} s; {self._logs()}"
+        )
 
     def _check_alive(self) -> None:
         for name, p in self.procs.items():
@@ -109,7 +111,9 @@ class Slurm:
 
 def conf_text(d: Path, cpus: int, extra: Sequence[str]) -> str:
     """slurm.conf; an ``AuthInfo=`` line in ``extra`` (e.g. ``AuthInfo=cred_expire=30``) adds to the socket's."""
-    auth = ",".join([f"socket={d}/munge/munge.socket", *(x.split("=", 1)[1] for x in extra if x.startswith("AuthInfo="))])
+    auth = ",".join(
+        [f"socket={d}/munge/munge.socket", *(x.split("=", 1)[1] for x in extra if x.startswith("AuthInfo="))]
+    )
     extra = [x for x in extra if not x.startswith("AuthInfo=")]
     lines = [
         "ClusterName=straggler-test",
@@ -154,8 +158,9 @@ def _free_port() -> int:
 
 
 def _require() -> dict[str, str]:
-    missing = [n for n in (*DAEMONS, *CLIENTS) if shutil.which(n, path=os.environ.get("PATH", "") +
-                                                               ":/usr/sbin:/sbin") is None]
+    missing = [
+        n for n in (*DAEMONS, *CLIENTS) if shutil.which(n, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None
+    ]
     if missing:
         skip_or_fail(f"slurm not installed: {', '.join(missing)} missing (.ci/run installs slurm-wlm munge)")
     if os.geteuid() != 0:
@@ -185,8 +190,13 @@ def start_slurm(extra_conf: Sequence[str] = (), cpus: int = 2, preexec_fn=None) 
         os.chmod(d / "munge", 0o755)
         key = d / "munge" / "munge.key"
         as_munge = {"user": munge.pw_uid, "group": munge.pw_gid, "extra_groups": []}
-        subprocess.run([exe["mungekey"], "--create", f"--keyfile={key}"], check=True,
-                       capture_output=True, timeout=CLIENT_TIMEOUT_S, **as_munge)
+        subprocess.run(
+            [exe["mungekey"], "--create", f"--keyfile={key}"],
+            check=True,
+            capture_output=True,
+            timeout=CLIENT_TIMEOUT_S,
+            **as_munge,
+        )
         conf = d / "slurm.conf"
         conf.write_text(conf_text(d, cpus, extra_conf))
         env = {**os.environ, "SLURM_CONF": str(conf)}
@@ -194,17 +204,33 @@ def start_slurm(extra_conf: Sequence[str] = (), cpus: int = 2, preexec_fn=None) 
             del env[k]  # a test run inside a Slurm job must not leak its job into ours
         s = Slurm(dir=d, conf=conf, env=env)
         s.procs["munged"] = subprocess.Popen(
-            [exe["munged"], "-F", f"--socket={d}/munge/munge.socket", f"--key-file={key}",
-             f"--log-file={d}/munge/munged.log", f"--pid-file={d}/munge/munged.pid",
-             f"--seed-file={d}/munge/munged.seed"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **as_munge)
+            [
+                exe["munged"],
+                "-F",
+                f"--socket={d}/munge/munge.socket",
+                f"--key-file={key}",
+                f"--log-file={d}/munge/munged.log",
+                f"--pid-file={d}/munge/munged.pid",
+                f"--seed-file={d}/munge/munged.seed",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            **as_munge,
+        )
         _wait_path(d / "munge" / "munge.socket", s)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", NODE])):
                 log = open(d / f"{name}.out", "wb")
-                s.procs[name] = subprocess.Popen([exe[name], *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                                 preexec_fn=preexec_fn if name == "slurmd" else None)
+                s.procs[name] = subprocess.Popen(
+                    [exe[name], *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=preexec_fn if name == "slurmd" else None,
+                )
                 log.close()
             try:
                 s.wait_state(("idle",))

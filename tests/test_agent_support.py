@@ -25,7 +25,7 @@ from conftest import free_port as free_port  # re-exported: the agent tests impo
 # the document, exit 1), crash (3 rows, then a Python traceback: exit 1 without a document), segv (3 rows,
 # then killed by SIGSEGV), slow (FAKE_SCAN_ROWS rows, one every FAKE_SCAN_EVERY_S seconds, then exit 0);
 # FAKE_SCAN_ROWS overrides the number of rows; FAKE_SCAN_EXTRA (a JSON object) is merged into every row.
-FAKE_SCAN = r'''
+FAKE_SCAN = r"""
 import argparse, json, os, sys, time
 p = argparse.ArgumentParser()
 for a in ("--output", "--scan-id", "--deadline", "--start-at", "--device", "--probes", "--duration", "--max-rounds"):
@@ -66,14 +66,13 @@ if mode == "undecided":
     print("straggler: error: could not decide: 1 device(s) undecided", file=sys.stderr)
     sys.exit(2)
 print(json.dumps({"scan_id": a.scan_id, "devices": []}))
-'''
+"""
 
 
 def write_fake_scan(directory: Path) -> Path:
     path = directory / "fake_scan.py"
     path.write_text(FAKE_SCAN)
     return path
-
 
 
 def fixture_with_faults(directory: Path, scenario: str, faults: list[dict], name: str | None = None) -> Path:
@@ -111,8 +110,9 @@ class NotifySocket:
         self.sock.bind(self.path)
         self.messages: list[dict[str, str]] = []
 
-    def wait_for(self, key: str, value: str | None = None, timeout_s: float = 30.0,
-                 prefix: str | None = None) -> dict[str, str]:
+    def wait_for(
+        self, key: str, value: str | None = None, timeout_s: float = 30.0, prefix: str | None = None
+    ) -> dict[str, str]:
         """The first message (already received or arriving) with ``key`` (= ``value``, or starting
         with ``prefix``, if given)."""
         end = time.monotonic() + timeout_s
@@ -139,22 +139,32 @@ class NotifySocket:
 class AgentProcess:
     """`python -m straggler agent --config F` as a real subprocess with a real notify socket."""
 
-    def __init__(self, tmp: Path, name: str = "agent", env: dict | None = None, prefix: list[str] | None = None,
-                 **settings) -> None:
+    def __init__(
+        self, tmp: Path, name: str = "agent", env: dict | None = None, prefix: list[str] | None = None, **settings
+    ) -> None:
         """``prefix``: a command the agent runs under (e.g. ``unshare --pid --fork --mount-proc``)."""
         self.prefix = list(prefix or [])
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.notify = NotifySocket(self.dir)
-        defaults = {"host": name, "listen_port": 0, "telemetry": "fake:h100_idle", "interval_s": 0.5,
-                    "spool_path": self.dir / "spool.sqlite", "idle_grace_s": 0, "probe_every_s": 0,
-                    "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "poll_wait_s": 1.0, "http_timeout_s": 5.0}
+        defaults = {
+            "host": name,
+            "listen_port": 0,
+            "telemetry": "fake:h100_idle",
+            "interval_s": 0.5,
+            "spool_path": self.dir / "spool.sqlite",
+            "idle_grace_s": 0,
+            "probe_every_s": 0,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 1.0,
+            "poll_wait_s": 1.0,
+            "http_timeout_s": 5.0,
+        }
         self.settings = {**defaults, **settings}
         self.config = self.dir / "agent.toml"
         self.config.write_text(toml(self.settings))
         self.stderr_path = self.dir / "stderr.log"
-        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, "PYTHONPATH": str(ROOT / "tests"),
-                    **(env or {})}
+        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
         self.env.pop("STRAGGLER_TELEMETRY", None)
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -162,9 +172,13 @@ class AgentProcess:
     def start(self, timeout_s: float = 60.0) -> "AgentProcess":
         self.notify.messages.clear()
         with open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen(self.prefix + [sys.executable, "-m", "straggler", "agent", "--config",
-                                                       str(self.config)],
-                                         stderr=err, stdout=subprocess.DEVNULL, env=self.env, cwd=self.dir)
+            self.proc = subprocess.Popen(
+                self.prefix + [sys.executable, "-m", "straggler", "agent", "--config", str(self.config)],
+                stderr=err,
+                stdout=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.dir,
+            )
         try:
             ready = self.notify.wait_for("READY", "1", timeout_s)
         except AssertionError:

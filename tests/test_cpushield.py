@@ -22,8 +22,10 @@ def test_shield_keeps_outside_load_off_its_processes():
         with cpu_shield() as (shield, how):
             if shield is None:
                 skip_or_fail(f"no CPU shield: {how}; the show-tests measure the outside load instead")
-            inside = [subprocess.Popen([sys.executable, "-c", BUSY, str(c)], preexec_fn=shield.enter)
-                      for c in CORES[:1] + CORES[-1:]]
+            inside = [
+                subprocess.Popen([sys.executable, "-c", BUSY, str(c)], preexec_fn=shield.enter)
+                for c in CORES[:1] + CORES[-1:]
+            ]
             try:
                 time.sleep(0.5)  # past the interpreter's start
                 assert sorted(shield.pids()) == sorted(p.pid for p in inside)

@@ -1,4 +1,4 @@
-"""The static checks of CI: the layer contract (import-linter), ruff's lint rules and mypy.
+"""The static checks of CI: the layer contract (import-linter), ruff's lint rules and format, and mypy.
 
     python tools/lint.py [imports|ruff|types ...] [--root DIR]
 
@@ -43,8 +43,12 @@ def stage(root: Path, dest: Path) -> dict[str, str]:
     dirs = {}
     for package, folder in sorted(cfg["package-dir"].items()):
         target = dest.joinpath(*package.split("."))
-        shutil.copytree(root / folder, target, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "fixtures", "*.json"))
+        shutil.copytree(
+            root / folder,
+            target,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "fixtures", "*.json"),
+        )
         dirs[str(target)] = str(root / folder)
     return dirs
 
@@ -56,14 +60,24 @@ def check_imports(root: Path, staged: Path) -> int:
 
 
 def check_ruff(root: Path) -> int:
+    """ruff's lint rules, then its formatter's check (``ruff format`` the tree to fix the second)."""
     paths = [p for p in RUFF_PATHS if (root / p).exists()]
-    return subprocess.run([_tool("ruff"), "check", "--no-cache", *paths], cwd=root).returncode
+    lint = subprocess.run([_tool("ruff"), "check", "--no-cache", *paths], cwd=root).returncode
+    fmt = subprocess.run([_tool("ruff"), "format", "--check", "--no-cache", *paths], cwd=root).returncode
+    return lint or fmt
 
 
 def check_types(root: Path, staged: Path, dirs: dict[str, str]) -> int:
     env = {**os.environ, "MYPYPATH": str(staged)}
-    cmd = [_tool("mypy"), "--config-file", str(root / "pyproject.toml"), "--cache-dir", str(staged / ".mypy"),
-           "-p", "straggler"]
+    cmd = [
+        _tool("mypy"),
+        "--config-file",
+        str(root / "pyproject.toml"),
+        "--cache-dir",
+        str(staged / ".mypy"),
+        "-p",
+        "straggler",
+    ]
     proc = subprocess.run(cmd, cwd=staged, env=env, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     # straggler/probes/x.py (the staged copy) -> probes/x.py (the checkout's file)
@@ -89,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         dirs = stage(root, staged)
         for name in checks:
             print(f"+ {name}", flush=True)
-            rc = {"imports": lambda: check_imports(root, staged), "ruff": lambda: check_ruff(root),
-                  "types": lambda: check_types(root, staged, dirs)}[name]()
+            rc = {
+                "imports": lambda: check_imports(root, staged),
+                "ruff": lambda: check_ruff(root),
+                "types": lambda: check_types(root, staged, dirs),
+            }[name]()
             if rc:
                 failed.append(name)
     if failed:

@@ -25,48 +25,124 @@ WATCHDOG_MARGIN_S = 0.3  # the watchdog fires this long before the budget: killi
 
 
 @click.command("gate")
-@click.option("--budget", "budget_s", type=float, default=GateSettings.budget_s, show_default=True,
-              help="Seconds the whole gate may take, start-up included; at the budget every check still "
-                   "running is killed and the gate could not decide.")
-@click.option("--gpus", default=None,
-              help="GPU indices the job will use (0,2-3) [default: $CUDA_VISIBLE_DEVICES, $SLURM_STEP_GPUS, "
-                   "$SLURM_JOB_GPUS, else all].")
-@click.option("--device", default=GateSettings.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="What to probe: auto (GPUs when NVML sees any, else CPU cores), cpu or cuda.")
-@click.option("--probes", default=",".join(GateSettings.probes), show_default=True,
-              help="Probes to run after the NVML checks (pcie on GPUs only); 'none': NVML checks only.")
-@click.option("--duration", "duration_s", type=float, default=None,
-              help=f"Seconds per probe [default: {GATE_DURATION_S['cpu']:g} on CPU cores, "
-                   f"{GATE_DURATION_S['cuda']:g} on GPUs].")
-@click.option("--samples", type=int, default=GateSettings.samples, show_default=True,
-              help="Samples per device and probe.")
-@click.option("--max-rounds", type=int, default=GateSettings.max_rounds, show_default=True,
-              help="Rounds at most (re-measurement of undecided devices, within the budget).")
-@click.option("--collector", default=None,
-              help="Collector URL: the fleet reference (else its cached copy) and, with --drain and a token, "
-                   "the drain (its quarantine loop and circuit breaker decide).")
-@click.option("--token-file", envvar="STRAGGLER_TOKEN_FILE", type=click.Path(dir_okay=False), default=None,
-              help="File holding the collector's bearer token (its fleet reads need it unless it sets "
-                   "open_reads; drains through it always) [env STRAGGLER_TOKEN_FILE].")
-@click.option("--telemetry", default=GateSettings.telemetry, show_default=True,
-              help="NVML backend: auto, nvml or fake:<scenario>.")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the last check's NVML counters and the cached fleet reference are kept "
-                   "[default: $STRAGGLER_STATE_DIR, /var/lib/straggler, else ~/.cache/straggler].")
-@click.option("--kernel-log", default=GateSettings.kernel_log, show_default=True,
-              help="Kernel log to read XID events from (needs root for /dev/kmsg); '-': do not read.")
-@click.option("--on-error", type=click.Choice(ON_ERROR), default=None,
-              help="What 'could not decide' (exit 2) becomes: pass (exit 0), fail (exit 1), drain (drain the "
-                   "node, exit 1) [default: exit 2; the Slurm wrappers pass --on-error pass].")
-@click.option("--drain", "drain", is_flag=True,
-              help="On a failure, drain this node through scontrol with the finding as the reason.")
-@click.option("--node", default=None,
-              help="Slurm node name to drain, and whose own results at the collector are left out of its fleet "
-                   "reference [default: $SLURMD_NODENAME, else the host name].")
+@click.option(
+    "--budget",
+    "budget_s",
+    type=float,
+    default=GateSettings.budget_s,
+    show_default=True,
+    help="Seconds the whole gate may take, start-up included; at the budget every check still "
+    "running is killed and the gate could not decide.",
+)
+@click.option(
+    "--gpus",
+    default=None,
+    help="GPU indices the job will use (0,2-3) [default: $CUDA_VISIBLE_DEVICES, $SLURM_STEP_GPUS, "
+    "$SLURM_JOB_GPUS, else all].",
+)
+@click.option(
+    "--device",
+    default=GateSettings.device,
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="What to probe: auto (GPUs when NVML sees any, else CPU cores), cpu or cuda.",
+)
+@click.option(
+    "--probes",
+    default=",".join(GateSettings.probes),
+    show_default=True,
+    help="Probes to run after the NVML checks (pcie on GPUs only); 'none': NVML checks only.",
+)
+@click.option(
+    "--duration",
+    "duration_s",
+    type=float,
+    default=None,
+    help=f"Seconds per probe [default: {GATE_DURATION_S['cpu']:g} on CPU cores, {GATE_DURATION_S['cuda']:g} on GPUs].",
+)
+@click.option(
+    "--samples", type=int, default=GateSettings.samples, show_default=True, help="Samples per device and probe."
+)
+@click.option(
+    "--max-rounds",
+    type=int,
+    default=GateSettings.max_rounds,
+    show_default=True,
+    help="Rounds at most (re-measurement of undecided devices, within the budget).",
+)
+@click.option(
+    "--collector",
+    default=None,
+    help="Collector URL: the fleet reference (else its cached copy) and, with --drain and a token, "
+    "the drain (its quarantine loop and circuit breaker decide).",
+)
+@click.option(
+    "--token-file",
+    envvar="STRAGGLER_TOKEN_FILE",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File holding the collector's bearer token (its fleet reads need it unless it sets "
+    "open_reads; drains through it always) [env STRAGGLER_TOKEN_FILE].",
+)
+@click.option(
+    "--telemetry",
+    default=GateSettings.telemetry,
+    show_default=True,
+    help="NVML backend: auto, nvml or fake:<scenario>.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the last check's NVML counters and the cached fleet reference are kept "
+    "[default: $STRAGGLER_STATE_DIR, /var/lib/straggler, else ~/.cache/straggler].",
+)
+@click.option(
+    "--kernel-log",
+    default=GateSettings.kernel_log,
+    show_default=True,
+    help="Kernel log to read XID events from (needs root for /dev/kmsg); '-': do not read.",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(ON_ERROR),
+    default=None,
+    help="What 'could not decide' (exit 2) becomes: pass (exit 0), fail (exit 1), drain (drain the "
+    "node, exit 1) [default: exit 2; the Slurm wrappers pass --on-error pass].",
+)
+@click.option(
+    "--drain",
+    "drain",
+    is_flag=True,
+    help="On a failure, drain this node through scontrol with the finding as the reason.",
+)
+@click.option(
+    "--node",
+    default=None,
+    help="Slurm node name to drain, and whose own results at the collector are left out of its fleet "
+    "reference [default: $SLURMD_NODENAME, else the host name].",
+)
 @click.option("--scontrol", default="scontrol", show_default=True, help="The scontrol command to drain with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
-def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collector, token_file, telemetry,
-         state_dir, kernel_log, on_error, drain, node, scontrol, as_json):
+def gate(
+    budget_s,
+    gpus,
+    device,
+    probes,
+    duration_s,
+    samples,
+    max_rounds,
+    collector,
+    token_file,
+    telemetry,
+    state_dir,
+    kernel_log,
+    on_error,
+    drain,
+    node,
+    scontrol,
+    as_json,
+):
     """Check the devices a job is about to use, cheapest first, within --budget seconds.
 
     Exit codes: 0 pass, 1 fail (a device is a straggler or unhealthy), 2 could not decide (NVML
@@ -84,11 +160,21 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
     token = read_token(token_file) if token_file else None
     wanted = _wanted_gpus(gpus)
     probe_list = () if probes.strip() == "none" else parse_probes(probes)
-    settings = GateSettings(budget_s=budget_s, gpus=wanted, device=device, probes=probe_list,
-                            duration_s=duration_s, samples=samples, max_rounds=max_rounds, telemetry=telemetry,
-                            collector=collector, token=token, node=node,
-                            state_dir=Path(state_dir) if state_dir else None,
-                            kernel_log=kernel_log)
+    settings = GateSettings(
+        budget_s=budget_s,
+        gpus=wanted,
+        device=device,
+        probes=probe_list,
+        duration_s=duration_s,
+        samples=samples,
+        max_rounds=max_rounds,
+        telemetry=telemetry,
+        collector=collector,
+        token=token,
+        node=node,
+        state_dir=Path(state_dir) if state_dir else None,
+        kernel_log=kernel_log,
+    )
     phase = ["start"]
     watchdog = _Watchdog(budget_s, phase, on_error, as_json)
     g = Gate(settings, on_phase=lambda name: phase.__setitem__(0, name))
@@ -105,16 +191,23 @@ def gate(budget_s, gpus, device, probes, duration_s, samples, max_rounds, collec
         drain_line = _drain(report, node, scontrol, collector, token)
     if as_json:
         doc = report.to_json()
-        doc.update(decision=_decision(code), exit_code=code, raw_exit_code=report.exit_code, on_error=on_error,
-                   drain=drain_line)
+        doc.update(
+            decision=_decision(code),
+            exit_code=code,
+            raw_exit_code=report.exit_code,
+            on_error=on_error,
+            drain=drain_line,
+        )
         sys.stdout.write(json.dumps(doc) + "\n")
     else:
         for f in report.findings:
             click.echo(("could not check: " if f.outcome == "error" else "") + f.line())
         ref = report.reference.note if report.reference else "none"
         how = f" ({action})" if action else ""
-        click.echo(f"gate: {_decision(report.exit_code)}{how} on {report.host} in {report.elapsed_s:.1f} s of "
-                   f"{budget_s:g} s ({report.phase_line()}); reference: {ref}")
+        click.echo(
+            f"gate: {_decision(report.exit_code)}{how} on {report.host} in {report.elapsed_s:.1f} s of "
+            f"{budget_s:g} s ({report.phase_line()}); reference: {ref}"
+        )
         if drain_line:
             click.echo(drain_line)
     return code
@@ -165,10 +258,14 @@ def _drain(report, node: str | None, scontrol: str, collector: str | None, token
         from straggler.collector import quarantine_client as qc
         from straggler.collector.client import CollectorError
 
-        measured = {"findings": [f.line() for f in report.findings][:20], "slurm_job_id": report.slurm.get("slurm_job_id")}
+        measured = {
+            "findings": [f.line() for f in report.findings][:20],
+            "slurm_job_id": report.slurm.get("slurm_job_id"),
+        }
         try:
-            doc = qc.request_drain(collector, token, name, reason, by=f"gate@{report.host}", measured=measured,
-                                   timeout_s=DRAIN_REQUEST_S)
+            doc = qc.request_drain(
+                collector, token, name, reason, by=f"gate@{report.host}", measured=measured, timeout_s=DRAIN_REQUEST_S
+            )
         except CollectorError as e:  # unreachable, or it refused (the loop is off): drain here instead
             fallback = f" (collector: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
         else:
@@ -176,7 +273,9 @@ def _drain(report, node: str | None, scontrol: str, collector: str | None, token
             if action == "drain":
                 return f"drain: {name} drained by the collector, reason {reason!r}"
             if action == "refused":
-                return f"drain: refused by the collector's circuit breaker, {name} stays in service: {doc.get('detail')}"
+                return (
+                    f"drain: refused by the collector's circuit breaker, {name} stays in service: {doc.get('detail')}"
+                )
             return f"drain: the collector did not drain {name} ({doc.get('state')}): {doc.get('detail')}"
     try:
         ScontrolAction(scontrol=scontrol).drain(name, reason)
@@ -211,13 +310,28 @@ class _Watchdog:
             except psutil.Error:
                 pass
         code = {None: EXIT_FAILED, "pass": EXIT_OK, "fail": EXIT_STRAGGLERS, "drain": EXIT_STRAGGLERS}[self.on_error]
-        line = (f"could not check: node budget {self.budget_s:g}s: budget spent during {self.phase[0]}; "
-                f"{len(kids)} check process(es) killed")
+        line = (
+            f"could not check: node budget {self.budget_s:g}s: budget spent during {self.phase[0]}; "
+            f"{len(kids)} check process(es) killed"
+        )
         if self.as_json:
-            line = json.dumps({"exit_code": code, "raw_exit_code": EXIT_FAILED, "decision": _decision(code),
-                               "findings": [{"device": "node", "check": "budget", "value": f"{self.budget_s:g}s",
-                                             "cause": "budget", "outcome": "error",
-                                             "detail": f"budget spent during {self.phase[0]}"}]})
+            line = json.dumps(
+                {
+                    "exit_code": code,
+                    "raw_exit_code": EXIT_FAILED,
+                    "decision": _decision(code),
+                    "findings": [
+                        {
+                            "device": "node",
+                            "check": "budget",
+                            "value": f"{self.budget_s:g}s",
+                            "cause": "budget",
+                            "outcome": "error",
+                            "detail": f"budget spent during {self.phase[0]}",
+                        }
+                    ],
+                }
+            )
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
         os._exit(code)

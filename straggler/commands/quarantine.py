@@ -47,10 +47,16 @@ def _console():
     return Console()
 
 
-collector_option = click.option("--collector", envvar=COLLECTOR_ENV, default=None,
-                                help=f"The collector's URL [env {COLLECTOR_ENV}].")
-token_option = click.option("--token-file", envvar=TOKEN_ENV, type=click.Path(dir_okay=False), default=None,
-                            help=f"File holding the collector's bearer token (drain, resume) [env {TOKEN_ENV}].")
+collector_option = click.option(
+    "--collector", envvar=COLLECTOR_ENV, default=None, help=f"The collector's URL [env {COLLECTOR_ENV}]."
+)
+token_option = click.option(
+    "--token-file",
+    envvar=TOKEN_ENV,
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"File holding the collector's bearer token (drain, resume) [env {TOKEN_ENV}].",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 
 
@@ -79,18 +85,30 @@ def list_cmd(collector, as_json):
 
     console = _console()
     b = doc["breaker"]
-    console.print(f"straggler quarantine: {len(doc['nodes'])} node(s) drained (action {doc['action']}, "
-                  f"resume after {doc['resume_passes']} clean retests)", highlight=False)
+    console.print(
+        f"straggler quarantine: {len(doc['nodes'])} node(s) drained (action {doc['action']}, "
+        f"resume after {doc['resume_passes']} clean retests)",
+        highlight=False,
+    )
     table = compact_table()
     for col in ("host", "since", "passes", "rule", "by", "reason"):
         table.add_column(col, no_wrap=col in ("host", "since"))
     for n in doc["nodes"]:
-        table.add_row(n["host"], _ts(n["since_ts"]), f"{n['passes']}/{doc['resume_passes']}", n["rule"] or "",
-                      n["by"] or "", n["reason"] or "")
+        table.add_row(
+            n["host"],
+            _ts(n["since_ts"]),
+            f"{n['passes']}/{doc['resume_passes']}",
+            n["rule"] or "",
+            n["by"] or "",
+            n["reason"] or "",
+        )
     console.print(table)
-    console.print(f"circuit breaker: {'TRIPPED (refusing drains)' if b['tripped'] else 'ok'}; "
-                  f"{b['drained_in_window']} of {b['fleet_hosts']} hosts drained within {b['window_s']:g} s "
-                  f"(limit {b['limit']})", highlight=False)
+    console.print(
+        f"circuit breaker: {'TRIPPED (refusing drains)' if b['tripped'] else 'ok'}; "
+        f"{b['drained_in_window']} of {b['fleet_hosts']} hosts drained within {b['window_s']:g} s "
+        f"(limit {b['limit']})",
+        highlight=False,
+    )
     return 0
 
 
@@ -113,8 +131,11 @@ def show(host, collector, limit, as_json):
 
     node = doc["node"]
     console = _console()
-    console.print(f"{host}: {node['state'] if node else 'never drained by straggler'}"
-                  + (f" since {_ts(node['since_ts'])} ({node['reason']})" if node else ""), highlight=False)
+    console.print(
+        f"{host}: {node['state'] if node else 'never drained by straggler'}"
+        + (f" since {_ts(node['since_ts'])} ({node['reason']})" if node else ""),
+        highlight=False,
+    )
     table = compact_table()
     for col in ("when", "action", "rule", "by", "reason"):
         table.add_column(col, no_wrap=col in ("when", "action"))
@@ -130,8 +151,11 @@ def _act(what: str, host: str, reason: str, by: str, collector, token_file, as_j
         from straggler.collector import quarantine_client as qc
 
         token = _required_token(token_file)
-        doc = (qc.drain(collector, token, host, reason, by) if what == "drain"
-               else qc.resume(collector, token, host, reason, by))
+        doc = (
+            qc.drain(collector, token, host, reason, by)
+            if what == "drain"
+            else qc.resume(collector, token, host, reason, by)
+        )
         doc["recorded"] = True
     else:
         if token_file is not None:
@@ -183,10 +207,22 @@ def resume(host, reason, by, collector, token_file, as_json):
 @quarantine.command("hints")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @collector_option
-@click.option("--format", "fmt", type=click.Choice(["scontrol", "slurm.conf"]), default="scontrol", show_default=True,
-              help="scontrol update commands (take effect now, lost at a slurmctld restart) or a slurm.conf fragment.")
-@click.option("--features", "features_from", type=click.Choice(["slurm", "none"]), default="none", show_default=True,
-              help="slurm: read each node's current features with sinfo and keep them (scontrol replaces the list).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["scontrol", "slurm.conf"]),
+    default="scontrol",
+    show_default=True,
+    help="scontrol update commands (take effect now, lost at a slurmctld restart) or a slurm.conf fragment.",
+)
+@click.option(
+    "--features",
+    "features_from",
+    type=click.Choice(["slurm", "none"]),
+    default="none",
+    show_default=True,
+    help="slurm: read each node's current features with sinfo and keep them (scontrol replaces the list).",
+)
 @token_option
 @json_option
 def hints(files, collector, fmt, features_from, as_json, token_file):
@@ -200,7 +236,9 @@ def hints(files, collector, fmt, features_from, as_json, token_file):
     if collector is not None:
         from straggler.collector import quarantine_client as qc
 
-        entries = qc.gpus(collector, read_token(token_file) if token_file else None)  # the fleet view needs it unless open_reads
+        entries = qc.gpus(
+            collector, read_token(token_file) if token_file else None
+        )  # the fleet view needs it unless open_reads
     else:
         from straggler.analysis import analyze
         from straggler.records import read_table
@@ -209,8 +247,16 @@ def hints(files, collector, fmt, features_from, as_json, token_file):
     found = node_hints(entries)
     current = _slurm_features() if features_from == "slurm" else None
     if as_json:
-        click.echo(json.dumps({"hints": [h.to_json() for h in found],
-                               "scontrol": scontrol_commands(found, current), "slurm_conf": slurm_conf(found)}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "hints": [h.to_json() for h in found],
+                    "scontrol": scontrol_commands(found, current),
+                    "slurm_conf": slurm_conf(found),
+                },
+                indent=2,
+            )
+        )
         return 0
     if not found:
         raise InputError("no node has a performance class (classes need peer groups of 4 or more devices)")
@@ -223,8 +269,9 @@ def _slurm_features() -> dict[str, list[str]]:
     import subprocess
 
     try:
-        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%f"], capture_output=True, text=True, timeout=30,
-                           stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N|%f"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise InputError(f"--features slurm: cannot run sinfo: {e}") from None
     if r.returncode != 0:

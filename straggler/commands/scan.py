@@ -20,38 +20,95 @@ from straggler.remeasure import DEFAULT_MAX_ROUNDS
 
 
 @click.command("scan")
-@click.option("--probes", default="all", show_default=True,
-              help="Comma-separated probes: matmul, membw, pcie (GPU only), allreduce; or 'all'.")
-@click.option("--duration", "duration_s", type=float, default=None,
-              help=f"Seconds per probe [default: {DEFAULT_DURATION_S['cpu']:g} on CPU cores, "
-                   f"{DEFAULT_DURATION_S['cuda']:g} on GPUs and in a cluster scan].")
+@click.option(
+    "--probes",
+    default="all",
+    show_default=True,
+    help="Comma-separated probes: matmul, membw, pcie (GPU only), allreduce; or 'all'.",
+)
+@click.option(
+    "--duration",
+    "duration_s",
+    type=float,
+    default=None,
+    help=f"Seconds per probe [default: {DEFAULT_DURATION_S['cpu']:g} on CPU cores, "
+    f"{DEFAULT_DURATION_S['cuda']:g} on GPUs and in a cluster scan].",
+)
 @click.option("--device", default=ScanSettings.device, show_default=True, help="auto, cpu or cuda.")
-@click.option("--samples", type=int, default=ScanSettings.samples, show_default=True,
-              help="Samples (windows) per device and probe.")
+@click.option(
+    "--samples",
+    type=int,
+    default=ScanSettings.samples,
+    show_default=True,
+    help="Samples (windows) per device and probe.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
-@click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Write every raw sample (canonical result table): .csv, .jsonl or .parquet.")
-@click.option("--scan-id", default=None,
-              help="Id stamped on every sample: 1-128 letters, digits, '.', '_', '-' [default: time-host-random].")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write every raw sample (canonical result table): .csv, .jsonl or .parquet.",
+)
+@click.option(
+    "--scan-id",
+    default=None,
+    help="Id stamped on every sample: 1-128 letters, digits, '.', '_', '-' [default: time-host-random].",
+)
 @click.option("--start-at", type=float, default=None, help="Unix time of the first probe (after warm-up).")
-@click.option("--deadline", "deadline_s", type=float, default=None,
-              help="Kill the scan after this many seconds (samples measured so far are kept). With "
-                   "--collector: how long to wait for the cluster scan [default: the time it may need, "
-                   "at least 600]; one shorter than the scan may need is refused.")
-@click.option("--max-rounds", type=int, default=None,
-              help="Rounds at most: while a device is undecided, measure every device again with the "
-                   "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
-                   f"[default: {DEFAULT_MAX_ROUNDS}; a cluster scan through --collector runs one round].")
-@click.option("--all", "show_all", is_flag=True,
-              help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
-                   "first 20 others, then counts].")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the fleet report of this scan: one self-contained HTML file (docs/report.md).")
+@click.option(
+    "--deadline",
+    "deadline_s",
+    type=float,
+    default=None,
+    help="Kill the scan after this many seconds (samples measured so far are kept). With "
+    "--collector: how long to wait for the cluster scan [default: the time it may need, "
+    "at least 600]; one shorter than the scan may need is refused.",
+)
+@click.option(
+    "--max-rounds",
+    type=int,
+    default=None,
+    help="Rounds at most: while a device is undecided, measure every device again with the "
+    "samples that would decide it, samples of all rounds combined (1: no re-measurement) "
+    f"[default: {DEFAULT_MAX_ROUNDS}; a cluster scan through --collector runs one round].",
+)
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Show every device [default: past 40 devices, the 20 costliest of those not healthy and the "
+    "first 20 others, then counts].",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the fleet report of this scan: one self-contained HTML file (docs/report.md).",
+)
 @click.option("--collector", default=None, help="Run a cluster scan through this collector URL.")
-@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
-              help="File holding the collector's bearer token (with --collector).")
-def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at, deadline_s,
-         max_rounds, show_all, report_path, collector, token_file):
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File holding the collector's bearer token (with --collector).",
+)
+def scan(
+    probes,
+    duration_s,
+    device,
+    samples,
+    as_json,
+    output,
+    scan_id,
+    start_at,
+    deadline_s,
+    max_rounds,
+    show_all,
+    report_path,
+    collector,
+    token_file,
+):
     """Measure every device of this node at the same moment and flag the slow ones.
 
     Exit codes: 0 healthy, 1 stragglers found, 2 could not run or could not decide (no straggler,
@@ -86,20 +143,40 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
     err = Console(stderr=True)
     with progress_display(err, enabled=err.is_terminal and not as_json) as on_event:
         if collector is not None:
-            rounds = remeasure(lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
-                               analysis_verdicts, probe_list, samples, max_rounds=1)
+            rounds = remeasure(
+                lambda p, n: _cluster(collector, token_file, p, duration_s, deadline_s, on_event),
+                analysis_verdicts,
+                probe_list,
+                samples,
+                max_rounds=1,
+            )
         else:
             from straggler.probes.plan import ScanSettings
             from straggler.probes.runner import ScanRounds
 
             # torchrun/srun: every rank runs the same command; rank 0 decides the rounds, the others follow
-            local = ScanRounds(ScanSettings(probes=probe_list, duration_s=duration_s, device=device,
-                                            scan_id=scan_id, start_at=start_at, deadline_s=deadline_s,
-                                            samples=samples), on_event)
+            local = ScanRounds(
+                ScanSettings(
+                    probes=probe_list,
+                    duration_s=duration_s,
+                    device=device,
+                    scan_id=scan_id,
+                    start_at=start_at,
+                    deadline_s=deadline_s,
+                    samples=samples,
+                ),
+                on_event,
+            )
             with local.between_rounds():
                 try:
-                    rounds = remeasure(local.measure, analysis_verdicts, probe_list, samples,
-                                       max_rounds=max_rounds or DEFAULT_MAX_ROUNDS, fits=local.fits)
+                    rounds = remeasure(
+                        local.measure,
+                        analysis_verdicts,
+                        probe_list,
+                        samples,
+                        max_rounds=max_rounds or DEFAULT_MAX_ROUNDS,
+                        fits=local.fits,
+                    )
                 finally:
                     local.close()
             if local.stopped_by and rounds.stopped.startswith("scan stopped by"):
@@ -108,12 +185,14 @@ def scan(probes, duration_s, device, samples, as_json, output, scan_id, start_at
     assert isinstance(first, ScanResult)  # what every measure function here returns
     if not first.root:
         return 0  # a non-zero rank of a torchrun/srun scan: rank 0 reports
-    return _report(replace(first, samples=rounds.samples, failures=rounds.failures), as_json, output,
-                   rounds, show_all, report_path)
+    return _report(
+        replace(first, samples=rounds.samples, failures=rounds.failures), as_json, output, rounds, show_all, report_path
+    )
 
 
-def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool = False,
-            report_path: str | None = None) -> int:
+def _report(
+    res, as_json: bool, output: str | None, rounds=None, show_all: bool = False, report_path: str | None = None
+) -> int:
     """``rounds``: the :class:`straggler.remeasure.Remeasured` the samples came from (its rounds and why
     it stopped are reported), or None."""
     from straggler.jsonsafe import json_safe
@@ -125,10 +204,19 @@ def _report(res, as_json: bool, output: str | None, rounds=None, show_all: bool 
     if as_json:
         from straggler.slurm import context
 
-        doc = {"scan_id": res.scan_id, "host": res.host, **context(os.environ), "backend": res.backend,
-               "notice": res.notice,
-               "devices": report["devices"], "failures": res.failures, "analysis": report["analysis"],
-               "engine": report["engine"], "rounds": rounds.to_json() if rounds else None, "samples": res.samples}
+        doc = {
+            "scan_id": res.scan_id,
+            "host": res.host,
+            **context(os.environ),
+            "backend": res.backend,
+            "notice": res.notice,
+            "devices": report["devices"],
+            "failures": res.failures,
+            "analysis": report["analysis"],
+            "engine": report["engine"],
+            "rounds": rounds.to_json() if rounds else None,
+            "samples": res.samples,
+        }
         sys.stdout.write(json.dumps(json_safe(doc), allow_nan=False) + "\n")
     else:
         from rich.console import Console
@@ -212,24 +300,47 @@ def _cluster(url, token_file, probes, duration_s, deadline_s, on_event):
     def on_progress(status: dict) -> None:
         if on_event is not None:
             nodes = status.get("nodes") or {}
-            on_event({"t": "progress", "description": f"scan {status.get('scan_id', '')}: nodes reported",
-                      "completed": sum(s in FINAL_STATES for s in nodes.values()), "total": len(nodes) or None})
+            on_event(
+                {
+                    "t": "progress",
+                    "description": f"scan {status.get('scan_id', '')}: nodes reported",
+                    "completed": sum(s in FINAL_STATES for s in nodes.values()),
+                    "total": len(nodes) or None,
+                }
+            )
 
     # The fleet's nodes may be GPU nodes: their power and thermal steady state needs the GPU duration.
     duration = duration_s or DEFAULT_DURATION_S["cuda"]
     # the client waits for the scan's start and the time the scan may need (one source: probes/budget.py)
     wait_s = max(600.0, DEFAULT_START_DELAY_S + scan_needed_s(len(probes), duration))
     if deadline_s is not None:
-        problem = budget_problem(len(probes), duration, deadline_s - DEFAULT_START_DELAY_S,
-                                 f"--deadline {deadline_s:g} s less the {DEFAULT_START_DELAY_S:g} s start delay")
+        problem = budget_problem(
+            len(probes),
+            duration,
+            deadline_s - DEFAULT_START_DELAY_S,
+            f"--deadline {deadline_s:g} s less the {DEFAULT_START_DELAY_S:g} s start delay",
+        )
         if problem:
             raise InputError(problem)
         wait_s = deadline_s
     doc = cluster_scan(url, token, list(probes), duration, wait_s, on_progress=on_progress)
     nodes, errors = doc.get("nodes") or {}, doc.get("errors") or {}
-    failures = [{"host": h, "device": "-", "rank": None, "probe": "scan",
-                 "error": errors.get(h) or (f"node {s}" + (" when the scan timed out" if doc.get("timed_out") else ""))}
-                for h, s in sorted(nodes.items()) if s != "done"]
-    return ScanResult(scan_id=doc["scan_id"], host=url, backend="collector",
-                      notice=f"cluster scan through {url}: {len(nodes)} node(s)",
-                      samples=list(doc.get("samples") or []), failures=failures)
+    failures = [
+        {
+            "host": h,
+            "device": "-",
+            "rank": None,
+            "probe": "scan",
+            "error": errors.get(h) or (f"node {s}" + (" when the scan timed out" if doc.get("timed_out") else "")),
+        }
+        for h, s in sorted(nodes.items())
+        if s != "done"
+    ]
+    return ScanResult(
+        scan_id=doc["scan_id"],
+        host=url,
+        backend="collector",
+        notice=f"cluster scan through {url}: {len(nodes)} node(s)",
+        samples=list(doc.get("samples") or []),
+        failures=failures,
+    )

@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Callable
 
 
-def render_report(devices, summary: dict, samples=None, history=None, *, command: str = "", source: str = "",
-                  link: Callable[[str, str], str] | None = None, generated_ts: float | None = None) -> str:
+def render_report(
+    devices,
+    summary: dict,
+    samples=None,
+    history=None,
+    *,
+    command: str = "",
+    source: str = "",
+    link: Callable[[str, str], str] | None = None,
+    generated_ts: float | None = None,
+) -> str:
     """The page for one analysis: ``devices``/``summary`` are ``res.devices``/``res.summary`` of
     ``straggler.analysis.analyze``; ``samples``/``history`` the result tables it was given (for the
     flagged devices' samples, history and telemetry); ``link(host, gpu)``: URL of a device's
@@ -52,8 +61,15 @@ def write_cli_report(path, devices, summary: dict, samples=None, history=None) -
     from straggler.errors import InputError
 
     try:
-        return write_report(path, devices, summary, samples, history, command=command_line(),
-                            source="written by " + " ".join(command_line().split(" ")[:2]))
+        return write_report(
+            path,
+            devices,
+            summary,
+            samples,
+            history,
+            command=command_line(),
+            source="written by " + " ".join(command_line().split(" ")[:2]),
+        )
     except FileExistsError as e:  # a parent directory to make is a file
         raise InputError(f"--report {path}: cannot write ({e.filename} is not a directory)") from None
     except OSError as e:

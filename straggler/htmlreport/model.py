@@ -29,8 +29,19 @@ MAX_DETAILS = 40  # flagged devices shown in detail (every one is in the table)
 PEER_TELEMETRY = 4000  # peers whose telemetry gives the peers' median in the details (every k-th device)
 CURVE_POINTS = 10  # job sizes per job-cost curve, about
 MAX_TABLE = 500  # rows of the flagged table, costliest first (the rest counted; --json has every entry)
-TELEMETRY = ("sm_clock_mhz", "power_w", "power_limit_w", "temp_c", "pcie_gen", "pcie_width",
-             "ecc_uncorrected_total", "remapped_rows", "retired_pages", "processes", *causes.REASONS)
+TELEMETRY = (
+    "sm_clock_mhz",
+    "power_w",
+    "power_limit_w",
+    "temp_c",
+    "pcie_gen",
+    "pcie_width",
+    "ecc_uncorrected_total",
+    "remapped_rows",
+    "retired_pages",
+    "processes",
+    *causes.REASONS,
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,13 @@ def _group_codes(d: pd.DataFrame) -> tuple[np.ndarray, int]:
     return groups.factorize(d["model"], d["probe"], d["settings"])
 
 
-def build(devices: pd.DataFrame, summary: dict, samples: pd.DataFrame | None = None,
-          past: pd.DataFrame | None = None, meta: dict | None = None) -> Report:
+def build(
+    devices: pd.DataFrame,
+    summary: dict,
+    samples: pd.DataFrame | None = None,
+    past: pd.DataFrame | None = None,
+    meta: dict | None = None,
+) -> Report:
     """The report of one analysis. ``samples``: the rows it analysed (all scans); ``past``: the
     history rows it was given."""
     d = devices.reset_index(drop=True)
@@ -75,10 +91,17 @@ def build(devices: pd.DataFrame, summary: dict, samples: pd.DataFrame | None = N
     flagged_mask = d["straggler"].to_numpy(dtype=bool) | d["degraded"].fillna(False).to_numpy(dtype=bool)
     flagged = d[flagged_mask]  # the device table is ranked: stragglers first, by cost
     details = _details(flagged.head(MAX_DETAILS), samples, past, summary)
-    return Report(summary=dict(summary), distributions=_distributions(d, code, n, summary),
-                  heatmap=_heatmap(d, t), jobs=_jobs(d, code, n, summary), classes=_classes(d, code, n),
-                  flagged=[_entry(r) for r in flagged.head(MAX_TABLE).to_dict("records")], details=details,
-                  n_flagged=int(flagged_mask.sum()), meta=dict(meta or {}))
+    return Report(
+        summary=dict(summary),
+        distributions=_distributions(d, code, n, summary),
+        heatmap=_heatmap(d, t),
+        jobs=_jobs(d, code, n, summary),
+        classes=_classes(d, code, n),
+        flagged=[_entry(r) for r in flagged.head(MAX_TABLE).to_dict("records")],
+        details=details,
+        n_flagged=int(flagged_mask.sum()),
+        meta=dict(meta or {}),
+    )
 
 
 def _threshold(summary: dict, group_size: float) -> float:
@@ -98,12 +121,17 @@ def _distributions(d: pd.DataFrame, code: np.ndarray, n: int, summary: dict) -> 
     bounds = np.searchsorted(code[order], np.arange(n + 1))
     out = []
     for g in range(n):
-        idx = order[bounds[g]:bounds[g + 1]]
+        idx = order[bounds[g] : bounds[g + 1]]
         r = ratio[idx]
         ok = np.isfinite(r)
         first = idx[0]
-        item = {"model": str(d["model"].iat[first]), "probe": str(d["probe"].iat[first]),
-                "settings": _text(d["settings"].iat[first]), "entries": int(len(idx)), "no_ratio": int((~ok).sum())}
+        item = {
+            "model": str(d["model"].iat[first]),
+            "probe": str(d["probe"].iat[first]),
+            "settings": _text(d["settings"].iat[first]),
+            "entries": int(len(idx)),
+            "no_ratio": int((~ok).sum()),
+        }
         if not ok.any():
             out.append(item)
             continue
@@ -124,12 +152,22 @@ def _distributions(d: pd.DataFrame, code: np.ndarray, n: int, summary: dict) -> 
         fl = fl[np.argsort(ratio[fl], kind="stable")]
         n_flagged = len(fl)
         fl = fl[:MAX_MARKS]
-        marks = [(float(r_), f"{_label(h, i_, g)} {r_:.3f}x", g) for r_, h, i_, g in
-                 zip(ratio[fl], d["host"].take(fl), d["index"].take(fl), d["gpu"].take(fl))]
-        item.update({"edges": edges.tolist(), "stacks": stacks, "vlines": vlines, "marks": marks,
-                     "unmarked": int(max(n_flagged - MAX_MARKS, 0)), "threshold": t,
-                     "clipped": int(((r[ok] < lo) | (r[ok] > hi)).sum()),
-                     "tiers": {tier: int((tiers == tier).sum()) for tier in TIERS}})
+        marks = [
+            (float(r_), f"{_label(h, i_, g)} {r_:.3f}x", g)
+            for r_, h, i_, g in zip(ratio[fl], d["host"].take(fl), d["index"].take(fl), d["gpu"].take(fl))
+        ]
+        item.update(
+            {
+                "edges": edges.tolist(),
+                "stacks": stacks,
+                "vlines": vlines,
+                "marks": marks,
+                "unmarked": int(max(n_flagged - MAX_MARKS, 0)),
+                "threshold": t,
+                "clipped": int(((r[ok] < lo) | (r[ok] > hi)).sum()),
+                "tiers": {tier: int((tiers == tier).sum()) for tier in TIERS},
+            }
+        )
         out.append(item)
     return out
 
@@ -164,8 +202,10 @@ def _heatmap(d: pd.DataFrame, t: float) -> dict:
     if len(col_vals) > MAX_COLUMNS:  # many devices per node (CPU cores): bands of indices
         per = math.ceil(len(col_vals) / MAX_COLUMNS)
         col_code //= per
-        names = [f"{col_vals[k * per]}-{col_vals[min(k * per + per, len(col_vals)) - 1]}"
-                 for k in range(math.ceil(len(col_vals) / per))]
+        names = [
+            f"{col_vals[k * per]}-{col_vals[min(k * per + per, len(col_vals)) - 1]}"
+            for k in range(math.ceil(len(col_vals) / per))
+        ]
     else:
         names = [str(v) for v in col_vals]
     n_col = len(names)
@@ -203,12 +243,19 @@ def _heatmap(d: pd.DataFrame, t: float) -> dict:
             elif k < TOP_NODES and n_col == len(col_vals):
                 hover.append(f"{label} #{names[j]} {who.get((k, j), '')}: ratio {_r(mean[k, j])}")
             else:
-                hover.append(f"{label} #{names[j]}: {cnt[k, j]} devices, mean ratio {_r(mean[k, j])}, "
-                             f"worst {_r(low[k, j])}")
+                hover.append(
+                    f"{label} #{names[j]}: {cnt[k, j]} devices, mean ratio {_r(mean[k, j])}, worst {_r(low[k, j])}"
+                )
         one_each = k < TOP_NODES and n_col == len(col_vals)  # a cell is one device: its GPU
-        rows.append({"label": label, "host": label if k < TOP_NODES else None,
-                     "values": [float(v) for v in mean[k]], "hover": hover,
-                     "gpus": [who.get((k, j)) if one_each else None for j in range(n_col)]})
+        rows.append(
+            {
+                "label": label,
+                "host": label if k < TOP_NODES else None,
+                "values": [float(v) for v in mean[k]],
+                "hover": hover,
+                "gpus": [who.get((k, j)) if one_each else None for j in range(n_col)],
+            }
+        )
     return {"rows": rows, "columns": names, "hosts": int(n_host), "threshold": t, "per_band": per_band}
 
 
@@ -231,17 +278,31 @@ def _jobs(d: pd.DataFrame, code: np.ndarray, n: int, summary: dict) -> list[dict
     powers = range(1, int(math.log2(max(top, 2))) + 1)
     stride = math.ceil(len(powers) / CURVE_POINTS)
     hit = np.bincount(code, weights=strag, minlength=n) > 0
-    sizes = sorted({2 ** k for k in powers[::stride]} | {int(s) for s in size[hit] if s > 1}
-                   | {int(s) for s in (summary.get("job_sizes") or ()) if 0 < s <= top})
+    sizes = sorted(
+        {2**k for k in powers[::stride]}
+        | {int(s) for s in size[hit] if s > 1}
+        | {int(s) for s in (summary.get("job_sizes") or ()) if 0 < s <= top}
+    )
     at = groups.first_index(code, n)
-    labels = [{"model": str(d["model"].iat[i]), "probe": str(d["probe"].iat[i]),
-               "settings": _text(d["settings"].iat[i])} for i in at]
+    labels = [
+        {"model": str(d["model"].iat[i]), "probe": str(d["probe"].iat[i]), "settings": _text(d["settings"].iat[i])}
+        for i in at
+    ]
     curves: dict[int, dict] = {}
     key = {(lab["model"], lab["probe"], lab["settings"]): g for g, lab in enumerate(labels)}
     for row in cost.job_gain(step, strag, code, n, labels, tuple(sizes)):
         g = key[(row["model"], row["probe"], row["settings"])]
-        c = curves.setdefault(g, {**labels[g], "devices": int(size[g]),
-                                  "flagged": int(strag[code == g].sum()), "n": [], "all": [], "without": []})
+        c = curves.setdefault(
+            g,
+            {
+                **labels[g],
+                "devices": int(size[g]),
+                "flagged": int(strag[code == g].sum()),
+                "n": [],
+                "all": [],
+                "without": [],
+            },
+        )
         c["n"].append(row["job_devices"])
         c["all"].append(_nan(row["step_time_all"]))
         c["without"].append(_nan(row["step_time_without_stragglers"]))
@@ -264,37 +325,77 @@ def _classes(d: pd.DataFrame, code: np.ndarray, n: int) -> list[dict]:
     for g in np.unique(code[has]):
         sel = has & (code == g)
         i = int(np.flatnonzero(sel)[0])
-        row: dict[str, Any] = {"model": str(d["model"].iat[i]), "probe": str(d["probe"].iat[i]),
-               "settings": _text(d["settings"].iat[i]), "classes": {}}
+        row: dict[str, Any] = {
+            "model": str(d["model"].iat[i]),
+            "probe": str(d["probe"].iat[i]),
+            "settings": _text(d["settings"].iat[i]),
+            "classes": {},
+        }
         for c in ("A", "B", "C", "D"):
             r = ratio[sel & (cls == c)]
             r = r[np.isfinite(r)]
-            row["classes"][c] = {"devices": int(len(r)), "low": float(r.min()) if len(r) else float("nan"),
-                                 "high": float(r.max()) if len(r) else float("nan")}
+            row["classes"][c] = {
+                "devices": int(len(r)),
+                "low": float(r.min()) if len(r) else float("nan"),
+                "high": float(r.max()) if len(r) else float("nan"),
+            }
         out.append(row)
     return out
 
 
 def _entry(r: dict) -> dict:
-    keep = ("host", "gpu", "index", "model", "probe", "settings", "verdict", "degraded", "straggler", "basis",
-            "deficit", "cost", "ratio", "ratio_low", "ratio_high", "perf_class", "peer_median", "value",
-            "n_samples", "n_kept", "evidence", "change_loss", "change_scan", "history_scans", "q_value")
+    keep = (
+        "host",
+        "gpu",
+        "index",
+        "model",
+        "probe",
+        "settings",
+        "verdict",
+        "degraded",
+        "straggler",
+        "basis",
+        "deficit",
+        "cost",
+        "ratio",
+        "ratio_low",
+        "ratio_high",
+        "perf_class",
+        "peer_median",
+        "value",
+        "n_samples",
+        "n_kept",
+        "evidence",
+        "change_loss",
+        "change_scan",
+        "history_scans",
+        "q_value",
+    )
     out = {k: r.get(k) for k in keep}
     out["causes"] = list(r.get("causes") or ())
     out["label"] = _label(r["host"], r.get("index"), r["gpu"])
     return out
 
 
-def _details(flagged: pd.DataFrame, samples: pd.DataFrame | None, past: pd.DataFrame | None,
-             summary: dict) -> list[dict]:
+def _details(
+    flagged: pd.DataFrame, samples: pd.DataFrame | None, past: pd.DataFrame | None, summary: dict
+) -> list[dict]:
     """The flagged devices in detail: samples of the current scan, per-scan history relative to
     the peers (with the change point), telemetry against the peers', and the action per cause."""
     out = []
     for r in flagged.to_dict("records"):
         e = _entry(r)
-        e["actions"] = [(c, causes.ACTIONS.get(c, "")) for c in e["causes"]] or \
-            ([("degraded", "Lost performance against its own past: re-measure, and watch it; act on the "
-               "cause once it becomes a straggler.")] if e["degraded"] else [])
+        e["actions"] = [(c, causes.ACTIONS.get(c, "")) for c in e["causes"]] or (
+            [
+                (
+                    "degraded",
+                    "Lost performance against its own past: re-measure, and watch it; act on the "
+                    "cause once it becomes a straggler.",
+                )
+            ]
+            if e["degraded"]
+            else []
+        )
         e.update({"samples": [], "series": None, "telemetry": []})
         out.append(e)
     frames = [f for f in (past, samples) if f is not None and len(f)]
@@ -344,9 +445,18 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     # the detailed devices' codes: from the rows of their GPUs only (a dict of every device is slow)
     mine = np.flatnonzero(own[in_group])
     mine = mine[np.unique(dev[mine], return_index=True)[1]]
-    keys = {k: int(dev[i]) for i, k in zip(mine, zip(sub["host"].iloc[mine], sub["gpu"].iloc[mine],
-                                                     sub["probe"].iloc[mine],
-                                                     sub["settings"].astype("string").fillna("").iloc[mine]))}
+    keys = {
+        k: int(dev[i])
+        for i, k in zip(
+            mine,
+            zip(
+                sub["host"].iloc[mine],
+                sub["gpu"].iloc[mine],
+                sub["probe"].iloc[mine],
+                sub["settings"].astype("string").fillna("").iloc[mine],
+            ),
+        )
+    }
     # telemetry of the current scan: the detailed devices', and their peers' median over at most
     # about PEER_TELEMETRY devices of each group (every k-th device: a median of thousands is exact
     # enough to read, and reading every device's telemetry of a 100,000-device fleet is not needed)
@@ -355,7 +465,7 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     tel = causes.device_telemetry(sub[use].reset_index(drop=True), dev[use], n_dev)
     dev_group = g[first]
     n_g = int(g.max()) + 1 if len(g) else 0
-    peers = (np.arange(n_dev) % step == 0)
+    peers = np.arange(n_dev) % step == 0
     peer_of = {c: groups.median(dev_group[peers], v[peers], n_g) for c, v in tel.items()}
     for e in out:
         k = keys.get((e["host"], e["gpu"], e["probe"], _text(e["settings"])))
@@ -363,10 +473,12 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
             continue
         mine = np.flatnonzero(dev == k)
         now = mine[current[mine]]
-        smp = pd.to_numeric(sub["sample"].iloc[now], errors="coerce").to_numpy(dtype=float) \
-            if "sample" in sub.columns else np.arange(len(now), dtype=float)
-        e["samples"] = sorted(zip(np.where(np.isfinite(smp), smp, np.arange(len(now))).tolist(),
-                                  value[now].tolist()))
+        smp = (
+            pd.to_numeric(sub["sample"].iloc[now], errors="coerce").to_numpy(dtype=float)
+            if "sample" in sub.columns
+            else np.arange(len(now), dtype=float)
+        )
+        e["samples"] = sorted(zip(np.where(np.isfinite(smp), smp, np.arange(len(now))).tolist(), value[now].tolist()))
         mine_ds = np.flatnonzero(dev[at] == k) if several else ()
         if len(mine_ds) > 1:
             o = mine_ds[np.argsort(rank[at][mine_ds])]
@@ -374,9 +486,17 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
             when = ds_ts[o].tolist()
             with np.errstate(invalid="ignore", divide="ignore"):
                 rel = (med[o] / centre[gs[o]]).tolist()
-            e["series"] = {"scans": labels, "ts": when, "ratio": rel, "value": med[o].tolist(),
-                           "change": labels.index(str(e["change_scan"])) if e.get("change_scan") in labels else None}
+            e["series"] = {
+                "scans": labels,
+                "ts": when,
+                "ratio": rel,
+                "value": med[o].tolist(),
+                "change": labels.index(str(e["change_scan"])) if e.get("change_scan") in labels else None,
+            }
         peer = {c: v[dev_group[k]] for c, v in peer_of.items()}
         named = {c: [why for why in e["causes"] if c in causes.EVIDENCE_COLUMNS.get(why, ())] for c in TELEMETRY}
-        e["telemetry"] = [(c, float(tel[c][k]), float(peer[c]), named[c]) for c in TELEMETRY
-                          if c in tel and (np.isfinite(tel[c][k]) or np.isfinite(peer[c]))]
+        e["telemetry"] = [
+            (c, float(tel[c][k]), float(peer[c]), named[c])
+            for c in TELEMETRY
+            if c in tel and (np.isfinite(tel[c][k]) or np.isfinite(peer[c]))
+        ]

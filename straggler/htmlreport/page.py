@@ -61,35 +61,49 @@ def _e(x) -> str:
 
 
 def document(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>{body}</body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>{body}</body></html>"
+    )
 
 
 def render(rep: Report, link: Callable[[str, str], str] | None = None) -> str:
     """The page. ``link(host, gpu)``: the URL of a device's history view (the collector), or None."""
     s, m = rep.summary, rep.meta
     tiers = s.get("verdicts") or {}
-    parts = [f"<h1>straggler fleet report</h1><p class=muted>{_e(m.get('source', ''))}; generated "
-             f"{_when(m.get('generated_ts', time.time()))}; straggler {__version__}</p>"]
-    cards = [("devices", s.get("devices"), ""), ("entries (device x probe)", s.get("entries"), ""),
-             ("stragglers", tiers.get("straggler", s.get("stragglers")), "straggler"),
-             ("straggler devices", s.get("straggler_devices"), "straggler"),
-             ("undecided", tiers.get("undecided"), "undecided"), ("slow", tiers.get("slow"), "slow"),
-             ("healthy", tiers.get("healthy"), "healthy"), ("degraded", s.get("degraded"), ""),
-             ("scans", s.get("scans"), "")]
-    parts.append("<h2>Summary</h2><div class=cards>" + "".join(
-        f'<div class="card {c}"><b>{_e(v if v is not None else "-")}</b>{_e(k)}</div>' for k, v, c in cards)
-        + "</div>")
-    parts.append(f"<p>Threshold T = {_pct(s.get('min_effect'))} (groups of 2-3 devices: "
-                 f"{_pct(s.get('min_effect_few'))}), false-discovery rate {_e(s.get('fdr'))}; entries per tier "
-                 "are device x probe; a straggler slows every synchronous job it joins by at least T.</p>")
+    parts = [
+        f"<h1>straggler fleet report</h1><p class=muted>{_e(m.get('source', ''))}; generated "
+        f"{_when(m.get('generated_ts', time.time()))}; straggler {__version__}</p>"
+    ]
+    cards = [
+        ("devices", s.get("devices"), ""),
+        ("entries (device x probe)", s.get("entries"), ""),
+        ("stragglers", tiers.get("straggler", s.get("stragglers")), "straggler"),
+        ("straggler devices", s.get("straggler_devices"), "straggler"),
+        ("undecided", tiers.get("undecided"), "undecided"),
+        ("slow", tiers.get("slow"), "slow"),
+        ("healthy", tiers.get("healthy"), "healthy"),
+        ("degraded", s.get("degraded"), ""),
+        ("scans", s.get("scans"), ""),
+    ]
+    parts.append(
+        "<h2>Summary</h2><div class=cards>"
+        + "".join(f'<div class="card {c}"><b>{_e(v if v is not None else "-")}</b>{_e(k)}</div>' for k, v, c in cards)
+        + "</div>"
+    )
+    parts.append(
+        f"<p>Threshold T = {_pct(s.get('min_effect'))} (groups of 2-3 devices: "
+        f"{_pct(s.get('min_effect_few'))}), false-discovery rate {_e(s.get('fdr'))}; entries per tier "
+        "are device x probe; a straggler slows every synchronous job it joins by at least T.</p>"
+    )
     for w in s.get("warnings") or ():
         parts.append(f"<div class=warn>warning: {_e(w)}</div>")
     if s.get("dropped"):
-        parts.append("<p class=muted>dropped rows: " + ", ".join(f"{_e(n)} {_e(k)}" for k, n in s["dropped"].items())
-                     + "</p>")
+        parts.append(
+            "<p class=muted>dropped rows: " + ", ".join(f"{_e(n)} {_e(k)}" for k, n in s["dropped"].items()) + "</p>"
+        )
     parts.append(_spread(s))
     parts.append(_jobs(rep))
     parts.append(_distributions(rep))
@@ -106,34 +120,51 @@ def _spread(s: dict) -> str:
         f"<tr><td>{_e(g.get('model'))}</td><td>{_e(g.get('probe'))}</td><td>{_e(g.get('settings'))}</td>"
         f"<td class=n>{_e(g.get('devices'))}</td><td class=n>{_pct(g.get('spread_net'))}</td>"
         f"<td class=n>{_pct(g.get('spread'))}</td><td class=n>{_pct(g.get('noise'))}</td></tr>"
-        for g in s.get("groups") or ())
+        for g in s.get("groups") or ()
+    )
     if not rows:
         return "<h2>Fleet spread per model</h2><p class=muted>no peer group of 4 or more devices</p>"
-    return ("<h2>Fleet spread per model</h2><table><tr><th>model</th><th>probe</th><th>settings</th><th>devices</th>"
-            "<th>healthy spread (net of noise)</th><th>spread (robust)</th><th>noise</th></tr>" + rows + "</table>")
+    return (
+        "<h2>Fleet spread per model</h2><table><tr><th>model</th><th>probe</th><th>settings</th><th>devices</th>"
+        "<th>healthy spread (net of noise)</th><th>spread (robust)</th><th>noise</th></tr>" + rows + "</table>"
+    )
 
 
 def _jobs(rep: Report) -> str:
-    out = ["<h2>Job cost</h2><p>Expected step time of an N-device synchronous job drawn from the peer group, "
-           "relative to the healthy step time, with every device and without the flagged ones "
-           "(<code>straggler.analysis.cost</code>).</p>"]
+    out = [
+        "<h2>Job cost</h2><p>Expected step time of an N-device synchronous job drawn from the peer group, "
+        "relative to the healthy step time, with every device and without the flagged ones "
+        "(<code>straggler.analysis.cost</code>).</p>"
+    ]
     rows = "".join(
         f"<tr><td>{_e(j['model'])}</td><td>{_e(j['probe'])}</td><td class=n>{_e(j['job_devices'])}</td>"
         f"<td class=n>{_num(j.get('step_time_all'))}</td><td class=n>{_num(j.get('step_time_without_stragglers'))}</td>"
-        f"<td class=n>{_pct(j.get('speedup'))}</td></tr>" for j in rep.summary.get("job_cost") or ())
+        f"<td class=n>{_pct(j.get('speedup'))}</td></tr>"
+        for j in rep.summary.get("job_cost") or ()
+    )
     if rows:
-        out.append("<table><tr><th>model</th><th>probe</th><th>job devices</th><th>step time, all</th>"
-                   "<th>without flagged</th><th>faster without</th></tr>" + rows + "</table>")
+        out.append(
+            "<table><tr><th>model</th><th>probe</th><th>job devices</th><th>step time, all</th>"
+            "<th>without flagged</th><th>faster without</th></tr>" + rows + "</table>"
+        )
     if not rep.jobs:
         out.append("<p class=muted>no straggler: every job runs at the healthy step time</p>")
     charts = []
     for j in rep.jobs[:6]:
-        charts.append(svg.lines(
-            [("with every device", svg.TIER_COLOURS["straggler"], j["n"], j["all"], False),
-             ("without the flagged", svg.TIER_COLOURS["healthy"], j["n"], j["without"], False)],
-            f"job cost {j['model']} {j['probe']}", f"job devices N ({j['model']} {j['probe']}, "
-            f"{j['flagged']} of {j['devices']} flagged)", "step time", xlog=True,
-            xticks=[n for n in j["n"] if n & (n - 1) == 0][::max(1, len(j["n"]) // 8)], xfmt=lambda v: f"{v:.0f}"))
+        charts.append(
+            svg.lines(
+                [
+                    ("with every device", svg.TIER_COLOURS["straggler"], j["n"], j["all"], False),
+                    ("without the flagged", svg.TIER_COLOURS["healthy"], j["n"], j["without"], False),
+                ],
+                f"job cost {j['model']} {j['probe']}",
+                f"job devices N ({j['model']} {j['probe']}, {j['flagged']} of {j['devices']} flagged)",
+                "step time",
+                xlog=True,
+                xticks=[n for n in j["n"] if n & (n - 1) == 0][:: max(1, len(j["n"]) // 8)],
+                xfmt=lambda v: f"{v:.0f}",
+            )
+        )
     if charts:
         out.append("<div class=charts>" + "".join(charts) + "</div>")
     if len(rep.jobs) > 6:
@@ -142,9 +173,11 @@ def _jobs(rep: Report) -> str:
 
 
 def _distributions(rep: Report) -> str:
-    out = ["<h2>Performance ratios per model and probe</h2><p>Each device's ratio to its peers' median, "
-           "stacked by tier; T and the slow line drawn; every straggler marked under the axis (hover for its "
-           "name). Values beyond the axis are in the end bins.</p>"]
+    out = [
+        "<h2>Performance ratios per model and probe</h2><p>Each device's ratio to its peers' median, "
+        "stacked by tier; T and the slow line drawn; every straggler marked under the axis (hover for its "
+        "name). Values beyond the axis are in the end bins.</p>"
+    ]
     for d in rep.distributions:
         head = f"{d['model']} {d['probe']}" + (f" ({d['settings']})" if d["settings"] else "")
         if "edges" not in d:
@@ -152,15 +185,23 @@ def _distributions(rep: Report) -> str:
             continue
         cols = {"straggler": svg.TIER_COLOURS["straggler"], "slow": "#b08d00"}
         marks = [(x, lab, i < MAX_LABELS) for i, (x, lab, _) in enumerate(d["marks"])]
-        chart = svg.histogram(d["edges"], [(t, svg.TIER_COLOURS[t], c) for t, c in d["stacks"]],
-                              [(x, lab, cols.get("straggler" if lab.startswith("T") else lab, "#333"))
-                               for x, lab in d["vlines"]], marks, f"ratios {head}", "ratio to peer median")
+        chart = svg.histogram(
+            d["edges"],
+            [(t, svg.TIER_COLOURS[t], c) for t, c in d["stacks"]],
+            [(x, lab, cols.get("straggler" if lab.startswith("T") else lab, "#333")) for x, lab in d["vlines"]],
+            marks,
+            f"ratios {head}",
+            "ratio to peer median",
+        )
         tiers = ", ".join(f'<span class="{t}">{t} {n}</span>' for t, n in d["tiers"].items())
         notes = [f"{d['no_ratio']} without peers"] if d["no_ratio"] else []
         notes += [f"{d['clipped']} beyond the axis"] if d["clipped"] else []
         notes += [f"{d['unmarked']} more stragglers not marked"] if d["unmarked"] else []
-        out.append(f"<h3>{_e(head)}</h3><p>{d['entries']} entries: {tiers}"
-                   + (f" <span class=muted>({_e('; '.join(notes))})</span>" if notes else "") + f"</p>{chart}")
+        out.append(
+            f"<h3>{_e(head)}</h3><p>{d['entries']} entries: {tiers}"
+            + (f" <span class=muted>({_e('; '.join(notes))})</span>" if notes else "")
+            + f"</p>{chart}"
+        )
     return "".join(out)
 
 
@@ -168,13 +209,29 @@ def _heatmap(rep: Report, link) -> str:
     h = rep.heatmap
     if not h["rows"]:
         return ""
-    rows = [(r["label"], None, r["values"], r["hover"],
-             [link(r["host"], g) if link and g is not None else None for g in r["gpus"]]) for r in h["rows"]]
-    note = (f"the {min(h['hosts'], 40)} worst nodes one per row, then the other {h['hosts'] - 40} in bands of "
-            f"{h['per_band']} (mean per device index)") if h["hosts"] > 40 else f"all {h['hosts']} nodes"
-    return ("<h2>Nodes x devices</h2><p>Each device's worst ratio over its probes, nodes sorted worst first "
-            f"(lowest mean ratio): {note}. A whole slow node is a red row.</p>"
-            + svg.heatmap(rows, h["columns"], h["threshold"], "node x device ratios"))
+    rows = [
+        (
+            r["label"],
+            None,
+            r["values"],
+            r["hover"],
+            [link(r["host"], g) if link and g is not None else None for g in r["gpus"]],
+        )
+        for r in h["rows"]
+    ]
+    note = (
+        (
+            f"the {min(h['hosts'], 40)} worst nodes one per row, then the other {h['hosts'] - 40} in bands of "
+            f"{h['per_band']} (mean per device index)"
+        )
+        if h["hosts"] > 40
+        else f"all {h['hosts']} nodes"
+    )
+    return (
+        "<h2>Nodes x devices</h2><p>Each device's worst ratio over its probes, nodes sorted worst first "
+        f"(lowest mean ratio): {note}. A whole slow node is a red row.</p>"
+        + svg.heatmap(rows, h["columns"], h["threshold"], "node x device ratios")
+    )
 
 
 def _flagged(rep: Report, link) -> str:
@@ -187,15 +244,21 @@ def _flagged(rep: Report, link) -> str:
         if (e["host"], e["gpu"], e["probe"], e["settings"]) in detailed:
             name = f'<a href="#d{n}">{name}</a>'
         gpu = f'<a href="{_e(link(e["host"], e["gpu"]))}">{_e(e["gpu"])}</a>' if link else _e(e["gpu"])
-        rows.append(f"<tr><td>{name}</td><td>{gpu}</td><td>{_e(e['model'])}</td><td>{_e(e['probe'])}</td>"
-                    f'<td class="{_e(e["verdict"])}">{_e(e["verdict"])}{", degraded" if e["degraded"] else ""}</td>'
-                    f"<td class=n>{_num(e['ratio'])}</td><td class=n>{_pct(e['deficit'])}</td>"
-                    f"<td class=n>{_pct(e['cost'])}</td><td>{_e(', '.join(e['causes']))}</td><td>{_e(e['basis'])}</td></tr>")
+        rows.append(
+            f"<tr><td>{name}</td><td>{gpu}</td><td>{_e(e['model'])}</td><td>{_e(e['probe'])}</td>"
+            f'<td class="{_e(e["verdict"])}">{_e(e["verdict"])}{", degraded" if e["degraded"] else ""}</td>'
+            f"<td class=n>{_num(e['ratio'])}</td><td class=n>{_pct(e['deficit'])}</td>"
+            f"<td class=n>{_pct(e['cost'])}</td><td>{_e(', '.join(e['causes']))}</td><td>{_e(e['basis'])}</td></tr>"
+        )
     more = rep.n_flagged - len(rep.flagged)
-    return (f"<h2>Flagged devices ({rep.n_flagged})</h2><p>Stragglers first, costliest first; then degraded "
-            "devices.</p><table><tr><th>device</th><th>gpu</th><th>model</th><th>probe</th><th>verdict</th>"
-            "<th>ratio</th><th>deficit</th><th>cost</th><th>causes</th><th>basis</th></tr>" + "".join(rows)
-            + "</table>" + (f"<p class=muted>{more} more (the --json document has every entry)</p>" if more else ""))
+    return (
+        f"<h2>Flagged devices ({rep.n_flagged})</h2><p>Stragglers first, costliest first; then degraded "
+        "devices.</p><table><tr><th>device</th><th>gpu</th><th>model</th><th>probe</th><th>verdict</th>"
+        "<th>ratio</th><th>deficit</th><th>cost</th><th>causes</th><th>basis</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + (f"<p class=muted>{more} more (the --json document has every entry)</p>" if more else "")
+    )
 
 
 def _details(rep: Report, link) -> str:
@@ -205,13 +268,18 @@ def _details(rep: Report, link) -> str:
     out = [f"<h2>Flagged devices in detail</h2><p>The {len(rep.details)} costliest flagged entries.</p>"]
     for e in rep.details:
         head = f"{e['label']} {e['gpu']} {e['probe']}"
-        facts = [("model", e["model"]), ("verdict", e["verdict"] + (", degraded" if e["degraded"] else "")),
-                 ("ratio", f"{_num(e['ratio'])} (95% {_num(e['ratio_low'])}-{_num(e['ratio_high'])})"),
-                 ("deficit", _pct(e["deficit"])), ("cost to every job it joins", _pct(e["cost"])),
-                 ("basis", e["basis"]), ("value / peers' median", f"{_num(e['value'], '.4g')} / "
-                                                                    f"{_num(e['peer_median'], '.4g')}"),
-                 ("samples (kept)", f"{e['n_samples']} ({e['n_kept']})"), ("class", e["perf_class"] or "-"),
-                 ("q-value", _num(e["q_value"], ".2g"))]
+        facts = [
+            ("model", e["model"]),
+            ("verdict", e["verdict"] + (", degraded" if e["degraded"] else "")),
+            ("ratio", f"{_num(e['ratio'])} (95% {_num(e['ratio_low'])}-{_num(e['ratio_high'])})"),
+            ("deficit", _pct(e["deficit"])),
+            ("cost to every job it joins", _pct(e["cost"])),
+            ("basis", e["basis"]),
+            ("value / peers' median", f"{_num(e['value'], '.4g')} / {_num(e['peer_median'], '.4g')}"),
+            ("samples (kept)", f"{e['n_samples']} ({e['n_kept']})"),
+            ("class", e["perf_class"] or "-"),
+            ("q-value", _num(e["q_value"], ".2g")),
+        ]
         if e["degraded"]:
             facts.append(("lost since its change point", f"{_pct(e['change_loss'])} (from scan {e['change_scan']})"))
         table = "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts) + "</table>"
@@ -221,31 +289,55 @@ def _details(rep: Report, link) -> str:
             peer = e.get("peer_median")
             hl = []
             if peer is not None and math.isfinite(float(peer)):
-                hl = [(float(peer), "peers' median", "#333"), (float(peer) * (1 - t), f"T {t:.0%}",
-                                                               svg.TIER_COLOURS["straggler"])]
-            charts.append(svg.lines([("sample", svg.TIER_COLOURS["straggler"], xs, ys, True)], f"samples {head}",
-                                    "sample", "value", hlines=hl))
+                hl = [
+                    (float(peer), "peers' median", "#333"),
+                    (float(peer) * (1 - t), f"T {t:.0%}", svg.TIER_COLOURS["straggler"]),
+                ]
+            charts.append(
+                svg.lines(
+                    [("sample", svg.TIER_COLOURS["straggler"], xs, ys, True)],
+                    f"samples {head}",
+                    "sample",
+                    "value",
+                    hlines=hl,
+                )
+            )
         if e["series"]:
             sr = e["series"]
             xs = list(range(len(sr["scans"])))
             vl = [(sr["change"], "change", svg.TIER_COLOURS["undecided"])] if sr["change"] is not None else []
-            charts.append(svg.lines([("ratio to peers per scan", "#2e5d9a", xs, sr["ratio"], False)],
-                                    f"history {head}", "scan (oldest first)", "ratio to peers",
-                                    vlines=vl, hlines=[(1.0, "peers", "#333")],
-                                    xticks=xs[::max(1, len(xs) // 8)], xfmt=lambda v: f"{v:.0f}"))
+            charts.append(
+                svg.lines(
+                    [("ratio to peers per scan", "#2e5d9a", xs, sr["ratio"], False)],
+                    f"history {head}",
+                    "scan (oldest first)",
+                    "ratio to peers",
+                    vlines=vl,
+                    hlines=[(1.0, "peers", "#333")],
+                    xticks=xs[:: max(1, len(xs) // 8)],
+                    xfmt=lambda v: f"{v:.0f}",
+                )
+            )
         hist = "" if e["series"] else "<p class=muted>no past scans of this device in the input: no history</p>"
         tel = ""
         if e["telemetry"]:
-            tel = ("<table><tr><th>telemetry (current scan)</th><th>device</th><th>peers' median</th>"
-                   "<th>names the cause</th></tr>" + "".join(
-                       f"<tr{' class=cause' if why else ''}><td>{_e(c)}</td><td class=n>{_num(v, '.4g')}</td>"
-                       f"<td class=n>{_num(p, '.4g')}</td><td>{_e(', '.join(why))}</td></tr>"
-                       for c, v, p, why in e["telemetry"]) + "</table>")
+            tel = (
+                "<table><tr><th>telemetry (current scan)</th><th>device</th><th>peers' median</th>"
+                "<th>names the cause</th></tr>"
+                + "".join(
+                    f"<tr{' class=cause' if why else ''}><td>{_e(c)}</td><td class=n>{_num(v, '.4g')}</td>"
+                    f"<td class=n>{_num(p, '.4g')}</td><td>{_e(', '.join(why))}</td></tr>"
+                    for c, v, p, why in e["telemetry"]
+                )
+                + "</table>"
+            )
         acts = "".join(f"<li><b>{_e(c)}</b>: {_e(a)}</li>" for c, a in e["actions"])
         more = f' <a href="{_e(link(e["host"], e["gpu"]))}">history view</a>' if link else ""
-        out.append(f'<div class=dev id="d{_index(rep, e)}"><h3>{_e(head)}{more}</h3>{table}'
-                   f"<p><b>evidence</b>: {_e(e['evidence'] or '-')}</p><div class=charts>{''.join(charts)}</div>{hist}"
-                   f"{tel}<p><b>what to do</b></p><ul>{acts or '<li>-</li>'}</ul></div>")
+        out.append(
+            f'<div class=dev id="d{_index(rep, e)}"><h3>{_e(head)}{more}</h3>{table}'
+            f"<p><b>evidence</b>: {_e(e['evidence'] or '-')}</p><div class=charts>{''.join(charts)}</div>{hist}"
+            f"{tel}<p><b>what to do</b></p><ul>{acts or '<li>-</li>'}</ul></div>"
+        )
     return "".join(out)
 
 
@@ -261,18 +353,26 @@ def _classes(rep: Report) -> str:
     if not rep.classes:
         return "<h2>Performance classes</h2><p class=muted>no peer group of 4 or more devices</p>"
     rows = "".join(
-        f"<tr><td>{_e(c['model'])}</td><td>{_e(c['probe'])}</td>" + "".join(
-            f"<td class=n>{v['devices']} ({_num(v['low'])}-{_num(v['high'])})</td>" for v in c["classes"].values())
-        + "</tr>" for c in rep.classes)
-    return ("<h2>Performance classes</h2><p>Placement classes per peer group by ratio: A the fastest quarter .. "
-            "D the slowest; a scheduler keeps the devices of one job in one class. Devices (ratio range).</p>"
-            "<table><tr><th>model</th><th>probe</th><th>A</th><th>B</th><th>C</th><th>D</th></tr>" + rows + "</table>")
+        f"<tr><td>{_e(c['model'])}</td><td>{_e(c['probe'])}</td>"
+        + "".join(
+            f"<td class=n>{v['devices']} ({_num(v['low'])}-{_num(v['high'])})</td>" for v in c["classes"].values()
+        )
+        + "</tr>"
+        for c in rep.classes
+    )
+    return (
+        "<h2>Performance classes</h2><p>Placement classes per peer group by ratio: A the fastest quarter .. "
+        "D the slowest; a scheduler keeps the devices of one job in one class. Devices (ratio range).</p>"
+        "<table><tr><th>model</th><th>probe</th><th>A</th><th>B</th><th>C</th><th>D</th></tr>" + rows + "</table>"
+    )
 
 
 def _command(rep: Report) -> str:
     s = rep.summary
     keys = ("fdr", "min_effect", "min_effect_few", "clear_level", "slow_sigmas", "min_change")
     opts = ", ".join(f"{k}={s[k]}" for k in keys if k in s)
-    return (f"<h2>How this report was made</h2><pre>{_e(rep.meta.get('command', ''))}</pre>"
-            f"<p>analysis settings: {_e(opts)}; samples {_e(s.get('samples'))}, history rows "
-            f"{_e(s.get('history_rows'))}</p>")
+    return (
+        f"<h2>How this report was made</h2><pre>{_e(rep.meta.get('command', ''))}</pre>"
+        f"<p>analysis settings: {_e(opts)}; samples {_e(s.get('samples'))}, history rows "
+        f"{_e(s.get('history_rows'))}</p>"
+    )

@@ -28,11 +28,17 @@ from straggler.probes.backends import open_backend
 from straggler.probes.fakenvml import FakeBackend
 from test_agent_support import IngestServer, NotifySocket, fixture_with_faults, write_fake_scan
 
-H3 = {"host": "n1", "gpu": "3", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000003", "model": "NVIDIA H100 80GB HBM3",
-      "pci_bus_id": "00000000:5D:00.0"}
+H3 = {
+    "host": "n1",
+    "gpu": "3",
+    "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000003",
+    "model": "NVIDIA H100 80GB HBM3",
+    "pci_bus_id": "00000000:5D:00.0",
+}
 
 
 # --- settings ---------------------------------------------------------------------------------
+
 
 def test_settings_list_every_problem_at_once(tmp_path):
     cfg = tmp_path / "agent.toml"
@@ -49,8 +55,11 @@ def test_settings_list_every_problem_at_once(tmp_path):
 def test_settings_layering_file_env_flags(tmp_path):
     cfg = tmp_path / "agent.toml"
     cfg.write_text('interval_s = 5\nprobes = ["matmul"]\nhost = "from-file"\n')
-    s = load_settings(cfg, overrides={"host": "from-flag", "listen_port": None},
-                      env={"STRAGGLER_AGENT_INTERVAL_S": "2.5", "STRAGGLER_AGENT_PROBES": "matmul,membw"})
+    s = load_settings(
+        cfg,
+        overrides={"host": "from-flag", "listen_port": None},
+        env={"STRAGGLER_AGENT_INTERVAL_S": "2.5", "STRAGGLER_AGENT_PROBES": "matmul,membw"},
+    )
     assert (s.interval_s, s.probes, s.host, s.listen_port) == (2.5, ("matmul", "membw"), "from-flag", 9401)
     with pytest.raises(ConfigError, match="file not found"):
         load_settings(tmp_path / "missing.toml", env={})
@@ -58,6 +67,7 @@ def test_settings_layering_file_env_flags(tmp_path):
 
 
 # --- Prometheus export -------------------------------------------------------------------------
+
 
 def _registry_with(scenario: str, reads: int = 1):
     registry, collector, metrics = build_registry()
@@ -85,25 +95,45 @@ def test_exporter_publishes_the_snapshot_with_units():
 
 def test_exporter_lost_gpu_has_no_values_and_up_zero():
     registry, _ = _registry_with("gpu_fallen_off_bus", reads=5)
-    lost = {"host": "n1", "gpu": "7", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000007",
-            "model": "NVIDIA H100 80GB HBM3", "pci_bus_id": "00000000:DB:00.0"}
+    lost = {
+        "host": "n1",
+        "gpu": "7",
+        "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000007",
+        "model": "NVIDIA H100 80GB HBM3",
+        "pci_bus_id": "00000000:DB:00.0",
+    }
     assert registry.get_sample_value("straggler_gpu_up", {**lost, "status": "lost"}) == 0.0
     assert registry.get_sample_value("straggler_gpu_power_watts", lost) is None
-    assert registry.get_sample_value("straggler_gpu_power_watts", {**lost, "gpu": "6", "uuid": lost["uuid"][:-1] + "6",
-                                                                   "pci_bus_id": "00000000:BA:00.0"}) > 600
+    assert (
+        registry.get_sample_value(
+            "straggler_gpu_power_watts",
+            {**lost, "gpu": "6", "uuid": lost["uuid"][:-1] + "6", "pci_bus_id": "00000000:BA:00.0"},
+        )
+        > 600
+    )
 
 
 def test_exporter_publishes_xid_counts_by_code_and_remap_flags():
     registry, _ = _registry_with("h100_xid_errors", reads=2)
     get = registry.get_sample_value
-    gpu2 = {"host": "n1", "gpu": "2", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000002",
-            "model": "NVIDIA H100 80GB HBM3", "pci_bus_id": "00000000:3A:00.0"}
+    gpu2 = {
+        "host": "n1",
+        "gpu": "2",
+        "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000002",
+        "model": "NVIDIA H100 80GB HBM3",
+        "pci_bus_id": "00000000:3A:00.0",
+    }
     assert get("straggler_gpu_xid_errors_total", {**gpu2, "xid": "48"}) == 1.0
     assert get("straggler_gpu_xid_errors_total", {**gpu2, "xid": "13"}) is None  # no event, no series
     assert get("straggler_gpu_remapped_rows_pending", gpu2) == 0.0
     registry, _ = _registry_with("ecc_remapped_rows")
-    gpu4 = {"host": "n1", "gpu": "4", "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000004",
-            "model": "NVIDIA H100 80GB HBM3", "pci_bus_id": "00000000:9A:00.0"}
+    gpu4 = {
+        "host": "n1",
+        "gpu": "4",
+        "uuid": "GPU-5e1f0c2a-7b3d-4c8e-9a10-000000000004",
+        "model": "NVIDIA H100 80GB HBM3",
+        "pci_bus_id": "00000000:9A:00.0",
+    }
     assert registry.get_sample_value("straggler_gpu_remapped_rows_pending", gpu4) == 1.0
     assert registry.get_sample_value("straggler_gpu_remapped_rows_failed", gpu4) == 1.0
 
@@ -112,15 +142,19 @@ def test_self_metrics_start_at_zero():
     registry, _, _ = build_registry()
     for source in ERROR_SOURCES:
         assert registry.get_sample_value("straggler_agent_errors_total", {"source": source}) == 0.0
-    for name in ("straggler_agent_probe_runs_total", "straggler_agent_ticks_total",
-                 "straggler_agent_uploaded_results_total"):
+    for name in (
+        "straggler_agent_probe_runs_total",
+        "straggler_agent_ticks_total",
+        "straggler_agent_uploaded_results_total",
+    ):
         assert registry.get_sample_value(name) == 0.0
     for reason in FAILURE_REASONS:
         assert registry.get_sample_value("straggler_agent_probe_failures_total", {"reason": reason}) == 0.0
 
 
-@pytest.mark.parametrize("scenario", ["h100_healthy", "gpu_fallen_off_bus", "nvml_error_mid_run", "h100_xid_errors",
-                                      "cpu"])
+@pytest.mark.parametrize(
+    "scenario", ["h100_healthy", "gpu_fallen_off_bus", "nvml_error_mid_run", "h100_xid_errors", "cpu"]
+)
 def test_promtool_accepts_the_exposition(scenario, tmp_path):
     promtool = require_tool("promtool")
     registry, _ = _registry_with(scenario, reads=7)
@@ -130,6 +164,7 @@ def test_promtool_accepts_the_exposition(scenario, tmp_path):
 
 
 # --- idle detection ----------------------------------------------------------------------------
+
 
 def test_idle_needs_no_processes_low_util_and_the_grace_period():
     idle, busy = FakeBackend("h100_idle").snapshot("n"), FakeBackend("h100_healthy").snapshot("n")
@@ -155,12 +190,17 @@ def test_idle_ignores_lost_gpus_but_not_a_dead_backend():
     assert busy_reason(dead, 5.0).startswith("telemetry unavailable")
 
 
-@pytest.mark.parametrize("fault, reason", [
-    ({"device": 5, "nvml_error": "unknown", "fields": None}, "device 5 unreadable (unknown)"),
-    ({"device": 2, "nvml_error": "no_permission", "fields": ["processes"]},
-     "device 2: compute processes unknown (no_permission)"),
-    ({"device": 6, "nvml_error": "timeout", "fields": ["util_pct"]}, "device 6: utilization unknown (timeout)"),
-])
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ({"device": 5, "nvml_error": "unknown", "fields": None}, "device 5 unreadable (unknown)"),
+        (
+            {"device": 2, "nvml_error": "no_permission", "fields": ["processes"]},
+            "device 2: compute processes unknown (no_permission)",
+        ),
+        ({"device": 6, "nvml_error": "timeout", "fields": ["util_pct"]}, "device 6: utilization unknown (timeout)"),
+    ],
+)
 def test_an_unreadable_gpu_or_process_list_is_busy_not_idle(tmp_path, fault, reason):
     """Every other GPU idle: the one GPU that cannot be read may be running the job."""
     snap = FakeBackend(str(fixture_with_faults(tmp_path, "h100_idle", [fault]))).snapshot("n")
@@ -175,8 +215,15 @@ def test_exporter_marks_the_last_devices_stale_when_a_read_fails():
     registry, collector, _ = build_registry()
     good = FakeBackend("h100_thermal_throttle").snapshot("n1")
     collector.update(good)
-    collector.update(NodeSnapshot(ts=good.ts + 15, host="n1", backend=good.backend, devices=(),
-                                  error="telemetry read failed: RuntimeError: boom"))
+    collector.update(
+        NodeSnapshot(
+            ts=good.ts + 15,
+            host="n1",
+            backend=good.backend,
+            devices=(),
+            error="telemetry read failed: RuntimeError: boom",
+        )
+    )
     get = registry.get_sample_value
     assert get("straggler_gpu_up", {**H3, "status": "stale"}) == 0.0
     assert get("straggler_gpu_up", {**H3, "status": "ok"}) is None
@@ -186,6 +233,7 @@ def test_exporter_marks_the_last_devices_stale_when_a_read_fails():
 
 
 # --- sd_notify ---------------------------------------------------------------------------------
+
 
 def test_notify_sends_datagrams_to_the_socket(tmp_path):
     sock = NotifySocket(tmp_path)
@@ -217,8 +265,17 @@ def test_notify_abstract_socket_and_absent_socket():
 
 # --- spool -------------------------------------------------------------------------------------
 
-ROW = {"ts": 1.0, "scan_id": "s1", "host": "x", "gpu": "cpu0", "probe": "matmul", "settings": "n=64", "sample": 0,
-       "value": 1.0, "power_w": math.nan}
+ROW = {
+    "ts": 1.0,
+    "scan_id": "s1",
+    "host": "x",
+    "gpu": "cpu0",
+    "probe": "matmul",
+    "settings": "n=64",
+    "sample": 0,
+    "value": 1.0,
+    "power_w": math.nan,
+}
 
 
 def test_spool_is_idempotent_durable_and_wal(tmp_path):
@@ -241,12 +298,23 @@ def test_spool_is_idempotent_durable_and_wal(tmp_path):
 
 # --- probe child -------------------------------------------------------------------------------
 
+
 def _run(tmp_path, mode, deadline_s=30.0, start_at=None):
-    settings = AgentSettings(probe_command=(sys.executable, str(write_fake_scan(tmp_path))), probe_device="cpu",
-                             probes=("matmul",), probe_duration_s=2)
+    settings = AgentSettings(
+        probe_command=(sys.executable, str(write_fake_scan(tmp_path))),
+        probe_device="cpu",
+        probes=("matmul",),
+        probe_duration_s=2,
+    )
     out = tmp_path / f"{mode}.jsonl"
-    run = ProbeRun(scan_id=f"scan-{mode}", cluster=False, output=out, deadline_s=deadline_s, kill_grace_s=0.5,
-                   command=scan_command(settings, f"scan-{mode}", out, deadline_s, start_at))
+    run = ProbeRun(
+        scan_id=f"scan-{mode}",
+        cluster=False,
+        output=out,
+        deadline_s=deadline_s,
+        kill_grace_s=0.5,
+        command=scan_command(settings, f"scan-{mode}", out, deadline_s, start_at),
+    )
     run.start(tmp_path / "work", env={"FAKE_SCAN_MODE": mode, "PATH": "/usr/bin:/bin"})
     t0 = time.monotonic()
     while not run.poll():
@@ -295,10 +363,17 @@ def test_probe_child_failure_is_reported_with_its_last_line(tmp_path):
 
 # --- uploads over real HTTP ----------------------------------------------------------------------
 
+
 def _uploader(tmp_path, server, token="secret", batch=500):
     (tmp_path / "token").write_text(token + "\n")
-    settings = AgentSettings(collector_url=server.url, token_file=tmp_path / "token", upload_batch=batch,
-                             backoff_initial_s=0.05, backoff_max_s=0.2, http_timeout_s=5)
+    settings = AgentSettings(
+        collector_url=server.url,
+        token_file=tmp_path / "token",
+        upload_batch=batch,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+        http_timeout_s=5,
+    )
     spool = Spool(tmp_path / "spool.sqlite")
     return spool, Uploader(settings, spool, "n1")
 
@@ -386,7 +461,9 @@ def test_a_scan_with_rows_the_collector_refused_is_reported_failed_with_the_reas
         assert len(server.rows) == 4 and spool.count("rejected") == 1
         (c1, first), (c2, second), (_, third) = server.statuses
         assert (c1, c2) == ("c1", "c2")
-        assert first["state"] == "failed" and first["error"].startswith("the collector refused 1 result(s) of this scan: ")
+        assert first["state"] == "failed" and first["error"].startswith(
+            "the collector refused 1 result(s) of this scan: "
+        )
         assert "unknown probe 'bad'" in first["error"]
         assert second == {"host": "n1", "state": "done", "error": None}  # nothing of c2 was refused
         assert third["error"].startswith("probe exited with 2; the collector refused 1 result(s)")
@@ -403,8 +480,13 @@ def test_agent_command_reports_every_config_problem_in_one_line(tmp_path, stragg
     assert len(lines) == 1 and lines[0].startswith(f"straggler: error: {cfg}: ")
     for part in ("interval_s: must be > 0", "probe_device: 'tpu'", "collector_url: 'ftp://x'"):
         assert part in lines[0]
-    ok = subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", "9999", "--spool", str(tmp_path / "s.sqlite")], capture_output=True,
-                        text=True, timeout=60, env={**__import__("os").environ, "STRAGGLER_AGENT_INTERVAL_S": "7"})
+    ok = subprocess.run(
+        straggler_cmd + ["agent", "--check", "--json", "--listen-port", "9999", "--spool", str(tmp_path / "s.sqlite")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "STRAGGLER_AGENT_INTERVAL_S": "7"},
+    )
     assert ok.returncode == 0, ok.stderr
     shown = json.loads(ok.stdout)
     assert (shown["listen_port"], shown["interval_s"], shown["listen_address"]) == (9999, 7.0, "127.0.0.1")
@@ -458,25 +540,44 @@ def test_node_name_option_and_the_old_host_spelling(tmp_path, straggler_cmd):
     from conftest import free_port
 
     def check(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(straggler_cmd + ["agent", "--check", "--json", "--listen-port", str(free_port()),
-                                               "--spool", str(tmp_path / "s.sqlite"), *args],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            straggler_cmd
+            + [
+                "agent",
+                "--check",
+                "--json",
+                "--listen-port",
+                str(free_port()),
+                "--spool",
+                str(tmp_path / "s.sqlite"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     named = check("--node-name", "gpu-node-17")
     assert named.returncode == 0 and named.stderr == "", named.stderr
     assert json.loads(named.stdout)["host"] == "gpu-node-17"
     old = check("--host", "gpu-node-17")
     assert old.returncode == 0 and json.loads(old.stdout)["host"] == "gpu-node-17"
-    assert old.stderr.splitlines() == ["straggler: warning: --host is deprecated: it names this node; use "
-                                       "--node-name gpu-node-17 (--listen-address is the /metrics bind address)"]
+    assert old.stderr.splitlines() == [
+        "straggler: warning: --host is deprecated: it names this node; use "
+        "--node-name gpu-node-17 (--listen-address is the /metrics bind address)"
+    ]
     for address in ("0.0.0.0", "10.1.2.3:9401", "::1", "[fe80::1]:9401"):
         refused = check("--host", address)
         assert refused.returncode == 2 and refused.stdout == "", (address, refused.stdout)
         assert refused.stderr.splitlines() == [
             f"straggler: error: --host {address}: looks like an address, and --host names this node; "
-            "--listen-address sets the /metrics bind address, --node-name the node's name"]
+            "--listen-address sets the /metrics bind address, --node-name the node's name"
+        ]
     both = check("--host", "a", "--node-name", "b")
     assert both.returncode == 2 and both.stderr.splitlines() == [
-        "straggler: error: --host is the old spelling of --node-name: give only --node-name"]
-    assert "--node-name" in subprocess.run(straggler_cmd + ["agent", "--help"], capture_output=True,
-                                           text=True, timeout=60).stdout
+        "straggler: error: --host is the old spelling of --node-name: give only --node-name"
+    ]
+    assert (
+        "--node-name"
+        in subprocess.run(straggler_cmd + ["agent", "--help"], capture_output=True, text=True, timeout=60).stdout
+    )

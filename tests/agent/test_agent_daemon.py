@@ -82,12 +82,22 @@ def test_metrics_listen_on_loopback_only(agents):
 
 def test_sighup_reloads_and_a_bad_reload_keeps_the_running_config(agents):
     a = agents().start()
-    wait_until(lambda: any(k[0] == "straggler_telemetry_backend_up" and ("backend", "fake:h100_idle") in k[1]
-                           for k in scrape(a)), what="first snapshot")
+    wait_until(
+        lambda: any(
+            k[0] == "straggler_telemetry_backend_up" and ("backend", "fake:h100_idle") in k[1] for k in scrape(a)
+        ),
+        what="first snapshot",
+    )
     a.config.write_text(toml({**a.settings, "telemetry": "fake:h100_thermal_throttle"}))
     a.signal(signal.SIGHUP)
-    wait_until(lambda: any(("backend", "fake:h100_thermal_throttle") in k[1] for k in scrape(a)
-                           if k[0] == "straggler_telemetry_backend_up"), what="reloaded backend")
+    wait_until(
+        lambda: any(
+            ("backend", "fake:h100_thermal_throttle") in k[1]
+            for k in scrape(a)
+            if k[0] == "straggler_telemetry_backend_up"
+        ),
+        what="reloaded backend",
+    )
     a.config.write_text(toml({**a.settings, "interval_s": -1}))
     a.signal(signal.SIGHUP)
     msg = a.notify.wait_for("STATUS", prefix="reload refused", timeout_s=15)
@@ -106,12 +116,17 @@ def test_on_demand_probe_is_refused_while_a_job_runs(agents, tmp_path):
 
 
 def test_hung_probe_is_killed_at_its_deadline_and_its_rows_spooled(agents, tmp_path):
-    a = agents(probe_command=[sys.executable, str(write_fake_scan(tmp_path))], probe_deadline_s=1.0,
-               probe_kill_grace_s=0.5, env={"FAKE_SCAN_MODE": "hang"}).start()
+    a = agents(
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        probe_deadline_s=1.0,
+        probe_kill_grace_s=0.5,
+        env={"FAKE_SCAN_MODE": "hang"},
+    ).start()
     wait_until(lambda: value(scrape(a), "straggler_agent_ticks_total"), what="a tick")
     a.signal(signal.SIGUSR1)
-    wait_until(lambda: value(scrape(a), "straggler_agent_probe_failures_total", reason="deadline") == 1.0,
-               what="probe failure")
+    wait_until(
+        lambda: value(scrape(a), "straggler_agent_probe_failures_total", reason="deadline") == 1.0, what="probe failure"
+    )
     samples = scrape(a)
     assert value(samples, "straggler_agent_probe_runs_total") == 1.0
     assert value(samples, "straggler_agent_errors_total", source="probe") == 1.0
@@ -122,8 +137,11 @@ def test_hung_probe_is_killed_at_its_deadline_and_its_rows_spooled(agents, tmp_p
 
 
 def test_sigterm_during_a_probe_kills_the_child_and_keeps_its_rows(agents, tmp_path):
-    a = agents(probe_command=[sys.executable, str(write_fake_scan(tmp_path))], probe_deadline_s=600,
-               env={"FAKE_SCAN_MODE": "hang"}).start()
+    a = agents(
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        probe_deadline_s=600,
+        env={"FAKE_SCAN_MODE": "hang"},
+    ).start()
     wait_until(lambda: value(scrape(a), "straggler_agent_ticks_total"), what="a tick")
     a.signal(signal.SIGUSR1)
     wait_until(lambda: "probe run" in a.log() and "started" in a.log(), what="probe start")
@@ -168,13 +186,28 @@ def test_real_scan_child_and_the_daemon_stays_light(tmp_path):
     if not (ROOT / "straggler" / "commands" / "scan.py").exists():
         pytest.skip("straggler scan is not there yet")
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(toml({"host": "light", "listen_port": 0, "telemetry": "fake:h100_idle", "interval_s": 0.5,
-                         "spool_path": tmp_path / "spool.sqlite", "probe_device": "cpu", "probes": ["matmul"],
-                         "probe_duration_s": 2, "probe_deadline_s": 300, "probe_every_s": 0, "idle_grace_s": 0,
-                         "job_cpu_cores": 0}))  # a test machine is no quiet node: test_agent_jobwatch.py tests the watch
+    cfg.write_text(
+        toml(
+            {
+                "host": "light",
+                "listen_port": 0,
+                "telemetry": "fake:h100_idle",
+                "interval_s": 0.5,
+                "spool_path": tmp_path / "spool.sqlite",
+                "probe_device": "cpu",
+                "probes": ["matmul"],
+                "probe_duration_s": 2,
+                "probe_deadline_s": 300,
+                "probe_every_s": 0,
+                "idle_grace_s": 0,
+                "job_cpu_cores": 0,
+            }
+        )
+    )  # a test machine is no quiet node: test_agent_jobwatch.py tests the watch
     env = {k: v for k, v in os.environ.items() if k != "STRAGGLER_TELEMETRY"}
-    out = subprocess.run([sys.executable, "-c", RUN_AGENT, str(cfg)], capture_output=True, text=True,
-                         timeout=240, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", RUN_AGENT, str(cfg)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy"] == [] and report["rss_mb"] < 100
@@ -187,8 +220,13 @@ def test_real_scan_child_and_the_daemon_stays_light(tmp_path):
 
 
 def _scan(scan_id: str, start_in_s: float) -> dict:
-    return {"scan_id": scan_id, "start_at": time.time() + start_in_s, "probes": ["matmul"], "duration_s": 1.0,
-            "hosts": None}
+    return {
+        "scan_id": scan_id,
+        "start_at": time.time() + start_in_s,
+        "probes": ["matmul"],
+        "duration_s": 1.0,
+        "hosts": None,
+    }
 
 
 def test_cluster_scans_by_long_poll_run_refuse_when_busy_or_late(agents, tmp_path):
@@ -197,16 +235,25 @@ def test_cluster_scans_by_long_poll_run_refuse_when_busy_or_late(agents, tmp_pat
     fake = [sys.executable, str(write_fake_scan(tmp_path))]
     try:
         server.scans = [_scan("s-late", -100), _scan("s-ok", 1.0)]
-        idle = agents(name="idle-node", collector_url=server.url, token_file=tmp_path / "token",
-                      probe_command=fake).start()
-        busy = agents(name="busy-node", collector_url=server.url, token_file=tmp_path / "token",
-                      telemetry="fake:h100_healthy", probe_command=fake).start()
+        idle = agents(
+            name="idle-node", collector_url=server.url, token_file=tmp_path / "token", probe_command=fake
+        ).start()
+        busy = agents(
+            name="busy-node",
+            collector_url=server.url,
+            token_file=tmp_path / "token",
+            telemetry="fake:h100_healthy",
+            probe_command=fake,
+        ).start()
 
         def states(host):
             return [(sid, b["state"], b["error"]) for sid, b in server.statuses if b["host"] == host]
 
-        wait_until(lambda: len(states("idle-node")) == 3 and len(states("busy-node")) == 2, timeout_s=60,
-                   what=f"scan states (got {server.statuses})")
+        wait_until(
+            lambda: len(states("idle-node")) == 3 and len(states("busy-node")) == 2,
+            timeout_s=60,
+            what=f"scan states (got {server.statuses})",
+        )
         late = re.compile(r"missed the start by 1\d\d s")
         (sid, state, error), *rest = states("idle-node")
         assert (sid, state) == ("s-late", "failed") and late.fullmatch(error)
@@ -215,7 +262,9 @@ def test_cluster_scans_by_long_poll_run_refuse_when_busy_or_late(agents, tmp_pat
         assert (sid, state) == ("s-late", "failed") and late.fullmatch(error)
         assert rest == [("s-ok", "failed", "node busy: device 0 runs 1 compute process(es)")]
         rows = list(server.rows.values())
-        assert len(rows) == 3 and {r["host"] for r in rows} == {"idle-node"} and {r["scan_id"] for r in rows} == {"s-ok"}
+        assert (
+            len(rows) == 3 and {r["host"] for r in rows} == {"idle-node"} and {r["scan_id"] for r in rows} == {"s-ok"}
+        )
         assert min(r["ts"] for r in rows) >= server.scans[1]["start_at"] - 0.01  # the child waited for start_at
         assert idle.stop() == 0 and busy.stop() == 0
     finally:
@@ -241,8 +290,12 @@ def test_results_of_a_probe_interrupted_by_an_agent_crash_are_recovered(agents, 
 
 @pytest.mark.parametrize("telemetry, runs", [("fake:h100_idle", 1.0), ("fake:h100_healthy", 0.0)])
 def test_scheduled_probe_runs_only_after_the_idle_grace_period(agents, tmp_path, telemetry, runs):
-    a = agents(telemetry=telemetry, probe_every_s=3600, idle_grace_s=1.5,
-               probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
+    a = agents(
+        telemetry=telemetry,
+        probe_every_s=3600,
+        idle_grace_s=1.5,
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+    ).start()
     wait_until(lambda: (value(scrape(a), "straggler_agent_ticks_total") or 0) >= 2, what="two ticks")
     assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0  # the grace period is not over yet
     wait_until(lambda: (value(scrape(a), "straggler_agent_ticks_total") or 0) >= 8, what="eight ticks")
@@ -262,8 +315,13 @@ def test_sigterm_flushes_the_spool_to_the_collector(agents, tmp_path):
     (tmp_path / "token").write_text("tok")
     server.fail_next = 10**6  # the collector answers 503 ...
     try:
-        a = agents(collector_url=server.url, token_file=tmp_path / "token", backoff_initial_s=60, backoff_max_s=60,
-                   probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
+        a = agents(
+            collector_url=server.url,
+            token_file=tmp_path / "token",
+            backoff_initial_s=60,
+            backoff_max_s=60,
+            probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        ).start()
         wait_until(lambda: value(scrape(a), "straggler_agent_ticks_total"), what="a tick")
         a.signal(signal.SIGUSR1)
         wait_until(lambda: "upload failed" in a.log(), what="a failed upload")
@@ -280,11 +338,18 @@ def test_a_telemetry_read_that_raises_never_lets_a_probe_start(agents, tmp_path)
     """Three good idle snapshots, then the backend raises on every read (a fault in the fixture).
     The idle grace period would end during the failing reads: no probe may start, the GPUs are
     exported stale (straggler_gpu_up 0) and the failures are counted by reason."""
-    fixture = fixture_with_faults(tmp_path, "h100_idle", [
-        {"device": None, "from_read": 3, "until_read": None, "python_error": "RuntimeError"}])
+    fixture = fixture_with_faults(
+        tmp_path, "h100_idle", [{"device": None, "from_read": 3, "until_read": None, "python_error": "RuntimeError"}]
+    )
     interval_s, grace_s = 0.5, 2.0
-    a = agents(telemetry=f"fake:{fixture}", interval_s=interval_s, idle_grace_s=grace_s, probe_every_s=3600,
-               probe_command=[sys.executable, str(write_fake_scan(tmp_path))]).start()
+    a = agents(
+        telemetry=f"fake:{fixture}",
+        interval_s=interval_s,
+        idle_grace_s=grace_s,
+        probe_every_s=3600,
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+    ).start()
+
     def failed():
         return value(scrape(a), "straggler_agent_errors_total", source="telemetry") or 0
 
@@ -296,7 +361,9 @@ def test_a_telemetry_read_that_raises_never_lets_a_probe_start(agents, tmp_path)
     samples = scrape(a)
     assert value(samples, "straggler_agent_probe_runs_total") == 0.0
     assert not (a.dir / "agent-scans").exists() or not list((a.dir / "agent-scans").iterdir())
-    assert value(samples, "straggler_agent_telemetry_failures_total", reason="backend_raised") >= grace_s / interval_s + 3
+    assert (
+        value(samples, "straggler_agent_telemetry_failures_total", reason="backend_raised") >= grace_s / interval_s + 3
+    )
     assert value(samples, "straggler_agent_devices_idle") == 0.0
     ups = {k: v for k, v in samples.items() if k[0] == "straggler_gpu_up"}
     assert len(ups) == 8 and set(ups.values()) == {0.0} and {dict(k[1])["status"] for k in ups} == {"stale"}
@@ -310,8 +377,9 @@ def test_sighup_reaches_the_scan_poller(agents, tmp_path):
     try:
         a = agents(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=1.0).start()
         wait_until(lambda: 1.0 in server.poll_waits, what="a long poll")
-        a.config.write_text(toml({**a.settings, "collector_url": server.url, "token_file": tmp_path / "token",
-                                  "poll_wait_s": 0.25}))
+        a.config.write_text(
+            toml({**a.settings, "collector_url": server.url, "token_file": tmp_path / "token", "poll_wait_s": 0.25})
+        )
         a.signal(signal.SIGHUP)
         wait_until(lambda: 0.25 in server.poll_waits, what="a long poll with the reloaded wait")
         assert a.stop() == 0
@@ -328,7 +396,8 @@ def test_a_cluster_scan_the_probe_deadline_cannot_hold_is_refused(agents, tmp_pa
         a = agents(collector_url=server.url, token_file=tmp_path / "token", probe_deadline_s=600).start()
         wait_until(lambda: server.statuses, what="the scan's state")
         assert [(sid, b["state"], b["error"]) for sid, b in server.statuses] == [
-            ("s-long", "failed", "cannot finish: 1 probe(s) at 300 s need 880 s, more than probe_deadline_s = 600 s")]
+            ("s-long", "failed", "cannot finish: 1 probe(s) at 300 s need 880 s, more than probe_deadline_s = 600 s")
+        ]
         assert value(scrape(a), "straggler_agent_probe_runs_total") == 0.0
         assert a.stop() == 0
     finally:
@@ -395,19 +464,37 @@ def test_an_unexpected_error_in_the_upload_and_poll_threads_is_counted_logged_an
     try:
         a = agents(collector_url=server.url, token_file=tmp_path / "token", poll_wait_s=0.2)
         spool = Spool(a.settings["spool_path"])  # a result waiting for upload when the agent starts
-        row = {"ts": time.time(), "scan_id": "s0", "host": "agent0", "gpu": "cpu0", "index": 0, "model": "test cpu",
-               "probe": "matmul", "settings": "n=64", "sample": 0, "duration_s": 0.1, "value": 100.0,
-               "unit": "GFLOP/s", "power_w": None}
+        row = {
+            "ts": time.time(),
+            "scan_id": "s0",
+            "host": "agent0",
+            "gpu": "cpu0",
+            "index": 0,
+            "model": "test cpu",
+            "probe": "matmul",
+            "settings": "n=64",
+            "sample": 0,
+            "duration_s": 0.1,
+            "value": 100.0,
+            "unit": "GFLOP/s",
+            "power_w": None,
+        }
         assert spool.add_results([row], host="agent0") == 1
         a.start()
-        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="poll") or 0) >= 3,
-                   what="three counted poll errors (the thread keeps polling)")
+        wait_until(
+            lambda: (value(scrape(a), "straggler_agent_errors_total", source="poll") or 0) >= 3,
+            what="three counted poll errors (the thread keeps polling)",
+        )
         # the collector's reply to the upload is a list: the row left the spool, the reply cannot be read
-        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 1,
-                   what="a counted upload error")
+        wait_until(
+            lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 1,
+            what="a counted upload error",
+        )
         assert spool.add_results([{**row, "sample": 1}], host="agent0") == 1  # the thread still uploads
-        wait_until(lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 2,
-                   what="a second counted upload error (the upload thread kept going)")
+        wait_until(
+            lambda: (value(scrape(a), "straggler_agent_errors_total", source="upload") or 0) >= 2,
+            what="a second counted upload error (the upload thread kept going)",
+        )
         spool.close()
         log = a.log()
         # a reply that is no scan is refused by name (agent/scanspec.py), at every offer

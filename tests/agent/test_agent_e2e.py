@@ -43,9 +43,25 @@ class CollectorProcess:
         env = {**os.environ, "NOTIFY_SOCKET": self.notify.path}
         with open(self.dir / "stderr.log", "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "straggler", "collector", "--address", "127.0.0.1", "--port", str(self.port),
-                 "--db", str(self.db), "--token-file", str(self.token_file)],
-                stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=self.dir)
+                [
+                    sys.executable,
+                    "-m",
+                    "straggler",
+                    "collector",
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--db",
+                    str(self.db),
+                    "--token-file",
+                    str(self.token_file),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                cwd=self.dir,
+            )
         self.notify.wait_for("READY", "1", timeout_s=60)
         return self
 
@@ -91,7 +107,9 @@ def _agent(tmp_path, collector, name, **kw) -> AgentProcess:
 
 def _spooled_per_run(agent) -> dict[str, int]:
     """What each probe run of an agent measured: the rows it spooled, from the agent's log."""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"probe run (\S+) done: (\d+) results spooled", agent.log())}
+    return {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"probe run (\S+) done: (\d+) results spooled", agent.log())
+    }
 
 
 @pytest.mark.slow
@@ -102,14 +120,24 @@ def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector)
 
     # two "nodes" on one machine: each would rightly see the other's probes as a job (agent/jobwatch.py,
     # tested in test_agent_jobwatch.py), so their CPU job watch is off
-    agents = [_agent(tmp_path, collector, name, probe_device="cpu", probe_duration_s=2, probe_deadline_s=600,
-                     job_cpu_cores=0) for name in ("node-a", "node-b")]
+    agents = [
+        _agent(tmp_path, collector, name, probe_device="cpu", probe_duration_s=2, probe_deadline_s=600, job_cpu_cores=0)
+        for name in ("node-a", "node-b")
+    ]
     try:
         for a in agents:
             a.start()
         progress = []
-        result = cluster_scan(collector.url, TOKEN, PROBES, 2.0, timeout_s=200, on_progress=progress.append,
-                              hosts=["node-a", "node-b"], start_delay_s=8.0)
+        result = cluster_scan(
+            collector.url,
+            TOKEN,
+            PROBES,
+            2.0,
+            timeout_s=200,
+            on_progress=progress.append,
+            hosts=["node-a", "node-b"],
+            start_delay_s=8.0,
+        )
         logs = "\n".join(a.log()[-1500:] for a in agents)
         assert result["nodes"] == {"node-a": "done", "node-b": "done"}, (result, logs)
         samples = result["samples"]
@@ -133,8 +161,11 @@ def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector)
         assert view["results"] == len(samples) and view["state"] == "done"
         assert collector.get("/api/v1/scans")["scans"][0] == view
         assert progress and progress[-1]["state"] == "done"
-        gpus = wait_until(lambda: [g for g in collector.get("/api/v1/gpus")["gpus"]
-                                   if g["host"] in ("node-a", "node-b")], what="fleet view", timeout_s=60)
+        gpus = wait_until(
+            lambda: [g for g in collector.get("/api/v1/gpus")["gpus"] if g["host"] in ("node-a", "node-b")],
+            what="fleet view",
+            timeout_s=60,
+        )
         assert {g["host"] for g in gpus} == {"node-a", "node-b"}
         metrics = httpx.get(collector.url + "/metrics", timeout=30).text
         assert 'host="node-a"' in metrics and 'host="node-b"' in metrics
@@ -142,11 +173,14 @@ def test_cluster_scan_through_the_collector_with_two_agents(tmp_path, collector)
         for a in agents:
             text = httpx.get(a.url + "/metrics", timeout=10).text
             assert "straggler_agent_probe_runs_total 1.0" in text
-            assert re.findall(r"^straggler_agent_probe_failures_total\{.*\} (\S+)$", text, re.M) == \
-                ["0.0"] * len(FAILURE_REASONS), text
+            assert re.findall(r"^straggler_agent_probe_failures_total\{.*\} (\S+)$", text, re.M) == ["0.0"] * len(
+                FAILURE_REASONS
+            ), text
             assert a.stop() == 0
-        print(f"cluster scan {result['scan_id']}: probes {', '.join(ran)} on {cores} CPU core(s) per node; "
-              f"measured {sum(measured.values())} samples ({measured}), stored {view['results']}")
+        print(
+            f"cluster scan {result['scan_id']}: probes {', '.join(ran)} on {cores} CPU core(s) per node; "
+            f"measured {sum(measured.values())} samples ({measured}), stored {view['results']}"
+        )
     finally:
         for a in agents:
             a.close()
@@ -166,12 +200,19 @@ def _spooled(agent) -> int:
 
 def test_collector_and_agent_killed_mid_upload_every_result_arrives_once(tmp_path, collector):
     rows = 3000
-    agent = _agent(tmp_path, collector, "node-f", probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
-                   upload_batch=25, env={"FAKE_SCAN_MODE": "ok", "FAKE_SCAN_ROWS": str(rows)})
+    agent = _agent(
+        tmp_path,
+        collector,
+        "node-f",
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        upload_batch=25,
+        env={"FAKE_SCAN_MODE": "ok", "FAKE_SCAN_ROWS": str(rows)},
+    )
     try:
         agent.start()
-        scan = collector.post("/api/v1/scans", {"probes": ["matmul"], "duration_s": 1.0, "hosts": ["node-f"],
-                                                "start_delay_s": 0.5})
+        scan = collector.post(
+            "/api/v1/scans", {"probes": ["matmul"], "duration_s": 1.0, "hosts": ["node-f"], "start_delay_s": 0.5}
+        )
         sid = scan["scan_id"]
         # uploads are under way: kill the collector in the middle of them
         wait_until(lambda: _scan_count(collector, sid) > 0, what="first uploads", step_s=0.02, timeout_s=60)
@@ -185,8 +226,11 @@ def test_collector_and_agent_killed_mid_upload_every_result_arrives_once(tmp_pat
         agent.start()
         collector.start()
         wait_until(lambda: _scan_count(collector, sid) == rows, what=f"all {rows} results", timeout_s=120)
-        view = wait_until(lambda: (v := collector.get(f"/api/v1/scans/{sid}"))["state"] == "done" and v,
-                          what="scan done", timeout_s=60)
+        view = wait_until(
+            lambda: (v := collector.get(f"/api/v1/scans/{sid}"))["state"] == "done" and v,
+            what="scan done",
+            timeout_s=60,
+        )
         samples = collector.get(f"/api/v1/scans/{sid}/results")["samples"]
         assert view["results"] == rows == len(samples)
         assert len({s["id"] for s in samples}) == rows  # exactly once
@@ -198,14 +242,25 @@ def test_collector_and_agent_killed_mid_upload_every_result_arrives_once(tmp_pat
 
 
 def test_the_collector_refuses_a_scan_that_cannot_finish_within_its_run_limit(collector):
-    r = httpx.post(collector.url + "/api/v1/scans", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
-                   json={"probes": ["matmul", "membw"], "duration_s": 400, "hosts": ["a"]})
+    r = httpx.post(
+        collector.url + "/api/v1/scans",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+        json={"probes": ["matmul", "membw"], "duration_s": 400, "hosts": ["a"]},
+    )
     assert r.status_code == 422
-    assert r.json()["detail"] == ("duration_s: 2 probe(s) at 400 s need 1920 s, more than the collector's "
-                                  "scan_run_limit_s = 900 s")
-    ok = httpx.post(collector.url + "/api/v1/scans", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
-                    json={"probes": ["matmul", "membw"], "duration_s": 15, "hosts": ["a"]})
+    assert r.json()["detail"] == (
+        "duration_s: 2 probe(s) at 400 s need 1920 s, more than the collector's scan_run_limit_s = 900 s"
+    )
+    ok = httpx.post(
+        collector.url + "/api/v1/scans",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+        json={"probes": ["matmul", "membw"], "duration_s": 15, "hosts": ["a"]},
+    )
     assert ok.status_code == 201
+
+
 def _rejected(agent) -> list[tuple[str, str]]:
     with sqlite3.connect(agent.settings["spool_path"]) as db:
         return db.execute("SELECT json_extract(row, '$.scan_id'), reason FROM rejected").fetchall()
@@ -216,12 +271,16 @@ def test_a_scan_whose_results_the_collector_refuses_fails_with_its_reason(tmp_pa
     # "done" with 0 results
     from straggler.collector.client import cluster_scan
 
-    agent = _agent(tmp_path, collector, "node-r", probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
-                   env={"FAKE_SCAN_MODE": "ok", "FAKE_SCAN_EXTRA": json.dumps({"bogus_gbps": 1.0})})
+    agent = _agent(
+        tmp_path,
+        collector,
+        "node-r",
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        env={"FAKE_SCAN_MODE": "ok", "FAKE_SCAN_EXTRA": json.dumps({"bogus_gbps": 1.0})},
+    )
     try:
         agent.start()
-        result = cluster_scan(collector.url, TOKEN, ["matmul"], 1.0, timeout_s=120, hosts=["node-r"],
-                              start_delay_s=0.5)
+        result = cluster_scan(collector.url, TOKEN, ["matmul"], 1.0, timeout_s=120, hosts=["node-r"], start_delay_s=0.5)
         assert result["state"] == "failed" and result["nodes"] == {"node-r": "failed"}, (result, agent.log()[-2000:])
         error = result["errors"]["node-r"]
         assert error.startswith("the collector refused 3 result(s) of this scan"), error

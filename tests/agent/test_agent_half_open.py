@@ -37,8 +37,10 @@ def test_1100_half_open_connections_do_not_stop_the_agents_metrics(tmp_path):
             r = httpx.get(agent.url + "/metrics", timeout=header_timeout_s / 2)
             scrape_s = time.monotonic() - t0
         except httpx.TransportError as e:
-            raise AssertionError(f"/metrics did not answer within {header_timeout_s / 2} s with {ATTACKERS} "
-                                 f"half-open connections held: {e!r}") from None
+            raise AssertionError(
+                f"/metrics did not answer within {header_timeout_s / 2} s with {ATTACKERS} "
+                f"half-open connections held: {e!r}"
+            ) from None
         msg = f"/metrics answered in {scrape_s * 1000:.1f} ms with {ATTACKERS} half-open connections"
         print("\n" + msg)
         assert r.status_code == 200, msg

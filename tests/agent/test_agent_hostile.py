@@ -23,8 +23,14 @@ def _agent(tmp_path, server, **settings) -> AgentProcess:
     tmp_path.mkdir(parents=True, exist_ok=True)
     token = tmp_path / "token"
     token.write_text("secret\n")
-    return AgentProcess(tmp_path, "node-h", collector_url=server.url, token_file=token,
-                        probe_command=[sys.executable, str(write_fake_scan(tmp_path))], **settings)
+    return AgentProcess(
+        tmp_path,
+        "node-h",
+        collector_url=server.url,
+        token_file=token,
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        **settings,
+    )
 
 
 def _value(agent, name: str, **labels) -> float | None:
@@ -47,8 +53,15 @@ def test_a_scan_id_with_a_path_deletes_nothing_outside_the_spool_and_posts_nowhe
     agent = _agent(tmp_path, server)
     try:
         agent.start()
-        server.scans.append({"scan_id": "../../victim", "start_at": time.time(), "probes": ["matmul"],
-                             "duration_s": 1.0, "hosts": ["node-h"]})
+        server.scans.append(
+            {
+                "scan_id": "../../victim",
+                "start_at": time.time(),
+                "probes": ["matmul"],
+                "duration_s": 1.0,
+                "hosts": ["node-h"],
+            }
+        )
         wait_until(lambda: "scan from the collector dropped" in agent.log(), what="the refusal", timeout_s=30)
         assert "scan_id '../../victim' is not 1-128 letters" in agent.log()
         assert victim.read_text() == "precious\n"
@@ -75,8 +88,14 @@ def test_a_scan_with_a_bad_field_is_reported_failed_and_never_run(tmp_path, serv
         agent.start()
         scans = {}
         for i, (field, value, reason) in enumerate(BAD_FIELDS):
-            scan = {"scan_id": f"20261201T000000Z-0badf00{i}", "start_at": time.time(), "probes": ["matmul"],
-                    "duration_s": 1.0, "hosts": ["node-h"], field: value}
+            scan = {
+                "scan_id": f"20261201T000000Z-0badf00{i}",
+                "start_at": time.time(),
+                "probes": ["matmul"],
+                "duration_s": 1.0,
+                "hosts": ["node-h"],
+                field: value,
+            }
             server.scans.append(json.loads(json.dumps(scan)))  # NaN travels as JSON's NaN, which json.loads reads
             scans[scan["scan_id"]] = reason
         wait_until(lambda: len(server.statuses) == len(scans), what="every scan's state", timeout_s=60)
@@ -101,10 +120,39 @@ def _tls_files(directory) -> tuple:
     ext = directory / "san.ext"
     ext.write_text("subjectAltName = IP:127.0.0.1\n")
     for cmd in (
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=test CA"],
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            ca_key,
+            "-out",
+            ca,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test CA",
+        ],
         ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
-         "-extfile", ext],
+        [
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ],
     ):
         subprocess.run([openssl, *map(str, cmd)], check=True, capture_output=True, timeout=60)
     return ca, cert, key
@@ -117,8 +165,20 @@ def test_an_https_collector_is_verified_against_the_ca_file(tmp_path):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server = IngestServer(token="secret", ssl_context=context)
-    row = {"ts": time.time(), "scan_id": "s-tls", "host": "node-h", "gpu": "cpu0", "index": 0, "model": "m",
-           "probe": "matmul", "settings": "n=64", "sample": 0, "duration_s": 0.1, "value": 1.0, "unit": "GFLOP/s"}
+    row = {
+        "ts": time.time(),
+        "scan_id": "s-tls",
+        "host": "node-h",
+        "gpu": "cpu0",
+        "index": 0,
+        "model": "m",
+        "probe": "matmul",
+        "settings": "n=64",
+        "sample": 0,
+        "duration_s": 0.1,
+        "value": 1.0,
+        "unit": "GFLOP/s",
+    }
     try:
         # without the CA file: the system's CAs do not know the test CA; the upload is refused, and retried
         plain = _agent(tmp_path / "plain", server)

@@ -39,15 +39,27 @@ def _metric(agent, text: str) -> bool:
 def _agent(tmp_path, server, **settings) -> AgentProcess:
     token = tmp_path / "token"
     token.write_text("secret\n")
-    env = {"FAKE_SCAN_MODE": "slow", "FAKE_SCAN_ROWS": str(ROWS), "FAKE_SCAN_EVERY_S": str(EVERY_S),
-           **settings.pop("env", {})}
-    return AgentProcess(tmp_path, "node-j", collector_url=server.url, token_file=token, env=env,
-                        probe_command=[sys.executable, str(write_fake_scan(tmp_path))], **settings)
+    env = {
+        "FAKE_SCAN_MODE": "slow",
+        "FAKE_SCAN_ROWS": str(ROWS),
+        "FAKE_SCAN_EVERY_S": str(EVERY_S),
+        **settings.pop("env", {}),
+    }
+    return AgentProcess(
+        tmp_path,
+        "node-j",
+        collector_url=server.url,
+        token_file=token,
+        env=env,
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        **settings,
+    )
 
 
 def _scan(server, scan_id):
-    server.scans.append({"scan_id": scan_id, "start_at": time.time(), "probes": ["matmul"], "duration_s": 1.0,
-                         "hosts": ["node-j"]})
+    server.scans.append(
+        {"scan_id": scan_id, "start_at": time.time(), "probes": ["matmul"], "duration_s": 1.0, "hosts": ["node-j"]}
+    )
 
 
 def _final(server) -> dict | None:
@@ -92,17 +104,20 @@ class NodeAgent(AgentProcess):
     def run_on_node(self, cmd: list[str]) -> subprocess.Popen:
         if not self.prefix:
             return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        return subprocess.Popen(["nsenter", "-t", str(self.agent_pid()), "-p", "-m"] + cmd, stdout=subprocess.PIPE,
-                                text=True)
+        return subprocess.Popen(
+            ["nsenter", "-t", str(self.agent_pid()), "-p", "-m"] + cmd, stdout=subprocess.PIPE, text=True
+        )
 
 
 def _measuring(agent, server, scan_id: str, rows: int) -> bool:
     """True once the probe wrote ``rows`` rows; False when the scan ended (or was aborted) first."""
+
     def ready():
         if _final(server) or "aborting the probes" in agent.log():
             return "ended"
         path = agent.dir / "agent-scans" / f"{scan_id}.jsonl"
         return path.exists() and sum(1 for _ in open(path)) >= rows and "measuring"
+
     return wait_until(ready, what="the probe measuring", timeout_s=60, step_s=0.05) == "measuring"
 
 
@@ -110,10 +125,16 @@ def test_a_cpu_job_on_a_probed_core_aborts_the_probe_and_nothing_after_it_is_kep
     node = _namespaces()
     token = tmp_path / "token"
     token.write_text("secret\n")
-    agent = NodeAgent(tmp_path, "node-j", collector_url=server.url, token_file=token, probe_device="cpu",
-                      prefix=NS if node else None,
-                      env={"FAKE_SCAN_MODE": "slow", "FAKE_SCAN_ROWS": str(ROWS), "FAKE_SCAN_EVERY_S": str(EVERY_S)},
-                      probe_command=[sys.executable, str(write_fake_scan(tmp_path))])
+    agent = NodeAgent(
+        tmp_path,
+        "node-j",
+        collector_url=server.url,
+        token_file=token,
+        probe_device="cpu",
+        prefix=NS if node else None,
+        env={"FAKE_SCAN_MODE": "slow", "FAKE_SCAN_ROWS": str(ROWS), "FAKE_SCAN_EVERY_S": str(EVERY_S)},
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+    )
     busy = None
     try:
         agent.start()
@@ -133,12 +154,14 @@ def test_a_cpu_job_on_a_probed_core_aborts_the_probe_and_nothing_after_it_is_kep
         assert busy.poll() is None  # the job itself is never touched
         rows = _rows(agent, server)
         assert 0 < len(rows) < ROWS
-        assert max(r["ts"] for r in rows) <= t_job, (max(r["ts"] for r in rows) - t_job)  # nothing after the job
+        assert max(r["ts"] for r in rows) <= t_job, max(r["ts"] for r in rows) - t_job  # nothing after the job
         assert "measured after the job appeared dropped" in agent.log()
         assert _metric(agent, 'straggler_agent_probe_failures_total{reason="job_started"} 1.0')
-        print(f"CPU job on core {core}: probe aborted {t_abort - t_job:.2f} s after the job started "
-              f"(seen in the log, polled every 0.02 s; the agent {'in a PID namespace' if node else 'on the host'}); "
-              f"{len(rows)} rows measured before it kept")
+        print(
+            f"CPU job on core {core}: probe aborted {t_abort - t_job:.2f} s after the job started "
+            f"(seen in the log, polled every 0.02 s; the agent {'in a PID namespace' if node else 'on the host'}); "
+            f"{len(rows)} rows measured before it kept"
+        )
         assert agent.stop() == 0
     finally:
         if busy is not None:
@@ -167,8 +190,13 @@ def test_a_gpu_job_or_an_unreadable_process_list_aborts_the_probe(tmp_path, serv
     else:
         from test_agent_support import fixture_with_faults
 
-        telemetry = "fake:" + str(fixture_with_faults(tmp_path, "h100_idle", [
-            {"device": 3, "from_read": 24, "nvml_error": "no_permission", "fields": ["processes"]}]))
+        telemetry = "fake:" + str(
+            fixture_with_faults(
+                tmp_path,
+                "h100_idle",
+                [{"device": 3, "from_read": 24, "nvml_error": "no_permission", "fields": ["processes"]}],
+            )
+        )
         says = "device 3: compute processes unknown (no_permission)"
     agent = _agent(tmp_path, server, telemetry=telemetry, probe_device="cuda")
     try:
@@ -187,7 +215,7 @@ def test_a_gpu_job_or_an_unreadable_process_list_aborts_the_probe(tmp_path, serv
 def test_the_probes_own_processes_are_not_a_job(tmp_path, server):
     """The probe child and its workers burn CPU on every core: that is the probe, not a job."""
     spin = tmp_path / "spin_scan.py"
-    spin.write_text(r'''
+    spin.write_text(r"""
 import argparse, json, multiprocessing, os, sys, time
 p = argparse.ArgumentParser()
 for a in ("--output", "--scan-id", "--deadline", "--start-at", "--device", "--probes", "--duration", "--max-rounds"):
@@ -214,11 +242,18 @@ if __name__ == "__main__":
     for w in workers:
         w.join()
     print(json.dumps({"scan_id": a.scan_id, "devices": []}))
-''')
+""")
     token = tmp_path / "token"
     token.write_text("secret\n")
-    agent = NodeAgent(tmp_path, "node-j", collector_url=server.url, token_file=token, probe_device="cpu",
-                      prefix=NS if _namespaces() else None, probe_command=[sys.executable, str(spin)])
+    agent = NodeAgent(
+        tmp_path,
+        "node-j",
+        collector_url=server.url,
+        token_file=token,
+        probe_device="cpu",
+        prefix=NS if _namespaces() else None,
+        probe_command=[sys.executable, str(spin)],
+    )
     try:
         agent.start()
         _scan(server, "20261201T000000Z-cafe0003")
@@ -259,15 +294,26 @@ def test_nvml_lists_compute_pids_through_the_funnel_and_the_watch_tells_ours_fro
     assert busy.compute_pids(0) == ((0,), None)
     idle = NvmlBackend(library=FakePynvml("h100_idle"))
     assert idle.compute_pids(0) == ((), None)
-    broken = NvmlBackend(library=FakePynvml(str(fixture_with_faults(
-        tmp_path, "h100_idle", [{"device": 2, "nvml_error": "no_permission", "fields": ["processes"]}]))))
+    broken = NvmlBackend(
+        library=FakePynvml(
+            str(
+                fixture_with_faults(
+                    tmp_path, "h100_idle", [{"device": 2, "nvml_error": "no_permission", "fields": ["processes"]}]
+                )
+            )
+        )
+    )
     assert broken.compute_pids(2) == (None, "no_permission")
     me = os.getpid()
     assert JobWatch(idle, me, watch_gpus=True, job_cpu_cores=0).check() is None
-    assert JobWatch(busy, me, watch_gpus=True, job_cpu_cores=0).check() == \
-        "device 0 runs 1 compute process(es) not the probe's (pid 0)"
-    assert JobWatch(broken, me, watch_gpus=True, job_cpu_cores=0).check() == \
-        "device 2: compute processes unknown (no_permission)"
+    assert (
+        JobWatch(busy, me, watch_gpus=True, job_cpu_cores=0).check()
+        == "device 0 runs 1 compute process(es) not the probe's (pid 0)"
+    )
+    assert (
+        JobWatch(broken, me, watch_gpus=True, job_cpu_cores=0).check()
+        == "device 2: compute processes unknown (no_permission)"
+    )
 
 
 def test_a_gpu_process_in_the_probes_session_is_the_probes_own():
@@ -277,6 +323,7 @@ def test_a_gpu_process_in_the_probes_session_is_the_probes_own():
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
+
         class Lister:  # the backend protocol the watch uses: NVML's compute_pids
             name = "nvml"
 
@@ -291,8 +338,10 @@ def test_a_gpu_process_in_the_probes_session_is_the_probes_own():
 
         # the "probe child" is the session leader `worker`; its own pid and its session are the probe's
         assert JobWatch(Lister((worker.pid,)), worker.pid, watch_gpus=True, job_cpu_cores=0).check() is None
-        assert JobWatch(Lister((worker.pid, stranger.pid)), worker.pid, watch_gpus=True, job_cpu_cores=0).check() \
+        assert (
+            JobWatch(Lister((worker.pid, stranger.pid)), worker.pid, watch_gpus=True, job_cpu_cores=0).check()
             == f"device 0 runs 1 compute process(es) not the probe's (pid {stranger.pid})"
+        )
     finally:
         for p in (worker, stranger):
             p.kill()

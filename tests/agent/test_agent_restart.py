@@ -24,16 +24,21 @@ def _alive(pid: int) -> bool:
 
 
 def test_an_orphaned_probe_child_is_ended_at_the_next_start_and_no_second_probe_runs_beside_it(tmp_path):
-    a = AgentProcess(tmp_path, "node-o", probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
-                     env={"FAKE_SCAN_MODE": "hang"})
+    a = AgentProcess(
+        tmp_path,
+        "node-o",
+        probe_command=[sys.executable, str(write_fake_scan(tmp_path))],
+        env={"FAKE_SCAN_MODE": "hang"},
+    )
     child = None
     try:
         a.start()
         a.signal(signal.SIGUSR1)
         work = a.dir / "agent-scans"
         wait_until(lambda: list(work.glob("*.jsonl.args")), what="the probe child running")
-        child = int(subprocess.run(["pgrep", "-f", "--", f"--output {work}"], capture_output=True,
-                                   text=True).stdout.split()[0])
+        child = int(
+            subprocess.run(["pgrep", "-f", "--", f"--output {work}"], capture_output=True, text=True).stdout.split()[0]
+        )
         scan_id = next(work.glob("*.jsonl.args")).name.removesuffix(".jsonl.args")
         a.kill()  # kill -9: the child, in its own session, lives on
         assert _alive(child)
@@ -49,7 +54,9 @@ def test_an_orphaned_probe_child_is_ended_at_the_next_start_and_no_second_probe_
         assert a.stop() == 0
     finally:
         a.close()
-        left = subprocess.run(["pgrep", "-f", "--", f"--output {a.dir / 'agent-scans'}"], capture_output=True, text=True)
+        left = subprocess.run(
+            ["pgrep", "-f", "--", f"--output {a.dir / 'agent-scans'}"], capture_output=True, text=True
+        )
         for pid in {*map(int, left.stdout.split()), *([child] if child else [])}:
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
@@ -74,18 +81,26 @@ def test_a_recycled_pid_is_not_taken_for_the_orphan(tmp_path):
 def _check(tmp_path, text: str, *extra) -> subprocess.CompletedProcess:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
-    return run_cmd([sys.executable, "-m", "straggler", "agent", "--config", str(cfg), "--listen-port", "0",
-                    "--check", *extra], timeout_s=120, cwd=tmp_path)
+    return run_cmd(
+        [sys.executable, "-m", "straggler", "agent", "--config", str(cfg), "--listen-port", "0", "--check", *extra],
+        timeout_s=120,
+        cwd=tmp_path,
+    )
 
 
 def test_a_type_error_does_not_hide_the_other_problems(tmp_path):
-    out = _check(tmp_path, 'interval_s = "fast"\nidle_util_pct = 500\nprobe_device = "tpu"\n'
-                           f'spool_path = "{tmp_path / "s.sqlite"}"\n')
+    out = _check(
+        tmp_path,
+        f'interval_s = "fast"\nidle_util_pct = 500\nprobe_device = "tpu"\nspool_path = "{tmp_path / "s.sqlite"}"\n',
+    )
     assert out.returncode == 2
     err = out.stderr.strip()
     assert len(err.splitlines()) == 1, err
-    for part in ("interval_s: expected a number, got 'fast'", "idle_util_pct: must be 0..100",
-                 "probe_device: 'tpu' is not auto, cpu or cuda"):
+    for part in (
+        "interval_s: expected a number, got 'fast'",
+        "idle_util_pct: must be 0..100",
+        "probe_device: 'tpu' is not auto, cpu or cuda",
+    ):
         assert part in err, err
     assert "interval_s: must be > 0" not in err  # the bad type is reported once, not also its range
 
@@ -93,8 +108,11 @@ def test_a_type_error_does_not_hide_the_other_problems(tmp_path):
 def test_a_token_http_cannot_carry_is_refused_at_the_start(tmp_path):
     token = tmp_path / "token"
     token.write_text("s\u00e9cret\n", encoding="utf-8")
-    out = _check(tmp_path, f'collector_url = "http://127.0.0.1:9"\ntoken_file = "{token}"\n'
-                           f'spool_path = "{tmp_path / "s.sqlite"}"\n')
+    out = _check(
+        tmp_path,
+        f'collector_url = "http://127.0.0.1:9"\ntoken_file = "{token}"\nspool_path = "{tmp_path / "s.sqlite"}"\n',
+    )
     assert out.returncode == 2, out
-    assert out.stderr.strip().endswith(f"token_file: {token} holds characters other than printable ASCII "
-                                       "(an HTTP header cannot carry them)"), out.stderr
+    assert out.stderr.strip().endswith(
+        f"token_file: {token} holds characters other than printable ASCII (an HTTP header cannot carry them)"
+    ), out.stderr

@@ -14,8 +14,19 @@ from straggler.errors import ConfigError, InputError
 MODEL = "NVIDIA H100 80GB HBM3"
 
 
-def fleet(n_hosts=16, per_host=4, samples=5, noise=0.01, spread=0.005, slow=None, seed=0,
-          probe="matmul", scan_id=None, base=None, **columns) -> pd.DataFrame:
+def fleet(
+    n_hosts=16,
+    per_host=4,
+    samples=5,
+    noise=0.01,
+    spread=0.005,
+    slow=None,
+    seed=0,
+    probe="matmul",
+    scan_id=None,
+    base=None,
+    **columns,
+) -> pd.DataFrame:
     """A result table: ``slow`` maps device number -> true ratio to nominal (1000)."""
     rng = np.random.default_rng(seed)
     n = n_hosts * per_host
@@ -25,14 +36,21 @@ def fleet(n_hosts=16, per_host=4, samples=5, noise=0.01, spread=0.005, slow=None
     rows = []
     for i in range(n):
         for s in range(samples):
-            row = {"host": f"node{i // per_host:03d}", "gpu": f"GPU-{i:04d}", "index": i % per_host,
-                   "model": MODEL, "probe": probe, "settings": "n=8192,dtype=bf16", "sample": s,
-                   "value": 1000 * rate[i] * (1 + rng.normal(0, noise)), "unit": "GFLOP/s"}
+            row = {
+                "host": f"node{i // per_host:03d}",
+                "gpu": f"GPU-{i:04d}",
+                "index": i % per_host,
+                "model": MODEL,
+                "probe": probe,
+                "settings": "n=8192,dtype=bf16",
+                "sample": s,
+                "value": 1000 * rate[i] * (1 + rng.normal(0, noise)),
+                "unit": "GFLOP/s",
+            }
             if scan_id is not None:
                 row["scan_id"] = scan_id
             for col, values in columns.items():
-                row[col] = values[i] if isinstance(values, (list, tuple, dict)) and i in range(len(values)) \
-                    else values
+                row[col] = values[i] if isinstance(values, (list, tuple, dict)) and i in range(len(values)) else values
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -46,6 +64,7 @@ def row(res, gpu: str) -> pd.Series:
 
 
 # --- detection ---------------------------------------------------------------------------------
+
 
 def test_flags_exactly_the_slow_device_with_its_deficit_and_cost():
     res = analyze(fleet(slow={7: 0.92}))
@@ -72,8 +91,10 @@ def test_seven_percent_slow_is_a_straggler_and_three_percent_is_not():
     assert flagged(res) == {"GPU-0003", "GPU-0050"}
     assert set(res.devices.loc[res.devices["gpu"].isin(["GPU-0090", "GPU-0120"]), "verdict"]) == {"slow"}
     # The same fleet decided at a threshold of 2%: 3% is then a straggler too.
-    low = analyze(fleet(n_hosts=50, slow={3: 0.93, 50: 0.93, 90: 0.97, 120: 0.97}, samples=20),
-                  config=AnalysisConfig(min_effect=0.02))
+    low = analyze(
+        fleet(n_hosts=50, slow={3: 0.93, 50: 0.93, 90: 0.97, 120: 0.97}, samples=20),
+        config=AnalysisConfig(min_effect=0.02),
+    )
     assert flagged(low) == {"GPU-0003", "GPU-0050", "GPU-0090", "GPU-0120"}
 
 
@@ -111,8 +132,12 @@ def test_two_cpu_cores_decided_leave_one_out():
 
 
 def test_three_devices_and_a_single_peer_group_per_settings():
-    df = pd.concat([fleet(n_hosts=1, per_host=3, base=[1, 1, 0.8]),
-                    fleet(n_hosts=1, per_host=3, base=[1, 1, 1]).assign(settings="n=4096")])
+    df = pd.concat(
+        [
+            fleet(n_hosts=1, per_host=3, base=[1, 1, 0.8]),
+            fleet(n_hosts=1, per_host=3, base=[1, 1, 1]).assign(settings="n=4096"),
+        ]
+    )
     res = analyze(df)
     assert set(res.devices["peer_group_size"]) == {3}
     assert len(res.devices) == 6
@@ -149,6 +174,7 @@ def test_power_limit_separates_peers():
 
 # --- causes ------------------------------------------------------------------------------------
 
+
 def test_whole_node_slow_is_named():
     res = analyze(fleet(slow={12: 0.92, 13: 0.92, 14: 0.92, 15: 0.92, 40: 0.9}))
     assert flagged(res) == {"GPU-0012", "GPU-0013", "GPU-0014", "GPU-0015", "GPU-0040"}
@@ -172,9 +198,21 @@ def test_causes_come_from_telemetry():
     base = [1.0] * n
     for i in range(1, 7):
         base[i] = 0.93
-    res = analyze(fleet(base=base, spread=0, sm_clock_mhz=clock, throttle_reasons=throttle, pcie_gen=gen,
-                        pcie_gen_max=5, pcie_width=16, pcie_width_max=16, ecc_uncorrected_total=ecc,
-                        processes=procs, temp_c=70.0))
+    res = analyze(
+        fleet(
+            base=base,
+            spread=0,
+            sm_clock_mhz=clock,
+            throttle_reasons=throttle,
+            pcie_gen=gen,
+            pcie_gen_max=5,
+            pcie_width=16,
+            pcie_width_max=16,
+            ecc_uncorrected_total=ecc,
+            processes=procs,
+            temp_c=70.0,
+        )
+    )
     assert flagged(res) == {f"GPU-{i:04d}" for i in range(1, 7)}
     assert list(row(res, "GPU-0001")["causes"]) == ["thermal"]
     assert "thermal slowdown 60%" in row(res, "GPU-0001")["evidence"]
@@ -194,6 +232,7 @@ def test_slow_membw_probe_is_a_memory_cause():
 
 
 # --- history -----------------------------------------------------------------------------------
+
 
 def drifting(scans=6, start=1.02, end=0.99):
     """A fleet scanned ``scans`` + 1 times; GPU-0009 drifts from ``start`` to ``end``."""
@@ -259,6 +298,7 @@ def test_single_device_uses_history_or_reference_or_fails():
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 def test_missing_required_column_is_named():
     with pytest.raises(InputError, match="missing required column value"):
         analyze(fleet().drop(columns="value"))
@@ -266,11 +306,14 @@ def test_missing_required_column_is_named():
         analyze(fleet().drop(columns=["host", "model"]))
 
 
-@pytest.mark.parametrize("bad, message", [
-    (float("inf"), r"row 8: column 'value' is infinite"),
-    (-3.0, r"row 8: column 'value' is negative"),
-    ("fast", r"row 8: column 'value' is not a number: 'fast'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (float("inf"), r"row 8: column 'value' is infinite"),
+        (-3.0, r"row 8: column 'value' is negative"),
+        ("fast", r"row 8: column 'value' is not a number: 'fast'"),
+    ],
+)
 def test_impossible_values_name_the_row(bad, message):
     df = fleet().astype({"value": object})
     df.loc[7, "value"] = bad
@@ -314,6 +357,7 @@ def test_nothing_usable_and_bad_config_are_errors():
 
 # --- output ------------------------------------------------------------------------------------
 
+
 def test_json_document():
     res = analyze(fleet(slow={5: 0.9}))
     doc = res.to_json()
@@ -333,8 +377,10 @@ def test_json_document():
 def test_probes_are_analysed_separately():
     df = pd.concat([fleet(slow={1: 0.9}), fleet(probe="membw", seed=3)])
     res = analyze(df)
-    assert res.summary["probes"] == {"matmul": {"devices": 64, "stragglers": 1},
-                                     "membw": {"devices": 64, "stragglers": 0}}
+    assert res.summary["probes"] == {
+        "matmul": {"devices": 64, "stragglers": 1},
+        "membw": {"devices": 64, "stragglers": 0},
+    }
     assert res.summary["entries"] == 128 and res.summary["devices"] == 64
 
 
@@ -366,8 +412,7 @@ def test_verdicts_do_not_depend_on_row_order_or_units():
         assert (other["straggler"] == base["straggler"]).all() and (other["verdict"] == base["verdict"]).all()
         np.testing.assert_allclose(other["deficit"], base["deficit"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(other["q_value"], base["q_value"], rtol=1e-6)
-    assert set(base.index[base["straggler"]]) == {("GPU-0003", "matmul"), ("GPU-0017", "matmul"),
-                                                  ("GPU-0008", "membw")}
+    assert set(base.index[base["straggler"]]) == {("GPU-0003", "matmul"), ("GPU-0017", "matmul"), ("GPU-0008", "membw")}
     assert base.loc[("GPU-0040", "matmul"), "verdict"] == "slow"  # 2.5%: under T, in the slow tail
 
 
@@ -377,9 +422,20 @@ def test_small_groups_pair_samples_taken_at_the_same_moment():
     rng = np.random.default_rng(11)
 
     def pair(ratio):
-        return pd.DataFrame([{"host": "vm", "gpu": f"cpu{d}", "model": "cpu", "probe": "matmul", "sample": s,
-                              "value": 40 * load[s] * (ratio if d else 1) * (1 + rng.normal(0, 0.01))}
-                             for d in range(2) for s in range(5)])
+        return pd.DataFrame(
+            [
+                {
+                    "host": "vm",
+                    "gpu": f"cpu{d}",
+                    "model": "cpu",
+                    "probe": "matmul",
+                    "sample": s,
+                    "value": 40 * load[s] * (ratio if d else 1) * (1 + rng.normal(0, 0.01)),
+                }
+                for d in range(2)
+                for s in range(5)
+            ]
+        )
 
     slow = pair(0.8)
     res = analyze(slow)
@@ -391,6 +447,7 @@ def test_small_groups_pair_samples_taken_at_the_same_moment():
 
 
 # --- review regressions ------------------------------------------------------------------------
+
 
 def test_a_fleet_wide_shift_is_not_a_change_of_each_device():
     """8 GPUs whose second scan is all 5% slower (a driver update, a warm room): nobody degraded."""

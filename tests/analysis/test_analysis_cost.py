@@ -98,12 +98,15 @@ def test_node_mates_and_own_history_cost_against_the_node_mates():
 
 
 def test_cost_is_missing_only_where_there_is_nothing_to_compare_with():
-    df = pd.concat([
-        one_host(),  # a group on one host
-        fleet(n_hosts=1, per_host=3, samples=8, base=[1.0, 1.0, 0.8], probe="membw"),  # 2-3 on one host
-        fleet(n_hosts=4, per_host=2, slow={5: 0.8}, probe="nccl"),  # several hosts, 2 devices each
-        fleet(n_hosts=1, per_host=1, model="NVIDIA A100-SXM4-80GB").assign(host="a100", gpu="GPU-a100"),  # alone
-    ], ignore_index=True)
+    df = pd.concat(
+        [
+            one_host(),  # a group on one host
+            fleet(n_hosts=1, per_host=3, samples=8, base=[1.0, 1.0, 0.8], probe="membw"),  # 2-3 on one host
+            fleet(n_hosts=4, per_host=2, slow={5: 0.8}, probe="nccl"),  # several hosts, 2 devices each
+            fleet(n_hosts=1, per_host=1, model="NVIDIA A100-SXM4-80GB").assign(host="a100", gpu="GPU-a100"),  # alone
+        ],
+        ignore_index=True,
+    )
     res = analyze(df)
     d = res.devices
     assert set(d.loc[d["cost"].isna(), "basis"]) == {bases.NONE}
@@ -115,8 +118,7 @@ def test_cost_is_missing_only_where_there_is_nothing_to_compare_with():
 def test_straggler_analyze_json_costs_a_one_host_straggler(tmp_path, straggler_cmd):
     path = tmp_path / "one-host.csv"
     write_table(one_host(), path)
-    out = subprocess.run([*straggler_cmd, "analyze", str(path), "--json"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([*straggler_cmd, "analyze", str(path), "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr  # stragglers found
     doc = json.loads(out.stdout)
     gpus = {g["gpu"]: g for g in doc["gpus"]}
@@ -141,16 +143,22 @@ def upload_rows(df: pd.DataFrame) -> list[dict]:
 
 
 def test_collector_costs_a_one_host_straggler(tmp_path):
-    settings = CollectorSettings(port=0, db_path=tmp_path / "collector.db", analysis_debounce_s=0.05,
-                                 analysis_max_delay_s=1.0)
+    settings = CollectorSettings(
+        port=0, db_path=tmp_path / "collector.db", analysis_debounce_s=0.05, analysis_max_delay_s=1.0
+    )
     with BackgroundCollector(settings, TOKEN) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
-        r = client.post("/api/v1/results", json={"host": "node000", "results": upload_rows(one_host())},
-                        headers={"Authorization": f"Bearer {TOKEN}"})
+        r = client.post(
+            "/api/v1/results",
+            json={"host": "node000", "results": upload_rows(one_host())},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
         assert r.status_code == 200 and r.json()["accepted"] == 40
         # The analysis starts analysis_debounce_s after the ingest (at most analysis_max_delay_s late);
         # the deadline only guards against a hang (the engine's first run imports pandas and scipy).
         deadline = time.monotonic() + settings.analysis_max_delay_s + 60
-        while not (gpus := client.get("/api/v1/gpus", headers={"Authorization": f"Bearer {TOKEN}"}).json()["gpus"]) or not all(g["probes"] for g in gpus):
+        while not (
+            gpus := client.get("/api/v1/gpus", headers={"Authorization": f"Bearer {TOKEN}"}).json()["gpus"]
+        ) or not all(g["probes"] for g in gpus):
             assert time.monotonic() < deadline, "no fleet analysis"
             time.sleep(settings.analysis_debounce_s)
         probe = {g["gpu"]: g["probes"][0] for g in gpus}
@@ -158,8 +166,12 @@ def test_collector_costs_a_one_host_straggler(tmp_path):
         assert probe["GPU-0003"]["cost"] == pytest.approx(0.25, abs=0.02)
         assert all(isinstance(p["cost"], float) for p in probe.values())
         text = client.get("/metrics").text
-    cost = {s.labels["uuid"]: s.value for fam in text_string_to_metric_families(text)
-            if fam.name == "straggler_gpu_cost_ratio" for s in fam.samples}
+    cost = {
+        s.labels["uuid"]: s.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "straggler_gpu_cost_ratio"
+        for s in fam.samples
+    }
     assert set(cost) == set(probe)  # every device exports its cost
     assert cost["GPU-0003"] == pytest.approx(probe["GPU-0003"]["cost"], rel=1e-9)
 
@@ -179,8 +191,12 @@ def test_docs_name_every_basis(doc):
 @pytest.mark.parametrize("doc", ["docs/analysis.md", "docs/interfaces.md", "docs/scan.md"])
 def test_docs_name_no_basis_the_engine_lacks(doc):
     text = (ROOT / doc).read_text()
-    named = {p for m in NAMED.findall(text) + re.findall(r'"basis": "([^"]+)"', text)
-             for p in m.split(bases.JOIN) if re.search(r"_(peers|mates)(_loo)?$", p)}
+    named = {
+        p
+        for m in NAMED.findall(text) + re.findall(r'"basis": "([^"]+)"', text)
+        for p in m.split(bases.JOIN)
+        if re.search(r"_(peers|mates)(_loo)?$", p)
+    }
     assert named and named <= set(bases.ALL), f"{doc}: unknown basis {sorted(named - set(bases.ALL))}"
 
 

@@ -14,8 +14,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 frontera = pytest.importorskip("frontera")
 
 DATA = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (DATA / "frontera-bert-agg.csv").is_file(),
-                                reason=f"Frontera data not found in {DATA}")
+pytestmark = pytest.mark.skipif(
+    not (DATA / "frontera-bert-agg.csv").is_file(), reason=f"Frontera data not found in {DATA}"
+)
 
 
 def flags(df):

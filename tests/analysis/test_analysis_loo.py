@@ -16,13 +16,22 @@ from straggler.analysis import analyze
 from straggler.scanverdict import device_report
 
 # A reviewer's 4-core fleet group (2 hosts x 2 cores): noisy matmul samples, the cores 5-15% apart.
-MIN4 = {("n1", "cpu0"): [24.42, 28.33, 22.94, 26.12, 23.25], ("n1", "cpu1"): [27.4, 18.22, 20.73, 20.5, 19.68],
-        ("n2", "cpu0"): [25.86, 23.16, 24.47, 25.26, 23.36], ("n2", "cpu1"): [23.53, 22.87, 17.6, 22.44, 20.08]}
+MIN4 = {
+    ("n1", "cpu0"): [24.42, 28.33, 22.94, 26.12, 23.25],
+    ("n1", "cpu1"): [27.4, 18.22, 20.73, 20.5, 19.68],
+    ("n2", "cpu0"): [25.86, 23.16, 24.47, 25.26, 23.36],
+    ("n2", "cpu1"): [23.53, 22.87, 17.6, 22.44, 20.08],
+}
 
 
 def samples(values: dict, probe="matmul", model="M") -> pd.DataFrame:
-    return pd.DataFrame([{"host": h, "gpu": g, "model": model, "probe": probe, "sample": s, "value": v}
-                         for (h, g), vs in values.items() for s, v in enumerate(vs)])
+    return pd.DataFrame(
+        [
+            {"host": h, "gpu": g, "model": model, "probe": probe, "sample": s, "value": v}
+            for (h, g), vs in values.items()
+            for s, v in enumerate(vs)
+        ]
+    )
 
 
 def test_a_noisy_group_of_four_has_peer_median_ratio_and_cost(tmp_path):
@@ -30,11 +39,17 @@ def test_a_noisy_group_of_four_has_peer_median_ratio_and_cost(tmp_path):
     from nothing (NaN), leaving ratio, cost and p null behind an `ok`."""
     path = tmp_path / "min4.csv"
     samples(MIN4).to_csv(path, index=False)
-    run = subprocess.run([sys.executable, "-m", "straggler.cli", "analyze", str(path), "--json"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "straggler.cli", "analyze", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # every device undecided and none a straggler: "could not decide" (exit 2), the document printed first
     last = run.stderr.strip().splitlines()[-1]  # after the spread warning: the one error line
-    assert run.returncode == 2 and last.startswith("straggler: error: could not decide: 4 entries undecided"), run.stderr
+    assert run.returncode == 2 and last.startswith("straggler: error: could not decide: 4 entries undecided"), (
+        run.stderr
+    )
     gpus = json.loads(run.stdout)["gpus"]
     assert len(gpus) == 4
     values = sorted(g["value"] for g in gpus)
@@ -85,13 +100,16 @@ MOVING = np.array([1.10, 0.93, 1.08, 0.92, 0.95])
 def _small_groups():
     rng = np.random.default_rng(5)
     yield "moving ratio", {("vm", "cpu0"): 20 * LOAD, ("vm", "cpu1"): 20 * LOAD * MOVING}
-    yield "moving ratio, 3 cores", {("vm", "cpu0"): 20 * LOAD, ("vm", "cpu1"): 20 * LOAD * MOVING,
-                                    ("vm", "cpu2"): 20 * LOAD * MOVING[::-1]}
+    yield (
+        "moving ratio, 3 cores",
+        {("vm", "cpu0"): 20 * LOAD, ("vm", "cpu1"): 20 * LOAD * MOVING, ("vm", "cpu2"): 20 * LOAD * MOVING[::-1]},
+    )
     for k in range(12):
         n = 2 + k % 2
         load = rng.uniform(0.5, 1.0, 6)
-        values = {("vm", f"cpu{d}"): 30 * load * rng.uniform(0.85, 1.1) * (1 + rng.normal(0, 0.05, 6))
-                  for d in range(n)}
+        values = {
+            ("vm", f"cpu{d}"): 30 * load * rng.uniform(0.85, 1.1) * (1 + rng.normal(0, 0.05, 6)) for d in range(n)
+        }
         if k % 3 == 0:
             values[("vm", "cpu0")][2] *= 0.4  # a transient, left out of that core's samples
         yield f"random {k}", values

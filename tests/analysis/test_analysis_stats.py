@@ -89,12 +89,11 @@ def test_job_gain_without_stragglers():
     group = np.zeros(100, dtype=np.int64)
     [j8, j64] = cost.job_gain(step, flagged, group, 1, [{"probe": "matmul"}], (8, 64, 512))
     # P(a job of 8 includes the 1.25 device) = 1 - 0.99^8; expected max follows from the two slow ones
-    p_any = 1 - 0.98 ** 8
+    p_any = 1 - 0.98**8
     assert j8["step_time_without_stragglers"] == 1.0
     assert 1 + 0.1 * p_any < j8["step_time_all"] < 1 + 0.25 * p_any
     assert j64["speedup"] > j8["speedup"] > 0
     assert cost.device_cost(np.array([0.8, 1.2]), np.array([1.0, 1.0])).tolist() == [0.25, 0.0]
-
 
 
 def test_job_gain_with_every_device_flagged_is_unknown_not_nan():
@@ -103,8 +102,13 @@ def test_job_gain_with_every_device_flagged_is_unknown_not_nan():
     group = np.array([0, 0, 0, 0, 1])
     labels = [{"probe": "a"}, {"probe": "b"}]
     [job] = cost.job_gain(step, flagged, group, 2, labels, (2, 8))
-    assert job == {"probe": "a", "job_devices": 2, "step_time_all": pytest.approx(7.4 / 6, abs=1e-5),
-                   "step_time_without_stragglers": None, "speedup": None}
+    assert job == {
+        "probe": "a",
+        "job_devices": 2,
+        "step_time_all": pytest.approx(7.4 / 6, abs=1e-5),
+        "step_time_without_stragglers": None,
+        "speedup": None,
+    }
     [lone] = cost.job_gain(np.array([np.nan, np.nan]), np.array([True, True]), np.array([0, 0]), 1, labels, (2,))
     assert lone["step_time_all"] is None and lone["speedup"] is None
 

@@ -47,10 +47,16 @@ def test_nothing_to_compare_with_is_undecided_with_its_reason():
 def test_bh_controls_the_decision_across_the_fleet():
     """The same evidence (6% +- 0.5%, T = 4%) decides a device tested alone, not one among 1,000
     tests straddling T (Benjamini-Hochberg); a stronger one (8%) is decided among them too."""
+
     def tests(d):
         n = len(d)
-        return Evidence(np.full(n, "fleet_peers", dtype=object), np.asarray(d, dtype=float), np.full(n, 0.005),
-                    np.full(n, 12.0), np.full(n, 0.04))
+        return Evidence(
+            np.full(n, "fleet_peers", dtype=object),
+            np.asarray(d, dtype=float),
+            np.full(n, 0.005),
+            np.full(n, 12.0),
+            np.full(n, 0.04),
+        )
 
     alone = decide([tests([0.06])], fdr=0.01, clear_level=0.05, n_samples=np.array([5]))
     assert alone.straggler[0]
@@ -86,21 +92,24 @@ def test_placement_classes_a_fastest_to_d_slowest_with_the_interval():
     assert analyze(fleet(n_hosts=1, per_host=2)).devices["perf_class"].isna().all()
 
 
-@pytest.mark.parametrize("cell, reasons, unknown", [
-    ("sw_power_cap=0.500", {"sw_power_cap": 0.5}, []),
-    (36, {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, []),  # NVML/DCGM bit mask
-    ("0x24", {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, []),
-    ("36", {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, []),
-    ("sw_power_cap|hw_slowdown", {"sw_power_cap": 1.0, "hw_slowdown": 1.0}, []),
-    ("sw_power_cap,hw_slowdown", {"sw_power_cap": 1.0, "hw_slowdown": 1.0}, []),
-    ("hw_slowdown", {"hw_slowdown": 1.0}, []),
-    ("SwThermalSlowdown", {"sw_thermal_slowdown": 1.0}, []),
-    ("DCGM_CLOCKS_THROTTLE_REASON_HW_SLOWDOWN", {"hw_slowdown": 1.0}, []),
-    ("sw_power_cap|overheating", {"sw_power_cap": 1.0}, ["overheating"]),
-    (0x404, {"sw_power_cap": 1.0}, ["0x400"]),  # a bit that is no NVML clock-event reason
-    (None, {}, []),
-    ("", {}, []),
-])
+@pytest.mark.parametrize(
+    "cell, reasons, unknown",
+    [
+        ("sw_power_cap=0.500", {"sw_power_cap": 0.5}, []),
+        (36, {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, []),  # NVML/DCGM bit mask
+        ("0x24", {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, []),
+        ("36", {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, []),
+        ("sw_power_cap|hw_slowdown", {"sw_power_cap": 1.0, "hw_slowdown": 1.0}, []),
+        ("sw_power_cap,hw_slowdown", {"sw_power_cap": 1.0, "hw_slowdown": 1.0}, []),
+        ("hw_slowdown", {"hw_slowdown": 1.0}, []),
+        ("SwThermalSlowdown", {"sw_thermal_slowdown": 1.0}, []),
+        ("DCGM_CLOCKS_THROTTLE_REASON_HW_SLOWDOWN", {"hw_slowdown": 1.0}, []),
+        ("sw_power_cap|overheating", {"sw_power_cap": 1.0}, ["overheating"]),
+        (0x404, {"sw_power_cap": 1.0}, ["0x400"]),  # a bit that is no NVML clock-event reason
+        (None, {}, []),
+        ("", {}, []),
+    ],
+)
 def test_throttle_reasons_in_every_form(cell, reasons, unknown):
     assert records.read_throttle(cell) == (reasons, unknown)
     assert records.parse_throttle(cell) == reasons
@@ -138,8 +147,11 @@ def test_bh_reject_matches_the_q_values():
 def test_identical_healthy_devices_have_no_spread_and_the_slow_one_is_decided():
     """Three devices measuring exactly 100 and one at 60: no device lies above the centre, so the
     healthy spread is 0 (not unknown) and the 40% deficit is a straggler."""
-    rows = [{"host": "h", "gpu": f"g{d}", "model": "m", "probe": "matmul", "sample": s, "value": v}
-            for d, values in enumerate(([100, 100, 100],) * 3 + ([60, 61, 60],)) for s, v in enumerate(values)]
+    rows = [
+        {"host": "h", "gpu": f"g{d}", "model": "m", "probe": "matmul", "sample": s, "value": v}
+        for d, values in enumerate(([100, 100, 100],) * 3 + ([60, 61, 60],))
+        for s, v in enumerate(values)
+    ]
     res = analyze(pd.DataFrame(rows))
     assert flagged(res) == {"g3"}
     assert res.summary["groups"][0]["spread"] == 0.0

@@ -41,11 +41,27 @@ class Fleet:
                 for d in range(N_DEVICES):
                     gpu = f"g{d}"
                     value = BASE * (1 - self.slow.get(gpu, 0.0)) * (1 + moment + self.rng.normal(0, self.noise))
-                    rows.append({"ts": self.ts, "scan_id": "s1", "host": f"h{d // 4}", "gpu": gpu, "index": d % 4,
-                                 "model": "X", "probe": p, "settings": "n=1", "sample": i, "duration_s": 1.0,
-                                 "value": value, "unit": "GFLOP/s"})
-        failures = [{"host": "h0", "device": "g0", "rank": 0, "probe": probes[0], "error": "hung"}] \
-            if len(self.calls) == self.fail_round else []
+                    rows.append(
+                        {
+                            "ts": self.ts,
+                            "scan_id": "s1",
+                            "host": f"h{d // 4}",
+                            "gpu": gpu,
+                            "index": d % 4,
+                            "model": "X",
+                            "probe": p,
+                            "settings": "n=1",
+                            "sample": i,
+                            "duration_s": 1.0,
+                            "value": value,
+                            "unit": "GFLOP/s",
+                        }
+                    )
+        failures = (
+            [{"host": "h0", "device": "g0", "rank": 0, "probe": probes[0], "error": "hung"}]
+            if len(self.calls) == self.fail_round
+            else []
+        )
         return Round(rows, failures)
 
 
@@ -90,16 +106,22 @@ def test_max_rounds_is_respected_and_said():
     assert out.stopped == "max rounds reached, 1 still undecided"
     assert out.line() == "rounds: 2 of at most 2 (max rounds reached, 1 still undecided)"
 
-    once = remeasure(Fleet({"g2": 0.04}, noise=0.01, seed=2).measure, analysis_verdicts, ("matmul",), 5,
-                     max_rounds=1)
+    once = remeasure(Fleet({"g2": 0.04}, noise=0.01, seed=2).measure, analysis_verdicts, ("matmul",), 5, max_rounds=1)
     assert len(once.rounds) == 1 and once.stopped == "max rounds reached, 1 still undecided"
 
 
 def test_only_probes_with_undecided_devices_are_measured_again():
     fleet = Fleet({"g5": 0.05}, noise=0.01, seed=3)
-    out = remeasure(fleet.measure, lambda s: [e for e in analysis_verdicts(s) if e["probe"] == "matmul"] +
-                    [{"host": "h0", "gpu": "g0", "probe": "membw", "verdict": "healthy"}],
-                    ("membw", "matmul"), 5, max_rounds=2)
+    out = remeasure(
+        fleet.measure,
+        lambda s: (
+            [e for e in analysis_verdicts(s) if e["probe"] == "matmul"]
+            + [{"host": "h0", "gpu": "g0", "probe": "membw", "verdict": "healthy"}]
+        ),
+        ("membw", "matmul"),
+        5,
+        max_rounds=2,
+    )
     assert fleet.calls[0] == (("membw", "matmul"), 5) and fleet.calls[1][0] == ("matmul",)
     assert [r.probes for r in out.rounds] == [("membw", "matmul"), ("matmul",)]
 
@@ -125,14 +147,26 @@ def test_no_round_past_the_deadline_nor_after_a_failure():
 
 def test_undecided_that_samples_cannot_decide_stop_at_once():
     fleet = Fleet({}, noise=0.01)
+
     def lone(samples):
-        return [{"host": "h0", "gpu": "g0", "probe": "matmul", "verdict": "undecided", "samples_needed": None,
-                 "basis": "none", "undecided_reason": "nothing to compare with (no peers, history or reference)"}]
+        return [
+            {
+                "host": "h0",
+                "gpu": "g0",
+                "probe": "matmul",
+                "verdict": "undecided",
+                "samples_needed": None,
+                "basis": "none",
+                "undecided_reason": "nothing to compare with (no peers, history or reference)",
+            }
+        ]
 
     out = remeasure(fleet.measure, lone, ("matmul",), 5)
     assert len(fleet.calls) == 1
-    assert out.stopped == "1 undecided that more samples cannot decide (nothing to compare with (no peers, " \
-                          "history or reference))"
+    assert (
+        out.stopped == "1 undecided that more samples cannot decide (nothing to compare with (no peers, "
+        "history or reference))"
+    )
 
 
 def test_an_uncertain_comparison_is_measured_again_at_the_round_maximum():
@@ -142,8 +176,17 @@ def test_an_uncertain_comparison_is_measured_again_at_the_round_maximum():
 
     def uncertain(s):
         calls.append(len(s))
-        return [{"host": "h0", "gpu": "g0", "probe": "matmul", "verdict": "undecided", "samples_needed": None,
-                 "basis": "fleet_peers", "undecided_reason": "comparison too uncertain to decide at the threshold"}]
+        return [
+            {
+                "host": "h0",
+                "gpu": "g0",
+                "probe": "matmul",
+                "verdict": "undecided",
+                "samples_needed": None,
+                "basis": "fleet_peers",
+                "undecided_reason": "comparison too uncertain to decide at the threshold",
+            }
+        ]
 
     out = remeasure(fleet.measure, uncertain, ("matmul",), 5, max_rounds=3)
     assert fleet.calls == [(("matmul",), 5), (("matmul",), 20), (("matmul",), 20)]
@@ -152,12 +195,21 @@ def test_an_uncertain_comparison_is_measured_again_at_the_round_maximum():
 
 
 def test_renumber_continues_per_probe_and_keeps_moments_paired():
-    before = [{"gpu": g, "probe": "matmul", "settings": "a", "sample": i} for g in ("x", "y") for i in range(5)] + \
-             [{"gpu": "x", "probe": "membw", "settings": "b", "sample": i} for i in range(3)]
-    new = [{"gpu": g, "probe": p, "settings": s, "sample": i}
-           for g in ("x", "y") for p, s in (("matmul", "a"), ("membw", "b"), ("pcie", "c")) for i in range(2)]
-    got = {(r["gpu"], r["probe"]): [x["sample"] for x in renumber(before, new)
-                                    if (x["gpu"], x["probe"]) == (r["gpu"], r["probe"])] for r in new}
+    before = [{"gpu": g, "probe": "matmul", "settings": "a", "sample": i} for g in ("x", "y") for i in range(5)] + [
+        {"gpu": "x", "probe": "membw", "settings": "b", "sample": i} for i in range(3)
+    ]
+    new = [
+        {"gpu": g, "probe": p, "settings": s, "sample": i}
+        for g in ("x", "y")
+        for p, s in (("matmul", "a"), ("membw", "b"), ("pcie", "c"))
+        for i in range(2)
+    ]
+    got = {
+        (r["gpu"], r["probe"]): [
+            x["sample"] for x in renumber(before, new) if (x["gpu"], x["probe"]) == (r["gpu"], r["probe"])
+        ]
+        for r in new
+    }
     assert got[("x", "matmul")] == got[("y", "matmul")] == [5, 6]
     assert got[("x", "membw")] == got[("y", "membw")] == [3, 4]  # one offset per probe: y's moments pair with x's
     assert got[("x", "pcie")] == [0, 1]

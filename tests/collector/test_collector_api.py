@@ -43,10 +43,22 @@ def make_rows(host, n_gpus=4, scan_id="s1", ts=1_700_000_000.0, slow=(), probe="
     rows = []
     for i in range(n_gpus):
         for k in range(samples):
-            row = {"ts": ts + k, "scan_id": scan_id, "host": host, "gpu": f"GPU-{host}-{i}", "index": i,
-                   "model": "NVIDIA H100 80GB HBM3", "probe": probe, "settings": "n=8192,dtype=bf16",
-                   "sample": k, "value": (700.0 if i in slow else 790.0) + k, "unit": "TFLOP/s",
-                   "sm_clock_mhz": 1980.0, "throttle_reasons": "sw_power_cap=0.800", **extra}
+            row = {
+                "ts": ts + k,
+                "scan_id": scan_id,
+                "host": host,
+                "gpu": f"GPU-{host}-{i}",
+                "index": i,
+                "model": "NVIDIA H100 80GB HBM3",
+                "probe": probe,
+                "settings": "n=8192,dtype=bf16",
+                "sample": k,
+                "value": (700.0 if i in slow else 790.0) + k,
+                "unit": "TFLOP/s",
+                "sm_clock_mhz": 1980.0,
+                "throttle_reasons": "sw_power_cap=0.800",
+                **extra,
+            }
             row["id"] = result_id(row)
             rows.append(row)
     return rows
@@ -55,8 +67,14 @@ def make_rows(host, n_gpus=4, scan_id="s1", ts=1_700_000_000.0, slow=(), probe="
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory):
     db = database(request, tmp_path_factory.mktemp("collector") / "collector.db")
-    settings = CollectorSettings(port=0, db_path=db, max_request_bytes=256 * 1024, max_batch_rows=500,
-                                 analysis_debounce_s=0.05, analysis_max_delay_s=1.0)
+    settings = CollectorSettings(
+        port=0,
+        db_path=db,
+        max_request_bytes=256 * 1024,
+        max_batch_rows=500,
+        analysis_debounce_s=0.05,
+        analysis_max_delay_s=1.0,
+    )
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             srv.client = client
@@ -87,16 +105,27 @@ def test_ingest_is_idempotent_by_id(server):
     assert stored[-1]["power_w"] is None  # missing stays missing
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789"},
-                                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+    ],
+)
 def test_missing_or_wrong_token_is_401_and_stores_nothing(server, headers):
     before = count(server)
     r = post(server, {"host": "auth", "results": make_rows("auth")}, headers=headers)
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == "Bearer"
     assert count(server) == before
-    assert server.client.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["a"]},
-                              headers=headers).status_code == 401
+    assert (
+        server.client.post(
+            "/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["a"]}, headers=headers
+        ).status_code
+        == 401
+    )
 
 
 def test_oversized_body_is_413_whether_announced_or_streamed(server):
@@ -107,7 +136,7 @@ def test_oversized_body_is_413_whether_announced_or_streamed(server):
     import json
 
     data = json.dumps({"host": "big", "results": rows}).encode()
-    chunks = (data[i:i + 8192] for i in range(0, len(data), 8192))  # no Content-Length: chunked
+    chunks = (data[i : i + 8192] for i in range(0, len(data), 8192))  # no Content-Length: chunked
     r = server.client.post("/api/v1/results", content=chunks, headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 413
     assert count(server) == before
@@ -121,17 +150,20 @@ def test_too_many_rows_is_413(server):
     assert count(server, "many") == 0
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda r: r.pop("value"), "results[1].value: Field required"),
-    (lambda r: r.update(value="fast"), "results[1].value"),
-    (lambda r: r.update(value=-1.0), "results[1].value"),
-    (lambda r: r.update(bogus=1), "results[1].bogus: Extra inputs are not permitted"),
-    (lambda r: r.update(host=""), "results[1].host"),
-    (lambda r: r.update(id="../../etc"), "results[1].id"),
-    (lambda r: r.update(index=-3), "results[1].index"),
-    (lambda r: r.update(pcie_gen=4.5), "results[1].pcie_gen"),
-    (lambda r: r.update(processes=2**63), "results[1].processes"),  # beyond SQLite's INTEGER
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda r: r.pop("value"), "results[1].value: Field required"),
+        (lambda r: r.update(value="fast"), "results[1].value"),
+        (lambda r: r.update(value=-1.0), "results[1].value"),
+        (lambda r: r.update(bogus=1), "results[1].bogus: Extra inputs are not permitted"),
+        (lambda r: r.update(host=""), "results[1].host"),
+        (lambda r: r.update(id="../../etc"), "results[1].id"),
+        (lambda r: r.update(index=-3), "results[1].index"),
+        (lambda r: r.update(pcie_gen=4.5), "results[1].pcie_gen"),
+        (lambda r: r.update(processes=2**63), "results[1].processes"),  # beyond SQLite's INTEGER
+    ],
+)
 def test_bad_row_is_422_naming_the_field_and_stores_nothing(server, mutate, field):
     rows = make_rows("bad")
     mutate(rows[1])
@@ -141,20 +173,28 @@ def test_bad_row_is_422_naming_the_field_and_stores_nothing(server, mutate, fiel
     assert count(server, "bad") == 0
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda r: r.update(throttle_reasons="sw_power_cap=high"), "results[1].throttle_reasons"),
-    (lambda r: r.update(throttle_reasons="sw_power_cap=1..2"), "results[1].throttle_reasons"),
-    (lambda r: r.update(throttle_reasons="sw_power_cap=1.5"), "results[1].throttle_reasons: Value error, "
-     "throttle_reasons: share '1.5' of 'sw_power_cap' is not in [0, 1]"),
-    (lambda r: r.update(throttle_reasons="-4"), "results[1].throttle_reasons: Value error, throttle_reasons: "
-     "negative bit mask -4"),
-    (lambda r: r.update(throttle_reasons="a=2."), "results[1].throttle_reasons"),  # a share beyond 1
-    (lambda r: r.update(throttle_reasons=True), "results[1].throttle_reasons"),
-    (lambda r: r.update(unit="GB/s"), "results[1].unit"),  # rows 0 and 1 name one probe in two units
-    (lambda r: r.update(scan_id=None), "results[1].sample"),  # sample k of every scan-less upload clashes
-    (lambda r: r.update(scan_id=""), "results[1].sample"),
-    (lambda r: r.update(sample=0), "results[1].value: 791.0, but this sample"),  # row 0's sample, other value
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda r: r.update(throttle_reasons="sw_power_cap=high"), "results[1].throttle_reasons"),
+        (lambda r: r.update(throttle_reasons="sw_power_cap=1..2"), "results[1].throttle_reasons"),
+        (
+            lambda r: r.update(throttle_reasons="sw_power_cap=1.5"),
+            "results[1].throttle_reasons: Value error, "
+            "throttle_reasons: share '1.5' of 'sw_power_cap' is not in [0, 1]",
+        ),
+        (
+            lambda r: r.update(throttle_reasons="-4"),
+            "results[1].throttle_reasons: Value error, throttle_reasons: negative bit mask -4",
+        ),
+        (lambda r: r.update(throttle_reasons="a=2."), "results[1].throttle_reasons"),  # a share beyond 1
+        (lambda r: r.update(throttle_reasons=True), "results[1].throttle_reasons"),
+        (lambda r: r.update(unit="GB/s"), "results[1].unit"),  # rows 0 and 1 name one probe in two units
+        (lambda r: r.update(scan_id=None), "results[1].sample"),  # sample k of every scan-less upload clashes
+        (lambda r: r.update(scan_id=""), "results[1].sample"),
+        (lambda r: r.update(sample=0), "results[1].value: 791.0, but this sample"),  # row 0's sample, other value
+    ],
+)
 def test_rows_the_analysis_would_refuse_are_422_and_store_nothing(server, mutate, field):
     rows = make_rows("refuse")
     mutate(rows[1])
@@ -178,14 +218,26 @@ def test_throttle_reasons_in_every_form_the_result_table_reads_are_accepted(serv
     spellings, bare names), the collector stores, and the stored cell reads back the same."""
     from straggler.records import read_throttle
 
-    values = ["sw_power_cap", "0x24", 36, "SW_POWER_CAP|HW_SLOWDOWN", "clocks_event_reason_sw_power_cap,hw_slowdown",
-              "nvmlClocksThrottleReasonHwSlowdown", "HW Slowdown=0.5", "gpu_idle;sw_thermal_slowdown=0.25"]
-    rows = [dict(r, throttle_reasons=v)
-            for r, v in zip(make_rows("thrforms", n_gpus=2, samples=4, scan_id="forms"), values)]
+    values = [
+        "sw_power_cap",
+        "0x24",
+        36,
+        "SW_POWER_CAP|HW_SLOWDOWN",
+        "clocks_event_reason_sw_power_cap,hw_slowdown",
+        "nvmlClocksThrottleReasonHwSlowdown",
+        "HW Slowdown=0.5",
+        "gpu_idle;sw_thermal_slowdown=0.25",
+    ]
+    rows = [
+        dict(r, throttle_reasons=v) for r, v in zip(make_rows("thrforms", n_gpus=2, samples=4, scan_id="forms"), values)
+    ]
     r = post(server, {"host": "thrforms", "results": rows})
     assert r.status_code == 200 and r.json()["accepted"] == len(values), r.text
-    by_id = {row["id"]: row["throttle_reasons"] for gpu in {row["gpu"] for row in rows}
-             for row in server.client.get(f"/api/v1/gpus/{gpu}/history", headers=AUTH).json()["results"]}
+    by_id = {
+        row["id"]: row["throttle_reasons"]
+        for gpu in {row["gpu"] for row in rows}
+        for row in server.client.get(f"/api/v1/gpus/{gpu}/history", headers=AUTH).json()["results"]
+    }
     for row, v in zip(rows, values):
         assert read_throttle(by_id[row["id"]]) == read_throttle(v)
     assert read_throttle(by_id[rows[2]["id"]]) == ({"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}, [])
@@ -195,8 +247,9 @@ def test_a_unit_other_than_the_stored_one_is_422(server):
     assert post(server, {"host": "u1", "results": make_rows("u1", probe="unitprobe")}).status_code == 200
     r = post(server, {"host": "u2", "results": make_rows("u2", probe="unitprobe", unit="GB/s")})
     assert r.status_code == 422
-    assert r.json()["detail"] == ("results[0].unit: 'GB/s', but probe unitprobe (n=8192,dtype=bf16) is stored in "
-                                  "'TFLOP/s'")
+    assert r.json()["detail"] == (
+        "results[0].unit: 'GB/s', but probe unitprobe (n=8192,dtype=bf16) is stored in 'TFLOP/s'"
+    )
     assert count(server, "u2") == 0
     # other settings of the probe are another measurement, free to have another unit
     other = make_rows("u2", probe="unitprobe", unit="GB/s", settings="size=1GiB")
@@ -225,10 +278,14 @@ def test_nan_value_is_refused_but_nan_telemetry_is_missing(server):
     import json
 
     bad = [json.dumps(rows[0]), json.dumps(dict(rows[1], value=float("nan")))]
-    r = server.client.post("/api/v1/results", content=body % ",".join(bad), headers={**AUTH, "content-type": "application/json"})
+    r = server.client.post(
+        "/api/v1/results", content=body % ",".join(bad), headers={**AUTH, "content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["detail"].startswith("results[1].value")
     ok = [json.dumps(dict(rows[0], power_w=float("nan"), driver=float("nan")))]
-    r = server.client.post("/api/v1/results", content=body % ",".join(ok), headers={**AUTH, "content-type": "application/json"})
+    r = server.client.post(
+        "/api/v1/results", content=body % ",".join(ok), headers={**AUTH, "content-type": "application/json"}
+    )
     assert r.status_code == 200 and r.json()["accepted"] == 1
     stored = server.client.get("/api/v1/gpus/GPU-nan-0/history", headers=AUTH).json()["results"][0]
     assert stored["power_w"] is None and stored["driver"] is None
@@ -242,9 +299,18 @@ def test_malformed_json_and_wrong_shapes_are_4xx(server):
 
 def test_openapi_describes_the_api(server):
     spec = server.client.get("/openapi.json").json()
-    for path in ("/api/v1/results", "/api/v1/scans", "/api/v1/scans/next", "/api/v1/scans/{scan_id}",
-                 "/api/v1/scans/{scan_id}/status", "/api/v1/gpus", "/api/v1/stragglers",
-                 "/api/v1/gpus/{uuid}/history", "/metrics", "/healthz"):
+    for path in (
+        "/api/v1/results",
+        "/api/v1/scans",
+        "/api/v1/scans/next",
+        "/api/v1/scans/{scan_id}",
+        "/api/v1/scans/{scan_id}/status",
+        "/api/v1/gpus",
+        "/api/v1/stragglers",
+        "/api/v1/gpus/{uuid}/history",
+        "/metrics",
+        "/healthz",
+    ):
         assert path in spec["paths"], path
     assert {"get", "post"} <= set(spec["paths"]["/api/v1/scans"])
     row = spec["components"]["schemas"]["ResultRow"]
@@ -254,8 +320,16 @@ def test_openapi_describes_the_api(server):
 
 def test_allreduce_rows_with_their_probe_columns_are_stored(server):
     # what the allreduce probe writes: busbw as value, plus algbw_gbps and arrival_skew_s
-    rows = make_rows("ar", n_gpus=2, probe="allreduce", unit="GB/s", settings="bytes=16777216,dtype=fp32,ranks=2",
-                     scan_id="ar1", algbw_gbps=5.25, arrival_skew_s=0.0125)
+    rows = make_rows(
+        "ar",
+        n_gpus=2,
+        probe="allreduce",
+        unit="GB/s",
+        settings="bytes=16777216,dtype=fp32,ranks=2",
+        scan_id="ar1",
+        algbw_gbps=5.25,
+        arrival_skew_s=0.0125,
+    )
     r = post(server, {"host": "ar", "results": rows})
     assert r.status_code == 200, r.text
     assert r.json() == {"accepted": 6, "duplicates": 0}
@@ -307,14 +381,23 @@ def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_pat
     post(server, {"host": "prom", "results": make_rows("prom", n_gpus=4, slow=(0,))})
     gpus = {g["gpu"]: g["probes"][0] for g in wait_for_analysis(server, "prom")["gpus"]}
     text = server.client.get("/metrics").text
-    assert 'straggler_gpu_straggler{basis="other",cause="thermal",gpu="0",host="prom",model="NVIDIA H100 80GB HBM3"' in text
+    assert (
+        'straggler_gpu_straggler{basis="other",cause="thermal",gpu="0",host="prom",model="NVIDIA H100 80GB HBM3"'
+        in text
+    )
     assert 'straggler_collector_ingest_requests_total{code="200"}' in text
     assert 'straggler_collector_request_duration_seconds_count{handler="/api/v1/results"}' in text
     fc = server.collector.fleet_metrics
     reg = CollectorRegistry()
     reg.register(fc)
-    labels = {"host": "prom", "uuid": "GPU-prom-1", "gpu": "1", "model": "NVIDIA H100 80GB HBM3",
-              "probe": "matmul", "settings": "n=8192,dtype=bf16"}
+    labels = {
+        "host": "prom",
+        "uuid": "GPU-prom-1",
+        "gpu": "1",
+        "model": "NVIDIA H100 80GB HBM3",
+        "probe": "matmul",
+        "settings": "n=8192,dtype=bf16",
+    }
     assert reg.get_sample_value("straggler_gpu_performance_ratio", labels) == gpus["GPU-prom-1"]["ratio"]
     assert 0.99 < gpus["GPU-prom-1"]["ratio"] < 1.01
     assert reg.get_sample_value("straggler_gpu_straggler", {**labels, "cause": "none", "basis": "other"}) == 0.0
@@ -326,15 +409,35 @@ def test_metrics_expose_fleet_and_self_metrics_and_pass_promtool(server, tmp_pat
 
 
 def test_fast_render_equals_prometheus_client_text():
-    devices = [{"host": h, "gpu": f"GPU-{h}-{i}", "index": i, "model": 'we"ird\\model\n', "last_ts": 100.0 + i,
-                "last_scan_id": "s"} for h in ("a", "b") for i in range(3)] + [
-        {"host": "c", "gpu": "cpu0", "index": None, "model": None, "last_ts": None, "last_scan_id": ""}]
-    verdicts = [{"host": d["host"], "gpu": d["gpu"], "probe": p, "settings": "n=1", "ratio": 0.5 + d["index"] / 7,
-                 "straggler": d["index"] == 0, "causes": ["thermal", "pcie_link"] if d["host"] == "a" else ["new_cause"],
-                 "cost": float("nan") if p == "membw" else 1.25e7,
-                 "verdict": "straggler" if d["index"] == 0 else ("undecided", "slow")[d["index"] % 2],
-                 "degraded": d["index"] == 2, "perf_class": None if p == "membw" else "ABCD"[d["index"]]}
-                for d in devices[:-1] for p in ("matmul", "membw")]
+    devices = [
+        {
+            "host": h,
+            "gpu": f"GPU-{h}-{i}",
+            "index": i,
+            "model": 'we"ird\\model\n',
+            "last_ts": 100.0 + i,
+            "last_scan_id": "s",
+        }
+        for h in ("a", "b")
+        for i in range(3)
+    ] + [{"host": "c", "gpu": "cpu0", "index": None, "model": None, "last_ts": None, "last_scan_id": ""}]
+    verdicts = [
+        {
+            "host": d["host"],
+            "gpu": d["gpu"],
+            "probe": p,
+            "settings": "n=1",
+            "ratio": 0.5 + d["index"] / 7,
+            "straggler": d["index"] == 0,
+            "causes": ["thermal", "pcie_link"] if d["host"] == "a" else ["new_cause"],
+            "cost": float("nan") if p == "membw" else 1.25e7,
+            "verdict": "straggler" if d["index"] == 0 else ("undecided", "slow")[d["index"] % 2],
+            "degraded": d["index"] == 2,
+            "perf_class": None if p == "membw" else "ABCD"[d["index"]],
+        }
+        for d in devices[:-1]
+        for p in ("matmul", "membw")
+    ]
     snap = FleetSnapshot(computed_ts=123.5, gpus=build_gpus(devices, verdicts))
     fc = FleetCollector(clock=lambda: 1000.0)
     fc.update(snap)
@@ -344,11 +447,16 @@ def test_fast_render_equals_prometheus_client_text():
     assert b'cause="other"' in fc.render() and b'cause="thermal"' in fc.render()
     assert b'straggler_fleet_devices_by_verdict{verdict="undecided"} 2.0' in fc.render()
     assert b'straggler_fleet_devices_by_verdict{verdict="healthy"} 0.0' in fc.render()
-    assert b'straggler_fleet_degraded 2.0' in fc.render()
+    assert b"straggler_fleet_degraded 2.0" in fc.render()
     assert fc.render().count(b"\nstraggler_gpu_degraded{") == 4  # index 2 of hosts a and b, two probes each
     assert b'perf_class="",probe="membw"' in fc.render() and b'perf_class="B",probe="matmul"' in fc.render()
-    assert reg.get_sample_value("straggler_gpu_last_probe_age_seconds",
-                                {"host": "b", "uuid": "GPU-b-2", "gpu": "2", "model": 'we"ird\\model\n'}) == 898.0
+    assert (
+        reg.get_sample_value(
+            "straggler_gpu_last_probe_age_seconds",
+            {"host": "b", "uuid": "GPU-b-2", "gpu": "2", "model": 'we"ird\\model\n'},
+        )
+        == 898.0
+    )
 
 
 def test_healthz(server):
@@ -366,9 +474,19 @@ def test_fleet_view_serves_tiers_and_metrics_export_them(tmp_path):
     rows = []
     for i in range(16):
         for k in range(5):
-            row = {"ts": 1_700_000_000.0 + k, "scan_id": "t1", "host": f"tier{i // 8}", "gpu": f"GPU-tier-{i}",
-                   "index": i % 8, "model": "H100", "probe": "matmul", "settings": "n=8192", "sample": k,
-                   "value": 700.0 * slow.get(i, 1.0) * (1 + rng.normal(0, 0.002)), "unit": "TFLOP/s"}
+            row = {
+                "ts": 1_700_000_000.0 + k,
+                "scan_id": "t1",
+                "host": f"tier{i // 8}",
+                "gpu": f"GPU-tier-{i}",
+                "index": i % 8,
+                "model": "H100",
+                "probe": "matmul",
+                "settings": "n=8192",
+                "sample": k,
+                "value": 700.0 * slow.get(i, 1.0) * (1 + rng.normal(0, 0.002)),
+                "unit": "TFLOP/s",
+            }
             row["id"] = result_id(row)
             rows.append(row)
     settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=0.05, analysis_max_delay_s=1.0)
@@ -414,10 +532,18 @@ def _fleet_snapshot(rows, verdicts_ts):
     from straggler.analysis import analyze
 
     res = analyze(pd.DataFrame(rows))
-    devices = (pd.DataFrame(rows)[["host", "gpu", "index", "model"]].drop_duplicates()
-               .assign(last_ts=1_700_000_000.0, last_scan_id="k1").to_dict("records"))
-    return FleetSnapshot(computed_ts=verdicts_ts, gpus=build_gpus(devices, res.devices.to_dict("records")),
-                         summary=res.summary, verdicts_ts=verdicts_ts)
+    devices = (
+        pd.DataFrame(rows)[["host", "gpu", "index", "model"]]
+        .drop_duplicates()
+        .assign(last_ts=1_700_000_000.0, last_scan_id="k1")
+        .to_dict("records")
+    )
+    return FleetSnapshot(
+        computed_ts=verdicts_ts,
+        gpus=build_gpus(devices, res.devices.to_dict("records")),
+        summary=res.summary,
+        verdicts_ts=verdicts_ts,
+    )
 
 
 def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
@@ -441,13 +567,18 @@ def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
     text = fc.render().decode()
     assert len(re.findall(r"^straggler_gpu_straggler_any\{", text, re.M)) == 16
     assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "cause": "unexplained"}) == 1.0
-    assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0",
-                                                                "cause": "none"}) == 0.0
+    assert (
+        reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0", "cause": "none"})
+        == 0.0
+    )
     assert reg.get_sample_value("straggler_gpu_flagged_scans", {**dev3, "uuid": "GPU-kpi-0", "gpu": "0"}) == 0.0
     [job8] = [j for j in snap.summary["job_cost"] if j["job_devices"] == 8]
     labels = {"model": job8["model"], "probe": "matmul", "settings": job8["settings"], "job_devices": "8"}
-    assert reg.get_sample_value("straggler_fleet_job_slowdown_ratio", {**labels, "devices": "all"}) == \
-        pytest.approx(job8["step_time_all"] - 1) and job8["step_time_all"] > 1
+    assert (
+        reg.get_sample_value("straggler_fleet_job_slowdown_ratio", {**labels, "devices": "all"})
+        == pytest.approx(job8["step_time_all"] - 1)
+        and job8["step_time_all"] > 1
+    )
     assert reg.get_sample_value("straggler_fleet_job_speedup_ratio", labels) == pytest.approx(job8["speedup"])
     assert reg.get_sample_value("straggler_fleet_job_speedup_ratio", {**labels, "job_devices": "64"}) is None  # > 16
     assert reg.get_sample_value("straggler_fleet_min_effect_ratio") == snap.summary["min_effect"] == 0.04

@@ -22,8 +22,9 @@ from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: serv
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory):
     db = database(request, tmp_path_factory.mktemp("attacks") / "collector.db")
-    settings = CollectorSettings(port=0, db_path=db, max_batch_rows=50, analysis_debounce_s=0.05,
-                                 analysis_max_delay_s=1.0)
+    settings = CollectorSettings(
+        port=0, db_path=db, max_batch_rows=50, analysis_debounce_s=0.05, analysis_max_delay_s=1.0
+    )
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as client:
             srv.client = client
@@ -58,16 +59,20 @@ def test_a_row_dated_in_the_future_is_refused_naming_it(server):
             break
         time.sleep(0.05)
     assert mine and mine[0]["last_probe_age_s"] == 0.0
-    ages = [line for line in server.client.get("/metrics").text.splitlines()
-            if line.startswith("straggler_gpu_last_probe_age_seconds{") and gpu in line]
+    ages = [
+        line
+        for line in server.client.get("/metrics").text.splitlines()
+        if line.startswith("straggler_gpu_last_probe_age_seconds{") and gpu in line
+    ]
     assert ages and float(ages[0].rsplit(" ", 1)[1]) == 0.0
 
 
 def test_a_row_dated_before_its_cluster_scan_started_is_refused(server):
     c = server.client
     c.get("/api/v1/scans/next", params={"host": "early", "wait_s": 0})
-    scan = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["early"],
-                                         "start_delay_s": 0}).json()
+    scan = c.post(
+        "/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["early"], "start_delay_s": 0}
+    ).json()
     rows = make_rows("early", n_gpus=1, scan_id=scan["scan_id"], ts=scan["start_at"] - 7200)
     r = c.post("/api/v1/results", json={"host": "early", "results": rows})
     assert r.status_code == 422 and r.json()["detail"].startswith("results[0].ts: "), r.text
@@ -78,15 +83,24 @@ def test_a_row_dated_before_its_cluster_scan_started_is_refused(server):
 
 def test_the_clock_offset_of_each_agent_is_recorded_and_exported(server):
     rows = make_rows("skewed", n_gpus=1, ts=time.time() - 10)
-    r = server.client.post("/api/v1/results", json={"host": "skewed", "results": rows},
-                           headers={"X-Straggler-Sent-Ts": str(time.time() - 42.0)})
+    r = server.client.post(
+        "/api/v1/results",
+        json={"host": "skewed", "results": rows},
+        headers={"X-Straggler-Sent-Ts": str(time.time() - 42.0)},
+    )
     assert r.status_code == 200, r.text
-    line = [x for x in server.client.get("/metrics").text.splitlines()
-            if x.startswith('straggler_collector_agent_clock_offset_seconds{host="skewed"}')]
+    line = [
+        x
+        for x in server.client.get("/metrics").text.splitlines()
+        if x.startswith('straggler_collector_agent_clock_offset_seconds{host="skewed"}')
+    ]
     assert line and 42.0 <= float(line[0].rsplit(" ", 1)[1]) < 42.0 + 30  # network delay on top
     # a bad header is ignored, not an error: the batch is still stored
-    r = server.client.post("/api/v1/results", json={"host": "skewed2", "results": make_rows("skewed2", n_gpus=1)},
-                           headers={"X-Straggler-Sent-Ts": "nan"})
+    r = server.client.post(
+        "/api/v1/results",
+        json={"host": "skewed2", "results": make_rows("skewed2", n_gpus=1)},
+        headers={"X-Straggler-Sent-Ts": "nan"},
+    )
     assert r.status_code == 200 and "skewed2" not in server.client.get("/metrics").text
 
 
@@ -109,8 +123,11 @@ def test_an_agents_uploads_carry_its_clock_and_the_collector_exports_the_offset(
         up.close()
     finally:
         spool.close()
-    line = [x for x in server.client.get("/metrics").text.splitlines()
-            if x.startswith('straggler_collector_agent_clock_offset_seconds{host="clocked"}')]
+    line = [
+        x
+        for x in server.client.get("/metrics").text.splitlines()
+        if x.startswith('straggler_collector_agent_clock_offset_seconds{host="clocked"}')
+    ]
     assert line, "no clock offset exported for the agent's host"
     assert 0.0 <= float(line[0].rsplit(" ", 1)[1]) <= took_s  # one clock: the offset is the delivery time
 
@@ -140,8 +157,10 @@ def test_rows_without_scan_id_and_sample_are_stored_by_their_own_id(server):
     assert r.json() == {"accepted": 6, "duplicates": 0}
     assert stored(server, "noscan") == 6
     # the same rows again are duplicates
-    assert server.client.post("/api/v1/results", json={"host": "noscan", "results": rows}).json() == \
-        {"accepted": 0, "duplicates": 6}
+    assert server.client.post("/api/v1/results", json={"host": "noscan", "results": rows}).json() == {
+        "accepted": 0,
+        "duplicates": 6,
+    }
 
 
 def test_the_scan_list_needs_no_sql_variable_per_scan(tmp_path):
@@ -150,8 +169,16 @@ def test_the_scan_list_needs_no_sql_variable_per_scan(tmp_path):
     store = Store(tmp_path / "c.db")
     try:
         for i in range(1200):
-            store.create_scan({"scan_id": f"s{i:05d}", "created_ts": float(i), "start_at": float(i) + 10,
-                               "probes": ["matmul"], "duration_s": 1.0, "hosts": ["a", "b"]})
+            store.create_scan(
+                {
+                    "scan_id": f"s{i:05d}",
+                    "created_ts": float(i),
+                    "start_at": float(i) + 10,
+                    "probes": ["matmul"],
+                    "duration_s": 1.0,
+                    "hosts": ["a", "b"],
+                }
+            )
         store._reader.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
         scans = store.list_scans(1200)
         assert len(scans) == 1200 and scans[0]["scan_id"] == "s01199"
@@ -166,15 +193,37 @@ def test_the_scan_poll_is_an_indexed_lookup_and_old_scans_are_pruned(tmp_path):
     store = Store(tmp_path / "c.db")
     try:
         for i in range(50):
-            store.create_scan({"scan_id": f"old{i}", "created_ts": 1000.0 + i, "start_at": 1010.0 + i,
-                               "probes": ["matmul"], "duration_s": 1.0, "hosts": [f"n{j}" for j in range(20)]})
-        plan = [r[-1] for r in store._reader.execute(
-            "EXPLAIN QUERY PLAN SELECT s.* FROM scans s JOIN scan_nodes n ON s.scan_id = n.scan_id "
-            "WHERE n.host = ? AND n.state = 'pending' AND s.start_at >= ? ORDER BY s.created_ts LIMIT 1", ("n1", 0.0))]
+            store.create_scan(
+                {
+                    "scan_id": f"old{i}",
+                    "created_ts": 1000.0 + i,
+                    "start_at": 1010.0 + i,
+                    "probes": ["matmul"],
+                    "duration_s": 1.0,
+                    "hosts": [f"n{j}" for j in range(20)],
+                }
+            )
+        plan = [
+            r[-1]
+            for r in store._reader.execute(
+                "EXPLAIN QUERY PLAN SELECT s.* FROM scans s JOIN scan_nodes n ON s.scan_id = n.scan_id "
+                "WHERE n.host = ? AND n.state = 'pending' AND s.start_at >= ? ORDER BY s.created_ts LIMIT 1",
+                ("n1", 0.0),
+            )
+        ]
         assert any("USING INDEX scan_nodes_host (host=? AND state=?)" in p for p in plan), plan
         assert store.next_scan("n1", 0.0)["scan_id"] == "old0"
-        store.create_scan({"scan_id": "new", "created_ts": 5000.0, "start_at": 5010.0, "probes": ["matmul"],
-                           "duration_s": 1.0, "hosts": ["n1"]}, prune_before=5000.0 - 100)
+        store.create_scan(
+            {
+                "scan_id": "new",
+                "created_ts": 5000.0,
+                "start_at": 5010.0,
+                "probes": ["matmul"],
+                "duration_s": 1.0,
+                "hosts": ["n1"],
+            },
+            prune_before=5000.0 - 100,
+        )
         assert [s["scan_id"] for s in store.list_scans(100)] == ["new"]
         assert store._reader.execute("SELECT COUNT(*) FROM scan_nodes").fetchone()[0] == 1
         assert store.next_scan("n1", 0.0)["scan_id"] == "new"
@@ -185,11 +234,15 @@ def test_the_scan_poll_is_an_indexed_lookup_and_old_scans_are_pruned(tmp_path):
 def _fleet_server(tmp_path, **kw):
     # the test's own refresh() is the only analysis: a background one after the upload would
     # publish a second snapshot (a second page build, a new ETag) at a moment a busy machine chooses
-    settings = CollectorSettings(port=0, db_path=tmp_path / "c.db", analysis_debounce_s=3600.0,
-                                 analysis_max_delay_s=3600.0, **kw)
+    settings = CollectorSettings(
+        port=0, db_path=tmp_path / "c.db", analysis_debounce_s=3600.0, analysis_max_delay_s=3600.0, **kw
+    )
     srv = BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze)
-    rows = [r for h in ("ra", "rb", "rc") for r in make_rows(h, n_gpus=4, slow=(1,) if h == "rb" else (),
-                                                             ts=time.time() - 30)]
+    rows = [
+        r
+        for h in ("ra", "rb", "rc")
+        for r in make_rows(h, n_gpus=4, slow=(1,) if h == "rb" else (), ts=time.time() - 30)
+    ]
     with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
         assert c.post("/api/v1/results", json={"host": "r", "results": rows}).status_code == 200
     srv.collector.fleet.refresh()
@@ -209,8 +262,9 @@ def test_fleet_reads_are_one_cached_page_with_etag_and_gzip(tmp_path):
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
             before = pages.builds
             with ThreadPoolExecutor(6) as pool:
-                replies = list(pool.map(lambda _: c.get("/api/v1/gpus", headers={"Accept-Encoding": "identity"}),
-                                        range(6)))
+                replies = list(
+                    pool.map(lambda _: c.get("/api/v1/gpus", headers={"Accept-Encoding": "identity"}), range(6))
+                )
             assert pages.builds - before <= 1  # within REBUILD_S: one build for all six
             assert {r.content for r in replies} == {replies[0].content}
             etag = replies[0].headers["etag"]

@@ -18,11 +18,30 @@ from test_collector_api import AUTH, TOKEN, make_rows, peer_ratio_analyze
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-edges = st.sampled_from([0, -1, 2**31, 2**63 - 1, 2**63, -2**63 - 1, 10**400 // 10**300, 1e308, -0.0, 5e-324, "", " ",
-                         "\x00", "NaN", "1e999", "\ud800"])
-scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=30) | edges
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
-                           max_leaves=12)
+edges = st.sampled_from(
+    [
+        0,
+        -1,
+        2**31,
+        2**63 - 1,
+        2**63,
+        -(2**63) - 1,
+        10**400 // 10**300,
+        1e308,
+        -0.0,
+        5e-324,
+        "",
+        " ",
+        "\x00",
+        "NaN",
+        "1e999",
+        "\ud800",
+    ]
+)
+scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30) | edges
+json_values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=12
+)
 keys = st.sampled_from(("id",) + COLUMNS) | st.text(max_size=12)
 
 
@@ -43,8 +62,9 @@ def near_valid_rows(draw):
 bodies = (
     json_values
     | st.fixed_dictionaries({"host": json_values, "results": json_values})
-    | st.fixed_dictionaries({"host": st.text(max_size=20) | json_values,
-                             "results": st.lists(near_valid_rows(), min_size=1, max_size=5)})
+    | st.fixed_dictionaries(
+        {"host": st.text(max_size=20) | json_values, "results": st.lists(near_valid_rows(), min_size=1, max_size=5)}
+    )
 )
 
 
@@ -70,8 +90,7 @@ def engine_accepts_the_store(server):
 
 def check_ingest(server, content: bytes, headers=AUTH):
     before = stored(server)
-    r = server.client.post("/api/v1/results", content=content,
-                           headers={**headers, "content-type": "application/json"})
+    r = server.client.post("/api/v1/results", content=content, headers={**headers, "content-type": "application/json"})
     assert r.status_code < 500, r.text
     if r.status_code == 200:
         assert stored(server) == before + r.json()["accepted"]
@@ -100,8 +119,13 @@ def test_any_value_in_any_column_of_a_valid_row(server, column, value):
 def new_rows(draw):
     """Rows of new samples (each id recomputed: not a replay) with some columns replaced."""
     host = draw(st.sampled_from(["e1", "e2", "e3"]))
-    rows = draw(st.lists(st.sampled_from(make_rows(host, n_gpus=3, samples=3, scan_id=draw(st.sampled_from(["s1", "s2"])))),
-                         min_size=1, max_size=6))
+    rows = draw(
+        st.lists(
+            st.sampled_from(make_rows(host, n_gpus=3, samples=3, scan_id=draw(st.sampled_from(["s1", "s2"])))),
+            min_size=1,
+            max_size=6,
+        )
+    )
     out = []
     for row in rows:
         row = dict(row)
@@ -129,8 +153,21 @@ def test_ingest_raw_bytes(server, data):
 
 
 @FUZZ
-@given(body=bodies, auth=st.sampled_from([None, "Bearer", "Bearer wrong-token-0123456789", f"Bearer {TOKEN}x",
-                                          f"Bearer {TOKEN[:-1]}", TOKEN, f"Basic {TOKEN}", f"Bearer  {TOKEN[1:]}"]))
+@given(
+    body=bodies,
+    auth=st.sampled_from(
+        [
+            None,
+            "Bearer",
+            "Bearer wrong-token-0123456789",
+            f"Bearer {TOKEN}x",
+            f"Bearer {TOKEN[:-1]}",
+            TOKEN,
+            f"Basic {TOKEN}",
+            f"Bearer  {TOKEN[1:]}",
+        ]
+    ),
+)
 def test_bad_token_stores_nothing_whatever_the_body(server, body, auth):
     headers = {} if auth is None else {"Authorization": auth}
     r = check_ingest(server, json.dumps(body).encode(), headers=headers)
@@ -138,10 +175,15 @@ def test_bad_token_stores_nothing_whatever_the_body(server, body, auth):
 
 
 @settings(FUZZ, max_examples=60)
-@given(body=json_values | st.fixed_dictionaries({"probes": json_values, "duration_s": json_values,
-                                                  "hosts": json_values, "start_delay_s": json_values}),
-       status=json_values | st.fixed_dictionaries({"host": json_values, "state": json_values, "error": json_values}),
-       host=st.text(max_size=20), wait=st.sampled_from(["0", "0.01", "-1", "x", "nan", "inf", "1e309", ""]))
+@given(
+    body=json_values
+    | st.fixed_dictionaries(
+        {"probes": json_values, "duration_s": json_values, "hosts": json_values, "start_delay_s": json_values}
+    ),
+    status=json_values | st.fixed_dictionaries({"host": json_values, "state": json_values, "error": json_values}),
+    host=st.text(max_size=20),
+    wait=st.sampled_from(["0", "0.01", "-1", "x", "nan", "inf", "1e309", ""]),
+)
 def test_scan_endpoints_never_5xx(server, body, status, host, wait):
     c = server.client
     hdrs = {**AUTH, "content-type": "application/json"}

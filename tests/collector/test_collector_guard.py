@@ -27,9 +27,23 @@ def collector(tmp_path):
     token = tmp_path / "token"
     token.write_text(TOKEN)
     err = open(tmp_path / "stderr.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "straggler", "collector", "--port", str(port), "--db",
-                             str(tmp_path / "c.db"), "--token-file", str(token)],
-                            stdout=subprocess.DEVNULL, stderr=err, preexec_fn=nofile_1024)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "straggler",
+            "collector",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp_path / "c.db"),
+            "--token-file",
+            str(token),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        preexec_fn=nofile_1024,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -85,8 +99,10 @@ def test_a_withheld_body_is_dropped_after_body_timeout(tmp_path):
     with BackgroundCollector(settings, TOKEN) as srv:
         host, port = srv.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=settings.body_timeout_s * 20) as s:
-            s.sendall(b"POST /api/v1/results HTTP/1.1\r\nHost: c\r\nContent-Length: 100\r\n"
-                      b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Type: application/json\r\n\r\n{")
+            s.sendall(
+                b"POST /api/v1/results HTTP/1.1\r\nHost: c\r\nContent-Length: 100\r\n"
+                b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Type: application/json\r\n\r\n{"
+            )
             reply = b""  # until the collector closes (connection: close): head and body may come apart
             while chunk := s.recv(4096):
                 reply += chunk

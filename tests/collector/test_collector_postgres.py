@@ -32,8 +32,12 @@ ENV = {"STRAGGLER_COLLECTOR_TOKEN": TOKEN}
 
 def tables(url: str) -> list[str]:
     with psycopg.connect(url, autocommit=True) as conn:
-        return [r[0] for r in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")]
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            )
+        ]
 
 
 def test_check_on_a_postgresql_url_connects_and_changes_nothing(pg_server):
@@ -120,13 +124,23 @@ def gpus(srv) -> dict:
 
 
 def verdicts(page: dict) -> list:
-    return [(g["host"], g["gpu"], g["straggler"], g["verdict"], g["last_scan_id"],
-             [(p["probe"], p["ratio"], p["causes"]) for p in g["probes"]]) for g in page["gpus"]]
+    return [
+        (
+            g["host"],
+            g["gpu"],
+            g["straggler"],
+            g["verdict"],
+            g["last_scan_id"],
+            [(p["probe"], p["ratio"], p["causes"]) for p in g["probes"]],
+        )
+        for g in page["gpus"]
+    ]
 
 
 def post(srv, host, **kw):
-    r = httpx.post(srv.url + "/api/v1/results", json={"host": host, "results": make_rows(host, **kw)},
-                   headers=AUTH, timeout=30)
+    r = httpx.post(
+        srv.url + "/api/v1/results", json={"host": host, "results": make_rows(host, **kw)}, headers=AUTH, timeout=30
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -163,17 +177,24 @@ def test_two_replicas_one_refreshes_both_serve_its_verdicts_and_the_refresh_is_h
         wait_for("the other replica to take the refresh over", lambda: views[follow].role == "leader")
         before = analyses[follow].runs
         assert post(replicas[follow], "a", n_gpus=4, scan_id="s2", ts=1_700_000_100.0)["accepted"] == 12
-        page = wait_for("the new leader's analysis of scan s2", lambda: (
-            (p := gpus(replicas[follow]))
-            and all(g["last_scan_id"] == "s2" and g["probes"] for g in p["gpus"] if g["host"] == "a") and p))
+        page = wait_for(
+            "the new leader's analysis of scan s2",
+            lambda: (
+                (p := gpus(replicas[follow]))
+                and all(g["last_scan_id"] == "s2" and g["probes"] for g in p["gpus"] if g["host"] == "a")
+                and p
+            ),
+        )
         assert analyses[follow].runs > before
         assert [g["gpu"] for g in page["gpus"] if g["straggler"]] == []  # GPU-a-2 is well again in s2
         # and a replica started now serves the new leader's snapshot without analysing
         late = Counting()
         third = BackgroundCollector(settings, TOKEN, analyze=late)
         replicas.append(third)
-        got = wait_for("a third replica to serve the published snapshot",
-                       lambda: (p := gpus(third))["computed_ts"] == gpus(replicas[follow])["computed_ts"] and p)
+        got = wait_for(
+            "a third replica to serve the published snapshot",
+            lambda: (p := gpus(third))["computed_ts"] == gpus(replicas[follow])["computed_ts"] and p,
+        )
         assert verdicts(got) == verdicts(gpus(replicas[follow])) and late.runs == 0
         assert third.collector.fleet.role == "follower"
     finally:
@@ -189,16 +210,19 @@ def test_two_replicas_storing_the_same_batches_at_once_store_each_row_once(pg_se
     url = pg_server.new_schema()
     stores = [Store(url), Store(url)]
     # 12 hosts' scans; each replica gets all of them, in opposite orders (devices upserted both ways)
-    batches = [row_tuples(make_rows(f"h{i}", n_gpus=4, samples=3) + make_rows(f"h{(i + 1) % 12}", n_gpus=4,
-                                                                               samples=3, scan_id="s2"))
-               for i in range(12)]
+    batches = [
+        row_tuples(
+            make_rows(f"h{i}", n_gpus=4, samples=3) + make_rows(f"h{(i + 1) % 12}", n_gpus=4, samples=3, scan_id="s2")
+        )
+        for i in range(12)
+    ]
     accepted, errors = [0, 0], []
     start = threading.Barrier(2)
 
     def feed(k):
         start.wait()
         try:
-            for b in (batches if k == 0 else batches[::-1]):
+            for b in batches if k == 0 else batches[::-1]:
                 accepted[k] += stores[k].ingest(b, 1.0)[0]
         except Exception as e:  # noqa: BLE001 (the test reports it) a deadlock that was not retried, a duplicate key that was not ignored
             errors.append(e)
@@ -226,8 +250,9 @@ def test_replicas_draining_at_once_keep_to_the_circuit_breakers_share(pg_server)
     url = pg_server.new_schema()
     stores = [Store(url), Store(url)]
     stores[0].ingest(row_tuples([r for i in range(20) for r in make_rows(f"q{i}", n_gpus=1, samples=1)]), 1.0)
-    settings = CollectorSettings(quarantine_action="record", quarantine_max_fleet_share=0.1,
-                                 quarantine_max_model_share=1.0)
+    settings = CollectorSettings(
+        quarantine_action="record", quarantine_max_fleet_share=0.1, quarantine_max_model_share=1.0
+    )
     loops = [Quarantine(s, settings) for s in stores]
     start, actions = threading.Barrier(2), []
 

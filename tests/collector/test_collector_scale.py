@@ -9,8 +9,13 @@ def _fleet(store: Store) -> None:
     for k in range(3):  # history: three earlier scans of two hosts
         for host in ("a", "b"):
             store.ingest(row_tuples(make_rows(host, n_gpus=8, scan_id=f"old{k}", ts=1e9 + 100.0 * k, samples=4)), 1.0)
-    store.ingest(row_tuples(make_rows("a", n_gpus=8, scan_id="now", ts=1e9 + 1000, samples=4, slow=(5,))
-                            + make_rows("b", n_gpus=8, scan_id="now", ts=1e9 + 1000, samples=4)), 2.0)
+    store.ingest(
+        row_tuples(
+            make_rows("a", n_gpus=8, scan_id="now", ts=1e9 + 1000, samples=4, slow=(5,))
+            + make_rows("b", n_gpus=8, scan_id="now", ts=1e9 + 1000, samples=4)
+        ),
+        2.0,
+    )
 
 
 def test_the_analysis_process_gives_the_verdicts_of_the_thread(tmp_path):
@@ -61,9 +66,18 @@ def test_result_retention_s_is_checked_like_the_other_settings(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "STRAGGLER_COLLECTOR_TOKEN": "0123456789abcdef0123", "STRAGGLER_COLLECTOR_RESULT_RETENTION_S": "0"}
-    out = subprocess.run([sys.executable, "-m", "straggler", "collector", "--check", "--db", str(tmp_path / "c.db"),
-                          "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        **os.environ,
+        "STRAGGLER_COLLECTOR_TOKEN": "0123456789abcdef0123",
+        "STRAGGLER_COLLECTOR_RESULT_RETENTION_S": "0",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "straggler", "collector", "--check", "--db", str(tmp_path / "c.db"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("straggler: error: "), out
     assert "STRAGGLER_COLLECTOR_RESULT_RETENTION_S" in lines[0] and "must be > 0" in lines[0], lines

@@ -19,8 +19,13 @@ from postgres import BACKENDS, database, pg_server  # noqa: F401 (fixtures: serv
 
 @pytest.fixture(params=BACKENDS)
 def server(request, tmp_path):
-    settings = CollectorSettings(port=0, db_path=database(request, tmp_path / "c.db"), analysis_debounce_s=0.05, max_wait_s=5.0,
-                                 agent_seen_s=60.0)
+    settings = CollectorSettings(
+        port=0,
+        db_path=database(request, tmp_path / "c.db"),
+        analysis_debounce_s=0.05,
+        max_wait_s=5.0,
+        agent_seen_s=60.0,
+    )
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as client:
             srv.client = client
@@ -29,8 +34,10 @@ def server(request, tmp_path):
 
 def test_scan_lifecycle(server):
     c = server.client
-    r = c.post("/api/v1/scans", json={"probes": ["matmul", "membw"], "duration_s": 2.5,
-                                      "hosts": ["n2", "n1", "n1"], "start_delay_s": 5})
+    r = c.post(
+        "/api/v1/scans",
+        json={"probes": ["matmul", "membw"], "duration_s": 2.5, "hosts": ["n2", "n1", "n1"], "start_delay_s": 5},
+    )
     assert r.status_code == 201
     scan = r.json()
     assert scan["hosts"] == ["n1", "n2"] and scan["probes"] == ["matmul", "membw"]
@@ -65,10 +72,14 @@ def test_scan_errors(server):
     assert c.get("/api/v1/scans/nope").status_code == 404
     r = c.post(f"/api/v1/scans/{sid}/status", json={"host": "n1", "state": "finished"})
     assert r.status_code == 422 and r.json()["detail"].startswith("state:")
-    for bad in ({"probes": [], "duration_s": 1}, {"probes": ["matmul"], "duration_s": 0},
-                {"probes": ["Mat Mul"], "duration_s": 1}, {"probes": ["matmul"], "duration_s": 1, "start_delay_s": -1},
-                {"probes": ["matmul"], "duration_s": 1, "extra": 1},
-                {"probes": ["matmul"], "duration_s": 1, "hosts": []}):  # would never finish
+    for bad in (
+        {"probes": [], "duration_s": 1},
+        {"probes": ["matmul"], "duration_s": 0},
+        {"probes": ["Mat Mul"], "duration_s": 1},
+        {"probes": ["matmul"], "duration_s": 1, "start_delay_s": -1},
+        {"probes": ["matmul"], "duration_s": 1, "extra": 1},
+        {"probes": ["matmul"], "duration_s": 1, "hosts": []},
+    ):  # would never finish
         assert c.post("/api/v1/scans", json=bad).status_code == 422, bad
     assert c.get("/api/v1/scans/next", params={"wait_s": 0}).status_code == 422  # host is required
 
@@ -104,7 +115,9 @@ def test_uploading_results_does_not_make_a_live_agent(server):
     # a batch posted by hand (or replayed from a file) names a host that runs no agent: a scan
     # without hosts must not wait on it
     c = server.client
-    assert c.post("/api/v1/results", json={"host": "laptop", "results": make_rows("laptop", n_gpus=1)}).status_code == 200
+    assert (
+        c.post("/api/v1/results", json={"host": "laptop", "results": make_rows("laptop", n_gpus=1)}).status_code == 200
+    )
     r = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1})
     assert r.status_code == 409 and "no agent" in r.json()["detail"]
     assert c.get("/api/v1/scans/next", params={"host": "a1", "wait_s": 0}).status_code == 204
@@ -125,10 +138,16 @@ def test_a_scan_of_an_unknown_probe_is_refused(server, probes):
 
 def test_scans_are_listed_newest_first(server):
     c = server.client
-    sids = [c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": [h], "start_delay_s": 0}
-                   ).json()["scan_id"] for h in ("n1", "n2", "n3")]
+    sids = [
+        c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": [h], "start_delay_s": 0}).json()[
+            "scan_id"
+        ]
+        for h in ("n1", "n2", "n3")
+    ]
     c.post(f"/api/v1/scans/{sids[0]}/status", json={"host": "n1", "state": "running"})
-    c.post("/api/v1/results", json={"host": "n1", "results": make_rows("n1", n_gpus=2, scan_id=sids[0], ts=time.time())})
+    c.post(
+        "/api/v1/results", json={"host": "n1", "results": make_rows("n1", n_gpus=2, scan_id=sids[0], ts=time.time())}
+    )
     c.post(f"/api/v1/scans/{sids[0]}/status", json={"host": "n1", "state": "done"})
     c.post(f"/api/v1/scans/{sids[1]}/status", json={"host": "n2", "state": "failed", "error": "busy"})
     body = c.get("/api/v1/scans").json()
@@ -154,7 +173,9 @@ def test_long_poll_wakes_when_a_scan_is_created(server):
     t = threading.Thread(target=poll)
     t.start()
     time.sleep(0.5)
-    sid = server.client.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["lp"]}).json()["scan_id"]
+    sid = server.client.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1, "hosts": ["lp"]}).json()[
+        "scan_id"
+    ]
     t.join(10)
     assert got["status"] == 200 and got["body"]["scan_id"] == sid
     assert got["waited"] < 3.5  # answered when the scan arrived, not at the end of the wait
@@ -179,15 +200,18 @@ def fake_agent(url, host, stop, slow=()):
 
 def test_cluster_scan_client_follows_a_scan_to_the_end(server):
     stop = threading.Event()
-    agents = [threading.Thread(target=fake_agent, args=(server.url, h, stop, s), daemon=True)
-              for h, s in (("node-a", ()), ("node-b", (1,)))]
+    agents = [
+        threading.Thread(target=fake_agent, args=(server.url, h, stop, s), daemon=True)
+        for h, s in (("node-a", ()), ("node-b", (1,)))
+    ]
     for a in agents:
         a.start()
     time.sleep(0.3)  # both agents have polled once: "every agent seen recently"
     progress = []
     try:
-        out = cluster_scan(server.url, TOKEN, ["matmul"], 1.0, timeout_s=30, on_progress=progress.append,
-                           start_delay_s=0.2, poll_s=0.1)
+        out = cluster_scan(
+            server.url, TOKEN, ["matmul"], 1.0, timeout_s=30, on_progress=progress.append, start_delay_s=0.2, poll_s=0.1
+        )
     finally:
         stop.set()
         for a in agents:
@@ -215,8 +239,9 @@ def test_a_node_that_never_picks_up_the_scan_is_failed_once_it_is_no_longer_offe
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
             c.get("/api/v1/scans/next", params={"host": "alive", "wait_s": 0})
             t0 = time.monotonic()
-            out = cluster_scan(srv.url, TOKEN, ["matmul"], 1.0, timeout_s=20, start_delay_s=0, poll_s=0.05,
-                               hosts=["alive", "gone"])
+            out = cluster_scan(
+                srv.url, TOKEN, ["matmul"], 1.0, timeout_s=20, start_delay_s=0, poll_s=0.05, hosts=["alive", "gone"]
+            )
             assert time.monotonic() - t0 < 10  # decided, not timed out
             assert out["state"] == "failed" and not out["timed_out"]
             assert out["nodes"] == {"alive": "failed", "gone": "failed"}
@@ -246,12 +271,17 @@ def test_a_node_that_dies_mid_scan_is_failed_after_the_run_limit(tmp_path):
     with BackgroundCollector(settings, TOKEN, analyze=peer_ratio_analyze) as srv:
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
             c.get("/api/v1/scans/next", params={"host": "dies", "wait_s": 0})
-            scan = c.post("/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1.0, "hosts": ["dies"],
-                                                 "start_delay_s": 0}).json()
+            scan = c.post(
+                "/api/v1/scans", json={"probes": ["matmul"], "duration_s": 1.0, "hosts": ["dies"], "start_delay_s": 0}
+            ).json()
             # a limit this short refuses every scan (it could not finish): lower it once the scan is accepted
             srv.collector.board.run_limit_s = 0.5
-            assert c.post(f"/api/v1/scans/{scan['scan_id']}/status",
-                          json={"host": "dies", "state": "running", "error": None}).status_code == 200
+            assert (
+                c.post(
+                    f"/api/v1/scans/{scan['scan_id']}/status", json={"host": "dies", "state": "running", "error": None}
+                ).status_code
+                == 200
+            )
             assert c.get(f"/api/v1/scans/{scan['scan_id']}").json()["nodes"] == {"dies": "running"}
             time.sleep(0.7)  # the agent never reports again
             view = c.get(f"/api/v1/scans/{scan['scan_id']}").json()

@@ -14,7 +14,6 @@ from conftest import free_port
 from test_collector_api import AUTH, TOKEN, make_rows
 
 
-
 class NotifySocket:
     """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
 
@@ -43,8 +42,19 @@ def start(tmp_path, port, notify=None, extra_env=None, args=()):
     env = {**os.environ, "STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": "0.05", **(extra_env or {})}
     if notify is not None:
         env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="200000")
-    cmd = [sys.executable, "-m", "straggler", "collector", "--port", str(port), "--db", str(tmp_path / "c.db"),
-           "--token-file", str(token_file), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "straggler",
+        "collector",
+        "--port",
+        str(port),
+        "--db",
+        str(tmp_path / "c.db"),
+        "--token-file",
+        str(token_file),
+        *args,
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -95,15 +105,22 @@ def test_ready_watchdog_sigterm_and_data_survive_a_restart(tmp_path):
 
 
 def run_cli(args, env=None, timeout_s=60):
-    return subprocess.run([sys.executable, "-m", "straggler", "collector", *args], capture_output=True, text=True,
-                          timeout=timeout_s, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "straggler", "collector", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_check_prints_the_effective_settings(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('port = 9555\nhistory_scans = 3\n')
-    out = run_cli(["--config", str(cfg), "--check", "--json", "--address", "127.0.0.2"],
-                  env={"STRAGGLER_COLLECTOR_TOKEN": TOKEN, "STRAGGLER_COLLECTOR_HISTORY_SCANS": "7"})
+    cfg.write_text("port = 9555\nhistory_scans = 3\n")
+    out = run_cli(
+        ["--config", str(cfg), "--check", "--json", "--address", "127.0.0.2"],
+        env={"STRAGGLER_COLLECTOR_TOKEN": TOKEN, "STRAGGLER_COLLECTOR_HISTORY_SCANS": "7"},
+    )
     assert out.returncode == 0, out.stderr
     import json
 
@@ -112,14 +129,16 @@ def test_check_prints_the_effective_settings(tmp_path):
     assert TOKEN not in out.stdout
 
 
-@pytest.mark.parametrize("toml, args, env, message", [
-    ('port = "x"\nbogus = 1\n', [], {"STRAGGLER_COLLECTOR_TOKEN": TOKEN},
-     "port: expected an integer"),
-    ("", [], {"STRAGGLER_COLLECTOR_TOKEN": ""}, "no token: set token_file"),
-    ("", ["--token-file", "/nonexistent/token"], {}, "token_file: cannot read /nonexistent/token"),
-    ("", [], {"STRAGGLER_COLLECTOR_TOKEN": "short"}, "shorter than 16 characters"),
-    ("max_wait_s = 0\n", [], {"STRAGGLER_COLLECTOR_TOKEN": TOKEN}, "max_wait_s: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "toml, args, env, message",
+    [
+        ('port = "x"\nbogus = 1\n', [], {"STRAGGLER_COLLECTOR_TOKEN": TOKEN}, "port: expected an integer"),
+        ("", [], {"STRAGGLER_COLLECTOR_TOKEN": ""}, "no token: set token_file"),
+        ("", ["--token-file", "/nonexistent/token"], {}, "token_file: cannot read /nonexistent/token"),
+        ("", [], {"STRAGGLER_COLLECTOR_TOKEN": "short"}, "shorter than 16 characters"),
+        ("max_wait_s = 0\n", [], {"STRAGGLER_COLLECTOR_TOKEN": TOKEN}, "max_wait_s: must be > 0"),
+    ],
+)
 def test_bad_config_is_one_line_and_exit_2(tmp_path, toml, args, env, message):
     cfg = tmp_path / "c.toml"
     cfg.write_text(toml)
@@ -193,7 +212,9 @@ def test_sighup_rereads_the_token_and_keeps_running(tmp_path):
         while httpx.post(url, json={"host": "hup", "results": rows}, headers=AUTH, timeout=30).status_code != 401:
             assert time.monotonic() < deadline, "the old token still works"
             time.sleep(0.1)
-        r = httpx.post(url, json={"host": "hup", "results": rows}, headers={"Authorization": f"Bearer {new}"}, timeout=30)
+        r = httpx.post(
+            url, json={"host": "hup", "results": rows}, headers={"Authorization": f"Bearer {new}"}, timeout=30
+        )
         assert r.json() == {"accepted": 0, "duplicates": 1}
         assert proc.poll() is None
     finally:
@@ -226,8 +247,7 @@ def test_stopping_the_collector_answers_long_polls_cleanly(tmp_path):
 
     def poll(host):
         try:
-            r = httpx.get(f"{url}/api/v1/scans/next", params={"host": host, "wait_s": 3600}, headers=AUTH,
-                          timeout=None)
+            r = httpx.get(f"{url}/api/v1/scans/next", params={"host": host, "wait_s": 3600}, headers=AUTH, timeout=None)
             answers.append((host, r.status_code, r.text))
         except httpx.HTTPError as e:
             answers.append((host, type(e).__name__, str(e)))
@@ -265,8 +285,10 @@ def test_a_cluster_scan_failure_without_a_rank_names_none():
     from straggler.scanview import render_scan
 
     report = {"devices": [], "stragglers": 0, "engine": "straggler.analysis"}
-    failures = [{"host": "node7", "device": "-", "rank": None, "probe": "scan", "error": "node busy"},
-                {"host": "node8", "device": "cuda:1", "rank": 3, "probe": "matmul", "error": "worker died"}]
+    failures = [
+        {"host": "node7", "device": "-", "rank": None, "probe": "scan", "error": "node busy"},
+        {"host": "node8", "device": "cuda:1", "rank": 3, "probe": "matmul", "error": "worker died"},
+    ]
     buf = io.StringIO()
     render_scan(Console(file=buf, width=200, color_system=None), report, "notice", "s1", failures)
     lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("failed")]

@@ -20,11 +20,12 @@ from postgres import db_url, pg_server  # noqa: F401 (fixtures: the tests taking
 
 def insert_old(conn, rows):
     """Insert rows into a database migrated to an older version: the columns its results table has."""
-    cols = [r[1] for r in conn.execute("PRAGMA table_info(results)")
-            if r[1] in RESULT_COLUMNS]
-    conn.executemany(f"INSERT INTO results ({', '.join(schema.q(c) for c in cols)}, received_ts) "
-                     f"VALUES ({', '.join('?' * (len(cols) + 1))})",
-                     [tuple(r.get(c) for c in cols) + (5.0,) for r in rows])
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(results)") if r[1] in RESULT_COLUMNS]
+    conn.executemany(
+        f"INSERT INTO results ({', '.join(schema.q(c) for c in cols)}, received_ts) "
+        f"VALUES ({', '.join('?' * (len(cols) + 1))})",
+        [tuple(r.get(c) for c in cols) + (5.0,) for r in rows],
+    )
 
 
 def test_wal_mode_and_latest_schema(tmp_path):
@@ -44,7 +45,9 @@ def test_batches_are_idempotent_and_track_each_device_latest_scan(db_url):
     assert store.ingest(row_tuples(s1 + s2), 2.0) == (6, 6)  # an older scan arriving late
     devices = store.devices()
     assert [(d["gpu"], d["last_scan_id"], d["last_ts"]) for d in devices] == [
-        ("GPU-h-0", "s2", 202.0), ("GPU-h-1", "s2", 202.0)]
+        ("GPU-h-0", "s2", 202.0),
+        ("GPU-h-1", "s2", 202.0),
+    ]
     cols, rows = store.latest_samples()
     assert cols == list(RESULT_COLUMNS) and len(rows) == 6 and {r[cols.index("scan_id")] for r in rows} == {"s2"}
     cols, rows = store.earlier_samples(5)
@@ -57,7 +60,8 @@ def test_batches_are_idempotent_and_track_each_device_latest_scan(db_url):
 def test_a_scan_of_one_probe_keeps_the_other_probes_latest_scan(db_url):
     store = Store(db_url)
     both = make_rows("h", n_gpus=4, scan_id="s1", ts=100.0, slow=(1,)) + make_rows(
-        "h", n_gpus=4, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings="size=1GiB")
+        "h", n_gpus=4, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings="size=1GiB"
+    )
     store.ingest(row_tuples(both), 1.0)
     store.ingest(row_tuples(make_rows("h", n_gpus=4, scan_id="s2", ts=200.0)), 2.0)  # a matmul-only scan
     cols, rows = store.latest_samples()
@@ -85,8 +89,10 @@ def test_the_fleet_reads_and_the_sample_check_go_by_index(tmp_path):
     details = [[row[-1] for row in plan] for plan in plans]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[0]
     assert "SEARCH r USING INDEX results_device (gpu=? AND host=? AND <expr>=?)" in details[1]
-    assert ("SEARCH r USING INDEX results_sample (gpu=? AND host=? AND <expr>=? AND probe=? AND <expr>=? AND <expr>=? AND <expr>=?)"
-            in details[2])
+    assert (
+        "SEARCH r USING INDEX results_sample (gpu=? AND host=? AND <expr>=? AND probe=? AND <expr>=? AND <expr>=? AND <expr>=?)"
+        in details[2]
+    )
     assert not any(d.startswith("SCAN r") for plan in details for d in plan)  # never every result
     store.close()
 
@@ -137,8 +143,15 @@ def test_the_results_table_stores_every_contract_column(tmp_path):
 
 def test_probe_columns_are_stored_and_read_back(db_url):
     store = Store(db_url)
-    rows = make_rows("h", n_gpus=2, probe="allreduce", unit="GB/s", settings="bytes=16777216,ranks=2",
-                     algbw_gbps=3.5, arrival_skew_s=0.002)
+    rows = make_rows(
+        "h",
+        n_gpus=2,
+        probe="allreduce",
+        unit="GB/s",
+        settings="bytes=16777216,ranks=2",
+        algbw_gbps=3.5,
+        arrival_skew_s=0.002,
+    )
     assert store.ingest(row_tuples(rows), 1.0) == (6, 0)
     got = store.scan_results("s1")
     assert [(r["algbw_gbps"], r["arrival_skew_s"]) for r in got] == [(3.5, 0.002)] * 6
@@ -158,8 +171,16 @@ def test_migration_from_version_5_adds_the_probe_columns(tmp_path):
     store = Store(path)
     assert store.migrated_from == 5 and store.count_results() == 6
     assert {r["algbw_gbps"] for r in store.scan_results("s1")} == {None}  # missing, never 0
-    new = make_rows("new", n_gpus=1, scan_id="s2", probe="allreduce", unit="GB/s", settings="r=2",
-                    algbw_gbps=2.0, arrival_skew_s=0.5)
+    new = make_rows(
+        "new",
+        n_gpus=1,
+        scan_id="s2",
+        probe="allreduce",
+        unit="GB/s",
+        settings="r=2",
+        algbw_gbps=2.0,
+        arrival_skew_s=0.5,
+    )
     assert store.ingest(row_tuples(new), 6.0) == (3, 0)
     assert {r["arrival_skew_s"] for r in store.scan_results("s2")} == {0.5}
     assert store.ingest(row_tuples(old), 7.0) == (0, 6)  # ids survived the migration
@@ -214,10 +235,21 @@ def test_an_analysis_error_keeps_the_previous_verdicts(db_url):
     assert next(g for g in bad.gpus if g["gpu"] == "GPU-b-0")["last_scan_id"] == "s2"  # the device table is current
     reg = CollectorRegistry()
     reg.register(fleet_metrics)
-    flag = {"host": "a", "uuid": "GPU-a-2", "gpu": "2", "model": "NVIDIA H100 80GB HBM3", "probe": "matmul",
-            "settings": "n=8192,dtype=bf16"}
+    flag = {
+        "host": "a",
+        "uuid": "GPU-a-2",
+        "gpu": "2",
+        "model": "NVIDIA H100 80GB HBM3",
+        "probe": "matmul",
+        "settings": "n=8192,dtype=bf16",
+    }
     cause = cause_label(good.stragglers()[0]["probes"][0]["causes"])
-    assert reg.get_sample_value("straggler_gpu_straggler", {**flag, "cause": cause, "basis": good.stragglers()[0]["probes"][0]["basis"]}) == 1.0  # the series stays
+    assert (
+        reg.get_sample_value(
+            "straggler_gpu_straggler", {**flag, "cause": cause, "basis": good.stragglers()[0]["probes"][0]["basis"]}
+        )
+        == 1.0
+    )  # the series stays
     runs = "straggler_collector_analysis_runs_total"
     assert metrics.registry.get_sample_value(runs, {"outcome": "ok"}) == 1.0
     assert metrics.registry.get_sample_value(runs, {"outcome": "error"}) == 1.0
@@ -242,7 +274,9 @@ def test_an_analysis_error_before_any_verdict_lists_the_devices(tmp_path):
 def test_ingest_refuses_rows_the_analysis_would_refuse(db_url):
     store = Store(db_url)
     store.ingest(row_tuples(make_rows("a", n_gpus=2)), 1.0)
-    with pytest.raises(Refused, match=r"^results\[0\]\.unit: 'GB/s', but probe matmul \(n=8192,dtype=bf16\) is stored in 'TFLOP/s'$"):
+    with pytest.raises(
+        Refused, match=r"^results\[0\]\.unit: 'GB/s', but probe matmul \(n=8192,dtype=bf16\) is stored in 'TFLOP/s'$"
+    ):
         store.ingest(row_tuples(make_rows("b", n_gpus=2, unit="GB/s")), 2.0)
     mixed = make_rows("c", n_gpus=1, samples=2)
     mixed[1]["unit"] = "GB/s"
@@ -274,7 +308,9 @@ def test_migration_from_version_3_backfills_each_probe_unit(tmp_path):
     store = Store(path)
     assert store.migrated_from == 3 and store.count_results() == 10
     assert store._reader.execute("SELECT probe, settings, unit FROM probe_units ORDER BY probe").fetchall() == [
-        ("matmul", "n=8192,dtype=bf16", "TFLOP/s"), ("membw", "", "GB/s")]
+        ("matmul", "n=8192,dtype=bf16", "TFLOP/s"),
+        ("membw", "", "GB/s"),
+    ]
     with pytest.raises(Refused, match="stored in 'GB/s'"):
         store.ingest(row_tuples(make_rows("new", n_gpus=1, probe="membw", unit="TB/s", settings=None)), 6.0)
     store.close()
@@ -284,15 +320,19 @@ def test_migration_from_version_4_keys_the_latest_scan_by_probe(tmp_path):
     path = tmp_path / "v4.db"
     conn = sqlite3.connect(path, isolation_level=None)
     schema.migrate(conn, target=4)
-    rows = (make_rows("old", n_gpus=2, scan_id="s1", ts=100.0)
-            + make_rows("old", n_gpus=2, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings=None)
-            + make_rows("old", n_gpus=2, scan_id="s2", ts=200.0))
+    rows = (
+        make_rows("old", n_gpus=2, scan_id="s1", ts=100.0)
+        + make_rows("old", n_gpus=2, scan_id="s1", ts=100.0, probe="membw", unit="GB/s", settings=None)
+        + make_rows("old", n_gpus=2, scan_id="s2", ts=200.0)
+    )
     insert_old(conn, rows)
     conn.close()
     store = Store(path)
     assert store.migrated_from == 4
     assert store._reader.execute("SELECT probe, settings, scan_id FROM latest_scans GROUP BY 1, 2, 3").fetchall() == [
-        ("matmul", "n=8192,dtype=bf16", "s2"), ("membw", "", "s1")]
+        ("matmul", "n=8192,dtype=bf16", "s2"),
+        ("membw", "", "s1"),
+    ]
     tables = {r[0] for r in store._reader.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "device_scans" not in tables and {"probe_scans", "latest_scans"} <= tables
     cols, latest = store.latest_samples()
@@ -332,24 +372,41 @@ def test_two_collectors_starting_on_one_database_migrate_once(tmp_path):
 def test_postgresql_has_the_sqlite_schema(pg_server, tmp_path):
     # one chain of migrations for both: the same tables, each with the same columns and indexes
     lite, pg = Store(tmp_path / "c.db"), Store(pg_server.new_schema())
-    tables = [r[0] for r in lite._reader.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    tables = [
+        r[0]
+        for r in lite._reader.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    ]
     assert "results" in tables and "fleet_snapshot" in tables
-    got = [r[0] for r in pg._reader.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
-        "AND table_name != 'straggler_schema' ORDER BY table_name")]
+    got = [
+        r[0]
+        for r in pg._reader.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+            "AND table_name != 'straggler_schema' ORDER BY table_name"
+        )
+    ]
     assert got == tables
     for t in tables:
         lite_cols = [(r[1], r[2]) for r in lite._reader.execute(f"PRAGMA table_info({t})")]
-        pg_cols = [(r[0], r[1]) for r in pg._reader.execute(
-            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() "
-            "AND table_name = ? ORDER BY ordinal_position", (t,))]
+        pg_cols = [
+            (r[0], r[1])
+            for r in pg._reader.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = ? ORDER BY ordinal_position",
+                (t,),
+            )
+        ]
         assert [c for c, _ in pg_cols] == [c for c, _ in lite_cols], t
         # SQLite's REAL is PostgreSQL's double precision (its "real" is 4 bytes), INTEGER is bigint
         want = {"REAL": "double precision", "INTEGER": "bigint", "TEXT": "text", "BLOB": "bytea"}
         assert [ty for _, ty in pg_cols] == [want[ty] for _, ty in lite_cols], t
-    lite_idx = {r[0] for r in lite._reader.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%'")}
+    lite_idx = {
+        r[0]
+        for r in lite._reader.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%'"
+        )
+    }
     pg_idx = {r[0] for r in pg._reader.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")}
     assert lite_idx <= pg_idx and lite_idx
     assert pg.migrated_from == 0 and schema.version(pg._reader, pg.dialect) == schema.LATEST

@@ -32,8 +32,15 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODEL = "NVIDIA H100 80GB HBM3"
 
 
-def rows_for(host: str, scan_id: str, slow: dict[int, float] | None = None, n_gpus: int = 4, samples: int = 10,
-             ts: float | None = None, model: str = MODEL) -> list[dict]:
+def rows_for(
+    host: str,
+    scan_id: str,
+    slow: dict[int, float] | None = None,
+    n_gpus: int = 4,
+    samples: int = 10,
+    ts: float | None = None,
+    model: str = MODEL,
+) -> list[dict]:
     """A scan of one host: matmul samples around 790 TFLOP/s (0.3% noise), device i at ``slow[i]`` of it."""
     rng = random.Random(f"{host}{scan_id}")
     ts = time.time() if ts is None else ts
@@ -41,9 +48,19 @@ def rows_for(host: str, scan_id: str, slow: dict[int, float] | None = None, n_gp
     for i in range(n_gpus):
         for k in range(samples):
             value = 790.0 * (slow or {}).get(i, 1.0) * (1 + rng.gauss(0, 0.003))
-            row = {"ts": ts + k, "scan_id": scan_id, "host": host, "gpu": f"GPU-{host}-{i}", "index": i,
-                   "model": model, "probe": "matmul", "settings": "n=8192,dtype=bf16", "sample": k,
-                   "value": value, "unit": "TFLOP/s"}
+            row = {
+                "ts": ts + k,
+                "scan_id": scan_id,
+                "host": host,
+                "gpu": f"GPU-{host}-{i}",
+                "index": i,
+                "model": model,
+                "probe": "matmul",
+                "settings": "n=8192,dtype=bf16",
+                "sample": k,
+                "value": value,
+                "unit": "TFLOP/s",
+            }
             row["id"] = result_id(row)
             out.append(row)
     return out
@@ -77,8 +94,9 @@ def collector(request, tmp_path):
     db = database(request, tmp_path / "collector.db")
 
     def start(**kw):
-        settings = CollectorSettings(port=0, db_path=db, analysis_debounce_s=0.05,
-                                     analysis_max_delay_s=1.0, quarantine_action="record", **kw)
+        settings = CollectorSettings(
+            port=0, db_path=db, analysis_debounce_s=0.05, analysis_max_delay_s=1.0, quarantine_action="record", **kw
+        )
         srv = BackgroundCollector(settings, TOKEN)
         srv.client = httpx.Client(base_url=srv.url, timeout=60)
         started.append(srv)
@@ -105,8 +123,14 @@ def test_fleet_wide_slowdown_drains_at_most_the_share_and_trips_the_breaker(coll
     def gate(h):  # what a gate calls instead of draining by itself
         from straggler.collector.quarantine_client import request_drain
 
-        answers[h] = request_drain(srv.url, TOKEN, h, "straggler: gpu0 matmul 0.80x", by=f"prolog {h}",
-                                   measured={"gpu": "gpu0", "probe": "matmul", "ratio": 0.80})
+        answers[h] = request_drain(
+            srv.url,
+            TOKEN,
+            h,
+            "straggler: gpu0 matmul 0.80x",
+            by=f"prolog {h}",
+            measured={"gpu": "gpu0", "probe": "matmul", "ratio": 0.80},
+        )
 
     threads = [threading.Thread(target=gate, args=(h,)) for h in hosts]
     for t in threads:
@@ -116,8 +140,9 @@ def test_fleet_wide_slowdown_drains_at_most_the_share_and_trips_the_breaker(coll
     drained = sorted(h for h, a in answers.items() if a["action"] == "drain")
     refused = sorted(h for h, a in answers.items() if a["action"] == "refused")
     assert len(drained) == 2 and len(refused) == 8, answers  # 20% of 10 hosts
-    assert all("circuit breaker" in answers[h]["detail"] and "20% of the fleet (2)" in answers[h]["detail"]
-               for h in refused)
+    assert all(
+        "circuit breaker" in answers[h]["detail"] and "20% of the fleet (2)" in answers[h]["detail"] for h in refused
+    )
 
     state = c.get("/api/v1/quarantine").json()
     assert sorted(n["host"] for n in state["nodes"]) == drained
@@ -127,8 +152,9 @@ def test_fleet_wide_slowdown_drains_at_most_the_share_and_trips_the_breaker(coll
     assert m[("straggler_circuit_breaker_tripped", ())] == 1.0
     assert m[("straggler_quarantine_actions_total", (("action", "refused"),))] == 8.0
     assert m[("straggler_quarantine_actions_total", (("action", "drain"),))] == 2.0
-    assert {h for (name, labels), v in m.items() if name == "straggler_node_quarantined" and v == 1.0
-            for _, h in labels} == set(drained)
+    assert {
+        h for (name, labels), v in m.items() if name == "straggler_node_quarantined" and v == 1.0 for _, h in labels
+    } == set(drained)
     # every refusal is in the audit: when, why, the request's values, which rule, by whom
     events = c.get("/api/v1/quarantine/events").json()["events"]
     refusals = [e for e in events if e["action"] == "refused"]
@@ -139,8 +165,11 @@ def test_fleet_wide_slowdown_drains_at_most_the_share_and_trips_the_breaker(coll
     assert e["outcome"] == "ok" and e["ts"] > 0
 
     # an operator can still drain by hand (never refused), recorded with who and why
-    r = c.post("/api/v1/quarantine/drain", headers=AUTH, json={"host": refused[0], "reason": "bad fan, by hand",
-                                                               "by": "alice", "manual": True})
+    r = c.post(
+        "/api/v1/quarantine/drain",
+        headers=AUTH,
+        json={"host": refused[0], "reason": "bad fan, by hand", "by": "alice", "manual": True},
+    )
     assert r.json()["action"] == "drain"
     hist = c.get(f"/api/v1/quarantine/{refused[0]}").json()
     assert hist["node"]["state"] == "drained" and hist["node"]["rule"] == "manual" and hist["node"]["by"] == "alice"
@@ -161,8 +190,10 @@ def test_per_model_share(collector):
     for i in range(8):  # 4 hosts of each model
         h = f"h{i}"
         ingest(c, h, rows_for(h, f"s-{h}", n_gpus=1, samples=2, model=MODEL if i < 4 else "NVIDIA A100-SXM4-80GB"))
-    acts = [c.post("/api/v1/quarantine/drain", headers=AUTH, json={"host": h, "reason": "straggler: x"}).json()
-            for h in ("h0", "h1", "h4")]
+    acts = [
+        c.post("/api/v1/quarantine/drain", headers=AUTH, json={"host": h, "reason": "straggler: x"}).json()
+        for h in ("h0", "h1", "h4")
+    ]
     assert [a["action"] for a in acts] == ["drain", "refused", "drain"]
     assert "hosts with NVIDIA H100 80GB HBM3" in acts[1]["detail"]
 
@@ -183,8 +214,11 @@ def test_analysis_drains_the_flagged_host_and_retests_resume_it(collector):
     assert drain["measured"]["scan_id"] == "scan1"
 
     def retest(passed, reason):
-        r = c.post("/api/v1/quarantine/n3/retest", headers=AUTH,
-                   json={"passed": passed, "reason": reason, "scan_id": "r", "measured": {"devices": []}})
+        r = c.post(
+            "/api/v1/quarantine/n3/retest",
+            headers=AUTH,
+            json={"passed": passed, "reason": reason, "scan_id": "r", "measured": {"devices": []}},
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -208,9 +242,10 @@ def test_analysis_drains_the_flagged_host_and_retests_resume_it(collector):
     ingest(c, "n3", rows_for("n3", "scan3", slow={2: 0.85}))
     wait_for(lambda: c.get("/api/v1/quarantine").json()["nodes"], 60, "the second drain of n3")
     m = metrics(c)
-    assert {a: m[("straggler_quarantine_actions_total", (("action", a),))] for a in
-            ("drain", "retest_pass", "retest_fail", "resume", "refused")} == {
-        "drain": 2.0, "retest_pass": 3.0, "retest_fail": 1.0, "resume": 1.0, "refused": 0.0}
+    assert {
+        a: m[("straggler_quarantine_actions_total", (("action", a),))]
+        for a in ("drain", "retest_pass", "retest_fail", "resume", "refused")
+    } == {"drain": 2.0, "retest_pass": 3.0, "retest_fail": 1.0, "resume": 1.0, "refused": 0.0}
     assert m[("straggler_node_quarantined", (("host", "n3"),))] == 1.0
 
 
@@ -219,8 +254,9 @@ def test_writes_need_the_token_and_an_enabled_loop(collector, tmp_path):
     c = srv.client
     r = c.post("/api/v1/quarantine/drain", json={"host": "x", "reason": "r"})
     assert r.status_code == 401
-    r = c.post("/api/v1/quarantine/x/resume", headers={"Authorization": "Bearer wrong-token-000000"},
-               json={"reason": "r"})
+    r = c.post(
+        "/api/v1/quarantine/x/resume", headers={"Authorization": "Bearer wrong-token-000000"}, json={"reason": "r"}
+    )
     assert r.status_code == 401
     assert c.get("/api/v1/quarantine/x").json() == {"host": "x", "node": None, "events": []}
     srv.client.close()
@@ -233,8 +269,15 @@ def test_writes_need_the_token_and_an_enabled_loop(collector, tmp_path):
     finally:
         off.stop()
     with pytest.raises(ConfigError) as e:
-        load_settings(None, env={}, overrides={"quarantine_action": "kubectl", "quarantine_max_fleet_share": 0.0,
-                                               "quarantine_resume_passes": 0})
+        load_settings(
+            None,
+            env={},
+            overrides={
+                "quarantine_action": "kubectl",
+                "quarantine_max_fleet_share": 0.0,
+                "quarantine_resume_passes": 0,
+            },
+        )
     msg = str(e.value)
     assert "quarantine_action" in msg and "quarantine_max_fleet_share" in msg and "quarantine_resume_passes" in msg
 
@@ -256,7 +299,9 @@ def test_a_version_6_database_migrates_to_the_quarantine_tables(tmp_path):
         store.ingest(row_tuples(rows_for("m1", "s1", n_gpus=1, samples=1)), 1.0)
         q = Quarantine(store, CollectorSettings(quarantine_action="record"))
         assert q.drain("m1", "straggler: x", "gate").action == "drain"
-        assert [e["action"] for e in q.events("m1")] == ["drain"] and q.store._reader.execute("SELECT scans FROM quarantine").fetchone()[0] == '["s1"]'
+        assert [e["action"] for e in q.events("m1")] == ["drain"] and q.store._reader.execute(
+            "SELECT scans FROM quarantine"
+        ).fetchone()[0] == '["s1"]'
     finally:
         store.close()
 
@@ -288,20 +333,29 @@ def test_the_command_lists_and_gives_hints_from_the_collector(collector, tmp_pat
     for h, base in (("fast", 1.02), ("slow", 1.0)):
         ingest(c, h, rows_for(h, "s1", slow={i: base * (1 + 0.002 * i) for i in range(4)}))
     wait_for(lambda: c.get("/api/v1/gpus", headers=AUTH).json()["verdicts_ts"], 60, "the fleet analysis")
-    c.post("/api/v1/quarantine/drain", headers=AUTH, json={"host": "slow", "reason": "straggler: by hand",
-                                                           "by": "carol", "manual": True})
+    c.post(
+        "/api/v1/quarantine/drain",
+        headers=AUTH,
+        json={"host": "slow", "reason": "straggler: by hand", "by": "carol", "manual": True},
+    )
     token = tmp_path / "token"  # hints read the fleet view: it needs the token (the collector's open_reads is off)
     token.write_text(AUTH["Authorization"].split(" ", 1)[1])
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "straggler", "quarantine", *args, "--collector", srv.url],
-                              capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "STRAGGLER_TOKEN_FILE": str(token)})
+        return subprocess.run(
+            [sys.executable, "-m", "straggler", "quarantine", *args, "--collector", srv.url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "STRAGGLER_TOKEN_FILE": str(token)},
+        )
 
     r = cli("hints", "--json")
     assert r.returncode == 0, r.stderr
     assert [(h["node"], h["perf_class"], h["weight"], h["feature"]) for h in json.loads(r.stdout)["hints"]] == [
-        ("fast", "B", 2, "perf_b"), ("slow", "D", 4, "perf_d")]
+        ("fast", "B", 2, "perf_b"),
+        ("slow", "D", 4, "perf_d"),
+    ]
     r = cli("list")
     assert r.returncode == 0, r.stderr
     assert "slow" in r.stdout and "carol" in r.stdout and "circuit breaker: ok" in r.stdout
@@ -322,12 +376,24 @@ def test_an_analysis_that_read_the_store_before_a_resume_does_not_drain_again(tm
     store = Store(tmp_path / "c.db")
     try:
         store.ingest(row_tuples(rows_for("r1", "fail-scan", n_gpus=1, samples=1)), 1.0)
-        q = Quarantine(store, CollectorSettings(quarantine_action="record", quarantine_resume_passes=1,
-                                                quarantine_max_fleet_share=1.0), clock=lambda: now[0])
+        q = Quarantine(
+            store,
+            CollectorSettings(quarantine_action="record", quarantine_resume_passes=1, quarantine_max_fleet_share=1.0),
+            clock=lambda: now[0],
+        )
         q.drain("r1", "straggler: cpu1 matmul 0.50x", "fleet_analysis")
-        gpu = {"host": "r1", "gpu": "cpu1", "index": 1, "model": "m", "last_ts": 5.0, "last_scan_id": "fail-scan",
-               "verdict": "straggler", "probes": [{"probe": "matmul", "verdict": "straggler", "ratio": 0.5,
-                                                   "cost": 1.0, "causes": ["contention"]}]}
+        gpu = {
+            "host": "r1",
+            "gpu": "cpu1",
+            "index": 1,
+            "model": "m",
+            "last_ts": 5.0,
+            "last_scan_id": "fail-scan",
+            "verdict": "straggler",
+            "probes": [
+                {"probe": "matmul", "verdict": "straggler", "ratio": 0.5, "cost": 1.0, "causes": ["contention"]}
+            ],
+        }
         stale = FleetSnapshot(computed_ts=now[0] + 1, gpus=(gpu,))  # read before the resume below
         # meanwhile the passing retest (another scan id) is stored as the host's latest, and resumes it
         store.ingest(row_tuples(rows_for("r1", "pass-scan", n_gpus=1, samples=1)), 2.0)
@@ -354,9 +420,16 @@ def test_retest_results_that_arrive_after_the_resume_do_not_drain_again(collecto
     wait_for(lambda: c.get("/api/v1/quarantine").json()["nodes"], 60, "the drain of n3")
     late = rows_for("n3", "n3-retest-1", slow={2: 0.85})  # measured while drained, still slow
     for scan_id, passed in (("n3-retest-1", False), ("n3-retest-2", True), ("n3-retest-3", True)):
-        r = c.post("/api/v1/quarantine/n3/retest", headers=AUTH,
-                   json={"passed": passed, "reason": "clean" if passed else "not clean: GPU-n3-2 straggler",
-                         "scan_id": scan_id, "measured": {"devices": []}})
+        r = c.post(
+            "/api/v1/quarantine/n3/retest",
+            headers=AUTH,
+            json={
+                "passed": passed,
+                "reason": "clean" if passed else "not clean: GPU-n3-2 straggler",
+                "scan_id": scan_id,
+                "measured": {"devices": []},
+            },
+        )
         assert r.status_code == 200, r.text
     assert r.json()["action"] == "resume"
     ingest(c, "n3", late)  # the failed retest's rows, after the resume (the passes' rows later still)
@@ -365,7 +438,12 @@ def test_retest_results_that_arrive_after_the_resume_do_not_drain_again(collecto
     assert [(g["gpu"], g["last_scan_id"]) for g in flagged] == [("GPU-n3-2", "n3-retest-1")]  # analysed: slow
     assert c.get("/api/v1/quarantine").json()["nodes"] == []
     hist = [(e["action"], e["rule"]) for e in c.get("/api/v1/quarantine/n3").json()["events"]][::-1]
-    assert hist == [("drain", "fleet_analysis"), ("retest_fail", "agent_retest"), ("retest_pass", "agent_retest"),
-                    ("retest_pass", "agent_retest"), ("resume", "hysteresis")], hist
+    assert hist == [
+        ("drain", "fleet_analysis"),
+        ("retest_fail", "agent_retest"),
+        ("retest_pass", "agent_retest"),
+        ("retest_pass", "agent_retest"),
+        ("resume", "hysteresis"),
+    ], hist
     ingest(c, "n3", rows_for("n3", "scan3", slow={2: 0.85}))  # measured after the resume: drains again
     wait_for(lambda: c.get("/api/v1/quarantine").json()["nodes"], 60, "the drain of n3 by a new scan")

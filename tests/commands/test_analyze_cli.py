@@ -26,8 +26,16 @@ def table(slow=None, n=16, samples=5, seed=0) -> pd.DataFrame:
     for i in range(n):
         rate = (slow or {}).get(i, 1.0)
         for s in range(samples):
-            rows.append({"host": f"node{i // 4}", "gpu": f"GPU-{i:02d}", "model": "H100", "probe": "matmul",
-                         "sample": s, "value": 700 * rate * (1 + rng.normal(0, 0.01))})
+            rows.append(
+                {
+                    "host": f"node{i // 4}",
+                    "gpu": f"GPU-{i:02d}",
+                    "model": "H100",
+                    "probe": "matmul",
+                    "sample": s,
+                    "value": 700 * rate * (1 + rng.normal(0, 0.01)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -110,15 +118,25 @@ def test_history_files_and_options(tmp_path, capsys):
     assert json.loads(out)["summary"]["min_effect"] == 0.05
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: table().drop(columns="probe").to_csv(p / "t.csv", index=False) or p / "t.csv",
-     "missing required column probe"),
-    (lambda p: (p / "t.txt").write_text("x") and p / "t.txt", "unknown file type '.txt'"),
-    (lambda p: p / "absent.csv", "absent.csv: no such file"),
-    (lambda p: table().assign(value=lambda d: d["value"].where(d.index != 4, -1.0)).to_csv(
-        p / "t.csv", index=False) or p / "t.csv", "t.csv: row 5: column 'value' is negative"),
-    (lambda p: table(n=1).to_csv(p / "t.csv", index=False) or p / "t.csv", "only one device"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: table().drop(columns="probe").to_csv(p / "t.csv", index=False) or p / "t.csv",
+            "missing required column probe",
+        ),
+        (lambda p: (p / "t.txt").write_text("x") and p / "t.txt", "unknown file type '.txt'"),
+        (lambda p: p / "absent.csv", "absent.csv: no such file"),
+        (
+            lambda p: (
+                table().assign(value=lambda d: d["value"].where(d.index != 4, -1.0)).to_csv(p / "t.csv", index=False)
+                or p / "t.csv"
+            ),
+            "t.csv: row 5: column 'value' is negative",
+        ),
+        (lambda p: table(n=1).to_csv(p / "t.csv", index=False) or p / "t.csv", "only one device"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, message):
     code, out, err = cli(["analyze", str(make(tmp_path))], capsys)
     assert code == 2
@@ -136,8 +154,9 @@ def test_subprocess_exit_codes(tmp_path):
     """The installed entry point, as a user runs it."""
     path = tmp_path / "scan.csv"
     write_table(table(slow={2: 0.85}), path)
-    out = subprocess.run([sys.executable, "-m", "straggler", "analyze", str(path), "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "straggler", "analyze", str(path), "--json"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1, out.stderr
     assert json.loads(out.stdout)["gpus"][0]["gpu"] == "GPU-02"
 
@@ -151,8 +170,10 @@ def test_config_file_and_environment(tmp_path, capsys, monkeypatch):
     conf.write_text("min_effect = 0.05\nfdr = 0.05\n")
     code, out, err = cli(["analyze", str(path), "--json", "--config", str(conf)], capsys)
     assert code == 2, err  # 6% slow, T = 5%: undecided, and undecided is "could not decide", not healthy
-    assert err == ("straggler: error: could not decide: 1 entries undecided at the 5.0% threshold and no "
-                   "straggler found: node1/GPU-06 matmul; re-measure them (up to 3 more samples)\n")
+    assert err == (
+        "straggler: error: could not decide: 1 entries undecided at the 5.0% threshold and no "
+        "straggler found: node1/GPU-06 matmul; re-measure them (up to 3 more samples)\n"
+    )
     assert json.loads(out)["summary"]["fdr"] == 0.05  # the document is printed first
     monkeypatch.setenv("STRAGGLER_ANALYSIS_MIN_EFFECT", "0.03")
     code, out, _ = cli(["analyze", str(path), "--json"], capsys)
@@ -170,8 +191,15 @@ def test_a_peer_group_flagged_entirely_renders_and_exports():
     import dataclasses
 
     res = run_analysis(table(slow={1: 0.7}, n=2))
-    job = {"model": "H100", "probe": "matmul", "settings": "", "job_devices": 2, "step_time_all": 1.2,
-           "step_time_without_stragglers": None, "speedup": None}
+    job = {
+        "model": "H100",
+        "probe": "matmul",
+        "settings": "",
+        "job_devices": 2,
+        "step_time_all": 1.2,
+        "step_time_without_stragglers": None,
+        "speedup": None,
+    }
     res = dataclasses.replace(res, summary={**res.summary, "job_cost": [job]})
     buf = io.StringIO()
     render(res, Console(file=buf, width=200, color_system=None))
@@ -199,7 +227,8 @@ def test_blank_sample_numbers_and_a_bad_throttle_cell(tmp_path, capsys):
     full, minimal = tmp_path / "full.csv", tmp_path / "minimal.csv"
     write_table(table().assign(throttle_reasons=lambda d: np.where(d.index == 3, "sw_power_cap=x", "")), full)
     table(seed=3).assign(gpu=lambda d: d["gpu"] + "b")[["host", "gpu", "model", "probe", "value"]].to_csv(
-        minimal, index=False)
+        minimal, index=False
+    )
     code, out, err = cli(["analyze", str(full), str(minimal), "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
@@ -217,8 +246,16 @@ def fleet(n_hosts=4, per_host=8, slow=None, noisy=None, samples=5, seed=0) -> pd
             rate = (slow or {}).get(i, 1.0)
             for s in range(samples):
                 noise = (noisy or 0.0) * (1 if (s + i) % 2 else -1) if noisy else rng.normal(0, 0.01)
-                rows.append({"host": f"gpu-node-{h:03d}", "gpu": f"GPU-{uuid.UUID(int=i + 1)}", "model": "H100",
-                             "probe": "matmul", "sample": s, "value": 700 * rate * (1 + noise)})
+                rows.append(
+                    {
+                        "host": f"gpu-node-{h:03d}",
+                        "gpu": f"GPU-{uuid.UUID(int=i + 1)}",
+                        "model": "H100",
+                        "probe": "matmul",
+                        "sample": s,
+                        "value": 700 * rate * (1 + noise),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -256,21 +293,46 @@ def test_slower_on_noisy_samples_is_undecided_with_the_samples_needed():
 def test_every_tier_and_the_class_in_the_table_and_json(tmp_path, capsys):
     """A straggler, a slow device (in the slow tail, under T), an undecided one and healthy ones."""
     rng = np.random.default_rng(1)
-    rows = [{"host": f"node{i // 8}", "gpu": f"GPU-{i:02d}", "model": "H100", "probe": "matmul", "sample": s,
-             "value": 700 * {3: 0.975, 6: 0.9, 9: 0.96}.get(i, 1.0) * (1 + rng.normal(0, 0.002))}
-            for i in range(32) for s in range(5)]
+    rows = [
+        {
+            "host": f"node{i // 8}",
+            "gpu": f"GPU-{i:02d}",
+            "model": "H100",
+            "probe": "matmul",
+            "sample": s,
+            "value": 700 * {3: 0.975, 6: 0.9, 9: 0.96}.get(i, 1.0) * (1 + rng.normal(0, 0.002)),
+        }
+        for i in range(32)
+        for s in range(5)
+    ]
     path = tmp_path / "fleet.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     code, out, err = cli(["analyze", str(path), "--json"], capsys)
     assert code == 1, err
     gpus = {g["gpu"]: g for g in json.loads(out)["gpus"]}
-    assert [gpus[g]["verdict"] for g in ("GPU-06", "GPU-09", "GPU-03", "GPU-00")] == \
-        ["straggler", "undecided", "slow", "healthy"]
-    for key in ("samples_needed", "undecided_reason", "peer_spread", "degraded", "perf_class", "ratio_low",
-                "ratio_high", "change_loss", "change_scan", "change_ts"):
+    assert [gpus[g]["verdict"] for g in ("GPU-06", "GPU-09", "GPU-03", "GPU-00")] == [
+        "straggler",
+        "undecided",
+        "slow",
+        "healthy",
+    ]
+    for key in (
+        "samples_needed",
+        "undecided_reason",
+        "peer_spread",
+        "degraded",
+        "perf_class",
+        "ratio_low",
+        "ratio_high",
+        "change_loss",
+        "change_scan",
+        "change_ts",
+    ):
         assert key in gpus["GPU-00"], key
-    assert gpus["GPU-06"]["perf_class"] == "D" \
+    assert (
+        gpus["GPU-06"]["perf_class"] == "D"
         and gpus["GPU-06"]["ratio_low"] < gpus["GPU-06"]["ratio"] < gpus["GPU-06"]["ratio_high"] < 0.95
+    )
     code, out, err = cli(["analyze", str(path), "--all"], capsys)
     assert code == 1, err
     lines = out.splitlines()
@@ -280,17 +342,30 @@ def test_every_tier_and_the_class_in_the_table_and_json(tmp_path, capsys):
         (line,) = [line for line in lines if line.split()[1:3] == [gpu, "matmul"]]
         return line.split()[3]
 
-    assert [verdict(g) for g in ("GPU-06", "GPU-09", "GPU-03", "GPU-00")] == \
-        ["STRAGGLER", "undecided", "slow", "healthy"]
+    assert [verdict(g) for g in ("GPU-06", "GPU-09", "GPU-03", "GPU-00")] == [
+        "STRAGGLER",
+        "undecided",
+        "slow",
+        "healthy",
+    ]
     assert "verdicts at the 4.0% threshold: straggler 1, undecided 1, slow 1, healthy 29" in lines
 
 
 def test_spread_warnings_are_one_line_each(tmp_path, capsys):
     """T inside a group's normal spread: one warning line, on stderr under --json, in the footer else."""
     rng = np.random.default_rng(2)
-    rows = [{"host": f"node{i // 8}", "gpu": f"GPU-{i:02d}", "model": "V100", "probe": "matmul", "sample": s,
-             "value": 100 * spread * (1 + rng.normal(0, 0.002))}
-            for i, spread in enumerate(1 + rng.standard_t(5, 64) * 0.03) for s in range(5)]
+    rows = [
+        {
+            "host": f"node{i // 8}",
+            "gpu": f"GPU-{i:02d}",
+            "model": "V100",
+            "probe": "matmul",
+            "sample": s,
+            "value": 100 * spread * (1 + rng.normal(0, 0.002)),
+        }
+        for i, spread in enumerate(1 + rng.standard_t(5, 64) * 0.03)
+        for s in range(5)
+    ]
     path = tmp_path / "wide.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     res = run_analysis(pd.DataFrame(rows))
@@ -312,8 +387,9 @@ def test_min_effect_help_names_the_engine_default(capsys):
 def test_a_host_whose_every_device_is_flagged_gets_one_line():
     res = run_analysis(fleet(slow={i: 0.85 for i in range(8, 16)}))
     lines = render80(res)
-    assert [line for line in lines if "all 8 devices flagged" in line] == \
-        ["gpu-node-001: all 8 devices flagged (the node, not its devices?)"]
+    assert [line for line in lines if "all 8 devices flagged" in line] == [
+        "gpu-node-001: all 8 devices flagged (the node, not its devices?)"
+    ]
 
 
 def test_thousands_of_stragglers_show_a_summary_and_the_top_entries(tmp_path, capsys):
@@ -334,8 +410,13 @@ def test_piped_cli_keeps_host_and_gpu_whole(tmp_path):
     path = tmp_path / "fleet.csv"
     df = fleet(slow={5: 0.8})
     write_table(df, path)
-    out = subprocess.run([sys.executable, "-m", "straggler", "analyze", str(path)], capture_output=True,
-                         text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    out = subprocess.run(
+        [sys.executable, "-m", "straggler", "analyze", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},
+    )
     assert out.returncode == 1, out.stderr
     lines = out.stdout.splitlines()
     (row,) = [line for line in lines if "STRAGGLER" in line]
@@ -344,8 +425,13 @@ def test_piped_cli_keeps_host_and_gpu_whole(tmp_path):
 
 
 def test_a_scan_json_document_is_read_as_its_samples(tmp_path, capsys):
-    doc = {"scan_id": "s", "host": "gpu-node-000", "devices": [], "failures": [],
-           "samples": table(slow={6: 0.9}).to_dict("records")}
+    doc = {
+        "scan_id": "s",
+        "host": "gpu-node-000",
+        "devices": [],
+        "failures": [],
+        "samples": table(slow={6: 0.9}).to_dict("records"),
+    }
     path = tmp_path / "scan.json"
     path.write_text(json.dumps(doc) + "\n")
     code, out, err = cli(["analyze", str(path), "--json"], capsys)
@@ -358,14 +444,17 @@ def test_missing_columns_name_the_file_and_what_it_has(tmp_path, capsys):
     pd.DataFrame({"hostname": ["a"], "uuid": ["g"], "tflops": [1.0]}).to_csv(path, index=False)
     code, _, err = cli(["analyze", str(path)], capsys)
     assert code == 2
-    assert err == (f"straggler: error: {path}: missing required columns host, gpu, model, probe, value "
-                   "(found: hostname, uuid, tflops)\n")
+    assert err == (
+        f"straggler: error: {path}: missing required columns host, gpu, model, probe, value "
+        "(found: hostname, uuid, tflops)\n"
+    )
 
 
 def test_usage_errors_are_one_line_exit_2(tmp_path):
     for args in (["analyze"], ["analyze", "--bogus", "x.csv"], ["scan", "--samples", "x"]):
-        out = subprocess.run([sys.executable, "-m", "straggler", *args], capture_output=True, text=True,
-                             timeout=60, cwd=tmp_path)
+        out = subprocess.run(
+            [sys.executable, "-m", "straggler", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
         assert out.returncode == 2 and out.stdout == ""
         (line,) = out.stderr.splitlines()
         assert line.startswith("straggler: error: ") and f"(see 'straggler {args[0]} --help')" in line

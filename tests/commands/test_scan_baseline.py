@@ -8,8 +8,10 @@ import pytest
 from cpushield import cpu_shield
 from test_scan_slowdown import CORES, flagged, scans
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one worker each)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one worker each)"),
+]
 
 
 def test_without_the_slowdown_nothing_is_flagged(straggler_cmd):

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cor
 
 def faulty_scan(straggler_cmd, tmp_path, env, *args):
     out = tmp_path / "kept.csv"
-    proc = run_cmd([*straggler_cmd, "scan", "--json", "--duration", "1", "--samples", "2", "--output", str(out),
-                    *args], scan_timeout_s(("matmul", "membw", "allreduce"), 1.0, 2), env={**os.environ, **env})
+    proc = run_cmd(
+        [*straggler_cmd, "scan", "--json", "--duration", "1", "--samples", "2", "--output", str(out), *args],
+        scan_timeout_s(("matmul", "membw", "allreduce"), 1.0, 2),
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -50,8 +53,9 @@ def test_probe_error_on_one_worker_keeps_the_rest(straggler_cmd, tmp_path):
 
 def test_nvml_error_mid_run(straggler_cmd, tmp_path):
     # the recorded scenario: telemetry device 1 cannot be read on reads 6-8
-    line, doc, kept = faulty_scan(straggler_cmd, tmp_path, {"STRAGGLER_TELEMETRY": "fake:nvml_error_mid_run"},
-                                  "--device", "cpu")
+    line, doc, kept = faulty_scan(
+        straggler_cmd, tmp_path, {"STRAGGLER_TELEMETRY": "fake:nvml_error_mid_run"}, "--device", "cpu"
+    )
     assert "telemetry:" in line and "reading(s) failed during the probe" in line
     assert "fake:nvml_error_mid_run" in doc["notice"]
     (f,) = doc["failures"]
@@ -63,8 +67,7 @@ def test_nvml_error_mid_run(straggler_cmd, tmp_path):
 
 def test_a_crash_after_a_reported_error_is_still_reported(straggler_cmd, tmp_path):
     # rank 1 reports a matmul error and carries on, then dies in membw: both must be in the report
-    line, doc, kept = faulty_scan(straggler_cmd, tmp_path,
-                                  {"STRAGGLER_FAULT": "raise:rank1:matmul,die:rank1:membw"})
+    line, doc, kept = faulty_scan(straggler_cmd, tmp_path, {"STRAGGLER_FAULT": "raise:rank1:matmul,die:rank1:membw"})
     errors = {(f["probe"], f["error"].split(" (")[0]) for f in doc["failures"] if f["rank"] == 1}
     assert ("matmul", "RuntimeError: injected fault in matmul on rank 1") in errors
     assert any(p == "membw" and e.startswith("worker died") for p, e in errors), doc["failures"]
@@ -73,8 +76,9 @@ def test_a_crash_after_a_reported_error_is_still_reported(straggler_cmd, tmp_pat
 
 def test_a_parser_crash_fails_that_probe_only(straggler_cmd, tmp_path):
     # rank 1's matmul timings come back without their batches: its parser raises on them
-    line, doc, kept = faulty_scan(straggler_cmd, tmp_path, {"STRAGGLER_FAULT": "corrupt:rank1:matmul"},
-                                  "--probes", "matmul,membw")
+    line, doc, kept = faulty_scan(
+        straggler_cmd, tmp_path, {"STRAGGLER_FAULT": "corrupt:rank1:matmul"}, "--probes", "matmul,membw"
+    )
     (f,) = doc["failures"]
     assert (f["rank"], f["probe"], f["device"]) == (1, "matmul", f"cpu{CORES[1]}")
     assert f["error"] == "cannot parse its raw timings: KeyError: 'batches'"

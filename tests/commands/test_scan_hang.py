@@ -49,16 +49,22 @@ def test_scan_deadline_keeps_what_was_measured(straggler_cmd, tmp_path):
     # it is measured: a matmul-only scan first, and each attempt's own samples when one misses.
     window_s = 2 * 1.0 + GRACE_S
     t0 = time.time()
-    ref = run_cmd([*straggler_cmd, "scan", "--json", "--duration", "1", "--samples", "2", "--probes", "matmul"],
-                  scan_timeout_s(("matmul",), 1.0, 2))
+    ref = run_cmd(
+        [*straggler_cmd, "scan", "--json", "--duration", "1", "--samples", "2", "--probes", "matmul"],
+        scan_timeout_s(("matmul",), 1.0, 2),
+    )
     assert ref.returncode in (0, 1) or ref.stderr.startswith("straggler: error: could not decide: "), ref.stderr
     done = matmul_done_s(json.loads(ref.stdout), t0)
     for _ in range(3):
         deadline = round(done + window_s / 4)  # the scan's clock starts after its own start-up
         t0 = time.time()
-        line, doc, kept = faulty_scan(straggler_cmd, tmp_path,
-                                      {"STRAGGLER_FAULT": "hang:rank0:membw,hang:rank1:membw"},
-                                      "--deadline", str(deadline))
+        line, doc, kept = faulty_scan(
+            straggler_cmd,
+            tmp_path,
+            {"STRAGGLER_FAULT": "hang:rank0:membw,hang:rank1:membw"},
+            "--deadline",
+            str(deadline),
+        )
         measured = matmul_done_s(doc, t0)
         if measured is not None and "scan deadline" in line:
             break

@@ -23,8 +23,10 @@ def test_readme_main_command_scans_every_core_within_60s(straggler_cmd, tmp_path
     # first round's.
     out = tmp_path / "samples.csv"
     t0 = time.monotonic()
-    proc = run_cmd([*straggler_cmd, "scan", "--output", str(out)],
-                   DEFAULT_MAX_ROUNDS * scan_timeout_s(("matmul", "membw", "allreduce"), 4.0 * ROUND_SAMPLES_FACTOR))
+    proc = run_cmd(
+        [*straggler_cmd, "scan", "--output", str(out)],
+        DEFAULT_MAX_ROUNDS * scan_timeout_s(("matmul", "membw", "allreduce"), 4.0 * ROUND_SAMPLES_FACTOR),
+    )
     wall_s = time.monotonic() - t0
     # 2 only for "could not decide" (no straggler, a device undecided: a VM's cores vary run to run)
     assert proc.returncode in (0, 1) or proc.stderr.startswith("straggler: error: could not decide: "), proc.stderr

@@ -26,8 +26,22 @@ def per_device_samples(samples):
 def test_scan_reports_its_rounds_and_numbers_samples_across_them(straggler_cmd, tmp_path):
     out = tmp_path / "s.jsonl"
     # at most 2 rounds: the first, and one of at most 4 x 5 samples
-    proc = run_cmd([*straggler_cmd, "scan", "--probes", "matmul", "--duration", "1", "--max-rounds", "2",
-                    "--json", "--output", str(out)], SCAN_S * 2)
+    proc = run_cmd(
+        [
+            *straggler_cmd,
+            "scan",
+            "--probes",
+            "matmul",
+            "--duration",
+            "1",
+            "--max-rounds",
+            "2",
+            "--json",
+            "--output",
+            str(out),
+        ],
+        SCAN_S * 2,
+    )
     # exit 2 only as "could not decide": a device still undecided when the 2 rounds were spent (checked below)
     assert proc.returncode in (0, 1) or proc.stderr.startswith("straggler: error: could not decide: "), proc.stderr
     doc = json.loads(proc.stdout)
@@ -35,15 +49,20 @@ def test_scan_reports_its_rounds_and_numbers_samples_across_them(straggler_cmd, 
     rounds = doc["rounds"]
     assert rounds["max_rounds"] == 2 and rounds["rounds"] == len(rounds["per_round"]) in (1, 2)
     assert [r["round"] for r in rounds["per_round"]] == list(range(1, rounds["rounds"] + 1))
-    assert rounds["per_round"][0] == {"round": 1, "probes": ["matmul"], "samples": 5,
-                                      "undecided": rounds["per_round"][0]["undecided"]}
+    assert rounds["per_round"][0] == {
+        "round": 1,
+        "probes": ["matmul"],
+        "samples": 5,
+        "undecided": rounds["per_round"][0]["undecided"],
+    }
     undecided_after = rounds["per_round"][-1]["undecided"]
     if rounds["rounds"] == 1:
         assert rounds["stopped"] == "all decided" and undecided_after == 0
     else:  # a second round ran because a device was undecided after the first
         assert rounds["per_round"][0]["undecided"] >= 1 and 5 <= rounds["per_round"][1]["samples"] <= 20
-        assert rounds["stopped"] == ("all decided" if undecided_after == 0 else
-                                     f"max rounds reached, {undecided_after} still undecided")
+        assert rounds["stopped"] == (
+            "all decided" if undecided_after == 0 else f"max rounds reached, {undecided_after} still undecided"
+        )
     total = sum(r["samples"] for r in rounds["per_round"])
     df = read_table(out)
     assert len(df) == len(doc["samples"]) == len(CORES) * total and set(df["scan_id"]) == {doc["scan_id"]}
@@ -67,15 +86,18 @@ def test_a_second_round_runs_every_device_with_windows_of_the_first_and_keeps_th
     from straggler.probes.plan import ScanSettings
     from straggler.probes.runner import ScanRounds
 
-    local = ScanRounds(ScanSettings(probes=("matmul",), duration_s=1.0, device="cpu", samples=2,
-                                    scan_id="rounds-test-1"))
+    local = ScanRounds(
+        ScanSettings(probes=("matmul",), duration_s=1.0, device="cpu", samples=2, scan_id="rounds-test-1")
+    )
     seen = []
 
     def undecided_once(samples):  # undecided after round 1, 3 samples needed; decided after round 2
         seen.append(len(samples))
         first = len(seen) == 1
-        return [{**e, "verdict": "undecided" if first else "healthy", "samples_needed": 3 if first else None}
-                for e in analysis_verdicts(samples)]
+        return [
+            {**e, "verdict": "undecided" if first else "healthy", "samples_needed": 3 if first else None}
+            for e in analysis_verdicts(samples)
+        ]
 
     got = remeasure(local.measure, undecided_once, ("matmul",), 2, max_rounds=3, fits=local.fits)
     assert got.failures == [] and got.stopped == "all decided"
@@ -109,8 +131,13 @@ def test_a_signal_between_rounds_stops_the_rounds():
     with local.between_rounds():
         os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process goes on
         assert local.fits(("matmul",), 5) == "scan stopped by SIGTERM"
-    assert local.stop_failure() == {"host": "h", "device": "-", "rank": None, "probe": "scan",
-                                    "error": "scan stopped by SIGTERM between rounds"}
+    assert local.stop_failure() == {
+        "host": "h",
+        "device": "-",
+        "rank": None,
+        "probe": "scan",
+        "error": "scan stopped by SIGTERM between rounds",
+    }
     assert signal.getsignal(signal.SIGTERM) is not local._on_signal  # the handler before is back
 
 

@@ -16,9 +16,13 @@ CORES = sorted(os.sched_getaffinity(0))
 def test_sigterm_keeps_what_was_measured(straggler_cmd, tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "kept.csv"
     env = {**os.environ, "STRAGGLER_RAW_DIR": str(raw), "STRAGGLER_FAULT": "hang:rank0:membw"}
-    proc = subprocess.Popen([*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1",
-                             "--samples", "2", "--output", str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1", "--samples", "2", "--output", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         end = time.monotonic() + 60
         while len(list(raw.glob("*-matmul.json"))) < len(CORES) and time.monotonic() < end:

@@ -32,8 +32,10 @@ from conftest import run_cmd, scan_timeout_s, skip_or_fail
 from cpushield import cpu_shield
 
 CORES = sorted(os.sched_getaffinity(0))
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one worker each)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one worker each)"),
+]
 # Cores used by other processes during an unshielded scan above which the comparison is not made.
 # Below a tenth of a core, even all of it on one core cannot make the 10% deficit that a pair of
 # devices needs to be flagged (analysis min_effect_few); with nothing else running it stays well under.
@@ -47,8 +49,9 @@ def run_scan(straggler_cmd, shield=None, ours: list | None = None) -> tuple[int,
     the scan and ``ours``). With a ``shield`` the scan runs inside it."""
     ours = [psutil.Process(p.pid) for p in ours or []]
     busy0, kids0, wall0 = _machine_busy_s(), _children_s() + _cpu_s(ours), time.monotonic()
-    proc = run_cmd([*straggler_cmd, *SCAN], scan_timeout_s(("matmul",), 2.0),
-                   preexec_fn=shield.enter if shield else None)
+    proc = run_cmd(
+        [*straggler_cmd, *SCAN], scan_timeout_s(("matmul",), 2.0), preexec_fn=shield.enter if shield else None
+    )
     mine = _children_s() + _cpu_s(ours) - kids0
     others = (_machine_busy_s() - busy0 - mine) / (time.monotonic() - wall0)
     assert proc.returncode in (0, 1) or proc.stderr.startswith("straggler: error: could not decide: "), proc.stderr
@@ -66,8 +69,10 @@ def scans(straggler_cmd, shield, attempts: int, ours: list | None = None) -> tup
     else:
         # the scheduler moves other processes' work onto the test's cores, which then slow down
         # for real: the comparison this test is about cannot be made on a busy machine
-        skip_or_fail(f"machine busy: other processes used {others:.2f} cores during each of {attempts} "
-                     f"scans, and no CPU shield could be made")
+        skip_or_fail(
+            f"machine busy: other processes used {others:.2f} cores during each of {attempts} "
+            f"scans, and no CPU shield could be made"
+        )
     return code, doc, f"outside load {others:.2f} cores, {'shielded' if shield else 'unshielded'}"
 
 
@@ -93,8 +98,10 @@ def flagged(doc: dict) -> set[str]:
 def test_busy_core_is_flagged_and_only_it(straggler_cmd):
     slow = f"cpu{CORES[-1]}"
     with cpu_shield() as (shield, how):
-        busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(CORES[-1])],
-                                 preexec_fn=shield.enter if shield else None) for _ in range(2)]
+        busy = [
+            subprocess.Popen([sys.executable, "-c", BUSY, str(CORES[-1])], preexec_fn=shield.enter if shield else None)
+            for _ in range(2)
+        ]
         try:
             time.sleep(0.3)
             assert all(p.poll() is None for p in busy)

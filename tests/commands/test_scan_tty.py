@@ -14,8 +14,14 @@ from conftest import scan_timeout_s
 
 def run_on_pty(cmd: list[str], timeout_s: float) -> tuple[int, str]:
     master, slave = pty.openpty()
-    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                            env={**os.environ, "COLUMNS": "200", "TERM": "xterm"})
+    proc = subprocess.Popen(
+        cmd,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+        env={**os.environ, "COLUMNS": "200", "TERM": "xterm"},
+    )
     os.close(slave)
     out = b""
     end = time.monotonic() + timeout_s
@@ -41,8 +47,10 @@ def run_on_pty(cmd: list[str], timeout_s: float) -> tuple[int, str]:
 
 def test_progress_on_a_terminal(straggler_cmd):
     # one round (a scan re-measures undecided devices up to 5 rounds): the wait is that round's deadline
-    code, text = run_on_pty([*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1",
-                             "--max-rounds", "1"], scan_timeout_s(("matmul", "membw"), 1.0))
+    code, text = run_on_pty(
+        [*straggler_cmd, "scan", "--probes", "matmul,membw", "--duration", "1", "--max-rounds", "1"],
+        scan_timeout_s(("matmul", "membw"), 1.0),
+    )
     # 2 only for "could not decide" (no straggler, a device undecided: a VM's cores vary run to run)
     assert code in (0, 1) or "straggler: error: could not decide: " in text, text[-2000:]
     assert "probing matmul" in text and "probing membw" in text  # the progress display
@@ -50,8 +58,10 @@ def test_progress_on_a_terminal(straggler_cmd):
 
 
 def test_json_on_a_terminal_is_quiet(straggler_cmd):
-    code, text = run_on_pty([*straggler_cmd, "scan", "--json", "--probes", "matmul", "--duration", "1",
-                             "--max-rounds", "1"], scan_timeout_s(("matmul",), 1.0))
+    code, text = run_on_pty(
+        [*straggler_cmd, "scan", "--json", "--probes", "matmul", "--duration", "1", "--max-rounds", "1"],
+        scan_timeout_s(("matmul",), 1.0),
+    )
     undecided = "straggler: error: could not decide: " in text
     assert code in (0, 1) or undecided, text[-2000:]
     assert "probing" not in text and "\x1b[" not in text  # no progress, no colour codes
@@ -72,9 +82,7 @@ def test_progress_names_the_phase_from_the_start():
     with progress_display(console, enabled=True) as on_event:
         first = buf.getvalue()
         on_event({"t": "hello", "rank": 0, "world_size": 2, "probes": ["matmul"]})
-        on_event({"t": "phase", "rank": 0, "probe": "matmul", "state": "warmup", "world_size": 2,
-                  "probes": ["matmul"]})
-        on_event({"t": "phase", "rank": 0, "probe": "matmul", "state": "done", "world_size": 2,
-                  "probes": ["matmul"]})
+        on_event({"t": "phase", "rank": 0, "probe": "matmul", "state": "warmup", "world_size": 2, "probes": ["matmul"]})
+        on_event({"t": "phase", "rank": 0, "probe": "matmul", "state": "done", "world_size": 2, "probes": ["matmul"]})
     text = buf.getvalue()
     assert "starting the probe workers" in first and "None" not in text

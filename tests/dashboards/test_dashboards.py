@@ -20,8 +20,14 @@ README = ROOT / "dashboards" / "README.md"
 SCHEMA = ROOT / "dashboards" / "schema"
 METRIC = re.compile(r"\bstraggler[_:][a-z_0-9]+(?::[a-z_0-9]+)*")  # exported names and recorded ones (with a colon)
 # panel type -> its options type in dashboards/schema/types.ts
-PANEL_TYPES = {"stat": "StatPanel", "timeseries": "TimeSeriesPanel", "table": "TablePanel",
-               "piechart": "PieChartPanel", "bargauge": "BarGaugePanel", "state-timeline": "StateTimelinePanel"}
+PANEL_TYPES = {
+    "stat": "StatPanel",
+    "timeseries": "TimeSeriesPanel",
+    "table": "TablePanel",
+    "piechart": "PieChartPanel",
+    "bargauge": "BarGaugePanel",
+    "state-timeline": "StateTimelinePanel",
+}
 
 
 def load(path):
@@ -32,8 +38,9 @@ def dashboard_queries(path):
     """(kind, title, expr) of every panel target, template variable and annotation of a dashboard."""
     dash = load(path)
     out = [("panel", p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
-    out += [("variable", f"${v['name']}", v["query"]["query"]) for v in dash["templating"]["list"]
-            if v["type"] == "query"]
+    out += [
+        ("variable", f"${v['name']}", v["query"]["query"]) for v in dash["templating"]["list"] if v["type"] == "query"
+    ]
     out += [("annotation", f"annotation: {a['name']}", a["expr"]) for a in dash["annotations"]["list"]]
     return out
 
@@ -86,7 +93,9 @@ def test_rule_unit_tests_can_fail(tmp_path):
     assert held in RULES.read_text()
     broken.write_text(RULES.read_text().replace(held, "(straggler_gpu_flagged_scans >= 1)"))  # from one scan
     test = tmp_path / "t.yml"
-    test.write_text((ROOT / "dashboards/tests/rules_test.yml").read_text().replace("../prometheus-rules.yml", str(broken)))
+    test.write_text(
+        (ROOT / "dashboards/tests/rules_test.yml").read_text().replace("../prometheus-rules.yml", str(broken))
+    )
     out = subprocess.run([promtool, "test", "rules", str(test)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "GPUStraggler" in out.stdout + out.stderr
 
@@ -134,13 +143,17 @@ def test_every_panel_has_datasource_variables_units_and_thresholds(path):
             # in a join, one side's filters select the result (agent self metrics carry no host:
             # they are joined to it through straggler_telemetry_backend_up)
             join = re.search(r"\b(on|group_left|group_right) ?\(", expr) is not None
-            for name, labels in re.findall(r"\b(straggler[_:](?:gpu|node|agent|fleet|telemetry)[\w:]*)(\{[^}]*\})?", expr):
+            for name, labels in re.findall(
+                r"\b(straggler[_:](?:gpu|node|agent|fleet|telemetry)[\w:]*)(\{[^}]*\})?", expr
+            ):
                 if name.startswith("straggler_agent") or (join and not labels):
                     continue
                 assert "$cluster" in labels, (title, name)
                 if re.match(r"straggler_(gpu|node|telemetry)", name):  # (recorded names may aggregate hosts away)
                     assert "$host" in labels, (title, name)
-            assert "$cluster" in expr and ("$host" in expr or not re.search(r"straggler[_:](gpu|node|agent)", expr)), expr
+            assert "$cluster" in expr and ("$host" in expr or not re.search(r"straggler[_:](gpu|node|agent)", expr)), (
+                expr
+            )
     for v in variables.values():
         if v["type"] == "query" and v["name"] != "cluster":
             assert "$cluster" in v["query"]["query"], v["name"]
@@ -149,8 +162,13 @@ def test_every_panel_has_datasource_variables_units_and_thresholds(path):
 def test_flagged_devices_link_to_the_node_view_by_uid():
     fleet, node = (load(p) for p in DASHBOARDS)
     table = next(p for p in fleet["panels"] if p["title"].startswith("Flagged devices"))
-    links = [link["url"] for o in table["fieldConfig"]["overrides"] for prop in o["properties"]
-             if prop["id"] == "links" for link in prop["value"]]
+    links = [
+        link["url"]
+        for o in table["fieldConfig"]["overrides"]
+        for prop in o["properties"]
+        if prop["id"] == "links"
+        for link in prop["value"]
+    ]
     assert links and all(u.startswith(f"/d/{node['uid']}/") for u in links)
     assert "var-host=${__data.fields.host}" in links[0] and "var-uuid=${__data.fields.uuid}" in links[0]
     node_vars = {v["name"] for v in node["templating"]["list"]}
@@ -204,8 +222,10 @@ def _ts_module(path) -> str:
     panels = dash.pop("panels")
     kinds = sorted({PANEL_TYPES[p["type"]] for p in panels})
     body = ",\n".join(f"({json.dumps(p)} satisfies {PANEL_TYPES[p['type']]})" for p in panels)
-    return (f"import type {{ StragglerDashboard, {', '.join(kinds)} }} from '../types';\n"
-            f"export const dashboard: StragglerDashboard = {json.dumps(dash)[:-1]}, \"panels\": [\n{body}\n]}};\n")
+    return (
+        f"import type {{ StragglerDashboard, {', '.join(kinds)} }} from '../types';\n"
+        f'export const dashboard: StragglerDashboard = {json.dumps(dash)[:-1]}, "panels": [\n{body}\n]}};\n'
+    )
 
 
 def _tsc() -> str:

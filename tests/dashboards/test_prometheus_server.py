@@ -78,9 +78,19 @@ def _rows(scan_id: str, ts: float, slow: dict[tuple[str, int], float], hosts) ->
             for k in range(5):
                 # a fixed, tiny sample-to-sample spread: the same numbers on every run
                 value = (300.0 if model == V100 else 700.0) * slow.get((host, i), 1.0) * (1 + 0.001 * ((i + k) % 3 - 1))
-                row = {"ts": ts + k, "scan_id": scan_id, "host": host, "gpu": uuid(host, i), "index": i,
-                       "model": model, "probe": "matmul", "settings": "n=8192,dtype=bf16", "sample": k,
-                       "value": value, "unit": "TFLOP/s"}
+                row = {
+                    "ts": ts + k,
+                    "scan_id": scan_id,
+                    "host": host,
+                    "gpu": uuid(host, i),
+                    "index": i,
+                    "model": model,
+                    "probe": "matmul",
+                    "settings": "n=8192,dtype=bf16",
+                    "sample": k,
+                    "value": value,
+                    "unit": "TFLOP/s",
+                }
                 row["id"] = result_id(row)
                 rows.append(row)
     return rows
@@ -154,8 +164,10 @@ def stack(tmp_path_factory):
     collector = CollectorProcess(tmp, free_port())
     # the quarantine loop as a dry run (decide and audit, touch no scheduler) with the default breaker:
     # the first analysis drains node-thermal, the second refuses node-pcie (at most 1 of 6 hosts an hour)
-    env_collector = {"STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": str(ANALYSIS_DEBOUNCE_S),
-                     "STRAGGLER_COLLECTOR_QUARANTINE_ACTION": "record"}
+    env_collector = {
+        "STRAGGLER_COLLECTOR_ANALYSIS_DEBOUNCE_S": str(ANALYSIS_DEBOUNCE_S),
+        "STRAGGLER_COLLECTOR_QUARANTINE_ACTION": "record",
+    }
     os.environ.update(env_collector)
     try:
         collector.start()
@@ -168,14 +180,24 @@ def stack(tmp_path_factory):
     try:
         for host, scenario in SCENARIOS.items():
             # the V100 node's collector is unreachable: its agent counts poll errors
-            extra = {"collector_url": f"http://127.0.0.1:{free_port()}", "token_file": collector.token_file} \
-                if host == "node-v100" else {}
+            extra = (
+                {"collector_url": f"http://127.0.0.1:{free_port()}", "token_file": collector.token_file}
+                if host == "node-v100"
+                else {}
+            )
             agents[host] = AgentProcess(tmp, name=host, env=env, telemetry=f"fake:{scenario}", **extra)
         # the CPU node runs (stand-in) probes whenever it is idle and uploads them to the collector
         agents[CPU_HOST] = AgentProcess(
-            tmp, name=CPU_HOST, env={"FAKE_SCAN_EXTRA": json.dumps({"host": CPU_HOST})}, telemetry="cpu",
-            collector_url=collector.url, token_file=collector.token_file, probe_every_s=5.0, idle_util_pct=100.0,
-            probe_command=[sys.executable, str(write_fake_scan(tmp))])
+            tmp,
+            name=CPU_HOST,
+            env={"FAKE_SCAN_EXTRA": json.dumps({"host": CPU_HOST})},
+            telemetry="cpu",
+            collector_url=collector.url,
+            token_file=collector.token_file,
+            probe_every_s=5.0,
+            idle_util_pct=100.0,
+            probe_command=[sys.executable, str(write_fake_scan(tmp))],
+        )
         for a in agents.values():
             started.append(a.start())
         dcgm_text = _rewrite_uuids((ROOT / "tests/data/dcgm_exporter_h100.prom").read_text(), "node-thermal")
@@ -186,23 +208,39 @@ def stack(tmp_path_factory):
         lab = {"cluster": "lab"}
         dead_agent, dead_collector = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         config = {
-            "global": {"scrape_interval": f"{int(SCRAPE_S * 1000)}ms", "evaluation_interval": f"{int(SCRAPE_S * 1000)}ms",
-                       "scrape_timeout": f"{int(SCRAPE_S * 1000)}ms"},
+            "global": {
+                "scrape_interval": f"{int(SCRAPE_S * 1000)}ms",
+                "evaluation_interval": f"{int(SCRAPE_S * 1000)}ms",
+                "scrape_timeout": f"{int(SCRAPE_S * 1000)}ms",
+            },
             "rule_files": [_test_rules(tmp)],
             "scrape_configs": [
-                {"job_name": "straggler-agent", "static_configs": [
-                    {"targets": [f"127.0.0.1:{a.port}" for a in agents.values()] + [dead_agent], "labels": lab}]},
-                {"job_name": "straggler-collector", "static_configs": [
-                    {"targets": [f"127.0.0.1:{collector.port}", dead_collector], "labels": lab}]},
+                {
+                    "job_name": "straggler-agent",
+                    "static_configs": [
+                        {"targets": [f"127.0.0.1:{a.port}" for a in agents.values()] + [dead_agent], "labels": lab}
+                    ],
+                },
+                {
+                    "job_name": "straggler-collector",
+                    "static_configs": [{"targets": [f"127.0.0.1:{collector.port}", dead_collector], "labels": lab}],
+                },
                 dcgm_job,
             ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         log = open(tmp / "prometheus.log", "wb")
-        proc = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         prom = Prom(f"http://127.0.0.1:{port}")
 
         health = {}
@@ -214,10 +252,13 @@ def stack(tmp_path_factory):
                 return False
             health.clear()
             health.update({t["scrapeUrl"].split("/")[2]: (t["health"], t["lastError"]) for t in active})
-            live = [f"127.0.0.1:{a.port}" for a in agents.values()] + [f"127.0.0.1:{collector.port}",
-                                                                       f"127.0.0.1:{dcgm.port}"]
-            return all(health.get(t, ("",))[0] == "up" for t in live) and \
-                all(health.get(t, ("",))[0] == "down" for t in (dead_agent, dead_collector))
+            live = [f"127.0.0.1:{a.port}" for a in agents.values()] + [
+                f"127.0.0.1:{collector.port}",
+                f"127.0.0.1:{dcgm.port}",
+            ]
+            return all(health.get(t, ("",))[0] == "up" for t in live) and all(
+                health.get(t, ("",))[0] == "down" for t in (dead_agent, dead_collector)
+            )
 
         try:
             try:
@@ -230,18 +271,31 @@ def stack(tmp_path_factory):
             hosts = [h for h in SCENARIOS if h != "node-lost"]
             thermal = {("node-thermal", 3): 0.85}
             first = [r for s in range(4) for r in _rows(f"s{s}", now - (5 - s) * 3600, thermal, hosts)]
-            first += [r for s in range(4) for r in _rows(f"old{s}", now - 3 * 86400 - (5 - s) * 3600, {}, ["node-lost"])]
+            first += [
+                r for s in range(4) for r in _rows(f"old{s}", now - 3 * 86400 - (5 - s) * 3600, {}, ["node-lost"])
+            ]
             collector.post("/api/v1/results", {"host": "test", "results": first})
-            wait_until(lambda: prom.query('straggler_gpu_flagged_scans{host="node-thermal",gpu="3"} == 1'),
-                       DEADLINE_S, "the first analysis flags node-thermal GPU 3, scraped")
+            wait_until(
+                lambda: prom.query('straggler_gpu_flagged_scans{host="node-thermal",gpu="3"} == 1'),
+                DEADLINE_S,
+                "the first analysis flags node-thermal GPU 3, scraped",
+            )
             second = _rows("s4", now - 600, {**thermal, ("node-pcie", 2): 0.95}, hosts)
             collector.post("/api/v1/results", {"host": "test", "results": second})
-            wait_until(lambda: prom.query('straggler_gpu_flagged_scans{host="node-thermal",gpu="3"} == 2'),
-                       DEADLINE_S, "the second analysis flags it again, scraped")
+            wait_until(
+                lambda: prom.query('straggler_gpu_flagged_scans{host="node-thermal",gpu="3"} == 2'),
+                DEADLINE_S,
+                "the second analysis flags it again, scraped",
+            )
             # the CPU node ran a probe and uploaded it (its probe-run annotation, the upload panels)
-            wait_until(lambda: prom.query("increase(straggler_agent_probe_runs_total[2m]) > 0")
-                       and prom.query("straggler_agent_uploaded_results_total > 0"),
-                       DEADLINE_S + 5.0, "a probe run of the CPU node uploaded, scraped")  # + its probe_every_s
+            wait_until(
+                lambda: (
+                    prom.query("increase(straggler_agent_probe_runs_total[2m]) > 0")
+                    and prom.query("straggler_agent_uploaded_results_total > 0")
+                ),
+                DEADLINE_S + 5.0,
+                "a probe run of the CPU node uploaded, scraped",
+            )  # + its probe_every_s
             yield prom, agents, collector
         finally:
             proc.terminate()
@@ -279,8 +333,14 @@ def test_every_alert_fires_in_its_scenario_on_a_real_prometheus(stack):
 
     def firing():
         got = [a for a in prom.alerts() if a["state"] == "firing"]
-        return got if all(any(a["labels"]["alertname"] == name and labels.items() <= a["labels"].items()
-                              for a in got) for name, labels in expected) else None
+        return (
+            got
+            if all(
+                any(a["labels"]["alertname"] == name and labels.items() <= a["labels"].items() for a in got)
+                for name, labels in expected
+            )
+            else None
+        )
 
     got = wait_until(firing, DEADLINE_S, "every alert firing")
     rules = yaml.safe_load(RULES.read_text())
@@ -304,8 +364,16 @@ def test_every_alert_fires_in_its_scenario_on_a_real_prometheus(stack):
 
 
 def _scenario_vars(dash: str, scenario: str) -> dict[str, str]:
-    base = {"cluster": ".*", "model": ".*", "host": ".*", "probe": ".*", "gpu": ".*", "uuid": ".*",
-            "__rate_interval": "10s", "__range": "5m"}
+    base = {
+        "cluster": ".*",
+        "model": ".*",
+        "host": ".*",
+        "probe": ".*",
+        "gpu": ".*",
+        "uuid": ".*",
+        "__rate_interval": "10s",
+        "__range": "5m",
+    }
     return base if scenario == FLEET else {**base, "host": scenario}
 
 
@@ -347,7 +415,7 @@ def test_every_rule_expression_parses_and_returns_data(stack):
                 empty.append(rule.get("record") or rule["alert"])
     assert not empty, f"no data: {empty}"
     by_cause = prom.query("straggler:fleet_stragglers_by_cause:count")
-    flagged = prom.query('count(straggler_gpu_straggler_any == 1)')
+    flagged = prom.query("count(straggler_gpu_straggler_any == 1)")
     # the pie counts devices: its slices add up to the flagged devices, one slice per cause
     assert sum(float(s["value"][1]) for s in by_cause) == float(flagged[0]["value"][1]) == 2.0
 

@@ -78,7 +78,7 @@ def expand(cmd: str) -> list[str]:
     m = re.search(r" \[([^\]|]+)\]", cmd)
     if m is None:
         return [cmd]
-    return expand(cmd[:m.start()] + cmd[m.end():]) + expand(cmd[:m.start()] + " " + m.group(1) + cmd[m.end():])
+    return expand(cmd[: m.start()] + cmd[m.end() :]) + expand(cmd[: m.start()] + " " + m.group(1) + cmd[m.end() :])
 
 
 def documented() -> list[tuple[str, str, list[str]]]:
@@ -100,8 +100,7 @@ DOCUMENTED = documented()
 
 
 def test_every_fenced_block_says_what_it_is():
-    unlabelled = [f"{p.relative_to(ROOT)}:{no}" for p in DOCS for no, lang, _ in fenced_blocks(p)
-                  if lang not in LANGS]
+    unlabelled = [f"{p.relative_to(ROOT)}:{no}" for p in DOCS for no, lang, _ in fenced_blocks(p) if lang not in LANGS]
     assert unlabelled == [], f"fenced blocks without one of {sorted(LANGS)} (```sh for commands)"
 
 
@@ -143,6 +142,7 @@ def test_documented_command(where, cmd, before, tmp_path):
 
 # --- how each documented command runs here --------------------------------------------------------
 
+
 def sh(cmd: str, cwd: Path, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
     return run_cmd(["bash", "-c", cmd], timeout_s, cwd=cwd, env=env)
 
@@ -157,8 +157,15 @@ def unit_timeout_s(unit: str, key: str) -> float:
 def serve(cmd: str, cwd: Path, env: dict, url: str, unit: str, check=None) -> str:
     """Start a documented daemon, wait until ``url`` answers 200 (within the unit's start timeout),
     run ``check(body)``, stop it with SIGTERM and expect exit 0 (within the unit's stop timeout)."""
-    proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", f"exec {cmd}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         body = wait_http(url, proc, unit)
         if check is not None:
@@ -191,8 +198,13 @@ def agent_env(env: dict, tmp: Path) -> tuple[dict, int]:
     """Where a documented agent command listens and spools here: a free port and files in ``tmp``
     (the STRAGGLER_AGENT_* variables of docs/agent.md), no scheduled probe."""
     port = free_port()
-    return {**env, "STRAGGLER_AGENT_LISTEN_PORT": str(port), "STRAGGLER_AGENT_SPOOL_PATH": str(tmp / "spool.sqlite"),
-            "STRAGGLER_AGENT_PROBE_EVERY_S": "0", "STRAGGLER_AGENT_TELEMETRY": "cpu"}, port
+    return {
+        **env,
+        "STRAGGLER_AGENT_LISTEN_PORT": str(port),
+        "STRAGGLER_AGENT_SPOOL_PATH": str(tmp / "spool.sqlite"),
+        "STRAGGLER_AGENT_PROBE_EVERY_S": "0",
+        "STRAGGLER_AGENT_TELEMETRY": "cpu",
+    }, port
 
 
 def run_main_command(cmd, tmp, env, before):
@@ -217,22 +229,33 @@ def run_test_command(cmd, tmp, env, before):
 
 def run_agent_default(cmd, tmp, env, before):
     env, port = agent_env(env, tmp)
-    serve(cmd, tmp, env, f"http://127.0.0.1:{port}/metrics", "straggler-agent.service",
-          lambda body: _assert_in("straggler_agent", body))
+    serve(
+        cmd,
+        tmp,
+        env,
+        f"http://127.0.0.1:{port}/metrics",
+        "straggler-agent.service",
+        lambda body: _assert_in("straggler_agent", body),
+    )
 
 
 def run_agent_with_collector(cmd, tmp, env, before):
     token, db, cport = tmp / "agent.token", tmp / "collector.db", free_port()
     token.write_text("documented-commands-test-token\n")
-    collector = subprocess.Popen([str(BIN / "straggler"), "collector", "--port", str(cport), "--db", str(db),
-                                  "--token-file", str(token)], env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+    collector = subprocess.Popen(
+        [str(BIN / "straggler"), "collector", "--port", str(cport), "--db", str(db), "--token-file", str(token)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{cport}/healthz", collector, "straggler-collector.service")
         aenv, port = agent_env(env, tmp)
-        (tmp / "agent.toml").write_text(f"listen_port = {port}\nspool_path = \"{tmp / 'agent-spool.sqlite'}\"\n")
-        run = cmd.replace("http://collector:9402", f"http://127.0.0.1:{cport}") \
-            .replace("/etc/straggler/agent.token", str(token))
+        (tmp / "agent.toml").write_text(f'listen_port = {port}\nspool_path = "{tmp / "agent-spool.sqlite"}"\n')
+        run = cmd.replace("http://collector:9402", f"http://127.0.0.1:{cport}").replace(
+            "/etc/straggler/agent.token", str(token)
+        )
 
         def reached_collector(_):  # its long poll for cluster scans: the collector records the agent
             stop_at = time.monotonic() + unit_timeout_s("straggler-agent.service", "TimeoutStartSec")
@@ -261,9 +284,23 @@ def run_agent_check(cmd, tmp, env, before):
 
 def scan_rows(host: str, gpus: list[str], values: list[float], ts: float = 1.8e9, scan: str = "s1") -> list[dict]:
     """Result-table rows of H100s' matmul (the README's columns), 5 samples per device."""
-    return [{"ts": ts + i, "scan_id": scan, "host": host, "gpu": g, "index": n, "model": "NVIDIA H100 80GB HBM3",
-             "probe": "matmul", "settings": "n=8192,dtype=bf16", "sample": i, "value": v * (1 + 0.001 * i),
-             "unit": "TFLOP/s"} for n, (g, v) in enumerate(zip(gpus, values)) for i in range(5)]
+    return [
+        {
+            "ts": ts + i,
+            "scan_id": scan,
+            "host": host,
+            "gpu": g,
+            "index": n,
+            "model": "NVIDIA H100 80GB HBM3",
+            "probe": "matmul",
+            "settings": "n=8192,dtype=bf16",
+            "sample": i,
+            "value": v * (1 + 0.001 * i),
+            "unit": "TFLOP/s",
+        }
+        for n, (g, v) in enumerate(zip(gpus, values))
+        for i in range(5)
+    ]
 
 
 GPUS = [f"GPU-{i:08d}-0000-0000-0000-000000000000" for i in range(8)]
@@ -314,8 +351,13 @@ def run_chmod(cmd, tmp, env, before):
 def run_collector(cmd, tmp, env, before):
     after(before, tmp, env)
     port = free_port()
-    serve(cmd, tmp, {**env, "STRAGGLER_COLLECTOR_PORT": str(port)}, f"http://127.0.0.1:{port}/healthz",
-          "straggler-collector.service")
+    serve(
+        cmd,
+        tmp,
+        {**env, "STRAGGLER_COLLECTOR_PORT": str(port)},
+        f"http://127.0.0.1:{port}/healthz",
+        "straggler-collector.service",
+    )
     assert (tmp / "collector.db").is_file()
 
 
@@ -336,7 +378,7 @@ CASES = {
     "straggler analyze scan.csv": run_analyze,
     "straggler analyze scan.parquet --json": run_analyze,
     "straggler analyze today.csv --history last-month.parquet --job-sizes 8,64,1024": run_analyze,
-    "straggler analyze one-gpu.csv --reference \"NVIDIA H100 80GB HBM3|matmul=780\"": run_analyze,
+    'straggler analyze one-gpu.csv --reference "NVIDIA H100 80GB HBM3|matmul=780"': run_analyze,
     "echo \"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\" > collector.token": run_token_echo,
     "chmod 600 collector.token": run_chmod,
     "straggler collector --token-file collector.token --db ./collector.db": run_collector,
@@ -347,6 +389,7 @@ def _exist(*paths: str):
     def check():
         missing = [p for p in paths if not (ROOT / p).exists()]
         assert missing == [], f"the documented command names files that are not in the repository: {missing}"
+
     return check
 
 
@@ -354,27 +397,43 @@ def _scan_accepts(*options: str):
     def check():
         out = run_cmd([str(BIN / "straggler"), "scan", "--help"], SETUP_S).stdout
         assert all(o in out for o in options), out
+
     return check
 
 
-SYSTEMD = "installs into /etc and starts a systemd service: needs a machine booted with systemd (the units are " \
-          "checked by tests/systemd/test_systemd_units.py with systemd-analyze)"
+SYSTEMD = (
+    "installs into /etc and starts a systemd service: needs a machine booted with systemd (the units are "
+    "checked by tests/systemd/test_systemd_units.py with systemd-analyze)"
+)
 NOT_HERE = {
     "sudo install -d /etc/straggler": (_exist(), SYSTEMD),
     "sudo install -m 600 collector.token /etc/straggler/collector.token": (_exist(), SYSTEMD),
-    "sudo install -m 644 systemd/collector.toml /etc/straggler/collector.toml": (_exist("systemd/collector.toml"),
-                                                                                 SYSTEMD),
-    "sudo install -m 644 systemd/straggler-collector.service /etc/systemd/system/":
-        (_exist("systemd/straggler-collector.service"), SYSTEMD),
+    "sudo install -m 644 systemd/collector.toml /etc/straggler/collector.toml": (
+        _exist("systemd/collector.toml"),
+        SYSTEMD,
+    ),
+    "sudo install -m 644 systemd/straggler-collector.service /etc/systemd/system/": (
+        _exist("systemd/straggler-collector.service"),
+        SYSTEMD,
+    ),
     "sudo systemctl daemon-reload && sudo systemctl enable --now straggler-collector": (_exist(), SYSTEMD),
     ".venv/bin/python -m pytest -q -p no:cacheprovider tests/collector/test_collector_api.py tests/collector/test_collector_scans.py "
     "tests/collector/test_collector_store.py tests/collector/test_collector_service.py tests/collector/test_collector_fuzz.py "
-    "tests/systemd/test_systemd_units.py": (_exist("tests/collector/test_collector_api.py", "tests/collector/test_collector_scans.py",
-                                           "tests/collector/test_collector_store.py", "tests/collector/test_collector_service.py",
-                                           "tests/collector/test_collector_fuzz.py", "tests/systemd/test_systemd_units.py"),
-                                    "runs part of this test suite, which runs those files anyway (checked: they exist)"),
+    "tests/systemd/test_systemd_units.py": (
+        _exist(
+            "tests/collector/test_collector_api.py",
+            "tests/collector/test_collector_scans.py",
+            "tests/collector/test_collector_store.py",
+            "tests/collector/test_collector_service.py",
+            "tests/collector/test_collector_fuzz.py",
+            "tests/systemd/test_systemd_units.py",
+        ),
+        "runs part of this test suite, which runs those files anyway (checked: they exist)",
+    ),
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m straggler scan "
-    "--json --output cluster.parquet": (_scan_accepts("--json", "--output"),
-                                        "2 nodes of 8 GPUs; tests/probes/test_torchrun.py runs the same launch on two "
-                                        "loopback nodes of one CPU core each"),
+    "--json --output cluster.parquet": (
+        _scan_accepts("--json", "--output"),
+        "2 nodes of 8 GPUs; tests/probes/test_torchrun.py runs the same launch on two "
+        "loopback nodes of one CPU core each",
+    ),
 }

@@ -54,10 +54,18 @@ def test_membw_parse_counts_read_plus_write():
 
 
 def test_windowed_parse_of_synthetic_raw_is_exact():
-    raw = {"probe": "matmul", "settings": "s", "unit": "TFLOP/s", "work_per_iter": 1e12, "scale": 1e12,
-           "windows": [{"t_start": 10.0, "t_end": 11.0, "batches": [[4, 1.0], [4, 1.0]], "telemetry": {}},
-                       {"t_start": 11.0, "t_end": 12.0, "batches": [[5, 2.5]], "telemetry": {"temp_c": 70}},
-                       {"t_start": 12.0, "t_end": 12.0, "batches": [[1, 0.0]]}]}
+    raw = {
+        "probe": "matmul",
+        "settings": "s",
+        "unit": "TFLOP/s",
+        "work_per_iter": 1e12,
+        "scale": 1e12,
+        "windows": [
+            {"t_start": 10.0, "t_end": 11.0, "batches": [[4, 1.0], [4, 1.0]], "telemetry": {}},
+            {"t_start": 11.0, "t_end": 12.0, "batches": [[5, 2.5]], "telemetry": {"temp_c": 70}},
+            {"t_start": 12.0, "t_end": 12.0, "batches": [[1, 0.0]]},
+        ],
+    }
     rows = windows.parse_windows(raw)
     assert [r["value"] for r in rows[:2]] == [4.0, 2.0]
     assert math.isnan(rows[2]["value"])  # a zero-time window is unknown, not infinite or 0
@@ -81,9 +89,17 @@ def test_allreduce_parse_busbw_and_skew_from_recorded_ranks():
 
 
 def test_allreduce_skew_synthetic():
-    raw = {"probe": "allreduce", "settings": "s", "unit": "GB/s", "nbytes": 1e9, "ranks": 4, "rank": 2,
-           "windows": [{"t_start": 0, "t_end": 1, "secs": [0.5, 0.5],
-                        "waits": [[0.3, 0.1], [0.2, 0.1], [0.0, 0.0], [0.3, 0.2]]}]}
+    raw = {
+        "probe": "allreduce",
+        "settings": "s",
+        "unit": "GB/s",
+        "nbytes": 1e9,
+        "ranks": 4,
+        "rank": 2,
+        "windows": [
+            {"t_start": 0, "t_end": 1, "secs": [0.5, 0.5], "waits": [[0.3, 0.1], [0.2, 0.1], [0.0, 0.0], [0.3, 0.2]]}
+        ],
+    }
     (row,) = allreduce.parse(raw)
     assert row["algbw_gbps"] == pytest.approx(2.0)
     assert row["value"] == pytest.approx(2.0 * 2 * 3 / 4)
@@ -147,10 +163,23 @@ def test_fault_spec_parsing():
 
 
 def _samples(values: dict[str, list[float]], probe="matmul") -> list[dict]:
-    return [{"host": "h", "gpu": g, "index": i, "model": "M", "probe": probe, "settings": "s", "unit": "u",
-             "value": v, "sample": k, "sm_clock_mhz": 1000.0 + i, "throttle_reasons": "hw_slowdown=0.500"
-             if g == "g2" else None}
-            for i, (g, vs) in enumerate(values.items()) for k, v in enumerate(vs)]
+    return [
+        {
+            "host": "h",
+            "gpu": g,
+            "index": i,
+            "model": "M",
+            "probe": probe,
+            "settings": "s",
+            "unit": "u",
+            "value": v,
+            "sample": k,
+            "sm_clock_mhz": 1000.0 + i,
+            "throttle_reasons": "hw_slowdown=0.500" if g == "g2" else None,
+        }
+        for i, (g, vs) in enumerate(values.items())
+        for k, v in enumerate(vs)
+    ]
 
 
 def test_simple_rule_flags_only_the_slow_device():
@@ -172,8 +201,9 @@ def test_device_report_verdicts_and_exit_codes():
     assert g5["probes"]["matmul"]["ratio"] == pytest.approx(0.7, abs=0.02)
     healthy = scanverdict.device_report([s for s in samples if s["gpu"] != "g5"], [], [])
     assert healthy["exit_code"] == EXIT_OK and healthy["stragglers"] == 0
-    failed = scanverdict.device_report(samples, [{"host": "h", "device": "g1", "rank": 1, "probe": "membw",
-                                             "error": "hung"}], [])
+    failed = scanverdict.device_report(
+        samples, [{"host": "h", "device": "g1", "rank": 1, "probe": "membw", "error": "hung"}], []
+    )
     assert failed["exit_code"] == EXIT_FAILED
     assert next(d for d in failed["devices"] if d["gpu"] == "g1")["verdict"] == "failed"
     assert scanverdict.device_report([], [], [])["exit_code"] == EXIT_FAILED  # nothing measured
@@ -187,8 +217,7 @@ def test_device_report_telemetry_summary():
 
 
 def test_render_table_is_deterministic():
-    samples = _samples({"g0": [100, 100, 100], "g1": [100, 100, 100], "g2": [100, 100, 100],
-                        "g3": [60, 61, 60]})
+    samples = _samples({"g0": [100, 100, 100], "g1": [100, 100, 100], "g2": [100, 100, 100], "g3": [60, 61, 60]})
     rep = scanverdict.device_report(samples, [], [])
     buf = io.StringIO()
     Console(file=buf, width=160, color_system=None).print(scan_table(rep, "scan x"))
@@ -206,10 +235,12 @@ def test_probe_modules_import_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys; import straggler.commands.scan, straggler.probes.runner, straggler.probes.worker, "
-            "straggler.probes.distributed, straggler.scanverdict, straggler.probes.torchdev, "
-            "straggler.probes.matmul, straggler.probes.membw, straggler.probes.pcie, straggler.probes.allreduce; "
-            "print([m for m in ('torch', 'pandas', 'numpy', 'pynvml', 'rich') if m in sys.modules])")
+    code = (
+        "import sys; import straggler.commands.scan, straggler.probes.runner, straggler.probes.worker, "
+        "straggler.probes.distributed, straggler.scanverdict, straggler.probes.torchdev, "
+        "straggler.probes.matmul, straggler.probes.membw, straggler.probes.pcie, straggler.probes.allreduce; "
+        "print([m for m in ('torch', 'pandas', 'numpy', 'pynvml', 'rich') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -243,7 +274,9 @@ def test_an_engine_bug_falls_back_to_the_simple_rule_and_says_so(monkeypatch):
         raise ValueError("odd rows")
 
     monkeypatch.setattr(straggler.analysis, "analyze", broken)
-    rows, doc, engine = scanverdict.analyze_samples(_samples({"cpu0": [10.0] * 3, "cpu1": [10.0] * 3, "cpu2": [5.0] * 3}))
+    rows, doc, engine = scanverdict.analyze_samples(
+        _samples({"cpu0": [10.0] * 3, "cpu1": [10.0] * 3, "cpu2": [5.0] * 3})
+    )
     assert engine == "simple rule (the analysis engine failed: ValueError: odd rows)"
     assert doc == {"error": "ValueError: odd rows"}
     assert {r["gpu"] for r in rows if r["straggler"]} == {"cpu2"}

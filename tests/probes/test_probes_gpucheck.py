@@ -25,9 +25,11 @@ def _rows(gpu, probe, values):
 
 
 def test_run_to_run_cv_and_ratios():
-    runs = [_rows("g0", "matmul", [700, 710, 705]) + _rows("g0", "membw", [2900, 2950]),
-            _rows("g0", "matmul", [702, 706, 704]) + _rows("g0", "membw", [2700, 2700]),
-            _rows("g0", "matmul", [706, 708, float("nan")]) + _rows("g0", "membw", [2800])]
+    runs = [
+        _rows("g0", "matmul", [700, 710, 705]) + _rows("g0", "membw", [2900, 2950]),
+        _rows("g0", "matmul", [702, 706, 704]) + _rows("g0", "membw", [2700, 2700]),
+        _rows("g0", "matmul", [706, 708, float("nan")]) + _rows("g0", "membw", [2800]),
+    ]
     stats = gpu_check.run_to_run(runs)
     assert stats[("g0", "matmul")]["medians"] == [705, 704, 707.0]
     assert stats[("g0", "matmul")]["cv"] == pytest.approx(1.5275252 / 705.333333, rel=1e-6)
@@ -49,8 +51,9 @@ def run_by_steps(cmd: list[str], step_limit_s: float, **kw) -> subprocess.Comple
     """Run gpu_check, waiting as long as its steps take: it prints ``[gpu_check] <step>: N s`` after
     each step, and the test fails only when no step has ended for ``step_limit_s`` (then the process
     group is killed)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kw)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
+    )
     lines: queue.Queue = queue.Queue()
     stdout: list[str] = []
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
@@ -62,8 +65,10 @@ def run_by_steps(cmd: list[str], step_limit_s: float, **kw) -> subprocess.Comple
             try:
                 line = lines.get(timeout=max(0.0, last + step_limit_s - time.monotonic()))
             except queue.Empty:
-                pytest.fail(f"gpu_check: no step ended for {step_limit_s:.0f} s (the longest a step may take: "
-                            f"a scan by its own deadline); stderr so far: {''.join(err)[-2000:]}")
+                pytest.fail(
+                    f"gpu_check: no step ended for {step_limit_s:.0f} s (the longest a step may take: "
+                    f"a scan by its own deadline); stderr so far: {''.join(err)[-2000:]}"
+                )
             if line is None:
                 break
             err.append(line)
@@ -83,11 +88,29 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     # the longest step is one full scan (matmul, membw, allreduce for 1 s each, 5 samples); inside
     # the CPU shield outside load cannot make a core's ceiling and its scan differ (tests/cpushield.py)
     with cpu_shield() as (shield, _):
-        proc = run_by_steps([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
-                             "--runs", "2", "--duration", "1", "--ceiling-seconds", "1", "--record-seconds", "1",
-                             "--out", str(out), "--fixtures-dir", str(fixtures), "--no-pytest"],
-                            scan_timeout_s(("matmul", "membw", "allreduce"), 1.0),
-                            preexec_fn=shield.enter if shield else None)
+        proc = run_by_steps(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "gpu_check.py"),
+                "--device",
+                "cpu",
+                "--runs",
+                "2",
+                "--duration",
+                "1",
+                "--ceiling-seconds",
+                "1",
+                "--record-seconds",
+                "1",
+                "--out",
+                str(out),
+                "--fixtures-dir",
+                str(fixtures),
+                "--no-pytest",
+            ],
+            scan_timeout_s(("matmul", "membw", "allreduce"), 1.0),
+            preexec_fn=shield.enter if shield else None,
+        )
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["errors"] == [] and len(doc["runs"]) == 2

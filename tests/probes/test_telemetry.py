@@ -33,8 +33,16 @@ from straggler.probes.telemetry import (
 from straggler.records import parse_throttle
 
 SCENARIOS = (
-    "h100_healthy", "h100_thermal_throttle", "h100_power_capped_low_clock", "pcie_gen3_downgrade",
-    "ecc_remapped_rows", "nvml_error_mid_run", "gpu_fallen_off_bus", "h100_idle", "h100_xid_errors", "v100_retired_pages",
+    "h100_healthy",
+    "h100_thermal_throttle",
+    "h100_power_capped_low_clock",
+    "pcie_gen3_downgrade",
+    "ecc_remapped_rows",
+    "nvml_error_mid_run",
+    "gpu_fallen_off_bus",
+    "h100_idle",
+    "h100_xid_errors",
+    "v100_retired_pages",
 )
 
 
@@ -47,6 +55,7 @@ def _nvml_works() -> bool:
 
 
 # --- NVML decoding against the real pynvml module ---------------------------------------------
+
 
 @pytest.mark.parametrize(
     "constant, name",
@@ -166,6 +175,7 @@ def test_importing_backends_loads_no_pynvml_or_psutil():
 
 # --- fixtures and the fake backend --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.startswith("v100")])
 def test_fixture_is_marked_synthetic_and_replays_eight_h100s(scenario):
     data = json.loads((FIXTURE_DIR / f"{scenario}.json").read_text())
@@ -238,6 +248,7 @@ def test_nvml_error_mid_run_recovers_and_field_errors_persist():
 
 # --- the sampler -----------------------------------------------------------------------------------
 
+
 def test_sampler_samples_in_background_and_summarises_its_window():
     b = FakeBackend("h100_thermal_throttle")
     with Sampler(b, 3, interval_s=0.02).window() as w:
@@ -270,6 +281,7 @@ def test_summary_of_a_lost_gpu_keeps_what_was_measured_and_none_for_the_rest():
 
 # --- the CPU backend (real psutil) -----------------------------------------------------------------
 
+
 def test_cpu_backend_reads_every_core():
     b = CpuBackend()
     snap = b.snapshot("h")
@@ -301,6 +313,7 @@ def test_cpu_utilization_sees_a_busy_process_pinned_to_core_0():
 
 # --- recording ----------------------------------------------------------------------------------
 
+
 def test_record_fixture_round_trips_the_cpu_backend(tmp_path):
     path = record_fixture(CpuBackend(), tmp_path / "cpu_here.json", duration_s=0.3, interval_s=0.1)
     data = json.loads(path.read_text())
@@ -326,6 +339,7 @@ def test_record_fixture_keeps_faults_as_data(tmp_path):
 
 
 # --- real GPUs (run by benchmarks/gpu_check.py on a GPU node) ------------------------------------
+
 
 def _require_cuda() -> None:
     import torch
@@ -390,17 +404,22 @@ def test_cpu_core_temperatures_only_where_they_can_be_attributed(monkeypatch):
 
     shwtemp = namedtuple("shwtemp", "label current high critical")  # psutil's entry fields
 
-    one = {"coretemp": [shwtemp("Package id 0", 50.0, 80, 100), shwtemp("Core 0", 41.0, 80, 100),
-                        shwtemp("Core 1", 47.0, 80, 100)]}
+    one = {
+        "coretemp": [
+            shwtemp("Package id 0", 50.0, 80, 100),
+            shwtemp("Core 0", 41.0, 80, 100),
+            shwtemp("Core 1", 47.0, 80, 100),
+        ]
+    }
     monkeypatch.setattr(psutil, "sensors_temperatures", lambda: one, raising=False)
     assert CpuBackend._temps() == {0: 41.0, 1: 47.0}
-    two = {"coretemp": [*one["coretemp"], shwtemp("Package id 1", 60.0, 80, 100),
-                        shwtemp("Core 0", 66.0, 80, 100)]}
+    two = {"coretemp": [*one["coretemp"], shwtemp("Package id 1", 60.0, 80, 100), shwtemp("Core 0", 66.0, 80, 100)]}
     monkeypatch.setattr(psutil, "sensors_temperatures", lambda: two, raising=False)
     assert CpuBackend._temps() == {}  # core 0 of which socket? missing, never the other socket's value
 
 
 # --- the NVML backend's own code over a pynvml-shaped fake ------------------------------------
+
 
 def _dicts(snapshot):
     return [{k: v for k, v in reading_to_dict(d).items() if k != "ts"} for d in snapshot.devices]
@@ -416,12 +435,19 @@ def test_nvml_funnel_turns_non_nvml_exceptions_into_statuses():
     d0, d1 = snap.devices
     assert d0.status == STATUS_OK and d0.remapped_rows is None
     # one pynvml function serves the remapped-row counts and flags: all three miss together
-    assert d0.errors == {"remapped_rows": "function_not_found", "remapped_rows_pending": "function_not_found",
-                         "remapped_rows_failed": "function_not_found", "retired_pages": "not_supported"}
+    assert d0.errors == {
+        "remapped_rows": "function_not_found",
+        "remapped_rows_pending": "function_not_found",
+        "remapped_rows_failed": "function_not_found",
+        "retired_pages": "not_supported",
+    }
     assert d0.temp_c == 31.0 and d0.power_w == 69.0 and d0.model == "NVIDIA H100 80GB HBM3" and d0.processes == 0
     assert d1.status == STATUS_OK and d1.model is None and d1.throttle_reasons is None
-    assert d1.errors == {"model": "invalid_text", "throttle_reasons": "function_not_found",
-                         "retired_pages": "not_supported"}
+    assert d1.errors == {
+        "model": "invalid_text",
+        "throttle_reasons": "function_not_found",
+        "retired_pages": "not_supported",
+    }
     assert d1.uuid and d1.util_pct == 0.0 and d1.processes == 0
     # the fake backend replays the same fixture into the same statuses
     assert _dicts(FakeBackend("nvml_older_library_bad_name").snapshot("h")) == _dicts(snap)

@@ -27,8 +27,13 @@ class Cfg:
 def test_precedence(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('interval_s = 5\nport = 1000\nprobes = ["matmul"]\n')
-    cfg = config.load(Cfg, f, env_prefix="X_", env={"X_PORT": "2000", "X_ENABLED": "no"},
-                      overrides={"address": "0.0.0.0", "token_file": None})
+    cfg = config.load(
+        Cfg,
+        f,
+        env_prefix="X_",
+        env={"X_PORT": "2000", "X_ENABLED": "no"},
+        overrides={"address": "0.0.0.0", "token_file": None},
+    )
     assert cfg == Cfg(interval_s=5.0, port=2000, address="0.0.0.0", probes=("matmul",), enabled=False)
 
 
@@ -65,12 +70,16 @@ def test_render_for_check():
 # --- `--check` fails exactly when the start would (the same validation code) --------------------
 
 
-
 def _cli(*args, env=None, timeout=60):
     import os
 
-    return subprocess.run([sys.executable, "-m", "straggler", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "straggler", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _one_line_error(out) -> str:
@@ -79,13 +88,18 @@ def _one_line_error(out) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("toml, expected", [
-    ('probes = ["matmul", "membww"]\n', "probes: unknown probe 'membww'"),
-    ('telemetry = "gpu"\n', "telemetry: unknown telemetry backend 'gpu'"),
-    ('telemetry = "fake:no_such_scenario"\n', "no such telemetry fixture"),
-    ('probe_deadline_s = 300\nprobe_duration_s = 60\n',
-     "2 probe(s) at 60 s need 560 s, more than probe_deadline_s = 300 s"),
-])
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ('probes = ["matmul", "membww"]\n', "probes: unknown probe 'membww'"),
+        ('telemetry = "gpu"\n', "telemetry: unknown telemetry backend 'gpu'"),
+        ('telemetry = "fake:no_such_scenario"\n', "no such telemetry fixture"),
+        (
+            "probe_deadline_s = 300\nprobe_duration_s = 60\n",
+            "2 probe(s) at 60 s need 560 s, more than probe_deadline_s = 300 s",
+        ),
+    ],
+)
 def test_agent_check_fails_exactly_when_the_start_fails(tmp_path, toml, expected):
     cfg = tmp_path / "agent.toml"
     cfg.write_text(toml + f'spool_path = "{tmp_path / "spool.sqlite"}"\nlisten_port = 0\n')
@@ -105,11 +119,15 @@ def _unopenable(tmp_path, kind: str):
     return tmp_path / "plainfile" / "c.db"  # its "directory" is a file
 
 
-@pytest.mark.parametrize("component, kind, expected", [
-    ("collector", "not a database", "cannot be opened as an SQLite database"),
-    # the agent moves a corrupt spool aside and starts (test_agent_spool.py): no restart loop on a node
-    ("agent", "parent is a file", "is not a directory"),
-    ("collector", "parent is a file", "is not a directory")])
+@pytest.mark.parametrize(
+    "component, kind, expected",
+    [
+        ("collector", "not a database", "cannot be opened as an SQLite database"),
+        # the agent moves a corrupt spool aside and starts (test_agent_spool.py): no restart loop on a node
+        ("agent", "parent is a file", "is not a directory"),
+        ("collector", "parent is a file", "is not a directory"),
+    ],
+)
 def test_a_database_that_cannot_be_opened_fails_check_and_start_alike(tmp_path, component, kind, expected):
     path = _unopenable(tmp_path, kind)
     if component == "agent":
@@ -126,14 +144,25 @@ def test_cluster_scan_client_refuses_a_deadline_the_scan_cannot_meet(tmp_path):
     token = tmp_path / "token"
     token.write_text("0123456789abcdef0123")
     # refused before the collector is contacted: nothing listens on this URL
-    out = _cli("scan", "--collector", "http://127.0.0.1:9", "--token-file", str(token), "--probes", "matmul",
-               "--duration", "1", "--deadline", "100")
-    assert _one_line_error(out) == ("straggler: error: 1 probe(s) at 1 s need 282 s, more than --deadline 100 s "
-                                    "less the 10 s start delay = 90 s")
+    out = _cli(
+        "scan",
+        "--collector",
+        "http://127.0.0.1:9",
+        "--token-file",
+        str(token),
+        "--probes",
+        "matmul",
+        "--duration",
+        "1",
+        "--deadline",
+        "100",
+    )
+    assert _one_line_error(out) == (
+        "straggler: error: 1 probe(s) at 1 s need 282 s, more than --deadline 100 s less the 10 s start delay = 90 s"
+    )
 
 
 # --- issue 7 item 4 follow-up: non-finite numbers, real opens and binds, the real source --------
-
 
 
 TOKEN_ENV = {"STRAGGLER_COLLECTOR_TOKEN": "0123456789abcdef0123"}
@@ -155,16 +184,30 @@ def test_one_rule_refuses_a_non_finite_number_from_every_source(tmp_path, bad):
                     config.load(cls, **{"env_prefix": prefix, "env": {}, **kw})
 
 
-@pytest.mark.parametrize("args, env, expected", [
-    (["agent", "--interval", "nan"], {}, "--interval: must be a finite number"),
-    (["agent", "--interval", "inf"], {}, "--interval: must be a finite number"),
-    (["agent"], {"STRAGGLER_AGENT_PROBE_DURATION_S": "nan"}, "STRAGGLER_AGENT_PROBE_DURATION_S: must be a finite number"),
-    (["agent"], {"STRAGGLER_AGENT_HTTP_TIMEOUT_S": "1e300"}, "STRAGGLER_AGENT_HTTP_TIMEOUT_S: must be at most"),
-    (["collector"], {"STRAGGLER_COLLECTOR_MAX_WAIT_S": "-inf"}, "STRAGGLER_COLLECTOR_MAX_WAIT_S: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["agent", "--interval", "nan"], {}, "--interval: must be a finite number"),
+        (["agent", "--interval", "inf"], {}, "--interval: must be a finite number"),
+        (
+            ["agent"],
+            {"STRAGGLER_AGENT_PROBE_DURATION_S": "nan"},
+            "STRAGGLER_AGENT_PROBE_DURATION_S: must be a finite number",
+        ),
+        (["agent"], {"STRAGGLER_AGENT_HTTP_TIMEOUT_S": "1e300"}, "STRAGGLER_AGENT_HTTP_TIMEOUT_S: must be at most"),
+        (
+            ["collector"],
+            {"STRAGGLER_COLLECTOR_MAX_WAIT_S": "-inf"},
+            "STRAGGLER_COLLECTOR_MAX_WAIT_S: must be a finite number",
+        ),
+    ],
+)
 def test_non_finite_and_huge_numbers_fail_check_and_start_alike(tmp_path, args, env, expected):
-    spool = ["--spool", str(tmp_path / "s.sqlite"), "--listen-port", "0", "--telemetry", "cpu"] \
-        if args[0] == "agent" else ["--db", str(tmp_path / "c.db"), "--port", "0"]
+    spool = (
+        ["--spool", str(tmp_path / "s.sqlite"), "--listen-port", "0", "--telemetry", "cpu"]
+        if args[0] == "agent"
+        else ["--db", str(tmp_path / "c.db"), "--port", "0"]
+    )
     env = {**TOKEN_ENV, **env}
     checked = _one_line_error(_cli(*args, *spool, "--check", env=env))
     assert expected in checked, checked
@@ -176,7 +219,9 @@ def test_a_config_error_names_the_real_source_not_a_missing_default_file(tmp_pat
     env = {**TOKEN_ENV, "STRAGGLER_COLLECTOR_MAX_WAIT_S": "-5"}
     line = _one_line_error(_cli("collector", "--check", "--db", str(tmp_path / "c.db"), env=env))
     assert "/etc/straggler" not in line and "STRAGGLER_COLLECTOR_MAX_WAIT_S" in line and "must be > 0" in line, line
-    line = _one_line_error(_cli("collector", "--check", "--db", str(tmp_path / "c.db"), "--port", "70000", env=TOKEN_ENV))
+    line = _one_line_error(
+        _cli("collector", "--check", "--db", str(tmp_path / "c.db"), "--port", "70000", env=TOKEN_ENV)
+    )
     assert "/etc/straggler" not in line and "--port" in line, line
     cfg = tmp_path / "agent.toml"
     cfg.write_text("interval_s = -1\n")
@@ -225,8 +270,11 @@ def test_collector_check_reads_an_existing_database_and_never_migrates_it(tmp_pa
 @pytest.mark.parametrize("component", ["agent", "collector"])
 def test_check_leaves_nothing_behind_when_it_creates_the_database(tmp_path, component):
     path = tmp_path / "new" / "dir" / "db.sqlite"
-    args = ["agent", "--spool", str(path), "--listen-port", "0", "--telemetry", "cpu"] if component == "agent" \
+    args = (
+        ["agent", "--spool", str(path), "--listen-port", "0", "--telemetry", "cpu"]
+        if component == "agent"
         else ["collector", "--db", str(path), "--port", "0"]
+    )
     out = _cli(*args, "--check", env=TOKEN_ENV)
     assert out.returncode == 0, out
     assert list(tmp_path.iterdir()) == []

@@ -9,8 +9,16 @@ import time
 import pytest
 from slurm import slurm_fixture
 
-from straggler.drain import (DRAINED, IDLE, REASON_MAX_CHARS, UNKNOWN, DrainError, ScontrolAction,
-                             drain_reason, parse_state)
+from straggler.drain import (
+    DRAINED,
+    IDLE,
+    REASON_MAX_CHARS,
+    UNKNOWN,
+    DrainError,
+    ScontrolAction,
+    drain_reason,
+    parse_state,
+)
 from straggler.finding import ERROR, Finding
 
 slurm = slurm_fixture()
@@ -50,8 +58,9 @@ def test_scontrol_refusing_is_one_line(slurm):
 def test_scontrol_missing_is_one_line(tmp_path):
     with pytest.raises(DrainError) as e:
         ScontrolAction(scontrol=str(tmp_path / "scontrol")).state("n1")
-    assert str(e.value) == (f"cannot read the state of n1: {tmp_path / 'scontrol'} not found (install "
-                            "slurm-client, or give its path)")
+    assert str(e.value) == (
+        f"cannot read the state of n1: {tmp_path / 'scontrol'} not found (install slurm-client, or give its path)"
+    )
 
 
 def test_scontrol_hanging_is_stopped_at_its_timeout(tmp_path):
@@ -72,8 +81,10 @@ def test_drain_reason_short_enough_for_sinfo():
     r = drain_reason(many)
     assert r == "straggler: gpu0 matmul 0.70x thermal +4" and len(r) <= REASON_MAX_CHARS
     # too long: whole words go from the end (the cause, then the value) before a word is cut
-    assert drain_reason([Finding("gpu1", "remapped_rows", "pending", "memory")] * 4) == \
-        "straggler: gpu1 remapped_rows pending memory +3"
+    assert (
+        drain_reason([Finding("gpu1", "remapped_rows", "pending", "memory")] * 4)
+        == "straggler: gpu1 remapped_rows pending memory +3"
+    )
     long = drain_reason([Finding("gpu7", "remapped_rows", "pending 3 failed 1 " * 5, "memory")])
     assert long == "straggler: gpu7 remapped_rows pending 3 failed 1" and len(long) <= REASON_MAX_CHARS
     assert len(drain_reason([Finding("gpu7", "x" * 80, "v", "c")] * 2)) == REASON_MAX_CHARS
@@ -83,16 +94,19 @@ def test_drain_reason_short_enough_for_sinfo():
     assert drain_reason([Finding("gpu1", "ecc", "2\nnew", "ecc")]) == "straggler: gpu1 ecc 2 new ecc"
 
 
-@pytest.mark.parametrize("line, state", [
-    ("NodeName=a State=IDLE+DRAIN ThreadsPerCore=1", DRAINED),
-    ("NodeName=a State=MIXED+DRAIN", "draining"),
-    ("NodeName=a State=ALLOCATED+DRAIN", "draining"),
-    ("NodeName=a State=IDLE ", IDLE),
-    ("NodeName=a State=DOWN*+DRAIN", "down"),
-    ("NodeName=a State=IDLE*", IDLE),
-    ("NodeName=a State=FUTURE", UNKNOWN),
-    ("garbage", UNKNOWN),
-])
+@pytest.mark.parametrize(
+    "line, state",
+    [
+        ("NodeName=a State=IDLE+DRAIN ThreadsPerCore=1", DRAINED),
+        ("NodeName=a State=MIXED+DRAIN", "draining"),
+        ("NodeName=a State=ALLOCATED+DRAIN", "draining"),
+        ("NodeName=a State=IDLE ", IDLE),
+        ("NodeName=a State=DOWN*+DRAIN", "down"),
+        ("NodeName=a State=IDLE*", IDLE),
+        ("NodeName=a State=FUTURE", UNKNOWN),
+        ("garbage", UNKNOWN),
+    ],
+)
 def test_parse_state(line, state):
     assert parse_state(line) == state
 
@@ -104,14 +118,32 @@ def test_gate_on_error_drain_drains_a_node_it_could_not_check(slurm, tmp_path):
 
     from conftest import run_cmd
 
-    cmd = [sys.executable, "-m", "straggler", "gate", "--device", "cuda", "--telemetry", "nvml", "--probes", "none",
-           "--state-dir", str(tmp_path), "--node", slurm.node, "--budget", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "straggler",
+        "gate",
+        "--device",
+        "cuda",
+        "--telemetry",
+        "nvml",
+        "--probes",
+        "none",
+        "--state-dir",
+        str(tmp_path),
+        "--node",
+        slurm.node,
+        "--budget",
+        "20",
+    ]
     r = run_cmd(cmd, 60, env=slurm.env)
     assert r.returncode == 2 and slurm.node_state() == "idle", r.stdout
     r = run_cmd([*cmd, "--on-error", "drain"], 60, env=slurm.env)
     try:
         assert r.returncode == 1, r.stdout
         assert slurm.drain_reason() == "straggler: node nvml unavailable nvml"
-        assert r.stdout.splitlines()[-1] == f"drain: {slurm.node} drained, reason 'straggler: node nvml unavailable nvml'"
+        assert (
+            r.stdout.splitlines()[-1] == f"drain: {slurm.node} drained, reason 'straggler: node nvml unavailable nvml'"
+        )
     finally:
         slurm.resume()

@@ -23,12 +23,16 @@ INTERVAL_S = 1
 
 def _env(d: Path, scenario: str, conf: Path | None = None) -> None:
     straggler = Path(sys.executable).with_name("straggler")
-    conf = conf or Path(next(x for x in (d / "straggler-gate.env").read_text().splitlines()
-                             if x.startswith("SLURM_CONF="))[len("SLURM_CONF="):])
+    conf = conf or Path(
+        next(x for x in (d / "straggler-gate.env").read_text().splitlines() if x.startswith("SLURM_CONF="))[
+            len("SLURM_CONF=") :
+        ]
+    )
     tmp = d / "straggler-gate.env.tmp"  # replaced at once: a check that runs meanwhile reads one or the other
     tmp.write_text(
         f"STRAGGLER={straggler}\nSTRAGGLER_GATE_BUDGET=20\nSTRAGGLER_GATE_LOG={d}/gate.log\nSLURM_CONF={conf}\n"
-        f"STRAGGLER_GATE_ARGS=\"--probes none --telemetry fake:{scenario} --state-dir {d}/state\"\n")
+        f'STRAGGLER_GATE_ARGS="--probes none --telemetry fake:{scenario} --state-dir {d}/state"\n'
+    )
     tmp.replace(d / "straggler-gate.env")
 
 
@@ -39,8 +43,13 @@ def checked(tmp_path_factory):
     for name in SHIPPED:
         shutil.copy2(ROOT / "slurm" / name, d / name)
     (d / "straggler-gate.env").write_text("")  # no checks until the Slurm is up and its conf known
-    with start_slurm([f"HealthCheckProgram={d}/straggler-healthcheck", f"HealthCheckInterval={INTERVAL_S}",
-                      "HealthCheckNodeState=IDLE"]) as s:
+    with start_slurm(
+        [
+            f"HealthCheckProgram={d}/straggler-healthcheck",
+            f"HealthCheckInterval={INTERVAL_S}",
+            "HealthCheckNodeState=IDLE",
+        ]
+    ) as s:
         _env(d, "h100_idle", s.conf)  # slurmd gives a health check no SLURM_CONF: the settings name it
         yield s, d
 

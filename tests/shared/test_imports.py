@@ -21,8 +21,10 @@ CLI_MAY_LOAD_OWN = {"straggler", "straggler.cli", "straggler.errors"}
 
 
 def test_cli_import_loads_only_what_the_allow_list_names():
-    code = ("import sys; before = set(sys.modules); import straggler.cli; "
-            "print(' '.join(sorted(set(sys.modules) - before)))")
+    code = (
+        "import sys; before = set(sys.modules); import straggler.cli; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
     outside = {m.split(".")[0] for m in loaded} - set(sys.stdlib_module_names)
@@ -34,16 +36,21 @@ def test_cli_import_loads_only_what_the_allow_list_names():
 
 def test_component_packages_import_without_side_effects():
     # Importing a component package starts nothing and loads no heavy library.
-    assert _loaded_after(
-        "import straggler.probes, straggler.analysis, straggler.agent, straggler.collector, "
-        "straggler.probes.telemetry, straggler.records, straggler.config"
-    ) == []
+    assert (
+        _loaded_after(
+            "import straggler.probes, straggler.analysis, straggler.agent, straggler.collector, "
+            "straggler.probes.telemetry, straggler.records, straggler.config"
+        )
+        == []
+    )
 
 
 def test_help_lists_commands_without_heavy_imports():
-    code = ("import sys\nfrom straggler.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
-            "    assert e.code == 0, e.code\n"
-            f"print('HEAVY:', [m for m in {HEAVY!r} if m in sys.modules])")
+    code = (
+        "import sys\nfrom straggler.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        f"print('HEAVY:', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for name in ("scan", "analyze", "agent", "collector"):

@@ -16,8 +16,12 @@ PACKAGES = ("straggler", "probes", "analysis", "agent", "collector")
 
 
 def lint(*args: str, root=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "lint.py"), *args, "--root", str(root)],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "lint.py"), *args, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def need(module: str) -> None:
@@ -44,12 +48,24 @@ def copy_root(tmp_path_factory):
 
 PLANTS = [
     # (file, line planted at its end, the contract that must break, what its report names)
-    ("analysis/groups.py", "from straggler.collector import client", "One-way layers",
-     "straggler.analysis.groups -> straggler.collector.client"),
-    ("probes/devices.py", "from straggler.scanverdict import device_report", "One-way layers",
-     "straggler.probes.devices -> straggler.scanverdict"),
-    ("straggler/records.py", "from straggler.probes import devices", "One-way layers",
-     "straggler.records -> straggler.probes.devices"),
+    (
+        "analysis/groups.py",
+        "from straggler.collector import client",
+        "One-way layers",
+        "straggler.analysis.groups -> straggler.collector.client",
+    ),
+    (
+        "probes/devices.py",
+        "from straggler.scanverdict import device_report",
+        "One-way layers",
+        "straggler.probes.devices -> straggler.scanverdict",
+    ),
+    (
+        "straggler/records.py",
+        "from straggler.probes import devices",
+        "One-way layers",
+        "straggler.records -> straggler.probes.devices",
+    ),
     ("probes/budget.py", "import httpx", "probes/ measures: no HTTP", "straggler.probes.budget -> httpx"),
     ("agent/idle.py", "import pynvml", "One funnel for NVML", "straggler.agent.idle -> pynvml"),
     ("probes/plan.py", "from . import runner", "No import cycle", ".plan -> .runner"),

@@ -17,15 +17,45 @@ from straggler.jsonsafe import json_safe
 
 # --- JSON-safe values (straggler/jsonsafe.py) ----------------------------------------------------
 
+
 def test_json_safe_cleans_nan_inf_numpy_scalars_and_nesting():
-    doc = {"nan": float("nan"), "inf": float("inf"), "-inf": -math.inf, "f64": np.float64(1.5),
-           "f32nan": np.float32("nan"), "i64": np.int64(7), "bool": np.bool_(True), "na": pd.NA, "nat": pd.NaT,
-           1: "int key", "tuple": (np.float64("nan"), 2), "set": {3, 1},
-           "nested": [{"x": [np.float64("inf"), {"y": np.int32(3)}]}], "s": "text", "none": None, "n": 4}
+    doc = {
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "-inf": -math.inf,
+        "f64": np.float64(1.5),
+        "f32nan": np.float32("nan"),
+        "i64": np.int64(7),
+        "bool": np.bool_(True),
+        "na": pd.NA,
+        "nat": pd.NaT,
+        1: "int key",
+        "tuple": (np.float64("nan"), 2),
+        "set": {3, 1},
+        "nested": [{"x": [np.float64("inf"), {"y": np.int32(3)}]}],
+        "s": "text",
+        "none": None,
+        "n": 4,
+    }
     out = json_safe(doc)
-    assert out == {"nan": None, "inf": None, "-inf": None, "f64": 1.5, "f32nan": None, "i64": 7, "bool": True,
-                   "na": None, "nat": None, "1": "int key", "tuple": [None, 2], "set": [1, 3],
-                   "nested": [{"x": [None, {"y": 3}]}], "s": "text", "none": None, "n": 4}
+    assert out == {
+        "nan": None,
+        "inf": None,
+        "-inf": None,
+        "f64": 1.5,
+        "f32nan": None,
+        "i64": 7,
+        "bool": True,
+        "na": None,
+        "nat": None,
+        "1": "int key",
+        "tuple": [None, 2],
+        "set": [1, 3],
+        "nested": [{"x": [None, {"y": 3}]}],
+        "s": "text",
+        "none": None,
+        "n": 4,
+    }
     assert type(out["f64"]) is float and type(out["i64"]) is int and type(out["bool"]) is bool
     assert type(out["nested"][0]["x"][1]["y"]) is int
     json.dumps(out, allow_nan=False)  # writes as strict JSON
@@ -59,13 +89,28 @@ def test_the_agent_spool_keeps_numpy_values_and_nested_nans_as_json(tmp_path):
     from straggler.agent.spool import Spool
 
     sp = Spool(tmp_path / "spool.sqlite")
-    sp.add_results([{"ts": np.float64(1.0), "scan_id": "s", "host": "h", "gpu": "g", "probe": "matmul", "settings": "x",
-             "sample": np.int64(0), "value": np.float32(2.0), "power_w": float("nan"), "extra": [np.inf, 1]}])
+    sp.add_results(
+        [
+            {
+                "ts": np.float64(1.0),
+                "scan_id": "s",
+                "host": "h",
+                "gpu": "g",
+                "probe": "matmul",
+                "settings": "x",
+                "sample": np.int64(0),
+                "value": np.float32(2.0),
+                "power_w": float("nan"),
+                "extra": [np.inf, 1],
+            }
+        ]
+    )
     (row,) = sp.pending_results(10)
     assert row["sample"] == 0 and row["value"] == 2.0 and row["power_w"] is None and row["extra"] == [None, 1]
 
 
 # --- cause names (analysis/causes.py NAMES) -------------------------------------------------------
+
 
 def test_explain_gives_only_the_named_causes():
     """Every cause explain() can append is in causes.NAMES (so it has an action, a text and a label)."""
@@ -93,15 +138,20 @@ def test_every_cause_is_its_own_metric_label_and_cli_text_never_other():
 
 # --- token files (straggler/token.py) -------------------------------------------------------------
 
+
 def _token_files(tmp_path):
     (tmp_path / "empty").write_text("  \n")
     (tmp_path / "latin").write_bytes(b"s\xe9cret-token-123456\n")
     (tmp_path / "accent").write_text("s\u00e9cret-token-123456\n", encoding="utf-8")
-    return {"missing": (tmp_path / "missing", "cannot read {p}: No such file or directory"),
-            "empty": (tmp_path / "empty", "{p} is empty"),
-            "not utf-8": (tmp_path / "latin", "cannot read {p}: not UTF-8 text"),
-            "not ascii": (tmp_path / "accent", "{p} holds characters other than printable ASCII "
-                                               "(an HTTP header cannot carry them)")}
+    return {
+        "missing": (tmp_path / "missing", "cannot read {p}: No such file or directory"),
+        "empty": (tmp_path / "empty", "{p} is empty"),
+        "not utf-8": (tmp_path / "latin", "cannot read {p}: not UTF-8 text"),
+        "not ascii": (
+            tmp_path / "accent",
+            "{p} holds characters other than printable ASCII (an HTTP header cannot carry them)",
+        ),
+    }
 
 
 def test_every_token_reader_says_the_same_one_line(tmp_path, capsys):
@@ -121,10 +171,21 @@ def test_every_token_reader_says_the_same_one_line(tmp_path, capsys):
         with pytest.raises(ConfigError) as e:
             load_token(CollectorSettings(token_file=path), env={})
         assert e.value.problems == [f"token_file: {why}"], kind
-        for argv in (["scan", "--collector", "http://127.0.0.1:9", "--token-file", str(path)],
-                     ["quarantine", "drain", "n1", "--reason", "x", "--collector", "http://127.0.0.1:9",
-                      "--token-file", str(path)],
-                     ["gate", "--collector", "http://127.0.0.1:9", "--token-file", str(path), "--probes", "none"]):
+        for argv in (
+            ["scan", "--collector", "http://127.0.0.1:9", "--token-file", str(path)],
+            [
+                "quarantine",
+                "drain",
+                "n1",
+                "--reason",
+                "x",
+                "--collector",
+                "http://127.0.0.1:9",
+                "--token-file",
+                str(path),
+            ],
+            ["gate", "--collector", "http://127.0.0.1:9", "--token-file", str(path), "--probes", "none"],
+        ):
             with pytest.raises(SystemExit) as ex:
                 main(argv)
             assert ex.value.code == 2, (kind, argv)
@@ -171,14 +232,22 @@ def test_every_scan_id_maker_uses_the_one_format(tmp_path):
 
     runner = _scan_plan_module()
     assert runner.new_scan_id is new_scan_id and daemon.new_scan_id is new_scan_id
-    ids = {"plain": new_scan_id(now=0), "words": new_scan_id("node/7 a", "retest", now=0),
-           "long": new_scan_id("h" * 300), "runner": runner.new_scan_id("we:ird host")}
+    ids = {
+        "plain": new_scan_id(now=0),
+        "words": new_scan_id("node/7 a", "retest", now=0),
+        "long": new_scan_id("h" * 300),
+        "runner": runner.new_scan_id("we:ird host"),
+    }
     assert ids["plain"].startswith("19700101T000000Z-") and ids["words"].startswith("19700101T000000Z-node_7_a-retest-")
-    board = ScanBoard(Store(tmp_path / "c.db"), agent_seen_s=60.0, offer_grace_s=5.0, run_limit_s=900.0,
-                      retention_s=86400.0)
+    board = ScanBoard(
+        Store(tmp_path / "c.db"), agent_seen_s=60.0, offer_grace_s=5.0, run_limit_s=900.0, retention_s=86400.0
+    )
     ids["collector"] = asyncio.run(board.create(["matmul"], 1.0, ["n1"], 10.0))["scan_id"]
     for kind, sid in ids.items():
-        assert re.fullmatch(SCAN_ID_FORMAT, sid) and SCAN_ID.fullmatch(sid) and scan_id_problem(sid) is None, (kind, sid)
+        assert re.fullmatch(SCAN_ID_FORMAT, sid) and SCAN_ID.fullmatch(sid) and scan_id_problem(sid) is None, (
+            kind,
+            sid,
+        )
     assert "-we_ird_host-" in ids["runner"]
 
 
@@ -220,8 +289,14 @@ def test_final_states_are_one_tuple_in_the_client_the_book_the_store_and_the_mod
     assert typing.get_args(models.ScanStatus.model_fields["state"].annotation) == NODE_STATES[1:]
     assert set(FINAL_STATES) < set(NODE_STATES)
     store = Store(tmp_path / "c.db")
-    scan = {"scan_id": "20261201T000000Z-0000beef", "created_ts": 1.0, "start_at": 2.0, "probes": ["matmul"],
-            "duration_s": 1.0, "hosts": ["a", "b"]}
+    scan = {
+        "scan_id": "20261201T000000Z-0000beef",
+        "created_ts": 1.0,
+        "start_at": 2.0,
+        "probes": ["matmul"],
+        "duration_s": 1.0,
+        "hosts": ["a", "b"],
+    }
     store.create_scan(scan)
     for host, final in zip("ab", FINAL_STATES):
         assert store.set_node_state(scan["scan_id"], host, "running", None, 3.0)
@@ -231,6 +306,7 @@ def test_final_states_are_one_tuple_in_the_client_the_book_the_store_and_the_mod
 
 
 # --- the throttle-string grammar (straggler/records.py) -------------------------------------------
+
 
 def test_one_throttle_reader_strict_and_tolerant():
     """records.read_throttle is the grammar (strict: ValueError on a cell it cannot read);
@@ -242,9 +318,15 @@ def test_one_throttle_reader_strict_and_tolerant():
 
     assert validate.read_throttle is records.read_throttle and not hasattr(validate, "parse_reasons")
     assert causes.parse_throttle is records.parse_throttle
-    for cell, shares in [("sw_power_cap=0.500", {"sw_power_cap": 0.5}), (36, {"sw_power_cap": 1.0,
-                         "sw_thermal_slowdown": 1.0}), ("0x24", {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}),
-                         ("SwPowerCap|bogus", {"sw_power_cap": 1.0}), ("", {}), (None, {}), (float("nan"), {})]:
+    for cell, shares in [
+        ("sw_power_cap=0.500", {"sw_power_cap": 0.5}),
+        (36, {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}),
+        ("0x24", {"sw_power_cap": 1.0, "sw_thermal_slowdown": 1.0}),
+        ("SwPowerCap|bogus", {"sw_power_cap": 1.0}),
+        ("", {}),
+        (None, {}),
+        (float("nan"), {}),
+    ]:
         assert records.parse_throttle(cell) == shares, cell
         assert records.read_throttle(cell)[0] == shares, cell
     for bad in ("sw_power_cap=2", "sw_power_cap=x", -1, True):
@@ -271,6 +353,7 @@ def test_nvml_reason_names_and_bits_are_the_records_ones():
 
 # --- defaults: written once, in the settings; the CLI options read them ---------------------------
 
+
 def _options_after_reload(module_name, command_name):
     import importlib
 
@@ -282,16 +365,31 @@ def test_gate_options_take_their_defaults_from_gate_settings(monkeypatch):
     """Change a default in straggler.gate and `straggler gate` follows (no second copy in the CLI)."""
     from straggler import gate
 
-    for field, value in [("budget_s", 41.0), ("samples", 7), ("max_rounds", 4), ("device", "cpu"),
-                         ("probes", ("membw",)), ("telemetry", "nvml"), ("kernel_log", "-")]:
+    for field, value in [
+        ("budget_s", 41.0),
+        ("samples", 7),
+        ("max_rounds", 4),
+        ("device", "cpu"),
+        ("probes", ("membw",)),
+        ("telemetry", "nvml"),
+        ("kernel_log", "-"),
+    ]:
         monkeypatch.setattr(gate.GateSettings, field, value)
     monkeypatch.setitem(gate.GATE_DURATION_S, "cuda", 9.0)
     try:
         opts = _options_after_reload("straggler.commands.gate", "gate")
-        assert {k: opts[k].default for k in ("budget_s", "samples", "max_rounds", "device", "probes", "telemetry",
-                                             "kernel_log")} == {"budget_s": 41.0, "samples": 7, "max_rounds": 4,
-                                                                "device": "cpu", "probes": "membw",
-                                                                "telemetry": "nvml", "kernel_log": "-"}
+        assert {
+            k: opts[k].default
+            for k in ("budget_s", "samples", "max_rounds", "device", "probes", "telemetry", "kernel_log")
+        } == {
+            "budget_s": 41.0,
+            "samples": 7,
+            "max_rounds": 4,
+            "device": "cpu",
+            "probes": "membw",
+            "telemetry": "nvml",
+            "kernel_log": "-",
+        }
         assert "1 on CPU cores, 9 on GPUs" in opts["duration_s"].help
     finally:
         monkeypatch.undo()
@@ -332,10 +430,12 @@ def test_the_scan_limits_are_the_scan_protocols():
     params = inspect.signature(ScanBoard).parameters
     assert params["run_limit_s"].default is inspect.Parameter.empty
     assert params["retention_s"].default is inspect.Parameter.empty
-    code = ("import straggler.scanproto as p; p.DEFAULT_START_DELAY_S = 12.5; p.MAX_DURATION_S = 60.0\n"
-            "from straggler.collector.models import ScanRequest\n"
-            "r = ScanRequest(probes=['matmul'], duration_s=1)\n"
-            "print(r.start_delay_s, ScanRequest.model_json_schema()['properties']['duration_s']['maximum'])")
+    code = (
+        "import straggler.scanproto as p; p.DEFAULT_START_DELAY_S = 12.5; p.MAX_DURATION_S = 60.0\n"
+        "from straggler.collector.models import ScanRequest\n"
+        "r = ScanRequest(probes=['matmul'], duration_s=1)\n"
+        "print(r.start_delay_s, ScanRequest.model_json_schema()['properties']['duration_s']['maximum'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["12.5", "60.0"]
 
@@ -349,7 +449,9 @@ def test_collector_help_states_the_settings_defaults(monkeypatch):
         opts = _options_after_reload("straggler.commands.collector", "collector")
         assert "[default: 9999]" in opts["port"].help and "[default: 127.0.0.9]" in opts["address"].help
         assert str(settings.CollectorSettings.db_path) in opts["db_path"].help
-        assert str(settings.DEFAULT_CONFIG) in opts["config_path"].help and settings.TOKEN_ENV in opts["token_file"].help
+        assert (
+            str(settings.DEFAULT_CONFIG) in opts["config_path"].help and settings.TOKEN_ENV in opts["token_file"].help
+        )
     finally:
         monkeypatch.undo()
         _options_after_reload("straggler.commands.collector", "collector")

@@ -9,9 +9,19 @@ from straggler.errors import InputError
 
 def _rows():
     return [
-        {"ts": 1.0, "scan_id": "s1", "host": "n1", "gpu": "cpu0", "index": 0, "model": "x",
-         "probe": "matmul", "sample": i, "value": 10.0 + i, "unit": "GFLOP/s",
-         "throttle_reasons": records.format_throttle({"sw_power_cap": 0.5, "gpu_idle": 0.0})}
+        {
+            "ts": 1.0,
+            "scan_id": "s1",
+            "host": "n1",
+            "gpu": "cpu0",
+            "index": 0,
+            "model": "x",
+            "probe": "matmul",
+            "sample": i,
+            "value": 10.0 + i,
+            "unit": "GFLOP/s",
+            "throttle_reasons": records.format_throttle({"sw_power_cap": 0.5, "gpu_idle": 0.0}),
+        }
         for i in range(3)
     ]
 
@@ -40,7 +50,9 @@ def test_throttle_parse_edge_cases():
     assert records.parse_throttle(None) == {}
     assert records.parse_throttle(math.nan) == {}
     assert records.parse_throttle("hw_slowdown=0.250;sw_thermal_slowdown=1") == {
-        "hw_slowdown": 0.25, "sw_thermal_slowdown": 1.0}
+        "hw_slowdown": 0.25,
+        "sw_thermal_slowdown": 1.0,
+    }
 
 
 def test_result_id_is_stable_and_distinct():
@@ -67,8 +79,10 @@ def test_every_probe_row_carries_only_the_contract_columns():
     from straggler.probes import allreduce, matmul, membw
 
     ident = {"scan_id": "s", "host": "h", "gpu": "cpu0", "index": 0, "model": "m", "driver": "d"}
-    raws = {name: json.loads((DATA / "probes" / f"cpu_{name}.json").read_text())
-            for name in ("matmul", "membw", "allreduce_rank0")}
+    raws = {
+        name: json.loads((DATA / "probes" / f"cpu_{name}.json").read_text())
+        for name in ("matmul", "membw", "allreduce_rank0")
+    }
     rows = matmul.parse(raws["matmul"]) + membw.parse(raws["membw"]) + allreduce.parse(raws["allreduce_rank0"])
     extra = {k for r in rows for k in {**ident, **r}} - set(records.COLUMNS)
     assert extra == set()
@@ -96,8 +110,13 @@ def test_no_rows_still_make_a_readable_table(tmp_path, suffix):
 def test_a_scan_json_document_reads_as_its_samples(tmp_path):
     import json
 
-    doc = {"scan_id": "s1", "host": "n1", "devices": [{"host": "n1", "gpu": "cpu0"}], "failures": [],
-           "samples": _rows()}
+    doc = {
+        "scan_id": "s1",
+        "host": "n1",
+        "devices": [{"host": "n1", "gpu": "cpu0"}],
+        "failures": [],
+        "samples": _rows(),
+    }
     one_line, pretty = tmp_path / "scan.json", tmp_path / "pretty.json"
     one_line.write_text(json.dumps(doc) + "\n")
     pretty.write_text(json.dumps(doc, indent=2))
@@ -133,10 +152,12 @@ def test_csv_string_columns_read_as_written(tmp_path):
     """read_table's fast CSV path gives the table read_csv(dtype="string") gives: text columns that
     look like numbers keep their digits, empty and NA cells are missing, other columns as inferred."""
     path = tmp_path / "odd.csv"
-    path.write_text("host,gpu,model,probe,settings,value,sample,scan_id,unit,throttle_reasons\n"
-                    "007,0,H100,matmul,,1.5,0,1e3,,\n"
-                    "8,1,H100,matmul,,2.5,1,NA,GFLOP/s,\n"
-                    "009,GPU-a,\"H100, SXM\",matmul,,3,2,s1,GFLOP/s,\n")
+    path.write_text(
+        "host,gpu,model,probe,settings,value,sample,scan_id,unit,throttle_reasons\n"
+        "007,0,H100,matmul,,1.5,0,1e3,,\n"
+        "8,1,H100,matmul,,2.5,1,NA,GFLOP/s,\n"
+        '009,GPU-a,"H100, SXM",matmul,,3,2,s1,GFLOP/s,\n'
+    )
     got = records.read_table(path)
     want = pd.read_csv(path, dtype={c: "string" for c in records.STRING_COLUMNS})
     pd.testing.assert_frame_equal(got, want)

@@ -42,14 +42,27 @@ def fleet_rows(hosts: int = 8, per_host: int = 8, scans: int = SCANS, samples: i
             for probe, nominal, unit in (("matmul", 780.0, "TFLOP/s"), ("membw", 3000.0, "GB/s")):
                 for k in range(samples):
                     hot = now and gpu == THERMAL
-                    row = {"ts": 1_790_000_000.0 + 86400 * s + k, "scan_id": f"scan{s}", "host": host, "gpu": gpu,
-                           "index": idx, "model": MODEL, "driver": "560.35.03", "probe": probe, "settings": "default",
-                           "sample": k, "duration_s": 1.0, "unit": unit,
-                           "value": nominal * rate * (1 + rng.normal(0, 0.004)),
-                           "sm_clock_mhz": 1650.0 if hot else 1980.0, "sm_clock_max_mhz": 1980.0,
-                           "power_w": 560.0 if hot else 690.0, "power_limit_w": 700.0,
-                           "temp_c": 91.0 if hot else 64.0,
-                           "throttle_reasons": "sw_thermal_slowdown=0.600" if hot else "0"}  # NVML mask: none
+                    row = {
+                        "ts": 1_790_000_000.0 + 86400 * s + k,
+                        "scan_id": f"scan{s}",
+                        "host": host,
+                        "gpu": gpu,
+                        "index": idx,
+                        "model": MODEL,
+                        "driver": "560.35.03",
+                        "probe": probe,
+                        "settings": "default",
+                        "sample": k,
+                        "duration_s": 1.0,
+                        "unit": unit,
+                        "value": nominal * rate * (1 + rng.normal(0, 0.004)),
+                        "sm_clock_mhz": 1650.0 if hot else 1980.0,
+                        "sm_clock_max_mhz": 1980.0,
+                        "power_w": 560.0 if hot else 690.0,
+                        "power_limit_w": 700.0,
+                        "temp_c": 91.0 if hot else 64.0,
+                        "throttle_reasons": "sw_thermal_slowdown=0.600" if hot else "0",
+                    }  # NVML mask: none
                     row["id"] = result_id(row)
                     rows.append(row)
     return rows
@@ -131,10 +144,18 @@ def test_report_draws_aggregates_not_one_element_per_device():
     n, k = 20_000, 3
     rate = 1 + rng.normal(0, 0.004, n)
     rate[rng.choice(n, 60, replace=False)] = 0.85
-    df = pd.DataFrame({"host": np.repeat([f"n{i // 8:04d}" for i in range(n)], k),
-                       "gpu": np.repeat([f"GPU-{i:05d}" for i in range(n)], k), "index": np.repeat(np.arange(n) % 8, k),
-                       "model": MODEL, "probe": "matmul", "settings": "default", "sample": np.tile(np.arange(k), n),
-                       "value": np.repeat(780 * rate, k) * (1 + rng.normal(0, 0.003, n * k))})
+    df = pd.DataFrame(
+        {
+            "host": np.repeat([f"n{i // 8:04d}" for i in range(n)], k),
+            "gpu": np.repeat([f"GPU-{i:05d}" for i in range(n)], k),
+            "index": np.repeat(np.arange(n) % 8, k),
+            "model": MODEL,
+            "probe": "matmul",
+            "settings": "default",
+            "sample": np.tile(np.arange(k), n),
+            "value": np.repeat(780 * rate, k) * (1 + rng.normal(0, 0.003, n * k)),
+        }
+    )
     res = analyze(df)
     assert res.summary["stragglers"] >= 50
     html = render_report(res.devices, res.summary, df, None, command="test")
@@ -145,28 +166,49 @@ def test_report_draws_aggregates_not_one_element_per_device():
 
 
 def test_scan_report_writes_the_scan_report(straggler_cmd, tmp_path):
-    proc = run_cmd([*straggler_cmd, "scan", "--probes", "matmul", "--duration", "1", "--samples", "3",
-                    "--max-rounds", "1", "--report", "scan.html"], timeout_s=scan_timeout_s(("matmul",), 1, 3),
-                   cwd=tmp_path)
+    proc = run_cmd(
+        [
+            *straggler_cmd,
+            "scan",
+            "--probes",
+            "matmul",
+            "--duration",
+            "1",
+            "--samples",
+            "3",
+            "--max-rounds",
+            "1",
+            "--report",
+            "scan.html",
+        ],
+        timeout_s=scan_timeout_s(("matmul",), 1, 3),
+        cwd=tmp_path,
+    )
     assert proc.returncode in (0, 1, 2), proc.stderr
     assert proc.returncode != 2 or "could not decide" in proc.stderr, proc.stderr
     html = (tmp_path / "scan.html").read_text()
     cores = sorted(os.sched_getaffinity(0))
     assert all(f"cpu{c}" in html for c in cores) and "matmul" in html
-    assert "<pre>straggler scan --probes matmul --duration 1 --samples 3 --max-rounds 1 --report scan.html</pre>" in html
+    assert (
+        "<pre>straggler scan --probes matmul --duration 1 --samples 3 --max-rounds 1 --report scan.html</pre>" in html
+    )
 
 
 def test_report_that_cannot_be_written_is_one_line_after_the_table(analyzed, straggler_cmd, tmp_path):
     _, path, _ = analyzed
     (tmp_path / "f").write_text("a file, not a directory")
-    proc = run_cmd([*straggler_cmd, "analyze", str(path.parent.parent / "current.csv"), "--report", "f/r.html"],
-                   timeout_s=120, cwd=tmp_path)
+    proc = run_cmd(
+        [*straggler_cmd, "analyze", str(path.parent.parent / "current.csv"), "--report", "f/r.html"],
+        timeout_s=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "STRAGGLER" in proc.stdout  # the table was printed first
     (line,) = proc.stderr.strip().splitlines()
     assert line == "straggler: error: --report f/r.html: cannot write (f is not a directory)"
 
 
 # --- the collector's /report -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory):
@@ -179,7 +221,7 @@ def collector(tmp_path_factory):
         with httpx.Client(base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
             rows = fleet_rows()
             for i in range(0, len(rows), 500):
-                r = client.post("/api/v1/results", json={"host": "test", "results": rows[i:i + 500]})
+                r = client.post("/api/v1/results", json={"host": "test", "results": rows[i : i + 500]})
                 assert r.status_code == 200, r.text
             srv.collector.fleet.refresh()  # now, rather than after the debounce
             srv.client = client

@@ -29,8 +29,10 @@ from cpushield import cpu_shield
 from slurm import start_slurm
 
 CORES = sorted(os.sched_getaffinity(0))
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one worker each)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 CPU cores (one worker each)"),
+]
 BUDGET_S = 60  # the gate's --budget in the prolog: start-up of 2 workers on a busy 2-core machine
 GATE_ARGS = "--probes matmul --duration 2 --max-rounds 2"
 BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
@@ -46,7 +48,8 @@ def install_gate(d: Path, more_args: str = "") -> Path:
     straggler = Path(sys.executable).with_name("straggler")
     (d / "straggler-gate.env").write_text(
         f"STRAGGLER={straggler}\nSTRAGGLER_GATE_BUDGET={BUDGET_S}\nSTRAGGLER_GATE_ON_ERROR=pass\n"
-        f"STRAGGLER_GATE_ARGS=\"{GATE_ARGS} --state-dir {d}/state {more_args}\"\nSTRAGGLER_GATE_LOG={d}/gate.log\n")
+        f'STRAGGLER_GATE_ARGS="{GATE_ARGS} --state-dir {d}/state {more_args}"\nSTRAGGLER_GATE_LOG={d}/gate.log\n'
+    )
     return d
 
 
@@ -57,8 +60,9 @@ def gated_slurm(gate_dir: Path, extra_conf: tuple[str, ...] = ()):
     with cpu_shield() as (shield, how):
         if shield is None:
             skip_or_fail(f"no CPU shield ({how}): outside load would slow the prolog's cores for real")
-        with start_slurm([f"Prolog={gate_dir}/straggler-prolog", "PrologEpilogTimeout=120", *extra_conf],
-                         preexec_fn=shield.enter) as s:
+        with start_slurm(
+            [f"Prolog={gate_dir}/straggler-prolog", "PrologEpilogTimeout=120", *extra_conf], preexec_fn=shield.enter
+        ) as s:
             yield s, shield
 
 
@@ -114,8 +118,7 @@ def test_healthy_node_runs_the_job(shielded_slurm, gate_dir, tmp_path):
 def test_slow_core_drains_the_node_and_the_job_does_not_run_there(shielded_slurm, gate_dir, tmp_path):
     slurm, shield = shielded_slurm
     slow = f"cpu{CORES[-1]}"
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(CORES[-1])], preexec_fn=shield.enter)
-            for _ in range(2)]
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(CORES[-1])], preexec_fn=shield.enter) for _ in range(2)]
     marker = tmp_path / "ran"
     try:
         time.sleep(0.3)

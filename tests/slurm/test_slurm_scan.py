@@ -24,10 +24,30 @@ def test_srun_scan_derives_the_rendezvous_from_slurm(slurm, tmp_path):
     env = {k: v for k, v in slurm.env.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env["GLOO_SOCKET_IFNAME"] = "lo"
     # no --kill-on-bad-exit: rank 0 exits 1 or 2 for its verdicts (stragglers, undecided), not for a failure
-    r = slurm.run(["srun", "-n", "2", sys.executable, "-m", "straggler", "scan", "--json",
-                   "--device", "cpu", "--probes", "matmul,allreduce", "--duration", "1", "--samples", "2",
-                   "--max-rounds", "1"],  # the launch is checked here; re-measurement in test_torchrun.py
-                  timeout_s=scan_timeout_s(("matmul", "allreduce"), 1.0, 2) + 30, env=env)
+    r = slurm.run(
+        [
+            "srun",
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "straggler",
+            "scan",
+            "--json",
+            "--device",
+            "cpu",
+            "--probes",
+            "matmul,allreduce",
+            "--duration",
+            "1",
+            "--samples",
+            "2",
+            "--max-rounds",
+            "1",
+        ],  # the launch is checked here; re-measurement in test_torchrun.py
+        timeout_s=scan_timeout_s(("matmul", "allreduce"), 1.0, 2) + 30,
+        env=env,
+    )
     docs = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert r.returncode in (0, 1, 2) and len(docs) == 1, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
     doc = docs[0]

@@ -7,8 +7,11 @@ import pytest
 
 from conftest import ROOT, require_tool
 
-UNITS = sorted(p for p in (ROOT / "systemd").iterdir()
-               if p.suffix in {".service", ".socket", ".timer", ".path", ".target", ".mount"})
+UNITS = sorted(
+    p
+    for p in (ROOT / "systemd").iterdir()
+    if p.suffix in {".service", ".socket", ".timer", ".path", ".target", ".mount"}
+)
 
 
 def verify(unit: Path) -> str:
@@ -37,8 +40,15 @@ def test_verify_does_report_a_broken_unit(tmp_path):
 def test_collector_unit_is_notify_watchdog_and_least_privilege():
     text = (ROOT / "systemd" / "straggler-collector.service").read_text()
     lines = {line.strip() for line in text.splitlines()}
-    for want in ("Type=notify", "Restart=on-failure", "DynamicUser=yes", "StateDirectory=straggler",
-                 "ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet="):
+    for want in (
+        "Type=notify",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "StateDirectory=straggler",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+    ):
         assert want in lines, want
     assert any(line.startswith("WatchdogSec=") for line in lines)
     nofile = [int(line.split("=", 1)[1]) for line in lines if line.startswith("LimitNOFILE=")]
