@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, skip_or_fail
+from cpueven import until_even
 from cpushield import cpu_shield
 from slurm import start_slurm
 
@@ -101,15 +102,34 @@ def _log(gate_dir: Path) -> str:
 
 
 def test_healthy_node_runs_the_job(shielded_slurm, gate_dir, tmp_path):
-    slurm, _ = shielded_slurm
-    marker = tmp_path / "ran"
-    job = _submit(slurm, marker)
-    # the prolog's own deadline: the gate's budget, its wrapper's outer timeout (+10 s), Slurm's start
-    state = _wait_job(slurm, job, marker, BUDGET_S + 10 + 30)
+    slurm, shield = shielded_slurm
+    tries = iter(range(100))
+
+    def submit_and_wait() -> tuple[str, str, Path, str]:
+        """(job, node state, marker, drain reason); a drained node is resumed for the next try."""
+        marker = tmp_path / f"ran-{next(tries)}"
+        job = _submit(slurm, marker)
+        # the prolog's own deadline: the gate's budget, its wrapper's outer timeout (+10 s), Slurm's start
+        state = _wait_job(slurm, job, marker, BUDGET_S + 10 + 30)
+        reason = slurm.drain_reason() if state.startswith("drain") else ""
+        if reason:
+            slurm.run(["scancel", job])
+            slurm.run(["scontrol", "update", f"nodename={slurm.node}", "state=resume"])
+        return job, state, marker, reason
+
+    def drained_for(r) -> set[str]:  # "straggler: cpu1 matmul 0.86x ..." names the core the gate found slow
+        return set(re.findall(r"\b(cpu\d+) ", r[3])) or ({"?"} if r[3] else set())
+
+    # a core slow for a reason no shield keeps off (another tenant on its physical core) may drain
+    # the node, and only that: checked side by side (tests/cpueven.py), then tried again
+    job, state, marker, reason = until_even(submit_and_wait, drained_for, CORES, shield)
     log = _log(gate_dir)
+    if reason:  # every try found a core slow side by side too: the node was rightly drained
+        assert reason.startswith("straggler: cpu"), (reason, log)
+        return
     assert marker.exists(), (state, log)
     assert slurm.node_state() in ("idle", "mixed", "allocated", "completing"), log
-    line = next(x for x in log.splitlines() if " gate: " in x)
+    line = next(x for x in log.splitlines() if f"prolog[{job}] gate: " in x)
     # the gate passed, or could not decide and --on-error pass let the job run; with its phase times
     assert re.search(rf"prolog\[{job}\] gate: (pass|could not decide \(--on-error pass\)) on ", line), log
     assert re.search(r"\(health [\d.]+ s, reference [\d.]+ s, probes [\d.]+ s", line), line
