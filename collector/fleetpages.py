@@ -2,8 +2,10 @@
 
 ``GET /api/v1/gpus`` and ``GET /api/v1/stragglers`` of a 20,000-GPU fleet are tens of megabytes of
 JSON. Serialized on every request, six readers polling them took the CPU that ingest needs. Here each
-page is serialized (and gzipped) once per fleet snapshot, and again at most every
-:data:`REBUILD_S` for the probe ages it carries; every reader in between gets the same bytes, with
+page is serialized (and gzipped) once per fleet snapshot, and again for the probe ages it carries
+at most every :data:`REBUILD_S`, or every ``1 / MAX_BUILD_SHARE`` times its last build's duration
+where that is longer (a build holds the GIL: at 100,000 GPUs it took seconds, and rebuilt every 5 s
+for readers polling back to back it stalled uploads up to 12.6 s, where the agent's timeout is 10 s); every reader in between gets the same bytes, with
 a weak ``ETag`` per snapshot (``If-None-Match`` answers 304 until the next analysis: a page rebuilt
 only for its probe ages is the same fleet view) and gzip when the client accepts it. One build runs at a
 time: readers arriving meanwhile wait for it rather than build their own.
@@ -30,7 +32,8 @@ from straggler.analysis.tiers import TIERS
 from .fleet import FleetSnapshot, FleetView, json_safe
 from .models import Name
 
-REBUILD_S = 5.0  # the probe ages in a cached page are at most this old
+REBUILD_S = 5.0  # the probe ages in a cached page are at most this old (or page_max_age_s)
+MAX_BUILD_SHARE = 0.1  # rebuilds for the probe ages take at most this share of the collector's time
 GZIP_LEVEL = 1  # fast: the page is rebuilt often, and JSON compresses ~10x even so
 Verdict = Literal[TIERS]  # type: ignore[valid-type]
 
@@ -49,6 +52,12 @@ class Page:
     body: bytes
     gzipped: bytes
     etag: str
+    build_s: float = 0.0  # how long serializing and gzipping it took
+
+    @property
+    def max_age_s(self) -> float:
+        """How old the page's probe ages may get before it is rebuilt for them."""
+        return max(REBUILD_S, self.build_s / MAX_BUILD_SHARE)
 
 
 def _dumps(doc: Any) -> bytes:
@@ -85,21 +94,21 @@ class FleetPages:
 
     def page(self, kind: str) -> Page:
         """The cached page of ``kind`` ("gpus" or "stragglers"), rebuilt when the snapshot changed
-        or the page is :data:`REBUILD_S` old."""
+        or the page is :attr:`Page.max_age_s` old."""
         with self._lock:
             snap = self.fleet.snapshot
             page = self._pages.get(kind)
-            if page is not None and page.snapshot is snap and time.monotonic() - page.built_mono < REBUILD_S:
+            if page is not None and page.snapshot is snap and time.monotonic() - page.built_mono < page.max_age_s:
                 return page
             if snap is not self._snap:
                 self._snap, self._snap_seq = snap, self._snap_seq + 1
-            now = self.clock()
+            now, t0 = self.clock(), time.monotonic()
             devices = self.devices(snap, kind)
             body = _dumps(self.document(snap, devices, len(devices), now))
+            gzipped = gzip.compress(body, GZIP_LEVEL)
             self._builds += 1
-            page = Page(
-                snap, now, time.monotonic(), body, gzip.compress(body, GZIP_LEVEL), f'W/"{kind}-{self._snap_seq}"'
-            )
+            built = time.monotonic()
+            page = Page(snap, now, built, body, gzipped, f'W/"{kind}-{self._snap_seq}"', built - t0)
             self._pages[kind] = page
             return page
 

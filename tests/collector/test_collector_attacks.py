@@ -284,6 +284,33 @@ def test_fleet_reads_are_one_cached_page_with_etag_and_gzip(tmp_path):
         srv.stop()
 
 
+def test_a_page_that_was_slow_to_build_is_rebuilt_for_its_probe_ages_less_often(tmp_path):
+    """A page is rebuilt for its probe ages past REBUILD_S, or past 1 / MAX_BUILD_SHARE times its
+    build's duration where that is longer: at 100,000 GPUs a build holds the GIL for seconds, and
+    rebuilt every REBUILD_S for readers polling back to back it stalled uploads past the agent's timeout."""
+    from straggler.collector.fleetpages import MAX_BUILD_SHARE
+
+    srv = _fleet_server(tmp_path)
+    try:
+        pages = srv.app.state.fleet_pages
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+            c.get("/api/v1/gpus")
+            page = pages._pages["gpus"]
+            assert 0 < page.build_s < REBUILD_S * MAX_BUILD_SHARE and page.max_age_s == REBUILD_S  # 12 devices
+            age_s = 2 * REBUILD_S
+            # built in 3 s: good for 30 s of probe ages, so not rebuilt at 10 s
+            pages._pages["gpus"] = replace(page, built_mono=time.monotonic() - age_s, build_s=3.0)
+            before = pages.builds
+            c.get("/api/v1/gpus")
+            assert pages.builds == before and pages._pages["gpus"].max_age_s == 3.0 / MAX_BUILD_SHARE
+            # built in 0.5 s: good for REBUILD_S, so rebuilt at 10 s
+            pages._pages["gpus"] = replace(page, built_mono=time.monotonic() - age_s, build_s=0.5)
+            c.get("/api/v1/gpus")
+            assert pages.builds == before + 1
+    finally:
+        srv.stop()
+
+
 def test_fleet_reads_filter_by_host_and_verdict_and_page(tmp_path):
     srv = _fleet_server(tmp_path)
     try:
