@@ -30,8 +30,9 @@ PostgreSQL's defaults for ``fsync``, ``synchronous_commit``, ``full_page_writes`
 ``shared_buffers``), or uses ``--pg-url`` (a database on an existing server); each size gets a
 schema of its own there (dropped at the end), built and read through ``Store(url)`` and served by a
 real ``straggler collector --db URL``. A figure a backend does not give is printed as "-". The
-machine is shared: CPU seconds are printed beside wall seconds (the PostgreSQL server's own CPU is
-not in them).
+machine is shared: CPU seconds are printed beside wall seconds; the PostgreSQL server's own CPU
+seconds (all its processes, reaped backends included) on rows of their own, where the benchmark
+started the server ("-" on ``--pg-url``).
 
     .venv/bin/python benchmarks/collector_scale.py --gpus 1000,10000 [--backends sqlite,postgresql] [--json]
 """
@@ -202,10 +203,13 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _refresh_child(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, out) -> None:
+def _refresh_child(
+    db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, pg_pid: int | None, out
+) -> None:
     """In a fresh process: refresh after the full-fleet scan, then after one node's scan. Where the
     fleet view runs its analysis in a process of its own (``worker="process"``), that process' CPU
-    seconds count too, and the peak RSS is the larger of the two processes'."""
+    seconds count too, and the peak RSS is the larger of the two processes'. The PostgreSQL server's
+    CPU seconds meanwhile (``_db_cpu_s``) where the benchmark started it (``pg_pid``)."""
     import inspect
 
     from straggler.collector.fleet import FleetView
@@ -217,10 +221,12 @@ def _refresh_child(db: str, gpus: int, scans: int, probes: int, samples: int, t0
     res = {"analysis_in": kw.get("worker", "thread")}
 
     def timed(prefix: str) -> object:
-        w, c = time.perf_counter(), _cpu()
+        w, c, d = time.perf_counter(), _cpu(), _server_cpu(pg_pid)
         snap = fleet.refresh()
         worker_cpu = getattr(fleet, "last_cpu_s", 0.0) if kw else 0.0
         res.update({f"{prefix}_s": time.perf_counter() - w, f"{prefix}_cpu_s": _cpu() - c + worker_cpu})
+        if d is not None:
+            res[f"{prefix}_db_cpu_s"] = _server_cpu(pg_pid) - d
         return snap
 
     snap = timed("refresh_full")
@@ -262,10 +268,12 @@ def _readers(url: str, n: int, seconds: float, out) -> None:
     out.send(reads[0])
 
 
-def refresh_times(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> dict:
+def refresh_times(
+    db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, pg_pid: int | None = None
+) -> dict:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_refresh_child, args=(db, gpus, scans, probes, samples, t0, send))
+    p = ctx.Process(target=_refresh_child, args=(db, gpus, scans, probes, samples, t0, pg_pid, send))
     p.start()
     res = recv.recv()
     p.join()
@@ -290,6 +298,7 @@ def under_load(
     readers: int,
     batch_rows: int,
     max_rows: int,
+    pg_pid: int | None = None,
 ) -> dict:
     """A real collector on the database: a new full-fleet scan posted while readers poll /api/v1/gpus."""
     import httpx
@@ -338,7 +347,7 @@ def under_load(
             if readers_p is not None:
                 readers_p.start()
                 time.sleep(3)  # the readers' process is up and reading
-            runs0, cpu0 = _analysis_runs(c), _proc_cpu(server.pid)
+            runs0, cpu0, db0 = _analysis_runs(c), _proc_cpu(server.pid), _server_cpu(pg_pid)
             lat = []
             w = time.perf_counter()
             sent = 0
@@ -350,6 +359,8 @@ def under_load(
                 sent += r.json()["accepted"]
             wall = time.perf_counter() - w
             cpu = _proc_cpu(server.pid) - cpu0
+            if db0 is not None:
+                res["db_cpu_s"] = _server_cpu(pg_pid) - db0
             runs = _analysis_runs(c) - runs0
             if readers_p is not None:
                 readers_p.kill()
@@ -386,16 +397,22 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children."""
+def _proc_cpu(pid: int, reaped: bool = False) -> float:
+    """CPU seconds of ``pid`` and its live children (``reaped``: and of the children they waited for)."""
     total = 0.0
     for p in _tree(pid):
         try:
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        total += sum(int(x) for x in f[11 : 15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def _server_cpu(pid: int | None) -> float | None:
+    """CPU seconds of the PostgreSQL server the benchmark started (its postmaster, the backends it
+    reaped, its live processes: autovacuum and the checkpointer too); None without one (SQLite, --pg-url)."""
+    return None if pid is None else _proc_cpu(pid, reaped=True)
 
 
 def measure(
@@ -408,6 +425,7 @@ def measure(
     batch_rows: int,
     load_rows: int,
     pg_url: str | None = None,
+    pg_pid: int | None = None,
 ) -> dict:
     """One fleet size on SQLite (a file under ``dbdir``), or on PostgreSQL where ``pg_url`` names a
     database: a schema of its own there, dropped at the end."""
@@ -423,10 +441,10 @@ def measure(
     try:
         res.update(build(db, gpus, scans, probes, samples, t0))
         res["rows"] = gpus * probes * samples * (scans + 1)
-        res.update(refresh_times(db, gpus, scans, probes, samples, t0))
+        res.update(refresh_times(db, gpus, scans, probes, samples, t0, pg_pid))
         print(json.dumps(res), file=sys.stderr, flush=True)  # a partial result survives a later failure
         if readers >= 0:
-            res.update(under_load(tmp, db, gpus, scans, probes, samples, t0, readers, batch_rows, load_rows))
+            res.update(under_load(tmp, db, gpus, scans, probes, samples, t0, readers, batch_rows, load_rows, pg_pid))
     finally:
         for f in tmp.iterdir():
             f.unlink()
@@ -448,8 +466,10 @@ def table(results: list[dict]) -> str:
     figs = [
         ("refresh, full-fleet scan: wall s", "refresh_full_s", "{:.2f}"),
         ("  CPU s", "refresh_full_cpu_s", "{:.2f}"),
+        ("  PostgreSQL server CPU s", "refresh_full_db_cpu_s", "{:.2f}"),
         ("refresh, one node's scan: wall s", "refresh_node_s", "{:.2f}"),
         ("  CPU s", "refresh_node_cpu_s", "{:.2f}"),
+        ("  PostgreSQL server CPU s", "refresh_node_db_cpu_s", "{:.2f}"),
         ("peak RSS (store + fleet view), MB", "peak_rss_mb", "{:.0f}"),
         ("collector's largest process peak RSS, MB", "collector_peak_rss_mb", "{:.0f}"),
         ("ingest under load, results/s", "ingest_rows_s", "{:.0f}"),
@@ -459,6 +479,7 @@ def table(results: list[dict]) -> str:
         ("  refreshes meanwhile", "refreshes_during", "{:.0f}"),
         ("  POSTs", "posts", "{:.0f}"),
         ("  collector CPU s meanwhile", "collector_cpu_s", "{:.1f}"),
+        ("  PostgreSQL server CPU s meanwhile", "db_cpu_s", "{:.1f}"),
         ("  ingest wall s", "ingest_wall_s", "{:.1f}"),
         ("GET /api/v1/gpus TTFB, ms", "ttfb_ms", "{:.1f}"),
         ("DB bytes per GPU per scan", "db_bytes_per_gpu_scan", "{:.0f}"),
@@ -504,11 +525,12 @@ def main(argv=None) -> int:
             ap.error(f"--backends: unknown backend {b!r} (known: {', '.join(BACKENDS)})")
     results = []
     with contextlib.ExitStack() as stack:
-        pg_url = args.pg_url
+        pg_url, pg_pid = args.pg_url, None
         if "postgresql" in backends and pg_url is None:
             from pgserver import running_postgres
 
-            pg_url = stack.enter_context(running_postgres(_free_port(), durable=True)).base_url
+            pg = stack.enter_context(running_postgres(_free_port(), durable=True))
+            pg_url, pg_pid = pg.base_url, pg.proc.pid
         for n in (int(x) for x in args.gpus.split(",")):
             for b in backends:
                 results.append(
@@ -522,6 +544,7 @@ def main(argv=None) -> int:
                         args.batch_rows,
                         args.load_rows,
                         pg_url if b == "postgresql" else None,
+                        pg_pid if b == "postgresql" else None,
                     )
                 )
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
