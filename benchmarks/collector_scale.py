@@ -491,7 +491,8 @@ def table(results: list[dict]) -> str:
     for label, key, fmt in figs:
         tgt = ""
         if key in TARGETS:
-            tgt = "; ".join(f"{_target(key, r['gpus'])} @{r['gpus']:,}" for r in results if _target(key, r["gpus"]))
+            sizes = dict.fromkeys(r["gpus"] for r in results)  # once a size, for all its backends
+            tgt = "; ".join(f"{_target(key, n)} @{n:,}" for n in sizes if _target(key, n))
             if not isinstance(TARGETS[key], dict):
                 tgt = _target(key, 0)
         out.append([label] + [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results] + [tgt])

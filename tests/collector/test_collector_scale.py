@@ -112,3 +112,19 @@ def test_the_scale_benchmark_measures_postgresql_beside_sqlite(pg_server, tmp_pa
     assert list(tmp_path.iterdir()) == []
     bad = subprocess.run(cmd[:2] + ["--backends", "sqlite,mysql"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown backend 'mysql'" in bad.stderr.strip().splitlines()[-1], bad.stderr
+
+
+def test_the_scale_table_puts_the_backends_side_by_side():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collector_scale", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sqlite = {"backend": "sqlite", "gpus": 10_000, "refresh_full_s": 2.5, "db_bytes_per_gpu_scan": 4300.0}
+    pg = {"backend": "postgresql", "gpus": 10_000, "refresh_full_s": 3.25, "refresh_full_db_cpu_s": 1.5}
+    lines = bench.table([sqlite, pg]).splitlines()
+    assert lines[0].split() == ["figure", "sqlite", "10,000", "postgresql", "10,000", "target"]
+    rows = [(line[:42].strip(), line[42:].split()) for line in lines[1:]]
+    assert rows[0] == ("refresh, full-fleet scan: wall s", ["2.50", "3.25", "<=", "1", "@10,000"])  # once a size
+    assert rows[2] == ("PostgreSQL server CPU s", ["-", "1.50"])  # what a backend does not give: "-"
+    assert dict(rows)["DB bytes per GPU per scan"] == ["4300", "-"]
