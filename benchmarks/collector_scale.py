@@ -13,18 +13,34 @@ one through the collector's own store, then measures:
   while ``--readers`` threads fetch ``GET /api/v1/gpus`` (gzip) back to back: results/s and the p99
   POST latency, with the number of refreshes that ran meanwhile;
 - **GET TTFB**: time to first byte of ``GET /api/v1/gpus`` once the page is cached (median of 10);
-- **DB bytes per GPU per scan**: the database file (after a checkpoint) over GPUs x scans stored.
+- **DB bytes per GPU per scan**: over GPUs x scans stored, SQLite's database file (after a
+  checkpoint), or on PostgreSQL ``pg_total_relation_size`` (heap, indexes, TOAST, free-space and
+  visibility maps) summed over the tables of the run's schema, after ``VACUUM ANALYZE`` of them (what
+  autovacuum does on a live server within a minute; it also gives the refresh's planner statistics);
+- **WAL bytes per ingested row** of the last scan: SQLite's ``-wal`` file with checkpoints held off
+  for that scan, or on PostgreSQL the ``pg_current_wal_lsn()`` difference around it (all of the
+  server's WAL meanwhile), after a ``CHECKPOINT`` (an hourly scan comes after the 5-minute
+  checkpoints, so it pays its full-page images; where the role may not checkpoint, the figure is
+  printed without one and ``wal_after_checkpoint`` is false).
 
-The machine is shared: CPU seconds are printed beside wall seconds. ``--db`` gives where the
-database lives (a directory for SQLite files; later a ``postgresql://`` URL), shown in the
-``backend`` column.
+``--backends sqlite,postgresql`` measures each size on each backend, side by side (the ``backend``
+row of the table). SQLite's files live in ``--db`` (a directory). For PostgreSQL the benchmark
+starts a throwaway server of its own (``tests/pgserver.py``, the test session's server, but with
+PostgreSQL's defaults for ``fsync``, ``synchronous_commit``, ``full_page_writes`` and
+``shared_buffers``), or uses ``--pg-url`` (a database on an existing server); each size gets a
+schema of its own there (dropped at the end), built and read through ``Store(url)`` and served by a
+real ``straggler collector --db URL``. A figure a backend does not give is printed as "-". The
+machine is shared: CPU seconds are printed beside wall seconds; the PostgreSQL server's own CPU
+seconds (all its processes, reaped backends included) on rows of their own, where the benchmark
+started the server ("-" on ``--pg-url``).
 
-    .venv/bin/python benchmarks/collector_scale.py --gpus 1000,10000 [--scans 20] [--json]
+    .venv/bin/python benchmarks/collector_scale.py --gpus 1000,10000 [--backends sqlite,postgresql] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -37,6 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # pgserver: the tests' PostgreSQL
 
 from scan_fanout import TOKEN, _free_port, start_collector
 
@@ -53,6 +70,7 @@ TARGETS = {
     "ttfb_ms": {100_000: 50},
 }
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BACKENDS = ("sqlite", "postgresql")
 
 
 def _vm(pid: int | str, key: str) -> int:
@@ -118,25 +136,66 @@ def ingest(store, batch: list[dict], received_ts: float) -> None:
         store.ingest(row_tuples(batch[i : i + 20_000]), received_ts)
 
 
-def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> tuple[float, float]:
-    """Scans 0..scans (the last is the current one) of every device; returns the build's wall
-    seconds and the write-ahead log bytes per row of the last scan (checkpoints held off for it)."""
+def _pg(url: str):
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True)
+
+
+def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> dict:
+    """Scans 0..scans (the last is the current one) of every device through the collector's store;
+    returns the build's wall seconds, the write-ahead log bytes per row of the last scan and the
+    database's bytes per GPU per scan (the module's docstring says how each backend gives them)."""
+    from straggler.collector.db import is_url
     from straggler.collector.store import Store
 
+    pg, res = is_url(db), {}
+    if pg:
+        import psycopg
     start = time.perf_counter()
     store = Store(db)
     try:
         for s in range(scans + 1):
-            if s == scans:
+            if s == scans and pg:
+                with _pg(db) as conn:
+                    try:
+                        conn.execute("CHECKPOINT")
+                        res["wal_after_checkpoint"] = True
+                    except psycopg.errors.InsufficientPrivilege as e:
+                        print(f"collector_scale: no CHECKPOINT before the last scan ({e})", file=sys.stderr)
+                        res["wal_after_checkpoint"] = False
+                    lsn0 = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            elif s == scans:
                 store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 store._writer.execute("PRAGMA wal_autocheckpoint = 0")
             for first in range(0, gpus, 2000):
                 ingest(store, rows(s, range(first, min(gpus, first + 2000)), probes, samples, t0), t0 + s * 3600 + 60)
-        wal_per_row = Path(db + "-wal").stat().st_size / (gpus * probes * samples)
-        store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if pg:
+            with _pg(db) as conn:
+                wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn0,)).fetchone()[0]
+        else:
+            wal = Path(db + "-wal").stat().st_size
+            store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        res["wal_bytes_per_row"] = float(wal) / (gpus * probes * samples)
     finally:
         store.close()
-    return time.perf_counter() - start, wal_per_row
+    res["build_s"] = time.perf_counter() - start
+    if pg:
+        with _pg(db) as conn:
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relkind = 'r'"
+                    " AND c.relnamespace = current_schema()::regnamespace"
+                ).fetchall()
+            ]
+            for t in tables:
+                conn.execute(f"VACUUM ANALYZE {t}")
+            size = sum(conn.execute(f"SELECT pg_total_relation_size('{t}')").fetchone()[0] for t in tables)
+    else:
+        size = sum(Path(db + s).stat().st_size for s in ("", "-wal") if Path(db + s).exists())
+    res["db_bytes_per_gpu_scan"] = size / (gpus * (scans + 1))
+    return res
 
 
 def _cpu() -> float:
@@ -144,10 +203,13 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _refresh_child(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, out) -> None:
+def _refresh_child(
+    db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, pg_pid: int | None, out
+) -> None:
     """In a fresh process: refresh after the full-fleet scan, then after one node's scan. Where the
     fleet view runs its analysis in a process of its own (``worker="process"``), that process' CPU
-    seconds count too, and the peak RSS is the larger of the two processes'."""
+    seconds count too, and the peak RSS is the larger of the two processes'. The PostgreSQL server's
+    CPU seconds meanwhile (``_db_cpu_s``) where the benchmark started it (``pg_pid``)."""
     import inspect
 
     from straggler.collector.fleet import FleetView
@@ -159,10 +221,12 @@ def _refresh_child(db: str, gpus: int, scans: int, probes: int, samples: int, t0
     res = {"analysis_in": kw.get("worker", "thread")}
 
     def timed(prefix: str) -> object:
-        w, c = time.perf_counter(), _cpu()
+        w, c, d = time.perf_counter(), _cpu(), _server_cpu(pg_pid)
         snap = fleet.refresh()
         worker_cpu = getattr(fleet, "last_cpu_s", 0.0) if kw else 0.0
         res.update({f"{prefix}_s": time.perf_counter() - w, f"{prefix}_cpu_s": _cpu() - c + worker_cpu})
+        if d is not None:
+            res[f"{prefix}_db_cpu_s"] = _server_cpu(pg_pid) - d
         return snap
 
     snap = timed("refresh_full")
@@ -204,10 +268,12 @@ def _readers(url: str, n: int, seconds: float, out) -> None:
     out.send(reads[0])
 
 
-def refresh_times(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> dict:
+def refresh_times(
+    db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, pg_pid: int | None = None
+) -> dict:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_refresh_child, args=(db, gpus, scans, probes, samples, t0, send))
+    p = ctx.Process(target=_refresh_child, args=(db, gpus, scans, probes, samples, t0, pg_pid, send))
     p.start()
     res = recv.recv()
     p.join()
@@ -232,17 +298,15 @@ def under_load(
     readers: int,
     batch_rows: int,
     max_rows: int,
+    pg_pid: int | None = None,
 ) -> dict:
     """A real collector on the database: a new full-fleet scan posted while readers poll /api/v1/gpus."""
     import httpx
 
+    from straggler.collector.db import is_url
+
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    link = tmp / "c.db"
-    if not link.exists():
-        for suffix in ("", "-wal", "-shm"):
-            if Path(db + suffix).exists():
-                os.replace(db + suffix, str(link) + suffix)
     server = start_collector(
         tmp,
         port,
@@ -251,6 +315,7 @@ def under_load(
             "STRAGGLER_COLLECTOR_ANALYSIS_MAX_DELAY_S": "1",
             "STRAGGLER_COLLECTOR_HISTORY_SCANS": str(scans),
         },
+        db=db if is_url(db) else None,
     )
     res: dict = {}
     try:
@@ -266,13 +331,14 @@ def under_load(
                     next(r.iter_raw())
                     ttfb.append(time.perf_counter() - s)
             res["ttfb_ms"] = statistics.median(ttfb) * 1000
-            bodies, scan = [], scans + 2
-            while len(bodies) * batch_rows < max_rows:  # new full-fleet scans, each its own scan id
-                new = rows(scan, range(gpus), probes, samples, t0)[: max_rows - len(bodies) * batch_rows]
+            bodies, scan, n = [], scans + 2, 0
+            while n < max_rows:  # new full-fleet scans, each its own scan id: max_rows rows in all
+                new = rows(scan, range(gpus), probes, samples, t0)[: max_rows - n]
                 bodies += [
                     json.dumps({"host": "bench", "results": new[i : i + batch_rows]}).encode()
                     for i in range(0, len(new), batch_rows)
                 ]
+                n += len(new)
                 scan += 1
             del new
             ctx = mp.get_context("spawn")
@@ -281,7 +347,7 @@ def under_load(
             if readers_p is not None:
                 readers_p.start()
                 time.sleep(3)  # the readers' process is up and reading
-            runs0, cpu0 = _analysis_runs(c), _proc_cpu(server.pid)
+            runs0, cpu0, db0 = _analysis_runs(c), _proc_cpu(server.pid), _server_cpu(pg_pid)
             lat = []
             w = time.perf_counter()
             sent = 0
@@ -293,6 +359,8 @@ def under_load(
                 sent += r.json()["accepted"]
             wall = time.perf_counter() - w
             cpu = _proc_cpu(server.pid) - cpu0
+            if db0 is not None:
+                res["db_cpu_s"] = _server_cpu(pg_pid) - db0
             runs = _analysis_runs(c) - runs0
             if readers_p is not None:
                 readers_p.kill()
@@ -329,37 +397,61 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children."""
+def _proc_cpu(pid: int, reaped: bool = False) -> float:
+    """CPU seconds of ``pid`` and its live children (``reaped``: and of the children they waited for)."""
     total = 0.0
     for p in _tree(pid):
         try:
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        total += sum(int(x) for x in f[11 : 15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
     return total
 
 
+def _server_cpu(pid: int | None) -> float | None:
+    """CPU seconds of the PostgreSQL server the benchmark started (its postmaster, the backends it
+    reaped, its live processes: autovacuum and the checkpointer too); None without one (SQLite, --pg-url)."""
+    return None if pid is None else _proc_cpu(pid, reaped=True)
+
+
 def measure(
-    dbdir: str, gpus: int, scans: int, probes: int, samples: int, readers: int, batch_rows: int, load_rows: int
+    dbdir: str,
+    gpus: int,
+    scans: int,
+    probes: int,
+    samples: int,
+    readers: int,
+    batch_rows: int,
+    load_rows: int,
+    pg_url: str | None = None,
+    pg_pid: int | None = None,
 ) -> dict:
+    """One fleet size on SQLite (a file under ``dbdir``), or on PostgreSQL where ``pg_url`` names a
+    database: a schema of its own there, dropped at the end."""
+    from pgserver import new_schema
+
     load_scans = -(-load_rows // (gpus * probes * samples))
     t0 = time.time() - (scans + 4 + load_scans) * 3600  # every scan in the past
     tmp = Path(tempfile.mkdtemp(prefix=f"scale{gpus}-", dir=dbdir))
-    db = str(tmp / "build.db")
-    res = {"backend": "sqlite", "gpus": gpus, "scans": scans + 1, "probes": probes, "samples": samples}
-    res["build_s"], res["wal_bytes_per_row"] = build(db, gpus, scans, probes, samples, t0)
-    size = sum(Path(db + s).stat().st_size for s in ("", "-wal") if Path(db + s).exists())
-    res["db_bytes_per_gpu_scan"] = size / (gpus * (scans + 1))
-    res["rows"] = gpus * probes * samples * (scans + 1)
-    res.update(refresh_times(db, gpus, scans, probes, samples, t0))
-    print(json.dumps(res), file=sys.stderr, flush=True)  # a partial result survives a later failure
-    if readers >= 0:
-        res.update(under_load(tmp, db, gpus, scans, probes, samples, t0, readers, batch_rows, load_rows))
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
+    schema = f"scale{gpus}_{os.getpid()}"
+    db = new_schema(pg_url, schema) if pg_url else str(tmp / "c.db")  # the collector's --db
+    res = {"backend": "postgresql" if pg_url else "sqlite", "gpus": gpus, "scans": scans + 1}
+    res.update(probes=probes, samples=samples)
+    try:
+        res.update(build(db, gpus, scans, probes, samples, t0))
+        res["rows"] = gpus * probes * samples * (scans + 1)
+        res.update(refresh_times(db, gpus, scans, probes, samples, t0, pg_pid))
+        print(json.dumps(res), file=sys.stderr, flush=True)  # a partial result survives a later failure
+        if readers >= 0:
+            res.update(under_load(tmp, db, gpus, scans, probes, samples, t0, readers, batch_rows, load_rows, pg_pid))
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        if pg_url:
+            with _pg(pg_url) as conn:
+                conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     return res
 
 
@@ -374,8 +466,10 @@ def table(results: list[dict]) -> str:
     figs = [
         ("refresh, full-fleet scan: wall s", "refresh_full_s", "{:.2f}"),
         ("  CPU s", "refresh_full_cpu_s", "{:.2f}"),
+        ("  PostgreSQL server CPU s", "refresh_full_db_cpu_s", "{:.2f}"),
         ("refresh, one node's scan: wall s", "refresh_node_s", "{:.2f}"),
         ("  CPU s", "refresh_node_cpu_s", "{:.2f}"),
+        ("  PostgreSQL server CPU s", "refresh_node_db_cpu_s", "{:.2f}"),
         ("peak RSS (store + fleet view), MB", "peak_rss_mb", "{:.0f}"),
         ("collector's largest process peak RSS, MB", "collector_peak_rss_mb", "{:.0f}"),
         ("ingest under load, results/s", "ingest_rows_s", "{:.0f}"),
@@ -385,6 +479,7 @@ def table(results: list[dict]) -> str:
         ("  refreshes meanwhile", "refreshes_during", "{:.0f}"),
         ("  POSTs", "posts", "{:.0f}"),
         ("  collector CPU s meanwhile", "collector_cpu_s", "{:.1f}"),
+        ("  PostgreSQL server CPU s meanwhile", "db_cpu_s", "{:.1f}"),
         ("  ingest wall s", "ingest_wall_s", "{:.1f}"),
         ("GET /api/v1/gpus TTFB, ms", "ttfb_ms", "{:.1f}"),
         ("DB bytes per GPU per scan", "db_bytes_per_gpu_scan", "{:.0f}"),
@@ -396,7 +491,8 @@ def table(results: list[dict]) -> str:
     for label, key, fmt in figs:
         tgt = ""
         if key in TARGETS:
-            tgt = "; ".join(f"{_target(key, r['gpus'])} @{r['gpus']:,}" for r in results if _target(key, r["gpus"]))
+            sizes = dict.fromkeys(r["gpus"] for r in results)  # once a size, for all its backends
+            tgt = "; ".join(f"{_target(key, n)} @{n:,}" for n in sizes if _target(key, n))
             if not isinstance(TARGETS[key], dict):
                 tgt = _target(key, 0)
         out.append([label] + [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results] + [tgt])
@@ -416,14 +512,43 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-rows", type=int, default=5000)
     ap.add_argument("--load-rows", type=int, default=200_000, help="rows posted under load (new full-fleet scans)")
     ap.add_argument("--db", default=tempfile.gettempdir(), help="directory for the SQLite databases")
+    ap.add_argument("--backends", default="sqlite", help="comma-separated, side by side per size: sqlite, postgresql")
+    ap.add_argument(
+        "--pg-url",
+        help="postgresql://USER@HOST:PORT/DATABASE to measure in (a schema a size, dropped after); "
+        "default: start a throwaway PostgreSQL (Debian's postgresql package)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    backends = args.backends.split(",")
+    for b in backends:
+        if b not in BACKENDS:
+            ap.error(f"--backends: unknown backend {b!r} (known: {', '.join(BACKENDS)})")
     results = []
-    for n in (int(x) for x in args.gpus.split(",")):
-        results.append(
-            measure(args.db, n, args.scans, args.probes, args.samples, args.readers, args.batch_rows, args.load_rows)
-        )
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    with contextlib.ExitStack() as stack:
+        pg_url, pg_pid = args.pg_url, None
+        if "postgresql" in backends and pg_url is None:
+            from pgserver import running_postgres
+
+            pg = stack.enter_context(running_postgres(_free_port(), durable=True))
+            pg_url, pg_pid = pg.base_url, pg.proc.pid
+        for n in (int(x) for x in args.gpus.split(",")):
+            for b in backends:
+                results.append(
+                    measure(
+                        args.db,
+                        n,
+                        args.scans,
+                        args.probes,
+                        args.samples,
+                        args.readers,
+                        args.batch_rows,
+                        args.load_rows,
+                        pg_url if b == "postgresql" else None,
+                        pg_pid if b == "postgresql" else None,
+                    )
+                )
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(json.dumps(results) if args.json else table(results))
     return 0
 

@@ -127,9 +127,10 @@ def _ingest(url: str, rows: int, stop: threading.Event, counts: list) -> None:
             k += 1
 
 
-def start_collector(tmp: Path, port: int, env: dict | None = None) -> subprocess.Popen:
-    """``straggler collector`` on 127.0.0.1:port with its database and token under ``tmp``, once
-    /healthz answers (benchmarks/collector_memory.py uses it too)."""
+def start_collector(tmp: Path, port: int, env: dict | None = None, db: str | Path | None = None) -> subprocess.Popen:
+    """``straggler collector`` on 127.0.0.1:port with its token under ``tmp`` and its database at
+    ``db`` (an SQLite path or a ``postgresql://`` URL; default ``tmp/c.db``), once /healthz answers
+    (benchmarks/collector_memory.py and collector_scale.py use it too)."""
     import httpx
 
     token = tmp / "token"
@@ -144,7 +145,7 @@ def start_collector(tmp: Path, port: int, env: dict | None = None) -> subprocess
             "--port",
             str(port),
             "--db",
-            str(tmp / "c.db"),
+            str(tmp / "c.db" if db is None else db),
             "--token-file",
             str(token),
         ],

@@ -1,8 +1,16 @@
 """The collector at fleet scale (issue 13): the analysis off the ingest path gives the same view."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from postgres import pg_server  # noqa: F401 (fixture)
 from straggler.collector.fleet import FleetView
 from straggler.collector.store import Store, row_tuples
 from test_collector_api import make_rows
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "collector_scale.py"
 
 
 def _fleet(store: Store) -> None:
@@ -81,3 +89,42 @@ def test_result_retention_s_is_checked_like_the_other_settings(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("straggler: error: "), out
     assert "STRAGGLER_COLLECTOR_RESULT_RETENTION_S" in lines[0] and "must be > 0" in lines[0], lines
+
+
+def test_the_scale_benchmark_measures_postgresql_beside_sqlite(pg_server, tmp_path):
+    """benchmarks/collector_scale.py --backends postgresql on the session's server (--pg-url): a
+    tiny fleet built, refreshed, served by a real collector on a schema of its own, then dropped."""
+    cmd = [sys.executable, str(BENCH), "--gpus", "16", "--scans", "1", "--readers", "1", "--load-rows", "288"]
+    cmd += ["--batch-rows", "72", "--backends", "postgresql", "--pg-url", pg_server.base_url]
+    out = subprocess.run(cmd + ["--db", str(tmp_path), "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [r] = json.loads(out.stdout)
+    assert r["backend"] == "postgresql" and r["gpus"] == 16 and r["rows"] == 16 * 3 * 3 * 2
+    assert r["devices"] == 16 and r["error"] is None and r["node_error"] is None and r["stragglers"] == 1
+    assert r["refresh_full_s"] > 0 and r["refresh_node_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["ingest_rows"] == 288 and r["posts"] == 4 and r["ingest_rows_s"] > 0 and r["ttfb_ms"] > 0
+    assert r["db_bytes_per_gpu_scan"] > 0 and r["wal_bytes_per_row"] > 0 and r["wal_after_checkpoint"] is True
+    assert "db_cpu_s" not in r and "refresh_full_db_cpu_s" not in r  # a server it did not start: "-"
+    import psycopg
+
+    with psycopg.connect(pg_server.base_url) as conn:  # its schema is gone again
+        assert conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'scale%'").fetchall() == []
+    assert list(tmp_path.iterdir()) == []
+    bad = subprocess.run(cmd[:2] + ["--backends", "sqlite,mysql"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown backend 'mysql'" in bad.stderr.strip().splitlines()[-1], bad.stderr
+
+
+def test_the_scale_table_puts_the_backends_side_by_side():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collector_scale", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sqlite = {"backend": "sqlite", "gpus": 10_000, "refresh_full_s": 2.5, "db_bytes_per_gpu_scan": 4300.0}
+    pg = {"backend": "postgresql", "gpus": 10_000, "refresh_full_s": 3.25, "refresh_full_db_cpu_s": 1.5}
+    lines = bench.table([sqlite, pg]).splitlines()
+    assert lines[0].split() == ["figure", "sqlite", "10,000", "postgresql", "10,000", "target"]
+    rows = [(line[:42].strip(), line[42:].split()) for line in lines[1:]]
+    assert rows[0] == ("refresh, full-fleet scan: wall s", ["2.50", "3.25", "<=", "1", "@10,000"])  # once a size
+    assert rows[2] == ("PostgreSQL server CPU s", ["-", "1.50"])  # what a backend does not give: "-"
+    assert dict(rows)["DB bytes per GPU per scan"] == ["4300", "-"]
