@@ -8,8 +8,9 @@ median (0.67x of each other), and flagged cpu1. The scan was right about the mac
 that claims "nothing is flagged without a slowdown" was not about that machine at that moment.
 
 So such a test measures the cores side by side just before and just after its scan: one process
-pinned to each core, the matmul probe's CPU kernel (fp32 1024x1024 ``torch.mm``, one thread), all
-started at the same instant. :func:`until_even` then
+pinned to each core, the matmul probe's kind of work (an fp32 1024x1024 matrix product on one BLAS
+thread, numpy's: it starts in a fraction of torch's import time), all started at the same instant.
+:func:`until_even` then
 
 - returns the first attempt that flags nothing (the claim shown);
 - fails the test when an attempt flags a device whose core measured even both before and after (a
@@ -22,6 +23,7 @@ started at the same instant. :func:`until_even` then
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -33,20 +35,22 @@ from typing import Callable, TypeVar
 EVEN = 0.9
 RATE = """\
 import os, sys, time
-import torch
 os.sched_setaffinity(0, {int(sys.argv[1])})
-torch.set_num_threads(1)
-a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
-torch.mm(a, b, out=c)
+import numpy as np
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((1024, 1024), dtype=np.float32), rng.standard_normal((1024, 1024), dtype=np.float32)
+c = np.empty((1024, 1024), dtype=np.float32)
+np.matmul(a, b, out=c)
 print("ready", flush=True)
 sys.stdin.readline()
 t0 = time.perf_counter()
 n = 0
 while time.perf_counter() - t0 < float(sys.argv[2]):
-    torch.mm(a, b, out=c)
+    np.matmul(a, b, out=c)
     n += 1
 print(n / (time.perf_counter() - t0), flush=True)
 """
+ONE_THREAD = {v: "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 T = TypeVar("T")
 
 
@@ -58,12 +62,13 @@ def core_rates(cores: list[int], shield=None, seconds: float = 1.5) -> dict[str,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, **ONE_THREAD},
             preexec_fn=shield.enter if shield else None,
         )
         for core in cores
     ]
     try:
-        for p in procs:  # every process has torch loaded and its matrices warm
+        for p in procs:  # every process has numpy loaded and its matrices warm
             assert p.stdout.readline().strip() == "ready", "side-by-side core measurement did not start"
         for p in procs:
             p.stdin.write("go\n")
