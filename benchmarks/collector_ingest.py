@@ -27,6 +27,26 @@ from straggler.records import result_id
 
 TOKEN = "bench-token-0123456789abcdef"
 TARGET = 20_000
+# The telemetry columns of a healthy, power-capped H100 sample (benchmarks/collector_scale.py uses them too)
+H100_TELEMETRY = {
+    "sm_clock_mhz": 1980.0,
+    "sm_clock_max_mhz": 1980.0,
+    "mem_clock_mhz": 2619.0,
+    "power_w": 690.5,
+    "power_limit_w": 700.0,
+    "temp_c": 71.0,
+    "throttle_reasons": "sw_power_cap=0.800",
+    "pcie_gen": 5,
+    "pcie_gen_max": 5,
+    "pcie_width": 16,
+    "pcie_width_max": 16,
+    "ecc_corrected_total": 0,
+    "ecc_uncorrected_total": 0,
+    "retired_pages": 0,
+    "remapped_rows": 0,
+    "util_pct": 100.0,
+    "processes": 1,
+}
 
 
 def make_rows(n: int, tag: str) -> list[dict]:
@@ -47,23 +67,7 @@ def make_rows(n: int, tag: str) -> list[dict]:
             "duration_s": 1.0,
             "value": 790.0 - (i % 7),
             "unit": "TFLOP/s",
-            "sm_clock_mhz": 1980.0,
-            "sm_clock_max_mhz": 1980.0,
-            "mem_clock_mhz": 2619.0,
-            "power_w": 690.5,
-            "power_limit_w": 700.0,
-            "temp_c": 71.0,
-            "throttle_reasons": "sw_power_cap=0.800",
-            "pcie_gen": 5,
-            "pcie_gen_max": 5,
-            "pcie_width": 16,
-            "pcie_width_max": 16,
-            "ecc_corrected_total": 0,
-            "ecc_uncorrected_total": 0,
-            "retired_pages": 0,
-            "remapped_rows": 0,
-            "util_pct": 100.0,
-            "processes": 1,
+            **H100_TELEMETRY,
         }
         row["id"] = result_id(row)
         rows.append(row)

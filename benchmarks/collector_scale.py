@@ -55,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # pgserver: the tests' PostgreSQL
 
+from collector_ingest import H100_TELEMETRY
 from scan_fanout import TOKEN, _free_port, start_collector
 
 PROBES = (
@@ -106,23 +107,9 @@ def rows(scan: int, gpus: range, probes: int, samples: int, t0: float) -> list[d
                     "duration_s": 1.0,
                     "value": base * slow * jitter,
                     "unit": unit,
-                    "sm_clock_mhz": 1980.0,
-                    "sm_clock_max_mhz": 1980.0,
-                    "mem_clock_mhz": 2619.0,
-                    "power_w": 690.5,
-                    "power_limit_w": 700.0,
+                    **H100_TELEMETRY,
                     "temp_c": 61.0 + d % 5,
                     "throttle_reasons": "",
-                    "pcie_gen": 5,
-                    "pcie_gen_max": 5,
-                    "pcie_width": 16,
-                    "pcie_width_max": 16,
-                    "ecc_corrected_total": 0,
-                    "ecc_uncorrected_total": 0,
-                    "retired_pages": 0,
-                    "remapped_rows": 0,
-                    "util_pct": 100.0,
-                    "processes": 1,
                 }
                 r["id"] = result_id(r)
                 out.append(r)
