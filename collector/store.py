@@ -403,15 +403,19 @@ class Store:
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
         """Every row of each device's latest scan of each probe and settings: the fleet view's
         input, as (columns, tuples)."""
-        return self._table(self._sql["latest"])
+        return self._table(*self.fleet_queries(0)["latest"])
 
     def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
         """Rows of each device's ``scans`` scans of each probe and settings before its latest: the
         fleet view's history, as (``HISTORY_COLUMNS``, tuples)."""
         if scans <= 0:
             return list(HISTORY_COLUMNS), []
-        return self._table(
-            f"""WITH k AS (
+        return self._table(*self.fleet_queries(scans)["history"])
+
+    def fleet_queries(self, scans: int) -> dict[str, tuple[str, tuple]]:
+        """The fleet view's two reads as (SQL, parameters), in this database's dialect: ``latest``
+        (:meth:`latest_samples`) and ``history`` (:meth:`earlier_samples` of ``scans`` >= 1 scans)."""
+        history = f"""WITH k AS (
                   SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id,
                          ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu, s.probe, s.settings
                                             ORDER BY s.last_ts DESC) AS rn
@@ -420,9 +424,8 @@ class Store:
                   AND s.scan_id != l.scan_id)
                 SELECT {_HISTORY_FIELDS} FROM k {self.dialect.ordered_join} results r
                 ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
-                AND COALESCE(r.settings, '') = k.settings WHERE k.rn <= ?""",
-            (scans,),
-        )
+                AND COALESCE(r.settings, '') = k.settings WHERE k.rn <= ?"""
+        return {"latest": (self._sql["latest"], ()), "history": (history, (scans,))}
 
     # -- agents and cluster scans ----------------------------------------------------------
 

@@ -128,3 +128,20 @@ def test_the_scale_table_puts_the_backends_side_by_side():
     assert rows[0] == ("refresh, full-fleet scan: wall s", ["2.50", "3.25", "<=", "1", "@10,000"])  # once a size
     assert rows[2] == ("PostgreSQL server CPU s", ["-", "1.50"])  # what a backend does not give: "-"
     assert dict(rows)["DB bytes per GPU per scan"] == ["4300", "-"]
+
+
+def test_the_read_benchmark_reads_the_same_rows_with_each_installed_library(tmp_path):
+    """benchmarks/collector_read.py as documented: the collector's own sqlite3 read beside pandas'
+    read_sql (the libraries not installed here are named as not measured), the same rows, and
+    whether each reads a column whose first rows are NULL."""
+    bench = BENCH.with_name("collector_read.py")
+    cmd = [sys.executable, str(bench), "--gpus", "16", "--scans", "2", "--repeats", "1"]
+    out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = {r["method"]: r for r in json.loads(out.stdout)}
+    assert {"sqlite3", "pandas read_sql"} <= set(runs), runs
+    # 16 GPUs x 3 probes x 3 samples: the current scan and the two before it
+    assert all(r["rows"] == 16 * 3 * 3 * 3 and r["devices"] == 16 and r["same_rows"] for r in runs.values()), runs
+    assert runs["sqlite3"]["nulls_first"] == "yes" and runs["sqlite3"]["cpu_s"] > 0
+    table = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert table.returncode == 0 and "| sqlite3 | " in table.stdout and "| 1.00x |" in table.stdout, table.stdout
