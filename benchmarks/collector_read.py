@@ -17,10 +17,13 @@ SQL on the same file, ``--repeats`` rounds interleaved:
 
 Each row of the table: wall and CPU seconds (user + system) of the read (imports excluded: each
 process imports its library before the clock starts), the process' peak resident set (``VmHWM``) after
-it, and the rows read; every library must read the same rows (count, sum of ``value``, distinct
-devices), or the benchmark says which differs and exits 1. The last column says whether the library
-reads a REAL column whose first 2,000 rows are NULL (telemetry of CPU rows before GPU rows), from a
-small table of its own. The machine is shared: CPU seconds beside wall.
+it, and the rows read. "same rows" compares each library's read with the first's by its row counts
+(latest and history), distinct devices and sum of ``value`` (not row by row); a difference makes
+the benchmark exit 1. The sqlite3 row is the collector's whole read (``Store.fleet_input``: its read
+transaction and the small device table too), the others the two queries alone. The last column
+says whether the library reads a REAL column whose first 2,000 rows are NULL (telemetry of CPU rows
+before GPU rows) as 2,000 NULLs and 10 values, from a small table of its own. The machine is shared:
+CPU seconds beside wall.
 DuckDB is left out: it reads SQLite through an extension it downloads at first use, which this
 machine (and an air-gapped cluster) cannot.
 
@@ -46,12 +49,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collector_scale import build
 
 METHODS = ("sqlite3", "pandas read_sql", "adbc", "connectorx", "polars")
-NEEDS = {"adbc": "adbc_driver_sqlite", "connectorx": "connectorx", "polars": "polars"}
+# the modules each method imports (polars reads through connectorx; each of them into Arrow)
+NEEDS = {
+    "adbc": ("adbc_driver_sqlite.dbapi", "pyarrow"),
+    "connectorx": ("connectorx", "pyarrow"),
+    "polars": ("polars", "connectorx", "pyarrow"),
+}
+CHILD_TIMEOUT_S = 3600  # one read in its process: a hung library is named, not waited for
 
 
 def available() -> list[str]:
     """The methods whose library is installed here."""
-    return [m for m in METHODS if m not in NEEDS or importlib.util.find_spec(NEEDS[m]) is not None]
+
+    def found(name: str) -> bool:
+        top = name.split(".")[0]
+        return importlib.util.find_spec(top) is not None and (top == name or importlib.util.find_spec(name) is not None)
+
+    return [m for m in METHODS if all(found(n) for n in NEEDS.get(m, ()))]
 
 
 def _cpu() -> float:
@@ -130,7 +144,12 @@ def _nulls_first(method: str, tmp: str) -> str:
         conn.executemany("INSERT INTO t VALUES (?, ?)", [(None, "cpu-node")] * 2000 + [(350.5, "gpu-node")] * 10)
     try:
         (frame,) = _frames_by(method, db, [("SELECT t.power_w, t.host FROM t", ())])
-        return "yes" if frame["power_w"].astype(float).max() == 350.5 else "wrong values"
+        power = frame["power_w"].astype(float)
+        return (
+            "yes"
+            if power.isna().sum() == 2000 and (power.dropna() == 350.5).all() and len(power) == 2010
+            else "wrong values"
+        )
     except Exception as e:  # noqa: BLE001 -- the library's refusal is the finding
         return f"no: {type(e).__name__}: {str(e).strip().splitlines()[0][:80]}"
 
@@ -144,8 +163,8 @@ def _read(method: str, db: str, scans: int, out) -> None:
 
     store = Store(db)
     queries = list(store.fleet_queries(scans).values())
-    if method in NEEDS:
-        importlib.import_module(NEEDS[method].replace("adbc_driver_sqlite", "adbc_driver_sqlite.dbapi"))
+    for name in NEEDS.get(method, ()):  # imports before the clock starts
+        importlib.import_module(name)
     w, c = time.perf_counter(), _cpu()
     if method == "sqlite3":  # the collector's own read: Store.fleet_input, then the fleet view's frames
         current, past = _frames(*store.fleet_input(scans)[1:])
@@ -163,6 +182,8 @@ def _read(method: str, db: str, scans: int, out) -> None:
             "cpu_s": cpu,
             "peak_rss_mb": _hwm_mb(),
             "rows": len(both),
+            "rows_latest": len(current),
+            "rows_history": len(past),
             "value_sum": float(both["value"].astype(float).sum()),
             "devices": int(both["gpu"].nunique()),
             "dtypes": sorted({str(t) for t in current.dtypes}),
@@ -181,6 +202,9 @@ def run(db: str, scans: int, methods: list[str], repeats: int) -> list[dict]:
             p.start()
             send.close()
             try:
+                if not recv.poll(CHILD_TIMEOUT_S):
+                    p.kill()
+                    raise SystemExit(f"collector_read: the {m} read did not end within {CHILD_TIMEOUT_S} s")
                 runs[m].append(recv.recv())
             except EOFError:
                 raise SystemExit(f"collector_read: the {m} read died (exit code {p.join() or p.exitcode})") from None
@@ -191,7 +215,7 @@ def run(db: str, scans: int, methods: list[str], repeats: int) -> list[dict]:
         out.append({**rs[0], **med, "wall_min_s": min(r["wall_s"] for r in rs), "repeats": len(rs)})
     first = out[0]
     for r in out[1:]:
-        same = r["rows"] == first["rows"] and r["devices"] == first["devices"]
+        same = all(r[k] == first[k] for k in ("rows_latest", "rows_history", "devices"))
         r["same_rows"] = same and abs(r["value_sum"] - first["value_sum"]) <= 1e-9 * abs(first["value_sum"])
     first["same_rows"] = True
     return out
@@ -202,7 +226,7 @@ def table(results: list[dict], gpus: int, scans: int) -> str:
     lines = [
         f"{gpus:,} GPUs, {scans + 1} scans stored ({base['rows']:,} rows read), median of {base['repeats']}:",
         "",
-        "| library | wall | wall min | CPU | CPU / sqlite3 | peak RSS | same rows | string columns as "
+        "| library | wall | wall min | CPU | CPU / sqlite3 | peak RSS | same rows (counts, sum) | string columns as "
         "| reads a column NULL in its first 2,000 rows |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -219,14 +243,16 @@ def table(results: list[dict], gpus: int, scans: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, default=10_000)
-    ap.add_argument("--scans", type=int, default=20, help="scans of history before the current one")
+    ap.add_argument("--scans", type=int, default=20, help="scans of history before the current one (>= 1)")
     ap.add_argument("--probes", type=int, default=3, choices=(1, 2, 3))
     ap.add_argument("--samples", type=int, default=3, help="samples a probe a scan")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (>= 1)")
     ap.add_argument("--db", default=None, help="an SQLite file this benchmark built before (kept): read it again")
     ap.add_argument("--keep", default=None, help="build the database at this path and keep it")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.scans < 1 or a.repeats < 1 or a.gpus < 8:
+        ap.error("--scans and --repeats must be at least 1, --gpus at least 8")
     methods = available()
     with tempfile.TemporaryDirectory() as tmp:
         db = a.db or a.keep or str(Path(tmp) / "c.db")

@@ -1,8 +1,9 @@
 """Show-test, the other half of test_scan_slowdown.py: without a slowdown the scan flags nothing,
 also while processes outside the test keep the machine busy (the scan runs inside the CPU shield,
 see test_scan_slowdown.py). A core that is slow for a reason no shield keeps off (another tenant on
-its physical core) is checked side by side with tests/cpueven.py: the scan may flag it, and a core
-that measured even just before and just after fewer than three times (a slowdown shorter than the scan)."""
+its physical core) is checked side by side with tests/cpueven.py: the scan may flag it, and, in fewer
+than three attempts, a core that measured even just before and after (a slowdown shorter than the
+scan); when every attempt flags something, the test passes with the last one and a warning."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ def test_without_the_slowdown_nothing_is_flagged(straggler_cmd):
         )
     seen = (how, _seen((code, doc, load)))
     assert len(doc["devices"]) == len(CORES), seen
-    # healthy (exit 0), or every attempt flagged something that until_even accepted (it warned)
-    assert code == 0 or (code == 1 and flagged(doc)), seen
+    # healthy (exit 0, nothing flagged), or every attempt flagged something that until_even accepted
+    # (it warned): then exit 1, with the flag in the document
+    assert (code == 0 and not flagged(doc)) or (code == 1 and flagged(doc)), seen
 
 
 def _seen(result) -> tuple:
     code, doc, load = result
-    return load, [(d["gpu"], d["verdict"], round(d["probes"]["matmul"]["ratio"], 3)) for d in doc["devices"]]
+    ratios = [(d["gpu"], d["verdict"], d.get("probes", {}).get("matmul", {}).get("ratio")) for d in doc["devices"]]
+    return code, load, [(g, v, round(r, 3) if isinstance(r, float) else r) for g, v, r in ratios]
