@@ -37,7 +37,6 @@ import importlib
 import importlib.util
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collector_scale import build
+from collector_scale import _cpu, _vm, build
 
 METHODS = ("sqlite3", "pandas read_sql", "adbc", "connectorx", "polars")
 # the modules each method imports (polars reads through connectorx; each of them into Arrow)
@@ -66,18 +65,6 @@ def available() -> list[str]:
         return importlib.util.find_spec(top) is not None and (top == name or importlib.util.find_spec(name) is not None)
 
     return [m for m in METHODS if all(found(n) for n in NEEDS.get(m, ()))]
-
-
-def _cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _inline(sql: str, params: tuple) -> str:
@@ -170,7 +157,7 @@ def _read(method: str, db: str, scans: int, out) -> None:
         current, past = _frames(*store.fleet_input(scans)[1:])
     else:
         current, past = _frames_by(method, db, queries)
-    wall, cpu = time.perf_counter() - w, _cpu() - c
+    wall, cpu, peak_mb = time.perf_counter() - w, _cpu() - c, _vm("self", "VmHWM") / 2**20
     both = pd.concat([current[["gpu", "value"]], past[["gpu", "value"]]], ignore_index=True)
     store.close()
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,8 +167,7 @@ def _read(method: str, db: str, scans: int, out) -> None:
             "method": method,
             "wall_s": wall,
             "cpu_s": cpu,
-            "peak_rss_mb": _hwm_mb(),
-            "rows": len(both),
+            "peak_rss_mb": peak_mb,
             "rows_latest": len(current),
             "rows_history": len(past),
             "value_sum": float(both["value"].astype(float).sum()),
@@ -207,7 +193,8 @@ def run(db: str, scans: int, methods: list[str], repeats: int) -> list[dict]:
                     raise SystemExit(f"collector_read: the {m} read did not end within {CHILD_TIMEOUT_S} s")
                 runs[m].append(recv.recv())
             except EOFError:
-                raise SystemExit(f"collector_read: the {m} read died (exit code {p.join() or p.exitcode})") from None
+                p.join()
+                raise SystemExit(f"collector_read: the {m} read died (exit code {p.exitcode})") from None
             p.join()
     out = []
     for rs in runs.values():
@@ -224,7 +211,7 @@ def run(db: str, scans: int, methods: list[str], repeats: int) -> list[dict]:
 def table(results: list[dict], gpus: int, scans: int) -> str:
     base = results[0]
     lines = [
-        f"{gpus:,} GPUs, {scans + 1} scans stored ({base['rows']:,} rows read), median of {base['repeats']}:",
+        f"{gpus:,} GPUs, {scans + 1} scans stored ({base['rows_latest'] + base['rows_history']:,} rows read), median of {base['repeats']}:",
         "",
         "| library | wall | wall min | CPU | CPU / sqlite3 | peak RSS | same rows (counts, sum) | string columns as "
         "| reads a column NULL in its first 2,000 rows |",
