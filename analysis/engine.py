@@ -355,7 +355,8 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
             **{c: k[cur_all] for c, k in key_codes.items()},
             "model": factors["model"][0].astype(np.int64, copy=False)[in_frame],
         },
-        {c: u for c, (_, u) in factors.items()},
+        # text as "string" whatever the rows were (categories of Parquet's text, or a concatenation)
+        {c: u.astype("string") for c, (_, u) in factors.items()},
         rank,
         tables,
     )

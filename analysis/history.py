@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from . import groups
+from . import groups, validate
 from .change import Change, changepoint
 from .codes import Codes, PastScans
 
@@ -30,7 +30,7 @@ def scan_rank(frame: pd.DataFrame) -> np.ndarray:
     """Order of each row's scan (0 = oldest). One scan when there is no ``scan_id``."""
     if "scan_id" not in frame.columns:
         return np.zeros(len(frame), dtype=np.int64)
-    sid = frame["scan_id"].astype("string").fillna("")
+    sid = validate.blank_missing(validate.as_text(frame["scan_id"]))
     if len(sid) == 0 or bool((sid == sid.iloc[0]).all()):  # one scan (cheaper than factorizing)
         return np.zeros(len(frame), dtype=np.int64)
     code, n = groups.factorize(sid)

@@ -22,11 +22,36 @@ from . import groups
 IDENTITY = ("host", "gpu", "model", "probe")
 
 
+def as_text(col: pd.Series) -> pd.Series:
+    """The column as text: a "string" column, or a categorical one (Parquet's text columns, read by
+    records.read_table) with its categories made text, so that no string per row is built and its
+    codes serve as group codes."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = col.cat.categories
+        if isinstance(cats.dtype, pd.StringDtype):
+            return col
+        text = cats.astype("string")
+        if not (text.has_duplicates or text.hasnans):  # else (1 and "1": one text) the plain path
+            return col.cat.rename_categories(text)
+    return col.astype("string")
+
+
 def _text(col: pd.Series) -> pd.Series:
-    """A string column with empty strings as missing."""
-    s = col.astype("string")
+    """A text column (as_text) with empty strings as missing."""
+    s = as_text(col)
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.cat.remove_categories([""]) if "" in s.cat.categories else s
     empty = (s == "").fillna(False).to_numpy(dtype=bool)
     return s.mask(empty) if empty.any() else s
+
+
+def blank_missing(col: pd.Series) -> pd.Series:
+    """Missing text (of as_text) as "" (no settings recorded is a value of its own)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        if not col.isna().any():
+            return col
+        col = col.cat.add_categories([""]) if "" not in col.cat.categories else col
+    return col.fillna("")
 
 
 def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str, int]]:
@@ -70,7 +95,7 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
         if gone.any():
             dropped[f"{col} missing"] = int(gone.sum())
             keep &= ~gone
-    out["settings"] = _text(out["settings"]).fillna("") if "settings" in out else ""
+    out["settings"] = blank_missing(_text(out["settings"])) if "settings" in out else ""
     if "throttle_reasons" in out.columns:
         _check_throttle(out, keep, dropped)
     if not keep.all():

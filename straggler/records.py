@@ -345,6 +345,23 @@ def _read_csv(path) -> "pd.DataFrame":
     return df.astype({c: "string" for c in STRING_COLUMNS if c in df.columns})
 
 
+def _read_parquet(path) -> "pd.DataFrame":
+    """A Parquet file, its text columns of STRING_COLUMNS read as categoricals straight from the
+    file's dictionary pages: no string per row is built, and the analysis takes the categories'
+    codes as its group codes (several times faster than reading and hashing 3 million strings)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    text = [
+        f.name
+        for f in schema
+        if f.name in STRING_COLUMNS and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
+    ]
+    return pd.read_parquet(path, read_dictionary=text or None)
+
+
 def read_table(
     paths: "str | Path | Iterable[str | Path]", required: Iterable[str] = REQUIRED_COLUMNS
 ) -> "pd.DataFrame":
@@ -371,7 +388,7 @@ def read_table(
                 if df.empty and not len(df.columns):  # JSON Lines of no rows: an empty file
                     df = empty_frame()
             else:
-                df = pd.read_parquet(p)
+                df = _read_parquet(p)
         except (ValueError, OSError, pd.errors.ParserError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{p}: cannot read as {fmt}: {first}") from None

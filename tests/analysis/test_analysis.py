@@ -539,3 +539,38 @@ def test_an_unreadable_throttle_cell_is_ignored_not_fatal():
     assert flagged(res) == {"GPU-0009"} and res.summary["samples"] == 64 * 5
     assert res.dropped == {"throttle_reasons unreadable (cell ignored)": 5}
     assert list(row(res, "GPU-0009")["causes"]) == ["unexplained"]
+
+
+def test_parquet_text_read_as_categories_gives_the_same_document_as_text(tmp_path):
+    """records.read_table reads a Parquet file's text columns as categoricals (no string per row);
+    the analysis must give exactly what it gives on the same rows as "string" columns, with
+    missing and empty cells, two scans in the table, a history file, throttle reasons and a
+    dropped row among them."""
+    from straggler.records import read_table
+
+    past = pd.concat([fleet(seed=s, scan_id=f"s{s}", ts=float(s)) for s in range(3)], ignore_index=True)
+    two = [fleet(seed=7, scan_id="s7", ts=7.0), fleet(seed=8, scan_id="s8", ts=8.0, slow={5: 0.9, 6: 0.95})]
+    now = pd.concat(two, ignore_index=True)
+    now["throttle_reasons"] = np.where(now["gpu"] == "GPU-0005", "sw_power_cap=0.5", "")
+    now.loc[now["gpu"] == "GPU-0011", "settings"] = ""  # no settings: a peer group of its own
+    now.loc[now["gpu"] == "GPU-0012", "settings"] = None
+    now.loc[3, "host"] = None  # a row without a host: dropped and counted
+    now.loc[(now["gpu"] == "GPU-0020") & (now["scan_id"] == "s7"), "scan_id"] = ""  # a blank scan id
+    now.to_parquet(tmp_path / "now.parquet", index=False)
+    past.to_parquet(tmp_path / "past.parquet", index=False)
+
+    fast, fast_past = read_table(tmp_path / "now.parquet"), read_table(tmp_path / "past.parquet")
+    assert isinstance(fast["gpu"].dtype, pd.CategoricalDtype)  # else this test compares one path with itself
+    text = {c: "string" for c in ("host", "gpu", "model", "probe", "settings", "unit", "scan_id", "throttle_reasons")}
+    plain = pd.read_parquet(tmp_path / "now.parquet").astype(text)
+    plain_past = pd.read_parquet(tmp_path / "past.parquet").astype({k: v for k, v in text.items() if k in past})
+    for history in (None, "past"):
+        a = analyze(fast, fast_past if history else None)
+        b = analyze(plain, plain_past if history else None)
+        assert a.to_json_text() == b.to_json_text() and a.dropped == b.dropped
+        for c in ("host", "gpu", "model", "probe", "settings"):
+            assert a.devices[c].dtype == b.devices[c].dtype == "string", c
+    assert a.dropped == {"host missing": 1} and a.summary["history_rows"] > 0
+    assert flagged(a) == {"GPU-0005", "GPU-0006"} and set(
+        a.devices.loc[a.devices["gpu"] == "GPU-0011", "settings"]
+    ) == {""}
