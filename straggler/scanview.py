@@ -210,7 +210,8 @@ def render_scan(
         )
     if not show_all and len(failures) > TOP:
         console.print(f"(not shown: {len(failures) - TOP} more failure(s); --all shows them)", highlight=False)
-    for line in whole_hosts((d["host"], d["gpu"], d["straggler"]) for d in report["devices"]):
+    devices = report["devices"]
+    for line in whole_hosts(*([d[k] for d in devices] for k in ("host", "gpu", "straggler"))):
         console.print(line, highlight=False)
     n, tiers = report["stragglers"], [d["verdict"] for d in report["devices"]]
     others = "".join(f", {tiers.count(t)} {t}" for t in ("undecided", "slow") if t in tiers)

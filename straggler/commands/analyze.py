@@ -113,7 +113,7 @@ def render(result, console, show_all: bool = False, top: int = TOP) -> None:
                 highlight=False,
             )
     near = d["host"].isin(d["host"][flagged].unique()).to_numpy(dtype=bool)  # only a host with a flag can be whole
-    for line in whole_hosts(zip(d["host"][near], d["gpu"][near], flagged[near])):
+    for line in whole_hosts(d["host"][near], d["gpu"][near], flagged[near]):
         console.print(line, highlight=False)
     for job in s["job_cost"]:
         what = f"{job['probe']} on {job['model']}: a {job['job_devices']}-device synchronous job"
