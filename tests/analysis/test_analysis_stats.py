@@ -134,3 +134,14 @@ def test_engine_codes_refuse_swapped_or_misshaped_arrays():
         Codes(row_dev=row_dev.astype(float), n_dev=3, group=group, n_group=2, host=host, n_host=3, cur_rank=rank)
     with pytest.raises(ValueError, match="value: 1 entries, 2 entries expected"):
         PastScans(dev=np.array([0, 1]), rank=np.array([-1, -1]), value=np.array([1.0]), median=np.ones(2))
+
+
+def test_bh_qvalues_of_tied_p_values_do_not_depend_on_their_order():
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.random(500).round(2), [0.0] * 7, [np.nan] * 5, [1.0] * 9])
+    q = bh_qvalues(p)
+    for seed in range(5):
+        perm = np.random.default_rng(seed).permutation(len(p))
+        np.testing.assert_array_equal(bh_qvalues(p[perm]), q[perm])
+    for v in np.unique(p[np.isfinite(p)]):
+        assert len(np.unique(q[p == v])) == 1
