@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from straggler.errors import ConfigError
+from straggler.errors import ConfigError, InputError
 
 from . import bases, cost, groups, peers, tiers, validate
 from . import causes as causes_mod
@@ -236,12 +236,21 @@ def _objects(values: list) -> np.ndarray:
 
 def _past_scans(rows: "_Rows", codes: Codes, config) -> PastScans:
     """One value per (device, past scan), estimated like the current scan's (transients removed),
-    and its plain sample median."""
+    and its plain sample median; a per-scan summary row gives both as they are (its ``value`` and
+    ``median``: what the analysis of that scan reported)."""
     dev, rank, value = rows.past_dev, rows.past_rank, rows.past_value
     if len(dev) == 0:
         return PastScans(dev, rank, value, value)
     ds, n_ds = groups.factorize(dev, rank)
     first = groups.first_index(ds, n_ds)
+    summary = np.isfinite(rows.past_median)
+    if summary.any():
+        mixed = summary & (groups.count(ds, n_ds)[ds] > 1)
+        if mixed.any():
+            raise InputError(
+                f"history: {int(mixed.sum())} per-scan summary rows (with a median) share their device "
+                "and scan with other rows; give a scan's samples or its summary, not both"
+            )
     est = estimate(
         value,
         dev=ds,
@@ -251,7 +260,15 @@ def _past_scans(rows: "_Rows", codes: Codes, config) -> PastScans:
         dip_sigmas=config.dip_sigmas,
         prior_df=config.prior_df,
     )
-    return PastScans(dev[first], rank[first], est.value, est.median)
+    if not summary.any():
+        return PastScans(dev[first], rank[first], est.value, est.median)
+    given = summary[first]  # the entries that are one summary row each
+    return PastScans(
+        dev[first],
+        rank[first],
+        np.where(given, value[first], est.value),
+        np.where(given, rows.past_median[first], est.median),
+    )
 
 
 def _scan_labels(rows: "_Rows", rank: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -292,6 +309,7 @@ class _Rows:
     past_dev: np.ndarray  # history rows of the current devices: device code, scan rank, value
     past_rank: np.ndarray
     past_value: np.ndarray
+    past_median: np.ndarray  # a per-scan summary's median (validate.summary_medians); NaN for a sample
     key_codes: dict  # {"host"|"gpu"|"probe"|"settings"|"model": code per current row}
     key_values: dict  # {same keys: the values the codes stand for}
     all_rank: np.ndarray | None = None  # scan rank of every row (history first), for the labels
@@ -304,6 +322,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
     n_scans = int(rank.max()) + 1 if len(rank) else 0  # ranks are 0..n-1
     keys = {c: frame[c] for c in DEVICE_KEY}
     value_all = frame["value"].to_numpy(dtype=float)
+    median_all = np.full(len(frame), np.nan)  # per-scan summaries' medians (history only): NaN for a sample
     offset = 0
     tables: tuple[pd.DataFrame, ...] = (frame,)
     if history is not None and len(history):
@@ -319,6 +338,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
             rank = np.concatenate([prank - (prank.max() + 1), rank])  # the given history comes first
             keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}
             value_all = np.concatenate([past["value"].to_numpy(dtype=float), value_all])
+            median_all = np.concatenate([validate.summary_medians(past, "history"), median_all])
             offset = len(past)
             tables = (past, frame)
     factors = {c: pd.factorize(keys[c], use_na_sentinel=False) for c in DEVICE_KEY}
@@ -351,6 +371,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
         past_dev[has],
         rank[was][has],
         value_all[was][has],
+        median_all[was][has],
         {
             **{c: k[cur_all] for c, k in key_codes.items()},
             "model": factors["model"][0].astype(np.int64, copy=False)[in_frame],

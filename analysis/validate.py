@@ -68,22 +68,7 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
     out["_row"] = np.arange(1, len(out) + 1)  # the row number messages name
     dropped: dict[str, int] = {}
 
-    raw = out["value"]
-    value = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    absent = raw.isna().to_numpy()
-    bad = np.isnan(value) & ~absent
-    if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            f"{what}: row {pos + 1}: column 'value' is not a number: {raw.iloc[pos]!r} ({int(bad.sum())} such rows)"
-        )
-    for test, word in ((np.isinf(value), "infinite"), (value < 0, "negative")):
-        if test.any():
-            pos = int(np.flatnonzero(test)[0])
-            raise InputError(
-                f"{what}: row {pos + 1}: column 'value' is {word} ({value[pos]}); values are rates, "
-                f"higher is better ({int(test.sum())} such rows)"
-            )
+    value, absent = _rates(out, "value", what)
     out["value"] = value
     keep = ~absent
     if absent.any():
@@ -106,6 +91,38 @@ def clean(df: pd.DataFrame, what: str = "input") -> tuple[pd.DataFrame, dict[str
     if out.empty:
         raise InputError(f"{what}: no usable rows" + (f" (dropped: {_fmt(dropped)})" if dropped else ""))
     return out, dropped
+
+
+def _rates(df: pd.DataFrame, col: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the column as floats, True where a cell is empty); a cell that is not a number, infinite or
+    negative raises InputError naming its row."""
+    raw = df[col]
+    value = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    absent = raw.isna().to_numpy()
+    bad = np.isnan(value) & ~absent
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{what}: row {pos + 1}: column '{col}' is not a number: {raw.iloc[pos]!r} ({int(bad.sum())} such rows)"
+        )
+    for test, word in ((np.isinf(value), "infinite"), (value < 0, "negative")):
+        if test.any():
+            pos = int(np.flatnonzero(test)[0])
+            raise InputError(
+                f"{what}: row {pos + 1}: column '{col}' is {word} ({value[pos]}); values are rates, "
+                f"higher is better ({int(test.sum())} such rows)"
+            )
+    return value, absent
+
+
+def summary_medians(df: pd.DataFrame, what: str) -> np.ndarray:
+    """The ``median`` of each row of a cleaned history table: a row with one is a per-scan summary
+    (its device's one row of that scan: ``value`` the scan's transient-robust estimate, ``median``
+    its sample median, as the analysis reports them); NaN for a sample row. A ``median`` that is not
+    a number, infinite or negative raises InputError naming its row."""
+    if "median" not in df.columns:
+        return np.full(len(df), np.nan)
+    return _rates(df, "median", what)[0]
 
 
 def _check_throttle(out: pd.DataFrame, keep: np.ndarray, dropped: dict[str, int]) -> None:

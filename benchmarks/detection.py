@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -391,9 +391,46 @@ def history_row(fleet: Fleet, config: AnalysisConfig) -> dict:
     }
 
 
+def scan_summaries(history: pd.DataFrame, config: AnalysisConfig, form: str = "both") -> pd.DataFrame:
+    """Past scans as a collector could keep them (issue 13's per-scan summaries): each scan analysed
+    alone when its results arrive, one row per device and scan. ``form`` "both": the row's
+    ``value`` and ``median`` are the scan's (the summary the engine reads as such); "median" or
+    "value": that one number as the row's one sample (what a summary of one number would give)."""
+    parts = []
+    for sid, scan in history.groupby("scan_id", sort=False):
+        d = analyze(scan, None, config).devices
+        part = pd.DataFrame({c: d[c] for c in ("host", "gpu", "index", "model", "probe", "settings")})
+        part = part.assign(scan_id=sid, ts=scan["ts"].max(), sample=0)
+        part["value"] = d["median" if form == "median" else "value"].to_numpy()
+        if form == "both":
+            part["median"] = d["median"].to_numpy()
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def summaries_row(fleet: Fleet, config: AnalysisConfig) -> dict:
+    """The verdicts with the raw history and with per-scan summaries of it, side by side."""
+    raw = analyze(fleet.samples, fleet.history, config).devices.set_index(["gpu", "probe"]).sort_index()
+    row: dict = {}
+    for form in ("both", "median", "value"):
+        summ = scan_summaries(fleet.history, config, form)
+        row["history rows (raw / summaries)"] = f"{len(fleet.history):,} / {len(summ):,}"
+        got = replace(fleet, history=summ)
+        h = history_row(got, config)
+        row[f"degraded recall ({form})"] = h["degraded recall"]
+        row[f"stable marked ({form})"] = h["stable marked"]
+        d = analyze(got.samples, summ, config).devices.set_index(["gpu", "probe"]).sort_index()
+        same = (d["verdict"] == raw["verdict"]) & (d["degraded"] == raw["degraded"])
+        same &= d["change_scan"].fillna("-") == raw["change_scan"].fillna("-")
+        row[f"same verdict, degraded, change scan ({form})"] = (int(same.sum()), len(same))
+        gap = (d["history_baseline"] / raw["history_baseline"] - 1).abs()
+        row[f"baseline vs raw, median / max ({form})"] = f"{gap.median():.2%} / {gap.max():.2%}"
+    return row
+
+
 def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_cap: int | None = None) -> str:
     cfg = AnalysisConfig()
-    one, after, as_needed, anchors, causes, hist, spread_rows, times = {}, {}, {}, {}, {}, {}, {}, {}
+    one, after, as_needed, anchors, causes, hist, summ, spread_rows, times = {}, {}, {}, {}, {}, {}, {}, {}, {}
     for sp in spreads:
         label = f"{sp:.1%}"
         t0 = time.perf_counter()
@@ -435,9 +472,9 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_c
             "warning": "yes" if res.summary["warnings"] else "no",
         }
         if history:
-            hist[label] = history_row(
-                make_fleet(seed=seed + 2000, devices=devices, silicon=sp, history=history, telemetry=False), cfg
-            )
+            past = make_fleet(seed=seed + 2000, devices=devices, silicon=sp, history=history, telemetry=False)
+            hist[label] = history_row(past, cfg)
+            summ[label] = summaries_row(past, cfg)
         times[label] = (dt, time.perf_counter() - t0)
         print(f"  spread {label}: analyze {dt:.2f} s, all of it {times[label][1]:.1f} s", file=sys.stderr)
     parts = [
@@ -460,6 +497,10 @@ def run(spreads, devices: int, rounds: int, history: int, seed: int = 0, round_c
         parts += [
             f"\n## own history: {history} past scans, 1% of devices lose U(T, 1.5T)\n",
             md_table("silicon spread", hist),
+            "\n## own history from per-scan summaries (each past scan analysed alone, one row per device and "
+            "scan): both: its value and median; median or value: that one number as its one sample. "
+            "Against the raw samples above\n",
+            md_table("silicon spread", summ, counts=("stable", "same")),
         ]
     return "\n".join(parts)
 

@@ -574,3 +574,56 @@ def test_parquet_text_read_as_categories_gives_the_same_document_as_text(tmp_pat
     assert flagged(a) == {"GPU-0005", "GPU-0006"} and set(
         a.devices.loc[a.devices["gpu"] == "GPU-0011", "settings"]
     ) == {""}
+
+
+def summaries(frames) -> pd.DataFrame:
+    """Per-scan summaries of ``frames`` (one scan each): one row per device, the ``value`` and
+    ``median`` the analysis of that scan alone reports."""
+    out = []
+    for f in frames:
+        d = analyze(f).devices
+        keys = d[["host", "gpu", "index", "model", "probe", "settings"]]
+        out.append(keys.assign(scan_id=f["scan_id"].iloc[0], ts=f["ts"].max(), value=d["value"], median=d["median"]))
+    return pd.concat(out, ignore_index=True)
+
+
+def test_history_given_as_per_scan_summaries_decides_as_the_samples_do():
+    """One row per device and past scan (its value and median) instead of its samples: the same
+    verdicts, the same degraded device and change scan, nearly the same baseline."""
+    for start, end in ((1.03, 0.98), (1.0, 0.93), (1.0, 1.0)):
+        frames = drifting(start=start, end=end)
+        raw = analyze(frames[-1], history=pd.concat(frames[:-1])).devices.set_index("gpu").sort_index()
+        summ = summaries(frames[:-1])
+        assert len(summ) == 64 * 6
+        got = analyze(frames[-1], history=summ).devices.set_index("gpu").sort_index()
+        for c in ("verdict", "straggler", "degraded", "history_scans"):
+            assert (got[c] == raw[c]).all(), (start, end, c)
+        assert (got["change_scan"].fillna("-") == raw["change_scan"].fillna("-")).all()
+        np.testing.assert_allclose(got["history_baseline"], raw["history_baseline"], rtol=0.01)
+    assert set(got.index[got["degraded"]]) == set()  # the stable fleet
+    # the summary's numbers are the ones read: the change is found on its medians, the baseline is its values
+    frames = drifting(start=1.03, end=0.98)
+    summ = summaries(frames[:-1])
+    nine = summ["gpu"] == "GPU-0009"
+    assert degraded(analyze(frames[-1], history=summ)) == {"GPU-0009"}
+    flat = summ.copy()
+    flat.loc[nine, "median"] = flat.loc[nine, "median"].iloc[-1]  # no drift in the medians
+    assert degraded(analyze(frames[-1], history=flat)) == set()
+    low = summ.copy()
+    low.loc[nine, "value"] *= 0.9
+    base = row(analyze(frames[-1], history=summ), "GPU-0009")["history_baseline"]
+    assert row(analyze(frames[-1], history=low), "GPU-0009")["history_baseline"] < 0.95 * base
+
+
+def test_a_summary_row_beside_samples_of_its_scan_or_a_bad_median_is_an_error():
+    frames = drifting()
+    mixed = pd.concat([frames[0], summaries(frames[:1])], ignore_index=True)
+    with pytest.raises(InputError, match="summary rows .* share their device and scan with other rows"):
+        analyze(frames[-1], history=mixed)
+    bad = summaries(frames[:2]).astype({"median": object})
+    bad.loc[70, "median"] = "fast"
+    with pytest.raises(InputError, match=r"history: row 71: column 'median' is not a number: 'fast'"):
+        analyze(frames[-1], history=bad)
+    bad.loc[70, "median"] = -1.0
+    with pytest.raises(InputError, match=r"history: row 71: column 'median' is negative"):
+        analyze(frames[-1], history=bad)
