@@ -405,7 +405,7 @@ def _details(
     frames = [f for f in frames if need <= set(f.columns)]
     if not frames:
         return out
-    used = [*need, "settings", "scan_id", "ts", "sample", "throttle_reasons", *causes.TELEMETRY]
+    used = [*need, "median", "settings", "scan_id", "ts", "sample", "throttle_reasons", *causes.TELEMETRY]
     frames = [f[[c for c in dict.fromkeys(used) if c in f.columns]] for f in frames]  # only what is read
     rows = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
     if "settings" not in rows.columns:
@@ -431,7 +431,13 @@ def _fill(out: list[dict], rows: pd.DataFrame) -> None:
     # history.centre: median of 4+ devices, else the others' mean), and the device's ratio to it
     if several:
         ds, n_ds = groups.factorize(dev, rank)
-        med = groups.median(ds, value, n_ds)
+        # a per-scan summary row (history with a median: docs/analysis.md) gives its scan's median
+        given = (
+            pd.to_numeric(sub["median"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+            if "median" in sub.columns
+            else np.full(len(sub), np.nan)
+        )
+        med = groups.median(ds, np.where(np.isfinite(given), given, value), n_ds)
         at = groups.first_index(ds, n_ds)
         gs, n_gs = groups.factorize(g[at], rank[at])
         centre = history.centre(gs, med, n_gs)

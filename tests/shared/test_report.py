@@ -267,3 +267,23 @@ def test_docs_list_every_cause_with_its_action():
     text = (ROOT / "docs" / "analysis.md").read_text().split("## Causes and what to do", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", text, flags=re.M))
     assert rows == ACTIONS
+
+
+def test_a_history_of_per_scan_summaries_draws_each_scans_median():
+    """History given as per-scan summaries (docs/analysis.md): a flagged device's series shows
+    each past scan's summary median, not its robust value (the one sample of its row)."""
+    from straggler.htmlreport.model import build
+
+    df = pd.DataFrame(fleet_rows())
+    now = df[df["scan_id"] == f"scan{SCANS - 1}"]
+    keys = ["host", "gpu", "index", "model", "probe", "settings"]
+    summ = []
+    for sid, scan in df[df["scan_id"] != f"scan{SCANS - 1}"].groupby("scan_id"):
+        d = analyze(scan).devices
+        summ.append(d[keys].assign(scan_id=sid, ts=scan["ts"].max(), value=d["value"] * 1.5, median=d["median"]))
+    past = pd.concat(summ, ignore_index=True)
+    res = analyze(now, past)
+    report = build(res.devices, res.summary, now, past)
+    entry = next(e for e in report.details if e["gpu"] == THERMAL and e["probe"] == "matmul")
+    want = past[(past["gpu"] == THERMAL) & (past["probe"] == "matmul")].sort_values("scan_id")["median"]
+    assert entry["series"]["value"][:-1] == pytest.approx(want.tolist())  # the current scan last
