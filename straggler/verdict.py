@@ -106,15 +106,20 @@ def probe_note(row: Mapping) -> str | None:
 
 def whole_hosts(hosts: Iterable, gpus: Iterable, flagged: Iterable) -> list[str]:
     """One line per host of 2+ devices whose every device is flagged, from the columns of its
-    entries (a device is flagged when any of its entries is). Columnar: 300,000 entries of the
-    100,000-device fleet take 0.03 s, where a loop over their values took 0.3 s."""
-    import pandas as pd  # only here: the verdict wording is imported by every command
+    entries, position by position (a device is flagged when any of its entries is). Grouped with
+    pandas: a loop over the 106,000 values of the 100,000-device fleet's hosts with a flag was
+    half of the analyze table's render."""
+    import numpy as np  # only here: the verdict wording is imported by every command
+    import pandas as pd
+
+    def column(values) -> np.ndarray:  # by position: a Series' index is not read
+        return values.to_numpy(dtype=object) if hasattr(values, "to_numpy") else np.asarray(list(values), dtype=object)
 
     entries = pd.DataFrame(
         {
-            "host": pd.Series(hosts, dtype=object).astype("string"),
-            "gpu": pd.Series(gpus, dtype=object).astype("string"),
-            "flagged": pd.Series(flagged, dtype=object).fillna(False).astype(bool),
+            "host": pd.array(column(hosts), dtype="string"),
+            "gpu": pd.array(column(gpus), dtype="string"),
+            "flagged": pd.Series(column(flagged)).fillna(False).astype(bool).to_numpy(),
         }
     )
     per_device = entries.groupby(["host", "gpu"], sort=False, dropna=False)["flagged"].any()

@@ -483,3 +483,9 @@ def test_whole_hosts_counts_a_device_flagged_on_any_probe_and_needs_two_devices(
         "b: all 2 devices flagged (the node, not its devices?)",
     ]
     assert whole_hosts([], [], []) == []
+    # columns of a table's selected rows, read by position (their index is not 0..n-1)
+    d = pd.DataFrame({"host": hosts, "gpu": gpus, "flagged": flagged}).astype({"host": "string", "gpu": "string"})
+    some = d[d["host"] != "b"]
+    assert whole_hosts(some["host"], some["gpu"], some["flagged"].to_numpy()) == [
+        "a: all 2 devices flagged (the node, not its devices?)"
+    ]
