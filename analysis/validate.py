@@ -164,7 +164,7 @@ def _check_units(df: pd.DataFrame, what: str) -> None:
     if units.isna().all():
         return
     per = pd.DataFrame({"probe": df["probe"], "settings": df["settings"], "unit": units}).dropna()
-    n = per.groupby(["probe", "settings"], sort=False)["unit"].nunique()
+    n = per.groupby(["probe", "settings"], sort=False, observed=True)["unit"].nunique()  # categorical keys
     mixed = n[n > 1]
     if len(mixed):
         probe, settings = mixed.index[0]

@@ -627,3 +627,26 @@ def test_a_summary_row_beside_samples_of_its_scan_or_a_bad_median_is_an_error():
     bad.loc[70, "median"] = -1.0
     with pytest.raises(InputError, match=r"history: row 71: column 'median' is negative"):
         analyze(frames[-1], history=bad)
+
+
+def test_parquet_text_of_several_probes_and_units_is_checked_without_a_warning(tmp_path):
+    """Units differ between probes (the usual scan): the unit check groups the Parquet file's
+    categorical probe and settings columns, with no FutureWarning on stderr under the supported
+    pandas 2.x either (its groupby on categoricals warned about the default of observed)."""
+    import warnings
+
+    from straggler.records import read_table
+
+    two = pd.concat([fleet(seed=1, slow={5: 0.9}), fleet(seed=2, probe="membw").assign(unit="GB/s")], ignore_index=True)
+    two.loc[two["probe"] == "membw", "settings"] = ""
+    two.to_parquet(tmp_path / "two.parquet", index=False)
+    table = read_table(tmp_path / "two.parquet")
+    assert isinstance(table["probe"].dtype, pd.CategoricalDtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = analyze(table)
+        assert flagged(res) == {"GPU-0005"}
+        table["unit"] = table["unit"].cat.add_categories(["TFLOP/s"])
+        table.loc[3, "unit"] = "TFLOP/s"
+        with pytest.raises(InputError, match=r"probe matmul \(n=8192,dtype=bf16\) mixes units GFLOP/s, TFLOP/s"):
+            analyze(table)
