@@ -104,6 +104,18 @@ def probe_note(row: Mapping) -> str | None:
     return "; ".join(parts) or None
 
 
+def _known_true(values):
+    """True where a value is true; a missing one (None, NaN, NA: not checked) is not. No fillna on
+    an object column: pandas 2.x warns on stderr about its downcast."""
+    import numpy as np
+    import pandas as pd
+
+    known = pd.notna(values)
+    out = np.zeros(len(values), dtype=bool)
+    out[known] = values[known].astype(bool)
+    return out
+
+
 def whole_hosts(hosts: Iterable, gpus: Iterable, flagged: Iterable) -> list[str]:
     """One line per host of 2+ devices whose every device is flagged, from the columns of its
     entries, position by position (a device is flagged when any of its entries is). Grouped with
@@ -119,7 +131,7 @@ def whole_hosts(hosts: Iterable, gpus: Iterable, flagged: Iterable) -> list[str]
         {
             "host": pd.array(column(hosts), dtype="string"),
             "gpu": pd.array(column(gpus), dtype="string"),
-            "flagged": pd.Series(column(flagged)).fillna(False).astype(bool).to_numpy(),
+            "flagged": _known_true(column(flagged)),
         }
     )
     per_device = entries.groupby(["host", "gpu"], sort=False, dropna=False)["flagged"].any()

@@ -469,23 +469,3 @@ def test_a_scan_of_thousands_of_devices_shows_the_costliest_and_counts_with_all_
     everything = render(True)
     assert sum(line.startswith("node-") for line in everything) == 2000
     assert sum(line.startswith("failed ") for line in everything) == 30
-
-
-def test_whole_hosts_counts_a_device_flagged_on_any_probe_and_needs_two_devices():
-    from straggler.verdict import whole_hosts
-
-    hosts = ["b", "b", "b", "b", "a", "a", "c", "d", "d"]
-    gpus = ["0", "0", "1", "1", "0", "1", "0", "0", "1"]
-    flagged = [True, False, False, True, True, True, True, True, False]
-    # b: each device flagged on one of its two probes; a: both; c: one device only; d: one healthy
-    assert whole_hosts(hosts, gpus, flagged) == [
-        "a: all 2 devices flagged (the node, not its devices?)",
-        "b: all 2 devices flagged (the node, not its devices?)",
-    ]
-    assert whole_hosts([], [], []) == []
-    # columns of a table's selected rows, read by position (their index is not 0..n-1)
-    d = pd.DataFrame({"host": hosts, "gpu": gpus, "flagged": flagged}).astype({"host": "string", "gpu": "string"})
-    some = d[d["host"] != "b"]
-    assert whole_hosts(some["host"], some["gpu"], some["flagged"].to_numpy()) == [
-        "a: all 2 devices flagged (the node, not its devices?)"
-    ]
