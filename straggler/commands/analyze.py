@@ -165,7 +165,7 @@ def warnings(result) -> list[str]:
     "history_files",
     multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Earlier results of the same devices (repeatable).",
+    help="Earlier results of the same devices (repeatable): samples, or per-scan summaries (docs/analysis.md).",
 )
 @click.option("--fdr", type=float, default=None, help="False-discovery rate [default: 0.01].")
 @click.option(
