@@ -458,3 +458,34 @@ def test_usage_errors_are_one_line_exit_2(tmp_path):
         assert out.returncode == 2 and out.stdout == ""
         (line,) = out.stderr.splitlines()
         assert line.startswith("straggler: error: ") and f"(see 'straggler {args[0]} --help')" in line
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_history_file_of_per_scan_summaries_finds_the_degraded_device(tmp_path, capsys, suffix):
+    """`straggler analyze now.csv --history summaries.csv`: one row per device and past scan (its
+    value and median) decides as the past samples do."""
+    from test_analysis import drifting, summaries
+
+    frames = drifting(start=1.03, end=0.98)
+    write_table(frames[-1], tmp_path / "now.csv")
+    past = summaries(frames[:-1])
+    if suffix == ".csv":
+        past.to_csv(tmp_path / "past.csv", index=False)
+    else:
+        past.to_parquet(tmp_path / "past.parquet")
+    write_table(pd.concat(frames[:-1]), tmp_path / "past_samples.csv")
+    docs = {}
+    for past in (f"past{suffix}", "past_samples.csv"):
+        code, out, err = cli(
+            ["analyze", str(tmp_path / "now.csv"), "--history", str(tmp_path / past), "--json"], capsys
+        )
+        docs[past] = json.loads(out)
+        assert code in (0, 2), err
+    got, want = ({g["gpu"]: g for g in d["gpus"]} for d in docs.values())
+    assert [g for g, e in got.items() if e["degraded"]] == ["GPU-0009"]
+    for gpu, e in want.items():
+        assert (got[gpu]["verdict"], got[gpu]["degraded"], got[gpu]["change_scan"]) == (
+            e["verdict"],
+            e["degraded"],
+            e["change_scan"],
+        )
