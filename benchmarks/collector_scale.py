@@ -129,11 +129,15 @@ def _pg(url: str):
     return psycopg.connect(url, autocommit=True)
 
 
-def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) -> dict:
+def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, history: str = "summaries") -> dict:
     """Scans 0..scans (the last is the current one) of every device through the collector's store;
     returns the build's wall seconds, the write-ahead log bytes per row of the last scan and the
-    database's bytes per GPU per scan (the module's docstring says how each backend gives them)."""
+    database's bytes per GPU per scan (the module's docstring says how each backend gives them).
+    ``history`` "summaries": a fleet analysis after each earlier scan, as a running collector does
+    when a scan's results arrive, stores that scan's per-scan summaries (``summarise_s``: their
+    total wall seconds); "samples": none (the history is read from its samples, as before them)."""
     from straggler.collector.db import is_url
+    from straggler.collector.fleet import analyse_stored
     from straggler.collector.store import Store
 
     pg, res = is_url(db), {}
@@ -157,6 +161,12 @@ def build(db: str, gpus: int, scans: int, probes: int, samples: int, t0: float) 
                 store._writer.execute("PRAGMA wal_autocheckpoint = 0")
             for first in range(0, gpus, 2000):
                 ingest(store, rows(s, range(first, min(gpus, first + 2000)), probes, samples, t0), t0 + s * 3600 + 60)
+            if history == "summaries" and s < scans:
+                w = time.perf_counter()
+                out = analyse_stored(store, scans)
+                res["summarise_s"] = res.get("summarise_s", 0.0) + time.perf_counter() - w
+                if out["error"] is not None or out["summaries"] != gpus * probes:
+                    raise RuntimeError(f"scan {s}: {out['summaries']} summaries stored, error {out['error']}")
         if pg:
             with _pg(db) as conn:
                 wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn0,)).fetchone()[0]
@@ -413,6 +423,7 @@ def measure(
     load_rows: int,
     pg_url: str | None = None,
     pg_pid: int | None = None,
+    history: str = "summaries",
 ) -> dict:
     """One fleet size on SQLite (a file under ``dbdir``), or on PostgreSQL where ``pg_url`` names a
     database: a schema of its own there, dropped at the end."""
@@ -424,9 +435,9 @@ def measure(
     schema = f"scale{gpus}_{os.getpid()}"
     db = new_schema(pg_url, schema) if pg_url else str(tmp / "c.db")  # the collector's --db
     res = {"backend": "postgresql" if pg_url else "sqlite", "gpus": gpus, "scans": scans + 1}
-    res.update(probes=probes, samples=samples)
+    res.update(probes=probes, samples=samples, history=history)
     try:
-        res.update(build(db, gpus, scans, probes, samples, t0))
+        res.update(build(db, gpus, scans, probes, samples, t0, history))
         res["rows"] = gpus * probes * samples * (scans + 1)
         res.update(refresh_times(db, gpus, scans, probes, samples, t0, pg_pid))
         print(json.dumps(res), file=sys.stderr, flush=True)  # a partial result survives a later failure
@@ -472,8 +483,12 @@ def table(results: list[dict]) -> str:
         ("DB bytes per GPU per scan", "db_bytes_per_gpu_scan", "{:.0f}"),
         ("WAL bytes per ingested row", "wal_bytes_per_row", "{:.0f}"),
         ("rows stored", "rows", "{:,}"),
+        ("history read as", "history", "{}"),
+        ("build: summarising each earlier scan, wall s", "summarise_s", "{:.1f}"),
     ]
-    head = ["figure"] + [f"{r['backend']} {r['gpus']:,}" for r in results] + ["target"]
+    several = len({r.get("history") for r in results}) > 1  # then each column says which
+    head = ["figure"] + [f"{r['backend']} {r['gpus']:,}" + (f" {r['history']}" if several else "") for r in results]
+    head += ["target"]
     out = [head]
     for label, key, fmt in figs:
         tgt = ""
@@ -505,9 +520,18 @@ def main(argv=None) -> int:
         help="postgresql://USER@HOST:PORT/DATABASE to measure in (a schema a size, dropped after); "
         "default: start a throwaway PostgreSQL (Debian's postgresql package)",
     )
+    ap.add_argument(
+        "--history",
+        default="summaries",
+        help="comma-separated, side by side per size: summaries (a fleet analysis after each earlier scan "
+        "stores its per-scan summaries, as the collector does), samples (none: every sample is read)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    backends = args.backends.split(",")
+    backends, histories = args.backends.split(","), args.history.split(",")
+    for h in histories:
+        if h not in ("summaries", "samples"):
+            ap.error(f"--history: {h!r} is neither summaries nor samples")
     for b in backends:
         if b not in BACKENDS:
             ap.error(f"--backends: unknown backend {b!r} (known: {', '.join(BACKENDS)})")
@@ -519,23 +543,23 @@ def main(argv=None) -> int:
 
             pg = stack.enter_context(running_postgres(_free_port(), durable=True))
             pg_url, pg_pid = pg.base_url, pg.proc.pid
-        for n in (int(x) for x in args.gpus.split(",")):
-            for b in backends:
-                results.append(
-                    measure(
-                        args.db,
-                        n,
-                        args.scans,
-                        args.probes,
-                        args.samples,
-                        args.readers,
-                        args.batch_rows,
-                        args.load_rows,
-                        pg_url if b == "postgresql" else None,
-                        pg_pid if b == "postgresql" else None,
-                    )
+        for n, b, h in ((int(x), b, h) for x in args.gpus.split(",") for b in backends for h in histories):
+            results.append(
+                measure(
+                    args.db,
+                    n,
+                    args.scans,
+                    args.probes,
+                    args.samples,
+                    args.readers,
+                    args.batch_rows,
+                    args.load_rows,
+                    pg_url if b == "postgresql" else None,
+                    pg_pid if b == "postgresql" else None,
+                    h,
                 )
-                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            )
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(json.dumps(results) if args.json else table(results))
     return 0
 

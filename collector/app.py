@@ -108,7 +108,7 @@ def create_app(
     offsets, health = ClockOffsets(), DbHealth(store)
     metrics.registry.register(offsets)
     col = Collector(settings, store, fleet, board, metrics, fleet_metrics, secret, health, offsets, clock)
-    retention = Retention(store, settings.result_retention_s, clock)
+    retention = Retention(store, settings.result_retention_s, clock, summary_keep_s=settings.summary_retention_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -75,32 +75,93 @@ def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
     return join_gpus(devices, verdict_entries(verdicts))
 
 
-def _frames(samples: tuple[list[str], list[tuple]], history: tuple[list[str], list[tuple]]):
+def input_frames(samples: tuple[list[str], list[tuple]], history: tuple[tuple[list[str], list[tuple]], ...]):
+    """The analysis' input and history DataFrames from the store's tables (``history``: any number
+    of tables, e.g. :meth:`Store.earlier_scans`' summaries and samples; None when all are empty)."""
     import pandas as pd
 
     cols, rows = samples
     current = pd.DataFrame.from_records(rows, columns=cols)
-    cols, rows = history
-    past = pd.DataFrame.from_records(rows, columns=cols) if rows else None
+    parts = [pd.DataFrame.from_records(rows, columns=cols) for cols, rows in history if rows]
+    past = None if not parts else parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     return current, past
+
+
+SUMMARY_NEEDS = ("host", "gpu", "probe", "settings", "model", "value", "median", "n_samples")
+
+
+def summaries_to_write(devices, current: tuple[list[str], list[tuple]]) -> list[tuple]:
+    """The per-scan summaries (``SUMMARY_FIELDS`` tuples) of each device's latest scan that this
+    analysis' device table (``devices``: ``res.devices``) gives and the store does not hold as they
+    are: new, changed, or of a scan that took rows since. A device without a finite value and
+    median gets none (its scan is read from its samples later)."""
+    import numpy as np
+    import pandas as pd
+
+    if len(devices) == 0 or any(c not in devices.columns for c in SUMMARY_NEEDS):
+        return []  # e.g. a replaced analysis (tests)
+    mine = pd.DataFrame({c: devices[c] for c in SUMMARY_NEEDS})
+    mine["settings"] = mine["settings"].astype(object).where(mine["settings"].notna(), "")
+    for c in ("host", "gpu", "probe", "settings"):
+        mine[c] = mine[c].astype(object)
+    mine = mine[np.isfinite(mine["value"].to_numpy(float)) & np.isfinite(mine["median"].to_numpy(float))]
+    cols, rows = current
+    stored = pd.DataFrame.from_records(rows, columns=cols)
+    both = mine.merge(stored, on=["host", "gpu", "probe", "settings"], how="inner", suffixes=("", "_stored"))
+    same = (
+        (both["value"] == both["value_stored"])
+        & (both["median"] == both["median_stored"])
+        & (both["n_samples"] == both["n_samples_stored"])
+        & (both["writes"] == both["summary_writes"])
+        & (both["model"].astype(object) == both["model_stored"].astype(object))
+    )
+    new = both[~same.fillna(False).to_numpy(bool)]
+    out = pd.DataFrame(
+        {
+            "host": new["host"],
+            "gpu": new["gpu"],
+            "probe": new["probe"],
+            "settings": new["settings"],
+            "scan_id": new["scan_id"],
+            "model": new["model"].astype(object).where(new["model"].notna(), None),
+            "ts": new["last_ts"],
+            "value": new["value"].astype(float),
+            "median": new["median"].astype(float),
+            "n_samples": new["n_samples"].astype("int64"),
+            "writes": new["writes"].astype("int64"),
+        }
+    )
+    return [
+        (h, g, p, st, sid, m, None if ts != ts else float(ts), float(v), float(md), int(n), int(w))
+        for h, g, p, st, sid, m, ts, v, md, n, w in out.itertuples(index=False, name=None)
+    ]
 
 
 def analyse_stored(store: Store, history_scans: int, analyze: Callable | None = None) -> dict:
     """One fleet analysis of what ``store`` holds: ``devices`` (the device table), ``entries``
     (:func:`verdict_entries`, None when the analysis refused the data or failed), ``summary``,
-    ``error`` (None, or one line; ``traceback`` with it when the analysis failed), ``cpu_s`` (this process' CPU seconds for it)."""
+    ``error`` (None, or one line; ``traceback`` with it when the analysis failed), ``summaries``
+    (the per-scan summaries of the latest scans it wrote), ``cpu_s`` (this process' CPU seconds for it).
+
+    After an analysis that succeeded, the device table's estimate of each device's latest scan is
+    written as that scan's summary (:func:`summaries_to_write`), which later refreshes read as its
+    history instead of the scan's samples."""
     cpu = time.process_time()
-    devices, samples, history = store.fleet_input(history_scans)
-    out: dict[str, Any] = {"devices": devices, "entries": None, "summary": None, "error": None}
-    if devices:
+    read = store.fleet_input(history_scans)
+    out: dict[str, Any] = {"devices": read.devices, "entries": None, "summary": None, "error": None, "summaries": 0}
+    if read.devices:
         try:
-            res = (analyze or default_analyze())(*_frames(samples, history))
-            del samples, history
+            res = (analyze or default_analyze())(*input_frames(read.latest, read.history))
             out["entries"], out["summary"] = verdict_entries(res.devices.to_dict("records")), dict(res.summary)
         except StragglerError as e:  # e.g. too few devices: shown, not fatal
             out["error"] = str(e)
         except Exception as e:  # noqa: BLE001 -- a bug in the analysis must not take the service down (logged by the view)
             out["error"], out["traceback"] = f"analysis failed: {type(e).__name__}: {e}", traceback.format_exc()
+        else:
+            try:
+                out["summaries"] = store.write_summaries(summaries_to_write(res.devices, read.current), time.time())
+            except store.errors as e:  # e.g. the disk is full: the verdicts stand; the samples are read instead
+                log.warning("fleet view: per-scan summaries not stored (%s); their samples are read instead", e)
     out["cpu_s"] = time.process_time() - cpu
     return out
 

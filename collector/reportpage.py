@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
-from .fleet import DEVICE_FIELDS
+from .fleet import DEVICE_FIELDS, input_frames
 from .middleware import bearer_ok
 from .models import Name
 
@@ -89,9 +89,8 @@ def _fleet_page(request: Request) -> str:
         devices = devices.sort_values(
             ["straggler", "cost"], ascending=[False, False], na_position="last", kind="stable"
         ).reset_index(drop=True)
-        _, (cols, current), (hcols, past) = col.store.fleet_input(col.fleet.history_scans)
-        samples = pd.DataFrame.from_records(current, columns=cols)
-        history = pd.DataFrame.from_records(past, columns=hcols) if past else None
+        read = col.store.fleet_input(col.fleet.history_scans)
+        samples, history = input_frames(read.latest, read.history)
         note = f"; analysis error: {snap.error}" if snap.error else ""
         html = render_report(
             devices,

@@ -1,11 +1,13 @@
-"""Retention of raw results: rows received longer than ``result_retention_s`` ago are deleted in
-the background, a few thousand at a time, each chunk its own short write transaction, so that an
-ingest waits at most one chunk for the write lock.
+"""Retention: raw results received longer than ``result_retention_s`` ago are deleted in the
+background, a few thousand at a time, each chunk its own short write transaction, so that an ingest
+waits at most one chunk for the write lock; per-scan summaries (the history the fleet view reads)
+of scans older than ``summary_retention_s`` too.
 
-The scans history is picked from (``probe_scans``) go with their rows; each device's latest scan
-(``latest_scans``) and the device table stay, so a device whose results all aged out is still
-listed (with its last result time, and no verdict), never dropped silently. The SQL is plain
-(``IN (SELECT ... LIMIT)``, ``NOT EXISTS``): it runs on SQLite and PostgreSQL alike.
+A scan the history is picked from (``probe_scans``) stays while its summary does, and goes with its
+rows where it has none; each device's latest scan (``latest_scans``) and the device table stay, so a
+device whose results all aged out is still listed (with its last result time, and no verdict), never
+dropped silently. The SQL is plain (``IN (SELECT ... LIMIT)``, ``NOT EXISTS``): it runs on SQLite
+and PostgreSQL alike.
 """
 
 from __future__ import annotations
@@ -22,13 +24,22 @@ CHUNK_ROWS = 5000  # rows deleted per write transaction
 _OLD_RESULTS = (
     "DELETE FROM results WHERE id IN (SELECT id FROM results WHERE received_ts < ? ORDER BY received_ts LIMIT ?)"
 )
-_OLD_SCANS = """DELETE FROM probe_scans WHERE last_ts < ? AND NOT EXISTS (
+_NOT_LATEST = """NOT EXISTS (
     SELECT 1 FROM latest_scans l WHERE l.host = probe_scans.host AND l.gpu = probe_scans.gpu
     AND l.probe = probe_scans.probe AND l.settings = probe_scans.settings AND l.scan_id = probe_scans.scan_id)"""
+_OLD_SUMMARIES = """DELETE FROM scan_summaries WHERE (host, gpu, probe, settings, scan_id) IN (
+    SELECT m.host, m.gpu, m.probe, m.settings, m.scan_id FROM scan_summaries m
+    WHERE COALESCE(m.ts, m.written_ts) < ? AND NOT EXISTS (
+        SELECT 1 FROM latest_scans l WHERE l.host = m.host AND l.gpu = m.gpu
+        AND l.probe = m.probe AND l.settings = m.settings AND l.scan_id = m.scan_id) LIMIT ?)"""
+_OLD_SCANS = f"""DELETE FROM probe_scans WHERE last_ts < ? AND {_NOT_LATEST} AND NOT EXISTS (
+    SELECT 1 FROM scan_summaries m WHERE m.host = probe_scans.host AND m.gpu = probe_scans.gpu
+    AND m.probe = probe_scans.probe AND m.settings = probe_scans.settings AND m.scan_id = probe_scans.scan_id)"""
 
 
 class Retention:
-    """Prunes ``store``'s raw results older than ``keep_s`` (by the collector's receipt time)."""
+    """Prunes ``store``'s raw results older than ``keep_s`` (by the collector's receipt time), and
+    the per-scan summaries of scans older than ``summary_keep_s`` (by the scan's time)."""
 
     def __init__(
         self,
@@ -37,23 +48,33 @@ class Retention:
         clock: Callable[[], float] = time.time,
         chunk_rows: int = CHUNK_ROWS,
         every_s: float = PRUNE_EVERY_S,
+        summary_keep_s: float = 365 * 86400.0,
     ):
-        self.store, self.keep_s, self.clock = store, keep_s, clock
+        self.store, self.keep_s, self.summary_keep_s, self.clock = store, keep_s, summary_keep_s, clock
         self.chunk_rows, self.every_s = chunk_rows, every_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.pruned_rows = 0  # since start
+        self.pruned_summaries = 0
 
-    def prune_once(self) -> int:
-        """Delete what has aged out now; returns the result rows deleted."""
-        cutoff, total = self.clock() - self.keep_s, 0
+    def _chunks(self, sql: str, cutoff: float) -> int:
+        """``sql`` (a DELETE of at most ``chunk_rows`` rows before ``cutoff``) until it deletes fewer."""
+        total = 0
         while not self._stop.is_set():
             with self.store._transaction() as conn:
-                n = conn.execute(_OLD_RESULTS, (cutoff, self.chunk_rows)).rowcount
+                n = conn.execute(sql, (cutoff, self.chunk_rows)).rowcount
             total += n
             if n < self.chunk_rows:
                 break
             time.sleep(0)  # let a waiting ingest take the write lock between chunks
+        return total
+
+    def prune_once(self) -> int:
+        """Delete what has aged out now; returns the result rows deleted (``pruned_summaries``
+        counts the summaries)."""
+        cutoff = self.clock() - self.keep_s
+        total = self._chunks(_OLD_RESULTS, cutoff)
+        self.pruned_summaries += self._chunks(_OLD_SUMMARIES, self.clock() - self.summary_keep_s)
         with self.store._transaction() as conn:
             conn.execute(_OLD_SCANS, (cutoff,))
         self.pruned_rows += total

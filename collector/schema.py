@@ -189,6 +189,22 @@ _V9 = [
 # receipt time only grows, so the index takes its inserts at its right edge.
 _V10 = ["CREATE INDEX results_received ON results (received_ts)"]
 
+# Version 11: per-scan summaries (issue 13). The fleet view keeps, per device, probe, settings and
+# scan, what its analysis reported of the scan while it was the device's latest (``value``: the
+# transient-robust estimate, ``median``: the sample median, ``n_samples``), and reads these as the
+# history of later refreshes instead of every sample. ``probe_scans.writes`` counts the batches that
+# stored rows of the scan; a summary is of the ``writes`` it was computed from, so a scan that took
+# rows since (a late upload) is read from its samples again. Scans stored before version 11 have
+# ``writes`` 0 and no summary: their samples are read until they leave the history.
+_V11 = [
+    "ALTER TABLE probe_scans ADD COLUMN writes INTEGER NOT NULL DEFAULT 0",
+    """CREATE TABLE scan_summaries (
+        host TEXT NOT NULL, gpu TEXT NOT NULL, probe TEXT NOT NULL, settings TEXT NOT NULL,
+        scan_id TEXT NOT NULL, model TEXT, ts REAL, value REAL NOT NULL, median REAL NOT NULL,
+        n_samples INTEGER NOT NULL, writes INTEGER NOT NULL, written_ts REAL NOT NULL,
+        PRIMARY KEY (host, gpu, probe, settings, scan_id))""",
+]
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     tuple(_V1),
     tuple(_V2),
@@ -200,6 +216,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     tuple(_V8),
     tuple(_V9),
     tuple(_V10),
+    tuple(_V11),
 )
 LATEST = len(MIGRATIONS)
 

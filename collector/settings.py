@@ -59,6 +59,7 @@ class CollectorSettings:
     max_clock_skew_s: float = 300.0
     scan_retention_s: float = 30 * 86400.0  # scans (not their results) older than this are pruned
     result_retention_s: float = 30 * 86400.0  # raw results received longer ago are pruned (collector/retention.py)
+    summary_retention_s: float = 365 * 86400.0  # per-scan summaries (the history) of older scans too (<= a year)
 
     def problems(self) -> list[str]:
         out = []
@@ -87,6 +88,7 @@ class CollectorSettings:
             "max_clock_skew_s",
             "scan_retention_s",
             "result_retention_s",
+            "summary_retention_s",
         ):
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be > 0")

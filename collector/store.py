@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -28,6 +29,9 @@ _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + "
 # The analysis compares a device with its own past by value only: history needs no telemetry.
 HISTORY_COLUMNS = IDENTITY_COLUMNS + MEASUREMENT_COLUMNS
 _HISTORY_FIELDS = ", ".join(f"r.{q(c)}" for c in HISTORY_COLUMNS)
+# A past scan as its per-scan summary: one row, what the analysis needs of it (docs/analysis.md,
+# "Per-scan summaries as history"; no unit: the store keeps one per probe and settings).
+SUMMARY_COLUMNS = ("ts", "scan_id", "host", "gpu", "model", "probe", "settings", "value", "median")
 # ON CONFLICT DO NOTHING without a target: a replayed id and a sample stored already (results_sample)
 _INSERT_RESULT = (
     f"INSERT INTO results ({', '.join(q(c) for c in RESULT_COLUMNS)}, received_ts, sample_unique) "
@@ -49,10 +53,14 @@ _SAMPLE_CLASH = """
     AND COALESCE(CASE WHEN r.sample IS NULL THEN r.ts END, -1) = b.ts + 0
     AND r.sample_unique = 1
     WHERE r.value != b.value ORDER BY b.i DESC LIMIT 1"""
+# ``writes`` counts the batches that stored rows of the scan (a per-scan summary is of one count):
+# each batch that stored any row adds 1 to every scan it holds rows of (a scan whose rows in it were
+# all stored already is then read from its samples again: safe, and rare).
 _UPSERT_PROBE_SCAN = """
-    INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)
+    INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts, writes) VALUES (?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (host, gpu, probe, settings, scan_id) DO UPDATE SET last_ts = CASE
-        WHEN excluded.last_ts > probe_scans.last_ts THEN excluded.last_ts ELSE probe_scans.last_ts END"""
+        WHEN excluded.last_ts > probe_scans.last_ts THEN excluded.last_ts ELSE probe_scans.last_ts END,
+        writes = probe_scans.writes + excluded.writes"""
 _UPSERT_LATEST_SCAN = """
     INSERT INTO latest_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)
     ON CONFLICT (host, gpu, probe, settings) DO UPDATE SET scan_id = excluded.scan_id, last_ts = excluded.last_ts
@@ -69,8 +77,61 @@ _SELECT_LATEST = (
 )
 
 
+# Each device's scans before its latest (per probe and settings), newest first (rn = 1, 2, ...).
+_PAST_SCANS = """WITH k AS (
+      SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes,
+             ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu, s.probe, s.settings ORDER BY s.last_ts DESC) AS rn
+      FROM probe_scans s JOIN latest_scans l
+      ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
+      AND s.scan_id != l.scan_id)"""
+# A summary is current while its scan has taken no batch since it was computed (``writes``).
+_SUMMARY_OF_K = """m.host = k.host AND m.gpu = k.gpu AND m.probe = k.probe AND m.settings = k.settings
+      AND m.scan_id = k.scan_id AND m.writes = k.writes"""
+# SUMMARY_COLUMNS of every past scan in the history, ``value`` NULL where the scan has no current
+# summary (its samples are read instead).
+_PAST_SUMMARIES = f"""{_PAST_SCANS}
+    SELECT m.ts, NULLIF(k.scan_id, '') AS scan_id, k.host, k.gpu, m.model, k.probe,
+           NULLIF(k.settings, '') AS settings, m.value, m.median
+    FROM k LEFT JOIN scan_summaries m ON {_SUMMARY_OF_K} WHERE k.rn <= ?"""
+# Each device's latest scans with the summary stored of them (NULLs where none), to write what changed.
+_CURRENT_SUMMARIES = """SELECT l.host, l.gpu, l.probe, l.settings, l.scan_id, l.last_ts, s.writes,
+           m.value, m.median, m.n_samples, m.writes AS summary_writes, m.model
+    FROM latest_scans l JOIN probe_scans s
+    ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings AND s.scan_id = l.scan_id
+    LEFT JOIN scan_summaries m
+    ON m.host = l.host AND m.gpu = l.gpu AND m.probe = l.probe AND m.settings = l.settings AND m.scan_id = l.scan_id"""
+SUMMARY_FIELDS = (
+    "host",
+    "gpu",
+    "probe",
+    "settings",
+    "scan_id",
+    "model",
+    "ts",
+    "value",
+    "median",
+    "n_samples",
+    "writes",
+)
+_UPSERT_SUMMARY = f"""
+    INSERT INTO scan_summaries ({", ".join(SUMMARY_FIELDS)}, written_ts) VALUES ({", ".join("?" for _ in SUMMARY_FIELDS)}, ?)
+    ON CONFLICT (host, gpu, probe, settings, scan_id) DO UPDATE SET
+        model = excluded.model, ts = excluded.ts, value = excluded.value, median = excluded.median,
+        n_samples = excluded.n_samples, writes = excluded.writes, written_ts = excluded.written_ts"""
+SUMMARY_CHUNK_ROWS = 5000  # summaries upserted per write transaction (an ingest waits at most one)
+
 # deadlock_detected, serialization_failure: PostgreSQL aborted the transaction; running it again is safe
 _RETRY_SQLSTATES = {"40P01", "40001"}
+
+
+@dataclass(frozen=True)
+class FleetInput:
+    """What one fleet analysis reads (:meth:`Store.fleet_input`), each table as (columns, tuples)."""
+
+    devices: list[dict]  # the device table
+    latest: tuple[list[str], list[tuple]]  # the samples of each device's latest scan (RESULT_COLUMNS)
+    history: tuple  # its earlier scans (Store.earlier_scans: a table of summaries, one of samples)
+    current: tuple[list[str], list[tuple]]  # its latest scans with the summary stored of them (or NULLs)
 
 
 class Refused(ValueError):
@@ -304,7 +365,7 @@ class Store:
             if accepted < len(rows):  # replayed ids, or samples stored already (results_sample)
                 self._check_samples(conn, rows)
             conn.executemany(_UPSERT_DEVICE, devices)
-            conn.executemany(_UPSERT_PROBE_SCAN, probe_scans)
+            conn.executemany(_UPSERT_PROBE_SCAN, [k + (1 if accepted else 0,) for k in probe_scans])
             conn.executemany(_UPSERT_LATEST_SCAN, latest_scans)
             if accepted and self.channels:  # the refresh leader, whichever replica it is (sent at COMMIT)
                 conn.execute("SELECT pg_notify(?, '')", (self.channels["results"],))
@@ -392,40 +453,69 @@ class Store:
     def devices(self) -> list[dict]:
         return self._rows('SELECT host, gpu, "index", model, last_ts, last_scan_id FROM devices ORDER BY host, gpu')
 
-    def fleet_input(
-        self, scans: int
-    ) -> tuple[list[dict], tuple[list[str], list[tuple]], tuple[list[str], list[tuple]]]:
+    def fleet_input(self, scans: int) -> FleetInput:
         """The fleet view's input, read in one transaction (an ingest in between cannot move a
-        device's current scan into its history): (devices, latest samples, earlier samples)."""
+        device's current scan into its history)."""
         with self._snapshot():
-            return self.devices(), self.latest_samples(), self.earlier_samples(scans)
+            return FleetInput(
+                self.devices(), self.latest_samples(), self.earlier_scans(scans), self._table(_CURRENT_SUMMARIES)
+            )
 
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
         """Every row of each device's latest scan of each probe and settings: the fleet view's
         input, as (columns, tuples)."""
         return self._table(*self.fleet_queries(0)["latest"])
 
+    def earlier_scans(self, scans: int) -> tuple[tuple[list[str], list[tuple]], tuple[list[str], list[tuple]]]:
+        """Each device's ``scans`` scans of each probe and settings before its latest, as two tables
+        of (columns, tuples): the per-scan summaries (``SUMMARY_COLUMNS``, one row each) of the scans
+        with a current one (:meth:`write_summaries`), and the samples (``HISTORY_COLUMNS``) of the
+        others (a scan stored before summaries were kept, or one that took rows since its summary)."""
+        if scans <= 0:
+            return (list(SUMMARY_COLUMNS), []), (list(HISTORY_COLUMNS), [])
+        cols, rows = self._table(_PAST_SUMMARIES, (scans,))
+        i_value = cols.index("value")
+        summaries = [r for r in rows if r[i_value] is not None]
+        samples = self._table(*self.fleet_queries(scans)["samples"]) if len(summaries) < len(rows) else None
+        return (cols, summaries), samples or (list(HISTORY_COLUMNS), [])
+
     def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
-        """Rows of each device's ``scans`` scans of each probe and settings before its latest: the
-        fleet view's history, as (``HISTORY_COLUMNS``, tuples)."""
+        """The samples of each device's ``scans`` scans before its latest (all of them, summarised
+        or not), as (``HISTORY_COLUMNS``, tuples)."""
         if scans <= 0:
             return list(HISTORY_COLUMNS), []
         return self._table(*self.fleet_queries(scans)["history"])
 
     def fleet_queries(self, scans: int) -> dict[str, tuple[str, tuple]]:
-        """The fleet view's two reads as (SQL, parameters), in this database's dialect: ``latest``
-        (:meth:`latest_samples`) and ``history`` (:meth:`earlier_samples` of ``scans`` >= 1 scans)."""
-        history = f"""WITH k AS (
-                  SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id,
-                         ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu, s.probe, s.settings
-                                            ORDER BY s.last_ts DESC) AS rn
-                  FROM probe_scans s JOIN latest_scans l
-                  ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
-                  AND s.scan_id != l.scan_id)
-                SELECT {_HISTORY_FIELDS} FROM k {self.dialect.ordered_join} results r
+        """The fleet view's reads as (SQL, parameters), in this database's dialect: ``latest``
+        (:meth:`latest_samples`), ``history`` (:meth:`earlier_samples` of ``scans`` >= 1 scans),
+        ``summaries`` and ``samples`` (:meth:`earlier_scans`: the summaries, and the samples of the
+        scans without a current summary)."""
+        join = f"""{self.dialect.ordered_join} results r
                 ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
-                AND COALESCE(r.settings, '') = k.settings WHERE k.rn <= ?"""
-        return {"latest": (self._sql["latest"], ()), "history": (history, (scans,))}
+                AND COALESCE(r.settings, '') = k.settings"""
+        history = f"{_PAST_SCANS} SELECT {_HISTORY_FIELDS} FROM k {join} WHERE k.rn <= ?"
+        unsummarised = f"""{_PAST_SCANS}, n AS (
+                SELECT * FROM k WHERE k.rn <= ? AND NOT EXISTS (SELECT 1 FROM scan_summaries m WHERE {_SUMMARY_OF_K}))
+                SELECT {_HISTORY_FIELDS} FROM n AS k {join}"""
+        return {
+            "latest": (self._sql["latest"], ()),
+            "history": (history, (scans,)),
+            "summaries": (_PAST_SUMMARIES, (scans,)),
+            "samples": (unsummarised, (scans,)),
+        }
+
+    def write_summaries(self, rows: Sequence[tuple], written_ts: float) -> int:
+        """Store per-scan summaries (tuples in ``SUMMARY_FIELDS`` order; settings ``''`` for none),
+        replacing the one of the same device, probe, settings and scan; in transactions of
+        ``SUMMARY_CHUNK_ROWS``, so that an ingest waits at most one of them. Returns the rows written.
+        Sorted by key: two replicas writing at once (a leader that lost its lease mid-analysis, and
+        the next) lock rows in one order."""
+        rows = sorted(rows, key=lambda r: tuple(r[:5]))
+        for i in range(0, len(rows), SUMMARY_CHUNK_ROWS):
+            chunk = [tuple(r) + (written_ts,) for r in rows[i : i + SUMMARY_CHUNK_ROWS]]
+            self._retrying(lambda conn, chunk=chunk: conn.executemany(_UPSERT_SUMMARY, chunk))
+        return len(rows)
 
     # -- agents and cluster scans ----------------------------------------------------------
 

@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from postgres import pg_server  # noqa: F401 (fixture)
+import pytest
+from postgres import db_url, pg_server  # noqa: F401 (fixtures)
 from straggler.collector.fleet import FleetView
 from straggler.collector.store import Store, row_tuples
+from straggler.records import result_id
 from test_collector_api import make_rows
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "collector_scale.py"
@@ -104,6 +106,7 @@ def test_the_scale_benchmark_measures_postgresql_beside_sqlite(pg_server, tmp_pa
     assert r["refresh_full_s"] > 0 and r["refresh_node_s"] > 0 and r["peak_rss_mb"] > 0
     assert r["ingest_rows"] == 288 and r["posts"] == 4 and r["ingest_rows_s"] > 0 and r["ttfb_ms"] > 0
     assert r["db_bytes_per_gpu_scan"] > 0 and r["wal_bytes_per_row"] > 0 and r["wal_after_checkpoint"] is True
+    assert r["history"] == "summaries" and r["summarise_s"] > 0  # the earlier scan was summarised while latest
     assert "db_cpu_s" not in r and "refresh_full_db_cpu_s" not in r  # a server it did not start: "-"
     import psycopg
 
@@ -128,6 +131,8 @@ def test_the_scale_table_puts_the_backends_side_by_side():
     assert rows[0] == ("refresh, full-fleet scan: wall s", ["2.50", "3.25", "<=", "1", "@10,000"])  # once a size
     assert rows[2] == ("PostgreSQL server CPU s", ["-", "1.50"])  # what a backend does not give: "-"
     assert dict(rows)["DB bytes per GPU per scan"] == ["4300", "-"]
+    both = bench.table([{**sqlite, "history": "summaries"}, {**sqlite, "history": "samples"}]).splitlines()
+    assert both[0].split() == ["figure", "sqlite", "10,000", "summaries", "sqlite", "10,000", "samples", "target"]
 
 
 def test_the_read_benchmark_reads_the_same_rows_with_each_installed_library(tmp_path):
@@ -147,3 +152,128 @@ def test_the_read_benchmark_reads_the_same_rows_with_each_installed_library(tmp_
     assert table.returncode == 0 and "| sqlite3 | " in table.stdout and "| 1.00x |" in table.stdout, table.stdout
     missing = [m for m in ("adbc", "connectorx", "polars") if m not in runs]
     assert not missing or f"not installed here, not measured: {', '.join(missing)}" in table.stdout, table.stdout
+
+
+def _drifting_scan(scan: int, rng, ts: float) -> list[dict]:
+    """One scan of 2 hosts x 8 GPUs x 2 probes x 5 noisy samples. GPU-a-2 loses 8% from scan 3 on
+    (its own history shows it); GPU-b-5 is 9% slow in every scan (a straggler against its peers)."""
+    rows = []
+    for host in ("a", "b"):
+        for i in range(8):
+            gpu = f"GPU-{host}-{i}"
+            factor = 0.92 if (gpu == "GPU-a-2" and scan >= 3) else 0.91 if gpu == "GPU-b-5" else 1.0
+            for probe, base, unit in (("matmul", 790.0, "TFLOP/s"), ("membw", 3000.0, "GB/s")):
+                for k in range(5):
+                    row = {
+                        "ts": ts + k,
+                        "scan_id": f"s{scan}",
+                        "host": host,
+                        "gpu": gpu,
+                        "index": i,
+                        "model": "NVIDIA H100 80GB HBM3",
+                        "probe": probe,
+                        "settings": None if probe == "membw" else "n=8192",
+                        "sample": k,
+                        "value": base * factor * (1 + 0.003 * rng.standard_normal()) * (1 + 0.002 * (i % 3)),
+                        "unit": unit,
+                    }
+                    row["id"] = result_id(row)
+                    rows.append(row)
+    return rows
+
+
+def _summaries(store: Store) -> dict:
+    rows = store._reader.execute("SELECT scan_id, writes, written_ts FROM scan_summaries").fetchall()
+    return {"rows": len(rows), "scans": sorted({r[0] for r in rows}), "written": sorted({r[2] for r in rows})}
+
+
+def test_a_refresh_reads_past_scans_as_their_summaries_and_decides_as_the_samples_do(db_url):
+    """Item 1 of issue 13: each refresh stores its estimate of each device's latest scan; later
+    refreshes read those scans as one summary row each instead of their samples, and decide as an
+    analysis of the samples does. A scan that takes rows after its summary is read from its samples."""
+    import numpy as np
+    import pandas as pd
+
+    from straggler.analysis import analyze
+
+    rng = np.random.default_rng(3)
+    store = Store(db_url)
+    view = FleetView(store, history_scans=20)
+    try:
+        for scan in range(7):
+            store.ingest(row_tuples(_drifting_scan(scan, rng, 1e9 + 1000.0 * scan)), 1e9 + 1000.0 * scan + 100)
+            snap = view.refresh()
+            assert snap.error is None
+            assert _summaries(store)["scans"] == [f"s{k}" for k in range(scan + 1)]  # each scan summarised while latest
+        devices = 16 * 2
+        (_, past), (_, samples) = store.earlier_scans(20)
+        assert len(past) == 6 * devices and samples == []  # no sample read
+        assert snap.summary["history_rows"] == 6 * devices
+
+        # the same verdicts as the analysis of every stored sample
+        raw = analyze(
+            pd.DataFrame.from_records(store.latest_samples()[1], columns=store.latest_samples()[0]),
+            pd.DataFrame.from_records(store.earlier_samples(20)[1], columns=store.earlier_samples(20)[0]),
+        ).devices.set_index(["gpu", "probe"])
+        assert raw.loc[("GPU-a-2", "matmul"), "degraded"] and raw.loc[("GPU-b-5", "matmul"), "straggler"]
+        got = {(g["gpu"], p["probe"]): p for g in snap.gpus for p in g["probes"]}
+        assert len(got) == len(raw) == devices
+        for key, p in got.items():
+            r = raw.loc[key]
+            assert (p["verdict"], p["straggler"], p["degraded"], p["change_scan"]) == (
+                r["verdict"],
+                bool(r["straggler"]),
+                bool(r["degraded"]),
+                None if pd.isna(r["change_scan"]) else r["change_scan"],
+            ), key
+            assert p["ratio"] == pytest.approx(r["ratio"], rel=1e-12)
+            assert p["history_baseline"] == pytest.approx(r["history_baseline"], rel=0.01), key
+
+        # nothing new: the next refresh writes no summary
+        before = _summaries(store)
+        assert view.refresh().error is None and _summaries(store) == before
+        # a batch of stored rows only (an agent's replay) leaves the summaries current
+        assert store.ingest(row_tuples(store.scan_results("s2")[:3]), 2e9) == (0, 3)
+        (_, past), (_, samples) = store.earlier_scans(20)
+        assert len(past) == 6 * devices and samples == []
+        # a late sample of a past scan: that device's scan is read from its samples again
+        late = _drifting_scan(4, np.random.default_rng(9), 1e9 + 4000.0)[0]
+        late.update(sample=99, value=780.0)
+        late["id"] = result_id(late)
+        assert store.ingest(row_tuples([late]), 2e9 + 1) == (1, 0)
+        (_, past), (cols, samples) = store.earlier_scans(20)
+        assert {(r[cols.index("gpu")], r[cols.index("scan_id")]) for r in samples} == {(late["gpu"], "s4")}
+        assert len(samples) == 6 and len(past) == 6 * devices - 1
+        assert view.refresh().error is None  # an older scan's summary is not rewritten: its samples stay in use
+        assert [len(rows) for _, rows in store.earlier_scans(20)] == [6 * devices - 1, 6]
+    finally:
+        view.stop()
+        store.close()
+
+
+def test_summaries_outlive_the_raw_results_and_are_pruned_after_summary_retention(db_url):
+    import numpy as np
+
+    from straggler.collector.retention import Retention
+
+    day, rng = 86400.0, np.random.default_rng(5)
+    store = Store(db_url)
+    view = FleetView(store)
+    try:
+        for scan, at in ((0, 1e9), (1, 1e9 + 40 * day), (2, 1e9 + 41 * day)):
+            store.ingest(row_tuples(_drifting_scan(scan, rng, at)), at + 60)
+            assert view.refresh().error is None
+        scans = lambda: sorted({r[1] for _, rows in store.earlier_scans(20) for r in rows})  # noqa: E731
+        assert scans() == ["s0", "s1"]
+        keep = Retention(store, 30 * day, clock=lambda: 1e9 + 41.5 * day, summary_keep_s=60 * day)
+        assert keep.prune_once() == 160 and store.count_results("s0") == 0 and keep.pruned_summaries == 0
+        assert scans() == ["s0", "s1"]  # s0 is history still, from its summaries
+        assert view.refresh().error is None and view.snapshot.summary["history_rows"] == 2 * 32
+        shorter = Retention(store, 30 * day, clock=lambda: 1e9 + 41.5 * day, summary_keep_s=35 * day, chunk_rows=7)
+        assert shorter.prune_once() == 0 and shorter.pruned_summaries == 32
+        assert scans() == ["s1"]  # and with its summaries gone, s0 is too
+        left = store._reader.execute("SELECT DISTINCT scan_id FROM probe_scans ORDER BY 1").fetchall()
+        assert [r[0] for r in left] == ["s1", "s2"]
+    finally:
+        view.stop()
+        store.close()

@@ -32,7 +32,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 10
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 11
     assert store.migrated_from == 0
     store.close()
 
@@ -484,11 +484,15 @@ def test_fleet_input_is_read_in_one_transaction(db_url):
         return out
 
     store.latest_samples = latest_then_an_ingest
-    devices, (cols, rows), (_, history) = store.fleet_input(5)
-    assert {d["last_scan_id"] for d in devices} == {"s1"} and {r[cols.index("scan_id")] for r in rows} == {"s1"}
+    read = store.fleet_input(5)
+    (cols, rows), ((_, summaries), (_, history)), (ccols, current) = read.latest, read.history, read.current
+    assert summaries == []  # no analysis has run: the history would be read from its samples
+    assert {d["last_scan_id"] for d in read.devices} == {"s1"} and {r[cols.index("scan_id")] for r in rows} == {"s1"}
     assert history == []  # s1 is not also history: the ingest of s2 is not seen
+    assert {r[ccols.index("scan_id")] for r in current} == {"s1"}  # and its latest scans are those of s1
     del store.latest_samples
-    devices, (cols, rows), (hcols, history) = store.fleet_input(5)
+    read = store.fleet_input(5)
+    (cols, rows), (_, (hcols, history)) = read.latest, read.history
     assert {r[cols.index("scan_id")] for r in rows} == {"s2"} and {r[hcols.index("scan_id")] for r in history} == {"s1"}
     store.close()
 
