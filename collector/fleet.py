@@ -44,16 +44,21 @@ class FleetSnapshot:
         return sorted(flagged, key=lambda g: -max((p["cost"] or 0.0) for p in g["probes"]))
 
 
-def verdict_entries(verdicts: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """The analysis rows (one per host, gpu, probe) as JSON-safe per-probe entries by device, sorted
-    by probe and settings."""
+def verdict_entries(table) -> dict[tuple[str, str], list[dict]]:
+    """The analysis' device table (a DataFrame: one row per host, gpu, probe) as JSON-safe
+    per-probe entries by device, sorted by probe and settings. Column by column (``json_safe`` of
+    each column at once), not value by value: at 100,000 GPUs the device table has 300,000 rows."""
+    n = len(table)
+    if n == 0:
+        return {}
+    keys = list(REQUIRED_VERDICT) + [c for c in table.columns if c not in DEVICE_FIELDS and c not in REQUIRED_VERDICT]
+    values = [json_safe(table[c]) if c in table.columns else [None] * n for c in keys]
+    i_straggler, i_causes = keys.index("straggler"), keys.index("causes")
+    values[i_straggler] = [bool(x) for x in values[i_straggler]]
+    values[i_causes] = [list(x or []) for x in values[i_causes]]
     by_key: dict[tuple[str, str], list[dict]] = {}
-    for v in verdicts:
-        entry = {f: json_safe(v.get(f)) for f in REQUIRED_VERDICT}
-        entry.update({k: json_safe(x) for k, x in v.items() if k not in DEVICE_FIELDS})
-        entry["straggler"] = bool(entry["straggler"])
-        entry["causes"] = list(entry["causes"] or [])
-        by_key.setdefault((v["host"], v["gpu"]), []).append(entry)
+    for host, gpu, row in zip(json_safe(table["host"]), json_safe(table["gpu"]), zip(*values)):
+        by_key.setdefault((host, gpu), []).append(dict(zip(keys, row)))
     for probes in by_key.values():
         probes.sort(key=lambda p: (p["probe"], p["settings"] or ""))
     return by_key
@@ -71,8 +76,11 @@ def join_gpus(devices: list[dict], entries: Mapping[tuple[str, str], list[dict]]
 
 
 def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
-    """Join the device table with the analysis rows (:func:`verdict_entries`, :func:`join_gpus`)."""
-    return join_gpus(devices, verdict_entries(verdicts))
+    """Join the device table with the analysis rows, given as dicts (:func:`verdict_entries`,
+    :func:`join_gpus`)."""
+    import pandas as pd
+
+    return join_gpus(devices, verdict_entries(pd.DataFrame.from_records(verdicts)))
 
 
 def input_frames(samples: tuple[list[str], list[tuple]], history: tuple[tuple[list[str], list[tuple]], ...]):
@@ -152,7 +160,7 @@ def analyse_stored(store: Store, history_scans: int, analyze: Callable | None = 
     if read.devices:
         try:
             res = (analyze or default_analyze())(*input_frames(read.latest, read.history))
-            out["entries"], out["summary"] = verdict_entries(res.devices.to_dict("records")), dict(res.summary)
+            out["entries"], out["summary"] = verdict_entries(res.devices), dict(res.summary)
         except StragglerError as e:  # e.g. too few devices: shown, not fatal
             out["error"] = str(e)
         except Exception as e:  # noqa: BLE001 -- a bug in the analysis must not take the service down (logged by the view)

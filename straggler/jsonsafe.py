@@ -40,7 +40,10 @@ def json_safe(v: Any) -> Any:
         if v is pd.NA or v is pd.NaT:
             return None
         if isinstance(v, (pd.Series, pd.Index)):
-            return _array(np, v.to_numpy())
+            # a nullable column (Int64, boolean, string, ...) as objects, missing as None: its
+            # plain to_numpy() would make a nullable integer column floats
+            numpy_dtype = isinstance(v.dtype, np.dtype)
+            return _array(np, v.to_numpy() if numpy_dtype else v.to_numpy(dtype=object, na_value=None))
     return v
 
 

@@ -586,3 +586,48 @@ def test_probe_free_flag_held_analyses_and_job_cost_are_exported():
     fc.update(_fleet_snapshot(healthy, 300.0))
     assert reg.get_sample_value("straggler_gpu_flagged_scans", dev3) == 0.0  # the streak ends
     assert reg.get_sample_value("straggler_gpu_straggler_any", {**dev3, "cause": "none"}) == 0.0
+
+
+def test_verdict_entries_reads_the_device_table_column_by_column_into_json_safe_entries():
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from straggler.collector.fleet import verdict_entries
+
+    table = pd.DataFrame(
+        {
+            "host": pd.array(["a", "a", "b"], dtype="string"),
+            "gpu": pd.array(["G0", "G0", "G1"], dtype="string"),
+            "index": [0, 0, 1],
+            "model": ["H100", "H100", "H100"],
+            "probe": pd.array(["membw", "matmul", "matmul"], dtype="string"),
+            "settings": pd.array([pd.NA, "n=1", "n=1"], dtype="string"),
+            "ratio": [0.9, np.nan, np.inf],
+            "straggler": np.array([True, False, False]),
+            "causes": [["thermal"], None, []],
+            "samples_needed": pd.array([3, pd.NA, 1], dtype="Int64"),
+            "change_ts": [np.float64(5.5), np.nan, 1.0],
+        }
+    )
+    got = verdict_entries(table)
+    assert list(got) == [("a", "G0"), ("b", "G1")]
+    a0 = got[("a", "G0")]
+    assert [p["probe"] for p in a0] == ["matmul", "membw"]  # sorted by probe, then settings
+    assert list(a0[0]) == ["probe", "settings", "ratio", "straggler", "causes", "cost", "samples_needed", "change_ts"]
+    assert a0[0] == {
+        "probe": "matmul",
+        "settings": "n=1",
+        "ratio": None,  # NaN
+        "straggler": False,
+        "causes": [],  # None
+        "cost": None,  # a required field the table lacks
+        "samples_needed": None,  # pd.NA
+        "change_ts": None,
+    }
+    assert a0[1]["settings"] is None and a0[1]["straggler"] is True and a0[1]["causes"] == ["thermal"]
+    assert got[("b", "G1")][0]["ratio"] is None and got[("b", "G1")][0]["samples_needed"] == 1
+    assert type(got[("b", "G1")][0]["samples_needed"]) is int and type(a0[1]["change_ts"]) is float
+    json.dumps(got[("a", "G0")], allow_nan=False)  # every value JSON can write
+    assert verdict_entries(table.iloc[:0]) == {}

@@ -69,6 +69,10 @@ def test_json_safe_cleans_numpy_and_pandas_columns():
     assert json_safe(np.arange(3)) == [0, 1, 2] and json_safe(np.array([True, False])) == [True, False]
     assert json_safe(pd.Series([1.0, None])) == [1.0, None]
     assert json_safe(pd.array([1, None], dtype="Int64").to_numpy(dtype=object)) == [1, None]
+    nullable = json_safe(pd.Series(pd.array([3, None], dtype="Int64")))  # a nullable column, not floats
+    assert nullable == [3, None] and type(nullable[0]) is int
+    assert json_safe(pd.Series(pd.array(["a", None], dtype="string"))) == ["a", None]
+    assert json_safe(pd.Series(pd.array([True, None], dtype="boolean"))) == [True, None]
     assert json_safe(np.array(["a", None], dtype=object)) == ["a", None]
     assert all(type(x) is float for x in json_safe(np.array([1.0, 2.0], dtype=np.float32)))
 
