@@ -195,9 +195,12 @@ _V10 = ["CREATE INDEX results_received ON results (received_ts)"]
 # history of later refreshes instead of every sample. ``probe_scans.writes`` counts the batches that
 # stored rows of the scan; a summary is of the ``writes`` it was computed from, so a scan that took
 # rows since (a late upload) is read from its samples again. Scans stored before version 11 have
-# ``writes`` 0 and no summary: their samples are read until they leave the history.
+# ``writes`` 0 and no summary: their samples are read until they leave the history. Summaries outlive
+# the raw rows (retention), so a device keeps many scans: the history's reads find each device's
+# latest scans by time through an index (probe_scans_recent), not by ranking all of them.
 _V11 = [
     "ALTER TABLE probe_scans ADD COLUMN writes INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX probe_scans_recent ON probe_scans (host, gpu, probe, settings, last_ts)",
     """CREATE TABLE scan_summaries (
         host TEXT NOT NULL, gpu TEXT NOT NULL, probe TEXT NOT NULL, settings TEXT NOT NULL,
         scan_id TEXT NOT NULL, model TEXT, ts REAL, value REAL NOT NULL, median REAL NOT NULL,

@@ -77,22 +77,25 @@ _SELECT_LATEST = (
 )
 
 
-# Each device's scans before its latest (per probe and settings), newest first (rn = 1, 2, ...).
+# Each device's ``?`` latest scans before its latest (per probe and settings): for each latest scan,
+# a LIMIT on the index by time (probe_scans_recent), so the cost is that of the scans read, not of
+# all the scans retention keeps (a year of summaries is thousands a device). {join}: the dialect's
+# ordered join (SQLite: CROSS JOIN keeps latest_scans outside).
 _PAST_SCANS = """WITH k AS (
-      SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes,
-             ROW_NUMBER() OVER (PARTITION BY s.host, s.gpu, s.probe, s.settings ORDER BY s.last_ts DESC) AS rn
-      FROM probe_scans s JOIN latest_scans l
+      SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes
+      FROM latest_scans l {join} probe_scans s
       ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
-      AND s.scan_id != l.scan_id)"""
+      AND s.scan_id IN (SELECT p.scan_id FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
+          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC LIMIT ?))"""
 # A summary is current while its scan has taken no batch since it was computed (``writes``).
 _SUMMARY_OF_K = """m.host = k.host AND m.gpu = k.gpu AND m.probe = k.probe AND m.settings = k.settings
       AND m.scan_id = k.scan_id AND m.writes = k.writes"""
 # SUMMARY_COLUMNS of every past scan in the history, ``value`` NULL where the scan has no current
 # summary (its samples are read instead).
-_PAST_SUMMARIES = f"""{_PAST_SCANS}
+_PAST_SUMMARIES = """{past}
     SELECT m.ts, NULLIF(k.scan_id, '') AS scan_id, k.host, k.gpu, m.model, k.probe,
            NULLIF(k.settings, '') AS settings, m.value, m.median
-    FROM k LEFT JOIN scan_summaries m ON {_SUMMARY_OF_K} WHERE k.rn <= ?"""
+    FROM k LEFT JOIN scan_summaries m ON {summary_of_k}"""
 # Each device's latest scans with the summary stored of them (NULLs where none), to write what changed.
 _CURRENT_SUMMARIES = """SELECT l.host, l.gpu, l.probe, l.settings, l.scan_id, l.last_ts, s.writes,
            m.value, m.median, m.n_samples, m.writes AS summary_writes, m.model
@@ -473,7 +476,7 @@ class Store:
         others (a scan stored before summaries were kept, or one that took rows since its summary)."""
         if scans <= 0:
             return (list(SUMMARY_COLUMNS), []), (list(HISTORY_COLUMNS), [])
-        cols, rows = self._table(_PAST_SUMMARIES, (scans,))
+        cols, rows = self._table(*self.fleet_queries(scans)["summaries"])
         i_value = cols.index("value")
         summaries = [r for r in rows if r[i_value] is not None]
         samples = self._table(*self.fleet_queries(scans)["samples"]) if len(summaries) < len(rows) else None
@@ -494,14 +497,16 @@ class Store:
         join = f"""{self.dialect.ordered_join} results r
                 ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
                 AND COALESCE(r.settings, '') = k.settings"""
-        history = f"{_PAST_SCANS} SELECT {_HISTORY_FIELDS} FROM k {join} WHERE k.rn <= ?"
-        unsummarised = f"""{_PAST_SCANS}, n AS (
-                SELECT * FROM k WHERE k.rn <= ? AND NOT EXISTS (SELECT 1 FROM scan_summaries m WHERE {_SUMMARY_OF_K}))
+        past = _PAST_SCANS.format(join=self.dialect.ordered_join)
+        history = f"{past} SELECT {_HISTORY_FIELDS} FROM k {join}"
+        unsummarised = f"""{past}, n AS (
+                SELECT * FROM k WHERE NOT EXISTS (SELECT 1 FROM scan_summaries m WHERE {_SUMMARY_OF_K}))
                 SELECT {_HISTORY_FIELDS} FROM n AS k {join}"""
+        summaries = _PAST_SUMMARIES.format(past=past, summary_of_k=_SUMMARY_OF_K)
         return {
             "latest": (self._sql["latest"], ()),
             "history": (history, (scans,)),
-            "summaries": (_PAST_SUMMARIES, (scans,)),
+            "summaries": (summaries, (scans,)),
             "samples": (unsummarised, (scans,)),
         }
 
