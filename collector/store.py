@@ -79,14 +79,22 @@ _SELECT_LATEST = (
 
 # Each device's ``?`` latest scans before its latest (per probe and settings): for each latest scan,
 # a LIMIT on the index by time (probe_scans_recent), so the cost is that of the scans read, not of
-# all the scans retention keeps (a year of summaries is thousands a device). {join}: the dialect's
-# ordered join (SQLite: CROSS JOIN keeps latest_scans outside).
-_PAST_SCANS = """WITH k AS (
+# all the scans retention keeps (a year of summaries is thousands a device). SQLite drives the
+# lookups from an IN list (CROSS JOIN keeps latest_scans outside); PostgreSQL, which would run such
+# a subquery once per candidate row, takes a LATERAL join.
+_PAST_SCANS = {
+    "sqlite": """WITH k AS (
       SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes
-      FROM latest_scans l {join} probe_scans s
+      FROM latest_scans l CROSS JOIN probe_scans s
       ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
       AND s.scan_id IN (SELECT p.scan_id FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
-          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC LIMIT ?))"""
+          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC LIMIT ?))""",
+    "postgresql": """WITH k AS (
+      SELECT l.host, l.gpu, l.probe, l.settings, s.scan_id, s.writes
+      FROM latest_scans l CROSS JOIN LATERAL (
+          SELECT p.scan_id, p.writes FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
+          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC LIMIT ?) AS s)""",
+}
 # A summary is current while its scan has taken no batch since it was computed (``writes``).
 _SUMMARY_OF_K = """m.host = k.host AND m.gpu = k.gpu AND m.probe = k.probe AND m.settings = k.settings
       AND m.scan_id = k.scan_id AND m.writes = k.writes"""
@@ -497,7 +505,7 @@ class Store:
         join = f"""{self.dialect.ordered_join} results r
                 ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
                 AND COALESCE(r.settings, '') = k.settings"""
-        past = _PAST_SCANS.format(join=self.dialect.ordered_join)
+        past = _PAST_SCANS[self.dialect.name]
         history = f"{past} SELECT {_HISTORY_FIELDS} FROM k {join}"
         unsummarised = f"""{past}, n AS (
                 SELECT * FROM k WHERE NOT EXISTS (SELECT 1 FROM scan_summaries m WHERE {_SUMMARY_OF_K}))
