@@ -140,8 +140,9 @@ def summaries_to_write(devices, current: tuple[list[str], list[tuple]]) -> list[
         }
     )
     return [
-        (h, g, p, st, sid, m, None if ts != ts else float(ts), float(v), float(md), int(n), int(w))
+        (h, g, p, st, sid, m, float(ts), float(v), float(md), int(n), int(w))
         for h, g, p, st, sid, m, ts, v, md, n, w in out.itertuples(index=False, name=None)
+        if ts == ts  # a scan without a time (none: latest_scans.last_ts falls back on the receipt time)
     ]
 
 

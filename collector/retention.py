@@ -24,17 +24,23 @@ CHUNK_ROWS = 5000  # rows deleted per write transaction
 _OLD_RESULTS = (
     "DELETE FROM results WHERE id IN (SELECT id FROM results WHERE received_ts < ? ORDER BY received_ts LIMIT ?)"
 )
-_NOT_LATEST = """NOT EXISTS (
-    SELECT 1 FROM latest_scans l WHERE l.host = probe_scans.host AND l.gpu = probe_scans.gpu
-    AND l.probe = probe_scans.probe AND l.settings = probe_scans.settings AND l.scan_id = probe_scans.scan_id)"""
 _OLD_SUMMARIES = """DELETE FROM scan_summaries WHERE (host, gpu, probe, settings, scan_id) IN (
     SELECT m.host, m.gpu, m.probe, m.settings, m.scan_id FROM scan_summaries m
-    WHERE COALESCE(m.ts, m.written_ts) < ? AND NOT EXISTS (
+    WHERE m.ts < ? AND NOT EXISTS (
         SELECT 1 FROM latest_scans l WHERE l.host = m.host AND l.gpu = m.gpu
-        AND l.probe = m.probe AND l.settings = m.settings AND l.scan_id = m.scan_id) LIMIT ?)"""
-_OLD_SCANS = f"""DELETE FROM probe_scans WHERE last_ts < ? AND {_NOT_LATEST} AND NOT EXISTS (
-    SELECT 1 FROM scan_summaries m WHERE m.host = probe_scans.host AND m.gpu = probe_scans.gpu
-    AND m.probe = probe_scans.probe AND m.settings = probe_scans.settings AND m.scan_id = probe_scans.scan_id)"""
+        AND l.probe = m.probe AND l.settings = m.settings AND l.scan_id = m.scan_id) ORDER BY m.ts LIMIT ?)"""
+# Scans of a time in [?, ?) that are neither a latest scan nor kept by a current summary (one of
+# the scan's present ``writes``): a scan with a stale summary goes with its rows too, else it would
+# hold a place in the history with nothing to read. By the time index, in chunks.
+_OLD_SCANS = """DELETE FROM probe_scans WHERE (host, gpu, probe, settings, scan_id) IN (
+    SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id FROM probe_scans s
+    WHERE s.last_ts >= ? AND s.last_ts < ? AND NOT EXISTS (
+        SELECT 1 FROM latest_scans l WHERE l.host = s.host AND l.gpu = s.gpu
+        AND l.probe = s.probe AND l.settings = s.settings AND l.scan_id = s.scan_id)
+    AND NOT EXISTS (
+        SELECT 1 FROM scan_summaries m WHERE m.host = s.host AND m.gpu = s.gpu AND m.probe = s.probe
+        AND m.settings = s.settings AND m.scan_id = s.scan_id AND m.writes = s.writes)
+    ORDER BY s.last_ts LIMIT ?)"""
 
 
 class Retention:
@@ -56,13 +62,14 @@ class Retention:
         self._thread: threading.Thread | None = None
         self.pruned_rows = 0  # since start
         self.pruned_summaries = 0
+        self._scans_done_to = float("-inf")  # scans before this time were pruned by an earlier pass
 
-    def _chunks(self, sql: str, cutoff: float) -> int:
-        """``sql`` (a DELETE of at most ``chunk_rows`` rows before ``cutoff``) until it deletes fewer."""
+    def _chunks(self, sql: str, *bounds: float) -> int:
+        """``sql`` (a DELETE of at most ``chunk_rows`` rows within ``bounds``) until it deletes fewer."""
         total = 0
         while not self._stop.is_set():
             with self.store._transaction() as conn:
-                n = conn.execute(sql, (cutoff, self.chunk_rows)).rowcount
+                n = conn.execute(sql, (*bounds, self.chunk_rows)).rowcount
             total += n
             if n < self.chunk_rows:
                 break
@@ -75,8 +82,11 @@ class Retention:
         cutoff = self.clock() - self.keep_s
         total = self._chunks(_OLD_RESULTS, cutoff)
         self.pruned_summaries += self._chunks(_OLD_SUMMARIES, self.clock() - self.summary_keep_s)
-        with self.store._transaction() as conn:
-            conn.execute(_OLD_SCANS, (cutoff,))
+        # the scans that aged out since the last pass, and all of those of the summaries just pruned
+        # (a year of kept scans is not walked again every hour)
+        self._chunks(_OLD_SCANS, self._scans_done_to, cutoff)
+        self._chunks(_OLD_SCANS, float("-inf"), min(cutoff, self.clock() - self.summary_keep_s))
+        self._scans_done_to = max(self._scans_done_to, cutoff)
         self.pruned_rows += total
         if total:
             log.info(

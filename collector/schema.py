@@ -200,12 +200,14 @@ _V10 = ["CREATE INDEX results_received ON results (received_ts)"]
 # latest scans by time through an index (probe_scans_recent), not by ranking all of them.
 _V11 = [
     "ALTER TABLE probe_scans ADD COLUMN writes INTEGER NOT NULL DEFAULT 0",
-    "CREATE INDEX probe_scans_recent ON probe_scans (host, gpu, probe, settings, last_ts)",
+    "CREATE INDEX probe_scans_recent ON probe_scans (host, gpu, probe, settings, last_ts, scan_id)",
+    "CREATE INDEX probe_scans_time ON probe_scans (last_ts)",  # retention's range of old scans
     """CREATE TABLE scan_summaries (
         host TEXT NOT NULL, gpu TEXT NOT NULL, probe TEXT NOT NULL, settings TEXT NOT NULL,
-        scan_id TEXT NOT NULL, model TEXT, ts REAL, value REAL NOT NULL, median REAL NOT NULL,
+        scan_id TEXT NOT NULL, model TEXT, ts REAL NOT NULL, value REAL NOT NULL, median REAL NOT NULL,
         n_samples INTEGER NOT NULL, writes INTEGER NOT NULL, written_ts REAL NOT NULL,
         PRIMARY KEY (host, gpu, probe, settings, scan_id))""",
+    "CREATE INDEX scan_summaries_time ON scan_summaries (ts)",  # retention's range of old summaries
 ]
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (

@@ -77,7 +77,8 @@ _SELECT_LATEST = (
 )
 
 
-# Each device's ``?`` latest scans before its latest (per probe and settings): for each latest scan,
+# Each device's ``?`` latest scans before its latest (per probe and settings; scans of one time in
+# scan_id order, so that every read of one snapshot picks the same ones): for each latest scan,
 # a LIMIT on the index by time (probe_scans_recent), so the cost is that of the scans read, not of
 # all the scans retention keeps (a year of summaries is thousands a device). SQLite drives the
 # lookups from an IN list (CROSS JOIN keeps latest_scans outside); PostgreSQL, which would run such
@@ -88,12 +89,12 @@ _PAST_SCANS = {
       FROM latest_scans l CROSS JOIN probe_scans s
       ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
       AND s.scan_id IN (SELECT p.scan_id FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
-          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC LIMIT ?))""",
+          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC, p.scan_id DESC LIMIT ?))""",
     "postgresql": """WITH k AS (
       SELECT l.host, l.gpu, l.probe, l.settings, s.scan_id, s.writes
       FROM latest_scans l CROSS JOIN LATERAL (
           SELECT p.scan_id, p.writes FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
-          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC LIMIT ?) AS s)""",
+          AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC, p.scan_id DESC LIMIT ?) AS s)""",
 }
 # A summary is current while its scan has taken no batch since it was computed (``writes``).
 _SUMMARY_OF_K = """m.host = k.host AND m.gpu = k.gpu AND m.probe = k.probe AND m.settings = k.settings

@@ -277,3 +277,36 @@ def test_summaries_outlive_the_raw_results_and_are_pruned_after_summary_retentio
     finally:
         view.stop()
         store.close()
+
+
+def test_a_scan_whose_summary_went_stale_leaves_the_history_with_its_raw_rows(db_url):
+    """A batch that stores new rows and replays a stored row of the previous scan makes that scan's
+    summary stale (its samples are read instead); once retention prunes those samples the scan must
+    go too, not hold a place in the device's history with nothing to read. (From a review's
+    reproducer.)"""
+    import numpy as np
+
+    from straggler.collector.retention import Retention
+
+    day, t = 86400.0, 1e9
+    store = Store(db_url)
+    view, rng = FleetView(store), np.random.default_rng(5)
+    try:
+        s0 = _drifting_scan(0, rng, t)
+        store.ingest(row_tuples(s0), t + 60)
+        view.refresh()
+        store.ingest(row_tuples(_drifting_scan(1, rng, t + day) + s0[:1]), t + day + 60)  # s0's first row again
+        view.refresh()
+        store.ingest(row_tuples(_drifting_scan(2, rng, t + 2 * day)), t + 2 * day + 60)
+        view.refresh()
+        (_, summaries), (cols, samples) = store.earlier_scans(20)
+        assert {r[cols.index("scan_id")] for r in samples} == {"s0"} and len(samples) == 5  # its samples, for now
+        Retention(store, 30 * day, clock=lambda: t + 31 * day).prune_once()
+        (_, summaries), (_, samples) = store.earlier_scans(20)
+        assert samples == [] and sum(r[1] == "s0" for r in summaries) == 31
+        stale = (s0[0]["host"], s0[0]["gpu"], s0[0]["probe"], s0[0]["settings"] or "")
+        kept = store._reader.execute("SELECT host, gpu, probe, settings, scan_id FROM probe_scans").fetchall()
+        assert stale + ("s0",) not in kept and stale + ("s1",) in kept and len(kept) == 3 * 32 - 1
+    finally:
+        view.stop()
+        store.close()
