@@ -42,7 +42,7 @@ def json_safe(v: Any) -> Any:
         if isinstance(v, (pd.Series, pd.Index)):
             # a nullable column (Int64, boolean, string, ...) as objects, missing as None: its
             # plain to_numpy() would make a nullable integer column floats
-            numpy_dtype = isinstance(v.dtype, np.dtype)
+            numpy_dtype = np is not None and isinstance(v.dtype, np.dtype)  # pandas loads numpy: always set
             return _array(np, v.to_numpy() if numpy_dtype else v.to_numpy(dtype=object, na_value=None))
     return v
 
