@@ -3,8 +3,8 @@ background, a few thousand at a time, each chunk its own short write transaction
 waits at most one chunk for the write lock; per-scan summaries (the history the fleet view reads)
 of scans older than ``summary_retention_s`` too.
 
-A scan the history is picked from (``probe_scans``) stays while its summary does, and goes with its
-rows where it has none; each device's latest scan (``latest_scans``) and the device table stay, so a
+A scan the history is picked from (``probe_scans``) stays while it has a current summary, and goes
+with its rows where it has none; each device's latest scan (``latest_scans``) and the device table stay, so a
 device whose results all aged out is still listed (with its last result time, and no verdict), never
 dropped silently. The SQL is plain (``IN (SELECT ... LIMIT)``, ``NOT EXISTS``): it runs on SQLite
 and PostgreSQL alike.
@@ -16,6 +16,8 @@ import logging
 import threading
 import time
 from typing import Callable
+
+from .settings import CollectorSettings
 
 log = logging.getLogger("straggler.collector")
 
@@ -54,7 +56,7 @@ class Retention:
         clock: Callable[[], float] = time.time,
         chunk_rows: int = CHUNK_ROWS,
         every_s: float = PRUNE_EVERY_S,
-        summary_keep_s: float = 365 * 86400.0,
+        summary_keep_s: float = CollectorSettings.summary_retention_s,
     ):
         self.store, self.keep_s, self.summary_keep_s, self.clock = store, keep_s, summary_keep_s, clock
         self.chunk_rows, self.every_s = chunk_rows, every_s
