@@ -336,7 +336,7 @@ def _split(frame: pd.DataFrame, history: pd.DataFrame | None, dropped: dict) -> 
         if len(past):
             prank = own.scan_rank(past)
             rank = np.concatenate([prank - (prank.max() + 1), rank])  # the given history comes first
-            keys = {c: pd.concat([past[c], frame[c]], ignore_index=True) for c in DEVICE_KEY}
+            keys = {c: validate.concat_text([past[c], frame[c]]) for c in DEVICE_KEY}
             value_all = np.concatenate([past["value"].to_numpy(dtype=float), value_all])
             median_all = np.concatenate([validate.summary_medians(past, "history"), median_all])
             offset = len(past)
@@ -387,7 +387,7 @@ def _in_input(past: pd.DataFrame, frame: pd.DataFrame) -> np.ndarray:
     """True for the history rows whose device (host, gpu, probe, settings) and scan_id occur in the
     input: the same scan of the same device, given twice. Other devices of that scan stay history."""
     cols = (*DEVICE_KEY, "scan_id")
-    code, n = groups.factorize(*(pd.concat([past[c], frame[c]], ignore_index=True).astype("string") for c in cols))
+    code, n = groups.factorize(*(validate.concat_text([past[c], frame[c]]) for c in cols))
     seen = np.zeros(n, dtype=bool)
     seen[code[len(past) :]] = True
     return seen[code[: len(past)]] & past["scan_id"].notna().to_numpy(dtype=bool)

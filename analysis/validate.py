@@ -36,6 +36,21 @@ def as_text(col: pd.Series) -> pd.Series:
     return col.astype("string")
 
 
+def concat_text(cols) -> pd.Series:
+    """Text columns one after the other (each as_text). Where one is categorical (Parquet's text,
+    the collector's summaries), so is the result, of all their categories: no string per row is
+    built, and its codes serve as group codes."""
+    texts = [as_text(c) for c in cols]
+    if not any(isinstance(t.dtype, pd.CategoricalDtype) for t in texts):
+        return pd.concat(texts, ignore_index=True)
+    from pandas.api.types import union_categoricals
+
+    cats = [t.array if isinstance(t.dtype, pd.CategoricalDtype) else pd.Categorical(t) for t in texts]
+    # one dtype for all categories (union_categoricals refuses "str" beside "string" text)
+    cats = [c.rename_categories(c.categories.astype("string")) for c in cats]
+    return pd.Series(union_categoricals(cats))
+
+
 def _text(col: pd.Series) -> pd.Series:
     """A text column (as_text) with empty strings as missing."""
     s = as_text(col)

@@ -18,7 +18,7 @@ from straggler.errors import StragglerError
 from straggler.jsonsafe import json_safe
 from straggler.verdict import device_tier
 
-from .store import Store
+from .store import PastSummaries, Store
 
 log = logging.getLogger("straggler.collector")
 
@@ -83,16 +83,43 @@ def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
     return join_gpus(devices, verdict_entries(pd.DataFrame.from_records(verdicts)))
 
 
-def input_frames(samples: tuple[list[str], list[tuple]], history: tuple[tuple[list[str], list[tuple]], ...]):
-    """The analysis' input and history DataFrames from the store's tables (``history``: any number
-    of tables, e.g. :meth:`Store.earlier_scans`' summaries and samples; None when all are empty)."""
+def input_frames(samples: tuple[list[str], list[tuple]], history: tuple):
+    """The analysis' input and history DataFrames from the store's reads (``history``: any number
+    of parts, each :class:`PastSummaries` or a table of (columns, tuples), e.g.
+    :meth:`Store.earlier_scans`' summaries and samples; None when all are empty)."""
     import pandas as pd
 
     cols, rows = samples
     current = pd.DataFrame.from_records(rows, columns=cols)
-    parts = [pd.DataFrame.from_records(rows, columns=cols) for cols, rows in history if rows]
+    parts = [
+        summary_frame(part) if isinstance(part, PastSummaries) else pd.DataFrame.from_records(part[1], columns=part[0])
+        for part in history
+        if len(part if isinstance(part, PastSummaries) else part[1])
+    ]
     past = None if not parts else parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     return current, past
+
+
+def summary_frame(past: PastSummaries):
+    """The summaries as a history DataFrame (SUMMARY_COLUMNS), its text as categoricals made from
+    the numbers they were read as (the analysis codes them without hashing a string per row)."""
+    import numpy as np
+    import pandas as pd
+
+    keys = pd.DataFrame.from_records(past.keys, columns=["host", "gpu", "probe", "settings"])
+
+    def text(codes: np.ndarray, values) -> pd.Categorical:
+        """Categories in the order of the numbers; a None value is a missing cell."""
+        values = pd.array(values, dtype="string")
+        code, cats = pd.factorize(values, use_na_sentinel=True)  # the same text twice: one category
+        return pd.Categorical.from_codes(code[codes], categories=pd.Index(cats, dtype="string"))
+
+    frame = {"ts": past.ts, "scan_id": text(past.scan, past.scan_ids)}
+    frame.update({c: text(past.device, keys[c]) for c in ("host", "gpu")})
+    frame["model"] = text(past.model, past.models)
+    frame.update({c: text(past.device, keys[c]) for c in ("probe", "settings")})
+    frame.update(value=past.value, median=past.median)
+    return pd.DataFrame(frame)
 
 
 SUMMARY_NEEDS = ("host", "gpu", "probe", "settings", "model", "value", "median", "n_samples")

@@ -16,13 +16,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from straggler.records import COLUMNS, IDENTITY_COLUMNS, MEASUREMENT_COLUMNS
 from straggler.scanproto import FINAL_STATES
 
 from . import db
 from .schema import migrate, q
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RESULT_COLUMNS = ("id",) + COLUMNS
 _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + " FROM results r"
@@ -77,34 +80,39 @@ _SELECT_LATEST = (
 )
 
 
+# ``lid`` numbers each device's latest scan of each probe and settings (latest_scans in key order,
+# from 0): the summaries' read names a device by it instead of four text columns (_LATEST_KEYS).
+_LATEST_NUMBERED = """l AS (SELECT ROW_NUMBER() OVER (ORDER BY host, gpu, probe, settings) - 1 AS lid,
+      host, gpu, probe, settings, scan_id FROM latest_scans)"""
+_LATEST_KEYS = f"WITH {_LATEST_NUMBERED} SELECT host, gpu, probe, NULLIF(settings, '') AS settings FROM l ORDER BY lid"
 # Each device's ``?`` latest scans before its latest (per probe and settings; scans of one time in
 # scan_id order, so that every read of one snapshot picks the same ones): for each latest scan,
 # a LIMIT on the index by time (probe_scans_recent), so the cost is that of the scans read, not of
 # all the scans retention keeps (a year of summaries is thousands a device). SQLite drives the
-# lookups from an IN list (CROSS JOIN keeps latest_scans outside); PostgreSQL, which would run such
+# lookups from an IN list (CROSS JOIN keeps the latest scans, l, outside); PostgreSQL, which would run such
 # a subquery once per candidate row, takes a LATERAL join.
 _PAST_SCANS = {
-    "sqlite": """WITH k AS (
-      SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes
-      FROM latest_scans l CROSS JOIN probe_scans s
+    "sqlite": f"""WITH {_LATEST_NUMBERED}, k AS (
+      SELECT l.lid, s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes
+      FROM l CROSS JOIN probe_scans s
       ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
       AND s.scan_id IN (SELECT p.scan_id FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
           AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC, p.scan_id DESC LIMIT ?))""",
-    "postgresql": """WITH k AS (
-      SELECT l.host, l.gpu, l.probe, l.settings, s.scan_id, s.writes
-      FROM latest_scans l CROSS JOIN LATERAL (
+    "postgresql": f"""WITH {_LATEST_NUMBERED}, k AS (
+      SELECT l.lid, l.host, l.gpu, l.probe, l.settings, s.scan_id, s.writes
+      FROM l CROSS JOIN LATERAL (
           SELECT p.scan_id, p.writes FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
           AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC, p.scan_id DESC LIMIT ?) AS s)""",
 }
 # A summary is current while its scan has taken no batch since it was computed (``writes``).
 _SUMMARY_OF_K = """m.host = k.host AND m.gpu = k.gpu AND m.probe = k.probe AND m.settings = k.settings
       AND m.scan_id = k.scan_id AND m.writes = k.writes"""
-# SUMMARY_COLUMNS of every past scan in the history, ``value`` NULL where the scan has no current
-# summary (its samples are read instead).
+# Every past scan in the history: its device's number (``lid``), ts, scan_id, model, value and median,
+# ``value`` NULL where the scan has no current summary (its samples are read instead).
 _PAST_SUMMARIES = """{past}
-    SELECT m.ts, NULLIF(k.scan_id, '') AS scan_id, k.host, k.gpu, m.model, k.probe,
-           NULLIF(k.settings, '') AS settings, m.value, m.median
+    SELECT k.lid, m.ts, NULLIF(k.scan_id, '') AS scan_id, m.model, m.value, m.median
     FROM k LEFT JOIN scan_summaries m ON {summary_of_k}"""
+PAST_CHUNK_ROWS = 50_000  # summary rows turned into columns at a time (no tuple of them all is kept)
 # Each device's latest scans with the summary stored of them (NULLs where none), to write what changed.
 _CURRENT_SUMMARIES = """SELECT l.host, l.gpu, l.probe, l.settings, l.scan_id, l.last_ts, s.writes,
            m.value, m.median, m.n_samples, m.writes AS summary_writes, m.model
@@ -142,8 +150,42 @@ class FleetInput:
 
     devices: list[dict]  # the device table
     latest: tuple[list[str], list[tuple]]  # the samples of each device's latest scan (RESULT_COLUMNS)
-    history: tuple  # its earlier scans (Store.earlier_scans: a table of summaries, one of samples)
+    history: tuple  # its earlier scans (Store.earlier_scans: PastSummaries, and a table of samples)
     current: tuple[list[str], list[tuple]]  # its latest scans with the summary stored of them (or NULLs)
+
+
+@dataclass(frozen=True)
+class PastSummaries:
+    """The per-scan summaries of the history (:meth:`Store.earlier_scans`), column by column:
+    ``device[i]`` is row i's device as a number into ``keys`` (host, gpu, probe, settings: None for
+    none), ``scan[i]`` its scan as a number into ``scan_ids``, ``model[i]`` into ``models``; ``ts``,
+    ``value`` and ``median`` are float arrays. Read without a Python object per row: a year of
+    history at fleet scale fits in memory."""
+
+    keys: list[tuple]
+    device: np.ndarray
+    ts: np.ndarray
+    scan: np.ndarray
+    scan_ids: list
+    model: np.ndarray
+    models: list
+    value: np.ndarray
+    median: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.device)
+
+    def rows(self) -> list[tuple]:
+        """The summaries as tuples of SUMMARY_COLUMNS (for a look at a few; the fleet view reads the columns)."""
+        return [
+            (float(t), self.scan_ids[c], *self.keys[d][:2], self.models[m], *self.keys[d][2:], float(v), float(md))
+            for d, t, c, m, v, md in zip(self.device, self.ts, self.scan, self.model, self.value, self.median)
+        ]
+
+
+def _coded(values: Sequence, table: dict) -> list[int]:
+    """Numbers for ``values`` from ``table`` (value -> number, extended with the new ones)."""
+    return [table.setdefault(v, len(table)) for v in values]
 
 
 class Refused(ValueError):
@@ -470,7 +512,7 @@ class Store:
         device's current scan into its history)."""
         with self._snapshot():
             return FleetInput(
-                self.devices(), self.latest_samples(), self.earlier_scans(scans), self._table(_CURRENT_SUMMARIES)
+                self.devices(), self.latest_samples(), self._earlier_scans(scans), self._table(_CURRENT_SUMMARIES)
             )
 
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
@@ -478,18 +520,44 @@ class Store:
         input, as (columns, tuples)."""
         return self._table(*self.fleet_queries(0)["latest"])
 
-    def earlier_scans(self, scans: int) -> tuple[tuple[list[str], list[tuple]], tuple[list[str], list[tuple]]]:
-        """Each device's ``scans`` scans of each probe and settings before its latest, as two tables
-        of (columns, tuples): the per-scan summaries (``SUMMARY_COLUMNS``, one row each) of the scans
-        with a current one (:meth:`write_summaries`), and the samples (``HISTORY_COLUMNS``) of the
-        others (a scan stored before summaries were kept, or one that took rows since its summary)."""
-        if scans <= 0:
-            return (list(SUMMARY_COLUMNS), []), (list(HISTORY_COLUMNS), [])
-        cols, rows = self._table(*self.fleet_queries(scans)["summaries"])
-        i_value = cols.index("value")
-        summaries = [r for r in rows if r[i_value] is not None]
-        samples = self._table(*self.fleet_queries(scans)["samples"]) if len(summaries) < len(rows) else None
-        return (cols, summaries), samples or (list(HISTORY_COLUMNS), [])
+    def earlier_scans(self, scans: int) -> tuple[PastSummaries, tuple[list[str], list[tuple]]]:
+        """Each device's ``scans`` scans of each probe and settings before its latest: the per-scan
+        summaries (:class:`PastSummaries`, one row each) of the scans with a current one
+        (:meth:`write_summaries`), and as (``HISTORY_COLUMNS``, tuples) the samples of the others (a
+        scan stored before summaries were kept, or one that took rows since its summary). Read in
+        one snapshot (:meth:`fleet_input` holds one; else one is taken here)."""
+        with self._snapshot():
+            return self._earlier_scans(scans)
+
+    def _earlier_scans(self, scans: int) -> tuple[PastSummaries, tuple[list[str], list[tuple]]]:
+        import numpy as np
+
+        keys = self._reader.execute(_LATEST_KEYS).fetchall() if scans > 0 else []
+        parts: dict[str, list] = {c: [] for c in ("device", "ts", "scan", "model", "value", "median")}
+        scan_ids: dict = {}
+        models: dict = {}
+        unsummarised = 0
+        if scans > 0:
+            cur = self._reader.execute(*self.fleet_queries(scans)["summaries"])
+            while chunk := cur.fetchmany(PAST_CHUNK_ROWS):
+                rows = np.array(chunk, dtype=object)  # lid, ts, scan_id, model, value, median
+                v = np.array(rows[:, 4], dtype=float)  # None (no current summary): NaN
+                have = ~np.isnan(v)
+                unsummarised += int((~have).sum())
+                rows = rows[have]
+                parts["device"].append(rows[:, 0].astype(np.int64))
+                parts["ts"].append(np.array(rows[:, 1], dtype=float))
+                parts["scan"].append(np.array(_coded(rows[:, 2], scan_ids), dtype=np.int64))
+                parts["model"].append(np.array(_coded(rows[:, 3], models), dtype=np.int64))
+                parts["value"].append(v[have])
+                parts["median"].append(np.array(rows[:, 5], dtype=float))
+        col = {
+            c: np.concatenate(p) if p else np.zeros(0, dtype=np.int64 if c in ("device", "scan", "model") else float)
+            for c, p in parts.items()
+        }
+        past = PastSummaries(keys=keys, scan_ids=list(scan_ids), models=list(models), **col)
+        samples = self._table(*self.fleet_queries(scans)["samples"]) if unsummarised else None
+        return past, samples or (list(HISTORY_COLUMNS), [])
 
     def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
         """The samples of each device's ``scans`` scans before its latest (all of them, summarised

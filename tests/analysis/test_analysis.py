@@ -570,6 +570,9 @@ def test_parquet_text_read_as_categories_gives_the_same_document_as_text(tmp_pat
         assert a.to_json_text() == b.to_json_text() and a.dropped == b.dropped
         for c in ("host", "gpu", "model", "probe", "settings"):
             assert a.devices[c].dtype == b.devices[c].dtype == "string", c
+    # one side categorical, the other text (the collector's summaries beside its latest samples)
+    for mixed in (analyze(fast, plain_past), analyze(plain, fast_past)):
+        assert mixed.to_json_text() == b.to_json_text() and mixed.dropped == b.dropped
     assert a.dropped == {"host missing": 1} and a.summary["history_rows"] > 0
     assert flagged(a) == {"GPU-0005", "GPU-0006"} and set(
         a.devices.loc[a.devices["gpu"] == "GPU-0011", "settings"]

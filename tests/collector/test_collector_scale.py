@@ -206,7 +206,7 @@ def test_a_refresh_reads_past_scans_as_their_summaries_and_decides_as_the_sample
             assert snap.error is None
             assert _summaries(store)["scans"] == [f"s{k}" for k in range(scan + 1)]  # each scan summarised while latest
         devices = 16 * 2
-        (_, past), (_, samples) = store.earlier_scans(20)
+        past, (_, samples) = store.earlier_scans(20)
         assert len(past) == 6 * devices and samples == []  # no sample read
         assert snap.summary["history_rows"] == 6 * devices
 
@@ -234,18 +234,18 @@ def test_a_refresh_reads_past_scans_as_their_summaries_and_decides_as_the_sample
         assert view.refresh().error is None and _summaries(store) == before
         # a batch of stored rows only (an agent's replay) leaves the summaries current
         assert store.ingest(row_tuples(store.scan_results("s2")[:3]), 2e9) == (0, 3)
-        (_, past), (_, samples) = store.earlier_scans(20)
+        past, (_, samples) = store.earlier_scans(20)
         assert len(past) == 6 * devices and samples == []
         # a late sample of a past scan: that device's scan is read from its samples again
         late = _drifting_scan(4, np.random.default_rng(9), 1e9 + 4000.0)[0]
         late.update(sample=99, value=780.0)
         late["id"] = result_id(late)
         assert store.ingest(row_tuples([late]), 2e9 + 1) == (1, 0)
-        (_, past), (cols, samples) = store.earlier_scans(20)
+        past, (cols, samples) = store.earlier_scans(20)
         assert {(r[cols.index("gpu")], r[cols.index("scan_id")]) for r in samples} == {(late["gpu"], "s4")}
         assert len(samples) == 6 and len(past) == 6 * devices - 1
         assert view.refresh().error is None  # an older scan's summary is not rewritten: its samples stay in use
-        assert [len(rows) for _, rows in store.earlier_scans(20)] == [6 * devices - 1, 6]
+        assert [len(store.earlier_scans(20)[0]), len(store.earlier_scans(20)[1][1])] == [6 * devices - 1, 6]
     finally:
         view.stop()
         store.close()
@@ -263,7 +263,11 @@ def test_summaries_outlive_the_raw_results_and_are_pruned_after_summary_retentio
         for scan, at in ((0, 1e9), (1, 1e9 + 40 * day), (2, 1e9 + 41 * day)):
             store.ingest(row_tuples(_drifting_scan(scan, rng, at)), at + 60)
             assert view.refresh().error is None
-        scans = lambda: sorted({r[1] for _, rows in store.earlier_scans(20) for r in rows})  # noqa: E731
+
+        def scans() -> list[str]:
+            past, (cols, samples) = store.earlier_scans(20)
+            return sorted({r[1] for r in past.rows()} | {r[cols.index("scan_id")] for r in samples})
+
         assert scans() == ["s0", "s1"]
         keep = Retention(store, 30 * day, clock=lambda: 1e9 + 41.5 * day, summary_keep_s=60 * day)
         assert keep.prune_once() == 160 and store.count_results("s0") == 0 and keep.pruned_summaries == 0
@@ -299,11 +303,11 @@ def test_a_scan_whose_summary_went_stale_leaves_the_history_with_its_raw_rows(db
         view.refresh()
         store.ingest(row_tuples(_drifting_scan(2, rng, t + 2 * day)), t + 2 * day + 60)
         view.refresh()
-        (_, summaries), (cols, samples) = store.earlier_scans(20)
+        _, (cols, samples) = store.earlier_scans(20)
         assert {r[cols.index("scan_id")] for r in samples} == {"s0"} and len(samples) == 5  # its samples, for now
         Retention(store, 30 * day, clock=lambda: t + 31 * day).prune_once()
-        (_, summaries), (_, samples) = store.earlier_scans(20)
-        assert samples == [] and sum(r[1] == "s0" for r in summaries) == 31
+        summaries, (_, samples) = store.earlier_scans(20)
+        assert samples == [] and sum(r[1] == "s0" for r in summaries.rows()) == 31
         stale = (s0[0]["host"], s0[0]["gpu"], s0[0]["probe"], s0[0]["settings"] or "")
         kept = store._reader.execute("SELECT host, gpu, probe, settings, scan_id FROM probe_scans").fetchall()
         assert stale + ("s0",) not in kept and stale + ("s1",) in kept and len(kept) == 3 * 32 - 1

@@ -486,8 +486,8 @@ def test_fleet_input_is_read_in_one_transaction(db_url):
 
     store.latest_samples = latest_then_an_ingest
     read = store.fleet_input(5)
-    (cols, rows), ((_, summaries), (_, history)), (ccols, current) = read.latest, read.history, read.current
-    assert summaries == []  # no analysis has run: the history would be read from its samples
+    (cols, rows), (summaries, (_, history)), (ccols, current) = read.latest, read.history, read.current
+    assert len(summaries) == 0  # no analysis has run: the history would be read from its samples
     assert {d["last_scan_id"] for d in read.devices} == {"s1"} and {r[cols.index("scan_id")] for r in rows} == {"s1"}
     assert history == []  # s1 is not also history: the ingest of s2 is not seen
     assert {r[ccols.index("scan_id")] for r in current} == {"s1"}  # and its latest scans are those of s1
@@ -597,6 +597,8 @@ def test_the_history_reads_find_each_devices_latest_scans_through_the_time_index
             plan = " ".join(r[0] for r in store._reader.execute("EXPLAIN " + sql, params))
             assert re.search(r"Index (Only )?Scan Backward using probe_scans_recent", plan), (name, plan)
             assert "Filter: (SubPlan" not in plan, (name, plan)  # not a subquery per candidate scan
-    (_, summaries), (cols, samples) = store.earlier_scans(5)
-    assert summaries == [] and sorted({r[cols.index("scan_id")] for r in samples}) == [f"s{k}" for k in range(24, 29)]
+    summaries, (cols, samples) = store.earlier_scans(5)
+    assert len(summaries) == 0 and sorted({r[cols.index("scan_id")] for r in samples}) == [
+        f"s{k}" for k in range(24, 29)
+    ]
     store.close()
