@@ -11,6 +11,10 @@ from typing import Iterator, TextIO
 import pandas as pd
 
 JSON_ROWS_PER_PART = 20_000  # device entries pandas writes at a time (AnalysisResult.json_parts)
+# Decimal places pandas writes a float with (its most). It writes decimals, not significant digits: at
+# 6, a straggler's p-value of 4e-7 read as 0.0. At 15 one of 1e-9 keeps 6 digits; below 1e-16 pandas
+# writes the exponent form.
+JSON_DECIMALS = 15
 
 # Columns of res.devices, in order; the JSON "gpus" entries carry the same keys.
 DEVICE_COLUMNS = (
@@ -68,7 +72,9 @@ class AnalysisResult:
         no copy of the whole text, and pandas is faster on pieces that fit the CPU caches."""
         yield '{"gpus": ['
         for start in range(0, len(self.devices), rows_per_part):
-            part = self.devices.iloc[start : start + rows_per_part].to_json(orient="records", double_precision=6)
+            part = self.devices.iloc[start : start + rows_per_part].to_json(
+                orient="records", double_precision=JSON_DECIMALS
+            )
             yield ("," if start else "") + part[1:-1]  # the entries, without the list's brackets
         yield '], "summary": ' + json.dumps(self.summary, allow_nan=False) + "}"
 

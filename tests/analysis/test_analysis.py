@@ -374,6 +374,19 @@ def test_json_document():
     assert jobs[0]["speedup"] > 0
 
 
+def test_json_keeps_a_stragglers_tiny_p_value_to_six_digits():
+    res = analyze(fleet(slow={5: 0.8, 9: 0.93}))
+    p = res.devices.set_index("gpu")["p_value"]
+    assert 0 < p["GPU-0005"] < 1e-9 < p["GPU-0009"] < 1e-6  # both were written as 0.0 at 6 decimals
+    doc = {g["gpu"]: g for g in res.to_json()["gpus"]}
+    for gpu, value in p.dropna().items():
+        written = doc[gpu]["p_value"]
+        if value >= 1e-9:
+            assert written == pytest.approx(value, rel=1e-6), gpu
+        else:  # 15 decimals, or the exponent form below 1e-16: never 0 for a p-value that is not
+            assert written > 0 and abs(written - value) <= 5e-16, gpu
+
+
 def test_probes_are_analysed_separately():
     df = pd.concat([fleet(slow={1: 0.9}), fleet(probe="membw", seed=3)])
     res = analyze(df)
