@@ -4,9 +4,10 @@ For each ``--gpus`` size (8 GPUs a host, ``--probes`` probes a device, ``--sampl
 full canonical rows with telemetry) it builds a database of ``--scans`` earlier scans plus the current
 one through the collector's own store, then measures:
 
-- **refresh (full)**: the fleet view's first refresh after a new scan of the whole fleet, in a child
-  process of its own (wall and CPU seconds), and **refresh (one node)**: the next refresh after one
-  node's new scan; **peak RSS**: that child's resident-set high-water mark (``VmHWM``), i.e. of the
+- **first refresh**: the fleet view's first refresh, in a child process of its own (wall and CPU
+  seconds), as after a restart (the history is read whole); then, as in a running collector whose
+  analysis process keeps the history, **refresh (full)**: the refresh after the next scan of the
+  whole fleet (ingested there), and **refresh (one node)**: the one after one node's new scan; **peak RSS**: that child's resident-set high-water mark (``VmHWM``), i.e. of the
   collector's store and fleet view (no HTTP server in it);
 - **ingest under load**: a real collector process (``straggler collector``, analysis debounced by
   0.2 s so that refreshes run throughout) takes a new full-fleet scan in batches of ``--batch-rows``
@@ -203,7 +204,9 @@ def _cpu() -> float:
 def _refresh_child(
     db: str, gpus: int, scans: int, probes: int, samples: int, t0: float, pg_pid: int | None, out
 ) -> None:
-    """In a fresh process: refresh after the full-fleet scan, then after one node's scan. Where the
+    """In a fresh process: a first refresh (a restarted collector's: it reads the history whole),
+    then, as a running collector, one after the next scan of the whole fleet and one after one
+    node's scan (its analysis process keeps the history between them). Where the
     fleet view runs its analysis in a process of its own (``worker="process"``), that process' CPU
     seconds count too, and the peak RSS is the larger of the two processes'. The PostgreSQL server's
     CPU seconds meanwhile (``_db_cpu_s``) where the benchmark started it (``pg_pid``)."""
@@ -226,9 +229,16 @@ def _refresh_child(
             res[f"{prefix}_db_cpu_s"] = _server_cpu(pg_pid) - d
         return snap
 
+    res["first_error"] = timed("refresh_first").error  # as after a restart: the history read whole
+    for first in range(0, gpus, 2000):  # the next scan of the whole fleet, as a running collector takes it
+        ingest(
+            store,
+            rows(scans + 1, range(first, min(gpus, first + 2000)), probes, samples, t0),
+            t0 + (scans + 1) * 3600 + 60,
+        )
     snap = timed("refresh_full")
     res.update(error=snap.error, stragglers=sum(bool(g["straggler"]) for g in snap.gpus), devices=len(snap.gpus))
-    ingest(store, rows(scans + 1, range(0, 8), probes, samples, t0), t0 + (scans + 1) * 3600 + 60)
+    ingest(store, rows(scans + 2, range(0, 8), probes, samples, t0), t0 + (scans + 2) * 3600 + 60)
     res["node_error"] = timed("refresh_node").error
     if kw:
         fleet.stop()
@@ -328,7 +338,7 @@ def under_load(
                     next(r.iter_raw())
                     ttfb.append(time.perf_counter() - s)
             res["ttfb_ms"] = statistics.median(ttfb) * 1000
-            bodies, scan, n = [], scans + 2, 0
+            bodies, scan, n = [], scans + 3, 0  # after the refresh child's scans + 1 and + 2
             while n < max_rows:  # new full-fleet scans, each its own scan id: max_rows rows in all
                 new = rows(scan, range(gpus), probes, samples, t0)[: max_rows - n]
                 bodies += [
@@ -462,6 +472,7 @@ def _target(name: str, gpus: int) -> str:
 
 def table(results: list[dict]) -> str:
     figs = [
+        ("first refresh (after a restart): wall s", "refresh_first_s", "{:.2f}"),
         ("refresh, full-fleet scan: wall s", "refresh_full_s", "{:.2f}"),
         ("  CPU s", "refresh_full_cpu_s", "{:.2f}"),
         ("  PostgreSQL server CPU s", "refresh_full_db_cpu_s", "{:.2f}"),

@@ -18,6 +18,7 @@ from straggler.errors import StragglerError
 from straggler.jsonsafe import json_safe
 from straggler.verdict import device_tier
 
+from .history import HistoryCache
 from .store import PastSummaries, Store
 
 log = logging.getLogger("straggler.collector")
@@ -173,7 +174,9 @@ def summaries_to_write(devices, current: tuple[list[str], list[tuple]]) -> list[
     ]
 
 
-def analyse_stored(store: Store, history_scans: int, analyze: Callable | None = None) -> dict:
+def analyse_stored(
+    store: Store, history_scans: int, analyze: Callable | None = None, history: HistoryCache | None = None
+) -> dict:
     """One fleet analysis of what ``store`` holds: ``devices`` (the device table), ``entries``
     (:func:`verdict_entries`, None when the analysis refused the data or failed), ``summary``,
     ``error`` (None, or one line; ``traceback`` with it when the analysis failed), ``summaries``
@@ -181,9 +184,10 @@ def analyse_stored(store: Store, history_scans: int, analyze: Callable | None = 
 
     After an analysis that succeeded, the device table's estimate of each device's latest scan is
     written as that scan's summary (:func:`summaries_to_write`), which later refreshes read as its
-    history instead of the scan's samples."""
+    history instead of the scan's samples. ``history``: the process' copy of the history
+    (:class:`HistoryCache`), read from the database only where it changed."""
     cpu = time.process_time()
-    read = store.fleet_input(history_scans)
+    read = store.fleet_input(history_scans, history)
     out: dict[str, Any] = {"devices": read.devices, "entries": None, "summary": None, "error": None, "summaries": 0}
     if read.devices:
         try:
@@ -195,21 +199,25 @@ def analyse_stored(store: Store, history_scans: int, analyze: Callable | None = 
             out["error"], out["traceback"] = f"analysis failed: {type(e).__name__}: {e}", traceback.format_exc()
         else:
             try:
-                out["summaries"] = store.write_summaries(summaries_to_write(res.devices, read.current), time.time())
+                rows = summaries_to_write(res.devices, read.current)
+                out["summaries"] = store.write_summaries(rows, time.time())
+                if history is not None:
+                    history.wrote(rows)
             except store.errors as e:  # e.g. the disk is full: the verdicts stand; the samples are read instead
                 log.warning("fleet view: per-scan summaries not stored (%s); their samples are read instead", e)
     out["cpu_s"] = time.process_time() - cpu
     return out
 
 
-_WORKER_STORE: dict[str, Store] = {}  # in the analysis process: its own connection to the database
+# in the analysis process: its own connection to the database, and its copy of the history
+_WORKER_STORE: dict[str, tuple[Store, HistoryCache]] = {}
 
 
 def _analyse_in_worker(target: str, history_scans: int) -> dict:
-    store = _WORKER_STORE.get(target)  # target: an SQLite path or a postgresql:// URL
-    if store is None:
-        store = _WORKER_STORE[target] = Store(target)
-    return analyse_stored(store, history_scans)
+    got = _WORKER_STORE.get(target)  # target: an SQLite path or a postgresql:// URL
+    if got is None:
+        got = _WORKER_STORE[target] = (Store(target), HistoryCache())
+    return analyse_stored(got[0], history_scans, history=got[1])
 
 
 def default_analyze() -> Callable:
@@ -255,6 +263,7 @@ class FleetView:
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
         self._pool = None  # the analysis process (worker="process"), started at the first refresh
+        self._history = HistoryCache()  # worker="thread": this process' copy of the history
         self.last_cpu_s: float | None = None  # CPU seconds of the latest analysis, where it ran
 
     def notify(self) -> None:
@@ -292,7 +301,7 @@ class FleetView:
 
     def _analyse(self) -> dict:
         if self.worker == "thread":
-            return analyse_stored(self.store, self.history_scans, self._analyze)
+            return analyse_stored(self.store, self.history_scans, self._analyze, self._history)
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor

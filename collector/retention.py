@@ -44,6 +44,8 @@ _OLD_SCANS = """DELETE FROM probe_scans WHERE (host, gpu, probe, settings, scan_
         AND m.settings = s.settings AND m.scan_id = s.scan_id AND m.writes = s.writes)
     ORDER BY s.last_ts LIMIT ?)"""
 
+_NEW_EPOCH = "UPDATE fleet_changes SET epoch = epoch + 1 WHERE id = 1"
+
 
 class Retention:
     """Prunes ``store``'s raw results older than ``keep_s`` (by the collector's receipt time), and
@@ -66,12 +68,17 @@ class Retention:
         self.pruned_summaries = 0
         self._scans_done_to = float("-inf")  # scans before this time were pruned by an earlier pass
 
-    def _chunks(self, sql: str, *bounds: float) -> int:
-        """``sql`` (a DELETE of at most ``chunk_rows`` rows within ``bounds``) until it deletes fewer."""
+    def _chunks(self, sql: str, *bounds: float, history: bool = False) -> int:
+        """``sql`` (a DELETE of at most ``chunk_rows`` rows within ``bounds``) until it deletes fewer.
+        ``history``: rows the fleet view's history is read from; a chunk that deleted any counts up
+        the change epoch, so that an analysis process holding the history reads it again
+        (collector/history.py)."""
         total = 0
         while not self._stop.is_set():
             with self.store._transaction() as conn:
                 n = conn.execute(sql, (*bounds, self.chunk_rows)).rowcount
+                if n and history:
+                    conn.execute(_NEW_EPOCH)
             total += n
             if n < self.chunk_rows:
                 break
@@ -83,11 +90,11 @@ class Retention:
         counts the summaries)."""
         cutoff = self.clock() - self.keep_s
         total = self._chunks(_OLD_RESULTS, cutoff)
-        self.pruned_summaries += self._chunks(_OLD_SUMMARIES, self.clock() - self.summary_keep_s)
+        self.pruned_summaries += self._chunks(_OLD_SUMMARIES, self.clock() - self.summary_keep_s, history=True)
         # the scans that aged out since the last pass, and all of those of the summaries just pruned
         # (a year of kept scans is not walked again every hour)
-        self._chunks(_OLD_SCANS, self._scans_done_to, cutoff)
-        self._chunks(_OLD_SCANS, float("-inf"), min(cutoff, self.clock() - self.summary_keep_s))
+        self._chunks(_OLD_SCANS, self._scans_done_to, cutoff, history=True)
+        self._chunks(_OLD_SCANS, float("-inf"), min(cutoff, self.clock() - self.summary_keep_s), history=True)
         self._scans_done_to = max(self._scans_done_to, cutoff)
         self.pruned_rows += total
         if total:

@@ -27,6 +27,8 @@ from .schema import migrate, q
 if TYPE_CHECKING:
     import numpy as np
 
+    from .history import HistoryCache
+
 RESULT_COLUMNS = ("id",) + COLUMNS
 _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + " FROM results r"
 # The analysis compares a device with its own past by value only: history needs no telemetry.
@@ -59,11 +61,20 @@ _SAMPLE_CLASH = """
 # ``writes`` counts the batches that stored rows of the scan (a per-scan summary is of one count):
 # each batch that stored any row adds 1 to every scan it holds rows of (a scan whose rows in it were
 # all stored already is then read from its samples again: safe, and rare).
+# ``changed``: the change mark (schema V12; collector/history.py reads what changed since a refresh).
 _UPSERT_PROBE_SCAN = """
-    INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts, writes) VALUES (?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO probe_scans (host, gpu, probe, settings, scan_id, last_ts, writes, changed)
+    VALUES (?, ?, ?, ?, ?, ?, ?, {mark})
     ON CONFLICT (host, gpu, probe, settings, scan_id) DO UPDATE SET last_ts = CASE
         WHEN excluded.last_ts > probe_scans.last_ts THEN excluded.last_ts ELSE probe_scans.last_ts END,
-        writes = probe_scans.writes + excluded.writes"""
+        writes = probe_scans.writes + excluded.writes, changed = excluded.changed"""
+# SQLite: the counter each ingest counts up first; PostgreSQL: the writing transaction's id (no row
+# every replica's ingest would queue on)
+_CHANGE_MARK = {
+    "sqlite": "(SELECT seq FROM fleet_changes WHERE id = 1)",
+    "postgresql": "pg_current_xact_id()::text::bigint",
+}
+_COUNT_CHANGE = "UPDATE fleet_changes SET seq = seq + 1 WHERE id = 1"
 _UPSERT_LATEST_SCAN = """
     INSERT INTO latest_scans (host, gpu, probe, settings, scan_id, last_ts) VALUES (?, ?, ?, ?, ?, ?)
     ON CONFLICT (host, gpu, probe, settings) DO UPDATE SET scan_id = excluded.scan_id, last_ts = excluded.last_ts
@@ -91,17 +102,18 @@ _LATEST_KEYS = f"WITH {_LATEST_NUMBERED} SELECT host, gpu, probe, NULLIF(setting
 # all the scans retention keeps (a year of summaries is thousands a device). SQLite drives the
 # lookups from an IN list (CROSS JOIN keeps the latest scans, l, outside); PostgreSQL, which would run such
 # a subquery once per candidate row, takes a LATERAL join.
+# ``{latest}``: the CTE ``l`` of the latest scans whose history is read (_LATEST_NUMBERED: all).
 _PAST_SCANS = {
-    "sqlite": f"""WITH {_LATEST_NUMBERED}, k AS (
-      SELECT l.lid, s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes
+    "sqlite": """WITH {latest}, k AS (
+      SELECT l.lid, s.host, s.gpu, s.probe, s.settings, s.scan_id, s.writes, s.last_ts
       FROM l CROSS JOIN probe_scans s
       ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings
       AND s.scan_id IN (SELECT p.scan_id FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
           AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC, p.scan_id DESC LIMIT ?))""",
-    "postgresql": f"""WITH {_LATEST_NUMBERED}, k AS (
-      SELECT l.lid, l.host, l.gpu, l.probe, l.settings, s.scan_id, s.writes
+    "postgresql": """WITH {latest}, k AS (
+      SELECT l.lid, l.host, l.gpu, l.probe, l.settings, s.scan_id, s.writes, s.last_ts
       FROM l CROSS JOIN LATERAL (
-          SELECT p.scan_id, p.writes FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
+          SELECT p.scan_id, p.writes, p.last_ts FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
           AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC, p.scan_id DESC LIMIT ?) AS s)""",
 }
 # A summary is current while its scan has taken no batch since it was computed (``writes``).
@@ -112,6 +124,7 @@ _SUMMARY_OF_K = """m.host = k.host AND m.gpu = k.gpu AND m.probe = k.probe AND m
 _PAST_SUMMARIES = """{past}
     SELECT k.lid, m.ts, NULLIF(k.scan_id, '') AS scan_id, m.model, m.value, m.median
     FROM k LEFT JOIN scan_summaries m ON {summary_of_k}"""
+KEYS_PER_READ = 500  # devices or scans named in one statement (SQLite's limit: 32,766 parameters)
 PAST_CHUNK_ROWS = 50_000  # summary rows turned into columns at a time (no tuple of them all is kept)
 # Each device's latest scans with the summary stored of them (NULLs where none), to write what changed.
 _CURRENT_SUMMARIES = """SELECT l.host, l.gpu, l.probe, l.settings, l.scan_id, l.last_ts, s.writes,
@@ -265,6 +278,11 @@ class Store:
             self.channels = {"results": f"straggler_{tag}_results", "snapshot": f"straggler_{tag}_snapshot"}
         self._sql = {
             "latest": _SELECT_LATEST.format(join=self.dialect.ordered_join),
+            # the rows of each scan named in a CTE ``k`` (host, gpu, probe, settings, scan_id)
+            "scan_rows": f"""{self.dialect.ordered_join} results r
+                ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
+                AND COALESCE(r.settings, '') = k.settings""",
+            "probe_scan": _UPSERT_PROBE_SCAN.format(mark=_CHANGE_MARK[self.dialect.name]),
             "clash": _SAMPLE_CLASH.format(
                 join=self.dialect.ordered_join, indexed_by=self.dialect.indexed_by("results_sample")
             ),
@@ -419,7 +437,9 @@ class Store:
             if accepted < len(rows):  # replayed ids, or samples stored already (results_sample)
                 self._check_samples(conn, rows)
             conn.executemany(_UPSERT_DEVICE, devices)
-            conn.executemany(_UPSERT_PROBE_SCAN, [k + (1 if accepted else 0,) for k in probe_scans])
+            if self.url is None:
+                conn.execute(_COUNT_CHANGE)
+            conn.executemany(self._sql["probe_scan"], [k + (1 if accepted else 0,) for k in probe_scans])
             conn.executemany(_UPSERT_LATEST_SCAN, latest_scans)
             if accepted and self.channels:  # the refresh leader, whichever replica it is (sent at COMMIT)
                 conn.execute("SELECT pg_notify(?, '')", (self.channels["results"],))
@@ -507,13 +527,13 @@ class Store:
     def devices(self) -> list[dict]:
         return self._rows('SELECT host, gpu, "index", model, last_ts, last_scan_id FROM devices ORDER BY host, gpu')
 
-    def fleet_input(self, scans: int) -> FleetInput:
+    def fleet_input(self, scans: int, history: HistoryCache | None = None) -> FleetInput:
         """The fleet view's input, read in one transaction (an ingest in between cannot move a
-        device's current scan into its history)."""
+        device's current scan into its history). ``history``: the analysis process' copy of the
+        history, brought up to date with what changed since its last read, instead of reading it all."""
         with self._snapshot():
-            return FleetInput(
-                self.devices(), self.latest_samples(), self._earlier_scans(scans), self._table(_CURRENT_SUMMARIES)
-            )
+            past = self._earlier_scans(scans) if history is None else history.read(self, scans)
+            return FleetInput(self.devices(), self.latest_samples(), past, self._table(_CURRENT_SUMMARIES))
 
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
         """Every row of each device's latest scan of each probe and settings: the fleet view's
@@ -559,6 +579,18 @@ class Store:
         samples = self._table(*self.fleet_queries(scans)["samples"]) if unsummarised else None
         return past, samples or (list(HISTORY_COLUMNS), [])
 
+    def scan_samples(self, scans: Sequence[tuple]) -> tuple[list[str], list[tuple]]:
+        """The samples of the named scans ((host, gpu, probe, settings, scan_id) tuples, settings
+        and scan_id ``''`` for none) as (``HISTORY_COLUMNS``, tuples)."""
+        rows: list[tuple] = []
+        for i in range(0, len(scans), KEYS_PER_READ):
+            chunk = scans[i : i + KEYS_PER_READ]
+            named = ", ".join("(?, ?, ?, ?, ?)" for _ in chunk)
+            sql = f"""WITH k (host, gpu, probe, settings, scan_id) AS (VALUES {named})
+                SELECT {_HISTORY_FIELDS} FROM k {self._sql["scan_rows"]}"""
+            rows += self._reader.execute(sql, [v for key in chunk for v in key]).fetchall()
+        return list(HISTORY_COLUMNS), rows
+
     def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
         """The samples of each device's ``scans`` scans before its latest (all of them, summarised
         or not), as (``HISTORY_COLUMNS``, tuples)."""
@@ -571,10 +603,8 @@ class Store:
         (:meth:`latest_samples`), ``history`` (:meth:`earlier_samples` of ``scans`` >= 1 scans),
         ``summaries`` and ``samples`` (:meth:`earlier_scans`: the summaries, and the samples of the
         scans without a current summary)."""
-        join = f"""{self.dialect.ordered_join} results r
-                ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
-                AND COALESCE(r.settings, '') = k.settings"""
-        past = _PAST_SCANS[self.dialect.name]
+        join = self._sql["scan_rows"]
+        past = _PAST_SCANS[self.dialect.name].format(latest=_LATEST_NUMBERED)
         history = f"{past} SELECT {_HISTORY_FIELDS} FROM k {join}"
         unsummarised = f"""{past}, n AS (
                 SELECT * FROM k WHERE NOT EXISTS (SELECT 1 FROM scan_summaries m WHERE {_SUMMARY_OF_K}))

@@ -33,7 +33,7 @@ def test_wal_mode_and_latest_schema(tmp_path):
     store = Store(tmp_path / "sub" / "c.db")
     conn = sqlite3.connect(tmp_path / "sub" / "c.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 11
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.LATEST == 12
     assert store.migrated_from == 0
     store.close()
 

@@ -295,7 +295,7 @@ def test_a_version_6_database_migrates_to_the_quarantine_tables(tmp_path):
     conn.close()
     store = Store(path)
     try:
-        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 11
+        assert store.migrated_from == 6 and schema.version(store._reader) == schema.LATEST == 12
         store.ingest(row_tuples(rows_for("m1", "s1", n_gpus=1, samples=1)), 1.0)
         q = Quarantine(store, CollectorSettings(quarantine_action="record"))
         assert q.drain("m1", "straggler: x", "gate").action == "drain"

@@ -1,0 +1,140 @@
+"""The history kept in the analysis process (collector/history.py): after every kind of change a
+read gives what the store's own read of the whole history gives in the same snapshot."""
+
+import numpy as np
+import pytest
+from postgres import db_url, pg_server  # noqa: F401 (fixtures)
+from straggler.collector.fleet import FleetView
+from straggler.collector.history import HistoryCache
+from straggler.collector.retention import Retention
+from straggler.collector.store import Store, row_tuples
+from straggler.records import result_id
+from test_collector_api import make_rows
+
+HOSTS = ("a", "b", "c")
+PROBES = (("matmul", "n=8192", "TFLOP/s", 790.0), ("membw", None, "GB/s", 3000.0))
+DAY = 86400.0
+
+
+def _scan(scan_id: str, ts: float, rng, hosts=HOSTS, gpus=4, probes=PROBES, samples=3, factor=None) -> list[dict]:
+    """One scan of ``hosts`` x ``gpus`` x ``probes`` x ``samples`` noisy samples (``factor``: GPU -> slowdown)."""
+    rows = []
+    for host in hosts:
+        for probe, settings, unit, base in probes:
+            for r in make_rows(host, gpus, scan_id, ts, probe=probe, samples=samples, settings=settings, unit=unit):
+                r["value"] = base * (factor or {}).get(r["gpu"], 1.0) * (1 + 0.004 * rng.standard_normal())
+                r["id"] = result_id(r)
+                rows.append(r)
+    return rows
+
+
+def _same(store: Store, cache: HistoryCache, scans: int) -> dict:
+    """Read the cache and the store in one snapshot; they must hold the same history."""
+    with store._snapshot():
+        past, (cols, samples) = cache.read(store, scans)
+        want, (want_cols, want_samples) = store._earlier_scans(scans)
+    assert sorted(past.rows(), key=repr) == sorted(want.rows(), key=repr)
+    assert cols == want_cols and sorted(samples, key=repr) == sorted(want_samples, key=repr)
+    return dict(cache.last)
+
+
+def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db_url):
+    rng = np.random.default_rng(1)
+    store = Store(db_url)
+    view = FleetView(store, history_scans=3)  # thread: the analysis writes the summaries it reads
+    cache = view._history
+    try:
+        t = 1e9
+        for k in range(5):  # scans of the whole fleet: a shift each, nothing read again
+            store.ingest(row_tuples(_scan(f"s{k}", t + k * DAY, rng)), t + k * DAY + 60)
+            assert view.refresh().error is None
+            if k:
+                assert cache.last == {"whole": 0, "changed": 24, "reread": 0}
+        assert _same(store, cache, 3) == {"whole": 0, "changed": 0, "reread": 0}
+        assert len(store._earlier_scans(3)[0]) == 3 * 24  # three past scans of 24 device-probes
+
+        # the latest scan in two batches, a refresh between: its time and writes only
+        two = _scan("s5", t + 5 * DAY, rng)
+        store.ingest(row_tuples(two[: len(two) // 2]), t + 5 * DAY + 60)
+        assert view.refresh().error is None
+        store.ingest(row_tuples(two[len(two) // 2 :]), t + 5 * DAY + 61)
+        assert view.refresh().error is None and cache.last["reread"] == 0
+        assert _same(store, cache, 3)["reread"] == 0
+
+        # a replay of stored rows of a past scan changes nothing
+        assert store.ingest(row_tuples(store.scan_results("s3")[:2]), t + 6 * DAY)[0] == 0
+        assert _same(store, cache, 3) == {"whole": 0, "changed": 1, "reread": 0}
+
+        # a late sample of a past scan: that device is read again, the scan from its samples
+        late = _scan("s4", t + 4 * DAY, rng, hosts=("b",), gpus=1, probes=PROBES[:1], samples=1)[0]
+        late.update(sample=7)
+        late["id"] = result_id(late)
+        assert store.ingest(row_tuples([late]), t + 6 * DAY + 1) == (1, 0)
+        assert _same(store, cache, 3) == {"whole": 0, "changed": 1, "reread": 1}
+        assert len(store._earlier_scans(3)[1][1]) == 4  # s4 of that device: its 3 samples and the late one
+
+        # one node's scan; two scans of another at once; a new node
+        store.ingest(row_tuples(_scan("a6", t + 6 * DAY, rng, hosts=("a",))), t + 6 * DAY + 60)
+        store.ingest(row_tuples(_scan("b6", t + 6 * DAY, rng, hosts=("b",))), t + 6 * DAY + 60)
+        store.ingest(row_tuples(_scan("b7", t + 7 * DAY, rng, hosts=("b",))), t + 7 * DAY + 60)
+        store.ingest(row_tuples(_scan("d7", t + 7 * DAY, rng, hosts=("d",))), t + 7 * DAY + 60)
+        assert _same(store, cache, 3) == {"whole": 0, "changed": 8 + 16 + 8, "reread": 16}
+        assert view.refresh().error is None
+
+        # a scan of the same time as the latest (the order falls to the scan ids): read again
+        store.ingest(row_tuples(_scan("a6x", t + 6 * DAY, rng, hosts=("a",))), t + 7 * DAY + 90)
+        assert _same(store, cache, 3)["reread"] == 8
+        store.ingest(row_tuples(_scan("a8", t + 8 * DAY, rng, hosts=("a",))), t + 8 * DAY + 60)
+        assert _same(store, cache, 3)["whole"] == 0
+
+        # retention deletes history rows: the next read is whole
+        Retention(store, 2.5 * DAY, clock=lambda: t + 8.5 * DAY, summary_keep_s=4.5 * DAY).prune_once()
+        assert _same(store, cache, 3)["whole"] == 1
+        assert _same(store, cache, 3) == {"whole": 0, "changed": 0, "reread": 0}
+        # another history length: whole
+        assert _same(store, cache, 5)["whole"] == 1
+
+        # a fresh copy (another process) reads the same
+        assert _same(store, HistoryCache(), 3)["whole"] == 1
+    finally:
+        view.stop()
+        store.close()
+
+
+def test_a_refresh_with_the_kept_history_decides_as_one_that_reads_it_all(tmp_path):
+    rng = np.random.default_rng(2)
+    store = Store(tmp_path / "c.db")
+    kept = FleetView(store, history_scans=4)
+    try:
+        for k in range(7):
+            slow = {"GPU-a-1": 0.94} if k >= 4 else {}  # GPU-a-1 loses 6% from scan 4 on: its own history shows it
+            store.ingest(row_tuples(_scan(f"s{k}", 1e9 + k * DAY, rng, factor=slow)), 1e9 + k * DAY + 60)
+            snap = kept.refresh()
+            fresh = FleetView(store, history_scans=4).refresh()  # a new copy: the history read whole
+            assert snap.error is None and snap.gpus == fresh.gpus and snap.summary == fresh.summary
+        assert {g["gpu"]: any(p["degraded"] for p in g["probes"]) for g in snap.gpus}["GPU-a-1"]
+    finally:
+        kept.stop()
+        store.close()
+
+
+def test_a_read_that_fails_half_way_leaves_the_next_one_whole(tmp_path):
+    rng = np.random.default_rng(3)
+    store = Store(tmp_path / "c.db")
+    cache = HistoryCache()
+    try:
+        store.ingest(row_tuples(_scan("s0", 1e9, rng)), 1e9)
+        store.ingest(row_tuples(_scan("s1", 1e9 + DAY, rng)), 1e9 + DAY)
+        assert _same(store, cache, 3)["whole"] == 1
+        store.ingest(row_tuples(_scan("s2", 1e9 + 2 * DAY, rng, hosts=("z",))), 1e9 + 2 * DAY)
+
+        def broken(*_a):
+            raise RuntimeError("the disk went away")
+
+        store.scan_samples, real = broken, store.scan_samples
+        with pytest.raises(RuntimeError), store._snapshot():
+            cache.read(store, 3)
+        store.scan_samples = real
+        assert _same(store, cache, 3)["whole"] == 1
+    finally:
+        store.close()
