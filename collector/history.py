@@ -75,7 +75,8 @@ _EMPTY: dict[str, Any] = {
     "median": float("nan"),
     "summary_writes": -2,
 }
-_INT = ("scan", "writes", "model", "summary_writes")
+SCAN_IDS_SLACK = 1000  # scan ids kept beyond twice the slots before the unused are forgotten
+_INT = ("scan", "writes", "model", "summary_writes")  # as int32: 4 bytes a slot (a scan takes far fewer batches)
 
 
 class HistoryCache:
@@ -116,6 +117,7 @@ class HistoryCache:
             self.reset()  # half applied: the next read is whole
             raise
         self.mark, self.epoch = mark, epoch
+        self._compact()
         return past, samples
 
     def _whole(self, store: Store, scans: int) -> None:
@@ -215,6 +217,20 @@ class HistoryCache:
 
     # -- the columns ------------------------------------------------------------------------
 
+    def _compact(self) -> None:
+        """Forget the scan ids no slot holds any more (each new scan brings new ones: a long-lived
+        process would otherwise keep every scan id it ever saw)."""
+        import numpy as np
+
+        scan = self.cols.get("scan")
+        if scan is None or len(self.scan_ids) <= 2 * scan.size + SCAN_IDS_SLACK:
+            return
+        held = scan >= 0
+        kept, code = np.unique(scan[held], return_inverse=True)
+        scan[held] = code
+        self.scan_ids = [self.scan_ids[i] for i in kept]
+        self._scan_code = {sid: i for i, sid in enumerate(self.scan_ids)}
+
     def _code(self, scan_id: str) -> int:
         code = self._scan_code.get(scan_id)
         if code is None:
@@ -238,7 +254,7 @@ class HistoryCache:
         assert self.scans is not None
         shape = (len(keys), self.scans + 1)
         for name, empty in _EMPTY.items():
-            add = np.full(shape, empty, dtype=np.int64 if name in _INT else float)
+            add = np.full(shape, empty, dtype=np.int32 if name in _INT else float)
             self.cols[name] = add if name not in self.cols else np.concatenate([self.cols[name], add])
 
     def _fill_latest(self, rows: np.ndarray, got: list[tuple]) -> None:

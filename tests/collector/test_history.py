@@ -138,3 +138,20 @@ def test_a_read_that_fails_half_way_leaves_the_next_one_whole(tmp_path):
         assert _same(store, cache, 3)["whole"] == 1
     finally:
         store.close()
+
+
+def test_a_long_lived_copy_forgets_the_scan_ids_it_no_longer_holds(tmp_path, monkeypatch):
+    from straggler.collector import history
+
+    monkeypatch.setattr(history, "SCAN_IDS_SLACK", 0)
+    rng = np.random.default_rng(4)
+    store = Store(tmp_path / "c.db")
+    cache = HistoryCache()
+    try:
+        for k in range(12):  # one node's scans, each its own scan id
+            store.ingest(row_tuples(_scan(f"n{k}", 1e9 + k * DAY, rng, hosts=("a",), gpus=1)), 1e9 + k * DAY)
+            _same(store, cache, 1)
+            assert len(cache.scan_ids) <= 2 * cache.cols["scan"].size  # 2 device-probes x 2 slots
+        assert {"n10", "n11"} <= set(cache.scan_ids) and len(cache.scan_ids) < 12  # forgotten, not only bounded
+    finally:
+        store.close()
