@@ -199,10 +199,7 @@ def analyse_stored(
             out["error"], out["traceback"] = f"analysis failed: {type(e).__name__}: {e}", traceback.format_exc()
         else:
             try:
-                rows = summaries_to_write(res.devices, read.current)
-                out["summaries"] = store.write_summaries(rows, time.time())
-                if history is not None:
-                    history.wrote(rows)
+                out["summaries"] = store.write_summaries(summaries_to_write(res.devices, read.current), time.time())
             except store.errors as e:  # e.g. the disk is full: the verdicts stand; the samples are read instead
                 log.warning("fleet view: per-scan summaries not stored (%s); their samples are read instead", e)
     out["cpu_s"] = time.process_time() - cpu

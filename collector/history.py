@@ -7,20 +7,25 @@ whatever the layout (docs/collector.md, "The history kept in the analysis proces
 changed since (their change mark, schema version 12) and applies them per device:
 
 - a new latest scan, later than every scan held (a scan of the fleet): the latest moves into the
-  history and the oldest leaves it; its summary is the one this process wrote after its analysis
-  (:meth:`HistoryCache.wrote`);
+  history and the oldest leaves it;
 - more rows of the latest scan: its time and ``writes`` (its summary is stale until rewritten);
 - a replay that changed nothing: nothing;
 - anything else (rows of a past scan, two new scans at once, a new device, two scans of one time):
   that device's history is read from the database again.
 
+Then the summaries written since (their change mark too, whoever wrote them: this process after
+its analysis, another replica that led meanwhile, a write that failed after some of its chunks)
+are put in the slots of their scans.
+
 Retention's deletions count up ``fleet_changes.epoch``: a read that finds another epoch reads it
-all again, as does any read that fails half way. A read returns what :meth:`Store.earlier_scans`
+all again, as does any read that fails half way, and one at least every ``WHOLE_EVERY_S`` (what a
+writer that does not mark its rows changed, e.g. a replica of an older version, is then seen). A read returns what :meth:`Store.earlier_scans`
 returns in the same snapshot (tests/collector/test_history.py compares them after random changes).
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .store import _LATEST_NUMBERED, _PAST_SCANS, KEYS_PER_READ, PAST_CHUNK_ROWS, PastSummaries
@@ -40,6 +45,8 @@ _CHANGED = """SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id, s.last_ts, s
     FROM probe_scans s LEFT JOIN latest_scans l
     ON l.host = s.host AND l.gpu = s.gpu AND l.probe = s.probe AND l.settings = s.settings
     WHERE s.changed >= ?"""
+_CHANGED_SUMMARIES = """SELECT host, gpu, probe, settings, scan_id, ts, model, value, median, writes
+    FROM scan_summaries WHERE changed >= ?"""
 _SUMMARY_FIELDS = "m.ts, m.model, m.value, m.median, m.writes"
 _SUMMARY_OF = """m.host = {t}.host AND m.gpu = {t}.gpu AND m.probe = {t}.probe AND m.settings = {t}.settings
     AND m.scan_id = {t}.scan_id"""
@@ -75,6 +82,7 @@ _EMPTY: dict[str, Any] = {
     "median": float("nan"),
     "summary_writes": -2,
 }
+WHOLE_EVERY_S = 3600.0  # the longest a kept history goes without a whole read
 SCAN_IDS_SLACK = 1000  # scan ids kept beyond twice the slots before the unused are forgotten
 _INT = ("scan", "writes", "model", "summary_writes")  # as int32: 4 bytes a slot (a scan takes far fewer batches)
 
@@ -97,7 +105,8 @@ class HistoryCache:
         self.models: list = []
         self._model_code: dict = {}
         self.cols: dict[str, np.ndarray] = {}
-        self.last: dict[str, int] = {}  # what the latest read did: whole (0/1), changed, reread
+        self.last: dict[str, int] = {}  # what the latest read did: whole (0/1), changed, reread, summaries
+        self.whole_at = float("-inf")  # time.monotonic() of the latest whole read
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -107,7 +116,8 @@ class HistoryCache:
             return store._earlier_scans(scans)
         epoch, mark = store._reader.execute(_STATE[store.dialect.name]).fetchone()
         try:
-            if scans != self.scans or epoch != self.epoch or self.mark is None:
+            stale = time.monotonic() - self.whole_at > WHOLE_EVERY_S
+            if scans != self.scans or epoch != self.epoch or self.mark is None or stale:
                 self._whole(store, scans)
             else:
                 self._changes(store, self.mark)
@@ -124,7 +134,7 @@ class HistoryCache:
         import numpy as np
 
         self.reset()
-        self.scans = scans
+        self.scans, self.whole_at = scans, time.monotonic()
         latest = store._reader.execute(_LATEST.format(**_ALL_LATEST)).fetchall()
         self._add_keys([tuple(r[:4]) for r in latest])
         self._fill_latest(np.arange(len(latest)), latest)
@@ -134,7 +144,7 @@ class HistoryCache:
         while chunk := cur.fetchmany(PAST_CHUNK_ROWS):
             parts.append(self._past_columns(np.array([r[0] for r in chunk], dtype=np.int64), chunk, 1))
         self._fill_past(parts)
-        self.last = {"whole": 1, "changed": 0, "reread": len(self.keys)}
+        self.last = {"whole": 1, "changed": 0, "reread": len(self.keys), "summaries": 0}
 
     def _reread(self, store: Store, keys: list[tuple]) -> None:
         """Read the history of ``keys`` from the database again (new devices are added)."""
@@ -213,7 +223,30 @@ class HistoryCache:
             return
         if reread:
             self._reread(store, sorted(reread))
-        self.last = {"whole": 0, "changed": len(changed), "reread": len(reread)}
+        summaries = store._reader.execute(_CHANGED_SUMMARIES, (mark,)).fetchall()
+        self._take_summaries(summaries)
+        self.last = {"whole": 0, "changed": len(changed), "reread": len(reread), "summaries": len(summaries)}
+
+    def _take_summaries(self, got: list[tuple]) -> None:
+        """Put summaries (_CHANGED_SUMMARIES' tuples) in the slots of their scans (those of scans
+        not held: nothing; a device read again already has its own)."""
+        import numpy as np
+
+        mine = [(self.index.get(tuple(r[:4])), self._scan_code.get(r[4]), r) for r in got]
+        mine = [m for m in mine if m[0] is not None and m[1] is not None]
+        if not mine:
+            return
+        c = self.cols
+        rows = np.array([i for i, _, _ in mine], dtype=np.int64)
+        found = c["scan"][rows] == np.array([code for _, code, _ in mine], dtype=np.int64)[:, None]
+        held = found.any(axis=1)
+        rows, slot = rows[held], found.argmax(axis=1)[held]
+        got = [r for (_, _, r), h in zip(mine, held) if h]
+        c["ts"][rows, slot] = np.array([r[5] for r in got], dtype=float)
+        c["model"][rows, slot] = [self._model(r[6]) for r in got]
+        c["value"][rows, slot] = np.array([r[7] for r in got], dtype=float)
+        c["median"][rows, slot] = np.array([r[8] for r in got], dtype=float)
+        c["summary_writes"][rows, slot] = [r[9] for r in got]
 
     # -- the columns ------------------------------------------------------------------------
 
@@ -333,27 +366,3 @@ class HistoryCache:
         slot += 1
         missing = [self.keys[r] + (self.scan_ids[s],) for r, s in zip(row, c["scan"][row, slot])]
         return past, missing
-
-    # -- what the analysis wrote ------------------------------------------------------------
-
-    def wrote(self, rows: Sequence[tuple]) -> None:
-        """Take the summaries the analysis just stored (``SUMMARY_FIELDS`` tuples of the latest
-        scans it read from this copy): each becomes its scan's, once that scan is in the past."""
-        import numpy as np
-
-        if not rows or not self.keys:
-            return
-        mine = [(self.index.get(tuple(r[:4])), self._scan_code.get(r[4]), r) for r in rows]
-        mine = [(i, code, r) for i, code, r in mine if i is not None and code is not None]
-        if not mine:
-            return
-        c = self.cols
-        idx = np.array([i for i, _, _ in mine], dtype=np.int64)
-        ok = c["scan"][idx, 0] == np.array([code for _, code, _ in mine], dtype=np.int64)
-        got = [r for (_, _, r), k in zip(mine, ok) if k]
-        idx = idx[ok]
-        c["model"][idx, 0] = [self._model(r[5]) for r in got]
-        c["ts"][idx, 0] = np.array([r[6] for r in got], dtype=float)
-        c["value"][idx, 0] = np.array([r[7] for r in got], dtype=float)
-        c["median"][idx, 0] = np.array([r[8] for r in got], dtype=float)
-        c["summary_writes"][idx, 0] = np.array([r[10] for r in got], dtype=np.int64)

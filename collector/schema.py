@@ -210,14 +210,17 @@ _V11 = [
     "CREATE INDEX scan_summaries_time ON scan_summaries (ts)",  # retention's range of old summaries
 ]
 
-# Version 12: what changed since a refresh (issue 13). ``probe_scans.changed`` marks each row with
-# the change it last took: on SQLite the counter ``fleet_changes.seq``, counted up by every ingest
-# (one writer: the marks grow in commit order); on PostgreSQL the writing transaction's id, read back
-# from the snapshot's oldest running one (collector/history.py). ``epoch`` counts the deletions of
-# history (retention): a reader that saw another epoch reads it all again. Rows stored before carry 0.
+# Version 12: what changed since a refresh (issue 13). ``changed`` marks each ``probe_scans`` and
+# ``scan_summaries`` row with the change it last took: on SQLite the counter ``fleet_changes.seq``,
+# counted up by every write transaction that marks rows (one writer: the marks grow in commit order);
+# on PostgreSQL the writing transaction's id, read back from the snapshot's oldest running one
+# (collector/history.py). ``epoch`` counts the deletions of history (retention): a reader that saw
+# another epoch reads it all again. Rows stored before carry 0.
 _V12 = [
     "ALTER TABLE probe_scans ADD COLUMN changed INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX probe_scans_changed ON probe_scans (changed)",
+    "ALTER TABLE scan_summaries ADD COLUMN changed INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX scan_summaries_changed ON scan_summaries (changed)",
     """CREATE TABLE fleet_changes (
         id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, epoch INTEGER NOT NULL)""",
     "INSERT INTO fleet_changes (id, seq, epoch) VALUES (1, 0, 0)",

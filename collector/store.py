@@ -147,10 +147,12 @@ SUMMARY_FIELDS = (
     "writes",
 )
 _UPSERT_SUMMARY = f"""
-    INSERT INTO scan_summaries ({", ".join(SUMMARY_FIELDS)}, written_ts) VALUES ({", ".join("?" for _ in SUMMARY_FIELDS)}, ?)
+    INSERT INTO scan_summaries ({", ".join(SUMMARY_FIELDS)}, written_ts, changed)
+    VALUES ({", ".join("?" for _ in SUMMARY_FIELDS)}, ?, {{mark}})
     ON CONFLICT (host, gpu, probe, settings, scan_id) DO UPDATE SET
         model = excluded.model, ts = excluded.ts, value = excluded.value, median = excluded.median,
-        n_samples = excluded.n_samples, writes = excluded.writes, written_ts = excluded.written_ts"""
+        n_samples = excluded.n_samples, writes = excluded.writes, written_ts = excluded.written_ts,
+        changed = excluded.changed"""
 SUMMARY_CHUNK_ROWS = 5000  # summaries upserted per write transaction (an ingest waits at most one)
 
 # deadlock_detected, serialization_failure: PostgreSQL aborted the transaction; running it again is safe
@@ -283,6 +285,7 @@ class Store:
                 ON r.gpu = k.gpu AND r.host = k.host AND COALESCE(r.scan_id, '') = k.scan_id || '' AND r.probe = k.probe
                 AND COALESCE(r.settings, '') = k.settings""",
             "probe_scan": _UPSERT_PROBE_SCAN.format(mark=_CHANGE_MARK[self.dialect.name]),
+            "summary": _UPSERT_SUMMARY.format(mark=_CHANGE_MARK[self.dialect.name]),
             "clash": _SAMPLE_CLASH.format(
                 join=self.dialect.ordered_join, indexed_by=self.dialect.indexed_by("results_sample")
             ),
@@ -437,8 +440,7 @@ class Store:
             if accepted < len(rows):  # replayed ids, or samples stored already (results_sample)
                 self._check_samples(conn, rows)
             conn.executemany(_UPSERT_DEVICE, devices)
-            if self.url is None:
-                conn.execute(_COUNT_CHANGE)
+            self._count_change(conn)
             conn.executemany(self._sql["probe_scan"], [k + (1 if accepted else 0,) for k in probe_scans])
             conn.executemany(_UPSERT_LATEST_SCAN, latest_scans)
             if accepted and self.channels:  # the refresh leader, whichever replica it is (sent at COMMIT)
@@ -624,10 +626,21 @@ class Store:
         Sorted by key: two replicas writing at once (a leader that lost its lease mid-analysis, and
         the next) lock rows in one order."""
         rows = sorted(rows, key=lambda r: tuple(r[:5]))
+
+        def write(conn, chunk: list[tuple]) -> None:
+            self._count_change(conn)  # marked like an ingest's scans: whoever keeps the history reads them
+            conn.executemany(self._sql["summary"], chunk)
+
         for i in range(0, len(rows), SUMMARY_CHUNK_ROWS):
             chunk = [tuple(r) + (written_ts,) for r in rows[i : i + SUMMARY_CHUNK_ROWS]]
-            self._retrying(lambda conn, chunk=chunk: conn.executemany(_UPSERT_SUMMARY, chunk))
+            self._retrying(lambda conn, chunk=chunk: write(conn, chunk))
         return len(rows)
+
+    def _count_change(self, conn) -> None:
+        """SQLite: count the change mark up for the rows this write transaction marks (PostgreSQL
+        marks them with the transaction's id)."""
+        if self.url is None:
+            conn.execute(_COUNT_CHANGE)
 
     # -- agents and cluster scans ----------------------------------------------------------
 

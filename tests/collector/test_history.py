@@ -35,7 +35,7 @@ def _same(store: Store, cache: HistoryCache, scans: int) -> dict:
         want, (want_cols, want_samples) = store._earlier_scans(scans)
     assert sorted(past.rows(), key=repr) == sorted(want.rows(), key=repr)
     assert cols == want_cols and sorted(samples, key=repr) == sorted(want_samples, key=repr)
-    return dict(cache.last)
+    return {k: v for k, v in cache.last.items() if k != "summaries"}  # what it did with the scans
 
 
 def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db_url):
@@ -48,8 +48,8 @@ def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db
         for k in range(5):  # scans of the whole fleet: a shift each, nothing read again
             store.ingest(row_tuples(_scan(f"s{k}", t + k * DAY, rng)), t + k * DAY + 60)
             assert view.refresh().error is None
-            if k:
-                assert cache.last == {"whole": 0, "changed": 24, "reread": 0}
+            if k:  # the scans changed, and the summaries the refresh before wrote
+                assert cache.last == {"whole": 0, "changed": 24, "reread": 0, "summaries": 24}
         assert _same(store, cache, 3) == {"whole": 0, "changed": 0, "reread": 0}
         assert len(store._earlier_scans(3)[0]) == 3 * 24  # three past scans of 24 device-probes
 
@@ -153,5 +153,66 @@ def test_a_long_lived_copy_forgets_the_scan_ids_it_no_longer_holds(tmp_path, mon
             _same(store, cache, 1)
             assert len(cache.scan_ids) <= 2 * cache.cols["scan"].size  # 2 device-probes x 2 slots
         assert {"n10", "n11"} <= set(cache.scan_ids) and len(cache.scan_ids) < 12  # forgotten, not only bounded
+    finally:
+        store.close()
+
+
+def test_the_kept_history_takes_the_summaries_whoever_wrote_them(tmp_path, monkeypatch):
+    """From a review's reproducers: a summary write that fails after its first chunk committed,
+    and a second fleet view (another replica's refresh leader) writing summaries between two of the
+    first one's refreshes; the kept history must hold the summaries the store holds."""
+    import sqlite3
+
+    from straggler.collector import store as store_module
+
+    monkeypatch.setattr(store_module, "SUMMARY_CHUNK_ROWS", 10)  # 24 summaries a refresh: 3 transactions
+    rng = np.random.default_rng(6)
+    store = Store(tmp_path / "c.db")
+    view, other = FleetView(store, history_scans=3), FleetView(store, history_scans=3)
+    t = 1e9
+    try:
+        for k in range(3):
+            store.ingest(row_tuples(_scan(f"s{k}", t + k * DAY, rng)), t + k * DAY + 60)
+            assert view.refresh().error is None
+        store.ingest(row_tuples(_scan("s3", t + 3 * DAY, rng)), t + 3 * DAY + 60)
+        real, calls = store._retrying, []
+
+        def second_chunk_fails(write):
+            calls.append(1)
+            if len(calls) == 2:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(write)
+
+        monkeypatch.setattr(store, "_retrying", second_chunk_fails)
+        assert view.refresh().error is None  # the verdicts stand; 10 of s3's 24 summaries are stored
+        monkeypatch.setattr(store, "_retrying", real)
+        stored = store._reader.execute("SELECT COUNT(*) FROM scan_summaries WHERE scan_id = 's3'").fetchone()[0]
+        assert stored == 10
+        store.ingest(row_tuples(_scan("s4", t + 4 * DAY, rng)), t + 4 * DAY + 60)
+        _same(store, view._history, 3)
+        assert view.refresh().error is None
+
+        # the other view leads for one scan: it writes s5's summaries, then the first leads again
+        store.ingest(row_tuples(_scan("s5", t + 5 * DAY, rng)), t + 5 * DAY + 60)
+        assert other.refresh().error is None
+        store.ingest(row_tuples(_scan("s6", t + 6 * DAY, rng)), t + 6 * DAY + 60)
+        _same(store, view._history, 3)
+        past, (_, samples) = store._earlier_scans(3)
+        assert len(past) == 3 * 24 - 14 and len(samples) == 14 * 3  # s3's 14 unstored summaries: its samples
+    finally:
+        view.stop()
+        other.stop()
+        store.close()
+
+
+def test_a_kept_history_is_read_whole_at_least_hourly(tmp_path):
+    rng = np.random.default_rng(7)
+    store = Store(tmp_path / "c.db")
+    cache = HistoryCache()
+    try:
+        store.ingest(row_tuples(_scan("s0", 1e9, rng)), 1e9)
+        assert _same(store, cache, 3)["whole"] == 1 and _same(store, cache, 3)["whole"] == 0
+        cache.whole_at -= 3601.0  # an hour later: whole, whatever changed
+        assert _same(store, cache, 3)["whole"] == 1
     finally:
         store.close()
