@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .store import _LATEST_NUMBERED, _PAST_SCANS, KEYS_PER_READ, PAST_CHUNK_ROWS, PastSummaries
+from .store import _LATEST_NUMBERED, _PAST_SCANS, _SUMMARY_KEY, KEYS_PER_READ, PAST_CHUNK_ROWS, PastSummaries
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,21 +48,19 @@ _CHANGED = """SELECT s.host, s.gpu, s.probe, s.settings, s.scan_id, s.last_ts, s
 _CHANGED_SUMMARIES = """SELECT host, gpu, probe, settings, scan_id, ts, model, value, median, writes
     FROM scan_summaries WHERE changed >= ?"""
 _SUMMARY_FIELDS = "m.ts, m.model, m.value, m.median, m.writes"
-_SUMMARY_OF = """m.host = {t}.host AND m.gpu = {t}.gpu AND m.probe = {t}.probe AND m.settings = {t}.settings
-    AND m.scan_id = {t}.scan_id"""
 # Each device's latest scan with its summary (of any writes); ``{source}``: all latest scans in the
 # order _LATEST_NUMBERED numbers them, or those of the devices named in ``want`` (_WANT).
 _LATEST = f"""{{with_}} SELECT l.host, l.gpu, l.probe, l.settings, l.scan_id, s.last_ts, s.writes, {_SUMMARY_FIELDS}
     FROM {{source}} LEFT JOIN probe_scans s
     ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings AND s.scan_id = l.scan_id
-    LEFT JOIN scan_summaries m ON {_SUMMARY_OF.format(t="l")} {{order}}"""
+    LEFT JOIN scan_summaries m ON {_SUMMARY_KEY.format(t="l")} {{order}}"""
 _ALL_LATEST = {"with_": "", "source": "latest_scans l", "order": "ORDER BY l.host, l.gpu, l.probe, l.settings"}
 _WANT = "WITH want (host, gpu, probe, settings) AS (VALUES {values})"
 _WANT_SOURCE = """want w {join} latest_scans l
     ON l.host = w.host AND l.gpu = w.gpu AND l.probe = w.probe AND l.settings = w.settings"""
 # The past scans (store._PAST_SCANS) with their summaries (of any writes), named by ``{device}``.
 _PAST = f"""{{past}} SELECT {{device}}, k.scan_id, k.last_ts, k.writes, {_SUMMARY_FIELDS}
-    FROM k LEFT JOIN scan_summaries m ON {_SUMMARY_OF.format(t="k")}"""
+    FROM k LEFT JOIN scan_summaries m ON {_SUMMARY_KEY.format(t="k")}"""
 _WANT_LATEST = (
     """want (host, gpu, probe, settings) AS (VALUES {values}), l AS (
     SELECT 0 AS lid, l.host, l.gpu, l.probe, l.settings, l.scan_id FROM """
@@ -241,12 +239,7 @@ class HistoryCache:
         found = c["scan"][rows] == np.array([code for _, code, _ in mine], dtype=np.int64)[:, None]
         held = found.any(axis=1)
         rows, slot = rows[held], found.argmax(axis=1)[held]
-        got = [r for (_, _, r), h in zip(mine, held) if h]
-        c["ts"][rows, slot] = np.array([r[5] for r in got], dtype=float)
-        c["model"][rows, slot] = [self._model(r[6]) for r in got]
-        c["value"][rows, slot] = np.array([r[7] for r in got], dtype=float)
-        c["median"][rows, slot] = np.array([r[8] for r in got], dtype=float)
-        c["summary_writes"][rows, slot] = [r[9] for r in got]
+        self._put_summaries(rows, slot, [r for (_, _, r), h in zip(mine, held) if h], 5)
 
     # -- the columns ------------------------------------------------------------------------
 
@@ -298,12 +291,20 @@ class HistoryCache:
         c["scan"][rows, 0] = [self._code(r[4]) for r in got]
         c["scan_ts"][rows, 0] = np.array([r[5] for r in got], dtype=float)
         c["writes"][rows, 0] = [-1 if r[6] is None else r[6] for r in got]
-        have = np.array([r[9] is not None for r in got], dtype=bool)
-        c["ts"][rows, 0] = np.array([r[7] for r in got], dtype=float)
-        c["model"][rows, 0] = np.where(have, [self._model(r[8]) for r in got], -1)
-        c["value"][rows, 0] = np.array([r[9] for r in got], dtype=float)
-        c["median"][rows, 0] = np.array([r[10] for r in got], dtype=float)
-        c["summary_writes"][rows, 0] = [-2 if r[11] is None else r[11] for r in got]
+        self._put_summaries(rows, 0, got, 7)
+
+    def _put_summaries(self, rows: np.ndarray, slot, got: list[tuple], at: int) -> None:
+        """The summaries in ``got``'s tuples (ts, model, value, median, writes from field ``at`` on;
+        value None: no summary) into the ``slot`` (a number, or one a row) of ``rows``."""
+        import numpy as np
+
+        c = self.cols
+        have = np.array([r[at + 2] is not None for r in got], dtype=bool)
+        c["ts"][rows, slot] = np.array([r[at] for r in got], dtype=float)
+        c["model"][rows, slot] = np.where(have, [self._model(r[at + 1]) for r in got], -1)
+        c["value"][rows, slot] = np.array([r[at + 2] for r in got], dtype=float)
+        c["median"][rows, slot] = np.array([r[at + 3] for r in got], dtype=float)
+        c["summary_writes"][rows, slot] = [-2 if r[at + 4] is None else r[at + 4] for r in got]
 
     def _past_columns(self, rows: np.ndarray, got: list[tuple], at: int) -> dict[str, np.ndarray]:
         """_PAST's tuples (their fields from ``at`` on) as columns, with the devices' ``rows``."""

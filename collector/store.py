@@ -116,9 +116,11 @@ _PAST_SCANS = {
           SELECT p.scan_id, p.writes, p.last_ts FROM probe_scans p WHERE p.host = l.host AND p.gpu = l.gpu
           AND p.probe = l.probe AND p.settings = l.settings AND p.scan_id != l.scan_id ORDER BY p.last_ts DESC, p.scan_id DESC LIMIT ?) AS s)""",
 }
+# The summary ``m`` of the scan in row ``{t}``, of any writes (collector/history.py reads those too).
+_SUMMARY_KEY = """m.host = {t}.host AND m.gpu = {t}.gpu AND m.probe = {t}.probe AND m.settings = {t}.settings
+    AND m.scan_id = {t}.scan_id"""
 # A summary is current while its scan has taken no batch since it was computed (``writes``).
-_SUMMARY_OF_K = """m.host = k.host AND m.gpu = k.gpu AND m.probe = k.probe AND m.settings = k.settings
-      AND m.scan_id = k.scan_id AND m.writes = k.writes"""
+_SUMMARY_OF_K = _SUMMARY_KEY.format(t="k") + " AND m.writes = k.writes"
 # Every past scan in the history: its device's number (``lid``), ts, scan_id, model, value and median,
 # ``value`` NULL where the scan has no current summary (its samples are read instead).
 _PAST_SUMMARIES = """{past}

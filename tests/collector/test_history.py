@@ -28,6 +28,13 @@ def _scan(scan_id: str, ts: float, rng, hosts=HOSTS, gpus=4, probes=PROBES, samp
     return rows
 
 
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "c.db")
+    yield s
+    s.close()
+
+
 def _same(store: Store, cache: HistoryCache, scans: int) -> dict:
     """Read the cache and the store in one snapshot; they must hold the same history."""
     with store._snapshot():
@@ -101,9 +108,8 @@ def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db
         store.close()
 
 
-def test_a_refresh_with_the_kept_history_decides_as_one_that_reads_it_all(tmp_path):
+def test_a_refresh_with_the_kept_history_decides_as_one_that_reads_it_all(store):
     rng = np.random.default_rng(2)
-    store = Store(tmp_path / "c.db")
     kept = FleetView(store, history_scans=4)
     try:
         for k in range(7):
@@ -115,49 +121,39 @@ def test_a_refresh_with_the_kept_history_decides_as_one_that_reads_it_all(tmp_pa
         assert {g["gpu"]: any(p["degraded"] for p in g["probes"]) for g in snap.gpus}["GPU-a-1"]
     finally:
         kept.stop()
-        store.close()
 
 
-def test_a_read_that_fails_half_way_leaves_the_next_one_whole(tmp_path):
+def test_a_read_that_fails_half_way_leaves_the_next_one_whole(store, monkeypatch):
     rng = np.random.default_rng(3)
-    store = Store(tmp_path / "c.db")
     cache = HistoryCache()
-    try:
-        store.ingest(row_tuples(_scan("s0", 1e9, rng)), 1e9)
-        store.ingest(row_tuples(_scan("s1", 1e9 + DAY, rng)), 1e9 + DAY)
-        assert _same(store, cache, 3)["whole"] == 1
-        store.ingest(row_tuples(_scan("s2", 1e9 + 2 * DAY, rng, hosts=("z",))), 1e9 + 2 * DAY)
+    store.ingest(row_tuples(_scan("s0", 1e9, rng)), 1e9)
+    store.ingest(row_tuples(_scan("s1", 1e9 + DAY, rng)), 1e9 + DAY)
+    assert _same(store, cache, 3)["whole"] == 1
+    store.ingest(row_tuples(_scan("s2", 1e9 + 2 * DAY, rng, hosts=("z",))), 1e9 + 2 * DAY)
 
-        def broken(*_a):
-            raise RuntimeError("the disk went away")
+    def broken(*_a):
+        raise RuntimeError("the disk went away")
 
-        store.scan_samples, real = broken, store.scan_samples
-        with pytest.raises(RuntimeError), store._snapshot():
-            cache.read(store, 3)
-        store.scan_samples = real
-        assert _same(store, cache, 3)["whole"] == 1
-    finally:
-        store.close()
+    with monkeypatch.context() as m, pytest.raises(RuntimeError), store._snapshot():
+        m.setattr(store, "scan_samples", broken)
+        cache.read(store, 3)
+    assert _same(store, cache, 3)["whole"] == 1
 
 
-def test_a_long_lived_copy_forgets_the_scan_ids_it_no_longer_holds(tmp_path, monkeypatch):
+def test_a_long_lived_copy_forgets_the_scan_ids_it_no_longer_holds(store, monkeypatch):
     from straggler.collector import history
 
     monkeypatch.setattr(history, "SCAN_IDS_SLACK", 0)
     rng = np.random.default_rng(4)
-    store = Store(tmp_path / "c.db")
     cache = HistoryCache()
-    try:
-        for k in range(12):  # one node's scans, each its own scan id
-            store.ingest(row_tuples(_scan(f"n{k}", 1e9 + k * DAY, rng, hosts=("a",), gpus=1)), 1e9 + k * DAY)
-            _same(store, cache, 1)
-            assert len(cache.scan_ids) <= 2 * cache.cols["scan"].size  # 2 device-probes x 2 slots
-        assert {"n10", "n11"} <= set(cache.scan_ids) and len(cache.scan_ids) < 12  # forgotten, not only bounded
-    finally:
-        store.close()
+    for k in range(12):  # one node's scans, each its own scan id
+        store.ingest(row_tuples(_scan(f"n{k}", 1e9 + k * DAY, rng, hosts=("a",), gpus=1)), 1e9 + k * DAY)
+        _same(store, cache, 1)
+        assert len(cache.scan_ids) <= 2 * cache.cols["scan"].size  # 2 device-probes x 2 slots
+    assert {"n10", "n11"} <= set(cache.scan_ids) and len(cache.scan_ids) < 12  # forgotten, not only bounded
 
 
-def test_the_kept_history_takes_the_summaries_whoever_wrote_them(tmp_path, monkeypatch):
+def test_the_kept_history_takes_the_summaries_whoever_wrote_them(store, monkeypatch):
     """From a review's reproducers: a summary write that fails after its first chunk committed,
     and a second fleet view (another replica's refresh leader) writing summaries between two of the
     first one's refreshes; the kept history must hold the summaries the store holds."""
@@ -167,7 +163,6 @@ def test_the_kept_history_takes_the_summaries_whoever_wrote_them(tmp_path, monke
 
     monkeypatch.setattr(store_module, "SUMMARY_CHUNK_ROWS", 10)  # 24 summaries a refresh: 3 transactions
     rng = np.random.default_rng(6)
-    store = Store(tmp_path / "c.db")
     view, other = FleetView(store, history_scans=3), FleetView(store, history_scans=3)
     t = 1e9
     try:
@@ -202,17 +197,11 @@ def test_the_kept_history_takes_the_summaries_whoever_wrote_them(tmp_path, monke
     finally:
         view.stop()
         other.stop()
-        store.close()
 
 
-def test_a_kept_history_is_read_whole_at_least_hourly(tmp_path):
-    rng = np.random.default_rng(7)
-    store = Store(tmp_path / "c.db")
+def test_a_kept_history_is_read_whole_at_least_hourly(store):
     cache = HistoryCache()
-    try:
-        store.ingest(row_tuples(_scan("s0", 1e9, rng)), 1e9)
-        assert _same(store, cache, 3)["whole"] == 1 and _same(store, cache, 3)["whole"] == 0
-        cache.whole_at -= 3601.0  # an hour later: whole, whatever changed
-        assert _same(store, cache, 3)["whole"] == 1
-    finally:
-        store.close()
+    store.ingest(row_tuples(_scan("s0", 1e9, np.random.default_rng(7))), 1e9)
+    assert _same(store, cache, 3)["whole"] == 1 and _same(store, cache, 3)["whole"] == 0
+    cache.whole_at -= 3601.0  # an hour later: whole, whatever changed
+    assert _same(store, cache, 3)["whole"] == 1
