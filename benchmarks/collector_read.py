@@ -147,7 +147,7 @@ def _read(method: str, db: str, scans: int, out) -> None:
     import pandas as pd
 
     from straggler.collector.fleet import input_frames
-    from straggler.collector.store import Store
+    from straggler.collector.store import RESULT_COLUMNS, Store, sample_frame
 
     store = Store(db)
     queries = [store.fleet_queries(scans)[k] for k in ("latest", "history")]  # the samples, summarised or not
@@ -155,7 +155,9 @@ def _read(method: str, db: str, scans: int, out) -> None:
         importlib.import_module(name)
     w, c = time.perf_counter(), _cpu()
     if method == "sqlite3":  # the store's own reads of the samples, then the fleet view's frames
-        current, past = input_frames(store.latest_samples(), [store.earlier_samples(scans)])
+        current, past = input_frames(
+            sample_frame([store.latest_samples()[1]], RESULT_COLUMNS), [store.earlier_samples(scans)]
+        )
     else:
         current, past = _frames_by(method, db, queries)
     wall, cpu, peak_mb = time.perf_counter() - w, _cpu() - c, _vm("self", "VmHWM") / 2**20

@@ -12,13 +12,14 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from straggler.errors import StragglerError
 from straggler.jsonsafe import json_safe
 from straggler.verdict import device_tier
 
 from .history import HistoryCache
+from .latest import LatestSamples
 from .store import PastSummaries, Store
 
 log = logging.getLogger("straggler.collector")
@@ -84,14 +85,14 @@ def build_gpus(devices: list[dict], verdicts: list[dict]) -> tuple[dict, ...]:
     return join_gpus(devices, verdict_entries(pd.DataFrame.from_records(verdicts)))
 
 
-def input_frames(samples: tuple[list[str], list[tuple]], history: tuple):
-    """The analysis' input and history DataFrames from the store's reads (``history``: any number
-    of parts, each :class:`PastSummaries` or a table of (columns, tuples), e.g.
-    :meth:`Store.earlier_scans`' summaries and samples; None when all are empty)."""
+def input_frames(samples, history: tuple):
+    """The analysis' input and history DataFrames from the store's reads (``samples``: a DataFrame,
+    :attr:`FleetInput.latest`; ``history``: any number of parts, each :class:`PastSummaries` or a
+    table of (columns, tuples), e.g. :meth:`Store.earlier_scans`' summaries and samples; None when
+    all are empty)."""
     import pandas as pd
 
-    cols, rows = samples
-    current = pd.DataFrame.from_records(rows, columns=cols)
+    current = samples
     parts = [
         summary_frame(part) if isinstance(part, PastSummaries) else pd.DataFrame.from_records(part[1], columns=part[0])
         for part in history
@@ -126,11 +127,12 @@ def summary_frame(past: PastSummaries):
 SUMMARY_NEEDS = ("host", "gpu", "probe", "settings", "model", "value", "median", "n_samples")
 
 
-def summaries_to_write(devices, current: tuple[list[str], list[tuple]]) -> list[tuple]:
+def summaries_to_write(devices, current: Mapping[str, Sequence]) -> list[tuple]:
     """The per-scan summaries (``SUMMARY_FIELDS`` tuples) of each device's latest scan that this
     analysis' device table (``devices``: ``res.devices``) gives and the store does not hold as they
-    are: new, changed, or of a scan that took rows since. A device without a finite value and
-    median gets none (its scan is read from its samples later)."""
+    are (``current``: :attr:`FleetInput.current`): new, changed, or of a scan that took rows since.
+    A device without a finite value and median gets none (its scan is read from its samples later).
+    A summary of the same ``writes`` is of the same samples, so of the same ``n_samples``."""
     import numpy as np
     import pandas as pd
 
@@ -141,13 +143,11 @@ def summaries_to_write(devices, current: tuple[list[str], list[tuple]]) -> list[
     for c in ("host", "gpu", "probe", "settings"):
         mine[c] = mine[c].astype(object)
     mine = mine[np.isfinite(mine["value"].to_numpy(float)) & np.isfinite(mine["median"].to_numpy(float))]
-    cols, rows = current
-    stored = pd.DataFrame.from_records(rows, columns=cols)
+    stored = pd.DataFrame(current)
     both = mine.merge(stored, on=["host", "gpu", "probe", "settings"], how="inner", suffixes=("", "_stored"))
     same = (
         (both["value"] == both["value_stored"])
         & (both["median"] == both["median_stored"])
-        & (both["n_samples"] == both["n_samples_stored"])
         & (both["writes"] == both["summary_writes"])
         & (both["model"].astype(object) == both["model_stored"].astype(object))
     )
@@ -175,7 +175,13 @@ def summaries_to_write(devices, current: tuple[list[str], list[tuple]]) -> list[
 
 
 def analyse_stored(
-    store: Store, history_scans: int, analyze: Callable | None = None, history: HistoryCache | None = None
+    store: Store,
+    history_scans: int,
+    analyze: Callable | None = None,
+    history: HistoryCache | None = None,
+    *,
+    latest: LatestSamples | None = None,
+    defer_summaries: bool = False,
 ) -> dict:
     """One fleet analysis of what ``store`` holds: ``devices`` (the device table), ``entries``
     (:func:`verdict_entries`, None when the analysis refused the data or failed), ``summary``,
@@ -185,9 +191,12 @@ def analyse_stored(
     After an analysis that succeeded, the device table's estimate of each device's latest scan is
     written as that scan's summary (:func:`summaries_to_write`), which later refreshes read as its
     history instead of the scan's samples. ``history``: the process' copy of the history
-    (:class:`HistoryCache`), read from the database only where it changed."""
+    (:class:`HistoryCache`), read from the database only where it changed, and ``latest`` its copy
+    of the latest scans' samples (:class:`LatestSamples`), which follows it. ``defer_summaries``:
+    not written here; ``pending`` is then the function that writes them (and returns how many),
+    for the fleet view to call once it has published the verdicts."""
     cpu = time.process_time()
-    read = store.fleet_input(history_scans, history)
+    read = store.fleet_input(history_scans, history, latest)
     out: dict[str, Any] = {"devices": read.devices, "entries": None, "summary": None, "error": None, "summaries": 0}
     if read.devices:
         try:
@@ -198,23 +207,56 @@ def analyse_stored(
         except Exception as e:  # noqa: BLE001 -- a bug in the analysis must not take the service down (logged by the view)
             out["error"], out["traceback"] = f"analysis failed: {type(e).__name__}: {e}", traceback.format_exc()
         else:
-            try:
-                out["summaries"] = store.write_summaries(summaries_to_write(res.devices, read.current), time.time())
-            except store.errors as e:  # e.g. the disk is full: the verdicts stand; the samples are read instead
-                log.warning("fleet view: per-scan summaries not stored (%s); their samples are read instead", e)
+            write = _summary_writer(store, res.devices, read.current)
+            if defer_summaries:
+                out["pending"] = write
+            else:
+                out["summaries"] = write()
     out["cpu_s"] = time.process_time() - cpu
     return out
 
 
+def _summary_writer(store: Store, devices, current: Mapping[str, Sequence]) -> Callable[[], int]:
+    """The function that writes the analysis' per-scan summaries (:func:`summaries_to_write`) and
+    returns how many it wrote. ``current`` was read in the analysis' snapshot: a batch that lands
+    meanwhile counts up its scan's ``writes``, so a summary of the older samples is not current."""
+
+    def write() -> int:
+        try:
+            return store.write_summaries(summaries_to_write(devices, current), time.time())
+        except store.errors as e:  # e.g. the disk is full: the verdicts stand; the samples are read instead
+            log.warning("fleet view: per-scan summaries not stored (%s); their samples are read instead", e)
+            return 0
+
+    return write
+
+
+def _timed_write(write: Callable[[], int] | None) -> dict:
+    wall, cpu = time.perf_counter(), time.process_time()
+    n = write() if write is not None else 0
+    return {"summaries": n, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
 # in the analysis process: its own connection to the database, and its copy of the history
-_WORKER_STORE: dict[str, tuple[Store, HistoryCache]] = {}
+_WORKER_STORE: dict[str, tuple[Store, HistoryCache, LatestSamples]] = {}
+_WORKER_PENDING: dict[str, Callable[[], int]] = {}  # the summaries of its latest analysis, not yet written
 
 
 def _analyse_in_worker(target: str, history_scans: int) -> dict:
     got = _WORKER_STORE.get(target)  # target: an SQLite path or a postgresql:// URL
     if got is None:
-        got = _WORKER_STORE[target] = (Store(target), HistoryCache())
-    return analyse_stored(got[0], history_scans, history=got[1])
+        got = _WORKER_STORE[target] = (Store(target), HistoryCache(), LatestSamples())
+    _WORKER_PENDING.pop(target, None)  # never written (the view stopped first): this analysis' replace them
+    out = analyse_stored(got[0], history_scans, history=got[1], latest=got[2], defer_summaries=True)
+    write = out.pop("pending", None)
+    if write is not None:
+        _WORKER_PENDING[target] = write
+    out["pending"] = write is not None
+    return out
+
+
+def _write_in_worker(target: str) -> dict:
+    return _timed_write(_WORKER_PENDING.pop(target, None))
 
 
 def default_analyze() -> Callable:
@@ -261,7 +303,11 @@ class FleetView:
         self._refresh_lock = threading.Lock()
         self._pool = None  # the analysis process (worker="process"), started at the first refresh
         self._history = HistoryCache()  # worker="thread": this process' copy of the history
+        self._latest = LatestSamples()  # and of the latest samples
         self.last_cpu_s: float | None = None  # CPU seconds of the latest analysis, where it ran
+        # the latest write of per-scan summaries, after its refresh published: summaries, wall_s, cpu_s
+        self.last_summaries: dict | None = None
+        self._writing = None  # worker="process": the Future of that write, while it runs
 
     def notify(self) -> None:
         self._dirty.set()
@@ -298,7 +344,9 @@ class FleetView:
 
     def _analyse(self) -> dict:
         if self.worker == "thread":
-            return analyse_stored(self.store, self.history_scans, self._analyze, self._history)
+            return analyse_stored(
+                self.store, self.history_scans, self._analyze, self._history, latest=self._latest, defer_summaries=True
+            )
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -306,9 +354,7 @@ class FleetView:
             # spawn: a fork of this threaded process could inherit a held lock
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            return self._pool.submit(
-                _analyse_in_worker, self.store.url or str(self.store.path), self.history_scans
-            ).result()
+            return self._pool.submit(_analyse_in_worker, self._target(), self.history_scans).result()
         except Exception:
             self._pool.shutdown(wait=False, cancel_futures=True)  # e.g. the process died: a fresh one next time
             self._pool = None
@@ -337,6 +383,44 @@ class FleetView:
                 verdicts_ts=self._verdicts_ts,
             )
             self.snapshot = snap
-        if self.on_refresh is not None:
-            self.on_refresh(snap)
+        try:
+            if self.on_refresh is not None:
+                self.on_refresh(snap)
+        finally:
+            self._write_summaries(out)
         return snap
+
+    def _target(self) -> str:
+        return str(self.store.url or self.store.path)
+
+    def _write_summaries(self, out: dict) -> None:
+        """Write the refresh's per-scan summaries once its verdicts are out: in this thread, or
+        queued in the analysis process (its next analysis waits for the write)."""
+        if self.worker == "thread":
+            if out.get("pending") is not None:
+                with self._refresh_lock:
+                    self.last_summaries = _timed_write(out["pending"])
+            return
+        with self._refresh_lock:
+            if not out.get("pending") or self._pool is None:
+                return
+            self._writing = self._pool.submit(_write_in_worker, self._target())
+            self._writing.add_done_callback(self._written)
+
+    def _written(self, fut) -> None:
+        if fut.cancelled():
+            return  # the view stopped first: the next analysis writes its own
+        if fut.exception() is not None:  # e.g. the analysis process died: its samples are read instead
+            log.warning("fleet view: per-scan summaries not stored (%s)", fut.exception())
+        else:
+            self.last_summaries = fut.result()
+
+    def settle(self, timeout_s: float | None = None) -> dict | None:
+        """Wait for the latest refresh's write of per-scan summaries; returns ``last_summaries``."""
+        fut = self._writing
+        if fut is not None:
+            try:
+                fut.result(timeout_s)
+            except Exception:  # noqa: BLE001 -- logged by _written; the summaries are read as samples instead
+                pass
+        return self.last_summaries

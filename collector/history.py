@@ -28,7 +28,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .store import _LATEST_NUMBERED, _PAST_SCANS, _SUMMARY_KEY, KEYS_PER_READ, PAST_CHUNK_ROWS, PastSummaries
+from .store import (
+    _LATEST_NUMBERED,
+    _PAST_SCANS,
+    _SUMMARY_KEY,
+    CURRENT_COLUMNS,
+    KEYS_PER_READ,
+    PAST_CHUNK_ROWS,
+    PastSummaries,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,6 +101,7 @@ class HistoryCache:
         self.reset()
 
     def reset(self) -> None:
+        self.reads = getattr(self, "reads", 0)  # reads that succeeded, ever (collector/latest.py follows them)
         self.scans: int | None = None  # the history length held
         self.mark: int | None = None  # changes with a mark from this on are not applied yet
         self.epoch: int | None = None
@@ -104,6 +113,8 @@ class HistoryCache:
         self._model_code: dict = {}
         self.cols: dict[str, np.ndarray] = {}
         self.last: dict[str, int] = {}  # what the latest read did: whole (0/1), changed, reread, summaries
+        # the rows (into keys) whose latest scan the latest read may have changed; None: any (whole)
+        self.touched: set[int] | None = None
         self.whole_at = float("-inf")  # time.monotonic() of the latest whole read
 
     # -- reading ----------------------------------------------------------------------------
@@ -126,6 +137,7 @@ class HistoryCache:
             raise
         self.mark, self.epoch = mark, epoch
         self._compact()
+        self.reads += 1
         return past, samples
 
     def _whole(self, store: Store, scans: int) -> None:
@@ -215,12 +227,16 @@ class HistoryCache:
                 a[s, 0] = _EMPTY[name]
             c["scan"][s, 0], c["scan_ts"][s, 0], c["writes"][s, 0] = scan[new], ts[new], writes[new]
             reread.update(self.keys[i] for i in rows[~(more | new | same)])
+            touched = set(rows[more | new].tolist())
+        else:
+            touched = set()
         if len(reread) > max(KEYS_PER_READ, len(self.keys) // 4):
             self._whole(store, self.scans)  # cheaper in one read
             self.last["changed"] = len(changed)
             return
         if reread:
             self._reread(store, sorted(reread))
+        self.touched = touched | {self.index[k] for k in reread}
         summaries = store._reader.execute(_CHANGED_SUMMARIES, (mark,)).fetchall()
         self._take_summaries(summaries)
         self.last = {"whole": 0, "changed": len(changed), "reread": len(reread), "summaries": len(summaries)}
@@ -240,6 +256,30 @@ class HistoryCache:
         held = found.any(axis=1)
         rows, slot = rows[held], found.argmax(axis=1)[held]
         self._put_summaries(rows, slot, [r for (_, _, r), h in zip(mine, held) if h], 5)
+
+    def current(self) -> dict[str, Any]:
+        """Each device's latest scan with the summary held of it, as :meth:`Store.fleet_input`'s
+        ``current`` (columns of ``CURRENT_COLUMNS``; NaN / None where no summary): what the latest
+        :meth:`read` brought up to date, so the fleet view reads none of it from the database."""
+        import numpy as np
+
+        c = self.cols
+        if not self.keys:
+            return {name: [] for name in CURRENT_COLUMNS}
+        rows = np.flatnonzero(c["writes"][:, 0] >= 0)  # a latest scan with its probe_scans row
+        keys = list(zip(*(self.keys[i] for i in rows))) or [(), (), (), ()]
+        text = {name: np.array(keys[i], dtype=object) for i, name in enumerate(("host", "gpu", "probe", "settings"))}
+        models = np.array([*self.models, None], dtype=object)  # code -1: none
+        return {
+            **text,
+            "scan_id": np.array(self.scan_ids, dtype=object)[c["scan"][rows, 0]],
+            "last_ts": c["scan_ts"][rows, 0],
+            "writes": c["writes"][rows, 0].astype(np.int64),
+            "value": c["value"][rows, 0],
+            "median": c["median"][rows, 0],
+            "summary_writes": c["summary_writes"][rows, 0].astype(np.int64),
+            "model": models[c["model"][rows, 0]],
+        }
 
     # -- the columns ------------------------------------------------------------------------
 

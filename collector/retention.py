@@ -89,7 +89,7 @@ class Retention:
         """Delete what has aged out now; returns the result rows deleted (``pruned_summaries``
         counts the summaries)."""
         cutoff = self.clock() - self.keep_s
-        total = self._chunks(_OLD_RESULTS, cutoff)
+        total = self._chunks(_OLD_RESULTS, cutoff, history=True)  # a latest scan's samples too (collector/latest.py)
         self.pruned_summaries += self._chunks(_OLD_SUMMARIES, self.clock() - self.summary_keep_s, history=True)
         # the scans that aged out since the last pass, and all of those of the summaries just pruned
         # (a year of kept scans is not walked again every hour)

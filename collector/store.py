@@ -26,8 +26,10 @@ from .schema import migrate, q
 
 if TYPE_CHECKING:
     import numpy as np
+    import pandas as pd
 
     from .history import HistoryCache
+    from .latest import LatestSamples
 
 RESULT_COLUMNS = ("id",) + COLUMNS
 _SELECT_RESULTS = "SELECT " + ", ".join(f"r.{q(c)}" for c in RESULT_COLUMNS) + " FROM results r"
@@ -129,8 +131,21 @@ _PAST_SUMMARIES = """{past}
 KEYS_PER_READ = 500  # devices or scans named in one statement (SQLite's limit: 32,766 parameters)
 PAST_CHUNK_ROWS = 50_000  # summary rows turned into columns at a time (no tuple of them all is kept)
 # Each device's latest scans with the summary stored of them (NULLs where none), to write what changed.
+CURRENT_COLUMNS = (
+    "host",
+    "gpu",
+    "probe",
+    "settings",
+    "scan_id",
+    "last_ts",
+    "writes",
+    "value",
+    "median",
+    "summary_writes",
+    "model",
+)
 _CURRENT_SUMMARIES = """SELECT l.host, l.gpu, l.probe, l.settings, l.scan_id, l.last_ts, s.writes,
-           m.value, m.median, m.n_samples, m.writes AS summary_writes, m.model
+           m.value, m.median, m.writes AS summary_writes, m.model
     FROM latest_scans l JOIN probe_scans s
     ON s.host = l.host AND s.gpu = l.gpu AND s.probe = l.probe AND s.settings = l.settings AND s.scan_id = l.scan_id
     LEFT JOIN scan_summaries m
@@ -163,12 +178,12 @@ _RETRY_SQLSTATES = {"40P01", "40001"}
 
 @dataclass(frozen=True)
 class FleetInput:
-    """What one fleet analysis reads (:meth:`Store.fleet_input`), each table as (columns, tuples)."""
+    """What one fleet analysis reads (:meth:`Store.fleet_input`)."""
 
     devices: list[dict]  # the device table
-    latest: tuple[list[str], list[tuple]]  # the samples of each device's latest scan (RESULT_COLUMNS)
+    latest: pd.DataFrame  # the samples of each device's latest scan (RESULT_COLUMNS)
     history: tuple  # its earlier scans (Store.earlier_scans: PastSummaries, and a table of samples)
-    current: tuple[list[str], list[tuple]]  # its latest scans with the summary stored of them (or NULLs)
+    current: dict[str, Sequence]  # its latest scans with the summary stored of them (CURRENT_COLUMNS; NULLs where none)
 
 
 @dataclass(frozen=True)
@@ -203,6 +218,22 @@ class PastSummaries:
 def _coded(values: Sequence, table: dict) -> list[int]:
     """Numbers for ``values`` from ``table`` (value -> number, extended with the new ones)."""
     return [table.setdefault(v, len(table)) for v in values]
+
+
+def sample_frame(chunks: Sequence[list[tuple]], columns: Sequence[str]) -> pd.DataFrame:
+    """Rows (RESULT_COLUMNS tuples, in chunks) as one DataFrame, each chunk turned into columns
+    as it comes (no list of every row's tuple at once); dtypes as one ``from_records`` of them all
+    would give (a column empty in one chunk and numbers in another is a number column)."""
+    import pandas as pd
+
+    parts = [pd.DataFrame.from_records(c, columns=list(columns)) for c in chunks if c]
+    if not parts:
+        return pd.DataFrame.from_records([], columns=list(columns))
+    frame = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+    mixed = [c for c in frame.columns if frame[c].dtype == object]
+    if mixed and len(parts) > 1:
+        frame[mixed] = frame[mixed].infer_objects()
+    return frame
 
 
 class Refused(ValueError):
@@ -531,13 +562,27 @@ class Store:
     def devices(self) -> list[dict]:
         return self._rows('SELECT host, gpu, "index", model, last_ts, last_scan_id FROM devices ORDER BY host, gpu')
 
-    def fleet_input(self, scans: int, history: HistoryCache | None = None) -> FleetInput:
+    def fleet_input(
+        self, scans: int, history: HistoryCache | None = None, latest: LatestSamples | None = None
+    ) -> FleetInput:
         """The fleet view's input, read in one transaction (an ingest in between cannot move a
         device's current scan into its history). ``history``: the analysis process' copy of the
-        history, brought up to date with what changed since its last read, instead of reading it all."""
+        history, brought up to date with what changed since its last read, instead of reading it all;
+        ``latest``: its copy of the latest samples, which follows ``history``'s read."""
         with self._snapshot():
-            past = self._earlier_scans(scans) if history is None else history.read(self, scans)
-            return FleetInput(self.devices(), self.latest_samples(), past, self._table(_CURRENT_SUMMARIES))
+            if history is None or scans <= 0:
+                past = self._earlier_scans(scans)
+                cols, rows = self._table(_CURRENT_SUMMARIES)
+                current = dict(zip(cols, zip(*rows))) if rows else {c: () for c in CURRENT_COLUMNS}
+                samples = None
+            else:
+                past = history.read(self, scans)
+                current = history.current()  # the same scans and summaries, brought up to date by the read
+                samples = None if latest is None else latest.read(self, history)
+            if samples is None:
+                cols, rows = self.latest_samples()
+                samples = sample_frame([rows], cols)
+            return FleetInput(self.devices(), samples, past, current)
 
     def latest_samples(self) -> tuple[list[str], list[tuple]]:
         """Every row of each device's latest scan of each probe and settings: the fleet view's
@@ -583,17 +628,20 @@ class Store:
         samples = self._table(*self.fleet_queries(scans)["samples"]) if unsummarised else None
         return past, samples or (list(HISTORY_COLUMNS), [])
 
-    def scan_samples(self, scans: Sequence[tuple]) -> tuple[list[str], list[tuple]]:
+    def scan_samples(
+        self, scans: Sequence[tuple], columns: Sequence[str] = HISTORY_COLUMNS
+    ) -> tuple[list[str], list[tuple]]:
         """The samples of the named scans ((host, gpu, probe, settings, scan_id) tuples, settings
-        and scan_id ``''`` for none) as (``HISTORY_COLUMNS``, tuples)."""
+        and scan_id ``''`` for none) as (``columns``: HISTORY_COLUMNS, or RESULT_COLUMNS, ...; tuples)."""
         rows: list[tuple] = []
+        fields = ", ".join(f"r.{q(c)}" for c in columns)
         for i in range(0, len(scans), KEYS_PER_READ):
             chunk = scans[i : i + KEYS_PER_READ]
             named = ", ".join("(?, ?, ?, ?, ?)" for _ in chunk)
             sql = f"""WITH k (host, gpu, probe, settings, scan_id) AS (VALUES {named})
-                SELECT {_HISTORY_FIELDS} FROM k {self._sql["scan_rows"]}"""
+                SELECT {fields} FROM k {self._sql["scan_rows"]}"""
             rows += self._reader.execute(sql, [v for key in chunk for v in key]).fetchall()
-        return list(HISTORY_COLUMNS), rows
+        return list(columns), rows
 
     def earlier_samples(self, scans: int) -> tuple[list[str], list[tuple]]:
         """The samples of each device's ``scans`` scans before its latest (all of them, summarised

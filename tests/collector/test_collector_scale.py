@@ -51,6 +51,21 @@ def test_the_analysis_process_gives_the_verdicts_of_the_thread(tmp_path):
     assert view._pool is None
 
 
+def test_the_analysis_process_writes_the_summaries_after_the_verdicts_are_out(tmp_path):
+    store = Store(tmp_path / "c.db")
+    _fleet(store)
+    view = FleetView(store, worker="process", history_scans=3)
+    try:
+        assert view.refresh().error is None
+        written = view.settle(timeout_s=120)  # queued in the analysis process after the refresh returned
+        assert written is not None and written["summaries"] == 16 and written["wall_s"] >= 0
+        assert _summaries(store)["scans"] == ["now"] and _summaries(store)["rows"] == 16
+        assert view.refresh().error is None and view.settle(timeout_s=120)["summaries"] == 0  # nothing new
+    finally:
+        view.stop()
+        store.close()
+
+
 def test_retention_prunes_old_results_in_chunks_and_keeps_the_devices(tmp_path):
     from straggler.collector.retention import Retention
 
@@ -59,6 +74,8 @@ def test_retention_prunes_old_results_in_chunks_and_keeps_the_devices(tmp_path):
     store.ingest(row_tuples(make_rows("a", n_gpus=4, scan_id="old", ts=1e9, samples=5)), 1e9)  # 20 rows
     store.ingest(row_tuples(make_rows("a", n_gpus=4, scan_id="new", ts=1e9 + 40 * day, samples=3)), 1e9 + 40 * day)
     store.ingest(row_tuples(make_rows("b", n_gpus=2, scan_id="lone", ts=1e9, samples=2)), 1e9)  # b's only scan
+    kept = FleetView(store, history_scans=3)  # a running view: it keeps the latest samples, b's too
+    assert {g["gpu"] for g in kept.refresh().gpus if g["probes"]} >= {"GPU-b-0", "GPU-b-1"}
     keep = Retention(store, 30 * day, clock=lambda: 1e9 + 41 * day, chunk_rows=3)
     assert keep.prune_once() == 20 + 4
     assert store.count_results("old") == 0 and store.count_results("lone") == 0 and store.count_results("new") == 12
@@ -66,8 +83,35 @@ def test_retention_prunes_old_results_in_chunks_and_keeps_the_devices(tmp_path):
     assert scans == [("a", "new")] * 4 + [("b", "lone")] * 2  # b's latest scan stays named
     assert sorted(d["gpu"] for d in store.devices()) == [f"GPU-a-{i}" for i in range(4)] + ["GPU-b-0", "GPU-b-1"]
     assert keep.prune_once() == 0 and keep.pruned_rows == 24
-    snap = FleetView(store).refresh()  # host b is still listed, without a verdict
-    assert {g["gpu"]: bool(g["probes"]) for g in snap.gpus if g["host"] == "b"} == {"GPU-b-0": False, "GPU-b-1": False}
+    for snap in (FleetView(store).refresh(), kept.refresh()):  # host b is still listed, without a verdict
+        assert {g["gpu"]: bool(g["probes"]) for g in snap.gpus if g["host"] == "b"} == {
+            "GPU-b-0": False,
+            "GPU-b-1": False,
+        }
+    assert kept._latest.last["whole"] == 1  # the deletion counted up the epoch: its samples were read again
+    store.close()
+
+
+def test_a_kept_copy_of_the_latest_samples_loses_those_retention_deletes(tmp_path):
+    """Only raw results age out (no scan, no summary): the view that keeps the latest samples in
+    its analysis process reads them whole again, as a fresh one reads them."""
+    from straggler.collector.retention import Retention
+
+    store = Store(tmp_path / "c.db")
+    day = 86400.0
+    store.ingest(row_tuples(make_rows("a", n_gpus=4, scan_id="new", ts=1e9 + 40 * day, samples=3)), 1e9 + 40 * day)
+    store.ingest(row_tuples(make_rows("b", n_gpus=2, scan_id="lone", ts=1e9, samples=3)), 1e9)
+    kept = FleetView(store, history_scans=3)
+    assert {g["gpu"] for g in kept.refresh().gpus if g["probes"]} == {f"GPU-a-{i}" for i in range(4)} | {
+        "GPU-b-0",
+        "GPU-b-1",
+    }
+    assert kept.refresh().error is None and kept._latest.last == {"whole": 0, "devices": 0}
+    assert Retention(store, 30 * day, clock=lambda: 1e9 + 41 * day).prune_once() == 6
+    assert store._reader.execute("SELECT count(*) FROM probe_scans").fetchone()[0] == 6  # scans kept: latest
+    snap = kept.refresh()
+    assert kept._latest.last["whole"] == 1
+    assert {g["gpu"] for g in snap.gpus if g["probes"]} == {f"GPU-a-{i}" for i in range(4)}
     store.close()
 
 

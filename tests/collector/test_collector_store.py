@@ -486,15 +486,15 @@ def test_fleet_input_is_read_in_one_transaction(db_url):
 
     store.latest_samples = latest_then_an_ingest
     read = store.fleet_input(5)
-    (cols, rows), (summaries, (_, history)), (ccols, current) = read.latest, read.history, read.current
+    latest, (summaries, (_, history)), current = read.latest, read.history, read.current
     assert len(summaries) == 0  # no analysis has run: the history would be read from its samples
-    assert {d["last_scan_id"] for d in read.devices} == {"s1"} and {r[cols.index("scan_id")] for r in rows} == {"s1"}
+    assert {d["last_scan_id"] for d in read.devices} == {"s1"} and set(latest["scan_id"]) == {"s1"}
     assert history == []  # s1 is not also history: the ingest of s2 is not seen
-    assert {r[ccols.index("scan_id")] for r in current} == {"s1"}  # and its latest scans are those of s1
+    assert set(current["scan_id"]) == {"s1"}  # and its latest scans are those of s1
     del store.latest_samples
     read = store.fleet_input(5)
-    (cols, rows), (_, (hcols, history)) = read.latest, read.history
-    assert {r[cols.index("scan_id")] for r in rows} == {"s2"} and {r[hcols.index("scan_id")] for r in history} == {"s1"}
+    latest, (_, (hcols, history)) = read.latest, read.history
+    assert set(latest["scan_id"]) == {"s2"} and {r[hcols.index("scan_id")] for r in history} == {"s1"}
     store.close()
 
 

@@ -6,8 +6,9 @@ import pytest
 from postgres import db_url, pg_server  # noqa: F401 (fixtures)
 from straggler.collector.fleet import FleetView
 from straggler.collector.history import HistoryCache
+from straggler.collector.latest import LatestSamples
 from straggler.collector.retention import Retention
-from straggler.collector.store import Store, row_tuples
+from straggler.collector.store import _CURRENT_SUMMARIES, CURRENT_COLUMNS, Store, row_tuples
 from straggler.records import result_id
 from test_collector_api import make_rows
 
@@ -28,6 +29,27 @@ def _scan(scan_id: str, ts: float, rng, hosts=HOSTS, gpus=4, probes=PROBES, samp
     return rows
 
 
+def _row(r) -> tuple:
+    """A sample row with its numbers as floats and None for missing (a DataFrame's column of
+    integers with a gap is of floats)."""
+    out = []
+    for v in r:
+        v = v.item() if isinstance(v, np.generic) else v
+        missing = v is None or (isinstance(v, float) and v != v)
+        out.append(None if missing else float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+    return tuple(out)
+
+
+def _plain(v):
+    """A value as the database gives it: None for a missing number (NaN, and the cache's -2 for
+    no summary's writes), numbers as Python numbers."""
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, (np.integer, int)) and not isinstance(v, bool):
+        return None if v == -2 else int(v)
+    return float(v) if isinstance(v, (np.floating, float)) else v
+
+
 @pytest.fixture
 def store(tmp_path):
     s = Store(tmp_path / "c.db")
@@ -35,12 +57,24 @@ def store(tmp_path):
     s.close()
 
 
-def _same(store: Store, cache: HistoryCache, scans: int) -> dict:
-    """Read the cache and the store in one snapshot; they must hold the same history."""
+def _same(store: Store, cache: HistoryCache, scans: int, latest: LatestSamples | None = None) -> dict:
+    """Read the cache and the store in one snapshot; they must hold the same history, and
+    ``latest`` (which follows the cache; a fresh one when None) the same latest samples."""
+    latest = latest or LatestSamples()
     with store._snapshot():
         past, (cols, samples) = cache.read(store, scans)
+        frame = latest.read(store, cache)
         want, (want_cols, want_samples) = store._earlier_scans(scans)
+        want_current = store._table(_CURRENT_SUMMARIES)
+        want_latest = store.latest_samples()
+    assert list(frame.columns) == want_latest[0]
+    assert sorted(map(_row, frame.itertuples(index=False)), key=repr) == sorted(map(_row, want_latest[1]), key=repr)
     assert sorted(past.rows(), key=repr) == sorted(want.rows(), key=repr)
+    # and each device's latest scan with its summary, as the fleet view's write of summaries reads it
+    current = cache.current()
+    got = [tuple(_plain(current[c][i]) for c in CURRENT_COLUMNS) for i in range(len(current["host"]))]
+    assert want_current[0] == list(CURRENT_COLUMNS)
+    assert sorted(got, key=repr) == sorted((tuple(map(_plain, r)) for r in want_current[1]), key=repr)
     assert cols == want_cols and sorted(samples, key=repr) == sorted(want_samples, key=repr)
     return {k: v for k, v in cache.last.items() if k != "summaries"}  # what it did with the scans
 
@@ -57,7 +91,7 @@ def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db
             assert view.refresh().error is None
             if k:  # the scans changed, and the summaries the refresh before wrote
                 assert cache.last == {"whole": 0, "changed": 24, "reread": 0, "summaries": 24}
-        assert _same(store, cache, 3) == {"whole": 0, "changed": 0, "reread": 0}
+        assert _same(store, cache, 3, view._latest) == {"whole": 0, "changed": 0, "reread": 0}
         assert len(store._earlier_scans(3)[0]) == 3 * 24  # three past scans of 24 device-probes
 
         # the latest scan in two batches, a refresh between: its time and writes only
@@ -66,18 +100,18 @@ def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db
         assert view.refresh().error is None
         store.ingest(row_tuples(two[len(two) // 2 :]), t + 5 * DAY + 61)
         assert view.refresh().error is None and cache.last["reread"] == 0
-        assert _same(store, cache, 3)["reread"] == 0
+        assert _same(store, cache, 3, view._latest)["reread"] == 0
 
         # a replay of stored rows of a past scan changes nothing
         assert store.ingest(row_tuples(store.scan_results("s3")[:2]), t + 6 * DAY)[0] == 0
-        assert _same(store, cache, 3) == {"whole": 0, "changed": 1, "reread": 0}
+        assert _same(store, cache, 3, view._latest) == {"whole": 0, "changed": 1, "reread": 0}
 
         # a late sample of a past scan: that device is read again, the scan from its samples
         late = _scan("s4", t + 4 * DAY, rng, hosts=("b",), gpus=1, probes=PROBES[:1], samples=1)[0]
         late.update(sample=7)
         late["id"] = result_id(late)
         assert store.ingest(row_tuples([late]), t + 6 * DAY + 1) == (1, 0)
-        assert _same(store, cache, 3) == {"whole": 0, "changed": 1, "reread": 1}
+        assert _same(store, cache, 3, view._latest) == {"whole": 0, "changed": 1, "reread": 1}
         assert len(store._earlier_scans(3)[1][1]) == 4  # s4 of that device: its 3 samples and the late one
 
         # one node's scan; two scans of another at once; a new node
@@ -85,21 +119,23 @@ def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db
         store.ingest(row_tuples(_scan("b6", t + 6 * DAY, rng, hosts=("b",))), t + 6 * DAY + 60)
         store.ingest(row_tuples(_scan("b7", t + 7 * DAY, rng, hosts=("b",))), t + 7 * DAY + 60)
         store.ingest(row_tuples(_scan("d7", t + 7 * DAY, rng, hosts=("d",))), t + 7 * DAY + 60)
-        assert _same(store, cache, 3) == {"whole": 0, "changed": 8 + 16 + 8, "reread": 16}
+        assert _same(store, cache, 3, view._latest) == {"whole": 0, "changed": 8 + 16 + 8, "reread": 16}
+        assert view._latest.last == {"whole": 0, "devices": 24}  # the latest samples of a, b and d read again
         assert view.refresh().error is None
 
         # a scan of the same time as the latest (the order falls to the scan ids): read again
         store.ingest(row_tuples(_scan("a6x", t + 6 * DAY, rng, hosts=("a",))), t + 7 * DAY + 90)
-        assert _same(store, cache, 3)["reread"] == 8
+        assert _same(store, cache, 3, view._latest)["reread"] == 8
         store.ingest(row_tuples(_scan("a8", t + 8 * DAY, rng, hosts=("a",))), t + 8 * DAY + 60)
-        assert _same(store, cache, 3)["whole"] == 0
+        assert _same(store, cache, 3, view._latest)["whole"] == 0
 
         # retention deletes history rows: the next read is whole
         Retention(store, 2.5 * DAY, clock=lambda: t + 8.5 * DAY, summary_keep_s=4.5 * DAY).prune_once()
-        assert _same(store, cache, 3)["whole"] == 1
-        assert _same(store, cache, 3) == {"whole": 0, "changed": 0, "reread": 0}
+        assert _same(store, cache, 3, view._latest)["whole"] == 1 and view._latest.last["whole"] == 1
+        assert _same(store, cache, 3, view._latest) == {"whole": 0, "changed": 0, "reread": 0}
+        assert view._latest.last == {"whole": 0, "devices": 0}
         # another history length: whole
-        assert _same(store, cache, 5)["whole"] == 1
+        assert _same(store, cache, 5, view._latest)["whole"] == 1
 
         # a fresh copy (another process) reads the same
         assert _same(store, HistoryCache(), 3)["whole"] == 1
