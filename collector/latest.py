@@ -82,9 +82,13 @@ class LatestSamples:
         new = sample_frame([got], cols)
         assert self.frame is not None and self.row_key is not None
         keep = ~np.isin(self.row_key, np.array(rows, dtype=np.int64))
+        before = self.frame.dtypes
         self.frame = pd.concat([self.frame[keep], new], ignore_index=True)
-        if any(self.frame[c].dtype == object for c in self.frame.columns):
-            self.frame = self.frame.infer_objects()
+        # numbers joined with a column one side leaves empty (None: object) are numbers again
+        obj = pd.api.types.is_object_dtype
+        mixed = [c for c in self.frame.columns if obj(self.frame[c]) and not (obj(before[c]) and obj(new[c]))]
+        if mixed:
+            self.frame[mixed] = self.frame[mixed].infer_objects()
         self.row_key = np.concatenate([self.row_key[keep], self._keys(new, history)])
         self.last = {"whole": 0, "devices": len(rows)}
 
