@@ -308,6 +308,7 @@ class FleetView:
         # the latest write of per-scan summaries, after its refresh published: summaries, wall_s, cpu_s
         self.last_summaries: dict | None = None
         self._writing = None  # worker="process": the Future of that write, while it runs
+        self._analyses = 0  # analyses started (a write of an older one's summaries is skipped)
 
     def notify(self) -> None:
         self._dirty.set()
@@ -347,18 +348,33 @@ class FleetView:
             return analyse_stored(
                 self.store, self.history_scans, self._analyze, self._history, latest=self._latest, defer_summaries=True
             )
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            fut = self._process().submit(_analyse_in_worker, self._target(), self.history_scans)
+        except BrokenProcessPool as e:  # it died since the last refresh (e.g. in its write, or killed): a fresh one
+            log.warning("fleet view: the analysis process had stopped (%s); starting another", e)
+            self._drop_process()
+            fut = self._process().submit(_analyse_in_worker, self._target(), self.history_scans)
+        try:
+            return fut.result()
+        except Exception:
+            self._drop_process()  # e.g. the process died in this analysis: a fresh one next time
+            raise
+
+    def _process(self):
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn: a fork of this threaded process could inherit a held lock
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            return self._pool.submit(_analyse_in_worker, self._target(), self.history_scans).result()
-        except Exception:
-            self._pool.shutdown(wait=False, cancel_futures=True)  # e.g. the process died: a fresh one next time
+        return self._pool
+
+    def _drop_process(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-            raise
 
     def refresh(self) -> FleetSnapshot:
         """Recompute now (in the caller's thread, or waiting for the analysis process) and publish
@@ -366,7 +382,8 @@ class FleetView:
         the verdicts of the latest analysis that succeeded: one bad upload does not blank the fleet."""
         with self._refresh_lock:
             t0, now = time.perf_counter(), time.time()
-            out = self._analyse()
+            self._analyses += 1
+            out, mine = self._analyse(), self._analyses
             if out["entries"] is not None:
                 self._entries, self._summary, self._verdicts_ts = out["entries"], out["summary"], now
             self.last_cpu_s = out["cpu_s"]
@@ -387,27 +404,33 @@ class FleetView:
             if self.on_refresh is not None:
                 self.on_refresh(snap)
         finally:
-            self._write_summaries(out)
+            self._write_summaries(out, mine)
         return snap
 
     def _target(self) -> str:
         return str(self.store.url or self.store.path)
 
-    def _write_summaries(self, out: dict) -> None:
-        """Write the refresh's per-scan summaries once its verdicts are out: in this thread, or
-        queued in the analysis process (its next analysis waits for the write)."""
-        if self.worker == "thread":
-            if out.get("pending") is not None:
-                with self._refresh_lock:
-                    self.last_summaries = _timed_write(out["pending"])
-            return
+    def _write_summaries(self, out: dict, analysis: int) -> None:
+        """Write the per-scan summaries of the refresh's analysis (number ``analysis``) once its
+        verdicts are out: in this thread, or queued in the analysis process (its next analysis
+        waits for the write). Not when a later analysis ran meanwhile: it writes its own, newer."""
         with self._refresh_lock:
-            if not out.get("pending") or self._pool is None:
+            if not out.get("pending") or analysis != self._analyses:
                 return
-            self._writing = self._pool.submit(_write_in_worker, self._target())
+            if self.worker == "thread":
+                self.last_summaries = _timed_write(out["pending"])
+                return
+            if self._pool is None:
+                return
+            try:
+                self._writing = self._pool.submit(_write_in_worker, self._target())
+            except RuntimeError as e:  # BrokenProcessPool: the next refresh starts another process
+                log.warning("fleet view: per-scan summaries not stored (%s)", e)
+                return
             self._writing.add_done_callback(self._written)
 
     def _written(self, fut) -> None:
+        """The write's outcome (in whichever thread completes it: it takes no lock)."""
         if fut.cancelled():
             return  # the view stopped first: the next analysis writes its own
         if fut.exception() is not None:  # e.g. the analysis process died: its samples are read instead
@@ -416,11 +439,16 @@ class FleetView:
             self.last_summaries = fut.result()
 
     def settle(self, timeout_s: float | None = None) -> dict | None:
-        """Wait for the latest refresh's write of per-scan summaries; returns ``last_summaries``."""
+        """Wait for the latest refresh's write of per-scan summaries; returns ``last_summaries``,
+        or None when it did not finish within ``timeout_s``."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
         fut = self._writing
         if fut is not None:
             try:
                 fut.result(timeout_s)
+            except FutureTimeout:
+                return None
             except Exception:  # noqa: BLE001 -- logged by _written; the summaries are read as samples instead
                 pass
         return self.last_summaries

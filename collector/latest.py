@@ -2,15 +2,17 @@
 
 A refresh's input is every sample of each device's latest scan of each probe and settings
 (90,000 rows at 10,000 GPUs x 3 probes x 3 samples): read whole, about 0.7 s of SQLite's rows and
-0.3 s of turning them into a DataFrame (docs/collector.md, "The latest samples kept in the
-analysis process"). :class:`LatestSamples` keeps that DataFrame and follows the process'
+0.3 s of turning them into a DataFrame (docs/collector.md, "The latest samples kept too").
+:class:`LatestSamples` keeps that DataFrame and follows the process'
 :class:`~collector.history.HistoryCache`: after each of its reads, only the devices whose latest
 scan that read may have changed (``HistoryCache.touched``: a new scan, more rows of one, a device
 read again) have their rows read again; a whole read of the history, a skipped read, or more than a
 quarter of the devices touched read them all. Retention's deletion of raw results counts up the
 change epoch (collector/retention.py), so the history and these samples are read whole after it.
 A read gives the rows :meth:`Store.latest_samples` gives in the same snapshot, perhaps in another
-order (tests/collector/test_latest.py compares them).
+order and with a number column as floats where a whole read has integers (tests/collector/test_history.py
+compares them). A device the history does not hold (a writer that does not mark its rows, such as
+a replica of an older version) fails the read and resets the history: the next read is whole.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ class LatestSamples:
         settings = frame["settings"].astype(object).where(frame["settings"].notna(), "")
         rows = pd.MultiIndex.from_arrays([frame["host"], frame["gpu"], frame["probe"], settings])
         got = pd.MultiIndex.from_tuples(history.keys, names=rows.names).get_indexer(rows)
-        if (got < 0).any():  # a latest scan's row is of a device the history holds, in one snapshot
-            raise RuntimeError(f"latest samples: {int((got < 0).sum())} rows of devices the history does not hold")
+        if (got < 0).any():  # a device the history missed: a writer that does not mark its rows
+            history.reset()  # (a replica of an older version): both are read whole next time
+            raise RuntimeError(
+                f"latest samples: {int((got < 0).sum())} rows of devices the kept history does not hold;"
+                " it is read whole at the next refresh"
+            )
         return got.astype(np.int64)

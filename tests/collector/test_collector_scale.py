@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,29 @@ def test_the_analysis_process_writes_the_summaries_after_the_verdicts_are_out(tm
         assert written is not None and written["summaries"] == 16 and written["wall_s"] >= 0
         assert _summaries(store)["scans"] == ["now"] and _summaries(store)["rows"] == 16
         assert view.refresh().error is None and view.settle(timeout_s=120)["summaries"] == 0  # nothing new
+    finally:
+        view.stop()
+        store.close()
+
+
+def test_a_refresh_after_the_analysis_process_died_starts_another(tmp_path):
+    import os
+    import signal
+
+    store = Store(tmp_path / "c.db")
+    _fleet(store)
+    view = FleetView(store, worker="process", history_scans=3)
+    try:
+        assert view.refresh().error is None and view.settle(timeout_s=120) is not None
+        (pid,) = list(view._pool._processes)
+        os.kill(pid, signal.SIGKILL)  # killed while idle, after its write
+        deadline = time.monotonic() + 60
+        while not view._pool._broken:  # the executor has seen it die
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        snap = view.refresh()  # not an error: a fresh analysis process
+        assert snap.error is None and [g["gpu"] for g in snap.stragglers()] == ["GPU-a-5"]
+        assert list(view._pool._processes) != [pid]
     finally:
         view.stop()
         store.close()

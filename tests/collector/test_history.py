@@ -241,3 +241,59 @@ def test_a_kept_history_is_read_whole_at_least_hourly(store):
     assert _same(store, cache, 3)["whole"] == 1 and _same(store, cache, 3)["whole"] == 0
     cache.whole_at -= 3601.0  # an hour later: whole, whatever changed
     assert _same(store, cache, 3)["whole"] == 1
+
+
+def test_a_refresh_overtaken_by_a_later_one_leaves_the_summaries_to_it(store):
+    """Thread view: refresh A publishes; before it writes its summaries, more rows of the scan land
+    and refresh B runs and writes. A's older summaries must not overwrite B's."""
+    rng = np.random.default_rng(11)
+    view = FleetView(store, history_scans=3)
+    scan = _scan("s0", 1e9, rng)
+    half = len(scan) // 2 + 1  # one device's samples in both batches
+    store.ingest(row_tuples(scan[:half]), 1e9 + 60)
+    nested = []
+
+    def meanwhile(snap):
+        if not nested:
+            nested.append(None)
+            store.ingest(row_tuples(scan[half:]), 1e9 + 61)
+            nested[0] = view.refresh()  # B, inside A's publication
+            assert nested[0].error is None
+
+    view.on_refresh = meanwhile
+    assert view.refresh().error is None
+    got = {
+        tuple(r[:4]): r[4]
+        for r in store._reader.execute("SELECT host, gpu, probe, settings, value FROM scan_summaries").fetchall()
+    }
+    want = {
+        (g["host"], g["gpu"], p["probe"], p["settings"] or ""): p["value"] for g in nested[0].gpus for p in g["probes"]
+    }
+    assert got == want  # the summaries are B's: of every device's rows, with all its peers
+    stale = store._reader.execute(
+        """SELECT count(*) FROM latest_scans l JOIN probe_scans s ON s.host = l.host AND s.gpu = l.gpu
+        AND s.probe = l.probe AND s.settings = l.settings AND s.scan_id = l.scan_id
+        LEFT JOIN scan_summaries m ON m.host = l.host AND m.gpu = l.gpu AND m.probe = l.probe
+        AND m.settings = l.settings AND m.scan_id = l.scan_id WHERE m.writes IS NULL OR m.writes != s.writes"""
+    ).fetchone()[0]
+    assert stale == 0  # every latest scan's summary is of its present rows
+
+
+def test_a_device_the_kept_history_missed_resets_it(store, monkeypatch):
+    """A writer that does not mark its rows (an older replica) adds a device: the read of the
+    latest samples fails once and resets the kept history; the next refresh reads both whole."""
+    import straggler.collector.latest as latest_mod
+
+    rng = np.random.default_rng(12)
+    view = FleetView(store, history_scans=3)
+    store.ingest(row_tuples(_scan("s0", 1e9, rng)), 1e9 + 60)
+    assert view.refresh().error is None
+    store.ingest(row_tuples(_scan("d0", 1e9 + 10, rng, hosts=("d",))), 1e9 + 70)
+    store._writer.execute("UPDATE probe_scans SET changed = -1 WHERE host = 'd'")  # not marked
+    store.ingest(row_tuples(_scan("s1", 1e9 + DAY, rng)), 1e9 + DAY + 60)  # a scan of the others
+    monkeypatch.setattr(latest_mod, "KEYS_PER_READ", 1)  # so the latest samples are read whole
+    with pytest.raises(RuntimeError, match="the kept history does not hold"):
+        view.refresh()
+    snap = view.refresh()
+    assert snap.error is None and {g["host"] for g in snap.gpus if g["probes"]} == {"a", "b", "c", "d"}
+    assert view._history.last["whole"] == 1 and view._latest.last["whole"] == 1
