@@ -98,10 +98,10 @@ class HistoryCache:
     reads it from one refresh at a time."""
 
     def __init__(self) -> None:
+        self.reads = 0  # reads that succeeded, ever (collector/latest.py follows them); kept by reset()
         self.reset()
 
     def reset(self) -> None:
-        self.reads = getattr(self, "reads", 0)  # reads that succeeded, ever (collector/latest.py follows them)
         self.scans: int | None = None  # the history length held
         self.mark: int | None = None  # changes with a mark from this on are not applied yet
         self.epoch: int | None = None

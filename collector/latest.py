@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING
 
 from .store import KEYS_PER_READ, PAST_CHUNK_ROWS, RESULT_COLUMNS, sample_frame
 
+SMALL_ROWS = 5000  # rows whose devices are looked up one by one (an index of all keys costs 0.3 s at 100k GPUs)
+
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
     from .history import HistoryCache
     from .store import Store
-
-_KEY = ("host", "gpu", "probe", "settings")
 
 
 class LatestSamples:
@@ -67,10 +67,7 @@ class LatestSamples:
     def _whole(self, store: Store, history: HistoryCache) -> None:
         sql, params = store.fleet_queries(0)["latest"]
         cur = store._reader.execute(sql, params)
-        chunks = []
-        while chunk := cur.fetchmany(PAST_CHUNK_ROWS):
-            chunks.append(chunk)
-        self.frame = sample_frame(chunks, RESULT_COLUMNS)
+        self.frame = sample_frame(iter(lambda: cur.fetchmany(PAST_CHUNK_ROWS), []), RESULT_COLUMNS)
         self.row_key = self._keys(self.frame, history)
         self.last = {"whole": 1, "devices": len(history.keys)}
 
@@ -97,13 +94,18 @@ class LatestSamples:
     @staticmethod
     def _keys(frame: pd.DataFrame, history: HistoryCache) -> np.ndarray:
         """Each row's device as its row in ``history.keys`` (settings '' for none, as there): a
-        hashed lookup of the four columns at once (a Python tuple a row took 0.25 s at 90,000 rows)."""
+        hashed lookup of the four columns at once for many rows (a Python tuple a row took 0.25 s at
+        90,000 rows), one by one for a few."""
         import numpy as np
         import pandas as pd
 
         settings = frame["settings"].astype(object).where(frame["settings"].notna(), "")
-        rows = pd.MultiIndex.from_arrays([frame["host"], frame["gpu"], frame["probe"], settings])
-        got = pd.MultiIndex.from_tuples(history.keys, names=rows.names).get_indexer(rows)
+        cols = [frame["host"], frame["gpu"], frame["probe"], settings]
+        if len(frame) < SMALL_ROWS:  # a few devices read again: no index of every device's key
+            got = np.array([history.index.get(k, -1) for k in zip(*(c.tolist() for c in cols))], dtype=np.int64)
+        else:
+            rows = pd.MultiIndex.from_arrays(cols)
+            got = pd.MultiIndex.from_tuples(history.keys, names=rows.names).get_indexer(rows)
         if (got < 0).any():  # a device the history missed: a writer that does not mark its rows
             history.reset()  # (a replica of an older version): both are read whole next time
             raise RuntimeError(

@@ -220,10 +220,11 @@ def _coded(values: Sequence, table: dict) -> list[int]:
     return [table.setdefault(v, len(table)) for v in values]
 
 
-def sample_frame(chunks: Sequence[list[tuple]], columns: Sequence[str]) -> pd.DataFrame:
-    """Rows (RESULT_COLUMNS tuples, in chunks) as one DataFrame, each chunk turned into columns
-    as it comes (no list of every row's tuple at once); dtypes as one ``from_records`` of them all
-    would give (a column empty in one chunk and numbers in another is a number column)."""
+def sample_frame(chunks: Iterable[list[tuple]], columns: Sequence[str]) -> pd.DataFrame:
+    """Rows (RESULT_COLUMNS tuples, in chunks: e.g. an iterator of ``fetchmany``) as one DataFrame,
+    each chunk turned into columns as it comes (no list of every row's tuple at once); dtypes as one
+    ``from_records`` of them all would give (a column empty in one chunk and numbers in another is
+    a number column)."""
     import pandas as pd
 
     parts = [pd.DataFrame.from_records(c, columns=list(columns)) for c in chunks if c]

@@ -79,7 +79,11 @@ def _same(store: Store, cache: HistoryCache, scans: int, latest: LatestSamples |
     return {k: v for k, v in cache.last.items() if k != "summaries"}  # what it did with the scans
 
 
-def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db_url):
+@pytest.mark.parametrize("small_rows", [5000, 0], ids=["devices-one-by-one", "devices-by-index"])
+def test_a_kept_history_reads_what_the_store_reads_after_every_kind_of_change(db_url, small_rows, monkeypatch):
+    import straggler.collector.latest as latest_mod
+
+    monkeypatch.setattr(latest_mod, "SMALL_ROWS", small_rows)  # both lookups of the rows' devices
     rng = np.random.default_rng(1)
     store = Store(db_url)
     view = FleetView(store, history_scans=3)  # thread: the analysis writes the summaries it reads
