@@ -171,6 +171,10 @@ class Agent:
             next_probe = time.monotonic()  # the first scheduled probe as soon as the node is idle
             next_ping = time.monotonic()
             while not self.stop_event.is_set():
+                # cleared before the requests are looked at: one that comes after (a signal between
+                # the wait's timeout and a clear after it) wakes the wait below instead of being lost
+                # until the next tick
+                self._wake.clear()
                 now = time.monotonic()
                 if self._reload.is_set():
                     self._reload.clear()
@@ -189,7 +193,6 @@ class Agent:
                 if self.notifier.watchdog_s:
                     waits.append(next_ping - time.monotonic())
                 self._wake.wait(max(0.0, min(waits)))
-                self._wake.clear()
         finally:
             self.shutdown()
         return 0
